@@ -1,0 +1,175 @@
+"""The in-memory model every reader returns and every metric consumes.
+
+A :class:`ScanSet` holds the images of one chip: its nuclear-stain (DAPI,
+ssDNA) or H&E image and up to six immunofluorescence images. An
+:class:`Image` is either one stitched plane (a TIFF, a single-tile CZI) or a
+set of :class:`Tile` objects (a tile folder, a CZI mosaic) with nominal
+positions. Pixels are read lazily: building the model reads headers only.
+
+Coordinates are pixels, x to the right, y down; tile positions are the
+nominal top-left corners in the mosaic frame (the microscope's stage
+positions, or the grid index times the tile size minus the overlap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ROLES", "FORMATS", "Tile", "Image", "ScanSet", "array_digest"]
+
+#: Roles an image plays in a scan set.
+ROLES = ("nuclear", "IF", "HE")
+#: Input formats, as named in the QC report.
+FORMATS = ("tiff", "czi", "tiles", "tar.gz")
+
+
+def array_digest(arr: np.ndarray) -> str:
+    """SHA-256 of an array's shape, dtype and bytes (hex); stable across runs."""
+    h = hashlib.sha256()
+    h.update(repr((arr.shape, str(arr.dtype))).encode())
+    h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Tile:
+    """One field of view of a tiled image.
+
+    Parameters
+    ----------
+    name : str
+        The tile's own name: its file name in a folder, ``"M=3"`` in a CZI.
+    row, col : int
+        Grid index, 0-based, row-major from the top-left tile.
+    x, y : float
+        Nominal top-left position in the mosaic, in pixels.
+    width, height : int
+        Tile size in pixels.
+    loader : callable
+        Returns the tile's pixels as a 2-D (grey) or HxWx3 (RGB) array.
+    digest_fn : callable, optional
+        Returns a content digest without decoding when the reader can (for
+        example the hash of the file's bytes); otherwise the pixels are hashed.
+    """
+
+    name: str
+    row: int
+    col: int
+    x: float
+    y: float
+    width: int
+    height: int
+    loader: Callable[[], np.ndarray] = field(repr=False)
+    digest_fn: Callable[[], str] | None = field(default=None, repr=False)
+
+    def read(self) -> np.ndarray:
+        """Decode and return the tile's pixels."""
+        return self.loader()
+
+    def digest(self) -> str:
+        """A content digest: equal digests mean equal pixels."""
+        if self.digest_fn is not None:
+            return self.digest_fn()
+        return array_digest(self.read())
+
+
+class Image(ABC):
+    """One image of a scan set, read lazily.
+
+    Concrete readers (TIFF, CZI, tile folders, QC archives) subclass this.
+    Subclasses set the attributes in ``__init__`` from headers only.
+    """
+
+    name: str
+    """Scan-set member name: ``<chip>`` or ``<chip>_<IF>_IF``."""
+    path: Path
+    """The file or folder it was read from."""
+    format: str
+    """One of :data:`FORMATS`."""
+    role: str
+    """One of :data:`ROLES`."""
+    width: int
+    height: int
+    dtype: np.dtype
+    channels: tuple[str, ...]
+    """Channel names: ``("gray",)``, ``("R", "G", "B")``, or names from metadata."""
+    pixel_size_um: float | None
+    """Physical pixel size in micrometres when the file says so."""
+
+    @property
+    def tiles(self) -> Sequence[Tile] | None:
+        """The fields of view when the image comes as tiles, else ``None``."""
+        return None
+
+    @property
+    def fov_grid(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the tile grid, or ``None`` for a stitched image."""
+        tiles = self.tiles
+        if not tiles:
+            return None
+        return (max(t.row for t in tiles) + 1, max(t.col for t in tiles) + 1)
+
+    @property
+    def is_rgb(self) -> bool:
+        return len(self.channels) == 3 and self.channels == ("R", "G", "B")
+
+    @abstractmethod
+    def plane(self, channel: int | str = 0) -> np.ndarray:
+        """The full-resolution stitched plane of one channel (RGB: HxWx3).
+
+        Memory-mapped where the file allows it; tiled images are assembled at
+        their nominal positions.
+        """
+
+    @abstractmethod
+    def downsampled(self, factor: int, channel: int | str = 0) -> np.ndarray:
+        """A view reduced by an integer ``factor`` in both axes (area mean).
+
+        Never materialises the full-resolution plane twice; uses a pyramid
+        level when the file has one.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class ScanSet:
+    """The images of one chip, QC'd together."""
+
+    chip: str
+    images: list[Image]
+
+    @property
+    def nuclear(self) -> Image | None:
+        """The nuclear-stain or H&E image, if present."""
+        for img in self.images:
+            if img.role in ("nuclear", "HE"):
+                return img
+        return None
+
+    @property
+    def if_images(self) -> list[Image]:
+        return [img for img in self.images if img.role == "IF"]
+
+    def close(self) -> None:
+        for img in self.images:
+            img.close()
+
+    def __enter__(self) -> ScanSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
