@@ -56,6 +56,10 @@ class Tile:
     digest_fn : callable, optional
         Returns a content digest without decoding when the reader can (for
         example the hash of the file's bytes); otherwise the pixels are hashed.
+    identity : str, optional
+        A cheap stat-based identity (path, size, mtime in ns, subblock
+        offset...) that changes whenever the content may have changed. Callers
+        may memoise :meth:`digest` under it to avoid re-hashing unchanged tiles.
     """
 
     name: str
@@ -67,6 +71,7 @@ class Tile:
     height: int
     loader: Callable[[], np.ndarray] = field(repr=False)
     digest_fn: Callable[[], str] | None = field(default=None, repr=False)
+    identity: str | None = None
 
     def read(self) -> np.ndarray:
         """Decode and return the tile's pixels."""
