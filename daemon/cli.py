@@ -1,0 +1,469 @@
+"""The ``imageqc`` command. Thin: it calls library code and maps errors to exit codes.
+
+Exit codes: 0 ok, 1 operational failure, 2 usage or configuration error
+(``imageqc qc`` adds 3 for a QC fail). ``--json`` outputs are stable: keys may
+be added, never renamed; each carries a ``schema`` name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon.config import Config, config_to_dict, load_config
+from daemon.errors import DaemonError, JobNotFound
+from daemon.store import JobState, Store
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CONFIG_ENV = "IMAGEQC_CONFIG"
+
+
+# ---------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    return Console(width=None if tty else 80, highlight=False, soft_wrap=False, emoji=False)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _ts(t: float | None) -> str:
+    if not t:
+        return "-"
+    return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(t: float | None, now: float) -> str:
+    if not t:
+        return "-"
+    d = max(0.0, now - t)
+    if d < 90:
+        return f"{d:.0f}s ago"
+    if d < 5400:
+        return f"{d / 60:.0f}m ago"
+    if d < 2 * 86400:
+        return f"{d / 3600:.1f}h ago"
+    return f"{d / 86400:.0f}d ago"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or None
+    return load_config(path)
+
+
+def _job_id(text: str) -> int:
+    try:
+        return int(text.lstrip("#"))
+    except ValueError:
+        raise JobNotFound(text) from None
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.logging import configure_logging
+    from daemon.service import Daemon
+
+    cfg = _config(args)
+    lg = cfg.logging
+    configure_logging(level=lg.level, file=cfg.log_file, max_bytes=lg.max_bytes, backups=lg.backups, console=lg.console)
+    if cfg.source == "<embedded default>":  # `make run` on a fresh checkout: create ./inbox
+        for w in cfg.watch:
+            w.path.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(cfg, components=_components(cfg), notify=_notifier())
+    daemon.run_forever()
+    return EXIT_OK
+
+
+def _components(cfg: Config) -> list[Any]:
+    """The service's pluggable parts, as far as this version has them."""
+    comps: list[Any] = []
+    try:
+        from daemon.discovery import Discovery
+    except ImportError:
+        pass
+    else:
+        comps.append(Discovery(cfg))
+    try:
+        from daemon.upload.manager import UploadManager
+    except ImportError:
+        pass
+    else:
+        comps.append(UploadManager(cfg))
+    return comps
+
+
+def _notifier() -> Callable[[str], None] | None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return None
+    try:
+        import sdnotify
+    except ImportError:  # pragma: no cover - not on Linux
+        return None
+    n = sdnotify.SystemdNotifier()
+    return lambda msg: n.notify(msg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from daemon.status import collect_status
+
+    cfg = _config(args)
+    st = collect_status(cfg)
+    if args.json:
+        _print_json(st)
+        return EXIT_OK
+    con = _console()
+    now = time.time()
+    svc = st["service"]
+    if svc.get("running"):
+        con.print(f"service   [green]running[/] (pid {svc.get('pid')} on {svc.get('host')}, since {_ts(svc.get('started_at'))}, v{svc.get('version')})")
+    else:
+        con.print(f"service   [red]not running[/]: {_clip(svc.get('reason'), 66)}")
+    if svc.get("last_tick_error"):
+        con.print(f"          last error: {_clip(svc['last_tick_error'], 58)}")
+    con.print(f"state     {st['state_dir']}")
+    counts = st["counts"]
+    order = [s.value for s in JobState]
+    con.print("jobs      " + _clip("  ".join(f"{s} {counts.get(s, 0)}" for s in order if counts.get(s)) or "none yet", 70))
+    if st["active"]:
+        from rich.table import Table
+
+        t = Table(title=None, box=None, pad_edge=False, show_edge=False)
+        for col, kw in (("job", {"justify": "right"}), ("chip", {}), ("state", {}), ("stage", {}), ("progress", {"justify": "right"}), ("started", {})):
+            t.add_column(col, **kw)
+        for a in st["active"]:
+            pct = "-" if a["progress"] is None else f"{a['progress']:.0f}%"
+            t.add_row(str(a["job_id"]), _clip(a["chip"], 22), a["state"], _clip(a["stage"] or "-", 14), pct, _ago(a["started_at"], now))
+        con.print("active")
+        con.print(t)
+    for w in st["watchers"]:
+        con.print(f"watch     {_clip(str(w.get('path')), 40)}  {w.get('observer', '?')}  {_clip(w.get('health', ''), 20)}")
+    if not st["watchers"]:
+        for w in st["disk"]["watch"]:
+            mark = "" if w["exists"] else "  [red](missing)[/]"
+            con.print(f"watch     {_clip(w['path'], 50)}{mark}")
+    for name, u in (st.get("uploads") or {}).get("targets", {}).items():
+        con.print(f"upload    {name}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s")
+    disk = st["disk"]
+    con.print(f"free      state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
+        f"; {_clip(Path(w['path']).name, 16)} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
+    ))
+    if st["recent_errors"]:
+        con.print("recent errors")
+        for e in st["recent_errors"]:
+            retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
+            con.print(f"  #{e['job_id']} {_clip(e['chip'], 20)} {_ago(e['at'], now)}: {_clip(e['error'], 34)}{retry}")
+    return EXIT_OK
+
+
+def _open_store(cfg: Config, *, readonly: bool = True) -> Store:
+    return Store(cfg.database_path, readonly=readonly)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    states = [args.state] if args.state else None
+    if not cfg.database_path.exists():
+        if args.json:
+            _print_json({"schema": "imageqc.jobs/1", "jobs": []})
+        else:
+            print(f"no jobs yet: the service has not run with state folder {cfg.state_dir}")
+        return EXIT_OK
+    with _open_store(cfg) as store:
+        jobs = store.list_jobs(states=states, chip=args.chip, limit=args.limit)
+    if args.json:
+        _print_json({"schema": "imageqc.jobs/1", "jobs": [j.as_dict() for j in jobs]})
+        return EXIT_OK
+    from rich.table import Table
+
+    con = _console()
+    if not jobs:
+        con.print("no jobs" + (" matching the filter" if (states or args.chip) else " yet"))
+        return EXIT_OK
+    now = time.time()
+    t = Table(box=None, pad_edge=False, show_edge=False)
+    t.add_column("job", justify="right")
+    t.add_column("chip")
+    t.add_column("state")
+    t.add_column("try", justify="right")
+    t.add_column("updated")
+    t.add_column("note")
+    for j in jobs:
+        note = j.error if j.state == "failed" else (f"{j.stage} {j.progress:.0f}%" if j.stage and j.progress is not None else (j.stage or ""))
+        t.add_row(str(j.id), _clip(j.chip, 22), j.state, str(j.attempts), _ago(j.updated_at, now), _clip(note, 24))
+    con.print(t)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    job_id = _job_id(args.job)
+    with _open_store(cfg) as store:
+        job = store.get_job(job_id)
+        scan = store.get_scan_set(job.scan_set_id)
+        events = store.events(job_id)
+        result = store.get_result(job_id)
+        uploads = _uploads_of(store, job_id)
+    if args.json:
+        _print_json(
+            {
+                "schema": "imageqc.job/1",
+                "job": job.as_dict(),
+                "scan_set": {"chip": scan.chip, "root": scan.root, "fingerprint": scan.fingerprint, "members": scan.members},
+                "events": [e.as_dict() for e in events],
+                "result": result,
+                "uploads": uploads,
+            }
+        )
+        return EXIT_OK
+    con = _console()
+    con.print(f"job #{job.id}  {job.chip}  [bold]{job.state}[/]  attempts {job.attempts}")
+    if job.error:
+        con.print(f"error     {_clip(job.error, 68)}")
+    con.print(f"root      {_clip(scan.root, 68)}")
+    for m in scan.members:
+        con.print(f"  member  {_clip(str(m.get('name') or m.get('path')), 50)}  {_bytes(m.get('size'))}")
+    if result:
+        rep = result["report"]
+        con.print(f"verdict   [bold]{result['verdict']}[/]")
+        for r in rep.get("reasons", []):
+            con.print(f"  reason  {_clip(r, 68)}")
+        if result.get("archive"):
+            con.print(f"archive   {_clip(result['archive'], 68)}")
+    for u in uploads:
+        con.print(f"upload    {u['target']}: {_clip(u['remote_key'], 40)} {u['state']}")
+    con.print("history")
+    for e in events:
+        move = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else e.kind
+        con.print(f"  {_ts(e.at)}  {_clip(move, 24):<24} {_clip(e.message, 32)}")
+    return EXIT_OK
+
+
+def _uploads_of(store: Store, job_id: int) -> list[dict[str, Any]]:
+    with store.db(commit=False) as c:
+        rows = c.execute(
+            "SELECT target, kind, local_path, remote_key, size, state, bytes_done, error FROM uploads WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with Store(cfg.database_path) as store:
+        job = store.retry(_job_id(args.job))
+    print(f"job #{job.id} {job.chip}: {job.state} (the service picks it up at its next tick)")
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with Store(cfg.database_path) as store:
+        job = store.cancel(_job_id(args.job), reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}")
+    print(f"job #{job.id} {job.chip}: cancelled (state {job.state}; `imageqc retry {job.id}` runs it again)")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from daemon.logview import LogFilter, follow_records, format_record, read_records
+
+    cfg = _config(args)
+    flt = LogFilter(chip=args.chip, level=args.level, job_id=args.job)
+    path = cfg.log_file
+    if not path.exists() and not args.follow:
+        print(f"no log yet at {path}", file=sys.stderr)
+        return EXIT_OK
+    emit = (lambda r: print(json.dumps(r, default=str))) if args.json else (lambda r: print(format_record(r)))
+    records = list(read_records(path, flt))
+    for rec in records[-args.lines :] if args.lines else records:
+        emit(rec)
+    if args.follow:
+        sys.stdout.flush()
+        try:
+            for rec in follow_records(path, flt):
+                emit(rec)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    data = config_to_dict(cfg, mask=True)
+    if args.json:
+        _print_json({"schema": "imageqc.config/1", "valid": True, "config": data})
+        return EXIT_OK
+    print(f"{cfg.source}: valid")
+    print(_to_toml(data))
+    return EXIT_OK
+
+
+_INLINE_TABLES = {"model_classes"}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {json.dumps(x)}" for k, x in v.items()) + " }" if v else "{}"
+    return json.dumps(v)
+
+
+def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """The effective config as TOML: plain keys first, then tables."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if k == "source":
+            continue
+        if (isinstance(v, dict) and k not in _INLINE_TABLES) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    out = "\n".join(lines)
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        for item in v if isinstance(v, list) else [v]:
+            header = f"[[{name}]]" if isinstance(v, list) else f"[{name}]"
+            body = _to_toml(item, prefix=f"{name}.")
+            out += f"\n\n{header}\n{body}".rstrip() if body.strip() else f"\n\n{header}"
+    return out.strip("\n")
+
+
+def cmd_config_example(args: argparse.Namespace) -> int:
+    from daemon.config import example_toml
+
+    sys.stdout.write(example_toml())
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json({"schema": "imageqc.version/1", "version": __version__, "python": sys.version.split()[0]})
+    else:
+        print(f"imageqc {__version__}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # usage errors exit 2 with one line
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="imageqc",
+        description="Image QC and upload service for Stereo-seq microscope PCs.",
+        epilog=f"Commands that read the state folder take --config (or ${CONFIG_ENV}); without it the "
+        "embedded default is used: watch ./inbox, state in ./.imageqc/, no upload.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, *, config: bool = True, json_: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        if config:
+            sp.add_argument("--config", "-c", metavar="FILE", help=f"config file (default: ${CONFIG_ENV}, else the embedded default)")
+        if json_:
+            sp.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("run", cmd_run, "Run the service in the foreground (Ctrl-C or SIGTERM stops it cleanly).")
+    add("status", cmd_status, "Show the service's state: jobs per state, running jobs, watchers, errors, free space.", json_=True)
+    sp = add("jobs", cmd_jobs, "List jobs, newest first.", json_=True)
+    sp.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
+    sp.add_argument("--chip", help="only jobs of this chip")
+    sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
+    sp = add("show", cmd_show, "Show one job: members, verdict, uploads and history.", json_=True)
+    sp.add_argument("job", help="job id")
+    sp = add("retry", cmd_retry, "Run a failed or skipped job again.")
+    sp.add_argument("job", help="job id")
+    sp = add("cancel", cmd_cancel, "Cancel a job (a running one is stopped).")
+    sp.add_argument("job", help="job id")
+    sp = add("logs", cmd_logs, "Print the service log readably.", json_=True)
+    sp.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    sp.add_argument("--chip", help="only lines about this chip")
+    sp.add_argument("--job", type=int, help="only lines about this job")
+    sp.add_argument("--level", choices=["debug", "info", "warning", "error"], help="only this level and above")
+    sp.add_argument("-n", "--lines", type=int, default=0, help="only the last N matching lines")
+    cp = sub.add_parser("config", help="Configuration tools.", description="Configuration tools.")
+    csub = cp.add_subparsers(dest="config_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    csub.required = True
+    cc = csub.add_parser("check", help="Validate a config file and print the effective settings (secrets masked).")
+    cc.add_argument("file", nargs="?", help="the file (default: the embedded default)")
+    cc.add_argument("--json", action="store_true", help="machine-readable output")
+    cc.set_defaults(func=cmd_config_check)
+    ce = csub.add_parser("example", help="Print the commented example config (every setting with its default).")
+    ce.set_defaults(func=cmd_config_example)
+    add("version", cmd_version, "Print the version.", config=False, json_=True)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+#: Hooks that add more commands (qc, uploads, demo, service); each takes the subparsers object.
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) and usage errors (2)
+        return int(e.code or 0)
+    try:
+        return int(args.func(args))
+    except DaemonError as e:
+        print(f"imageqc: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `imageqc logs | head`
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,722 @@
+"""Configuration: TOML -> frozen dataclasses, validated when loaded.
+
+Every setting is a dataclass field with a default and a ``help`` text; the
+loader walks the dataclasses, so a new setting needs one field and nothing
+else. Errors name the file, the key path and the line, and say what to do::
+
+    site.toml:14: watch[0].settle_seconds: must be >= 0 (got -5)
+
+With no file, :data:`DEFAULT_TOML` (watch ``./inbox``, state in
+``./.imageqc/``, no upload) is used, relative to the working directory.
+Relative paths in a file are relative to that file's folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+from daemon.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "SiteConfig",
+    "WatchRoot",
+    "DiscoveryConfig",
+    "Thresholds",
+    "QCConfig",
+    "OutputConfig",
+    "UploadTarget",
+    "LoggingConfig",
+    "ServiceConfig",
+    "DEFAULT_TOML",
+    "load_config",
+    "load_config_text",
+    "default_config",
+    "parse_bandwidth",
+    "parse_window",
+    "config_to_dict",
+    "iter_fields",
+]
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:
+    """A config field: its default, a help text and validation rules."""
+    meta = {"help": help, **rules}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _sub(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = _f("default", "Site name; goes into upload keys and reports.", pattern=r"^[A-Za-z0-9._-]+$")
+    operator: str = _f("", "Default operator recorded in reports when the scan set does not name one.")
+
+
+@dataclass(frozen=True)
+class WatchRoot:
+    path: Path = _f(Path("inbox"), "Folder the microscope exports into (local path, mount or UNC share).")
+    recursive: bool = _f(True, "Also look in sub-folders.")
+    observer: str = _f(
+        "auto",
+        "native: OS file events; polling: periodic listing; auto: polling for network paths, else native.",
+        choices=("auto", "native", "polling"),
+    )
+    settle_seconds: float = _f(60.0, "A scan set is complete when nothing in it changed for this long.", min=0, max=86400)
+    ignore: tuple[str, ...] = _f(
+        ("~*", ".*", "*.tmp", "*.part"), "Name patterns never considered (glob, matched on each path part)."
+    )
+    marker: str = _f(
+        "",
+        "If set (e.g. '{chip}.done'), a scan set is complete when this file appears, whatever else.",
+    )
+    naming: str = _f(
+        "strict",
+        "strict: names that are not chip serials are reported once and ignored; lenient: accepted with a warning.",
+        choices=("strict", "lenient"),
+    )
+    stain: str = _f(
+        "auto",
+        "Stain of nuclear images under this root: auto (RGB -> HE, grey -> DAPI), DAPI, ssDNA or HE.",
+        choices=("auto", "DAPI", "ssDNA", "HE"),
+    )
+    tile_pattern: str = _f(
+        "",
+        "Regex with named groups 'row' and 'col' for tile folders that follow no known convention.",
+        regex=True,
+    )
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    rescan_interval_s: float = _f(60.0, "Full reconciliation rescan of every root, seconds (the source of truth).", min=1, max=86400)
+    poll_interval_s: float = _f(5.0, "Polling observer interval, seconds.", min=0.1, max=3600)
+    grouping_window_s: float = _f(
+        120.0, "Wait this long after a chip's last member before queueing, so late IF images join the set.", min=0, max=86400
+    )
+    incomplete_timeout_s: float = _f(
+        3600.0, "Report a scan set that never completes (e.g. a truncated TIFF) after this long, once.", min=1, max=30 * 86400
+    )
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    track: float = _f(60.0, "Track-line score needed to pass (required metric).", min=0, max=100)
+    clarity: float = _f(80.0, "Clarity score below which an advisory is given (never fails QC by itself).", min=0, max=100)
+    stitching: float = _f(60.0, "Stitching score needed to pass (required for DAPI+mIF tile sets).", min=0, max=100)
+    calibration_offset_px: float = _f(20.0, "Largest DAPI-IF offset that passes, in pixels.", min=0, max=100000)
+    calibration_similarity: float = _f(0.01, "Smallest DAPI-IF similarity that passes (0-1).", min=0, max=1)
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    thresholds: Thresholds = _sub(Thresholds, "Pass criteria (StereoMap's published defaults).")
+    stitching_required: bool = _f(False, "Make stitching decide the verdict for every stain, not only DAPI+mIF.")
+    threads: int = _f(2, "Threads QC may use (numpy/OpenCV/onnxruntime).", min=1, max=256)
+    priority: str = _f(
+        "low", "Process priority of the QC worker, so the microscope software is never starved.",
+        choices=("low", "below_normal", "normal"),
+    )
+    memory_limit_mb: int = _f(4096, "Address-space limit of the QC worker where the OS supports it (0 = none).", min=0, max=1 << 22)
+    timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
+    max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
+    max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
+    model: str = _f("", "Clarity model (.onnx) path; empty = the model shipped with imageqc.")
+    model_classes: dict[str, str] = _f(
+        {},
+        "Class mapping for a custom clarity model: output name -> good, mild_blur, severe_blur, "
+        "mild_overexposure, severe_overexposure or background. Empty = from the model's sidecar JSON.",
+    )
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.")
+    archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run.")
+    pictures: bool = _f(True, "Write the overlay pictures (track grid, clarity map, stitching and IF overlays).")
+    include_images: bool = _f(False, "Also put the input images into the archive (large).")
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    name: str = _f("", "A short name for this target, used in logs, status and the store.", required=True, pattern=r"^[A-Za-z0-9._-]+$")
+    type: str = _f("s3", "s3 (AWS or S3-compatible), oss (Aliyun OSS) or hpc (mounted path or UNC share).", choices=("s3", "oss", "hpc"))
+    mode: str = _f("outputs", "What to upload: none, inputs (the images), outputs (the QC archive) or all.", choices=("none", "inputs", "outputs", "all"))
+    endpoint: str = _f("", "Endpoint URL (S3-compatible or OSS); empty = AWS default for s3.")
+    region: str = _f("", "Region (s3: e.g. eu-west-1; oss: e.g. cn-hangzhou).")
+    bucket: str = _f("", "Bucket name (s3, oss).")
+    path: str = _f("", "Destination folder (hpc): a mounted path or a UNC share.")
+    prefix: str = _f("", "Key prefix inside the bucket or folder.")
+    key_template: str = _f(
+        "{prefix}/{site}/{chip}/{run}/{name}",
+        "Remote key layout; fields: prefix, site, chip, run, name, kind (inputs|outputs), date.",
+    )
+    addressing_style: str = _f("auto", "s3 addressing: auto, path or virtual.", choices=("auto", "path", "virtual"))
+    window: str = _f("", "Only upload inside this daily window, e.g. '20:00-06:00'; empty = any time.")
+    bandwidth_limit: str = _f("", "Cap on upload rate, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.")
+    concurrency: int = _f(4, "Parts or files sent in parallel.", min=1, max=64)
+    part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
+    max_attempts: int = _f(8, "Attempts for transient errors before the job is marked failed.", min=1, max=100)
+    credentials: str = _f(
+        "",
+        "Where credentials come from: '' (the platform's standard chain), 'env:PREFIX' (PREFIX_ACCESS_KEY_ID, "
+        "PREFIX_SECRET_ACCESS_KEY), 'file:PATH' (an INI file), or 'profile:NAME'. Never the secret itself.",
+    )
+    verify_tls: bool = _f(True, "Verify the endpoint's TLS certificate.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _f("info", "Lowest level written: debug, info, warning, error.", choices=("debug", "info", "warning", "error"))
+    file: str = _f("", "JSON-lines log file; empty = <state_dir>/logs/imageqc.jsonl.")
+    max_bytes: int = _f(10_000_000, "Rotate the log file at this size.", min=10_000)
+    backups: int = _f(5, "Rotated log files kept.", min=0, max=1000)
+    console: str = _f(
+        "auto", "Console output: auto (pretty on a terminal, JSON otherwise), pretty, json or off.",
+        choices=("auto", "pretty", "json", "off"),
+    )
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    tick_seconds: float = _f(2.0, "How often the service looks for due jobs, seconds.", min=0.05, max=3600)
+    lease_seconds: float = _f(120.0, "A running job whose worker stops renewing its lease for this long is re-queued.", min=5, max=86400)
+    workers: int = _f(1, "QC jobs run at the same time.", min=1, max=16)
+    max_attempts: int = _f(3, "Attempts per job for transient failures.", min=1, max=100)
+    retry_base_s: float = _f(30.0, "First retry delay; doubles each attempt (with jitter).", min=0, max=86400)
+    retry_max_s: float = _f(3600.0, "Longest retry delay.", min=0, max=7 * 86400)
+    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long for the running job before abandoning it to lease recovery.", min=0, max=3600)
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = _f(Path(".imageqc"), "Folder for the job database, logs, checkpoints and (by default) outputs.")
+    site: SiteConfig = _sub(SiteConfig, "The site this PC belongs to.")
+    watch: tuple[WatchRoot, ...] = _f((WatchRoot(),), "Watch roots ([[watch]] tables).")
+    discovery: DiscoveryConfig = _sub(DiscoveryConfig, "How scan sets are found and judged complete.")
+    qc: QCConfig = _sub(QCConfig, "QC settings.")
+    output: OutputConfig = _sub(OutputConfig, "QC outputs.")
+    upload: tuple[UploadTarget, ...] = _f((), "Upload targets ([[upload]] tables); none = no upload.")
+    logging: LoggingConfig = _sub(LoggingConfig, "Logging.")
+    service: ServiceConfig = _sub(ServiceConfig, "The service loop.")
+    source: str = field(default="<embedded default>", metadata={"internal": True})
+
+    # Derived paths -----------------------------------------------------
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "imageqc.sqlite3"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else self.state_dir / "outputs"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.logging.file) if self.logging.file else self.state_dir / "logs" / "imageqc.jsonl"
+
+
+DEFAULT_TOML = """\
+# imageqc embedded default: watch ./inbox, state in ./.imageqc/, no upload.
+state_dir = ".imageqc"
+
+[[watch]]
+path = "inbox"
+"""
+
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "access_key", "accesskey", "private_key")
+
+
+# ---------------------------------------------------------------------------
+# Value parsers shared with the upload policy
+# ---------------------------------------------------------------------------
+
+_BW_UNITS = {
+    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+    "bit": 1 / 8, "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8,
+}
+
+
+def parse_bandwidth(text: str) -> int:
+    """``'20MB/s'`` -> bytes per second (0 = unlimited). Raises ``ValueError``."""
+    text = text.strip()
+    if not text:
+        return 0
+    m = re.fullmatch(r"(?i)\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*", text)
+    if not m:
+        msg = f"cannot read {text!r} as a rate; write e.g. '20MB/s', '512KiB/s' or '100Mbit/s'"
+        raise ValueError(msg)
+    unit = (m.group(2) or "b").lower()
+    if unit not in _BW_UNITS:
+        msg = f"unknown unit {m.group(2)!r} in {text!r}; use one of B, KB, MB, GB, KiB, MiB, GiB, bit, Kbit, Mbit, Gbit"
+        raise ValueError(msg)
+    return int(float(m.group(1)) * _BW_UNITS[unit])
+
+
+def parse_window(text: str) -> tuple[int, int] | None:
+    """``'20:00-06:00'`` -> (start, end) in minutes after midnight; '' -> None."""
+    text = text.strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-4]):([0-5]\d)", text)
+    if not m:
+        msg = f"cannot read {text!r} as a daily window; write HH:MM-HH:MM, e.g. '20:00-06:00'"
+        raise ValueError(msg)
+    start = int(m.group(1)) * 60 + int(m.group(2))
+    end = int(m.group(3)) * 60 + int(m.group(4))
+    if end > 24 * 60:
+        msg = f"{text!r}: the window must end by 24:00"
+        raise ValueError(msg)
+    if start == end:
+        msg = f"{text!r}: start and end are equal; leave the window empty to allow any time"
+        raise ValueError(msg)
+    return start, end
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+class _Locator:
+    """Finds the line of a key path in TOML text (best effort, for messages)."""
+
+    _header = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\]?\s*(#.*)?$")
+    _key = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str | None) -> None:
+        self.lines: dict[str, int] = {}
+        if not text:
+            return
+        table = ""
+        counts: dict[str, int] = {}
+        for no, raw in enumerate(text.splitlines(), start=1):
+            hm = self._header.match(raw)
+            if hm:
+                name = hm.group(2).replace('"', "").replace(" ", "")
+                if hm.group(1) == "[[":
+                    idx = counts.get(name, 0)
+                    counts[name] = idx + 1
+                    table = f"{name}[{idx}]"
+                else:
+                    # a sub-table of the last array element: [watch.x] after [[watch]]
+                    head = name.split(".")[0]
+                    table = name if head not in counts else f"{head}[{counts[head] - 1}]{name[len(head):]}"
+                self.lines.setdefault(table, no)
+                continue
+            km = self._key.match(raw)
+            if km:
+                key = km.group(1).strip('"')
+                path = f"{table}.{key}" if table else key
+                self.lines.setdefault(path, no)
+
+    def line(self, keypath: str) -> int | None:
+        probe = keypath
+        while probe:
+            if probe in self.lines:
+                return self.lines[probe]
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return None
+
+
+class _Loader:
+    def __init__(self, file: str, text: str | None, base: Path) -> None:
+        self.file = file
+        self.loc = _Locator(text)
+        self.base = base
+
+    def error(self, keypath: str, problem: str) -> ConfigError:
+        return ConfigError(problem, file=self.file, key=keypath, line=self.loc.line(keypath))
+
+    def build(self, cls: type, data: Any, keypath: str) -> Any:
+        if not isinstance(data, dict):
+            raise self.error(keypath, f"must be a table, got {_tname(data)}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        hints = typing.get_type_hints(cls)
+        for key in data:
+            if key not in fields:
+                raise self.error(_join(keypath, key), self._unknown(key, list(fields)))
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            kp = _join(keypath, name)
+            if name not in data:
+                if f.metadata.get("required"):
+                    raise self.error(kp if keypath else name, f"missing required setting ({f.metadata['help']})")
+                continue
+            values[name] = self.convert(hints[name], data[name], kp, f.metadata)
+        return cls(**values)
+
+    def _unknown(self, key: str, known: list[str]) -> str:
+        if any(w in key.lower() for w in _SECRET_WORDS):
+            return (
+                "secrets do not belong in the config file; point 'credentials' at an environment "
+                "variable prefix ('env:PREFIX'), a credentials file ('file:PATH') or a profile ('profile:NAME')"
+            )
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known settings here: {', '.join(sorted(known))}"
+        return f"unknown setting{hint}"
+
+    def convert(self, tp: Any, value: Any, kp: str, meta: dict[str, Any]) -> Any:
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, kp)
+        if origin is tuple:
+            (item_tp, _ellipsis) = typing.get_args(tp)
+            if not isinstance(value, list):
+                raise self.error(kp, f"must be a list, got {_tname(value)}")
+            return tuple(self.convert(item_tp, v, f"{kp}[{i}]", meta) for i, v in enumerate(value))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise self.error(kp, f"must be a table of strings, got {_tname(value)}")
+            for k, v in value.items():
+                if not isinstance(v, str):
+                    raise self.error(f"{kp}.{k}", f"must be a string, got {_tname(v)}")
+            return dict(value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise self.error(kp, f"must be true or false, got {_tname(value)} {value!r}")
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.error(kp, f"must be a whole number, got {_tname(value)} {value!r}")
+            self._range(value, kp, meta)
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.error(kp, f"must be a number, got {_tname(value)} {value!r}")
+            self._range(value, kp, meta)
+            return float(value)
+        if tp is str or tp is Path:
+            if not isinstance(value, str):
+                raise self.error(kp, f"must be a string, got {_tname(value)} {value!r}")
+            self._string(value, kp, meta)
+            if tp is Path:
+                if not value.strip():
+                    raise self.error(kp, "must not be empty")
+                p = Path(value).expanduser()
+                return p if p.is_absolute() or _is_unc(value) else self.base / p
+            return value
+        raise TypeError(f"unsupported config type {tp!r} at {kp}")  # programming error
+
+    def _range(self, value: float, kp: str, meta: dict[str, Any]) -> None:
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise self.error(kp, f"must be >= {lo} (got {value})")
+        if hi is not None and value > hi:
+            raise self.error(kp, f"must be <= {hi} (got {value})")
+
+    def _string(self, value: str, kp: str, meta: dict[str, Any]) -> None:
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise self.error(kp, f"must be one of {', '.join(choices)} (got {value!r}){hint}")
+        pattern = meta.get("pattern")
+        if pattern and value and not re.match(pattern, value):
+            raise self.error(kp, f"{value!r} has characters that are not allowed (letters, digits, '.', '_', '-')")
+        if meta.get("regex") and value:
+            try:
+                compiled = re.compile(value)
+            except re.error as e:
+                raise self.error(kp, f"not a valid regular expression: {e}") from None
+            if not {"row", "col"} <= set(compiled.groupindex):
+                raise self.error(kp, "the regex needs named groups (?P<row>...) and (?P<col>...)")
+
+
+def _is_unc(value: str) -> bool:
+    return value.startswith("\\\\") or value.startswith("//")
+
+
+def _join(keypath: str, key: str) -> str:
+    return f"{keypath}.{key}" if keypath else key
+
+
+def _tname(v: Any) -> str:
+    return {
+        bool: "a boolean", int: "a whole number", float: "a number", str: "a string",
+        list: "a list", dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+def _cross_checks(cfg: Config, ld: _Loader) -> None:
+    names: set[str] = set()
+    for i, t in enumerate(cfg.upload):
+        kp = f"upload[{i}]"
+        if t.name in names:
+            raise ld.error(f"{kp}.name", f"two upload targets are named {t.name!r}; names must be unique")
+        names.add(t.name)
+        if t.type in ("s3", "oss") and not t.bucket:
+            raise ld.error(f"{kp}.bucket", f"missing required setting for a {t.type} target (the bucket name)")
+        if t.type == "oss" and not t.endpoint:
+            raise ld.error(f"{kp}.endpoint", "missing required setting for an oss target, e.g. 'https://oss-cn-hangzhou.aliyuncs.com'")
+        if t.type == "hpc" and not t.path:
+            raise ld.error(f"{kp}.path", "missing required setting for an hpc target (a mounted folder or UNC share)")
+        if t.endpoint and not re.match(r"^https?://[^/\s]+", t.endpoint):
+            raise ld.error(f"{kp}.endpoint", f"{_mask_url(t.endpoint)!r} is not a URL; write e.g. 'https://s3.example.org'")
+        for attr, parser in (("window", parse_window), ("bandwidth_limit", parse_bandwidth)):
+            try:
+                parser(getattr(t, attr))
+            except ValueError as e:
+                raise ld.error(f"{kp}.{attr}", str(e)) from None
+        cred = t.credentials
+        if cred and not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|env|file:.+|profile:.+)$", cred):
+            raise ld.error(f"{kp}.credentials", "must be '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME' (a reference, never the secret)")
+        try:
+            _check_template(t.key_template)
+        except ValueError as e:
+            raise ld.error(f"{kp}.key_template", str(e)) from None
+    if not cfg.watch:
+        raise ld.error("watch", "at least one [[watch]] root is needed")
+    roots = [w.path.resolve() for w in cfg.watch]
+    out = cfg.output_dir.resolve()
+    for i, r in enumerate(roots):
+        if out == r or r in out.parents:
+            raise ld.error(
+                "output.dir",
+                f"the output folder {out} lies inside watch root {cfg.watch[i].path}; "
+                "choose an output folder outside the watched folders",
+            )
+
+
+_TEMPLATE_FIELDS = {"prefix", "site", "chip", "run", "name", "kind", "date"}
+
+
+def _check_template(tpl: str) -> None:
+    import string
+
+    used = {f for _, f, _, _ in string.Formatter().parse(tpl) if f is not None}
+    unknown = used - _TEMPLATE_FIELDS
+    if unknown:
+        msg = f"unknown field(s) {', '.join(sorted(unknown))}; use {', '.join(sorted(_TEMPLATE_FIELDS))}"
+        raise ValueError(msg)
+    if "name" not in used:
+        msg = "must contain {name}, or every file of a run would go to the same key"
+        raise ValueError(msg)
+
+
+def load_config_text(text: str, *, file: str = "<embedded default>", base: Path | None = None) -> Config:
+    """Parse and validate TOML text. Relative paths resolve against ``base``."""
+    base = Path.cwd() if base is None else base
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        line = int(m.group(1)) if m else (text.count("\n") + 1 if "end of document" in str(e) else None)
+        raise ConfigError(f"not valid TOML: {e}", file=file, line=line) from None
+    ld = _Loader(file, text, base)
+    cfg = ld.build(Config, data, "")
+    cfg = dataclasses.replace(cfg, source=file)
+    _cross_checks(cfg, ld)
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Load a config file, or the embedded default when ``path`` is None."""
+    if path is None:
+        return load_config_text(DEFAULT_TOML)
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found; check the path, or run without --config for the default", file=p) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the file: {e}", file=p) from None
+    return load_config_text(text, file=str(p), base=p.resolve().parent)
+
+
+def default_config() -> Config:
+    return load_config(None)
+
+
+# ---------------------------------------------------------------------------
+# Introspection and display
+# ---------------------------------------------------------------------------
+
+
+def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Yield ``(key path, field)`` for every leaf setting (arrays of tables as ``name[]``)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        kp = _join(prefix, f.name)
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, kp)
+        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            yield from iter_fields(typing.get_args(tp)[0], kp + "[]")
+        else:
+            yield kp, f
+
+
+def _mask_url(url: str) -> str:
+    return re.sub(r"(://)([^/@\s]+)@", r"\1***@", url)
+
+
+def config_to_dict(cfg: Any, *, mask: bool = True) -> Any:
+    """The effective config as plain data (for printing), secrets masked."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            v = config_to_dict(getattr(cfg, f.name), mask=mask)
+            if mask and isinstance(v, str) and any(w in f.name.lower() for w in _SECRET_WORDS):
+                v = "***" if v else v
+            out[f.name] = v
+        return out
+    if isinstance(cfg, tuple):
+        return [config_to_dict(v, mask=mask) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v, mask=mask) for k, v in cfg.items()}
+    if isinstance(cfg, Path):
+        return str(cfg)
+    if isinstance(cfg, str) and mask:
+        return _mask_url(cfg)
+    return cfg
+
+
+
+# ---------------------------------------------------------------------------
+# The commented example (config.example.toml is this function's output)
+# ---------------------------------------------------------------------------
+
+_EXAMPLE_HEAD = """\
+# imageqc configuration: every setting, with its default and what it does.
+#
+# Use it with `imageqc run --config FILE` (or set IMAGEQC_CONFIG=FILE);
+# check it with `imageqc config check FILE`. Without a file imageqc uses its
+# embedded default: watch ./inbox, state in ./.imageqc/, no upload.
+# Relative paths are relative to this file's folder.
+# This file is generated by `imageqc config example`; the defaults below are
+# the ones the code uses.
+"""
+
+_EXAMPLE_UPLOADS = """\
+# Upload targets: one [[upload]] table each; none = no upload (jobs end
+# 'skipped' after QC). Credentials are never written here: 'credentials'
+# names where they come from. Examples for the three types follow the full
+# commented list of settings.
+"""
+
+_EXAMPLE_TARGETS = """\
+# An S3-compatible store (e.g. MinIO or Ceph) on the site network:
+# [[upload]]
+# name = "lab-minio"
+# type = "s3"
+# endpoint = "https://minio.lab.example:9000"
+# bucket = "stereo-qc"
+# addressing_style = "path"
+# credentials = "env:LAB_MINIO"
+#
+# Aliyun OSS:
+# [[upload]]
+# name = "aliyun"
+# type = "oss"
+# endpoint = "https://oss-cn-shenzhen.aliyuncs.com"
+# region = "cn-shenzhen"
+# bucket = "stereo-raw"
+# mode = "all"
+# window = "20:00-06:00"
+# credentials = "file:C:/ProgramData/imageqc/oss.ini"
+#
+# The HPC share:
+# [[upload]]
+# name = "hpc"
+# type = "hpc"
+# path = "//hpc-nas/stereo/incoming"
+# mode = "inputs"
+"""
+
+
+def _toml_literal(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Path):
+        return json.dumps(value.as_posix())
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else "{ " + ", ".join(f"{k} = {_toml_literal(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:.1f}"
+    if isinstance(value, int) and abs(value) >= 100_000:
+        return f"{value:_}"
+    return json.dumps(value)
+
+
+def _example_fields(cls: type, prefix: str, commented: bool, instance: Any = None) -> list[str]:
+    out: list[str] = []
+    hints = typing.get_type_hints(cls)
+    sub_tables: list[tuple[str, type]] = []
+    c = "# " if commented else ""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            sub_tables.append((f.name, tp))
+            continue
+        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            continue  # arrays of tables are written separately
+        default = getattr(instance, f.name) if instance is not None else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        )
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" One of: {', '.join(f.metadata['choices'])}."
+        if f.metadata.get("required"):
+            help_text += " Required."
+        for line in _wrap(help_text):
+            out.append(f"# {line}")
+        out.append(f"{c}{f.name} = {_toml_literal(default)}")
+        out.append("")
+    for name, tp in sub_tables:
+        header = f"[{prefix}{name}]"
+        out.append(f"{c}{header}")
+        out.extend(_example_fields(tp, f"{prefix}{name}.", commented))
+    return out
+
+
+def _wrap(text: str, width: int = 76) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
+
+
+def example_toml() -> str:
+    """The commented example configuration, every setting with its default."""
+    parts = [_EXAMPLE_HEAD, ""]
+    top = Config()
+    for f in dataclasses.fields(Config):
+        if f.name == "state_dir":
+            parts += [f"# {line}" for line in _wrap(f.metadata["help"])]
+            parts += [f"state_dir = {_toml_literal(top.state_dir)}", ""]
+    parts += ["# Watch roots: one [[watch]] table per export folder.", "[[watch]]"]
+    parts += _example_fields(WatchRoot, "watch.", False)
+    for name, cls in (("site", SiteConfig), ("discovery", DiscoveryConfig), ("qc", QCConfig),
+                      ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig)):
+        parts += [f"[{name}]"]
+        parts += _example_fields(cls, f"{name}.", False)
+    parts += [_EXAMPLE_UPLOADS, "# [[upload]]"]
+    parts += _example_fields(UploadTarget, "upload.", True)
+    parts += [_EXAMPLE_TARGETS]
+    return "\n".join(parts).rstrip() + "\n"

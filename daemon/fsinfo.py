@@ -1,0 +1,78 @@
+"""Facts about the file systems under a path: network or local, free space.
+
+Used to choose SQLite's journal mode (WAL is unsafe on network file systems)
+and the watcher's observer (file events do not arrive from SMB/NFS shares).
+psutil knows the mount table on Linux, macOS and Windows, so no platform
+calls are needed here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import psutil
+
+__all__ = ["NETWORK_FSTYPES", "MountInfo", "mount_of", "is_network_path", "free_bytes"]
+
+#: File-system types that are network shares (lower case, as psutil reports them).
+NETWORK_FSTYPES = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p",
+        "fuse.sshfs", "sshfs", "davfs", "fuse.davfs2", "glusterfs", "fuse.glusterfs",
+        "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs", "fuse.rclone", "webdav",
+    }
+)
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    fstype: str
+    remote: bool
+
+
+def _is_unc(path: str) -> bool:
+    return path.startswith("\\\\") or path.startswith("//")
+
+
+def mount_of(path: str | PurePath) -> MountInfo | None:
+    """The mount holding ``path`` (longest matching mount point), if known."""
+    text = str(path)
+    if _is_unc(text):
+        return MountInfo(mountpoint=text, fstype="smb", remote=True)
+    try:
+        resolved = Path(text).resolve()
+    except OSError:
+        resolved = Path(text).absolute()
+    best: MountInfo | None = None
+    best_len = -1
+    try:
+        parts = psutil.disk_partitions(all=True)
+    except (OSError, RuntimeError):  # pragma: no cover - platform quirk
+        return None
+    for part in parts:
+        mp = Path(part.mountpoint)
+        if (resolved == mp or mp in resolved.parents) and len(str(mp)) > best_len:
+            remote = part.fstype.lower() in NETWORK_FSTYPES or "remote" in part.opts.split(",")
+            best = MountInfo(mountpoint=part.mountpoint, fstype=part.fstype, remote=remote)
+            best_len = len(str(mp))
+    return best
+
+
+def is_network_path(path: str | PurePath) -> bool:
+    """True for UNC paths and paths on NFS/SMB/CIFS and similar mounts."""
+    info = mount_of(path)
+    return bool(info and info.remote)
+
+
+def free_bytes(path: str | PurePath) -> int | None:
+    """Free space for the nearest existing folder at or above ``path``."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None

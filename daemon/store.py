@@ -1,0 +1,806 @@
+"""The SQLite job store: schema, migrations, the job state machine, leases.
+
+One connection per :class:`Store` (one per process), guarded by a lock for the
+service's threads. Every write runs in ``BEGIN IMMEDIATE`` so two processes
+never interleave a read-modify-write; claims are one ``UPDATE ... RETURNING``.
+WAL is used on local disks and a rollback journal on network file systems,
+where WAL's shared memory does not work.
+
+Time is passed in (``now``, seconds since the epoch) so tests need no clock
+patching; it defaults to :func:`time.time`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import DatabaseUnavailable, IllegalTransition, JobNotFound, StoreError
+from daemon.fsinfo import is_network_path
+
+__all__ = [
+    "JobState",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Job",
+    "Event",
+    "ScanSetRow",
+    "Store",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+]
+
+
+class JobState(str, Enum):
+    """The job states of ARCHITECTURE.md."""
+
+    SETTLING = "settling"
+    QUEUED = "queued"
+    RUNNING = "running"
+    QC_DONE = "qc_done"
+    UPLOADING = "uploading"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    SUPERSEDED = "superseded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = JobState
+#: Legal moves. ``failed`` goes back to where the work stopped: ``queued`` for
+#: discovery/QC failures, ``qc_done`` for upload failures.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.SETTLING: frozenset({S.QUEUED, S.FAILED, S.SUPERSEDED}),
+    S.QUEUED: frozenset({S.RUNNING, S.FAILED, S.SUPERSEDED}),
+    S.RUNNING: frozenset({S.QC_DONE, S.QUEUED, S.FAILED, S.SUPERSEDED}),
+    S.QC_DONE: frozenset({S.UPLOADING, S.DONE, S.SKIPPED, S.FAILED, S.SUPERSEDED, S.QUEUED}),
+    S.UPLOADING: frozenset({S.DONE, S.QC_DONE, S.FAILED, S.SUPERSEDED, S.QUEUED}),
+    S.FAILED: frozenset({S.QUEUED, S.QC_DONE, S.SUPERSEDED}),
+    S.SKIPPED: frozenset({S.QC_DONE, S.SUPERSEDED}),
+    S.DONE: frozenset(),
+    S.SUPERSEDED: frozenset(),
+}
+#: States a job never leaves on its own.
+TERMINAL = frozenset({S.DONE, S.SKIPPED, S.SUPERSEDED})
+#: States that hold a lease.
+LEASED = frozenset({S.RUNNING, S.UPLOADING})
+
+
+# ---------------------------------------------------------------------------
+# Schema. Append migrations; never edit one that has shipped.
+# ---------------------------------------------------------------------------
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: scan sets, jobs, their history and QC results
+    """
+    CREATE TABLE IF NOT EXISTS scan_sets (
+        id          INTEGER PRIMARY KEY,
+        chip        TEXT NOT NULL,
+        root        TEXT NOT NULL,
+        fingerprint TEXT NOT NULL UNIQUE,
+        members     TEXT NOT NULL,
+        first_seen  REAL NOT NULL,
+        last_seen   REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS scan_sets_chip ON scan_sets(chip);
+    CREATE TABLE IF NOT EXISTS jobs (
+        id              INTEGER PRIMARY KEY,
+        scan_set_id     INTEGER NOT NULL REFERENCES scan_sets(id),
+        chip            TEXT NOT NULL,
+        fingerprint     TEXT NOT NULL UNIQUE,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        lease_owner     TEXT,
+        lease_expires   REAL,
+        error           TEXT,
+        failed_stage    TEXT,
+        stage           TEXT,
+        progress        REAL,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        queued_at       REAL,
+        started_at      REAL,
+        finished_at     REAL
+    );
+    CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
+    CREATE INDEX IF NOT EXISTS jobs_chip ON jobs(chip);
+    CREATE TABLE IF NOT EXISTS events (
+        id         INTEGER PRIMARY KEY,
+        job_id     INTEGER REFERENCES jobs(id),
+        at         REAL NOT NULL,
+        kind       TEXT NOT NULL,
+        from_state TEXT,
+        to_state   TEXT,
+        message    TEXT,
+        data       TEXT
+    );
+    CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+    CREATE TABLE IF NOT EXISTS qc_results (
+        job_id     INTEGER PRIMARY KEY REFERENCES jobs(id),
+        verdict    TEXT NOT NULL,
+        report     TEXT NOT NULL,
+        output_dir TEXT,
+        archive    TEXT,
+        created_at REAL NOT NULL
+    );
+    """,
+    # 2: upload records, the key-value table (FOV-pair cache) and service status
+    """
+    CREATE TABLE IF NOT EXISTS uploads (
+        id          INTEGER PRIMARY KEY,
+        job_id      INTEGER NOT NULL REFERENCES jobs(id),
+        target      TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        local_path  TEXT NOT NULL,
+        remote_key  TEXT NOT NULL,
+        size        INTEGER,
+        mtime_ns    INTEGER,
+        sha256      TEXT,
+        state       TEXT NOT NULL DEFAULT 'pending',
+        bytes_done  INTEGER NOT NULL DEFAULT 0,
+        upload_id   TEXT,
+        parts       TEXT,
+        checksum    TEXT,
+        attempts    INTEGER NOT NULL DEFAULT 0,
+        error       TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        UNIQUE (job_id, target, local_path)
+    );
+    CREATE INDEX IF NOT EXISTS uploads_state ON uploads(target, state);
+    CREATE TABLE IF NOT EXISTS kv (
+        namespace  TEXT NOT NULL,
+        key        TEXT NOT NULL,
+        value      BLOB NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE IF NOT EXISTS service_status (
+        key        TEXT PRIMARY KEY,
+        value      TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+# ---------------------------------------------------------------------------
+# Row types
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    scan_set_id: int
+    chip: str
+    fingerprint: str
+    state: str
+    attempts: int
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_expires: float | None
+    error: str | None
+    failed_stage: str | None
+    stage: str | None
+    progress: float | None
+    created_at: float
+    updated_at: float
+    queued_at: float | None
+    started_at: float | None
+    finished_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: int | None
+    at: float
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    message: str | None
+    data: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ScanSetRow:
+    id: int
+    chip: str
+    root: str
+    fingerprint: str
+    members: list[dict[str, Any]]
+    first_seen: float
+    last_seen: float
+
+
+def _job(row: sqlite3.Row | None) -> Job | None:
+    return None if row is None else Job(**{k: row[k] for k in row.keys()})
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class Store:
+    """The job database.
+
+    Parameters
+    ----------
+    path : path-like
+        The SQLite file; its folder is created.
+    journal : {"auto", "wal", "delete"}
+        ``auto`` uses WAL unless the file sits on a network file system.
+    busy_timeout_s : float
+        How long a write waits for another process's transaction.
+    """
+
+    def __init__(
+        self, path: str | Path, *, journal: str = "auto", busy_timeout_s: float = 10.0, readonly: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self.readonly = readonly
+        if readonly:
+            self._open_readonly(busy_timeout_s)
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = f"cannot create the state folder {self.path.parent}: {e}; check the path and permissions of state_dir"
+            raise DatabaseUnavailable(msg) from None
+        if journal == "auto":
+            journal = "delete" if is_network_path(self.path.parent) else "wal"
+        self.journal = journal
+        try:
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            mode = self._conn.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0]
+            self.journal = str(mode).lower()
+            self._conn.execute("PRAGMA synchronous = NORMAL" if self.journal == "wal" else "PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self._raise_unavailable(e)
+
+    def _open_readonly(self, busy_timeout_s: float) -> None:
+        """For `imageqc status` and friends: never creates, migrates or locks anything."""
+        if not self.path.exists():
+            msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
+            raise DatabaseUnavailable(msg)
+        try:
+            self._conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout_s,
+                isolation_level=None, check_same_thread=False,
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            self._raise_unavailable(e)
+        self.journal = "readonly"
+        if version != SCHEMA_VERSION:
+            msg = (
+                f"the job database {self.path} has schema version {version}, this imageqc expects {SCHEMA_VERSION}; "
+                "start the service once (it migrates the database) or use the matching imageqc version"
+            )
+            raise DatabaseUnavailable(msg)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _raise_unavailable(self, e: sqlite3.Error) -> None:
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            msg = (
+                f"the job database {self.path} is locked by another program ({text}); "
+                "stop the other imageqc instance or the program holding it, then start again"
+            )
+        elif "not a database" in text or "malformed" in text or "corrupt" in text:
+            msg = (
+                f"the job database {self.path} is damaged ({text}); imageqc will not run on it, to avoid losing "
+                "state. Move it aside (keep it for inspection) and start again: scan sets are rediscovered"
+            )
+        else:
+            msg = f"cannot open the job database {self.path}: {text}"
+        raise DatabaseUnavailable(msg) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def db(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction: ``BEGIN IMMEDIATE`` for writes, plain reads otherwise."""
+        with self._lock:
+            conn = self._conn
+            if not commit:
+                yield conn
+                return
+            if self.readonly:
+                raise StoreError(f"{self.path} is open read-only")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                self._raise_unavailable(e)
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self.db() as c:
+            current = c.execute("PRAGMA user_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                msg = (
+                    f"the job database {self.path} has schema version {current}, newer than this imageqc "
+                    f"understands ({SCHEMA_VERSION}); upgrade imageqc"
+                )
+                raise StoreError(msg)
+            for version in range(current, SCHEMA_VERSION):
+                for stmt in _statements(MIGRATIONS[version]):
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {version + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        with self.db(commit=False) as c:
+            return int(c.execute("PRAGMA user_version").fetchone()[0])
+
+    def integrity_check(self) -> str:
+        """``'ok'`` or SQLite's description of the damage."""
+        with self.db(commit=False) as c:
+            try:
+                return str(c.execute("PRAGMA quick_check").fetchone()[0])
+            except sqlite3.DatabaseError as e:
+                return str(e)
+
+    # -- scan sets and job creation ---------------------------------------
+
+    def add_scan_set(
+        self, *, chip: str, root: str, fingerprint: str, members: Sequence[dict[str, Any]], now: float | None = None
+    ) -> tuple[int, bool]:
+        """Record a scan set; returns ``(id, created)``. Same fingerprint -> same row."""
+        now = _now(now)
+        with self.db() as c:
+            row = c.execute("SELECT id FROM scan_sets WHERE fingerprint = ?", (fingerprint,)).fetchone()
+            if row:
+                c.execute("UPDATE scan_sets SET last_seen = ? WHERE id = ?", (now, row["id"]))
+                return int(row["id"]), False
+            cur = c.execute(
+                "INSERT INTO scan_sets (chip, root, fingerprint, members, first_seen, last_seen) VALUES (?,?,?,?,?,?)",
+                (chip, root, fingerprint, json.dumps(list(members)), now, now),
+            )
+            return int(cur.lastrowid), True  # type: ignore[arg-type]
+
+    def get_scan_set(self, scan_set_id: int) -> ScanSetRow:
+        with self.db(commit=False) as c:
+            row = c.execute("SELECT * FROM scan_sets WHERE id = ?", (scan_set_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no scan set {scan_set_id}")
+        d = dict(row)
+        d["members"] = json.loads(d["members"])
+        return ScanSetRow(**d)
+
+    def create_job(
+        self,
+        scan_set_id: int,
+        *,
+        state: JobState | str = JobState.QUEUED,
+        now: float | None = None,
+        message: str = "",
+    ) -> int | None:
+        """Create the job of a scan set; ``None`` when its fingerprint already has one.
+
+        The same fingerprint is processed once, ever: this is the only place
+        jobs are made and the fingerprint column is unique.
+        """
+        now = _now(now)
+        state = JobState(state)
+        if state not in (S.SETTLING, S.QUEUED):
+            raise StoreError(f"a job starts settling or queued, not {state}")
+        with self.db() as c:
+            ss = c.execute("SELECT chip, fingerprint FROM scan_sets WHERE id = ?", (scan_set_id,)).fetchone()
+            if ss is None:
+                raise StoreError(f"no scan set {scan_set_id}")
+            try:
+                cur = c.execute(
+                    "INSERT INTO jobs (scan_set_id, chip, fingerprint, state, created_at, updated_at, queued_at)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (scan_set_id, ss["chip"], ss["fingerprint"], state.value, now, now, now if state is S.QUEUED else None),
+                )
+            except sqlite3.IntegrityError:
+                return None
+            job_id = int(cur.lastrowid)  # type: ignore[arg-type]
+            self._event(c, job_id, "created", None, state.value, message or f"{ss['chip']} {state.value}", None, now)
+            return job_id
+
+    # -- reading ------------------------------------------------------------
+
+    def get_job(self, job_id: int) -> Job:
+        with self.db(commit=False) as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def find_job(self, fingerprint: str) -> Job | None:
+        with self.db(commit=False) as c:
+            return _job(c.execute("SELECT * FROM jobs WHERE fingerprint = ?", (fingerprint,)).fetchone())
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] | None = None,
+        chip: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = True,
+    ) -> list[Job]:
+        sql = "SELECT * FROM jobs"
+        where: list[str] = []
+        args: list[Any] = []
+        if states:
+            st = [JobState(s).value for s in states]
+            where.append(f"state IN ({','.join('?' * len(st))})")
+            args += st
+        if chip:
+            where.append("chip = ?")
+            args.append(chip)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id " + ("DESC" if newest_first else "ASC")
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        with self.db(commit=False) as c:
+            return [j for j in map(_job, c.execute(sql, args).fetchall()) if j is not None]
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per state, every state present (zeros included)."""
+        out = {s.value: 0 for s in JobState}
+        with self.db(commit=False) as c:
+            for row in c.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+                out[row["state"]] = int(row["n"])
+        return out
+
+    def events(self, job_id: int | None = None, *, limit: int | None = None, kinds: Sequence[str] = ()) -> list[Event]:
+        sql = "SELECT * FROM events"
+        where, args = [], []  # type: ignore[var-annotated]
+        if job_id is not None:
+            where.append("job_id = ?")
+            args.append(job_id)
+        if kinds:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            args += list(kinds)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC" if limit else " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        with self.db(commit=False) as c:
+            rows = c.execute(sql, args).fetchall()
+        evs = [
+            Event(**{**dict(r), "data": json.loads(r["data"]) if r["data"] else None})  # type: ignore[arg-type]
+            for r in rows
+        ]
+        return list(reversed(evs)) if limit else evs
+
+    def add_event(
+        self, job_id: int | None, kind: str, message: str, *, data: dict[str, Any] | None = None, now: float | None = None
+    ) -> None:
+        with self.db() as c:
+            self._event(c, job_id, kind, None, None, message, data, _now(now))
+
+    @staticmethod
+    def _event(
+        c: sqlite3.Connection,
+        job_id: int | None,
+        kind: str,
+        from_state: str | None,
+        to_state: str | None,
+        message: str | None,
+        data: dict[str, Any] | None,
+        now: float,
+    ) -> None:
+        c.execute(
+            "INSERT INTO events (job_id, at, kind, from_state, to_state, message, data) VALUES (?,?,?,?,?,?,?)",
+            (job_id, now, kind, from_state, to_state, message, json.dumps(data) if data else None),
+        )
+
+    # -- the state machine --------------------------------------------------
+
+    def transition(
+        self,
+        job_id: int,
+        to_state: JobState | str,
+        *,
+        now: float | None = None,
+        owner: str | None = None,
+        message: str = "",
+        error: str | None = None,
+        failed_stage: str | None = None,
+        next_attempt_at: float | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> Job:
+        """Move a job to ``to_state``; raises :class:`IllegalTransition` otherwise.
+
+        With ``owner``, the job must be leased by that owner (a worker whose
+        lease was recovered or whose job was cancelled cannot overwrite it).
+        """
+        now = _now(now)
+        target = JobState(to_state)
+        with self.db() as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(job_id)
+            self._check(job, target, owner)
+            self._apply(c, job, target, now, message, error, failed_stage, next_attempt_at, data)
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+
+    @staticmethod
+    def _check(job: Job, target: JobState, owner: str | None) -> None:
+        current = JobState(job.state)
+        if target not in TRANSITIONS[current]:
+            raise IllegalTransition(job.id, current.value, target.value)
+        if owner is not None and (current not in LEASED or job.lease_owner != owner):
+            raise IllegalTransition(job.id, f"{current.value} (not leased by {owner})", target.value)
+
+    def _apply(
+        self,
+        c: sqlite3.Connection,
+        job: Job,
+        target: JobState,
+        now: float,
+        message: str,
+        error: str | None,
+        failed_stage: str | None,
+        next_attempt_at: float | None,
+        data: dict[str, Any] | None,
+    ) -> None:
+        sets = {"state": target.value, "updated_at": now}
+        if target not in LEASED:
+            sets.update(lease_owner=None, lease_expires=None)
+        if target is S.FAILED:
+            sets.update(error=error or message or "failed", failed_stage=failed_stage, next_attempt_at=next_attempt_at)
+        elif target in (S.QUEUED, S.QC_DONE) and JobState(job.state) is S.FAILED:
+            sets.update(next_attempt_at=None)
+        if target is S.QUEUED:
+            sets.update(queued_at=now, stage=None, progress=None)
+        if target in (S.DONE, S.SKIPPED, S.SUPERSEDED, S.FAILED):
+            sets.update(finished_at=now)
+        if target in (S.DONE, S.SKIPPED):
+            sets.update(error=None, failed_stage=None)
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        c.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*sets.values(), job.id))
+        text = message or (error or "")
+        self._event(c, job.id, "state", job.state, target.value, text, data, now)
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        now: float | None = None,
+        lease_s: float = 120.0,
+        from_state: JobState | str = JobState.QUEUED,
+        to_state: JobState | str = JobState.RUNNING,
+    ) -> Job | None:
+        """Atomically take the oldest due job in ``from_state`` and lease it to ``owner``."""
+        now = _now(now)
+        src, dst = JobState(from_state), JobState(to_state)
+        if dst not in TRANSITIONS[src] or dst not in LEASED:
+            raise IllegalTransition(0, src.value, dst.value)
+        with self.db() as c:
+            row = c.execute(
+                "UPDATE jobs SET state = ?, lease_owner = ?, lease_expires = ?, updated_at = ?,"
+                " attempts = attempts + ?, started_at = COALESCE(started_at, ?), stage = NULL, progress = NULL"
+                " WHERE id = (SELECT id FROM jobs WHERE state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)"
+                "             ORDER BY COALESCE(queued_at, created_at), id LIMIT 1)"
+                " RETURNING *",
+                (dst.value, owner, now + lease_s, now, 1 if dst is S.RUNNING else 0, now, src.value, now),
+            ).fetchone()
+            job = _job(row)
+            if job is not None:
+                self._event(c, job.id, "state", src.value, dst.value, f"claimed by {owner}", None, now)
+            return job
+
+    def renew_lease(self, job_id: int, owner: str, *, now: float | None = None, lease_s: float = 120.0) -> bool:
+        """Extend a lease; False when the job is no longer leased by ``owner``."""
+        now = _now(now)
+        with self.db() as c:
+            cur = c.execute(
+                "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ? AND state IN (?, ?)",
+                (now + lease_s, job_id, owner, S.RUNNING.value, S.UPLOADING.value),
+            )
+            return cur.rowcount == 1
+
+    def set_progress(self, job_id: int, owner: str, stage: str, progress: float | None, *, now: float | None = None) -> bool:
+        now = _now(now)
+        with self.db() as c:
+            cur = c.execute(
+                "UPDATE jobs SET stage = ?, progress = ?, updated_at = ? WHERE id = ? AND lease_owner = ?",
+                (stage, progress, now, job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def recover_expired(self, *, now: float | None = None) -> list[int]:
+        """Leases that ran out (crash, kill -9, power loss): running -> queued, uploading -> qc_done."""
+        now = _now(now)
+        back = {S.RUNNING: S.QUEUED, S.UPLOADING: S.QC_DONE}
+        recovered = []
+        with self.db() as c:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) AND lease_expires < ?",
+                (S.RUNNING.value, S.UPLOADING.value, now),
+            ).fetchall()
+            for row in rows:
+                job = _job(row)
+                assert job is not None
+                msg = f"lease of {job.lease_owner} expired; job returned to the queue"
+                self._apply(c, job, back[JobState(job.state)], now, msg, None, None, None, None)
+                recovered.append(job.id)
+        return recovered
+
+    def requeue_due(self, *, now: float | None = None, max_attempts: int | None = None) -> list[int]:
+        """Failed jobs whose retry time has come go back to where they stopped."""
+        now = _now(now)
+        moved = []
+        with self.db() as c:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE state = ? AND next_attempt_at IS NOT NULL AND next_attempt_at <= ?",
+                (S.FAILED.value, now),
+            ).fetchall()
+            for row in rows:
+                job = _job(row)
+                assert job is not None
+                if max_attempts is not None and job.attempts >= max_attempts:
+                    c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job.id,))
+                    continue
+                target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
+                self._apply(c, job, target, now, f"retry {job.attempts + 1} after: {job.error}", None, None, None, None)
+                moved.append(job.id)
+        return moved
+
+    def retry(self, job_id: int, *, now: float | None = None) -> Job:
+        """By hand: a failed or skipped job goes back to where it stopped, now."""
+        job = self.get_job(job_id)
+        state = JobState(job.state)
+        if state is S.FAILED:
+            target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
+        elif state is S.SKIPPED:
+            target = S.QC_DONE
+        else:
+            raise IllegalTransition(job_id, state.value, "retry (only failed or skipped jobs are retried)")
+        return self.transition(job_id, target, now=now, message="retry requested")
+
+    def cancel(self, job_id: int, *, now: float | None = None, reason: str = "cancelled by operator") -> Job:
+        """Stop a job: it ends ``failed`` with the reason and is not retried automatically.
+
+        A running job's worker sees its lease gone at the next renewal and stops.
+        """
+        job = self.get_job(job_id)
+        if JobState(job.state) in TERMINAL or JobState(job.state) is S.FAILED and job.failed_stage == "cancelled":
+            raise IllegalTransition(job_id, job.state, "cancel (the job has already ended)")
+        return self.transition(job_id, S.FAILED, now=now, error=reason, failed_stage="cancelled")
+
+    def supersede_older(self, chip: str, keep_job_id: int, *, now: float | None = None) -> list[int]:
+        """Mark every unfinished older job of ``chip`` superseded by ``keep_job_id``."""
+        now = _now(now)
+        done = []
+        with self.db() as c:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE chip = ? AND id < ? AND state NOT IN (?, ?, ?)",
+                (chip, keep_job_id, S.DONE.value, S.SKIPPED.value, S.SUPERSEDED.value),
+            ).fetchall()
+            for row in rows:
+                job = _job(row)
+                assert job is not None
+                self._apply(c, job, S.SUPERSEDED, now, f"superseded by job {keep_job_id}", None, None, None, None)
+                done.append(job.id)
+        return done
+
+    # -- QC results -------------------------------------------------------------
+
+    def save_result(
+        self,
+        job_id: int,
+        *,
+        verdict: str,
+        report: dict[str, Any] | str,
+        output_dir: str | None = None,
+        archive: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        text = report if isinstance(report, str) else json.dumps(report)
+        with self.db() as c:
+            c.execute(
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
+                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at",
+                (job_id, verdict, text, output_dir, archive, _now(now)),
+            )
+
+    def get_result(self, job_id: int) -> dict[str, Any] | None:
+        with self.db(commit=False) as c:
+            row = c.execute("SELECT * FROM qc_results WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["report"] = json.loads(d["report"])
+        return d
+
+    # -- key-value (FOV-pair cache) -----------------------------------------
+
+    def kv_get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        with self.db(commit=False) as c:
+            for i in range(0, len(keys), 500):
+                chunk = list(keys[i : i + 500])
+                q = f"SELECT key, value FROM kv WHERE namespace = ? AND key IN ({','.join('?' * len(chunk))})"
+                for row in c.execute(q, (namespace, *chunk)):
+                    out[row["key"]] = bytes(row["value"])
+        return out
+
+    def kv_get(self, namespace: str, key: str) -> bytes | None:
+        return self.kv_get_many(namespace, [key]).get(key)
+
+    def kv_put_many(self, namespace: str, items: Iterable[tuple[str, bytes]], *, now: float | None = None) -> None:
+        now = _now(now)
+        with self.db() as c:
+            c.executemany(
+                "INSERT INTO kv (namespace, key, value, updated_at) VALUES (?,?,?,?)"
+                " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                [(namespace, k, v, now) for k, v in items],
+            )
+
+    def kv_put(self, namespace: str, key: str, value: bytes, *, now: float | None = None) -> None:
+        self.kv_put_many(namespace, [(key, value)], now=now)
+
+    def kv_count(self, namespace: str) -> int:
+        with self.db(commit=False) as c:
+            return int(c.execute("SELECT COUNT(*) FROM kv WHERE namespace = ?", (namespace,)).fetchone()[0])
+
+    # -- service status (read by `imageqc status` from another process) -------
+
+    def set_status(self, key: str, value: Any, *, now: float | None = None) -> None:
+        with self.db() as c:
+            c.execute(
+                "INSERT INTO service_status (key, value, updated_at) VALUES (?,?,?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, json.dumps(value), _now(now)),
+            )
+
+    def get_status(self) -> dict[str, tuple[Any, float]]:
+        with self.db(commit=False) as c:
+            return {r["key"]: (json.loads(r["value"]), r["updated_at"]) for r in c.execute("SELECT * FROM service_status")}
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

@@ -1,0 +1,72 @@
+"""Fixtures for the service tests: real state folders, configs, no leaked threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Config, load_config_text
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail a test that leaves non-daemon threads running (watchdog's habit)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Write a config file under tmp_path and load it; returns the Config."""
+
+    def make(extra: str = "", *, name: str = "imageqc.toml", tick: float = 0.2) -> Config:
+        text = (
+            'state_dir = "state"\n'
+            "[[watch]]\n"
+            'path = "inbox"\n'
+            "[service]\n"
+            f"tick_seconds = {tick}\n"
+            "lease_seconds = 5\n"
+            "retry_base_s = 1\n"
+            "shutdown_timeout_s = 2\n"
+            "[logging]\n"
+            'console = "off"\n'
+        )
+        text = _merge(text, extra)
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        (tmp_path / "inbox").mkdir(exist_ok=True)
+        return load_config_text(text, file=str(path), base=tmp_path)
+
+    return make
+
+
+def _merge(base: str, extra: str) -> str:
+    """Append extra TOML; settings of a table already in base go into that table."""
+    if not extra.strip():
+        return base
+    lines = base.splitlines()
+    table = None
+    for raw in extra.strip().splitlines():
+        s = raw.strip()
+        if s.startswith("["):
+            table = s
+            if s.startswith("[[") or s not in lines:
+                lines.append(s)
+            continue
+        if table and not table.startswith("[[") and table in lines:
+            lines.insert(lines.index(table) + 1, raw)
+        else:
+            lines.append(raw)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,50 @@
+"""Job functions the worker tests run in real child processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+from daemon.worker import JobContext, JobOutcome
+
+
+def ok(ctx: JobContext) -> JobOutcome:
+    ctx.progress("qc", 50.0)
+    with ctx.open_store() as store:
+        store.save_result(ctx.job.id, verdict="pass", report={"schema": "imageqc.report/1", "chip": ctx.job.chip})
+    ctx.progress("qc", 100.0)
+    return JobOutcome(state="qc_done", message="test pass")
+
+
+def boom(ctx: JobContext) -> JobOutcome:
+    raise ValueError("the image is upside down")
+
+
+def transient(ctx: JobContext) -> JobOutcome:
+    return JobOutcome(state="failed", error="share went away", transient=True)
+
+
+def sleep_long(ctx: JobContext) -> JobOutcome:
+    ctx.progress("sleeping", 0.0)
+    time.sleep(60)
+    return JobOutcome(state="qc_done")
+
+
+def hog_memory(ctx: JobContext) -> JobOutcome:
+    blocks = []
+    for _ in range(200):
+        blocks.append(bytearray(50 * 2**20))  # touched: counts as resident
+        time.sleep(0.05)
+    return JobOutcome(state="qc_done")
+
+
+def report_environment(ctx: JobContext) -> JobOutcome:
+    proc = psutil.Process()
+    data = {"nice": proc.nice(), "omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid()}
+    return JobOutcome(state="qc_done", message="env", data=data)
+
+
+def crash(ctx: JobContext) -> JobOutcome:
+    os._exit(17)

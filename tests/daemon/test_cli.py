@@ -1,0 +1,173 @@
+"""Every `imageqc` command against a real state folder: output, JSON, exit codes, width."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from daemon.cli import main
+from daemon.logging import bind_job, configure_logging, get_logger
+from daemon.store import JobState, Store
+
+
+@pytest.fixture
+def state(make_config, tmp_path, monkeypatch):
+    """A state folder with jobs in several states and a log, as the service leaves it."""
+    cfg = make_config()
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(tmp_path / "imageqc.toml"))
+    now = time.time()
+    with Store(cfg.database_path) as s:
+        ids = {}
+        for i, (chip, state) in enumerate(
+            [
+                ("SS200000135TL_D1", "done"),
+                ("SS200000108BR_A3A4_CD31_IF_with_a_long_name", "failed"),
+                ("C02533C", "running"),
+                ("A02677B5", "queued"),
+            ]
+        ):
+            ssid, _ = s.add_scan_set(
+                chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp{i}",
+                members=[{"name": chip, "path": f"{cfg.watch[0].path}/{chip}.tif", "size": 1_234_567}], now=now - 600,
+            )
+            ids[chip] = s.create_job(ssid, now=now - 600)
+        done, failed, running = ids["SS200000135TL_D1"], ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"], ids["C02533C"]
+        s.claim("w", now=now - 500)
+        s.save_result(done, verdict="fail", report={"verdict": "fail", "reasons": ["track line score 42 < 60: few track crossings found"]})
+        s.transition(done, JobState.QC_DONE, owner="w", now=now - 400)
+        s.transition(done, JobState.SKIPPED, now=now - 399)
+        s.claim("w", now=now - 300)
+        s.transition(failed, JobState.FAILED, owner="w", error="CorruptImageError: " + "the TIFF is truncated " * 5, failed_stage="qc", now=now - 200)
+        s.claim("w", now=now - 100, lease_s=10**6)
+        s.set_progress(running, "w", "clarity", 40.0)
+    configure_logging(file=cfg.log_file, console="off")
+    log = get_logger("imageqc.test")
+    with bind_job(done, "SS200000135TL_D1"):
+        log.info("qc finished", verdict="fail")
+    with bind_job(failed, "SS200000108BR_A3A4_CD31_IF_with_a_long_name"):
+        log.error("qc failed", error="truncated")
+    log.debug("idle")
+    configure_logging(console="off")
+    logging.getLogger().handlers.clear()
+    return cfg, ids
+
+
+def _out(capsys):
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def _fits(text: str) -> None:
+    too_wide = [line for line in text.splitlines() if len(line) > 80]
+    assert not too_wide, too_wide
+
+
+def test_status_json_and_human(state, capsys):
+    cfg, ids = state
+    assert main(["status", "--json"]) == 0
+    st = json.loads(_out(capsys)[0])
+    assert st["schema"] == "imageqc.status/1"
+    assert st["counts"]["skipped"] == 1 and st["counts"]["failed"] == 1 and st["counts"]["running"] == 1
+    assert st["active"][0]["chip"] == "C02533C" and st["active"][0]["stage"] == "clarity" and st["active"][0]["progress"] == 40.0
+    assert st["recent_errors"][0]["job_id"] == ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]
+    assert st["service"]["running"] is False
+    assert st["disk"]["state_dir"]["free_bytes"] > 0
+    assert main(["status"]) == 0
+    text = _out(capsys)[0]
+    _fits(text)
+    assert "not running" in text and "clarity" in text and "40%" in text and "CorruptImageError" in text
+
+
+def test_status_on_a_folder_where_nothing_ran(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--json"]) == 0
+    st = json.loads(_out(capsys)[0])
+    assert st["service"]["running"] is False and "never run" in st["service"]["reason"]
+    assert not (tmp_path / ".imageqc").exists()  # status creates nothing
+
+
+def test_jobs_lists_filters_and_json(state, capsys):
+    cfg, ids = state
+    assert main(["jobs"]) == 0
+    text = _out(capsys)[0]
+    _fits(text)
+    assert text.index("A02677B5") < text.index("SS200000135TL_D1")  # newest first
+    assert main(["jobs", "--state", "failed", "--json"]) == 0
+    data = json.loads(_out(capsys)[0])
+    assert data["schema"] == "imageqc.jobs/1"
+    assert [j["chip"] for j in data["jobs"]] == ["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]
+    assert main(["jobs", "--chip", "C02533C", "--json"]) == 0
+    assert [j["state"] for j in json.loads(_out(capsys)[0])["jobs"]] == ["running"]
+    assert main(["jobs", "--state", "nonsense"]) == 2
+
+
+def test_show_human_and_json(state, capsys):
+    cfg, ids = state
+    job = ids["SS200000135TL_D1"]
+    assert main(["show", str(job)]) == 0
+    text = _out(capsys)[0]
+    _fits(text)
+    assert "verdict   fail" in text and "track line score 42 < 60" in text and "qc_done -> skipped" in text
+    assert main(["show", str(job), "--json"]) == 0
+    data = json.loads(_out(capsys)[0])
+    assert data["schema"] == "imageqc.job/1" and data["job"]["state"] == "skipped"
+    assert data["result"]["report"]["verdict"] == "fail"
+    assert [e["to_state"] for e in data["events"]] == ["queued", "running", "qc_done", "skipped"]
+    assert data["scan_set"]["members"][0]["size"] == 1_234_567
+    assert main(["show", "999"]) == 2
+    assert "no job 999" in _out(capsys)[1]
+
+
+def test_retry_and_cancel(state, capsys):
+    cfg, ids = state
+    failed, queued = ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"], ids["A02677B5"]
+    assert main(["retry", str(failed)]) == 0
+    assert "queued" in _out(capsys)[0]
+    assert main(["cancel", str(queued)]) == 0
+    assert "cancelled" in _out(capsys)[0]
+    with Store(cfg.database_path) as s:
+        assert s.get_job(failed).state == "queued"
+        assert s.get_job(queued).state == "failed" and s.get_job(queued).failed_stage == "cancelled"
+    assert main(["retry", str(ids["C02533C"])]) == 1  # running: not retryable
+    assert "only failed or skipped" in _out(capsys)[1]
+    assert main(["cancel", "abc"]) == 2
+
+
+def test_logs_filters_and_formats(state, capsys):
+    cfg, ids = state
+    assert main(["logs"]) == 0
+    text = _out(capsys)[0]
+    assert "qc finished" in text and "qc failed" in text
+    assert main(["logs", "--level", "error"]) == 0
+    lines = _out(capsys)[0].splitlines()
+    assert len(lines) == 1 and "ERROR" in lines[0] and "qc failed" in lines[0]
+    assert main(["logs", "--chip", "SS200000135TL_D1", "--json"]) == 0
+    recs = [json.loads(x) for x in _out(capsys)[0].splitlines()]
+    assert [r["event"] for r in recs] == ["qc finished"]
+    assert main(["logs", "-n", "1"]) == 0
+    assert len(_out(capsys)[0].splitlines()) == 1
+
+
+def test_version_and_usage_errors(capsys):
+    assert main(["version"]) == 0
+    assert _out(capsys)[0].startswith("imageqc ")
+    assert main(["version", "--json"]) == 0
+    assert json.loads(_out(capsys)[0])["schema"] == "imageqc.version/1"
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in _out(capsys)[1]
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    text = _out(capsys)[0]
+    assert "run" in text and "status" in text
+    _fits(text)
+
+
+def test_a_bad_config_is_a_usage_error_for_every_command(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[service]\nworkers = -1\n")
+    for cmd in (["status"], ["jobs"], ["show", "1"], ["logs"], ["run"]):
+        assert main([*cmd, "--config", str(bad)]) == 2
+        assert "service.workers: must be >= 1" in _out(capsys)[1]

@@ -1,0 +1,127 @@
+"""Logs: JSON lines with job and chip, secrets never written, rotation, the log viewer."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+
+import pytest
+
+from daemon.logging import bind_job, configure_logging, get_logger, register_secret
+from daemon.logview import LogFilter, follow_records, format_record, read_records
+
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "logs" / "imageqc.jsonl"
+    console = io.StringIO()
+    configure_logging(level="debug", file=path, console="json", stream=console)
+    yield path, console
+    configure_logging(console="off")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_lines_are_json_with_job_and_chip_inside_bind_job(log_file):
+    path, console = log_file
+    log = get_logger("t")
+    log.info("outside")
+    with bind_job(12, "SS200000135TL_D1"):
+        log.info("qc started", stage="track")
+        logging.getLogger("thirdparty").warning("plain stdlib line")
+    recs = _records(path)
+    assert recs[0]["event"] == "outside" and "job_id" not in recs[0]
+    assert recs[1]["event"] == "qc started" and recs[1]["job_id"] == 12 and recs[1]["chip"] == "SS200000135TL_D1"
+    assert recs[1]["stage"] == "track" and recs[1]["level"] == "info" and recs[1]["timestamp"].endswith("Z")
+    assert recs[2]["event"] == "plain stdlib line" and recs[2]["job_id"] == 12
+    assert [json.loads(x)["event"] for x in console.getvalue().splitlines()] == [r["event"] for r in recs]
+
+
+def test_secrets_are_never_written(log_file):
+    path, console = log_file
+    register_secret(SECRET)
+    log = get_logger("t")
+    log.info("credentials loaded", secret_access_key=SECRET, access_key_id="AKIAEXAMPLE", password="pw1234")
+    log.info("connecting", endpoint="https://qcuser:hunter2@minio.lab:9000/bucket")
+    log.info(f"boto said: signature for {SECRET} does not match")
+    log.info("nested", detail={"token": "tok-123456", "items": [f"key={SECRET}"]})
+
+    def fails(secret=SECRET):
+        raise RuntimeError(f"auth failed with {secret}")
+
+    try:
+        fails()
+    except RuntimeError:
+        log.exception("upload failed")
+    text = path.read_text(encoding="utf-8") + console.getvalue()
+    for leaked in (SECRET, "AKIAEXAMPLE", "pw1234", "hunter2", "tok-123456"):
+        assert leaked not in text
+    recs = _records(path)
+    assert recs[0]["secret_access_key"] == "***"
+    assert recs[1]["endpoint"] == "https://qcuser:***@minio.lab:9000/bucket"
+    assert "RuntimeError: auth failed with ***" in recs[-1]["exception"]
+
+
+def test_file_rotates_and_the_viewer_reads_all_files_in_order(tmp_path):
+    path = tmp_path / "imageqc.jsonl"
+    configure_logging(file=path, max_bytes=10_000, backups=3, console="off")
+    log = get_logger("t")
+    for i in range(300):
+        with bind_job(i % 3, f"C0253{i % 3}C"):
+            log.info("tick", i=i, level_hint="x" * 20)
+    configure_logging(console="off")
+    assert (tmp_path / "imageqc.jsonl.1").exists()
+    seen = [r["i"] for r in read_records(path)]
+    assert seen == sorted(seen) and seen[-1] == 299
+    only = list(read_records(path, LogFilter(chip="C02531C")))
+    assert only and all(r["chip"] == "C02531C" for r in only)
+
+
+def test_level_filter_and_formatting(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text(
+        '{"timestamp": "2026-11-22T10:00:00.1Z", "level": "info", "event": "queued", "job_id": 3, "chip": "C02533C"}\n'
+        '{"timestamp": "2026-11-22T10:00:01.1Z", "level": "error", "event": "qc failed", "job_id": 3, "chip": "C02533C", "error": "truncated"}\n'
+        "not json at all\n"
+    )
+    errors = list(read_records(path, LogFilter(level="warning")))
+    assert [r["event"] for r in errors] == ["qc failed"]
+    line = format_record(errors[0])
+    assert line == "2026-11-22 10:00:01 ERROR [3 C02533C] qc failed  error=truncated"
+    assert format_record(list(read_records(path))[-1]) == "not json at all"
+
+
+def test_follow_sees_new_lines_and_survives_rotation(tmp_path):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"event": "old"}\n')
+    got: list[str] = []
+    stop = threading.Event()
+
+    def reader():
+        for rec in follow_records(path, stop=stop.is_set, interval=0.02):
+            got.append(rec["event"])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        import time
+
+        time.sleep(0.2)
+        with path.open("a") as fh:
+            fh.write('{"event": "new1"}\n')
+        time.sleep(0.2)
+        path.rename(tmp_path / "f.jsonl.1")
+        path.write_text('{"event": "after-rotation"}\n')
+        deadline = time.monotonic() + 5
+        while "after-rotation" not in got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(5)
+    assert got == ["new1", "after-rotation"]

@@ -1,0 +1,160 @@
+"""The service loop: start, recover, dispatch, stop; one instance per state folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.errors import DatabaseUnavailable
+from daemon.service import AlreadyRunning, Daemon
+from daemon.store import JobState, Store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait(pred, timeout=30.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def _queue_job(cfg, fp="fp", chip="SS200000135TL_D1", state=JobState.QUEUED) -> int:
+    with Store(cfg.database_path) as s:
+        ssid, _ = s.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint=fp, members=[])
+        job_id = s.create_job(ssid, state=state)
+        assert job_id is not None
+        return job_id
+
+
+class Exploding:
+    name = "exploding"
+
+    def __init__(self):
+        self.ticks = 0
+
+    def start(self, daemon):
+        self.daemon = daemon
+
+    def tick(self, now):
+        self.ticks += 1
+        raise RuntimeError("component bug")
+
+    def stop(self):
+        pass
+
+    def health(self):
+        return {"ticks": self.ticks}
+
+
+def test_daemon_runs_queued_jobs_and_skips_upload_when_none_is_configured(make_config):
+    cfg = make_config()
+    a = _queue_job(cfg, "a")
+    b = _queue_job(cfg, "b", chip="C02533C")
+    bad = Exploding()
+    d = Daemon(cfg, target="tests.daemon.targets:ok", components=[bad])
+    d.start()
+    try:
+        with Store(cfg.database_path) as s:
+            assert _wait(lambda: s.counts()["skipped"] == 2), s.counts()
+            assert s.get_job(a).state == "skipped" and s.get_job(b).state == "skipped"
+            assert bad.ticks >= 1  # a failing component does not stop the service
+            status, _at = s.get_status()["service"]
+            assert status["state"] == "running" and status["components"]["exploding"]["ticks"] >= 1
+    finally:
+        d.stop()
+    with Store(cfg.database_path) as s:
+        assert s.get_status()["service"][0]["state"] == "stopped"
+
+
+def test_jobs_left_running_by_a_dead_service_are_recovered_at_start(make_config):
+    cfg = make_config()
+    job_id = _queue_job(cfg)
+    with Store(cfg.database_path) as s:
+        s.claim("old-host:123:abc", lease_s=3600)  # far from expiring
+    d = Daemon(cfg, target="tests.daemon.targets:ok")
+    d.start()
+    try:
+        with Store(cfg.database_path) as s:
+            assert _wait(lambda: s.get_job(job_id).state == "skipped")
+            msgs = [e.message or "" for e in s.events(job_id)]
+            assert any("old-host:123:abc" in m for m in msgs)
+            assert s.get_job(job_id).attempts == 2
+    finally:
+        d.stop()
+
+
+def test_a_second_service_on_the_same_state_folder_is_refused(make_config):
+    cfg = make_config()
+    d1 = Daemon(cfg, target="tests.daemon.targets:ok")
+    d1.start()
+    try:
+        with pytest.raises(AlreadyRunning, match="already running"):
+            Daemon(cfg, target="tests.daemon.targets:ok").start()
+    finally:
+        d1.stop()
+    d3 = Daemon(cfg, target="tests.daemon.targets:ok")  # free again after a stop
+    d3.start()
+    d3.stop()
+
+
+def test_a_corrupt_database_stops_the_service_from_starting(make_config):
+    cfg = make_config()
+    cfg.state_dir.mkdir(parents=True)
+    cfg.database_path.write_bytes(b"garbage" * 1000)
+    with pytest.raises(DatabaseUnavailable, match="damaged"):
+        Daemon(cfg).start()
+    assert cfg.database_path.read_bytes() == b"garbage" * 1000  # never touched
+    with pytest.raises(DatabaseUnavailable):  # and the lock was released: same error again, not AlreadyRunning
+        Daemon(cfg).start()
+
+
+def _cli(*args, cwd, env=None, timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semantics; Windows stops through the service manager")
+def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigterm(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        db = tmp_path / ".imageqc" / "imageqc.sqlite3"
+
+        def running():
+            if not db.exists():
+                return False
+            r = _cli("status", "--json", cwd=tmp_path)
+            return r.returncode == 0 and json.loads(r.stdout)["service"]["running"]
+
+        assert _wait(running, timeout=60, every=0.3), proc.stderr.read() if proc.poll() is not None else "not up"
+        assert (tmp_path / "inbox").is_dir()
+        human = _cli("status", cwd=tmp_path)
+        assert human.returncode == 0 and "running" in human.stdout
+        assert all(len(line) <= 80 for line in human.stdout.splitlines())
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - t < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    st = json.loads(_cli("status", "--json", cwd=tmp_path).stdout)
+    assert st["service"]["running"] is False and st["service"]["reason"] == "stopped cleanly"
+    log_lines = (tmp_path / ".imageqc" / "logs" / "imageqc.jsonl").read_text().splitlines()
+    events = [json.loads(x)["event"] for x in log_lines]
+    assert "service started" in events and "service stopped" in events

@@ -1,0 +1,145 @@
+"""The worker: real child processes, outcomes, leases, limits, priority."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import pytest
+
+from daemon.store import JobState, Store
+from daemon.worker import ProcessWorker, backoff_delay
+
+
+@pytest.fixture
+def env(make_config):
+    def make(extra: str = ""):
+        cfg = make_config(extra)
+        store = Store(cfg.database_path)
+        ssid, _ = store.add_scan_set(chip="SS200000135TL_D1", root="/s", fingerprint="fp", members=[])
+        job_id = store.create_job(ssid)
+        return cfg, store, job_id
+
+    made = []
+
+    def factory(extra: str = ""):
+        out = make(extra)
+        made.append(out[1])
+        return out
+
+    yield factory
+    for s in made:
+        s.close()
+
+
+def _run(cfg, store, target, *, timeout=60.0, during=None):
+    worker = ProcessWorker(cfg, store, target=f"tests.daemon.targets:{target}", owner="svc-1")
+    job = store.claim("svc-1", lease_s=cfg.service.lease_seconds)
+    assert job is not None
+    worker.submit(job)
+    if during:
+        during(worker, job)
+    worker.join(timeout)
+    assert worker.free_slots() == 1
+    return store.get_job(job.id)
+
+
+def test_a_successful_job_reaches_qc_done_with_its_result_and_progress(env):
+    cfg, store, job_id = env()
+    job = _run(cfg, store, "ok")
+    assert job.state == "qc_done" and job.lease_owner is None
+    assert store.get_result(job_id)["verdict"] == "pass"  # type: ignore[index]
+    assert (job.stage, job.progress) == ("qc", 100.0)
+
+
+def test_a_raising_job_fails_permanently_with_the_reason(env):
+    cfg, store, job_id = env()
+    job = _run(cfg, store, "boom")
+    assert job.state == "failed"
+    assert job.error == "ValueError: the image is upside down"
+    assert job.next_attempt_at is None and job.failed_stage == "qc"
+
+
+def test_a_transient_failure_is_retried_later(env):
+    cfg, store, job_id = env()
+    before = time.time()
+    job = _run(cfg, store, "transient")
+    assert job.state == "failed" and job.error == "share went away"
+    assert job.next_attempt_at is not None and before < job.next_attempt_at <= time.time() + cfg.service.retry_base_s
+
+
+def test_a_crashed_child_fails_the_job_transiently(env):
+    cfg, store, job_id = env()
+    job = _run(cfg, store, "crash")
+    assert job.state == "failed" and "exit code 17" in (job.error or "")
+    assert job.next_attempt_at is not None
+
+
+def test_timeout_stops_the_child(env):
+    cfg, store, job_id = env("[qc]\ntimeout_s = 10")
+    worker_clock = iter(range(0, 10**6, 20))  # every clock read jumps 20 s
+    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w", clock=lambda: float(next(worker_clock)))
+    job = store.claim("w", lease_s=60)
+    assert job is not None
+    worker.submit(job)
+    worker.join(30)
+    job = store.get_job(job_id)
+    assert job.state == "failed" and "qc.timeout_s" in (job.error or "")
+
+
+def test_memory_limit_stops_the_child(env):
+    cfg, store, job_id = env("[qc]\nmemory_limit_mb = 300")
+    job = _run(cfg, store, "hog_memory")
+    assert job.state == "failed" and "qc.memory_limit_mb = 300" in (job.error or "")
+
+
+def test_cancel_stops_a_running_child(env):
+    cfg, store, job_id = env()
+
+    def cancel(worker, job):
+        deadline = time.monotonic() + 20
+        while store.get_job(job.id).stage != "sleeping" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = worker.active()[0]["pid"]
+        store.cancel(job.id, reason="cancelled by test")
+        worker.join(20)
+        import psutil
+
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    job = _run(cfg, store, "sleep_long", during=cancel)
+    assert job.state == "failed" and job.error == "cancelled by test"
+
+
+def test_stop_returns_a_running_job_to_the_queue(env):
+    cfg, store, job_id = env()
+    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w")
+    job = store.claim("w", lease_s=60)
+    worker.submit(job)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 20
+    while store.get_job(job_id).stage != "sleeping" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t = time.monotonic()
+    worker.stop(timeout=0.5)
+    assert time.monotonic() - t < 10
+    assert store.get_job(job_id).state == "queued"
+    assert worker.free_slots() == 0  # stopping: takes nothing new
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="nice values are POSIX; Windows uses priority classes")
+def test_child_runs_at_low_priority_with_bounded_threads(env):
+    cfg, store, job_id = env("[qc]\nthreads = 1\npriority = 'low'")
+    _run(cfg, store, "report_environment")
+    ev = [e for e in store.events(job_id) if e.to_state == "qc_done"][0]
+    assert ev.data is not None
+    assert ev.data["nice"] >= 10 and ev.data["omp"] == "1"
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap():
+    rng = random.Random(1)
+    delays = [backoff_delay(n, base=10, cap=300, rng=rng) for n in range(1, 10)]
+    for n, d in enumerate(delays, start=1):
+        ceiling = min(300, 10 * 2 ** (n - 1))
+        assert ceiling / 2 <= d <= ceiling
+    assert JobState.FAILED.value == "failed"
