@@ -1,0 +1,215 @@
+"""The QC report (JSON contract ``imageqc.report/1``), its output folder and archive.
+
+An output folder per run holds::
+
+    <stem>/report.json
+    <stem>/pictures/*.png                   overlays a person would rather look at than read
+    <stem>/stitching/<image>/TileConfiguration.registered.txt
+    <stem>/images/<original file or folder> (only when asked: large)
+
+and ``<stem>.tar.gz`` beside it holds the same tree, where ``<stem>`` is
+``<chip>_<YYYYMMDD>_<HHMMSS>_<version>``. :mod:`qc.io` reads these archives
+back for a re-QC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "REPORT_SCHEMA",
+    "ImageReport",
+    "QCReport",
+    "OutputPaths",
+    "run_stem",
+    "write_outputs",
+]
+
+REPORT_SCHEMA = "imageqc.report/1"
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """One image's part of the report: its facts and its metric results (any may be None)."""
+
+    name: str
+    role: str
+    format: str
+    width: int
+    height: int
+    dtype: str
+    fov_grid: tuple[int, int] | None
+    channels: tuple[str, ...] = ()
+    pixel_size_um: float | None = None
+    track: Mapping[str, Any] | None = None
+    clarity: Mapping[str, Any] | None = None
+    stitching: Mapping[str, Any] | None = None
+    calibration: Mapping[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "role": self.role,
+            "format": self.format,
+            "width": self.width,
+            "height": self.height,
+            "dtype": self.dtype,
+            "fov_grid": list(self.fov_grid) if self.fov_grid else None,
+            "channels": list(self.channels),
+            "pixel_size_um": self.pixel_size_um,
+            "track": _plain(self.track),
+            "clarity": _plain(self.clarity),
+            "stitching": _plain(self.stitching),
+            "calibration": _plain(self.calibration),
+        }
+
+
+@dataclass(frozen=True)
+class QCReport:
+    """The result of one QC run (see ARCHITECTURE.md for the contract)."""
+
+    chip: str
+    stain: str
+    verdict: str
+    reasons: tuple[str, ...]
+    images: tuple[ImageReport, ...]
+    duration_s: float
+    software_version: str
+    started_at: float
+    operator: str = ""
+    site: str = ""
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    #: Raw metric results and views kept for the pictures (not serialised).
+    artifacts: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "chip": self.chip,
+            "stain": self.stain,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "images": [im.as_dict() for im in self.images],
+            "duration_s": round(self.duration_s, 3),
+            "software": {"name": "imageqc", "version": self.software_version},
+            "started_at": datetime.fromtimestamp(self.started_at, tz=timezone.utc).isoformat(),
+            "operator": self.operator,
+            "site": self.site,
+            "thresholds": dict(self.thresholds),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, allow_nan=False)
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    folder: Path
+    report: Path
+    pictures: tuple[Path, ...]
+    archive: Path | None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, tuples to lists, NaN to None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        f = float(value)
+        return None if f != f or f in (float("inf"), float("-inf")) else round(f, 4)
+    if isinstance(value, (np.bool_,)):
+        return bool(value)
+    return value
+
+
+def run_stem(chip: str, started_at: float, version: str) -> str:
+    """``<chip>_<YYYYMMDD>_<HHMMSS>_<version>`` in UTC."""
+    ts = datetime.fromtimestamp(started_at, tz=timezone.utc).strftime("%Y%m%d_%H%M%S")
+    return f"{chip}_{ts}_{version}"
+
+
+def write_outputs(
+    report: QCReport,
+    out_dir: str | Path,
+    *,
+    pictures: Callable[[QCReport, Path], Sequence[Path]] | None = None,
+    extra_files: Mapping[str, str] | None = None,
+    images: Sequence[Path] = (),
+    archive: bool = True,
+) -> OutputPaths:
+    """Write the run's folder (and archive) under ``out_dir``; returns what was written.
+
+    Written atomically: the folder is built under a temporary name and renamed
+    into place, and the archive is written as ``.part`` then renamed, so a
+    crash never leaves a half-written output that looks finished.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = run_stem(report.chip, report.started_at, report.software_version)
+    final = out_dir / stem
+    n = 1
+    while final.exists() or (out_dir / f"{final.name}.tar.gz").exists():
+        n += 1
+        final = out_dir / f"{stem}-{n}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
+    try:
+        (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+        pics: list[Path] = []
+        if pictures is not None:
+            (tmp / "pictures").mkdir()
+            pics = [Path(p) for p in pictures(report, tmp / "pictures")]
+        for rel, text in (extra_files or {}).items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        for src in images:
+            dst = tmp / "images" / src.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, symlinks=False)
+            else:
+                shutil.copy2(src, dst)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pics = [final / "pictures" / p.name for p in pics]
+    arc: Path | None = None
+    if archive:
+        arc = out_dir / f"{final.name}.tar.gz"
+        part = arc.with_name(arc.name + ".part")
+        try:
+            with tarfile.open(part, "w:gz", compresslevel=6) as tar:
+                tar.add(final, arcname=final.name, recursive=True, filter=_clean_member)
+            os.replace(part, arc)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+    return OutputPaths(folder=final, report=final / "report.json", pictures=tuple(pics), archive=arc)
+
+
+def _clean_member(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    if info.issym() or info.islnk() or info.isdev():
+        return None
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
