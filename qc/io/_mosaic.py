@@ -9,7 +9,7 @@ import numpy as np
 from qc.io._reduce import MosaicReducer
 from qc.io.model import Tile
 
-__all__ = ["assemble", "reduce_tiles"]
+__all__ = ["assemble", "reduce_tiles", "grid_indices"]
 
 
 def _shape(h: int, w: int, samples: int | None) -> tuple[int, ...]:
@@ -44,3 +44,23 @@ def reduce_tiles(
     for t in tiles:
         reducer.add(t.read(), int(round(t.x)), int(round(t.y)))
     return reducer.finish()
+
+
+def _cluster(values: Sequence[float], gap: float) -> list[int]:
+    """Index of each value's cluster, clusters ordered by value; a new cluster starts after ``gap``."""
+    order = sorted(set(values))
+    labels: dict[float, int] = {}
+    k, last = -1, None
+    for v in order:
+        if last is None or v - last > gap:
+            k += 1
+        labels[v] = k
+        last = v
+    return [labels[v] for v in values]
+
+
+def grid_indices(
+    xs: Sequence[float], ys: Sequence[float], tile_width: int, tile_height: int
+) -> tuple[list[int], list[int]]:
+    """Row and column of each tile from its position: positions closer than half a tile share a row/column."""
+    return _cluster(ys, tile_height / 2), _cluster(xs, tile_width / 2)
