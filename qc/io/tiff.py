@@ -60,6 +60,9 @@ class TiffImage(Image):
         Override the defaults (file stem; ``IF``/``HE``/``nuclear``).
     limits : ReadLimits
         Checked against every IFD before anything is allocated.
+    display_path : str or Path, optional
+        The path shown in messages and :attr:`path` when ``path`` is a
+        temporary copy (an archive member).
     """
 
     format = "tiff"
@@ -72,13 +75,16 @@ class TiffImage(Image):
         name: str | None = None,
         role: str | None = None,
         limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
+        display_path: str | Path | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(display_path) if display_path is not None else Path(path)
         self.limits = limits
-        source = fileobj if fileobj is not None else self.path
+        source = fileobj if fileobj is not None else Path(path)
         walk_tiff(source, limits=limits, name=self.path)
         try:
             self._tif = tifffile.TiffFile(source, name=self.path.name) if fileobj is not None else tifffile.TiffFile(source)
+        except MemoryError as exc:
+            raise CorruptImageError(self.path, "the TIFF header asks for more memory than is available") from exc
         except Exception as exc:
             raise CorruptImageError(self.path, f"the TIFF structure cannot be read ({exc})") from exc
         try:

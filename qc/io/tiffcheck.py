@@ -182,9 +182,9 @@ def walk_tiff(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None
         The name used in messages when ``source`` is a file object.
     """
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = Path(name) if name is not None else Path(source)
         try:
-            with path.open("rb") as fh:
+            with Path(source).open("rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 walker = _Walker(fh, size, path, limits)
                 walker.walk(walker.first, "#")

@@ -91,6 +91,8 @@ class TileFolderImage(Image):
         nor the metadata gives positions or overlap; default 0.1.
     limits : ReadLimits
         Checked against the tile count and size, and the mosaic size.
+    display_path : str or Path, optional
+        Shown in messages and as :attr:`path` when ``path`` is a temporary copy.
     """
 
     format = "tiles"
@@ -105,10 +107,12 @@ class TileFolderImage(Image):
         cols: int | None = None,
         overlap: float | tuple[float, float] | None = None,
         limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
+        display_path: str | Path | None = None,
     ) -> None:
-        self.path = Path(path)
+        folder = Path(path)
+        self.path = Path(display_path) if display_path is not None else folder
         self.limits = limits
-        info = inspect_tile_folder(self.path, pattern=pattern, cols=cols)
+        info = inspect_tile_folder(folder, pattern=pattern, cols=cols)
         self.info: TileFolderInfo = info
         if not info.tiles:
             problem = "no tile names follow a known convention (_RRRR_CCCC_, [Grid@C R], _sNN_, --StageNN)"
@@ -116,7 +120,7 @@ class TileFolderImage(Image):
                 problem += f"; found e.g. {info.ignored[0]!r}"
             raise UnsupportedFormatError(self.path, problem, hint="Pass a row/col pattern for this naming scheme")
         check_dimensions(self.path, 0, 0, limits, tiles=len(info.tiles))
-        first = read_tile_file(self.path / info.tiles[0].file, limits)
+        first = read_tile_file(folder / info.tiles[0].file, limits)
         th, tw = first.shape[:2]
         check_dimensions(self.path, tw, th, limits, what=f"tile {info.tiles[0].file}")
         self._tile_shape = first.shape
@@ -135,9 +139,9 @@ class TileFolderImage(Image):
                 y=positions[t.file][1],
                 width=tw,
                 height=th,
-                loader=self._loader(self.path / t.file),
-                digest_fn=(lambda p=self.path / t.file: _file_digest(p)),
-                identity=_identity(self.path / t.file),
+                loader=self._loader(folder / t.file),
+                digest_fn=(lambda p=folder / t.file: _file_digest(p)),
+                identity=_identity(folder / t.file),
             )
             for t in info.tiles
         ]
