@@ -88,9 +88,13 @@ class _Walker:
 
     def walk(self, offset: int, label: str) -> None:
         index = 0
+        chain: set[int] = set()
         while offset:
-            if offset in self.visited:
+            if offset in chain:
                 raise _fail(self.path, f"the IFD chain loops back to byte {offset}")
+            if offset in self.visited:  # SubIFDs may also be chained: already checked
+                return
+            chain.add(offset)
             if len(self.visited) >= _MAX_IFDS:
                 raise _fail(self.path, f"more than {_MAX_IFDS} IFDs")
             self.visited.add(offset)
