@@ -6,10 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qc.io._reduce import MosaicReducer
+from qc.io._reduce import block_mean, reduced_shape
 from qc.io.model import Tile
 
 __all__ = ["assemble", "reduce_tiles", "grid_indices"]
+
+#: Bands of the mosaic are assembled in pieces of about this many bytes (at least one block row).
+_BAND_BYTES = 64 * 1024**2
 
 
 def _shape(h: int, w: int, samples: int | None) -> tuple[int, ...]:
@@ -39,11 +42,46 @@ def assemble(
 def reduce_tiles(
     tiles: Sequence[Tile], width: int, height: int, factor: int, dtype: np.dtype, samples: int | None
 ) -> np.ndarray:
-    """Area-mean reduction of the mosaic, tile by tile (overlaps averaged)."""
-    reducer = MosaicReducer(height, width, factor, dtype, samples)
-    for t in tiles:
-        reducer.add(t.read(), int(round(t.x)), int(round(t.y)))
-    return reducer.finish()
+    """Area-mean reduction of the composited mosaic, equal to ``block_mean(assemble(...), factor)``.
+
+    Works in bands of whole output rows, each spanning only the columns its
+    tiles cover; a tile stays decoded while bands cross it and is read once.
+    Empty rows of a sparse mosaic cost nothing.
+    """
+    oh, ow = reduced_shape(height, width, factor)
+    out = np.zeros(_shape(oh, ow, samples), dtype=dtype)
+    placed = [(int(round(t.x)), int(round(t.y)), t) for t in tiles]
+    cache: dict[int, np.ndarray] = {}
+    row_bytes_per_block = factor * np.dtype(dtype).itemsize * (samples or 1)
+    by = 0
+    while by < oh:
+        y0 = by * factor
+        live = [(i, x, y, t) for i, (x, y, t) in enumerate(placed) if y < height and y + t.height > y0 and x < width]
+        if not live:
+            nxt = [y for x, y, t in placed if y >= y0]
+            by = max(by + 1, min(nxt) // factor) if nxt else oh
+            continue
+        xa = max(0, min(x for _, x, _, _ in live)) // factor * factor
+        xb = min(width, max(x + t.width for _, x, _, t in live))
+        k = max(1, _BAND_BYTES // max(1, (xb - xa) * row_bytes_per_block))
+        y1 = min(height, (by + k) * factor)
+        band_tiles = [(i, x, y, t) for i, x, y, t in live if y < y1]
+        band = np.zeros(_shape(y1 - y0, xb - xa, samples), dtype=dtype)
+        for i, x, y, t in band_tiles:
+            if i not in cache:
+                cache[i] = t.read()
+            pixels = cache[i]
+            px0, py0 = max(x, xa), max(y, y0)
+            px1, py1 = min(x + pixels.shape[1], xb), min(y + pixels.shape[0], y1)
+            if px1 > px0 and py1 > py0:
+                band[py0 - y0 : py1 - y0, px0 - xa : px1 - xa] = pixels[py0 - y : py1 - y, px0 - x : px1 - x]
+        reduced = block_mean(band, factor)
+        out[by : by + reduced.shape[0], xa // factor : xa // factor + reduced.shape[1]] = reduced
+        for i, _, y, t in band_tiles:
+            if y + t.height <= y1:
+                cache.pop(i, None)
+        by += reduced.shape[0]
+    return out
 
 
 def _cluster(values: Sequence[float], gap: float) -> list[int]:

@@ -1,8 +1,7 @@
 """Area-mean reduction by an integer factor, in bounded memory.
 
-Readers feed full-width row bands in order (:class:`BandReducer`) or tiles at
-positions (:class:`MosaicReducer`); neither ever holds the full-resolution
-plane. Edge blocks average only the pixels they have.
+Readers feed full-width row bands in order (:class:`BandReducer`), never the
+full-resolution plane. Edge blocks average only the pixels they have.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["reduced_shape", "block_mean", "BandReducer", "MosaicReducer", "check_factor"]
+__all__ = ["reduced_shape", "block_mean", "BandReducer", "check_factor"]
 
 #: Work in chunks whose float64 temporary stays under this many bytes.
 _CHUNK_BYTES = 64 * 1024**2
@@ -122,47 +121,3 @@ class BandReducer:
             self._emit(self._pending)
             self._pending = None
         return self.out
-
-
-class MosaicReducer:
-    """Reduce a mosaic fed tile by tile at integer positions.
-
-    Overlapping tiles are averaged; pixels no tile covers are 0. Memory is
-    the reduced size times 12 bytes (a float64 sum and a float32 count).
-    """
-
-    def __init__(self, height: int, width: int, factor: int, dtype: np.dtype, samples: int | None = None) -> None:
-        self.factor = factor
-        self.height, self.width = height, width
-        self.dtype = np.dtype(dtype)
-        oh, ow = reduced_shape(height, width, factor)
-        self._sum = np.zeros((oh, ow) if samples is None else (oh, ow, samples), dtype=np.float64)
-        self._count = np.zeros((oh, ow), dtype=np.float32)
-
-    def add(self, tile: np.ndarray, x: int, y: int) -> None:
-        """Add a tile whose top-left corner is at ``(x, y)``; parts outside the frame are cut."""
-        f = self.factor
-        h, w = tile.shape[:2]
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, self.width), min(y + h, self.height)
-        if x1 <= x0 or y1 <= y0:
-            return
-        tile = tile[y0 - y : y1 - y, x0 - x : x1 - x]
-        ox, oy = x0 % f, y0 % f
-        if ox or oy:
-            tile = np.pad(tile, [(oy, 0), (ox, 0)] + [(0, 0)] * (tile.ndim - 2))
-        sums, _, _ = _block_sum(tile, f)
-        oh, ow = sums.shape[:2]
-        # rows/cols of real pixels in each block: the padding at the start is not counted
-        ry = np.minimum(f, (y1 - y0 + oy) - np.arange(oh) * f) - np.where(np.arange(oh) == 0, oy, 0)
-        rx = np.minimum(f, (x1 - x0 + ox) - np.arange(ow) * f) - np.where(np.arange(ow) == 0, ox, 0)
-        by, bx = y0 // f, x0 // f
-        self._sum[by : by + oh, bx : bx + ow] += sums
-        self._count[by : by + oh, bx : bx + ow] += np.outer(ry, rx).astype(np.float32)
-
-    def finish(self) -> np.ndarray:
-        """The reduced mosaic in the tiles' dtype."""
-        count = np.maximum(self._count, 1.0).astype(np.float64)
-        if self._sum.ndim == 3:
-            count = count[:, :, None]
-        return _cast(self._sum / count, self.dtype)

@@ -10,8 +10,8 @@
   full-resolution subblock of the channel, positioned at its logical
   rectangle shifted so the mosaic's top-left is (0, 0), decoded on demand.
 - :meth:`CziImage.downsampled` reduces subblock by subblock, so a sparse
-  mosaic with a huge bounding box is never allocated whole (overlaps are
-  averaged).
+  mosaic with a huge bounding box is never allocated whole; the result
+  equals the area mean of the composited plane.
 
 Only the first plane of other dimensions (Z, T, ...) is read. Every scene is
 part of the one image (tiles are named ``S=<scene> M=<index>`` when there
@@ -249,7 +249,7 @@ class CziImage(Image):
         factor = check_factor(factor)
         c = self.channel_index(channel)
         oh, ow = reduced_shape(self.height, self.width, factor)
-        check_plane_bytes(self.path, (oh, ow, 12 * (self._samples or 1)), np.uint8, self.limits)
+        check_plane_bytes(self.path, (oh, ow) + ((3,) if self._samples else ()), self.dtype, self.limits)
         return reduce_tiles(self._all_tiles(c), self.width, self.height, factor, self.dtype, self._samples)
 
     def close(self) -> None:

@@ -207,5 +207,5 @@ class TileFolderImage(Image):
         factor = check_factor(factor)
         self.channel_index(channel)
         oh, ow = reduced_shape(self.height, self.width, factor)
-        check_plane_bytes(self.path, (oh, ow, 12 * (self._samples or 1)), np.uint8, self.limits)
+        check_plane_bytes(self.path, (oh, ow) + ((3,) if self._samples else ()), self.dtype, self.limits)
         return reduce_tiles(self._tiles, self.width, self.height, factor, self.dtype, self._samples)

@@ -26,8 +26,8 @@ def write_czi(
             data = arr[..., ::-1] if arr.ndim == 3 else arr  # pylibCZIrw takes BGR
             w.write(np.ascontiguousarray(data), location=(x, y), plane={"C": c}, scene=s)
         kwargs = {}
-        if scale_um is not None:
-            kwargs = {"scale_x": scale_um, "scale_y": scale_um}
+        if scale_um is not None:  # the XML stores metres (pylibCZIrw writes the value as given)
+            kwargs = {"scale_x": scale_um * 1e-6, "scale_y": scale_um * 1e-6}
         w.write_metadata(document_name="test", channel_names=channel_names, **kwargs)
     return path
 
