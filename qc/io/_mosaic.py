@@ -12,7 +12,7 @@ from qc.io.model import Tile
 __all__ = ["assemble", "reduce_tiles", "grid_indices"]
 
 #: Bands of the mosaic are assembled in pieces of about this many bytes (at least one block row).
-_BAND_BYTES = 64 * 1024**2
+_BAND_BYTES = 4 * 1024**2
 
 
 def _shape(h: int, w: int, samples: int | None) -> tuple[int, ...]:

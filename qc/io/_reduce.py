@@ -38,16 +38,26 @@ def _cast(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _block_sum(arr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sum of ``factor`` x ``factor`` blocks (float64) and the rows/cols each block has."""
+    """Sum of ``factor`` x ``factor`` blocks (float64) and the rows/cols each block has.
+
+    Whole blocks are summed through reshaped views and the partial last row
+    and column of blocks separately, so the input is never copied or padded
+    (numpy casts to float64 in small buffered chunks).
+    """
     h, w = arr.shape[:2]
-    oh, ow = reduced_shape(h, w, factor)
-    ph, pw = oh * factor - h, ow * factor - w
-    if ph or pw:
-        pad = [(0, ph), (0, pw)] + [(0, 0)] * (arr.ndim - 2)
-        arr = np.pad(arr, pad)
     rest = arr.shape[2:]
-    rows = arr.reshape(oh, factor, ow * factor, *rest).sum(axis=1, dtype=np.float64)
-    sums = rows.reshape(oh, ow, factor, *rest).sum(axis=2)
+    oh, ow = reduced_shape(h, w, factor)
+    hf, wf = h // factor * factor, w // factor * factor
+    rows = np.empty((oh, w, *rest), dtype=np.float64)
+    if hf:
+        rows[: hf // factor] = arr[:hf].reshape(hf // factor, factor, w, *rest).sum(axis=1, dtype=np.float64)
+    if hf < h:
+        rows[-1] = arr[hf:].sum(axis=0, dtype=np.float64)
+    sums = np.empty((oh, ow, *rest), dtype=np.float64)
+    if wf:
+        sums[:, : wf // factor] = rows[:, :wf].reshape(oh, wf // factor, factor, *rest).sum(axis=2)
+    if wf < w:
+        sums[:, -1] = rows[:, wf:].sum(axis=1)
     rcount = np.minimum(factor, h - np.arange(oh) * factor).astype(np.float64)
     ccount = np.minimum(factor, w - np.arange(ow) * factor).astype(np.float64)
     return sums, rcount, ccount

@@ -21,7 +21,7 @@ from qc.errors import CorruptImageError
 __all__ = ["PageReader"]
 
 #: Uncompressed bands are read in pieces of about this many bytes.
-_RAW_BAND_BYTES = 32 * 1024**2
+_RAW_BAND_BYTES = 8 * 1024**2
 
 
 class PageReader:
