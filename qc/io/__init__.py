@@ -35,6 +35,7 @@ __all__ = [
     "FORMATS",
     "array_digest",
     "detect_format",
+    "default_name",
     "check_tiff_whole",
     "check_czi_whole",
     "inspect_tile_folder",
@@ -199,5 +200,3 @@ def open_scan_set(
         raise
     return ScanSet(chip=chip_name, images=images)
 
-
-__all__ += ["default_name"]
