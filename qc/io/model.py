@@ -124,6 +124,74 @@ class Image(ABC):
     def is_rgb(self) -> bool:
         return len(self.channels) == 3 and self.channels == ("R", "G", "B")
 
+    def channel_index(self, channel: int | str = 0) -> int:
+        """Resolve a channel given by index or by name to its index.
+
+        RGB images have one colour plane: only channel ``0`` is valid and
+        every read returns HxWx3.
+
+        Raises
+        ------
+        ValueError
+            The channel is not one of :attr:`channels`.
+        """
+        n = 1 if self.is_rgb else len(self.channels)
+        if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool):
+            if 0 <= int(channel) < n:
+                return int(channel)
+        elif isinstance(channel, str) and not self.is_rgb and channel in self.channels:
+            return self.channels.index(channel)
+        names = "0 (the colour plane)" if self.is_rgb else ", ".join(repr(c) for c in self.channels)
+        msg = f"{self.path}: no channel {channel!r}; this image has {names}"
+        raise ValueError(msg)
+
+    def tiles_for(self, channel: int | str = 0) -> Sequence[Tile] | None:
+        """The fields of view of one channel, or ``None`` for a stitched image.
+
+        :attr:`tiles` is ``tiles_for(0)``: its loaders return channel 0.
+        Multi-channel mosaics (a CZI with DAPI + IF) override this to return
+        tiles with the same grid, names and positions whose loaders return
+        the requested channel.
+        """
+        if self.channel_index(channel) == 0:
+            return self.tiles
+        return None
+
+    def read_region(self, x: int, y: int, width: int, height: int, channel: int | str = 0) -> np.ndarray:
+        """A full-resolution window of one channel.
+
+        Parameters
+        ----------
+        x, y : int
+            Top-left corner in pixels (x to the right, y down).
+        width, height : int
+            Window size in pixels; the window must lie inside the image.
+        channel : int or str
+            Channel index or name.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(height, width)`` or ``(height, width, 3)`` for RGB, in
+            :attr:`dtype`; a new array (never a view into a memory map).
+
+        Notes
+        -----
+        This default slices :meth:`plane`; readers of tiled or compressed
+        files override it to decode only the strips, tiles or subblocks the
+        window touches.
+        """
+        self._check_region(x, y, width, height)
+        return np.array(self.plane(channel)[y : y + height, x : x + width])
+
+    def _check_region(self, x: int, y: int, width: int, height: int) -> None:
+        if width < 1 or height < 1 or x < 0 or y < 0 or x + width > self.width or y + height > self.height:
+            msg = (
+                f"{self.path}: region x={x}, y={y}, {width} x {height} px is not inside the "
+                f"{self.width} x {self.height} px image"
+            )
+            raise ValueError(msg)
+
     @abstractmethod
     def plane(self, channel: int | str = 0) -> np.ndarray:
         """The full-resolution stitched plane of one channel (RGB: HxWx3).
@@ -138,6 +206,12 @@ class Image(ABC):
 
         Never materialises the full-resolution plane twice; uses a pyramid
         level when the file has one.
+
+        The result has ``ceil(height / factor)`` rows and ``ceil(width /
+        factor)`` columns (edge blocks average the pixels they have), the
+        image's dtype (means rounded), and ``(..., 3)`` for RGB. Tiled images
+        are reduced from their tiles at their nominal positions; pixels no
+        tile covers are 0.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -1,0 +1,91 @@
+"""Format detection by content, default names and roles.
+
+The first bytes decide the format; the extension is only a hint used to word
+the error when the content matches nothing (a ``.tif`` that is not a TIFF is
+damaged; a ``.txt`` is simply not an image).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from qc.errors import CorruptImageError, ReadError, UnsupportedFormatError
+
+__all__ = ["detect_format", "sniff_format", "default_name", "default_role"]
+
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_CZI_MAGIC = b"ZISRAWFILE"
+_GZIP_MAGIC = b"\x1f\x8b"
+_IMAGE_SUFFIX = re.compile(r"\.(ome\.tiff?|tiff?|czi)$", re.IGNORECASE)
+_ARCHIVE_SUFFIX = re.compile(r"\.(tar\.gz|tgz)$", re.IGNORECASE)
+_HINTS = {".tif": "tiff", ".tiff": "tiff", ".czi": "czi", ".gz": "tar.gz", ".tgz": "tar.gz"}
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format named by a file's first bytes, or ``None``."""
+    if head[:4] in _TIFF_MAGICS:
+        return "tiff"
+    if head[:10] == _CZI_MAGIC:
+        return "czi"
+    if head[:2] == _GZIP_MAGIC:
+        return "tar.gz"
+    return None
+
+
+def detect_format(path: str | Path, fileobj: BinaryIO | None = None) -> str:
+    """Return ``"tiff"``, ``"czi"``, ``"tiles"`` (a folder) or ``"tar.gz"``.
+
+    Raises
+    ------
+    ReadError
+        The path does not exist.
+    CorruptImageError
+        An empty file, or one whose extension promises a format its bytes do not have.
+    UnsupportedFormatError
+        Anything else.
+    """
+    path = Path(path)
+    if fileobj is None:
+        if path.is_dir():
+            return "tiles"
+        if not path.exists():
+            raise ReadError(path, "no such file or folder", hint="Check the path; the export may have been moved")
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(16)
+        except OSError as exc:
+            raise ReadError(path, f"cannot be opened ({exc.strerror or exc})") from exc
+    else:
+        pos = fileobj.tell()
+        head = fileobj.read(16)
+        fileobj.seek(pos)
+    found = sniff_format(head)
+    if found is not None:
+        return found
+    hinted = _HINTS.get(path.suffix.lower())
+    if not head:
+        raise CorruptImageError(path, "the file is empty (0 bytes)")
+    if hinted is not None:
+        problem = f"the name says {hinted.upper()} but the file does not start with a {hinted.upper()} header"
+        raise CorruptImageError(path, problem)
+    raise UnsupportedFormatError(path, f"not a TIFF, CZI or QC archive (starts with {head[:8]!r})")
+
+
+def default_name(path: str | Path) -> str:
+    """The scan-set member name: the file stem without ``.tif/.tiff/.ome.tif/.czi/.tar.gz``."""
+    name = Path(path).name
+    stripped = _IMAGE_SUFFIX.sub("", name)
+    if stripped == name:
+        stripped = _ARCHIVE_SUFFIX.sub("", name)
+    return stripped or name
+
+
+def default_role(name: str, *, rgb: bool) -> str:
+    """``"IF"`` for a name ending ``_IF``, ``"HE"`` for colour images, else ``"nuclear"``."""
+    if name.upper().endswith("_IF"):
+        return "IF"
+    if rgb:
+        return "HE"
+    return "nuclear"

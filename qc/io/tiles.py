@@ -1,0 +1,211 @@
+"""Folders of tiles (fields of view) written by microscope software.
+
+The grid comes from :mod:`qc.io.tilenames` (names and metadata files). Each
+tile's nominal top-left position, in pixels relative to the mosaic's
+top-left, is taken from Fiji's ``TileConfiguration.txt`` when present, else
+from the grid index times the tile size minus the overlap (from the metadata,
+else ``overlap=``, default 0.1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from qc.errors import CorruptImageError, UnsupportedFormatError
+from qc.io._mosaic import assemble, reduce_tiles
+from qc.io._reduce import check_factor, reduced_shape
+from qc.io.detect import default_name, default_role
+from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
+from qc.io.model import Image, Tile
+from qc.io.tiffcheck import walk_tiff
+from qc.io.tilenames import TileFolderInfo, inspect_tile_folder, read_tile_configuration
+
+__all__ = ["TileFolderImage", "read_tile_file", "DEFAULT_OVERLAP"]
+
+#: Fractional overlap between neighbouring tiles when no metadata says.
+DEFAULT_OVERLAP = 0.1
+
+
+def read_tile_file(path: Path, limits: ReadLimits = ReadLimits()) -> np.ndarray:  # noqa: B008
+    """Decode one tile file: 2-D grey or HxWx3 RGB (TIFF via tifffile, JPEG/PNG/BMP via OpenCV)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        walk_tiff(path, limits=limits)
+        try:
+            arr = tifffile.imread(path, key=0)
+        except Exception as exc:
+            raise CorruptImageError(path, f"the tile cannot be decoded ({exc})") from exc
+        if arr.ndim == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        return arr
+    try:
+        data = np.fromfile(path, dtype=np.uint8)  # handles non-ASCII Windows paths, unlike cv2.imread
+    except OSError as exc:
+        raise CorruptImageError(path, f"the tile cannot be read ({exc.strerror or exc})") from exc
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if arr is None:
+        raise CorruptImageError(path, "the tile cannot be decoded (truncated or not an image)")
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        arr = np.ascontiguousarray(arr[..., ::-1])  # OpenCV gives BGR
+    return arr
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class TileFolderImage(Image):
+    """A folder of tiles; see the module docstring.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder.
+    name, role : str, optional
+        Override the defaults (folder name; ``IF``/``HE``/``nuclear``).
+    pattern : str, optional
+        Custom row/col regex (see :func:`~qc.io.tilenames.inspect_tile_folder`).
+    cols : int, optional
+        Column count for linear tile indices when no metadata gives it.
+    overlap : float or (float, float), optional
+        Fractional overlap (x, y) used when neither ``TileConfiguration.txt``
+        nor the metadata gives positions or overlap; default 0.1.
+    limits : ReadLimits
+        Checked against the tile count and size, and the mosaic size.
+    display_path : str or Path, optional
+        Shown in messages and as :attr:`path` when ``path`` is a temporary copy.
+    """
+
+    format = "tiles"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        role: str | None = None,
+        pattern: str | re.Pattern[str] | None = None,
+        cols: int | None = None,
+        overlap: float | tuple[float, float] | None = None,
+        limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
+        display_path: str | Path | None = None,
+    ) -> None:
+        folder = Path(path)
+        self.path = Path(display_path) if display_path is not None else folder
+        self.limits = limits
+        info = inspect_tile_folder(folder, pattern=pattern, cols=cols)
+        self.info: TileFolderInfo = info
+        if not info.tiles:
+            problem = "no tile names follow a known convention (_RRRR_CCCC_, [Grid@C R], _sNN_, --StageNN)"
+            if info.ignored:
+                problem += f"; found e.g. {info.ignored[0]!r}"
+            raise UnsupportedFormatError(self.path, problem, hint="Pass a row/col pattern for this naming scheme")
+        check_dimensions(self.path, 0, 0, limits, tiles=len(info.tiles))
+        first = read_tile_file(folder / info.tiles[0].file, limits)
+        th, tw = first.shape[:2]
+        check_dimensions(self.path, tw, th, limits, what=f"tile {info.tiles[0].file}")
+        self._tile_shape = first.shape
+        self.dtype = first.dtype
+        rgb = first.ndim == 3
+        self.channels = ("R", "G", "B") if rgb else ("gray",)
+        self._samples = 3 if rgb else None
+        self.pixel_size_um = info.metadata.pixel_size_um
+        positions = self._positions(info, tw, th, overlap)
+        self._tiles = [
+            Tile(
+                name=t.file,
+                row=t.row,
+                col=t.col,
+                x=positions[t.file][0],
+                y=positions[t.file][1],
+                width=tw,
+                height=th,
+                loader=self._loader(folder / t.file),
+                digest_fn=(lambda p=folder / t.file: _file_digest(p)),
+                identity=_identity(folder / t.file),
+            )
+            for t in info.tiles
+        ]
+        self.width = int(math.ceil(max(t.x for t in self._tiles) + tw))
+        self.height = int(math.ceil(max(t.y for t in self._tiles) + th))
+        check_dimensions(self.path, self.width, self.height, limits, what="mosaic")
+        self.name = name or default_name(self.path)
+        self.role = role or default_role(self.name, rgb=rgb)
+        self.overlap = self._overlap_used
+
+    def _positions(
+        self, info: TileFolderInfo, tw: int, th: int, overlap: float | tuple[float, float] | None
+    ) -> dict[str, tuple[float, float]]:
+        self._overlap_used: tuple[float, float] | None = None
+        if info.tile_configuration is not None:
+            config = read_tile_configuration(info.tile_configuration)
+            if all(t.file in config for t in info.tiles):
+                xs = [config[t.file][0] for t in info.tiles]
+                ys = [config[t.file][1] for t in info.tiles]
+                mx, my = min(xs), min(ys)
+                self.position_source = "TileConfiguration"
+                return {t.file: (config[t.file][0] - mx, config[t.file][1] - my) for t in info.tiles}
+        if overlap is None:
+            overlap = info.overlap if info.overlap is not None else DEFAULT_OVERLAP
+            self.position_source = "metadata overlap" if info.overlap is not None else "default overlap"
+        else:
+            self.position_source = "given overlap"
+        ox, oy = (overlap, overlap) if isinstance(overlap, (int, float)) else overlap
+        if not (0 <= ox < 1 and 0 <= oy < 1):
+            msg = f"overlap must be a fraction in [0, 1), got {overlap!r}"
+            raise ValueError(msg)
+        self._overlap_used = (float(ox), float(oy))
+        return {t.file: (t.col * tw * (1 - ox), t.row * th * (1 - oy)) for t in info.tiles}
+
+    def _loader(self, path: Path):  # noqa: ANN202
+        shape, dtype, limits = self._tile_shape, self.dtype, self.limits
+
+        def load() -> np.ndarray:
+            arr = read_tile_file(path, limits)
+            if arr.shape != shape or arr.dtype != dtype:
+                problem = f"tile is {arr.shape} {arr.dtype} but the folder's first tile is {shape} {dtype}"
+                raise CorruptImageError(path, problem, hint="Re-export the tile folder; all tiles must match")
+            return arr
+
+        return load
+
+    @property
+    def tiles(self) -> Sequence[Tile]:
+        return self._tiles
+
+    def plane(self, channel: int | str = 0) -> np.ndarray:
+        self.channel_index(channel)
+        shape = (self.height, self.width) + ((3,) if self._samples else ())
+        check_plane_bytes(self.path, shape, self.dtype, self.limits)
+        return assemble(self._tiles, 0, 0, self.width, self.height, self.dtype, self._samples)
+
+    def read_region(self, x: int, y: int, width: int, height: int, channel: int | str = 0) -> np.ndarray:
+        self.channel_index(channel)
+        self._check_region(x, y, width, height)
+        return assemble(self._tiles, x, y, width, height, self.dtype, self._samples)
+
+    def downsampled(self, factor: int, channel: int | str = 0) -> np.ndarray:
+        factor = check_factor(factor)
+        self.channel_index(channel)
+        oh, ow = reduced_shape(self.height, self.width, factor)
+        check_plane_bytes(self.path, (oh, ow) + ((3,) if self._samples else ()), self.dtype, self.limits)
+        return reduce_tiles(self._tiles, self.width, self.height, factor, self.dtype, self._samples)
