@@ -62,6 +62,9 @@ class ShiftEstimate:
         rounded to whole pixels, in [-1, 1]; NaN when not computed.
     overlap_fraction : float
         Share of the view's area that overlaps at that shift, in [0, 1].
+    at_search_limit : bool
+        The peak lies on the edge of a restricted search range: the true
+        shift is probably beyond it, and the estimate is not to be trusted.
     """
 
     dx: float
@@ -70,6 +73,7 @@ class ShiftEstimate:
     peak_ratio: float
     ncc: float
     overlap_fraction: float
+    at_search_limit: bool = False
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
@@ -206,15 +210,17 @@ def phase_correlate(
     ph, pw = sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True)
     fr = sfft.rfft2(r, s=(ph, pw), workers=1)
     fm = sfft.rfft2(m, s=(ph, pw), workers=1)
-    cross = fm * np.conj(fr)
+    cross = fm
+    cross *= np.conj(fr)
     mag = np.abs(cross)
-    eps = float(mag.max()) * 1e-6 + 1e-30
-    cross /= mag + eps
+    mag += np.float32(float(mag.max()) * 1e-6 + 1e-30)
     if lowpass_sigma_px > 0:
         g, unit_peak = _lowpass(ph, pw, float(lowpass_sigma_px))
-        cross *= g
+        np.divide(g, mag, out=mag)
     else:
         unit_peak = 1.0
+        np.reciprocal(mag, out=mag)
+    cross *= mag
     surface = sfft.irfft2(cross, s=(ph, pw), workers=1)
     surface /= unit_peak
 
@@ -223,10 +229,16 @@ def phase_correlate(
     sub = surface[np.ix_(iy, ix)]
     py, px = np.unravel_index(int(np.argmax(sub)), sub.shape)
     peak = float(sub[py, px])
-    ey, ex = exclusion_px, exclusion_px
-    masked = sub.copy()
-    masked[max(0, py - ey) : py + ey + 1, max(0, px - ex) : px + ex + 1] = -np.inf
-    second = float(masked.max()) if np.isfinite(masked).any() else -np.inf
+    # The strongest other peak: searched at least 2 exclusion boxes beyond the
+    # main peak even when the shift search is narrow (refinement), so the
+    # ratio measures distinctness rather than the main peak's own skirt.
+    e = int(exclusion_px)
+    ry = min(h // 2 - 1, max(sy, py - sy + 3 * e, sy - py + 3 * e))
+    rx = min(w // 2 - 1, max(sx, px - sx + 3 * e, sx - px + 3 * e))
+    around = surface[np.ix_(np.arange(-ry, ry + 1) % ph, np.arange(-rx, rx + 1) % pw)].copy()
+    cy0, cx0 = py - sy + ry, px - sx + rx
+    around[max(0, cy0 - e) : cy0 + e + 1, max(0, cx0 - e) : cx0 + e + 1] = -np.inf
+    second = float(around.max()) if np.isfinite(around).any() else -np.inf
     if peak <= 0:
         ratio = 1.0
     elif second <= 0:
@@ -245,7 +257,9 @@ def phase_correlate(
     frac = max(0.0, (h - abs(iy_shift)) * (w - abs(ix_shift)) / (h * w))
     if compute_ncc:
         ncc = overlap_ncc(ref, mov, (ix_shift, iy_shift), smooth_px=ncc_smooth_px)
-    return ShiftEstimate(dx=dx, dy=dy, peak=peak, peak_ratio=ratio, ncc=ncc, overlap_fraction=frac)
+    limit = (sy < h // 2 - 1 and py in (0, 2 * sy)) or (sx < w // 2 - 1 and px in (0, 2 * sx))
+    return ShiftEstimate(dx=dx, dy=dy, peak=peak, peak_ratio=ratio, ncc=ncc, overlap_fraction=frac,
+                         at_search_limit=bool(limit))
 
 
 def overlap_ncc(
@@ -330,8 +344,13 @@ def structure_snr(
     a = to_gray_float(arr)
     if min(a.shape) < 3:
         return 0.0
-    k = 2 * int(round(2.5 * coarse_px)) + 1  # stack blur: Gaussian-like, cost independent of size
-    band = cv2.GaussianBlur(a, (0, 0), fine_px) - cv2.stackBlur(a, (k, k))
+    # The band-pass keeps nothing finer than fine_px, so it is computed on a
+    # view halved in size (four times cheaper) when that still leaves detail.
+    half = min(a.shape) >= 32 and fine_px >= 1.5
+    v = cv2.resize(a, (a.shape[1] // 2, a.shape[0] // 2), interpolation=cv2.INTER_AREA) if half else a
+    scale = 0.5 if half else 1.0
+    k = 2 * int(round(2.5 * coarse_px * scale)) + 1  # stack blur: Gaussian-like, cost independent of size
+    band = cv2.GaussianBlur(v, (0, 0), fine_px * scale) - cv2.stackBlur(v, (k, k))
     signal = float(band.std(dtype=np.float64))
     lap = cv2.filter2D(a, cv2.CV_32F, _IMMERKAER)[1:-1, 1:-1]
     noise = math.sqrt(math.pi / 2.0) * float(np.abs(lap).mean(dtype=np.float64)) / 6.0

@@ -132,10 +132,13 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
     """Register two overlap patches and classify the outcome.
 
     * ``no_information``: either patch lacks structure (flat, or noise only),
-      or the peak is ambiguous but the patches do agree at it (periodic or
+      or the peak is ambiguous although the patches agree at it (periodic or
       one-dimensional structure such as a single track line);
-    * ``mismatch``: both have structure but no distinct peak where they agree;
-    * ``ok``: a distinct peak (peak ratio at least ``min_peak_ratio``).
+    * ``mismatch``: both have structure but they do not agree at the peak
+      (overlap NCC below ``min_match_ncc``), or the peak sits on the edge of
+      the searched range (the true offset lies beyond it);
+    * ``ok``: the patches agree at a distinct peak (peak ratio at least
+      ``min_peak_ratio``).
     """
     snr_a, snr_b = structure_snr(patch_a), structure_snr(patch_b)
     if min(snr_a, snr_b) < params["min_structure_snr"]:
@@ -143,12 +146,12 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
     est = phase_correlate(patch_a, patch_b, max_shift=plan.max_shift, window=params["window_taper"],
                           lowpass_sigma_px=params["lowpass_sigma_px"], ncc_smooth_px=params["ncc_smooth_px"])
     ncc = est.ncc if math.isfinite(est.ncc) else 0.0
-    if est.peak_ratio >= params["min_peak_ratio"]:
-        status = STATUS_OK
-    elif ncc >= params["min_match_ncc"]:
-        status = STATUS_NO_INFO
-    else:
+    if est.at_search_limit or ncc < params["min_match_ncc"]:
         status = STATUS_MISMATCH
+    elif est.peak_ratio >= params["min_peak_ratio"]:
+        status = STATUS_OK
+    else:
+        status = STATUS_NO_INFO
     return PairMeasurement(status, (est.dx, est.dy), ncc, est.peak, est.peak_ratio, (snr_a, snr_b))
 
 

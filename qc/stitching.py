@@ -114,11 +114,12 @@ class StitchingParams:
     min_structure_snr : float
         Below this band-passed signal-to-noise ratio an overlap is featureless.
     min_peak_ratio : float
-        A registration is clear when its peak is this many times the next one.
+        A registration is clear when its peak is this many times the next one
+        (and the overlaps agree, below); an agreeing but unclear one is
+        ambiguous (periodic or one-dimensional structure: no information).
     min_match_ncc : float
-        An unclear registration whose overlap still correlates this well is
-        ambiguous (periodic or one-dimensional structure: no information);
-        below it the overlaps disagree (mismatch).
+        Overlaps correlating less than this at the found offset disagree
+        (mismatch).
     reject_residual_px : float
         A pair disagreeing with the global solution by more is rejected, px.
     max_deviation_px : float

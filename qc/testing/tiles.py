@@ -110,8 +110,8 @@ def mosaic_texture(
 
     Pieces of ``piece_px`` squared are cut at random places from the patches,
     flipped/rotated at random (8 orientations) and scaled in intensity by
-    0.75-1.25, then splatted with a Hann feather at jittered positions half a
-    piece apart and averaged. No seams, no grid the registration could lock
+    0.75-1.25, then splatted with a Hann feather at random positions (one
+    per half-piece cell) and averaged. No seams, no grid the registration could lock
     onto, and the local statistics of the real stain.
 
     Parameters
@@ -148,11 +148,11 @@ def mosaic_texture(
     feather = np.outer(np.hanning(piece_px + 2)[1:-1], np.hanning(piece_px + 2)[1:-1]).astype(np.float32)
     feather_c = feather[..., None] if extra else feather
     step = piece_px // 2
-    jit = max(1, step // 4)
     for y0 in range(-step, h + 1, step):
         for x0 in range(-step, w + 1, step):
-            y = int(np.clip(y0 + rng.integers(-jit, jit + 1) + step // 2, 0, h))
-            x = int(np.clip(x0 + rng.integers(-jit, jit + 1) + step // 2, 0, w))
+            # stratified: anywhere in its cell, so no grid survives in the blend
+            y = int(np.clip(y0 + rng.integers(0, step) + step // 2, 0, h))
+            x = int(np.clip(x0 + rng.integers(0, step) + step // 2, 0, w))
             src = srcs[int(rng.integers(len(srcs)))]
             sy = int(rng.integers(src.shape[0] - piece_px + 1))
             sx = int(rng.integers(src.shape[1] - piece_px + 1))
