@@ -351,7 +351,8 @@ def structure_snr(
     scale = 0.5 if half else 1.0
     k = 2 * int(round(2.5 * coarse_px * scale)) + 1  # stack blur: Gaussian-like, cost independent of size
     band = cv2.GaussianBlur(v, (0, 0), fine_px * scale) - cv2.stackBlur(v, (k, k))
-    signal = float(band.std(dtype=np.float64))
+    m = min(k // 2, min(band.shape) // 4)  # borders: the broad blur sees reflected content there
+    signal = float(band[m : band.shape[0] - m, m : band.shape[1] - m].std(dtype=np.float64))
     lap = cv2.filter2D(a, cv2.CV_32F, _IMMERKAER)[1:-1, 1:-1]
     noise = math.sqrt(math.pi / 2.0) * float(np.abs(lap).mean(dtype=np.float64)) / 6.0
     floor = 0.29 if integer else 0.0

@@ -331,7 +331,7 @@ class StitchingResult:
 def _piecewise(value: float, threshold: float) -> float:
     value = min(max(value, 0.0), 1.0)
     if value <= threshold:
-        return 60.0 * value / threshold
+        return 60.0 * (value / threshold)
     return 60.0 + 40.0 * (value - threshold) / (1.0 - threshold)
 
 
@@ -339,7 +339,7 @@ def _placement(d: float, tol: float, unmatched: int) -> float:
     if unmatched:
         return 0.0
     if d <= tol:
-        return 100.0 - 40.0 * d / tol
+        return 100.0 - 40.0 * (d / tol)
     return 60.0 * tol / d
 
 

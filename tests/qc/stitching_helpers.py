@@ -6,6 +6,7 @@ run on the real stitch2d JPEG tiles and the real Zeiss ``mosaic_test.czi``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import tifffile
 
 from qc.io.model import Tile
+from qc.testing.tiles import mosaic_texture
 
 
 def shared_data() -> Path:
@@ -79,3 +82,12 @@ def czi_mosaic_tiles(path: Path) -> list[Tile]:
     return [Tile(name=f"M={m}", row=ys.index(y), col=xs.index(x), x=float(x), y=float(y), width=w, height=h,
                  loader=lambda m=m: load(m), identity=f"{_identity(Path(path))}|M={m}")
             for m, x, y, w, h in sorted(meta)]
+
+
+@functools.lru_cache(maxsize=8)
+def stain_texture(stain: str, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A large read-only texture blended from the real ``stereo_crops/<stain>`` crop."""
+    crop = tifffile.imread(next((shared_data() / "stereo_crops" / stain / "input").glob("*.tif")))
+    tex = mosaic_texture([crop], shape, seed=seed)
+    tex.setflags(write=False)
+    return tex
