@@ -104,6 +104,9 @@ class StitchingParams:
         ... and at most this fraction of the overlap's extent on each axis.
     min_overlap_px : int
         Neighbours overlapping nominally by less than this are not a pair.
+    downsample : int
+        Factor at which overlaps are correlated; 0 picks it from the overlap
+        size (see :func:`qc.stitch_pairs.pair_downsample`).
     window_taper : float
         Tukey-window fraction applied to each overlap before correlating
         (see :func:`qc.registration.phase_correlate`).
@@ -133,6 +136,7 @@ class StitchingParams:
     max_shift_px: int = 200
     max_shift_fraction: float = 0.5
     min_overlap_px: int = 16
+    downsample: int = 0
     window_taper: float = 0.5
     lowpass_sigma_px: float = 1.0
     ncc_smooth_px: float = 1.0
@@ -146,8 +150,8 @@ class StitchingParams:
 
     def pair_params(self) -> dict[str, float]:
         """The parameters that change a pair's result (its cache key part)."""
-        names = ("max_shift_px", "max_shift_fraction", "window_taper", "lowpass_sigma_px", "ncc_smooth_px",
-                 "min_structure_snr", "min_peak_ratio", "min_match_ncc")
+        names = ("max_shift_px", "max_shift_fraction", "downsample", "window_taper", "lowpass_sigma_px",
+                 "ncc_smooth_px", "min_structure_snr", "min_peak_ratio", "min_match_ncc")
         return {k: getattr(self, k) for k in names}
 
 

@@ -187,3 +187,17 @@ def test_real_czi_mosaic_tile1_offset():
     assert dx == pytest.approx(825, abs=2) and dy == pytest.approx(-2, abs=2)
     assert pair.quality > 0.9
     assert res.passed
+
+
+def test_large_overlaps_are_correlated_at_reduced_resolution_without_losing_accuracy():
+    from qc.stitch_pairs import pair_downsample
+
+    tex = stain_texture("DAPI", (1800, 1800), 23)
+    ts = make_tile_set(tex, rows=2, cols=2, tile_size=1000, overlap=0.25, jitter_px=6, seed=11, noise_sigma=200)
+    assert pair_downsample((1000, 250), 0) == 2 and pair_downsample((77, 384), 0) == 1
+    res = evaluate_stitching(ts.tiles)
+    names = [t.name for t in ts.tiles]
+    err = np.abs(_relative(res.registered_positions, names) - _relative(ts.true_positions, names))
+    assert err.max() < 0.5
+    full = evaluate_stitching(ts.tiles, params=StitchingParams(downsample=1))
+    assert np.abs(_relative(full.registered_positions, names) - _relative(ts.true_positions, names)).max() < 0.5
