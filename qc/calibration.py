@@ -148,7 +148,9 @@ def structure_view(image: np.ndarray, *, smooth_px: float = 1.0, background_px: 
     return g - np.float32(g.mean(dtype=np.float64))
 
 
-def _pick_windows(struct: np.ndarray, f: int, size: int, n: int, bounds: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+def _pick_windows(
+    struct: np.ndarray, f: int, size: int, n: int, bounds: tuple[int, int, int, int]
+) -> list[tuple[int, int]]:
     """Top-left corners (full-res) of up to ``n`` well-spread windows with the most structure."""
     x_lo, y_lo, x_hi, y_hi = bounds  # allowed full-res top-left range (inclusive)
     if x_hi < x_lo or y_hi < y_lo:

@@ -69,6 +69,7 @@ from qc.stitch_pairs import (
     STATUS_MISMATCH,
     STATUS_NO_INFO,
     STATUS_OK,
+    PairPlan,
     plan_pairs,
     run_pairs,
 )
@@ -362,7 +363,9 @@ def evaluate_stitching(
     tiles : sequence of Tile
         The FOVs with grid indices and nominal positions (at least two).
     cache : PairCache, optional
-        Pair results and tile digests are read from and written to it.
+        Pair results and tile digests are read from and written to it (from
+        the calling thread only, in batches when it has ``get_many`` /
+        ``put_many``).
     params : StitchingParams
     max_threads : int
         Threads decoding tiles and registering pairs.
@@ -416,7 +419,8 @@ def evaluate_stitching(
     return _score(tiles, fovs, pairs, cached, params)
 
 
-def _fov_results(tiles, plans, pairs, u, params) -> list[FovResult]:
+def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequence[PairResult],
+                 u: np.ndarray, params: StitchingParams) -> list[FovResult]:
     by_tile: dict[int, list[int]] = {}
     for k, p in enumerate(plans):
         by_tile.setdefault(p.a, []).append(k)
@@ -448,7 +452,8 @@ def _fov_results(tiles, plans, pairs, u, params) -> list[FovResult]:
     return fovs
 
 
-def _score(tiles, fovs, pairs, cached, params) -> StitchingResult:
+def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[PairResult],
+           cached: Sequence[bool], params: StitchingParams) -> StitchingResult:
     clear = [f for f in fovs if f.clear_consistent]
     share = len(clear) / len(fovs)
     quality = float(np.mean([f.quality for f in clear])) if clear else 0.0
