@@ -169,7 +169,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        record(text)
+        record(text, SECTION + ("_quick" if args.quick else ""))
 
 
 if __name__ == "__main__":

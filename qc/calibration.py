@@ -93,7 +93,7 @@ class CalibrationResult:
                 "similarity": round(self.similarity, 4), "passed": self.passed}
 
 
-def downsample_area(image: np.ndarray, factor: int, *, band_rows: int = 4096) -> np.ndarray:
+def downsample_area(image: np.ndarray, factor: int, *, band_rows: int = 2048) -> np.ndarray:
     """Area-mean reduction by an integer factor, read in bands (float32).
 
     Parameters
@@ -121,8 +121,14 @@ def downsample_area(image: np.ndarray, factor: int, *, band_rows: int = 4096) ->
     step = max(1, band_rows // f) * f
     for y0 in range(0, oh * f, step):
         y1 = min(oh * f, y0 + step)
-        band = to_gray_float(np.asarray(image[y0:y1, : ow * f]))
-        out[y0 // f : y1 // f] = cv2.resize(band, (ow, (y1 - y0) // f), interpolation=cv2.INTER_AREA)
+        band = np.asarray(image[y0:y1, : ow * f])
+        if band.ndim == 2 and band.dtype not in (np.uint8, np.uint16, np.float32):
+            band = band.astype(np.float32)
+        elif band.ndim != 2:
+            band = to_gray_float(band)
+        # area mean in the native dtype (no full-size float copy); rounding is < 0.5 grey level
+        small = cv2.resize(band, (ow, (y1 - y0) // f), interpolation=cv2.INTER_AREA)
+        out[y0 // f : y1 // f] = small
     return out
 
 
