@@ -15,6 +15,7 @@ evaluation; imageqc's targets are < 20 s cold and < 1 s warm for 20 x 20.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -92,8 +93,11 @@ def machine_info() -> str:
     except OSError:
         pass
     ram = psutil.virtual_memory().total / 2**30
+    load = ""
+    if hasattr(os, "getloadavg"):  # not on Windows
+        load = f"; load average {os.getloadavg()[0]:.1f} when measured (other work on the machine slows it)"
     return (f"{cpu}; {psutil.cpu_count(logical=True)} logical cores; {ram:.0f} GiB RAM; "
-            f"Python {platform.python_version()}; numpy {np.__version__}; {platform.system()}")
+            f"Python {platform.python_version()}; numpy {np.__version__}; {platform.system()}{load}")
 
 
 def record(text: str, section: str = SECTION) -> None:
