@@ -1,7 +1,7 @@
-"""Tiny tile builders for the real stitching fixtures (stand-ins for the real readers).
+"""Tile builders for the real stitching fixtures: the stitch2d JPEG tiles and ``mosaic_test.czi``.
 
-The readers (qc.io) will replace these; they exist so the stitching tests can
-run on the real stitch2d JPEG tiles and the real Zeiss ``mosaic_test.czi``.
+The stitch2d folder carries no stage positions, so its nominal grid comes from
+an overlap guess given here; the CZI tiles come from :mod:`qc.io`.
 """
 
 from __future__ import annotations
@@ -58,30 +58,13 @@ def stitch2d_tiles(overlap: float = 0.2) -> tuple[list[Tile], dict[str, tuple[fl
 
 
 def czi_mosaic_tiles(path: Path) -> list[Tile]:
-    """Each mosaic sub-block (M index) of a CZI as a tile at its stage position, channel 0."""
-    import czifile
+    """Each mosaic sub-block of a CZI as a tile at its stage position, channel 0 (the real reader)."""
+    from qc.io import open_image
 
-    with czifile.CziFile(path) as czi:
-        entries = [e for e in czi.filtered_subblock_directory if e.mosaic_index is not None]
-        axes = czi.axes
-        x0 = min(e.start[axes.index("X")] for e in entries)
-        y0 = min(e.start[axes.index("Y")] for e in entries)
-        meta = [(e.mosaic_index, e.start[axes.index("X")] - x0, e.start[axes.index("Y")] - y0,
-                 e.shape[axes.index("X")], e.shape[axes.index("Y")]) for e in entries
-                if "C" not in axes or e.start[axes.index("C")] == 0]
-
-    def load(m: int) -> np.ndarray:
-        with czifile.CziFile(path) as czi:
-            for e in czi.filtered_subblock_directory:
-                if e.mosaic_index == m and ("C" not in czi.axes or e.start[czi.axes.index("C")] == 0):
-                    return np.squeeze(e.data_segment().data())
-        raise KeyError(m)
-
-    xs = sorted({x for _, x, _, _, _ in meta})
-    ys = sorted({y for _, _, y, _, _ in meta})
-    return [Tile(name=f"M={m}", row=ys.index(y), col=xs.index(x), x=float(x), y=float(y), width=w, height=h,
-                 loader=lambda m=m: load(m), identity=f"{_identity(Path(path))}|M={m}")
-            for m, x, y, w, h in sorted(meta)]
+    image = open_image(path)
+    tiles = image.tiles
+    assert tiles, f"{path} is not a mosaic"
+    return list(tiles)
 
 
 @functools.lru_cache(maxsize=8)
