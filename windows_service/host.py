@@ -185,6 +185,9 @@ class ServiceHost:
         ``(config, notify) -> Daemon``; tests pass components through it.
     configure : bool
         Set up logging (JSON file, no console, event log for errors).
+    stop_budget_s : float, optional
+        Give up waiting for a stop after this long; default
+        ``shutdown_timeout_s + 30`` (:func:`daemon.install.stop_timeout_seconds`).
     """
 
     def __init__(
@@ -195,12 +198,14 @@ class ServiceHost:
         report_stop_pending: Callable[[int], None],
         daemon_factory: Callable[[Config, Callable[[str], None]], Any] = default_daemon_factory,
         configure: bool = True,
+        stop_budget_s: float | None = None,
     ) -> None:
         self.config_path = config_path
         self.eventlog = eventlog
         self.report_stop_pending = report_stop_pending
         self.daemon_factory = daemon_factory
         self.configure = configure
+        self.stop_budget_s = stop_budget_s
         self.daemon: Any = None
         self.config: Config | None = None
         self._lock = threading.Lock()
@@ -235,8 +240,9 @@ class ServiceHost:
                 self._handler = None
 
     def _fail(self, message: str, cause: BaseException | None = None) -> ServiceFailed:
-        log.error(message)  # JSON log; the event-log handler may not be installed yet, so write there directly
-        self.eventlog.error(message)
+        log.error(message)  # the JSON log, and the event log through the handler once it is installed
+        if self._handler is None:
+            self.eventlog.error(message)
         err = ServiceFailed(message)
         err.__cause__ = cause
         return err
@@ -284,7 +290,7 @@ class ServiceHost:
         thread.start()
         stop_started: float | None = None
         last_pending = 0.0
-        budget_s = stop_timeout_seconds(cfg)
+        budget_s = self.stop_budget_s if self.stop_budget_s is not None else stop_timeout_seconds(cfg)
         while thread.is_alive():
             thread.join(0.25)
             if self._stop_requested.is_set() and thread.is_alive():
@@ -294,7 +300,7 @@ class ServiceHost:
                     self.report_stop_pending(self.stop_wait_hint_ms)
                     last_pending = now
                 if now - stop_started > budget_s:
-                    raise self._fail(f"imageqc did not stop within {budget_s} s; the service is ending anyway (a running job returns to the queue)")
+                    raise self._fail(f"imageqc did not stop within {budget_s:g} s; the service ends anyway (a running job returns to the queue when its lease expires)")
         if failure:
             e = failure[0]
             if getattr(daemon, "store", None) is not None:  # failed after opening the store: release it
