@@ -439,9 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("example", help="Print the commented example config (every setting with its default).")
     ce.set_defaults(func=cmd_config_example)
     add("version", cmd_version, "Print the version.", config=False, json_=True)
+    _add_service_command(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
+
+
+def _add_service_command(sub: Any) -> None:
+    """`imageqc service install|remove|start|stop` (daemon/install.py)."""
+    from daemon.install import add_service_parser
+
+    add_service_parser(sub)
 
 
 #: Hooks that add more commands (qc, uploads, demo, service); each takes the subparsers object.
