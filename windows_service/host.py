@@ -163,10 +163,10 @@ def child_python(executable: str, exec_prefix: str, base_exec_prefix: str, *, is
 
 def default_daemon_factory(config: Config, notify: Callable[[str], None]) -> Any:
     """The same Daemon ``imageqc run`` builds, with the same components."""
-    from daemon.cli import _components  # the wiring of `imageqc run`, kept in one place
+    from daemon.service import default_components  # the wiring of `imageqc run`, kept in one place
     from daemon.service import Daemon
 
-    return Daemon(config, components=_components(config), notify=notify)
+    return Daemon(config, components=default_components(config), notify=notify)
 
 
 class ServiceHost:
