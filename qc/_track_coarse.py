@@ -3,9 +3,9 @@
 Steps: area-mean reduction of the image in strips (no full-resolution float
 copy), illumination flattening and local contrast normalisation, the grid
 angle from the power spectrum (straight lines concentrate their energy on a
-ray through the origin, perpendicular to the lines), a sharpness search that
-refines it, then per axis a 1-D profile (the image summed along the lines)
-whose dips are matched to the template's line spacing.
+ray through the origin, perpendicular to the lines), then per axis a 1-D
+profile (the image averaged along the lines) whose dips are matched to the
+template's line spacing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from qc.chip import ChipTemplate
 
-__all__ = ["reduce_image", "normalise", "estimate_angle", "sharpness", "refine_angle", "profiles", "find_dips", "AxisFit", "fit_axis"]
+__all__ = ["reduce_image", "normalise", "estimate_angle", "sharpness", "profiles", "find_dips", "AxisFit", "fit_axis"]
 
 _STRIP_BYTES = 12 << 20  # bytes of a strip's float copy while reducing
 
@@ -187,31 +187,12 @@ def sharpness(n: np.ndarray, valid: np.ndarray, angle: float) -> float:
     return total
 
 
-def refine_angle(n: np.ndarray, valid: np.ndarray, angle: float, *, span: float, tol: float = 0.004) -> float:
-    """Golden-section search of :func:`sharpness` over ``angle +- span`` degrees."""
-    g = (math.sqrt(5) - 1) / 2
-    a, b = angle - span, angle + span
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = sharpness(n, valid, c), sharpness(n, valid, d)
-    while b - a > tol:
-        if fc > fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = sharpness(n, valid, c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = sharpness(n, valid, d)
-    return (a + b) / 2
-
-
 @dataclass(frozen=True)
 class Dips:
-    """Dark dips of a profile: sub-pixel positions, strengths (in noise units), noise."""
+    """Dark dips of a profile: sub-pixel positions, strengths (in noise units), noise, valid range."""
 
     pos: np.ndarray
     strength: np.ndarray
-    hs: np.ndarray
     noise: float
     lo: float
     hi: float
@@ -243,7 +224,7 @@ def find_dips(p: np.ndarray, count: np.ndarray, *, min_snr: float = 4.0, nms: in
         off = 0.5 * (y0 - y2) / den if den > 0 else 0.0
         pos.append(i + off)
         strength.append(-y1 / noise)
-    return Dips(np.asarray(pos, float), np.asarray(strength, float), hs / noise, noise, lo, hi)
+    return Dips(np.asarray(pos, float), np.asarray(strength, float), noise, lo, hi)
 
 
 @dataclass(frozen=True)
