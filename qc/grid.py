@@ -21,9 +21,9 @@ The mapping
     image pixels per DNB (about 1 at 10x for SS2 chips). Because ``y`` points
     down, a positive angle turns the grid clockwise as displayed: a y-family
     (horizontal) line runs along ``(cos a, sin a)``, descending to the right.
-    Angles are reported in ``(-45, 45]`` degrees: a square grid turned by 90
-    degrees looks the same, so the x family is the one nearer the image's
-    columns.
+    A square grid turned by 90 degrees looks the same, so angles are
+    reported within about +-45 degrees and the x family is the one nearer
+    the image's columns (a fit within a hair of +-45 may land just beyond).
 Origin
     ``origin_px`` is the image position of chip ``(0, 0)``: a crossing of two
     index-0 lines (the first line of a template period in each family). The

@@ -10,17 +10,20 @@ clockwise on screen, origin at the crossing of two index-0 lines nearest the
 image's top-left corner.
 
 How it works
-    1. Coarse: the image is area-mean reduced (to about 2048 px across; 10x
-       lines a few px wide still leave a clear dip once summed along the
-       line), flattened and contrast-normalised. The grid angle comes from the
-       power spectrum and is refined by maximising the sharpness of the
-       profiles of the de-rotated image; the dips of each profile are matched
-       to the template's line spacing (scale and phase per axis).
+    1. Coarse: the image is area-mean reduced in strips (to about 2048 px
+       across; 10x lines a few px wide still leave a clear dip once averaged
+       along the line), flattened and contrast-normalised. The grid angle is
+       the strongest ray of the whitened power spectrum (when two rays
+       compete, the one giving the sharper profiles wins); the image is
+       de-rotated and averaged along each axis, and the dips of each profile
+       are matched to the template's line spacing (scale and phase per axis)
+       from hypotheses made by pairs of nearby dips, grown by least squares.
     2. Fine: windows around up to ``max_windows`` predicted line crossings,
-       spread over the image, are read at full resolution (small reads, works
-       on memory maps); in each the two lines are located to sub-pixel
-       precision, and the grid is refitted to all of them by robust least
-       squares.
+       spread over the image, are read at full resolution (small reads, so
+       memory maps are never copied); in each, both lines are located to
+       sub-pixel precision in a de-rotated strip, and the grid is refitted to
+       all of them by robust least squares, twice (the second time searching
+       only close to the first fit).
 
 Score (0-100)
     ``score = 100 * sqrt(template_recall * area_share)``, where
@@ -73,7 +76,7 @@ class TrackResult:
     score : float
         0-100, see the module docstring; 0 when no grid was found.
     angle_deg, scale, origin_px :
-        The fitted grid (:mod:`qc.grid` conventions): degrees in (-45, 45],
+        The fitted grid (:mod:`qc.grid` conventions): degrees within about +-45,
         image px per DNB ``(sx, sy)``, image px ``(x, y)``. NaN when not found.
     template : str
         Template name used (``"SS2"``...).
@@ -241,7 +244,8 @@ def find_track_lines(
         Reduction factor of the coarse search; default makes the long side
         about 2048 px.
     max_threads : int
-        Threads OpenCV may use during the call (restored afterwards).
+        Threads used to read and reduce the image, and OpenCV's thread count
+        during the call (restored afterwards).
     scale_range : (float, float)
         Accepted scales, image px per DNB (10x is about 1, 20x about 2).
     polarity : {"dark", "bright"}
@@ -264,6 +268,12 @@ def find_track_lines(
     tmpl = template if isinstance(template, ChipTemplate) else template_for(template)
     if polarity not in ("dark", "bright"):
         msg = f"polarity must be 'dark' or 'bright', got {polarity!r}"
+        raise ValueError(msg)
+    if not 0 < scale_range[0] < scale_range[1]:
+        msg = f"scale_range must be (low, high) with 0 < low < high, got {scale_range!r}"
+        raise ValueError(msg)
+    if max_windows < 4 or cells < 1:
+        msg = f"max_windows must be >= 4 and cells >= 1, got {max_windows} and {cells}"
         raise ValueError(msg)
     f = int(downsample) if downsample else max(1, math.ceil(max(h, w) / _COARSE_SIZE))
     sign = 1.0 if polarity == "dark" else -1.0
@@ -292,6 +302,7 @@ def find_track_lines(
 
 def _empty(base: dict, problem: str) -> TrackResult:
     nan = math.nan
+    base = dict(base)
     return TrackResult(
         score=0.0, angle_deg=nan, scale=(nan, nan), origin_px=(nan, nan), template_recall=0.0, area_share=0.0,
         lines_x=(), lines_y=(), expected_lines=(0, 0), crossings_sampled=0, measurements_found=0,
