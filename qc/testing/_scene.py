@@ -51,15 +51,24 @@ def load_crops(data_dir: Path, kind: str) -> tuple[np.ndarray, ...]:
 
 
 class Mosaic:
-    """Crop variants laid on a half-overlapping grid with sin^2 windows (sum to 1)."""
+    """Crop variants laid edge to edge with narrow cross-faded overlaps.
+
+    Tiles are ``T`` px squares at a pitch of ``T - ov``; each is weighted by a
+    window that is 1 inside and ramps as sin^2 over the ``ov`` px at its
+    edges, so overlapping ramps sum to exactly 1 (no seams, no brightness
+    steps) while most pixels come from a single tile. Variants are the 8
+    flips/quarter turns of each crop at three gains, drawn at random per tile.
+    """
 
     def __init__(self, crops: tuple[np.ndarray, ...], zoom: float, domain: tuple[int, int, int], rng: np.random.Generator):
         variants = []
         size = max(16, int(round(crops[0].shape[0] * zoom / 2)) * 2)
-        self.T = size
-        self.half = size // 2
-        t = (np.arange(size, dtype=np.float32) + 0.5) / size
-        w1 = np.sin(np.pi * t) ** 2
+        ov = max(4, size // 8)
+        self.T, self.ov, self.pitch = size, ov, size - ov
+        t = np.arange(size, dtype=np.float32)
+        w1 = np.ones(size, np.float32)
+        w1[:ov] = np.sin(0.5 * np.pi * (t[:ov] + 0.5) / ov) ** 2
+        w1[size - ov :] = np.cos(0.5 * np.pi * (t[:ov] + 0.5) / ov) ** 2
         w2 = np.outer(w1, w1)
         for c in crops:
             interp = cv2.INTER_AREA if size < c.shape[0] else cv2.INTER_CUBIC
@@ -74,34 +83,37 @@ class Mosaic:
                     variants.append(np.ascontiguousarray(weighted, dtype=np.float32))
         self.stack = np.stack(variants)
         self.pad, h, w = domain
-        self.ni = (h + 2 * self.pad) // self.half + 3
-        self.nj = (w + 2 * self.pad) // self.half + 3
+        self.ni = (h + 2 * self.pad + 2 * ov) // self.pitch + 2
+        self.nj = (w + 2 * self.pad + 2 * ov) // self.pitch + 2
         self.index = rng.integers(0, len(variants), size=(self.ni, self.nj))
+
+    def _span(self, lo: int, hi: int, n: int) -> tuple[int, int]:
+        """Tile indices ``[first, last]`` whose extent meets scene coordinates ``[lo, hi)``."""
+        # tile k covers [k * pitch - pad - ov, k * pitch - pad - ov + T)
+        off = self.pad + self.ov
+        first = max(0, (lo + off - self.T) // self.pitch + 1)
+        last = min(n - 1, (hi - 1 + off) // self.pitch)
+        return first, last
 
     def rows(self, y0: int, y1: int, x0: int, ncols: int) -> np.ndarray:
         """Texture for scene rows ``[y0, y1)`` and columns ``[x0, x0 + ncols)``."""
-        half, T, pad = self.half, self.T, self.pad
-        # tile (i, j) covers scene rows [i*half - half - pad, + T), columns likewise;
-        # accumulate into a buffer whose column 0 is the left edge of tile j_lo
-        j_lo = max(0, (x0 + pad) // half - 1)
-        j_hi = min(self.nj, (x0 + ncols - 1 + pad) // half + 2)
-        left = j_lo * half - half - pad
-        width = (j_hi - j_lo + 1) * half
-        buf = np.zeros((y1 - y0, width) + self.stack.shape[3:], np.float32)
-        i_lo = max(0, (y0 + pad) // half)
-        i_hi = min(self.ni - 1, (y1 - 1 + pad) // half + 1)
+        T, P, off = self.T, self.pitch, self.pad + self.ov
+        j_lo, j_hi = self._span(x0, x0 + ncols, self.nj)
+        i_lo, i_hi = self._span(y0, y1, self.ni)
+        out = np.zeros((y1 - y0, ncols) + self.stack.shape[3:], np.float32)
         for i in range(i_lo, i_hi + 1):
-            top = i * half - half - pad
+            top = i * P - off
             a, b = max(top, y0), min(top + T, y1)
             if a >= b:
                 continue
-            dst = buf[a - y0 : b - y0]
+            dst = out[a - y0 : b - y0]
             idx = self.index[i]
-            for j in range(j_lo, j_hi):
-                c = (j - j_lo) * half
-                dst[:, c : c + T] += self.stack[idx[j], a - top : b - top, : min(T, width - c)]
-        s0 = x0 - left
-        return buf[:, s0 : s0 + ncols]
+            for j in range(j_lo, j_hi + 1):
+                left = j * P - off  # scene column of the tile's first column
+                c0, c1 = max(left, x0), min(left + T, x0 + ncols)
+                if c0 < c1:
+                    dst[:, c0 - x0 : c1 - x0] += self.stack[idx[j], a - top : b - top, c0 - left : c1 - left]
+        return out
 
 
 def _smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -179,25 +191,30 @@ class Scene:
         self.uc = -(self.ua * ox + self.ub * oy)
         self.vc = -(self.va * ox + self.vb * oy)
 
-    def _line_mask(self, y0: int, y1: int, x0: int, ncols: int) -> np.ndarray:
-        """Line darkness 0..1 for rows [y0, y1), columns [x0, x0 + ncols), drawn only near lines."""
-        out = np.zeros((y1 - y0, ncols), np.float32)
+    def _line_pixels(self, y0: int, y1: int, x0: int, ncols: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Pixels near track lines and their line cover 0..1, per family.
+
+        Returns ``[(flat_index, value), ...]`` (x family, then y family) into
+        the ``(y1 - y0) x ncols`` block. A line of width w covers a pixel by
+        ``clip(w/2 + 0.5 - d, 0, 1)``, ``d`` the pixel centre's distance from
+        the line in px (a box profile convolved with one pixel).
+        """
         w = float(self.p["line_width_px"])
+        out: list[tuple[np.ndarray, np.ndarray]] = []
         if w <= 0:
             return out
-        tmpl = template_for(self.p["template"])
         sx, sy = self.p["scale"]
-        grid = GridModel(tmpl, self.p["angle_deg"], (sx, sy), self.p["origin_px"])
+        grid = GridModel(template_for(self.p["template"]), self.p["angle_deg"], (sx, sy), self.p["origin_px"])
         ys = np.arange(y0, y1, dtype=np.float64)
         xs = np.arange(x0, x0 + ncols, dtype=np.float64)
         fams = (
-            # (coefficient along the scan axis, along the other axis, constant, scale, scan is rows?)
+            # (coefficient across the lines, along them, constant, scale, lines run along rows?)
             (self.ua, self.ub, self.uc, sx, True),
             (self.vb, self.va, self.vc, sy, False),
         )
         for a_main, a_other, c, s, scan_rows in fams:
-            # family coordinate t = a_main * q + a_other * r + c, q the pixel index across
-            # the lines, r along them; per r the line centre sits at q = (t_k - c - a_other r) / a_main
+            # family coordinate t = a_main * q + a_other * r + c with q the pixel index across
+            # the lines and r along them; for each r, line k is centred at q = (t_k - c - a_other r) / a_main
             r = ys if scan_rows else xs
             q_max = ncols if scan_rows else (y1 - y0)
             q0 = x0 if scan_rows else y0
@@ -209,24 +226,38 @@ class Scene:
             tk = grid.line_positions(ks)
             reach = int(math.ceil((w / 2 + 1) / (abs(a_main) * s))) + 1
             centre = (tk[None, :] - c - a_other * r[:, None]) / a_main  # (len(r), n_lines)
-            offs = np.arange(-reach, reach + 1)
-            q = np.floor(centre)[..., None].astype(np.int64) + offs  # (len(r), n, 2*reach+1)
+            q = np.floor(centre)[..., None].astype(np.int64) + np.arange(-reach, reach + 1)
             dist = np.abs(a_main * q + (a_other * r[:, None, None] + c) - tk[None, :, None]) * s
             val = np.clip(w / 2 + 0.5 - dist, 0, 1).astype(np.float32)
             qi = q - q0
-            rr = np.broadcast_to(np.arange(len(r))[:, None, None], q.shape)
+            ri = np.broadcast_to(np.arange(len(r))[:, None, None], q.shape)
             ok = (qi >= 0) & (qi < q_max) & (val > 0)
-            qi, rr, val = qi[ok], rr[ok], val[ok]
-            if scan_rows:
-                out[rr, qi] = np.maximum(out[rr, qi], val)
-            else:
-                out[qi, rr] = np.maximum(out[qi, rr], val)
+            flat = ri[ok] * ncols + qi[ok] if scan_rows else qi[ok] * ncols + ri[ok]
+            out.append((flat, val[ok]))
         return out
+
+    def _darken_lines(self, img: np.ndarray, m: np.ndarray, y0: int, y1: int, x0: int) -> None:
+        """Multiply the pixels near lines by ``1 - contrast * cover * visibility`` (in place).
+
+        Where the two families cross, the darker of the two applies (not both).
+        """
+        p, ncols = self.p, img.shape[1]
+        c = float(p["line_contrast"])
+        loss = float(1 - p["tissue_line_visibility"])
+        flat_img = img.reshape((y1 - y0) * ncols, -1)
+        seen = np.zeros((y1 - y0) * ncols, np.float32)  # cover applied so far (only touched sparsely)
+        for flat, val in self._line_pixels(y0, y1, x0, ncols):
+            before = seen[flat]
+            new = np.maximum(before, val)
+            vis = 1 - loss * m.ravel()[flat] if loss > 0 else 1.0
+            factor = (1 - c * new * vis) / (1 - c * before * vis)
+            flat_img[flat] *= factor[:, None]
+            seen[flat] = new
 
     def render(self, y0: int, y1: int, x0: int) -> np.ndarray:
         """Float32 signal in full-scale units for scene rows [y0, y1), W columns from x0 (before blur/noise)."""
         p, W = self.p, self.W
-        img = np.ascontiguousarray(self.mosaic.rows(y0, y1, x0, W))
+        img = self.mosaic.rows(y0, y1, x0, W)
         m = self.tissue_cover(y0, y1, x0, W)
         s = upsample(self.surface, _SURFACE_F, self.pad, y0, y1, x0, W)
         if self.rgb:
@@ -237,18 +268,11 @@ class Scene:
             bg *= 1 - m3
             img += bg
         else:
-            img *= 0.75
+            # fluorescence: tissue signal over a dim, slightly textured chip surface
             img *= m
-            s *= 0.07 * 0.25
-            s += 0.07
-            img += s
+            cv2.addWeighted(img, 0.75, np.ascontiguousarray(s), 0.07 * 0.25, 0.07, dst=img)
         if p["lines"] and p["line_contrast"] > 0:
-            dark = self._line_mask(y0, y1, x0, W)
-            if p["tissue_line_visibility"] < 1:
-                dark *= 1 - (1 - p["tissue_line_visibility"]) * m
-            dark *= -p["line_contrast"]
-            dark += 1
-            img *= dark[..., None] if self.rgb else dark
+            self._darken_lines(img, m, y0, y1, x0)
         if p["illumination"] > 0:
             img *= self._illumination(y0, y1, x0, W)
         return img
