@@ -2,10 +2,10 @@
 
 Images are built from the real stain crops in ``shared/data/stereo_crops``
 (DAPI and ssDNA 256x256 uint16, H&E 512x512 RGB, mIF 256x256 uint8): the crops
-are resized to the chip scale, turned (the 8 flips and quarter turns) and
-laid on a half-overlapping grid with a smooth partition-of-unity window, so
-large images have real nuclei texture and no seams that could pass for track
-lines. On top come a dim textured chip surface where there is no tissue,
+are resized to the chip scale, turned (the 8 flips and quarter turns), given
+random gains and laid edge to edge with narrow cross-faded overlaps that sum
+exactly to one, so large images have real nuclei texture and no seams or
+brightness steps that could pass for track lines. On top come a dim textured chip surface where there is no tissue,
 smooth tissue blobs covering a chosen fraction, track lines at the template
 spacing (angle, scale, origin, width and contrast as asked), uneven
 illumination, Gaussian blur, exposure gain with clipping, and noise.
