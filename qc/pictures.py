@@ -33,7 +33,7 @@ __all__ = [
     "write_png",
 ]
 
-THUMB_SIDE = 1600
+THUMB_SIDE = 1024
 
 GREEN = (60, 200, 60)
 RED = (40, 40, 230)
