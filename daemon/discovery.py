@@ -315,9 +315,11 @@ class Discovery:
         """Probe every path worth a look, once; update members and their sets."""
         to_probe: dict[str, _Root] = {}
         rejected: dict[str, list[Rejected]] = {}
+        present = {r.policy.root: os.path.isdir(r.policy.root) for r in self._roots}
         for path, flags in dirty.items():
             r = self._root_of(path)
-            if r is None or r.policy.excluded(path):
+            # A missing root (share gone) says nothing about its members: leave them be.
+            if r is None or not present[r.policy.root] or path == r.policy.root or r.policy.excluded(path):
                 continue
             inside = self._container(path)
             if inside is not None:
@@ -443,6 +445,9 @@ class Discovery:
         # Look again right before deciding: nothing may have changed since the last look.
         still: list[tuple[_Root, _Set]] = []
         for r, s in ready:
+            if not os.path.isdir(r.policy.root):
+                s.next_check = now + r.judge.recheck_s
+                continue
             changed = False
             for path in sorted(s.members):
                 try:
