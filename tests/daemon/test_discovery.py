@@ -417,3 +417,27 @@ def test_a_missing_root_is_reported_and_nothing_under_it_is_dropped(service):
     assert _wait(lambda: disc.health()["roots"][0]["health"] == "ok")
     time.sleep(1.2)  # the rescan after it came back finds the same member
     assert disc.health()["roots"][0]["members"] == 1 and not _jobs(cfg)
+
+
+# -- the store's discovery tables --------------------------------------------------
+
+
+def test_store_keeps_discovery_state_and_notes_once(tmp_path):
+    member = {
+        "path": "/r/C02533C.tif", "root": "/r", "set_key": "/r/C02533C#set", "name": "C02533C", "chip": "C02533C",
+        "format": "tiff", "role": "nuclear", "stain": None, "size": 10, "mtime_ns": 5, "files": 1, "sig": "10:5",
+        "first_seen": 1.0, "last_change": 2.0,
+    }
+    sset = {"set_key": "/r/C02533C#set", "root": "/r", "chip": "C02533C", "folder": "/r", "first_seen": 1.0,
+            "last_change": 2.0, "settling_since": 1.0}
+    with Store(tmp_path / "db.sqlite3") as s:
+        assert s.schema_version == 3
+        s.discovery_save(members=[member], sets=[sset])
+        s.discovery_save(members=[{**member, "size": 11, "last_change": 3.0}])  # upsert
+        members, sets = s.discovery_load()
+        assert members == [{**member, "size": 11, "last_change": 3.0}] and sets == [sset]
+        s.discovery_save(drop_members=["/r/C02533C.tif"], drop_sets=["/r/C02533C#set"])
+        assert s.discovery_load() == ([], [])
+        assert s.note_once("not_serial:/r/x.tif", "not_serial") and not s.note_once("not_serial:/r/x.tif", "not_serial")
+    with Store(tmp_path / "db.sqlite3") as s:  # and after reopening
+        assert not s.note_once("not_serial:/r/x.tif", "not_serial")
