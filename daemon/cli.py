@@ -98,7 +98,7 @@ def _job_id(text: str) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.logging import configure_logging
-    from daemon.service import Daemon
+    from daemon.service import Daemon, default_components
 
     cfg = _config(args)
     lg = cfg.logging
@@ -106,27 +106,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.source == "<embedded default>":  # `make run` on a fresh checkout: create ./inbox
         for w in cfg.watch:
             w.path.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(cfg, components=_components(cfg), notify=_notifier())
+    daemon = Daemon(cfg, components=default_components(cfg), notify=_notifier())
     daemon.run_forever()
+    if daemon.failure:  # the service stopped itself: a non-zero exit lets systemd restart it
+        print(f"imageqc: the service stopped on an error: {daemon.failure}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
-
-
-def _components(cfg: Config) -> list[Any]:
-    """The service's pluggable parts, as far as this version has them."""
-    comps: list[Any] = []
-    try:
-        from daemon.discovery import Discovery
-    except ImportError:
-        pass
-    else:
-        comps.append(Discovery(cfg))
-    try:
-        from daemon.upload.manager import UploadManager
-    except ImportError:
-        pass
-    else:
-        comps.append(UploadManager(cfg))
-    return comps
 
 
 def _notifier() -> Callable[[str], None] | None:
@@ -441,9 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("example", help="Print the commented example config (every setting with its default).")
     ce.set_defaults(func=cmd_config_example)
     add("version", cmd_version, "Print the version.", config=False, json_=True)
+    _add_service_command(sub)
     for extra in _EXTRA_COMMANDS:
         extra(sub)
     return p
+
+
+def _add_service_command(sub: Any) -> None:
+    """`imageqc service install|remove|start|stop` (daemon/install.py)."""
+    from daemon.install import add_service_parser
+
+    add_service_parser(sub)
 
 
 #: Hooks that add more commands (qc, uploads, demo, service); each takes the subparsers object.

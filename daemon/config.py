@@ -138,7 +138,7 @@ class QCConfig:
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
-    model: str = _f("", "Clarity model (.onnx) path; empty = the model shipped with imageqc.")
+    model: str = _f("", "Clarity model (.onnx) path; empty = the model shipped with imageqc.", path=True)
     model_classes: dict[str, str] = _f(
         {},
         "Class mapping for a custom clarity model: output name -> good, mild_blur, severe_blur, "
@@ -148,7 +148,7 @@ class QCConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.")
+    dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.", path=True)
     archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run.")
     pictures: bool = _f(True, "Write the overlay pictures (track grid, clarity map, stitching and IF overlays).")
     include_images: bool = _f(False, "Also put the input images into the archive (large).")
@@ -162,7 +162,7 @@ class UploadTarget:
     endpoint: str = _f("", "Endpoint URL (S3-compatible or OSS); empty = AWS default for s3.")
     region: str = _f("", "Region (s3: e.g. eu-west-1; oss: e.g. cn-hangzhou).")
     bucket: str = _f("", "Bucket name (s3, oss).")
-    path: str = _f("", "Destination folder (hpc): a mounted path or a UNC share.")
+    path: str = _f("", "Destination folder (hpc): a mounted path or a UNC share.", path=True)
     prefix: str = _f("", "Key prefix inside the bucket or folder.")
     key_template: str = _f(
         "{prefix}/{site}/{chip}/{run}/{name}",
@@ -185,7 +185,7 @@ class UploadTarget:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = _f("info", "Lowest level written: debug, info, warning, error.", choices=("debug", "info", "warning", "error"))
-    file: str = _f("", "JSON-lines log file; empty = <state_dir>/logs/imageqc.jsonl.")
+    file: str = _f("", "JSON-lines log file; empty = <state_dir>/logs/imageqc.jsonl.", path=True)
     max_bytes: int = _f(10_000_000, "Rotate the log file at this size.", min=10_000)
     backups: int = _f(5, "Rotated log files kept.", min=0, max=1000)
     console: str = _f(
@@ -413,6 +413,9 @@ class _Loader:
                     raise self.error(kp, "must not be empty")
                 p = Path(value).expanduser()
                 return p if p.is_absolute() or _is_unc(value) else self.base / p
+            if meta.get("path") and value.strip() and not _is_unc(value):
+                p = Path(value).expanduser()  # a path kept as text ('' = a default)
+                return str(p if p.is_absolute() else self.base / p)
             return value
         raise TypeError(f"unsupported config type {tp!r} at {kp}")  # programming error
 

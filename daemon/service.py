@@ -36,7 +36,7 @@ from daemon.logging import get_logger
 from daemon.store import JobState, Store
 from daemon.worker import JobRunner, ProcessWorker
 
-__all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat_age_limit"]
+__all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat_age_limit", "default_components"]
 
 log = get_logger("imageqc.service")
 
@@ -60,6 +60,24 @@ class Component(Protocol):
     def stop(self) -> None: ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+def default_components(config: Config) -> list[Component]:
+    """The service's pluggable parts (discovery, uploads), as `imageqc run` and the services use them."""
+    comps: list[Component] = []
+    try:
+        from daemon.discovery import Discovery
+    except ImportError:  # pragma: no cover - partial installs only
+        pass
+    else:
+        comps.append(Discovery(config))
+    try:
+        from daemon.upload.manager import UploadManager
+    except ImportError:  # pragma: no cover - partial installs only
+        pass
+    else:
+        comps.append(UploadManager(config))
+    return comps
 
 
 def heartbeat_age_limit(config: Config) -> float:
@@ -110,6 +128,8 @@ class Daemon:
         self.scheduler: BackgroundScheduler | None = None
         self.started_at: float | None = None
         self.last_tick_error: str | None = None
+        #: Why the service stopped itself (None after a requested stop); `imageqc run` exits 1 when set.
+        self.failure: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -137,22 +157,12 @@ class Daemon:
         except BaseException:
             self._release()
             raise
-        now = self.clock()
-        self.started_at = now
-        # We hold the state folder's lock, so leases held by anyone else are orphans.
-        recovered = self.store.recover_expired(now=float("inf"))
-        if recovered:
-            log.warning("recovered jobs left by a previous run", jobs=recovered)
-        self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
-        for comp in self.components:
-            comp.start(self)
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        )
-        self.scheduler.add_job(self.tick, "interval", seconds=cfg.service.tick_seconds, id="tick", next_run_time=_dt_now())
-        self.scheduler.start()
-        self._heartbeat("running")
+        try:
+            self._start_parts()
+        except BaseException:
+            log.exception("service failed to start")
+            self.stop()
+            raise
         log.info(
             "service started",
             version=__version__,
@@ -164,6 +174,31 @@ class Daemon:
         )
         self._notify("READY=1")
 
+    def _start_parts(self) -> None:
+        cfg = self.config
+        assert self.store is not None
+        now = self.clock()
+        self.started_at = now
+        # We hold the state folder's lock, so leases held by anyone else are orphans.
+        recovered = self.store.recover_expired(now=float("inf"))
+        if recovered:
+            log.warning("recovered jobs left by a previous run", jobs=recovered)
+        self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
+        started: list[Component] = []
+        try:
+            for comp in self.components:
+                comp.start(self)
+                started.append(comp)
+        finally:
+            self.components_started = started
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self.scheduler.add_job(self.tick, "interval", seconds=cfg.service.tick_seconds, id="tick", next_run_time=_dt_now())
+        self.scheduler.start()
+        self._heartbeat("running")
+
     def stop(self) -> None:
         """Stop cleanly: no new work, running jobs get ``shutdown_timeout_s`` then go back to the queue."""
         self._stop.set()
@@ -171,7 +206,7 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
-        for comp in reversed(self.components):
+        for comp in reversed(getattr(self, "components_started", [])):
             try:
                 comp.stop()
             except Exception:
@@ -179,7 +214,10 @@ class Daemon:
         if self.runner is not None:
             self.runner.stop(0.0 if self._urgent.is_set() else self.config.service.shutdown_timeout_s)
         if self.store is not None:
-            self._heartbeat("stopped")
+            try:
+                self._heartbeat("stopped")
+            except DaemonError as e:  # the database may be what failed
+                log.warning("could not record the stop in the database", error=str(e))
             self.store.close()
             self.store = None
         self._release()
@@ -234,6 +272,7 @@ class Daemon:
             self.last_tick_error = None
         except DatabaseUnavailable as e:
             self.last_tick_error = str(e)
+            self.failure = str(e)
             log.error("job database unavailable; stopping the service", error=str(e))
             self._stop.set()
         except Exception as e:

@@ -356,7 +356,7 @@ class Store:
                 "state. Move it aside (keep it for inspection) and start again: scan sets are rediscovered"
             )
         else:
-            msg = f"cannot open the job database {self.path}: {text}"
+            msg = f"the job database {self.path} failed: {text}; check the disk and the state folder"
         raise DatabaseUnavailable(msg) from None
 
     def close(self) -> None:
@@ -381,15 +381,21 @@ class Store:
                 raise StoreError(f"{self.path} is open read-only")
             try:
                 conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
+            except sqlite3.Error as e:
                 self._raise_unavailable(e)
             try:
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error) and not isinstance(e, sqlite3.IntegrityError):
+                    self._raise_unavailable(e)
                 raise
             else:
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    self._raise_unavailable(e)
 
     def _migrate(self) -> None:
         with self.db() as c:

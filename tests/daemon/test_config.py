@@ -201,3 +201,16 @@ def test_config_check_cli_ok_and_errors_exit_2(tmp_path, capsys):
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"imageqc: {bad}:3: watch[0].settle_seconds: must be a number, got a string 'soon'"]
+
+
+def test_optional_paths_resolve_against_the_config_folder_too(tmp_path):
+    f = tmp_path / "site.toml"
+    f.write_text(
+        '[output]\ndir = "out"\n[logging]\nfile = "logs/x.jsonl"\n[qc]\nmodel = "m.onnx"\n'
+        '[[upload]]\nname = "h"\ntype = "hpc"\npath = "//nas/share"\n'
+    )
+    cfg = load_config(f)
+    assert cfg.output_dir == tmp_path / "out"
+    assert cfg.log_file == tmp_path / "logs" / "x.jsonl"
+    assert cfg.qc.model == str(tmp_path / "m.onnx")
+    assert cfg.upload[0].path == "//nas/share"  # UNC stays as written

@@ -158,3 +158,32 @@ def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigt
     log_lines = (tmp_path / ".imageqc" / "logs" / "imageqc.jsonl").read_text().splitlines()
     events = [json.loads(x)["event"] for x in log_lines]
     assert "service started" in events and "service stopped" in events
+
+
+class BrokenStart(Exploding):
+    name = "broken"
+
+    def start(self, daemon):
+        raise OSError("share \\\\nas\\scans is gone")
+
+
+def test_a_component_failing_to_start_releases_everything(make_config):
+    cfg = make_config()
+    with pytest.raises(OSError, match="gone"):
+        Daemon(cfg, target="tests.daemon.targets:ok", components=[BrokenStart()]).start()
+    d = Daemon(cfg, target="tests.daemon.targets:ok")  # lock and store were released
+    d.start()
+    d.stop()
+
+
+def test_a_database_failure_during_ticks_stops_the_service_with_a_failure_simulated_by_closing_it(make_config):
+    cfg = make_config()
+    d = Daemon(cfg, target="tests.daemon.targets:ok")
+    d.start()
+    try:
+        assert d.store is not None
+        d.store._conn.close()  # the database goes away under the running service
+        d.tick()
+        assert d.failure is not None and d._stop.is_set()
+    finally:
+        d.stop()

@@ -1,0 +1,303 @@
+"""Neighbouring-FOV pairs: which to register, how, and how to reuse them.
+
+Internal to :mod:`qc.stitching`. A pair is a tile and its right or lower
+grid neighbour when their nominal rectangles overlap. Each pair is registered
+on its nominal overlap (:func:`measure_pair`) and the measurement is cached
+under a key of both tiles' content digests, the direction, the whole-pixel
+nominal offset, the pair parameters and :data:`PAIR_ALGORITHM_VERSION`
+(:func:`qc.pair_cache.pair_key`).
+
+:func:`run_pairs` walks the grid row by row: it resolves the digests of a
+row (memoised by tile identity, so a warm run hashes nothing), looks the
+pairs that row completes up in the cache, decodes only the tiles that an
+uncached pair needs (each tile at most once, keeping only its overlap
+strips), registers the missing pairs on a thread pool and stores them. At
+most two rows of strips are held at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from qc.errors import QCError
+from qc.io.model import Tile, array_digest
+from qc.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key, pair_key
+from qc.registration import overlap_ncc, phase_correlate, structure_snr, to_gray_float
+
+__all__ = [
+    "PAIR_ALGORITHM_VERSION",
+    "PairPlan",
+    "PairMeasurement",
+    "plan_pairs",
+    "measure_pair",
+    "pair_downsample",
+    "run_pairs",
+]
+
+#: Version of the pair registration; bump it whenever :func:`measure_pair`
+#: would return a different answer for the same inputs (invalidates the cache).
+PAIR_ALGORITHM_VERSION = "pair-2"
+
+STATUS_OK = "ok"
+STATUS_NO_INFO = "no_information"
+STATUS_MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """Where two neighbouring tiles overlap nominally.
+
+    ``a``/``b`` index the tile list (b is right of or below a); ``offset`` is
+    b's whole-pixel nominal offset from a, ``(dx, dy)``; ``region_a`` and
+    ``region_b`` are the overlap ``(x0, y0, x1, y1)`` in each tile's own
+    pixels; ``max_shift`` is the largest deviation searched, ``(y, x)``.
+    """
+
+    a: int
+    b: int
+    direction: str
+    offset: tuple[int, int]
+    region_a: tuple[int, int, int, int]
+    region_b: tuple[int, int, int, int]
+    max_shift: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PairMeasurement:
+    """What registering one pair found (the cached value).
+
+    ``shift`` is the displacement ``(dx, dy)`` of b's overlap content relative
+    to a's, so b's true offset from a is ``plan.offset - shift``.
+    """
+
+    status: str
+    shift: tuple[float, float]
+    ncc: float
+    peak: float
+    peak_ratio: float
+    snr: tuple[float, float]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {"s": self.status, "d": [round(self.shift[0], 4), round(self.shift[1], 4)],
+             "n": round(self.ncc, 5), "p": round(self.peak, 5), "r": round(self.peak_ratio, 3),
+             "q": [round(self.snr[0], 3), round(self.snr[1], 3)]},
+            separators=(",", ":"),
+        ).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PairMeasurement:
+        v = json.loads(data)
+        return cls(status=v["s"], shift=(float(v["d"][0]), float(v["d"][1])), ncc=float(v["n"]),
+                   peak=float(v["p"]), peak_ratio=float(v["r"]), snr=(float(v["q"][0]), float(v["q"][1])))
+
+
+def plan_pairs(tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int,
+               max_shift_fraction: float) -> list[PairPlan]:
+    """The right and down neighbour pairs whose nominal rectangles overlap."""
+    index: dict[tuple[int, int], int] = {}
+    for i, t in enumerate(tiles):
+        if (t.row, t.col) in index:
+            other = tiles[index[(t.row, t.col)]].name
+            msg = f"tiles {other!r} and {t.name!r} both claim grid position row {t.row}, col {t.col}"
+            raise QCError(msg, hint="Check the tile names or the mosaic metadata for duplicates")
+        index[(t.row, t.col)] = i
+    plans = []
+    for (r, c), ia in sorted(index.items()):
+        for direction, key in (("right", (r, c + 1)), ("down", (r + 1, c))):
+            ib = index.get(key)
+            if ib is None:
+                continue
+            ta, tb = tiles[ia], tiles[ib]
+            ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
+            x0, y0 = max(0, ix), max(0, iy)
+            x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
+            if x1 - x0 < min_overlap_px or y1 - y0 < min_overlap_px:
+                continue
+            sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
+            sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
+            plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
+                                  region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
+                                  max_shift=(sy, sx)))
+    return plans
+
+
+def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
+                 params: Mapping[str, float]) -> PairMeasurement:
+    """Register two overlap patches and classify the outcome.
+
+    * ``no_information``: either patch lacks structure (flat, or noise only),
+      or the peak is ambiguous although the patches agree at it (periodic or
+      one-dimensional structure such as a single track line);
+    * ``mismatch``: both have structure but they do not agree at the peak
+      (overlap NCC below ``min_match_ncc``), or the peak sits on the edge of
+      the searched range (the true offset lies beyond it);
+    * ``ok``: the patches agree at a distinct peak (peak ratio at least
+      ``min_peak_ratio``).
+    """
+    snr_a, snr_b = structure_snr(patch_a), structure_snr(patch_b)
+    if min(snr_a, snr_b) < params["min_structure_snr"]:
+        return PairMeasurement(STATUS_NO_INFO, (0.0, 0.0), 0.0, 0.0, 1.0, (snr_a, snr_b))
+    ds = pair_downsample(patch_a.shape[:2], int(params["downsample"]))
+    a, b = patch_a, patch_b
+    if ds > 1:  # correlate on an area-mean view; quality is still measured at full resolution
+        size = (patch_a.shape[1] // ds, patch_a.shape[0] // ds)
+        a = cv2.resize(to_gray_float(patch_a), size, interpolation=cv2.INTER_AREA)
+        b = cv2.resize(to_gray_float(patch_b), size, interpolation=cv2.INTER_AREA)
+    sy, sx = plan.max_shift
+    est = phase_correlate(a, b, max_shift=(-(-sy // ds), -(-sx // ds)), window=params["window_taper"],
+                          lowpass_sigma_px=params["lowpass_sigma_px"], compute_ncc=False)
+    dx, dy = est.dx * ds, est.dy * ds
+    ncc = overlap_ncc(patch_a, patch_b, (int(round(dx)), int(round(dy))), smooth_px=params["ncc_smooth_px"])
+    if est.at_search_limit or ncc < params["min_match_ncc"]:
+        status = STATUS_MISMATCH
+    elif est.peak_ratio >= params["min_peak_ratio"]:
+        status = STATUS_OK
+    else:
+        status = STATUS_NO_INFO
+    return PairMeasurement(status, (dx, dy), ncc, est.peak, est.peak_ratio, (snr_a, snr_b))
+
+
+def pair_downsample(shape: tuple[int, int], requested: int) -> int:
+    """Factor at which an overlap of ``shape`` is correlated.
+
+    ``requested`` > 0 is used as is; 0 means automatic: one step per 96 px of
+    the overlap's short side, at most 4 (a 10 % overlap of a 2048 px tile is
+    correlated at half resolution, a 92 px one at full resolution). Nuclei
+    stay several pixels wide, and the sub-pixel fit keeps the offset to about
+    0.1 px of the full-resolution grid.
+    """
+    if requested > 0:
+        return int(requested)
+    return int(max(1, min(min(shape) // 96, 4)))
+
+
+def _gray_same_dtype(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        g = arr[..., :3].astype(np.float32).mean(axis=2)
+        return np.rint(g).astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else g.astype(arr.dtype)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        return arr[..., 0]
+    return arr
+
+
+def run_pairs(
+    tiles: Sequence[Tile],
+    plans: Sequence[PairPlan],
+    params: Mapping[str, float],
+    *,
+    cache: PairCache | None,
+    pool: ThreadPoolExecutor | None,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[list[PairMeasurement], list[bool]]:
+    """Measure every planned pair, reusing cached ones.
+
+    Returns the measurements (in plan order) and, for each, whether it came
+    from the cache.
+    """
+    n = len(plans)
+    results: list[PairMeasurement | None] = [None] * n
+    cached = [False] * n
+    done = 0
+    pmap = pool.map if pool is not None else map
+    digests: dict[int, str] = {}
+    strips: dict[tuple[int, int], np.ndarray] = {}  # (plan index, 0 for a / 1 for b) -> patch
+    decoded: set[int] = set()
+    pairs_of: dict[int, list[int]] = {}
+    for k, p in enumerate(plans):
+        pairs_of.setdefault(p.a, []).append(k)
+        pairs_of.setdefault(p.b, []).append(k)
+
+    if cache is not None:  # digests memoised by identity: one batch for the whole set
+        ident = {i: digest_key(t.identity) for i, t in enumerate(tiles) if t.identity}
+        got = cache_get_many(cache, ident.values())
+        for i, key in ident.items():
+            if key in got:
+                digests[i] = got[key].decode("ascii")
+
+    def decode(i: int) -> tuple[int, str, dict[tuple[int, int], np.ndarray]]:
+        t = tiles[i]
+        arr = np.asarray(t.read())
+        if arr.shape[:2] != (t.height, t.width):
+            msg = f"tile {t.name!r} decoded to {arr.shape[:2]} px but declares {t.height}x{t.width}"
+            raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
+        dig = array_digest(arr)
+        keep = {}
+        for k in pairs_of.get(i, []):
+            if results[k] is not None:
+                continue
+            role = 0 if plans[k].a == i else 1
+            x0, y0, x1, y1 = plans[k].region_a if role == 0 else plans[k].region_b
+            keep[(k, role)] = np.ascontiguousarray(_gray_same_dtype(arr[y0:y1, x0:x1]))
+        return i, dig, keep
+
+    def digest_only(i: int) -> tuple[int, str]:
+        return i, tiles[i].digest()
+
+    def ensure_decoded(idx: Sequence[int]) -> None:
+        todo = [i for i in idx if i not in decoded]
+        for i, dig, keep in pmap(decode, todo):
+            decoded.add(i)
+            digests.setdefault(i, dig)
+            strips.update(keep)
+
+    def compute(k: int) -> tuple[int, PairMeasurement]:
+        p = plans[k]
+        return k, measure_pair(strips[(k, 0)], strips[(k, 1)], p, params)
+
+    rows: dict[int, list[int]] = {}
+    for i, t in enumerate(tiles):
+        rows.setdefault(t.row, []).append(i)
+    seen: set[int] = set()
+    for r in sorted(rows):
+        row = rows[r]
+        seen.update(row)
+        # 1. digests of this row's tiles (cheap digest_fn, else decode once).
+        missing = [i for i in row if i not in digests]
+        cheap = [i for i in missing if tiles[i].digest_fn is not None]
+        for i, dig in pmap(digest_only, cheap):
+            digests[i] = dig
+        ensure_decoded([i for i in missing if tiles[i].digest_fn is None])
+        if cache is not None:
+            memo = {digest_key(tiles[i].identity): digests[i].encode("ascii")
+                    for i in missing if tiles[i].identity}
+            cache_put_many(cache, memo)
+        # 2. pairs completed by this row: look them up, compute the rest.
+        ready = [k for k in range(n) if results[k] is None and plans[k].a in seen and plans[k].b in seen]
+        keys = {k: pair_key(digests[plans[k].a], digests[plans[k].b], plans[k].direction,
+                            plans[k].offset, params, PAIR_ALGORITHM_VERSION) for k in ready}
+        hits = cache_get_many(cache, keys.values()) if cache is not None else {}
+        todo = []
+        for k in ready:
+            if keys[k] in hits:
+                results[k] = PairMeasurement.from_bytes(hits[keys[k]])
+                cached[k] = True
+                done += 1
+            else:
+                todo.append(k)
+        if progress is not None and hits:
+            progress(done, n)
+        ensure_decoded(sorted({plans[k].a for k in todo} | {plans[k].b for k in todo}))
+        fresh = {}
+        for k, meas in pmap(compute, todo):
+            results[k] = meas
+            fresh[keys[k]] = meas.to_bytes()
+            done += 1
+            if progress is not None:
+                progress(done, n)
+        if cache is not None:
+            cache_put_many(cache, fresh)
+        # 3. drop strips no pending pair needs.
+        for key in [key for key in strips if results[key[0]] is not None]:
+            del strips[key]
+    final = [m for m in results if m is not None]
+    if len(final) != n:  # pragma: no cover - every plan's tiles are in some row
+        msg = f"{n - len(final)} of {n} tile pairs were never measured"
+        raise QCError(msg, hint="This is a bug in imageqc; please report it with the tile list")
+    return final, cached

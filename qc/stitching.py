@@ -1,0 +1,509 @@
+"""Stitching evaluation for images that come as tiles (tile folders, CZI mosaics).
+
+Every pair of neighbouring fields of view (FOVs) is registered on its
+nominal overlap: phase correlation with sub-pixel refinement, a peak-quality
+measure, and a "no information" outcome for featureless overlaps, which is
+not a failure (:mod:`qc.registration`, :mod:`qc.stitch_pairs`). The pair
+offsets are reconciled into globally consistent positions by least squares
+with outlier rejection (:mod:`qc.stitch_solve`). From those come each FOV's
+deviation from its nominal position and from its neighbours, the stitching
+score, and the registered positions in Fiji's ``TileConfiguration`` format
+(:func:`tile_configuration_text`).
+
+Pair results are cached through a :class:`qc.pair_cache.PairCache` passed
+in: a re-run of the same set computes no pair, a set that gained tiles
+computes only the new pairs, changed pair parameters invalidate exactly the
+entries they affect.
+
+The score
+---------
+StereoMap Image QC's published stitching criterion: the stitching passes when
+**more than 30 % of the FOVs have clear, consistent overlap features** and
+**their mean offset quality exceeds 0.7**. imageqc reads it as follows:
+
+* a FOV has *clear, consistent* overlap features when at least one of its
+  overlaps registers with a distinct peak, every overlap of it that shows
+  features does so (none is a ``mismatch``), every such registration agrees
+  with the global solution (none ``rejected``), and the FOV is not out of
+  place (below); featureless overlaps neither count for nor against it;
+* a pair's *offset quality* is the normalised cross-correlation, in [0, 1],
+  of the two tiles' overlap at the found offset; a FOV's is the mean over its
+  accepted pairs; the criterion's mean is over the clear, consistent FOVs.
+
+imageqc adds one condition StereoMap leaves implicit, so that a misplaced
+tile fails: no FOV may be **out of place**, that is sit more than
+``max_deviation_px`` (default 20 px, the same tolerance StereoMap applies to
+DAPI/IF calibration) from where its best-agreeing neighbour expects it, or
+show features in its overlaps that match none of its neighbours.
+
+The 0-100 score is the minimum of three sub-scores, each mapping its
+threshold to exactly 60:
+
+* share ``s`` of clear, consistent FOVs: ``60 s / 0.3`` up to 0.3, then
+  ``60 + 40 (s - 0.3) / 0.7``;
+* mean offset quality ``q``: ``60 q / 0.7`` up to 0.7, then
+  ``60 + 40 (q - 0.7) / 0.3``;
+* placement, from the largest neighbour deviation ``d``: ``100 - 40 d / D``
+  up to ``D = max_deviation_px``, then ``60 D / d``; 0 when some FOV matches
+  none of its neighbours.
+
+So the score is 60 or more exactly when every condition holds. StereoMap's
+"more than" is strict: a share of exactly 30 % or a quality of exactly 0.7
+fails, and the score is then reported as 59.9.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from qc.errors import QCError
+from qc.io.model import Tile
+from qc.pair_cache import PairCache
+from qc.stitch_pairs import (
+    PAIR_ALGORITHM_VERSION,
+    STATUS_MISMATCH,
+    STATUS_NO_INFO,
+    STATUS_OK,
+    PairPlan,
+    plan_pairs,
+    run_pairs,
+)
+from qc.stitch_solve import solve_displacements
+
+__all__ = [
+    "PAIR_ALGORITHM_VERSION",
+    "StitchingParams",
+    "StitchingCriterion",
+    "PairResult",
+    "FovResult",
+    "StitchingResult",
+    "evaluate_stitching",
+    "tile_configuration_text",
+]
+
+STATUS_REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class StitchingParams:
+    """Settings of the stitching evaluation.
+
+    The first group changes what a pair registration returns and is part of
+    every pair's cache key; the second only changes how pairs are combined
+    and scored, so changing it re-scores cached pairs without recomputing.
+
+    Attributes
+    ----------
+    max_shift_px : int
+        Largest deviation from the nominal offset searched, px.
+    max_shift_fraction : float
+        ... and at most this fraction of the overlap's extent on each axis.
+    min_overlap_px : int
+        Neighbours overlapping nominally by less than this are not a pair.
+    downsample : int
+        Factor at which overlaps are correlated; 0 picks it from the overlap
+        size (see :func:`qc.stitch_pairs.pair_downsample`).
+    window_taper : float
+        Tukey-window fraction applied to each overlap before correlating
+        (see :func:`qc.registration.phase_correlate`).
+    lowpass_sigma_px : float
+        Band limit of the correlation peak (see :func:`qc.registration.phase_correlate`).
+    ncc_smooth_px : float
+        Smoothing before the offset-quality NCC, px.
+    min_structure_snr : float
+        Below this band-passed signal-to-noise ratio an overlap is featureless.
+    min_peak_ratio : float
+        A registration is clear when its peak is this many times the next one
+        (and the overlaps agree, below); an agreeing but unclear one is
+        ambiguous (periodic or one-dimensional structure: no information).
+    min_match_ncc : float
+        Overlaps correlating less than this at the found offset disagree
+        (mismatch).
+    reject_residual_px : float
+        A pair disagreeing with the global solution by more is rejected, px.
+    max_deviation_px : float
+        Largest tolerated deviation of a FOV from its neighbours, px.
+    min_clear_share : float
+        StereoMap: share of FOVs with clear, consistent features (strictly more).
+    min_mean_quality : float
+        StereoMap: mean offset quality of those FOVs (strictly more).
+    """
+
+    max_shift_px: int = 200
+    max_shift_fraction: float = 0.5
+    min_overlap_px: int = 16
+    downsample: int = 0
+    window_taper: float = 0.5
+    lowpass_sigma_px: float = 1.0
+    ncc_smooth_px: float = 1.0
+    min_structure_snr: float = 0.5
+    min_peak_ratio: float = 2.0
+    min_match_ncc: float = 0.3
+    reject_residual_px: float = 3.0
+    max_deviation_px: float = 20.0
+    min_clear_share: float = 0.30
+    min_mean_quality: float = 0.70
+
+    def pair_params(self) -> dict[str, float]:
+        """The parameters that change a pair's result (its cache key part)."""
+        names = ("max_shift_px", "max_shift_fraction", "downsample", "window_taper", "lowpass_sigma_px",
+                 "ncc_smooth_px", "min_structure_snr", "min_peak_ratio", "min_match_ncc")
+        return {k: getattr(self, k) for k in names}
+
+
+@dataclass(frozen=True)
+class StitchingCriterion:
+    """How the set fares against each condition of the pass criterion.
+
+    ``clear_share``: share of FOVs with clear, consistent overlap features;
+    ``mean_quality``: their mean offset quality; ``max_deviation_px``: largest
+    FOV deviation from its neighbours; ``unmatched``: FOVs whose features
+    match no neighbour; the ``*_score`` fields are the 0-100 sub-scores
+    whose minimum is the score; the thresholds used are repeated.
+    """
+
+    clear_share: float
+    mean_quality: float
+    max_deviation_px: float
+    unmatched: int
+    share_score: float
+    quality_score: float
+    placement_score: float
+    min_clear_share: float
+    min_mean_quality: float
+    max_deviation_tolerance_px: float
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One neighbouring pair.
+
+    Attributes
+    ----------
+    a, b : str
+        Tile names; b is right of (``direction == "right"``) or below a.
+    direction : str
+    status : str
+        ``"ok"`` (clear registration, used), ``"rejected"`` (clear, but
+        inconsistent with the global solution), ``"mismatch"`` (features,
+        no agreement), ``"no_information"`` (featureless or ambiguous).
+    nominal_offset : (float, float)
+        b's nominal position minus a's, ``(dx, dy)`` px.
+    measured_offset : (float, float) or None
+        b's registered position minus a's, px (``ok``/``rejected`` only).
+    deviation_px : float or None
+        Length of measured minus nominal offset, px.
+    quality : float
+        Offset quality in [0, 1] (overlap NCC at the found offset; 0 when
+        featureless).
+    peak_ratio : float
+        Peak over the next-strongest peak.
+    structure_snr : (float, float)
+        Band-passed signal-to-noise of a's and b's overlap.
+    residual_px : float or None
+        Disagreement with the global solution, px.
+    cached : bool
+        Taken from the cache rather than computed.
+    """
+
+    a: str
+    b: str
+    direction: str
+    status: str
+    nominal_offset: tuple[float, float]
+    measured_offset: tuple[float, float] | None
+    deviation_px: float | None
+    quality: float
+    peak_ratio: float
+    structure_snr: tuple[float, float]
+    residual_px: float | None
+    cached: bool
+
+
+@dataclass(frozen=True)
+class FovResult:
+    """One field of view.
+
+    Attributes
+    ----------
+    name : str
+    row, col : int
+    nominal : (float, float)
+        Nominal top-left ``(x, y)``, px.
+    registered : (float, float) or None
+        Registered top-left, px, in the nominal frame (each connected group
+        of registered FOVs is placed so its median displacement is zero);
+        None when no clear pair reaches the FOV.
+    deviation_from_nominal : (float, float) or None
+        ``registered - nominal``, px.
+    deviation_from_neighbours_px : float or None
+        How far the FOV sits from where its best-agreeing neighbour expects
+        it: the smallest, over its accepted pairs, of the length of the
+        registered minus nominal offset between the two, px. Large only
+        when it disagrees with every neighbour.
+    quality : float or None
+        Mean offset quality of its accepted pairs.
+    informative : bool
+        At least one of its overlaps shows features.
+    clear_consistent : bool
+        Counts towards StereoMap's share: it has a clear registration and all
+        of its overlaps with features agree (see the module docstring).
+    outlier : bool
+        Out of place (named in :attr:`StitchingResult.outliers`).
+    reason : str
+        Why it is an outlier, else "".
+    """
+
+    name: str
+    row: int
+    col: int
+    nominal: tuple[float, float]
+    registered: tuple[float, float] | None
+    deviation_from_nominal: tuple[float, float] | None
+    deviation_from_neighbours_px: float | None
+    quality: float | None
+    informative: bool
+    clear_consistent: bool
+    outlier: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StitchingResult:
+    """The stitching evaluation of one tiled image.
+
+    Attributes
+    ----------
+    score : float
+        0-100; 60 or more passes (see the module docstring).
+    passed : bool
+    criterion : StitchingCriterion
+    max_deviation_px : float
+        Largest FOV deviation from its neighbours, px (0 when none measured).
+    pairs_total, pairs_computed, pairs_cached : int
+        Neighbouring pairs, and how many were registered now or reused.
+    pairs_informative : int
+        Pairs whose overlap showed features.
+    fovs : tuple of FovResult
+        In the order of the input tiles.
+    pairs : tuple of PairResult
+    outliers : tuple of str
+        Names of the FOVs out of place.
+    grid : (int, int)
+        ``(rows, cols)``.
+    params : StitchingParams
+    algorithm_version : str
+    """
+
+    score: float
+    passed: bool
+    criterion: StitchingCriterion
+    max_deviation_px: float
+    pairs_total: int
+    pairs_computed: int
+    pairs_cached: int
+    pairs_informative: int
+    fovs: tuple[FovResult, ...]
+    pairs: tuple[PairResult, ...] = field(repr=False)
+    outliers: tuple[str, ...]
+    grid: tuple[int, int]
+    params: StitchingParams = field(repr=False)
+    algorithm_version: str = PAIR_ALGORITHM_VERSION
+
+    @property
+    def registered_positions(self) -> dict[str, tuple[float, float]]:
+        """Tile name -> registered top-left ``(x, y)`` px (nominal when unregistered)."""
+        return {f.name: f.registered if f.registered is not None else f.nominal for f in self.fovs}
+
+    def summary(self) -> dict[str, object]:
+        """The report's ``stitching`` block (see ARCHITECTURE.md)."""
+        return {"score": self.score, "passed": self.passed, "max_deviation_px": self.max_deviation_px,
+                "pairs_total": self.pairs_total, "pairs_computed": self.pairs_computed,
+                "pairs_cached": self.pairs_cached}
+
+    def to_dict(self) -> dict[str, object]:
+        """Everything, JSON-serialisable (for the report's detail file)."""
+        d = asdict(self)
+        d["registered_positions"] = self.registered_positions
+        return d
+
+
+def _piecewise(value: float, threshold: float) -> float:
+    value = min(max(value, 0.0), 1.0)
+    if value <= threshold:
+        return 60.0 * (value / threshold)
+    return 60.0 + 40.0 * (value - threshold) / (1.0 - threshold)
+
+
+def _placement(d: float, tol: float, unmatched: int) -> float:
+    if unmatched:
+        return 0.0
+    if d <= tol:
+        return 100.0 - 40.0 * (d / tol)
+    return 60.0 * tol / d
+
+
+def evaluate_stitching(
+    tiles: Sequence[Tile],
+    *,
+    cache: PairCache | None = None,
+    params: StitchingParams = StitchingParams(),  # noqa: B008 - frozen, immutable default
+    max_threads: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> StitchingResult:
+    """Evaluate how well a set of tiles stitches.
+
+    Parameters
+    ----------
+    tiles : sequence of Tile
+        The FOVs with grid indices and nominal positions (at least two).
+    cache : PairCache, optional
+        Pair results and tile digests are read from and written to it (from
+        the calling thread only, in batches when it has ``get_many`` /
+        ``put_many``).
+    params : StitchingParams
+    max_threads : int
+        Threads decoding tiles and registering pairs.
+    progress : callable, optional
+        Called as ``progress(done, total)`` in pairs, from the calling thread.
+
+    Returns
+    -------
+    StitchingResult
+    """
+    tiles = list(tiles)
+    if len(tiles) < 2:
+        msg = f"stitching needs at least two tiles, got {len(tiles)}"
+        raise QCError(msg, hint="A single field of view has nothing to stitch; skip the stitching metric")
+    plans = plan_pairs(tiles, min_overlap_px=params.min_overlap_px, max_shift_px=params.max_shift_px,
+                       max_shift_fraction=params.max_shift_fraction)
+    pair_params = params.pair_params()
+    if max_threads > 1:
+        with ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="qc-stitch") as pool:
+            meas, cached = run_pairs(tiles, plans, pair_params, cache=cache, pool=pool, progress=progress)
+    else:
+        meas, cached = run_pairs(tiles, plans, pair_params, cache=cache, pool=None, progress=progress)
+
+    n = len(tiles)
+    nominal = np.array([[t.x, t.y] for t in tiles], float)
+    nom_off = [tuple(nominal[p.b] - nominal[p.a]) for p in plans]
+    ok = [k for k, m in enumerate(meas) if m.status == STATUS_OK]
+    measured = {k: (plans[k].offset[0] - meas[k].shift[0], plans[k].offset[1] - meas[k].shift[1]) for k in ok}
+    sol = solve_displacements(
+        n, [(plans[k].a, plans[k].b) for k in ok],
+        np.array([[measured[k][0] - nom_off[k][0], measured[k][1] - nom_off[k][1]] for k in ok]).reshape(-1, 2),
+        np.array([max(meas[k].ncc, 0.0) for k in ok]), reject_px=params.reject_residual_px)
+    accepted = {k: bool(a) for k, a in zip(ok, sol.accepted)}
+    residual = {k: float(r) for k, r in zip(ok, sol.residual)}
+
+    pairs = []
+    for k, (p, m) in enumerate(zip(plans, meas)):
+        status = m.status if m.status != STATUS_OK or accepted[k] else STATUS_REJECTED
+        mo = measured.get(k)
+        dev = math.hypot(mo[0] - nom_off[k][0], mo[1] - nom_off[k][1]) if mo else None
+        res = residual.get(k)
+        pairs.append(PairResult(
+            a=tiles[p.a].name, b=tiles[p.b].name, direction=p.direction, status=status,
+            nominal_offset=(float(nom_off[k][0]), float(nom_off[k][1])),
+            measured_offset=(float(mo[0]), float(mo[1])) if mo else None, deviation_px=dev,
+            quality=float(min(max(m.ncc, 0.0), 1.0)) if m.status != STATUS_NO_INFO else 0.0,
+            peak_ratio=m.peak_ratio, structure_snr=m.snr,
+            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k]))
+
+    fovs = _fov_results(tiles, plans, pairs, sol.u, params)
+    return _score(tiles, fovs, pairs, cached, params)
+
+
+def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequence[PairResult],
+                 u: np.ndarray, params: StitchingParams) -> list[FovResult]:
+    by_tile: dict[int, list[int]] = {}
+    for k, p in enumerate(plans):
+        by_tile.setdefault(p.a, []).append(k)
+        by_tile.setdefault(p.b, []).append(k)
+    fovs = []
+    for i, t in enumerate(tiles):
+        mine = by_tile.get(i, [])
+        acc = [k for k in mine if pairs[k].status == STATUS_OK]
+        informative = any(pairs[k].status != STATUS_NO_INFO for k in mine)
+        bad = [k for k in mine if pairs[k].status in (STATUS_MISMATCH, STATUS_REJECTED)]
+        reg = dev_nom = nb = quality = None
+        if acc and np.isfinite(u[i]).all():
+            reg = (float(t.x + u[i, 0]), float(t.y + u[i, 1]))
+            dev_nom = (float(u[i, 0]), float(u[i, 1]))
+            other = [plans[k].b if plans[k].a == i else plans[k].a for k in acc]
+            nb = float(min(np.linalg.norm(u[j] - u[i]) for j in other))
+            quality = float(np.mean([pairs[k].quality for k in acc]))
+        reason = ""
+        if not acc and bad:
+            reason = f"its overlaps show features but match none of its {len(bad)} neighbour(s)"
+        elif nb is not None and nb > params.max_deviation_px:
+            reason = (f"it sits {nb:.1f} px from where its neighbours expect it "
+                      f"(tolerance {params.max_deviation_px:g} px)")
+        fovs.append(FovResult(
+            name=t.name, row=t.row, col=t.col, nominal=(float(t.x), float(t.y)), registered=reg,
+            deviation_from_nominal=dev_nom, deviation_from_neighbours_px=nb, quality=quality,
+            informative=informative, clear_consistent=bool(acc) and not bad and not reason, outlier=bool(reason),
+            reason=reason))
+    return fovs
+
+
+def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[PairResult],
+           cached: Sequence[bool], params: StitchingParams) -> StitchingResult:
+    clear = [f for f in fovs if f.clear_consistent]
+    share = len(clear) / len(fovs)
+    quality = float(np.mean([f.quality for f in clear])) if clear else 0.0
+    devs = [f.deviation_from_neighbours_px for f in fovs if f.deviation_from_neighbours_px is not None]
+    max_dev = float(max(devs)) if devs else 0.0
+    unmatched = sum(1 for f in fovs if f.outlier and f.deviation_from_neighbours_px is None)
+    s_share = _piecewise(share, params.min_clear_share)
+    s_quality = _piecewise(quality, params.min_mean_quality)
+    s_place = _placement(max_dev, params.max_deviation_px, unmatched)
+    passed = (share > params.min_clear_share and quality > params.min_mean_quality
+              and max_dev <= params.max_deviation_px and unmatched == 0)
+    score = min(s_share, s_quality, s_place)
+    if not passed:
+        score = min(score, 59.9)
+    criterion = StitchingCriterion(
+        clear_share=share, mean_quality=quality, max_deviation_px=max_dev, unmatched=unmatched,
+        share_score=round(s_share, 1), quality_score=round(s_quality, 1), placement_score=round(s_place, 1),
+        min_clear_share=params.min_clear_share, min_mean_quality=params.min_mean_quality,
+        max_deviation_tolerance_px=params.max_deviation_px)
+    n_cached = sum(cached)
+    rows = max(t.row for t in tiles) + 1
+    cols = max(t.col for t in tiles) + 1
+    return StitchingResult(
+        score=round(score, 1), passed=passed, criterion=criterion, max_deviation_px=round(max_dev, 2),
+        pairs_total=len(pairs), pairs_computed=len(pairs) - n_cached, pairs_cached=n_cached,
+        pairs_informative=sum(1 for p in pairs if p.status != STATUS_NO_INFO),
+        fovs=tuple(fovs), pairs=tuple(pairs), outliers=tuple(f.name for f in fovs if f.outlier),
+        grid=(rows, cols), params=params)
+
+
+def tile_configuration_text(result: StitchingResult, *, registered: bool = True, decimals: int = 2) -> str:
+    """Fiji's ``TileConfiguration.registered.txt`` for the evaluated tiles.
+
+    Parameters
+    ----------
+    result : StitchingResult
+    registered : bool
+        Registered positions (FOVs no clear pair reaches keep their nominal
+        one); False writes the nominal positions (``TileConfiguration.txt``).
+    decimals : int
+        Digits after the decimal point.
+
+    Returns
+    -------
+    str
+        ``dim = 2`` and one ``name; ; (x, y)`` line per tile, in input order.
+    """
+    lines = ["# Define the number of dimensions we are working on", "dim = 2", "",
+             "# Define the image coordinates"]
+    for f in result.fovs:
+        x, y = (f.registered or f.nominal) if registered else f.nominal
+        lines.append(f"{f.name}; ; ({x:.{decimals}f}, {y:.{decimals}f})")
+    return "\n".join(lines) + "\n"
