@@ -139,6 +139,13 @@ class Discovery:
 
     def start(self, daemon: Any) -> None:
         """Load the persisted state, start one observer per root and the rescanner (first rescan now)."""
+        try:
+            self._start(daemon)
+        except BaseException:
+            self.stop()  # the service does not stop a component whose start failed
+            raise
+
+    def _start(self, daemon: Any) -> None:
         cfg = self.config
         self._store = daemon.store
         self._clock = getattr(daemon, "clock", time.time)
