@@ -301,7 +301,9 @@ class Judge:
             return None
         due = view.last_change + self.settle_s
         if now < due:
-            return Verdict(False, "settling", f"changed {now - view.last_change:.0f} s ago; settle time {self.settle_s:g} s", due)
+            return Verdict(
+                False, "settling", f"still changing (last change {now - view.last_change:.0f} s ago, settle time {self.settle_s:g} s)", due
+            )
         due = view.newest_arrival + self.grouping_s
         if now < due:
             return Verdict(False, "grouping", f"waiting {due - now:.0f} s more for late IF images", due)

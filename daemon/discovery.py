@@ -108,6 +108,8 @@ class Discovery:
     """
 
     name = "discovery"
+    #: Seconds of file-system work one tick may do before leaving the rest to the next.
+    tick_budget_s = 3.0
 
     def __init__(
         self,
@@ -134,6 +136,7 @@ class Discovery:
         self._save_sets: set[str] = set()
         self._drop_sets: set[str] = set()
         self._debugged: set[str] = set()
+        self._backlog: dict[str, int] = {}  # paths still to look at (hints, rescan diffs)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -191,7 +194,7 @@ class Discovery:
         for r in self._roots:
             root = r.policy.root
             last = self._rescanner.last.get(root, {}) if self._rescanner else {}
-            pending = sum(1 for s in self._sets.values() if s.root == root and s.state != _QUEUED)
+            pending = sum(1 for s in self._sets.values() if s.root == root and s.state in ("", _SETTLING))
             roots.append({
                 "path": root,
                 "observer": r.watcher.mode,
@@ -251,14 +254,15 @@ class Discovery:
             why = r.watcher.supervise()
             if why:
                 self.rescan(r.policy.root)
-        dirty: dict[str, int] = {}
+        dirty = self._backlog
         touched: set[str] = set()
         self._apply_rescans(dirty, now)
         for r in self._roots:
             for path, flags in r.watcher.hints.drain().items():
                 dirty[path] = dirty.get(path, 0) | flags
-        self._refresh(dirty, touched, now)
-        self._judge(touched, now)
+        deadline = time.monotonic() + self.tick_budget_s
+        self._refresh(dirty, touched, now, deadline)
+        self._judge(touched, now, deadline)
         self._flush()
 
     def _root_of(self, path: str) -> _Root | None:
@@ -318,12 +322,19 @@ class Discovery:
                 return q
         return None
 
-    def _refresh(self, dirty: dict[str, int], touched: set[str], now: float) -> None:
-        """Probe every path worth a look, once; update members and their sets."""
+    def _refresh(self, dirty: dict[str, int], touched: set[str], now: float, deadline: float = math.inf) -> None:
+        """Probe every path worth a look, once; update members and their sets.
+
+        Paths left when the tick's time budget is spent (a first look at a
+        large tree, a slow share) stay in ``dirty`` for the next tick.
+        """
         to_probe: dict[str, _Root] = {}
         rejected: dict[str, list[Rejected]] = {}
         present = {r.policy.root: os.path.isdir(r.policy.root) for r in self._roots}
-        for path, flags in dirty.items():
+        for i, path in enumerate(list(dirty)):
+            if i and time.monotonic() > deadline:
+                break
+            flags = dirty.pop(path)
             r = self._root_of(path)
             # A missing root (share gone) says nothing about its members: leave them be.
             if r is None or not present[r.policy.root] or path == r.policy.root or r.policy.excluded(path):
@@ -347,7 +358,10 @@ class Discovery:
                     touched.add(key)
             elif parent != r.policy.root and parent not in self._members and parse_name(os.path.basename(parent), is_dir=True).member is not None:
                 to_probe[parent] = r  # a tile in a folder not yet known as a tile folder
-        for path, r in to_probe.items():
+        for i, (path, r) in enumerate(to_probe.items()):
+            if i and time.monotonic() > deadline:
+                dirty.setdefault(path, 0)  # next tick
+                continue
             try:
                 got = probe(r.policy, path)
             except OSError as e:
@@ -426,7 +440,7 @@ class Discovery:
         members = tuple(sorted((self._members[p][0] for p in s.members), key=lambda m: m.name))
         return SetView(s.chip, s.folder, members, s.last_change)
 
-    def _judge(self, touched: set[str], now: float) -> None:
+    def _judge(self, touched: set[str], now: float, deadline: float = math.inf) -> None:
         assert self._store is not None
         timeout = self.config.discovery.incomplete_timeout_s
         ready: list[tuple[_Root, _Set]] = []
@@ -451,9 +465,12 @@ class Discovery:
             return
         # Look again right before deciding: nothing may have changed since the last look.
         still: list[tuple[_Root, _Set]] = []
-        for r, s in ready:
+        for i, (r, s) in enumerate(ready):
             if not os.path.isdir(r.policy.root):
                 s.next_check = now + r.judge.recheck_s
+                continue
+            if i and time.monotonic() > deadline:
+                s.next_check = now  # out of time: next tick
                 continue
             changed = False
             for path in sorted(s.members):
@@ -563,6 +580,11 @@ class Discovery:
         job_id = store.create_job(ssid, state=JobState.SETTLING, now=now, message=f"{s.chip}: found, not complete")
         if job_id is not None:
             store.transition(job_id, JobState.FAILED, now=now, error=error, failed_stage="discovery")
+            for old in store.list_jobs(chip=s.chip, states=[JobState.FAILED.value]):  # an older report of this set
+                if old.id < job_id and old.failed_stage == "discovery" and old.scan_set_id != ssid:
+                    members = store.get_scan_set(old.scan_set_id).members
+                    if members and os.path.dirname(str(members[0].get("path", ""))) == s.folder:
+                        store.transition(old.id, JobState.SUPERSEDED, now=now, message=f"superseded by report {job_id}")
         s.state, s.job_id = _REPORTED, job_id
         with bind_job(job_id, s.chip):
             log.warning("scan set never completed; reported", folder=s.folder, stage=v.stage, reason=why)

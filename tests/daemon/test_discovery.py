@@ -269,6 +269,15 @@ def test_a_thousand_sets_arriving_at_random_times_are_each_queued_exactly_once(s
     assert disc.health()["roots"][0]["members"] == 1000 and disc.health()["roots"][0]["pending"] == 0
 
 
+def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
+    d, disc, cfg = service("settle_seconds = 0.2", runner=NullRunner(), tick=0.05, discovery={"rescan_interval_s": 3600})
+    disc.tick_budget_s = 0.0  # one path and one set per tick: slow shares do not stall the service
+    for k in range(12):
+        _tif(_inbox(cfg) / f"SS2{k:08d}_D1.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 12)
+    assert len({j.fingerprint for j in _jobs(cfg)}) == 12
+
+
 # -- supervision ----------------------------------------------------------------------
 
 
@@ -322,9 +331,12 @@ def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log
     d2, _, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
     time.sleep(2.0)
     assert len(_jobs(cfg)) == 1 and len(json_log("scan set never completed; reported")) == 1
+    (inbox / "C02533C.tif").write_bytes(data[:-300])  # changed, still cut short: a new report replaces the old
+    assert _wait(lambda: len(_jobs(cfg)) == 2 and _jobs(cfg)[0].state == "superseded")
+    assert _jobs(cfg)[1].state == "failed" and "cut short" in _jobs(cfg)[1].error
     (inbox / "C02533C.tif").write_bytes(data)  # re-exported whole
     assert _wait(lambda: any(j.state == "queued" for j in _jobs(cfg)))
-    old, new = _jobs(cfg)
+    first, old, new = _jobs(cfg)
     assert old.state == "superseded" and new.state == "queued" and new.fingerprint != old.fingerprint
 
 
