@@ -23,6 +23,7 @@ plus its IF images. An archive is a scan set on its own.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "parse_name",
     "is_temporary",
     "matches_any",
+    "glob_regex",
     "looks_like_tile",
     "MarkerTemplate",
 ]
@@ -134,15 +136,25 @@ class NameInfo:
         return self.status is NameStatus.NOT_SERIAL and naming == "lenient"
 
 
+@functools.lru_cache(maxsize=64)
+def glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex for glob patterns, case-insensitive (as Windows matches names)."""
+    if not patterns:
+        return re.compile(r"(?!)")
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.IGNORECASE)
+
+
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
-    """Glob match of one path part against patterns, ignoring case (as Windows does)."""
-    low = name.lower()
-    return any(fnmatch.fnmatchcase(low, p.lower()) for p in patterns)
+    """Glob match of one path part against patterns, ignoring case."""
+    return glob_regex(tuple(patterns)).match(name) is not None
+
+
+_TEMP_RE = glob_regex(TEMP_PATTERNS)
 
 
 def is_temporary(name: str) -> bool:
     """True for partial, temporary and hidden names (:data:`TEMP_PATTERNS`)."""
-    return matches_any(name, TEMP_PATTERNS)
+    return _TEMP_RE.match(name) is not None
 
 
 def looks_like_tile(stem: str) -> bool:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from daemon.config import WatchRoot
-from daemon.naming import MarkerTemplate, MemberName, NameInfo, NameStatus, is_temporary, looks_like_tile, matches_any, parse_name
+from daemon.naming import TEMP_PATTERNS, MarkerTemplate, MemberName, NameInfo, NameStatus, glob_regex, looks_like_tile, parse_name
 from qc.io.tilenames import TILE_SUFFIXES
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "stat_tile_folder",
     "tile_folder_files",
     "folder_role",
+    "RoleCache",
     "diff_snapshots",
     "norm",
     "is_under",
@@ -104,7 +105,7 @@ class WalkPolicy:
 
     def skips(self, name: str) -> bool:
         """True for names never looked at (temporary, hidden or matching ``ignore``)."""
-        return is_temporary(name) or matches_any(name, self.ignore)
+        return glob_regex(TEMP_PATTERNS + self.ignore).match(name) is not None
 
     def excluded(self, path: str) -> bool:
         return any(is_under(path, x) for x in self.exclude)
@@ -228,8 +229,9 @@ def stat_tile_folder(policy: WalkPolicy, folder: str) -> MemberStat:
     files = tile_folder_files(policy, folder)
     h = hashlib.blake2b(digest_size=16)
     size = newest = 0
+    cut = len(folder.rstrip(os.sep)) + 1
     for path, st in sorted(files):
-        rel = os.path.relpath(path, folder)
+        rel = path[cut:]
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         size += st.st_size
         newest = max(newest, st.st_mtime_ns)
@@ -274,13 +276,29 @@ def folder_role(policy: WalkPolicy, path: str, info: NameInfo) -> str:
     return "tiles" if has_tiles or has_meta else "container"
 
 
-def _examine(policy: WalkPolicy, path: str, name: str, is_dir: bool) -> Found | Rejected | str | None:
+RoleCache = dict[str, tuple[int, str]]
+
+
+def _role(policy: WalkPolicy, path: str, info: NameInfo, cache: RoleCache | None) -> str:
+    """:func:`folder_role`, remembered per folder mtime (it changes when entries come or go)."""
+    if cache is None:
+        return folder_role(policy, path, info)
+    mtime = os.stat(path, follow_symlinks=False).st_mtime_ns
+    hit = cache.get(path)
+    if hit is None or hit[0] != mtime:
+        hit = cache[path] = (mtime, folder_role(policy, path, info))
+    return hit[1]
+
+
+def _examine(
+    policy: WalkPolicy, path: str, name: str, is_dir: bool, roles: RoleCache | None = None
+) -> Found | Rejected | str | None:
     """One directory entry: a member, a rejected name, ``"descend"`` (a folder to walk) or None."""
     info = parse_name(name, is_dir=is_dir)
     if is_dir:
         if policy.excluded(path):
             return None
-        if info.member is None or folder_role(policy, path, info) == "container":
+        if info.member is None or _role(policy, path, info, roles) == "container":
             return "descend"
         if not info.accepted(policy.naming):
             return Rejected(path, f"tile folder {name!r}: {info.reason} (naming = strict)")
@@ -327,6 +345,7 @@ def scan_tree(
     *,
     recursive: bool | None = None,
     stop: threading.Event | None = None,
+    roles: RoleCache | None = None,
 ) -> ScanResult:
     """Walk ``start`` (default: the root) and return every member under it.
 
@@ -334,7 +353,8 @@ def scan_tree(
     may itself be a tile folder or a member file). ``recursive=False`` looks
     at the entries of ``start`` only. A set ``stop`` event ends the walk early
     (``complete`` is False). Raises nothing for file-system trouble: folders
-    that cannot be listed are in ``unreadable``.
+    that cannot be listed are in ``unreadable``. ``roles`` (a dict kept
+    between walks) remembers which folders are tile folders.
     """
     root = policy.root
     start = root if start is None else start
@@ -378,7 +398,7 @@ def scan_tree(
                 if e.is_symlink() or _is_junction(e):
                     continue
                 is_dir = e.is_dir(follow_symlinks=False)
-                got = _examine(policy, e.path, e.name, is_dir)
+                got = _examine(policy, e.path, e.name, is_dir, roles)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError:

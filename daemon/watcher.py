@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from daemon.fsinfo import is_network_path
 from daemon.logging import get_logger
 from daemon.naming import parse_name
-from daemon.snapshot import ScanResult, WalkPolicy, folder_role, is_under, scan_tree
+from daemon.snapshot import RoleCache, ScanResult, WalkPolicy, folder_role, is_under, scan_tree
 
 __all__ = [
     "HINT_DIR",
@@ -349,6 +349,7 @@ class Rescanner:
         self.results: queue.SimpleQueue[ScanResult | RootMissing] = queue.SimpleQueue()
         self.last: dict[str, dict[str, float]] = {}
         self._requested: set[str] = set(self.policies)
+        self._roles: dict[str, RoleCache] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -398,7 +399,7 @@ class Rescanner:
             if not os.path.isdir(root):
                 self.results.put(RootMissing(root, self.clock()))
                 return
-            result = scan_tree(policy, stop=self._stop)
+            result = scan_tree(policy, stop=self._stop, roles=self._roles.setdefault(root, {}))
         except Exception:  # never let the thread die: the next interval tries again
             log.exception("rescan failed", root=root)
             return
