@@ -426,9 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("example", help="Print the commented example config (every setting with its default).")
     ce.set_defaults(func=cmd_config_example)
     add("version", cmd_version, "Print the version.", config=False, json_=True)
+    from daemon.qccmd import add_qc_command
+
+    add_qc_command(sub)
     _add_service_command(sub)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
     return p
 
 
@@ -438,9 +439,6 @@ def _add_service_command(sub: Any) -> None:
 
     add_service_parser(sub)
 
-
-#: Hooks that add more commands (qc, uploads, demo, service); each takes the subparsers object.
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -138,11 +138,22 @@ class QCConfig:
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
-    model: str = _f("", "Clarity model (.onnx) path; empty = the model shipped with imageqc.", path=True)
+    model: str = _f(
+        "",
+        "Clarity model: a sidecar .json describing a model, or an .onnx file used with model_preset and "
+        "model_classes; empty = the model shipped with imageqc.",
+        path=True,
+    )
+    model_preset: str = _f(
+        "",
+        "Input layout and normalisation of a known .onnx model: '' (from the sidecar) or 'stomics-4class' "
+        "(STOmics' published MobileNetV3 clarity model).",
+        choices=("", "stomics-4class"),
+    )
     model_classes: dict[str, str] = _f(
         {},
-        "Class mapping for a custom clarity model: output name -> good, mild_blur, severe_blur, "
-        "mild_overexposure, severe_overexposure or background. Empty = from the model's sidecar JSON.",
+        "Class mapping for an .onnx model: its output class names, in order, each -> good, mild_blur, "
+        "severe_blur, mild_overexposure, severe_overexposure or background. Empty = the preset's.",
     )
 
 
@@ -488,6 +499,18 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
             raise ld.error(f"{kp}.key_template", str(e)) from None
     if not cfg.watch:
         raise ld.error("watch", "at least one [[watch]] root is needed")
+    if cfg.qc.model:
+        model = Path(cfg.qc.model)
+        if not model.is_file():
+            raise ld.error("qc.model", f"no file at {model}; give the path of the .json sidecar or the .onnx model")
+        if model.suffix.lower() == ".onnx" and not cfg.qc.model_preset and not cfg.qc.model_classes:
+            raise ld.error("qc.model", "an .onnx model needs model_preset or model_classes (or use its .json sidecar)")
+    elif cfg.qc.model_preset or cfg.qc.model_classes:
+        raise ld.error("qc.model_preset" if cfg.qc.model_preset else "qc.model_classes", "only used with qc.model")
+    cats = {"good", "mild_blur", "severe_blur", "mild_overexposure", "severe_overexposure", "background"}
+    for k, v in cfg.qc.model_classes.items():
+        if v not in cats:
+            raise ld.error(f"qc.model_classes.{k}", f"{v!r} is not a category; use one of {', '.join(sorted(cats))}")
     roots = [w.path.resolve() for w in cfg.watch]
     out = cfg.output_dir.resolve()
     for i, r in enumerate(roots):

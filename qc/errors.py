@@ -17,6 +17,7 @@ __all__ = [
     "UnsafeArchiveError",
     "ScanSetError",
     "ModelError",
+    "ChipSerialError",
 ]
 
 
@@ -76,3 +77,7 @@ class ScanSetError(QCError):
 
 class ModelError(QCError):
     """An ONNX model is missing, unreadable or does not match its declared classes."""
+
+
+class ChipSerialError(QCError):
+    """A chip serial or template name is not recognised."""

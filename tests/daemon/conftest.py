@@ -70,3 +70,24 @@ def _merge(base: str, extra: str) -> str:
         else:
             lines.append(raw)
     return "\n".join(lines) + "\n"
+
+
+CHIP = "SS200000135TL_D1"
+
+
+@pytest.fixture(scope="session")
+def qc_files(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """A small generated DAPI + IF scan set (passes QC) and a chip without lines (fails)."""
+    import tifffile
+
+    from qc.testing.chips import generate_chip, generate_if
+
+    root = tmp_path_factory.mktemp("qcfiles")
+    geom = {"width": 2400, "height": 2400, "scale": (0.5, 0.5), "angle_deg": -2.0}
+    dapi = generate_chip(data_dir=shared_data, seed=11, **geom)
+    tifffile.imwrite(root / f"{CHIP}.tif", dapi.image)
+    tifffile.imwrite(root / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(5, 3), data_dir=shared_data).image)
+    fail = root / "fail"
+    fail.mkdir()
+    tifffile.imwrite(fail / "C02533C.tif", generate_chip(data_dir=shared_data, seed=12, lines=False, **geom).image)
+    return {"nuclear": root / f"{CHIP}.tif", "if": root / f"{CHIP}_CD31_IF.tif", "fail": fail / "C02533C.tif"}

@@ -90,6 +90,9 @@ def _err(text: str) -> ConfigError:
         ("[[watch]]\npath = 'a'\ntile_pattern = '(?P<row>\\d+)'\n", "watch[0].tile_pattern", 3, "(?P<col>"),
         ("[site]\nname = 'my site'\n", "site.name", 2, "not allowed"),
         ("watch = []\n", "watch", 1, "at least one"),
+        ("[qc]\nmodel = 'nowhere.onnx'\n", "qc.model", 2, "no file at"),
+        ("[qc]\nmodel_preset = 'stomics-4class'\n", "qc.model_preset", 2, "only used with qc.model"),
+        ("[qc]\nmodel_preset = 'stomics'\n", "qc.model_preset", 2, "did you mean 'stomics-4class'"),
     ],
 )
 def test_each_kind_of_error_names_file_key_and_line(text, key, line, words):
@@ -205,12 +208,13 @@ def test_config_check_cli_ok_and_errors_exit_2(tmp_path, capsys):
 
 def test_optional_paths_resolve_against_the_config_folder_too(tmp_path):
     f = tmp_path / "site.toml"
+    (tmp_path / "m.json").write_text("{}")
     f.write_text(
-        '[output]\ndir = "out"\n[logging]\nfile = "logs/x.jsonl"\n[qc]\nmodel = "m.onnx"\n'
+        '[output]\ndir = "out"\n[logging]\nfile = "logs/x.jsonl"\n[qc]\nmodel = "m.json"\n'
         '[[upload]]\nname = "h"\ntype = "hpc"\npath = "//nas/share"\n'
     )
     cfg = load_config(f)
     assert cfg.output_dir == tmp_path / "out"
     assert cfg.log_file == tmp_path / "logs" / "x.jsonl"
-    assert cfg.qc.model == str(tmp_path / "m.onnx")
+    assert cfg.qc.model == str(tmp_path / "m.json")
     assert cfg.upload[0].path == "//nas/share"  # UNC stays as written

@@ -261,14 +261,17 @@ def test_unc_paths_are_network_paths():
 # ---------------------------------------------------------------------------
 
 
-def _claimer(db: str, owner: str, out) -> None:
+def _claimer(db: str, owner: str, out, ready, go) -> None:
     with Store(db) as s:
         got = []
+        ready.put(owner)
+        go.wait(60)  # all start claiming together, so they really contend
         while True:
             job = s.claim(owner, lease_s=60)
             if job is None:
                 break
             got.append(job.id)
+            time.sleep(0.002)  # a little work between claims
             s.transition(job.id, S.QC_DONE, owner=owner)
         out.put((owner, got))
 
@@ -278,10 +281,13 @@ def test_several_processes_never_claim_the_same_job(tmp_path):
     with Store(db) as s:
         ids = [_job(s, f"fp{i}", now=T0 + i) for i in range(300)]
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_claimer, args=(str(db), f"w{i}", out)) for i in range(4)]
+    out, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_claimer, args=(str(db), f"w{i}", out, ready, go)) for i in range(4)]
     for p in procs:
         p.start()
+    for _ in procs:
+        ready.get(timeout=120)
+    go.set()
     results = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(30)

@@ -1,0 +1,114 @@
+"""``imageqc qc PATH...``: QC once, by hand, on files or folders named as the service expects.
+
+Exit codes: 0 pass, 3 fail, 1 error (QC could not run), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_qc_command", "cmd_qc", "EXIT_QC_FAIL"]
+
+EXIT_QC_FAIL = 3
+
+
+def add_qc_command(sub: Any) -> None:
+    sp = sub.add_parser(
+        "qc",
+        help="Run QC once on files or folders (<chip>.tif, <chip>_<IF>_IF.tif, tile folders, a QC .tar.gz).",
+        description="Run QC once on the images of one chip and print the verdict. "
+        "Exit codes: 0 pass, 3 fail, 1 error, 2 usage.",
+    )
+    sp.add_argument("paths", nargs="+", metavar="PATH", help="image files or tile folders of one chip")
+    sp.add_argument("--stain", choices=["auto", "DAPI", "ssDNA", "HE"], default=None, help="stain of the nuclear image (default: the config's, auto)")
+    sp.add_argument("--chip", metavar="SN", help="chip serial, when the file names do not carry it")
+    sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
+    sp.add_argument("--out", metavar="DIR", help="write report, pictures and the .tar.gz archive here")
+    sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
+    sp.set_defaults(func=cmd_qc)
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True)
+    task = bar.add_task("read", total=100)
+
+    def update(stage: str, pct: float) -> None:
+        bar.update(task, description=stage, completed=pct)
+
+    return bar, update
+
+
+def cmd_qc(args: argparse.Namespace) -> int:
+    import os
+
+    from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+    from daemon.config import load_config
+    from daemon.jobs import qc_settings
+    from qc.errors import QCError
+    from qc.io import open_scan_set
+    from qc.pipeline import run_qc, write_run_outputs
+
+    cfg = load_config(args.config or os.environ.get("IMAGEQC_CONFIG") or None)
+    paths = [Path(p) for p in args.paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"imageqc qc: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_USAGE
+    stain = args.stain or "auto"
+    settings = qc_settings(cfg, stain=stain)
+    bar, update = _progress_bar(sys.stderr.isatty() and not args.json)
+    try:
+        with open_scan_set(paths, chip=args.chip, limits=settings.limits) as scan:
+            if bar is not None:
+                with bar:
+                    report = run_qc(scan, settings, progress=update)
+            else:
+                report = run_qc(scan, settings)
+            out = write_run_outputs(report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive) if args.out else None
+    except QCError as e:
+        print(f"imageqc qc: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"imageqc qc: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        doc = report.as_dict()
+        if out is not None:
+            doc["outputs"] = {"folder": str(out.folder), "archive": str(out.archive) if out.archive else None}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        _print_human(report, out)
+    return EXIT_OK if report.verdict == "pass" else EXIT_QC_FAIL
+
+
+def _print_human(report: Any, out: Any) -> None:
+    import textwrap
+
+    print(f"{report.chip}  {report.stain}  {report.verdict.upper()}  ({report.duration_s:.1f} s)")
+    for im in report.images:
+        bits = []
+        for metric in ("track", "clarity", "stitching", "calibration"):
+            block = getattr(im, metric)
+            if not block:
+                continue
+            if metric == "calibration":
+                dx, dy = block["offset_px"]
+                bits.append(f"calibration ({dx:+.1f}, {dy:+.1f}) px sim {block['similarity']:.3f}")
+            else:
+                score = block.get("score")
+                bits.append(f"{metric} {'n/a' if score is None else f'{score:.0f}'}")
+        print(textwrap.shorten(f"  {im.name}: " + ", ".join(bits or ["no metrics"]), 80, placeholder="…"))
+    for r in report.reasons:
+        print(textwrap.fill(r, 80, initial_indent="  - ", subsequent_indent="    "))
+    if out is not None:
+        print(textwrap.fill(f"outputs: {out.folder}", 80, subsequent_indent="  "))
+        if out.archive:
+            print(textwrap.fill(f"archive: {out.archive}", 80, subsequent_indent="  "))

@@ -1,0 +1,394 @@
+"""Coarse track-grid search on a downsampled image (internal to :mod:`qc.track`).
+
+Steps: area-mean reduction of the image in strips (no full-resolution float
+copy), illumination flattening and local contrast normalisation, the grid
+angle from the power spectrum (straight lines concentrate their energy on a
+ray through the origin, perpendicular to the lines), then per axis a 1-D
+profile (the image averaged along the lines) whose dips are matched to the
+template's line spacing.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from qc.chip import ChipTemplate
+
+__all__ = ["reduce_image", "normalise", "estimate_angle", "sharpness", "profiles", "find_dips", "AxisFit", "fit_axis"]
+
+_STRIP_BYTES = 12 << 20  # bytes of a strip's float copy while reducing
+
+
+def to_grey(block: np.ndarray) -> np.ndarray:
+    """A 2-D block as is, an RGB(A) block as luma; dtype preserved."""
+    if block.ndim == 2:
+        return block
+    block = np.ascontiguousarray(block[..., :3])
+    if block.dtype not in (np.uint8, np.uint16, np.float32):
+        block = block.astype(np.float32)
+    return cv2.cvtColor(block, cv2.COLOR_RGB2GRAY)
+
+
+def reduce_image(image: np.ndarray, factor: int, *, threads: int = 1) -> np.ndarray:
+    """Area-mean reduction by an integer factor, read in row strips; float32 (H//f, W//f).
+
+    Only one strip per thread is converted to float at a time, so memory stays
+    a few tens of MB whatever the image size (and memory maps are read once).
+    """
+    h, w = image.shape[:2]
+    f = int(factor)
+    hc, wc = h // f, w // f
+    out = np.empty((hc, wc), np.float32)
+    # strips sized by their float32 grey copy, the largest temporary
+    row_bytes = w * max(4, image.dtype.itemsize * (image.shape[2] if image.ndim == 3 else 1))
+    rows = max(f, (_STRIP_BYTES // max(row_bytes, 1)) // f * f)
+
+    def work(r0: int) -> None:
+        r1 = min(r0 + rows, hc * f)
+        block = to_grey(np.asarray(image[r0:r1, : wc * f]))
+        block = block.astype(np.float32, copy=False)
+        if f == 1:
+            out[r0:r1] = block
+        else:
+            out[r0 // f : r1 // f] = cv2.resize(block, (wc, (r1 - r0) // f), interpolation=cv2.INTER_AREA)
+
+    starts = range(0, hc * f, rows)
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(work, starts))
+    else:
+        for r0 in starts:
+            work(r0)
+    return out
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """Approximate Gaussian blur: two box filters of matching variance (O(1) per pixel)."""
+    b = max(3, int(round(math.sqrt(6.0 * sigma * sigma + 1.0))) | 1)
+    out = cv2.blur(a, (b, b), borderType=cv2.BORDER_REFLECT)
+    return cv2.blur(out, (b, b), borderType=cv2.BORDER_REFLECT)
+
+
+def normalise(g: np.ndarray, *, sigma: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten illumination and equalise local contrast; returns (normalised, valid mask).
+
+    Each pixel becomes its difference from the local mean divided by the local
+    RMS difference, clipped to [-5, 3] so bright nuclei do not dominate (track
+    lines are dark). Pixels of a flat region (zero variance) are invalid.
+    """
+    hp = g - _blur(g, sigma)
+    rms = np.sqrt(np.maximum(_blur(hp * hp, sigma), 0))
+    floor = max(float(np.median(rms)) * 1e-3, 1e-6)
+    valid = rms > floor
+    np.maximum(rms, floor, out=rms)
+    n = hp / rms
+    n[~valid] = 0
+    np.clip(n, -5, 3, out=n)
+    return n.astype(np.float32, copy=False), valid
+
+
+def estimate_angle(n: np.ndarray, *, peaks: int = 3) -> list[tuple[float, float]]:
+    """Candidate grid angles (deg, in (-45, 45]) from the power spectrum, best first.
+
+    The spectrum is whitened ring by ring (each radius divided by its mean
+    power), so isotropic texture is flat and the lines' rays stand out; the
+    mean whitened power per 0.05 degree bin of ``angle mod 90`` peaks at the
+    grid angle. Returns up to ``peaks`` (angle, prominence) pairs, prominence
+    in robust standard deviations of the angular histogram.
+    """
+    h, w = n.shape
+    wy = np.hanning(h).astype(np.float32)
+    wx = np.hanning(w).astype(np.float32)
+    spec = np.fft.rfft2((n - n.mean()) * wy[:, None] * wx[None, :])
+    power = (spec.real**2 + spec.imag**2).astype(np.float32)
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    r = np.sqrt(fx * fx + fy * fy)
+    band = (r > 0.02) & (r < 0.45)
+    nrad = 256
+    rbin = np.minimum((r / 0.5 * nrad).astype(np.int32), nrad - 1)[band]
+    pw = power[band]
+    ring = np.bincount(rbin, weights=pw, minlength=nrad) / np.maximum(np.bincount(rbin, minlength=nrad), 1)
+    white = np.minimum(pw / np.maximum(ring[rbin], 1e-20), 50.0)
+    ang = (np.degrees(np.arctan2(np.broadcast_to(fy, r.shape)[band], np.broadcast_to(fx, r.shape)[band])) % 90.0)
+    nb = 1800
+    abin = np.minimum((ang * (nb / 90.0)).astype(np.int32), nb - 1)
+    hist = np.bincount(abin, weights=white, minlength=nb) / np.maximum(np.bincount(abin, minlength=nb), 1)
+    # circular smoothing over ~0.15 degree
+    k = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
+    k /= k.sum()
+    hs = np.convolve(np.concatenate([hist[-6:], hist, hist[:6]]), k, mode="same")[6:-6]
+    med = float(np.median(hs))
+    mad = float(np.median(np.abs(hs - med))) + 1e-12
+    out: list[tuple[float, float]] = []
+    work = hs.copy()
+    for _ in range(peaks):
+        i = int(np.argmax(work))
+        y0, y1, y2 = hs[(i - 1) % nb], hs[i], hs[(i + 1) % nb]
+        den = y0 - 2 * y1 + y2
+        off = 0.5 * (y0 - y2) / den if den < 0 else 0.0
+        angle = ((i + 0.5 + off) * 90.0 / nb) % 90.0
+        if angle > 45.0:
+            angle -= 90.0
+        out.append((angle, (float(y1) - med) / mad))
+        work[np.abs((np.arange(nb) - i + nb // 2) % nb - nb // 2) <= 10] = -np.inf  # +-0.5 degree
+    return out
+
+
+def _rotate(n: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate so the grid's axes align with the array's; returns (image, 2x3 matrix)."""
+    h, w = n.shape
+    m = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), angle, 1.0)
+    out = cv2.warpAffine(n, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out, m
+
+
+def profiles(n: np.ndarray, valid: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean of the de-rotated image along columns and rows.
+
+    Returns (profile_x, count_x, profile_y, count_y, matrix): ``profile_x[i]``
+    is the mean over valid pixels of column ``i`` of the de-rotated image
+    (x-family lines are dips in it), ``count_x`` the number of valid pixels.
+    """
+    rot, m = _rotate(n, angle)
+    vrot = cv2.warpAffine(valid.view(np.uint8), m, (n.shape[1], n.shape[0]), flags=cv2.INTER_NEAREST)
+    cx = vrot.sum(axis=0, dtype=np.float64)
+    cy = vrot.sum(axis=1, dtype=np.float64)
+    px = rot.sum(axis=0) / np.maximum(cx, 1.0)
+    py = rot.sum(axis=1) / np.maximum(cy, 1.0)
+    return px, cx, py, cy, m
+
+
+def _highpass(p: np.ndarray, sigma: float) -> np.ndarray:
+    r = int(3 * sigma) + 1
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    pad = np.pad(p, r, mode="reflect")
+    return p - np.convolve(pad, k, mode="same")[r:-r]
+
+
+def _smooth(p: np.ndarray, sigma: float) -> np.ndarray:
+    return p - _highpass(p, sigma)
+
+
+def sharpness(n: np.ndarray, valid: np.ndarray, angle: float) -> float:
+    """How sharply the grid's lines stand out in both profiles at ``angle`` (higher is sharper)."""
+    px, cx, py, cy, _ = profiles(n, valid, angle)
+    total = 0.0
+    for p, c in ((px, cx), (py, cy)):
+        ok = c > 0.3 * c.max()
+        hp = _highpass(p, 4.0)[ok]
+        total += float(np.sum(np.minimum(hp, 0) ** 2))
+    return total
+
+
+@dataclass(frozen=True)
+class Dips:
+    """Dark dips of a profile: sub-pixel positions, strengths (in noise units), noise, valid range."""
+
+    pos: np.ndarray
+    strength: np.ndarray
+    noise: float
+    lo: float
+    hi: float
+
+
+def find_dips(p: np.ndarray, count: np.ndarray, *, min_snr: float = 4.0, nms: int = 2) -> Dips:
+    """Local minima of the high-passed, lightly smoothed profile deeper than ``min_snr`` noise."""
+    ok = count > 0.3 * count.max()
+    idx = np.flatnonzero(ok)
+    lo, hi = (float(idx[0]), float(idx[-1])) if idx.size else (0.0, 0.0)
+    hs = _smooth(_highpass(p, 8.0), 0.7)
+    hs[~ok] = 0.0
+    vals = hs[ok]
+    med = float(np.median(vals)) if vals.size else 0.0
+    noise = 1.4826 * float(np.median(np.abs(vals - med))) + 1e-9 if vals.size else 1.0
+    hs = hs - med
+    cand = np.flatnonzero(ok[1:-1] & (hs[1:-1] < -min_snr * noise)) + 1
+    keep = []
+    for i in cand[np.argsort(hs[cand])]:
+        if all(abs(i - j) > nms for j in keep):
+            keep.append(int(i))
+    keep.sort()
+    pos, strength = [], []
+    for i in keep:
+        y0, y1, y2 = hs[i - 1], hs[i], hs[i + 1]
+        if not (y1 <= y0 and y1 <= y2):
+            continue
+        den = y0 - 2 * y1 + y2
+        off = 0.5 * (y0 - y2) / den if den > 0 else 0.0
+        pos.append(i + off)
+        strength.append(-y1 / noise)
+    return Dips(np.asarray(pos, float), np.asarray(strength, float), noise, lo, hi)
+
+
+@dataclass(frozen=True)
+class AxisFit:
+    """Template placed on one profile: ``position(u) = phase + scale * u`` (profile px, u in DNB)."""
+
+    scale: float
+    phase: float
+    matched: np.ndarray  # line indices matched to dips
+    expected: int  # template lines inside the profile's valid range
+    score: float  # summed dip strength at the predicted lines (noise units)
+    dips: int  # strong dips found in the profile
+    explained: int  # of those, how many a template line accounts for
+
+
+def _line_pos(tmpl: ChipTemplate, k: np.ndarray) -> np.ndarray:
+    pos = np.asarray(tmpl.positions, float)
+    n = len(pos)
+    return (k // n) * float(tmpl.period) + pos[k % n]
+
+
+def _lines_in(tmpl: ChipTemplate, scale: float, phase: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    n = len(tmpl.offsets)
+    p = tmpl.period
+    u_lo, u_hi = (lo - phase) / scale, (hi - phase) / scale
+    k = np.arange((math.floor(u_lo / p) - 1) * n, (math.ceil(u_hi / p) + 1) * n + 1)
+    x = phase + scale * _line_pos(tmpl, k)
+    sel = (x >= lo) & (x <= hi)
+    return k[sel], x[sel]
+
+
+def _match(dpos: np.ndarray, x: np.ndarray, tol: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """For each predicted x, the nearest dip index and whether it is within tol."""
+    j = np.clip(np.searchsorted(dpos, x), 1, len(dpos) - 1) if len(dpos) > 1 else np.zeros(len(x), int)
+    if len(dpos) > 1:
+        left = np.abs(dpos[j - 1] - x) < np.abs(dpos[j] - x)
+        j = np.where(left, j - 1, j)
+    d = np.abs(dpos[j] - x) if len(dpos) else np.full(len(x), np.inf)
+    return j, d <= tol
+
+
+def fit_axis(dips: Dips, tmpl: ChipTemplate, scale_range: tuple[float, float], *, tol: float = 1.5) -> AxisFit | None:
+    """Place the template on a profile's dips (scale in profile px per DNB within ``scale_range``).
+
+    Hypotheses come from pairs of nearby dips read as 1-3 consecutive template
+    intervals; each is scored by the dips it predicts (with a tolerance that
+    grows with distance from the pair, as the pair's scale is uncertain), the
+    best are refined by least squares, and the winner is the one whose
+    predicted lines sit on the deepest profile values.
+    """
+    pos = dips.pos
+    if pos.size < 3:
+        return None
+    # cap each dip's weight so a few very dark features cannot outvote the grid
+    st = np.minimum(dips.strength, 3.0 * float(np.median(dips.strength)))
+    offs = np.asarray(tmpl.offsets, float)
+    q = np.asarray(tmpl.positions, float)
+    n9 = len(offs)
+    s_lo, s_hi = scale_range
+    hs_, hp_, ha_, hr_ = [], [], [], []
+    for k in (1, 2, 3):
+        if pos.size <= k:
+            break
+        d = pos[k:] - pos[:-k]
+        for j in range(n9):
+            for m in (1, 2, 3):
+                span = sum(offs[(j + t) % n9] for t in range(m))
+                s = d / span
+                ok = (s >= s_lo) & (s <= s_hi)
+                hs_.append(s[ok])
+                hp_.append(pos[:-k][ok] - s[ok] * q[j])
+                ha_.append(pos[:-k][ok])
+                hr_.append(1.0 / d[ok])  # relative scale uncertainty of the pair
+    if not hs_:
+        return None
+    hs, hph, ha, hr = (np.concatenate(v) for v in (hs_, hp_, ha_, hr_))
+    if hs.size == 0:
+        return None
+    score = _score_hypotheses(pos, st, tmpl, hs, hph, ha, hr, tol, dips.lo, dips.hi)
+    order = np.argsort(-score)
+    scored = [(float(score[i]), float(hs[i]), float(hph[i]), float(ha[i]), float(hr[i])) for i in order[:300] if score[i] > 0]
+    if not scored:
+        return None
+    best: AxisFit | None = None
+    tried: list[tuple[float, float]] = []
+    for _, s, phase, anchor, rel in scored:
+        # many dip pairs propose the same placement: refine each distinct one once
+        per = s * tmpl.period
+        if any(abs(s / s2 - 1) < 0.003 and abs((phase - p2 + per / 2) % per - per / 2) < 2 * tol for s2, p2 in tried):
+            continue
+        tried.append((s, phase))
+        fit = _refine(dips, tmpl, s, phase, anchor, rel, tol, scale_range)
+        if fit is not None and (best is None or fit.score > best.score):
+            best = fit
+        if len(tried) >= 25:
+            break
+    return best
+
+
+def _score_hypotheses(
+    pos: np.ndarray, st: np.ndarray, tmpl: ChipTemplate, s: np.ndarray, phase: np.ndarray,
+    anchor: np.ndarray, rel: np.ndarray, tol: float, lo: float, hi: float,
+) -> np.ndarray:  # fmt: skip
+    """Summed strength of the dips each hypothesis predicts (vectorised, in scale-sorted chunks)."""
+    n9 = len(tmpl.offsets)
+    p = float(tmpl.period)
+    out = np.zeros(s.size)
+    order = np.argsort(s)
+    step = 2048
+    for c0 in range(0, s.size, step):
+        idx = order[c0 : c0 + step]
+        ss, ph = s[idx], phase[idx]
+        kmax = int(math.ceil((hi - lo) / (ss.min() * min(tmpl.offsets)))) + 2 * n9 + 2
+        k0 = (np.floor((lo - ph) / ss / p).astype(np.int64) - 1) * n9
+        k = k0[:, None] + np.arange(kmax)[None, :]
+        x = ph[:, None] + ss[:, None] * _line_pos(tmpl, k)
+        inside = (x >= lo) & (x <= hi)
+        j = np.clip(np.searchsorted(pos, x), 1, pos.size - 1)
+        left = np.abs(pos[j - 1] - x) < np.abs(pos[j] - x)
+        j = np.where(left, j - 1, j)
+        # only where the pair's scale uncertainty keeps the tolerance under a
+        # quarter of the narrowest spacing: beyond that any comb would match
+        dist = np.abs(x - anchor[idx, None])
+        t = tol + dist * rel[idx, None]
+        local = dist <= np.maximum((0.25 * ss * min(tmpl.offsets) - tol) / rel[idx], 0)[:, None]
+        hit = inside & local & (np.abs(pos[j] - x) <= t)
+        cnt = hit.sum(axis=1)
+        out[idx] = np.where(cnt >= 3, (st[j] * hit).sum(axis=1), 0.0)
+    return out
+
+
+def _refine(
+    dips: Dips, tmpl: ChipTemplate, s: float, phase: float, anchor: float, rel: float, tol: float,
+    scale_range: tuple[float, float],
+) -> AxisFit | None:  # fmt: skip
+    """Least-squares refinement grown outwards from the anchor pair, then scored.
+
+    The matched window starts where the pair's scale is trustworthy and
+    doubles after each fit until it spans the profile. The score rewards dips
+    explained and penalises predicted lines where the profile has none:
+    ``sum of capped dip strengths at hits * hits / predicted``.
+    """
+    pos = dips.pos
+    radius = max((0.25 * s * min(tmpl.offsets) - tol) / rel, 2.5 * s * max(tmpl.offsets))
+    full = max(anchor - dips.lo, dips.hi - anchor)
+    while True:
+        a, b = max(dips.lo, anchor - radius), min(dips.hi, anchor + radius)
+        k, x = _lines_in(tmpl, s, phase, a, b)
+        if k.size < 3:
+            return None
+        j, ok = _match(pos, x, tol)
+        if ok.sum() < 3:
+            return None
+        u = _line_pos(tmpl, k[ok])
+        sol, *_ = np.linalg.lstsq(np.vstack([np.ones_like(u), u]).T, pos[j[ok]], rcond=None)
+        phase, s = float(sol[0]), float(sol[1])
+        if not (0.8 * scale_range[0] <= s <= 1.2 * scale_range[1]):
+            return None
+        if radius >= full:
+            break
+        radius *= 2
+    k, x = _lines_in(tmpl, s, phase, dips.lo, dips.hi)
+    j, ok = _match(pos, x, tol)
+    hits = np.unique(j[ok])
+    cap = 3.0 * float(np.median(dips.strength))
+    score = float(np.minimum(dips.strength[hits], cap).sum()) * ok.sum() / max(k.size, 1)
+    return AxisFit(s, phase, k[ok], int(k.size), score, int(pos.size), int(hits.size))

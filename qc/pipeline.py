@@ -1,0 +1,339 @@
+"""``run_qc(scan_set, settings, cache) -> QCReport``: every metric a scan set needs, judged.
+
+The steps, with the stage names the progress callback receives:
+
+``read``
+    Decide the stain; make a thumbnail of each image (streamed, never the
+    full resolution twice).
+``track``
+    Track-line grid and chip template fit on the nuclear/H&E image, with the
+    template chosen from the chip serial.
+``clarity``
+    The ONNX clarity classifier on the nuclear/H&E image.
+``stitching``
+    For each image that comes as tiles: FOV-pair registration through the
+    pair cache.
+``calibration``
+    For DAPI+mIF: each IF image against the nuclear image.
+``verdict``
+    :mod:`qc.rules` turns the results into pass/fail and reasons.
+
+A problem that stops a metric (an unreadable image, no nuclear image) does
+not raise: it becomes a failed verdict with the reason, so the technician
+always gets an answer. Programming errors still raise.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qc import __version__
+from qc.chip import ChipTemplate, parse_chip, template_for
+from qc.errors import QCError
+from qc.io import Image, ReadLimits, ScanSet
+from qc.pictures import thumb_factor
+from qc.report import ImageReport, QCReport
+from qc.rules import (
+    MetricCheck,
+    Thresholds,
+    check_calibration,
+    check_clarity,
+    check_stitching,
+    check_track,
+    decide,
+    metrics_for,
+)
+
+__all__ = ["QCSettings", "Progress", "run_qc", "write_run_outputs", "decide_stain", "DEFAULT_TEMPLATE"]
+
+#: Called with (stage, percent 0-100 of the whole run).
+Progress = Callable[[str, float], None]
+#: Template assumed when the chip name is not a serial (lenient naming).
+DEFAULT_TEMPLATE = "SS2"
+
+_STAGE_SPAN = {"read": (0, 8), "track": (8, 40), "clarity": (40, 60), "stitching": (60, 85), "calibration": (85, 97), "verdict": (97, 100)}
+
+
+@dataclass(frozen=True)
+class QCSettings:
+    """What a QC run needs to know besides the images.
+
+    Parameters
+    ----------
+    stain : {"auto", "DAPI", "ssDNA", "HE"}
+        Stain of the nuclear image; ``auto`` reads RGB as H&E and grey as DAPI.
+        A set with IF images is ``DAPI+mIF``.
+    thresholds : Thresholds
+        Pass criteria (StereoMap's defaults).
+    stitching_required : bool
+        Let stitching decide the verdict for every stain, not only DAPI+mIF.
+    threads : int
+        Threads the metrics may use.
+    limits : ReadLimits
+        Image-size limits of the readers.
+    clarity_model : object, optional
+        A :class:`qc.clarity_model.ClarityModel` spec; default the shipped model.
+    site, operator : str
+        Recorded in the report.
+    """
+
+    stain: str = "auto"
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    stitching_required: bool = False
+    threads: int = 2
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    clarity_model: Any = None
+    site: str = ""
+    operator: str = ""
+
+
+def decide_stain(scan_set: ScanSet, setting: str = "auto") -> str:
+    """The report's stain: ``DAPI``, ``ssDNA``, ``HE`` or ``DAPI+mIF``."""
+    nuclear = scan_set.nuclear
+    if nuclear is not None and (nuclear.role == "HE" or nuclear.is_rgb) and setting in ("auto", "HE"):
+        return "HE"
+    if setting == "HE":
+        return "HE"
+    if scan_set.if_images:
+        return "DAPI+mIF"
+    return "DAPI" if setting == "auto" else setting
+
+
+class _Stages:
+    def __init__(self, progress: Progress | None) -> None:
+        self.progress = progress
+
+    def at(self, stage: str, fraction: float = 0.0) -> None:
+        if self.progress is None:
+            return
+        lo, hi = _STAGE_SPAN[stage]
+        self.progress(stage, round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1))
+
+
+def _template(chip: str) -> tuple[ChipTemplate, str | None]:
+    serial = parse_chip(chip)
+    if serial is None:
+        return template_for(DEFAULT_TEMPLATE), f"{chip!r} is not a chip serial; assumed the {DEFAULT_TEMPLATE} template"
+    return template_for(serial), None
+
+
+def _facts(img: Image) -> dict[str, Any]:
+    return {
+        "name": img.name,
+        "role": img.role,
+        "format": img.format,
+        "width": int(img.width),
+        "height": int(img.height),
+        "dtype": str(np.dtype(img.dtype)),
+        "fov_grid": img.fov_grid,
+        "channels": tuple(img.channels),
+        "pixel_size_um": img.pixel_size_um,
+    }
+
+
+def run_qc(
+    scan_set: ScanSet,
+    settings: QCSettings | None = None,
+    cache: Any = None,
+    *,
+    progress: Progress | None = None,
+    clarity_model: Any = None,
+    clock: Callable[[], float] = time.time,
+) -> QCReport:
+    """Run every metric the scan set's stain calls for and judge them.
+
+    Parameters
+    ----------
+    scan_set : ScanSet
+        From :func:`qc.io.open_scan_set`.
+    settings : QCSettings
+    cache : PairCache, optional
+        Stitching's FOV-pair cache (the service passes a SQLite-backed one).
+    progress : callable, optional
+        ``progress(stage, percent)``.
+    clarity_model : LoadedClarityModel, optional
+        A loaded model (the caller builds the ONNX session at the edge);
+        default: load ``settings.clarity_model`` (or the shipped one) here.
+
+    Returns
+    -------
+    QCReport
+        With ``artifacts`` (thumbnails and raw results) for :mod:`qc.pictures`.
+    """
+    settings = settings or QCSettings()
+    started = clock()
+    t0 = time.perf_counter()
+    st = _Stages(progress)
+    st.at("read")
+    th = settings.thresholds
+    problems: list[str] = []
+    checks: list[MetricCheck] = []
+    art: dict[str, Any] = {"thumbs": {}, "track": {}, "clarity": {}, "stitching": {}, "calibration": {}, "tile_sizes": {}}
+    blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
+    stain = decide_stain(scan_set, settings.stain)
+    nuclear = scan_set.nuclear
+
+    for i, img in enumerate(scan_set.images):
+        try:
+            f = thumb_factor(img.width, img.height)
+            art["thumbs"][img.name] = (img.downsampled(f), f)
+        except QCError as e:
+            problems.append(f"{img.name}: cannot read the image: {e}")
+        st.at("read", (i + 1) / len(scan_set.images))
+
+    if nuclear is None:
+        problems.append(
+            f"no nuclear-stain or H&E image in the scan set of {scan_set.chip}; "
+            f"QC needs {scan_set.chip}.tif (or .czi, or a tile folder) beside the IF images"
+        )
+    tiled = any(img.tiles for img in scan_set.images)
+    wanted = metrics_for(stain, tiled=tiled)
+    nuclear_plane: np.ndarray | None = None
+    if nuclear is not None and nuclear.name in art["thumbs"]:
+        art["nuclear"] = nuclear.name
+        try:
+            nuclear_plane = nuclear.plane(0)
+        except QCError as e:
+            problems.append(f"{nuclear.name}: cannot read the image: {e}")
+
+    # -- track ----------------------------------------------------------------
+    if nuclear is not None and nuclear_plane is not None and "track" in wanted:
+        st.at("track")
+        from qc.track import find_track_lines
+
+        template, note = _template(scan_set.chip)
+        res = find_track_lines(nuclear_plane, template, max_threads=settings.threads)
+        art["track"][nuclear.name] = res
+        block = res.as_dict()
+        chk = check_track(nuclear.name, res, th, chip=scan_set.chip if note is None else "")
+        block["passed"] = chk.passed
+        if note:
+            block["note"] = note
+        blocks[nuclear.name]["track"] = block
+        checks.append(chk)
+        st.at("track", 1.0)
+
+    # -- clarity --------------------------------------------------------------
+    if nuclear is not None and nuclear_plane is not None and "clarity" in wanted:
+        st.at("clarity")
+        from qc.clarity import MAP_LABELS, evaluate_clarity
+        from qc.clarity_model import load_clarity_model
+
+        model = clarity_model or load_clarity_model(settings.clarity_model, threads=settings.threads)
+        if nuclear.is_rgb and not model.spec.supports_colour:
+            blocks[nuclear.name]["clarity"] = None
+        else:
+            cres = evaluate_clarity(nuclear_plane, model)
+            art["clarity"][nuclear.name] = cres
+            art["clarity_labels"] = MAP_LABELS
+            chk = check_clarity(nuclear.name, cres, th)
+            block = cres.to_dict()
+            block["passed"] = chk.passed
+            blocks[nuclear.name]["clarity"] = block
+            checks.append(chk)
+        st.at("clarity", 1.0)
+    del nuclear_plane
+
+    # -- stitching ------------------------------------------------------------
+    tiled_images = [img for img in scan_set.images if img.tiles]
+    if tiled_images and "stitching" in wanted:
+        from qc.stitching import evaluate_stitching
+
+        required = stain == "DAPI+mIF" or settings.stitching_required
+        for k, img in enumerate(tiled_images):
+            tiles = list(img.tiles or ())
+
+            def on_pairs(done: int, total: int, k: int = k) -> None:
+                st.at("stitching", (k + done / max(total, 1)) / len(tiled_images))
+
+            try:
+                sres = evaluate_stitching(tiles, cache=cache, max_threads=settings.threads, progress=on_pairs)
+            except QCError as e:
+                problems.append(f"{img.name}: stitching could not run: {e}")
+                continue
+            art["stitching"][img.name] = sres
+            art["tile_sizes"][img.name] = {t.name: (t.width, t.height) for t in tiles}
+            chk = check_stitching(img.name, sres, th, required=required)
+            block = dict(sres.summary())
+            block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
+            blocks[img.name]["stitching"] = block
+            checks.append(chk)
+
+    # -- calibration -----------------------------------------------------------
+    if stain == "DAPI+mIF" and nuclear is not None and "calibration" in wanted:
+        from qc.calibration import calibrate
+
+        ifs = scan_set.if_images
+        reference = nuclear.plane(0)
+        for k, img in enumerate(ifs):
+            st.at("calibration", k / max(len(ifs), 1))
+            try:
+                moving = img.plane(0)
+            except QCError as e:
+                problems.append(f"{img.name}: cannot read the image: {e}")
+                continue
+            cal = calibrate(
+                reference, moving, reference_name=nuclear.name, moving_name=img.name,
+                max_offset_px=th.calibration_offset_px, min_similarity=th.calibration_similarity,
+            )
+            art["calibration"][img.name] = cal
+            chk = check_calibration(img.name, cal, th, reference=nuclear.name)
+            block = dict(cal.summary())
+            block["passed"] = chk.passed
+            blocks[img.name]["calibration"] = block
+            checks.append(chk)
+            del moving
+        del reference
+
+    st.at("verdict")
+    verdict = decide(checks, problems=tuple(problems))
+    images = tuple(
+        ImageReport(**_facts(img), **{m: blocks[img.name].get(m) for m in ("track", "clarity", "stitching", "calibration")})
+        for img in scan_set.images
+    )
+    report = QCReport(
+        chip=scan_set.chip,
+        stain=stain,
+        verdict=verdict.verdict,
+        reasons=verdict.reasons,
+        images=images,
+        duration_s=time.perf_counter() - t0,
+        software_version=__version__,
+        started_at=started,
+        operator=settings.operator,
+        site=settings.site,
+        thresholds={k: getattr(th, k) for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")},
+        artifacts=art,
+    )
+    st.at("verdict", 1.0)
+    return report
+
+
+def write_run_outputs(
+    report: QCReport,
+    out_dir: Any,
+    *,
+    pictures: bool = True,
+    archive: bool = True,
+    images: Any = (),
+) -> Any:
+    """Write report.json, the pictures, each tiled image's registered Fiji tile
+    configuration and (when asked) the input images; then the ``.tar.gz``.
+
+    Returns :class:`qc.report.OutputPaths`.
+    """
+    from qc.pictures import pictures_from_artifacts, safe_name
+    from qc.report import write_outputs
+    from qc.stitching import tile_configuration_text
+
+    extra = {
+        f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
+        for name, res in report.artifacts.get("stitching", {}).items()
+    }
+    draw = (lambda rep, folder: pictures_from_artifacts(rep.artifacts, folder)) if pictures else None
+    return write_outputs(report, out_dir, pictures=draw, extra_files=extra, images=images, archive=archive)

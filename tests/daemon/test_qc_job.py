@@ -1,0 +1,91 @@
+"""The QC job in a real worker child: outputs, stored report, and the ways it fails."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from daemon.store import Store
+from daemon.worker import ProcessWorker
+from tests.daemon.conftest import CHIP
+
+
+def _member(path: Path, name: str, role: str) -> dict:
+    st = path.stat()
+    return {"name": name, "path": str(path), "format": "tiff", "role": role, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "files": 1}
+
+
+@pytest.fixture
+def scan_dir(qc_files, tmp_path):
+    d = tmp_path / "inbox"
+    d.mkdir(exist_ok=True)
+    for key in ("nuclear", "if"):
+        shutil.copy2(qc_files[key], d / qc_files[key].name)
+    return d
+
+
+def _run(cfg, members, chip=CHIP):
+    with Store(cfg.database_path) as store:
+        ssid, _ = store.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint="fp", members=members)
+        store.create_job(ssid)
+        worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="svc")
+        job = store.claim("svc", lease_s=60)
+        worker.submit(job)
+        worker.join(240)
+        return store.get_job(job.id), store.get_result(job.id)
+
+
+def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan_dir):
+    cfg = make_config()
+    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear"), _member(scan_dir / f"{CHIP}_CD31_IF.tif", f"{CHIP}_CD31_IF", "IF")]
+    job, result = _run(cfg, members)
+    assert job.state == "qc_done", job.error
+    assert result is not None and result["verdict"] == "pass", result and result["report"]["reasons"]
+    report = result["report"]
+    assert report["stain"] == "DAPI+mIF" and report["chip"] == CHIP
+    archive = Path(result["archive"])
+    assert archive.parent == cfg.output_dir and archive.name.startswith(f"{CHIP}_") and archive.name.endswith(".tar.gz")
+    with tarfile.open(archive) as tar:
+        assert any(n.endswith("/report.json") for n in tar.getnames())
+    assert Path(result["output_dir"], "pictures", f"{CHIP}_track.png").exists()
+    assert job.stage == "done" and job.progress == 100.0
+    # the microscope's files are untouched
+    assert [m["size"] for m in members] == [Path(m["path"]).stat().st_size for m in members]
+
+
+def test_a_failing_verdict_is_still_a_finished_job(make_config, qc_files, tmp_path):
+    cfg = make_config()
+    job, result = _run(cfg, [_member(qc_files["fail"], "C02533C", "nuclear")], chip="C02533C")
+    assert job.state == "qc_done"
+    assert result["verdict"] == "fail" and "track line score" in result["report"]["reasons"][0]
+
+
+def test_files_that_vanished_after_queueing_fail_the_job_clearly(make_config, scan_dir):
+    cfg = make_config()
+    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
+    (scan_dir / f"{CHIP}.tif").unlink()
+    job, _ = _run(cfg, members)
+    assert job.state == "failed" and "vanished after it was queued" in job.error and job.next_attempt_at is None
+
+
+def test_files_changed_after_queueing_are_not_qcd(make_config, scan_dir):
+    cfg = make_config()
+    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
+    with (scan_dir / f"{CHIP}.tif").open("ab") as fh:
+        fh.write(b"\0" * 100)
+    job, _ = _run(cfg, members)
+    assert job.state == "failed" and "changed after it was queued" in job.error
+
+
+def test_a_corrupt_image_fails_permanently_with_the_readers_reason(make_config, scan_dir):
+    cfg = make_config()
+    path = scan_dir / f"{CHIP}.tif"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    job, _ = _run(cfg, [_member(path, CHIP, "nuclear")])
+    assert job.state == "failed" and job.next_attempt_at is None
+    assert CHIP in job.error and ("truncated" in job.error or "corrupt" in job.error.lower() or "beyond" in job.error)
