@@ -536,8 +536,8 @@ class Discovery:
 
     def _record(self, r: _Root, s: _Set, view: SetView, now: float) -> int:
         assert self._store is not None and s.fp is not None
-        ssid, _ = self._store.add_scan_set(
-            chip=s.chip, root=r.policy.root, fingerprint=s.fp, members=[m.job_member() for m in view.members], now=now,
+        ssid, _ = self._store.add_scan_set(  # the root as configured: the QC job looks its settings up by it
+            chip=s.chip, root=str(r.watch.path), fingerprint=s.fp, members=[m.job_member() for m in view.members], now=now,
         )
         return ssid
 

@@ -204,7 +204,12 @@ def _file_stat(st: os.stat_result) -> MemberStat:
 
 
 def tile_folder_files(policy: WalkPolicy, folder: str) -> list[tuple[str, os.stat_result]]:
-    """Every file in a tile folder (and its sub-folders), with its stat; no links followed."""
+    """Every regular file in a tile folder (and its sub-folders), with its stat; no links followed.
+
+    Hidden and temporary files count too: something being written in the
+    folder means it is not finished, and the QC job checks the same totals
+    (``daemon.jobs.member_changes``) before it runs.
+    """
     out: list[tuple[str, os.stat_result]] = []
     stack = [folder]
     while stack:
@@ -212,7 +217,7 @@ def tile_folder_files(policy: WalkPolicy, folder: str) -> list[tuple[str, os.sta
         with os.scandir(d) as it:
             entries = list(it)
         for e in entries:
-            if policy.skips(e.name) or e.is_symlink() or _is_junction(e):
+            if e.is_symlink() or _is_junction(e):
                 continue
             if e.is_dir(follow_symlinks=False):
                 stack.append(e.path)
@@ -235,8 +240,6 @@ def stat_tile_folder(policy: WalkPolicy, folder: str) -> MemberStat:
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         size += st.st_size
         newest = max(newest, st.st_mtime_ns)
-    if not files:  # an empty folder still has an identity: its own mtime
-        newest = os.stat(folder, follow_symlinks=False).st_mtime_ns
     return MemberStat(size, newest, len(files), h.hexdigest())
 
 

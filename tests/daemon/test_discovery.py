@@ -21,6 +21,7 @@ import tifffile
 from daemon.cli import main
 from daemon.config import OutputConfig, load_config_text
 from daemon.discovery import Discovery
+from daemon.jobs import member_changes
 from daemon.logging import configure_logging
 from daemon.service import Daemon
 from daemon.status import collect_status
@@ -139,6 +140,8 @@ def test_slowly_written_sets_are_not_queued_early(service):
             if k < 9:
                 r, c = divmod(k, 3)
                 _tif(tiles / f"img_{r:04d}_{c:04d}_DAPI.tif", (16, 16))
+            if k == 4:
+                (tiles / ".DS_Store").write_bytes(b"\0" * 10)  # junk a file browser leaves
             now = time.time()
             gaps.append(now - last_write)
             last_write = now
@@ -152,10 +155,12 @@ def test_slowly_written_sets_are_not_queued_early(service):
     tiles_member = _members(cfg, next(j for j in jobs if j.chip == "A02677B5"))
     assert tiles_member == [{
         "name": "A02677B5", "path": str(tiles.resolve()), "format": "tiles", "role": "nuclear", "stain": None,
-        "size": tiles_member[0]["size"], "mtime_ns": tiles_member[0]["mtime_ns"], "files": 9,
+        "size": tiles_member[0]["size"], "mtime_ns": tiles_member[0]["mtime_ns"], "files": 10,
     }]
     time.sleep(1.5)  # more ticks and a rescan: still one job each
     assert len(_jobs(cfg)) == 2
+    for job in jobs:  # what the QC job checks before it runs agrees with what discovery recorded
+        assert member_changes(_members(cfg, job)) == []
 
 
 def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(service):
