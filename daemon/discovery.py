@@ -24,6 +24,16 @@ fail ("file not found") if the files are gone when it runs.
 
 A scan set is a chip's members in one folder (``<chip>`` and its
 ``<chip>_<IF>_IF`` images); a QC archive is a set on its own.
+
+The rescans run in discovery's own thread (:class:`daemon.watcher.Rescanner`),
+not as an APScheduler job: the service starts components before its
+scheduler exists and waits for scheduler jobs before it stops components, so
+a long walk of a slow share would hold up shutdown; the thread checks its
+stop event between folders. Latency from a set's last write to ``queued``:
+settle time plus up to two ticks with native events, plus up to one polling
+interval (at most one rescan interval) without them; the grouping window
+counts from the newest member's arrival, so it adds to that only for sets
+written faster than ``grouping_window_s - settle_seconds``.
 """
 
 from __future__ import annotations
