@@ -159,6 +159,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         con.print(t)
     for w in st["watchers"]:
         con.print(f"watch     {_clip(str(w.get('path')), 40)}  {w.get('observer', '?')}  {_clip(w.get('health', ''), 20)}")
+        files = "?" if w.get("files") is None else f"{w['files']:,}"
+        con.print(f"          rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
             mark = "" if w["exists"] else "  [red](missing)[/]"

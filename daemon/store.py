@@ -172,6 +172,40 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 3: discovery state (members being watched, their scan sets, names reported once)
+    """
+    CREATE TABLE IF NOT EXISTS discovery_members (
+        path        TEXT PRIMARY KEY,
+        root        TEXT NOT NULL,
+        set_key     TEXT NOT NULL,
+        name        TEXT NOT NULL,
+        chip        TEXT NOT NULL,
+        format      TEXT NOT NULL,
+        role        TEXT NOT NULL,
+        stain       TEXT,
+        size        INTEGER NOT NULL,
+        mtime_ns    INTEGER NOT NULL,
+        files       INTEGER NOT NULL,
+        sig         TEXT NOT NULL,
+        first_seen  REAL NOT NULL,
+        last_change REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS discovery_members_set ON discovery_members(set_key);
+    CREATE TABLE IF NOT EXISTS discovery_sets (
+        set_key        TEXT PRIMARY KEY,
+        root           TEXT NOT NULL,
+        chip           TEXT NOT NULL,
+        folder         TEXT NOT NULL,
+        first_seen     REAL NOT NULL,
+        last_change    REAL NOT NULL,
+        settling_since REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS discovery_notes (
+        key  TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        at   REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -792,6 +826,52 @@ class Store:
     def kv_count(self, namespace: str) -> int:
         with self.db(commit=False) as c:
             return int(c.execute("SELECT COUNT(*) FROM kv WHERE namespace = ?", (namespace,)).fetchone()[0])
+
+    # -- discovery state (daemon/discovery.py) --------------------------------
+
+    #: Columns of ``discovery_members`` and ``discovery_sets``, in order.
+    MEMBER_COLUMNS = (
+        "path", "root", "set_key", "name", "chip", "format", "role", "stain",
+        "size", "mtime_ns", "files", "sig", "first_seen", "last_change",
+    )
+    SET_COLUMNS = ("set_key", "root", "chip", "folder", "first_seen", "last_change", "settling_since")
+
+    def discovery_load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every watched member and scan set, as dicts keyed by column name."""
+        with self.db(commit=False) as c:
+            members = [dict(r) for r in c.execute("SELECT * FROM discovery_members ORDER BY path")]
+            sets = [dict(r) for r in c.execute("SELECT * FROM discovery_sets ORDER BY set_key")]
+        return members, sets
+
+    def discovery_save(
+        self,
+        *,
+        members: Sequence[dict[str, Any]] = (),
+        drop_members: Sequence[str] = (),
+        sets: Sequence[dict[str, Any]] = (),
+        drop_sets: Sequence[str] = (),
+    ) -> None:
+        """Upsert and delete members and sets in one transaction."""
+        if not (members or drop_members or sets or drop_sets):
+            return
+        mcols, scols = self.MEMBER_COLUMNS, self.SET_COLUMNS
+        with self.db() as c:
+            c.executemany("DELETE FROM discovery_members WHERE path = ?", [(p,) for p in drop_members])
+            c.executemany("DELETE FROM discovery_sets WHERE set_key = ?", [(k,) for k in drop_sets])
+            c.executemany(
+                f"INSERT OR REPLACE INTO discovery_members ({','.join(mcols)}) VALUES ({','.join('?' * len(mcols))})",
+                [tuple(m[k] for k in mcols) for m in members],
+            )
+            c.executemany(
+                f"INSERT OR REPLACE INTO discovery_sets ({','.join(scols)}) VALUES ({','.join('?' * len(scols))})",
+                [tuple(s[k] for k in scols) for s in sets],
+            )
+
+    def note_once(self, key: str, kind: str, *, now: float | None = None) -> bool:
+        """Remember ``key``; True only the first time (for things reported once, ever)."""
+        with self.db() as c:
+            cur = c.execute("INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)", (key, kind, _now(now)))
+            return cur.rowcount == 1
 
     # -- service status (read by `imageqc status` from another process) -------
 

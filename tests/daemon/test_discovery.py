@@ -1,0 +1,460 @@
+"""Discovery end to end: a real Daemon, real observers and real files in temporary folders.
+
+Tests never assert on timings; they assert order (nothing is queued while it
+is still being written) and counts (each set queued exactly once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from daemon.cli import main
+from daemon.config import OutputConfig, load_config_text
+from daemon.discovery import Discovery
+from daemon.jobs import member_changes
+from daemon.logging import configure_logging
+from daemon.service import Daemon
+from daemon.status import collect_status
+from daemon.store import Store
+from daemon.watcher import default_observer
+
+
+def _wait(pred, timeout=30.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+def _tif_bytes(shape=(64, 64), **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.random.default_rng(len(shape)).integers(0, 255, shape, dtype=np.uint8), **kw)
+    return buf.getvalue()
+
+
+def _tif(path: Path, shape=(32, 32)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_tif_bytes(shape))
+    return path
+
+
+class NullRunner:
+    """Claims nothing: queued jobs stay queued (for tests about queueing only)."""
+
+    def free_slots(self):
+        return 0
+
+    def submit(self, job):  # pragma: no cover - never called
+        raise AssertionError("NullRunner claims no job")
+
+    def active(self):
+        return []
+
+    def stop(self, timeout):
+        pass
+
+
+DISCOVERY = {"grouping_window_s": 0, "rescan_interval_s": 1, "poll_interval_s": 0.2, "incomplete_timeout_s": 600}
+
+
+def make_discovery_config(tmp_path: Path, watch: str = "", *, tick: float = 0.1, **discovery):
+    """A config with one watch root ``inbox`` (extra ``watch`` settings) and fast discovery settings."""
+    settings = {**DISCOVERY, **discovery}
+    text = (
+        'state_dir = "state"\n[[watch]]\npath = "inbox"\n' + watch + "\n[discovery]\n"
+        + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        + f"[service]\ntick_seconds = {tick}\nlease_seconds = 5\nretry_base_s = 1\nshutdown_timeout_s = 2\n"
+        + '[logging]\nconsole = "off"\n'
+    )
+    (tmp_path / "imageqc.toml").write_text(text)
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    return load_config_text(text, file=str(tmp_path / "imageqc.toml"), base=tmp_path)
+
+
+@pytest.fixture
+def service(tmp_path):
+    """``start(watch_toml, runner=..., discovery={...}, **component_kwargs)`` -> (daemon, discovery, config)."""
+    running: list[Daemon] = []
+
+    def start(watch="", *, runner=None, cfg=None, tick=0.1, discovery=None, **kw):
+        cfg = cfg or make_discovery_config(tmp_path, watch, tick=tick, **(discovery or {}))
+        disc = Discovery(cfg, **kw)
+        d = Daemon(cfg, target="tests.daemon.targets:ok", runner=runner, components=[disc])
+        d.start()
+        running.append(d)
+        return d, disc, cfg
+
+    def stop(d):
+        running.remove(d)
+        d.stop()
+
+    start.stop = stop
+    yield start
+    for d in running:
+        d.stop()
+
+
+def _jobs(cfg, chip=None):
+    with Store(cfg.database_path) as s:
+        return s.list_jobs(chip=chip, newest_first=False)
+
+
+def _members(cfg, job):
+    with Store(cfg.database_path) as s:
+        return s.get_scan_set(job.scan_set_id).members
+
+
+def _inbox(cfg) -> Path:
+    return cfg.watch[0].path
+
+
+# -- slow writers -------------------------------------------------------------------
+
+
+def test_slowly_written_sets_are_not_queued_early(service):
+    settle = 2.0
+    d, disc, cfg = service(f'settle_seconds = {settle}\n', runner=None)
+    inbox = _inbox(cfg)
+    data = _tif_bytes((512, 512), tile=(64, 64))
+    big = inbox / "SS200000135TL_D1.tif"
+    tiles = inbox / "A02677B5"
+    gaps, last_write = [], time.time()
+    with big.open("wb") as fh:  # a big TIFF grows in chunks while tiles appear one by one
+        for k, start in enumerate(range(0, len(data), len(data) // 12)):
+            fh.write(data[start : start + len(data) // 12])
+            fh.flush()
+            if k < 9:
+                r, c = divmod(k, 3)
+                _tif(tiles / f"img_{r:04d}_{c:04d}_DAPI.tif", (16, 16))
+            if k == 4:
+                (tiles / ".DS_Store").write_bytes(b"\0" * 10)  # junk a file browser leaves
+            now = time.time()
+            gaps.append(now - last_write)
+            last_write = now
+            assert not _jobs(cfg) or max(gaps) >= settle, "queued while still being written"
+            time.sleep(0.1)
+    last_write = time.time()
+    assert _wait(lambda: len([j for j in _jobs(cfg) if j.state == "skipped"]) == 2, timeout=60)
+    jobs = _jobs(cfg)
+    assert sorted(j.chip for j in jobs) == ["A02677B5", "SS200000135TL_D1"]
+    assert all(j.queued_at > last_write for j in jobs)
+    tiles_member = _members(cfg, next(j for j in jobs if j.chip == "A02677B5"))
+    assert tiles_member == [{
+        "name": "A02677B5", "path": str(tiles.resolve()), "format": "tiles", "role": "nuclear", "stain": None,
+        "size": tiles_member[0]["size"], "mtime_ns": tiles_member[0]["mtime_ns"], "files": 10,
+    }]
+    time.sleep(1.5)  # more ticks and a rescan: still one job each
+    assert len(_jobs(cfg)) == 2
+    for job in jobs:  # what the QC job checks before it runs agrees with what discovery recorded
+        assert member_changes(_members(cfg, job)) == []
+
+
+def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(service):
+    d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"grouping_window_s": 2.5})
+    inbox = _inbox(cfg)
+    _tif(inbox / "C02533C.tif")
+    time.sleep(0.8)  # settled, but inside the grouping window
+    assert not _jobs(cfg)
+    _tif(inbox / "C02533C_CD31_IF.tif")
+    _tif(inbox / "C02533C_GFAP_IF.czi.part")  # a partial copy is never a member
+    assert _wait(lambda: _jobs(cfg))
+    time.sleep(0.5)
+    (job,) = _jobs(cfg)
+    assert [m["name"] for m in _members(cfg, job)] == ["C02533C", "C02533C_CD31_IF"]
+    assert [m["role"] for m in _members(cfg, job)] == ["nuclear", "IF"]
+
+
+# -- restarts -----------------------------------------------------------------------
+
+
+def test_sets_finished_while_the_service_was_stopped_are_queued_at_start(service):
+    d, disc, cfg = service('settle_seconds = 0.5')
+    inbox = _inbox(cfg)
+    data = _tif_bytes((128, 128))
+    (inbox / "SS200000135TL_D1.tif").write_bytes(data[: len(data) // 2])  # half written when the service stops
+    assert _wait(lambda: disc.health()["roots"][0]["members"] == 1)
+    service.stop(d)
+    (inbox / "SS200000135TL_D1.tif").write_bytes(data)  # finished while stopped
+    _tif(inbox / "sub" / "C02533C.tif")  # arrived while stopped
+    d2, disc2, _ = service(cfg=cfg)
+    assert _wait(lambda: sum(j.state == "skipped" for j in _jobs(cfg)) == 2, timeout=60)
+    assert sorted(j.chip for j in _jobs(cfg)) == ["C02533C", "SS200000135TL_D1"]
+    service.stop(d2)
+    d3, _, _ = service(cfg=cfg)  # nothing new: nothing queued again
+    time.sleep(1.5)
+    assert len(_jobs(cfg)) == 2
+
+
+# -- events are hints only ------------------------------------------------------------
+
+
+class _Deaf:
+    """An observer factory whose observers watch an empty folder elsewhere: no event ever arrives."""
+
+    def __init__(self, elsewhere: Path):
+        self.elsewhere = elsewhere
+
+    def __call__(self, mode, policy, poll_s):
+        self.elsewhere.mkdir(exist_ok=True)
+        real = default_observer(mode, policy, poll_s)
+        schedule = real.schedule
+        real.schedule = lambda handler, path, **kw: schedule(handler, str(self.elsewhere), **kw)
+        return real
+
+
+@pytest.mark.parametrize("mode", ["polling", "no events at all"])
+def test_polling_only_and_rescans_alone_find_everything(service, tmp_path, mode):
+    extra = 'settle_seconds = 0.3\n'
+    kw = {}
+    if mode == "polling":
+        extra += 'observer = "polling"\n'
+    else:
+        kw["observer_factory"] = _Deaf(tmp_path / "elsewhere")
+    d, disc, cfg = service(extra, runner=NullRunner(), **kw)
+    inbox = _inbox(cfg)
+    time.sleep(0.3)
+    _tif(inbox / "C02533C.tif")
+    _tif(inbox / "C02533C_CD31_IF.tif")
+    _tif(inbox / "2024" / "A02677B5.tif")
+    for r in range(2):
+        for c in range(2):
+            _tif(inbox / "2024" / "SS200000135TL_D1" / f"t_{r:04d}_{c:04d}_.tif", (16, 16))
+    assert _wait(lambda: len(_jobs(cfg)) == 3)
+    root = disc.health()["roots"][0]
+    assert root["observer"] == ("polling" if mode == "polling" else "native") and root["health"] == "ok"
+    time.sleep(1.2)
+    assert sorted(j.chip for j in _jobs(cfg)) == ["A02677B5", "C02533C", "SS200000135TL_D1"]
+
+
+# -- many sets ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_thousand_sets_arriving_at_random_times_are_each_queued_exactly_once(service):
+    d, disc, cfg = service('settle_seconds = 0.5\n', runner=NullRunner(), tick=0.2)
+    inbox = _inbox(cfg)
+    data = _tif_bytes((16, 16))
+    rng = random.Random(1234)
+    chips = [f"SS2{n:08d}_D1" for n in range(1000)]
+    folders = [inbox / f"day{k}" for k in range(10)]
+    for f in folders:
+        f.mkdir()
+
+    def writer():
+        for chip in chips:
+            folder = folders[rng.randrange(len(folders))]
+            tmp = folder / f"{chip}.tif.part"
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / f"{chip}.tif")  # how exporters finish a file
+            if rng.random() < 0.05:
+                time.sleep(rng.uniform(0.05, 0.3))
+
+    t = threading.Thread(target=writer, name="test-writer")
+    t.start()
+    t.join()
+    assert _wait(lambda: len(_jobs(cfg)) >= 1000, timeout=60), len(_jobs(cfg))
+    time.sleep(1.5)  # another rescan and more ticks: nothing twice
+    jobs = _jobs(cfg)
+    assert len(jobs) == 1000 and sorted(j.chip for j in jobs) == chips
+    assert len({j.fingerprint for j in jobs}) == 1000 and all(j.state == "queued" for j in jobs)
+    assert disc.health()["roots"][0]["members"] == 1000 and disc.health()["roots"][0]["pending"] == 0
+
+
+def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
+    d, disc, cfg = service("settle_seconds = 0.2", runner=NullRunner(), tick=0.05, discovery={"rescan_interval_s": 3600})
+    disc.tick_budget_s = 0.0  # one path and one set per tick: slow shares do not stall the service
+    for k in range(12):
+        _tif(_inbox(cfg) / f"SS2{k:08d}_D1.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 12)
+    assert len({j.fingerprint for j in _jobs(cfg)}) == 12
+
+
+# -- supervision ----------------------------------------------------------------------
+
+
+def test_a_killed_observer_is_replaced_and_the_service_keeps_finding_sets(service, capsys):
+    d, disc, cfg = service('settle_seconds = 0.3\nobserver = "native"', runner=NullRunner())
+    watcher = disc._roots[0].watcher
+    assert _wait(watcher.alive)
+    watcher.observer.stop()  # the observer thread dies
+    assert _wait(lambda: disc.health()["roots"][0]["health"] == "restarted 1x")
+    assert watcher.alive()
+    _tif(_inbox(cfg) / "C02533C.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    assert _wait(lambda: collect_status(cfg)["watchers"][0]["files"] == 1)  # after the next rescan
+    (w,) = collect_status(cfg)["watchers"]
+    assert w["health"] == "restarted 1x" and w["observer"] == "native" and w["path"] == str(_inbox(cfg).resolve())
+    assert w["last_rescan"] is not None
+    assert main(["status", "--config", cfg.source]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    k = next(i for i, line in enumerate(lines) if line.startswith("watch     "))
+    assert lines[k].endswith("native  restarted 1x") and len(lines[k]) <= 80
+    assert lines[k + 1].strip().startswith("rescanned ") and lines[k + 1].endswith(", 1 files, 0 set(s) settling")
+
+
+# -- incomplete, changed, vanished ------------------------------------------------
+
+
+@pytest.fixture
+def json_log(tmp_path):
+    path = tmp_path / "log.jsonl"
+    configure_logging(level="info", file=path, console="off")
+
+    def records(event=None):
+        recs = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [r for r in recs if event is None or r["event"] == event]
+
+    yield records
+    configure_logging(console="off")
+
+
+def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log):
+    d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"incomplete_timeout_s": 1.5})
+    inbox = _inbox(cfg)
+    data = _tif_bytes((256, 256))
+    (inbox / "C02533C.tif").write_bytes(data[:-500])
+    assert _wait(lambda: _jobs(cfg))
+    time.sleep(1.5)
+    (job,) = _jobs(cfg)
+    assert job.state == "failed" and job.failed_stage == "discovery" and job.next_attempt_at is None
+    assert "C02533C" in job.error and "incomplete" in job.error and "cut short" in job.error
+    service.stop(d)
+    d2, _, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
+    time.sleep(2.0)
+    assert len(_jobs(cfg)) == 1 and len(json_log("scan set never completed; reported")) == 1
+    (inbox / "C02533C.tif").write_bytes(data[:-300])  # changed, still cut short: a new report replaces the old
+    assert _wait(lambda: len(_jobs(cfg)) == 2 and _jobs(cfg)[0].state == "superseded")
+    assert _jobs(cfg)[1].state == "failed" and "cut short" in _jobs(cfg)[1].error
+    (inbox / "C02533C.tif").write_bytes(data)  # re-exported whole
+    assert _wait(lambda: any(j.state == "queued" for j in _jobs(cfg)))
+    first, old, new = _jobs(cfg)
+    assert old.state == "superseded" and new.state == "queued" and new.fingerprint != old.fingerprint
+
+
+def test_a_re_export_makes_a_new_job_and_supersedes_the_older_one(service):
+    d, disc, cfg = service('settle_seconds = 0.3', runner=NullRunner())
+    tif = _tif(_inbox(cfg) / "SS200000135TL_D1.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    first = _jobs(cfg)[0]
+    tif.write_bytes(_tif_bytes((48, 48)))  # exported again, different content
+    assert _wait(lambda: len(_jobs(cfg)) == 2)
+    old, new = _jobs(cfg)
+    assert old.id == first.id and old.state == "superseded" and new.state == "queued"
+    with Store(cfg.database_path) as s:
+        assert any("superseded by job" in (e.message or "") for e in s.events(old.id))
+
+
+def test_sets_deleted_or_renamed_before_they_are_queued_are_dropped_cleanly(service, json_log):
+    d, disc, cfg = service('settle_seconds = 1.5', runner=NullRunner())
+    inbox = _inbox(cfg)
+    doomed = _tif(inbox / "C02533C.tif")
+    renamed = _tif(inbox / "A02677B5.tif")
+    assert _wait(lambda: disc.health()["roots"][0]["members"] == 2)
+    doomed.unlink()
+    renamed.rename(inbox / "D02070C3D3.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    time.sleep(0.5)
+    assert [j.chip for j in _jobs(cfg)] == ["D02070C3D3"]
+    dropped = json_log("scan set disappeared before it was complete; dropped")
+    assert sorted(r["chip"] for r in dropped) == ["A02677B5", "C02533C"]
+    with Store(cfg.database_path) as s:
+        members, sets = s.discovery_load()
+    assert [Path(m["path"]).name for m in members] == ["D02070C3D3.tif"] and len(sets) == 1
+
+
+def test_strict_naming_reports_a_name_once_ever_and_lenient_naming_takes_it(service, json_log):
+    d, disc, cfg = service('settle_seconds = 0.3', runner=NullRunner())
+    inbox = _inbox(cfg)
+    _tif(inbox / "mouse1.tif")
+    for k in range(30):
+        (inbox / f"notes{k}.txt").write_text("x")  # not candidates: debug lines only
+    assert _wait(lambda: json_log("names are not chip serials; ignored (naming = strict)"))
+    service.stop(d)
+    d2, disc2, _ = service(cfg=cfg, runner=NullRunner())
+    time.sleep(1.5)
+    (warning,) = json_log("names are not chip serials; ignored (naming = strict)")
+    assert warning["names"] == ["mouse1.tif"] and not _jobs(cfg)
+    assert not [r for r in json_log() if r["level"] in ("error", "critical")]
+    service.stop(d2)
+    lenient = dataclasses.replace(cfg, watch=(dataclasses.replace(cfg.watch[0], naming="lenient"),))
+    service(cfg=lenient, runner=NullRunner())
+    assert _wait(lambda: [j.chip for j in _jobs(cfg)] == ["mouse1"])
+    assert len(json_log("accepted a name that is not a chip serial (naming = lenient)")) == 1
+
+
+def test_a_marker_file_decides_when_configured(service):
+    d, disc, cfg = service('settle_seconds = 0.2\nmarker = "{chip}.done"', runner=NullRunner())
+    inbox = _inbox(cfg)
+    _tif(inbox / "C02533C.tif")
+    _tif(inbox / "C02533C_CD31_IF.tif")
+    time.sleep(1.0)
+    assert not _jobs(cfg)
+    (inbox / "C02533C.done").write_text("")
+    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    assert len(_members(cfg, _jobs(cfg)[0])) == 2
+
+
+def test_the_output_folder_is_never_watched_even_inside_a_root(service, tmp_path):
+    cfg = make_discovery_config(tmp_path, "settle_seconds = 0.2")
+    out = cfg.watch[0].path / "qc-out"
+    cfg = dataclasses.replace(cfg, output=OutputConfig(dir=str(out)))  # the loader refuses this; be defensive anyway
+    d, disc, _ = service(cfg=cfg, runner=NullRunner())
+    _tif(out / "C02533C.tif")
+    _tif(cfg.watch[0].path / "A02677B5.tif")
+    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    time.sleep(1.2)
+    assert [j.chip for j in _jobs(cfg)] == ["A02677B5"]
+
+
+def test_a_missing_root_is_reported_and_nothing_under_it_is_dropped(service):
+    d, disc, cfg = service('settle_seconds = 30', runner=NullRunner())
+    inbox = _inbox(cfg)
+    _tif(inbox / "C02533C.tif")
+    assert _wait(lambda: disc.health()["roots"][0]["members"] == 1)
+    moved = inbox.with_name("inbox-away")
+    inbox.rename(moved)  # the share goes away
+    assert _wait(lambda: disc.health()["roots"][0]["health"] == "folder missing")
+    time.sleep(1.2)  # a rescan of a missing root deletes nothing
+    assert disc.health()["roots"][0]["members"] == 1
+    moved.rename(inbox)
+    assert _wait(lambda: disc.health()["roots"][0]["health"] == "ok")
+    time.sleep(1.2)  # the rescan after it came back finds the same member
+    assert disc.health()["roots"][0]["members"] == 1 and not _jobs(cfg)
+
+
+# -- the store's discovery tables --------------------------------------------------
+
+
+def test_store_keeps_discovery_state_and_notes_once(tmp_path):
+    member = {
+        "path": "/r/C02533C.tif", "root": "/r", "set_key": "/r/C02533C#set", "name": "C02533C", "chip": "C02533C",
+        "format": "tiff", "role": "nuclear", "stain": None, "size": 10, "mtime_ns": 5, "files": 1, "sig": "10:5",
+        "first_seen": 1.0, "last_change": 2.0,
+    }
+    sset = {"set_key": "/r/C02533C#set", "root": "/r", "chip": "C02533C", "folder": "/r", "first_seen": 1.0,
+            "last_change": 2.0, "settling_since": 1.0}
+    with Store(tmp_path / "db.sqlite3") as s:
+        assert s.schema_version == 3
+        s.discovery_save(members=[member], sets=[sset])
+        s.discovery_save(members=[{**member, "size": 11, "last_change": 3.0}])  # upsert
+        members, sets = s.discovery_load()
+        assert members == [{**member, "size": 11, "last_change": 3.0}] and sets == [sset]
+        s.discovery_save(drop_members=["/r/C02533C.tif"], drop_sets=["/r/C02533C#set"])
+        assert s.discovery_load() == ([], [])
+        assert s.note_once("not_serial:/r/x.tif", "not_serial") and not s.note_once("not_serial:/r/x.tif", "not_serial")
+    with Store(tmp_path / "db.sqlite3") as s:  # and after reopening
+        assert not s.note_once("not_serial:/r/x.tif", "not_serial")
