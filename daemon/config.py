@@ -109,7 +109,10 @@ class DiscoveryConfig:
     rescan_interval_s: float = _f(60.0, "Full reconciliation rescan of every root, seconds (the source of truth).", min=1, max=86400)
     poll_interval_s: float = _f(5.0, "Polling observer interval, seconds.", min=0.1, max=3600)
     grouping_window_s: float = _f(
-        120.0, "Wait this long after a chip's last member before queueing, so late IF images join the set.", min=0, max=86400
+        60.0,
+        "Wait this long after a chip's newest member appeared before queueing, so IF images exported a little "
+        "later join the set (DAPI+mIF). Up to the settle time this adds no delay; raise it if IF exports lag more.",
+        min=0, max=86400,
     )
     incomplete_timeout_s: float = _f(
         3600.0, "Report a scan set that never completes (e.g. a truncated TIFF) after this long, once.", min=1, max=30 * 86400
