@@ -174,6 +174,17 @@ class UploadTarget:
     concurrency: int = _f(4, "Parts or files sent in parallel.", min=1, max=64)
     part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
     max_attempts: int = _f(8, "Attempts for transient errors before the job is marked failed.", min=1, max=100)
+    retry_base_s: float = _f(
+        1.0, "First wait after a transient error (network loss, 5xx, timeout); doubles each attempt, with jitter.", min=0, max=3600
+    )
+    retry_max_s: float = _f(60.0, "Longest wait between two attempts of one request.", min=0, max=86400)
+    timeout_s: float = _f(60.0, "Connect and read timeout of each request, seconds.", min=1, max=3600)
+    checksum: str = _f(
+        "auto",
+        "Part checksum sent with every part (s3): md5 (Content-MD5, understood by every S3-compatible server), "
+        "sha256 (also x-amz-checksum-sha256; AWS and servers that support it) or auto (sha256 on AWS, md5 with an endpoint).",
+        choices=("auto", "md5", "sha256"),
+    )
     credentials: str = _f(
         "",
         "Where credentials come from: '' (the platform's standard chain), 'env:PREFIX' (PREFIX_ACCESS_KEY_ID, "
