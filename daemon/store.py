@@ -861,7 +861,7 @@ class Store:
         with self.db(commit=False) as c:
             return [_upload(r) for r in c.execute(sql, args).fetchall()]
 
-    def update_upload(self, upload_id: int, *, now: float | None = None, **changes: Any) -> None:
+    def update_upload(self, row_id: int, /, *, now: float | None = None, **changes: Any) -> None:
         """Set columns of one upload record (state, bytes_done, upload_id, parts, checksum, attempts, error, ...)."""
         bad = set(changes) - _UPLOAD_COLUMNS
         if bad:
@@ -873,9 +873,9 @@ class Store:
         changes["updated_at"] = _now(now)
         cols = ", ".join(f"{k} = ?" for k in changes)
         with self.db() as c:
-            cur = c.execute(f"UPDATE uploads SET {cols} WHERE id = ?", (*changes.values(), upload_id))
+            cur = c.execute(f"UPDATE uploads SET {cols} WHERE id = ?", (*changes.values(), row_id))
             if cur.rowcount != 1:
-                raise StoreError(f"no upload record {upload_id}")
+                raise StoreError(f"no upload record {row_id}")
 
     def upload_backlog(self) -> dict[str, dict[str, int]]:
         """Per target: files not yet uploaded and their bytes still to send (done/present excluded)."""

@@ -256,6 +256,8 @@ class UploadManager:
         a = _Active(job, self)
         self._active[job.id] = a
         with bind_job(job.id, job.chip):
+            if not self._inputs_unchanged(a, [r for r in self.store.uploads(job.id) if self._required(r)], now):
+                return
             try:
                 self._plan(job, now)
             except (PlanError, OSError, ValueError) as e:
@@ -264,8 +266,6 @@ class UploadManager:
                 self._settle(a, now)
                 return
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
-            if not self._inputs_unchanged(a, records, now):
-                return
             for r in records:
                 if r.state in (U.RETRY, U.ACTIVE, U.FAILED, U.CHANGED):
                     self.store.update_upload(r.id, state=U.PENDING, attempts=0 if r.state == U.FAILED else r.attempts, now=now)
@@ -282,7 +282,8 @@ class UploadManager:
     def _inputs_unchanged(self, a: _Active, records: list[UploadRow], now: float) -> bool:
         assert self.store is not None
         inputs = [r for r in records if r.kind == "inputs" and r.state not in UPLOAD_FINISHED]
-        if not inputs:
+        wants_inputs = any("inputs" in kinds_for_mode(t.mode) for t in self.targets.values())
+        if not inputs and (records or not wants_inputs):
             return True
         scan = self.store.get_scan_set(a.job.scan_set_id)
         ignore = next((w.ignore for w in self.config.watch if str(w.path) == scan.root), DEFAULT_IGNORE)

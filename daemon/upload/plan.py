@@ -1,5 +1,9 @@
 """Which files a job uploads, under which keys, and whether its inputs are still the ones QC saw.
 
+Each planned input carries the size and mtime discovery recorded (what QC
+read) when the scan set has them, so a file changed before planning is still
+caught before it is sent.
+
 Inputs are the scan set's members: a file, or every file of a tile folder
 (keeping its relative path, temp and hidden names left out). Outputs are the
 QC archive plus ``report.json`` beside it; with no archive, every file of
@@ -75,21 +79,31 @@ def _ignore_for(config: Config, root: str) -> Sequence[str]:
     return DEFAULT_IGNORE
 
 
-def _inputs(members: Iterable[dict[str, Any]], ignore: Sequence[str]) -> list[tuple[Path, str, os.stat_result]]:
+def _recorded(st: os.stat_result, entry: dict[str, Any] | None) -> tuple[int, int]:
+    """``(size, mtime_ns)`` as discovery recorded them (what QC saw), else as now."""
+    if entry and entry.get("size") is not None and entry.get("mtime_ns") is not None:
+        return int(entry["size"]), int(entry["mtime_ns"])
+    return st.st_size, st.st_mtime_ns
+
+
+def _inputs(members: Iterable[dict[str, Any]], ignore: Sequence[str]) -> list[tuple[Path, str, tuple[int, int]]]:
     files = []
     for m in members:
         path = Path(m["path"])
         if path.is_dir():
+            listed = m.get("files") if isinstance(m.get("files"), list) else []
+            entries = {e["name"]: e for e in listed if isinstance(e, dict) and "name" in e}
             for p, st in list_folder(path, ignore):
-                files.append((p, f"{path.name}/{p.relative_to(path).as_posix()}", st))
+                rel = p.relative_to(path).as_posix()
+                files.append((p, f"{path.name}/{rel}", _recorded(st, entries.get(rel))))
         elif path.is_file():
-            files.append((path, path.name, path.stat()))
+            files.append((path, path.name, _recorded(path.stat(), m)))
         else:
             raise PlanError(f"input {path} of the scan set is gone; nothing of it can be uploaded")
     return files
 
 
-def _outputs(result: dict[str, Any]) -> list[tuple[Path, str, os.stat_result]]:
+def _outputs(result: dict[str, Any]) -> list[tuple[Path, str, tuple[int, int]]]:
     archive = result.get("archive")
     out_dir = Path(result["output_dir"]) if result.get("output_dir") else None
     files = []
@@ -97,12 +111,12 @@ def _outputs(result: dict[str, Any]) -> list[tuple[Path, str, os.stat_result]]:
         a = Path(archive)
         if not a.is_file():
             raise PlanError(f"the QC archive {a} is missing; run QC again (`imageqc retry`) to recreate it")
-        files.append((a, a.name, a.stat()))
+        files.append((a, a.name, _recorded(a.stat(), None)))
         report = (out_dir or a.parent) / "report.json"
         if report.is_file():
-            files.append((report, "report.json", report.stat()))
+            files.append((report, "report.json", _recorded(report.stat(), None)))
     elif out_dir is not None and out_dir.is_dir():
-        files += [(p, p.relative_to(out_dir).as_posix(), st) for p, st in list_folder(out_dir)]
+        files += [(p, p.relative_to(out_dir).as_posix(), _recorded(st, None)) for p, st in list_folder(out_dir)]
     if not files:
         raise PlanError("the QC result names no archive and no output folder with files; nothing to upload as outputs")
     return files
@@ -126,7 +140,7 @@ def plan_job(
     if result is None:
         raise PlanError("the job has no QC result; run QC again (`imageqc retry`)")
     run, date = run_id(chip, result.get("archive"), float(result.get("created_at") or 0), tz)
-    files: dict[str, list[tuple[Path, str, os.stat_result]]] = {}
+    files: dict[str, list[tuple[Path, str, tuple[int, int]]]] = {}
     if "inputs" in wanted:
         files["inputs"] = _inputs(members, _ignore_for(config, root))
     if "outputs" in wanted:
@@ -134,11 +148,11 @@ def plan_job(
     planned = []
     for t in targets:
         for kind in kinds_for_mode(t.mode):
-            for path, name, st in files[kind]:
+            for path, name, (size, mtime_ns) in files[kind]:
                 key = render_key(
                     t.key_template, prefix=t.prefix, site=config.site.name, chip=chip, run=run, name=name, kind=kind, date=date,
                 )
-                planned.append(PlannedFile(t.name, kind, str(path), key, st.st_size, st.st_mtime_ns))
+                planned.append(PlannedFile(t.name, kind, str(path), key, size, mtime_ns))
     return planned
 
 

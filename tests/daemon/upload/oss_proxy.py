@@ -207,7 +207,7 @@ class OSSProxy:
         if "Content-Length" not in headers and h.command != "HEAD":
             h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        if body:
+        if body and h.command != "HEAD":
             h.wfile.write(body)
 
 
