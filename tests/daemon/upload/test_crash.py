@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import UploadTarget
+from daemon.config import UploadTarget, load_config
 from daemon.errors import PermanentUploadError
+from daemon.status import collect_status
 from daemon.store import JobState, Store
 from daemon.upload import make_uploader
 from daemon.upload.base import Transfer
@@ -85,8 +86,14 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
     s3_server.clear_log()
 
     second = _service(cfg_path, tmp_path)
+    cfg = load_config(cfg_path)
+    busy = []
     try:
         def finished():
+            st = collect_status(cfg)  # what `imageqc status` shows while the service uploads
+            target = st["uploads"].get("targets", {}).get("moto", {})
+            if st["service"]["running"] and target.get("files") and target.get("rate_bps"):
+                busy.append(target)
             with Store(db, readonly=True) as s:
                 return s.get_job(job.id).state == JobState.DONE
 
@@ -94,6 +101,7 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
     finally:
         second.terminate()
         second.wait(timeout=30)
+    assert busy and busy[0]["bytes"] > 0 and busy[0]["rate_bps"] > 0  # the backlog and the rate, from the heartbeat
     parts_sent = {e["part"] for e in s3_server.requests("UploadPart", f"{bucket}/{key}")}
     assert len(s3_server.requests("UploadPart", f"{bucket}/{key}")) == n_parts - len(good)
     assert parts_sent == set(range(1, n_parts + 1)) - {p["PartNumber"] for p in good}
