@@ -291,9 +291,8 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     from daemon.store import UploadState
 
     cfg = _config(args)
-    if not cfg.database_path.exists():
-        rows = []
-    else:
+    rows, chips = [], {}
+    if cfg.database_path.exists():
         with _open_store(cfg) as store:
             rows = store.uploads(args.job, target=args.target, states=[args.state] if args.state else None, limit=args.limit, newest_first=True)
             chips = {j.id: j.chip for j in store.list_jobs()}

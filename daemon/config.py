@@ -162,18 +162,29 @@ class UploadTarget:
     endpoint: str = _f("", "Endpoint URL (S3-compatible or OSS); empty = AWS default for s3.")
     region: str = _f("", "Region (s3: e.g. eu-west-1; oss: e.g. cn-hangzhou).")
     bucket: str = _f("", "Bucket name (s3, oss).")
-    path: str = _f("", "Destination folder (hpc): a mounted path or a UNC share.")
+    path: str = _f("", "Destination folder (hpc): an absolute mounted path or a UNC share (//server/share/dir).")
     prefix: str = _f("", "Key prefix inside the bucket or folder.")
     key_template: str = _f(
         "{prefix}/{site}/{chip}/{run}/{name}",
         "Remote key layout; fields: prefix, site, chip, run, name, kind (inputs|outputs), date.",
     )
     addressing_style: str = _f("auto", "s3 addressing: auto, path or virtual.", choices=("auto", "path", "virtual"))
-    window: str = _f("", "Only upload inside this daily window, e.g. '20:00-06:00'; empty = any time.")
-    bandwidth_limit: str = _f("", "Cap on upload rate, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.")
-    concurrency: int = _f(4, "Parts or files sent in parallel.", min=1, max=64)
+    window: str = _f(
+        "",
+        "Only start uploads inside this daily window, in the PC's local time, e.g. '20:00-06:00'; when it closes, "
+        "parts in flight finish and the rest resumes at the next opening. Empty = any time.",
+    )
+    bandwidth_limit: str = _f(
+        "", "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited."
+    )
+    concurrency: int = _f(4, "Requests (parts or whole files) in flight at once for this target.", min=1, max=64)
     part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
-    max_attempts: int = _f(8, "Attempts for transient errors before the job is marked failed.", min=1, max=100)
+    max_attempts: int = _f(
+        8,
+        "Attempts of each request for transient errors (network loss, 5xx, timeouts) before the file counts as failed; "
+        "the job is then retried with the service's backoff, up to service.max_attempts times.",
+        min=1, max=100,
+    )
     retry_base_s: float = _f(
         1.0, "First wait after a transient error (network loss, 5xx, timeout); doubles each attempt, with jitter.", min=0, max=3600
     )

@@ -22,6 +22,7 @@ import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,27 +150,35 @@ def digest_file(
     done: dict[str, list[str]] = {k: [] for k in kinds}
     current = {k: hashlib.new(k, usedforsecurity=k != "md5") for k in kinds}
     in_part = 0
-    with open(path, "rb") as f:
+
+    def parts_update(block: bytes) -> None:
+        nonlocal in_part
+        view = memoryview(block)
+        while kinds and view:
+            take = min(len(view), part_size - in_part)
+            for h in current.values():
+                h.update(view[:take])
+            in_part += take
+            view = view[take:]
+            if in_part == part_size:
+                for k in kinds:
+                    done[k].append(current[k].hexdigest())
+                    current[k] = hashlib.new(k, usedforsecurity=k != "md5")
+                in_part = 0
+
+    # hashlib releases the GIL on large buffers: the part hashes run beside the whole-file ones
+    with open(path, "rb") as f, ThreadPoolExecutor(1, thread_name_prefix="digest") as side:
         while True:
             check()
             block = f.read(READ_CHUNK)
             if not block:
                 break
+            pending = side.submit(parts_update, block) if kinds else None
             sha.update(block)
             if crc is not None:
                 crc.update(block)
-            view = memoryview(block)
-            while kinds and view:
-                take = min(len(view), part_size - in_part)
-                for h in current.values():
-                    h.update(view[:take])
-                in_part += take
-                view = view[take:]
-                if in_part == part_size:
-                    for k in kinds:
-                        done[k].append(current[k].hexdigest())
-                        current[k] = hashlib.new(k, usedforsecurity=k != "md5")
-                    in_part = 0
+            if pending is not None:
+                pending.result()
     for k in kinds:
         if in_part or not done[k]:
             done[k].append(current[k].hexdigest())

@@ -51,7 +51,7 @@ from daemon.logging import bind_job, get_logger
 from daemon.store import UPLOAD_FINISHED, Job, JobState, Store, UploadRow, UploadState
 from daemon.upload import make_uploader
 from daemon.upload.base import InputChanged, Interrupted, LocalFile, Transfer, Uploader, file_stat
-from daemon.upload.plan import DEFAULT_IGNORE, PlanError, check_inputs, plan_job
+from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job
 from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
 
 __all__ = ["UploadManager"]
@@ -243,7 +243,7 @@ class UploadManager:
 
     def _plan_waiting(self, now: float) -> None:
         assert self.store is not None
-        for job in self.store.jobs_without_uploads(limit=20):
+        for job in self.store.jobs_without_uploads(limit=20 + len(self._unplannable)):
             if job.id in self._unplannable:
                 continue
             try:
@@ -286,8 +286,7 @@ class UploadManager:
         if not inputs and (records or not wants_inputs):
             return True
         scan = self.store.get_scan_set(a.job.scan_set_id)
-        ignore = next((w.ignore for w in self.config.watch if str(w.path) == scan.root), DEFAULT_IGNORE)
-        check = check_inputs(scan.members, ignore=ignore)
+        check = check_inputs(scan.members, ignore=ignore_patterns(self.config, scan.root))
         if check.missing:
             a.permanent = f"input(s) gone before upload: {', '.join(check.missing[:3])}; nothing more of this scan set is uploaded"
             self._settle(a, now)
@@ -462,6 +461,12 @@ class UploadManager:
 
     def _clean_up_stale(self) -> None:
         """Abort multipart uploads, delete checkpoints and partial copies no upload will resume."""
+        try:
+            self._discard_stale()
+        except Exception:
+            log.exception("clean-up of stale uploads failed; the service goes on")
+
+    def _discard_stale(self) -> None:
         assert self.store is not None
         live = {JobState.QC_DONE.value, JobState.UPLOADING.value, JobState.FAILED.value}
         keep: dict[str, set[str]] = {n: set() for n in self.targets}

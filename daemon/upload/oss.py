@@ -150,7 +150,7 @@ class OSSUploader(Uploader):
         if isinstance(e, ox.InconsistentError):
             return IntegrityError(self.name, f"{op}: CRC-64 of what was sent and what OSS stored differ", hint="it is sent again")
         if isinstance(e, ox.RequestError):
-            return self.transient(f"{op} failed: {e.body if hasattr(e, 'body') else e}", hint=f"is {self.target.endpoint} reachable?")
+            return self.transient(f"{op} failed: network error ({e})", hint=f"is {self.target.endpoint} reachable?")
         if isinstance(e, ox.OssError):
             code, status = e.code or "", int(e.status or 0)
             if code in _PERMANENT_CODES:

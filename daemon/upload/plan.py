@@ -26,7 +26,7 @@ from daemon.config import Config, UploadTarget
 from daemon.errors import DaemonError
 from daemon.upload.policy import kinds_for_mode, render_key, run_id
 
-__all__ = ["PlannedFile", "PlanError", "InputCheck", "plan_job", "check_inputs", "list_folder", "DEFAULT_IGNORE"]
+__all__ = ["PlannedFile", "PlanError", "InputCheck", "plan_job", "check_inputs", "list_folder", "ignore_patterns", "DEFAULT_IGNORE"]
 
 DEFAULT_IGNORE = ("~*", ".*", "*.tmp", "*.part")
 
@@ -69,7 +69,8 @@ def list_folder(folder: Path, ignore: Sequence[str] = DEFAULT_IGNORE) -> list[tu
     return out
 
 
-def _ignore_for(config: Config, root: str) -> Sequence[str]:
+def ignore_patterns(config: Config, root: str) -> Sequence[str]:
+    """The ignore patterns of the watch root a scan set was found under."""
     for w in config.watch:
         try:
             if Path(root).resolve() == w.path.resolve():
@@ -142,7 +143,7 @@ def plan_job(
     run, date = run_id(chip, result.get("archive"), float(result.get("created_at") or 0), tz)
     files: dict[str, list[tuple[Path, str, tuple[int, int]]]] = {}
     if "inputs" in wanted:
-        files["inputs"] = _inputs(members, _ignore_for(config, root))
+        files["inputs"] = _inputs(members, ignore_patterns(config, root))
     if "outputs" in wanted:
         files["outputs"] = _outputs(result)
     planned = []

@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 
 __all__ = ["Throttle", "FileSlice", "ThrottledStream"]
 
+_BUCKET_S = 0.1  # the rate meter adds up bytes per 100 ms
+
 
 class Throttle:
     """Token bucket plus a rate meter.
@@ -49,7 +51,7 @@ class Throttle:
         self._lock = threading.Lock()
         self._tokens = self.capacity
         self._last = clock()
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._samples: collections.deque[list[float]] = collections.deque()  # [bucket start, bytes]
         self.total = 0
 
     def reserve(self, n: int) -> float:
@@ -57,7 +59,10 @@ class Throttle:
         with self._lock:
             now = self.clock()
             self.total += n
-            self._samples.append((now, n))
+            if self._samples and now - self._samples[-1][0] < _BUCKET_S:
+                self._samples[-1][1] += n
+            else:
+                self._samples.append([now, n])
             cutoff = now - self.window_s
             while self._samples and self._samples[0][0] < cutoff:
                 self._samples.popleft()
@@ -108,6 +113,8 @@ class FileSlice(io.RawIOBase):
         self._start = offset
         self._length = length
         self._pos = 0
+        self._f.seek(offset)
+        self._synced = True  # the OS file position is at _start + _pos
         self._throttle = throttle
         self._check = check
         self._wait = wait
@@ -127,6 +134,7 @@ class FileSlice(io.RawIOBase):
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
         self._pos = max(0, min(self._length, base + pos))
+        self._synced = False
         return self._pos
 
     def read(self, size: int | None = -1) -> bytes:
@@ -137,7 +145,9 @@ class FileSlice(io.RawIOBase):
         size = min(size, 1 << 20)
         if size <= 0:
             return b""
-        self._f.seek(self._start + self._pos)
+        if not self._synced:
+            self._f.seek(self._start + self._pos)
+            self._synced = True
         data = self._f.read(size)
         self._pos += len(data)
         self._throttle.consume(len(data), self._wait)

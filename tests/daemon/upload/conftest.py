@@ -158,8 +158,7 @@ def rclone_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneSe
 
 @pytest.fixture(scope="session")
 def oss_proxy(s3_server: S3Server) -> Iterator[Any]:
-    sys.path.insert(0, str(HERE))
-    from oss_proxy import OSSProxy
+    from .oss_proxy import OSSProxy
 
     proxy = OSSProxy(s3_server.endpoint.split("//", 1)[1], {OSS_KEYS[0]: OSS_KEYS[1]})
     yield proxy
