@@ -878,8 +878,11 @@ class Store:
                 raise StoreError(f"no upload record {row_id}")
 
     def upload_backlog(self) -> dict[str, dict[str, int]]:
-        """Per target: files not yet uploaded and their bytes still to send (done/present excluded)."""
-        done = [x.value for x in UPLOAD_FINISHED]
+        """Per target: files still to upload and their bytes still to send, for jobs not finished.
+
+        Uploaded (done/present) files and inputs that changed since QC (never sent) are not counted.
+        """
+        done = [x.value for x in (*UPLOAD_FINISHED, UploadState.CHANGED)]
         with self.db(commit=False) as c:
             rows = c.execute(
                 "SELECT u.target, COUNT(*) AS files, COALESCE(SUM(MAX(COALESCE(u.size, 0) - u.bytes_done, 0)), 0) AS bytes"

@@ -14,7 +14,7 @@ import pytest
 from daemon.cli import main
 from daemon.logging import configure_logging
 from daemon.status import collect_status
-from daemon.store import JobState, Store, UploadState
+from daemon.store import Store
 from daemon.upload.manager import UploadManager
 
 from .conftest import S3_KEYS, free_port, make_qc_done_job, new_bucket

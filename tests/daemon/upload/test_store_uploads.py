@@ -63,6 +63,8 @@ def test_the_backlog_counts_unfinished_files_of_live_jobs_only(store):
     store.update_upload(rows[1].id, state="present")
     store.update_upload(rows[2].id, bytes_done=50)  # 300 bytes, 50 sent
     assert store.upload_backlog() == {"aws": {"files": 1, "bytes": 250}, "hpc": {"files": 1, "bytes": 100}}
+    store.update_upload(store.uploads(live, target="hpc")[0].id, state="changed")  # never to be sent
+    assert store.upload_backlog() == {"aws": {"files": 1, "bytes": 250}}
 
 
 def test_defer_returns_the_job_to_qc_done_until_a_time(store):
