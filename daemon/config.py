@@ -162,7 +162,7 @@ class UploadTarget:
     endpoint: str = _f("", "Endpoint URL (S3-compatible or OSS); empty = AWS default for s3.")
     region: str = _f("", "Region (s3: e.g. eu-west-1; oss: e.g. cn-hangzhou).")
     bucket: str = _f("", "Bucket name (s3, oss).")
-    path: str = _f("", "Destination folder (hpc): an absolute mounted path or a UNC share (//server/share/dir).")
+    path: str = _f("", "Destination folder (hpc): a mounted path or a UNC share.")
     prefix: str = _f("", "Key prefix inside the bucket or folder.")
     key_template: str = _f(
         "{prefix}/{site}/{chip}/{run}/{name}",
