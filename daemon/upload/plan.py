@@ -172,11 +172,13 @@ class InputCheck:
 def check_inputs(members: Sequence[dict[str, Any]], *, ignore: Sequence[str] = DEFAULT_IGNORE) -> InputCheck:
     """Compare each member with the file system now.
 
-    A file member must have the recorded ``size`` and ``mtime_ns``. A tile
-    folder must have the recorded number of files (``files``: a count, a list
-    of names, or a list of ``{"name", "size", "mtime_ns"}``) and total
-    ``size``; per-file entries are compared file by file. Fields the member
-    does not carry are not compared.
+    A file member must have the recorded ``size`` and ``mtime_ns``. For a
+    tile folder, as the QC worker reads it, ``size`` is the total and
+    ``mtime_ns`` the newest of every file under it, and ``files`` (optional)
+    their count; a list of names or of ``{"name", "size", "mtime_ns"}``
+    entries is compared with the folder's candidate files (temp and hidden
+    names left out), entry by entry. Fields the member does not carry are
+    not compared.
     """
     changed: list[str] = []
     missing: list[str] = []
@@ -195,12 +197,18 @@ def check_inputs(members: Sequence[dict[str, Any]], *, ignore: Sequence[str] = D
 
 
 def _folder_changes(path: Path, m: dict[str, Any], ignore: Sequence[str]) -> list[str]:
-    listing = list_folder(path, ignore)
+    everything = list_folder(path, ())
     out = []
+    total = sum(st.st_size for _, st in everything)
+    newest = max((st.st_mtime_ns for _, st in everything), default=0)
+    for fld, now in (("size", total), ("mtime_ns", newest)):
+        if m.get(fld) is not None and int(m[fld]) != now:
+            out.append(f"{path}: {'total size' if fld == 'size' else 'newest mtime_ns'} {m[fld]} -> {now}")
     recorded = m.get("files")
-    if isinstance(recorded, int) and recorded != len(listing):
-        out.append(f"{path}: {recorded} files -> {len(listing)}")
+    if isinstance(recorded, int) and recorded != len(everything):
+        out.append(f"{path}: {recorded} files -> {len(everything)}")
     elif isinstance(recorded, list):
+        listing = list_folder(path, ignore)
         now = {p.relative_to(path).as_posix(): st for p, st in listing}
         names = [r if isinstance(r, str) else r.get("name") for r in recorded]
         if set(names) != set(now):
@@ -212,7 +220,4 @@ def _folder_changes(path: Path, m: dict[str, Any], ignore: Sequence[str]) -> lis
                 for fld, val in (("size", st.st_size), ("mtime_ns", st.st_mtime_ns)):
                     if r.get(fld) is not None and int(r[fld]) != val:
                         out.append(f"{path / r['name']}: {fld} {r[fld]} -> {val}")
-    total = sum(st.st_size for _, st in listing)
-    if m.get("size") is not None and int(m["size"]) != total:
-        out.append(f"{path}: total size {m['size']} -> {total}")
     return out

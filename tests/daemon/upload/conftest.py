@@ -199,6 +199,7 @@ def write_archive(path: Path, report: dict[str, Any], payload: int = 0, seed: in
 
 
 def member(path: Path, name: str, role: str = "nuclear") -> dict[str, Any]:
+    """A scan-set member as the QC worker reads it: a folder's total size and newest mtime of every file."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         return {"name": name, "path": str(path), "format": "tiles", "role": role,
@@ -238,8 +239,6 @@ def make_qc_done_job(
         (folder / "~lock.tmp").write_bytes(b"temp")  # never uploaded
         inputs.append(folder)
         members.append(member(folder, f"{chip}_CD31_IF", role="IF"))
-        members[-1]["size"] -= 4  # the temp file is not part of the set
-        members[-1]["files"] -= 1
     ssid, _ = store.add_scan_set(chip=chip, root=str(inbox), fingerprint=uuid.uuid4().hex, members=members)
     job_id = store.create_job(ssid)
     assert job_id is not None

@@ -78,7 +78,7 @@ def test_unchanged_inputs_pass_the_check(tmp_path, store):
     assert check_inputs(members).ok
 
 
-@pytest.mark.parametrize("change", ["rewritten", "touched", "tile_added", "tile_grew", "deleted"])
+@pytest.mark.parametrize("change", ["rewritten", "touched", "tile_added", "tile_grew", "tile_touched", "deleted"])
 def test_any_change_since_discovery_is_reported(tmp_path, store, change):
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", tiles=True)
     members = store.get_scan_set(store.get_job(job.id).scan_set_id).members
@@ -93,6 +93,9 @@ def test_any_change_since_discovery_is_reported(tmp_path, store, change):
     elif change == "tile_grew":
         with open(folder / "tile_0_0.tif", "ab") as f:
             f.write(b"x")
+    elif change == "tile_touched":  # rewritten in place, same size: the newest mtime moves
+        st = (folder / "tile_1_1.tif").stat()
+        os.utime(folder / "tile_1_1.tif", ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000_000))
     else:
         tif.unlink()
     check = check_inputs(members)
