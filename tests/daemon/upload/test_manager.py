@@ -316,3 +316,33 @@ def test_secrets_never_reach_the_database_or_the_log(setup, tmp_path, rclone_ser
         assert secret not in logging_done
         assert secret not in shown
     configure_logging(console="off")
+
+
+def test_a_window_closing_mid_file_lets_the_part_in_flight_finish_and_resumes_at_the_next_opening(setup, tmp_path, s3_server, s3_env):
+    bucket = new_bucket(s3_server)
+    clock = Clock(at(21, 0))
+    cfg, store, mgr = setup(
+        s3(s3_server.endpoint, bucket, mode="outputs", window="20:00-06:00", part_size_mb=5, concurrency=1, bandwidth_limit="10MB/s"),
+        clock=clock,
+    )
+    job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=12 << 20)
+    key = f"default/{job.chip}/{job.run}/{job.run}.tar.gz"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mgr.tick(clock())
+        row = next((r for r in store.uploads(job.id) if r.local_path == str(job.archive)), None)
+        if row is not None and row.bytes_done > 0:
+            break
+        time.sleep(0.02)
+    clock.t = at(6, 30) + 86400  # the window closes
+    waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
+    assert waiting.next_attempt_at == at(20, 0) + 86400
+    row = next(r for r in store.uploads(job.id) if r.local_path == str(job.archive))
+    assert row.state == "pending" and 0 < row.bytes_done < row.size  # the part in flight finished, no new one began
+    sent_before = {e["part"] for e in s3_server.requests("UploadPart", f"{bucket}/{key}") if e["status"] == 200}
+    assert sent_before == set(range(1, len(row.parts["state"]["parts"]) + 1))
+    clock.t = at(20, 5) + 86400
+    drive(mgr, store, job.id, {"done"}, clock=clock)
+    parts = s3_server.requests("UploadPart", f"{bucket}/{key}")
+    assert sorted(e["part"] for e in parts) == [1, 2, 3]  # each part sent once
+    assert s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read() == job.archive.read_bytes()
