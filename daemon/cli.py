@@ -166,7 +166,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             mark = "" if w["exists"] else "  [red](missing)[/]"
             con.print(f"watch     {_clip(w['path'], 50)}{mark}")
     for name, u in (st.get("uploads") or {}).get("targets", {}).items():
-        con.print(f"upload    {name}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s")
+        line = f"upload    {_clip(name, 12)}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s"
+        if u.get("next_open"):
+            line += f", opens {datetime.fromtimestamp(u['next_open']).strftime('%H:%M')}"
+        con.print(_clip(line, 80))
     disk = st["disk"]
     con.print(f"free      state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
         f"; {_clip(Path(w['path']).name, 16)} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
@@ -269,6 +272,45 @@ def _uploads_of(store: Store, job_id: int) -> list[dict[str, Any]]:
             (job_id,),
         ).fetchall()
     return [dict(r) for r in rows]
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    from daemon.store import UploadState
+
+    cfg = _config(args)
+    rows, chips = [], {}
+    if cfg.database_path.exists():
+        with _open_store(cfg) as store:
+            rows = store.uploads(args.job, target=args.target, states=[args.state] if args.state else None, limit=args.limit, newest_first=True)
+            chips = {j.id: j.chip for j in store.list_jobs()}
+    if args.json:
+        out = []
+        for r in rows:
+            d = r.as_dict()
+            parts = d.pop("parts") or {}
+            d["parts_done"] = len((parts.get("state") or {}).get("parts") or {})
+            d["chip"] = chips.get(r.job_id)
+            out.append(d)
+        _print_json({"schema": "imageqc.uploads/1", "uploads": out})
+        return EXIT_OK
+    con = _console()
+    if not rows:
+        con.print("no uploads" + (" matching the filter" if (args.job or args.target or args.state) else " yet"))
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, show_edge=False)
+    for col, kw in (("job", {"justify": "right"}), ("target", {}), ("state", {}), ("size", {"justify": "right"}), ("done", {"justify": "right"}), ("key", {})):
+        t.add_column(col, **kw)
+    for r in rows:
+        finished = r.state in (UploadState.DONE, UploadState.PRESENT)
+        pct = "100%" if finished else (f"{100 * r.bytes_done / r.size:.0f}%" if r.size else "-")
+        t.add_row(str(r.job_id), _clip(r.target, 10), r.state, _bytes(r.size), pct, _clip(r.remote_key, 36))
+    con.print(t)
+    for r in rows:
+        if r.error and r.state not in (UploadState.DONE, UploadState.PRESENT):
+            con.print(f"  #{r.job_id} {_clip(r.target, 10)}: {_clip(r.error, 60)}")
+    return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -406,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
     sp = add("show", cmd_show, "Show one job: members, verdict, uploads and history.", json_=True)
     sp.add_argument("job", help="job id")
+    sp = add("uploads", cmd_uploads, "List upload records, newest first: target, state, progress, remote key.", json_=True)
+    sp.add_argument("--job", type=int, help="only this job's uploads")
+    sp.add_argument("--target", help="only this target")
+    sp.add_argument("--state", choices=["pending", "active", "done", "present", "retry", "failed", "changed"], help="only this state")
+    sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
     sp = add("retry", cmd_retry, "Run a failed or skipped job again.")
     sp.add_argument("job", help="job id")
     sp = add("cancel", cmd_cancel, "Cancel a job (a running one is stopped).")

@@ -183,11 +183,33 @@ class UploadTarget:
         "Remote key layout; fields: prefix, site, chip, run, name, kind (inputs|outputs), date.",
     )
     addressing_style: str = _f("auto", "s3 addressing: auto, path or virtual.", choices=("auto", "path", "virtual"))
-    window: str = _f("", "Only upload inside this daily window, e.g. '20:00-06:00'; empty = any time.")
-    bandwidth_limit: str = _f("", "Cap on upload rate, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.")
-    concurrency: int = _f(4, "Parts or files sent in parallel.", min=1, max=64)
+    window: str = _f(
+        "",
+        "Only start uploads inside this daily window, in the PC's local time, e.g. '20:00-06:00'; when it closes, "
+        "parts in flight finish and the rest resumes at the next opening. Empty = any time.",
+    )
+    bandwidth_limit: str = _f(
+        "", "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited."
+    )
+    concurrency: int = _f(4, "Requests (parts or whole files) in flight at once for this target.", min=1, max=64)
     part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
-    max_attempts: int = _f(8, "Attempts for transient errors before the job is marked failed.", min=1, max=100)
+    max_attempts: int = _f(
+        8,
+        "Attempts of each request for transient errors (network loss, 5xx, timeouts) before the file counts as failed; "
+        "the job is then retried with the service's backoff, up to service.max_attempts times.",
+        min=1, max=100,
+    )
+    retry_base_s: float = _f(
+        1.0, "First wait after a transient error (network loss, 5xx, timeout); doubles each attempt, with jitter.", min=0, max=3600
+    )
+    retry_max_s: float = _f(60.0, "Longest wait between two attempts of one request.", min=0, max=86400)
+    timeout_s: float = _f(60.0, "Connect and read timeout of each request, seconds.", min=1, max=3600)
+    checksum: str = _f(
+        "auto",
+        "Part checksum sent with every part (s3): md5 (Content-MD5, understood by every S3-compatible server), "
+        "sha256 (also x-amz-checksum-sha256; AWS and servers that support it) or auto (sha256 on AWS, md5 with an endpoint).",
+        choices=("auto", "md5", "sha256"),
+    )
     credentials: str = _f(
         "",
         "Where credentials come from: '' (the platform's standard chain), 'env:PREFIX' (PREFIX_ACCESS_KEY_ID, "

@@ -107,6 +107,14 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         comps = report["service"].get("components", {})
         report["watchers"] = comps.get("discovery", {}).get("roots", [])
         report["uploads"] = comps.get("uploads", {})
+        if not report["service"].get("running") and any(t.mode != "none" for t in config.upload):
+            backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate
+            report["uploads"] = {
+                "targets": {
+                    t.name: {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "type": t.type, "window": t.window or None}
+                    for t in config.upload if t.mode != "none"
+                }
+            }
     return report
 
 

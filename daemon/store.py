@@ -28,6 +28,8 @@ from daemon.fsinfo import is_network_path
 
 __all__ = [
     "JobState",
+    "UploadState",
+    "UploadRow",
     "TERMINAL",
     "TRANSITIONS",
     "Job",
@@ -55,6 +57,24 @@ class JobState(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+
+class UploadState(str, Enum):
+    """States of one upload record (a file for a target)."""
+
+    PENDING = "pending"  # planned, or interrupted with its resumable state saved
+    ACTIVE = "active"  # being sent
+    DONE = "done"  # uploaded and verified
+    PRESENT = "present"  # the same object was already stored; nothing sent
+    RETRY = "retry"  # a transient error; retried with the job
+    FAILED = "failed"  # a permanent error; retried only by hand
+    CHANGED = "changed"  # the input changed since QC; never sent
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Upload records that need no more work.
+UPLOAD_FINISHED = frozenset({UploadState.DONE, UploadState.PRESENT})
 
 S = JobState
 #: Legal moves. ``failed`` goes back to where the work stopped: ``queued`` for
@@ -264,6 +284,42 @@ class ScanSetRow:
     members: list[dict[str, Any]]
     first_seen: float
     last_seen: float
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    """One file for one target; ``parts`` is the uploader's resumable state and the file's digests."""
+
+    id: int
+    job_id: int
+    target: str
+    kind: str
+    local_path: str
+    remote_key: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    state: str
+    bytes_done: int
+    upload_id: str | None
+    parts: dict[str, Any] | None
+    checksum: str | None
+    attempts: int
+    error: str | None
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _upload(row: sqlite3.Row) -> UploadRow:
+    d = dict(row)
+    d["parts"] = json.loads(d["parts"]) if d["parts"] else None
+    return UploadRow(**d)
+
+
+_UPLOAD_COLUMNS = frozenset({"state", "bytes_done", "upload_id", "parts", "checksum", "attempts", "error", "sha256", "size", "mtime_ns"})
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
@@ -795,6 +851,109 @@ class Store:
         d = dict(row)
         d["report"] = json.loads(d["report"])
         return d
+
+    # -- upload records -----------------------------------------------------------
+
+    def plan_uploads(self, job_id: int, rows: Iterable[dict[str, Any]], *, now: float | None = None) -> int:
+        """Add upload records (target, kind, local_path, remote_key, size, mtime_ns); existing ones are kept.
+
+        Returns how many were new.
+        """
+        now = _now(now)
+        with self.db() as c:
+            before = c.total_changes
+            c.executemany(
+                "INSERT OR IGNORE INTO uploads (job_id, target, kind, local_path, remote_key, size, mtime_ns, state,"
+                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (job_id, r["target"], r["kind"], r["local_path"], r["remote_key"], r.get("size"), r.get("mtime_ns"),
+                     UploadState.PENDING.value, now, now)
+                    for r in rows
+                ],
+            )
+            return c.total_changes - before
+
+    def uploads(
+        self,
+        job_id: int | None = None,
+        *,
+        target: str | None = None,
+        states: Iterable[str] | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[UploadRow]:
+        """Upload records, filtered; oldest first unless ``newest_first``."""
+        where, args = [], []  # type: ignore[var-annotated]
+        if job_id is not None:
+            where.append("job_id = ?")
+            args.append(job_id)
+        if target is not None:
+            where.append("target = ?")
+            args.append(target)
+        if states:
+            st = [UploadState(x).value for x in states]
+            where.append(f"state IN ({','.join('?' * len(st))})")
+            args += st
+        sql = "SELECT * FROM uploads" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id " + ("DESC" if newest_first else "ASC")
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        with self.db(commit=False) as c:
+            return [_upload(r) for r in c.execute(sql, args).fetchall()]
+
+    def update_upload(self, row_id: int, /, *, now: float | None = None, **changes: Any) -> None:
+        """Set columns of one upload record (state, bytes_done, upload_id, parts, checksum, attempts, error, ...)."""
+        bad = set(changes) - _UPLOAD_COLUMNS
+        if bad:
+            raise StoreError(f"unknown upload column(s) {sorted(bad)}")
+        if "state" in changes:
+            changes["state"] = UploadState(changes["state"]).value
+        if "parts" in changes and changes["parts"] is not None and not isinstance(changes["parts"], str):
+            changes["parts"] = json.dumps(changes["parts"])
+        changes["updated_at"] = _now(now)
+        cols = ", ".join(f"{k} = ?" for k in changes)
+        with self.db() as c:
+            cur = c.execute(f"UPDATE uploads SET {cols} WHERE id = ?", (*changes.values(), row_id))
+            if cur.rowcount != 1:
+                raise StoreError(f"no upload record {row_id}")
+
+    def upload_backlog(self) -> dict[str, dict[str, int]]:
+        """Per target: files still to upload and their bytes still to send, for jobs not finished.
+
+        Uploaded (done/present) files and inputs that changed since QC (never sent) are not counted.
+        """
+        done = [x.value for x in (*UPLOAD_FINISHED, UploadState.CHANGED)]
+        with self.db(commit=False) as c:
+            rows = c.execute(
+                "SELECT u.target, COUNT(*) AS files, COALESCE(SUM(MAX(COALESCE(u.size, 0) - u.bytes_done, 0)), 0) AS bytes"
+                " FROM uploads u JOIN jobs j ON j.id = u.job_id"
+                f" WHERE u.state NOT IN ({','.join('?' * len(done))}) AND j.state IN (?, ?, ?)"
+                " GROUP BY u.target",
+                (*done, S.QC_DONE.value, S.UPLOADING.value, S.FAILED.value),
+            ).fetchall()
+        return {r["target"]: {"files": int(r["files"]), "bytes": int(r["bytes"])} for r in rows}
+
+    def jobs_without_uploads(self, *, limit: int = 50) -> list[Job]:
+        """Jobs waiting in ``qc_done`` that have no upload records yet (oldest first)."""
+        with self.db(commit=False) as c:
+            rows = c.execute(
+                "SELECT * FROM jobs WHERE state = ? AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.job_id = jobs.id)"
+                " ORDER BY id LIMIT ?",
+                (S.QC_DONE.value, int(limit)),
+            ).fetchall()
+        return [j for j in map(_job, rows) if j is not None]
+
+    def defer(self, job_id: int, *, owner: str, until: float, message: str, now: float | None = None) -> Job:
+        """An uploading job goes back to ``qc_done`` and is not claimed again before ``until``."""
+        now = _now(now)
+        with self.db() as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(job_id)
+            self._check(job, S.QC_DONE, owner)
+            self._apply(c, job, S.QC_DONE, now, message, None, None, None, {"until": until})
+            c.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ?", (until, job_id))
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
 
     # -- key-value (FOV-pair cache) -----------------------------------------
 
