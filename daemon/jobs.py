@@ -100,6 +100,15 @@ def member_changes(members: list[dict[str, Any]]) -> list[str]:
     return changes
 
 
+def _disk_full(e: OSError, config: Config) -> str:
+    """The ENOSPC message: which file could not be written, where to free space, that QC is retried."""
+    where = f" writing {e.filename}" if e.filename else f" writing the QC outputs to {config.output_dir}"
+    return (
+        f"disk full{where} ({e.strerror or 'No space left on device'}): free space in the output folder "
+        f"{config.output_dir} or the state folder {config.state_dir}; QC is retried"
+    )
+
+
 def _stain_for(config: Config, root: str) -> str:
     for w in config.watch:
         if str(w.path) == root:
@@ -146,7 +155,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             return JobOutcome(state="failed", error=str(e))
         except OSError as e:
             transient = e.errno in _TRANSIENT_ERRNOS
-            what = "disk full: free space in the output or state folder" if e.errno == errno.ENOSPC else str(e)
+            what = _disk_full(e, config) if e.errno == errno.ENOSPC else str(e)
             log.error("QC failed on a file-system error", error=str(e), transient=transient)
             return JobOutcome(state="failed", error=f"{type(e).__name__}: {what}", transient=transient)
         except MemoryError:

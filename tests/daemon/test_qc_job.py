@@ -89,3 +89,28 @@ def test_a_corrupt_image_fails_permanently_with_the_readers_reason(make_config, 
     job, _ = _run(cfg, [_member(path, CHIP, "nuclear")])
     assert job.state == "failed" and job.next_attempt_at is None
     assert CHIP in job.error and ("truncated" in job.error or "corrupt" in job.error.lower() or "beyond" in job.error)
+
+
+def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_folders(make_config, scan_dir, monkeypatch):
+    import errno
+
+    import qc.pipeline
+    from daemon.jobs import run_qc_job
+    from daemon.worker import JobContext
+
+    cfg = make_config()
+    target = cfg.output_dir / "SS200000135TL_D1_run" / "report.json"
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(qc.pipeline, "write_run_outputs", full)
+    with Store(cfg.database_path) as store:
+        ssid, _ = store.add_scan_set(chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp",
+                                     members=[_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")])
+        store.create_job(ssid)
+        job = store.claim("svc", lease_s=60)
+    out = run_qc_job(JobContext(job=job, config=cfg, owner="svc", db_path=str(cfg.database_path), progress=lambda *_: None))
+    assert out.state == "failed" and out.transient
+    assert f"disk full writing {target} (No space left on device)" in out.error
+    assert str(cfg.output_dir) in out.error and str(cfg.state_dir) in out.error and "retried" in out.error
