@@ -406,6 +406,11 @@ class Store:
                 f"the job database {self.path} is locked by another program ({text}); "
                 "stop the other imageqc instance or the program holding it, then start again"
             )
+        elif "full" in text:
+            msg = (
+                f"the disk holding the job database {self.path} is full ({text}); the last change was rolled back. "
+                f"Free space in {self.path.parent}, then start imageqc again: it resumes where it stopped"
+            )
         elif "not a database" in text or "malformed" in text or "corrupt" in text:
             msg = (
                 f"the job database {self.path} is damaged ({text}); imageqc will not run on it, to avoid losing "

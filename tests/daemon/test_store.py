@@ -208,6 +208,16 @@ def test_corrupt_database_is_refused_with_advice(tmp_path):
         Store(path)
 
 
+def test_a_full_disk_is_named_as_such_and_the_change_rolled_back(store):
+    """SQLITE_FULL (here: the page limit; in the field: a full state disk) says where to free space."""
+    _job(store, "kept")
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(DatabaseUnavailable, match=r"disk holding the job database .* is full .*rolled back.*Free space in"):
+        store.kv_put_many("pairs", [(str(i), b"x" * 4000) for i in range(100)])
+    assert store.kv_count("pairs") == 0 and store.counts()["queued"] == 1
+
+
 def test_database_from_a_newer_imageqc_is_refused(tmp_path):
     path = tmp_path / "db.sqlite3"
     c = sqlite3.connect(path)
