@@ -79,43 +79,50 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         report["service"] = {"running": False, "reason": str(e)}
         return report
     with store:
-        report["service"] = _service_state(config, store.get_status(), now)
-        report["counts"] = store.counts()
-        for job in store.list_jobs(states=[JobState.RUNNING, JobState.UPLOADING], newest_first=False):
-            report["active"].append(
-                {
-                    "job_id": job.id,
-                    "chip": job.chip,
-                    "state": job.state,
-                    "stage": job.stage,
-                    "progress": job.progress,
-                    "started_at": job.started_at,
-                    "lease_owner": job.lease_owner,
-                }
-            )
-        for job in store.list_jobs(states=[JobState.FAILED], limit=error_limit):
-            report["recent_errors"].append(
-                {
-                    "job_id": job.id,
-                    "chip": job.chip,
-                    "at": job.finished_at or job.updated_at,
-                    "error": job.error,
-                    "retry_at": job.next_attempt_at,
-                    "attempts": job.attempts,
-                }
-            )
-        comps = report["service"].get("components", {})
-        report["watchers"] = comps.get("discovery", {}).get("roots", [])
-        report["uploads"] = comps.get("uploads", {})
-        if not report["service"].get("running") and any(t.mode != "none" for t in config.upload):
-            backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate
-            report["uploads"] = {
-                "targets": {
-                    t.name: {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "type": t.type, "window": t.window or None}
-                    for t in config.upload if t.mode != "none"
-                }
-            }
+        try:
+            _read_state(report, store, config, now, error_limit)
+        except DatabaseUnavailable as e:  # damaged pages met while reading: say so, as at open
+            report["service"] = {"running": False, "reason": str(e)}
     return report
+
+
+def _read_state(report: dict[str, Any], store: Store, config: Config, now: float, error_limit: int) -> None:
+    report["service"] = _service_state(config, store.get_status(), now)
+    report["counts"] = store.counts()
+    for job in store.list_jobs(states=[JobState.RUNNING, JobState.UPLOADING], newest_first=False):
+        report["active"].append(
+            {
+                "job_id": job.id,
+                "chip": job.chip,
+                "state": job.state,
+                "stage": job.stage,
+                "progress": job.progress,
+                "started_at": job.started_at,
+                "lease_owner": job.lease_owner,
+            }
+        )
+    for job in store.list_jobs(states=[JobState.FAILED], limit=error_limit):
+        report["recent_errors"].append(
+            {
+                "job_id": job.id,
+                "chip": job.chip,
+                "at": job.finished_at or job.updated_at,
+                "error": job.error,
+                "retry_at": job.next_attempt_at,
+                "attempts": job.attempts,
+            }
+        )
+    comps = report["service"].get("components", {})
+    report["watchers"] = comps.get("discovery", {}).get("roots", [])
+    report["uploads"] = comps.get("uploads", {})
+    if not report["service"].get("running") and any(t.mode != "none" for t in config.upload):
+        backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate
+        report["uploads"] = {
+            "targets": {
+                t.name: {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "type": t.type, "window": t.window or None}
+                for t in config.upload if t.mode != "none"
+            }
+        }
 
 
 def is_local_pid_alive(pid: int) -> bool:

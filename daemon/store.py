@@ -322,6 +322,10 @@ def _upload(row: sqlite3.Row) -> UploadRow:
 _UPLOAD_COLUMNS = frozenset({"state", "bytes_done", "upload_id", "parts", "checksum", "attempts", "error", "sha256", "size", "mtime_ns"})
 
 
+#: Words of SQLite errors that mean the database itself is unusable (damaged, locked, full), not a bad query.
+_UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy", "full", "disk i/o")
+
+
 def _job(row: sqlite3.Row | None) -> Job | None:
     return None if row is None else Job(**{k: row[k] for k in row.keys()})
 
@@ -436,7 +440,12 @@ class Store:
         with self._lock:
             conn = self._conn
             if not commit:
-                yield conn
+                try:
+                    yield conn
+                except sqlite3.DatabaseError as e:
+                    if isinstance(e, sqlite3.IntegrityError) or not any(w in str(e).lower() for w in _UNAVAILABLE_WORDS):
+                        raise
+                    self._raise_unavailable(e)  # a damaged, locked or full database, met while reading
                 return
             if self.readonly:
                 raise StoreError(f"{self.path} is open read-only")

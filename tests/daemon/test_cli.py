@@ -89,6 +89,19 @@ def test_status_on_a_folder_where_nothing_ran(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / ".imageqc").exists()  # status creates nothing
 
 
+def test_a_database_damaged_inside_gives_one_clear_line_not_a_traceback(state, capsys):
+    from tests.daemon.test_store import damage_pages
+
+    cfg, _ids = state
+    damage_pages(cfg.database_path)
+    assert main(["jobs"]) == 1
+    out, err = _out(capsys)
+    assert err.startswith("imageqc: the job database") and "is damaged" in err and len(err.strip().splitlines()) == 1
+    assert main(["status", "--json"]) == 0  # status still answers, with the reason
+    st = json.loads(_out(capsys)[0])
+    assert st["service"]["running"] is False and "is damaged" in st["service"]["reason"]
+
+
 def test_jobs_lists_filters_and_json(state, capsys):
     cfg, ids = state
     assert main(["jobs"]) == 0

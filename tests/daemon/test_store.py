@@ -218,6 +218,29 @@ def test_a_full_disk_is_named_as_such_and_the_change_rolled_back(store):
     assert store.kv_count("pairs") == 0 and store.counts()["queued"] == 1
 
 
+def damage_pages(path: Path, seed: int = 7) -> None:
+    """Overwrite every page but the first (header and schema) with noise: tables unreadable, header fine."""
+    import random
+
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big") or 65536
+    rng = random.Random(seed)
+    data[page:] = bytes(rng.randrange(256) for _ in range(len(data) - page))
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_pages_met_while_reading_are_reported_as_damage_not_a_raw_sqlite_error(tmp_path):
+    path = tmp_path / "db.sqlite3"
+    with Store(path) as s:
+        _job(s, "a")
+    damage_pages(path)
+    with Store(path, readonly=True) as ro:  # the header still reads: opening works
+        with pytest.raises(DatabaseUnavailable, match="is damaged .*malformed.*Move it aside"):
+            ro.list_jobs()
+    with Store(path, readonly=True) as ro, ro.db(commit=False) as c, pytest.raises(sqlite3.OperationalError):
+        c.execute("SELECT nothing FROM nowhere")  # a bad query stays a programming error
+
+
 def test_database_from_a_newer_imageqc_is_refused(tmp_path):
     path = tmp_path / "db.sqlite3"
     c = sqlite3.connect(path)
