@@ -50,14 +50,16 @@ def _encode(image: Any) -> bytes:
 def _write_slowly(path: Path, data: bytes, seconds: float, label: str) -> None:
     chunks = max(1, int(seconds * 4))
     step = -(-len(data) // chunks)
+    tty = sys.stdout.isatty()
     with path.open("wb") as fh:
         for i in range(0, len(data), step):
             fh.write(data[i : i + step])
             fh.flush()
             done = min(len(data), i + step) / len(data)
-            print(f"\r  writing {label:<34} {done:4.0%}", end="", flush=True)
+            if tty:
+                print(f"\r  writing {label:<34} {done:4.0%}", end="", flush=True)
             time.sleep(seconds / chunks)
-    print()
+    print(f"\r  writing {label:<34} 100%" if tty else f"  wrote {label} ({len(data) / 1e6:.1f} MB)", flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
