@@ -98,7 +98,7 @@ GOOD_SCORE = 80.0
 #: Most windows sampled from one image (a 64 x 64 grid).
 DEFAULT_MAX_WINDOWS = 4096
 #: Windows per onnxruntime call.
-DEFAULT_BATCH_SIZE = 256
+DEFAULT_BATCH_SIZE = 64
 #: Percentiles of the sampled pixels mapped to 8-bit 0 and 255.
 INTENSITY_PERCENTILES = (0.5, 99.9)
 #: Smallest intensity span, as a fraction of the dtype's full scale.
@@ -197,14 +197,13 @@ def window_grid(height: int, width: int, *, window: int, max_windows: int = DEFA
         raise ValueError(msg)
     full_r, full_c = height // window, width // window
     if full_r * full_c <= max_windows:
-        rows, cols = full_r, full_c
-    else:
-        rows = max(1, min(full_r, int(np.sqrt(max_windows * height / width))))
-        cols = max(1, min(full_c, max_windows // rows))
+        ys = tuple((height - full_r * window) // 2 + i * window for i in range(full_r))
+        xs = tuple((width - full_c * window) // 2 + j * window for j in range(full_c))
+        return WindowGrid(window=window, ys=ys, xs=xs, image_shape=(height, width))
+    rows = max(1, min(full_r, int(np.sqrt(max_windows * height / width))))
+    cols = max(1, min(full_c, max_windows // rows))
     ys = tuple(int(round((i + 0.5) * height / rows - window / 2)) for i in range(rows))
     xs = tuple(int(round((j + 0.5) * width / cols - window / 2)) for j in range(cols))
-    ys = tuple(min(max(y, 0), height - window) for y in ys)
-    xs = tuple(min(max(x, 0), width - window) for x in xs)
     return WindowGrid(window=window, ys=ys, xs=xs, image_shape=(height, width))
 
 
@@ -227,7 +226,10 @@ def intensity_range(values: np.ndarray) -> tuple[float, float]:
         msg = f"intensity_range needs uint8 or uint16 pixels, got {values.dtype}"
         raise ValueError(msg)
     full = float(np.iinfo(values.dtype).max)
-    hist = np.bincount(np.ravel(values), minlength=int(full) + 1)
+    flat = np.ravel(values)
+    hist = np.zeros(int(full) + 1, np.int64)
+    for start in range(0, flat.size, 1 << 20):  # bincount widens to int64: keep chunks small
+        hist += np.bincount(flat[start : start + (1 << 20)], minlength=hist.size)
     cdf = np.cumsum(hist, dtype=np.float64)
     total = cdf[-1]
     lo = float(np.searchsorted(cdf, total * INTENSITY_PERCENTILES[0] / 100.0, side="left"))
