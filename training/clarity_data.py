@@ -87,7 +87,7 @@ def load_sources() -> list[Source]:
 
     out = [
         Source("stereo_DAPI", "train", _unit(crop("DAPI"))),
-        Source("stereo_mIF", "train", _unit(crop("mIF"))),
+        Source("stereo_mIF", "val", _unit(crop("mIF"))),
         Source("stereo_HE_inverted", "train", _unit(_inverted_grey(crop("HE")))),
         Source("skimage_ihc_inverted", "train", _unit(_inverted_grey(skdata.immunohistochemistry()))),
         Source("stereo_ssDNA", "val", _unit(crop("ssDNA"))),
@@ -96,7 +96,7 @@ def load_sources() -> list[Source]:
         out.append(Source("czi_mosaic_EGFP", "train", _unit(czi.read()[..., 0])))
     with pyczi.open_czi(str(root / "czi" / "DAPI_GFP.czi")) as czi:
         for ch, name in ((0, "DAPI"), (1, "GFP")):
-            out.append(Source(f"czi_DAPI_GFP_{name}", "val", _unit(czi.read(plane={"C": ch})[..., 0])))
+            out.append(Source(f"czi_DAPI_GFP_{name}", "train", _unit(czi.read(plane={"C": ch})[..., 0])))
     for path in sorted((root / "tiles" / "stitch2d").glob("*.jpg")):
         grid = path.stem.split("@")[1].rstrip("]").replace(" ", "_")
         img = _unit(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))

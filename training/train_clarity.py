@@ -5,7 +5,7 @@ Reproducible: seeded, deterministic CPU training, real source images only
 runtime dependency::
 
     python -m venv .trainvenv
-    .trainvenv/bin/pip install -e '.[train]'
+    .trainvenv/bin/pip install -e '.[train]'   # the CPU build of PyTorch is enough
     IMAGEQC_SHARED_DATA=../shared/data .trainvenv/bin/python training/train_clarity.py
 
 Takes about 10-15 minutes on 2 cores. The sidecar records the classes,
