@@ -16,12 +16,12 @@ into windows. Labels:
 * background: the clean window has no signal (99th percentile below 15 % of
   the source's bright level), or the region is synthetic empty chip surface
   (flat level, shading, noise, track lines, dust specks, or black);
-* good: in focus (none or Gaussian sigma <= 1.2 px, the slight softness of
+* good: in focus (none or Gaussian sigma <= 1.5 px, the slight softness of
   real good images), exposure <= 1 (the source's 99.9th percentile at or
   below full scale) and under 10 % of the window's signal (clean > 0.3)
   clipped (a few saturated nuclei are normal);
-* mild / severe blur: Gaussian defocus (sigma 2.5-4 / 6-14 px), disk
-  defocus (radius 3-5.5 / 8-18 px) or motion blur (length 6-12 / 16-35 px);
+* mild / severe blur: Gaussian defocus (sigma 3-4.5 / 6.5-14 px), disk
+  defocus (radius 3.5-6 / 9-18 px) or motion blur (length 8-14 / 18-35 px);
 * mild / severe over-exposure: exposure x1.3-12 with clipping at full scale;
   the severity is the share of the window's signal clipped: 20-50 % mild,
   70 % or more severe.
@@ -127,18 +127,18 @@ def blur(img: np.ndarray, level: str, rng: np.random.Generator) -> tuple[np.ndar
     """Optical blur of a graded strength: level 'none', 'mild' or 'severe'."""
     if level == "none":  # in focus: at most the slight softness of real good images
         if rng.random() < 0.6:
-            s = rng.uniform(0.3, 1.2)
+            s = rng.uniform(0.3, 1.5)
             return cv2.GaussianBlur(img, (0, 0), s), f"gauss{s:.2f}"
         return img, "none"
     kind = rng.choice(["gauss", "disk", "motion"], p=[0.5, 0.3, 0.2])
     mild = level == "mild"
     if kind == "gauss":
-        s = rng.uniform(2.5, 4.0) if mild else rng.uniform(6.0, 14.0)
+        s = rng.uniform(3.0, 4.5) if mild else rng.uniform(6.5, 14.0)
         return cv2.GaussianBlur(img, (0, 0), s), f"gauss{s:.1f}"
     if kind == "disk":
-        r = rng.uniform(3.0, 5.5) if mild else rng.uniform(8.0, 18.0)
+        r = rng.uniform(3.5, 6.0) if mild else rng.uniform(9.0, 18.0)
         return cv2.filter2D(img, -1, _disk_kernel(r), borderType=cv2.BORDER_REFLECT), f"disk{r:.1f}"
-    length = rng.uniform(6.0, 12.0) if mild else rng.uniform(16.0, 35.0)
+    length = rng.uniform(8.0, 14.0) if mild else rng.uniform(18.0, 35.0)
     k = _motion_kernel(length, rng.uniform(0, np.pi))
     return cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT), f"motion{length:.0f}"
 
