@@ -18,12 +18,12 @@ into windows. Labels:
   (flat level, shading, noise, track lines, dust specks, or black);
 * good: in focus (none or Gaussian sigma <= 1.5 px, the slight softness of
   real good images), exposure <= 1 (the source's 99.9th percentile at or
-  below full scale) and under 15 % of the window's signal (clean > 0.3)
+  below full scale) and under 10 % of the window's signal (clean > 0.3)
   clipped (a few saturated nuclei are normal);
 * mild / severe blur: Gaussian defocus (sigma 3-4.5 / 6.5-14 px), disk
   defocus (radius 3.5-6 / 9-18 px) or motion blur (length 8-14 / 18-35 px);
 * mild / severe over-exposure: exposure x1.3-12 with clipping at full scale;
-  the severity is the share of the window's signal clipped: 25-55 % mild,
+  the severity is the share of the window's signal clipped: 20-50 % mild,
   70 % or more severe.
 
 Windows between classes (signal 15-30 %, clipping with no over-exposure
@@ -235,7 +235,7 @@ def region_windows(src: np.ndarray | None, target: str, rng: np.random.Generator
             elif target.endswith("overexposure"):
                 labels.append(_overexposure_label(clean[sl], clipped[sl]))
             else:  # a few saturated nuclei are normal in good images
-                labels.append(CLASSES.index(target) if _clipped_share(clean[sl], clipped[sl]) < 0.15 else -1)
+                labels.append(CLASSES.index(target) if _clipped_share(clean[sl], clipped[sl]) < 0.1 else -1)
     return np.stack(wins), labels
 
 
@@ -247,7 +247,7 @@ def _clipped_share(clean: np.ndarray, clipped: np.ndarray) -> float:
 
 def _overexposure_label(clean: np.ndarray, clipped: np.ndarray) -> int:
     share = _clipped_share(clean, clipped)
-    if 0.25 <= share < 0.55:
+    if 0.2 <= share < 0.5:
         return CLASSES.index("mild_overexposure")
     if share >= 0.7:
         return CLASSES.index("severe_overexposure")
