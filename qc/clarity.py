@@ -5,9 +5,9 @@ How an image is evaluated (:func:`evaluate_clarity`):
 1. **Windows.** Square windows (the model's size, 64 px for the shipped model)
    are placed on a regular grid, one at the centre of each grid cell. A small
    image is tiled completely (non-overlapping windows); a large one is sampled
-   with at most ``max_windows`` windows (default 4096: a 64 x 64 grid, about
-   2.6 % of a 20000 x 20000 image). Only the windows' rows are read, one grid
-   row at a time, so a memory-mapped image is never copied whole.
+   with at most ``max_windows`` windows (default 4096: a 64 x 64 grid covering
+   4.2 % of the pixels of a 20000 x 20000 image). Only the windows' rows are
+   read, one grid row at a time, so a memory-mapped image is never copied whole.
 2. **Intensity.** Grey values become 8 bits by one linear map for the whole
    image, taken from the sampled pixels: the 0.5th percentile goes to 0 and
    the 99.9th to 255 (clipped). The span is at least 5 % of the dtype's full
