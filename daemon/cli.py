@@ -473,9 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     ce = csub.add_parser("example", help="Print the commented example config (every setting with its default).")
     ce.set_defaults(func=cmd_config_example)
     add("version", cmd_version, "Print the version.", config=False, json_=True)
+    from daemon.demo import add_demo_command
     from daemon.qccmd import add_qc_command
 
     add_qc_command(sub)
+    add_demo_command(sub)
     _add_service_command(sub)
     return p
 

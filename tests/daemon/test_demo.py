@@ -1,0 +1,53 @@
+"""`imageqc demo` against a real running service: discovered, QC'd, uploaded, followed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.cli import main
+from daemon.service import Daemon, default_components
+from daemon.store import Store
+
+
+def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeypatch):
+    hpc = tmp_path / "hpc"
+    hpc.mkdir()
+    text = (
+        'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 1\n'
+        "[discovery]\ngrouping_window_s = 0.5\nrescan_interval_s = 2\n"
+        "[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = \"off\"\n"
+        f'[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "{hpc.as_posix()}"\nmode = "all"\n'
+    )
+    conf = tmp_path / "site.toml"
+    conf.write_text(text)
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(conf))
+    from daemon.config import load_config
+
+    cfg = load_config(conf)
+    d = Daemon(cfg, components=default_components(cfg))
+    d.start()
+    try:
+        code = main(["demo", "--size", "1500", "--seconds", "1", "--follow", "--chip", "C02533C"])
+        out = capsys.readouterr().out
+    finally:
+        d.stop()
+    assert code == 0, out
+    assert "wrote C02533C.tif" in out and "job #1: running" in out and "job #1: done" in out
+    assert "verdict: pass" in out
+    with Store(cfg.database_path) as s:
+        job = s.list_jobs()[0]
+        assert job.state == "done" and job.chip == "C02533C"
+        assert s.get_result(job.id)["report"]["stain"] == "DAPI+mIF"
+    uploaded = sorted(p.name for p in hpc.rglob("*") if p.is_file())
+    assert "C02533C.tif" in uploaded and "C02533C_CD31_IF.tif" in uploaded and "report.json" in uploaded
+    assert any(n.endswith(".tar.gz") for n in uploaded)
+    assert not list(hpc.rglob("*.imageqc-partial"))
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["C02533C.tif", "C02533C_CD31_IF.tif"]
+
+
+def test_demo_refuses_names_the_service_would_not_take(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGEQC_CONFIG", raising=False)
+    assert main(["demo", "--chip", "my sample"]) == 2
+    assert "not a name the service accepts" in capsys.readouterr().err
+    assert not Path("inbox").exists() or not any(Path("inbox").iterdir())
