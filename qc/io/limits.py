@@ -88,13 +88,15 @@ def check_dimensions(
         Declared channel (or page) count and tile count, checked when > 0.
     """
     if width < 0 or height < 0:
-        raise ImageTooLargeError(path, f"the header declares a negative {what} size {width} x {height} px")
+        raise ImageTooLargeError(
+            path, f"the header declares a negative {what} size {width} x {height} px", hint="The header is damaged; re-export the image"
+        )
     if max(width, height) > limits.max_dimension:
         problem = (
             f"the header declares a {what} of {width} x {height} px, beyond the limit of "
             f"{limits.max_dimension} px per side"
         )
-        raise ImageTooLargeError(path, problem)
+        raise ImageTooLargeError(path, problem, hint="If the image is genuine, raise qc.max_dimension in the config")
     if width * height > limits.max_pixels:
         problem = (
             f"the header declares a {what} of {width} x {height} = {width * height} px, beyond the "
@@ -103,10 +105,10 @@ def check_dimensions(
         raise ImageTooLargeError(path, problem)
     if channels > limits.max_channels:
         problem = f"the header declares {channels} channels or pages, beyond the limit of {limits.max_channels}"
-        raise ImageTooLargeError(path, problem)
+        raise ImageTooLargeError(path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_channels")
     if tiles > limits.max_tiles:
         problem = f"the file declares {tiles} tiles, beyond the limit of {limits.max_tiles}"
-        raise ImageTooLargeError(path, problem)
+        raise ImageTooLargeError(path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_tiles")
 
 
 def check_plane_bytes(path: str | Path, shape: tuple[int, ...], dtype: np.dtype, limits: ReadLimits) -> None:
