@@ -416,6 +416,16 @@ def verify_exactly_once(
             assert len(dones) == 1, f"{chip}: {len(dones)} transitions to done"
         v.jobs = len(jobs)
         records = s.uploads()
+        for j in jobs:  # a job uploads its own inputs and the outputs of its final QC run, nothing else
+            result = s.get_result(j.id)
+            assert result is not None and result["archive"], f"{j.chip}: no QC archive recorded"
+            outputs = {result["archive"], str(Path(result["output_dir"]) / "report.json")}
+            members = [m["path"] for m in s.get_scan_set(j.scan_set_id).members]
+            for target in {r.target for r in records if r.job_id == j.id}:
+                paths = {r.local_path for r in records if r.job_id == j.id and r.target == target}
+                inputs = {p for p in paths if any(p == m or p.startswith(m + os.sep) for m in members)}
+                assert paths - inputs == outputs, f"{j.chip} -> {target}: outputs {sorted(paths - inputs)}, expected {sorted(outputs)}"
+                assert all(any(p == m or p.startswith(m + os.sep) for p in inputs) for m in members), (j.chip, target, inputs)
     expected: dict[str, dict[str, str]] = {}
     for r in records:
         assert r.state in ("done", "present"), f"upload record {r.id} ({r.target} {r.remote_key}) is {r.state}: {r.error}"

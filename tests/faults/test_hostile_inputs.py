@@ -148,6 +148,8 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
     pids = [e["pid"] for e in svc.log() if e.get("event") == "job started" and e.get("job_id") == bomb.id]
     assert pids and all(p in sampler.peak for p in pids), (pids, sampler.peak)  # the child was seen running
     assert all(sampler.peak[p] < 600 * 2**20 for p in pids), {p: sampler.peak[p] for p in pids}  # nothing allocated
+    print(f"\nhostile: the 10^6 x 10^6 header's QC child peaked at {max(sampler.peak[p] for p in pids) / 2**20:.0f} MB RSS; "
+          f"other QC children {max(sampler.peak.values()) / 2**20:.0f} MB at most")
     assert "has an absolute path or '..'" in jobs[ch[4]].error and "do not unpack it" in jobs[ch[4]].error
     assert "points outside the archive" in jobs[ch[5]].error
     for chip in (ch[4], ch[5]):
