@@ -212,14 +212,17 @@ class Service:
     def jobs(self) -> list[Job]:
         return self.read(lambda s: s.list_jobs(newest_first=False)) or []
 
-    def wait_for(self, pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-        """Poll ``pred`` until it is truthy; on timeout fail with the jobs and the log's tail."""
+    def wait_for(
+        self, pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1, *, may_exit: bool = False
+    ) -> Any:
+        """Poll ``pred`` until it is truthy; on timeout (or the service exiting, unless ``may_exit``)
+        fail with the jobs and the log's tail."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = pred()
             if value:
                 return value
-            if self.proc is not None and self.proc.poll() is not None and not getattr(pred, "allow_dead", False):
+            if self.proc is not None and self.proc.poll() is not None and not may_exit:
                 pytest.fail(f"the service exited ({self.proc.returncode}) while waiting for {what}:\n{self.output()[-3000:]}")
             time.sleep(every)
         jobs = "\n".join(f"  #{j.id} {j.chip} {j.state} {j.error or ''}" for j in self.jobs())
@@ -238,7 +241,7 @@ class Service:
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config)], cwd=self.root, env=self.env,
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=timeout, check=False,
         )
 
     def status(self) -> dict[str, Any]:

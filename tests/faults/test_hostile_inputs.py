@@ -22,9 +22,17 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
-from .conftest import config_text, hpc_target, serial, tree_hashes, verify_exactly_once, write_slowly
+from .conftest import (
+    config_text,
+    hpc_target,
+    serial,
+    tree_hashes,
+    verify_exactly_once,
+    write_slowly,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -72,7 +80,7 @@ class RssSampler:
             for p in self.svc.children() if self.svc.alive() else []:
                 try:
                     self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
-                except Exception:  # the child ended between listing and reading
+                except psutil.Error:  # the child ended between listing and reading
                     continue
 
 

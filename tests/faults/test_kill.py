@@ -15,6 +15,7 @@ no partial file, no open multipart upload; the microscope's files unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -25,7 +26,16 @@ import pytest
 
 from tests.daemon.upload.conftest import new_bucket
 
-from .conftest import Service, config_text, hpc_target, s3_target, serial, sha256_file, verify_exactly_once, write_slowly
+from .conftest import (
+    Service,
+    config_text,
+    hpc_target,
+    s3_target,
+    serial,
+    sha256_file,
+    verify_exactly_once,
+    write_slowly,
+)
 
 pytestmark = pytest.mark.soak
 
@@ -154,6 +164,4 @@ def _running(pid: int) -> bool:
 
 
 def _sha(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
