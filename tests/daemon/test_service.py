@@ -182,7 +182,7 @@ def test_a_database_failure_during_ticks_stops_the_service_with_a_failure_simula
     d.start()
     try:
         assert d.store is not None
-        d.store._conn.close()  # the database goes away under the running service
+        d.store.close()  # the database goes away under the running service (under the store's lock)
         d.tick()
         assert d.failure is not None and d._stop.is_set()
     finally:
