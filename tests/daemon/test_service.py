@@ -15,17 +15,9 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
+from tests.helpers import wait_for as _wait
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait(pred, timeout=30.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def _queue_job(cfg, fp="fp", chip="SS200000135TL_D1", state=JobState.QUEUED) -> int:
