@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_stitching import PeakRSS, machine_info, record  # noqa: E402
+from _common import machine_info, record  # noqa: E402
+from bench_stitching import PeakRSS  # noqa: E402
 from qc.calibration import calibrate  # noqa: E402
 from qc.testing.tiles import blob_texture  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        record(text, SECTION + ("_quick" if args.quick else ""))
+        record(SECTION + ("_quick" if args.quick else ""), text)
 
 
 if __name__ == "__main__":

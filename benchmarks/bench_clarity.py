@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, record  # noqa: E402
 
 from qc.clarity import DEFAULT_MAX_WINDOWS, evaluate_clarity, load_clarity_model, to_uint8  # noqa: E402
 
@@ -72,25 +73,6 @@ def write_chip(path: Path, size: int) -> None:
     del mm
 
 
-def machine() -> str:
-    import onnxruntime
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 2**30
-    return (
-        f"{cpu or 'unknown CPU'}, {psutil.cpu_count(logical=True)} logical cores, {ram:.0f} GB RAM; "
-        f"Python {platform.python_version()}, numpy {np.__version__}, onnxruntime {onnxruntime.__version__}, "
-        f"{platform.system()} {platform.release()}"
-    )
-
-
 def rss_split() -> str:
     """Anonymous vs file-backed resident memory (Linux only): memmap pages are file-backed."""
     try:
@@ -99,19 +81,6 @@ def rss_split() -> str:
         return ""
     vals = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith(("RssAnon", "RssFile"))}
     return f" (right after evaluating: {vals.get('RssAnon', 0)} MiB anonymous, {vals.get('RssFile', 0)} MiB file-backed)"
-
-
-def write_results(lines: list[str]) -> None:
-    results = REPO / "benchmarks" / "RESULTS.md"
-    text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n"
-    block = SECTION + "\n\n" + "\n".join(lines) + "\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1 :] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    results.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         f"**{peak / 2**20:.0f} MiB**{split}; before loading the model: {rss_before / 2**20:.0f} MiB. "
         "File-backed pages are the memmap's page cache (every sampled row band is touched), reclaimable",
         f"- (building the test image took {t_write:.1f} s, not counted)",
-        f"- machine: {machine()}",
+        f"- machine: {machine_info('onnxruntime')}",
         f"- date: {time.strftime('%Y-%m-%d')}",
     ]
     print("\n".join(lines))
     if not args.no_write and not args.quick:
-        write_results(lines)
+        record("bench_clarity", SECTION + "\n\n" + "\n".join(lines))
     return 0
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -37,6 +35,8 @@ import tifffile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, record  # noqa: E402
 
 SETTLE_S = 5.0
 RESCAN_S = 60.0
@@ -180,35 +180,6 @@ def run_mode(base: Path, root: Path, mode: str, sets: int, idle_s: float, sample
             proc.wait()
 
 
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ram = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
-    import watchdog.version
-
-    load = ""
-    if hasattr(os, "getloadavg"):  # not on Windows
-        load = f"; load average {os.getloadavg()[0]:.1f} when measured (other work on the machine slows it)"
-    return (f"{cpu}; {os.cpu_count()} cores; RAM {ram}; Python {platform.python_version()}; numpy {np.__version__}; "
-            f"watchdog {watchdog.version.VERSION_STRING}; {platform.system()} {platform.release()}{load}")
-
-
-def write_results(text: str) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"<!-- bench_discovery:start -->\n{text.rstrip()}\n<!-- bench_discovery:end -->\n"
-    if "<!-- bench_discovery:start -->" in old:
-        new = re.sub(r"<!-- bench_discovery:start -->.*?<!-- bench_discovery:end -->\n?", block, old, flags=re.S)
-    else:
-        new = old.rstrip() + "\n\n" + block
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10,000 files, 15 s idle, 3 samples per mode")
@@ -246,7 +217,7 @@ def main() -> None:
     lines = [
         "## Discovery (`benchmarks/bench_discovery.py`" + (" --quick" if args.quick else "") + ")",
         "",
-        f"Machine: {machine_info()}. Run {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Machine: {machine_info('watchdog')}. Run {time.strftime('%Y-%m-%d %H:%M')}.",
         f"{files:,} TIFF tiles in {files // 500} tile folders under one root; the service in a child process "
         f"(tick {TICK_S:g} s, settle {SETTLE_S:g} s, rescan every {RESCAN_S:g} s, polling every {POLL_S:g} s, "
         f"grouping window 0); idle CPU over {idle_s:g} s with nothing changing; latency from the last write of a "
@@ -265,7 +236,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        write_results(text)
+        record("bench_discovery", text)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -31,23 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, peak_rss_mb, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work" / "qc"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## full QC (benchmarks/bench_qc.py)"
 CHIP = "SS200000135TL_D1"
-
-
-def _peak_rss_mb() -> float:
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
-    except ImportError:  # Windows
-        import psutil
-
-        return float(psutil.Process().memory_info().peak_wset) / 2**20
 
 
 def child(paths: list[str], threads: int, out: str) -> None:
@@ -68,7 +55,7 @@ def child(paths: list[str], threads: int, out: str) -> None:
     cpu = sum(proc.cpu_times()[:2]) - c0
     d = report.as_dict()
     print(json.dumps({
-        "qc_s": t_qc, "total_s": total, "cpu_s": cpu, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base,
+        "qc_s": t_qc, "total_s": total, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
         "verdict": d["verdict"], "reasons": d["reasons"],
         "scores": {i["name"]: {m: (i[m] or {}).get("score", (i[m] or {}).get("similarity")) for m in ("track", "clarity", "calibration") if i[m]} for i in d["images"]},
     }))
@@ -103,23 +90,6 @@ def _run(paths: list[Path], threads: int) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    import numpy as np
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"Python {platform.python_version()}, numpy {np.__version__}, load average at start {load:.1f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8000^2 images instead of 20000^2")
@@ -133,7 +103,7 @@ def main() -> None:
         return
     size = 8000 if args.quick else 20000
     paths = _make(size)
-    machine = _machine()
+    machine = machine_info("onnxruntime", "cv2")
     rows = []
     for label, files, target in (
         ("DAPI (track + clarity)", [paths["dapi"]], "< 15 s, < 1.5 GB (StereoMap ~2.5 min)"),
@@ -155,16 +125,7 @@ def main() -> None:
                      f"{r['peak_rss_mb']:.0f} MB | {r['verdict']} | {target} |")
     lines.append("")
     lines.append("Peak RSS includes the memory-mapped image pages QC touched and ~150 MB of imported libraries.")
-    _write_section("\n".join(lines) + "\n", quick=args.quick)
-
-
-def _write_section(text: str, *, quick: bool) -> None:
-    section = SECTION + (" quick" if quick else "")
-    text = text.replace(SECTION, section, 1)
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(text + "\n", old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    RESULTS.write_text(new, encoding="utf-8")
+    record("bench_qc" + ("_quick" if args.quick else ""), "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, record  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -141,39 +142,6 @@ def measure(mode: str, path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        ram = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
-    except ImportError:
-        ram = "?"
-    import tifffile
-
-    return (f"{cpu}; {os.cpu_count()} cores; RAM {ram}; Python {platform.python_version()}; "
-            f"numpy {np.__version__}; tifffile {tifffile.__version__}; {platform.system()} {platform.release()}")
-
-
-def write_results(section: str) -> None:
-    results = HERE / "RESULTS.md"
-    start, end = "<!-- bench_readers:start -->", "<!-- bench_readers:end -->"
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    results.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="5,000^2 images and 500^2 tiles (smoke run)")
@@ -207,7 +175,7 @@ def main() -> None:
     lines = [
         f"## Readers (`benchmarks/bench_readers.py{' --quick' if args.quick else ''}`)",
         "",
-        f"Machine: {machine_info()}. Run {time.strftime('%Y-%m-%d %H:%M')}; files warm in the page cache;",
+        f"Machine: {machine_info('tifffile')}. Run {time.strftime('%Y-%m-%d %H:%M')}; files warm in the page cache;",
         "each read in a fresh process; peak = peak RSS of that process (interpreter, imports and the read), base = its RSS\nafter `import qc.io`, before the read (the reader modules, e.g. OpenCV for tile folders, load during the read).",
         "",
         "| input | raw MB | floor s | plane() s | downsampled(8) s | floor peak MB | plane peak MB | down8 peak MB | base MB | down8 peak / raw |",
@@ -223,7 +191,7 @@ def main() -> None:
     section = "\n".join(lines)
     print()
     print(section)
-    write_results(section)
+    record("bench_readers", section)
 
 
 if __name__ == "__main__":

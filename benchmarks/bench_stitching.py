@@ -15,8 +15,6 @@ evaluation; imageqc's targets are < 20 s cold and < 1 s warm for 20 x 20.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -27,6 +25,8 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, record  # noqa: E402
 
 from qc.pair_cache import MemoryPairCache  # noqa: E402
 from qc.stitching import evaluate_stitching  # noqa: E402
@@ -81,36 +81,6 @@ class PeakRSS:
     def text(self) -> str:
         anon = f" ({self.peak_anon / 2**20:.0f} MiB anonymous)" if self.peak_anon else ""
         return f"{self.peak / 2**20:.0f} MiB{anon}"
-
-
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = psutil.virtual_memory().total / 2**30
-    load = ""
-    if hasattr(os, "getloadavg"):  # not on Windows
-        load = f"; load average {os.getloadavg()[0]:.1f} when measured (other work on the machine slows it)"
-    return (f"{cpu}; {psutil.cpu_count(logical=True)} logical cores; {ram:.0f} GiB RAM; "
-            f"Python {platform.python_version()}; numpy {np.__version__}; {platform.system()}{load}")
-
-
-def record(text: str, section: str = SECTION) -> None:
-    """Replace (or append) this benchmark's section of benchmarks/RESULTS.md."""
-    path = Path(__file__).resolve().parent / "RESULTS.md"
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new, encoding="utf-8")
 
 
 def main() -> None:
@@ -173,7 +143,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_record:
-        record(text, SECTION + ("_quick" if args.quick else ""))
+        record(SECTION + ("_quick" if args.quick else ""), text)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,23 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, peak_rss_mb, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## track (benchmarks/bench_track.py)"
 PARAMS = dict(angle_deg=-1.3, scale=1.0, tissue_fraction=0.5, illumination=0.4, seed=2024)
-
-
-def _peak_rss_mb() -> float:
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
-    except ImportError:  # Windows
-        import psutil
-
-        return psutil.Process().memory_info().peak_wset / 2**20
 
 
 def child(path: str, threads: int) -> None:
@@ -57,46 +46,12 @@ def child(path: str, threads: int) -> None:
     c0, t0 = _cpu(), time.perf_counter()
     r = find_track_lines(image, "SS2", max_threads=threads)
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
-    print(json.dumps({"seconds": dt, "cpu": cpu, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base, "result": r.as_dict()}))
+    print(json.dumps({"seconds": dt, "cpu": cpu, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base, "result": r.as_dict()}))
 
 
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system
-
-
-def machine() -> dict[str, str]:
-    import cv2
-    import numpy as np
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "ram_gb": f"{psutil.virtual_memory().total / 2**30:.1f}",
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "opencv": cv2.__version__,
-        "os": platform.platform(),
-        "load_avg": " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
-    }
-
-
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        nxt = old.find("\n## ", start + len(SECTION))
-        old = old[:start].rstrip() + "\n\n" + (old[nxt + 1 :] if nxt >= 0 else "")
-    RESULTS.write_text(old.rstrip() + "\n\n" + text.rstrip() + "\n")
 
 
 def main() -> None:
@@ -127,7 +82,7 @@ def main() -> None:
             check=True, capture_output=True, text=True, cwd=ROOT,
         )  # fmt: skip
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    info = machine()
+    info = machine_info("cv2")
     best = min(runs, key=lambda r: r["seconds"])
     res = best["result"]
     lines = [
@@ -151,14 +106,14 @@ def main() -> None:
         lines.append(f"| generating the TIFF with write_chip_tiff, wall / CPU (s) | {gen_s:.1f} / {gen_cpu:.1f} |")
     lines += [
         "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
+        f"Machine: {info}",
         "",
         "A load average above the core count means other processes shared the CPU: compare CPU times.",
         "",
     ]
     text = "\n".join(lines)
     print(text)
-    write_section(text)
+    record("bench_track" + ("_quick" if args.quick else ""), text)
 
 
 if __name__ == "__main__":

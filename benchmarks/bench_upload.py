@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -33,30 +31,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, record  # noqa: E402
 
 KEYS = ("AKIABENCH", "bench-secret-key")
 MiB = 1 << 20
-
-
-def machine_info() -> str:
-    import boto3
-    import numpy
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (
-        f"Machine: {cpu}; {psutil.cpu_count()} logical cores; {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
-        f"Python {platform.python_version()}; numpy {numpy.__version__}; boto3 {boto3.__version__}; "
-        f"{platform.system()} {platform.release()}; load average {load} when measured"
-    )
 
 
 def free_port() -> int:
@@ -156,18 +135,6 @@ def plain_boto3(endpoint: str, bucket: str, path: Path, key: str) -> dict[str, f
     return {"digest": 0.0, "upload": t1 - t0, "verify": 0.0, "total": t1 - t0}
 
 
-def write_results(section: str, name: str) -> None:
-    results = HERE / "RESULTS.md"
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{section.rstrip()}\n{end}\n"
-    text = results.read_text(encoding="utf-8") if results.exists() else "# Benchmark results\n\n"
-    if start in text and end in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end) + r"\n?", block.replace("\\", r"\\"), text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block
-    results.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 MiB instead of 2 GiB")
@@ -215,7 +182,7 @@ def main() -> None:
     flags = (" --quick" if args.quick else "") + (" --server rclone" if args.server == "rclone" else "")
     title = f"## Uploads (`benchmarks/bench_upload.py{flags}`): {size / MiB:.0f} MiB to {args.server} on 127.0.0.1"
     lines = [
-        title, "", machine_info(), "",
+        title, "", "Machine: " + machine_info("boto3"), "",
         "| uploader | digest s | upload s (of which verify) | total s | MiB/s (total) | MiB/s (upload) |",
         "|---|---|---|---|---|---|",
     ]
@@ -237,7 +204,7 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        write_results(section, "bench_upload" + ("_quick" if args.quick else "") + ("_rclone" if args.server == "rclone" else ""))
+        record("bench_upload" + ("_quick" if args.quick else "") + ("_rclone" if args.server == "rclone" else ""), section)
 
 
 if __name__ == "__main__":

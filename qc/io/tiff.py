@@ -32,7 +32,7 @@ from qc.io.tiffcheck import walk_tiff
 
 __all__ = ["TiffImage"]
 
-_UNIT_UM = {"m": 1e6, "mm": 1e3, "µm": 1.0, "um": 1.0, "\u00b5m": 1.0, "micron": 1.0, "nm": 1e-3, "cm": 1e4}
+_UNIT_UM = {"m": 1e6, "mm": 1e3, "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "cm": 1e4}
 #: Pixel sizes outside this range (um) are taken as unset (e.g. a default 72 dpi).
 _PLAUSIBLE_UM = (1e-3, 100.0)
 

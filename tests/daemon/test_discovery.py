@@ -27,15 +27,7 @@ from daemon.service import Daemon
 from daemon.status import collect_status
 from daemon.store import Store
 from daemon.watcher import default_observer
-
-
-def _wait(pred, timeout=30.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
+from tests.helpers import wait_for as _wait
 
 
 def _tif_bytes(shape=(64, 64), **kw) -> bytes:

@@ -15,17 +15,9 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
+from tests.helpers import wait_for as _wait
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _wait(pred, timeout=30.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
 
 
 def _queue_job(cfg, fp="fp", chip="SS200000135TL_D1", state=JobState.QUEUED) -> int:
@@ -182,7 +174,7 @@ def test_a_database_failure_during_ticks_stops_the_service_with_a_failure_simula
     d.start()
     try:
         assert d.store is not None
-        d.store._conn.close()  # the database goes away under the running service
+        d.store.close()  # the database goes away under the running service (under the store's lock)
         d.tick()
         assert d.failure is not None and d._stop.is_set()
     finally:

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +14,26 @@ import pytest
 import tifffile
 
 from daemon.config import WatchRoot
-from daemon.snapshot import MemberStat, WalkPolicy, diff_snapshots, norm, probe, scan_tree
-from daemon.watcher import HINT_DEEP, PollLister, Rescanner, RootMissing, RootWatcher, choose_observer, default_observer
+from daemon.snapshot import (
+    MemberStat,
+    WalkPolicy,
+    diff_snapshots,
+    norm,
+    probe,
+    scan_tree,
+)
+from daemon.watcher import (
+    HINT_DEEP,
+    PollLister,
+    Rescanner,
+    RootMissing,
+    RootWatcher,
+    choose_observer,
+    default_observer,
+)
+from tests.helpers import wait_for
 
-
-def _wait(pred, timeout=20.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(every)
-    return False
+_wait = partial(wait_for, timeout=20.0)
 
 
 def _tif(path: Path, shape=(16, 16)) -> Path:

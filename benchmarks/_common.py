@@ -1,0 +1,64 @@
+"""What every benchmark shares: the machine's description, peak memory, and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+__all__ = ["RESULTS", "machine_info", "peak_rss_mb", "record"]
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(*modules: str) -> str:
+    """One line: CPU, cores, RAM, OS, Python and numpy (plus ``modules``) versions, load average."""
+    import numpy as np
+    import psutil
+
+    versions = [f"Python {platform.python_version()}", f"numpy {np.__version__}"]
+    for name in modules:
+        mod = importlib.import_module(name)
+        versions.append(f"{name} {getattr(mod, '__version__', getattr(mod, 'VERSION_STRING', '?'))}")
+    load = f"; load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return (
+        f"{_cpu_model()}; {psutil.cpu_count(logical=True)} logical cores; "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; {platform.system()} {platform.release()}; "
+        + "; ".join(versions)
+        + load
+    )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return float(psutil.Process().memory_info().peak_wset) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+
+
+def record(name: str, text: str) -> None:
+    """Put ``text`` into benchmarks/RESULTS.md between ``<!-- name:start/end -->`` markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}\n"
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pattern.sub(lambda _m: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block
+    RESULTS.write_text(new, encoding="utf-8")
