@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from tests.daemon.upload.conftest import new_bucket
+from tests.helpers import wait_for
 
 from .conftest import (
     Service,
@@ -110,7 +111,7 @@ def test_sigkill_at_random_moments_every_set_ends_done_exactly_once(make_service
             orphans = svc.kill()
             kills.append(Kill(wanted, hit, len(orphans), round(time.monotonic() - t0, 1)))
             # a QC child of the killed service notices its parent is gone and exits by itself
-            gone = _wait_gone(orphans, 15)
+            gone = wait_for(lambda o=orphans: not any(_running(p) for p in o), 15, every=0.1)
             assert gone, f"QC children {orphans} outlived the killed service"
             time.sleep(rng.uniform(0.0, 1.0))  # down for a moment while files keep arriving
             svc.start()
@@ -145,15 +146,6 @@ def test_sigkill_at_random_moments_every_set_ends_done_exactly_once(make_service
         assert sha256_file(inbox / f"{chip}.tif") == _sha(data)
     events = [e["event"] for e in svc.log()]
     assert "recovered jobs left by a previous run" in events
-
-
-def _wait_gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_running(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _running(pid: int) -> bool:
