@@ -162,6 +162,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             return JobOutcome(state="failed", error="QC ran out of memory; raise qc.memory_limit_mb or free memory")
         store.save_result(
             job.id,
+            owner=ctx.owner,
             verdict=report.verdict,
             report=report.as_dict(),
             output_dir=str(out.folder),

@@ -847,9 +847,18 @@ class Store:
         output_dir: str | None = None,
         archive: str | None = None,
         now: float | None = None,
+        owner: str | None = None,
     ) -> None:
+        """Store a job's QC report. With ``owner``, only while that owner holds the job running
+        (a QC child orphaned by a killed service cannot overwrite a newer run's result)."""
         text = report if isinstance(report, str) else json.dumps(report)
         with self.db() as c:
+            if owner is not None:
+                row = c.execute("SELECT state, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    raise JobNotFound(job_id)
+                if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
+                    raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", "save QC result")
             c.execute(
                 "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"

@@ -181,6 +181,17 @@ def test_results_kv_and_status(store):
     assert store.get_status() == {"service": ({"state": "running"}, T0)}
 
 
+def test_only_the_lease_holder_saves_a_qc_result(store):
+    a = _job(store)
+    store.claim("w1", now=T0, lease_s=10)
+    store.recover_expired(now=T0 + 11)
+    store.claim("w2", now=T0 + 12, lease_s=10)
+    with pytest.raises(IllegalTransition):
+        store.save_result(a, verdict="pass", report={}, owner="w1", now=T0 + 13)  # the orphan of a killed service
+    store.save_result(a, verdict="fail", report={"verdict": "fail"}, owner="w2", now=T0 + 13)
+    assert store.get_result(a)["verdict"] == "fail"  # type: ignore[index]
+
+
 def test_counts_list_every_state(store):
     _job(store, "a")
     counts = store.counts()
