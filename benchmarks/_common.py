@@ -24,6 +24,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    dist = {"cv2": "opencv-python-headless"}.get(name, name)
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return str(getattr(importlib.import_module(name), "__version__", "?"))
+
+
 def machine_info(*modules: str) -> str:
     """One line: CPU, cores, RAM, OS, Python and numpy (plus ``modules``) versions, load average."""
     import numpy as np
@@ -31,8 +41,7 @@ def machine_info(*modules: str) -> str:
 
     versions = [f"Python {platform.python_version()}", f"numpy {np.__version__}"]
     for name in modules:
-        mod = importlib.import_module(name)
-        versions.append(f"{name} {getattr(mod, '__version__', getattr(mod, 'VERSION_STRING', '?'))}")
+        versions.append(f"{name} {_version(name)}")
     load = f"; load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     return (
         f"{_cpu_model()}; {psutil.cpu_count(logical=True)} logical cores; "
