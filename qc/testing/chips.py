@@ -219,6 +219,17 @@ def _strips(height: int) -> list[tuple[int, int]]:
     return [(r, min(r + STRIP, height)) for r in range(0, height, STRIP)]
 
 
+def _scene(params: dict[str, object], data_dir: str | os.PathLike[str] | None) -> tuple[dict, Scene, np.dtype, tuple[int, ...]]:
+    """Validated parameters, the scene that renders them, the dtype and the image shape."""
+    unknown = set(params) - set(_DEFAULTS)
+    if unknown:
+        msg = f"unknown parameters {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
+        raise TypeError(msg)
+    p, _ = _params(**{**_DEFAULTS, **params})  # type: ignore[arg-type]
+    shape = (p["height"], p["width"]) + ((3,) if p["stain"] == "HE" else ())
+    return p, Scene(p, shared_data_dir(data_dir)), np.dtype(p["dtype"]), shape
+
+
 def generate_chip(
     *,
     data_dir: str | os.PathLike[str] | None = None,
@@ -272,14 +283,7 @@ def generate_chip(
     -------
     SyntheticChip
     """
-    unknown = set(params) - set(_DEFAULTS)
-    if unknown:
-        msg = f"unknown parameters {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
-        raise TypeError(msg)
-    p, _ = _params(**{**_DEFAULTS, **params})  # type: ignore[arg-type]
-    scene = Scene(p, shared_data_dir(data_dir))
-    dt = np.dtype(p["dtype"])
-    shape = (p["height"], p["width"]) + ((3,) if p["stain"] == "HE" else ())
+    p, scene, dt, shape = _scene(params, data_dir)
     if out is None:
         out = np.empty(shape, dt)
     elif out.shape != shape or out.dtype != dt:
@@ -323,15 +327,8 @@ def write_chip_tiff(
     -------
     ChipTruth
     """
-    unknown = set(params) - set(_DEFAULTS)
-    if unknown:
-        msg = f"unknown parameters {sorted(unknown)}; known: {sorted(_DEFAULTS)}"
-        raise TypeError(msg)
-    p, _ = _params(**{**_DEFAULTS, **params})  # type: ignore[arg-type]
-    scene = Scene(p, shared_data_dir(data_dir))
-    dt = np.dtype(p["dtype"])
+    p, scene, dt, shape = _scene(params, data_dir)
     rgb = p["stain"] == "HE"
-    shape = (p["height"], p["width"]) + ((3,) if rgb else ())
     photometric = "rgb" if rgb else "minisblack"
     big = int(np.prod(shape)) * dt.itemsize > 2**31
     strips = _strips(p["height"])
