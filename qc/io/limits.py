@@ -89,17 +89,17 @@ def check_dimensions(
     """
     if width < 0 or height < 0:
         raise ImageTooLargeError(
-            path, f"the header declares a negative {what} size {width} x {height} px", hint="The header is damaged; re-export the image"
+            path, f"the header gives the {what} a negative size {width} x {height} px", hint="The header is damaged; re-export the image"
         )
     if max(width, height) > limits.max_dimension:
         problem = (
-            f"the header declares a {what} of {width} x {height} px, beyond the limit of "
+            f"the header gives the {what} a size of {width} x {height} px, beyond the limit of "
             f"{limits.max_dimension} px per side"
         )
         raise ImageTooLargeError(path, problem, hint="If the image is genuine, raise qc.max_dimension in the config")
     if width * height > limits.max_pixels:
         problem = (
-            f"the header declares a {what} of {width} x {height} = {width * height} px, beyond the "
+            f"the header gives the {what} a size of {width} x {height} = {width * height} px, beyond the "
             f"limit of {limits.max_pixels} px"
         )
         raise ImageTooLargeError(path, problem)

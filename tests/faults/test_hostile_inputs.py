@@ -151,7 +151,7 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
         assert "the file was cut short" in j.error and "re-export it if it was cut short" in j.error
     bomb = jobs[ch[3]]
     assert bomb.failed_stage == "qc" and bomb.next_attempt_at is None  # permanent: never retried
-    assert "declares a IFD #0 image of 1000000 x 1000000 px, beyond the limit of 400000 px per side" in bomb.error
+    assert "gives the IFD #0 image a size of 1000000 x 1000000 px, beyond the limit of 400000 px per side" in bomb.error
     assert "raise qc.max_dimension" in bomb.error
     pids = [e["pid"] for e in svc.log() if e.get("event") == "job started" and e.get("job_id") == bomb.id]
     assert pids and all(p in sampler.peak for p in pids), (pids, sampler.peak)  # the child was seen running
