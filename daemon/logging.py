@@ -91,6 +91,17 @@ _SHARED: list[Any] = [
 ]
 
 
+class _SkippedRunFilter(logging.Filter):
+    """Drop APScheduler's "skipped: maximum number of running instances" warning.
+
+    A service round that outlasts the tick interval makes the scheduler skip the next
+    start; that is by design (one round at a time) and the service logs long rounds itself.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in record.getMessage()
+
+
 def configure_logging(
     *,
     level: str = "info",
@@ -151,6 +162,9 @@ def configure_logging(
     # third-party chatter stays at warning unless we debug
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "apscheduler", "watchdog", "oss2"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    sched = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _SkippedRunFilter) for f in sched.filters):
+        sched.addFilter(_SkippedRunFilter())
 
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.PositionalArgumentsFormatter(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

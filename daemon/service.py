@@ -130,6 +130,7 @@ class Daemon:
         self.last_tick_error: str | None = None
         #: Why the service stopped itself (None after a requested stop); `imageqc run` exits 1 when set.
         self.failure: str | None = None
+        self._long_round_logged = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -267,6 +268,7 @@ class Daemon:
         if self._stop.is_set() or self.store is None:
             return
         now = self.clock() if now is None else now
+        started = time.monotonic()
         try:
             self._tick(now)
             self.last_tick_error = None
@@ -278,7 +280,19 @@ class Daemon:
         except Exception as e:
             self.last_tick_error = f"{type(e).__name__}: {e}"
             log.exception("tick failed; the service keeps running")
+        self._note_long_round(time.monotonic() - started)
         self._notify("WATCHDOG=1")
+
+    def _note_long_round(self, seconds: float) -> None:
+        """Log (at most once a minute) a round that outlasted the tick interval, so slow rounds show."""
+        interval = self.config.service.tick_seconds
+        if seconds <= interval:
+            return
+        mono = time.monotonic()
+        if mono - self._long_round_logged < 60.0:
+            return
+        self._long_round_logged = mono
+        log.info("a service round outlasted the tick interval; the next rounds start late", seconds=round(seconds, 1), tick_seconds=interval)
 
     def _tick(self, now: float) -> None:
         store, runner = self.store, self.runner

@@ -179,3 +179,49 @@ def test_a_database_failure_during_ticks_stops_the_service_with_a_failure_simula
         assert d.failure is not None and d._stop.is_set()
     finally:
         d.stop()
+
+
+class Slow:
+    """A component whose rounds take longer than the tick interval."""
+
+    name = "slow"
+
+    def __init__(self, seconds):
+        self.seconds, self.ticks = seconds, 0
+
+    def start(self, daemon):
+        pass
+
+    def tick(self, now):
+        self.ticks += 1
+        time.sleep(self.seconds)
+
+    def stop(self):
+        pass
+
+    def health(self):
+        return {"ticks": self.ticks}
+
+
+def test_rounds_longer_than_the_tick_are_noted_once_a_minute_without_scheduler_skip_warnings(make_config, tmp_path):
+    from daemon.logging import configure_logging
+
+    log_path = tmp_path / "service.jsonl"
+    configure_logging(level="info", file=log_path, console="off")
+    try:
+        cfg = make_config(tick=0.1)
+        slow = Slow(0.35)
+        d = Daemon(cfg, target="tests.daemon.targets:ok", components=[slow])
+        d.start()
+        try:
+            assert _wait(lambda: slow.ticks >= 4, timeout=20)
+        finally:
+            d.stop()
+    finally:
+        configure_logging(console="off")
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
+    events = [r["event"] for r in records]
+    long_rounds = [r for r in records if r["event"].startswith("a service round outlasted the tick interval")]
+    assert len(long_rounds) == 1, events  # rate-limited: once a minute
+    assert long_rounds[0]["seconds"] >= 0.3 and long_rounds[0]["tick_seconds"] == 0.1
+    assert not [e for e in events if "maximum number of running instances" in e], events
