@@ -40,6 +40,9 @@ __all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat
 
 log = get_logger("imageqc.service")
 
+#: How often (seconds) the service looks for half-written outputs of killed QC runs.
+OUTPUT_SWEEP_S = 600.0
+
 #: The job function run in the worker child for each queued job.
 DEFAULT_TARGET = "daemon.jobs:run_qc_job"
 
@@ -131,6 +134,7 @@ class Daemon:
         #: Why the service stopped itself (None after a requested stop); `imageqc run` exits 1 when set.
         self.failure: str | None = None
         self._long_round_logged = float("-inf")
+        self._last_sweep = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -184,6 +188,7 @@ class Daemon:
         recovered = self.store.recover_expired(now=float("inf"))
         if recovered:
             log.warning("recovered jobs left by a previous run", jobs=recovered)
+        self._sweep_outputs(now)
         self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
         started: list[Component] = []
         try:
@@ -283,6 +288,19 @@ class Daemon:
         self._note_long_round(time.monotonic() - started)
         self._notify("WATCHDOG=1")
 
+    def _sweep_outputs(self, now: float) -> None:
+        """Remove the half-written outputs of QC writers that were killed (a crash, a timeout, a restart)."""
+        from qc.report import remove_abandoned_outputs
+
+        self._last_sweep = now
+        try:
+            removed = remove_abandoned_outputs(self.config.output_dir)
+        except OSError as e:
+            log.warning("could not clean half-written outputs", folder=str(self.config.output_dir), error=str(e))
+            return
+        if removed:
+            log.info("removed half-written outputs of killed QC runs", paths=[str(p) for p in removed])
+
     def _note_long_round(self, seconds: float) -> None:
         """Log (at most once a minute) a round that outlasted the tick interval, so slow rounds show."""
         interval = self.config.service.tick_seconds
@@ -316,6 +334,8 @@ class Daemon:
             if job is None:
                 break
             runner.submit(job)
+        if now - self._last_sweep >= OUTPUT_SWEEP_S:
+            self._sweep_outputs(now)
         if not any(t.mode != "none" for t in self.config.upload):
             for job in store.list_jobs(states=[JobState.QC_DONE]):
                 store.transition(job.id, JobState.SKIPPED, now=now, message="QC done; no upload configured")

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +36,8 @@ __all__ = [
     "OutputPaths",
     "run_stem",
     "write_outputs",
+    "abandoned_outputs",
+    "remove_abandoned_outputs",
 ]
 
 REPORT_SCHEMA = "imageqc.report/1"
@@ -158,9 +162,11 @@ def write_outputs(
 ) -> OutputPaths:
     """Write the run's folder (and archive) under ``out_dir``; returns what was written.
 
-    Written atomically: the folder is built under a temporary name and renamed
-    into place, and the archive is written as ``.part`` then renamed, so a
-    crash never leaves a half-written output that looks finished.
+    Written atomically: the folder is built under a hidden temporary name and
+    renamed into place, and the archive likewise, so a crash never leaves a
+    half-written output that looks finished. The temporary names carry the
+    writer's host and process id, so :func:`remove_abandoned_outputs` can tell
+    the leftovers of a killed writer from a write still under way.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +176,8 @@ def write_outputs(
     while final.exists() or (out_dir / f"{final.name}.tar.gz").exists():
         n += 1
         final = out_dir / f"{stem}-{n}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out_dir))
+    tag = _writer_tag()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{tag}.", dir=out_dir))
     try:
         (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
         pics: list[Path] = []
@@ -196,7 +203,7 @@ def write_outputs(
     arc: Path | None = None
     if archive:
         arc = out_dir / f"{final.name}.tar.gz"
-        part = arc.with_name(arc.name + ".part")
+        part = out_dir / f".{arc.name}.partial-{tag}"
         try:
             with tarfile.open(part, "w:gz", compresslevel=6) as tar:
                 tar.add(final, arcname=final.name, recursive=True, filter=_clean_member)
@@ -205,6 +212,53 @@ def write_outputs(
             part.unlink(missing_ok=True)
             raise
     return OutputPaths(folder=final, report=final / "report.json", pictures=tuple(pics), archive=arc)
+
+
+_PARTIAL = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def abandoned_outputs(out_dir: str | Path) -> list[Path]:
+    """The half-written outputs in ``out_dir`` whose writer, on this host, is no longer running.
+
+    Only the temporary names :func:`write_outputs` makes are considered; a
+    writer on another host (a shared output folder) or one still alive is left alone.
+    """
+    import psutil
+
+    out_dir = Path(out_dir)
+    try:
+        entries = list(out_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    host, found = _host_tag(), []
+    for entry in entries:
+        m = _PARTIAL.match(entry.name)
+        if m is None or m["host"] != host:
+            continue
+        if not psutil.pid_exists(int(m["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_abandoned_outputs(out_dir: str | Path) -> list[Path]:
+    """Delete :func:`abandoned_outputs` (never a finished run); returns what was removed."""
+    removed = []
+    for path in abandoned_outputs(out_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
 
 
 def _clean_member(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

@@ -225,3 +225,33 @@ def test_rounds_longer_than_the_tick_are_noted_once_a_minute_without_scheduler_s
     assert len(long_rounds) == 1, events  # rate-limited: once a minute
     assert long_rounds[0]["seconds"] >= 0.3 and long_rounds[0]["tick_seconds"] == 0.1
     assert not [e for e in events if "maximum number of running instances" in e], events
+
+
+def _dead_partial(output_dir: Path, stem: str) -> Path:
+    from qc.report import _host_tag
+
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                             check=True).stdout)
+    path = output_dir / f".{stem}.partial-{_host_tag()}-{pid}.zz9"
+    (path / "pictures").mkdir(parents=True)
+    (path / "report.json").write_text("{}", encoding="utf-8")
+    return path
+
+
+def test_half_written_outputs_of_killed_qc_runs_are_removed_at_start_and_while_running(make_config, monkeypatch):
+    import daemon.service
+
+    cfg = make_config()
+    finished = cfg.output_dir / "C02533C_20231114_221320_0.1.0"
+    finished.mkdir(parents=True)
+    before = _dead_partial(cfg.output_dir, "C02533C_20231114_221321_0.1.0")
+    d = Daemon(cfg, target="tests.daemon.targets:ok")
+    d.start()
+    try:
+        assert not before.exists() and finished.exists()
+        monkeypatch.setattr(daemon.service, "OUTPUT_SWEEP_S", 0.0)
+        during = _dead_partial(cfg.output_dir, "C02533C_20231114_221322_0.1.0")  # e.g. a QC child killed on timeout
+        assert _wait(lambda: not during.exists(), timeout=10)
+        assert finished.exists()
+    finally:
+        d.stop()

@@ -146,6 +146,9 @@ def test_sigkill_at_random_moments_every_set_ends_done_exactly_once(make_service
         assert sha256_file(inbox / f"{chip}.tif") == _sha(data)
     events = [e["event"] for e in svc.log()]
     assert "recovered jobs left by a previous run" in events
+    # QC children killed mid-write leave hidden partial outputs; the restarted service removes them
+    hidden = sorted(p.name for p in (svc.root / "state" / "outputs").iterdir() if p.name.startswith("."))
+    assert hidden == [], f"half-written outputs left behind: {hidden}"
 
 
 def _running(pid: int) -> bool:
