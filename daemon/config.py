@@ -102,6 +102,17 @@ class WatchRoot:
         "Regex with named groups 'row' and 'col' for tile folders that follow no known convention.",
         regex=True,
     )
+    tile_overlap: tuple[float, ...] = _f(
+        (0.1, 0.1),
+        "Fractional overlap [x, y] of neighbouring tiles (one number: both) for tile folders whose files give "
+        "neither positions (TileConfiguration.txt) nor overlap (metadata); the stitching refines from it.",
+        min=0, max=0.9, items=(1, 2),
+    )
+
+    @property
+    def tile_overlap_xy(self) -> tuple[float, float]:
+        """:attr:`tile_overlap` as (x, y)."""
+        return (self.tile_overlap[0], self.tile_overlap[-1])
 
 
 @dataclass(frozen=True)
@@ -418,6 +429,10 @@ class _Loader:
             (item_tp, _ellipsis) = typing.get_args(tp)
             if not isinstance(value, list):
                 raise self.error(kp, f"must be a list, got {_tname(value)}")
+            items = meta.get("items")
+            if items and not items[0] <= len(value) <= items[1]:
+                want = f"{items[0]}" if items[0] == items[1] else f"{items[0]} to {items[1]}"
+                raise self.error(kp, f"must be a list of {want} values, got {len(value)}")
             return tuple(self.convert(item_tp, v, f"{kp}[{i}]", meta) for i, v in enumerate(value))
         if origin is dict:
             if not isinstance(value, dict):

@@ -17,7 +17,7 @@ import errno
 from pathlib import Path
 from typing import Any
 
-from daemon.config import Config
+from daemon.config import Config, WatchRoot
 from daemon.logging import get_logger
 from daemon.paircache import StorePairCache
 from daemon.worker import JobContext, JobOutcome
@@ -109,11 +109,12 @@ def _disk_full(e: OSError, config: Config) -> str:
     )
 
 
-def _stain_for(config: Config, root: str) -> str:
+def _watch_root(config: Config, root: str) -> WatchRoot:
+    """The scan set's root settings (defaults if the root left the config since it was queued)."""
     for w in config.watch:
         if str(w.path) == root:
-            return w.stain
-    return "auto"
+            return w
+    return WatchRoot(path=Path(root))
 
 
 def run_qc_job(ctx: JobContext) -> JobOutcome:
@@ -141,10 +142,17 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 "the new version is queued as its own job once it settles",
             )
         try:
-            settings = qc_settings(config, stain=_stain_for(config, scan.root))
+            watch = _watch_root(config, scan.root)
+            settings = qc_settings(config, stain=watch.stain)
             ctx.progress("read", 0.0)
             paths = [(Path(m["path"]), m.get("name")) for m in scan.members]
-            with open_scan_set([p for p, _ in paths], chip=scan.chip, limits=settings.limits) as scan_set:
+            with open_scan_set(
+                [p for p, _ in paths],
+                chip=scan.chip,
+                limits=settings.limits,
+                tile_pattern=watch.tile_pattern or None,
+                tile_overlap=watch.tile_overlap_xy,
+            ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
                 images = [p for p, _ in paths] if config.output.include_images else []
                 out = write_run_outputs(

@@ -24,12 +24,61 @@ def add_qc_command(sub: Any) -> None:
         "Exit codes: 0 pass, 3 fail, 1 error, 2 usage.",
     )
     sp.add_argument("paths", nargs="+", metavar="PATH", help="image files or tile folders of one chip")
-    sp.add_argument("--stain", choices=["auto", "DAPI", "ssDNA", "HE"], default=None, help="stain of the nuclear image (default: the config's, auto)")
+    sp.add_argument(
+        "--stain", choices=["auto", "DAPI", "ssDNA", "HE"], default=None,
+        help="stain of the nuclear image (default: the watch root's setting when the files lie under one, else auto)",
+    )
     sp.add_argument("--chip", metavar="SN", help="chip serial, when the file names do not carry it")
+    sp.add_argument(
+        "--tile-overlap", metavar="X[,Y]", type=_overlap_arg, default=None,
+        help="fractional tile overlap for tile folders whose files give no positions or overlap, e.g. 0.26,0.1 "
+        "(default: the watch root's tile_overlap when the files lie under one, else 0.1)",
+    )
+    sp.add_argument(
+        "--tile-pattern", metavar="REGEX", default=None,
+        help="regex with groups (?P<row>...) and (?P<col>...) for tile names no built-in convention knows "
+        "(default: the watch root's tile_pattern)",
+    )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
     sp.add_argument("--out", metavar="DIR", help="write report, pictures and the .tar.gz archive here")
     sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
     sp.set_defaults(func=cmd_qc)
+
+
+def _overlap_arg(text: str) -> tuple[float, float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(0 <= v <= 0.9 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or two fractions between 0 and 0.9, e.g. 0.1 or 0.26,0.1")
+    return (values[0], values[-1])
+
+
+def _pattern_arg(text: str | None) -> str | None:
+    import re
+
+    if not text:
+        return None
+    try:
+        groups = set(re.compile(text).groupindex)
+    except re.error as e:
+        raise ValueError(f"--tile-pattern {text!r} is not a valid regular expression: {e}") from None
+    if not {"row", "col"} <= groups:
+        raise ValueError(f"--tile-pattern {text!r} needs named groups (?P<row>...) and (?P<col>...)")
+    return text
+
+
+def _watch_root_of(cfg: Any, paths: list[Path]) -> Any:
+    """The configured watch root holding the first path, if any."""
+    first = paths[0].resolve()
+    for w in cfg.watch:
+        try:
+            first.relative_to(Path(w.path).resolve())
+        except (ValueError, OSError):
+            continue
+        return w
+    return None
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -62,11 +111,18 @@ def cmd_qc(args: argparse.Namespace) -> int:
     if missing:
         print(f"imageqc qc: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
-    stain = args.stain or "auto"
+    watch = _watch_root_of(cfg, paths)
+    try:
+        pattern = _pattern_arg(args.tile_pattern if args.tile_pattern is not None else (watch.tile_pattern if watch else None))
+    except ValueError as e:
+        print(f"imageqc qc: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    overlap = args.tile_overlap or (watch.tile_overlap_xy if watch else None)
+    stain = args.stain or (watch.stain if watch else "auto")
     settings = qc_settings(cfg, stain=stain)
     bar, update = _progress_bar(sys.stderr.isatty() and not args.json)
     try:
-        with open_scan_set(paths, chip=args.chip, limits=settings.limits) as scan:
+        with open_scan_set(paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap) as scan:
             if bar is not None:
                 with bar:
                     report = run_qc(scan, settings, progress=update)

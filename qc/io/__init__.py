@@ -52,6 +52,8 @@ def _open_path(
     role: str | None = None,
     limits: ReadLimits = ReadLimits(),  # noqa: B008
     display_path: Path | None = None,
+    tile_pattern: str | None = None,
+    tile_overlap: float | tuple[float, float] | None = None,
 ) -> Image:
     """Open a TIFF, CZI or tile folder at ``path`` (no archives)."""
     kind = detect_format(path)
@@ -67,7 +69,9 @@ def _open_path(
     if kind == "tiles":
         from qc.io.tiles import TileFolderImage
 
-        return TileFolderImage(path, name=name, role=role, limits=limits, display_path=shown)
+        return TileFolderImage(
+            path, name=name, role=role, limits=limits, display_path=shown, pattern=tile_pattern, overlap=tile_overlap
+        )
     from qc.errors import UnsupportedFormatError
 
     raise UnsupportedFormatError(shown, "a QC archive inside a QC archive is not supported")
@@ -79,6 +83,8 @@ def open_image(
     name: str | None = None,
     role: str | None = None,
     limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
+    tile_pattern: str | None = None,
+    tile_overlap: float | tuple[float, float] | None = None,
 ) -> Image:
     """Open one image: a TIFF, a CZI, a tile folder, or one image of a QC archive.
 
@@ -96,6 +102,11 @@ def open_image(
         ``_IF``, ``HE`` for RGB, else ``nuclear``.
     limits : ReadLimits
         Declared sizes beyond these are refused before any allocation.
+    tile_pattern, tile_overlap : optional
+        For tile folders: a row/col regex for names no built-in convention
+        knows, and the fractional overlap (x, y) to assume when neither a
+        ``TileConfiguration.txt`` nor the metadata gives positions (see
+        :class:`~qc.io.tiles.TileFolderImage`).
 
     Returns
     -------
@@ -110,7 +121,7 @@ def open_image(
     """
     path = Path(path)
     if detect_format(path) != "tar.gz":
-        return _open_path(path, name=name, role=role, limits=limits)
+        return _open_path(path, name=name, role=role, limits=limits, tile_pattern=tile_pattern, tile_overlap=tile_overlap)
     contents = read_archive(path, limits=limits)
     images = contents.images
     chosen = [im for im in images if name is None or im.name == name]
@@ -144,6 +155,8 @@ def open_scan_set(
     *,
     chip: str | None = None,
     limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
+    tile_pattern: str | None = None,
+    tile_overlap: float | tuple[float, float] | None = None,
 ) -> ScanSet:
     """Open the images of one chip.
 
@@ -158,6 +171,8 @@ def open_scan_set(
         ``<chip>_<IF>_IF`` name.
     limits : ReadLimits
         Passed to every reader.
+    tile_pattern, tile_overlap : optional
+        Passed to every tile folder (see :func:`open_image`).
 
     Raises
     ------
@@ -179,7 +194,7 @@ def open_scan_set(
                 images.extend(contents.images)
                 report_chip = report_chip or contents.chip
             else:
-                images.append(_open_path(p, limits=limits))
+                images.append(_open_path(p, limits=limits, tile_pattern=tile_pattern, tile_overlap=tile_overlap))
         if not images:
             msg = "the scan set has no images"
             raise ScanSetError(msg)

@@ -87,7 +87,8 @@ class TileFolderImage(Image):
         Column count for linear tile indices when no metadata gives it.
     overlap : float or (float, float), optional
         Fractional overlap (x, y) used when neither ``TileConfiguration.txt``
-        nor the metadata gives positions or overlap; default 0.1.
+        nor the metadata gives positions or overlap; default 0.1. The
+        positions are only the starting guess the stitching refines.
     limits : ReadLimits
         Checked against the tile count and size, and the mosaic size.
     display_path : str or Path, optional
@@ -117,7 +118,8 @@ class TileFolderImage(Image):
             problem = "no tile names follow a known convention (_RRRR_CCCC_, [Grid@C R], _sNN_, --StageNN)"
             if info.ignored:
                 problem += f"; found e.g. {info.ignored[0]!r}"
-            raise UnsupportedFormatError(self.path, problem, hint="Pass a row/col pattern for this naming scheme")
+            hint = "Give a row/col regex for this naming scheme (the watch root's tile_pattern, or imageqc qc --tile-pattern)"
+            raise UnsupportedFormatError(self.path, problem, hint=hint)
         check_dimensions(self.path, 0, 0, limits, tiles=len(info.tiles))
         first = read_tile_file(folder / info.tiles[0].file, limits)
         th, tw = first.shape[:2]
@@ -163,9 +165,12 @@ class TileFolderImage(Image):
                 mx, my = min(xs), min(ys)
                 self.position_source = "TileConfiguration"
                 return {t.file: (config[t.file][0] - mx, config[t.file][1] - my) for t in info.tiles}
-        if overlap is None:
-            overlap = info.overlap if info.overlap is not None else DEFAULT_OVERLAP
-            self.position_source = "metadata overlap" if info.overlap is not None else "default overlap"
+        if info.overlap is not None:  # the microscope's own word beats a site-wide setting
+            overlap = info.overlap
+            self.position_source = "metadata overlap"
+        elif overlap is None:
+            overlap = DEFAULT_OVERLAP
+            self.position_source = "default overlap"
         else:
             self.position_source = "given overlap"
         ox, oy = (overlap, overlap) if isinstance(overlap, (int, float)) else overlap

@@ -48,6 +48,13 @@ def test_relative_paths_resolve_against_the_config_file_folder(tmp_path):
     assert cfg.watch[1].path == Path("/abs/scans")
 
 
+def test_tile_overlap_takes_one_number_for_both_axes_or_two(tmp_path):
+    one = load_config_text("[[watch]]\npath = 'a'\ntile_overlap = [0.2]\n", file="x.toml", base=tmp_path)
+    two = load_config_text("[[watch]]\npath = 'a'\ntile_overlap = [0.26, 0]\n", file="x.toml", base=tmp_path)
+    assert one.watch[0].tile_overlap_xy == (0.2, 0.2) and two.watch[0].tile_overlap_xy == (0.26, 0.0)
+    assert load_config_text("[[watch]]\npath = 'a'\n", file="x.toml", base=tmp_path).watch[0].tile_overlap_xy == (0.1, 0.1)
+
+
 def _err(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as ei:
         load_config_text(text, file="site.toml", base=Path("/tmp"))
@@ -88,6 +95,9 @@ def _err(text: str) -> ConfigError:
         ("[[upload]]\nname = 'x'\nbucket = 'b'\ncredentials = 'AKIA123'\n", "upload[0].credentials", 4, "never the secret"),
         ("[[upload]]\nname = 'a'\nbucket = 'b'\n[[upload]]\nname = 'a'\nbucket = 'c'\n", "upload[1].name", 5, "unique"),
         ("[[watch]]\npath = 'a'\ntile_pattern = '(?P<row>\\d+)'\n", "watch[0].tile_pattern", 3, "(?P<col>"),
+        ("[[watch]]\npath = 'a'\ntile_overlap = [0.1, 0.2, 0.3]\n", "watch[0].tile_overlap", 3, "must be a list of 1 to 2 values, got 3"),
+        ("[[watch]]\npath = 'a'\ntile_overlap = [0.1, 0.95]\n", "watch[0].tile_overlap[1]", 3, "must be <= 0.9"),
+        ("[[watch]]\npath = 'a'\ntile_overlap = 0.2\n", "watch[0].tile_overlap", 3, "must be a list"),
         ("[site]\nname = 'my site'\n", "site.name", 2, "not allowed"),
         ("watch = []\n", "watch", 1, "at least one"),
         ("[qc]\nmodel = 'nowhere.onnx'\n", "qc.model", 2, "no file at"),

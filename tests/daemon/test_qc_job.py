@@ -114,3 +114,52 @@ def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_f
     assert out.state == "failed" and out.transient
     assert f"disk full writing {target} (No space left on device)" in out.error
     assert str(cfg.output_dir) in out.error and str(cfg.state_dir) in out.error and "retried" in out.error
+
+
+def _tile_member(folder: Path, name: str) -> dict:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return {"name": name, "path": str(folder), "format": "tiles", "role": "nuclear",
+            "size": sum(p.stat().st_size for p in files), "mtime_ns": max(p.stat().st_mtime_ns for p in files),
+            "files": len(files)}
+
+
+@pytest.mark.parametrize(("overlap", "passes"), [(None, False), ((0.26, 0.1), True)])
+def test_the_roots_tile_overlap_is_the_stitching_guess_for_folders_without_positions(make_config, shared_data, overlap, passes):
+    """The real stitch2d tiles (3 x 2, no positions or overlap in their files) overlap by about 26 % x 10 %."""
+    import dataclasses
+
+    cfg = make_config()
+    if overlap is not None:
+        cfg = dataclasses.replace(cfg, watch=(dataclasses.replace(cfg.watch[0], tile_overlap=overlap),))
+    folder = cfg.watch[0].path / "C02533C"
+    shutil.copytree(shared_data / "tiles" / "stitch2d", folder)
+    job, result = _run(cfg, [_tile_member(folder, "C02533C")], chip="C02533C")
+    assert job.state == "qc_done", job.error
+    stitching = result["report"]["images"][0]["stitching"]
+    assert stitching["pairs_total"] == 7
+    assert stitching["passed"] is passes, stitching
+    if passes:
+        assert stitching["score"] >= 90 and stitching["max_deviation_px"] <= 10
+
+
+def test_a_folder_named_by_the_roots_tile_pattern_is_qcd_with_it(make_config):
+    """Discovery accepts tiles named by the root's regex; QC must read them the same way."""
+    import dataclasses
+
+    import tifffile
+
+    from qc.testing.tiles import blob_texture, make_tile_set
+
+    texture = blob_texture((700, 900), seed=3)
+    tiles = make_tile_set(texture, rows=2, cols=3, tile_size=320, overlap=0.15, seed=3)
+    cfg = make_config()
+    cfg = dataclasses.replace(cfg, watch=(dataclasses.replace(
+        cfg.watch[0], tile_pattern=r"^scan-r(?P<row>\d+)-c(?P<col>\d+)\.tif$", tile_overlap=(0.15, 0.15)),))
+    folder = cfg.watch[0].path / "C02533C"
+    folder.mkdir()
+    for t in tiles.tiles:
+        tifffile.imwrite(folder / f"scan-r{t.row}-c{t.col}.tif", t.read())
+    job, result = _run(cfg, [_tile_member(folder, "C02533C")], chip="C02533C")
+    assert job.state == "qc_done", job.error
+    stitching = result["report"]["images"][0]["stitching"]
+    assert stitching["pairs_total"] == 7 and stitching["passed"], stitching

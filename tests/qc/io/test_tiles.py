@@ -52,6 +52,9 @@ def test_go_optical_folder_positions_from_metadata_overlap(tmp_path):
         np.testing.assert_array_equal(img.plane(), full)  # tiles agree in overlaps, so the assembly is exact
         np.testing.assert_array_equal(img.read_region(33, 17, 60, 50), full[17:67, 33:93])
         np.testing.assert_array_equal(img.downsampled(4), block_mean(full, 4))
+    # a site-wide overlap never overrides the microscope's own metadata
+    with open_image(folder, tile_overlap=(0.3, 0.3)) as img:
+        assert img.position_source == "metadata overlap" and img.overlap == (0.2, 0.2)
 
 
 def test_motic_rgb_jpeg_folder_default_overlap(tmp_path):
@@ -68,6 +71,10 @@ def test_motic_rgb_jpeg_folder_default_overlap(tmp_path):
         assert (t[(1, 2)].x, t[(1, 2)].y) == pytest.approx((2 * TW * 0.9, TH * 0.9))
         np.testing.assert_array_equal(t[(0, 1)].read(), tiles[(0, 1)])  # PNG is lossless, RGB order kept
         assert img.downsampled(5).shape[2] == 3
+    with open_image(folder, tile_overlap=(0.25, 0.05)) as img:  # no overlap in info.ini: the given one is used
+        assert img.position_source == "given overlap" and img.overlap == (0.25, 0.05)
+        t = {(t.row, t.col): t for t in img.tiles}
+        assert (t[(1, 2)].x, t[(1, 2)].y) == pytest.approx((2 * TW * 0.75, TH * 0.95))
 
 
 def test_leica_snake_folder(tmp_path):
