@@ -91,6 +91,41 @@ _SHARED: list[Any] = [
 ]
 
 
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """The JSON-lines log file.
+
+    A write that fails with an OSError (disk full, share gone) is said once on
+    stderr, not as a traceback per line; lines are dropped until a write
+    succeeds again, which is said too.
+    """
+
+    failing = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if self.failing and not self._failed:
+            self.failing = False
+            sys.stderr.write(f"imageqc: the log file {self.baseFilename} is writable again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        self._failed = True
+        if self.stream is not None:  # reopened by the next line (the handler was made with delay=True)
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+        if not self.failing:
+            self.failing = True
+            sys.stderr.write(
+                f"imageqc: cannot write the log file {self.baseFilename} ({exc.strerror or exc}); "
+                "log lines are dropped until it is writable again (free space there)\n"
+            )
+
+
 class _SkippedRunFilter(logging.Filter):
     """Drop APScheduler's "skipped: maximum number of running instances" warning.
 
@@ -141,7 +176,7 @@ def configure_logging(
     if file is not None:
         path = Path(file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        fh = _LogFile(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
         fh.setFormatter(structlog.stdlib.ProcessorFormatter(processors=final_json, foreign_pre_chain=pre_chain))
         root.addHandler(fh)
     if console == "auto":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 
 import pytest
@@ -125,3 +126,24 @@ def test_follow_sees_new_lines_and_survives_rotation(tmp_path):
         stop.set()
         t.join(5)
     assert got == ["new1", "after-rotation"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to make every write fail with ENOSPC")
+def test_a_full_log_disk_is_said_once_not_as_a_traceback_per_line_and_recovery_is_said(tmp_path, capsys):
+    path = tmp_path / "imageqc.jsonl"
+    path.symlink_to("/dev/full")  # every write: No space left on device
+    configure_logging(level="info", file=path, console="off")
+    try:
+        log = get_logger("t")
+        for i in range(5):
+            log.info("line while the disk is full", i=i)
+        err = capsys.readouterr().err
+        assert err.count("cannot write the log file") == 1, err
+        assert "No space left on device" in err and "free space there" in err
+        assert "Logging error" not in err and "Traceback" not in err
+        path.unlink()  # space returns: the next line reopens the file and is written
+        log.info("space is back")
+        assert "is writable again" in capsys.readouterr().err
+        assert [json.loads(x)["event"] for x in path.read_text(encoding="utf-8").splitlines()] == ["space is back"]
+    finally:
+        configure_logging(console="off")

@@ -139,6 +139,7 @@ def test_a_full_state_disk_stops_the_service_with_the_reason_and_a_restart_finis
     said = svc.output()
     assert "imageqc: the service stopped on an error: the disk holding the job database" in said, said[-2000:]
     assert f"Free space in {state.path}" in said, said[-2000:]
+    assert "--- Logging error ---" not in said, said[-2000:]  # the full log disk is said once, not per line
     with svc.store() as s:  # nothing was lost: the first set is still done, the second still waits
         assert [j.state for j in s.list_jobs(newest_first=False)][:1] == ["done"]
     state.free()
