@@ -174,6 +174,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     con.print(f"free      state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
         f"; {_clip(Path(w['path']).name, 16)} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
     ))
+    if st["recent_verdicts"]:
+        con.print("recent QC")
+        for v in st["recent_verdicts"]:
+            mark = "[green]pass[/]" if v["verdict"] == "pass" else f"[red]{v['verdict']}[/]"
+            reason = f": {_clip(v['reason'], 36)}" if v["reason"] else ""
+            con.print(f"  #{v['job_id']} {_clip(v['chip'], 20)} {mark} {_ago(v['at'], now)}{reason}")
     if st["recent_errors"]:
         con.print("recent errors")
         for e in st["recent_errors"]:
@@ -197,8 +203,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
     with _open_store(cfg) as store:
         jobs = store.list_jobs(states=states, chip=args.chip, limit=args.limit)
+        verdicts = store.verdicts(j.id for j in jobs)
     if args.json:
-        _print_json({"schema": "imageqc.jobs/1", "jobs": [j.as_dict() for j in jobs]})
+        docs = []
+        for j in jobs:
+            verdict, reason = verdicts.get(j.id, (None, None))
+            docs.append({**j.as_dict(), "verdict": verdict, "reason": reason})
+        _print_json({"schema": "imageqc.jobs/1", "jobs": docs})
         return EXIT_OK
     from rich.table import Table
 
@@ -213,10 +224,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     t.add_column("state")
     t.add_column("try", justify="right")
     t.add_column("updated")
+    t.add_column("qc")
     t.add_column("note")
     for j in jobs:
-        note = j.error if j.state == "failed" else (f"{j.stage} {j.progress:.0f}%" if j.stage and j.progress is not None else (j.stage or ""))
-        t.add_row(str(j.id), _clip(j.chip, 22), j.state, str(j.attempts), _ago(j.updated_at, now), _clip(note, 24))
+        verdict, reason = verdicts.get(j.id, ("", ""))
+        if j.state == "failed":
+            note = j.error or ""
+        elif j.state in ("running", "uploading") and j.stage:
+            note = f"{j.stage} {j.progress:.0f}%" if j.progress is not None else j.stage
+        else:
+            note = reason
+        t.add_row(str(j.id), _clip(j.chip, 22), j.state, str(j.attempts), _ago(j.updated_at, now), verdict, _clip(note, 30))
     con.print(t)
     return EXIT_OK
 

@@ -63,6 +63,7 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         "counts": {s.value: 0 for s in JobState},
         "active": [],
         "recent_errors": [],
+        "recent_verdicts": [],
         "watchers": [],
         "uploads": {},
         "disk": {
@@ -112,6 +113,7 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
                 "attempts": job.attempts,
             }
         )
+    report["recent_verdicts"] = store.recent_verdicts(error_limit)
     comps = report["service"].get("components", {})
     report["watchers"] = comps.get("discovery", {}).get("roots", [])
     report["uploads"] = comps.get("uploads", {})

@@ -875,6 +875,35 @@ class Store:
         d["report"] = json.loads(d["report"])
         return d
 
+    def verdicts(self, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """The QC verdict and its first reason ('' if none) of each job that has a result."""
+        ids = list(job_ids)
+        out: dict[int, tuple[str, str]] = {}
+        with self.db(commit=False) as c:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = c.execute(f"SELECT job_id, verdict, report FROM qc_results WHERE job_id IN ({marks})", chunk).fetchall()
+                for r in rows:
+                    reasons = json.loads(r["report"]).get("reasons") or [""]
+                    out[int(r["job_id"])] = (r["verdict"], str(reasons[0]))
+        return out
+
+    def recent_verdicts(self, limit: int = 5) -> list[dict[str, Any]]:
+        """The newest QC results: ``job_id``, ``chip``, ``verdict``, ``reason`` (the first, or ''), ``at``."""
+        with self.db(commit=False) as c:
+            rows = c.execute(
+                "SELECT r.job_id, j.chip, r.verdict, r.report, r.created_at FROM qc_results r"
+                " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        out = []
+        for r in rows:
+            reasons = json.loads(r["report"]).get("reasons") or [""]
+            out.append({"job_id": r["job_id"], "chip": r["chip"], "verdict": r["verdict"], "reason": str(reasons[0]),
+                        "at": r["created_at"]})
+        return out
+
     # -- upload records -----------------------------------------------------------
 
     def plan_uploads(self, job_id: int, rows: Iterable[dict[str, Any]], *, now: float | None = None) -> int:

@@ -79,6 +79,10 @@ def test_status_json_and_human(state, capsys):
     text = _out(capsys)[0]
     _fits(text)
     assert "not running" in text and "clarity" in text and "40%" in text and "CorruptImageError" in text
+    (verdict,) = st["recent_verdicts"]
+    assert verdict["job_id"] == ids["SS200000135TL_D1"] and verdict["verdict"] == "fail"
+    assert verdict["chip"] == "SS200000135TL_D1" and verdict["reason"].startswith("track line score 42 < 60")
+    assert "recent QC" in text and "SS200000135TL_D1 fail" in text and "track line score 42" in text
 
 
 def test_status_on_a_folder_where_nothing_ran(tmp_path, monkeypatch, capsys):
@@ -108,12 +112,18 @@ def test_jobs_lists_filters_and_json(state, capsys):
     text = _out(capsys)[0]
     _fits(text)
     assert text.index("A02677B5") < text.index("SS200000135TL_D1")  # newest first
+    row = next(line for line in text.splitlines() if "SS200000135TL_D1" in line)
+    assert " fail " in row and "track line score 42" in row  # the verdict and its first reason
+    assert main(["jobs", "--chip", "SS200000135TL_D1", "--json"]) == 0
+    (done,) = json.loads(_out(capsys)[0])["jobs"]
+    assert done["verdict"] == "fail" and done["reason"].startswith("track line score 42 < 60")
     assert main(["jobs", "--state", "failed", "--json"]) == 0
     data = json.loads(_out(capsys)[0])
     assert data["schema"] == "imageqc.jobs/1"
     assert [j["chip"] for j in data["jobs"]] == ["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]
     assert main(["jobs", "--chip", "C02533C", "--json"]) == 0
-    assert [j["state"] for j in json.loads(_out(capsys)[0])["jobs"]] == ["running"]
+    (running,) = json.loads(_out(capsys)[0])["jobs"]
+    assert running["state"] == "running" and running["verdict"] is None and running["reason"] is None
     assert main(["jobs", "--state", "nonsense"]) == 2
 
 
