@@ -221,13 +221,13 @@ def run_pairs(
             if key in got:
                 digests[i] = got[key].decode("ascii")
 
-    def decode(i: int) -> tuple[int, str, dict[tuple[int, int], np.ndarray]]:
+    def decode(i: int, need_digest: bool) -> tuple[int, str | None, dict[tuple[int, int], np.ndarray]]:
         t = tiles[i]
         arr = np.asarray(t.read())
         if arr.shape[:2] != (t.height, t.width):
             msg = f"tile {t.name!r} decoded to {arr.shape[:2]} px but declares {t.height}x{t.width}"
             raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
-        dig = array_digest(arr)
+        dig = array_digest(arr) if need_digest else None
         keep = {}
         for k in pairs_of.get(i, []):
             if results[k] is not None:
@@ -242,9 +242,11 @@ def run_pairs(
 
     def ensure_decoded(idx: Sequence[int]) -> None:
         todo = [i for i in idx if i not in decoded]
-        for i, dig, keep in pmap(decode, todo):
+        unhashed = {i for i in todo if i not in digests}  # a tile already digested is not hashed again
+        for i, dig, keep in pmap(lambda i: decode(i, i in unhashed), todo):
             decoded.add(i)
-            digests.setdefault(i, dig)
+            if dig is not None:
+                digests[i] = dig
             strips.update(keep)
 
     def compute(k: int) -> tuple[int, PairMeasurement]:
