@@ -76,10 +76,14 @@ def _label(canvas: np.ndarray, lines: list[str]) -> None:
         y += 24
 
 
-def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str) -> np.ndarray:
-    """The fitted grid over the thumbnail; ``result`` is a :class:`qc.track.TrackResult`."""
+def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passed: bool | None = None) -> np.ndarray:
+    """The fitted grid over the thumbnail; ``result`` is a :class:`qc.track.TrackResult`.
+
+    ``passed`` is the site's decision (its configured threshold); default the result's own.
+    """
+    passed = result.passed if passed is None else passed
     canvas = to_display(thumb)
-    colour = GREEN if result.passed else RED
+    colour = GREEN if passed else RED
     if result.found:
         full_w, full_h = result.image_size
         segs = np.asarray(result.grid_lines(full_w, full_h).segments, dtype=np.float64) / factor
@@ -88,7 +92,7 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str) -> np
         ox, oy = (v / factor for v in result.origin_px)
         if 0 <= ox < canvas.shape[1] and 0 <= oy < canvas.shape[0]:
             cv2.circle(canvas, (round(ox), round(oy)), 8, AMBER, 2, cv2.LINE_AA)
-    lines = [f"{title}: track line score {result.score:.0f} ({'pass' if result.passed else 'fail'})"]
+    lines = [f"{title}: track line score {result.score:.0f} ({'pass' if passed else 'fail'})"]
     if result.found:
         lines.append(f"angle {result.angle_deg:+.3f} deg, scale {result.scale[0]:.4f} x {result.scale[1]:.4f}")
     if result.problem:
@@ -125,11 +129,14 @@ def draw_stitching(
     *,
     title: str,
     tolerance_px: float = 20.0,
+    passed: bool | None = None,
 ) -> np.ndarray:
     """Fields of view at their registered positions, coloured by deviation.
 
-    ``sizes`` maps each tile's name to its ``(width, height)``.
+    ``sizes`` maps each tile's name to its ``(width, height)``; ``passed`` is the
+    site's decision (its configured threshold), default the result's own.
     """
+    passed = result.passed if passed is None else passed
     canvas = to_display(thumb)
     for fov in result.fovs:
         x, y = fov.registered if fov.registered is not None else fov.nominal
@@ -153,7 +160,7 @@ def draw_stitching(
     _label(
         canvas,
         [
-            f"{title}: stitching score {result.score:.0f} ({'pass' if result.passed else 'fail'})",
+            f"{title}: stitching score {result.score:.0f} ({'pass' if passed else 'fail'})",
             f"max deviation {result.max_deviation_px:.1f} px; green ok, amber off, red misplaced, grey no features",
         ],
     )
@@ -209,15 +216,17 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[
     out: list[Path] = []
     thumbs = artifacts.get("thumbs", {})
     labels = artifacts.get("clarity_labels", ())
+    decided = artifacts.get("passed", {})  # (metric, image) -> the rules' decision
     for name, res in artifacts.get("track", {}).items():
         thumb, f = thumbs[name]
-        out.append(write_png(folder / f"{safe_name(name)}_track.png", draw_track(thumb, f, res, title=name)))
+        pic = draw_track(thumb, f, res, title=name, passed=decided.get(("track", name)))
+        out.append(write_png(folder / f"{safe_name(name)}_track.png", pic))
     for name, res in artifacts.get("clarity", {}).items():
         thumb, f = thumbs[name]
         out.append(write_png(folder / f"{safe_name(name)}_clarity.png", draw_clarity(thumb, f, res, labels, title=name)))
     for name, res in artifacts.get("stitching", {}).items():
         thumb, f = thumbs[name]
-        pic = draw_stitching(thumb, f, res, artifacts["tile_sizes"][name], title=name)
+        pic = draw_stitching(thumb, f, res, artifacts["tile_sizes"][name], title=name, passed=decided.get(("stitching", name)))
         out.append(write_png(folder / f"{safe_name(name)}_stitching.png", pic))
     nuclear = artifacts.get("nuclear")
     for name, res in artifacts.get("calibration", {}).items():

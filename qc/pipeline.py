@@ -173,7 +173,9 @@ def run_qc(
     th = settings.thresholds
     problems: list[str] = []
     checks: list[MetricCheck] = []
-    art: dict[str, Any] = {"thumbs": {}, "track": {}, "clarity": {}, "stitching": {}, "calibration": {}, "tile_sizes": {}}
+    art: dict[str, Any] = {
+        "thumbs": {}, "track": {}, "clarity": {}, "stitching": {}, "calibration": {}, "tile_sizes": {}, "passed": {},
+    }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
     stain = decide_stain(scan_set, settings.stain)
     nuclear = scan_set.nuclear
@@ -211,7 +213,7 @@ def run_qc(
         art["track"][nuclear.name] = res
         block = res.as_dict()
         chk = check_track(nuclear.name, res, th, chip=scan_set.chip if note is None else "")
-        block["passed"] = chk.passed
+        block["passed"] = art["passed"][("track", nuclear.name)] = chk.passed
         if note:
             block["note"] = note
         blocks[nuclear.name]["track"] = block
@@ -259,6 +261,7 @@ def run_qc(
             art["stitching"][img.name] = sres
             art["tile_sizes"][img.name] = {t.name: (t.width, t.height) for t in tiles}
             chk = check_stitching(img.name, sres, th, required=required)
+            art["passed"][("stitching", img.name)] = chk.passed
             block = dict(sres.summary())
             block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
             blocks[img.name]["stitching"] = block

@@ -190,3 +190,26 @@ def test_the_report_is_strict_json(sets):
     text = rep.to_json()
     assert "NaN" not in text and "Infinity" not in text
     assert np.isfinite(json.loads(text)["duration_s"])
+
+
+def test_pictures_follow_the_rules_decision_not_the_metrics_own_default(sets, tmp_path):
+    """The track picture is coloured by the site's decision (its thresholds), which the run records."""
+    from qc.pictures import pictures_from_artifacts
+
+    report = _qc(sets["dapi"])
+    assert report.artifacts["passed"][("track", CHIP)] is report.images[0].track["passed"] is True
+
+    def colours(artifacts, folder):
+        folder.mkdir()
+        pics = {p.name: p for p in pictures_from_artifacts(artifacts, folder)}
+        b, g, r = cv2.split(cv2.imread(str(pics[f"{CHIP}_track.png"])).astype(np.int16))
+        greenish = (g > r + 60) & (g > b + 60)  # the thumbnail is grey; the amber origin mark is neither
+        reddish = (r > g + 100) & (r > b + 100)
+        return int(greenish.sum()), int(reddish.sum())
+
+    green, red = colours(report.artifacts, tmp_path / "as-run")
+    assert green > 100 and red == 0
+    # a stricter site threshold fails the same score: the picture says fail although the metric's own 60 passes
+    stricter = {**report.artifacts, "passed": {("track", CHIP): False}}
+    green, red = colours(stricter, tmp_path / "stricter")
+    assert green == 0 and red > 100
