@@ -486,13 +486,20 @@ class _Loader:
         pattern = meta.get("pattern")
         if pattern and value and not re.match(pattern, value):
             raise self.error(kp, f"{value!r} has characters that are not allowed (letters, digits, '.', '_', '-')")
-        if meta.get("regex") and value:
-            try:
-                compiled = re.compile(value)
-            except re.error as e:
-                raise self.error(kp, f"not a valid regular expression: {e}") from None
-            if not {"row", "col"} <= set(compiled.groupindex):
-                raise self.error(kp, "the regex needs named groups (?P<row>...) and (?P<col>...)")
+        problem = tile_pattern_problem(value) if meta.get("regex") and value else None
+        if problem:
+            raise self.error(kp, problem)
+
+
+def tile_pattern_problem(value: str) -> str | None:
+    """What is wrong with a tile-name regex (it must compile and name groups row and col), or None."""
+    try:
+        compiled = re.compile(value)
+    except re.error as e:
+        return f"not a valid regular expression: {e}"
+    if not {"row", "col"} <= set(compiled.groupindex):
+        return "the regex needs named groups (?P<row>...) and (?P<col>...)"
+    return None
 
 
 def _is_unc(value: str) -> bool:

@@ -55,20 +55,6 @@ def _overlap_arg(text: str) -> tuple[float, float]:
     return (values[0], values[-1])
 
 
-def _pattern_arg(text: str | None) -> str | None:
-    import re
-
-    if not text:
-        return None
-    try:
-        groups = set(re.compile(text).groupindex)
-    except re.error as e:
-        raise ValueError(f"--tile-pattern {text!r} is not a valid regular expression: {e}") from None
-    if not {"row", "col"} <= groups:
-        raise ValueError(f"--tile-pattern {text!r} needs named groups (?P<row>...) and (?P<col>...)")
-    return text
-
-
 def _watch_root_of(cfg: Any, paths: list[Path]) -> Any:
     """The configured watch root holding the first path, if any."""
     first = paths[0].resolve()
@@ -99,7 +85,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
     import os
 
     from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-    from daemon.config import load_config
+    from daemon.config import load_config, tile_pattern_problem
     from daemon.jobs import qc_settings
     from qc.errors import QCError
     from qc.io import open_scan_set
@@ -112,11 +98,11 @@ def cmd_qc(args: argparse.Namespace) -> int:
         print(f"imageqc qc: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
     watch = _watch_root_of(cfg, paths)
-    try:
-        pattern = _pattern_arg(args.tile_pattern if args.tile_pattern is not None else (watch.tile_pattern if watch else None))
-    except ValueError as e:
-        print(f"imageqc qc: {e}", file=sys.stderr)
+    problem = tile_pattern_problem(args.tile_pattern) if args.tile_pattern else None  # a root's was checked at load
+    if problem:
+        print(f"imageqc qc: --tile-pattern {args.tile_pattern!r}: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    pattern = (args.tile_pattern if args.tile_pattern is not None else (watch.tile_pattern if watch else "")) or None
     overlap = args.tile_overlap or (watch.tile_overlap_xy if watch else None)
     stain = args.stain or (watch.stain if watch else "auto")
     settings = qc_settings(cfg, stain=stain)

@@ -334,6 +334,12 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+def _first_reason(report_json: str) -> str:
+    """The first reason of a stored QC report ('' when it has none)."""
+    reasons = json.loads(report_json).get("reasons") or [""]
+    return str(reasons[0])
+
+
 class Store:
     """The job database.
 
@@ -884,9 +890,7 @@ class Store:
                 chunk = ids[i : i + 500]
                 marks = ",".join("?" * len(chunk))
                 rows = c.execute(f"SELECT job_id, verdict, report FROM qc_results WHERE job_id IN ({marks})", chunk).fetchall()
-                for r in rows:
-                    reasons = json.loads(r["report"]).get("reasons") or [""]
-                    out[int(r["job_id"])] = (r["verdict"], str(reasons[0]))
+                out.update({int(r["job_id"]): (r["verdict"], _first_reason(r["report"])) for r in rows})
         return out
 
     def recent_verdicts(self, limit: int = 5) -> list[dict[str, Any]]:
@@ -897,12 +901,8 @@ class Store:
                 " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        out = []
-        for r in rows:
-            reasons = json.loads(r["report"]).get("reasons") or [""]
-            out.append({"job_id": r["job_id"], "chip": r["chip"], "verdict": r["verdict"], "reason": str(reasons[0]),
-                        "at": r["created_at"]})
-        return out
+        return [{"job_id": r["job_id"], "chip": r["chip"], "verdict": r["verdict"], "reason": _first_reason(r["report"]),
+                 "at": r["created_at"]} for r in rows]
 
     # -- upload records -----------------------------------------------------------
 
