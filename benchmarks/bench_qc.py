@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, peak_rss_mb, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work" / "qc"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## full QC (benchmarks/bench_qc.py)"
 CHIP = "SS200000135TL_D1"
 

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, peak_rss_mb, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## track (benchmarks/bench_track.py)"
 PARAMS = dict(angle_deg=-1.3, scale=1.0, tissue_fraction=0.5, illumination=0.4, seed=2024)
 

@@ -15,7 +15,7 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
-from tests.helpers import wait_for as _wait
+from tests.helpers import dead_pid, wait_for as _wait
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -230,9 +230,7 @@ def test_rounds_longer_than_the_tick_are_noted_once_a_minute_without_scheduler_s
 def _dead_partial(output_dir: Path, stem: str) -> Path:
     from qc.report import _host_tag
 
-    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                             check=True).stdout)
-    path = output_dir / f".{stem}.partial-{_host_tag()}-{pid}.zz9"
+    path = output_dir / f".{stem}.partial-{_host_tag()}-{dead_pid()}.zz9"
     (path / "pictures").mkdir(parents=True)
     (path / "report.json").write_text("{}", encoding="utf-8")
     return path

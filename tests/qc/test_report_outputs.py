@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 from qc.report import QCReport, abandoned_outputs, remove_abandoned_outputs, write_outputs
+from tests.helpers import dead_pid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,11 +31,6 @@ write_outputs(rep, sys.argv[1], pictures=die)
 def _report(chip="C02533C", started_at=1_700_000_100.0) -> QCReport:
     return QCReport(chip=chip, stain="DAPI", verdict="pass", reasons=(), images=(), duration_s=1.0,
                     software_version="0.1.0", started_at=started_at)
-
-
-def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
-    return int(proc.stdout)
 
 
 def _host() -> str:
@@ -66,7 +62,7 @@ def test_a_writer_killed_mid_write_leaves_a_hidden_partial_that_is_removed(tmp_p
 def test_only_dead_writers_on_this_host_count_as_abandoned(tmp_path):
     out = tmp_path / "outputs"
     out.mkdir()
-    host, dead = _host(), _dead_pid()
+    host, dead = _host(), dead_pid()
     dead_dir = out / f".C02533C_20231114_221320_0.1.0.partial-{host}-{dead}.k3j_x9"
     dead_arc = out / f".C02533C_20231114_221320_0.1.0.tar.gz.partial-{host}-{dead}"
     alive = out / f".C02533C_20231114_221321_0.1.0.partial-{host}-{os.getpid()}.abc123"  # a write under way

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from daemon.logging import configure_logging, get_logger, register_secret
 from daemon.service import Daemon
 from daemon.store import JobState, Store
 from windows_service.host import EventLogHandler, ServiceFailed, ServiceHost, child_python, mapped_drives, uses_unc
+from tests.helpers import wait_for as _wait
 
 
 class ListEventLog:
@@ -32,15 +32,6 @@ class ListEventLog:
 
     def texts(self, level: str) -> list[str]:
         return [m for lv, m in self.entries if lv == level]
-
-
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _queue_job(cfg, fp="fp", chip="SS200000135TL_D1") -> int:

@@ -7,7 +7,6 @@ service they start runs a real Daemon on a real state folder.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import PurePath
 
 import pytest
@@ -18,15 +17,7 @@ from daemon.install import ServiceInstallError
 from daemon.status import collect_status
 from tests.windows_service.fake_pywin32 import SC_ACTION_RESTART, SERVICE_AUTO_START, SERVICE_DEMAND_START, SERVICE_RUNNING
 from windows_service import manage
-
-
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.helpers import wait_for as _wait
 
 
 def test_install_registers_the_class_the_config_and_restart_on_failure_fake_service_manager(fake_scm, make_config, tmp_path, monkeypatch):

@@ -9,12 +9,12 @@ logs are real.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import JobState, Store
+from tests.helpers import wait_for as _wait
 from windows_service import manage
 from tests.windows_service.fake_pywin32 import (
     ERROR_SERVICE_SPECIFIC_ERROR,
@@ -25,15 +25,6 @@ from tests.windows_service.fake_pywin32 import (
     SERVICE_RUNNING,
     SERVICE_STOPPED,
 )
-
-
-def _wait(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class BlockingStart:
