@@ -18,6 +18,7 @@ import tifffile
 
 from qc.chip import template_for
 from qc.grid import GridModel
+from qc.testing._acquisition import Debris, FovField
 
 __all__ = ["STRIP", "MAX_IF_OFFSET", "Mosaic", "Scene", "load_crops", "upsample", "quantise"]
 
@@ -149,7 +150,7 @@ class Scene:
         self.W, self.H = p["width"], p["height"]
         pad = self.pad = _PAD
         ss = np.random.SeedSequence(p["seed"] if related_seed is None else related_seed)
-        r_tiles, r_tissue, r_surface, r_ill, _ = (np.random.default_rng(s) for s in ss.spawn(5))
+        r_tiles, r_tissue, r_surface, r_ill, r_acq = (np.random.default_rng(s) for s in ss.spawn(5))
         sx, sy = p["scale"]
         zoom = math.sqrt(sx * sy)
         stain = p["stain"]
@@ -178,6 +179,7 @@ class Scene:
         self.ill_dir = r_ill.uniform(0, 2 * np.pi)
         self.ill_centre = r_ill.uniform(-0.3, 0.3, size=2)
         self._init_lines()
+        self._init_acquisition(r_acq, zoom)
         self.noise_tile = np.random.default_rng([p["seed"], 11]).standard_normal(_NOISE_TILE, dtype=np.float32)
 
     def _init_lines(self) -> None:
@@ -190,6 +192,18 @@ class Scene:
         self.va, self.vb = -math.sin(a) / sy, math.cos(a) / sy
         self.uc = -(self.ua * ox + self.ub * oy)
         self.vc = -(self.va * ox + self.vb * oy)
+
+    def _init_acquisition(self, rng: np.random.Generator, zoom: float) -> None:
+        """FOV gains and vignetting, and debris, when asked for (image coordinates)."""
+        p = self.p
+        fov_rng, debris_rng = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))
+        self.fovs = None
+        if p["fov_px"] > 0 and (p["fov_gain"] > 0 or p["vignetting"] > 0):
+            self.fovs = FovField(self.W, self.H, p["fov_px"], p["fov_gain"], p["vignetting"], fov_rng)
+        self.debris = None
+        if p["debris"] > 0:
+            r0, r1 = p["debris_radius"]
+            self.debris = Debris(self.W, self.H, p["debris"], (r0 * zoom, r1 * zoom), (0.4, 0.9), debris_rng)
 
     def _line_pixels(self, y0: int, y1: int, x0: int, ncols: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Pixels near track lines and their line cover 0..1, per family.
@@ -239,10 +253,11 @@ class Scene:
     def _darken_lines(self, img: np.ndarray, m: np.ndarray, y0: int, y1: int, x0: int) -> None:
         """Multiply the pixels near lines by ``1 - contrast * cover * visibility`` (in place).
 
-        Where the two families cross, the darker of the two applies (not both).
+        Bright lines (``line_polarity="bright"``) use ``1 + ...`` instead. Where
+        the two families cross, the stronger of the two applies (not both).
         """
         p, ncols = self.p, img.shape[1]
-        c = float(p["line_contrast"])
+        c = float(p["line_contrast"]) * (-1.0 if p["line_polarity"] == "bright" else 1.0)
         loss = float(1 - p["tissue_line_visibility"])
         flat_img = img.reshape((y1 - y0) * ncols, -1)
         seen = np.zeros((y1 - y0) * ncols, np.float32)  # cover applied so far (only touched sparsely)
@@ -264,17 +279,32 @@ class Scene:
             # bright field: glass-like chip surface where there is no tissue
             m3 = m[..., None]
             img *= m3
-            bg = (1 + 0.03 * s)[..., None] * np.array([0.90, 0.87, 0.91], np.float32)
+            if p["background"] is None:
+                bg = (1 + 0.03 * s)[..., None] * np.array([0.90, 0.87, 0.91], np.float32)
+            else:
+                tint = np.array([1.0, 0.966, 1.011], np.float32) * np.float32(p["background"])
+                bg = (1 + float(p["mottle"]) * s)[..., None] * tint
             bg *= 1 - m3
             img += bg
-        else:
+        elif p["background"] is None:
             # fluorescence: tissue signal over a dim, slightly textured chip surface
             img *= m
             cv2.addWeighted(img, 0.75, np.ascontiguousarray(s), 0.07 * 0.25, 0.07, dst=img)
+        else:
+            # as real stitched scans look: a very dark, gently mottled surface
+            # and tissue far brighter (tissue_gain > 1 saturates it)
+            img *= m
+            bg = float(p["background"])
+            cv2.addWeighted(img, float(p["tissue_gain"]), np.ascontiguousarray(s), bg * float(p["mottle"]), bg, dst=img)
         if p["lines"] and p["line_contrast"] > 0:
             self._darken_lines(img, m, y0, y1, x0)
+        if self.debris is not None:
+            self.debris.apply(img, y0, y1, x0)
         if p["illumination"] > 0:
             img *= self._illumination(y0, y1, x0, W)
+        if self.fovs is not None:
+            f = self.fovs.rows(y0, y1, x0, W)
+            img *= f[..., None] if self.rgb else f
         return img
 
     def tissue_cover(self, y0: int, y1: int, x0: int, ncols: int) -> np.ndarray:

@@ -42,6 +42,9 @@ from qc.testing._scene import MAX_IF_OFFSET, STRIP, Mosaic, Scene, load_crops, q
 __all__ = [
     "STAINS",
     "MAX_IF_OFFSET",
+    "REAL_LOOKING",
+    "REAL_LOOKING_HE",
+    "real_looking",
     "ChipTruth",
     "SyntheticChip",
     "IFTruth",
@@ -88,7 +91,9 @@ class ChipTruth:
     top-left corner). ``tissue_fraction`` is the share of the image actually
     covered by tissue. ``noise`` is the standard deviation of the added
     Gaussian noise as a fraction of the dtype's full scale; ``gain`` the
-    exposure gain (values above full scale clip).
+    exposure gain (values above full scale clip). The fields after ``seed``
+    describe the acquisition (see :func:`generate_chip`); their defaults give
+    the original clean look.
     """
 
     width: int
@@ -109,6 +114,15 @@ class ChipTruth:
     noise: float
     gain: float
     seed: int
+    background: float | None = None
+    mottle: float = 0.0
+    tissue_gain: float = 1.0
+    line_polarity: str = "dark"
+    fov_px: int = 0
+    fov_gain: float = 0.0
+    vignetting: float = 0.0
+    debris: int = 0
+    debris_radius: tuple[float, float] = (15.0, 60.0)
 
     @property
     def grid(self) -> GridModel:
@@ -171,6 +185,15 @@ def _params(
     noise: float,
     gain: float,
     seed: int,
+    background: float | None,
+    mottle: float,
+    tissue_gain: float,
+    line_polarity: str,
+    fov_px: int,
+    fov_gain: float,
+    vignetting: float,
+    debris: int,
+    debris_radius: tuple[float, float],
 ) -> tuple[dict, ChipTemplate]:
     if stain not in STAINS:
         msg = f"stain must be one of {STAINS}, got {stain!r}"
@@ -181,6 +204,21 @@ def _params(
     dt = "uint8" if stain == "HE" else str(np.dtype(dtype))
     if dt not in ("uint8", "uint16"):
         msg = f"dtype must be uint8 or uint16, got {dtype!r}"
+        raise ValueError(msg)
+    if line_polarity not in ("dark", "bright"):
+        msg = f"line_polarity must be 'dark' or 'bright', got {line_polarity!r}"
+        raise ValueError(msg)
+    if background is not None and not 0 <= background <= 1:
+        msg = f"background must be a fraction of full scale in 0..1 (or None), got {background!r}"
+        raise ValueError(msg)
+    if fov_px < 0 or not 0 <= fov_gain < 1 or not 0 <= vignetting < 1 or debris < 0:
+        msg = (
+            f"need fov_px >= 0, 0 <= fov_gain < 1, 0 <= vignetting < 1 and debris >= 0, "
+            f"got {fov_px}, {fov_gain}, {vignetting}, {debris}"
+        )
+        raise ValueError(msg)
+    if not 0 < debris_radius[0] <= debris_radius[1]:
+        msg = f"debris_radius must be (low, high) px with 0 < low <= high, got {debris_radius!r}"
         raise ValueError(msg)
     tmpl = template if isinstance(template, ChipTemplate) else template_for(template)
     sxy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
@@ -198,6 +236,10 @@ def _params(
         line_width_px=lw, line_contrast=float(line_contrast), tissue_fraction=float(tissue_fraction),
         tissue_line_visibility=float(tissue_line_visibility), illumination=float(illumination),
         blur_sigma=float(blur_sigma), noise=float(noise), gain=float(gain), seed=int(seed),
+        background=None if background is None else float(background), mottle=float(mottle),
+        tissue_gain=float(tissue_gain), line_polarity=line_polarity, fov_px=int(fov_px), fov_gain=float(fov_gain),
+        vignetting=float(vignetting), debris=int(debris),
+        debris_radius=(float(debris_radius[0]), float(debris_radius[1])),
     )  # fmt: skip
     return p, tmpl
 
@@ -212,7 +254,37 @@ _DEFAULTS: dict[str, object] = dict(
     width=4000, height=4000, stain="DAPI", dtype="uint8", template="SS2", angle_deg=0.0, scale=1.0,
     origin_px=None, lines=True, line_width_px=None, line_contrast=0.5, tissue_fraction=0.4,
     tissue_line_visibility=1.0, illumination=0.0, blur_sigma=0.0, noise=0.01, gain=1.0, seed=0,
+    background=None, mottle=0.0, tissue_gain=1.0, line_polarity="dark", fov_px=0, fov_gain=0.0, vignetting=0.0,
+    debris=0, debris_radius=(15.0, 60.0),
 )  # fmt: skip
+
+#: A chip as real stitched 10x nuclear-stain scans look (StereoMap's and
+#: ImageStudio's screenshots): a chip surface about 10 grey levels of 255 with
+#: a gentle mottle, track lines 3 px wide and 30 % darker than it (about 3
+#: levels), sensor noise of 1.5 levels, FOVs of 2000 px whose gains vary by
+#: +-25 % with 20 % vignetting, tissue over 40 % of the chip, bright and
+#: mostly saturated, hiding the lines under it, and 60 dark debris spots of
+#: 15-60 px radius. Pass it to :func:`generate_chip` (override any key), or
+#: use :func:`real_looking`.
+REAL_LOOKING: dict[str, object] = dict(
+    background=10 / 255, mottle=0.15, line_contrast=0.3, line_width_px=None, noise=1.5 / 255,
+    fov_px=2000, fov_gain=0.25, vignetting=0.2, tissue_fraction=0.4, tissue_gain=4.0,
+    tissue_line_visibility=0.1, debris=60, debris_radius=(15.0, 60.0),
+)  # fmt: skip
+
+#: The H&E counterpart: a mid-grey stained surface, tissue darker, and track
+#: lines lighter than the surface (as they can be in bright field).
+REAL_LOOKING_HE: dict[str, object] = dict(
+    REAL_LOOKING, stain="HE", background=0.55, tissue_gain=1.0, line_polarity="bright", line_contrast=0.15,
+    noise=2.0 / 255, fov_gain=0.1,
+)  # fmt: skip
+
+
+def real_looking(stain: str = "DAPI", **overrides: object) -> dict[str, object]:
+    """Parameters of a real-looking chip (:data:`REAL_LOOKING`, or :data:`REAL_LOOKING_HE`
+    for ``stain="HE"``) with ``overrides`` applied, for :func:`generate_chip`."""
+    base = REAL_LOOKING_HE if stain == "HE" else dict(REAL_LOOKING, stain=stain)
+    return {**base, **overrides}
 
 
 def _strips(height: int) -> list[tuple[int, int]]:
@@ -271,6 +343,24 @@ def generate_chip(
     gain : float
         Exposure gain; values over full scale clip (saturate).
     seed : int
+    background : float, optional
+        Level of the chip surface outside tissue as a fraction of full scale
+        (e.g. ``10 / 255``); ``None`` (default) keeps the original dim
+        textured surface. For H&E, the stained surface's level.
+    mottle : float
+        Relative strength of the surface's gentle texture (with ``background``).
+    tissue_gain : float
+        Tissue brightness multiplier (fluorescence, with ``background``); above
+        about 2 most tissue saturates.
+    line_polarity : {"dark", "bright"}
+        Track lines darker (usual) or lighter (some H&E) than their surroundings.
+    fov_px, fov_gain, vignetting : int, float, float
+        Fields of view of ``fov_px`` px from the top-left corner, each with a
+        gain drawn in ``1 +- fov_gain`` and corners ``vignetting`` darker than
+        its centre (brightness steps at the seams). ``fov_px=0``: none.
+    debris : int
+        Number of dark debris spots, radius drawn in ``debris_radius`` px at
+        scale 1 (times the scale).
     data_dir : path, optional
         The shared data folder (see :func:`shared_data_dir`).
     out : array, optional
