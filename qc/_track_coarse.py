@@ -1,7 +1,8 @@
 """Coarse track-grid search on a downsampled image (internal to :mod:`qc.track`).
 
-Steps: area-mean reduction of the image in strips (no full-resolution float
-copy), illumination flattening and local contrast normalisation, the grid
+Steps: line evidence (a morphological top-hat) at full resolution, area-mean
+reduced in strips (no full-resolution float copy), broad structure removed
+and local contrast normalised, the grid
 angle from the power spectrum (straight lines concentrate their energy on a
 ray through the origin, perpendicular to the lines), then per axis a 1-D
 profile (the image averaged along the lines) whose dips are matched to the
@@ -16,12 +17,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import scipy.fft
 
 from qc.chip import ChipTemplate
 
-__all__ = ["reduce_image", "normalise", "estimate_angle", "sharpness", "profiles", "find_dips", "AxisFit", "fit_axis"]
+__all__ = ["reduce_lines", "line_kernel", "line_dips", "normalise", "estimate_angle", "profiles", "find_dips", "AxisFit", "fit_axis"]
 
-_STRIP_BYTES = 12 << 20  # bytes of a strip's float copy while reducing
+_LINE_STRIP_BYTES = 24 << 20  # bytes of a strip's grey copy while reducing line evidence
 
 
 def to_grey(block: np.ndarray) -> np.ndarray:
@@ -34,28 +36,60 @@ def to_grey(block: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(block, cv2.COLOR_RGB2GRAY)
 
 
-def reduce_image(image: np.ndarray, factor: int, *, threads: int = 1) -> np.ndarray:
-    """Area-mean reduction by an integer factor, read in row strips; float32 (H//f, W//f).
+def line_kernel(scale_max: float) -> int:
+    """Side (odd, px) of the square structuring element that spans the widest track line.
 
-    Only one strip per thread is converted to float at a time, so memory stays
-    a few tens of MB whatever the image size (and memory maps are read once).
+    Lines are about 3 DNB wide; up to 4 DNB at the largest accepted scale are
+    covered, with a pixel of margin on each side.
+    """
+    return 2 * math.ceil((4.0 * max(scale_max, 0.25) + 2.0) / 2.0) + 1
+
+
+def _block_sum(d: np.ndarray, f: int) -> np.ndarray:
+    """Sum over ``f x f`` blocks of a 2-D array whose sides are multiples of ``f``; float32."""
+    acc = np.uint16 if d.dtype == np.uint8 and f <= 257 else np.float64 if d.dtype.kind == "f" else np.uint32
+    rows = np.add.reduce(d.reshape(-1, f, d.shape[1]), axis=1, dtype=acc)
+    if f == 1:
+        return rows.astype(np.float32)
+    rows = rows.astype(np.float32)
+    return cv2.resize(rows, (d.shape[1] // f, rows.shape[0]), interpolation=cv2.INTER_AREA) * np.float32(f)
+
+
+def reduce_lines(
+    image: np.ndarray, factor: int, *, kernel: int, polarities: tuple[str, ...] = ("dark",), threads: int = 1
+) -> dict[str, np.ndarray]:
+    """Track-line evidence at full resolution, area-mean reduced by ``factor``; float32 (H//f, W//f) each.
+
+    For ``"dark"`` lines the evidence is the black top-hat (morphological
+    closing with a ``kernel`` px square, minus the image): thin dark features
+    narrower than the kernel stand out by their depth, while everything broader
+    (FOV brightness steps, vignetting, the surface's mottle, tissue, debris)
+    gives nothing. ``"bright"`` uses the white top-hat. Averaging the evidence
+    instead of the image keeps a line a few grey levels deep visible however
+    large ``factor`` is; in the plain image mean it would sink below the seams.
+    The image is read once, in row strips with a halo, one strip per thread.
     """
     h, w = image.shape[:2]
-    f = int(factor)
+    f, k = int(factor), int(kernel)
     hc, wc = h // f, w // f
-    out = np.empty((hc, wc), np.float32)
-    # strips sized by their float32 grey copy, the largest temporary
+    out = {pol: np.empty((hc, wc), np.float32) for pol in polarities}
+    se = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
+    halo = k // 2 + 1
     row_bytes = w * max(4, image.dtype.itemsize * (image.shape[2] if image.ndim == 3 else 1))
-    rows = max(f, (_STRIP_BYTES // max(row_bytes, 1)) // f * f)
+    rows = max(f, (_LINE_STRIP_BYTES // max(row_bytes, 1)) // f * f)
+    area = np.float32(1.0 / (f * f))
 
     def work(r0: int) -> None:
         r1 = min(r0 + rows, hc * f)
-        block = to_grey(np.asarray(image[r0:r1, : wc * f]))
-        block = block.astype(np.float32, copy=False)
-        if f == 1:
-            out[r0:r1] = block
-        else:
-            out[r0 // f : r1 // f] = cv2.resize(block, (wc, (r1 - r0) // f), interpolation=cv2.INTER_AREA)
+        a0, a1 = max(0, r0 - halo), min(h, r1 + halo)
+        block = to_grey(np.asarray(image[a0:a1, : wc * f]))
+        if block.dtype not in (np.uint8, np.uint16, np.float32):
+            block = block.astype(np.float32)
+        for pol in polarities:
+            op = cv2.MORPH_CLOSE if pol == "dark" else cv2.MORPH_OPEN
+            m = cv2.morphologyEx(block, op, se, borderType=cv2.BORDER_REPLICATE)
+            d = cv2.subtract(m, block) if pol == "dark" else cv2.subtract(block, m)
+            out[pol][r0 // f : r1 // f] = _block_sum(d[r0 - a0 : r1 - a0], f) * area
 
     starts = range(0, hc * f, rows)
     if threads > 1 and len(starts) > 1:
@@ -65,6 +99,20 @@ def reduce_image(image: np.ndarray, factor: int, *, threads: int = 1) -> np.ndar
         for r0 in starts:
             work(r0)
     return out
+
+
+def line_dips(evidence: np.ndarray, factor: int, kernel: int) -> np.ndarray:
+    """Reduced line evidence -> an image where lines are narrow dips on a flat ground.
+
+    What is left of broad structure in the evidence (where the noise level
+    changes, at FOV seams or tissue edges, it steps) is removed by a white
+    top-hat at the coarse scale, sized to keep every line (the kernel's width
+    after reduction, plus a pixel each side).
+    """
+    kc = 2 * math.ceil(kernel / (2.0 * factor)) + 3
+    se = cv2.getStructuringElement(cv2.MORPH_RECT, (kc, kc))
+    opened = cv2.morphologyEx(evidence, cv2.MORPH_OPEN, se, borderType=cv2.BORDER_REPLICATE)
+    return np.subtract(opened, evidence, out=opened)
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -82,11 +130,14 @@ def normalise(g: np.ndarray, *, sigma: float = 12.0) -> tuple[np.ndarray, np.nda
     lines are dark). Pixels of a flat region (zero variance) are invalid.
     """
     hp = g - _blur(g, sigma)
-    rms = np.sqrt(np.maximum(_blur(hp * hp, sigma), 0))
+    rms = _blur(hp * hp, sigma)
+    np.maximum(rms, 0, out=rms)
+    np.sqrt(rms, out=rms)
     floor = max(float(np.median(rms)) * 1e-3, 1e-6)
     valid = rms > floor
     np.maximum(rms, floor, out=rms)
-    n = hp / rms
+    n = np.divide(hp, rms, out=hp)
+    del rms
     n[~valid] = 0
     np.clip(n, -5, 3, out=n)
     return n.astype(np.float32, copy=False), valid
@@ -104,8 +155,14 @@ def estimate_angle(n: np.ndarray, *, peaks: int = 3) -> list[tuple[float, float]
     h, w = n.shape
     wy = np.hanning(h).astype(np.float32)
     wx = np.hanning(w).astype(np.float32)
-    spec = np.fft.rfft2((n - n.mean()) * wy[:, None] * wx[None, :])
-    power = (spec.real**2 + spec.imag**2).astype(np.float32)
+    x = n - np.float32(n.mean())
+    x *= wy[:, None]
+    x *= wx[None, :]
+    spec = scipy.fft.rfft2(x)  # complex64 for float32 input: half numpy's memory
+    del x
+    power = spec.real**2
+    power += spec.imag**2
+    del spec
     fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
     fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
     r = np.sqrt(fx * fx + fy * fy)
@@ -174,17 +231,6 @@ def _highpass(p: np.ndarray, sigma: float) -> np.ndarray:
 
 def _smooth(p: np.ndarray, sigma: float) -> np.ndarray:
     return p - _highpass(p, sigma)
-
-
-def sharpness(n: np.ndarray, valid: np.ndarray, angle: float) -> float:
-    """How sharply the grid's lines stand out in both profiles at ``angle`` (higher is sharper)."""
-    px, cx, py, cy, _ = profiles(n, valid, angle)
-    total = 0.0
-    for p, c in ((px, cx), (py, cy)):
-        ok = c > 0.3 * c.max()
-        hp = _highpass(p, 4.0)[ok]
-        total += float(np.sum(np.minimum(hp, 0) ** 2))
-    return total
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,11 @@ __all__ = ["PASS_SCORE", "TrackResult", "find_track_lines"]
 #: Score at or above which the template fit counts as reliable (StereoMap's criterion).
 PASS_SCORE = 60.0
 _COARSE_SIZE = 2048
+#: Below this share of predicted line positions with a dip at full resolution,
+#: a failed fit means there is no grid rather than a wrong template or blur.
+_NO_GRID_LOCATED = 0.05
+#: With ``polarity="auto"``, a fit scoring this much is kept without trying the other polarity.
+_SURE_SCORE = 90.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class TrackResult:
         ``(width, height)`` of the analysed image.
     downsample : int
         Reduction factor of the coarse search.
+    polarity : str
+        ``"dark"`` or ``"bright"``: the line contrast the result was found with.
     """
 
     score: float
@@ -133,6 +140,7 @@ class TrackResult:
     problem: str
     image_size: tuple[int, int]
     downsample: int
+    polarity: str = "dark"
 
     @property
     def passed(self) -> bool:
@@ -179,6 +187,7 @@ class TrackResult:
             "template_recall": round(self.template_recall, 4),
             "area_share": round(self.area_share, 4),
             "template": self.template,
+            "polarity": self.polarity,
             "lines_matched": [len(self.lines_x), len(self.lines_y)],
             "lines_expected": list(self.expected_lines),
             "crossings_sampled": self.crossings_sampled,
@@ -224,7 +233,7 @@ def find_track_lines(
     downsample: int | None = None,
     max_threads: int = 2,
     scale_range: tuple[float, float] = (0.4, 2.8),
-    polarity: str = "dark",
+    polarity: str = "auto",
     max_windows: int = 800,
     min_snr: float = 4.0,
     agree_px: float | None = None,
@@ -248,8 +257,10 @@ def find_track_lines(
         during the call (restored afterwards).
     scale_range : (float, float)
         Accepted scales, image px per DNB (10x is about 1, 20x about 2).
-    polarity : {"dark", "bright"}
-        Whether track lines are darker (usual) or brighter than their surroundings.
+    polarity : {"auto", "dark", "bright"}
+        Whether track lines are darker (usual) or brighter than their
+        surroundings; ``"auto"`` (default) searches both and keeps the one
+        that fits the template better (:attr:`TrackResult.polarity`).
     max_windows : int
         Most crossings measured at full resolution.
     min_snr : float
@@ -266,8 +277,8 @@ def find_track_lines(
     """
     h, w = _check_image(image)
     tmpl = template if isinstance(template, ChipTemplate) else template_for(template)
-    if polarity not in ("dark", "bright"):
-        msg = f"polarity must be 'dark' or 'bright', got {polarity!r}"
+    if polarity not in ("auto", "dark", "bright"):
+        msg = f"polarity must be 'auto', 'dark' or 'bright', got {polarity!r}"
         raise ValueError(msg)
     if not 0 < scale_range[0] < scale_range[1]:
         msg = f"scale_range must be (low, high) with 0 < low < high, got {scale_range!r}"
@@ -276,28 +287,80 @@ def find_track_lines(
         msg = f"max_windows must be >= 4 and cells >= 1, got {max_windows} and {cells}"
         raise ValueError(msg)
     f = int(downsample) if downsample else max(1, math.ceil(max(h, w) / _COARSE_SIZE))
-    sign = 1.0 if polarity == "dark" else -1.0
+    kernel = coarse.line_kernel(scale_range[1])
+    opts = dict(max_windows=max_windows, min_snr=min_snr, agree_px=agree_px, cells=cells)
+    pols = ("dark", "bright") if polarity == "auto" else (polarity,)
+    base = dict(template=tmpl.name, image_size=(w, h), downsample=f)
     with _cv2_threads(max_threads):
-        g = coarse.reduce_image(image, f, threads=max_threads)
-        if sign < 0:
-            g = -g
-        n, valid = coarse.normalise(g)
-        # the spectrum's strongest ray is almost always the grid; when another
-        # direction competes (stitching seams, tissue edges) the sharper profiles decide
-        cands = coarse.estimate_angle(n)
-        angle = cands[0][0]
-        if len(cands) > 1 and cands[1][1] > 0.5 * cands[0][1]:
-            angle = max((a for a, _ in cands), key=lambda a: coarse.sharpness(n, valid, a))
+        # one read of the image gives the evidence of every polarity tried
+        ev = coarse.reduce_lines(image, f, kernel=kernel, polarities=pols, threads=max_threads)
+        found = []
+        for pol in pols:
+            found.append(_coarse(ev.pop(pol), pol, tmpl, f, kernel, scale_range))  # frees each evidence after use
+        found.sort(key=lambda c: -c.total)
+        best = found[0]
+        if best.fits is None:
+            return _empty(dict(base, **best.facts()), "no line grid found")
+        result = _fine(image, best, tmpl, f, base, opts)
+        # the other polarity, when its coarse fit is close: lines lighter than
+        # their surroundings (H&E, inverted contrast) still leave a weaker dark fit
+        for other in found[1:]:
+            if result.score >= _SURE_SCORE or other.fits is None or other.total < 0.5 * best.total:
+                continue
+            alt = _fine(image, other, tmpl, f, base, opts)
+            if alt.score > result.score:
+                result = alt
+    return result
+
+
+@dataclass(frozen=True)
+class _Coarse:
+    """The coarse search's outcome for one polarity."""
+
+    polarity: str
+    total: float  # summed template-fit score of both axes; -1 when either failed
+    dips: tuple[coarse.Dips, coarse.Dips]
+    fits: tuple[coarse.AxisFit, coarse.AxisFit] | None
+    mat: np.ndarray
+
+    def facts(self) -> dict:
+        return dict(dips_found=(self.dips[0].pos.size, self.dips[1].pos.size), polarity=self.polarity)
+
+
+def _coarse(
+    evidence: np.ndarray, polarity: str, tmpl: ChipTemplate, f: int, kernel: int, scale_range: tuple[float, float]
+) -> _Coarse:
+    """Angle and per-axis template fit on the reduced line evidence of one polarity."""
+    n, valid = coarse.normalise(coarse.line_dips(evidence, f, kernel))
+    srange = (scale_range[0] / f, scale_range[1] / f)
+    # the spectrum's strongest ray is almost always the grid; when other
+    # directions compete (FOV seams, tissue edges) the template decides
+    cands = coarse.estimate_angle(n)
+    best: _Coarse | None = None
+    for k, (angle, prominence) in enumerate(cands):
+        if k and prominence < 0.3 * cands[0][1]:
+            continue
         px, cx, py, cy, mat = coarse.profiles(n, valid, angle)
         dips = (coarse.find_dips(px, cx), coarse.find_dips(py, cy))
-        srange = (scale_range[0] / f, scale_range[1] / f)
-        fits = [coarse.fit_axis(d, tmpl, srange) for d in dips]
-        base = dict(template=tmpl.name, image_size=(w, h), downsample=f, dips_found=(dips[0].pos.size, dips[1].pos.size))
-        if fits[0] is None or fits[1] is None:
-            return _empty(base, "no line grid found")
-        grid0 = _coarse_grid(tmpl, fits[0], fits[1], mat, f)
-        explained = (fits[0].explained, fits[1].explained)
-        return _refine(image, grid0, base, explained, sign, max_windows, min_snr, agree_px, cells, f)
+        fx, fy = (coarse.fit_axis(d, tmpl, srange) for d in dips)
+        fits = (fx, fy) if fx is not None and fy is not None else None
+        total = fx.score + fy.score if fits is not None else -1.0
+        if best is None or total > best.total:
+            best = _Coarse(polarity, total, dips, fits, mat)
+    assert best is not None
+    return best
+
+
+def _fine(image: np.ndarray, c: _Coarse, tmpl: ChipTemplate, f: int, base: dict, opts: dict) -> TrackResult:
+    """The full-resolution fit and score from a coarse fit."""
+    assert c.fits is not None
+    fx, fy = c.fits
+    grid0 = _coarse_grid(tmpl, fx, fy, c.mat, f)
+    sign = 1.0 if c.polarity == "dark" else -1.0
+    return _refine(
+        image, grid0, dict(base, **c.facts()), (fx.explained, fy.explained), sign,
+        opts["max_windows"], opts["min_snr"], opts["agree_px"], opts["cells"], f,
+    )  # fmt: skip
 
 
 def _empty(base: dict, problem: str) -> TrackResult:
@@ -401,7 +464,12 @@ def _score(fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w
         # lines visible in part of the chip leave some cells fully agreeing;
         # blur or faint lines leave every cell weak
         frac = good[ok_cells] / tot[ok_cells]
-        if recall < 0.6 and _mismatch(base):
+        located = float(meas.found.mean()) if meas.found.size else 0.0
+        if recall < 0.6 and located < _NO_GRID_LOCATED:
+            # the coarse fit was a coincidence of a few features: almost no
+            # line is there at full resolution where it predicted one
+            problem = "no line grid found"
+        elif recall < 0.6 and _mismatch(base):
             problem = f"grid found but spacing does not match the {grid.template.name} template"
         elif area < 0.6 and frac.size and np.median(frac) >= 0.6:
             problem = f"lines found in only {area:.0%} of the chip area"

@@ -145,9 +145,15 @@ def test_bright_lines_with_bright_polarity():
     chip = generate_chip(width=3000, height=3000, angle_deg=5.0, tissue_fraction=0.3, seed=13)
     inverted = 255 - chip.image
     r = find_track_lines(inverted, "SS2", polarity="bright")
-    assert r.passed
+    assert r.passed and r.polarity == "bright"
     _assert_accurate(r, chip.truth.grid)
-    assert not find_track_lines(inverted, "SS2").passed
+    # the default tries both polarities and keeps the one that fits
+    auto = find_track_lines(inverted, "SS2")
+    assert auto.polarity == "bright" and auto.score >= 95
+    _assert_accurate(auto, chip.truth.grid)
+    assert find_track_lines(chip.image, "SS2").polarity == "dark"
+    forced = find_track_lines(inverted, "SS2", polarity="dark")
+    assert forced.score < auto.score and forced.polarity == "dark"
 
 
 def test_memmap_input_is_read_without_a_full_float_copy(tmp_path):
