@@ -45,14 +45,17 @@ def line_kernel(scale_max: float) -> int:
     return 2 * math.ceil((4.0 * max(scale_max, 0.25) + 2.0) / 2.0) + 1
 
 
-def _block_sum(d: np.ndarray, f: int) -> np.ndarray:
-    """Sum over ``f x f`` blocks of a 2-D array whose sides are multiples of ``f``; float32."""
+def _block_sum(d: np.ndarray, f: int, wc: int) -> np.ndarray:
+    """Sums over the ``f x f`` blocks of the first ``wc`` block columns of ``d``; float32.
+
+    ``d`` is C-contiguous with a height that is a multiple of ``f``; rows are
+    summed first (contiguous, cheap), then the columns of the much smaller result.
+    """
     acc = np.uint16 if d.dtype == np.uint8 and f <= 257 else np.float64 if d.dtype.kind == "f" else np.uint32
-    rows = np.add.reduce(d.reshape(-1, f, d.shape[1]), axis=1, dtype=acc)
+    rows = np.add.reduce(d.reshape(-1, f, d.shape[1]), axis=1, dtype=acc)[:, : wc * f].astype(np.float32)
     if f == 1:
-        return rows.astype(np.float32)
-    rows = rows.astype(np.float32)
-    return cv2.resize(rows, (d.shape[1] // f, rows.shape[0]), interpolation=cv2.INTER_AREA) * np.float32(f)
+        return rows
+    return cv2.resize(rows, (wc, rows.shape[0]), interpolation=cv2.INTER_AREA) * np.float32(f)
 
 
 def reduce_lines(
@@ -82,14 +85,14 @@ def reduce_lines(
     def work(r0: int) -> None:
         r1 = min(r0 + rows, hc * f)
         a0, a1 = max(0, r0 - halo), min(h, r1 + halo)
-        block = to_grey(np.asarray(image[a0:a1, : wc * f]))
+        block = to_grey(np.asarray(image[a0:a1]))  # whole rows: contiguous in a memory map
         if block.dtype not in (np.uint8, np.uint16, np.float32):
             block = block.astype(np.float32)
         for pol in polarities:
             op = cv2.MORPH_CLOSE if pol == "dark" else cv2.MORPH_OPEN
-            m = cv2.morphologyEx(block, op, se, borderType=cv2.BORDER_REPLICATE)
+            m = cv2.morphologyEx(block, op, se)  # default border: neutral, and 3x faster than replicate
             d = cv2.subtract(m, block) if pol == "dark" else cv2.subtract(block, m)
-            out[pol][r0 // f : r1 // f] = _block_sum(d[r0 - a0 : r1 - a0], f) * area
+            out[pol][r0 // f : r1 // f] = _block_sum(d[r0 - a0 : r1 - a0], f, wc) * area
 
     starts = range(0, hc * f, rows)
     if threads > 1 and len(starts) > 1:

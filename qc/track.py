@@ -10,14 +10,25 @@ clockwise on screen, origin at the crossing of two index-0 lines nearest the
 image's top-left corner.
 
 How it works
-    1. Coarse: the image is area-mean reduced in strips (to about 2048 px
-       across; 10x lines a few px wide still leave a clear dip once averaged
-       along the line), flattened and contrast-normalised. The grid angle is
-       the strongest ray of the whitened power spectrum (when two rays
-       compete, the one giving the sharper profiles wins); the image is
-       de-rotated and averaged along each axis, and the dips of each profile
+    1. Coarse: line evidence is computed at full resolution, strip by strip,
+       as the morphological top-hat (closing minus image for dark lines,
+       image minus opening for bright ones) with a square a little wider than
+       the widest expected line; only features thinner than that survive, so
+       FOV brightness steps, vignetting, the surface's mottle, saturated
+       tissue and debris give nothing. The evidence, not the image, is
+       area-mean reduced (to about 2048 px across), so a 3 px line a few grey
+       levels deep stays visible at any reduction factor (averaging the plain
+       image dilutes it below the FOV seams of a 20,000 px chip). What broad
+       structure is left is removed by a top-hat at the coarse scale; the
+       result is contrast-normalised. The grid angle is among the strongest
+       rays of the whitened power spectrum; for each candidate ray the image
+       is de-rotated and averaged along each axis, the dips of each profile
        are matched to the template's line spacing (scale and phase per axis)
-       from hypotheses made by pairs of nearby dips, grown by least squares.
+       from hypotheses made by pairs of nearby dips, grown by least squares,
+       and the candidate whose fit explains the dips best wins. With
+       ``polarity="auto"`` both polarities are searched from the same read
+       and the better-fitting one is kept (lines are usually dark; in H&E or
+       inverted images they can be lighter than their surroundings).
     2. Fine: windows around up to ``max_windows`` predicted line crossings,
        spread over the image, are read at full resolution (small reads, so
        memory maps are never copied); in each, both lines are located to
@@ -425,6 +436,8 @@ def _mismatch(base: dict) -> bool:
 
 
 def _no_fit_problem(meas: fine.Measurements, base: dict, tmpl: ChipTemplate) -> str:
+    if meas.found.mean() < _NO_GRID_LOCATED:
+        return "no line grid found"
     if _mismatch(base):
         return f"grid found but spacing does not match the {tmpl.name} template"
     if meas.found.mean() < 0.3:
