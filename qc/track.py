@@ -129,6 +129,11 @@ class TrackResult:
         Reduction factor of the coarse search.
     polarity : str
         ``"dark"`` or ``"bright"``: the line contrast the result was found with.
+    crossings : ndarray, shape (n, 4)
+        Track-line crossings measured at full resolution where both lines
+        agree with the fit: ``x, y`` (image px, the intersection of the two
+        measured lines) and the x- and y-family line indices (as ``lines_x``,
+        ``lines_y``; template line ``k mod 9``). Empty when not found.
     """
 
     score: float
@@ -152,6 +157,7 @@ class TrackResult:
     image_size: tuple[int, int]
     downsample: int
     polarity: str = "dark"
+    crossings: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)), repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -469,6 +475,7 @@ def _score(fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w
     res = fit.residual[agree]
     rms = float(np.sqrt(np.mean(res**2))) if res.size else math.nan
     widths = meas.width[meas.found & np.isfinite(meas.width)]
+    crossings = _crossings(meas, agree, index, grid.angle_deg)
     lx = tuple(sorted(k for (ax, k), ok in lines.items() if ax == 0 and ok))
     ly = tuple(sorted(k for (ax, k), ok in lines.items() if ax == 1 and ok))
     expected = (sum(1 for ax, _ in lines if ax == 0), sum(1 for ax, _ in lines if ax == 1))
@@ -495,5 +502,20 @@ def _score(fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w
         template_recall=recall, area_share=area, lines_x=lx, lines_y=ly, expected_lines=expected,
         crossings_sampled=int(len(meas.axis) // 2), measurements_found=int(meas.found.sum()),
         measurements_agreeing=int(agree.sum()), residual_px=rms,
-        line_width_px=float(np.median(widths)) if widths.size else math.nan, problem=problem, **base,
+        line_width_px=float(np.median(widths)) if widths.size else math.nan, problem=problem,
+        crossings=crossings, **base,
     )  # fmt: skip
+
+
+def _crossings(meas: fine.Measurements, agree: np.ndarray, index: np.ndarray, angle_deg: float) -> np.ndarray:
+    """Crossings whose two measurements (rows 2t and 2t+1) both agree: intersection and line indices."""
+    a = math.radians(angle_deg)
+    ca, sa = math.cos(a), math.sin(a)
+    both = agree[0::2] & agree[1::2]
+    p1, p2 = meas.point[0::2][both], meas.point[1::2][both]  # on the x-family / y-family line
+    # p1 + t (-sin a, cos a) = p2 + s (cos a, sin a): project p2 - p1 on the x-family normal
+    d = p2 - p1
+    t = -d[:, 0] * sa + d[:, 1] * ca
+    x = p1[:, 0] - t * sa
+    y = p1[:, 1] + t * ca
+    return np.column_stack([x, y, index[0::2][both], index[1::2][both]]).astype(np.float64)
