@@ -205,6 +205,7 @@ class TrackResult:
             "area_share": round(self.area_share, 4),
             "template": self.template,
             "polarity": self.polarity,
+            "downsample": self.downsample,
             "lines_matched": [len(self.lines_x), len(self.lines_y)],
             "lines_expected": list(self.expected_lines),
             "crossings_sampled": self.crossings_sampled,

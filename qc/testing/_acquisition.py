@@ -45,9 +45,12 @@ class FovField:
         ix, rx = self._axis(x0, ncols)
         iy = np.minimum(iy, self.gains.shape[0] - 1)
         ix = np.minimum(ix, self.gains.shape[1] - 1)
-        g = self.gains[iy[:, None], ix[None, :]]
-        if self.vignetting > 0:
-            g = g * (1.0 - np.float32(self.vignetting) * (ry[:, None] + rx[None, :]))
+        v = np.float32(self.vignetting)
+        g = (np.float32(1.0) - v * ry)[:, None] - (v * rx)[None, :]
+        # FOV columns are contiguous runs of ix: scale each by its gains (one per row)
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(ix)) + 1, [ncols]])
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            g[:, c0:c1] *= self.gains[iy, ix[c0]][:, None]
         return g
 
 
