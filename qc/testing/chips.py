@@ -262,13 +262,13 @@ _DEFAULTS: dict[str, object] = dict(
 #: ImageStudio's screenshots): a chip surface about 10 grey levels of 255 with
 #: a gentle mottle, track lines 3 px wide and 30 % darker than it (about 3
 #: levels), sensor noise of 1.5 levels, FOVs of 2000 px whose gains vary by
-#: +-25 % with 20 % vignetting, tissue over 40 % of the chip, bright and
-#: mostly saturated, hiding the lines under it, and 60 dark debris spots of
+#: +-25 % with 20 % vignetting, tissue over 40 % of the chip, ten times
+#: brighter and often saturated (its brightest nuclei clip), hiding the lines under it, and 60 dark debris spots of
 #: 15-60 px radius. Pass it to :func:`generate_chip` (override any key), or
 #: use :func:`real_looking`.
 REAL_LOOKING: dict[str, object] = dict(
     background=10 / 255, mottle=0.15, line_contrast=0.3, line_width_px=None, noise=1.5 / 255,
-    fov_px=2000, fov_gain=0.25, vignetting=0.2, tissue_fraction=0.4, tissue_gain=4.0,
+    fov_px=2000, fov_gain=0.25, vignetting=0.2, tissue_fraction=0.4, tissue_gain=8.0,
     tissue_line_visibility=0.1, debris=60, debris_radius=(15.0, 60.0),
 )  # fmt: skip
 

@@ -12,9 +12,11 @@ from skimage.registration import phase_cross_correlation
 from qc.grid import GridModel
 from qc.testing.chips import (
     MAX_IF_OFFSET,
+    REAL_LOOKING,
     ChipTruth,
     generate_chip,
     generate_if,
+    real_looking,
     shared_data_dir,
     write_chip_tiff,
 )
@@ -130,6 +132,65 @@ def test_blur_noise_gain_illumination():
         return (max(q) - min(q)) / np.mean(q)
 
     assert spread(uneven) > 0.15 > spread(flat)
+
+
+def test_real_looking_chip_looks_like_a_real_stitched_scan():
+    """The issue #12 description: dark surface, shallow lines, FOV seams, saturated tissue, debris."""
+    n, fov = 4000, 2000
+    chip = generate_chip(width=n, height=n, seed=8, **real_looking(angle_deg=0.0))
+    img = chip.image.astype(float)
+    assert chip.truth.background == pytest.approx(10 / 255) and chip.truth.fov_px == fov
+    g = chip.truth.grid
+    # the surface (outside tissue, away from lines) is about 10 grey levels
+    bare = generate_chip(width=n, height=n, seed=8, **real_looking(angle_deg=0.0, lines=False, fov_gain=0.0, vignetting=0.0, debris=0))
+    surface = bare.image < 40
+    assert 7 <= np.median(bare.image[surface]) <= 13
+    # tissue is far brighter than the surface and often saturated
+    tissue = chip.image > 40
+    assert 0.25 < tissue.mean() < 0.5
+    assert np.median(chip.image[tissue]) > 5 * np.median(bare.image[surface])
+    assert np.mean(chip.image[tissue] == 255) > 0.1
+    # lines are a few grey levels darker than the surface next to them
+    k = g.lines_in_image(0, n, n)[2]
+    x = int(round(g.chip_to_image(g.line_positions(k), 0.0)[0]))
+    rows = surface[:, x] & surface[:, x - 8] & surface[:, x + 8]
+    depth = np.median(img[rows, x - 8] + img[rows, x + 8]) / 2 - np.median(img[rows, x])
+    assert 1.5 <= depth <= 6
+    # per-FOV brightness steps: FOV surface medians differ by more than noise
+    seams = generate_chip(width=n, height=n, seed=8, **real_looking(lines=False, debris=0, vignetting=0.0))
+    med = [np.median(seams.image[r : r + fov, c : c + fov][surface[r : r + fov, c : c + fov]]) for r in (0, fov) for c in (0, fov)]
+    assert max(med) - min(med) >= 2
+    # vignetting darkens FOV corners against FOV centres
+    flat = dict(lines=False, debris=0, fov_gain=0.0, tissue_fraction=0.0, noise=0.0)
+    v = generate_chip(width=n, height=n, seed=8, **real_looking(**flat)).image.astype(float)
+    v0 = generate_chip(width=n, height=n, seed=8, **real_looking(**flat, vignetting=0.0)).image.astype(float)
+    ratio = v / np.maximum(v0, 1)
+    assert ratio[900:1100, 900:1100].mean() == pytest.approx(1.0, abs=0.03)
+    assert ratio[:150, :150].mean() == pytest.approx(0.83, abs=0.04)
+    # debris: dark spots where the surface would be
+    clean = generate_chip(width=n, height=n, seed=8, **real_looking(angle_deg=0.0, debris=0))
+    darker = (clean.image.astype(int) - chip.image.astype(int)) >= 3
+    assert darker.mean() > 0.005
+
+
+def test_real_looking_he_has_lines_lighter_than_the_surface():
+    n = 2000
+    chip = generate_chip(width=n, height=n, seed=9, **real_looking("HE", angle_deg=0.0, tissue_fraction=0.0, noise=0.0))
+    assert chip.image.shape == (n, n, 3) and chip.truth.line_polarity == "bright"
+    g = chip.truth.grid
+    x = int(round(g.chip_to_image(g.line_positions(g.lines_in_image(0, n, n)[1]), 0.0)[0]))
+    grey = chip.image.mean(axis=2)
+    assert np.median(grey[:, x]) > np.median(grey[:, x - 8]) + 5
+
+
+def test_real_looking_overrides_and_bad_values():
+    assert real_looking(noise=0.0)["noise"] == 0.0 and REAL_LOOKING["noise"] == 1.5 / 255
+    with pytest.raises(ValueError, match="line_polarity"):
+        generate_chip(**SMALL, line_polarity="grey")
+    with pytest.raises(ValueError, match="fov_gain"):
+        generate_chip(**SMALL, fov_px=100, fov_gain=1.5)
+    with pytest.raises(ValueError, match="background"):
+        generate_chip(**SMALL, background=2.0)
 
 
 @pytest.mark.parametrize("tile", [(256, 256), None])
