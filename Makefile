@@ -7,7 +7,7 @@ ifeq ($(OS),Windows_NT)
 BIN    := $(VENV)/Scripts
 endif
 
-.PHONY: run test install clean
+.PHONY: run test install clean interop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# imageqc's IPRs read back by cellbin2 1.2.1 in a Python 3.8 venv (docs/INTEROP.md); not part of `make test`.
+# CELLBIN2_PYTHON=/path/to/python reuses a venv that has cellbin2; INTEROP_PYTHON picks the 3.8 for .interop-venv/.
+interop: $(VENV)/.installed-run
+	PROJECT_PYTHON=$(BIN)/python sh interop/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
