@@ -318,7 +318,13 @@ def find_track_lines(
         found.sort(key=lambda c: -c.total)
         best = found[0]
         if best.fits is None:
-            return _empty(dict(base, **best.facts()), "no line grid found")
+            # no thin lines: lines blurred broader than the kernel remain in the plain image
+            mean = coarse.reduce_lines(image, f, kernel=kernel, polarities=("mean",), threads=max_threads)["mean"]
+            broad = [_coarse(mean * (1.0 if pol == "dark" else -1.0), pol, tmpl, f, 0, scale_range) for pol in pols]
+            broad.sort(key=lambda c: -c.total)
+            if broad[0].fits is None:
+                return _empty(dict(base, **best.facts()), "no line grid found")
+            return _fine(image, broad[0], tmpl, f, base, opts)
         result = _fine(image, best, tmpl, f, base, opts)
         # the other polarity, when its coarse fit is close: lines lighter than
         # their surroundings (H&E, inverted contrast) still leave a weaker dark fit
@@ -348,8 +354,11 @@ class _Coarse:
 def _coarse(
     evidence: np.ndarray, polarity: str, tmpl: ChipTemplate, f: int, kernel: int, scale_range: tuple[float, float]
 ) -> _Coarse:
-    """Angle and per-axis template fit on the reduced line evidence of one polarity."""
-    n, valid = coarse.normalise(coarse.line_dips(evidence, f, kernel))
+    """Angle and per-axis template fit on the reduced line evidence of one polarity.
+
+    ``kernel=0``: ``evidence`` is a reduced image whose lines are dark dips already.
+    """
+    n, valid = coarse.normalise(coarse.line_dips(evidence, f, kernel) if kernel else evidence)
     srange = (scale_range[0] / f, scale_range[1] / f)
     # the spectrum's strongest ray is almost always the grid; when other
     # directions compete (FOV seams, tissue edges) the template decides
