@@ -170,6 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if u.get("next_open"):
             line += f", opens {datetime.fromtimestamp(u['next_open']).strftime('%H:%M')}"
         con.print(_clip(line, 80))
+    _print_notifications(con, st.get("notifications") or {})
     disk = st["disk"]
     con.print(f"free      state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
         f"; {_clip(Path(w['path']).name, 16)} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
@@ -186,6 +187,21 @@ def cmd_status(args: argparse.Namespace) -> int:
             retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
             con.print(f"  #{e['job_id']} {_clip(e['chip'], 20)} {_ago(e['at'], now)}: {_clip(e['error'], 34)}{retry}")
     return EXIT_OK
+
+
+def _print_notifications(con: Any, n: dict[str, Any]) -> None:
+    """The status line of the notification outbox (daemon/notify.py): waiting messages and the last error."""
+    if not (n.get("rules") or n.get("waiting")):
+        return
+    from rich.markup import escape
+
+    line = f"{n.get('waiting', 0)} waiting"
+    if n.get("expired"):
+        line += f" ({n['expired']} given up)"
+    if n.get("last_error"):
+        line += f", last error {_ago(n.get('last_error_at'), time.time())}: "
+        line += _clip(n["last_error"], max(20, 70 - len(line)))
+    con.print("notify    " + escape(line))
 
 
 def _open_store(cfg: Config, *, readonly: bool = True) -> Store:
@@ -497,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_qc_command(sub)
     add_demo_command(sub)
     _add_service_command(sub)
+    _add_notify_command(sub)
     return p
 
 
@@ -505,6 +522,13 @@ def _add_service_command(sub: Any) -> None:
     from daemon.install import add_service_parser
 
     add_service_parser(sub)
+
+
+def _add_notify_command(sub: Any) -> None:
+    """`imageqc notify test` (daemon/notify_send.py)."""
+    from daemon.notify_send import add_notify_command
+
+    add_notify_command(sub)
 
 
 

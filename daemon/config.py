@@ -41,12 +41,16 @@ __all__ = [
     "UploadTarget",
     "LoggingConfig",
     "ServiceConfig",
+    "NotifyRule",
+    "NotifyConfig",
+    "NOTIFY_EVENTS",
     "DEFAULT_TOML",
     "load_config",
     "load_config_text",
     "default_config",
     "parse_bandwidth",
     "parse_window",
+    "parse_clock",
     "config_to_dict",
     "iter_fields",
 ]
@@ -252,6 +256,57 @@ class ServiceConfig:
     shutdown_timeout_s: float = _f(20.0, "On stop, wait this long for the running job before abandoning it to lease recovery.", min=0, max=3600)
 
 
+#: Events a notification rule can take (daemon/notify.py).
+NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest")
+
+
+@dataclass(frozen=True)
+class NotifyRule:
+    name: str = _f("", "A short name for this rule, used in logs, status and the outbox.", required=True, pattern=r"^[A-Za-z0-9._-]+$")
+    urls: tuple[str, ...] = _f(
+        (),
+        "Where this rule's apprise URLs come from, never the URLs themselves (they hold tokens): 'env:NAME' (an "
+        "environment variable of the service holding one or more URLs, separated by spaces or newlines) or 'file:PATH' "
+        "(a file with one URL a line, '#' comments).",
+        required=True, ref_path=True,
+    )
+    events: tuple[str, ...] = _f(("qc_fail", "job_failed", "health"), "Events this rule sends.", choices=NOTIFY_EVENTS)
+    quiet_hours: str = _f(
+        "",
+        "Daily window in the PC's local time, e.g. '22:00-07:00', during which events that are not urgent wait "
+        "until it ends. Empty = none.",
+    )
+    urgent: tuple[str, ...] = _f(("qc_fail",), "Events sent at once even in quiet hours.", choices=NOTIFY_EVENTS)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    rule: tuple[NotifyRule, ...] = _f((), "Notification rules ([[notify.rule]] tables); none = no notifications.")
+    timeout_s: float = _f(
+        30.0, "Longest wait for one message to be accepted by its endpoint; longer counts as a failure and is retried. "
+        "Sending never holds up QC or uploads.", min=1, max=600,
+    )
+    retry_base_s: float = _f(60.0, "First wait after a failed send to an endpoint; doubles with each failure.", min=1, max=86400)
+    retry_max_s: float = _f(3600.0, "Longest wait between two sends to a failing endpoint.", min=1, max=7 * 86400)
+    expire_after_s: float = _f(
+        3 * 86400.0, "A message still not delivered this long after its event is given up (kept, shown as expired).",
+        min=60, max=365 * 86400,
+    )
+    attach_pictures: bool = _f(True, "Attach the QC summary picture (for now the track-line picture) to qc_fail and qc_pass.")
+    disk_free_min_gb: float = _f(
+        10.0, "health: warn when the free space of the state folder, the output folder or a watch root falls below "
+        "this many GB (0 = never).", min=0, max=1e6,
+    )
+    health_grace_s: float = _f(
+        300.0, "health: a problem (watch folder missing, watcher down, low disk) is sent once it has lasted this "
+        "long, so short blips stay quiet; its end is sent too.", min=0, max=7 * 86400,
+    )
+    digest_at: str = _f(
+        "", "Local time 'HH:MM' of the daily digest (the last 24 hours, for rules whose events include digest); "
+        "empty = no digest.",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     state_dir: Path = _f(Path(".imageqc"), "Folder for the job database, logs, checkpoints and (by default) outputs.")
@@ -263,6 +318,7 @@ class Config:
     upload: tuple[UploadTarget, ...] = _f((), "Upload targets ([[upload]] tables); none = no upload.")
     logging: LoggingConfig = _sub(LoggingConfig, "Logging.")
     service: ServiceConfig = _sub(ServiceConfig, "The service loop.")
+    notify: NotifyConfig = _sub(NotifyConfig, "Notifications (apprise): QC failures, failed jobs, health.")
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     # Derived paths -----------------------------------------------------
@@ -285,6 +341,8 @@ state_dir = ".imageqc"
 
 [[watch]]
 path = "inbox"
+
+# No [[notify.rule]]: notifications are off.
 """
 
 _SECRET_WORDS = ("secret", "password", "passwd", "token", "access_key", "accesskey", "private_key")
@@ -335,6 +393,15 @@ def parse_window(text: str) -> tuple[int, int] | None:
         msg = f"{text!r}: start and end are equal; leave the window empty to allow any time"
         raise ValueError(msg)
     return start, end
+
+
+def parse_clock(text: str) -> int:
+    """``'08:00'`` -> minutes after midnight. Raises ``ValueError``."""
+    m = re.fullmatch(r"\s*([01]?\d|2[0-3]):([0-5]\d)\s*", text)
+    if not m:
+        msg = f"cannot read {text!r} as a time of day; write HH:MM, e.g. '08:00'"
+        raise ValueError(msg)
+    return int(m.group(1)) * 60 + int(m.group(2))
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +467,7 @@ class _Loader:
         hints = typing.get_type_hints(cls)
         for key in data:
             if key not in fields:
-                raise self.error(_join(keypath, key), self._unknown(key, list(fields)))
+                raise self.error(_join(keypath, key), self._unknown(key, list(fields), keypath))
         values: dict[str, Any] = {}
         for name, f in fields.items():
             kp = _join(keypath, name)
@@ -411,7 +478,12 @@ class _Loader:
             values[name] = self.convert(hints[name], data[name], kp, f.metadata)
         return cls(**values)
 
-    def _unknown(self, key: str, known: list[str]) -> str:
+    def _unknown(self, key: str, known: list[str], keypath: str = "") -> str:
+        if any(w in key.lower() for w in _SECRET_WORDS) and keypath.startswith("notify"):
+            return (
+                "secrets do not belong in the config file; put the apprise URL in the service's environment or "
+                "a file and name it in 'urls' ('env:NAME' or 'file:PATH')"
+            )
         if any(w in key.lower() for w in _SECRET_WORDS):
             return (
                 "secrets do not belong in the config file; point 'credentials' at an environment "
@@ -467,6 +539,9 @@ class _Loader:
             if meta.get("path") and value.strip() and not _is_unc(value):
                 p = Path(value).expanduser()  # a path kept as text ('' = a default)
                 return str(p if p.is_absolute() else self.base / p)
+            if meta.get("ref_path") and value.startswith("file:") and value[5:].strip() and not _is_unc(value[5:]):
+                p = Path(value[5:].strip()).expanduser()  # 'file:PATH' reference
+                return "file:" + str(p if p.is_absolute() else self.base / p)
             return value
         raise TypeError(f"unsupported config type {tp!r} at {kp}")  # programming error
 
@@ -544,6 +619,7 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
             _check_template(t.key_template)
         except ValueError as e:
             raise ld.error(f"{kp}.key_template", str(e)) from None
+    _notify_checks(cfg, ld)
     if not cfg.watch:
         raise ld.error("watch", "at least one [[watch]] root is needed")
     if cfg.qc.model:
@@ -567,6 +643,42 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
                 f"the output folder {out} lies inside watch root {cfg.watch[i].path}; "
                 "choose an output folder outside the watched folders",
             )
+
+
+_URL_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:.+)$")
+
+
+def _notify_checks(cfg: Config, ld: _Loader) -> None:
+    """[notify]: unique rule names, URL references (never URLs), quiet hours, digest time."""
+    n = cfg.notify
+    if n.digest_at:
+        try:
+            parse_clock(n.digest_at)
+        except ValueError as e:
+            raise ld.error("notify.digest_at", str(e)) from None
+    names: set[str] = set()
+    for i, r in enumerate(n.rule):
+        kp = f"notify.rule[{i}]"
+        if r.name in names:
+            raise ld.error(f"{kp}.name", f"two notification rules are named {r.name!r}; names must be unique")
+        names.add(r.name)
+        if not r.urls:
+            raise ld.error(f"{kp}.urls", "missing required setting: at least one 'env:NAME' or 'file:PATH' holding apprise URLs")
+        for j, ref in enumerate(r.urls):
+            if not _URL_REF.match(ref.strip()):
+                raise ld.error(
+                    f"{kp}.urls[{j}]",
+                    "must be 'env:NAME' or 'file:PATH', a reference, never the URL itself (apprise URLs hold tokens): "
+                    "put the URL in the service's environment or in a file only the service can read",
+                )
+        try:
+            parse_window(r.quiet_hours)
+        except ValueError as e:
+            raise ld.error(f"{kp}.quiet_hours", str(e)) from None
+        if not r.events:
+            raise ld.error(f"{kp}.events", f"empty: name at least one of {', '.join(NOTIFY_EVENTS)}")
+        if "digest" in r.events and not n.digest_at:
+            raise ld.error(f"{kp}.events", "'digest' needs notify.digest_at, the local time to send it (e.g. '08:00')")
 
 
 _TEMPLATE_FIELDS = {"prefix", "site", "chip", "run", "name", "kind", "date"}
@@ -718,6 +830,33 @@ _EXAMPLE_TARGETS = """\
 """
 
 
+_EXAMPLE_NOTIFY = """\
+# Notification rules: one [[notify.rule]] table each; none = no notifications.
+# A rule sends its events (qc_fail, qc_pass, job_failed, health, digest) to
+# apprise URLs (https://github.com/caronc/apprise/wiki: mail, chat webhooks,
+# ...). The URLs hold tokens, so 'urls' names where they come from:
+# 'env:NAME' or 'file:PATH'. Check a rule with `imageqc notify test`.
+"""
+
+_EXAMPLE_RULES = """\
+# The lab's chat (a webhook URL in the service's environment), quiet at night
+# except for QC failures:
+# [[notify.rule]]
+# name = "lab-chat"
+# urls = ["env:IMAGEQC_NOTIFY_URL"]
+# events = ["qc_fail", "job_failed", "health"]
+# quiet_hours = "22:00-07:00"
+#
+# The core facility's mail (a file holding e.g.
+# mailtos://user:password@smtp.example.org?to=core@example.org), with the
+# daily digest (set digest_at in [notify]):
+# [[notify.rule]]
+# name = "facility-mail"
+# urls = ["file:/etc/imageqc/notify-mail.url"]
+# events = ["job_failed", "health", "digest"]
+"""
+
+
 def _toml_literal(value: Any) -> str:
     import json
 
@@ -755,7 +894,8 @@ def _example_fields(cls: type, prefix: str, commented: bool, instance: Any = Non
         )
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
-            help_text += f" One of: {', '.join(f.metadata['choices'])}."
+            many = typing.get_origin(tp) is tuple
+            help_text += f" {'Any' if many else 'One'} of: {', '.join(f.metadata['choices'])}."
         if f.metadata.get("required"):
             help_text += " Required."
         for line in _wrap(help_text):
@@ -786,9 +926,13 @@ def example_toml() -> str:
     parts += ["# Watch roots: one [[watch]] table per export folder.", "[[watch]]"]
     parts += _example_fields(WatchRoot, "watch.", False)
     for name, cls in (("site", SiteConfig), ("discovery", DiscoveryConfig), ("qc", QCConfig),
-                      ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig)):
+                      ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig),
+                      ("notify", NotifyConfig)):
         parts += [f"[{name}]"]
         parts += _example_fields(cls, f"{name}.", False)
+    parts += [_EXAMPLE_NOTIFY, "# [[notify.rule]]"]
+    parts += _example_fields(NotifyRule, "notify.rule.", True)
+    parts += [_EXAMPLE_RULES]
     parts += [_EXAMPLE_UPLOADS, "# [[upload]]"]
     parts += _example_fields(UploadTarget, "upload.", True)
     parts += [_EXAMPLE_TARGETS]

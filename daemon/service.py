@@ -6,7 +6,7 @@ recovers jobs left ``running`` or ``uploading`` by a previous instance, then
 an APScheduler tick (in-memory, coalesced, one at a time) does the rounds:
 
 1. recover expired leases, re-queue failed jobs whose retry time has come;
-2. let each component (discovery, uploads) do its part;
+2. let each component (discovery, uploads, notifications) do its part;
 3. hand due ``queued`` jobs to the worker while it has free slots;
 4. jobs that finished QC with no upload configured become ``skipped``;
 5. write a heartbeat that ``imageqc status`` reads from another process.
@@ -66,7 +66,8 @@ class Component(Protocol):
 
 
 def default_components(config: Config) -> list[Component]:
-    """The service's pluggable parts (discovery, uploads), as `imageqc run` and the services use them."""
+    """The service's pluggable parts (discovery, uploads, notifications when rules are set), as `imageqc run`
+    and the services use them."""
     comps: list[Component] = []
     try:
         from daemon.discovery import Discovery
@@ -80,6 +81,10 @@ def default_components(config: Config) -> list[Component]:
         pass
     else:
         comps.append(UploadManager(config))
+    if config.notify.rule:
+        from daemon.notify import Notifier
+
+        comps.append(Notifier(config))
     return comps
 
 

@@ -66,6 +66,8 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         "recent_verdicts": [],
         "watchers": [],
         "uploads": {},
+        "notifications": {"rules": [r.name for r in config.notify.rule], "waiting": 0, "expired": 0, "sent": 0,
+                          "last_error": None, "last_error_at": None, "last_sent_at": None},
         "disk": {
             "state_dir": {"path": str(config.state_dir), "free_bytes": free_bytes(config.state_dir)},
             "watch": [
@@ -114,6 +116,7 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
             }
         )
     report["recent_verdicts"] = store.recent_verdicts(error_limit)
+    report["notifications"].update(store.outbox_summary())
     comps = report["service"].get("components", {})
     report["watchers"] = comps.get("discovery", {}).get("roots", [])
     report["uploads"] = comps.get("uploads", {})

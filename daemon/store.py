@@ -30,6 +30,8 @@ __all__ = [
     "JobState",
     "UploadState",
     "UploadRow",
+    "OutboxState",
+    "OutboxRow",
     "TERMINAL",
     "TRANSITIONS",
     "Job",
@@ -226,6 +228,29 @@ MIGRATIONS: tuple[str, ...] = (
         at   REAL NOT NULL
     );
     """,
+    # 4: the notification outbox (daemon/notify.py): one row per (event, key), key 'job:<id>' for job events
+    """
+    CREATE TABLE IF NOT EXISTS outbox (
+        id              INTEGER PRIMARY KEY,
+        event           TEXT NOT NULL,
+        key             TEXT NOT NULL,
+        job_id          INTEGER REFERENCES jobs(id),
+        title           TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        attach          TEXT,
+        state           TEXT NOT NULL DEFAULT 'pending',
+        delivered       TEXT NOT NULL DEFAULT '[]',
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        error           TEXT,
+        error_at        REAL,
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        sent_at         REAL,
+        UNIQUE (event, key)
+    );
+    CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -284,6 +309,45 @@ class ScanSetRow:
     members: list[dict[str, Any]]
     first_seen: float
     last_seen: float
+
+
+class OutboxState(str, Enum):
+    """States of one notification in the outbox."""
+
+    PENDING = "pending"  # not yet delivered to every endpoint of the rules that take it
+    SENT = "sent"  # delivered everywhere
+    EXPIRED = "expired"  # given up after notify.expire_after_s
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One notification; ``delivered`` lists the endpoints (``rule[i]``) that have it already."""
+
+    id: int
+    event: str
+    key: str
+    job_id: int | None
+    title: str
+    body: str
+    attach: str | None
+    state: str
+    delivered: list[str]
+    attempts: int
+    next_attempt_at: float | None
+    error: str | None
+    error_at: float | None
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+
+
+def _outbox(row: sqlite3.Row) -> OutboxRow:
+    d = dict(row)
+    d["delivered"] = json.loads(d["delivered"] or "[]")
+    return OutboxRow(**d)
 
 
 @dataclass(frozen=True)
@@ -798,6 +862,8 @@ class Store:
                 assert job is not None
                 if max_attempts is not None and job.attempts >= max_attempts:
                     c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job.id,))
+                    msg = f"no retry: {job.attempts} attempt(s) made, service.max_attempts = {max_attempts}"
+                    self._event(c, job.id, "gave_up", None, None, msg, None, now)
                     continue
                 target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
                 self._apply(c, job, target, now, f"retry {job.attempts + 1} after: {job.error}", None, None, None, None)
@@ -1034,6 +1100,15 @@ class Store:
     def kv_put(self, namespace: str, key: str, value: bytes, *, now: float | None = None) -> None:
         self.kv_put_many(namespace, [(key, value)], now=now)
 
+    def kv_items(self, namespace: str) -> dict[str, bytes]:
+        """Every key and value of a namespace."""
+        with self.db(commit=False) as c:
+            return {r["key"]: bytes(r["value"]) for r in c.execute("SELECT key, value FROM kv WHERE namespace = ?", (namespace,))}
+
+    def kv_delete(self, namespace: str, keys: Iterable[str]) -> None:
+        with self.db() as c:
+            c.executemany("DELETE FROM kv WHERE namespace = ? AND key = ?", [(namespace, k) for k in keys])
+
     def kv_count(self, namespace: str) -> int:
         with self.db(commit=False) as c:
             return int(c.execute("SELECT COUNT(*) FROM kv WHERE namespace = ?", (namespace,)).fetchone()[0])
@@ -1083,6 +1158,145 @@ class Store:
         with self.db() as c:
             cur = c.execute("INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)", (key, kind, _now(now)))
             return cur.rowcount == 1
+
+    # -- notification outbox (daemon/notify.py) -------------------------------
+
+    def finished_since(self, cursor: int, *, limit: int = 500) -> list[dict[str, Any]]:
+        """Jobs that reached ``qc_done`` or ``failed`` (or gave up retrying) in events after id ``cursor``.
+
+        Each: ``event_id``, ``at``, ``kind``, ``to_state`` and the job's ``job_id``, ``chip``, ``state``,
+        ``next_attempt_at``, ``error``, ``failed_stage``, ``attempts``, and its QC ``verdict``, ``report``
+        and ``output_dir`` (None without a result). Oldest first.
+        """
+        with self.db(commit=False) as c:
+            rows = c.execute(
+                "SELECT e.id AS event_id, e.at, e.kind, e.to_state, j.id AS job_id, j.chip, j.state, j.next_attempt_at,"
+                " j.error, j.failed_stage, j.attempts, r.verdict, r.report, r.output_dir"
+                " FROM events e JOIN jobs j ON j.id = e.job_id LEFT JOIN qc_results r ON r.job_id = j.id"
+                " WHERE e.id > ? AND ((e.kind = 'state' AND e.to_state IN (?, ?)) OR e.kind = 'gave_up')"
+                " ORDER BY e.id LIMIT ?",
+                (cursor, S.QC_DONE.value, S.FAILED.value, int(limit)),
+            ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["report"] = json.loads(d["report"]) if d["report"] else None
+            out.append(d)
+        return out
+
+    def last_event_id(self) -> int:
+        with self.db(commit=False) as c:
+            return int(c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+
+    def outbox_add(
+        self, rows: Iterable[dict[str, Any]], *, cursor: tuple[str, int] | None = None, now: float | None = None
+    ) -> int:
+        """Queue notifications (``event``, ``key``, ``title``, ``body``, optional ``job_id``, ``attach``).
+
+        A row whose (event, key) is already queued is ignored, so enqueueing twice, or again after a
+        restart, sends once. With ``cursor`` (name, value), that kv entry (namespace ``notify``) is
+        set in the same transaction. Returns how many rows were new.
+        """
+        now = _now(now)
+        with self.db() as c:
+            before = c.total_changes
+            c.executemany(
+                "INSERT OR IGNORE INTO outbox (event, key, job_id, title, body, attach, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                [(r["event"], r["key"], r.get("job_id"), r["title"], r["body"], r.get("attach"), now, now) for r in rows],
+            )
+            added = c.total_changes - before
+            if cursor is not None:
+                c.execute(
+                    "INSERT INTO kv (namespace, key, value, updated_at) VALUES ('notify', ?, ?, ?)"
+                    " ON CONFLICT(namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                    (cursor[0], str(cursor[1]).encode(), now),
+                )
+            return added
+
+    def outbox_exists(self, event: str, key: str) -> bool:
+        with self.db(commit=False) as c:
+            return c.execute("SELECT 1 FROM outbox WHERE event = ? AND key = ?", (event, key)).fetchone() is not None
+
+    def outbox(self, *, states: Iterable[str] | None = None, due: float | None = None, limit: int | None = None) -> list[OutboxRow]:
+        """Outbox rows, oldest first; with ``due``, only pending rows whose next attempt is due by then."""
+        where, args = [], []  # type: ignore[var-annotated]
+        if states:
+            st = [OutboxState(x).value for x in states]
+            where.append(f"state IN ({','.join('?' * len(st))})")
+            args += st
+        if due is not None:
+            where.append("state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?)")
+            args += [OutboxState.PENDING.value, due]
+        sql = "SELECT * FROM outbox" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        with self.db(commit=False) as c:
+            return [_outbox(r) for r in c.execute(sql, args).fetchall()]
+
+    def outbox_update(
+        self,
+        row_id: int,
+        /,
+        *,
+        now: float | None = None,
+        state: OutboxState | str | None = None,
+        delivered: Sequence[str] | None = None,
+        attempted: bool = False,
+        next_attempt_at: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record a delivery round of one row: endpoints that have it, the next attempt, the last error.
+
+        ``attempted`` counts an attempt; ``error`` (with its time) is kept until the row is sent.
+        """
+        now = _now(now)
+        sets: dict[str, Any] = {"updated_at": now, "next_attempt_at": next_attempt_at}
+        if state is not None:
+            sets["state"] = OutboxState(state).value
+            if sets["state"] == OutboxState.SENT.value:
+                sets["sent_at"] = now
+        if delivered is not None:
+            sets["delivered"] = json.dumps(sorted(set(delivered)))
+        if error is not None:
+            sets.update(error=error, error_at=now)
+        cols = ", ".join(f"{k} = ?" for k in sets) + (", attempts = attempts + 1" if attempted else "")
+        with self.db() as c:
+            cur = c.execute(f"UPDATE outbox SET {cols} WHERE id = ?", (*sets.values(), row_id))
+            if cur.rowcount != 1:
+                raise StoreError(f"no outbox row {row_id}")
+
+    def outbox_summary(self) -> dict[str, Any]:
+        """For `imageqc status`: rows ``waiting``, ``expired``, the newest error of a waiting row and when, last sent."""
+        with self.db(commit=False) as c:
+            counts = {r["state"]: int(r["n"]) for r in c.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
+            err = c.execute(
+                "SELECT error, error_at FROM outbox WHERE state = ? AND error IS NOT NULL ORDER BY error_at DESC LIMIT 1",
+                (OutboxState.PENDING.value,),
+            ).fetchone()
+            sent = c.execute("SELECT MAX(sent_at) FROM outbox").fetchone()[0]
+        return {
+            "waiting": counts.get(OutboxState.PENDING.value, 0),
+            "expired": counts.get(OutboxState.EXPIRED.value, 0),
+            "sent": counts.get(OutboxState.SENT.value, 0),
+            "last_error": err["error"] if err else None,
+            "last_error_at": err["error_at"] if err else None,
+            "last_sent_at": sent,
+        }
+
+    def activity_since(self, since: float) -> dict[str, Any]:
+        """For the daily digest: QC verdicts, jobs failed for good and jobs created since ``since``."""
+        with self.db(commit=False) as c:
+            verdicts = {r["verdict"]: int(r["n"]) for r in c.execute(
+                "SELECT verdict, COUNT(*) AS n FROM qc_results WHERE created_at >= ? GROUP BY verdict", (since,))}
+            failed = [dict(r) for r in c.execute(
+                "SELECT id, chip, error FROM jobs WHERE state = ? AND next_attempt_at IS NULL AND finished_at >= ? ORDER BY id",
+                (S.FAILED.value, since))]
+            fails = [r["chip"] for r in c.execute(
+                "SELECT j.chip FROM qc_results r JOIN jobs j ON j.id = r.job_id WHERE r.created_at >= ? AND r.verdict = 'fail'"
+                " ORDER BY r.job_id", (since,))]
+            created = int(c.execute("SELECT COUNT(*) FROM jobs WHERE created_at >= ?", (since,)).fetchone()[0])
+        return {"verdicts": verdicts, "qc_fail_chips": fails, "failed_jobs": failed, "jobs_created": created}
 
     # -- service status (read by `imageqc status` from another process) -------
 

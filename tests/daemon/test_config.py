@@ -169,6 +169,7 @@ def test_example_config_is_the_generated_one_and_loads():
     assert cfg.output == defaults.output
     assert cfg.logging == defaults.logging
     assert cfg.service == defaults.service
+    assert cfg.notify == defaults.notify
     assert dataclasses.replace(cfg.watch[0], path=defaults.watch[0].path) == defaults.watch[0]
 
 
