@@ -289,7 +289,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         for r in rep.get("reasons", []):
             con.print(f"  reason  {_clip(r, 68)}")
         if result.get("archive"):
-            con.print(f"archive   {_clip(result['archive'], 68)}")
+            # never clipped: the path is what a person copies into `saw count --image-tar`
+            con.print(f"archive   {result['archive']}", overflow="fold")
+            con.print("          for SAW: saw count ... --image-tar=<the archive above>")
     for u in uploads:
         con.print(f"upload    {u['target']}: {_clip(u['remote_key'], 40)} {u['state']}")
     con.print("history")

@@ -178,9 +178,9 @@ class QCConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.", path=True)
-    archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run.")
+    archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run: the archive SAW takes (saw count --image-tar), with SAW's IPR, the images and imageqc's report and pictures.")
     pictures: bool = _f(True, "Write the overlay pictures (track grid, clarity map, stitching and IF overlays).")
-    include_images: bool = _f(False, "Also put the input images into the archive (large).")
+    include_images: bool = _f(True, "Put the input images into the archive, as SAW needs them; false keeps only the IPR, report and pictures (small, but SAW cannot use it).")
 
 
 @dataclass(frozen=True)

@@ -154,10 +154,10 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 tile_overlap=watch.tile_overlap_xy,
             ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
-                images = [p for p, _ in paths] if config.output.include_images else []
                 out = write_run_outputs(
-                    report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive, images=images
-                )
+                    report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
+                    scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
+                )  # fmt: skip
         except QCError as e:
             log.error("QC could not run", error=str(e))
             return JobOutcome(state="failed", error=str(e))

@@ -7,6 +7,7 @@ The grammar (ARCHITECTURE.md, from the StereoMap Image QC manual):
 - immunofluorescence: ``<chip>_<IFname>_IF``, same forms; the IF name is
   letters, digits and ``-``;
 - a QC output archive ``<chip>.tar.gz`` or ``<chip>_<YYYYMMDD>_<HHMMSS>[_<version>].tar.gz``
+  (imageqc's), or ``<chip>_SC_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz`` (StereoMap's)
   (re-QC of an earlier run).
 
 The chip part is validated by :func:`qc.chip.parse_chip`. A name that has
@@ -57,7 +58,7 @@ TEMP_PATTERNS = ("~*", ".*", "*.tmp", "*.temp", "*.part", "*.partial", "*.filepa
 _IMAGE_EXTENSIONS = {".tif": "tiff", ".tiff": "tiff", ".czi": "czi"}
 _ARCHIVE = ".tar.gz"
 _IF_SUFFIX = re.compile(r"(?P<chip>.+)_(?P<stain>[A-Za-z0-9-]+)_IF")
-_ARCHIVE_STEM = re.compile(r"(?P<chip>.+?)(?P<stamp>_[0-9]{8}_[0-9]{6}(?:_[0-9A-Za-z.+-]+)?)?")
+_ARCHIVE_STEM = re.compile(r"(?P<chip>.+?)(?P<stamp>(?:_SC)?_[0-9]{8}_[0-9]{6}(?:_[0-9A-Za-z.+-]+)?)?")
 # Tile-naming conventions (Motic/Go Optical rows and columns, Leica linear
 # indices, Grid@); a name like these is a tile, never a chip.
 _TILE_LIKE = re.compile(r"_[0-9]{3,4}_[0-9]{3,4}(?=[_.]|$)|\[Grid@|--Stage[0-9]|_s[0-9]+(?=[_.]|$)", re.IGNORECASE)

@@ -40,7 +40,7 @@ def add_qc_command(sub: Any) -> None:
         "(default: the watch root's tile_pattern)",
     )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
-    sp.add_argument("--out", metavar="DIR", help="write report, pictures and the .tar.gz archive here")
+    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here")
     sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
     sp.set_defaults(func=cmd_qc)
 
@@ -114,7 +114,12 @@ def cmd_qc(args: argparse.Namespace) -> int:
                     report = run_qc(scan, settings, progress=update)
             else:
                 report = run_qc(scan, settings)
-            out = write_run_outputs(report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive) if args.out else None
+            out = None
+            if args.out:
+                out = write_run_outputs(
+                    report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive, scan_set=scan,
+                    include_images=cfg.output.include_images, threads=settings.threads,
+                )  # fmt: skip
     except QCError as e:
         print(f"imageqc qc: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -153,4 +158,5 @@ def _print_human(report: Any, out: Any) -> None:
     if out is not None:
         print(textwrap.fill(f"outputs: {out.folder}", 80, subsequent_indent="  "))
         if out.archive:
-            print(textwrap.fill(f"archive: {out.archive}", 80, subsequent_indent="  "))
+            print(f"archive: {out.archive}")  # whole, to copy; SAW takes it as saw count --image-tar
+            print("  for SAW: saw count ... --image-tar=<the archive above>")

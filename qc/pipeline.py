@@ -323,15 +323,36 @@ def write_run_outputs(
     *,
     pictures: bool = True,
     archive: bool = True,
-    images: Any = (),
+    scan_set: ScanSet | None = None,
+    include_images: bool = True,
+    threads: int = 2,
 ) -> Any:
-    """Write report.json, the pictures, each tiled image's registered Fiji tile
-    configuration and (when asked) the input images; then the ``.tar.gz``.
+    """Write report.json, SAW's IPR, the pictures and each tiled image's
+    registered Fiji tile configuration; then the archive SAW takes.
+
+    Parameters
+    ----------
+    report : QCReport
+        From :func:`run_qc` (with its artifacts).
+    out_dir : path
+    pictures, archive : bool
+    scan_set : ScanSet, optional
+        The scan set QC ran on: its facts go into the IPR and, with
+        ``include_images``, its images into the archive (SAW needs them).
+    include_images : bool
+    threads : int
+        Compression threads.
 
     Returns :class:`qc.report.OutputPaths`.
     """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from qc.ipr import write_ipr
     from qc.pictures import pictures_from_artifacts, safe_name
-    from qc.report import write_outputs
+    from qc.report import _writer_tag, write_outputs
+    from qc.saw_archive import as_tiff, image_members, needs_tiff, walk
     from qc.stitching import tile_configuration_text
 
     extra = {
@@ -339,4 +360,26 @@ def write_run_outputs(
         for name, res in report.artifacts.get("stitching", {}).items()
     }
     draw = (lambda rep, folder: pictures_from_artifacts(rep.artifacts, folder)) if pictures else None
-    return write_outputs(report, out_dir, pictures=draw, extra_files=extra, images=images, archive=archive)
+
+    def ipr(path: Path, qc_result_file: str) -> None:
+        write_ipr(report, scan_set, path, qc_result_file=qc_result_file)
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    scratch = None
+    try:
+        files: list[tuple[Path, str]] = []
+        if archive and include_images and scan_set is not None:
+            converted = {}
+            for img in scan_set.images:
+                if needs_tiff(img):
+                    if scratch is None:
+                        scratch = Path(tempfile.mkdtemp(prefix=f".imageqc-tiff.partial-{_writer_tag()}.", dir=out_dir))
+                    converted[img.name] = as_tiff(img, scratch)
+            for member in image_members(scan_set, report.stain, converted=converted):
+                files.extend(walk(member))
+        return write_outputs(
+            report, out_dir, pictures=draw, extra_files=extra, images=files, archive=archive, ipr=ipr, threads=threads
+        )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,13 @@
-"""imageqc's own QC output archives (``.tar.gz``), read for re-QC.
+"""QC archives (``.tar.gz``) read for re-QC: the SAW archives imageqc and StereoMap write, and imageqc's older ones.
 
-Layout (written by the report writer)::
+SAW layout (imageqc now, StereoMap Image QC)::
+
+    <QCResultFile>.ipr                          SAW's image record: which images, their stains
+    DAPI/ | ssDNA/ | HE/                        the nuclear or H&E image: one TIFF, or a tile folder
+    IF/<name>_IF/                               each immunofluorescence image
+    imageqc/report.json, imageqc/pictures/...   imageqc's own outputs (not in StereoMap's)
+
+Older imageqc layout::
 
     <stem>/report.json
     <stem>/pictures/*.png
@@ -9,10 +16,12 @@ Layout (written by the report writer)::
 
 Every member is checked before anything is read: absolute names, ``..``,
 links whose target leaves the archive, and device or FIFO members raise
-:class:`~qc.errors.UnsafeArchiveError`. Nothing is unpacked to disk where it
-can be avoided: TIFFs up to :data:`IN_MEMORY_BYTES` are read from memory;
-larger TIFFs, CZIs (libCZI needs a path) and tile folders are spilled to a
-temporary directory that is removed when the image is closed.
+:class:`~qc.errors.UnsafeArchiveError`. A damaged IPR raises
+:class:`~qc.ipr.IPRError` naming the group or attribute. Nothing is unpacked
+to disk where it can be avoided: TIFFs up to :data:`IN_MEMORY_BYTES` are read
+from memory; larger TIFFs, CZIs (libCZI needs a path), tile folders and the
+IPR (HDF5 needs a file) are spilled to a temporary directory that is removed
+when the image is closed (at once for the IPR).
 """
 
 from __future__ import annotations
@@ -129,14 +138,16 @@ class _ArchivedImage(Image):
 class ArchiveContents:
     """What :func:`read_archive` found: the report (if any) and the opened images."""
 
-    def __init__(self, report: dict[str, Any] | None, images: list[Image]) -> None:
+    def __init__(self, report: dict[str, Any] | None, images: list[Image], ipr_chip: str | None = None) -> None:
         self.report = report
         self.images = images
+        self.ipr_chip = ipr_chip
 
     @property
     def chip(self) -> str | None:
+        """The chip serial the report (or else the IPR) names."""
         chip = (self.report or {}).get("chip")
-        return chip if isinstance(chip, str) and chip else None
+        return chip if isinstance(chip, str) and chip else self.ipr_chip
 
 
 def _report_roles(report: dict[str, Any] | None) -> dict[str, str]:
@@ -177,6 +188,15 @@ def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> Arch
             except (ValueError, tarfile.TarError, OSError, EOFError) as exc:
                 raise CorruptImageError(path, f"{reports[0]} cannot be read ({exc})") from exc
         roles = _report_roles(report)
+        iprs = [n for n in members if len(PurePosixPath(n).parts) == 1 and n.lower().endswith(".ipr") and members[n].isfile()]
+        if iprs:
+            chip, entries_ = _saw_entries(tar, path, iprs[0], members)
+            for top, names, is_file, image_name, role in entries_:
+                images.append(_open_member(tar, path, top, names, members, is_file, image_name, role, limits, _open_path))
+            if not images:
+                msg = f"{iprs[0]} lists images but no stain folder (DAPI/, ssDNA/, HE/, IF/<name>_IF/) of the archive holds one"
+                raise CorruptImageError(path, msg)
+            return ArchiveContents(report, images, ipr_chip=chip)
         entries: dict[str, list[str]] = {}
         for name in members:
             parts = PurePosixPath(name).parts
@@ -200,6 +220,57 @@ def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> Arch
     finally:
         tar.close()
     return ArchiveContents(report, images)
+
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".czi")
+
+
+def _saw_entries(
+    tar: tarfile.TarFile, path: Path, ipr_member: str, members: dict[str, tarfile.TarInfo]
+) -> tuple[str | None, list[tuple[str, list[str], bool, str, str]]]:
+    """The chip and the images of a SAW archive from its IPR: ``(top, names, is_file, image name, role)`` each."""
+    from qc.ipr import IPRError, read_ipr
+    from qc.saw_archive import image_folder
+
+    tmpdir = Path(tempfile.mkdtemp(prefix="imageqc-ipr-"))
+    try:
+        spilled = tmpdir / "record.ipr"
+        fobj = tar.extractfile(members[ipr_member])
+        if fobj is None:
+            raise CorruptImageError(path / ipr_member, "the archive member cannot be read")
+        with spilled.open("wb") as out:
+            shutil.copyfileobj(fobj, out, 1 << 20)
+        try:
+            record = read_ipr(spilled)
+        except IPRError as e:
+            raise IPRError(path / ipr_member, e.where, e.problem, hint=e.hint) from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    out = []
+    chip = None
+    for group, image in record.images.items():
+        chip = str(image.image_info.get("STOmicsChipSN") or "") or path.name.split("_")[0]
+        is_if = group.endswith("_IF")
+        role = "IF" if is_if else "HE" if group == "HE" else "nuclear"
+        image_name = f"{chip}_{group}" if is_if else chip
+        folder = image_folder(group)
+        inside = [n for n in members if n.startswith(folder + "/")]
+        if not inside:
+            continue
+        depth = len(PurePosixPath(folder).parts)
+        singles = [
+            n for n in inside
+            if len(PurePosixPath(n).parts) == depth + 1 and members[n].isfile() and n.lower().endswith(_IMAGE_SUFFIXES)
+        ]  # fmt: skip
+        subdirs = {"/".join(PurePosixPath(n).parts[: depth + 1]) for n in inside if len(PurePosixPath(n).parts) > depth + 1}
+        if len(singles) == 1 and not subdirs:
+            out.append((singles[0], [singles[0]], True, image_name, role))  # a stitched image
+        elif len(subdirs) == 1 and not singles:
+            top = subdirs.pop()  # a tile folder
+            out.append((top, [n for n in inside if n.startswith(top + "/")], False, image_name, role))
+        else:
+            out.append((folder, inside, False, image_name, role))  # tiles laid directly in the stain folder
+    return chip, out
 
 
 def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener) -> Image:  # noqa: ANN001, PLR0913

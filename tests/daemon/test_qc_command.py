@@ -15,11 +15,15 @@ def test_qc_passes_prints_the_verdict_and_writes_outputs(qc_files, tmp_path, cap
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].startswith(f"{CHIP}  DAPI+mIF  PASS")
-    assert all(len(line) <= 80 for line in out.splitlines())
+    # text wraps at 80 columns; the archive's path is printed whole, to be copied into saw count --image-tar
+    assert all(len(line) <= 80 for line in out.splitlines() if not line.startswith("archive: "))
     archives = list((tmp_path / "out").glob(f"{CHIP}_*.tar.gz"))
     assert len(archives) == 1
+    assert f"archive: {archives[0]}" in out.splitlines()
     with tarfile.open(archives[0]) as tar:
         names = tar.getnames()
+    assert names[0] == archives[0].name.replace(".tar.gz", ".ipr")
+    assert f"DAPI/{CHIP}_DAPI.tif" in names and f"IF/CD31_IF/{CHIP}_CD31_IF.tif" in names
     assert any(n.endswith(f"pictures/{CHIP}_CD31_IF_calibration.png") for n in names)
 
 

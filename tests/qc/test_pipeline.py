@@ -133,8 +133,10 @@ def test_dapi_mif_calibration_recovers_the_offset_and_writes_outputs(sets, tmp_p
         assert pic is not None and max(pic.shape[:2]) <= 2100 and pic.std() > 5
     with tarfile.open(out.archive) as tar:
         members = tar.getnames()
-    assert f"{out.folder.name}/report.json" in members
-    assert f"{out.folder.name}/pictures/{CHIP}_track.png" in members
+    # SAW's layout: the IPR named as the archive at the root, imageqc's files in their own folder
+    assert members[0] == f"{out.folder.name}.ipr" and out.archive.name == f"{out.folder.name}.tar.gz"
+    assert "imageqc/report.json" in members
+    assert f"imageqc/pictures/{CHIP}_track.png" in members
     assert not list(tmp_path.glob("out/.*")), "temporary build folders left behind"
 
 
