@@ -106,6 +106,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.source == "<embedded default>":  # `make run` on a fresh checkout: create ./inbox
         for w in cfg.watch:
             w.path.mkdir(parents=True, exist_ok=True)
+    from daemon.store import check_database_file
+
+    check_database_file(cfg.database_path)  # before any connection of this process exists
     daemon = Daemon(cfg, components=default_components(cfg), notify=_notifier())
     daemon.run_forever()
     if daemon.failure:  # the service stopped itself: a non-zero exit lets systemd restart it

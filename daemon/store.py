@@ -404,6 +404,35 @@ def _first_reason(report_json: str) -> str:
     return str(reasons[0])
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_database_file(path: Path) -> None:
+    """Refuse a job database that is not SQLite before SQLite opens it.
+
+    A stale ``-wal`` file beside a ruined database would otherwise be read in
+    its place (and checkpointed into it). Call this only where no connection
+    to ``path`` is open in this process (service start): on POSIX, closing any
+    descriptor of a file drops the process's locks on it.
+
+    Raises
+    ------
+    DatabaseUnavailable
+        With the 'damaged' advice.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError:
+        return  # missing (SQLite creates it) or unreadable (SQLite says why)
+    if head and head != _SQLITE_MAGIC:
+        msg = (
+            f"the job database {path} is damaged (file is not a database); imageqc will not run on it, to avoid "
+            "losing state. Move it aside (keep it for inspection) and start again: scan sets are rediscovered"
+        )
+        raise DatabaseUnavailable(msg)
+
+
 class Store:
     """The job database.
 

@@ -265,7 +265,8 @@ class Scene:
             before = seen[flat]
             new = np.maximum(before, val)
             vis = 1 - loss * m.ravel()[flat] if loss > 0 else 1.0
-            factor = (1 - c * new * vis) / (1 - c * before * vis)
+            # a pixel already at 0 (contrast 1) stays 0: guard the division, not the result
+            factor = (1 - c * new * vis) / np.maximum(1 - c * before * vis, 1e-6)
             flat_img[flat] *= factor[:, None]
             seen[flat] = new
 

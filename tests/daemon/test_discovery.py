@@ -25,7 +25,7 @@ from daemon.jobs import member_changes
 from daemon.logging import configure_logging
 from daemon.service import Daemon
 from daemon.status import collect_status
-from daemon.store import Store
+from daemon.store import SCHEMA_VERSION, Store
 from daemon.watcher import default_observer
 from tests.helpers import wait_for as _wait
 
@@ -440,7 +440,7 @@ def test_store_keeps_discovery_state_and_notes_once(tmp_path):
     sset = {"set_key": "/r/C02533C#set", "root": "/r", "chip": "C02533C", "folder": "/r", "first_seen": 1.0,
             "last_change": 2.0, "settling_since": 1.0}
     with Store(tmp_path / "db.sqlite3") as s:
-        assert s.schema_version == 3
+        assert s.schema_version == SCHEMA_VERSION
         s.discovery_save(members=[member], sets=[sset])
         s.discovery_save(members=[{**member, "size": 11, "last_change": 3.0}])  # upsert
         members, sets = s.discovery_load()

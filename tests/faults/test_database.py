@@ -8,6 +8,7 @@ the lock is released the same state folder runs again.
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 
@@ -34,6 +35,12 @@ def _state_folder(make_service):
     svc.start()
     svc.wait_running()
     assert svc.stop() == 0
+    # an `imageqc status` reading while the service closed keeps SQLite's -wal file from being
+    # removed; the last connection to close folds it in, so the damage below hits the whole database
+    conn = sqlite3.connect(svc.db)
+    conn.execute("PRAGMA user_version").fetchone()
+    conn.close()
+    assert not svc.db.with_name(svc.db.name + "-wal").exists()
     return svc
 
 
@@ -80,4 +87,18 @@ def test_a_corrupt_database_is_refused_and_never_modified(make_service, damage):
     assert st["service"]["running"] is False and str(svc.db) in st["service"]["reason"]
     jobs = svc.cli("jobs")
     assert jobs.returncode == 1 and jobs.stderr.startswith("imageqc: the job database") and "Traceback" not in jobs.stderr
+    assert svc.db.read_bytes() == before
+
+
+def test_a_ruined_database_beside_a_stale_wal_is_refused_not_rebuilt_from_the_wal(make_service):
+    """After a kill -9 the -wal file stays; SQLite would read it in place of a ruined database file."""
+    svc = make_service(config_text())
+    svc.start()
+    svc.wait_running()
+    svc.kill()
+    assert svc.db.with_name(svc.db.name + "-wal").exists()
+    svc.db.write_bytes(b"imageqc fault test: this is not SQLite\n" * 500)
+    before = svc.db.read_bytes()
+    out = _refused(svc)
+    assert "is damaged (file is not a database)" in out and "Move it aside" in out, out
     assert svc.db.read_bytes() == before
