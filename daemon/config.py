@@ -180,6 +180,7 @@ class OutputConfig:
     dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.", path=True)
     archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run: the archive SAW takes (saw count --image-tar), with SAW's IPR, the images and imageqc's report and pictures.")
     pictures: bool = _f(True, "Write the overlay pictures (track grid, clarity map, stitching and IF overlays).")
+    archive_level: int = _f(0, "gzip level of the archive: 0 stores the images as they are (as fast as copying them), 1-3 compress them (about a third smaller raw, several times slower).", min=0, max=3)
     include_images: bool = _f(True, "Put the input images into the archive, as SAW needs them; false keeps only the IPR, report and pictures (small, but SAW cannot use it).")
 
 

@@ -157,6 +157,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
+                    level=config.output.archive_level,
                 )  # fmt: skip
         except QCError as e:
             log.error("QC could not run", error=str(e))

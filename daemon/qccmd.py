@@ -119,6 +119,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
                 out = write_run_outputs(
                     report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive, scan_set=scan,
                     include_images=cfg.output.include_images, threads=settings.threads,
+                    level=cfg.output.archive_level,
                 )  # fmt: skip
     except QCError as e:
         print(f"imageqc qc: {e}", file=sys.stderr)

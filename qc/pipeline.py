@@ -326,6 +326,7 @@ def write_run_outputs(
     scan_set: ScanSet | None = None,
     include_images: bool = True,
     threads: int = 2,
+    level: int = 0,
 ) -> Any:
     """Write report.json, SAW's IPR, the pictures and each tiled image's
     registered Fiji tile configuration; then the archive SAW takes.
@@ -342,6 +343,8 @@ def write_run_outputs(
     include_images : bool
     threads : int
         Compression threads.
+    level : int
+        The archive's gzip level, 0 (stored, as fast as a copy) to 3.
 
     Returns :class:`qc.report.OutputPaths`.
     """
@@ -378,7 +381,8 @@ def write_run_outputs(
             for member in image_members(scan_set, report.stain, converted=converted):
                 files.extend(walk(member))
         return write_outputs(
-            report, out_dir, pictures=draw, extra_files=extra, images=files, archive=archive, ipr=ipr, threads=threads
+            report, out_dir, pictures=draw, extra_files=extra, images=files, archive=archive, ipr=ipr, threads=threads,
+            level=level,
         )
     finally:
         if scratch is not None:

@@ -174,3 +174,21 @@ def test_include_images_false_keeps_the_ipr_and_report_only(mif_set, tmp_path):
     with tarfile.open(out.archive) as tar:
         names = tar.getnames()
     assert names[0] == f"{out.folder.name}.ipr" and not any(n.endswith(".tif") for n in names)
+
+
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_every_archive_level_is_a_gzip_tar_with_the_images_unchanged(mif_set, tmp_path, level):
+    """Level 0 (the default) stores the images in deflate's stored blocks: any gzip reader opens it."""
+    import gzip
+
+    src = mif_set / f"{CHIP}.tif"
+    with open_scan_set(sorted(mif_set.iterdir())) as scan:
+        report = run_qc(scan, QCSettings())
+        out = write_run_outputs(report, tmp_path, scan_set=scan, level=level)
+    with gzip.open(out.archive) as gz:  # the stream itself, CRC and length checked by the reader
+        raw = gz.read()
+    assert len(raw) % 512 == 0
+    with tarfile.open(out.archive, "r:gz") as tar:
+        assert tar.extractfile(f"DAPI/{CHIP}_DAPI.tif").read() == src.read_bytes()
+    if level == 0:
+        assert out.archive.stat().st_size > src.stat().st_size  # stored, not compressed
