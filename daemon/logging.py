@@ -137,6 +137,18 @@ class _SkippedRunFilter(logging.Filter):
         return "maximum number of running instances" not in record.getMessage()
 
 
+class _StoppedEmitterFilter(logging.Filter):
+    """Drop watchdog's "queue_events() called when the thread is inactive" error.
+
+    inotify delivers events already read while an observer is being stopped (the
+    service stopping, or the watcher restarting an observer); watchdog logs that as an
+    error although nothing is lost: the rescan that follows is the source of truth.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
 def configure_logging(
     *,
     level: str = "info",
@@ -200,6 +212,9 @@ def configure_logging(
     sched = logging.getLogger("apscheduler.scheduler")
     if not any(isinstance(f, _SkippedRunFilter) for f in sched.filters):
         sched.addFilter(_SkippedRunFilter())
+    inotify = logging.getLogger("watchdog.observers.inotify")
+    if not any(isinstance(f, _StoppedEmitterFilter) for f in inotify.filters):
+        inotify.addFilter(_StoppedEmitterFilter())
 
     structlog.configure(
         processors=[*_SHARED, structlog.stdlib.PositionalArgumentsFormatter(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -147,3 +147,17 @@ def test_a_full_log_disk_is_said_once_not_as_a_traceback_per_line_and_recovery_i
         assert [json.loads(x)["event"] for x in path.read_text(encoding="utf-8").splitlines()] == ["space is back"]
     finally:
         configure_logging(console="off")
+
+
+def test_watchdogs_stopped_emitter_error_is_dropped_and_its_other_errors_kept(tmp_path):
+    """inotify events read while an observer stops are logged by watchdog as an error; nothing is lost."""
+    path = tmp_path / "log.jsonl"
+    configure_logging(level="info", file=path, console="off")
+    try:
+        wd = logging.getLogger("watchdog.observers.inotify")
+        wd.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        wd.error("inotify watch limit reached")
+    finally:
+        configure_logging(console="off")
+    events = [json.loads(x)["event"] for x in path.read_text().splitlines()]
+    assert events == ["inotify watch limit reached"]
