@@ -29,11 +29,11 @@ from structlog.testing import capture_logs
 
 from daemon.cli import main
 from daemon.config import load_config_text
-from daemon.errors import ConfigError
 from daemon.notify import Notifier, summary_picture
 from daemon.service import Daemon
 from daemon.store import JobState, Store
 from tests.helpers import wait_for
+from tests.daemon.test_config import _err
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
@@ -547,12 +547,6 @@ def test_notify_test_sends_to_every_url_and_exits_1_when_one_fails(cfg_for, webh
     bare = cfg_for("")
     assert main(["notify", "test", "--config", bare.source]) == 1
     assert "no notification rules" in capsys.readouterr().err
-
-
-def _err(text: str) -> ConfigError:
-    with pytest.raises(ConfigError) as ei:
-        load_config_text(text, file="site.toml", base=Path("/tmp"))
-    return ei.value
 
 
 @pytest.mark.parametrize(
