@@ -204,8 +204,13 @@ def test_inputs_changed_since_qc_are_never_uploaded_and_the_job_waits_for_discov
     tif = job.inputs[0]
     original, st = tif.read_bytes(), tif.stat()
     tif.write_bytes(original[:-10] + b"0123456789")  # same size, new content and mtime
+    # the job starts in qc_done too: drive until the manager has looked at it and set it to wait
+    deadline = time.monotonic() + 30
     waiting = drive(mgr, store, job.id, {"qc_done"})
-    assert waiting.next_attempt_at is not None and waiting.next_attempt_at > time.time()
+    while waiting.next_attempt_at is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        waiting = drive(mgr, store, job.id, {"qc_done"})
+    assert waiting.next_attempt_at is not None and waiting.next_attempt_at > time.time(), waiting
     assert "inputs changed since QC" in store.events(job.id)[-1].message
     assert not any((tmp_path / "hpc-share").rglob("*.tif"))
     assert {r.state for r in store.uploads(job.id) if r.kind == "inputs"} == {"changed"}
