@@ -13,6 +13,8 @@ from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import JobState, Store
 
 
+ARCHIVE = "/srv/imageqc/outputs/a/rather/deep/folder/of/the/site/SS200000135TL_D1_20261202_101500_0.1.0.tar.gz"
+
 @pytest.fixture
 def state(make_config, tmp_path, monkeypatch):
     """A state folder with jobs in several states and a log, as the service leaves it."""
@@ -36,7 +38,8 @@ def state(make_config, tmp_path, monkeypatch):
             ids[chip] = s.create_job(ssid, now=now - 600)
         done, failed, running = ids["SS200000135TL_D1"], ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"], ids["C02533C"]
         s.claim("w", now=now - 500)
-        s.save_result(done, verdict="fail", report={"verdict": "fail", "reasons": ["track line score 42 < 60: few track crossings found"]})
+        s.save_result(done, verdict="fail", report={"verdict": "fail", "reasons": ["track line score 42 < 60: few track crossings found"]},
+                      archive=ARCHIVE)
         s.transition(done, JobState.QC_DONE, owner="w", now=now - 400)
         s.transition(done, JobState.SKIPPED, now=now - 399)
         s.claim("w", now=now - 300)
@@ -134,6 +137,9 @@ def test_show_human_and_json(state, capsys):
     text = _out(capsys)[0]
     _fits(text)
     assert "verdict   fail" in text and "track line score 42 < 60" in text and "qc_done -> skipped" in text
+    # the archive SAW takes is named whole (folded at the terminal's width, never cut)
+    assert ARCHIVE in "".join(line.strip() for line in text.splitlines() if not line.startswith(("verdict", "  reason")))
+    assert "--image-tar" in text
     assert main(["show", str(job), "--json"]) == 0
     data = json.loads(_out(capsys)[0])
     assert data["schema"] == "imageqc.job/1" and data["job"]["state"] == "skipped"
