@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["RESULTS", "machine_info", "peak_rss_mb", "record"]
+__all__ = ["RESULTS", "cpu_seconds", "machine_info", "peak_rss_mb", "record"]
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -49,6 +49,12 @@ def machine_info(*modules: str) -> str:
         + "; ".join(versions)
         + load
     )
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its finished children so far."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def peak_rss_mb() -> float:

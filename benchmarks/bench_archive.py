@@ -22,7 +22,6 @@ the "archive" section of benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, record  # noqa: E402
+from _common import cpu_seconds, machine_info, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work"
 CHIP = "SS200000135TL_D1"
@@ -46,15 +45,10 @@ def _copy(src: Path, dst: Path) -> None:
             b.write(chunk)
 
 
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 def _timed(fn) -> tuple[float, float]:  # noqa: ANN001
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0, _cpu() - c0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,17 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, peak_rss_mb, record  # noqa: E402
+from _common import cpu_seconds, machine_info, peak_rss_mb, record  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work"
 SECTION = "## track (benchmarks/bench_track.py)"
 ANGLE = -1.3
 CHIP = "SS200000135TL_D1"
-
-
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def child_detect(path: str, threads: int) -> None:
@@ -55,17 +49,17 @@ def child_detect(path: str, threads: int) -> None:
     from qc.track import find_track_lines
 
     image = tifffile.memmap(path, mode="r")
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     r = find_track_lines(image, CHIP, max_threads=threads)
-    dt, cpu = time.perf_counter() - t0, _cpu() - c0
+    dt, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     print(json.dumps({"seconds": dt, "cpu": cpu, "peak_rss_mb": peak_rss_mb(), "result": r.as_dict()}))
 
 
 def _timed(cmd: list[str]) -> tuple[float, float, str]:
     """Wall and CPU seconds of a whole command (a fresh process), and its stdout."""
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-    return time.perf_counter() - t0, _cpu() - c0, out.stdout
+    return time.perf_counter() - t0, cpu_seconds() - c0, out.stdout
 
 
 def main() -> None:
