@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.daemon.test_store import damage_pages
+from tests.helpers import wait_for
 
 from .conftest import config_text, sha256_file
 
@@ -37,10 +38,15 @@ def _state_folder(make_service):
     assert svc.stop() == 0
     # an `imageqc status` reading while the service closed keeps SQLite's -wal file from being
     # removed; the last connection to close folds it in, so the damage below hits the whole database
-    conn = sqlite3.connect(svc.db)
-    conn.execute("PRAGMA user_version").fetchone()
-    conn.close()
-    assert not svc.db.with_name(svc.db.name + "-wal").exists()
+    wal = svc.db.with_name(svc.db.name + "-wal")
+
+    def folded() -> bool:  # a QC child or reader still exiting keeps it a little longer on a busy machine
+        conn = sqlite3.connect(svc.db)
+        conn.execute("PRAGMA user_version").fetchone()
+        conn.close()
+        return not wal.exists()
+
+    assert wait_for(folded, timeout=60, every=0.5), f"{wal} is still there a minute after the service stopped"
     return svc
 
 
