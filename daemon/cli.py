@@ -20,12 +20,10 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Config, config_to_dict, load_config
 from daemon.errors import DaemonError, JobNotFound
+from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.store import JobState, Store
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CONFIG_ENV = "IMAGEQC_CONFIG"
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
 __all__ = ["add_demo_command", "cmd_demo"]
 
 
@@ -63,7 +65,6 @@ def _write_slowly(path: Path, data: bytes, seconds: float, label: str) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
     from daemon.config import load_config
     from daemon.naming import parse_name
 
@@ -108,7 +109,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> int:
-    from daemon.cli import EXIT_FAILURE, EXIT_OK
     from daemon.errors import DatabaseUnavailable
     from daemon.store import TERMINAL, JobState, Store
 

@@ -45,8 +45,8 @@ from typing import Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
-from daemon.errors import DaemonError
 from daemon.fsinfo import is_network_path
+from daemon.hosting import ServiceInstallError, config_folders, stop_timeout_seconds
 
 __all__ = [
     "ServiceInstallError",
@@ -112,13 +112,6 @@ SystemCallErrorNumber=EPERM
 UMask=0027"""
 
 
-class ServiceInstallError(DaemonError):
-    """The service cannot be installed, removed, started or stopped as asked."""
-
-    def __init__(self, problem: str, *, exit_code: int = 1) -> None:
-        self.exit_code = exit_code
-        super().__init__(problem)
-
 
 @dataclass(frozen=True)
 class SystemdUnit:
@@ -155,10 +148,6 @@ def watchdog_seconds(tick_seconds: float) -> int:
     """``WatchdogSec``: the service pings every tick; 10 ticks, at least 60 s."""
     return max(60, math.ceil(10 * tick_seconds))
 
-
-def stop_timeout_seconds(config: Config) -> int:
-    """How long a clean stop may take: the running job's grace period plus 30 s."""
-    return math.ceil(config.service.shutdown_timeout_s) + 30
 
 
 # ---------------------------------------------------------------------------
@@ -235,17 +224,6 @@ def _dedupe(paths: Iterable[Path]) -> tuple[Path, ...]:
     unique = list(dict.fromkeys(paths))
     return tuple(p for p in unique if not any(q != p and _under(p, q) for q in unique))
 
-
-def config_folders(config: Config) -> list[tuple[str, str]]:
-    """Every folder setting of a config the service touches, as ``(setting, path as written)``."""
-    out = [("state_dir", str(config.state_dir))]
-    out += [(f"watch[{i}].path", str(w.path)) for i, w in enumerate(config.watch)]
-    if config.output.dir:
-        out.append(("output.dir", config.output.dir))
-    if config.logging.file:
-        out.append(("logging.file", config.logging.file))
-    out += [(f"upload[{i}].path", t.path) for i, t in enumerate(config.upload) if t.type == "hpc" and t.path]
-    return out
 
 
 def build_systemd_unit(

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from daemon.config import Config, NotifyRule
+from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK
 from daemon.logging import redact, register_secret
 
 __all__ = ["Endpoint", "resolve_endpoints", "send_message", "test_endpoints", "add_notify_command"]
@@ -210,7 +211,6 @@ def test_endpoints(config: Config, environ: Mapping[str, str] | None = None) -> 
 
 
 def cmd_notify_test(args: argparse.Namespace) -> int:
-    from daemon.cli import CONFIG_ENV, EXIT_FAILURE, EXIT_OK
     from daemon.config import load_config
 
     cfg = load_config(args.config or os.environ.get(CONFIG_ENV) or None)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
 __all__ = ["add_qc_command", "cmd_qc", "EXIT_QC_FAIL"]
 
 EXIT_QC_FAIL = 3
@@ -84,7 +86,6 @@ def _progress_bar(enabled: bool) -> Any:
 def cmd_qc(args: argparse.Namespace) -> int:
     import os
 
-    from daemon.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
     from daemon.config import load_config, tile_pattern_problem
     from daemon.jobs import qc_settings
     from qc.errors import QCError

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from daemon.config import Config, load_config
 from daemon.errors import DaemonError
-from daemon.install import config_folders, stop_timeout_seconds
+from daemon.hosting import config_folders, stop_timeout_seconds
 from daemon.logging import configure_logging, get_logger, redact
 
 __all__ = [
@@ -187,7 +187,7 @@ class ServiceHost:
         Set up logging (JSON file, no console, event log for errors).
     stop_budget_s : float, optional
         Give up waiting for a stop after this long; default
-        ``shutdown_timeout_s + 30`` (:func:`daemon.install.stop_timeout_seconds`).
+        ``shutdown_timeout_s + 30`` (:func:`daemon.hosting.stop_timeout_seconds`).
     """
 
     def __init__(

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from daemon.config import load_config
-from daemon.install import ServiceInstallError, stop_timeout_seconds
+from daemon.hosting import ServiceInstallError, stop_timeout_seconds
 from windows_service.host import (
     CONFIG_OPTION,
     DESCRIPTION,
