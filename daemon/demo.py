@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_QC_FAIL, EXIT_USAGE
 
 __all__ = ["add_demo_command", "cmd_demo"]
 
@@ -37,7 +37,11 @@ def add_demo_command(sub: Any) -> None:
     sp.add_argument("--size", type=int, default=4000, help="image side in pixels (default: %(default)s)")
     sp.add_argument("--seconds", type=float, default=20.0, help="how long writing takes (default: %(default)s)")
     sp.add_argument("--no-lines", action="store_true", help="a chip without visible track lines: QC fails and says why")
-    sp.add_argument("--follow", action="store_true", help="after writing, print the job's stages until it ends")
+    sp.add_argument(
+        "--follow", action="store_true",
+        help="after writing, print the job's stages until it ends; exit 0 on a pass, 3 on a fail, 1 on an error. "
+        "Refuses to start when no running service watches the folder",
+    )
     sp.set_defaults(func=cmd_demo)
 
 
@@ -79,6 +83,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.size < 1000 or args.size > 20000:
         print("imageqc demo: --size must be between 1000 and 20000", file=sys.stderr)
         return EXIT_USAGE
+    if args.follow:
+        problem = _no_service_watching(cfg, inbox)
+        if problem:
+            print(
+                f"imageqc demo --follow: {problem}, so nothing would ever be followed. Start the service in another "
+                f"terminal with the same config (imageqc run, or make run in the checkout), or leave out --follow.",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     try:
         from qc.testing.chips import generate_chip, generate_if, shared_data_dir
 
@@ -106,6 +119,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.follow:
         return EXIT_OK
     return _follow(cfg, args.chip, started=time.time())
+
+
+def _no_service_watching(cfg: Any, folder: Path, *, wait_s: float = 10.0) -> str | None:
+    """Why no running service would pick up files written into ``folder``, or None when one does.
+
+    Waits up to ``wait_s`` for a heartbeat, for a service that is just starting.
+    """
+    from daemon.status import collect_status
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = collect_status(cfg)
+        svc = st["service"]
+        if svc.get("running"):
+            watched = {os.path.normcase(os.path.abspath(str(w.get("path")))) for w in st["watchers"]}
+            if os.path.normcase(os.path.abspath(folder)) in watched:
+                return None
+            problem = f"the service running on {svc.get('host')} (pid {svc.get('pid')}) does not watch {folder}"
+        else:
+            problem = f"no service is running with state folder {cfg.state_dir} ({svc.get('reason') or 'no heartbeat'})"
+        if time.monotonic() >= deadline:
+            return problem
+        time.sleep(0.5)
 
 
 def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> int:
@@ -144,6 +180,8 @@ def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> 
                     print(f"archive: {result['archive']}")
             if job.error:
                 print(f"error: {job.error}")
-            return EXIT_OK if job.state != "failed" else EXIT_FAILURE
+            if job.state == "failed":
+                return EXIT_FAILURE
+            return EXIT_QC_FAIL if result and result["verdict"] == "fail" else EXIT_OK
     print("gave up following after 30 minutes; is the service running? (imageqc status)", file=sys.stderr)
     return EXIT_FAILURE

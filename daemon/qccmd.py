@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_QC_FAIL, EXIT_USAGE
 
-__all__ = ["add_qc_command", "cmd_qc", "EXIT_QC_FAIL"]
-
-EXIT_QC_FAIL = 3
+__all__ = ["EXIT_QC_FAIL", "add_qc_command", "cmd_qc"]
 
 
 def add_qc_command(sub: Any) -> None:
@@ -139,26 +137,19 @@ def cmd_qc(args: argparse.Namespace) -> int:
 
 
 def _print_human(report: Any, out: Any) -> None:
-    import textwrap
+    """The verdict, every judged metric and every reason, wrapped at the terminal's width, never cut."""
+    from rich.markup import escape
 
-    print(f"{report.chip}  {report.stain}  {report.verdict.upper()}  ({report.duration_s:.1f} s)")
-    for im in report.images:
-        bits = []
-        for metric in ("track", "clarity", "stitching", "calibration"):
-            block = getattr(im, metric)
-            if not block:
-                continue
-            if metric == "calibration":
-                dx, dy = block["offset_px"]
-                bits.append(f"calibration ({dx:+.1f}, {dy:+.1f}) px sim {block['similarity']:.3f}")
-            else:
-                score = block.get("score")
-                bits.append(f"{metric} {'n/a' if score is None else f'{score:.0f}'}")
-        print(textwrap.shorten(f"  {im.name}: " + ", ".join(bits or ["no metrics"]), 80, placeholder="…"))
+    from daemon.views import check_line, console, field, verdict_markup, whole
+
+    con = console()
+    con.print(f"{escape(report.chip)}  {report.stain}  {verdict_markup(report.verdict)}  ({report.duration_s:.1f} s)")
+    for c in report.checks:
+        field(con, str(c.get("metric", "")), check_line(c), markup=True, indent=2)
     for r in report.reasons:
-        print(textwrap.fill(r, 80, initial_indent="  - ", subsequent_indent="    "))
+        field(con, "-", r, indent=2)
     if out is not None:
-        print(textwrap.fill(f"outputs: {out.folder}", 80, subsequent_indent="  "))
+        field(con, "outputs", out.folder)
         if out.archive:
-            print(f"archive: {out.archive}")  # whole, to copy; SAW takes it as saw count --image-tar
-            print("  for SAW: saw count ... --image-tar=<the archive above>")
+            whole(con, "archive", out.archive)  # whole, to copy; SAW takes it as saw count --image-tar
+            field(con, "", "for SAW: saw count ... --image-tar=<the archive above>")

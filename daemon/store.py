@@ -88,7 +88,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.QC_DONE: frozenset({S.UPLOADING, S.DONE, S.SKIPPED, S.FAILED, S.SUPERSEDED, S.QUEUED}),
     S.UPLOADING: frozenset({S.DONE, S.QC_DONE, S.FAILED, S.SUPERSEDED, S.QUEUED}),
     S.FAILED: frozenset({S.QUEUED, S.QC_DONE, S.SUPERSEDED}),
-    S.SKIPPED: frozenset({S.QC_DONE, S.SUPERSEDED}),
+    S.SKIPPED: frozenset({S.QC_DONE, S.QUEUED, S.SUPERSEDED}),
     S.DONE: frozenset(),
     S.SUPERSEDED: frozenset(),
 }
@@ -899,17 +899,23 @@ class Store:
                 moved.append(job.id)
         return moved
 
-    def retry(self, job_id: int, *, now: float | None = None) -> Job:
-        """By hand: a failed or skipped job goes back to where it stopped, now."""
+    def retry(self, job_id: int, *, qc: bool = False, now: float | None = None) -> Job:
+        """By hand: a failed or skipped job goes back to where it stopped, now.
+
+        ``qc``: QC runs again whatever stopped the job (a new verdict replaces the
+        old one), e.g. after the thresholds or the model changed.
+        """
         job = self.get_job(job_id)
         state = JobState(job.state)
-        if state is S.FAILED:
-            target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
-        elif state is S.SKIPPED:
-            target = S.QC_DONE
-        else:
+        if state not in (S.FAILED, S.SKIPPED):
             raise IllegalTransition(job_id, state.value, "retry (only failed or skipped jobs are retried)")
-        return self.transition(job_id, target, now=now, message="retry requested")
+        if qc:
+            target = S.QUEUED
+        elif state is S.FAILED:
+            target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
+        else:
+            target = S.QC_DONE
+        return self.transition(job_id, target, now=now, message="retry requested" + (", QC runs again" if qc else ""))
 
     def cancel(self, job_id: int, *, now: float | None = None, reason: str = "cancelled by operator") -> Job:
         """Stop a job: it ends ``failed`` with the reason and is not retried automatically.

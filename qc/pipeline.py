@@ -311,6 +311,11 @@ def run_qc(
         operator=settings.operator,
         site=settings.site,
         thresholds={k: getattr(th, k) for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")},
+        checks=tuple(
+            {"metric": c.metric, "image": c.image, "value": c.score, "threshold": c.threshold,
+             "passed": c.passed, "required": c.required, "reason": c.reason, "detail": c.detail}
+            for c in verdict.checks
+        ),
         artifacts=art,
     )
     st.at("verdict", 1.0)

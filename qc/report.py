@@ -103,6 +103,10 @@ class QCReport:
     operator: str = ""
     site: str = ""
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    #: Every metric of every image, judged: ``metric``, ``image``, ``value``,
+    #: ``threshold`` (as text, e.g. ">= 60"), ``passed``, ``required`` (false:
+    #: advisory), ``reason`` (None when passed). What `imageqc show` lists.
+    checks: tuple[Mapping[str, Any], ...] = ()
     #: Raw metric results and views kept for the pictures (not serialised).
     artifacts: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -120,6 +124,7 @@ class QCReport:
             "operator": self.operator,
             "site": self.site,
             "thresholds": dict(self.thresholds),
+            "checks": [_plain(c) for c in self.checks],
         }
 
     def to_json(self) -> str:

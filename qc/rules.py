@@ -77,6 +77,9 @@ class MetricCheck:
     passed: bool
     required: bool
     reason: str | None = None
+    #: The measured value as a person reads it, where one number is not enough
+    #: (calibration: offset and similarity).
+    detail: str | None = None
 
     @property
     def fails_qc(self) -> bool:
@@ -194,7 +197,7 @@ def check_calibration(image: str, result: Any, thresholds: Thresholds, *, refere
             "re-acquire with the same stage position or re-export the registered images"
         )
     thr = f"offset <= {thresholds.calibration_offset_px:g} px, similarity >= {thresholds.calibration_similarity:g}"
-    return MetricCheck("calibration", image, sim, thr, ok, True, reason)
+    return MetricCheck("calibration", image, sim, thr, ok, True, reason, detail=f"offset {offset:.1f} px, similarity {sim:.3f}")
 
 
 def decide(checks: list[MetricCheck] | tuple[MetricCheck, ...], *, problems: tuple[str, ...] = ()) -> Verdict:

@@ -16,10 +16,10 @@ def test_qc_passes_prints_the_verdict_and_writes_outputs(qc_files, tmp_path, cap
     assert code == 0, out
     assert out.splitlines()[0].startswith(f"{CHIP}  DAPI+mIF  PASS")
     # text wraps at 80 columns; the archive's path is printed whole, to be copied into saw count --image-tar
-    assert all(len(line) <= 80 for line in out.splitlines() if not line.startswith("archive: "))
+    assert all(len(line) <= 80 for line in out.splitlines() if not line.startswith("archive "))
     archives = list((tmp_path / "out").glob(f"{CHIP}_*.tar.gz"))
     assert len(archives) == 1
-    assert f"archive: {archives[0]}" in out.splitlines()
+    assert f"archive   {archives[0]}" in out.splitlines()
     with tarfile.open(archives[0]) as tar:
         names = tar.getnames()
     assert names[0] == archives[0].name.replace(".tar.gz", ".ipr")
