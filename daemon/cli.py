@@ -393,12 +393,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     data = config_to_dict(cfg, mask=True)
+    warnings = _config_warnings(cfg)
     if args.json:
-        _print_json({"schema": "imageqc.config/1", "valid": True, "config": data})
+        _print_json({"schema": "imageqc.config/1", "valid": True, "warnings": warnings, "config": data})
         return EXIT_OK
-    print(f"{cfg.source}: valid")
+    for w in warnings:
+        print(f"{cfg.source}: warning: {w}", file=sys.stderr)
+    print(f"{cfg.source}: valid" + (f" ({len(warnings)} warning(s) above)" if warnings else ""))
     print(_to_toml(data))
     return EXIT_OK
+
+
+def _config_warnings(cfg: Config) -> list[str]:
+    """What is allowed but probably not meant: watch folders that do not exist (yet) on this machine."""
+    out = []
+    for i, w in enumerate(cfg.watch):
+        if not w.path.exists():
+            out.append(
+                f"watch[{i}].path: the folder {w.path} does not exist here; the service waits for it (shown as "
+                "'folder missing' in imageqc status) and watches it once it appears. Check the path or the share's mount"
+            )
+        elif not w.path.is_dir():
+            out.append(f"watch[{i}].path: {w.path} is a file, not a folder; nothing will be found there")
+    return out
 
 
 _INLINE_TABLES = {"model_classes"}

@@ -29,7 +29,7 @@ def add_demo_command(sub: Any) -> None:
         help="Write a generated DAPI + IF scan set into the watch folder slowly, as a microscope would.",
         description="Write a generated DAPI + IF scan set into the first watch root, in chunks over "
         "--seconds, so a running service discovers, QCs and uploads it. Needs the stain crops of "
-        "shared/data (found beside the checkout or through $IMAGEQC_SHARED_DATA).",
+        "shared/data (--data DIR, $IMAGEQC_SHARED_DATA, or found beside the checkout).",
     )
     sp.add_argument("--config", "-c", metavar="FILE", help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)")
     sp.add_argument("--chip", default="SS200000135TL_D1", help="chip serial to name the files with (default: %(default)s)")
@@ -37,6 +37,10 @@ def add_demo_command(sub: Any) -> None:
     sp.add_argument("--size", type=int, default=4000, help="image side in pixels (default: %(default)s)")
     sp.add_argument("--seconds", type=float, default=20.0, help="how long writing takes (default: %(default)s)")
     sp.add_argument("--no-lines", action="store_true", help="a chip without visible track lines: QC fails and says why")
+    sp.add_argument(
+        "--data", metavar="DIR",
+        help="the shared/data folder holding stereo_crops/ (default: $IMAGEQC_SHARED_DATA, else ../shared/data beside the checkout)",
+    )
     sp.add_argument(
         "--follow", action="store_true",
         help="after writing, print the job's stages until it ends; exit 0 on a pass, 3 on a fail, 1 on an error. "
@@ -95,9 +99,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from qc.testing.chips import generate_chip, generate_if, shared_data_dir
 
-        data = shared_data_dir()
-    except FileNotFoundError as e:
-        print(f"imageqc demo: {e}", file=sys.stderr)
+        data = shared_data_dir(args.data)
+    except FileNotFoundError:
+        where = args.data or os.environ.get("IMAGEQC_SHARED_DATA") or "../shared/data beside the source checkout"
+        print(
+            f"imageqc demo: the demo builds its chip from real stain crops, and none were found in {where} "
+            "(a folder holding stereo_crops/). Give the folder on the command line: imageqc demo --data /path/to/shared/data "
+            "(or set IMAGEQC_SHARED_DATA to it)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     inbox.mkdir(parents=True, exist_ok=True)
     print(f"generating a {args.size} x {args.size} DAPI chip and a {args.if_name} IF image for {args.chip} ...", flush=True)

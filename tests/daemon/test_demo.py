@@ -70,3 +70,15 @@ def test_demo_follow_refuses_when_no_service_watches_the_folder(tmp_path, monkey
     err = capsys.readouterr().err
     assert "no service is running with state folder" in err and "imageqc run" in err
     assert not Path("inbox").exists() or not any(Path("inbox").iterdir())
+
+
+def test_demo_without_the_stain_crops_says_how_to_give_them(tmp_path, monkeypatch, capsys):
+    """#15: outside a source checkout the demo must say how to point at the data on the command line."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGEQC_CONFIG", raising=False)
+    monkeypatch.setenv("IMAGEQC_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert main(["demo", "--seconds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert f"none were found in {tmp_path / 'nowhere'}" in err and "imageqc demo --data /path/to/shared/data" in err
+    assert main(["demo", "--seconds", "0", "--data", str(tmp_path)]) == 1
+    assert f"none were found in {tmp_path}" in capsys.readouterr().err
