@@ -1,4 +1,4 @@
-# ruff: noqa: F821, F722 - dbus-fast reads D-Bus type signatures from the annotations
+# ruff: noqa: F821 - dbus-fast reads D-Bus type signatures from the annotations
 """A freedesktop notification server for the tests: ``python tests/notification_server.py OUT.jsonl``.
 
 Owns ``org.freedesktop.Notifications`` on the session bus named by
