@@ -66,7 +66,8 @@ class Component(Protocol):
 
 
 def default_components(config: Config) -> list[Component]:
-    """The service's pluggable parts (discovery, uploads, notifications when rules are set), as `imageqc run`
+    """The service's pluggable parts (discovery, uploads, notifications when rules are set, the status page when
+    web.listen is set), as `imageqc run`
     and the services use them."""
     comps: list[Component] = []
     try:
@@ -85,6 +86,10 @@ def default_components(config: Config) -> list[Component]:
         from daemon.notify import Notifier
 
         comps.append(Notifier(config))
+    if config.web.listen:
+        from daemon.web import WebServer
+
+        comps.append(WebServer(config))
     return comps
 
 
