@@ -36,6 +36,7 @@ from daemon import __version__
 from daemon.config import Config
 from daemon.errors import DatabaseUnavailable
 from daemon.fsinfo import free_bytes
+from daemon.status import _service_state
 from daemon.store import JobState, Store
 
 __all__ = ["RUN_BUCKETS", "STAGE_BUCKETS", "StoreCollector"]
@@ -197,8 +198,6 @@ class StoreCollector(Collector):
         yield g
 
     def _from_store(self, store: Store, now: float) -> list[Any]:
-        from daemon.status import _service_state
-
         out: list[Any] = []
         jobs = GaugeMetricFamily("imageqc_jobs", "Jobs in the store per state.", labels=["state"])
         for state, n in store.counts().items():
@@ -253,7 +252,7 @@ class StoreCollector(Collector):
                                  labels=["target"])
         window = GaugeMetricFamily("imageqc_upload_window_open", "1 while the target's upload window is open.",
                                    labels=["target"])
-        sent = CounterMetricFamily("imageqc_upload_bytes", "Bytes uploaded and verified per target (all time, from the store).",
+        sent = CounterMetricFamily("imageqc_upload_bytes", "Bytes sent per target since the service started.",
                                    labels=["target"])
         for t in targets:
             h = (live or {}).get(t.name) or {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "open": None}
@@ -262,11 +261,8 @@ class StoreCollector(Collector):
             rate.add_metric([t.name], float(h.get("rate_bps") or 0))
             if h.get("open") is not None:
                 window.add_metric([t.name], 1.0 if h["open"] else 0.0)
-        with store.db(commit=False) as c:
-            done = {r["target"]: int(r["n"] or 0) for r in c.execute(
-                "SELECT target, SUM(size) AS n FROM uploads WHERE state = 'done' GROUP BY target")}
-        for t in targets:
-            sent.add_metric([t.name], float(done.get(t.name, 0)))
+            if live is not None:  # a counter of the running service (its heartbeat); none while it is stopped
+                sent.add_metric([t.name], float(h.get("sent_bytes") or 0))
         return [files, nbytes, rate, window, sent]
 
     def _qc_families(self) -> list[Any]:

@@ -344,7 +344,7 @@ class WebServer:
         self._server = server
         self.address = server.server_address[:2]  # type: ignore[assignment]
         self.error = None
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="imageqc-web", daemon=True)
         self._thread.start()
         log.info("status page listening", url=self.url, token=bool(self.token))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import http.client
+import os
 import shutil
 import socket
 import struct
@@ -184,6 +185,49 @@ def test_metrics_over_http_parse_with_prometheus_parser(served):
     assert m["imageqc_qc_last_passed"][(("chip", "C02533C"),)] == 1
     m = metrics(web.url)  # a second scrape counts nothing twice
     assert m["imageqc_qc_runs_total"][(("verdict", "pass"),)] == 1
+
+
+def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopped(make_config):
+    cfg = web_config(make_config, extra='[[upload]]\nname = "lab-s3"\ntype = "s3"\nbucket = "stereo-qc"\n')
+    add_job(cfg)
+    now = time.time()
+    root = str(cfg.watch[0].path)
+    beat = {
+        "state": "running", "pid": os.getpid(), "host": socket.gethostname(), "version": "0.1.0", "started_at": now - 60,
+        "components": {
+            "discovery": {"roots": [{"path": root, "observer": "polling", "health": "restarted 1x", "last_rescan": now - 30,
+                                     "pending": 2}, {"path": "/gone", "observer": "native", "health": "observer down"}]},
+            "uploads": {"targets": {"lab-s3": {"files": 3, "bytes": 3_000, "rate_bps": 1_500, "open": False,
+                                               "sent_bytes": 12_345}}},
+        },
+    }
+    with Store(cfg.database_path) as s:
+        s.set_status("service", beat, now=now)
+        s.plan_uploads(1, [{"target": "lab-s3", "kind": "outputs", "local_path": "/x/a.tar.gz", "remote_key": "k", "size": 700}])
+        s.transition(1, JobState.QC_DONE)  # waiting for its upload
+    web = WebServer(cfg)
+    web.start()
+    try:
+        m = metrics(web.url)
+        assert m["imageqc_service_running"][()] == 1
+        assert m["imageqc_service_start_time_seconds"][()] == pytest.approx(now - 60)
+        assert m["imageqc_watch_healthy"][(("observer", "polling"), ("root", root))] == 1  # recovered: healthy
+        assert m["imageqc_watch_healthy"][(("observer", "native"), ("root", "/gone"))] == 0
+        assert 30 <= m["imageqc_watch_last_rescan_age_seconds"][(("root", root),)] < 300
+        assert m["imageqc_watch_pending_sets"][(("root", root),)] == 2
+        assert m["imageqc_upload_backlog_files"][(("target", "lab-s3"),)] == 3  # the live figures
+        assert m["imageqc_upload_rate_bytes_per_second"][(("target", "lab-s3"),)] == 1500
+        assert m["imageqc_upload_window_open"][(("target", "lab-s3"),)] == 0
+        assert m["imageqc_upload_bytes_total"][(("target", "lab-s3"),)] == 12_345
+        with Store(cfg.database_path) as s:
+            s.set_status("service", {**beat, "state": "stopped"}, now=now)
+        m = metrics(web.url)
+        assert m["imageqc_service_running"][()] == 0
+        assert m["imageqc_upload_backlog_files"][(("target", "lab-s3"),)] == 1  # from the store
+        assert m["imageqc_upload_backlog_bytes"][(("target", "lab-s3"),)] == 700
+        assert "imageqc_upload_bytes_total" not in m  # no running service, no counter
+    finally:
+        web.stop()
 
 
 def test_a_real_service_serves_its_page_and_metrics_and_a_browser_shows_verdict_and_picture(make_config, tmp_path):
