@@ -39,10 +39,12 @@ from daemon.fsinfo import free_bytes
 from daemon.status import _service_state
 from daemon.store import JobState, Store
 
-__all__ = ["RUN_BUCKETS", "STAGE_BUCKETS", "StoreCollector"]
+__all__ = ["RECOUNT_S", "RUN_BUCKETS", "STAGE_BUCKETS", "StoreCollector"]
 
 #: How a working watcher's health reads (daemon/watcher.py): 'ok', or recovered ('restarted 2x', 'native failed').
 _HEALTHY = ("ok", "restarted", "native failed")
+#: Longest time (seconds) jobs per state are reused without reading them again (see StoreCollector._tables).
+RECOUNT_S = 60.0
 #: Histogram buckets (seconds) of one QC stage.
 STAGE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 #: Histogram buckets (seconds) of a whole QC run.
@@ -94,6 +96,10 @@ class StoreCollector(Collector):
         self._checks: dict[tuple[str, str], int] = {}
         self._failed = 0
         self._last: dict[str, Any] | None = None
+        #: Whole-table figures (jobs per state, the stopped service's upload backlog) with the newest event id and
+        #: the time they were read: every job state change writes an event in the same transaction, so while no
+        #: event was added they cannot have changed; they are read again at least every RECOUNT_S all the same.
+        self._tables: tuple[int, float, dict[str, Any]] | None = None
 
     # -- reading ----------------------------------------------------------------
 
@@ -197,13 +203,28 @@ class StoreCollector(Collector):
                 g.add_metric([role, path], float(free))
         yield g
 
+    def _table_figures(self, store: Store, *, backlog: bool) -> dict[str, Any]:
+        """Jobs per state and (if asked) the upload backlog, read again only when the job history moved."""
+        mark, mono = store.last_event_id(), time.monotonic()
+        cached = self._tables
+        if cached is not None and cached[0] == mark and mono - cached[1] < RECOUNT_S and (not backlog or "backlog" in cached[2]):
+            return cached[2]
+        figures: dict[str, Any] = {"counts": store.counts()}
+        if backlog:
+            figures["backlog"] = store.upload_backlog()
+        self._tables = (mark, mono, figures)
+        return figures
+
     def _from_store(self, store: Store, now: float) -> list[Any]:
         out: list[Any] = []
+        svc = _service_state(self.config, store.get_status(), now)
+        comps = svc.get("components", {}) if svc.get("running") else {}
+        live_uploads = comps.get("uploads", {}).get("targets")
+        tables = self._table_figures(store, backlog=live_uploads is None and any(t.mode != "none" for t in self.config.upload))
         jobs = GaugeMetricFamily("imageqc_jobs", "Jobs in the store per state.", labels=["state"])
-        for state, n in store.counts().items():
+        for state, n in tables["counts"].items():
             jobs.add_metric([state], float(n))
         out.append(jobs)
-        svc = _service_state(self.config, store.get_status(), now)
         running = GaugeMetricFamily("imageqc_service_running", "1 while the service writes fresh heartbeats.")
         running.add_metric([], 1.0 if svc.get("running") else 0.0)
         out.append(running)
@@ -215,9 +236,8 @@ class StoreCollector(Collector):
             g = GaugeMetricFamily("imageqc_service_heartbeat_age_seconds", "Seconds since the service's last heartbeat.")
             g.add_metric([], max(0.0, now - float(svc["heartbeat_at"])))
             out.append(g)
-        comps = svc.get("components", {}) if svc.get("running") else {}
         out += self._watchers(comps.get("discovery", {}).get("roots", []), now)
-        out += self._uploads(store, comps.get("uploads", {}).get("targets"))
+        out += self._uploads(tables.get("backlog", {}), live_uploads)
         outbox = store.outbox_summary()
         g = GaugeMetricFamily("imageqc_notify_outbox_messages", "Notification messages in the outbox per state.",
                               labels=["state"])
@@ -243,9 +263,8 @@ class StoreCollector(Collector):
             pending.add_metric([root], float(r.get("pending") or 0))
         return [healthy, age, pending]
 
-    def _uploads(self, store: Store, live: dict[str, Any] | None) -> list[Any]:
+    def _uploads(self, backlog: dict[str, dict[str, int]], live: dict[str, Any] | None) -> list[Any]:
         targets = [t for t in self.config.upload if t.mode != "none"]
-        backlog = store.upload_backlog() if live is None else {}
         files = GaugeMetricFamily("imageqc_upload_backlog_files", "Files still to upload per target.", labels=["target"])
         nbytes = GaugeMetricFamily("imageqc_upload_backlog_bytes", "Bytes still to upload per target.", labels=["target"])
         rate = GaugeMetricFamily("imageqc_upload_rate_bytes_per_second", "Upload rate per target over the last minute.",
