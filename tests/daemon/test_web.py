@@ -11,6 +11,7 @@ import base64
 import html
 import http.client
 import os
+import re
 import shutil
 import socket
 import struct
@@ -33,6 +34,7 @@ from daemon.web import SAFE_HEADERS, WebServer
 from daemon.worker import JobContext, JobOutcome
 from tests.helpers import wait_for
 
+REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000135TL_D1"
 #: The picture's colour: pure magenta, found in the browser's screenshot only if the picture was shown.
 PICTURE_RGB = (255, 0, 255)
@@ -219,6 +221,10 @@ def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopp
         assert m["imageqc_upload_rate_bytes_per_second"][(("target", "lab-s3"),)] == 1500
         assert m["imageqc_upload_window_open"][(("target", "lab-s3"),)] == 0
         assert m["imageqc_upload_bytes_total"][(("target", "lab-s3"),)] == 12_345
+        exposed = exposed_names(get(web.url + "/metrics")[2].decode())
+        for deploy in ("prometheus.yml", "grafana-dashboard.json"):  # deploy/ uses these very names
+            used = set(re.findall(r"\bimageqc_[a-z_]+", (REPO / "deploy" / deploy).read_text(encoding="utf-8")))
+            assert used and used <= exposed, (deploy, used - exposed)
         with Store(cfg.database_path) as s:
             s.set_status("service", {**beat, "state": "stopped"}, now=now)
         m = metrics(web.url)
@@ -228,6 +234,18 @@ def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopp
         assert "imageqc_upload_bytes_total" not in m  # no running service, no counter
     finally:
         web.stop()
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every sample name a scrape can hold: each family's name with the suffixes its type gives it."""
+    names: set[str] = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.MULTILINE):
+        base = name.removesuffix("_total")
+        names |= {name, base}
+        names |= {f"{base}_total"} if kind == "counter" else set()
+        names |= {f"{base}_{x}" for x in ("bucket", "sum", "count")} if kind == "histogram" else set()
+        names |= {f"{base}_info"} if kind == "info" else set()
+    return names
 
 
 def test_a_real_service_serves_its_page_and_metrics_and_a_browser_shows_verdict_and_picture(make_config, tmp_path):
