@@ -44,6 +44,7 @@ __all__ = [
     "NotifyRule",
     "NotifyConfig",
     "WebConfig",
+    "FleetConfig",
     "NOTIFY_EVENTS",
     "DEFAULT_TOML",
     "load_config",
@@ -329,6 +330,18 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    interval_s: float = _f(
+        300.0,
+        "How often the service writes its status document (imageqc.fleet/1) to each upload target, at "
+        "{prefix}/_fleet/{site}/{host}.json, with the target's own credentials; `imageqc fleet` lists every PC's. "
+        "0 = never. A PC silent for 3 intervals is shown as stale.",
+        min=0, max=86400,
+    )
+    host: str = _f("", "This PC's name in its fleet document; empty = the computer's name.", pattern=r"^[A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = _f(Path(".imageqc"), "Folder for the job database, logs, checkpoints and (by default) outputs.")
     site: SiteConfig = _sub(SiteConfig, "The site this PC belongs to.")
@@ -341,6 +354,7 @@ class Config:
     service: ServiceConfig = _sub(ServiceConfig, "The service loop.")
     notify: NotifyConfig = _sub(NotifyConfig, "Notifications (apprise): QC failures, failed jobs, health.")
     web: WebConfig = _sub(WebConfig, "The read-only status page and Prometheus metrics, on one local listener.")
+    fleet: FleetConfig = _sub(FleetConfig, "This PC's status document in each upload target, for the facility's view.")
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     # Derived paths -----------------------------------------------------
@@ -692,6 +706,8 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
             ld.check(f"{kp}.key_template", str(e))
     _notify_checks(cfg, ld)
     _web_checks(cfg, ld)
+    if 0 < cfg.fleet.interval_s < 10:
+        ld.check("fleet.interval_s", f"{cfg.fleet.interval_s:g} s is too often for a bucket; use 0 (never) or at least 10")
     if not cfg.watch:
         ld.check("watch", "at least one [[watch]] root is needed")
     if cfg.qc.model:
@@ -1047,7 +1063,7 @@ def example_toml() -> str:
     parts += _example_fields(WatchRoot, "watch.", False)
     for name, cls in (("site", SiteConfig), ("discovery", DiscoveryConfig), ("qc", QCConfig),
                       ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig),
-                      ("notify", NotifyConfig), ("web", WebConfig)):
+                      ("notify", NotifyConfig), ("web", WebConfig), ("fleet", FleetConfig)):
         parts += [f"[{name}]"]
         # The example turns the local page on; the embedded default leaves it off.
         example = WebConfig(listen="127.0.0.1:8787") if cls is WebConfig else None
