@@ -27,7 +27,6 @@ import base64
 import errno
 import hmac
 import os
-import re
 import socket
 import stat
 import threading
@@ -103,8 +102,9 @@ def picture_file(config: Config, output_dir: str | None, name: str) -> Path | No
     Served: a regular ``.png`` file directly in ``<output folder>/pictures``, the output folder lying
     inside the service's own output folder, no symbolic link on the way out of it.
     """
-    if not output_dir or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ +-]{0,200}\.png", name, flags=re.IGNORECASE):
-        return None
+    if (not output_dir or not name.lower().endswith(".png") or name.startswith(".") or len(name) > 255
+            or any(c in name for c in "/\\:\x00") or any(ord(c) < 32 for c in name)):
+        return None  # one plain file name: no folder, drive or stream part, no hidden or control characters
     try:
         root = config.output_dir.resolve(strict=True)
         folder = Path(output_dir).resolve(strict=True)

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from pathlib import Path
@@ -352,6 +353,8 @@ def test_pictures_refuse_traversal_encoded_forms_and_symlinks_out(served, tmp_pa
     ):
         assert raw_get(web, path) in (403, 404), path
     assert raw_get(web, f"/pictures/{job_id}/track.png") == 200
+    write_png(pictures / "Mouse_brain_α_1_track.png")  # qc.pictures keeps letters of any script
+    assert raw_get(web, f"/pictures/{job_id}/{urllib.parse.quote('Mouse_brain_α_1_track.png')}") == 200
     # a job whose recorded output folder lies outside the service's output folder: nothing of it is served
     write_png(tmp_path / "elsewhere" / "pictures" / "track.png")
     other = add_job(cfg, chip="C02533C", output_dir=tmp_path / "elsewhere", fp="fp-out")
