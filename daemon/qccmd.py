@@ -172,7 +172,7 @@ def _print_human(report: Any, out: Any) -> None:
     for c in report.checks:
         field(con, str(c.get("metric", "")), check_line(c), markup=True, indent=2)
     for r in report.reasons:
-        field(con, "-", r, indent=2)
+        field(con, "reason", r, indent=2)
     if out is not None:
         field(con, "outputs", out.folder)
         if out.archive:
