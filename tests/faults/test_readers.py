@@ -10,8 +10,10 @@ a few seconds, not a service's start-up.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,82 @@ def test_a_qc_run_writes_nothing_under_the_users_home(chip_tif, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["images"][0]["clarity"] is not None  # the ONNX model did run
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+# ---------------------------------------------------------------------------
+# Case 14: a SubIFD that points at itself
+# ---------------------------------------------------------------------------
+
+
+def _with_subifds_patched(image, patch) -> bytes:
+    """A TIFF written by tifffile with one SubIFD (a pyramid level), its SubIFDs entry rewritten by ``patch``."""
+    import tifffile
+
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tw:
+        tw.write(image, subifds=1, photometric="minisblack")
+        tw.write(image[::2, ::2], subfiletype=1, photometric="minisblack")
+    data = bytearray(buf.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]
+    (count,) = struct.unpack_from("<H", data, first)
+    for i in range(count):
+        entry = first + 2 + 12 * i
+        tag, _typ, n = struct.unpack_from("<HHI", data, entry)
+        if tag == 330 and n == 1:
+            patch(data, first, entry)
+            return bytes(data)
+    raise AssertionError("tifffile wrote no SubIFDs entry")
+
+
+def _nested_subifds(depth: int) -> bytes:
+    """A little-endian TIFF of ``depth + 1`` 8 x 8 IFDs, each the only SubIFD of the one before."""
+    out = bytearray(b"II" + struct.pack("<HI", 42, 8))
+    pixels = bytes(64)
+    size = 2 + 10 * 12 + 4
+    for level in range(depth + 1):
+        here = len(out)
+        strip = here + size
+        sub = strip + len(pixels) if level < depth else 0
+        tags = [(256, 3, 8), (257, 3, 8), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, strip), (277, 3, 1),
+                (278, 3, 8), (279, 4, len(pixels)), (330, 13, sub)]
+        if not sub:
+            tags = tags[:-1]
+        out += struct.pack("<H", len(tags))
+        for tag, typ, value in tags:
+            out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
+        out += struct.pack("<I", 0) + b"\0" * (size - 2 - 12 * len(tags) - 4) + pixels
+    return bytes(out)
+
+
+def test_a_subifd_loop_is_refused_with_a_clear_message_by_discovery_and_the_readers(tmp_path):
+    """Issue #20 case 14: it passed discovery, then QC failed with 'maximum recursion depth exceeded'."""
+    import numpy as np
+
+    from daemon.completion import check_member_whole
+    from qc.errors import CorruptImageError
+    from qc.io import open_scan_set
+    from qc.io.tiff import TiffImage
+
+    image = np.random.default_rng(14).integers(0, 255, (600, 600), dtype=np.uint8)
+
+    def to_itself(data: bytearray, first: int, entry: int) -> None:
+        struct.pack_into("<I", data, entry + 8, first)
+
+    looping = tmp_path / f"{CHIP}.tif"
+    looping.write_bytes(_with_subifds_patched(image, to_itself))
+    expected = f"{looping}: the TIFF's SubIFD chain loops at offset 8: the file is damaged"
+    with pytest.raises(CorruptImageError) as err:
+        TiffImage(looping)
+    assert str(err.value).startswith(expected), err.value
+    with pytest.raises(CorruptImageError, match="SubIFD chain loops at offset 8"):
+        open_scan_set([looping])
+    member = type("Member", (), {"format": "tiff", "path": str(looping)})()
+    assert (check_member_whole(None, member) or "").startswith(expected)  # discovery: never queued as whole
+
+    deep = tmp_path / "SS200000602TL_D1.tif"
+    deep.write_bytes(_nested_subifds(40))
+    with pytest.raises(CorruptImageError, match="SubIFDs nest deeper than 16 levels at offset"):
+        TiffImage(deep)
+    fine = tmp_path / "SS200000603TL_D1.tif"
+    fine.write_bytes(_nested_subifds(3))  # a short, acyclic SubIFD tree is read as before
+    assert TiffImage(fine).levels[0] == (8, 8)
