@@ -21,6 +21,7 @@ from daemon.config import Config, WatchRoot
 from daemon.logging import get_logger
 from daemon.paircache import StorePairCache
 from daemon.worker import JobContext, JobOutcome
+from qc.io.listing import regular_files
 
 __all__ = ["run_qc_job", "qc_settings", "clarity_spec", "member_changes"]
 
@@ -73,13 +74,8 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
 def _tree_state(path: Path) -> tuple[int, int]:
     """(total size, newest mtime_ns) of a file, or of every file under a folder."""
     if path.is_dir():
-        size, newest = 0, 0
-        for p in path.rglob("*"):
-            if p.is_file() and not p.is_symlink():
-                st = p.stat()
-                size += st.st_size
-                newest = max(newest, st.st_mtime_ns)
-        return size, newest
+        files = regular_files(path).files  # as discovery lists it: no link followed, nothing special opened
+        return sum(st.st_size for _, st in files), max((st.st_mtime_ns for _, st in files), default=0)
     st = path.stat()
     return st.st_size, st.st_mtime_ns
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+
+from .conftest import config_text, hpc_target, tree_hashes, verify_exactly_once
 
 REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000601TL_D1"
@@ -140,3 +144,62 @@ def test_a_subifd_loop_is_refused_with_a_clear_message_by_discovery_and_the_read
     fine = tmp_path / "SS200000603TL_D1.tif"
     fine.write_bytes(_nested_subifds(3))  # a short, acyclic SubIFD tree is read as before
     assert TiffImage(fine).levels[0] == (8, 8)
+
+
+# ---------------------------------------------------------------------------
+# Cases 9 and 11, through the service: a 250-character IF name; links in a tile folder
+# ---------------------------------------------------------------------------
+
+
+def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_file_uploaded(
+    make_service, chip_images, shared_data
+):
+    """Issue #20 cases 9 and 11.
+
+    9: QC failed for good on the calibration picture's file name (the IF name
+    plus ``_calibration.png`` passes 255 bytes), and the HPC copy on its
+    temporary name (``.<name>.imageqc-partial``). 11: a link loop in a tile
+    folder made the upload plan fail (the job never left ``qc_done`` or ended
+    ``done`` having uploaded nothing), and a link out of the root made the
+    folder look changed since QC forever.
+    """
+    svc = make_service(
+        config_text(uploads=[hpc_target()], output={"pictures": True}), folders=("inbox", "hpc", "outside"),
+    )
+    inbox, outside = svc.root / "inbox", svc.root / "outside"
+    long_if = f"{CHIP}_{'CD31-' * 45}{'A' * (250 - len(CHIP) - 1 - 225 - 7)}_IF.tif"
+    assert len(long_if) == 250
+    (inbox / long_if).write_bytes(chip_images[1])
+    (inbox / f"{CHIP}.tif").write_bytes(chip_images[0])
+    tiles = inbox / "C02533C"
+    shutil.copytree(shared_data / "tiles" / "stitch2d", tiles)
+    (outside / "secret.txt").write_text("outside the watch root: never uploaded\n", encoding="utf-8")
+    os.symlink("loop", tiles / "loop")  # a link to itself: ELOOP when followed
+    os.symlink(Path("..") / ".." / "outside" / "secret.txt", tiles / "notes.txt")  # out of the root
+    (tiles / "more").mkdir()
+    os.symlink("..", tiles / "more" / "up", target_is_directory=True)  # a folder loop
+    before = tree_hashes(inbox)
+
+    svc.start()
+    svc.wait_running()
+    svc.wait_for(lambda: {j.chip: j.state for j in svc.jobs()} == {CHIP: "done", "C02533C": "done"}, 120,
+                 "both sets to end done")
+    assert svc.stop() == 0
+
+    verified = verify_exactly_once(svc, [CHIP, "C02533C"], hpc=svc.root / "hpc")
+    stored = {p.name for p in (svc.root / "hpc").rglob("*") if p.is_file()}
+    assert long_if in stored  # the input under its full name; its temporary copy had a shortened one
+    assert "secret.txt" not in stored and "notes.txt" not in stored and "loop" not in stored
+    assert {f"stitch2d_ex[Grid@{r} {c}].jpg" for r in range(2) for c in range(3)} <= stored
+    jobs = {j.chip: j for j in svc.jobs()}
+    done = svc.read(lambda s: [e.message for e in s.events(jobs["C02533C"].id) if e.to_state == "done"])[0]
+    assert done.startswith("uploaded ") and done.endswith(
+        "; not uploaded (links and special files in tile folders are never followed): "
+        "C02533C/loop, C02533C/more/up, C02533C/notes.txt"
+    ), done
+    archive = svc.read(lambda s: s.get_result(jobs[CHIP].id))["archive"]
+    with tarfile.open(archive) as tar:
+        pictures = [Path(n).name for n in tar.getnames() if "/pictures/" in n]
+    calibration = [p for p in pictures if p.endswith("_calibration.png")]
+    assert len(calibration) == 1 and len(calibration[0].encode()) == 255 and calibration[0].startswith(f"{CHIP}_CD31-CD31-")
+    assert tree_hashes(inbox) == before  # the microscope's files untouched
