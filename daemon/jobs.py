@@ -64,7 +64,10 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
         ),
         stitching_required=config.qc.stitching_required,
         threads=config.qc.threads,
-        limits=ReadLimits(max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels),
+        limits=ReadLimits(
+            max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels,
+            max_archive_bytes=max(1, int(config.qc.max_archive_gb * 1024**3)),
+        ),
         clarity_model=clarity_spec(config),
         site=config.site.name,
         operator=config.site.operator,
@@ -148,6 +151,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 limits=settings.limits,
                 tile_pattern=watch.tile_pattern or None,
                 tile_overlap=watch.tile_overlap_xy,
+                scratch_dir=config.output_dir,  # archive members spill here, never to the system's temp folder
             ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
                 out = write_run_outputs(

@@ -12,8 +12,11 @@ here fits everywhere.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import socket
 
-__all__ = ["HASH_CHARS", "MAX_NAME_BYTES", "fit_name"]
+__all__ = ["HASH_CHARS", "MAX_NAME_BYTES", "fit_name", "host_tag", "writer_tag"]
 
 #: The longest path component, in UTF-8 bytes, on the file systems imageqc meets.
 MAX_NAME_BYTES = 255
@@ -70,3 +73,13 @@ def fit_name(name: str, suffix: str = "", *, limit: int = MAX_NAME_BYTES) -> str
 def _size(text: str) -> int:
     """UTF-8 bytes of ``text``; a byte that was not UTF-8 (kept as a surrogate escape) counts one."""
     return len(text.encode("utf-8", "surrogateescape"))
+
+
+def host_tag() -> str:
+    """This host's name as it appears in temporary names (letters, digits and ``-``; at most 40)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def writer_tag() -> str:
+    """``<host>-<pid>``: put in temporary names, so the leftovers of a killed writer can be told from live ones."""
+    return f"{host_tag()}-{os.getpid()}"

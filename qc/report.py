@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from qc.filenames import MAX_NAME_BYTES, fit_name
+from qc.filenames import MAX_NAME_BYTES, fit_name, host_tag, writer_tag
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -358,12 +357,8 @@ def _write_archive(
 _PARTIAL = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?$")
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-
-
-def _writer_tag() -> str:
-    return f"{_host_tag()}-{os.getpid()}"
+_host_tag = host_tag
+_writer_tag = writer_tag
 
 
 def abandoned_outputs(out_dir: str | Path) -> list[Path]:

@@ -10,6 +10,7 @@ a few seconds, not a service's start-up.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import config_text, hpc_target, tree_hashes, verify_exactly_once
+from .test_disk_full import tmpfs  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000601TL_D1"
@@ -186,7 +188,7 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
                  "both sets to end done")
     assert svc.stop() == 0
 
-    verified = verify_exactly_once(svc, [CHIP, "C02533C"], hpc=svc.root / "hpc")
+    verify_exactly_once(svc, [CHIP, "C02533C"], hpc=svc.root / "hpc")
     stored = {p.name for p in (svc.root / "hpc").rglob("*") if p.is_file()}
     assert long_if in stored  # the input under its full name; its temporary copy had a shortened one
     assert "secret.txt" not in stored and "notes.txt" not in stored and "loop" not in stored
@@ -203,3 +205,108 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     calibration = [p for p in pictures if p.endswith("_calibration.png")]
     assert len(calibration) == 1 and len(calibration[0].encode()) == 255 and calibration[0].startswith(f"{CHIP}_CD31-CD31-")
     assert tree_hashes(inbox) == before  # the microscope's files untouched
+
+
+# ---------------------------------------------------------------------------
+# Case 13: a small tar.gz that expands to 300 MiB, named like a QC archive
+# ---------------------------------------------------------------------------
+
+BOMB_CHIP = "SS200000701TL_D1"
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A 1.3 MB ``<chip>.tar.gz`` whose one member is 300 MiB of zeros (made in about half a second)."""
+    import gzip
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            k = min(len(b), self.n)
+            b[:k] = bytes(k)
+            self.n -= k
+            return k
+
+    path = tmp_path_factory.mktemp("bomb") / f"{BOMB_CHIP}.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        info = tarfile.TarInfo(f"{BOMB_CHIP}/images/{BOMB_CHIP}.tif")
+        info.size = 300 * 1024**2
+        tar.addfile(info, io.BufferedReader(Zeros(info.size), 1 << 20))
+    return path
+
+
+def test_the_completion_check_never_decompresses_an_archive(bomb, monkeypatch):
+    """Issue #20 case 13: the service loop decompressed a 6 GiB archive (22 s) to judge it complete."""
+    import zlib
+
+    from daemon.completion import check_member_whole
+
+    inflated = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.inner = real(*args, **kwargs)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+            out = self.inner.decompress(data, max_length)
+            inflated.append(len(out))
+            return out
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)  # tarfile's gzip reader and ours both go through it
+    member = type("Member", (), {"format": "tar.gz", "path": str(bomb)})()
+    assert check_member_whole(None, member) is None  # whole as far as headers and trailer tell
+    assert sum(inflated) <= 64 * 1024, f"the completion check decompressed {sum(inflated)} bytes"
+    cut = bomb.with_name("SS200000702TL_D1.tar.gz")
+    cut.write_bytes(bomb.read_bytes()[: bomb.stat().st_size // 2])  # still being copied
+    assert "cut short" in (check_member_whole(None, type("Member", (), {"format": "tar.gz", "path": str(cut)})()) or "")
+    assert sum(inflated) <= 128 * 1024
+    cut.unlink()
+
+
+def test_an_archive_bomb_fails_its_job_from_the_headers_and_nothing_is_expanded(make_service, chip_images, bomb, tmp_path):
+    """Issue #20 case 13: the QC child spilled the member into the system's temp folder until that disk was full."""
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    svc = make_service(config_text(qc={"max_archive_gb": 0.0625}), folders=("inbox",))
+    svc.env.update(TMPDIR=str(system_temp), TEMP=str(system_temp), TMP=str(system_temp))
+    shutil.copyfile(bomb, svc.root / "inbox" / bomb.name)
+    svc.start()
+    svc.wait_running()
+    svc.wait_for(lambda: any(j.chip == BOMB_CHIP and j.state == "failed" for j in svc.jobs()), 90, "the bomb's job to fail")
+    (svc.root / "inbox" / f"{CHIP}.tif").write_bytes(chip_images[0])  # the service goes on with ordinary sets
+    svc.wait_for(lambda: any(j.chip == CHIP and j.state == "skipped" for j in svc.jobs()), 90, "the ordinary set")  # no upload
+    assert svc.stop() == 0
+
+    job = next(j for j in svc.jobs() if j.chip == BOMB_CHIP)
+    assert job.failed_stage == "qc" and job.next_attempt_at is None, job  # permanent: retrying cannot help
+    assert (
+        f"{BOMB_CHIP}.tar.gz: its members expand to more than 0.293 GiB (member "
+        f"'{BOMB_CHIP}/images/{BOMB_CHIP}.tif' declares 0.293 GiB), beyond the limit of 0.0625 GiB; nothing was "
+        "expanded. If the archive is genuine, raise qc.max_archive_gb in the config; otherwise remove it"
+    ) in job.error, job.error
+    assert sorted(p.name for p in system_temp.iterdir()) == []
+    leftovers = [p for p in svc.root.rglob("*") if ".imageqc-archive.partial" in p.name]
+    assert leftovers == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mounts a tmpfs: Linux only")
+def test_an_archive_member_that_does_not_fit_the_scratch_folder_is_never_spilled(bomb, tmpfs, tmp_path):  # noqa: F811
+    """The budget allows it, but the output folder (a 32 MB tmpfs) cannot hold it: refused before writing."""
+    from qc.io import ReadLimits
+    from qc.io.archive import read_archive
+
+    scratch = tmpfs(tmp_path / "out", "32m")
+    with pytest.raises(OSError) as err:
+        read_archive(bomb, limits=ReadLimits(), scratch_dir=scratch.path)
+    assert err.value.errno == errno.ENOSPC
+    assert f"reading {bomb}/{BOMB_CHIP}/images/{BOMB_CHIP}.tif needs 0.293 GiB of scratch space in {scratch.path} but only " in str(err.value)
+    assert list(scratch.path.iterdir()) == []

@@ -50,14 +50,15 @@ def qc_archive(tmp_path):
     return path, nuclear, tiles
 
 
-def temp_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("imageqc-*"))
+def temp_dirs(where: Path | None = None) -> set[Path]:
+    return set(Path(where or tempfile.gettempdir()).glob(f"{archive.SPILL_PREFIX}-*"))
 
 
-def test_scan_set_from_archive(qc_archive):
+def test_scan_set_from_archive(qc_archive, tmp_path):
     path, nuclear, tiles = qc_archive
+    scratch = tmp_path / "scratch"
     before = temp_dirs()
-    with open_scan_set(path) as scan:
+    with open_scan_set(path, scratch_dir=scratch) as scan:
         assert scan.chip == CHIP
         by_name = {im.name: im for im in scan.images}
         assert set(by_name) == {CHIP, f"{CHIP}_GFP_IF", f"{CHIP}_CD31_IF"}
@@ -69,15 +70,15 @@ def test_scan_set_from_archive(qc_archive):
         assert gfp.role == "IF" and gfp.member_format == "tiles" and gfp.fov_grid == (2, 2)
         np.testing.assert_array_equal({(t.row, t.col): t for t in gfp.tiles}[(1, 0)].read(), tiles[(1, 0)])
         assert by_name[f"{CHIP}_CD31_IF"].member_format == "czi"
-        assert len(temp_dirs() - before) == 2  # the tile folder and the CZI are spilled; the TIFF is in memory
-    assert temp_dirs() - before == set()
+        assert len(temp_dirs(scratch)) == 2  # the tile folder and the CZI are spilled there; the TIFF is in memory
+    assert temp_dirs(scratch) == set() and temp_dirs() == before  # removed; nothing in the system's temp folder
 
 
 def test_large_members_are_spilled_and_removed(qc_archive, monkeypatch):
     path, nuclear, _ = qc_archive
     monkeypatch.setattr(archive, "IN_MEMORY_BYTES", 10)
     before = temp_dirs()
-    img = open_image(path, name=CHIP)
+    img = open_image(path, name=CHIP)  # no scratch_dir: the system's temporary folder
     assert len(temp_dirs() - before) == 1
     np.testing.assert_array_equal(img.plane(), nuclear)
     img.close()
