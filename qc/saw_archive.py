@@ -64,7 +64,7 @@ def image_members(scan_set: ScanSet, stain: str, *, converted: dict[str, Path] |
     for img in scan_set.images:
         group = "HE" if img.role == "HE" else ipr_group_name(scan_set.chip, img.name, stain)
         folder = image_folder(group)
-        single = f"{folder}/{scan_set.chip}_{group}.tif"
+        single = f"{folder}/{fit_name(f'{scan_set.chip}_{group}', '.tif')}"  # a name any file system can unpack
         if needs_tiff(img):
             tif = (converted or {}).get(img.name)
             if tif is not None:

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from qc.errors import CorruptImageError, ImageTooLargeError, UnsafeArchiveError
-from qc.filenames import writer_tag
+from qc.filenames import fit_name, writer_tag
 from qc.io.detect import default_name, sniff_format
 from qc.io.limits import GIB, ReadLimits
 from qc.io.model import Image, Tile
@@ -206,6 +206,12 @@ def _members_within_budget(tar: tarfile.TarFile, path: Path, limits: ReadLimits)
             )
         if len(members) > most:
             raise CorruptImageError(path, f"the archive has more than {most} members; too many for a QC output")
+
+
+def _fitted(name: str) -> str:
+    """A member's name as a file name this file system takes (:func:`~qc.filenames.fit_name`, extension kept)."""
+    stem, dot, ext = name.rpartition(".")
+    return fit_name(stem, dot + ext) if stem and len(ext) <= 8 else fit_name(name)
 
 
 def _gib(n: int) -> str:
@@ -385,19 +391,19 @@ def _open_member(tar, path, top, names, members, is_file, image_name, role, limi
                 inner: Image = TiffImage(display, fileobj=buf, name=image_name, role=role, limits=limits)
                 return _ArchivedImage(inner, path, top, None)
             tmpdir = _spill_dir(scratch, member.size, display)
-            target = tmpdir / PurePosixPath(top).name
+            target = tmpdir / _fitted(PurePosixPath(top).name)
             with target.open("wb") as out:
                 out.write(head)
                 shutil.copyfileobj(fobj, out, 1 << 20)
             inner = opener(target, name=image_name, role=role, limits=limits, display_path=display)
             return _ArchivedImage(inner, path, top, tmpdir)
         tmpdir = _spill_dir(scratch, sum(members[n].size for n in names if members[n].isfile()), display)
-        folder = tmpdir / PurePosixPath(top).name
+        folder = tmpdir / _fitted(PurePosixPath(top).name)
         folder.mkdir()
         for name in names:
             m = members[name]
             rel = PurePosixPath(name).relative_to(top)
-            dest = folder.joinpath(*rel.parts)
+            dest = folder.joinpath(*(_fitted(part) for part in rel.parts))
             if m.isdir():
                 dest.mkdir(parents=True, exist_ok=True)
                 continue

@@ -178,6 +178,8 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     (outside / "secret.txt").write_text("outside the watch root: never uploaded\n", encoding="utf-8")
     os.symlink("loop", tiles / "loop")  # a link to itself: ELOOP when followed
     os.symlink(Path("..") / ".." / "outside" / "secret.txt", tiles / "notes.txt")  # out of the root
+    shutil.copyfile(tiles / "stitch2d_ex[Grid@0 0].jpg", outside / "tile.jpg")
+    os.symlink(Path("..") / ".." / "outside" / "tile.jpg", tiles / "stitch2d_ex[Grid@2 0].jpg")  # tile-named, out of the root
     (tiles / "more").mkdir()
     os.symlink("..", tiles / "more" / "up", target_is_directory=True)  # a folder loop
     before = tree_hashes(inbox)
@@ -191,13 +193,16 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     verify_exactly_once(svc, [CHIP, "C02533C"], hpc=svc.root / "hpc")
     stored = {p.name for p in (svc.root / "hpc").rglob("*") if p.is_file()}
     assert long_if in stored  # the input under its full name; its temporary copy had a shortened one
-    assert "secret.txt" not in stored and "notes.txt" not in stored and "loop" not in stored
+    assert not {"secret.txt", "notes.txt", "loop", "tile.jpg", "stitch2d_ex[Grid@2 0].jpg"} & stored
+    result = svc.read(lambda s: s.get_result(next(j.id for j in s.list_jobs() if j.chip == "C02533C")))
+    report = json.loads((Path(result["output_dir"]) / "report.json").read_text(encoding="utf-8"))
+    assert report["images"][0]["fov_grid"] == [3, 2]  # the six real tiles: the tile-named link was not taken for one
     assert {f"stitch2d_ex[Grid@{r} {c}].jpg" for r in range(2) for c in range(3)} <= stored
     jobs = {j.chip: j for j in svc.jobs()}
     done = svc.read(lambda s: [e.message for e in s.events(jobs["C02533C"].id) if e.to_state == "done"])[0]
     assert done.startswith("uploaded ") and done.endswith(
         "; not uploaded (links and special files in tile folders are never followed): "
-        "C02533C/loop, C02533C/more/up, C02533C/notes.txt"
+        "C02533C/loop, C02533C/more/up, C02533C/notes.txt and 1 more"
     ), done
     archive = svc.read(lambda s: s.get_result(jobs[CHIP].id))["archive"]
     with tarfile.open(archive) as tar:

@@ -143,3 +143,17 @@ def test_truncated_archive_is_corrupt(qc_archive):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptImageError, match=path.name):
         open_scan_set(path)
+
+
+def test_a_member_name_too_long_for_the_file_system_is_spilled_under_a_shortened_name(tmp_path):
+    """Issue #20 case 9: an archive member is spilled under a name the file system takes (here 300 bytes)."""
+    czi = write_czi(tmp_path / "src.czi", [(RNG.integers(0, 255, (20, 30), dtype=np.uint8), 0, 0, 0, 0)])
+    long_name = f"{CHIP}_{'CD31-' * 56}_IF"
+    assert len(long_name) > 290
+    path = tmp_path / f"{CHIP}.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, f"{CHIP}/images/{long_name}.czi", czi.read_bytes())  # a CZI is always spilled (libCZI needs a path)
+    with open_image(path, scratch_dir=tmp_path / "scratch") as img:
+        assert img.name == long_name and img.member_format == "czi"
+        spilled = [p.name for p in (tmp_path / "scratch").rglob("*.czi")]
+        assert len(spilled) == 1 and len(spilled[0].encode()) == 255 and spilled[0].startswith(f"{CHIP}_CD31-")
