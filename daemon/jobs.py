@@ -21,6 +21,7 @@ from daemon.config import Config, WatchRoot
 from daemon.logging import get_logger
 from daemon.paircache import StorePairCache
 from daemon.worker import JobContext, JobOutcome
+from qc.io.listing import regular_files
 
 __all__ = ["run_qc_job", "qc_settings", "clarity_spec", "member_changes"]
 
@@ -63,7 +64,10 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
         ),
         stitching_required=config.qc.stitching_required,
         threads=config.qc.threads,
-        limits=ReadLimits(max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels),
+        limits=ReadLimits(
+            max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels,
+            max_archive_bytes=max(1, int(config.qc.max_archive_gb * 1024**3)),
+        ),
         clarity_model=clarity_spec(config),
         site=config.site.name,
         operator=config.site.operator,
@@ -73,13 +77,8 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
 def _tree_state(path: Path) -> tuple[int, int]:
     """(total size, newest mtime_ns) of a file, or of every file under a folder."""
     if path.is_dir():
-        size, newest = 0, 0
-        for p in path.rglob("*"):
-            if p.is_file() and not p.is_symlink():
-                st = p.stat()
-                size += st.st_size
-                newest = max(newest, st.st_mtime_ns)
-        return size, newest
+        files = regular_files(path).files  # as discovery lists it: no link followed, nothing special opened
+        return sum(st.st_size for _, st in files), max((st.st_mtime_ns for _, st in files), default=0)
     st = path.stat()
     return st.st_size, st.st_mtime_ns
 
@@ -152,6 +151,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 limits=settings.limits,
                 tile_pattern=watch.tile_pattern or None,
                 tile_overlap=watch.tile_overlap_xy,
+                scratch_dir=config.output_dir,  # archive members spill here, never to the system's temp folder
             ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
                 out = write_run_outputs(

@@ -51,7 +51,7 @@ from daemon.logging import bind_job, get_logger
 from daemon.store import UPLOAD_FINISHED, Job, JobState, Store, UploadRow, UploadState
 from daemon.upload import make_uploader
 from daemon.upload.base import InputChanged, Interrupted, LocalFile, Transfer, Uploader, file_stat
-from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job
+from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
 from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
 
 __all__ = ["UploadManager"]
@@ -256,7 +256,14 @@ class UploadManager:
         a = _Active(job, self)
         self._active[job.id] = a
         with bind_job(job.id, job.chip):
-            if not self._inputs_unchanged(a, [r for r in self.store.uploads(job.id) if self._required(r)], now):
+            try:
+                unchanged = self._inputs_unchanged(a, [r for r in self.store.uploads(job.id) if self._required(r)], now)
+            except OSError as e:  # never leave a begun job with no transfers: it would be settled as done
+                self._active.pop(job.id, None)
+                recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
+                self._release(a, now, until=now + recheck, message=f"cannot list the scan set's inputs ({e}); checked again later")
+                return
+            if not unchanged:
                 return
             try:
                 self._plan(job, now)
@@ -442,13 +449,27 @@ class UploadManager:
                 sent = sum(1 for r in rows if r.state == U.DONE)
                 msg = f"uploaded {sent} file(s) to {', '.join(sorted({r.target for r in rows})) or 'no target'}"
                 present = len(rows) - sent
-                self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg + (f"; {present} already present" if present else ""))
+                msg += f"; {present} already present" if present else ""
+                msg += self._skipped_note(a.job)
+                self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg)
                 log.info("upload done", files=len(rows), sent=sent)
                 return
             until = min(self.windows[t].next_open(now) if self.windows[t] else now for t in waiting)
             self._release(a, now, until=until, message=f"waiting for the upload window of {', '.join(waiting)}")
         except IllegalTransition as e:  # cancelled or superseded meanwhile
             log.info("job changed hands before its upload ended", error=str(e))
+
+    def _skipped_note(self, job: Job) -> str:
+        """``"; not uploaded, ... never followed: <names>"`` for links and special files in the job's tile folders."""
+        assert self.store is not None
+        if not any("inputs" in kinds_for_mode(t.mode) for t in self.targets.values()):
+            return ""
+        scan = self.store.get_scan_set(job.scan_set_id)
+        skipped = skipped_entries(scan.members, ignore_patterns(self.config, scan.root))
+        if not skipped:
+            return ""
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        return f"; not uploaded (links and special files in tile folders are never followed): {', '.join(skipped[:3])}{more}"
 
     def _release(self, a: _Active, now: float, *, until: float, message: str) -> None:
         assert self.store is not None
