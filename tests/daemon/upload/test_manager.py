@@ -169,13 +169,14 @@ def test_a_job_whose_targets_are_all_closed_waits_in_qc_done_with_its_backlog_vi
 
 
 def test_a_permanent_error_fails_the_job_at_once_naming_the_target_and_the_fix(setup, tmp_path, s3_server, s3_env):
-    cfg, store, mgr = setup(s3(s3_server.endpoint, "no-such-bucket", mode="outputs", max_attempts=8))
+    missing = f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}"  # own name: the session's server log is shared
+    cfg, store, mgr = setup(s3(s3_server.endpoint, missing, mode="outputs", max_attempts=8))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     failed = drive(mgr, store, job.id, {"failed"})
     assert failed.failed_stage == "upload" and failed.next_attempt_at is None
     assert "upload target 'lab-s3'" in failed.error and "does not exist" in failed.error and "create it" in failed.error
     assert all(r.attempts <= 1 for r in store.uploads(job.id))  # no retry storm
-    puts = [e for e in s3_server.log() if e["path"].startswith("/no-such-bucket/") and e["op"] in ("PutObject", "CreateMultipartUpload")]
+    puts = [e for e in s3_server.log() if e["path"].startswith(f"/{missing}/") and e["op"] in ("PutObject", "CreateMultipartUpload")]
     assert len(puts) <= 2  # at most one try per file, cut short once the first failed
     store.requeue_due(now=time.time() + 10**6)
     assert store.get_job(job.id).state == "failed"  # never retried automatically
