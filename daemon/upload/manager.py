@@ -38,7 +38,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -53,6 +53,7 @@ from daemon.upload import make_uploader
 from daemon.upload.base import InputChanged, Interrupted, LocalFile, Transfer, Uploader, file_stat
 from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job
 from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
+from daemon.upload.pool import DaemonPool
 
 __all__ = ["UploadManager"]
 
@@ -133,7 +134,8 @@ class UploadManager:
         self.max_jobs = max_jobs
         self.rng = rng or random.Random()
         self._active: dict[int, _Active] = {}
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[str, DaemonPool] = {}
+        self._daemon: Any = None
         self._stopping = threading.Event()
         self._build_lock = threading.Lock()
         self._unplannable: set[int] = set()
@@ -150,11 +152,10 @@ class UploadManager:
     def start(self, daemon: Any) -> None:
         self.store = daemon.store
         self.owner = f"{daemon.owner}/uploads"
+        self._daemon = daemon
         if self._clock is None:
             self._clock = daemon.clock
-        self._pools = {
-            n: ThreadPoolExecutor(t.concurrency, thread_name_prefix=f"upload-{n}") for n, t in self.targets.items()
-        }
+        self._pools = {n: DaemonPool(t.concurrency, f"upload-{n}") for n, t in self.targets.items()}
         if self._pools:
             self._janitor = next(iter(self._pools.values())).submit(self._clean_up_stale)
 
@@ -172,23 +173,43 @@ class UploadManager:
                 break
             self._begin(job, now)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float | None = None) -> None:
+        """Stop the transfers: each saves its state at the next check and ends.
+
+        Waits until ``deadline`` (a :func:`time.monotonic` value; default the
+        daemon's shared ``stop_deadline``, else ``service.shutdown_timeout_s``
+        from now), never longer: a request stuck on a server that trickles its
+        answer is abandoned (its thread is a daemon thread) and its job
+        released; the file resumes from its record at the next start.
+        """
+        if deadline is None:
+            deadline = getattr(self._daemon, "stop_deadline", None)
+        if deadline is None:
+            deadline = time.monotonic() + self.config.service.shutdown_timeout_s
         self._stopping.set()
         for a in self._active.values():
             a.cancel("stop")
         futures = [f for a in self._active.values() for f in a.futures.values()]
         if self._janitor is not None:
             futures.append(self._janitor)
-        wait_futures(futures, timeout=self.config.service.shutdown_timeout_s)
+        _, stuck = wait_futures(futures, timeout=max(0.0, deadline - time.monotonic()))
         for pool in self._pools.values():
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        if stuck:
+            log.warning(
+                "transfers still in flight at the stop deadline are abandoned; they resume at the next start",
+                files=len(stuck), jobs=sorted(a.job.id for a in self._active.values() if any(f in stuck for f in a.futures.values())),
+            )
         if self.store is not None:
             now = self.now()
             for a in list(self._active.values()):
                 self._release(a, now, until=now, message="service stopping; the upload resumes at the next start")
         self._active.clear()
         for n in list(self._owned):
-            self._uploaders.pop(n).close()
+            try:
+                self._uploaders.pop(n).close()
+            except Exception as e:  # a client busy in an abandoned request
+                log.warning("could not close an uploader at stop", target=n, error=str(e))
         self._owned.clear()
 
     def health(self) -> dict[str, Any]:

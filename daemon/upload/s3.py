@@ -29,7 +29,7 @@ import collections
 import hashlib
 import re
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from daemon.upload.base import (
     whole_md5,
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
+from daemon.upload.pool import DaemonPool
 from daemon.upload.throttle import FileSlice
 
 __all__ = ["S3Uploader"]
@@ -117,12 +118,12 @@ class S3Uploader(Uploader):
         )
         self.client = session.client("s3", endpoint_url=target.endpoint or None, verify=target.verify_tls, config=cfg)
         self.bucket = target.bucket
-        self.pool = ThreadPoolExecutor(target.concurrency, thread_name_prefix=f"upload-{target.name}")
+        self.pool = DaemonPool(target.concurrency, f"upload-{target.name}-parts")
         self._md5_cache: collections.OrderedDict[tuple[str, int, int], str] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a part stuck in a request is abandoned, not joined
         self.client.close()
 
     def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
