@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, WatchRoot
+from daemon.inputs import InputsChanged, identity, input_files, record_inputs
 from daemon.logging import get_logger
 from daemon.paircache import StorePairCache
+from daemon.upload.plan import ignore_patterns
 from daemon.worker import JobContext, JobOutcome
 
 __all__ = ["run_qc_job", "qc_settings", "clarity_spec", "member_changes"]
@@ -145,6 +147,8 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             watch = _watch_root(config, scan.root)
             settings = qc_settings(config, stain=watch.stain)
             ctx.progress("read", 0.0)
+            # who each input is before QC reads it: its digest, taken after QC, must be of this file
+            before = {p: identity(p) for p in input_files(scan.members, ignore=ignore_patterns(config, scan.root))}
             paths = [(Path(m["path"]), m.get("name")) for m in scan.members]
             with open_scan_set(
                 [p for p, _ in paths],
@@ -154,11 +158,19 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 tile_overlap=watch.tile_overlap_xy,
             ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
+                ctx.progress("digest", None)
+                inputs = record_inputs(before)
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
                     level=config.output.archive_level,
                 )  # fmt: skip
+        except InputsChanged as e:
+            log.warning("an input changed while QC read it; QC runs again", path=e.path, what=e.what)
+            return JobOutcome(
+                state="failed", error=f"{e.path}: {e.what}, so the verdict would not be for the file as it is now; QC runs again",
+                transient=True,
+            )
         except QCError as e:
             log.error("QC could not run", error=str(e))
             return JobOutcome(state="failed", error=str(e))
@@ -176,6 +188,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             report=report.as_dict(),
             output_dir=str(out.folder),
             archive=str(out.archive) if out.archive else None,
+            inputs=inputs,
         )
     ctx.progress("done", 100.0)
     summary = f"QC {report.verdict}" + (f": {report.reasons[0]}" if report.reasons else "")

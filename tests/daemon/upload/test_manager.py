@@ -17,7 +17,14 @@ from daemon.status import collect_status
 from daemon.store import Store
 from daemon.upload.manager import UploadManager
 
-from .conftest import S3_KEYS, free_port, make_qc_done_job, new_bucket
+from .conftest import (
+    S3_KEYS,
+    free_port,
+    make_qc_done_job,
+    new_bucket,
+    run_qc_again,
+    write_tiff,
+)
 
 UTC = timezone.utc
 
@@ -233,6 +240,90 @@ def test_inputs_changed_since_qc_are_never_uploaded_and_the_job_waits_for_discov
         mgr.tick(time.time())
     assert store.get_job(other.id).state == "superseded"
     assert not list((tmp_path / "hpc-share").rglob("C02533C*"))
+
+
+def _replace_keeping_size_and_time(path: Path, seed: int) -> bytes:
+    """Replace a TIFF by another picture of the same size, then put its mtime back (``cp -p``, ``rsync -t``)."""
+    st = path.stat()
+    spare = write_tiff(path.with_name("replacement.tif"), shape=(256, 256), seed=seed)
+    os.replace(spare, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    return path.read_bytes()
+
+
+def _overwrite_keeping_size_and_time(path: Path) -> None:
+    """Rewrite the second half of a file in place, then put its mtime back."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(os.urandom(st.st_size - st.st_size // 2))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _objects(client, bucket: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_an_input_replaced_after_qc_with_the_same_size_and_time_goes_back_to_qc(setup, tmp_path, s3_server, s3_env):
+    """Issue #20 case 3: the verdict is for the original; the replacement is never uploaded beside it."""
+    bucket = new_bucket(s3_server)
+    _, store, mgr = setup(s3(s3_server.endpoint, bucket, mode="all"))
+    job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
+    tif = job.inputs[0]
+    replacement = _replace_keeping_size_and_time(tif, seed=999)
+    back = drive(mgr, store, job.id, {"queued"})
+    message = store.events(job.id)[-1].message
+    assert f"{tif}: changed after QC (content differs, same size and time); QC runs again" == message, message
+    assert back.next_attempt_at is None and back.error is None
+    assert _objects(s3_server.client(), bucket) == {}  # neither the replacement nor the stale verdict was sent
+    assert store.uploads(job.id) == []  # the new QC run plans its own (its run id is in the keys)
+
+    # QC runs again on the file as it is now; its new verdict and the new file are uploaded together
+    rerun = run_qc_again(store, job.id, job.chip, job.inputs, tmp_path / "out", stamp="20240612_111500")
+    drive(mgr, store, job.id, {"done"})
+    stored = _objects(s3_server.client(), bucket)
+    assert stored[f"default/{job.chip}/{rerun.run}/{tif.name}"] == replacement
+    assert stored[f"default/{job.chip}/{rerun.run}/{rerun.run}.tar.gz"] == rerun.archive.read_bytes()
+    assert not any(job.run in k for k in stored)  # nothing of the stale run
+
+
+def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_back_to_qc(setup, tmp_path, s3_server, s3_env):
+    """Issue #20 case 3, mid-upload: moto checks no Content-MD5 and stores the mix; it is deleted, and
+    neither the job fails on the server's ETag nor does `imageqc retry` fail the same way forever."""
+    bucket = new_bucket(s3_server)
+    cfg, store, mgr = setup(s3(s3_server.endpoint, bucket, mode="all", bandwidth_limit="1MB/s", concurrency=1, part_size_mb=8))
+    job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", shape=(2048, 2048))  # 4 MiB: one PUT of ~4 s
+    tif = job.inputs[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mgr.tick(time.time())
+        up = mgr._uploaders.get("lab-s3")
+        if up is not None and up.throttle.total >= 256 << 10:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the upload of the input never started")
+    _overwrite_keeping_size_and_time(tif)  # re-exported in place while it is read
+    back = drive(mgr, store, job.id, {"queued", "failed", "done"})
+    message = store.events(job.id)[-1].message
+    assert back.state == "queued", (back.state, back.error, message)
+    assert message.startswith(f"{tif}: changed after QC, while it was uploaded (content differs, same size and time)"), message
+    assert message.endswith("; QC runs again")
+    client = s3_server.client()
+    assert _objects(client, bucket) == {}  # the torn PUT (if the server kept it) is gone; no verdict was sent
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    # a job that failed on such a change (as the old code left it, blaming the ETag) is retried by hand:
+    # it goes back to QC instead of failing the same way again
+    run_qc_again(store, job.id, job.chip, job.inputs, tmp_path / "out", stamp="20240612_111500")
+    _overwrite_keeping_size_and_time(tif)
+    store.transition(job.id, "failed", error="upload target 'lab-s3': PUT ...: server ETag ... is not the MD5", failed_stage="upload")
+    assert main(["retry", str(job.id), "--config", cfg.source]) == 0
+    drive(mgr, store, job.id, {"queued"})
+    assert store.events(job.id)[-1].message == f"{tif}: changed after QC (content differs, same size and time); QC runs again"
+    assert _objects(client, bucket) == {}
 
 
 def test_an_input_that_disappeared_fails_the_job(setup, tmp_path):
