@@ -3,7 +3,10 @@
 ``run_qc_job(ctx)`` opens the scan set's files as recorded at discovery,
 checks they are still the files that were queued, runs :func:`qc.pipeline.run_qc`
 with the site's settings and the SQLite pair cache, writes the output folder
-and archive, stores the report, and returns the job's next state.
+and archive, stores the report with the SHA-256 of every input it read (the
+uploads check the files against them; :mod:`daemon.inputs`), and returns the
+job's next state. An input written or replaced while QC read it, even with its
+size and mtime put back, fails the run transiently: QC runs again.
 
 A failed QC verdict is a successful job (``qc_done``: the outputs are uploaded
 too). The job itself fails when QC cannot run: permanently for bad input (a
