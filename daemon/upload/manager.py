@@ -59,11 +59,16 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, UploadTarget
-from daemon.errors import IllegalTransition, PermanentUploadError, TransientUploadError, UploadError
+from daemon.errors import (
+    IllegalTransition,
+    PermanentUploadError,
+    TransientUploadError,
+    UploadError,
+)
+from daemon.inputs import changed_content, sha256_file
 from daemon.logging import bind_job, get_logger
 from daemon.store import UPLOAD_FINISHED, Job, JobState, Store, UploadRow, UploadState
 from daemon.upload import make_uploader
-from daemon.inputs import changed_content, sha256_file
 from daemon.upload.base import (
     ContentChanged,
     InputChanged,
@@ -381,9 +386,14 @@ class UploadManager:
             if up.reusable(local):
                 return local
         local = up.digest(path, check=a.check, expect=current)
-        if r.kind == "inputs" and changed_content(a.qc_inputs, path, local.sha256):
-            raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         state = (r.parts or {}).get("state") or {}
+        if r.kind == "inputs" and changed_content(a.qc_inputs, path, local.sha256):
+            if state:  # a multipart upload or checkpoint of an earlier attempt: its record goes with the old run
+                try:
+                    up.discard(r.remote_key, state)
+                except (UploadError, OSError) as e:
+                    log.warning("could not drop the resumable state of an earlier attempt", key=r.remote_key, error=str(e))
+            raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         self.store.update_upload(r.id, sha256=local.sha256, parts={"local": local.digests(), "state": state})
         return local
 
