@@ -131,7 +131,12 @@ def test_windows_decide_when_each_target_uploads(setup, tmp_path):
     clock = Clock(at(12, 0))
     cfg, store, mgr = setup(hpc("day", "outputs", root=tmp_path) + hpc("night", "outputs", root=tmp_path, window="20:00-06:00"), clock=clock)
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
+    # the job starts in qc_done: drive until the manager has uploaded to day and set it to wait for night
     waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
+    deadline = time.monotonic() + 30
+    while waiting.next_attempt_at is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
     assert waiting.next_attempt_at == at(20, 0)  # back in qc_done until the night window opens
     assert {r.target: r.state for r in store.uploads(job.id) if r.kind == "outputs" and r.local_path == str(job.archive)} == {
         "day": "done", "night": "pending"}
