@@ -120,7 +120,7 @@ class S3Uploader(Uploader):
         self.client = session.client("s3", endpoint_url=target.endpoint or None, verify=target.verify_tls, config=cfg)
         self.bucket = target.bucket
         self.pool = DaemonPool(target.concurrency, f"upload-{target.name}-parts")
-        self._md5_cache: collections.OrderedDict[tuple[str, int, int, str], str | None] = collections.OrderedDict()
+        self._md5_cache: collections.OrderedDict[tuple[str, int, int, str], str] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def close(self) -> None:
@@ -249,7 +249,9 @@ class S3Uploader(Uploader):
             for block in iter(lambda: f.read(8 << 20), b""):
                 md5.update(block)
                 sha.update(block)
-        value = md5.hexdigest() if sha.hexdigest() == local.sha256 else None
+        if sha.hexdigest() != local.sha256:
+            return None  # not cached: the file may be put back
+        value = md5.hexdigest()
         with self._cache_lock:
             self._md5_cache[key] = value
             while len(self._md5_cache) > 256:
