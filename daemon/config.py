@@ -260,7 +260,7 @@ class ServiceConfig:
     max_attempts: int = _f(3, "Attempts per job for transient failures.", min=1, max=100)
     retry_base_s: float = _f(30.0, "First retry delay; doubles each attempt (with jitter).", min=0, max=86400)
     retry_max_s: float = _f(3600.0, "Longest retry delay.", min=0, max=7 * 86400)
-    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long for the running job before abandoning it to lease recovery.", min=0, max=3600)
+    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long in all for running QC jobs and uploads before abandoning them to lease recovery (a second SIGTERM/Ctrl+C stops at once).", min=0, max=3600)
 
 
 #: Events a notification rule can take (daemon/notify.py).

@@ -113,6 +113,12 @@ class HPCUploader(Uploader):
     def discard(self, key: str, state: dict[str, Any]) -> None:
         self._partial(self._dest(key)).unlink(missing_ok=True)
 
+    def remove(self, key: str) -> None:
+        try:
+            self._dest(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._os_error(e, f"delete {self._dest(key)}") from None
+
     def upload(self, transfer: Transfer) -> str:
         t, local = transfer, transfer.local
         self._check_root()
