@@ -51,7 +51,7 @@ from daemon.config import Config, WatchRoot
 from daemon.fsinfo import is_network_path
 from daemon.logging import bind_job, get_logger
 from daemon.naming import parse_name
-from daemon.snapshot import Found, MemberStat, Rejected, ScanResult, WalkPolicy, diff_snapshots, is_under, probe, scan_tree
+from daemon.snapshot import NOT_REGULAR, NOT_SERIAL, Found, MemberStat, Rejected, ScanResult, WalkPolicy, diff_snapshots, is_under, probe, scan_tree
 from daemon.store import JobState, Store
 from daemon.watcher import HINT_DEEP, HINT_DIR, ObserverFactory, Rescanner, RootMissing, RootWatcher
 
@@ -60,6 +60,10 @@ __all__ = ["Discovery"]
 log = get_logger("imageqc.discovery")
 
 _SETTLING, _QUEUED, _REPORTED = "settling", "queued", "reported"
+_REJECT_EVENTS = {
+    NOT_SERIAL: "names are not chip serials; ignored (naming = strict)",
+    NOT_REGULAR: "not regular files (FIFO, socket or device); skipped, never opened: only regular files are read",
+}
 _MAX_DEBUG_NAMES = 50_000
 
 
@@ -326,7 +330,7 @@ class Discovery:
                           deleted=len(diff.deleted), modified=len(diff.modified))
 
     def _note(self, r: _Root, res: ScanResult, now: float, *, whole: bool = False) -> None:
-        """Report strict-mode rejects once (persisted) and ignored names once per run (debug).
+        """Report rejected names once (persisted) and ignored names once per run (debug).
 
         Every reject is also kept for `status` ("waiting"); ``whole``: ``res`` is a
         full walk of the root, so rejects it no longer holds are gone.
@@ -338,13 +342,11 @@ class Discovery:
                 del known[path]
         for x in res.rejected:
             known.setdefault(x.path, (x.reason, now))
-        fresh = [x for x in res.rejected if self._store.note_once(f"not_serial:{x.path}", "not_serial", now=now)]
-        if fresh:
-            log.warning(
-                "names are not chip serials; ignored (naming = strict)",
-                root=r.policy.root, count=len(fresh), names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]],
-                reason=fresh[0].reason,
-            )
+        for kind, event in _REJECT_EVENTS.items():
+            fresh = [x for x in res.rejected if x.kind == kind and self._store.note_once(f"{kind}:{x.path}", kind, now=now)]
+            if fresh:
+                log.warning(event, root=r.policy.root, count=len(fresh),
+                            names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]], reason=fresh[0].reason)
         for path, reason in res.ignored:
             if path not in self._debugged and len(self._debugged) < _MAX_DEBUG_NAMES:
                 self._debugged.add(path)
