@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from .conftest import config_text, serial
+from .conftest import config_text, hpc_target, serial, verify_exactly_once
 
 pytestmark = pytest.mark.soak
 
@@ -108,3 +109,47 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
         assert isinstance(e, NotRegularFileError), (name, e)
         assert "not a regular file (a FIFO (named pipe))" in str(e) and "Only regular files are read" in str(e), str(e)
     assert _nobody_reads(fifo) and _nobody_reads(czi)
+
+
+# -- case 10: names that are not valid UTF-8 --------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="the file system must accept any bytes in a name (Linux)")
+def test_a_folder_named_in_another_encoding_is_qcd_uploaded_and_shown_escaped(make_service, chip_images):
+    svc = make_service(config_text(uploads=[hpc_target()]))
+    folder = Path(os.fsdecode(os.fsencode(svc.root / "inbox") + b"/Lauf \xff 2024"))  # Latin-1 'y' from another code page
+    folder.mkdir()
+    (folder / f"{serial(2)}.tif").write_bytes(chip_images[0])
+    svc.start()
+    svc.wait_running()
+    (svc.root / "inbox" / f"{serial(3)}.tif").write_bytes(chip_images[1])  # and an ordinary set after it
+    svc.wait_for(lambda: sorted(j.chip for j in svc.jobs() if j.state == "done") == [serial(2), serial(3)], 180, "both sets done")
+    verify_exactly_once(svc, [serial(2), serial(3)], hpc=svc.root / "hpc")
+    log = svc.log()
+    assert not [e for e in log if e.get("level") in ("error", "critical")], [e for e in log if e.get("level") == "error"][:3]
+    found = [e for e in log if e.get("event") == "scan set found" and e.get("chip") == serial(2)]
+    assert found and found[0]["folder"].endswith("/inbox/Lauf \\xff 2024"), found  # escaped, readable
+    with svc.store() as s:
+        (member,) = s.get_scan_set(svc.jobs()[0].scan_set_id).members
+        assert member["path"] == str(folder / f"{serial(2)}.tif")  # stored losslessly: the path opens
+    st = svc.cli("status")
+    assert st.returncode == 0 and serial(2) in st.stdout, st.stdout + st.stderr
+    show = svc.cli("show", str(svc.jobs()[0].id))
+    assert show.returncode == 0 and f"Lauf \\xff 2024/{serial(2)}.tif" in show.stdout, show.stdout + show.stderr
+    assert svc.stop() == 0
+    svc.start()  # the discovery state saved with that name loads again
+    svc.wait_running()
+    svc.wait_for(lambda: svc.read(lambda s: s.get_status()["service"][0]["components"]["discovery"]["roots"][0]["last_rescan"]),
+                 60, "a rescan after the restart")
+    assert sorted(j.chip for j in svc.jobs()) == [serial(2), serial(3)]
+    assert not [e for e in svc.log() if e.get("level") in ("error", "critical")]
+    assert svc.stop() == 0
+
+
+def test_upload_keys_carry_bytes_that_are_not_utf8_as_percent_escapes():
+    from daemon.upload.policy import render_key
+
+    name = os.fsdecode(b"img_0000_0001_\xe4.tif")  # a tile named in Latin-1 inside a tile folder
+    assert render_key("{prefix}/{chip}/{name}", prefix="p", chip="A02677B5", name=f"A02677B5/{name}") == (
+        "p/A02677B5/A02677B5/img_0000_0001_%E4.tif"
+    )
