@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
+
 from .conftest import config_text, hpc_target, serial, verify_exactly_once
 
 pytestmark = pytest.mark.soak
@@ -153,3 +155,159 @@ def test_upload_keys_carry_bytes_that_are_not_utf8_as_percent_escapes():
     assert render_key("{prefix}/{chip}/{name}", prefix="p", chip="A02677B5", name=f"A02677B5/{name}") == (
         "p/A02677B5/A02677B5/img_0000_0001_%E4.tif"
     )
+
+
+# -- cases 1 and 2: the watch root or a set's folder goes away ----------------------------------
+#
+# In-process: the real discovery in a real Daemon (a runner that claims nothing), and the real QC
+# job in a real worker child, run by the test at the moment the fault is in place.
+
+_QUEUE_ONLY = (
+    'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 0.3\n'
+    "[discovery]\ngrouping_window_s = 0\nrescan_interval_s = 1\npoll_interval_s = 0.2\nincomplete_timeout_s = 600\n"
+    "[service]\ntick_seconds = 0.1\nlease_seconds = 60\nretry_base_s = 1\nmax_attempts = 1\nshutdown_timeout_s = 2\n"
+    '[output]\npictures = false\n[qc]\nthreads = 1\n[logging]\nconsole = "off"\n'
+)
+
+
+@pytest.fixture
+def queue_only(tmp_path):
+    """``start(cfg=None)`` -> (daemon, discovery, config): discovery queues, nothing claims; the test runs QC."""
+    from daemon.config import load_config_text
+    from daemon.discovery import Discovery
+    from daemon.service import Daemon
+    from tests.daemon.test_discovery import NullRunner
+
+    (tmp_path / "imageqc.toml").write_text(_QUEUE_ONLY)
+    (tmp_path / "inbox").mkdir()
+    base = load_config_text(_QUEUE_ONLY, file=str(tmp_path / "imageqc.toml"), base=tmp_path)
+    running = []
+
+    def start(cfg=None):
+        cfg = cfg or base
+        disc = Discovery(cfg)
+        d = Daemon(cfg, target="tests.daemon.targets:ok", runner=NullRunner(), components=[disc])
+        d.start()
+        running.append(d)
+        return d, disc, cfg
+
+    def stop(d):
+        running.remove(d)
+        d.stop()
+
+    start.stop = stop
+    start.config = base
+    yield start
+    for d in running:
+        d.stop()
+
+
+def _jobs(cfg):
+    from daemon.store import Store
+
+    with Store(cfg.database_path) as s:
+        return s.list_jobs(newest_first=False)
+
+
+def _run_qc(cfg, job_id):
+    """The QC job as the service runs it: claimed, then run in a worker child; returns the job after it."""
+    from daemon.store import Store
+    from daemon.worker import ProcessWorker
+
+    with Store(cfg.database_path) as store:
+        job = store.claim("fault-test", lease_s=120)
+        assert job is not None and job.id == job_id, job
+        worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="fault-test")
+        worker.submit(job)
+        worker.join(240)
+        return store.get_job(job_id), [e.message for e in store.events(job_id)]
+
+
+def _health(disc):
+    return disc.health()["roots"][0]["health"]
+
+
+def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queued_again_when_it_returns(
+    queue_only, chip_images
+):
+    _, disc, cfg = queue_only()
+    inbox = cfg.watch[0].path
+    (inbox / f"{serial(4)}.tif").write_bytes(chip_images[0])
+    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    (job,) = _jobs(cfg)
+    away = inbox.with_name("inbox-unmounted")
+    inbox.rename(away)  # the share goes away just as QC starts
+    assert wait_for(lambda: _health(disc) == "folder missing")
+    failed, _ = _run_qc(cfg, job.id)
+    assert failed.state == "failed" and failed.failed_stage == "files", failed
+    assert f"the watch root {inbox} is unavailable (folder missing)" in failed.error, failed.error
+    assert "queued again as soon as the folder is back" in failed.error
+    assert failed.next_attempt_at is None  # max_attempts = 1: only the root's return can bring it back
+    inbox.write_text("a file took the root's name")  # replaced by a file
+    assert wait_for(lambda: _health(disc) == "not a folder")
+    assert [j.state for j in _jobs(cfg)] == ["failed"]
+    inbox.unlink()
+    away.rename(inbox)  # back
+    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)
+    assert _health(disc) == "ok"
+    done, events = _run_qc(cfg, job.id)
+    assert done.state == "qc_done", done.error
+    assert "the scan set's files can be read again; queued again" in events
+    assert len(_jobs(cfg)) == 1  # the same job, not a second one
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="permissions are not enforced for root (uid 0): run the tests as an ordinary user")
+def test_an_unreadable_watch_root_is_reported_and_its_sets_are_retried_once_readable(queue_only, chip_images):
+    _, disc, cfg = queue_only()
+    inbox = cfg.watch[0].path
+    (inbox / f"{serial(5)}.tif").write_bytes(chip_images[0])
+    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    (job,) = _jobs(cfg)
+    inbox.chmod(0)
+    try:
+        assert wait_for(lambda: _health(disc) == "permission denied")
+        failed, _ = _run_qc(cfg, job.id)
+        assert failed.state == "failed" and failed.failed_stage == "files", failed
+        assert "(permission denied)" in failed.error, failed.error
+    finally:
+        inbox.chmod(0o755)
+    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)
+    assert _health(disc) == "ok"
+
+
+def test_a_set_folder_renamed_after_queueing_is_a_new_set_and_the_old_job_says_where_it_went(queue_only, chip_images):
+    import dataclasses
+
+    from daemon.store import Store
+
+    d, _, cfg = queue_only()
+    inbox = cfg.watch[0].path
+    (inbox / "run 7").mkdir()
+    (inbox / "run 7" / f"{serial(6)}.tif").write_bytes(chip_images[0])
+    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    (old,) = _jobs(cfg)
+    queue_only.stop(d)
+    (inbox / "run 7").rename(inbox / "run 7 mouse")  # the operator renames the folder before QC runs
+    slow = dataclasses.replace(cfg, watch=(dataclasses.replace(cfg.watch[0], settle_seconds=600),))
+    d, _, _ = queue_only(slow)  # discovery sees the files at their new place; not settled yet
+    new_path = str(inbox / "run 7 mouse" / f"{serial(6)}.tif")
+
+    def known() -> bool:
+        with Store(cfg.database_path) as s:
+            return any(m["path"] == new_path for m in s.discovery_load()[0])
+
+    assert wait_for(known)
+    failed, _ = _run_qc(cfg, old.id)
+    assert failed.state == "failed" and failed.next_attempt_at is None, failed
+    assert f"the scan set moved to {inbox / 'run 7 mouse'} after it was queued" in failed.error, failed.error
+    queue_only.stop(d)
+    queue_only()  # settles: the moved set is a new scan set, queued from where it is now
+    assert wait_for(lambda: len(_jobs(cfg)) == 2), _jobs(cfg)
+    first, moved = _jobs(cfg)
+    assert first.id == old.id and first.state == "superseded" and moved.state == "queued"  # nothing left failed
+    assert "the scan set moved to" in first.error  # its error still says where the set went
+    with Store(cfg.database_path) as s:
+        assert [m["path"] for m in s.get_scan_set(moved.scan_set_id).members] == [new_path]
+    done, _ = _run_qc(cfg, moved.id)
+    assert done.state == "qc_done", done.error
