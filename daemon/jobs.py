@@ -147,8 +147,9 @@ def moved_to(store: Any, root: str, members: Sequence[dict[str, Any]]) -> str | 
         return None
     wanted = {(os.path.basename(str(m["path"])), m.get("size"), m.get("mtime_ns")) for m in members}
     old = {str(m["path"]) for m in members}
+    inside = os.path.realpath(root).rstrip(os.sep) + os.sep  # discovery keeps real paths
     for row in known:
-        if row["path"] in old or not str(row["path"]).startswith(root.rstrip(os.sep) + os.sep):
+        if row["path"] in old or not str(row["path"]).startswith(inside):
             continue
         if (os.path.basename(row["path"]), row["size"], row["mtime_ns"]) in wanted:
             return os.path.dirname(row["path"])
@@ -160,7 +161,7 @@ def _gone_error(store: Any, root: str, members: Sequence[dict[str, Any]], gone: 
     where = moved_to(store, root, members)
     if where is not None:
         return (
-            f"the scan set moved to {where} after it was queued ({names} are no longer where they were); "
+            f"the scan set moved to {where} after it was queued ({names} no longer in its old folder); "
             "it is QC'd there as a new scan set"
         )
     return (

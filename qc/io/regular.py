@@ -31,7 +31,7 @@ class NotRegularFileError(ReadError):
 
     def __init__(self, path: str | Path, kind: str) -> None:
         self.kind = kind
-        super().__init__(path, f"not a regular file (a {kind})")
+        super().__init__(path, f"a {kind}, not a regular file")
 
 
 def file_kind(mode: int) -> str:

@@ -109,7 +109,7 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
     for name in calls:
         e = outcome[name]
         assert isinstance(e, NotRegularFileError), (name, e)
-        assert "not a regular file (a FIFO (named pipe))" in str(e) and "Only regular files are read" in str(e), str(e)
+        assert f"{fifo if name != 'check_czi_whole' else czi}: a FIFO (named pipe), not a regular file. Only regular files are read" in str(e), str(e)
     assert _nobody_reads(fifo) and _nobody_reads(czi)
 
 
@@ -257,7 +257,8 @@ def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queue
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="permissions are not enforced for root (uid 0): run the tests as an ordinary user")
+                    reason="permissions are not enforced for root (uid 0): run it as an ordinary user, or in a user "
+                    "namespace: unshare --user --map-user=1000 --map-group=1000 python -m pytest ...")
 def test_an_unreadable_watch_root_is_reported_and_its_sets_are_retried_once_readable(queue_only, chip_images):
     _, disc, cfg = queue_only()
     inbox = cfg.watch[0].path
