@@ -35,7 +35,7 @@ from daemon.upload.plan import ignore_patterns
 from daemon.worker import JobContext, JobOutcome
 from qc.io.listing import regular_files
 
-__all__ = ["FILES_STAGE", "clarity_spec", "member_changes", "moved_to", "qc_settings", "run_qc_job", "unreachable"]
+__all__ = ["FILES_STAGE", "clarity_spec", "files_problem", "member_changes", "moved_to", "qc_settings", "run_qc_job", "unreachable"]
 
 #: ``failed_stage`` of a job whose files could not be reached (root or folder missing or unreadable): retried.
 FILES_STAGE = "files"
@@ -118,24 +118,28 @@ def unreachable(root: str, members: Sequence[dict[str, Any]]) -> str | None:
     """Why the set's files cannot be reached now for a reason that may pass, or None.
 
     The watch root missing, not a folder or unreadable; a folder of the set
-    (between the root and a member) unreadable. A member's folder that is
-    simply gone while the root is there is no such reason: the set was
-    renamed, moved or deleted (see :func:`moved_to`).
+    (between the root and a member) unreadable, or missing with its files (a
+    share under the root unmounted, a folder renamed and about to be renamed
+    back). A file missing from a folder that is there is no such reason: it
+    was deleted.
     """
     problem = folder_problem(root)
     if problem is not None:
         return f"the watch root {root} is unavailable ({problem})"
-    seen: set[str] = set()
+    top = os.path.realpath(root).rstrip(os.sep) + os.sep  # discovery records real paths
+    checked: set[str] = set()
     for m in members:
-        folder = os.path.dirname(str(m["path"]))
-        while folder not in seen and len(folder) > len(root.rstrip(os.sep)):
-            seen.add(folder)
+        folder, missing = os.path.dirname(str(m["path"])), None
+        while folder.startswith(top) and folder not in checked:
+            checked.add(folder)
             problem = folder_problem(folder)
             if problem is None:
                 break
             if problem != FOLDER_MISSING:
                 return f"the scan set's folder {folder} is unavailable ({problem})"
-            folder = os.path.dirname(folder)
+            missing, folder = folder, os.path.dirname(folder)
+        if missing is not None:
+            return f"the scan set's folder {missing} is missing"
     return None
 
 
@@ -156,18 +160,30 @@ def moved_to(store: Any, root: str, members: Sequence[dict[str, Any]]) -> str | 
     return None
 
 
-def _gone_error(store: Any, root: str, members: Sequence[dict[str, Any]], gone: Sequence[dict[str, Any]]) -> str:
+def files_problem(store: Any, root: str, members: Sequence[dict[str, Any]]) -> JobOutcome | None:
+    """The failure when the set's files are not all where they were queued, or None.
+
+    Moved within the root (discovery sees them elsewhere): permanent, the
+    moved set is its own job. Unreachable for a reason that may pass (see
+    :func:`unreachable`): transient, stage ``files``. Deleted: permanent.
+    """
+    gone = [m for m in members if not os.path.lexists(str(m["path"]))]
     names = ", ".join(str(m.get("name", m["path"])) for m in gone)
-    where = moved_to(store, root, members)
+    where = moved_to(store, root, members) if gone else None
     if where is not None:
-        return (
+        return JobOutcome(state="failed", error=(
             f"the scan set moved to {where} after it was queued ({names} no longer in its old folder); "
             "it is QC'd there as a new scan set"
-        )
-    return (
-        f"files of the scan set vanished after it was queued ({names}); "
-        "if they were moved or renamed, the new location is discovered as a new scan set"
-    )
+        ))
+    why = unreachable(root, members)
+    if why is not None:
+        return _files_failure(why, members)
+    if gone:
+        return JobOutcome(state="failed", error=(
+            f"files of the scan set vanished after it was queued ({names}); "
+            "if they were moved or renamed, the new location is discovered as a new scan set"
+        ))
+    return None
 
 
 def _files_failure(why: str, members: Sequence[dict[str, Any]]) -> JobOutcome:
@@ -205,13 +221,10 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
     config, job = ctx.config, ctx.job
     with ctx.open_store() as store:
         scan = store.get_scan_set(job.scan_set_id)
-        why = unreachable(scan.root, scan.members)
-        if why is not None:
-            log.warning("scan set files unavailable; QC is retried", reason=why)
-            return _files_failure(why, scan.members)
-        gone = [m for m in scan.members if not os.path.lexists(m["path"])]
-        if gone:
-            return JobOutcome(state="failed", error=_gone_error(store, scan.root, scan.members, gone))
+        problem = files_problem(store, scan.root, scan.members)
+        if problem is not None:
+            log.warning("scan set files are not where they were queued", error=problem.error, transient=problem.transient)
+            return problem
         changed = member_changes(scan.members)
         if changed:
             return JobOutcome(
@@ -243,14 +256,10 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                     level=config.output.archive_level,
                 )  # fmt: skip
         except (InputsChanged, QCError, OSError) as e:
-            why = unreachable(scan.root, scan.members)  # the folder went away while QC read it
-            if why is not None:
-                log.warning("scan set files became unavailable during QC; QC is retried", reason=why, error=str(e))
-                return _files_failure(why, scan.members)
-            gone = [m for m in scan.members if not os.path.lexists(m["path"])]
-            if gone:  # renamed or moved while QC read it
-                log.error("scan set files vanished during QC", error=str(e))
-                return JobOutcome(state="failed", error=_gone_error(store, scan.root, scan.members, gone))
+            problem = files_problem(store, scan.root, scan.members)  # the folder went away while QC read it
+            if problem is not None:
+                log.warning("scan set files went away during QC", error=problem.error, transient=problem.transient, cause=str(e))
+                return problem
             if isinstance(e, InputsChanged):
                 log.warning("an input changed while QC read it; QC runs again", path=e.path, what=e.what)
                 return JobOutcome(
