@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from qc.errors import ReadError
 
-__all__ = ["NotRegularFileError", "file_kind", "is_regular", "open_regular"]
+__all__ = ["NotRegularFileError", "file_kind", "open_regular"]
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | _NONBLOCK
@@ -48,14 +48,6 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "special file"
-
-
-def is_regular(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` (not followed if it is a link) is a regular file; False when missing or anything else."""
-    try:
-        return stat.S_ISREG(os.stat(path, follow_symlinks=False).st_mode)
-    except (OSError, ValueError):
-        return False
 
 
 def open_regular(path: str | os.PathLike[str]) -> BinaryIO:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sys
 import threading
@@ -137,6 +138,8 @@ def test_a_folder_named_in_another_encoding_is_qcd_uploaded_and_shown_escaped(ma
     assert st.returncode == 0 and serial(2) in st.stdout, st.stdout + st.stderr
     show = svc.cli("show", str(svc.jobs()[0].id))
     assert show.returncode == 0 and f"Lauf \\xff 2024/{serial(2)}.tif" in show.stdout, show.stdout + show.stderr
+    as_json = svc.cli("show", str(svc.jobs()[0].id), "--json")  # JSON keeps the name losslessly (\udcff escapes)
+    assert json.loads(as_json.stdout)["scan_set"]["members"][0]["path"] == str(folder / f"{serial(2)}.tif")
     assert svc.stop() == 0
     svc.start()  # the discovery state saved with that name loads again
     svc.wait_running()
