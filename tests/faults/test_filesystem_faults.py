@@ -232,6 +232,8 @@ def _health(disc):
 def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queued_again_when_it_returns(
     queue_only, chip_images
 ):
+    from daemon.store import Store
+
     _, disc, cfg = queue_only()
     inbox = cfg.watch[0].path
     (inbox / f"{serial(4)}.tif").write_bytes(chip_images[0])
@@ -253,7 +255,9 @@ def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queue
     assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)
     assert _health(disc) == "ok"
     done, events = _run_qc(cfg, job.id)
-    assert done.state == "qc_done", done.error
+    assert done.state in ("qc_done", "skipped"), done  # skipped: the running service's "QC done; no upload configured"
+    with Store(cfg.database_path) as s:
+        assert s.get_result(job.id)["verdict"] == "pass"
     assert "the scan set's files can be read again; queued again" in events
     assert len(_jobs(cfg)) == 1  # the same job, not a second one
 
