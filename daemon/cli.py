@@ -23,6 +23,7 @@ from daemon import __version__
 from daemon.config import Config, config_to_dict, load_config
 from daemon.errors import DaemonError, JobNotFound
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.naming import shown_name
 from daemon.store import JobState, Store
 from daemon.views import check_line, field, job_label, verdict_markup, whole
 
@@ -72,6 +73,14 @@ def _bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def _member_where(member: dict[str, Any], root: str) -> str:
+    """A scan-set member as ``show`` lists it: its path under the watch root (its name when not under it)."""
+    path = str(member.get("path") or "")
+    if path and root and (path + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, root)
+    return str(member.get("name") or path)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -161,6 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         field(con, "watch", f"{w.get('path')}  {w.get('observer', '?')}  {w.get('health', '')}")
         files = "?" if w.get("files") is None else f"{w['files']:,}"
         field(con, "", f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
+    _print_waiting(con, st.get("waiting") or {}, now)
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
             mark = "" if w["exists"] else "  [red](missing)[/]"
@@ -187,6 +197,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
             field(con, f"#{e['job_id']}", f"{e['chip']} {_ago(e['at'], now)}: {e['error']}{retry}", indent=2)
     return EXIT_OK
+
+
+def _print_waiting(con: Any, w: dict[str, Any], now: float) -> None:
+    """Sets not queued yet and why; names ignored as not chip serials (from the service's heartbeat)."""
+    sets, names = w.get("sets") or [], w.get("misnamed") or []
+    if not (sets or names):
+        return
+    con.print("waiting")
+    for s in sets:
+        field(con, s["chip"], f"{_ago(s.get('since'), now).replace(' ago', '')} {s.get('stage')}: {s.get('reason')} ({s.get('folder')})", indent=2)
+    if w.get("sets_total", 0) > len(sets):
+        field(con, "", f"... and {w['sets_total'] - len(sets)} more set(s) (imageqc status --json lists the first {len(sets)})", indent=2)
+    for n in names:
+        field(con, "ignored", f"{n['path']}: {n['reason']}", indent=2)
+    if w.get("misnamed_total", 0) > len(names):
+        field(con, "", f"... and {w['misnamed_total'] - len(names)} more ignored name(s)", indent=2)
 
 
 def _print_notifications(con: Any, n: dict[str, Any]) -> None:
@@ -274,12 +300,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     con = _console()
     verdict = result["verdict"] if result else None
-    con.print(f"job #{job.id}  {escape(job.chip)}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
+    con.print(f"job #{job.id}  {escape(shown_name(job.chip))}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
     if job.error:
         field(con, "error", job.error)
     field(con, "root", scan.root)
     for m in scan.members:
-        field(con, "member", f"{m.get('name') or m.get('path')}  {_bytes(m.get('size'))}", indent=2)
+        field(con, "member", f"{_member_where(m, scan.root)}  {_bytes(m.get('size'))}", indent=2)
     if result:
         rep = result["report"]
         field(con, "verdict", verdict_markup(result["verdict"]), markup=True)
