@@ -85,13 +85,20 @@ def build_document(config: Config, status: Mapping[str, Any], *, now: float, sta
         "last_tick_error": svc.get("last_tick_error"),
         "counts": dict(status.get("counts", {})),
         "active": [{k: a.get(k) for k in ("job_id", "chip", "state", "stage", "progress")} for a in status.get("active", [])],
-        "waiting": list(status.get("waiting", [])),
+        "waiting": _waiting(status.get("waiting") or {}),
         "last_verdicts": [{k: v.get(k) for k in ("job_id", "chip", "verdict", "reason", "at")} for v in status.get("recent_verdicts", [])],
         "recent_errors": [{k: e.get(k) for k in ("job_id", "chip", "at", "error")} for e in status.get("recent_errors", [])],
         "uploads": {n: {k: u.get(k) for k in ("files", "bytes", "rate_bps", "open")} for n, u in uploads.items()},
         "watchers": [{k: w.get(k) for k in ("path", "health", "last_rescan", "pending")} for w in status.get("watchers", [])],
         "disk": status.get("disk", {}),
     }
+
+
+def _waiting(w: Mapping[str, Any]) -> dict[str, Any]:
+    """The sets not queued yet (at most 10, with the total) and the names ignored, from the status report."""
+    sets, names = list(w.get("sets") or []), list(w.get("misnamed") or [])
+    return {"sets": sets[:10], "sets_total": w.get("sets_total", len(sets)),
+            "misnamed": names[:10], "misnamed_total": w.get("misnamed_total", len(names))}
 
 
 class FleetReporter:
@@ -123,6 +130,8 @@ class FleetReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._due = float("-inf")
+        self._daemon: Any = None
+        self._final_deadline = float("inf")
         self._lock = threading.Lock()
         self.written: dict[str, float] = {}
         self.errors: dict[str, str] = {}
@@ -130,6 +139,7 @@ class FleetReporter:
     # -- component protocol ---------------------------------------------------------
 
     def start(self, daemon: Any = None) -> None:
+        self._daemon = daemon
         if self._clock_given is None and daemon is not None:
             self.clock = daemon.clock  # the service's clock: its heartbeat and this document agree
         self._thread = threading.Thread(target=self._run, name="imageqc-fleet", daemon=True)
@@ -141,11 +151,18 @@ class FleetReporter:
             self._wake.set()
 
     def stop(self) -> None:
+        """Write the last document ('stopped'), by the service's stop deadline at the latest."""
+        limit = time.monotonic() + STOP_WRITE_S
+        shared = getattr(self._daemon, "stop_deadline", None)  # the deadline every wait of the stop shares
+        self._final_deadline = min(limit, shared) if shared is not None else limit
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(STOP_WRITE_S + 5)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(max(0.0, self._final_deadline - time.monotonic()) + 0.5)
+            if thread.is_alive():  # a request still hanging: abandoned with its daemon thread, uploaders left open
+                log.warning("the last fleet status was not written before the stop deadline", targets=[t.name for t in self.targets])
+                return
         for name, up in self._uploaders.items():
             if name not in self._given:
                 up.close()
@@ -164,7 +181,7 @@ class FleetReporter:
             if self._stop.is_set():
                 break
             self.write(state="running")
-        self.write(state="stopped", deadline=time.monotonic() + STOP_WRITE_S)
+        self.write(state="stopped", deadline=self._final_deadline)
 
     def write(self, *, state: str = "running", deadline: float | None = None) -> dict[str, str | None]:
         """Write the document to every target now; returns each target's error (None when written)."""

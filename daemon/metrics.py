@@ -237,6 +237,13 @@ class StoreCollector(Collector):
             g.add_metric([], max(0.0, now - float(svc["heartbeat_at"])))
             out.append(g)
         out += self._watchers(comps.get("discovery", {}).get("roots", []), now)
+        waiting = comps.get("discovery", {}).get("waiting") or {}
+        sets = GaugeMetricFamily("imageqc_waiting_sets", "Scan sets seen and not queued yet (being written, incomplete, "
+                                 "settling), as `imageqc status` lists them.")
+        sets.add_metric([], float(waiting.get("sets_total", 0)))
+        names = GaugeMetricFamily("imageqc_ignored_names", "Names in the watch folders ignored as not chip serials.")
+        names.add_metric([], float(waiting.get("misnamed_total", 0)))
+        out += [sets, names]
         out += self._uploads(tables.get("backlog", {}), live_uploads)
         outbox = store.outbox_summary()
         g = GaugeMetricFamily("imageqc_notify_outbox_messages", "Notification messages in the outbox per state.",

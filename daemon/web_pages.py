@@ -118,12 +118,7 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
              "-" if a.get("progress") is None else _h(f"{a['progress']:.0f}%"), _h(_ago(a.get("started_at"), now))]
             for a in st["active"]
         )))
-    if st.get("waiting"):
-        parts.append("<h2>Waiting</h2>")
-        parts.append(_table(["chip", "why"], (
-            [_h(w.get("chip") or w.get("name") or w.get("folder")), _h(w.get("reason") or w.get("why"))]
-            for w in st["waiting"]
-        )))
+    parts += _waiting(st.get("waiting") or {}, now)
     if st.get("recent_verdicts"):
         parts.append("<h2>Recent QC</h2>")
         parts.append(_table(["job", "chip", "verdict", "when", "first reason"], (
@@ -173,6 +168,27 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
     parts.append(f'<p class="muted">Read-only view; refreshes every {int(refresh_s)} s. Generated {_h(_ts(now))}. '
                  '<a href="/metrics">metrics</a></p>')
     return _page("imageqc status", "".join(parts), refresh_s)
+
+
+def _waiting(w: Mapping[str, Any], now: float) -> list[str]:
+    """Sets not queued yet and why, and names ignored as not chip serials (as `imageqc status` lists them)."""
+    sets, names = w.get("sets") or [], w.get("misnamed") or []
+    out: list[str] = []
+    if sets:
+        out.append("<h2>Waiting</h2>")
+        out.append(_table(["chip", "for", "stage", "why", "folder"], (
+            [_h(s.get("chip")), _h(_ago(s.get("since"), now).replace(" ago", "")), _h(s.get("stage")), _h(s.get("reason")),
+             _h(s.get("folder"))]
+            for s in sets
+        )))
+        if w.get("sets_total", 0) > len(sets):
+            out.append(f'<p class="muted">... and {_h(w["sets_total"] - len(sets))} more set(s)</p>')
+    if names:
+        out.append("<h2>Ignored names</h2>")
+        out.append(_table(["path", "why"], ([_h(n.get("path")), _h(n.get("reason"))] for n in names)))
+        if w.get("misnamed_total", 0) > len(names):
+            out.append(f'<p class="muted">... and {_h(w["misnamed_total"] - len(names))} more ignored name(s)</p>')
+    return out
 
 
 def _check_row(c: Mapping[str, Any]) -> list[str]:

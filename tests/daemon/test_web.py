@@ -199,7 +199,11 @@ def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopp
         "state": "running", "pid": os.getpid(), "host": socket.gethostname(), "version": "0.1.0", "started_at": now - 60,
         "components": {
             "discovery": {"roots": [{"path": root, "observer": "polling", "health": "restarted 1x", "last_rescan": now - 30,
-                                     "pending": 2}, {"path": "/gone", "observer": "native", "health": "observer down"}]},
+                                     "pending": 2}, {"path": "/gone", "observer": "native", "health": "observer down"}],
+                          "waiting": {"sets": [{"chip": "C02533C", "since": now - 120, "stage": "settling",
+                                                "reason": "IF image without its <nuclear> image", "folder": root}],
+                                      "sets_total": 3, "misnamed": [{"path": f"{root}/notes.tif", "reason": "not a chip serial"}],
+                                      "misnamed_total": 1}},
             "uploads": {"targets": {"lab-s3": {"files": 3, "bytes": 3_000, "rate_bps": 1_500, "open": False,
                                                "sent_bytes": 12_345}}},
         },
@@ -222,6 +226,10 @@ def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopp
         assert m["imageqc_upload_rate_bytes_per_second"][(("target", "lab-s3"),)] == 1500
         assert m["imageqc_upload_window_open"][(("target", "lab-s3"),)] == 0
         assert m["imageqc_upload_bytes_total"][(("target", "lab-s3"),)] == 12_345
+        assert m["imageqc_waiting_sets"][()] == 3 and m["imageqc_ignored_names"][()] == 1
+        page = get(web.url + "/")[2].decode()  # the waiting sets, as `imageqc status` lists them
+        assert "IF image without its &lt;nuclear&gt; image" in page and "and 2 more set(s)" in page
+        assert "notes.tif" in page and "not a chip serial" in page
         exposed = exposed_names(get(web.url + "/metrics")[2].decode())
         for deploy in ("prometheus.yml", "grafana-dashboard.json"):  # deploy/ uses these very names
             used = set(re.findall(r"\bimageqc_[a-z_]+", (REPO / "deploy" / deploy).read_text(encoding="utf-8")))

@@ -81,6 +81,7 @@ def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_fai
         doc = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
         assert doc["schema"] == FLEET_SCHEMA and doc["host"] == "pc-ok" and doc["site"] == SITE and doc["state"] == "running"
         assert {"version", "heartbeat", "counts", "waiting", "last_verdicts", "uploads", "disk"} <= set(doc)
+        assert doc["waiting"]["sets_total"] == 0 and doc["counts"]["queued"] == 0
 
         capsys.readouterr()
         assert main(["fleet", "--config", str(tmp_path / "pc-ok" / "imageqc.toml"), "--json"]) == 0
