@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_follow_command(sub)
     _add_service_command(sub)
     _add_notify_command(sub)
+    from daemon.fleet import add_fleet_command
+
+    add_fleet_command(sub)
     return p
 
 

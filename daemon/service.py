@@ -70,8 +70,8 @@ class Component(Protocol):
 
 
 def default_components(config: Config) -> list[Component]:
-    """The service's pluggable parts (discovery, uploads, notifications when rules are set), as `imageqc run`
-    and the services use them."""
+    """The service's pluggable parts (discovery, uploads, notifications when rules are set, the status page when
+    web.listen is set, the fleet document when uploads are), as `imageqc run` and the services use them."""
     comps: list[Component] = []
     try:
         from daemon.discovery import Discovery
@@ -89,6 +89,14 @@ def default_components(config: Config) -> list[Component]:
         from daemon.notify import Notifier
 
         comps.append(Notifier(config))
+    if config.web.listen:
+        from daemon.web import WebServer
+
+        comps.append(WebServer(config))
+    if config.fleet.interval_s and any(t.mode != "none" for t in config.upload):
+        from daemon.fleet import FleetReporter
+
+        comps.append(FleetReporter(config))
     return comps
 
 
