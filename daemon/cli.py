@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,18 +39,33 @@ def _console() -> Any:
     return Console(width=None if tty else 80, highlight=False, soft_wrap=False, emoji=False)
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not a finite number (a time an old recovery stamped) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON: never ``Infinity`` or ``NaN`` (null instead)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _ts(t: float | None) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
-    return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a time beyond what the platform can show
+        return "-"
 
 
 def _ago(t: float | None, now: float) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
     d = max(0.0, now - t)
     if d < 90:

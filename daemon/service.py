@@ -189,10 +189,12 @@ class Daemon:
         assert self.store is not None
         now = self.clock()
         self.started_at = now
-        # We hold the state folder's lock, so leases held by anyone else are orphans.
-        recovered = self.store.recover_expired(now=float("inf"))
+        # We hold the state folder's lock, so leases held by anyone else are orphans, whatever their expiry.
+        recovered = self.store.recover_expired(now=now, orphans=True)
         if recovered:
             log.warning("recovered jobs left by a previous run", jobs=recovered)
+        if self.store.repair_infinite_times(now=now):
+            log.info("replaced infinite job times left by an older version's recovery")
         self._sweep_outputs(now)
         self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
         started: list[Component] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -395,7 +396,13 @@ def _job(row: sqlite3.Row | None) -> Job | None:
 
 
 def _now(now: float | None) -> float:
-    return time.time() if now is None else now
+    """``now``, or the wall clock; a time that is not a finite number is refused (it would be stored for good)."""
+    if now is None:
+        return time.time()
+    if not math.isfinite(now):
+        msg = f"a job database time must be a finite number of seconds, not {now!r}"
+        raise ValueError(msg)
+    return now
 
 
 def _first_reason(report_json: str) -> str:
@@ -859,23 +866,49 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def recover_expired(self, *, now: float | None = None) -> list[int]:
-        """Leases that ran out (crash, kill -9, power loss): running -> queued, uploading -> qc_done."""
+    def recover_expired(self, *, now: float | None = None, orphans: bool = False, spare_owner: str | None = None) -> list[int]:
+        """Take back leased jobs: running -> queued, uploading -> qc_done.
+
+        By default only leases that ran out (crash, kill -9, power loss). With ``orphans``, every
+        leased job whatever its lease: the caller knows no holder is alive (the service at start,
+        holding the state folder's lock). Leases of ``spare_owner`` and its parts (``<owner>/...``)
+        are left alone: that owner watches them itself, on the monotonic clock, so a step of the wall
+        clock cannot take a job away from a live service.
+        """
         now = _now(now)
         back = {S.RUNNING: S.QUEUED, S.UPLOADING: S.QC_DONE}
         recovered = []
         with self.db() as c:
-            rows = c.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?) AND lease_expires < ?",
-                (S.RUNNING.value, S.UPLOADING.value, now),
-            ).fetchall()
+            sql = "SELECT * FROM jobs WHERE state IN (?, ?)" + ("" if orphans else " AND lease_expires < ?")
+            rows = c.execute(sql, (S.RUNNING.value, S.UPLOADING.value, *(() if orphans else (now,)))).fetchall()
             for row in rows:
                 job = _job(row)
                 assert job is not None
-                msg = f"lease of {job.lease_owner} expired; job returned to the queue"
+                owner = job.lease_owner or ""
+                if spare_owner and (owner == spare_owner or owner.startswith(spare_owner + "/")):
+                    continue
+                if orphans:
+                    msg = f"{job.lease_owner} is gone (the service restarted); job returned to the queue"
+                else:
+                    msg = f"lease of {job.lease_owner} expired; job returned to the queue"
                 self._apply(c, job, back[JobState(job.state)], now, msg, None, None, None, None)
                 recovered.append(job.id)
         return recovered
+
+    def repair_infinite_times(self, *, now: float | None = None) -> int:
+        """Replace the infinite times older versions stamped at start-up recovery; returns the rows fixed.
+
+        A job's optional times become NULL (its place in the queue falls back to its creation time),
+        its ``updated_at`` becomes ``now``; events keep theirs (shown as ``-``: when is not known).
+        """
+        now = _now(now)
+        inf = (math.inf, -math.inf)
+        fixed = 0
+        with self.db() as c:
+            for col in ("queued_at", "started_at", "finished_at", "next_attempt_at", "lease_expires"):
+                fixed += c.execute(f"UPDATE jobs SET {col} = NULL WHERE {col} IN (?, ?)", inf).rowcount
+            fixed += c.execute("UPDATE jobs SET updated_at = ? WHERE updated_at IN (?, ?)", (now, *inf)).rowcount
+        return fixed
 
     def requeue_due(self, *, now: float | None = None, max_attempts: int | None = None) -> list[int]:
         """Failed jobs whose retry time has come go back to where they stopped."""

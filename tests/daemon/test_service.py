@@ -253,3 +253,61 @@ def test_half_written_outputs_of_killed_qc_runs_are_removed_at_start_and_while_r
         assert finished.exists()
     finally:
         d.stop()
+
+
+class KeepQueued:
+    """A runner that takes no job: recovered jobs stay queued for the test to read."""
+
+    def free_slots(self):
+        return 0
+
+    def submit(self, job):  # pragma: no cover - never called
+        raise AssertionError("KeepQueued takes no job")
+
+    def active(self):
+        return []
+
+    def stop(self, timeout):
+        pass
+
+
+def test_recovery_after_a_crash_stamps_the_real_time_and_every_reader_can_show_it(make_config, monkeypatch, capsys):
+    """Issue #20 case 7: recovery at start stamped now=inf into the job and its event, for good."""
+    from daemon.cli import main
+
+    cfg = make_config()
+    job_id = _queue_job(cfg)
+    with Store(cfg.database_path) as s:  # what kill -9 leaves: a running job whose lease has long to run
+        s.claim("old-host:123:abc", lease_s=3600)
+    before = time.time()
+    d = Daemon(cfg, target="tests.daemon.targets:ok", runner=KeepQueued())
+    d.start()
+    d.stop()
+    with Store(cfg.database_path) as s:
+        job, events = s.get_job(job_id), s.events(job_id)
+    assert job.state == "queued" and job.lease_owner is None
+    assert before <= job.updated_at <= time.time() and before <= job.queued_at <= time.time()  # type: ignore[operator]
+    assert "old-host:123:abc is gone" in (events[-1].message or "") and before <= events[-1].at <= time.time()
+    monkeypatch.setenv("IMAGEQC_CONFIG", cfg.source)
+    assert main(["show", str(job_id)]) == 0
+    assert "running -> queued" in capsys.readouterr().out
+    assert main(["show", str(job_id), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert doc["events"][-1]["at"] >= before
+
+
+def test_infinite_times_left_by_an_older_recovery_are_replaced_at_start(make_config):
+    """Issue #20 case 7: a job re-queued by an older version's recovery (queued_at = inf) was last in the queue for good."""
+    cfg = make_config()
+    first = _queue_job(cfg, "a")
+    second = _queue_job(cfg, "b")
+    with Store(cfg.database_path) as s, s.db() as c:
+        c.execute("UPDATE jobs SET queued_at = ?, updated_at = ? WHERE id = ?", (float("inf"), float("inf"), first))
+    d = Daemon(cfg, target="tests.daemon.targets:ok", runner=KeepQueued())
+    d.start()
+    d.stop()
+    with Store(cfg.database_path) as s:
+        job = s.get_job(first)
+        assert job.queued_at is None and job.updated_at < float("inf")
+        assert s.claim("t").id == first  # type: ignore[union-attr]  # back in its place: oldest first
+        assert s.get_job(second).state == "queued"
