@@ -3,9 +3,12 @@
 ``imageqc run``, the systemd unit and the Windows service all run this same
 class. One instance per state folder (a file lock says so); on start it
 recovers jobs left ``running`` or ``uploading`` by a previous instance, then
-an APScheduler tick (in-memory, coalesced, one at a time) does the rounds:
+a tick thread does the rounds, one at a time, every ``service.tick_seconds``
+on the monotonic clock (a step of the wall clock neither freezes nor hurries
+it; see :mod:`daemon.clock` for the times the service stores):
 
-1. recover expired leases, re-queue failed jobs whose retry time has come;
+1. recover expired leases of other owners (this service watches its own jobs
+   directly), re-queue failed jobs whose retry time has come;
 2. let each component (discovery, uploads, notifications) do its part;
 3. hand due ``queued`` jobs to the worker while it has free slots;
 4. jobs that finished QC with no upload configured become ``skipped``;
@@ -25,11 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
 from filelock import FileLock, Timeout
 
 from daemon import __version__
+from daemon.clock import ServiceClock
 from daemon.config import Config
 from daemon.errors import DaemonError, DatabaseUnavailable
 from daemon.logging import get_logger
@@ -106,7 +108,10 @@ class Daemon:
     components : sequence of Component
         Discovery, uploads and anything else that ticks.
     clock : callable
-        Returns now in seconds.
+        The wall clock, seconds since the epoch (tests pass one they can step). The service uses it
+        through a :class:`~daemon.clock.ServiceClock` (:attr:`clock`), which never runs backwards.
+    timer : callable
+        A monotonic clock in seconds: the tick interval, QC timeouts and lease renewals run on it.
     notify : callable, optional
         Receives service-manager notifications ("READY=1", "WATCHDOG=1", "STOPPING=1").
     """
@@ -119,11 +124,13 @@ class Daemon:
         runner: JobRunner | None = None,
         components: Sequence[Component] = (),
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
         notify: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.target = target
-        self.clock = clock
+        self.clock = ServiceClock(clock, timer)
+        self.timer = timer
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.components = list(components)
         self._runner = runner
@@ -133,7 +140,7 @@ class Daemon:
         self._lock: FileLock | None = None
         self.store: Store | None = None
         self.runner: JobRunner | None = None
-        self.scheduler: BackgroundScheduler | None = None
+        self._ticker: threading.Thread | None = None
         self.started_at: float | None = None
         self.last_tick_error: str | None = None
         #: Why the service stopped itself (None after a requested stop); `imageqc run` exits 1 when set.
@@ -196,7 +203,9 @@ class Daemon:
         if self.store.repair_infinite_times(now=now):
             log.info("replaced infinite job times left by an older version's recovery")
         self._sweep_outputs(now)
-        self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
+        self.runner = self._runner or ProcessWorker(
+            cfg, self.store, target=self.target, owner=self.owner, clock=self.clock, timer=self.timer
+        )
         started: list[Component] = []
         try:
             for comp in self.components:
@@ -204,21 +213,17 @@ class Daemon:
                 started.append(comp)
         finally:
             self.components_started = started
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        )
-        self.scheduler.add_job(self.tick, "interval", seconds=cfg.service.tick_seconds, id="tick", next_run_time=_dt_now())
-        self.scheduler.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="imageqc-tick", daemon=True)
+        self._ticker.start()
         self._heartbeat("running")
 
     def stop(self) -> None:
         """Stop cleanly: no new work, running jobs get ``shutdown_timeout_s`` then go back to the queue."""
         self._stop.set()
         self._notify("STOPPING=1")
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
-            self.scheduler = None
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join()  # the round under way finishes
+            self._ticker = None
         for comp in reversed(getattr(self, "components_started", [])):
             try:
                 comp.stop()
@@ -275,12 +280,28 @@ class Daemon:
 
     # -- the tick ------------------------------------------------------------
 
+    def _tick_loop(self) -> None:
+        """Run :meth:`tick` every ``tick_seconds`` of the monotonic clock until a stop is requested.
+
+        A round that outlasts the interval is followed at once by the next (missed rounds are not
+        made up); the wait is the stop event's, so a stop request ends it at once.
+        """
+        interval = self.config.service.tick_seconds
+        due = self.timer()
+        while not self._stop.is_set():
+            delay = due - self.timer()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            started = self.timer()
+            self.tick()
+            due = started + interval
+
     def tick(self, now: float | None = None) -> None:
         """One round of the service's work; never raises (errors are logged)."""
         if self._stop.is_set() or self.store is None:
             return
         now = self.clock() if now is None else now
-        started = time.monotonic()
+        started = self.timer()
         try:
             self._tick(now)
             self.last_tick_error = None
@@ -292,7 +313,7 @@ class Daemon:
         except Exception as e:
             self.last_tick_error = f"{type(e).__name__}: {e}"
             log.exception("tick failed; the service keeps running")
-        self._note_long_round(time.monotonic() - started)
+        self._note_long_round(self.timer() - started)
         self._notify("WATCHDOG=1")
 
     def _sweep_outputs(self, now: float) -> None:
@@ -313,7 +334,7 @@ class Daemon:
         interval = self.config.service.tick_seconds
         if seconds <= interval:
             return
-        mono = time.monotonic()
+        mono = self.timer()
         if mono - self._long_round_logged < 60.0:
             return
         self._long_round_logged = mono
@@ -322,7 +343,7 @@ class Daemon:
     def _tick(self, now: float) -> None:
         store, runner = self.store, self.runner
         assert store is not None and runner is not None
-        for job_id in store.recover_expired(now=now):
+        for job_id in store.recover_expired(now=now, spare_owner=self.owner):
             log.warning("lease expired; job re-queued", job_id=job_id)
         requeued = store.requeue_due(now=now, max_attempts=self.config.service.max_attempts)
         if requeued:
@@ -378,12 +399,6 @@ def _safe_health(comp: Component) -> dict[str, Any]:
         return comp.health()
     except Exception as e:  # health must never break the heartbeat
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _dt_now() -> Any:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
 
 
 def state_paths(config: Config) -> dict[str, Path]:

@@ -311,3 +311,70 @@ def test_infinite_times_left_by_an_older_recovery_are_replaced_at_start(make_con
         assert job.queued_at is None and job.updated_at < float("inf")
         assert s.claim("t").id == first  # type: ignore[union-attr]  # back in its place: oldest first
         assert s.get_job(second).state == "queued"
+
+
+class SteppedClock:
+    """A wall clock the test steps the way NTP or an operator does: ``time.time()`` plus an offset."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.time() + self.offset
+
+    def step(self, seconds):
+        self.offset += seconds
+
+
+def test_a_wall_clock_stepped_forward_an_hour_neither_kills_nor_takes_back_a_running_qc(make_config):
+    """Issue #20 case 8: +1 h killed the running QC as over qc.timeout_s and the tick took its lease away."""
+    cfg = make_config("[qc]\ntimeout_s = 600")
+    job_id = _queue_job(cfg)
+    wall = SteppedClock()
+    d = Daemon(cfg, target="tests.daemon.targets:wait_for_go", clock=wall)
+    d.start()
+    try:
+        with Store(cfg.database_path) as s:
+            assert _wait(lambda: s.get_job(job_id).stage == "waiting", timeout=30)
+            wall.step(3600)
+            stepped = time.time() + 3600
+
+            def rounds_ran_on_the_stepped_clock():
+                job = s.get_job(job_id)
+                beat = s.get_status()["service"][1]
+                return job.state != "running" or (beat > stepped + 1 and (job.lease_expires or 0) > stepped)
+
+            assert _wait(rounds_ran_on_the_stepped_clock, timeout=30)
+            (cfg.state_dir / f"go-{job_id}").touch()
+            assert _wait(lambda: s.get_job(job_id).state in ("skipped", "failed"), timeout=30)
+            job = s.get_job(job_id)
+            assert job.state == "skipped" and job.attempts == 1, (job.error, [e.message for e in s.events(job_id)])
+            assert [e.to_state for e in s.events(job_id)] == ["queued", "running", "qc_done", "skipped"]
+    finally:
+        d.stop()
+
+
+def test_a_wall_clock_stepped_back_ten_minutes_freezes_nothing(tmp_path):
+    """Issue #20 case 8: -600 s froze the service for 600 s (a set settling then waited out the step)."""
+    from daemon.discovery import Discovery
+    from tests.daemon.test_discovery import _tif, make_discovery_config
+
+    cfg = make_discovery_config(tmp_path, "settle_seconds = 2\n")
+    wall = SteppedClock()
+    disc = Discovery(cfg)
+    d = Daemon(cfg, target="tests.daemon.targets:ok", components=[disc], clock=wall)
+    d.start()
+    try:
+        inbox = cfg.watch[0].path
+        _tif(inbox / "SS200000135TL_D1.tif")
+        assert _wait(lambda: disc.health()["roots"][0]["pending"] >= 1, timeout=30)  # seen, settling
+        with Store(cfg.database_path) as s:
+            before = s.get_status()["service"][1]
+            wall.step(-600)
+            _tif(inbox / "later" / "C02533C.tif")  # a set that arrives after the step
+            assert _wait(lambda: s.counts()["skipped"] == 2, timeout=40), s.counts()
+            beat = s.get_status()["service"][1]
+            assert beat >= before  # the heartbeat never went back
+            assert _wait(lambda: s.get_status()["service"][1] > beat, timeout=10)  # and it goes on
+    finally:
+        d.stop()
