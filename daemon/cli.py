@@ -368,7 +368,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.retry(_job_id(args.job))
     print(f"job #{job.id} {job.chip}: {job.state} (the service picks it up at its next tick)")
     return EXIT_OK
@@ -376,7 +376,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.cancel(_job_id(args.job), reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}")
     print(f"job #{job.id} {job.chip}: cancelled (state {job.state}; `imageqc retry {job.id}` runs it again)")
     return EXIT_OK

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -35,6 +36,16 @@ from daemon.clock import ServiceClock
 from daemon.config import Config
 from daemon.errors import DaemonError, DatabaseUnavailable
 from daemon.logging import get_logger
+from daemon.stateguard import (
+    DatabaseLost,
+    StateGuard,
+    StateLost,
+    copy_failed,
+    live_service,
+    read_heartbeat,
+    restore_saved_copy,
+    saved_copy_name,
+)
 from daemon.store import JobState, Store
 from daemon.worker import JobRunner, ProcessWorker
 
@@ -147,13 +158,19 @@ class Daemon:
         self.failure: str | None = None
         self._long_round_logged = float("-inf")
         self._last_sweep = float("-inf")
+        self._guard: StateGuard | None = None
+        #: Where to save what the service holds of a job database deleted under it (set when that is seen).
+        self._save_lost_database: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(cfg.state_dir / "service.lock"))
+        lock_path = cfg.state_dir / "service.lock"
+        if not lock_path.exists():
+            self._refuse_beside_a_live_service(lock_path)
+        self._lock = FileLock(str(lock_path))
         try:
             self._lock.acquire(timeout=0.5)
         except Timeout:
@@ -163,7 +180,12 @@ class Daemon:
             )
             raise AlreadyRunning(msg) from None
         try:
+            restored = restore_saved_copy(cfg.database_path)
+            if restored is not None:
+                log.warning("the job database was missing; resuming from the copy saved when it was deleted",
+                            database=str(cfg.database_path), copy=str(restored))
             self.store = Store(cfg.database_path)
+            self._guard = StateGuard(cfg.database_path, lock_path)
             check = self.store.integrity_check()
             if check != "ok":
                 msg = (
@@ -190,6 +212,21 @@ class Daemon:
             owner=self.owner,
         )
         self._notify("READY=1")
+
+    def _refuse_beside_a_live_service(self, lock_path: Path) -> None:
+        """Without its lock file, the heartbeat still tells whether another service runs here."""
+        beat = read_heartbeat(self.config.database_path)
+        if beat is None:
+            return
+        h, at = beat
+        now = self.clock()
+        if live_service(h, at, now=now, age_limit=heartbeat_age_limit(self.config)):
+            msg = (
+                f"another imageqc service (pid {h.get('pid')} on {h.get('host')}, heartbeat {max(0.0, now - at):.0f} s ago) "
+                f"is running with state folder {self.config.state_dir}, although the lock file {lock_path} is missing; "
+                "stop it first (`imageqc status` shows it), then start this one"
+            )
+            raise AlreadyRunning(msg)
 
     def _start_parts(self) -> None:
         cfg = self.config
@@ -236,6 +273,8 @@ class Daemon:
                 self._heartbeat("stopped")
             except DaemonError as e:  # the database may be what failed
                 log.warning("could not record the stop in the database", error=str(e))
+            if self._save_lost_database is not None:
+                self._save_copy(self._save_lost_database)
             self.store.close()
             self.store = None
         self._release()
@@ -310,6 +349,10 @@ class Daemon:
             self.failure = str(e)
             log.error("job database unavailable; stopping the service", error=str(e))
             self._stop.set()
+        except StateLost as e:
+            self.last_tick_error = self.failure = self._state_lost(e)
+            log.error("a state file changed under the service; stopping it", error=self.failure)
+            self._stop.set()
         except Exception as e:
             self.last_tick_error = f"{type(e).__name__}: {e}"
             log.exception("tick failed; the service keeps running")
@@ -340,9 +383,27 @@ class Daemon:
         self._long_round_logged = mono
         log.info("a service round outlasted the tick interval; the next rounds start late", seconds=round(seconds, 1), tick_seconds=interval)
 
+    def _state_lost(self, e: StateLost) -> str:
+        """Plan the copy of a database deleted or replaced under the service; what to tell about it."""
+        if isinstance(e, DatabaseLost):
+            self._save_lost_database = saved_copy_name(self.config.database_path)
+        return e.explain(self.config.database_path, self._save_lost_database)
+
+    def _save_copy(self, dest: Path) -> None:
+        assert self.store is not None
+        try:
+            self.store.save_copy(dest)
+        except (OSError, sqlite3.Error) as e:
+            self.failure = copy_failed(self.config.database_path, dest, e)
+            log.error("could not save the job database the service held", copy=str(dest), error=str(e))
+            return
+        log.warning("saved a copy of the job database the service held", copy=str(dest))
+
     def _tick(self, now: float) -> None:
         store, runner = self.store, self.runner
         assert store is not None and runner is not None
+        if self._guard is not None:
+            self._guard.check()
         for job_id in store.recover_expired(now=now, spare_owner=self.owner):
             log.warning("lease expired; job re-queued", job_id=job_id)
         requeued = store.requeue_due(now=now, max_attempts=self.config.service.max_attempts)

@@ -451,10 +451,21 @@ class Store:
         ``auto`` uses WAL unless the file sits on a network file system.
     busy_timeout_s : float
         How long a write waits for another process's transaction.
+    readonly : bool
+        Open for reading only (``imageqc status``): nothing is created, migrated or locked.
+    create : bool
+        Create the file (and its folder) when missing. Only the service does; QC children and
+        commands pass False, so a database deleted under the service is never replaced by an empty one.
     """
 
     def __init__(
-        self, path: str | Path, *, journal: str = "auto", busy_timeout_s: float = 10.0, readonly: bool = False
+        self,
+        path: str | Path,
+        *,
+        journal: str = "auto",
+        busy_timeout_s: float = 10.0,
+        readonly: bool = False,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
@@ -462,17 +473,22 @@ class Store:
         if readonly:
             self._open_readonly(busy_timeout_s)
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"cannot create the state folder {self.path.parent}: {e}; check the path and permissions of state_dir"
-            raise DatabaseUnavailable(msg) from None
+        if create:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                msg = f"cannot create the state folder {self.path.parent}: {e}; check the path and permissions of state_dir"
+                raise DatabaseUnavailable(msg) from None
+        elif not self.path.is_file():
+            raise DatabaseUnavailable(self._missing())
         if journal == "auto":
             journal = "delete" if is_network_path(self.path.parent) else "wal"
         self.journal = journal
         try:
+            # without create, SQLite's mode=rw: a file deleted after the check above is an error, not a new file
+            target, uri = (str(self.path), False) if create else (f"{self.path.resolve().as_uri()}?mode=rw", True)
             self._conn = sqlite3.connect(
-                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                target, uri=uri, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -482,7 +498,15 @@ class Store:
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
+            if not create and not self.path.exists():
+                raise DatabaseUnavailable(self._missing()) from None
             self._raise_unavailable(e)
+
+    def _missing(self) -> str:
+        return (
+            f"the job database {self.path} is missing (deleted or moved?); it is not created here, only the "
+            "service creates it: start the service (`imageqc run`), which resumes from a copy it saved if any"
+        )
 
     def _open_readonly(self, busy_timeout_s: float) -> None:
         """For `imageqc status` and friends: never creates, migrates or locks anything."""
@@ -533,6 +557,19 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def save_copy(self, dest: Path) -> None:
+        """Write a consistent copy of the database as this connection sees it to ``dest`` (SQLite's
+        backup API): what the service still holds of a database file deleted under it."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        with self._lock:
+            out = sqlite3.connect(str(partial))
+            try:
+                self._conn.backup(out)
+            finally:
+                out.close()
+        partial.replace(dest)
 
     def __enter__(self) -> Store:
         return self

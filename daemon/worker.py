@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import psutil
 
 from daemon.config import Config
-from daemon.errors import IllegalTransition
+from daemon.errors import DaemonError, IllegalTransition
 from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import Job, JobState, Store
 
@@ -84,8 +84,8 @@ class JobContext:
     progress: Callable[[str, float | None], None] = field(repr=False, compare=False)
 
     def open_store(self) -> Store:
-        """The child's own connection to the job database."""
-        return Store(self.db_path)
+        """The child's own connection to the job database (never creates one: see :class:`Store`)."""
+        return Store(self.db_path, create=False)
 
 
 class JobRunner(Protocol):
@@ -155,7 +155,12 @@ def _child_main(target: str, job: Job, config: Config, owner: str, db_path: str,
         console="off",
     )
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
-    store = Store(db_path)
+    try:
+        store = Store(db_path, create=False)
+    except DaemonError as e:  # the database went away under the service: it notices and stops
+        log.error("QC child cannot open the job database", error=str(e))
+        results.put(dataclasses.asdict(JobOutcome(state="failed", error=str(e), transient=True)))
+        return
     last = [float("-inf")]
 
     def progress(stage: str, pct: float | None) -> None:
