@@ -394,7 +394,7 @@ class Daemon:
         try:
             self.store.save_copy(dest)
         except (OSError, sqlite3.Error) as e:
-            self.failure = copy_failed(self.config.database_path, dest, e)
+            self.failure = self.last_tick_error = copy_failed(self.config.database_path, dest, e)
             log.error("could not save the job database the service held", copy=str(dest), error=str(e))
             return
         log.warning("saved a copy of the job database the service held", copy=str(dest))

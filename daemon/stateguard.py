@@ -51,6 +51,7 @@ __all__ = [
     "live_service",
     "read_heartbeat",
     "restore_saved_copy",
+    "saved_copies",
     "saved_copy_name",
 ]
 
@@ -227,6 +228,20 @@ def saved_copy_name(database: Path, when: float | None = None) -> Path:
 _STAMP = re.compile(r"(\d{8}-\d{6})(?:-(\d+))?")
 
 
+def saved_copies(database: Path) -> list[Path]:
+    """The copies of ``database`` saved by a service that saw it deleted or replaced, oldest first."""
+    prefix = f"{database.name}{SAVED_MARK}"
+    found = []
+    try:
+        for p in database.parent.glob(f"{prefix}*"):
+            m = _STAMP.fullmatch(p.name[len(prefix):])
+            if m and p.is_file():
+                found.append((m.group(1), int(m.group(2) or 1), p))
+    except OSError:
+        return []
+    return [p for *_key, p in sorted(found)]
+
+
 def restore_saved_copy(database: Path) -> Path | None:
     """With no ``database`` there, put the newest copy saved by a service that saw it deleted in its
     place; returns that copy's former path (None when there was nothing to do).
@@ -236,15 +251,10 @@ def restore_saved_copy(database: Path) -> Path | None:
     """
     if database.exists():
         return None
-    prefix = f"{database.name}{SAVED_MARK}"
-    copies = []
-    for p in database.parent.glob(f"{prefix}*"):
-        m = _STAMP.fullmatch(p.name[len(prefix):])
-        if m and p.is_file():
-            copies.append((m.group(1), int(m.group(2) or 1), p))
+    copies = saved_copies(database)
     if not copies:
         return None
-    newest = max(copies)[2]
+    newest = copies[-1]
     for suffix in ("-wal", "-journal", "-shm"):
         left = database.with_name(database.name + suffix)
         if left.exists():

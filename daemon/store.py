@@ -511,7 +511,16 @@ class Store:
     def _open_readonly(self, busy_timeout_s: float) -> None:
         """For `imageqc status` and friends: never creates, migrates or locks anything."""
         if not self.path.exists():
-            msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
+            from daemon.stateguard import saved_copies
+
+            copies = saved_copies(self.path)
+            if copies:
+                msg = (
+                    f"the job database {self.path} is missing; the service saved what it held as {copies[-1]} when "
+                    "it was deleted: start the service (`imageqc run`) to resume from that copy"
+                )
+            else:
+                msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
             raise DatabaseUnavailable(msg)
         try:
             self._conn = sqlite3.connect(

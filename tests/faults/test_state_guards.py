@@ -17,6 +17,7 @@ import pytest
 from daemon.config import load_config_text
 from daemon.discovery import Discovery
 from daemon.service import AlreadyRunning, Daemon
+from daemon.status import collect_status
 from daemon.store import Store
 from tests.daemon.test_discovery import _tif
 from tests.helpers import wait_for
@@ -66,6 +67,8 @@ def test_a_job_database_deleted_under_the_service_stops_it_and_the_next_start_re
     saved = sorted(cfg.state_dir.glob("imageqc.sqlite3.saved-*"))
     assert len(saved) == 1 and f"a copy of what it held was saved as {saved[0]}; the next start resumes from it" in d.failure
     assert not cfg.database_path.exists()  # no QC child (or anything else) made a new, empty one
+    st = collect_status(cfg)
+    assert f"the service saved what it held as {saved[0]}" in st["service"]["reason"]
 
     d2 = Daemon(cfg, target="tests.daemon.targets:ok", components=[Discovery(cfg)])
     d2.start()
