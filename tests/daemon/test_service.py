@@ -203,7 +203,7 @@ class Slow:
         return {"ticks": self.ticks}
 
 
-def test_rounds_longer_than_the_tick_are_noted_once_a_minute_without_scheduler_skip_warnings(make_config, tmp_path):
+def test_rounds_longer_than_the_tick_are_noted_once_a_minute(make_config, tmp_path):
     from daemon.logging import configure_logging
 
     log_path = tmp_path / "service.jsonl"
