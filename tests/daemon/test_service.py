@@ -359,7 +359,7 @@ def test_a_wall_clock_stepped_back_ten_minutes_freezes_nothing(tmp_path):
     from daemon.discovery import Discovery
     from tests.daemon.test_discovery import _tif, make_discovery_config
 
-    cfg = make_discovery_config(tmp_path, "settle_seconds = 2\n")
+    cfg = make_discovery_config(tmp_path, "settle_seconds = 1\n")
     wall = SteppedClock()
     disc = Discovery(cfg)
     d = Daemon(cfg, target="tests.daemon.targets:ok", components=[disc], clock=wall)
