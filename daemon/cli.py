@@ -18,13 +18,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from daemon import __version__
 from daemon.config import Config, config_to_dict, load_config
 from daemon.errors import DaemonError, JobNotFound
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.store import JobState, Store
+from daemon.views import check_line, field, job_label, verdict_markup, whole
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
 # ---------------------------------------------------------------------------
@@ -33,10 +36,9 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from daemon.views import console
 
-    tty = sys.stdout.isatty()
-    return Console(width=None if tty else 80, highlight=False, soft_wrap=False, emoji=False)
+    return console()
 
 
 def _finite(obj: Any) -> Any:
@@ -86,11 +88,6 @@ def _bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
-
-
-def _clip(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -154,71 +151,87 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     svc = st["service"]
     if svc.get("running"):
-        con.print(f"service   [green]running[/] (pid {svc.get('pid')} on {svc.get('host')}, since {_ts(svc.get('started_at'))}, v{svc.get('version')})")
+        field(con, "service", f"[green]running[/] (pid {svc.get('pid')} on {escape(str(svc.get('host')))}, "
+              f"since {_ts(svc.get('started_at'))}, v{svc.get('version')})", markup=True)
     else:
-        con.print(f"service   [red]not running[/]: {_clip(svc.get('reason'), 66)}")
+        field(con, "service", f"[red]not running[/]: {escape(str(svc.get('reason') or ''))}", markup=True)
     if svc.get("last_tick_error"):
-        con.print(f"          last error: {_clip(svc['last_tick_error'], 58)}")
-    con.print(f"state     {st['state_dir']}")
+        field(con, "", f"last error: {svc['last_tick_error']}")
+    field(con, "state", st["state_dir"])
     counts = st["counts"]
     order = [s.value for s in JobState]
-    con.print("jobs      " + _clip("  ".join(f"{s} {counts.get(s, 0)}" for s in order if counts.get(s)) or "none yet", 70))
+    field(con, "jobs", "  ".join(f"{s} {counts.get(s, 0)}" for s in order if counts.get(s)) or "none yet")
     if st["active"]:
         from rich.table import Table
 
         t = Table(title=None, box=None, pad_edge=False, show_edge=False)
-        for col, kw in (("job", {"justify": "right"}), ("chip", {}), ("state", {}), ("stage", {}), ("progress", {"justify": "right"}), ("started", {})):
+        for col, kw in (("job", {"justify": "right"}), ("chip", {"overflow": "fold"}), ("state", {}), ("stage", {"overflow": "fold"}),
+                        ("progress", {"justify": "right"}), ("started", {})):
             t.add_column(col, **kw)
         for a in st["active"]:
             pct = "-" if a["progress"] is None else f"{a['progress']:.0f}%"
-            t.add_row(str(a["job_id"]), _clip(a["chip"], 22), a["state"], _clip(a["stage"] or "-", 14), pct, _ago(a["started_at"], now))
+            t.add_row(str(a["job_id"]), escape(a["chip"]), a["state"], escape(a["stage"] or "-"), pct, _ago(a["started_at"], now))
         con.print("active")
         con.print(t)
     for w in st["watchers"]:
-        con.print(f"watch     {_clip(str(w.get('path')), 40)}  {w.get('observer', '?')}  {_clip(w.get('health', ''), 20)}")
+        field(con, "watch", f"{w.get('path')}  {w.get('observer', '?')}  {w.get('health', '')}")
         files = "?" if w.get("files") is None else f"{w['files']:,}"
-        con.print(f"          rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
+        field(con, "", f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
+    _print_waiting(con, st.get("waiting") or {}, now)
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
             mark = "" if w["exists"] else "  [red](missing)[/]"
-            con.print(f"watch     {_clip(w['path'], 50)}{mark}")
+            field(con, "watch", f"{escape(str(w['path']))}{mark}", markup=True)
     for name, u in (st.get("uploads") or {}).get("targets", {}).items():
-        line = f"upload    {_clip(name, 12)}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s"
+        line = f"{name}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s"
         if u.get("next_open"):
             line += f", opens {datetime.fromtimestamp(u['next_open']).strftime('%H:%M')}"
-        con.print(_clip(line, 80))
+        field(con, "upload", line)
     _print_notifications(con, st.get("notifications") or {})
     disk = st["disk"]
-    con.print(f"free      state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
-        f"; {_clip(Path(w['path']).name, 16)} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
+    field(con, "free", f"state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
+        f"; {Path(w['path']).name} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
     ))
     if st["recent_verdicts"]:
         con.print("recent QC")
         for v in st["recent_verdicts"]:
-            mark = "[green]pass[/]" if v["verdict"] == "pass" else f"[red]{v['verdict']}[/]"
-            reason = f": {_clip(v['reason'], 36)}" if v["reason"] else ""
-            con.print(f"  #{v['job_id']} {_clip(v['chip'], 20)} {mark} {_ago(v['at'], now)}{reason}")
+            reason = f": {escape(v['reason'])}" if v["reason"] else ""
+            field(con, f"#{v['job_id']}", f"{escape(v['chip'])} {verdict_markup(v['verdict'])} {_ago(v['at'], now)}{reason}",
+                  markup=True, indent=2)
     if st["recent_errors"]:
         con.print("recent errors")
         for e in st["recent_errors"]:
             retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
-            con.print(f"  #{e['job_id']} {_clip(e['chip'], 20)} {_ago(e['at'], now)}: {_clip(e['error'], 34)}{retry}")
+            field(con, f"#{e['job_id']}", f"{e['chip']} {_ago(e['at'], now)}: {e['error']}{retry}", indent=2)
     return EXIT_OK
+
+
+def _print_waiting(con: Any, w: dict[str, Any], now: float) -> None:
+    """Sets not queued yet and why; names ignored as not chip serials (from the service's heartbeat)."""
+    sets, names = w.get("sets") or [], w.get("misnamed") or []
+    if not (sets or names):
+        return
+    con.print("waiting")
+    for s in sets:
+        field(con, s["chip"], f"{_ago(s.get('since'), now).replace(' ago', '')} {s.get('stage')}: {s.get('reason')} ({s.get('folder')})", indent=2)
+    if w.get("sets_total", 0) > len(sets):
+        field(con, "", f"... and {w['sets_total'] - len(sets)} more set(s) (imageqc status --json lists the first {len(sets)})", indent=2)
+    for n in names:
+        field(con, "ignored", f"{n['path']}: {n['reason']}", indent=2)
+    if w.get("misnamed_total", 0) > len(names):
+        field(con, "", f"... and {w['misnamed_total'] - len(names)} more ignored name(s)", indent=2)
 
 
 def _print_notifications(con: Any, n: dict[str, Any]) -> None:
     """The status line of the notification outbox (daemon/notify.py): waiting messages and the last error."""
     if not (n.get("rules") or n.get("waiting")):
         return
-    from rich.markup import escape
-
     line = f"{n.get('waiting', 0)} waiting"
     if n.get("expired"):
         line += f" ({n['expired']} given up)"
     if n.get("last_error"):
-        line += f", last error {_ago(n.get('last_error_at'), time.time())}: "
-        line += _clip(n["last_error"], max(20, 70 - len(line)))
-    con.print("notify    " + escape(line))
+        line += f", last error {_ago(n.get('last_error_at'), time.time())}: {n['last_error']}"
+    field(con, "notify", line)
 
 
 def _open_store(cfg: Config, *, readonly: bool = True) -> Store:
@@ -253,21 +266,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     now = time.time()
     t = Table(box=None, pad_edge=False, show_edge=False)
     t.add_column("job", justify="right")
-    t.add_column("chip")
-    t.add_column("state")
+    t.add_column("chip", overflow="fold")
+    t.add_column("state", overflow="fold")
     t.add_column("try", justify="right")
-    t.add_column("updated")
-    t.add_column("qc")
-    t.add_column("note")
+    t.add_column("updated", no_wrap=True)
+    t.add_column("note", overflow="fold", ratio=1)
     for j in jobs:
-        verdict, reason = verdicts.get(j.id, ("", ""))
+        verdict, reason = verdicts.get(j.id, (None, None))
         if j.state == "failed":
             note = j.error or ""
         elif j.state in ("running", "uploading") and j.stage:
             note = f"{j.stage} {j.progress:.0f}%" if j.progress is not None else j.stage
         else:
-            note = reason
-        t.add_row(str(j.id), _clip(j.chip, 22), j.state, str(j.attempts), _ago(j.updated_at, now), verdict, _clip(note, 30))
+            note = reason or ""
+        t.add_row(str(j.id), escape(j.chip), job_label(j.state, verdict), str(j.attempts), _ago(j.updated_at, now), escape(note))
     con.print(t)
     return EXIT_OK
 
@@ -294,27 +306,31 @@ def cmd_show(args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     con = _console()
-    con.print(f"job #{job.id}  {job.chip}  [bold]{job.state}[/]  attempts {job.attempts}")
+    verdict = result["verdict"] if result else None
+    con.print(f"job #{job.id}  {escape(job.chip)}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
     if job.error:
-        con.print(f"error     {_clip(job.error, 68)}")
-    con.print(f"root      {_clip(scan.root, 68)}")
+        field(con, "error", job.error)
+    field(con, "root", scan.root)
     for m in scan.members:
-        con.print(f"  member  {_clip(str(m.get('name') or m.get('path')), 50)}  {_bytes(m.get('size'))}")
+        field(con, "member", f"{m.get('name') or m.get('path')}  {_bytes(m.get('size'))}", indent=2)
     if result:
         rep = result["report"]
-        con.print(f"verdict   [bold]{result['verdict']}[/]")
+        field(con, "verdict", verdict_markup(result["verdict"]), markup=True)
         for r in rep.get("reasons", []):
-            con.print(f"  reason  {_clip(r, 68)}")
+            field(con, "reason", r, indent=2)
+        if rep.get("checks"):
+            for c in rep["checks"]:
+                field(con, str(c.get("metric", "")), check_line(c), markup=True, indent=2)
         if result.get("archive"):
-            # never clipped: the path is what a person copies into `saw count --image-tar`
-            con.print(f"archive   {result['archive']}", overflow="fold")
-            con.print("          for SAW: saw count ... --image-tar=<the archive above>")
+            # whole: the path is what a person copies into `saw count --image-tar`
+            whole(con, "archive", result["archive"])
+            field(con, "", "for SAW: saw count ... --image-tar=<the archive above>")
     for u in uploads:
-        con.print(f"upload    {u['target']}: {_clip(u['remote_key'], 40)} {u['state']}")
+        field(con, "upload", f"{u['target']}: {u['remote_key']} {u['state']}")
     con.print("history")
     for e in events:
         move = f"{e.from_state or '-'} -> {e.to_state}" if e.to_state else e.kind
-        con.print(f"  {_ts(e.at)}  {_clip(move, 24):<24} {_clip(e.message, 32)}")
+        field(con, _ts(e.at), f"{move}  {e.message or ''}".rstrip(), indent=2)
     return EXIT_OK
 
 
@@ -353,23 +369,24 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False, show_edge=False)
-    for col, kw in (("job", {"justify": "right"}), ("target", {}), ("state", {}), ("size", {"justify": "right"}), ("done", {"justify": "right"}), ("key", {})):
+    for col, kw in (("job", {"justify": "right"}), ("target", {"overflow": "fold"}), ("state", {}), ("size", {"justify": "right"}),
+                    ("done", {"justify": "right"}), ("key", {"overflow": "fold"})):
         t.add_column(col, **kw)
     for r in rows:
         finished = r.state in (UploadState.DONE, UploadState.PRESENT)
         pct = "100%" if finished else (f"{100 * r.bytes_done / r.size:.0f}%" if r.size else "-")
-        t.add_row(str(r.job_id), _clip(r.target, 10), r.state, _bytes(r.size), pct, _clip(r.remote_key, 36))
+        t.add_row(str(r.job_id), escape(r.target), r.state, _bytes(r.size), pct, escape(r.remote_key))
     con.print(t)
     for r in rows:
         if r.error and r.state not in (UploadState.DONE, UploadState.PRESENT):
-            con.print(f"  #{r.job_id} {_clip(r.target, 10)}: {_clip(r.error, 60)}")
+            field(con, f"#{r.job_id}", f"{r.target}: {r.error}", indent=2)
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with Store(cfg.database_path, create=False) as store:
-        job = store.retry(_job_id(args.job))
+        job = store.retry(_job_id(args.job), qc=args.qc)
     print(f"job #{job.id} {job.chip}: {job.state} (the service picks it up at its next tick)")
     return EXIT_OK
 
@@ -409,12 +426,29 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
     data = config_to_dict(cfg, mask=True)
+    warnings = _config_warnings(cfg)
     if args.json:
-        _print_json({"schema": "imageqc.config/1", "valid": True, "config": data})
+        _print_json({"schema": "imageqc.config/1", "valid": True, "warnings": warnings, "config": data})
         return EXIT_OK
-    print(f"{cfg.source}: valid")
+    for w in warnings:
+        print(f"{cfg.source}: warning: {w}", file=sys.stderr)
+    print(f"{cfg.source}: valid" + (f" ({len(warnings)} warning(s) above)" if warnings else ""))
     print(_to_toml(data))
     return EXIT_OK
+
+
+def _config_warnings(cfg: Config) -> list[str]:
+    """What is allowed but probably not meant: watch folders that do not exist (yet) on this machine."""
+    out = []
+    for i, w in enumerate(cfg.watch):
+        if not w.path.exists():
+            out.append(
+                f"watch[{i}].path: the folder {w.path} does not exist here; the service waits for it (shown as "
+                "'folder missing' in imageqc status) and watches it once it appears. Check the path or the share's mount"
+            )
+        elif not w.path.is_dir():
+            out.append(f"watch[{i}].path: {w.path} is a file, not a folder; nothing will be found there")
+    return out
 
 
 _INLINE_TABLES = {"model_classes"}
@@ -506,8 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", help="only this target")
     sp.add_argument("--state", choices=["pending", "active", "done", "present", "retry", "failed", "changed"], help="only this state")
     sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
-    sp = add("retry", cmd_retry, "Run a failed or skipped job again.")
+    sp = add("retry", cmd_retry, "Run a failed or skipped job again (an upload failure resumes the upload, not QC).")
     sp.add_argument("job", help="job id")
+    sp.add_argument("--qc", action="store_true", help="run QC again too, whatever stopped the job (a new verdict replaces the old)")
     sp = add("cancel", cmd_cancel, "Cancel a job (a running one is stopped).")
     sp.add_argument("job", help="job id")
     sp = add("logs", cmd_logs, "Print the service log readably.", json_=True)
@@ -527,10 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     ce.set_defaults(func=cmd_config_example)
     add("version", cmd_version, "Print the version.", config=False, json_=True)
     from daemon.demo import add_demo_command
+    from daemon.follow import add_follow_command
     from daemon.qccmd import add_qc_command
 
     add_qc_command(sub)
     add_demo_command(sub)
+    add_follow_command(sub)
     _add_service_command(sub)
     _add_notify_command(sub)
     return p

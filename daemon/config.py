@@ -28,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, ConfigErrors
 
 __all__ = [
     "Config",
@@ -156,6 +156,12 @@ class QCConfig:
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
+    max_archive_gb: float = _f(
+        64.0,
+        "Refuse a QC archive (.tar.gz) whose members add up to more than this, uncompressed (GiB); checked "
+        "from the tar headers before anything is expanded.",
+        min=0.001, max=1 << 20,
+    )
     model: str = _f(
         "",
         "Clarity model: a sidecar .json describing a model, or an .onnx file used with model_preset and "
@@ -254,7 +260,7 @@ class ServiceConfig:
     max_attempts: int = _f(3, "Attempts per job for transient failures.", min=1, max=100)
     retry_base_s: float = _f(30.0, "First retry delay; doubles each attempt (with jitter).", min=0, max=86400)
     retry_max_s: float = _f(3600.0, "Longest retry delay.", min=0, max=7 * 86400)
-    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long for the running job before abandoning it to lease recovery.", min=0, max=3600)
+    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long in all for running QC jobs and uploads before abandoning them to lease recovery (a second SIGTERM/Ctrl+C stops at once).", min=0, max=3600)
 
 
 #: Events a notification rule can take (daemon/notify.py).
@@ -452,31 +458,69 @@ class _Locator:
         return None
 
 
+class _Reported(Exception):
+    """A part of the file could not be built; its errors are already in ``_Loader.errors``."""
+
+
 class _Loader:
+    """Builds the config dataclasses from TOML data, collecting every error of the file.
+
+    A wrong setting is recorded and its default kept, so the rest of the file is
+    still checked and ``config check`` reports every mistake at once.
+    """
+
     def __init__(self, file: str, text: str | None, base: Path) -> None:
         self.file = file
         self.loc = _Locator(text)
         self.base = base
+        self.errors: list[ConfigError] = []
 
     def error(self, keypath: str, problem: str) -> ConfigError:
         return ConfigError(problem, file=self.file, key=keypath, line=self.loc.line(keypath))
+
+    def report(self, err: ConfigError) -> None:
+        """Record an error, unless one is already recorded for the same setting, a part of it or a whole it is part of.
+
+        (A setting that failed keeps its default; a check of the whole that
+        holds it would only repeat the first error in other words.)
+        """
+        for seen in self.errors:
+            a, b = err.key, seen.key
+            if a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "[")):
+                return
+        self.errors.append(err)
+
+    def check(self, keypath: str, problem: str) -> None:
+        """A cross-setting problem: recorded like the others (see :meth:`report`)."""
+        self.report(self.error(keypath, problem))
 
     def build(self, cls: type, data: Any, keypath: str) -> Any:
         if not isinstance(data, dict):
             raise self.error(keypath, f"must be a table, got {_tname(data)}")
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         hints = typing.get_type_hints(cls)
-        for key in data:
-            if key not in fields:
-                raise self.error(_join(keypath, key), self._unknown(key, list(fields), keypath))
+        failed = False
+        unknown = [key for key in data if key not in fields]
+        for key in unknown:
+            self.report(self.error(_join(keypath, key), self._unknown(key, list(fields), keypath)))
         values: dict[str, Any] = {}
         for name, f in fields.items():
             kp = _join(keypath, name)
             if name not in data:
                 if f.metadata.get("required"):
-                    raise self.error(kp if keypath else name, f"missing required setting ({f.metadata['help']})")
+                    failed = True
+                    if not difflib.get_close_matches(name, unknown, n=1, cutoff=0.6):  # else "did you mean" said it
+                        self.report(self.error(kp if keypath else name, f"missing required setting ({f.metadata['help']})"))
                 continue
-            values[name] = self.convert(hints[name], data[name], kp, f.metadata)
+            try:
+                values[name] = self.convert(hints[name], data[name], kp, f.metadata)
+            except ConfigError as e:
+                self.report(e)
+                failed = failed or bool(f.metadata.get("required"))
+            except _Reported:
+                failed = failed or bool(f.metadata.get("required"))
+        if failed:  # cannot be built without its required settings: the errors say why
+            raise _Reported
         return cls(**values)
 
     def _unknown(self, key: str, known: list[str], keypath: str = "") -> str:
@@ -506,7 +550,18 @@ class _Loader:
             if items and not items[0] <= len(value) <= items[1]:
                 want = f"{items[0]}" if items[0] == items[1] else f"{items[0]} to {items[1]}"
                 raise self.error(kp, f"must be a list of {want} values, got {len(value)}")
-            return tuple(self.convert(item_tp, v, f"{kp}[{i}]", meta) for i, v in enumerate(value))
+            items_out, bad = [], False
+            for i, v in enumerate(value):  # every item is checked, so every item's mistakes are reported
+                try:
+                    items_out.append(self.convert(item_tp, v, f"{kp}[{i}]", meta))
+                except ConfigError as e:
+                    self.report(e)
+                    bad = True
+                except _Reported:
+                    bad = True
+            if bad:  # keep the default list: indices of the others would not match the file
+                raise _Reported
+            return tuple(items_out)
         if origin is dict:
             if not isinstance(value, dict):
                 raise self.error(kp, f"must be a table of strings, got {_tname(value)}")
@@ -598,48 +653,48 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
     for i, t in enumerate(cfg.upload):
         kp = f"upload[{i}]"
         if t.name in names:
-            raise ld.error(f"{kp}.name", f"two upload targets are named {t.name!r}; names must be unique")
+            ld.check(f"{kp}.name", f"two upload targets are named {t.name!r}; names must be unique")
         names.add(t.name)
         if t.type in ("s3", "oss") and not t.bucket:
-            raise ld.error(f"{kp}.bucket", f"missing required setting for a {t.type} target (the bucket name)")
+            ld.check(f"{kp}.bucket", f"missing required setting for a {t.type} target (the bucket name)")
         if t.type == "oss" and not t.endpoint:
-            raise ld.error(f"{kp}.endpoint", "missing required setting for an oss target, e.g. 'https://oss-cn-hangzhou.aliyuncs.com'")
+            ld.check(f"{kp}.endpoint", "missing required setting for an oss target, e.g. 'https://oss-cn-hangzhou.aliyuncs.com'")
         if t.type == "hpc" and not t.path:
-            raise ld.error(f"{kp}.path", "missing required setting for an hpc target (a mounted folder or UNC share)")
+            ld.check(f"{kp}.path", "missing required setting for an hpc target (a mounted folder or UNC share)")
         if t.endpoint and not re.match(r"^https?://[^/\s]+", t.endpoint):
-            raise ld.error(f"{kp}.endpoint", f"{_mask_url(t.endpoint)!r} is not a URL; write e.g. 'https://s3.example.org'")
+            ld.check(f"{kp}.endpoint", f"{_mask_url(t.endpoint)!r} is not a URL; write e.g. 'https://s3.example.org'")
         for attr, parser in (("window", parse_window), ("bandwidth_limit", parse_bandwidth)):
             try:
                 parser(getattr(t, attr))
             except ValueError as e:
-                raise ld.error(f"{kp}.{attr}", str(e)) from None
+                ld.check(f"{kp}.{attr}", str(e))
         cred = t.credentials
         if cred and not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|env|file:.+|profile:.+)$", cred):
-            raise ld.error(f"{kp}.credentials", "must be '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME' (a reference, never the secret)")
+            ld.check(f"{kp}.credentials", "must be '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME' (a reference, never the secret)")
         try:
             _check_template(t.key_template)
         except ValueError as e:
-            raise ld.error(f"{kp}.key_template", str(e)) from None
+            ld.check(f"{kp}.key_template", str(e))
     _notify_checks(cfg, ld)
     if not cfg.watch:
-        raise ld.error("watch", "at least one [[watch]] root is needed")
+        ld.check("watch", "at least one [[watch]] root is needed")
     if cfg.qc.model:
         model = Path(cfg.qc.model)
         if not model.is_file():
-            raise ld.error("qc.model", f"no file at {model}; give the path of the .json sidecar or the .onnx model")
+            ld.check("qc.model", f"no file at {model}; give the path of the .json sidecar or the .onnx model")
         if model.suffix.lower() == ".onnx" and not cfg.qc.model_preset and not cfg.qc.model_classes:
-            raise ld.error("qc.model", "an .onnx model needs model_preset or model_classes (or use its .json sidecar)")
+            ld.check("qc.model", "an .onnx model needs model_preset or model_classes (or use its .json sidecar)")
     elif cfg.qc.model_preset or cfg.qc.model_classes:
-        raise ld.error("qc.model_preset" if cfg.qc.model_preset else "qc.model_classes", "only used with qc.model")
+        ld.check("qc.model_preset" if cfg.qc.model_preset else "qc.model_classes", "only used with qc.model")
     cats = {"good", "mild_blur", "severe_blur", "mild_overexposure", "severe_overexposure", "background"}
     for k, v in cfg.qc.model_classes.items():
         if v not in cats:
-            raise ld.error(f"qc.model_classes.{k}", f"{v!r} is not a category; use one of {', '.join(sorted(cats))}")
+            ld.check(f"qc.model_classes.{k}", f"{v!r} is not a category; use one of {', '.join(sorted(cats))}")
     roots = [w.path.resolve() for w in cfg.watch]
     out = cfg.output_dir.resolve()
     for i, r in enumerate(roots):
         if out == r or r in out.parents:
-            raise ld.error(
+            ld.check(
                 "output.dir",
                 f"the output folder {out} lies inside watch root {cfg.watch[i].path}; "
                 "choose an output folder outside the watched folders",
@@ -656,18 +711,18 @@ def _notify_checks(cfg: Config, ld: _Loader) -> None:
         try:
             parse_clock(n.digest_at)
         except ValueError as e:
-            raise ld.error("notify.digest_at", str(e)) from None
+            ld.check("notify.digest_at", str(e))
     names: set[str] = set()
     for i, r in enumerate(n.rule):
         kp = f"notify.rule[{i}]"
         if r.name in names:
-            raise ld.error(f"{kp}.name", f"two notification rules are named {r.name!r}; names must be unique")
+            ld.check(f"{kp}.name", f"two notification rules are named {r.name!r}; names must be unique")
         names.add(r.name)
         if not r.urls:
-            raise ld.error(f"{kp}.urls", "missing required setting: at least one 'env:NAME' or 'file:PATH' holding apprise URLs")
+            ld.check(f"{kp}.urls", "missing required setting: at least one 'env:NAME' or 'file:PATH' holding apprise URLs")
         for j, ref in enumerate(r.urls):
             if not _URL_REF.match(ref.strip()):
-                raise ld.error(
+                ld.check(
                     f"{kp}.urls[{j}]",
                     "must be 'env:NAME' or 'file:PATH', a reference, never the URL itself (apprise URLs hold tokens): "
                     "put the URL in the service's environment or in a file only the service can read",
@@ -675,11 +730,11 @@ def _notify_checks(cfg: Config, ld: _Loader) -> None:
         try:
             parse_window(r.quiet_hours)
         except ValueError as e:
-            raise ld.error(f"{kp}.quiet_hours", str(e)) from None
+            ld.check(f"{kp}.quiet_hours", str(e))
         if not r.events:
-            raise ld.error(f"{kp}.events", f"empty: name at least one of {', '.join(NOTIFY_EVENTS)}")
+            ld.check(f"{kp}.events", f"empty: name at least one of {', '.join(NOTIFY_EVENTS)}")
         if "digest" in r.events and not n.digest_at:
-            raise ld.error(f"{kp}.events", "'digest' needs notify.digest_at, the local time to send it (e.g. '08:00')")
+            ld.check(f"{kp}.events", "'digest' needs notify.digest_at, the local time to send it (e.g. '08:00')")
 
 
 _TEMPLATE_FIELDS = {"prefix", "site", "chip", "run", "name", "kind", "date"}
@@ -708,9 +763,16 @@ def load_config_text(text: str, *, file: str = "<embedded default>", base: Path 
         line = int(m.group(1)) if m else (text.count("\n") + 1 if "end of document" in str(e) else None)
         raise ConfigError(f"not valid TOML: {e}", file=file, line=line) from None
     ld = _Loader(file, text, base)
-    cfg = ld.build(Config, data, "")
-    cfg = dataclasses.replace(cfg, source=file)
-    _cross_checks(cfg, ld)
+    try:
+        cfg = ld.build(Config, data, "")
+    except _Reported:
+        cfg = None
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, source=file)
+        _cross_checks(cfg, ld)
+    if ld.errors:
+        raise ld.errors[0] if len(ld.errors) == 1 else ConfigErrors(sorted(ld.errors, key=lambda e: e.line or 0))
+    assert cfg is not None
     return cfg
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_QC_FAIL, EXIT_USAGE
 
 __all__ = ["add_demo_command", "cmd_demo"]
 
@@ -29,7 +29,7 @@ def add_demo_command(sub: Any) -> None:
         help="Write a generated DAPI + IF scan set into the watch folder slowly, as a microscope would.",
         description="Write a generated DAPI + IF scan set into the first watch root, in chunks over "
         "--seconds, so a running service discovers, QCs and uploads it. Needs the stain crops of "
-        "shared/data (found beside the checkout or through $IMAGEQC_SHARED_DATA).",
+        "shared/data (--data DIR, $IMAGEQC_SHARED_DATA, or found beside the checkout).",
     )
     sp.add_argument("--config", "-c", metavar="FILE", help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)")
     sp.add_argument("--chip", default="SS200000135TL_D1", help="chip serial to name the files with (default: %(default)s)")
@@ -37,7 +37,15 @@ def add_demo_command(sub: Any) -> None:
     sp.add_argument("--size", type=int, default=4000, help="image side in pixels (default: %(default)s)")
     sp.add_argument("--seconds", type=float, default=20.0, help="how long writing takes (default: %(default)s)")
     sp.add_argument("--no-lines", action="store_true", help="a chip without visible track lines: QC fails and says why")
-    sp.add_argument("--follow", action="store_true", help="after writing, print the job's stages until it ends")
+    sp.add_argument(
+        "--data", metavar="DIR",
+        help="the shared/data folder holding stereo_crops/ (default: $IMAGEQC_SHARED_DATA, else ../shared/data beside the checkout)",
+    )
+    sp.add_argument(
+        "--follow", action="store_true",
+        help="after writing, print the job's stages until it ends; exit 0 on a pass, 3 on a fail, 1 on an error. "
+        "Refuses to start when no running service watches the folder",
+    )
     sp.set_defaults(func=cmd_demo)
 
 
@@ -79,12 +87,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.size < 1000 or args.size > 20000:
         print("imageqc demo: --size must be between 1000 and 20000", file=sys.stderr)
         return EXIT_USAGE
+    if args.follow:
+        problem = _no_service_watching(cfg, inbox)
+        if problem:
+            print(
+                f"imageqc demo --follow: {problem}, so nothing would ever be followed. Start the service in another "
+                f"terminal with the same config (imageqc run, or make run in the checkout), or leave out --follow.",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     try:
         from qc.testing.chips import generate_chip, generate_if, shared_data_dir
 
-        data = shared_data_dir()
-    except FileNotFoundError as e:
-        print(f"imageqc demo: {e}", file=sys.stderr)
+        data = shared_data_dir(args.data)
+    except FileNotFoundError:
+        where = args.data or os.environ.get("IMAGEQC_SHARED_DATA") or "../shared/data beside the source checkout"
+        print(
+            f"imageqc demo: the demo builds its chip from real stain crops, and none were found in {where} "
+            "(a folder holding stereo_crops/). Give the folder on the command line: imageqc demo --data /path/to/shared/data "
+            "(or set IMAGEQC_SHARED_DATA to it)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     inbox.mkdir(parents=True, exist_ok=True)
     print(f"generating a {args.size} x {args.size} DAPI chip and a {args.if_name} IF image for {args.chip} ...", flush=True)
@@ -106,6 +129,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not args.follow:
         return EXIT_OK
     return _follow(cfg, args.chip, started=time.time())
+
+
+def _no_service_watching(cfg: Any, folder: Path, *, wait_s: float = 10.0) -> str | None:
+    """Why no running service would pick up files written into ``folder``, or None when one does.
+
+    Waits up to ``wait_s`` for a heartbeat, for a service that is just starting.
+    """
+    from daemon.status import collect_status
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        st = collect_status(cfg)
+        svc = st["service"]
+        if svc.get("running"):
+            watched = {os.path.normcase(os.path.abspath(str(w.get("path")))) for w in st["watchers"]}
+            if os.path.normcase(os.path.abspath(folder)) in watched:
+                return None
+            problem = f"the service running on {svc.get('host')} (pid {svc.get('pid')}) does not watch {folder}"
+        else:
+            problem = f"no service is running with state folder {cfg.state_dir} ({svc.get('reason') or 'no heartbeat'})"
+        if time.monotonic() >= deadline:
+            return problem
+        time.sleep(0.5)
 
 
 def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> int:
@@ -144,6 +190,8 @@ def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> 
                     print(f"archive: {result['archive']}")
             if job.error:
                 print(f"error: {job.error}")
-            return EXIT_OK if job.state != "failed" else EXIT_FAILURE
+            if job.state == "failed":
+                return EXIT_FAILURE
+            return EXIT_QC_FAIL if result and result["verdict"] == "fail" else EXIT_OK
     print("gave up following after 30 minutes; is the service running? (imageqc status)", file=sys.stderr)
     return EXIT_FAILURE

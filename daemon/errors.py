@@ -11,6 +11,7 @@ from pathlib import Path
 __all__ = [
     "DaemonError",
     "ConfigError",
+    "ConfigErrors",
     "StoreError",
     "DatabaseUnavailable",
     "IllegalTransition",
@@ -50,6 +51,22 @@ class ConfigError(DaemonError):
         where = self.file if line is None else f"{self.file}:{line}"
         what = f"{key}: {problem}" if key else problem
         super().__init__(f"{where}: {what}")
+
+
+class ConfigErrors(ConfigError):
+    """Several settings of one file are wrong: every one is reported at once, a line each.
+
+    ``errors`` holds them; the attributes of :class:`ConfigError` are the first one's.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.problem, file=first.file, key=first.key, line=first.line)
+        self.errors = list(errors)
+        self.args = ("\n".join(str(e) for e in self.errors),)
+
+    def __str__(self) -> str:
+        return "\n".join(str(e) for e in self.errors)
 
 
 class StoreError(DaemonError):

@@ -45,6 +45,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
+from daemon.follow import AUTOSTART_NAME, autostart_entry
 from daemon.fsinfo import is_network_path
 from daemon.hosting import ServiceInstallError, config_folders, stop_timeout_seconds
 
@@ -72,6 +73,8 @@ __all__ = [
 UNIT_NAME = "imageqc.service"
 #: Where ``service install --systemd`` writes the unit by default.
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+#: XDG autostart folder of all users (GNOME, KDE, Xfce read it at logon).
+DEFAULT_AUTOSTART_DIR = Path("/etc/xdg/autostart")
 #: The dedicated account the service runs as.
 DEFAULT_USER = "imageqc"
 #: A state_dir here (or below) is managed by systemd (``StateDirectory=imageqc``).
@@ -462,8 +465,16 @@ def add_service_parser(sub: Any) -> None:
     ip.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, help=f"systemd: where to write {UNIT_NAME} (default {DEFAULT_UNIT_DIR})")
     ip.add_argument("--username", metavar="ACCOUNT", help="Windows: run as this account (DOMAIN\\user, or a gMSA ending in $); default LocalSystem")
     ip.add_argument("--startup", choices=["delayed", "auto", "manual"], default="delayed", help="Windows: start type (default delayed automatic)")
+    ip.add_argument(
+        "--follow-at-logon", action="store_true",
+        help="also start `imageqc follow --notify` at every desktop logon, so technicians see verdicts as notifications "
+        "(Linux: an XDG autostart file; Windows: a shortcut in the all-users Startup folder)",
+    )
+    ip.add_argument("--autostart-dir", type=Path, default=DEFAULT_AUTOSTART_DIR,
+                    help=f"Linux: where --follow-at-logon writes its autostart file (default {DEFAULT_AUTOSTART_DIR})")
     rp = action("remove", "Remove the service (systemd: print the commands that do it).")
     rp.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, help=f"systemd: where {UNIT_NAME} is")
+    rp.add_argument("--autostart-dir", type=Path, default=DEFAULT_AUTOSTART_DIR, help="Linux: where a --follow-at-logon autostart file is")
     action("start", "Start the service (Windows; on Linux use systemctl).")
     action("stop", "Stop the service (Windows; on Linux use systemctl).")
 
@@ -490,7 +501,8 @@ def cmd_service(args: argparse.Namespace) -> int:
     if action == "remove":
         unit_path = Path(args.unit_dir) / UNIT_NAME
         print("Run as root:")
-        for step in (f"systemctl disable --now {UNIT_NAME}", f"rm -f {_sh(str(unit_path))}", "systemctl daemon-reload"):
+        autostart = Path(args.autostart_dir) / AUTOSTART_NAME
+        for step in (f"systemctl disable --now {UNIT_NAME}", f"rm -f {_sh(str(unit_path))} {_sh(str(autostart))}", "systemctl daemon-reload"):
             print(f"  {step}")
         print("The state folder, outputs and logs are kept; delete them yourself if they are no longer needed.")
         return 0
@@ -504,13 +516,26 @@ def _systemd_install(args: argparse.Namespace) -> int:
     out = sys.stdout
     for w in unit.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    autostart = None
+    if args.follow_at_logon:
+        command, _warning = imageqc_command()
+        autostart = autostart_entry([*command, "follow", "--notify", "--config", str(unit.config_path)])
     if args.dry_run:
         out.write(unit.text)
         print(f"\n# Would write {Path(args.unit_dir) / unit.name}. Then, as root:", file=out)
         for step in next_steps(unit):
             print(f"#   {step}", file=out)
+        if autostart is not None:
+            print(f"\n# Would write {Path(args.autostart_dir) / AUTOSTART_NAME}:", file=out)
+            out.write(autostart)
         return 0
     target, changed = install_systemd_unit(unit, Path(args.unit_dir))
+    if autostart is not None:
+        folder = Path(args.autostart_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / AUTOSTART_NAME).write_text(autostart, encoding="utf-8")
+        print(f"wrote {folder / AUTOSTART_NAME}: at each desktop logon `imageqc follow --notify` shows new verdicts "
+              f"(the desktop users need read access to {unit.config_path} and the state folder)")
     print(f"{'wrote' if changed else 'unchanged'} {target} (imageqc {__version__}, config {unit.config_path})")
     print("Next, as root:")
     for step in next_steps(unit):

@@ -129,5 +129,5 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 def _short(v: Any) -> str:
-    text = v if isinstance(v, str) else json.dumps(v, default=str)
-    return text if len(text) <= 120 else text[:117] + "..."
+    """A value as written on the line: strings bare, the rest as JSON; never cut."""
+    return v if isinstance(v, str) else json.dumps(v, default=str)

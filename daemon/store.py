@@ -89,7 +89,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.QC_DONE: frozenset({S.UPLOADING, S.DONE, S.SKIPPED, S.FAILED, S.SUPERSEDED, S.QUEUED}),
     S.UPLOADING: frozenset({S.DONE, S.QC_DONE, S.FAILED, S.SUPERSEDED, S.QUEUED}),
     S.FAILED: frozenset({S.QUEUED, S.QC_DONE, S.SUPERSEDED}),
-    S.SKIPPED: frozenset({S.QC_DONE, S.SUPERSEDED}),
+    S.SKIPPED: frozenset({S.QC_DONE, S.QUEUED, S.SUPERSEDED}),
     S.DONE: frozenset(),
     S.SUPERSEDED: frozenset(),
 }
@@ -251,6 +251,10 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (event, key)
     );
     CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+    """,
+    # 5: what QC read: path -> {size, mtime_ns, sha256} of every input (JSON), re-verified before upload
+    """
+    ALTER TABLE qc_results ADD COLUMN inputs TEXT;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -474,6 +478,7 @@ class Store:
             self._open_readonly(busy_timeout_s)
             return
         if create:
+            self._refuse_beside_a_saved_copy()
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -502,6 +507,21 @@ class Store:
                 raise DatabaseUnavailable(self._missing()) from None
             self._raise_unavailable(e)
 
+    def _refuse_beside_a_saved_copy(self) -> None:
+        """A missing database with a copy the service saved when it was deleted: only the service's start
+        puts the copy back; a new, empty database here would hide it."""
+        if self.path.exists():
+            return
+        from daemon.stateguard import saved_copies
+
+        copies = saved_copies(self.path)
+        if copies:
+            msg = (
+                f"the job database {self.path} is missing; the service saved what it held as {copies[-1]} when it "
+                "was deleted: start the service (`imageqc run`) to resume from that copy"
+            )
+            raise DatabaseUnavailable(msg)
+
     def _missing(self) -> str:
         return (
             f"the job database {self.path} is missing (deleted or moved?); it is not created here, only the "
@@ -511,16 +531,8 @@ class Store:
     def _open_readonly(self, busy_timeout_s: float) -> None:
         """For `imageqc status` and friends: never creates, migrates or locks anything."""
         if not self.path.exists():
-            from daemon.stateguard import saved_copies
-
-            copies = saved_copies(self.path)
-            if copies:
-                msg = (
-                    f"the job database {self.path} is missing; the service saved what it held as {copies[-1]} when "
-                    "it was deleted: start the service (`imageqc run`) to resume from that copy"
-                )
-            else:
-                msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
+            self._refuse_beside_a_saved_copy()
+            msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
             raise DatabaseUnavailable(msg)
         try:
             self._conn = sqlite3.connect(
@@ -978,17 +990,23 @@ class Store:
                 moved.append(job.id)
         return moved
 
-    def retry(self, job_id: int, *, now: float | None = None) -> Job:
-        """By hand: a failed or skipped job goes back to where it stopped, now."""
+    def retry(self, job_id: int, *, qc: bool = False, now: float | None = None) -> Job:
+        """By hand: a failed or skipped job goes back to where it stopped, now.
+
+        ``qc``: QC runs again whatever stopped the job (a new verdict replaces the
+        old one), e.g. after the thresholds or the model changed.
+        """
         job = self.get_job(job_id)
         state = JobState(job.state)
-        if state is S.FAILED:
-            target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
-        elif state is S.SKIPPED:
-            target = S.QC_DONE
-        else:
+        if state not in (S.FAILED, S.SKIPPED):
             raise IllegalTransition(job_id, state.value, "retry (only failed or skipped jobs are retried)")
-        return self.transition(job_id, target, now=now, message="retry requested")
+        if qc:
+            target = S.QUEUED
+        elif state is S.FAILED:
+            target = S.QC_DONE if job.failed_stage == "upload" else S.QUEUED
+        else:
+            target = S.QC_DONE
+        return self.transition(job_id, target, now=now, message="retry requested" + (", QC runs again" if qc else ""))
 
     def cancel(self, job_id: int, *, now: float | None = None, reason: str = "cancelled by operator") -> Job:
         """Stop a job: it ends ``failed`` with the reason and is not retried automatically.
@@ -1016,6 +1034,42 @@ class Store:
                 done.append(job.id)
         return done
 
+    def send_back_to_qc(self, job_id: int, *, reason: str, owner: str | None = None, now: float | None = None) -> Job:
+        """A QC'd job whose inputs are no longer what QC read goes back to the queue: QC runs again.
+
+        From ``qc_done``, ``failed`` or ``uploading`` (with ``owner``: only while
+        that owner holds it). In the same transaction the job's upload records
+        of inputs, and of outputs never sent, are dropped: the new QC run plans
+        its own (its run id is in the keys) and each input is checked and sent
+        again. Inputs already stored for the old run are named in the event
+        (``reason`` plus where they are); they are not deleted from the target.
+        """
+        now = _now(now)
+        with self.db() as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(job_id)
+            if JobState(job.state) not in (S.QC_DONE, S.UPLOADING, S.FAILED):
+                raise IllegalTransition(job_id, job.state, f"{S.QUEUED.value} (only QC'd jobs are sent back to QC)")
+            self._check(job, S.QUEUED, owner)
+            stored = c.execute(
+                "SELECT target, remote_key FROM uploads WHERE job_id = ? AND kind = 'inputs' AND state = ? ORDER BY id",
+                (job_id, UploadState.DONE.value),
+            ).fetchall()
+            finished = [x.value for x in UPLOAD_FINISHED]
+            c.execute(
+                f"DELETE FROM uploads WHERE job_id = ? AND (kind = 'inputs' OR state NOT IN ({','.join('?' * len(finished))}))",
+                (job_id, *finished),
+            )
+            message = reason
+            if stored:
+                keys = ", ".join(f"{r['target']}:{r['remote_key']}" for r in stored[:3]) + (" ..." if len(stored) > 3 else "")
+                message += f" ({len(stored)} input file(s) already stored for the old QC run stay there: {keys})"
+            data = {"stored_for_old_run": [[r["target"], r["remote_key"]] for r in stored]} if stored else None
+            self._apply(c, job, S.QUEUED, now, message, None, None, None, data)
+            c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job_id,))
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+
     # -- QC results -------------------------------------------------------------
 
     def save_result(
@@ -1028,9 +1082,14 @@ class Store:
         archive: str | None = None,
         now: float | None = None,
         owner: str | None = None,
+        inputs: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Store a job's QC report. With ``owner``, only while that owner holds the job running
-        (a QC child orphaned by a killed service cannot overwrite a newer run's result)."""
+        (a QC child orphaned by a killed service cannot overwrite a newer run's result).
+
+        ``inputs``: what QC read, ``path -> {size, mtime_ns, sha256}``; the uploads check each
+        input's content against it.
+        """
         text = report if isinstance(report, str) else json.dumps(report)
         with self.db() as c:
             if owner is not None:
@@ -1040,10 +1099,11 @@ class Store:
                 if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
                     raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", "save QC result")
             c.execute(
-                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)"
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
-                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at",
-                (job_id, verdict, text, output_dir, archive, _now(now)),
+                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
+                " inputs=excluded.inputs",
+                (job_id, verdict, text, output_dir, archive, _now(now), None if inputs is None else json.dumps(inputs)),
             )
 
     def get_result(self, job_id: int) -> dict[str, Any] | None:
@@ -1053,6 +1113,7 @@ class Store:
             return None
         d = dict(row)
         d["report"] = json.loads(d["report"])
+        d["inputs"] = json.loads(d["inputs"]) if d.get("inputs") else None
         return d
 
     def verdicts(self, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:

@@ -260,7 +260,7 @@ def run_qc(
                 continue
             art["stitching"][img.name] = sres
             art["tile_sizes"][img.name] = {t.name: (t.width, t.height) for t in tiles}
-            chk = check_stitching(img.name, sres, th, required=required)
+            chk = check_stitching(img.name, sres, th, required=required, layout=_layout_note(img))
             art["passed"][("stitching", img.name)] = chk.passed
             block = dict(sres.summary())
             block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
@@ -311,10 +311,32 @@ def run_qc(
         operator=settings.operator,
         site=settings.site,
         thresholds={k: getattr(th, k) for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")},
+        checks=tuple(
+            {"metric": c.metric, "image": c.image, "value": c.score, "threshold": c.threshold,
+             "passed": c.passed, "required": c.required, "reason": c.reason, "detail": c.detail}
+            for c in verdict.checks
+        ),
         artifacts=art,
     )
     st.at("verdict", 1.0)
     return report
+
+
+def _layout_note(img: Any) -> str:
+    """Where a tiled image's nominal tile positions came from, and what changes them (for the stitching advice)."""
+    source = getattr(img, "position_source", None)
+    ov = getattr(img, "overlap", None)
+    used = f"{ov[0]:.0%} x {ov[1]:.0%}" if ov and abs(ov[0] - ov[1]) > 1e-9 else (f"{ov[0]:.0%}" if ov else "")
+    option = "the watch root's tile_overlap, or imageqc qc --tile-overlap"
+    if source == "TileConfiguration":
+        return "positions from the folder's TileConfiguration.txt"
+    if source == "metadata overlap":
+        return f"used {used}, from the microscope's metadata in the folder, which overrides tile_overlap"
+    if source == "default overlap":
+        return f"used {used}, the default, as nothing gave one; set {option}"
+    if source == "given overlap":
+        return f"used {used}, from {option}"
+    return "positions from the stage coordinates in the file"
 
 
 def write_run_outputs(

@@ -77,6 +77,9 @@ class MetricCheck:
     passed: bool
     required: bool
     reason: str | None = None
+    #: The measured value as a person reads it, where one number is not enough
+    #: (calibration: offset and similarity).
+    detail: str | None = None
 
     @property
     def fails_qc(self) -> bool:
@@ -150,8 +153,13 @@ def check_clarity(image: str, result: Any, thresholds: Thresholds) -> MetricChec
     return MetricCheck("clarity", image, score, f">= {_fmt(thresholds.clarity)}", ok, False, reason)
 
 
-def check_stitching(image: str, result: Any, thresholds: Thresholds, *, required: bool) -> MetricCheck:
-    """Stitching: required for DAPI+mIF (or by config), advisory otherwise."""
+def check_stitching(image: str, result: Any, thresholds: Thresholds, *, required: bool, layout: str = "") -> MetricCheck:
+    """Stitching: required for DAPI+mIF (or by config), advisory otherwise.
+
+    ``layout`` says where the tiles' nominal positions came from (the overlap
+    used and the option that changes it), for the advice.
+    """
+    overlap = f"the tile overlap ({layout})" if layout else "the tile overlap setting"
     score = float(result.score)
     ok = score >= thresholds.stitching
     reason = None
@@ -164,10 +172,10 @@ def check_stitching(image: str, result: Any, thresholds: Thresholds, *, required
         elif crit is not None and getattr(crit, "clear_share", 1.0) <= getattr(crit, "min_clear_share", 0.3):
             what = (
                 f"only {crit.clear_share:.0%} of fields of view have clear overlap features "
-                f"(needs more than {crit.min_clear_share:.0%}); check the tile overlap setting and focus"
+                f"(needs more than {crit.min_clear_share:.0%}); check {overlap} and focus"
             )
         else:
-            what = "tile overlaps do not agree well; check stage calibration and the tile overlap setting"
+            what = f"tile overlaps do not agree well; check stage calibration and {overlap}"
         tag = "" if required else " (advisory)"
         reason = f"{image}: stitching score {_fmt(score)} < {_fmt(thresholds.stitching)}{tag}: {what}"
     return MetricCheck("stitching", image, score, f">= {_fmt(thresholds.stitching)}", ok, required, reason)
@@ -194,7 +202,7 @@ def check_calibration(image: str, result: Any, thresholds: Thresholds, *, refere
             "re-acquire with the same stage position or re-export the registered images"
         )
     thr = f"offset <= {thresholds.calibration_offset_px:g} px, similarity >= {thresholds.calibration_similarity:g}"
-    return MetricCheck("calibration", image, sim, thr, ok, True, reason)
+    return MetricCheck("calibration", image, sim, thr, ok, True, reason, detail=f"offset {offset:.1f} px, similarity {sim:.3f}")
 
 
 def decide(checks: list[MetricCheck] | tuple[MetricCheck, ...], *, problems: tuple[str, ...] = ()) -> Verdict:

@@ -212,9 +212,15 @@ def cli_action(args: argparse.Namespace) -> int:
         if not config:
             raise ServiceInstallError("a service needs a configuration file: pass --config FILE", exit_code=2)
         lines = install(config, username=args.username, password=_password_for(args.username), startup=args.startup)
+        if getattr(args, "follow_at_logon", False):
+            from windows_service.desktop import install_logon_shortcut
+
+            lines += install_logon_shortcut(os.path.abspath(config))
         lines.append("start it: imageqc service start")
     elif action == "remove":
-        lines = remove()
+        from windows_service.desktop import remove_logon_shortcut
+
+        lines = remove() + remove_logon_shortcut()
     elif action == "start":
         lines = start()
     else:

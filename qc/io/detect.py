@@ -21,6 +21,21 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _IMAGE_SUFFIX = re.compile(r"\.(ome\.tiff?|tiff?|czi)$", re.IGNORECASE)
 _ARCHIVE_SUFFIX = re.compile(r"\.(tar\.gz|tgz)$", re.IGNORECASE)
 _HINTS = {".tif": "tiff", ".tiff": "tiff", ".czi": "czi", ".gz": "tar.gz", ".tgz": "tar.gz"}
+#: Formats we do not read, named by their first bytes so the error says what the file is.
+_OTHER_MAGICS = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\x00\x00\x00\x0cjP  \r\n", "a JPEG 2000 image"),
+    (b"\xffO\xffQ", "a JPEG 2000 codestream"),
+    (b"BM", "a BMP image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (an IPR or h5 file, not an image)"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"%PDF", "a PDF document"),
+    (b"BZh", "a bzip2 file"),
+    (b"\xfd7zXZ\x00", "an xz file"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+)
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -67,6 +82,11 @@ def detect_format(path: str | Path, fileobj: BinaryIO | None = None) -> str:
     hinted = _HINTS.get(path.suffix.lower())
     if not head:
         raise CorruptImageError(path, "the file is empty (0 bytes)")
+    other = next((what for magic, what in _OTHER_MAGICS if head.startswith(magic)), None)
+    export = "Export the scan from the microscope software as TIFF (or CZI) and let the new file replace this one"
+    if other is not None:
+        named = f"the name says {hinted.upper()} but the file is {other}" if hinted else f"the file is {other}"
+        raise UnsupportedFormatError(path, f"{named}; imageqc reads TIFF, CZI and QC archives", hint=export)
     if hinted is not None:
         problem = f"the name says {hinted.upper()} but the file does not start with a {hinted.upper()} header"
         raise CorruptImageError(path, problem)

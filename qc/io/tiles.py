@@ -26,7 +26,7 @@ from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
 from qc.io.model import Image, Tile
 from qc.io.tiffcheck import walk_tiff
-from qc.io.tilenames import TileFolderInfo, inspect_tile_folder, read_tile_configuration
+from qc.io.tilenames import TILE_SUFFIXES, TileFolderInfo, inspect_tile_folder, read_tile_configuration
 
 __all__ = ["TileFolderImage", "read_tile_file", "DEFAULT_OVERLAP"]
 
@@ -114,6 +114,11 @@ class TileFolderImage(Image):
         self.limits = limits
         info = inspect_tile_folder(folder, pattern=pattern, cols=cols)
         self.info: TileFolderInfo = info
+        if not info.tiles and not info.ignored:
+            others = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:3] if folder.is_dir() else []
+            problem = "the folder is empty" if not others else f"the folder holds no image files (found e.g. {others[0]!r})"
+            hint = f"A tile folder holds the FOV images ({', '.join(TILE_SUFFIXES)}); wait for the export to finish or check the path"
+            raise UnsupportedFormatError(self.path, problem, hint=hint)
         if not info.tiles:
             problem = "no tile names follow a known convention (_RRRR_CCCC_, [Grid@C R], _sNN_, --StageNN)"
             if info.ignored:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -64,7 +65,8 @@ def _out(capsys):
 
 
 def _fits(text: str) -> None:
-    too_wide = [line for line in text.splitlines() if len(line) > 80]
+    """Every line within 80 columns, but a path to copy (printed whole on its own line)."""
+    too_wide = [line for line in text.splitlines() if len(line) > 80 and not line.startswith("archive ")]
     assert not too_wide, too_wide
 
 
@@ -85,7 +87,8 @@ def test_status_json_and_human(state, capsys):
     (verdict,) = st["recent_verdicts"]
     assert verdict["job_id"] == ids["SS200000135TL_D1"] and verdict["verdict"] == "fail"
     assert verdict["chip"] == "SS200000135TL_D1" and verdict["reason"].startswith("track line score 42 < 60")
-    assert "recent QC" in text and "SS200000135TL_D1 fail" in text and "track line score 42" in text
+    assert "recent QC" in text and "SS200000135TL_D1 FAIL" in text and "track line score 42" in text
+
 
 
 def test_status_on_a_folder_where_nothing_ran(tmp_path, monkeypatch, capsys):
@@ -116,7 +119,7 @@ def test_jobs_lists_filters_and_json(state, capsys):
     _fits(text)
     assert text.index("A02677B5") < text.index("SS200000135TL_D1")  # newest first
     row = next(line for line in text.splitlines() if "SS200000135TL_D1" in line)
-    assert " fail " in row and "track line score 42" in row  # the verdict and its first reason
+    assert " QC FAIL " in row and "track line score 42" in row  # the verdict and its first reason
     assert main(["jobs", "--chip", "SS200000135TL_D1", "--json"]) == 0
     (done,) = json.loads(_out(capsys)[0])["jobs"]
     assert done["verdict"] == "fail" and done["reason"].startswith("track line score 42 < 60")
@@ -136,9 +139,10 @@ def test_show_human_and_json(state, capsys):
     assert main(["show", str(job)]) == 0
     text = _out(capsys)[0]
     _fits(text)
-    assert "verdict   fail" in text and "track line score 42 < 60" in text and "qc_done -> skipped" in text
-    # the archive SAW takes is named whole (folded at the terminal's width, never cut)
-    assert ARCHIVE in "".join(line.strip() for line in text.splitlines() if not line.startswith(("verdict", "  reason")))
+    assert "QC FAIL" in text.splitlines()[0] and "state skipped" in text.splitlines()[0]
+    assert "verdict   FAIL" in text and "track line score 42 < 60" in text and "qc_done -> skipped" in text
+    # the archive SAW takes is named whole, on one line to copy (the terminal wraps it)
+    assert f"archive   {ARCHIVE}" in text.splitlines()
     assert "--image-tar" in text
     assert main(["show", str(job), "--json"]) == 0
     data = json.loads(_out(capsys)[0])
@@ -202,6 +206,87 @@ def test_a_bad_config_is_a_usage_error_for_every_command(tmp_path, capsys):
         assert "service.workers: must be >= 1" in _out(capsys)[1]
 
 
+ADVICE = (
+    "SS200000135TL_D1.tif: track line score 12 < 60: no line grid found; check focus and exposure and that "
+    "the chip serial SS200000135TL_D1 is right (its track template decides where lines are expected)"
+)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_no_human_view_cuts_the_reason_or_its_advice(make_config, tmp_path, monkeypatch, capsys, columns):
+    """#15: status, jobs, show, uploads and logs print the whole reason and advice at 80 and 200 columns."""
+    cfg = make_config()
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(tmp_path / "imageqc.toml"))
+    monkeypatch.setenv("COLUMNS", str(columns))
+    error = "upload target 'hpc': the share /mnt/hpc/stereo-seq/site-a/incoming is full. free space there; uploads resume " * 2
+    checks = [
+        {"metric": "track", "image": "SS200000135TL_D1", "value": 12.0, "threshold": ">= 60", "passed": False, "required": True,
+         "reason": ADVICE, "detail": None},
+        {"metric": "clarity", "image": "SS200000135TL_D1", "value": 71.5, "threshold": ">= 80", "passed": False, "required": False,
+         "reason": "clarity 71.5 < 80 (advisory)", "detail": None},
+        {"metric": "calibration", "image": "SS200000135TL_D1_CD31_IF", "value": 0.41, "threshold": "offset <= 20 px, similarity >= 0.01",
+         "passed": True, "required": True, "reason": None, "detail": "offset 7.2 px, similarity 0.410"},
+    ]
+    with Store(cfg.database_path) as s:
+        ssid, _ = s.add_scan_set(chip="SS200000135TL_D1", root=str(cfg.watch[0].path), fingerprint="fp",
+                                 members=[{"name": "SS200000135TL_D1", "path": "x.tif", "size": 1}])
+        job = s.create_job(ssid)
+        s.claim("w")
+        s.save_result(job, verdict="fail", report={"verdict": "fail", "reasons": [ADVICE], "checks": checks}, archive=ARCHIVE)
+        s.transition(job, JobState.QC_DONE, owner="w")
+        s.transition(job, JobState.SKIPPED)
+        ssid2, _ = s.add_scan_set(chip="A02677B5", root=str(cfg.watch[0].path), fingerprint="fp2",
+                                  members=[{"name": "A02677B5", "path": "y.tif", "size": 1}])
+        job2 = s.create_job(ssid2)
+        s.claim("w")
+        s.transition(job2, JobState.FAILED, owner="w", error=error, failed_stage="upload")
+        s.plan_uploads(job2, [{"target": "hpc", "kind": "input", "local_path": "y.tif", "remote_key": "site-a/" + "deep/" * 20 + "A02677B5.tif",
+                              "size": 1, "mtime_ns": 1}])
+    configure_logging(file=cfg.log_file, console="off")
+    with bind_job(job, "SS200000135TL_D1"):
+        get_logger("imageqc.test").warning("qc verdict", reason=ADVICE)
+    configure_logging(console="off")
+    logging.getLogger().handlers.clear()
+
+    for argv, wanted in (
+        (["status"], [ADVICE, error.strip()]),
+        (["jobs"], [ADVICE, error.strip()]),
+        (["show", str(job)], [ADVICE, ARCHIVE, "offset 7.2 px, similarity 0.410", "offset <= 20 px, similarity >= 0.01"]),
+        (["uploads"], ["site-a/" + "deep/" * 20 + "A02677B5.tif"]),
+        (["logs"], [ADVICE]),
+    ):
+        assert main(argv) == 0, argv
+        text = _out(capsys)[0]
+        if argv != ["logs"]:  # log lines stay whole lines (grep); a terminal wraps them
+            too_wide = [line for line in text.splitlines() if len(line) > columns and not line.startswith("archive ")]
+            assert not too_wide, (argv, too_wide)
+        for w in wanted:  # wrapped or folded, never cut: every character is there, in order
+            assert "".join(w.split()) in "".join(text.split()), (argv, w, text)
+    assert main(["show", str(job)]) == 0
+    text = _out(capsys)[0]
+    flat = " ".join(text.split())
+    assert "track SS200000135TL_D1: 12 (needs >= 60) FAIL" in flat
+    assert "clarity SS200000135TL_D1: 72 (needs >= 80) below (advisory: does not fail QC)" in flat
+
+
+def test_retry_qc_runs_qc_again_for_a_skipped_or_failed_upload_job(state, capsys):
+    """#15: `retry --qc` sends a job back to QC whatever stopped it; plain retry resumes where it stopped."""
+    cfg, ids = state
+    skipped = ids["SS200000135TL_D1"]
+    assert main(["retry", str(skipped)]) == 0  # plain: back to qc_done (upload, if one is configured now)
+    assert "qc_done" in _out(capsys)[0]
+    with Store(cfg.database_path) as s:
+        s.transition(skipped, JobState.SKIPPED)
+    assert main(["retry", "--qc", str(skipped)]) == 0
+    assert "queued" in _out(capsys)[0]
+    with Store(cfg.database_path) as s:
+        job = s.get_job(skipped)
+        assert job.state == "queued"
+        assert s.events(skipped)[-1].message == "retry requested, QC runs again"
+    assert main(["retry", "--qc", str(ids["C02533C"])]) == 1  # running: nothing to retry
+    assert "only failed or skipped" in _out(capsys)[1]
+
+
 def _strict_json(text: str):
     """Parse JSON as other programs do: ``Infinity`` and ``NaN`` are not JSON."""
 
@@ -223,7 +308,7 @@ def test_infinite_times_an_older_recovery_stamped_are_shown_as_a_dash_and_null(s
         c.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ?", (inf, ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]))
     assert main(["show", str(job)]) == 0
     text = _out(capsys)[0]
-    assert "\n  -  - -> queued" in text  # the history line's time is '-'
+    assert re.search(r"^\s+-\s+- -> queued", text, re.MULTILINE), text  # the history line's time is '-'
     assert main(["show", str(job), "--json"]) == 0
     data = _strict_json(_out(capsys)[0])
     assert data["job"]["updated_at"] is None and data["job"]["queued_at"] is None and data["events"][0]["at"] is None

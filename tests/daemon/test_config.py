@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -215,6 +216,35 @@ def test_config_check_cli_ok_and_errors_exit_2(tmp_path, capsys):
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"imageqc: {bad}:3: watch[0].settle_seconds: must be a number, got a string 'soon'"]
+
+
+def test_config_check_reports_every_error_at_once_and_warns_about_missing_watch_folders(tmp_path, capsys):
+    """#15: one error per run made fixing a site file a loop; a watch folder that does not exist was not mentioned."""
+    bad = tmp_path / "site.toml"
+    bad.write_text(
+        "[site]\nopertor = 'ana'\n"                            # 2: unknown key
+        "[[watch]]\npath = 'scans'\nsettle_seconds = -5\n"    # 5: out of range
+        "[[watch]]\npath = 'more'\nnaming = 'strictest'\n"    # 8: not a choice
+        "[[upload]]\nname = 'hpc'\ntype = 'hpc'\n"            # 9: hpc without a path (a cross-setting check)
+        "[qc]\nthreads = 'two'\n"                              # 13: wrong type
+    )
+    assert main(["config", "check", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"imageqc: {bad}:2: site.opertor: unknown setting; did you mean 'operator'?",
+        f"{bad}:5: watch[0].settle_seconds: must be >= 0 (got -5)",
+        f"{bad}:8: watch[1].naming: must be one of strict, lenient (got 'strictest'); did you mean 'strict'?",
+        f"{bad}:9: upload[0].path: missing required setting for an hpc target (a mounted folder or UNC share)",
+        f"{bad}:13: qc.threads: must be a whole number, got a string 'two'",
+    ]
+    good = tmp_path / "good.toml"
+    good.write_text("[[watch]]\npath = 'not-there-yet'\n")
+    assert main(["config", "check", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert "valid (1 warning(s) above)" in out
+    assert f"watch[0].path: the folder {tmp_path / 'not-there-yet'} does not exist here" in err
+    assert main(["config", "check", str(good), "--json"]) == 0
+    assert "does not exist here" in json.loads(capsys.readouterr().out)["warnings"][0]
 
 
 def test_optional_paths_resolve_against_the_config_folder_too(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 from daemon.config import load_config_text
 from daemon.discovery import Discovery
+from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.status import collect_status
 from daemon.store import Store
@@ -69,6 +70,8 @@ def test_a_job_database_deleted_under_the_service_stops_it_and_the_next_start_re
     assert not cfg.database_path.exists()  # no QC child (or anything else) made a new, empty one
     st = collect_status(cfg)
     assert f"the service saved what it held as {saved[0]}" in st["service"]["reason"]
+    with pytest.raises(DatabaseUnavailable, match="start the service .* to resume from that copy"):
+        Store(cfg.database_path)  # `imageqc qc`'s pair cache, say: no new database hides the copy
 
     d2 = Daemon(cfg, target="tests.daemon.targets:ok", components=[Discovery(cfg)])
     d2.start()

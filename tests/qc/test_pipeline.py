@@ -13,7 +13,7 @@ import tifffile
 
 from qc.io import open_scan_set
 from qc.pair_cache import MemoryPairCache
-from qc.pipeline import QCSettings, run_qc, write_run_outputs
+from qc.pipeline import QCSettings, _layout_note, run_qc, write_run_outputs
 from qc.testing.chips import generate_chip, generate_if, write_chip_tiff
 from qc.testing.tiles import make_tile_set, write_tile_folder
 
@@ -165,6 +165,11 @@ def test_a_tile_folder_gets_stitching_and_a_fiji_tile_configuration(sets, tmp_pa
     with open_scan_set(paths) as scan:  # warm: every pair from the cache
         again = run_qc(scan, QCSettings(), cache).as_dict()["images"][0]["stitching"]
     assert again["pairs_computed"] == 0 and again["pairs_cached"] == 12
+    with open_scan_set(paths) as scan:  # what the stitching advice would say about where the positions came from
+        note = _layout_note(scan.images[0])
+    assert note == "used 10%, from the microscope's metadata in the folder, which overrides tile_overlap"
+    (chk,) = [c for c in rep.checks if c["metric"] == "stitching"]
+    assert chk["passed"] and chk["required"] is False and chk["threshold"] == ">= 60"
 
 
 def test_if_images_without_a_nuclear_image_fail_with_what_is_missing(sets, tmp_path):

@@ -58,6 +58,14 @@ def test_stitching_required_only_when_asked_and_names_the_tile():
     assert not adv.fails_qc and "(advisory)" in adv.reason and "FOV_0001_0002" in adv.reason
 
 
+def test_stitching_advice_names_the_overlap_used_and_the_option_that_changes_it():
+    """#15: "check the tile overlap setting" said neither which overlap was used nor where to change it."""
+    res = NS(score=20.0, max_deviation_px=3.0, outliers=(), criterion=NS(clear_share=0.1, min_clear_share=0.3))
+    layout = "used 10%, the default, as nothing gave one; set the watch root's tile_overlap, or imageqc qc --tile-overlap"
+    chk = check_stitching("A02677B5", res, T, required=True, layout=layout)
+    assert chk.fails_qc and f"check the tile overlap ({layout}) and focus" in chk.reason
+
+
 @pytest.mark.parametrize(
     ("offset", "sim", "passed", "words"),
     [((3.0, -4.0), 0.5, True, None), ((16.0, 13.0), 0.5, False, "offset 20.6 px > 20 px"),

@@ -142,3 +142,39 @@ def test_the_windows_half_of_the_cli_fake_service_manager(fake_scm, make_config,
     assert "is running" in run("start")
     assert "stopped" in run("stop")
     assert "removed service imageqc" in run("remove")
+
+
+def test_follow_at_logon_puts_a_startup_shortcut_fake_wscript_shell(fake_scm, make_config, monkeypatch, capsys, tmp_path):
+    """The shortcut is made through WScript.Shell, which exists only on Windows: faked here, the folder is real."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from daemon.cli import build_parser
+    from windows_service import desktop
+
+    saved: dict[str, object] = {}
+
+    class FakeLink:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def Save(self) -> None:
+            saved.update(vars(self))
+            open(self.path, "wb").close()
+
+    client = ModuleType("win32com.client")
+    client.Dispatch = lambda prog_id: SimpleNamespace(CreateShortcut=FakeLink) if prog_id == "WScript.Shell" else None
+    monkeypatch.setitem(sys.modules, "win32com.client", client)
+    startup = tmp_path / "StartUp"
+    startup.mkdir()
+    monkeypatch.setattr(desktop, "common_startup_folder", lambda env=None: startup)
+    monkeypatch.setattr(manage, "_drive_type", lambda root: 3)
+    cfg = make_config()
+    argv = ["service", "install", "--config", cfg.source, "--follow-at-logon", "--windows"]
+    assert manage.cli_action(build_parser().parse_args(argv)) == 0
+    assert f"wrote {startup / desktop.SHORTCUT_NAME}" in capsys.readouterr().out
+    assert saved["Arguments"] == f'-m daemon.cli follow --notify --config "{cfg.source}"'
+    assert (startup / desktop.SHORTCUT_NAME).exists()
+    assert manage.cli_action(build_parser().parse_args(["service", "remove", "--windows"])) == 0
+    assert f"removed {startup / desktop.SHORTCUT_NAME}" in capsys.readouterr().out
+    assert not (startup / desktop.SHORTCUT_NAME).exists()

@@ -56,6 +56,21 @@ def test_detection_errors(tmp_path):
         open_image(tmp_path / "missing.tif")
 
 
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [(b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"), (b"\x89PNG\r\n\x1a\n\x00\x00", "a PNG image"),
+     (b"\x89HDF\r\n\x1a\n\x00", "an HDF5 file")],
+)
+def test_a_file_of_another_format_is_named_by_what_it_is(tmp_path, head, what):
+    """#15: a JPEG named .tif was described by its raw first bytes."""
+    for name, said in (("A02677B5.tif", f"the name says TIFF but the file is {what}"), ("A02677B5.jpg", f"the file is {what}")):
+        path = tmp_path / name
+        path.write_bytes(head + bytes(64))
+        with pytest.raises(UnsupportedFormatError) as err:
+            open_image(path)
+        assert said in str(err.value) and "\\x" not in str(err.value) and "Export the scan" in str(err.value)
+
+
 def test_roles_and_overrides(tmp_path):
     with open_image(tif(tmp_path / f"{CHIP}.tif")) as a:
         assert a.role == "nuclear"

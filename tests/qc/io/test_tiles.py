@@ -175,3 +175,15 @@ def test_folder_without_known_names(tmp_path):
     save(folder / "overview.tif", np.zeros((4, 4), np.uint8))
     with pytest.raises(UnsupportedFormatError, match="overview.tif"):
         open_image(folder)
+
+
+def test_an_empty_folder_is_called_empty_not_a_naming_problem(tmp_path):
+    """#15: an empty tile folder was reported as "no tile names follow a known convention"."""
+    folder = tmp_path / "A02677B5"
+    folder.mkdir()
+    with pytest.raises(UnsupportedFormatError, match="the folder is empty") as err:
+        open_image(folder)
+    assert "convention" not in str(err.value) and "wait for the export to finish" in str(err.value)
+    (folder / "notes.txt").write_text("scan started")
+    with pytest.raises(UnsupportedFormatError, match="holds no image files .*notes.txt"):
+        open_image(folder)

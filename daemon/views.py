@@ -1,0 +1,92 @@
+"""Pieces the human views (`status`, `jobs`, `show`, `uploads`, `qc`, `demo`) are built from.
+
+Nothing a person needs is ever cut: a long value wraps at the console's width
+under its own column (words first, a path or a long word folded), so the
+reason and the advice that follows it are always read whole. The console is
+rich's: colour on a terminal, plain text when the output is a pipe or a file;
+its width is the terminal's, else ``$COLUMNS``, else 80.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["LABEL_WIDTH", "check_line", "console", "field", "job_label", "verdict_markup", "whole"]
+
+#: Width of the label column of labelled lines ("verdict   fail").
+LABEL_WIDTH = 10
+
+
+def console() -> Any:
+    """A rich console for the human views (see the module text for width and colour)."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, emoji=False)
+
+
+def field(con: Any, label: str, value: Any, *, markup: bool = False, indent: int = 0) -> None:
+    """Print ``label`` then ``value``, the value wrapped under itself, never cut.
+
+    ``value`` is plain text unless ``markup`` (rich markup, for colour words).
+    """
+    from rich.text import Text
+
+    lead = max(LABEL_WIDTH, indent + len(label) + 1)
+    body = Text.from_markup(str(value)) if markup else Text("-" if value is None else str(value))
+    lines = body.wrap(con, max(20, con.width - lead), overflow="fold") if body.plain else [Text("")]
+    for i, line in enumerate(lines):
+        head = (" " * indent + label).ljust(lead) if i == 0 else " " * lead
+        line.rstrip()
+        con.print(Text(head) + line if line.plain else Text(head.rstrip()), soft_wrap=True)
+
+
+def whole(con: Any, label: str, value: Any) -> None:
+    """Print ``label`` and ``value`` on one line however long: a path to copy (the terminal wraps it, the copy stays whole)."""
+    from rich.text import Text
+
+    con.print(Text(label.ljust(LABEL_WIDTH) + str(value)), soft_wrap=True)
+
+
+def verdict_markup(verdict: str | None) -> str:
+    """The verdict word in its colour: pass green, fail bold red."""
+    if verdict == "pass":
+        return "[green]PASS[/]"
+    if verdict == "fail":
+        return "[bold red]FAIL[/]"
+    return verdict or "-"
+
+
+def job_label(state: str, verdict: str | None) -> str:
+    """What a technician should read for a job (rich markup).
+
+    A QC verdict that ended the job is named as such: a failing chip reads
+    "QC FAIL" whatever happened after (``skipped`` only means that no upload is
+    configured, so the verdict is all there is; ``done`` adds "uploaded").
+    """
+    if state in ("skipped", "done") and verdict in ("pass", "fail"):
+        word = "[bold red]QC FAIL[/]" if verdict == "fail" else "[green]QC pass[/]"
+        return word + (", uploaded" if state == "done" else "")
+    if state == "failed":
+        return "[red]failed[/]"
+    return state
+
+
+def check_line(c: Mapping[str, Any]) -> str:
+    """One judged metric as a line of rich markup: image, value, threshold, result."""
+    from rich.markup import escape
+
+    value = c.get("value")
+    if c.get("detail"):
+        shown = str(c["detail"])
+    elif value is None:
+        shown = "n/a"
+    else:
+        shown = f"{value:.0f}" if abs(float(value)) >= 10 else f"{value:.3g}"
+    if c.get("passed"):
+        result = "[green]pass[/]"
+    elif c.get("required", True):
+        result = "[bold red]FAIL[/]"
+    else:
+        result = "[yellow]below (advisory: does not fail QC)[/]"
+    return f"{escape(str(c.get('image', '')))}: {escape(shown)} (needs {escape(str(c.get('threshold', '')))}) {result}"

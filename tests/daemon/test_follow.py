@@ -1,0 +1,135 @@
+"""`imageqc follow [--notify]`: new verdicts printed, and shown through a real D-Bus notification server.
+
+The desktop is real as far as it exists here: a private dbus-daemon session bus
+and a notification server on it (tests/notification_server.py), reached by
+desktop-notifier exactly as on a technician's Linux desktop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.follow import AUTOSTART_NAME, desktop_problem
+from daemon.store import JobState, Store
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a D-Bus session bus is a Linux desktop's")
+
+REASON = "SS200000135TL_D1.tif: track line score 12 < 60: no line grid found; check focus and exposure"
+
+
+def _verdict(cfg, chip: str, verdict: str, reason: str = "") -> int:
+    with Store(cfg.database_path) as s:
+        ssid, _ = s.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp-{chip}",
+                                 members=[{"name": chip, "path": f"{chip}.tif", "size": 1}])
+        job = s.create_job(ssid)
+        s.claim("w")
+        s.save_result(job, verdict=verdict, report={"verdict": verdict, "reasons": [reason] if reason else []})
+        s.transition(job, JobState.QC_DONE, owner="w")
+        s.transition(job, JobState.SKIPPED)
+    return job
+
+
+@pytest.fixture
+def session_bus(tmp_path):
+    """A real D-Bus session bus with a notification server on it; yields (env, received-file)."""
+    if not shutil.which("dbus-daemon"):
+        pytest.skip("dbus-daemon is not installed (Debian: apt-get install dbus)")
+    sock = tmp_path / "bus"
+    bus = subprocess.Popen(
+        ["dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:path={sock}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    address = bus.stdout.readline().strip()
+    env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": address}
+    received = tmp_path / "received.jsonl"
+    server = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "notification_server.py"), str(received)],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        yield env, received
+    finally:
+        for p in (server, bus):
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_follow_notify_shows_each_new_verdict_on_the_desktop_once(make_config, tmp_path, session_bus):
+    env, received = session_bus
+    cfg = make_config()
+    old = _verdict(cfg, "C02533C", "pass")  # before follow starts: not shown (no --since)
+    env = {**env, "IMAGEQC_CONFIG": str(tmp_path / "imageqc.toml"), "PYTHONPATH": os.getcwd()}
+    follow = subprocess.Popen([sys.executable, "-m", "daemon.cli", "follow", "--notify", "--interval", "0.2"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "following QC verdicts" in follow.stdout.readline()
+        failed = _verdict(cfg, "SS200000135TL_D1", "fail", REASON)
+        passed = _verdict(cfg, "A02677B5", "pass")
+
+        def two() -> list[dict] | None:
+            rows = [json.loads(x) for x in received.read_text().splitlines()] if received.exists() else []
+            return rows if len(rows) >= 2 else None
+
+        assert wait_for(two, timeout=60), f"two notifications never reached the D-Bus server: {two()}"
+        time.sleep(0.6)  # three more looks: nothing is shown twice
+        rows = [json.loads(x) for x in received.read_text().splitlines()]
+    finally:
+        follow.terminate()
+        out, err = follow.communicate(timeout=30)
+    assert [r["summary"] for r in rows] == ["QC FAIL: SS200000135TL_D1", "QC pass: A02677B5"], (rows, err)
+    assert rows[0]["app"] == "imageqc" and rows[0]["urgency"] == 2 and rows[1]["urgency"] == 1  # critical, normal
+    assert REASON in rows[0]["body"] and f"imageqc show {failed}" in rows[0]["body"]
+    assert f"#{failed} SS200000135TL_D1  QC FAIL: {REASON}" in out and f"#{passed} A02677B5  QC pass" in out
+    assert f"#{old} " not in out
+
+
+def test_follow_notify_without_a_desktop_says_so_and_exits_2(make_config, tmp_path, monkeypatch, capsys):
+    make_config()
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(tmp_path / "imageqc.toml"))
+    monkeypatch.delenv("DBUS_SESSION_BUS_ADDRESS", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-runtime"))
+    assert main(["follow", "--notify"]) == 2
+    err = capsys.readouterr().err
+    assert "no desktop session here: no D-Bus session bus" in err and "--follow-at-logon" in err
+    # a bus address that leads nowhere: the notification service does not answer
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", f"unix:path={tmp_path / 'nobody-listens'}")
+    assert main(["follow", "--notify"]) == 2
+    assert "notification service does not answer" in capsys.readouterr().err
+
+
+def test_desktop_problem_in_windows_session_0_fake_session_api(monkeypatch):
+    """Windows session 0 cannot be entered here: the session query is faked (the only fake in this file)."""
+    import types
+
+    fake = types.ModuleType("windows_service.desktop")
+    fake.session_id = lambda: 0
+    monkeypatch.setitem(sys.modules, "windows_service.desktop", fake)
+    assert "session 0" in desktop_problem({}, platform="win32")
+    fake.session_id = lambda: 2
+    assert desktop_problem({}, platform="win32") is None
+
+
+def test_service_install_follow_at_logon_writes_an_xdg_autostart_file(make_config, tmp_path, capsys):
+    make_config()
+    conf = tmp_path / "imageqc.toml"
+    auto = tmp_path / "autostart"
+    (tmp_path / "units").mkdir()
+    args = ["service", "install", "--systemd", "--config", str(conf), "--follow-at-logon", "--autostart-dir", str(auto),
+            "--unit-dir", str(tmp_path / "units")]
+    assert main([*args, "--dry-run"]) == 0
+    assert f"Would write {auto / AUTOSTART_NAME}" in capsys.readouterr().out and not auto.exists()
+    assert main(args) == 0
+    text = (auto / AUTOSTART_NAME).read_text()
+    exec_line = next(line for line in text.splitlines() if line.startswith("Exec="))
+    assert exec_line.endswith(f"follow --notify --config {conf}") and "Type=Application" in text
+    assert main(["service", "remove", "--systemd", "--autostart-dir", str(auto)]) == 0
+    assert str(auto / AUTOSTART_NAME) in capsys.readouterr().out  # the rm line names it
