@@ -115,9 +115,18 @@ class Verdict:
     recheck_at: float | None = None
 
 
-def fingerprint(members: Iterable[MemberState]) -> str:
-    """SHA-256 of the members' names, formats, sizes, mtimes and file counts (tile folders: every tile)."""
-    rows = sorted((m.name, m.format, m.stat.size, m.stat.mtime_ns, m.stat.files, m.stat.sig) for m in members)
+def fingerprint(members: Iterable[MemberState], root: str | None = None) -> str:
+    """SHA-256 of the members' names, formats, sizes, mtimes and file counts (tile folders: every tile).
+
+    With ``root``, each member's path under it counts too: the same files
+    renamed or moved to another folder are another scan set. Without it: the
+    identity of jobs queued before paths counted (discovery still finds them).
+    """
+    rows = sorted(
+        (m.name, m.format, m.stat.size, m.stat.mtime_ns, m.stat.files, m.stat.sig)
+        + (() if root is None else (os.path.relpath(m.path, root).replace(os.sep, "/"),))
+        for m in members
+    )
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 

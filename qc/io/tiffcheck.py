@@ -20,6 +20,7 @@ import numpy as np
 
 from qc.errors import CorruptImageError
 from qc.io.limits import ReadLimits, check_dimensions
+from qc.io.regular import open_regular
 
 __all__ = ["MAX_SUBIFD_DEPTH", "IfdSummary", "check_tiff_whole", "walk_tiff"]
 
@@ -201,7 +202,7 @@ def walk_tiff(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(name) if name is not None else Path(source)
         try:
-            with Path(source).open("rb") as fh:
+            with open_regular(source) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 walker = _Walker(fh, size, path, limits)
                 walker.walk(walker.first, "#")
