@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,18 +42,33 @@ def _console() -> Any:
     return console()
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not a finite number (a time an old recovery stamped) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON: never ``Infinity`` or ``NaN`` (null instead)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _ts(t: float | None) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
-    return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a time beyond what the platform can show
+        return "-"
 
 
 def _ago(t: float | None, now: float) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
     d = max(0.0, now - t)
     if d < 90:
@@ -378,7 +394,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.retry(_job_id(args.job), qc=args.qc)
     print(f"job #{job.id} {job.chip}: {job.state} (the service picks it up at its next tick)")
     return EXIT_OK
@@ -386,7 +402,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.cancel(_job_id(args.job), reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}")
     print(f"job #{job.id} {job.chip}: cancelled (state {job.state}; `imageqc retry {job.id}` runs it again)")
     return EXIT_OK
