@@ -26,7 +26,15 @@ from daemon.errors import DaemonError, JobNotFound
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.naming import shown_name
 from daemon.store import JobState, Store
-from daemon.views import check_line, field, job_label, verdict_markup, whole
+from daemon.views import (
+    check_line,
+    field,
+    human_age,
+    human_bytes,
+    job_label,
+    verdict_markup,
+    whole,
+)
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -70,25 +78,11 @@ def _ts(t: float | None) -> str:
 def _ago(t: float | None, now: float) -> str:
     if not t or not math.isfinite(t):
         return "-"
-    d = max(0.0, now - t)
-    if d < 90:
-        return f"{d:.0f}s ago"
-    if d < 5400:
-        return f"{d / 60:.0f}m ago"
-    if d < 2 * 86400:
-        return f"{d / 3600:.1f}h ago"
-    return f"{d / 86400:.0f}d ago"
+    return human_age(now - t, short=True) + " ago"
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    return human_bytes(n)
 
 
 def _member_where(member: dict[str, Any], root: str) -> str:

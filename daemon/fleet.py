@@ -31,6 +31,7 @@ from daemon import __version__
 from daemon.config import Config, UploadTarget
 from daemon.errors import DaemonError, UploadError
 from daemon.logging import get_logger
+from daemon.views import human_age, human_bytes
 
 __all__ = [
     "FLEET_SCHEMA",
@@ -318,23 +319,11 @@ def read_fleet(config: Config, *, target: str | None = None, now: float | None =
 
 
 def _age(seconds: float) -> str:
-    s = max(0.0, seconds)
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
+    return human_age(seconds)
 
 
 def _bytes(n: float | None) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    return human_bytes(n or 0)
 
 
 def pc_line(entry: Mapping[str, Any]) -> str:

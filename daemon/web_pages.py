@@ -15,6 +15,13 @@ from typing import Any
 from urllib.parse import quote
 
 from daemon.store import Event, Job, JobState
+from daemon.views import (
+    OUTCOME_WORDS,
+    check_outcome,
+    check_value,
+    human_age,
+    human_bytes,
+)
 
 __all__ = ["STYLE", "job_page", "message_page", "status_page"]
 
@@ -39,27 +46,11 @@ def _ts(at: float | None) -> str:
 
 
 def _ago(at: float | None, now: float) -> str:
-    if at is None:
-        return "never"
-    s = max(0.0, now - float(at))
-    if s < 90:
-        return f"{s:.0f} s ago"
-    if s < 5400:
-        return f"{s / 60:.0f} min ago"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h ago"
-    return f"{s / 86400:.1f} days ago"
+    return "never" if at is None else human_age(now - float(at)) + " ago"
 
 
 def _bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
+    return human_bytes(n)
 
 
 def _verdict(v: str | None) -> str:
@@ -192,20 +183,9 @@ def _waiting(w: Mapping[str, Any], now: float) -> list[str]:
 
 
 def _check_row(c: Mapping[str, Any]) -> list[str]:
-    value = c.get("value")
-    if c.get("detail"):
-        shown = str(c["detail"])
-    elif value is None:
-        shown = "n/a"
-    else:
-        shown = f"{value:.0f}" if abs(float(value)) >= 10 else f"{value:.3g}"
-    if c.get("passed"):
-        result = '<span class="pass">pass</span>'
-    elif c.get("required", True):
-        result = '<span class="fail">FAIL</span>'
-    else:
-        result = '<span class="advisory">below (advisory: does not fail QC)</span>'
-    return [_h(c.get("metric")), _h(c.get("image")), _h(shown), _h(c.get("threshold")), result]
+    outcome = check_outcome(c)
+    result = f'<span class="{outcome}">{_h(OUTCOME_WORDS[outcome])}</span>'
+    return [_h(c.get("metric")), _h(c.get("image")), _h(check_value(c)), _h(c.get("threshold")), result]
 
 
 def job_page(
