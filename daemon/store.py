@@ -257,6 +257,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE qc_results ADD COLUMN inputs TEXT;
     """,
+    # 6: the newest verdicts (status, follow, the status page) without sorting every result
+    """
+    CREATE INDEX IF NOT EXISTS qc_results_created ON qc_results(created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
