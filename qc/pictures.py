@@ -156,6 +156,13 @@ def _versus(label: str, value: float | None, threshold: float | None, verdict: s
     return f"{label} {_num(value)} {'>=' if value >= threshold else '<'} {_num(threshold)}"
 
 
+def _site_threshold(check: Any, passed: bool | None, default: float) -> float | None:
+    """The threshold to print: the check's, unless ``passed`` overrides its decision (then unknown)."""
+    if check is None:
+        return default if passed is None else None
+    return _threshold(check, default) if passed is None or passed == check.passed else None
+
+
 def _verdict(check: Any, passed: bool | None, own: bool | None, required: bool) -> str:
     """The rules' decision: ``passed`` (the run's record) over the check's over the metric's own."""
     if check is not None:
@@ -347,7 +354,7 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passe
         y = body.shape[0] + caption.shape[0]
         body = stack([body, caption, row], max(body.shape[1], row.shape[1]))
         boxes = [(bx, by + y, bw, bh) for bx, by, bw, bh in boxes]
-    threshold = _threshold(check, None if passed is not None else 60.0)
+    threshold = _site_threshold(check, passed, 60.0)
     more = []
     if result.found:
         more.append(f"angle {result.angle_deg:+.3f} deg, scale {result.scale[0]:.4f} x {result.scale[1]:.4f} px/DNB, "
@@ -442,7 +449,7 @@ def draw_stitching(
         cv2.rectangle(canvas, p0, p1, colour, 2 if fov.outlier else 1, cv2.LINE_AA)
     body = _frame(canvas)
     width = max(body.shape[1], 900)
-    threshold = _threshold(check, None if passed is not None else 60.0)
+    threshold = _site_threshold(check, passed, 60.0)
     n = len(result.fovs)
     clear = sum(1 for f in result.fovs if f.clear_consistent)
     more = [
