@@ -244,8 +244,9 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
 
     Taken while the image is open (the picture never reads the file). In each
     quadrant the crossing in the plainest surroundings (least texture on the
-    thumbnail, so rather chip surface than tissue) is chosen among the measured crossings, else the fitted
-    ones, else the quadrant's centre is shown. Returns one dict per inset:
+    thumbnail, so rather chip surface than tissue) is chosen among the
+    measured crossings, else the fitted ones; with no grid at all, the
+    plainest place, where lines would show best. Returns one dict per inset:
     ``where``, ``x0``, ``y0`` (top-left, full-resolution px), ``pixels``,
     ``crossing`` (``(x, y)`` or None), ``lines`` (``(kx, ky)`` or None),
     ``measured`` (bool).
@@ -257,6 +258,10 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
     mean = cv2.blur(grey, (k, k))
     busy = np.sqrt(np.maximum(cv2.blur(grey * grey, (k, k)) - mean * mean, 0))  # tissue: texture
     half = size / 2
+    crossings = len(cand) > 0
+    if not crossings:  # no grid: places on a lattice, to show whether lines are there at all
+        gx, gy = np.meshgrid(np.arange(half, w - half + 1, size), np.arange(half, h - half + 1, size))
+        cand = np.column_stack([gx.ravel(), gy.ravel(), np.zeros((gx.size, 2))])
     out = []
     for q, where in enumerate(_QUADRANTS):
         qx0, qy0 = (w / 2) * (q % 2), (h / 2) * (q // 2)
@@ -273,10 +278,11 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
                 pick = c[int(np.argmin(busy[ty, tx] / 255.0 + 0.3 * far))]
         xy = centre if pick is None else pick[:2]
         x0, y0 = round(xy[0] - half), round(xy[1] - half)
+        hit = crossings and pick is not None
         out.append({
             "where": where, "x0": x0, "y0": y0, "pixels": _crop(plane, x0, y0, size, size),
-            "crossing": None if pick is None else (float(pick[0]), float(pick[1])),
-            "lines": None if pick is None else (int(pick[2]), int(pick[3])), "measured": measured and pick is not None,
+            "crossing": (float(pick[0]), float(pick[1])) if hit else None,
+            "lines": (int(pick[2]), int(pick[3])) if hit else None, "measured": measured and hit,
         })
     return tuple(out)
 
@@ -306,7 +312,7 @@ def _inset_cells(insets: Sequence[Mapping[str, Any]], result: Any, legend: Legen
             else:
                 notes.append("fitted crossing (not measured)")
         else:
-            notes.append("no crossing found here")
+            notes.append("no grid crossing known")
         cells.append(stack([cell, text_block(notes, max(cell.shape[1], 200), scale=0.5)]))
         boxes.append((x + pad, pad, cw, ch))
         x += cells[-1].shape[1] + 12
@@ -349,7 +355,10 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passe
         cv2.rectangle(body, p0, p1, legend.use(INSET_C, "regions shown at full resolution below"), 1, cv2.LINE_8)
     row, boxes = _inset_cells(insets, result, legend)
     if row.size:
-        what = "Full resolution (1:1) around a line crossing in each quadrant; ticks in each frame: where the fitted lines cross its edges"
+        if any(i.get("crossing") is not None for i in insets):
+            what = "Full resolution (1:1) around a line crossing in each quadrant; ticks in each frame: where the fitted lines cross its edges"
+        else:
+            what = "Full resolution (1:1), the plainest place in each quadrant: no grid was fitted, so no lines are marked"
         caption = text_block([what], body.shape[1])
         y = body.shape[0] + caption.shape[0]
         body = stack([body, caption, row], max(body.shape[1], row.shape[1]))
@@ -617,7 +626,8 @@ def _checks_table(checks: Sequence[Mapping[str, Any]], width: int, legend: Legen
     words = {"pass": "pass", "fail": "FAIL", "advisory": "advisory"}
     for c in checks:
         verdict = judgement(c.get("passed"), bool(c.get("required", True)))
-        cells = [str(c.get("image", "")), str(c.get("metric", "")), _value_text(c), str(c.get("threshold", ""))]
+        metric = str(c.get("metric", "")) + ("" if c.get("required", True) else " (advisory)")
+        cells = [str(c.get("image", "")), metric, _value_text(c), str(c.get("threshold", ""))]
         wrapped = [wrap(t, round((width - 2 * pad) * share) - 12) for t, (_, share) in zip(cells, _COLUMNS)]
         n = max(len(wl) for wl in wrapped)
         row = np.full((n * lh + 8, width, 3), PAPER, np.uint8)
