@@ -224,18 +224,26 @@ def _crop(arr: np.ndarray, x0: int, y0: int, w: int, h: int) -> np.ndarray:
     return out
 
 
-def _crossing_candidates(result: Any) -> tuple[np.ndarray, bool]:
-    """``(n, 4)`` crossings ``x, y, kx, ky`` and whether they were measured (else fitted)."""
+def _candidate_tiers(result: Any, w: int, h: int, size: int) -> list[tuple[np.ndarray, str]]:
+    """Places an inset may show, best kind first: ``(n, 4)`` arrays ``x, y, kx, ky`` and their kind.
+
+    Kinds: ``measured`` crossings, ``fitted`` crossings (where the grid puts
+    them), ``plain`` places on a lattice (no crossing known).
+    """
+    tiers = []
     measured = np.asarray(getattr(result, "crossings", np.zeros((0, 4))), dtype=np.float64).reshape(-1, 4)
     if len(measured):
-        return measured, True
-    if not result.found:
-        return np.zeros((0, 4)), False
-    gl = result.grid_lines(*result.image_size)
-    kx, ky = np.meshgrid(gl.index[gl.axis == 0], gl.index[gl.axis == 1])
-    g = result.grid
-    pts = g.chip_to_image(g.line_positions(kx.ravel()), g.line_positions(ky.ravel())).reshape(-1, 2)
-    return np.column_stack([pts, kx.ravel(), ky.ravel()]), False
+        tiers.append((measured, "measured"))
+    if result.found:
+        gl = result.grid_lines(*result.image_size)
+        kx, ky = np.meshgrid(gl.index[gl.axis == 0], gl.index[gl.axis == 1])
+        g = result.grid
+        pts = g.chip_to_image(g.line_positions(kx.ravel()), g.line_positions(ky.ravel())).reshape(-1, 2)
+        tiers.append((np.column_stack([pts, kx.ravel(), ky.ravel()]), "fitted"))
+    half = size / 2
+    gx, gy = np.meshgrid(np.arange(half, w - half + 1, size), np.arange(half, h - half + 1, size))
+    tiers.append((np.column_stack([gx.ravel(), gy.ravel(), np.zeros((gx.size, 2))]), "plain"))
+    return tiers
 
 
 def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor: int, *,
@@ -243,31 +251,27 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
     """Full-resolution crops of four line crossings, one per quadrant, for the track picture.
 
     Taken while the image is open (the picture never reads the file). In each
-    quadrant the crossing in the plainest surroundings (least texture on the
+    quadrant the place in the plainest surroundings (least texture on the
     thumbnail, so rather chip surface than tissue) is chosen among the
-    measured crossings, else the fitted ones; with no grid at all, the
+    measured crossings there, else the fitted ones; with no grid at all, the
     plainest place, where lines would show best. Returns one dict per inset:
     ``where``, ``x0``, ``y0`` (top-left, full-resolution px), ``pixels``,
     ``crossing`` (``(x, y)`` or None), ``lines`` (``(kx, ky)`` or None),
     ``measured`` (bool).
     """
     h, w = plane.shape[:2]
-    cand, measured = _crossing_candidates(result)
     grey = _grey(thumb).astype(np.float32)
     k = max(3, (2 * size // factor) | 1)
     mean = cv2.blur(grey, (k, k))
     busy = np.sqrt(np.maximum(cv2.blur(grey * grey, (k, k)) - mean * mean, 0))  # tissue: texture
     half = size / 2
-    crossings = len(cand) > 0
-    if not crossings:  # no grid: places on a lattice, to show whether lines are there at all
-        gx, gy = np.meshgrid(np.arange(half, w - half + 1, size), np.arange(half, h - half + 1, size))
-        cand = np.column_stack([gx.ravel(), gy.ravel(), np.zeros((gx.size, 2))])
+    tiers = _candidate_tiers(result, w, h, size)
     out = []
     for q, where in enumerate(_QUADRANTS):
         qx0, qy0 = (w / 2) * (q % 2), (h / 2) * (q // 2)
         centre = np.array([qx0 + w / 4, qy0 + h / 4])
-        pick: np.ndarray | None = None
-        if len(cand):
+        pick, kind = centre, "plain"
+        for cand, tier in tiers:
             x, y = cand[:, 0], cand[:, 1]
             inq = (x >= max(qx0, half)) & (x < min(qx0 + w / 2, w - half)) & (y >= max(qy0, half)) & (y < min(qy0 + h / 2, h - half))
             if inq.any():
@@ -275,14 +279,14 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
                 ty = np.clip((c[:, 1] / factor).astype(int), 0, busy.shape[0] - 1)
                 tx = np.clip((c[:, 0] / factor).astype(int), 0, busy.shape[1] - 1)
                 far = np.hypot(*(c[:, :2] - centre).T) / math.hypot(w, h)
-                pick = c[int(np.argmin(busy[ty, tx] / 255.0 + 0.3 * far))]
-        xy = centre if pick is None else pick[:2]
-        x0, y0 = round(xy[0] - half), round(xy[1] - half)
-        hit = crossings and pick is not None
+                pick, kind = c[int(np.argmin(busy[ty, tx] / 255.0 + 0.3 * far))], tier
+                break
+        x0, y0 = round(pick[0] - half), round(pick[1] - half)
+        hit = kind != "plain"
         out.append({
             "where": where, "x0": x0, "y0": y0, "pixels": _crop(plane, x0, y0, size, size),
             "crossing": (float(pick[0]), float(pick[1])) if hit else None,
-            "lines": (int(pick[2]), int(pick[3])) if hit else None, "measured": measured and hit,
+            "lines": (int(pick[2]), int(pick[3])) if hit else None, "measured": kind == "measured",
         })
     return tuple(out)
 
@@ -461,10 +465,15 @@ def draw_stitching(
     threshold = _site_threshold(check, passed, 60.0)
     n = len(result.fovs)
     clear = sum(1 for f in result.fovs if f.clear_consistent)
+
+    def met(sub_score: float) -> str:  # each sub-score maps its condition's threshold to 60
+        return "met" if sub_score >= 60 else "NOT met"
+
+    unmatched = f", {crit.unmatched} FOV(s) matching no neighbour" if crit.unmatched else ""
     more = [
-        f"clear, consistent FOVs {clear} of {n} ({crit.clear_share:.0%}; needs > {crit.min_clear_share:.0%})",
-        f"mean offset quality {crit.mean_quality:.2f} (needs > {crit.min_mean_quality:g})",
-        f"largest deviation {result.max_deviation_px:.1f} px (limit {tol:g} px)",
+        f"clear, consistent FOVs {clear} of {n} ({crit.clear_share:.0%}; needs > {crit.min_clear_share:.0%}): {met(crit.share_score)}",
+        f"mean offset quality {crit.mean_quality:.2f} (needs > {crit.min_mean_quality:g}): {met(crit.quality_score)}",
+        f"largest deviation {result.max_deviation_px:.1f} px (limit {tol:g} px{unmatched}): {met(crit.placement_score)}",
         _advisory_note(verdict),
     ]
     header = header_band(verdict, _versus("stitching score", float(result.score), threshold, verdict),

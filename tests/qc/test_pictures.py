@@ -174,6 +174,25 @@ def test_the_track_insets_are_full_resolution_crops_shown_1_to_1(runs):
     assert len(quads) == 4
 
 
+def test_without_a_grid_the_insets_still_show_each_quadrant_at_full_resolution(runs):
+    """A failed track fit: four full-resolution crops, one per quadrant, with nothing claimed as a crossing."""
+    run = runs["fail"]
+    assert not run.report.artifacts["track"][CHIP].found
+    insets = run.report.artifacts["track_insets"][CHIP]
+    plane = run.planes[CHIP]
+    w, h = plane.shape[1], plane.shape[0]
+    quads = set()
+    for ins in insets:
+        x0, y0 = ins["x0"], ins["y0"]
+        assert ins["crossing"] is None and not ins["measured"]
+        assert np.array_equal(ins["pixels"], plane[y0 : y0 + P.INSET_PX, x0 : x0 + P.INSET_PX])
+        quads.add((x0 + P.INSET_PX / 2 >= w / 2, y0 + P.INSET_PX / 2 >= h / 2))
+    assert len(quads) == 4
+    pic = _pictures(run.report)[f"{CHIP} track"]
+    assert [(bw, bh) for _, _, bw, bh in pic.insets] == [(P.INSET_PX, P.INSET_PX)] * 4
+    assert P.LINE_C not in pic.legend and P.MEASURED_C not in pic.legend  # no grid drawn, nothing claimed
+
+
 def test_the_calibration_crops_are_full_resolution_and_undo_the_offset(runs):
     run = runs["pass"]
     crops = run.report.artifacts["calibration_crops"][f"{CHIP}_CD31_IF"]
