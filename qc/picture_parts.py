@@ -185,6 +185,8 @@ class Legend:
         """The legend band: a swatch of each colour (exactly as drawn) and its meaning, then ``notes``."""
         sw, sh, lh = 26, 18, 30
         items = [(c, ascii_text(m)) for c, m in self.entries.items()]
+        if not items:
+            return stack([text_block(["Legend: nothing is drawn over the image."], width), *([text_block(notes, width)] if notes else [])], width)
         rows: list[list[tuple[int, BGR, str]]] = [[]]
         x = _PAD + _text_w("Legend:", BODY, 2) + 12
         for colour, meaning in items:
