@@ -81,6 +81,10 @@ INSET_PX = 160
 CALIBRATION_CROP_PX = 256
 #: Width of the summary sheet, px.
 SUMMARY_WIDTH = 1600
+#: zlib level of the PNGs.
+PNG_LEVEL = 3
+#: Small versions of the pictures per row of the summary sheet.
+SUMMARY_PER_ROW = 4
 #: Dark frame around an image, where ticks are drawn (px).
 FRAME_PX = 16
 FRAME_BG: BGR = (45, 45, 45)
@@ -681,12 +685,14 @@ def draw_summary(report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *
     parts.append(text_block(reasons, width))
     if pictures:
         parts.append(text_block(["Pictures (each shown in full in its own file)"], width, scale=0.75, thick=2))
-        per_row = 3 if len(pictures) > 2 else max(len(pictures), 1)
+        # small versions: four a row, never enlarged (kept small: the sheet is what a message carries)
+        per_row = SUMMARY_PER_ROW
         cell_w = (width - 20 - 12 * (per_row - 1)) // per_row
         cells = []
         for name, img in pictures:
-            small = cv2.resize(img, (cell_w, max(1, round(img.shape[0] * cell_w / img.shape[1]))), interpolation=cv2.INTER_AREA)
-            cells.append(stack([small, text_block([name], cell_w, scale=0.5)]))
+            w = min(cell_w, img.shape[1])
+            small = cv2.resize(img, (w, max(1, round(img.shape[0] * w / img.shape[1]))), interpolation=cv2.INTER_AREA)
+            cells.append(stack([small, text_block([name], cell_w, scale=0.5)], cell_w))
         for k in range(0, len(cells), per_row):
             row = side_by_side(cells[k : k + per_row])
             parts.append(cv2.copyMakeBorder(row, 0, 12, 10, 0, cv2.BORDER_CONSTANT, value=PAPER))
@@ -698,7 +704,8 @@ def draw_summary(report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *
 def write_png(path: Path, image: np.ndarray | Picture) -> Path:
     if isinstance(image, Picture):
         image = image.image
-    ok, buf = cv2.imencode(".png", image)
+    # an explicit level selects zlib's default strategy: about a third smaller than OpenCV's default, as fast
+    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
     if not ok:  # pragma: no cover - OpenCV failure
         msg = f"could not encode {path.name}"
         raise OSError(msg)
