@@ -161,6 +161,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         field(con, "watch", f"{w.get('path')}  {w.get('observer', '?')}  {w.get('health', '')}")
         files = "?" if w.get("files") is None else f"{w['files']:,}"
         field(con, "", f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
+    _print_waiting(con, st.get("waiting") or {}, now)
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
             mark = "" if w["exists"] else "  [red](missing)[/]"
@@ -187,6 +188,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
             field(con, f"#{e['job_id']}", f"{e['chip']} {_ago(e['at'], now)}: {e['error']}{retry}", indent=2)
     return EXIT_OK
+
+
+def _print_waiting(con: Any, w: dict[str, Any], now: float) -> None:
+    """Sets not queued yet and why; names ignored as not chip serials (from the service's heartbeat)."""
+    sets, names = w.get("sets") or [], w.get("misnamed") or []
+    if not (sets or names):
+        return
+    con.print("waiting")
+    for s in sets:
+        field(con, s["chip"], f"{_ago(s.get('since'), now).replace(' ago', '')} {s.get('stage')}: {s.get('reason')} ({s.get('folder')})", indent=2)
+    if w.get("sets_total", 0) > len(sets):
+        field(con, "", f"... and {w['sets_total'] - len(sets)} more set(s) (imageqc status --json lists the first {len(sets)})", indent=2)
+    for n in names:
+        field(con, "ignored", f"{n['path']}: {n['reason']}", indent=2)
+    if w.get("misnamed_total", 0) > len(names):
+        field(con, "", f"... and {w['misnamed_total'] - len(names)} more ignored name(s)", indent=2)
 
 
 def _print_notifications(con: Any, n: dict[str, Any]) -> None:

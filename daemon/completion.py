@@ -26,16 +26,19 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from daemon.naming import IF, NUCLEAR, MarkerTemplate
 from daemon.snapshot import MemberStat, WalkPolicy, tile_folder_files
 from qc.errors import QCError
-from qc.io import check_czi_whole, check_tiff_whole, inspect_tile_folder
+from qc.io import (
+    check_archive_whole,
+    check_czi_whole,
+    check_tiff_whole,
+    inspect_tile_folder,
+)
 
 __all__ = [
     "MemberState",
@@ -207,16 +210,6 @@ def _windows_locked(path: str) -> bool:  # pragma: no cover - Windows only
 # -- structure -----------------------------------------------------------------
 
 
-def _check_archive(path: str) -> None:
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            for _ in tar:
-                pass
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        msg = f"{path}: the archive cannot be read to its end ({e}); it may still be copying or be truncated"
-        raise ValueError(msg) from None
-
-
 def check_member_whole(policy: WalkPolicy, member: MemberState) -> str | None:
     """None when the member is structurally whole, else the reason (one line)."""
     try:
@@ -225,7 +218,7 @@ def check_member_whole(policy: WalkPolicy, member: MemberState) -> str | None:
         elif member.format == "czi":
             check_czi_whole(member.path)
         elif member.format == "tar.gz":
-            _check_archive(member.path)
+            check_archive_whole(member.path)  # headers and trailer only: the service loop never decompresses it
         elif member.format == "tiles":
             return _check_tiles(policy, member)
     except (QCError, ValueError) as e:

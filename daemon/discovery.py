@@ -147,6 +147,7 @@ class Discovery:
         self._drop_sets: set[str] = set()
         self._debugged: set[str] = set()
         self._backlog: dict[str, int] = {}  # paths still to look at (hints, rescan diffs)
+        self._misnamed: dict[str, dict[str, tuple[str, float]]] = {}  # root -> path -> (reason, first seen)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -215,7 +216,28 @@ class Discovery:
                 "members": sum(1 for _, rt, _ in self._members.values() if rt == root),
                 "pending": pending,
             })
-        return {"roots": roots}
+        return {"roots": roots, "waiting": self.waiting()}
+
+    #: At most this many waiting sets and misnamed names in the heartbeat (the total is given too).
+    waiting_limit = 50
+
+    def waiting(self) -> dict[str, Any]:
+        """Sets that are not queued yet and why, oldest first, and names ignored as not chip serials.
+
+        What `imageqc status` lists under "waiting": a set still being written or
+        settling, IF images without their nuclear image, a tile grid with holes, a
+        marker not there yet, each with the judge's reason and since when.
+        """
+        sets = sorted((s for s in self._sets.values() if s.state in ("", _SETTLING)), key=lambda s: s.settling_since)
+        rows = [
+            {"chip": s.chip, "folder": s.folder, "root": s.root, "since": s.settling_since,
+             "stage": s.verdict.stage if s.verdict else "settling",
+             "reason": s.verdict.reason if s.verdict and s.verdict.reason else "waiting for the files to stay unchanged"}
+            for s in sets[: self.waiting_limit]
+        ]
+        names = sorted(((p, why, at, root) for root, d in self._misnamed.items() for p, (why, at) in d.items()), key=lambda t: t[2])
+        misnamed = [{"path": p, "root": root, "reason": why, "since": at} for p, why, at, root in names[: self.waiting_limit]]
+        return {"sets": rows, "sets_total": len(sets), "misnamed": misnamed, "misnamed_total": len(names)}
 
     # -- persistence -----------------------------------------------------------
 
@@ -298,14 +320,24 @@ class Discovery:
                 dirty.setdefault(p, 0)
             root = self._root_of(res.root)
             if root is not None:
-                self._note(root, res, now)
+                self._note(root, res, now, whole=res.start == root.policy.root and res.complete)
             if diff:
                 log.debug("rescan found changes", root=res.root, created=len(diff.created),
                           deleted=len(diff.deleted), modified=len(diff.modified))
 
-    def _note(self, r: _Root, res: ScanResult, now: float) -> None:
-        """Report strict-mode rejects once (persisted) and ignored names once per run (debug)."""
+    def _note(self, r: _Root, res: ScanResult, now: float, *, whole: bool = False) -> None:
+        """Report strict-mode rejects once (persisted) and ignored names once per run (debug).
+
+        Every reject is also kept for `status` ("waiting"); ``whole``: ``res`` is a
+        full walk of the root, so rejects it no longer holds are gone.
+        """
         assert self._store is not None
+        known = self._misnamed.setdefault(r.policy.root, {})
+        if whole:
+            for path in set(known) - {x.path for x in res.rejected}:
+                del known[path]
+        for x in res.rejected:
+            known.setdefault(x.path, (x.reason, now))
         fresh = [x for x in res.rejected if self._store.note_once(f"not_serial:{x.path}", "not_serial", now=now)]
         if fresh:
             log.warning(

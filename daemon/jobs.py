@@ -3,7 +3,10 @@
 ``run_qc_job(ctx)`` opens the scan set's files as recorded at discovery,
 checks they are still the files that were queued, runs :func:`qc.pipeline.run_qc`
 with the site's settings and the SQLite pair cache, writes the output folder
-and archive, stores the report, and returns the job's next state.
+and archive, stores the report with the SHA-256 of every input it read (the
+uploads check the files against them; :mod:`daemon.inputs`), and returns the
+job's next state. An input written or replaced while QC read it, even with its
+size and mtime put back, fails the run transiently: QC runs again.
 
 A failed QC verdict is a successful job (``qc_done``: the outputs are uploaded
 too). The job itself fails when QC cannot run: permanently for bad input (a
@@ -18,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, WatchRoot
+from daemon.inputs import InputsChanged, identity, input_files, record_inputs
 from daemon.logging import get_logger
 from daemon.paircache import StorePairCache
+from daemon.upload.plan import ignore_patterns
 from daemon.worker import JobContext, JobOutcome
+from qc.io.listing import regular_files
 
 __all__ = ["run_qc_job", "qc_settings", "clarity_spec", "member_changes"]
 
@@ -63,7 +69,10 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
         ),
         stitching_required=config.qc.stitching_required,
         threads=config.qc.threads,
-        limits=ReadLimits(max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels),
+        limits=ReadLimits(
+            max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels,
+            max_archive_bytes=max(1, int(config.qc.max_archive_gb * 1024**3)),
+        ),
         clarity_model=clarity_spec(config),
         site=config.site.name,
         operator=config.site.operator,
@@ -73,13 +82,8 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
 def _tree_state(path: Path) -> tuple[int, int]:
     """(total size, newest mtime_ns) of a file, or of every file under a folder."""
     if path.is_dir():
-        size, newest = 0, 0
-        for p in path.rglob("*"):
-            if p.is_file() and not p.is_symlink():
-                st = p.stat()
-                size += st.st_size
-                newest = max(newest, st.st_mtime_ns)
-        return size, newest
+        files = regular_files(path).files  # as discovery lists it: no link followed, nothing special opened
+        return sum(st.st_size for _, st in files), max((st.st_mtime_ns for _, st in files), default=0)
     st = path.stat()
     return st.st_size, st.st_mtime_ns
 
@@ -145,6 +149,8 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             watch = _watch_root(config, scan.root)
             settings = qc_settings(config, stain=watch.stain)
             ctx.progress("read", 0.0)
+            # who each input is before QC reads it: its digest, taken after QC, must be of this file
+            before = {p: identity(p) for p in input_files(scan.members, ignore=ignore_patterns(config, scan.root))}
             paths = [(Path(m["path"]), m.get("name")) for m in scan.members]
             with open_scan_set(
                 [p for p, _ in paths],
@@ -152,13 +158,22 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 limits=settings.limits,
                 tile_pattern=watch.tile_pattern or None,
                 tile_overlap=watch.tile_overlap_xy,
+                scratch_dir=config.output_dir,  # archive members spill here, never to the system's temp folder
             ) as scan_set:
                 report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
+                ctx.progress("digest", None)
+                inputs = record_inputs(before)
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
                     level=config.output.archive_level,
                 )  # fmt: skip
+        except InputsChanged as e:
+            log.warning("an input changed while QC read it; QC runs again", path=e.path, what=e.what)
+            return JobOutcome(
+                state="failed", error=f"{e.path}: {e.what}, so the verdict would not be for the file as it is now; QC runs again",
+                transient=True,
+            )
         except QCError as e:
             log.error("QC could not run", error=str(e))
             return JobOutcome(state="failed", error=str(e))
@@ -176,6 +191,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             report=report.as_dict(),
             output_dir=str(out.folder),
             archive=str(out.archive) if out.archive else None,
+            inputs=inputs,
         )
     ctx.progress("done", 100.0)
     summary = f"QC {report.verdict}" + (f": {report.reasons[0]}" if report.reasons else "")

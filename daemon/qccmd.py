@@ -40,8 +40,15 @@ def add_qc_command(sub: Any) -> None:
         "(default: the watch root's tile_pattern)",
     )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
-    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here")
+    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here; "
+                    "members of an input archive that do not fit in memory are unpacked here, in a hidden folder removed after "
+                    "reading (default: the system's temporary folder)")
     sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
+    sp.add_argument(
+        "--no-cache", action="store_true",
+        help="compute every FOV pair of a tile set; by default pairs come from and go to the service's pair cache "
+        "in the config's state folder, so a re-run computes no pair twice",
+    )
     sp.set_defaults(func=cmd_qc)
 
 
@@ -106,13 +113,16 @@ def cmd_qc(args: argparse.Namespace) -> int:
     stain = args.stain or (watch.stain if watch else "auto")
     settings = qc_settings(cfg, stain=stain)
     bar, update = _progress_bar(sys.stderr.isatty() and not args.json)
+    cache, store = (None, None) if args.no_cache else _pair_cache(cfg)
     try:
-        with open_scan_set(paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap) as scan:
+        with open_scan_set(
+            paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap, scratch_dir=args.out,
+        ) as scan:
             if bar is not None:
                 with bar:
-                    report = run_qc(scan, settings, progress=update)
+                    report = run_qc(scan, settings, cache, progress=update)
             else:
-                report = run_qc(scan, settings)
+                report = run_qc(scan, settings, cache)
             out = None
             if args.out:
                 out = write_run_outputs(
@@ -126,6 +136,9 @@ def cmd_qc(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"imageqc qc: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        if store is not None:
+            store.close()
     if args.json:
         doc = report.as_dict()
         if out is not None:
@@ -134,6 +147,22 @@ def cmd_qc(args: argparse.Namespace) -> int:
     else:
         _print_human(report, out)
     return EXIT_OK if report.verdict == "pass" else EXIT_QC_FAIL
+
+
+def _pair_cache(cfg: Any) -> tuple[Any, Any]:
+    """The service's FOV-pair cache (the job database in the config's state folder), or (None, None) with a warning."""
+    from daemon.errors import DaemonError
+    from daemon.paircache import StorePairCache
+    from daemon.store import Store
+
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(cfg.database_path)
+    except (DaemonError, OSError) as e:
+        print(f"imageqc qc: the pair cache in {cfg.state_dir} cannot be used ({e}); computing every pair (--no-cache "
+              "says so without this warning)", file=sys.stderr)
+        return None, None
+    return StorePairCache(store), store
 
 
 def _print_human(report: Any, out: Any) -> None:
@@ -147,7 +176,7 @@ def _print_human(report: Any, out: Any) -> None:
     for c in report.checks:
         field(con, str(c.get("metric", "")), check_line(c), markup=True, indent=2)
     for r in report.reasons:
-        field(con, "-", r, indent=2)
+        field(con, "reason", r, indent=2)
     if out is not None:
         field(con, "outputs", out.folder)
         if out.archive:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from daemon.config import WatchRoot
 from daemon.naming import TEMP_PATTERNS, MarkerTemplate, MemberName, NameInfo, NameStatus, glob_regex, looks_like_tile, parse_name
+from qc.io.listing import regular_files
 from qc.io.tilenames import TILE_SUFFIXES
 
 __all__ = [
@@ -210,23 +211,7 @@ def tile_folder_files(policy: WalkPolicy, folder: str) -> list[tuple[str, os.sta
     folder means it is not finished, and the QC job checks the same totals
     (``daemon.jobs.member_changes``) before it runs.
     """
-    out: list[tuple[str, os.stat_result]] = []
-    stack = [folder]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            entries = list(it)
-        for e in entries:
-            if e.is_symlink() or _is_junction(e):
-                continue
-            if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
-            elif e.is_file(follow_symlinks=False):
-                try:
-                    out.append((e.path, e.stat(follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue
-    return out
+    return list(regular_files(folder).files)
 
 
 def stat_tile_folder(policy: WalkPolicy, folder: str) -> MemberStat:

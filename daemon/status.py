@@ -65,6 +65,7 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         "recent_errors": [],
         "recent_verdicts": [],
         "watchers": [],
+        "waiting": {"sets": [], "sets_total": 0, "misnamed": [], "misnamed_total": 0},
         "uploads": {},
         "notifications": {"rules": [r.name for r in config.notify.rule], "waiting": 0, "expired": 0, "sent": 0,
                           "last_error": None, "last_error_at": None, "last_sent_at": None},
@@ -119,6 +120,8 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
     report["notifications"].update(store.outbox_summary())
     comps = report["service"].get("components", {})
     report["watchers"] = comps.get("discovery", {}).get("roots", [])
+    if comps.get("discovery", {}).get("waiting"):
+        report["waiting"] = comps["discovery"]["waiting"]
     report["uploads"] = comps.get("uploads", {})
     if not report["service"].get("running") and any(t.mode != "none" for t in config.upload):
         backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate

@@ -251,6 +251,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
     """,
+    # 5: what QC read: path -> {size, mtime_ns, sha256} of every input (JSON), re-verified before upload
+    """
+    ALTER TABLE qc_results ADD COLUMN inputs TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -943,6 +947,42 @@ class Store:
                 done.append(job.id)
         return done
 
+    def send_back_to_qc(self, job_id: int, *, reason: str, owner: str | None = None, now: float | None = None) -> Job:
+        """A QC'd job whose inputs are no longer what QC read goes back to the queue: QC runs again.
+
+        From ``qc_done``, ``failed`` or ``uploading`` (with ``owner``: only while
+        that owner holds it). In the same transaction the job's upload records
+        of inputs, and of outputs never sent, are dropped: the new QC run plans
+        its own (its run id is in the keys) and each input is checked and sent
+        again. Inputs already stored for the old run are named in the event
+        (``reason`` plus where they are); they are not deleted from the target.
+        """
+        now = _now(now)
+        with self.db() as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(job_id)
+            if JobState(job.state) not in (S.QC_DONE, S.UPLOADING, S.FAILED):
+                raise IllegalTransition(job_id, job.state, f"{S.QUEUED.value} (only QC'd jobs are sent back to QC)")
+            self._check(job, S.QUEUED, owner)
+            stored = c.execute(
+                "SELECT target, remote_key FROM uploads WHERE job_id = ? AND kind = 'inputs' AND state = ? ORDER BY id",
+                (job_id, UploadState.DONE.value),
+            ).fetchall()
+            finished = [x.value for x in UPLOAD_FINISHED]
+            c.execute(
+                f"DELETE FROM uploads WHERE job_id = ? AND (kind = 'inputs' OR state NOT IN ({','.join('?' * len(finished))}))",
+                (job_id, *finished),
+            )
+            message = reason
+            if stored:
+                keys = ", ".join(f"{r['target']}:{r['remote_key']}" for r in stored[:3]) + (" ..." if len(stored) > 3 else "")
+                message += f" ({len(stored)} input file(s) already stored for the old QC run stay there: {keys})"
+            data = {"stored_for_old_run": [[r["target"], r["remote_key"]] for r in stored]} if stored else None
+            self._apply(c, job, S.QUEUED, now, message, None, None, None, data)
+            c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job_id,))
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+
     # -- QC results -------------------------------------------------------------
 
     def save_result(
@@ -955,9 +995,14 @@ class Store:
         archive: str | None = None,
         now: float | None = None,
         owner: str | None = None,
+        inputs: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Store a job's QC report. With ``owner``, only while that owner holds the job running
-        (a QC child orphaned by a killed service cannot overwrite a newer run's result)."""
+        (a QC child orphaned by a killed service cannot overwrite a newer run's result).
+
+        ``inputs``: what QC read, ``path -> {size, mtime_ns, sha256}``; the uploads check each
+        input's content against it.
+        """
         text = report if isinstance(report, str) else json.dumps(report)
         with self.db() as c:
             if owner is not None:
@@ -967,10 +1012,11 @@ class Store:
                 if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
                     raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", "save QC result")
             c.execute(
-                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)"
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
-                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at",
-                (job_id, verdict, text, output_dir, archive, _now(now)),
+                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
+                " inputs=excluded.inputs",
+                (job_id, verdict, text, output_dir, archive, _now(now), None if inputs is None else json.dumps(inputs)),
             )
 
     def get_result(self, job_id: int) -> dict[str, Any] | None:
@@ -980,6 +1026,7 @@ class Store:
             return None
         d = dict(row)
         d["report"] = json.loads(d["report"])
+        d["inputs"] = json.loads(d["inputs"]) if d.get("inputs") else None
         return d
 
     def verdicts(self, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:

@@ -103,6 +103,15 @@ def wrap(text: str, width: int, scale: float = BODY, thick: int = 1) -> list[str
     return lines or [""]
 
 
+def _shorten(text: str, width: int, scale: float = BODY) -> str:
+    """``text`` cut to ``width`` px, ending in ``...`` when cut."""
+    if _text_w(text, scale) <= width:
+        return text
+    while text and _text_w(text + "...", scale) > width:
+        text = text[:-1]
+    return text + "..."
+
+
 def _line_h(scale: float) -> int:
     return round(40 * scale)
 
@@ -184,7 +193,8 @@ class Legend:
     def band(self, width: int, *, notes: list[str] | None = None) -> np.ndarray:
         """The legend band: a swatch of each colour (exactly as drawn) and its meaning, then ``notes``."""
         sw, sh, lh = 26, 18, 30
-        items = [(c, ascii_text(m)) for c, m in self.entries.items()]
+        room = width - 2 * _PAD - sw - 8
+        items = [(c, _shorten(ascii_text(m), room)) for c, m in self.entries.items()]
         if not items:
             return stack([text_block(["Legend: nothing is drawn over the image."], width), *([text_block(notes, width)] if notes else [])], width)
         rows: list[list[tuple[int, BGR, str]]] = [[]]

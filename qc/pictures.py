@@ -24,6 +24,9 @@ shown 1:1:
   wide: the verdict, every metric of every image with value, threshold and
   result, the reasons, and small versions of the pictures (what a
   notification attaches).
+
+An image name too long for these file names is shortened with a hash
+(:func:`qc.filenames.fit_name`); the picture's title keeps the full name.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from qc.filenames import fit_name
 from qc.picture_parts import (
     BGR,
     INK,
@@ -577,7 +581,7 @@ def draw_calibration(
     h = min(nuclear_thumb.shape[0], if_thumb.shape[0])
     w = min(nuclear_thumb.shape[1], if_thumb.shape[1])
     legend.use(DAPI_C, "DAPI / nuclear image (green)")
-    legend.use(IF_C, f"IF image {title} (magenta); white where both")
+    legend.use(IF_C, "IF image (magenta); white where both")
     overview = _overlay(_grey(nuclear_thumb[:h, :w]), _shift(_grey(if_thumb[:h, :w]), -dx / factor, -dy / factor))
     side = CALIBRATION_CROP_PX if crops is None else int(crops["size"])
     zoom = side / max(h, w) if crops is not None else min(1.0, 512 / max(h, w))
@@ -717,6 +721,11 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _picture_path(folder: Path, image: str, kind: str) -> Path:
+    """``<image>_<kind>.png`` in ``folder``; a long image name is shortened to fit (:func:`qc.filenames.fit_name`)."""
+    return folder / fit_name(safe_name(image), f"_{kind}.png")
+
+
 def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[Path]:
     """Write every picture the artifacts of a QC run allow; returns the paths."""
     out: list[Path] = []
@@ -729,16 +738,16 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[
         thumb, f = thumbs[name]
         pic = draw_track(thumb, f, res, title=name, passed=decided.get(("track", name)), check=checks.get(("track", name)),
                          insets=artifacts.get("track_insets", {}).get(name, ()), **ctx)
-        out.append(write_png(folder / f"{safe_name(name)}_track.png", pic))
+        out.append(write_png(_picture_path(folder, name, "track"), pic))
     for name, res in artifacts.get("clarity", {}).items():
         thumb, f = thumbs[name]
         pic = draw_clarity(thumb, f, res, labels, title=name, check=checks.get(("clarity", name)), **ctx)
-        out.append(write_png(folder / f"{safe_name(name)}_clarity.png", pic))
+        out.append(write_png(_picture_path(folder, name, "clarity"), pic))
     for name, res in artifacts.get("stitching", {}).items():
         thumb, f = thumbs[name]
         pic = draw_stitching(thumb, f, res, artifacts["tile_sizes"][name], title=name, passed=decided.get(("stitching", name)),
                              check=checks.get(("stitching", name)), **ctx)
-        out.append(write_png(folder / f"{safe_name(name)}_stitching.png", pic))
+        out.append(write_png(_picture_path(folder, name, "stitching"), pic))
     nuclear = artifacts.get("nuclear")
     for name, res in artifacts.get("calibration", {}).items():
         if nuclear is None or name not in thumbs:
@@ -748,7 +757,7 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[
             continue
         pic = draw_calibration(nt, it, f, res, title=name, crops=artifacts.get("calibration_crops", {}).get(name),
                                check=checks.get(("calibration", name)), **ctx)
-        out.append(write_png(folder / f"{safe_name(name)}_calibration.png", pic))
+        out.append(write_png(_picture_path(folder, name, "calibration"), pic))
     return out
 
 
@@ -761,4 +770,4 @@ def pictures_for_run(report: Any, folder: Path) -> list[Path]:
         if img is not None:
             small.append((p.name, img))
     sheet = draw_summary(report, small)
-    return [write_png(folder / f"{safe_name(report.chip)}_summary.png", sheet), *paths]
+    return [write_png(_picture_path(folder, report.chip, "summary"), sheet), *paths]

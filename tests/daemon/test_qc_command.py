@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 
 from daemon.cli import main
@@ -75,3 +76,32 @@ def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_w
         assert "give one or two fractions between 0 and 0.9" in capsys.readouterr().err
     assert main(["qc", str(folder), "--tile-pattern", "(?P<row>\\d+)"]) == 2
     assert "needs named groups (?P<row>...) and (?P<col>...)" in capsys.readouterr().err
+
+
+def test_qc_by_hand_shares_the_pair_cache_of_the_state_folder(shared_data, tmp_path, capsys, monkeypatch):
+    """#16 item 3: a re-run on the same tiles computes no pair; a folder that gained tiles computes only the new pairs."""
+    import numpy as np
+
+    from qc.testing.tiles import make_tile_set, write_tile_folder
+
+    conf = tmp_path / "site.toml"
+    conf.write_text('state_dir = "state"\n[[watch]]\npath = "inbox"\n', encoding="utf-8")
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(conf))
+    texture = np.random.default_rng(3).integers(0, 255, (1400, 1400), dtype=np.uint8)
+    folder = tmp_path / CHIP
+
+    def pairs(*extra):
+        assert main(["qc", str(folder), "--json", *extra]) in (0, 3)
+        return json.loads(capsys.readouterr().out)["images"][0]["stitching"]
+
+    write_tile_folder(make_tile_set(texture, rows=2, cols=2, tile_size=400, overlap=0.1, seed=1), folder)
+    first = pairs()
+    assert (first["pairs_total"], first["pairs_computed"], first["pairs_cached"]) == (4, 4, 0)
+    assert (tmp_path / "state" / "imageqc.sqlite3").exists()  # the service's database, in the config's state folder
+    again = pairs()
+    assert (again["pairs_computed"], again["pairs_cached"]) == (0, 4)
+    assert pairs("--no-cache")["pairs_computed"] == 4
+    shutil.rmtree(folder)  # the same tiles and a third row: only the pairs that involve a new tile are computed
+    write_tile_folder(make_tile_set(texture, rows=3, cols=2, tile_size=400, overlap=0.1, seed=1), folder)
+    grown = pairs()
+    assert grown["pairs_total"] == 7 and grown["pairs_cached"] == 4 and grown["pairs_computed"] == 3
