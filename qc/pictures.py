@@ -701,7 +701,8 @@ def draw_summary(report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *
             row = side_by_side(cells[k : k + per_row])
             parts.append(cv2.copyMakeBorder(row, 0, 12, 10, 0, cv2.BORDER_CONSTANT, value=PAPER))
     body = stack(parts[1:], width)
-    return compose(header, body, legend.band(width), verdict, legend.entries)
+    band = legend.band(width) if legend.entries else np.zeros((0, width, 3), np.uint8)  # no table, no colours
+    return compose(header, body, band, verdict, legend.entries)
 
 
 # -- files ---------------------------------------------------------------------
