@@ -12,6 +12,7 @@ be drawn without being named.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import cv2
@@ -29,6 +30,7 @@ __all__ = [
     "compose",
     "header_band",
     "judgement",
+    "number",
     "side_by_side",
     "stack",
     "text_block",
@@ -58,6 +60,14 @@ _VERDICT_INK = {"pass": (255, 255, 255), "fail": (255, 255, 255), "advisory": IN
 STRIPE_PX = 8
 _PAD = 10
 _VERDICT_BOX_W = 190
+
+
+def number(x: float | None) -> str:
+    """A value as the reports print it: whole numbers from 10 up, else three significant digits."""
+    if x is None or not math.isfinite(float(x)):
+        return "n/a"
+    x = float(x)
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
 def judgement(passed: bool | None, required: bool) -> str:
