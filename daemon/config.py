@@ -303,7 +303,7 @@ class NotifyConfig:
         3 * 86400.0, "A message still not delivered this long after its event is given up (kept, shown as expired).",
         min=60, max=365 * 86400,
     )
-    attach_pictures: bool = _f(True, "Attach the QC summary picture (for now the track-line picture) to qc_fail and qc_pass.")
+    attach_pictures: bool = _f(True, "Attach the run's summary sheet (pictures/<chip>_summary.png: the verdict, every metric against its threshold, the reasons and small versions of the pictures) to qc_fail and qc_pass.")
     disk_free_min_gb: float = _f(
         10.0, "health: warn when the free space of the state folder, the output folder or a watch root falls below "
         "this many GB (0 = never).", min=0, max=1e6,

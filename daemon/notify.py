@@ -4,7 +4,9 @@ Events (``[[notify.rule]] events``):
 
 ``qc_fail``
     A job's QC verdict is fail: the chip, the first reason, every reason with its
-    advice, and the summary picture (``pictures/*_summary.png``, else the nuclear
+    advice, and the run's summary sheet attached (``pictures/<chip>_summary.png``:
+    verdict, every metric against its threshold, the reasons, small versions of
+    the pictures; for a run written before summary sheets existed, the nuclear
     image's ``<image>_track.png``). Urgent by default: sent even in quiet hours.
 ``qc_pass``
     A pass, with any advisories (off unless a rule names it).
@@ -71,7 +73,10 @@ _WATCH_OK = ("ok", "restarted", "native failed")
 
 
 def summary_picture(output_dir: str | None, report: Mapping[str, Any] | None) -> Path | None:
-    """The QC summary picture of a run: ``*_summary.png``, else the nuclear image's track picture."""
+    """The picture a notification attaches: the run's summary sheet ``*_summary.png`` (:func:`qc.pictures.pictures_for_run`).
+
+    Runs written before summary sheets existed fall back to the nuclear image's track picture.
+    """
     if not output_dir:
         return None
     pics = Path(output_dir) / "pictures"

@@ -36,7 +36,7 @@ from qc import __version__
 from qc.chip import ChipTemplate, parse_chip, template_for
 from qc.errors import QCError
 from qc.io import Image, ReadLimits, ScanSet
-from qc.pictures import thumb_factor
+from qc.pictures import take_calibration_crops, take_track_insets, thumb_factor
 from qc.report import ImageReport, QCReport
 from qc.rules import (
     MetricCheck,
@@ -181,7 +181,8 @@ def run_qc(
     Returns
     -------
     QCReport
-        With ``artifacts`` (thumbnails and raw results) for :mod:`qc.pictures`.
+        With ``artifacts`` (thumbnails, raw results, the rules' checks and small
+        full-resolution crops) for :mod:`qc.pictures`.
     """
     settings = settings or QCSettings()
     started = clock()
@@ -193,9 +194,11 @@ def run_qc(
     checks: list[MetricCheck] = []
     art: dict[str, Any] = {
         "thumbs": {}, "track": {}, "clarity": {}, "stitching": {}, "calibration": {}, "tile_sizes": {}, "passed": {},
+        "checks": {}, "track_insets": {}, "calibration_crops": {}, "chip": scan_set.chip,
     }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
     stain = decide_stain(scan_set, settings.stain)
+    art["stain"] = stain
     nuclear = scan_set.nuclear
 
     for i, img in enumerate(scan_set.images):
@@ -232,6 +235,9 @@ def run_qc(
         block = res.as_dict()
         chk = check_track(nuclear.name, res, th, chip=scan_set.chip if note is None else "")
         block["passed"] = art["passed"][("track", nuclear.name)] = chk.passed
+        art["checks"][("track", nuclear.name)] = chk
+        # small full-resolution crops of line crossings for the picture, while the image is open
+        art["track_insets"][nuclear.name] = take_track_insets(nuclear_plane, res, *art["thumbs"][nuclear.name])
         if note:
             block["note"] = note
         blocks[nuclear.name]["track"] = block
@@ -252,6 +258,7 @@ def run_qc(
             art["clarity"][nuclear.name] = cres
             art["clarity_labels"] = MAP_LABELS
             chk = check_clarity(nuclear.name, cres, th)
+            art["checks"][("clarity", nuclear.name)] = chk
             block = cres.to_dict()
             block["passed"] = chk.passed
             blocks[nuclear.name]["clarity"] = block
@@ -280,6 +287,7 @@ def run_qc(
             art["tile_sizes"][img.name] = {t.name: (t.width, t.height) for t in tiles}
             chk = check_stitching(img.name, sres, th, required=required, layout=_layout_note(img))
             art["passed"][("stitching", img.name)] = chk.passed
+            art["checks"][("stitching", img.name)] = chk
             block = dict(sres.summary())
             block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
             blocks[img.name]["stitching"] = block
@@ -304,6 +312,11 @@ def run_qc(
             )
             art["calibration"][img.name] = cal
             chk = check_calibration(img.name, cal, th, reference=nuclear.name)
+            art["checks"][("calibration", img.name)] = chk
+            if nuclear.name in art["thumbs"] and img.name in art["thumbs"]:
+                (nt, f), (it, f2) = art["thumbs"][nuclear.name], art["thumbs"][img.name]
+                if f == f2:  # full-resolution crops for the picture, while both images are open
+                    art["calibration_crops"][img.name] = take_calibration_crops(reference, moving, cal, nt, it, f)
             block = dict(cal.summary())
             block["passed"] = chk.passed
             blocks[img.name]["calibration"] = block
@@ -394,7 +407,7 @@ def write_run_outputs(
     from pathlib import Path
 
     from qc.ipr import write_ipr
-    from qc.pictures import pictures_from_artifacts, safe_name
+    from qc.pictures import pictures_for_run, safe_name
     from qc.report import _writer_tag, write_outputs
     from qc.saw_archive import as_tiff, image_members, needs_tiff, walk
     from qc.stitching import tile_configuration_text
@@ -403,7 +416,7 @@ def write_run_outputs(
         f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
         for name, res in report.artifacts.get("stitching", {}).items()
     }
-    draw = (lambda rep, folder: pictures_from_artifacts(rep.artifacts, folder)) if pictures else None
+    draw = pictures_for_run if pictures else None
 
     def ipr(path: Path, qc_result_file: str) -> None:
         write_ipr(report, scan_set, path, qc_result_file=qc_result_file)

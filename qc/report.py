@@ -5,6 +5,7 @@ An output folder per run holds::
     <stem>/report.json
     <stem>/<stem>.ipr                      SAW's image record (when an IPR writer is given)
     <stem>/pictures/*.png                   overlays a person would rather look at than read
+    <stem>/pictures/<chip>_summary.png      one sheet: verdict, every metric, the reasons (a notification attaches it)
     <stem>/stitching/<image>/TileConfiguration.registered.txt
 
 and ``<stem>.tar.gz`` beside it is the archive SAW takes (``saw count
