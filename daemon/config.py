@@ -103,7 +103,8 @@ class WatchRoot:
     )
     tile_pattern: str = _f(
         "",
-        "Regex with named groups 'row' and 'col' for tile folders that follow no known convention.",
+        "Regex with named groups 'row' and 'col' (or 'index', row-major) for tile folders that follow no known "
+        "convention and have no TileConfiguration.txt.",
         regex=True,
     )
     tile_overlap: tuple[float, ...] = _f(
@@ -617,13 +618,14 @@ class _Loader:
 
 
 def tile_pattern_problem(value: str) -> str | None:
-    """What is wrong with a tile-name regex (it must compile and name groups row and col), or None."""
+    """What is wrong with a tile-name regex (it must compile and name groups row and col, or index), or None."""
     try:
         compiled = re.compile(value)
     except re.error as e:
         return f"not a valid regular expression: {e}"
-    if not {"row", "col"} <= set(compiled.groupindex):
-        return "the regex needs named groups (?P<row>...) and (?P<col>...)"
+    groups = set(compiled.groupindex)
+    if not ({"row", "col"} <= groups or "index" in groups):
+        return "the regex needs named groups (?P<row>...) and (?P<col>...), or (?P<index>...) for row-major numbering"
     return None
 
 

@@ -1,7 +1,7 @@
 """Neighbouring-FOV pairs: which to register, how, and how to reuse them.
 
-Internal to :mod:`qc.stitching`. A pair is a tile and its right or lower
-grid neighbour when their nominal rectangles overlap. Each pair is registered
+Internal to :mod:`qc.stitching`. A pair is two tiles whose nominal
+footprints overlap along a side (:func:`plan_pairs`), whatever the layout. Each pair is registered
 on its nominal overlap (:func:`measure_pair`) and the measurement is cached
 under a key of both tiles' content digests, the direction, the whole-pixel
 nominal offset, the pair parameters and :data:`PAIR_ALGORITHM_VERSION`
@@ -100,31 +100,53 @@ class PairMeasurement:
 
 def plan_pairs(tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int,
                max_shift_fraction: float) -> list[PairPlan]:
-    """The right and down neighbour pairs whose nominal rectangles overlap."""
-    index: dict[tuple[int, int], int] = {}
-    for i, t in enumerate(tiles):
-        if (t.row, t.col) in index:
-            other = tiles[index[(t.row, t.col)]].name
-            msg = f"tiles {other!r} and {t.name!r} both claim grid position row {t.row}, col {t.col}"
-            raise QCError(msg, hint="Check the tile names or the mosaic metadata for duplicates")
-        index[(t.row, t.col)] = i
+    """The neighbour pairs: tiles whose nominal footprints overlap along a side.
+
+    Neighbours come from the nominal positions, not from grid indices, so any
+    layout works (a serpentine, an L shape, a sparse or brick-like set from a
+    ``TileConfiguration.txt`` or a CZI mosaic). Two tiles are a pair when
+    their footprints overlap in a band at least ``min_overlap_px`` wide that
+    runs along at least half of the shorter tile's side: the minimum shared
+    area of a side neighbour, which keeps corner (diagonal) contacts out. The
+    band's orientation gives the direction: a vertical band makes b the
+    ``right`` neighbour of a, a horizontal one the ``down`` neighbour.
+    """
+    n = len(tiles)
+    if n < 2:
+        return []
+    xy = np.array([[round(t.x), round(t.y)] for t in tiles], np.int64)
+    wh = np.array([[t.width, t.height] for t in tiles], np.int64)
+    found: list[tuple[int, int, str]] = []
+    for i in range(n - 1):
+        j = np.arange(i + 1, n)
+        lo = np.maximum(xy[i], xy[j])
+        hi = np.minimum(xy[i] + wh[i], xy[j] + wh[j])
+        ext = hi - lo  # overlap extent (x, y)
+        short = np.minimum(wh[i], wh[j])
+        band = (ext >= min_overlap_px).all(axis=1) & ((2 * ext >= short).any(axis=1))
+        for k in np.flatnonzero(band):
+            jj = int(j[k])
+            ti, tj = tiles[i], tiles[jj]
+            if (ti.row, ti.col) == (tj.row, tj.col) and (xy[i] == xy[jj]).all():
+                msg = (f"tiles {ti.name!r} and {tj.name!r} both claim grid position row {ti.row}, col {ti.col} "
+                       "at the same nominal position")
+                raise QCError(msg, hint="Check the tile names, the TileConfiguration or the mosaic metadata for duplicates")
+            # a vertical band (narrow in x relative to the tile) is a left/right contact
+            right = ext[k, 0] * short[k, 1] <= ext[k, 1] * short[k, 0]
+            axis = 0 if right else 1
+            a, b = (i, jj) if xy[jj, axis] - xy[i, axis] >= 0 else (jj, i)
+            found.append((a, b, "right" if right else "down"))
     plans = []
-    for (r, c), ia in sorted(index.items()):
-        for direction, key in (("right", (r, c + 1)), ("down", (r + 1, c))):
-            ib = index.get(key)
-            if ib is None:
-                continue
-            ta, tb = tiles[ia], tiles[ib]
-            ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
-            x0, y0 = max(0, ix), max(0, iy)
-            x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
-            if x1 - x0 < min_overlap_px or y1 - y0 < min_overlap_px:
-                continue
-            sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
-            sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
-            plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
-                                  region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
-                                  max_shift=(sy, sx)))
+    for ia, ib, direction in sorted(found, key=lambda f: (tiles[f[0]].row, tiles[f[0]].col, f[2] != "right", f[0], f[1])):
+        ta, tb = tiles[ia], tiles[ib]
+        ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
+        x0, y0 = max(0, ix), max(0, iy)
+        x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
+        sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
+        sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
+        plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
+                              region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
+                              max_shift=(sy, sx)))
     return plans
 
 

@@ -56,6 +56,11 @@ def test_tile_overlap_takes_one_number_for_both_axes_or_two(tmp_path):
     assert load_config_text("[[watch]]\npath = 'a'\n", file="x.toml", base=tmp_path).watch[0].tile_overlap_xy == (0.1, 0.1)
 
 
+def test_tile_pattern_takes_row_and_col_or_an_index(tmp_path):
+    cfg = load_config_text("[[watch]]\npath = 'a'\ntile_pattern = 'field(?P<index>\\d+)'\n", file="x.toml", base=tmp_path)
+    assert cfg.watch[0].tile_pattern == "field(?P<index>\\d+)"
+
+
 def _err(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as ei:
         load_config_text(text, file="site.toml", base=Path("/tmp"))

@@ -201,3 +201,35 @@ def test_large_overlaps_are_correlated_at_reduced_resolution_without_losing_accu
     assert err.max() < 0.5
     full = evaluate_stitching(ts.tiles, params=StitchingParams(downsample=1))
     assert np.abs(_relative(full.registered_positions, names) - _relative(ts.true_positions, names)).max() < 0.5
+
+
+_STEP = 205  # 256 px tiles at 20 % overlap
+_LAYOUTS = {
+    # a 2 x 3 serpentine, numbered in the order the stage drove
+    "serpentine": ([(0, 0), (_STEP, 0), (2 * _STEP, 0), (2 * _STEP, _STEP), (_STEP, _STEP), (0, _STEP)], 7),
+    # an L: the left column and the bottom row
+    "L": ([(0, 0), (0, _STEP), (0, 2 * _STEP), (_STEP, 2 * _STEP), (2 * _STEP, 2 * _STEP)], 4),
+    # not a grid: the second row sits half a step across (each of its tiles touches two above)
+    "brick": ([(0, 0), (_STEP, 0), (2 * _STEP, 0), (_STEP // 2, _STEP), (_STEP + _STEP // 2, _STEP)], 7),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+def test_any_layout_given_only_by_a_tile_configuration_is_stitched(tmp_path, layout):
+    from qc.io.tiles import TileFolderImage
+    from qc.testing.tiles import make_layout_set, write_tile_configuration_folder
+
+    nominal, n_pairs = _LAYOUTS[layout]
+    nominal = [(x + 40, y + 30) for x, y in nominal]  # the configuration need not start at 0
+    tiles, truth = make_layout_set(_texture(), nominal, tile_size=256, jitter_px=6, seed=12, noise_sigma=100)
+    names = [f"{i + 1}.tif" for i in range(len(tiles))]  # names no convention knows
+    folder = write_tile_configuration_folder(tiles, tmp_path / layout, names=names)
+    img = TileFolderImage(folder)
+    assert img.info.convention == "tile_configuration" and img.position_source == "TileConfiguration"
+    assert len({(t.row, t.col) for t in img.tiles}) == len(tiles)  # a cell each, even off a grid
+    res = evaluate_stitching(img.tiles)
+    assert res.pairs_total == n_pairs and all(p.status == "ok" for p in res.pairs)
+    assert res.passed and res.outliers == ()
+    truth = {name: truth[t.name] for name, t in zip(names, tiles)}
+    err = np.abs(_relative(res.registered_positions, names) - _relative(truth, names))
+    assert err.max() < 1.0
