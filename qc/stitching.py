@@ -117,10 +117,22 @@ class StitchingParams:
         Smoothing before the offset-quality NCC, px.
     min_structure_snr : float
         Below this band-passed signal-to-noise ratio an overlap is featureless.
+    peak_candidates : int
+        Phase-correlation peaks (local maxima over the whole searched range)
+        judged by the NCC of the overlap each implies; the best-agreeing wins.
+    exclusion_px : float
+        Candidates closer than this to the answer (at the correlated
+        resolution, px) do not count against its distinctness.
+    min_ncc_margin, min_ncc_gain : float
+        A registration is clear when its overlap NCC beats the best candidate
+        outside the exclusion radius (the runner-up) by at least
+        ``min_ncc_margin`` and by at least ``min_ncc_gain`` times what the
+        runner-up lacks to 1 (a chance maximum of a small overlap at 0.35
+        against 0.26 is not clear; grid paper at 0.88 against 0.77 is) ...
     min_peak_ratio : float
-        A registration is clear when its peak is this many times the next one
-        (and the overlaps agree, below); an agreeing but unclear one is
-        ambiguous (periodic or one-dimensional structure: no information).
+        ... or its correlation peak is this many times the next one (and the
+        overlaps agree, below); an agreeing but unclear one is ambiguous
+        (purely periodic or one-dimensional structure: no information).
     min_match_ncc : float
         Overlaps correlating less than this at the found offset disagree
         (mismatch).
@@ -142,6 +154,10 @@ class StitchingParams:
     lowpass_sigma_px: float = 1.0
     ncc_smooth_px: float = 1.0
     min_structure_snr: float = 0.5
+    peak_candidates: int = 8
+    exclusion_px: float = 4.0
+    min_ncc_margin: float = 0.03
+    min_ncc_gain: float = 0.25
     min_peak_ratio: float = 2.0
     min_match_ncc: float = 0.3
     reject_residual_px: float = 3.0
@@ -152,7 +168,8 @@ class StitchingParams:
     def pair_params(self) -> dict[str, float]:
         """The parameters that change a pair's result (its cache key part)."""
         names = ("max_shift_px", "max_shift_fraction", "downsample", "window_taper", "lowpass_sigma_px",
-                 "ncc_smooth_px", "min_structure_snr", "min_peak_ratio", "min_match_ncc")
+                 "ncc_smooth_px", "min_structure_snr", "peak_candidates", "exclusion_px", "min_ncc_margin",
+                 "min_ncc_gain", "min_peak_ratio", "min_match_ncc")
         return {k: getattr(self, k) for k in names}
 
 
@@ -202,7 +219,13 @@ class PairResult:
         Offset quality in [0, 1] (overlap NCC at the found offset; 0 when
         featureless).
     peak_ratio : float
-        Peak over the next-strongest peak.
+        The strongest correlation peak over the next one outside the
+        exclusion radius when that peak is the answer; when the overlap NCC
+        chose another candidate (periodic content), that candidate's peak over
+        the strongest one (below 1).
+    distinctness : float
+        Its overlap NCC minus the best NCC of a candidate offset outside the
+        exclusion radius (near 0: ambiguous, e.g. purely periodic content).
     structure_snr : (float, float)
         Band-passed signal-to-noise of a's and b's overlap.
     residual_px : float or None
@@ -223,6 +246,7 @@ class PairResult:
     structure_snr: tuple[float, float]
     residual_px: float | None
     cached: bool
+    distinctness: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -413,7 +437,8 @@ def evaluate_stitching(
             measured_offset=(float(mo[0]), float(mo[1])) if mo else None, deviation_px=dev,
             quality=float(min(max(m.ncc, 0.0), 1.0)) if m.status != STATUS_NO_INFO else 0.0,
             peak_ratio=m.peak_ratio, structure_snr=m.snr,
-            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k]))
+            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k],
+            distinctness=m.distinctness))
 
     fovs = _fov_results(tiles, plans, pairs, sol.u, params)
     return _score(tiles, fovs, pairs, cached, params)

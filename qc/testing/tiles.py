@@ -17,7 +17,9 @@ Textures: :func:`mosaic_texture` blends random, randomly flipped/rotated
 pieces of real crops into a large non-periodic texture (feathered, so there
 are no seams on a grid that a registration could lock onto);
 :func:`blob_texture` makes a fast procedural nuclei-like texture of any size,
-optionally straight into a memory map, for benchmarks.
+optionally straight into a memory map, for benchmarks; :func:`grid_paper_texture`
+a periodic one (thin grid lines over faint smooth blotches, like grid paper or a
+chip's track grid), on which the strongest correlation peak is often an alias.
 
 Positions are pixels, x right, y down; a tile's position is its top-left
 corner in the mosaic frame, in which the nominal position of tile (r, c) is
@@ -45,6 +47,7 @@ __all__ = [
     "write_tile_folder",
     "tiles_from_folder",
     "make_layout_set",
+    "grid_paper_texture",
     "write_tile_configuration_folder",
     "TILE_NAME_RE",
 ]
@@ -233,6 +236,31 @@ def blob_texture(
         blobs += np.float32(0.06)
         out[y0:y1] = _to_dtype(np.clip(blobs[halo : halo + (y1 - y0)], 0, 1) * top, dt)
     return out
+
+
+def grid_paper_texture(
+    shape: tuple[int, int],
+    *,
+    period_px: int = 22,
+    line_px: int = 2,
+    blotch: float = 25.0,
+    blotch_px: float = 20.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A periodic uint8 texture: dark grid lines every ``period_px`` over faint smooth blotches.
+
+    The lines (70 on 200) carry most of the contrast and repeat exactly; the
+    only non-periodic content is a Gaussian-smoothed noise field of standard
+    deviation ``blotch`` grey levels and scale ``blotch_px``, the way stains
+    and paper texture show under a grid.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    y, x = np.mgrid[0:h, 0:w]
+    lines = ((x % period_px) < line_px) | ((y % period_px) < line_px)
+    rng = np.random.default_rng(seed)
+    field = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), blotch_px)
+    tex = np.where(lines, 70.0, 200.0) + blotch * field / max(float(field.std()), 1e-6)
+    return np.clip(np.rint(tex), 0, 255).astype(np.uint8)
 
 
 def make_tile_set(
@@ -442,6 +470,7 @@ def make_layout_set(
     seed: int = 0,
     noise_sigma: float = 0.0,
     names: Sequence[str] | None = None,
+    offsets: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[tuple[Tile, ...], dict[str, tuple[float, float]]]:
     """Tiles cut at arbitrary nominal positions plus seeded stage jitter.
 
@@ -449,13 +478,17 @@ def make_layout_set(
     ----------
     texture : ndarray
         Must cover every tile at its true position, with the positions taken
-        relative to ``jitter_px + 1`` px inside the texture's top-left.
+        relative to a margin of the largest stage error + 1 px inside the
+        texture's top-left.
     nominal : sequence of (x, y)
         Each tile's nominal top-left, px (non-negative).
     tile_size, jitter_px, seed, noise_sigma
         As for :func:`make_tile_set`.
     names : sequence of str, optional
         Tile names; default ``tile_<i>``.
+    offsets : sequence of (int, int), optional
+        Each tile's stage error ``(dx, dy)``, px, instead of random jitter
+        (the texture margin is then the largest of them).
 
     Returns
     -------
@@ -467,7 +500,9 @@ def make_layout_set(
     names = list(names) if names is not None else [f"tile_{i}" for i in range(len(nominal))]
     rng = np.random.default_rng(seed)
     jit = rng.integers(-jitter_px, jitter_px + 1, size=(len(nominal), 2)) if jitter_px else np.zeros((len(nominal), 2), int)
-    margin = jitter_px + 1
+    if offsets is not None:
+        jit = np.asarray(offsets, int).reshape(len(nominal), 2)
+    margin = int(np.abs(jit).max(initial=0)) + 1
     tiles, truth = [], {}
     for i, ((x, y), name) in enumerate(zip(nominal, names)):
         tx, ty = round(x) + int(jit[i, 0]), round(y) + int(jit[i, 1])

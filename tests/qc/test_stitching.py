@@ -233,3 +233,23 @@ def test_any_layout_given_only_by_a_tile_configuration_is_stitched(tmp_path, lay
     truth = {name: truth[t.name] for name, t in zip(names, tiles)}
     err = np.abs(_relative(res.registered_positions, names) - _relative(truth, names))
     assert err.max() < 1.0
+
+
+def test_periodic_strip_with_large_stage_errors_is_recovered_within_a_pixel():
+    from qc.testing.tiles import grid_paper_texture, make_layout_set
+
+    # a strip over grid paper: every period alias is a correlation peak, and the
+    # strongest is not the true offset; each neighbour pair is 40-60 px off nominal
+    steps = [(50, 7), (-45, -5), (58, 4), (-42, -8), (55, 6)]
+    offsets = [(-60, -3)]
+    for dx, dy in steps:
+        offsets.append((offsets[-1][0] + dx, offsets[-1][1] + dy))
+    nominal = [(i * 200, 0) for i in range(6)]
+    tex = grid_paper_texture((480, 1800), blotch=30, seed=3)
+    tiles, truth = make_layout_set(tex, nominal, tile_size=(256, 400), offsets=offsets, noise_sigma=10, seed=13)
+    res = evaluate_stitching(tiles, max_threads=1)
+    assert all(p.status == "ok" for p in res.pairs), [(p.status, p.peak_ratio, p.distinctness) for p in res.pairs]
+    assert any(p.peak_ratio < 1 for p in res.pairs)  # the overlap NCC overruled the strongest peak somewhere
+    names = [t.name for t in tiles]
+    err = np.abs(_relative(res.registered_positions, names) - _relative(truth, names))
+    assert err.max() < 1.0
