@@ -148,6 +148,12 @@ class Thresholds:
 class QCConfig:
     thresholds: Thresholds = _sub(Thresholds, "Pass criteria (StereoMap's published defaults).")
     stitching_required: bool = _f(False, "Make stitching decide the verdict for every stain, not only DAPI+mIF.")
+    stitching_stage_limit_px: float = _f(
+        0.0,
+        "Largest stage error of a tile (off its nominal position along x or y, relative to the set) that "
+        "stitching passes, in pixels; 0 = a third of the tile's narrowest overlap with a neighbour.",
+        min=0, max=100000,
+    )
     threads: int = _f(2, "Threads QC may use (numpy/OpenCV/onnxruntime).", min=1, max=256)
     priority: str = _f(
         "low", "Process priority of the QC worker, so the microscope software is never starved.",

@@ -253,3 +253,34 @@ def test_periodic_strip_with_large_stage_errors_is_recovered_within_a_pixel():
     names = [t.name for t in tiles]
     err = np.abs(_relative(res.registered_positions, names) - _relative(truth, names))
     assert err.max() < 1.0
+    assert res.passed and res.outliers == () and res.max_stage_deviation_px > 30  # imprecise stage, clean stitch
+
+
+@pytest.mark.parametrize("jitter", [8, 16, 24, 32])
+def test_clean_sets_pass_whatever_their_stage_error_up_to_a_third_of_the_overlap(jitter):
+    # 400 px tiles at 30 % overlap: 120 px bands, so the automatic stage limit is 40 px
+    ts = make_tile_set(_texture(), rows=3, cols=3, tile_size=400, overlap=0.3, jitter_px=jitter, seed=30 + jitter)
+    res = evaluate_stitching(ts.tiles)
+    assert all(p.status == "ok" for p in res.pairs)
+    assert res.passed and res.score >= 60 and res.outliers == () and res.off_nominal == ()
+    names = [t.name for t in ts.tiles]
+    dev = np.array([f.deviation_from_nominal for f in res.fovs])
+    truth = np.array([ts.offsets[n] for n in names], float)
+    assert np.abs((dev - dev[0]) - (truth - truth[0])).max() < 1.0  # each FOV's stage error is reported
+    stage = np.array([f.stage_deviation_px for f in res.fovs])
+    assert np.allclose(stage, np.abs(dev).max(axis=1)) and res.max_stage_deviation_px == pytest.approx(stage.max(), abs=0.01)
+    assert {f.stage_limit_px for f in res.fovs} == {40.0}
+    assert jitter / 2 < res.max_stage_deviation_px <= 40.0
+    assert res.summary()["max_stage_deviation_px"] == res.max_stage_deviation_px
+
+
+def test_a_stage_off_nominal_past_its_limit_fails_and_names_the_fov():
+    ts = make_tile_set(_texture(), rows=3, cols=3, tile_size=400, overlap=0.3, jitter_px=8, seed=40)
+    loose = evaluate_stitching(ts.tiles)
+    assert loose.passed
+    strict = evaluate_stitching(ts.tiles, params=StitchingParams(stage_limit_px=loose.max_stage_deviation_px / 2))
+    assert not strict.passed and strict.score < 60 and strict.criterion.stage_score < 60
+    assert strict.outliers == ()  # the content is where its neighbours say: only the stage is off
+    off = [f for f in strict.fovs if f.off_nominal]
+    assert off and strict.off_nominal == tuple(f.name for f in off)
+    assert all("off its nominal position" in f.reason for f in off)
