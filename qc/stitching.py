@@ -40,9 +40,10 @@ is imprecise, while a tile whose content is out of place must:
 * **content**: no FOV may be *out of place*: show features in its overlaps
   that match none of its neighbours; or sit, by its registered content, more
   than the displacement tolerance from where its best-agreeing neighbour
-  expects it; or have at least as many neighbours rejected by the global
-  solve (they disagree with the others on where it is, beyond
-  ``reject_residual_px``) as accepted. The tolerance is ``max_deviation_px``
+  expects it; or have overlaps that the global solve rejects (they disagree
+  with where the other overlaps place it by more than
+  ``reject_residual_px``: the FOVs with the most rejected overlaps are
+  named). The tolerance is ``max_deviation_px``
   when set, else 20 px (StereoMap's DAPI/IF calibration tolerance) or three
   times the set's median neighbour deviation, whichever is larger: a
   scatter every tile shares is the stage's, not a displaced tile. Such FOVs
@@ -532,6 +533,8 @@ def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequen
     # the displacement tolerance: what the set's own stage scatter makes ordinary
     spread = [float(np.linalg.norm(u[p.b] - u[p.a])) for p, r in zip(plans, pairs)
               if r.status == STATUS_OK and np.isfinite(u[p.a]).all() and np.isfinite(u[p.b]).all()]
+    n_rejected = {i: sum(1 for k in ks if pairs[k].status == STATUS_REJECTED) for i, ks in by_tile.items()}
+    most_rejected = max(n_rejected.values(), default=0)
     tol = params.max_deviation_px
     if tol is None:
         tol = max(20.0, params.displacement_factor * float(np.median(spread))) if spread else 20.0
@@ -557,9 +560,11 @@ def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequen
         elif nb is not None and nb > tol:
             reasons.append(f"its content sits {nb:.1f} px from where its neighbours expect it "
                            f"(tolerance {tol:.0f} px)")
-        elif rejected and len(rejected) >= len(acc):
-            reasons.append(f"{len(rejected)} of its neighbours disagree with the others on where it is "
-                           f"(by more than {params.reject_residual_px:g} px)")
+        elif rejected and len(rejected) == most_rejected:
+            worst = max(pairs[k].residual_px or 0.0 for k in rejected)
+            reasons.append(f"{len(rejected)} of its overlaps disagree with where the others place it "
+                           f"(by up to {worst:.1f} px, more than {params.reject_residual_px:g} px): "
+                           "its content is not where its neighbours say")
         outlier = bool(reasons)
         off = stage is not None and limit > 0 and stage > limit
         if off:

@@ -284,3 +284,27 @@ def test_a_stage_off_nominal_past_its_limit_fails_and_names_the_fov():
     off = [f for f in strict.fovs if f.off_nominal]
     assert off and strict.off_nominal == tuple(f.name for f in off)
     assert all("off its nominal position" in f.reason for f in off)
+
+
+def test_content_displaced_inside_a_tile_fails_and_names_it():
+    import copy
+
+    ts = make_tile_set(_texture(), jitter_px=4, seed=14, **GRID)
+    centre = ts.tile(1, 1)
+    slipped = copy.copy(centre.loader)  # the right half of the centre tile was taken 12, 9 px further on
+    slipped.tx, slipped.ty = slipped.tx + 12, slipped.ty + 9
+    half = centre.width // 2
+
+    def torn():
+        arr = centre.loader()
+        arr[:, half:] = slipped()[:, half:]
+        return arr
+
+    tiles = [Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width, height=t.height,
+                  loader=torn if t is centre else t.loader) for t in ts.tiles]
+    res = evaluate_stitching(tiles)
+    assert any(p.status == "rejected" for p in res.pairs)
+    assert not res.passed and res.score < 60
+    assert centre.name in res.outliers
+    bad = next(f for f in res.fovs if f.name == centre.name)
+    assert "its content is not where its neighbours say" in bad.reason
