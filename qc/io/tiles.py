@@ -144,11 +144,6 @@ class TileFolderImage(Image):
         if info.convention == "tile_configuration":  # any layout: rows and columns from the positions
             files = [t.file for t in info.tiles]
             rows, cols = grid_indices([positions[f][0] for f in files], [positions[f][1] for f in files], tw, th)
-            if len(set(zip(rows, cols))) < len(files):  # not a grid (e.g. brick-like): columns by rank in the row
-                rank = sorted(range(len(files)), key=lambda i: (rows[i], positions[files[i]][0]))
-                cols = [0] * len(files)
-                for k, i in enumerate(rank):
-                    cols[i] = sum(1 for j in rank[:k] if rows[j] == rows[i])
             cells = dict(zip(files, zip(rows, cols)))
         order = sorted(info.tiles, key=lambda t: (*cells[t.file], t.file))
         self._tiles = [
