@@ -67,7 +67,8 @@ threshold to exactly 60:
   up to the displacement tolerance ``D``, then ``60 D / d``; 0 when some
   FOV matches none of its neighbours;
 * stage, from the largest stage deviation as a share ``u`` of its FOV's
-  limit: ``100 - 40 u`` up to 1, then ``60 / u``.
+  limit: ``100 - 40 u^2`` up to 1, then ``60 / u^2`` (an imprecise stage
+  well inside its limit costs little).
 
 So the score is 60 or more exactly when every condition holds (an
 inconsistent FOV fails the set whatever the sub-scores). StereoMap's
@@ -446,6 +447,11 @@ def _placement(d: float, tol: float, unmatched: int) -> float:
     return 60.0 * tol / d
 
 
+def _stage(use: float) -> float:
+    """Stage sub-score from the largest stage deviation as a share of its limit: gentle well inside it."""
+    return 100.0 - 40.0 * use * use if use <= 1.0 else 60.0 / (use * use)
+
+
 def evaluate_stitching(
     tiles: Sequence[Tile],
     *,
@@ -592,7 +598,7 @@ def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[Pai
     s_share = _piecewise(share, params.min_clear_share)
     s_quality = _piecewise(quality, params.min_mean_quality)
     s_place = _placement(max_dev, tol, unmatched)
-    s_stage = _placement(use, 1.0, 0)
+    s_stage = _stage(use)
     passed = (share > params.min_clear_share and quality > params.min_mean_quality
               and max_dev <= tol and not inconsistent and use <= 1.0)
     score = min(s_share, s_quality, s_place, s_stage)

@@ -10,7 +10,7 @@ import pytest
 from qc.errors import QCError
 from qc.io.model import Tile
 from qc.stitching import StitchingParams, evaluate_stitching, tile_configuration_text
-from qc.stitching import _piecewise, _placement
+from qc.stitching import _piecewise, _placement, _stage
 from qc.testing.tiles import make_tile_set
 from tests.qc.stitching_helpers import czi_mosaic_tiles, shared_data, stain_texture, stitch2d_tiles
 
@@ -143,6 +143,7 @@ def test_score_maps_each_threshold_to_exactly_60():
     assert _placement(20.0, 20.0, 0) == 60 and _placement(0.0, 20.0, 0) == 100
     assert _placement(20.5, 20.0, 0) < 60 < _placement(19.5, 20.0, 0)
     assert _placement(1.0, 20.0, 1) == 0
+    assert _stage(1.0) == 60 and _stage(0.0) == 100 and _stage(0.99) > 60 > _stage(1.01)
 
 
 def test_stricter_thresholds_turn_a_pass_into_a_fail_without_recomputing():
