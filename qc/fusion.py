@@ -180,10 +180,18 @@ def fuse_tiles(
         levels.append((max(1, math.ceil(h / 2)), max(1, math.ceil(w / 2))))
     ramps = {}
 
+    def weights(i: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Tile i's blending weights over its own rows r0:r1, columns c0:c1."""
+        key = (tiles[i].width, tiles[i].height)
+        if key not in ramps:
+            ramps[key] = (_ramp(key[0]), _ramp(key[1]))
+        rx, ry = ramps[key]
+        return ry[r0:r1, None] * rx[None, c0:c1]
+
     def fused_band(y0: int, y1: int) -> np.ndarray:
-        rows = y1 - y0
-        acc = np.zeros((rows, width, *extra), np.float32) if blend == "linear" else np.zeros((rows, width, *extra), dtype)
-        best = np.zeros((rows, width), np.float32)
+        """Mosaic rows y0:y1: every tile copied in, then each overlap blended from all the tiles that cover it."""
+        band = np.zeros((y1 - y0, width, *extra), dtype)
+        active = []
         for i in by_top:
             x, y = place[i]
             t = tiles[i]
@@ -192,32 +200,43 @@ def fuse_tiles(
             if y + t.height <= y0:
                 continue
             arr = tile_pixels(i)
-            a0, a1 = max(y0, y) - y, min(y1, y + t.height) - y
-            if arr.shape[:2] != (t.height, t.width) or arr.shape[2:] != extra:
+            if arr.shape[2:] != extra:
                 msg = f"tile {t.name!r} is {arr.shape} but the first tile has {extra or 'one'} sample(s)"
                 raise QCError(msg, hint="All tiles of a set must match; re-export the scan")
-            key = (t.width, t.height)
-            if key not in ramps:
-                ramps[key] = (_ramp(t.width), _ramp(t.height))
-            rx, ry = ramps[key]
-            weight = ry[a0:a1, None] * rx[None, :]
-            sub = arr[a0:a1]
-            b0, b1 = y + a0 - y0, y + a1 - y0
-            if blend == "linear":
-                wexp = weight[..., None] if extra else weight
-                acc[b0:b1, x : x + t.width] += sub.astype(np.float32) * wexp
-                best[b0:b1, x : x + t.width] += weight
-            else:
-                view = best[b0:b1, x : x + t.width]
-                take = weight > view
-                acc[b0:b1, x : x + t.width][take] = sub[take]
-                view[take] = weight[take]
-        if blend == "linear":
-            covered = best > 0
-            norm = np.where(covered, 1.0 / np.where(covered, best, 1.0), 0.0).astype(np.float32)
-            acc *= norm[..., None] if extra else norm
-            return _to_dtype(acc, dtype)
-        return acc
+            a0, a1 = max(y0, y) - y, min(y1, y + t.height) - y
+            band[y + a0 - y0 : y + a1 - y0, x : x + t.width] = arr[a0:a1]
+            active.append((i, x, max(y0, y), x + t.width, min(y1, y + t.height)))
+        done: set[tuple[int, int, int, int]] = set()
+        for k, (_, ax0, ay0, ax1, ay1) in enumerate(active):
+            for _, bx0, by0, bx1, by1 in active[k + 1 :]:
+                rect = (max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1))
+                if rect[0] >= rect[2] or rect[1] >= rect[3] or rect in done:
+                    continue
+                done.add(rect)
+                rx0, ry0, rx1, ry1 = rect
+                shape = (ry1 - ry0, rx1 - rx0)
+                acc = np.zeros((*shape, *extra), np.float32) if blend == "linear" else band[ry0 - y0 : ry1 - y0, rx0:rx1].copy()
+                best = np.zeros(shape, np.float32)
+                for i, cx0, cy0, cx1, cy1 in active:  # every tile that covers part of the overlap
+                    px0, py0, px1, py1 = max(rx0, cx0), max(ry0, cy0), min(rx1, cx1), min(ry1, cy1)
+                    if px0 >= px1 or py0 >= py1:
+                        continue
+                    x, y = place[i]
+                    w = weights(i, py0 - y, py1 - y, px0 - x, px1 - x)
+                    sub = tile_pixels(i)[py0 - y : py1 - y, px0 - x : px1 - x]
+                    o = (slice(py0 - ry0, py1 - ry0), slice(px0 - rx0, px1 - rx0))
+                    if blend == "linear":
+                        acc[o] += sub.astype(np.float32) * (w[..., None] if extra else w)
+                        best[o] += w
+                    else:
+                        take = w > best[o]
+                        acc[o][take] = sub[take]
+                        best[o][take] = w[take]
+                if blend == "linear":
+                    acc /= best[..., None] if extra else best
+                    acc = _to_dtype(acc, dtype)
+                band[ry0 - y0 : ry1 - y0, rx0:rx1] = acc
+        return band
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
