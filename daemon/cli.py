@@ -23,6 +23,7 @@ from daemon import __version__
 from daemon.config import Config, config_to_dict, load_config
 from daemon.errors import DaemonError, JobNotFound
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from daemon.naming import shown_name
 from daemon.store import JobState, Store
 from daemon.views import check_line, field, job_label, verdict_markup, whole
 
@@ -72,6 +73,14 @@ def _bytes(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def _member_where(member: dict[str, Any], root: str) -> str:
+    """A scan-set member as ``show`` lists it: its path under the watch root (its name when not under it)."""
+    path = str(member.get("path") or "")
+    if path and root and (path + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, root)
+    return str(member.get("name") or path)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -291,12 +300,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     con = _console()
     verdict = result["verdict"] if result else None
-    con.print(f"job #{job.id}  {escape(job.chip)}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
+    con.print(f"job #{job.id}  {escape(shown_name(job.chip))}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
     if job.error:
         field(con, "error", job.error)
     field(con, "root", scan.root)
     for m in scan.members:
-        field(con, "member", f"{m.get('name') or m.get('path')}  {_bytes(m.get('size'))}", indent=2)
+        field(con, "member", f"{_member_where(m, scan.root)}  {_bytes(m.get('size'))}", indent=2)
     if result:
         rep = result["report"]
         field(con, "verdict", verdict_markup(result["verdict"]), markup=True)

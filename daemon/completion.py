@@ -26,16 +26,19 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from daemon.naming import IF, NUCLEAR, MarkerTemplate
 from daemon.snapshot import MemberStat, WalkPolicy, tile_folder_files
 from qc.errors import QCError
-from qc.io import check_czi_whole, check_tiff_whole, inspect_tile_folder
+from qc.io import (
+    check_archive_whole,
+    check_czi_whole,
+    check_tiff_whole,
+    inspect_tile_folder,
+)
 
 __all__ = [
     "MemberState",
@@ -112,9 +115,18 @@ class Verdict:
     recheck_at: float | None = None
 
 
-def fingerprint(members: Iterable[MemberState]) -> str:
-    """SHA-256 of the members' names, formats, sizes, mtimes and file counts (tile folders: every tile)."""
-    rows = sorted((m.name, m.format, m.stat.size, m.stat.mtime_ns, m.stat.files, m.stat.sig) for m in members)
+def fingerprint(members: Iterable[MemberState], root: str | None = None) -> str:
+    """SHA-256 of the members' names, formats, sizes, mtimes and file counts (tile folders: every tile).
+
+    With ``root``, each member's path under it counts too: the same files
+    renamed or moved to another folder are another scan set. Without it: the
+    identity of jobs queued before paths counted (discovery still finds them).
+    """
+    rows = sorted(
+        (m.name, m.format, m.stat.size, m.stat.mtime_ns, m.stat.files, m.stat.sig)
+        + (() if root is None else (os.path.relpath(m.path, root).replace(os.sep, "/"),))
+        for m in members
+    )
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -207,16 +219,6 @@ def _windows_locked(path: str) -> bool:  # pragma: no cover - Windows only
 # -- structure -----------------------------------------------------------------
 
 
-def _check_archive(path: str) -> None:
-    try:
-        with tarfile.open(path, "r:gz") as tar:
-            for _ in tar:
-                pass
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        msg = f"{path}: the archive cannot be read to its end ({e}); it may still be copying or be truncated"
-        raise ValueError(msg) from None
-
-
 def check_member_whole(policy: WalkPolicy, member: MemberState) -> str | None:
     """None when the member is structurally whole, else the reason (one line)."""
     try:
@@ -225,7 +227,7 @@ def check_member_whole(policy: WalkPolicy, member: MemberState) -> str | None:
         elif member.format == "czi":
             check_czi_whole(member.path)
         elif member.format == "tar.gz":
-            _check_archive(member.path)
+            check_archive_whole(member.path)  # headers and trailer only: the service loop never decompresses it
         elif member.format == "tiles":
             return _check_tiles(policy, member)
     except (QCError, ValueError) as e:

@@ -163,6 +163,12 @@ class QCConfig:
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
+    max_archive_gb: float = _f(
+        64.0,
+        "Refuse a QC archive (.tar.gz) whose members add up to more than this, uncompressed (GiB); checked "
+        "from the tar headers before anything is expanded.",
+        min=0.001, max=1 << 20,
+    )
     model: str = _f(
         "",
         "Clarity model: a sidecar .json describing a model, or an .onnx file used with model_preset and "
@@ -261,7 +267,7 @@ class ServiceConfig:
     max_attempts: int = _f(3, "Attempts per job for transient failures.", min=1, max=100)
     retry_base_s: float = _f(30.0, "First retry delay; doubles each attempt (with jitter).", min=0, max=86400)
     retry_max_s: float = _f(3600.0, "Longest retry delay.", min=0, max=7 * 86400)
-    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long for the running job before abandoning it to lease recovery.", min=0, max=3600)
+    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long in all for running QC jobs and uploads before abandoning them to lease recovery (a second SIGTERM/Ctrl+C stops at once).", min=0, max=3600)
 
 
 #: Events a notification rule can take (daemon/notify.py).

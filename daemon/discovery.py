@@ -48,10 +48,12 @@ from typing import Any
 
 from daemon.completion import Judge, MemberState, SetView, Verdict, check_member_whole, fingerprint, member_files, open_for_writing
 from daemon.config import Config, WatchRoot
-from daemon.fsinfo import is_network_path
+from daemon.errors import IllegalTransition
+from daemon.fsinfo import folder_problem, is_network_path
+from daemon.jobs import FILES_STAGE, unreachable
 from daemon.logging import bind_job, get_logger
 from daemon.naming import parse_name
-from daemon.snapshot import Found, MemberStat, Rejected, ScanResult, WalkPolicy, diff_snapshots, is_under, probe, scan_tree
+from daemon.snapshot import NOT_REGULAR, NOT_SERIAL, Found, MemberStat, Rejected, ScanResult, WalkPolicy, diff_snapshots, is_under, probe, scan_tree
 from daemon.store import JobState, Store
 from daemon.watcher import HINT_DEEP, HINT_DIR, ObserverFactory, Rescanner, RootMissing, RootWatcher
 
@@ -60,6 +62,10 @@ __all__ = ["Discovery"]
 log = get_logger("imageqc.discovery")
 
 _SETTLING, _QUEUED, _REPORTED = "settling", "queued", "reported"
+_REJECT_EVENTS = {
+    NOT_SERIAL: "names are not chip serials; ignored (naming = strict)",
+    NOT_REGULAR: "not regular files (FIFO, socket or device); skipped, never opened: only regular files are read",
+}
 _MAX_DEBUG_NAMES = 50_000
 
 
@@ -73,7 +79,8 @@ class _Set:
     last_change: float
     settling_since: float
     members: set[str] = field(default_factory=set)
-    fp: str | None = None
+    fp: str | None = None  #: the identity its job has (see :meth:`Discovery._identify`)
+    ident: str | None = None  #: the fingerprint with paths, as last computed
     state: str = ""  # "" until the first judgement after a (re)start
     job_id: int | None = None
     next_check: float = 0.0
@@ -286,6 +293,8 @@ class Discovery:
             why = r.watcher.supervise()
             if why:
                 self.rescan(r.policy.root)
+            if why == "folder back":
+                self._requeue_reachable(r, now)
         dirty = self._backlog
         touched: set[str] = set()
         self._apply_rescans(dirty, now)
@@ -321,12 +330,13 @@ class Discovery:
             root = self._root_of(res.root)
             if root is not None:
                 self._note(root, res, now, whole=res.start == root.policy.root and res.complete)
+                self._requeue_reachable(root, now)
             if diff:
                 log.debug("rescan found changes", root=res.root, created=len(diff.created),
                           deleted=len(diff.deleted), modified=len(diff.modified))
 
     def _note(self, r: _Root, res: ScanResult, now: float, *, whole: bool = False) -> None:
-        """Report strict-mode rejects once (persisted) and ignored names once per run (debug).
+        """Report rejected names once (persisted) and ignored names once per run (debug).
 
         Every reject is also kept for `status` ("waiting"); ``whole``: ``res`` is a
         full walk of the root, so rejects it no longer holds are gone.
@@ -338,17 +348,40 @@ class Discovery:
                 del known[path]
         for x in res.rejected:
             known.setdefault(x.path, (x.reason, now))
-        fresh = [x for x in res.rejected if self._store.note_once(f"not_serial:{x.path}", "not_serial", now=now)]
-        if fresh:
-            log.warning(
-                "names are not chip serials; ignored (naming = strict)",
-                root=r.policy.root, count=len(fresh), names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]],
-                reason=fresh[0].reason,
-            )
+        for kind, event in _REJECT_EVENTS.items():
+            fresh = [x for x in res.rejected if x.kind == kind and self._store.note_once(f"{kind}:{x.path}", kind, now=now)]
+            if fresh:
+                log.warning(event, root=r.policy.root, count=len(fresh),
+                            names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]], reason=fresh[0].reason)
         for path, reason in res.ignored:
             if path not in self._debugged and len(self._debugged) < _MAX_DEBUG_NAMES:
                 self._debugged.add(path)
                 log.debug("not a scan-set member; ignored", path=path, reason=reason)
+
+    def _requeue_reachable(self, r: _Root, now: float) -> None:
+        """Jobs of this root that failed because their files could not be reached: queued again once they can be.
+
+        Called when the root comes back and after each of its rescans (a
+        folder's permissions restored, a share remounted between retries).
+        """
+        store = self._store
+        assert store is not None
+        root = str(r.watch.path)
+        for job in store.list_jobs(states=[JobState.FAILED.value], newest_first=False):
+            if job.failed_stage != FILES_STAGE:
+                continue
+            scan = store.get_scan_set(job.scan_set_id)
+            if scan.root != root or unreachable(root, scan.members) is not None:
+                continue
+            if not all(os.path.lexists(str(m["path"])) for m in scan.members):
+                continue  # moved or deleted meanwhile: QC would fail for good; leave the error as it is
+            try:
+                store.transition(job.id, JobState.QUEUED, now=now,
+                                 message="the scan set's files can be read again; queued again")
+            except IllegalTransition:
+                continue
+            with bind_job(job.id, job.chip):
+                log.info("scan set files are reachable again; job queued again", root=root)
 
     def _container(self, path: str) -> str | None:
         """The known member that is ``path`` or contains it."""
@@ -372,7 +405,7 @@ class Discovery:
         """
         to_probe: dict[str, _Root] = {}
         rejected: dict[str, list[Rejected]] = {}
-        present = {r.policy.root: os.path.isdir(r.policy.root) for r in self._roots}
+        present = {r.policy.root: folder_problem(r.policy.root) is None for r in self._roots}
         for i, path in enumerate(list(dirty)):
             if i and time.monotonic() > deadline:
                 break
@@ -508,7 +541,7 @@ class Discovery:
         # Look again right before deciding: nothing may have changed since the last look.
         still: list[tuple[_Root, _Set]] = []
         for i, (r, s) in enumerate(ready):
-            if not os.path.isdir(r.policy.root):
+            if folder_problem(r.policy.root) is not None:
                 s.next_check = now + r.judge.recheck_s
                 continue
             if i and time.monotonic() > deadline:
@@ -548,11 +581,17 @@ class Discovery:
     def _identify(self, s: _Set, now: float) -> None:
         """Fingerprint the set; look up its job. A changed queued set starts settling again."""
         assert self._store is not None
-        fp = fingerprint(self._view(s).members)
-        if fp == s.fp:
+        members = self._view(s).members
+        ident = fingerprint(members, s.root)
+        if ident == s.ident:
             return
-        s.fp = fp
-        job = self._store.find_job(fp)
+        s.ident = s.fp = ident
+        job = self._store.find_job(ident)
+        if job is None:  # queued before member paths were part of the identity: the same set only if in the same place
+            legacy = self._store.find_job(fingerprint(members))
+            recorded = self._store.get_scan_set(legacy.scan_set_id).members if legacy is not None else []
+            if legacy is not None and {str(m.get("path")) for m in recorded} == {m.path for m in members}:
+                s.fp, job = legacy.fingerprint, legacy
         previous = s.state
         if job is None:
             s.state, s.job_id = _SETTLING, None

@@ -1,4 +1,4 @@
-"""Facts about the file systems under a path: network or local, free space.
+"""Facts about the file systems under a path: network or local, free space, a folder's health.
 
 Used to choose SQLite's journal mode (WAL is unsafe on network file systems)
 and the watcher's observer (file events do not arrive from SMB/NFS shares).
@@ -8,13 +8,16 @@ calls are needed here.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import psutil
 
-__all__ = ["NETWORK_FSTYPES", "MountInfo", "mount_of", "is_network_path", "free_bytes"]
+__all__ = ["NETWORK_FSTYPES", "FOLDER_MISSING", "MountInfo", "mount_of", "is_network_path", "free_bytes", "folder_problem"]
 
 #: File-system types that are network shares (lower case, as psutil reports them).
 NETWORK_FSTYPES = frozenset(
@@ -75,4 +78,40 @@ def free_bytes(path: str | PurePath) -> int | None:
             return shutil.disk_usage(candidate).free
         except OSError:
             continue
+    return None
+
+
+#: :func:`folder_problem`'s answer for a folder that is not there (renamed, deleted, share unmounted).
+FOLDER_MISSING = "folder missing"
+
+
+def folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """What keeps ``path`` from being used as a folder now, or None when it can be listed.
+
+    ``"folder missing"``, ``"not a folder"`` (a file took its name),
+    ``"permission denied"``, or ``"cannot be read (<reason>)"``. All of them
+    may pass (a share comes back, a rename is undone, rights are restored):
+    callers wait and look again rather than take its contents for deleted.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return FOLDER_MISSING
+    except NotADirectoryError:  # a parent of it is a file now
+        return FOLDER_MISSING
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a folder"
+    try:
+        with os.scandir(path):
+            pass
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return FOLDER_MISSING
+        return f"cannot be read ({e.strerror or e})"
     return None

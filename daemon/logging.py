@@ -23,6 +23,8 @@ from typing import Any
 
 import structlog
 
+from daemon.naming import shown_name
+
 __all__ = ["configure_logging", "get_logger", "bind_job", "register_secret", "redact", "LEVELS"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -64,6 +66,23 @@ def redact(value: Any, key: str = "") -> Any:
 def _redact_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for k in list(event_dict):
         event_dict[k] = redact(event_dict[k], k)
+    return event_dict
+
+
+def _shown(value: Any) -> Any:
+    if isinstance(value, str):
+        return shown_name(value)
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    return value
+
+
+def _names_processor(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Names that are not UTF-8 (a folder from another code page) are written escaped (``Run\\xff``), never dropped."""
+    for k in list(event_dict):
+        event_dict[k] = _shown(event_dict[k])
     return event_dict
 
 
@@ -182,6 +201,7 @@ def configure_logging(
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         structlog.processors.format_exc_info,  # a string traceback: never frame locals
         _redact_processor,
+        _names_processor,
         _order_processor,
         structlog.processors.JSONRenderer(sort_keys=False, default=str),
     ]
@@ -199,6 +219,7 @@ def configure_logging(
             procs = [
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _redact_processor,
+                _names_processor,
                 _exc_scrub_processor,
                 structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)()),
             ]

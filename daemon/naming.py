@@ -19,12 +19,19 @@ with ``naming = "strict"`` it is reported once and ignored, with
 
 A chip's members in one folder group into one scan set: its nuclear image
 plus its IF images. An archive is a scan set on its own.
+
+Names are bytes on POSIX: a folder written by a PC set to another code page
+is not valid UTF-8, and Python hands it over with the undecodable bytes as
+lone surrogates (``"Run\udcff"``). :func:`stored_name` and :func:`loaded_name`
+carry such a name through the database losslessly (as its bytes, a BLOB);
+:func:`shown_name` is how it is printed and logged (``Run\xff``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +52,10 @@ __all__ = [
     "glob_regex",
     "looks_like_tile",
     "MarkerTemplate",
+    "stored_name",
+    "loaded_name",
+    "shown_name",
+    "is_displayable",
 ]
 
 #: Role of a chip's nuclear-stain (DAPI, ssDNA) or H&E image.
@@ -264,3 +275,39 @@ class MarkerTemplate:
             return "" if name.lower() == self.template.lower() else None
         m = self._re.fullmatch(name)
         return m["chip"] if m else None
+
+
+# -- names whose bytes are not UTF-8 -------------------------------------------------
+
+
+def is_displayable(name: str) -> bool:
+    """True when ``name`` is valid Unicode (no lone surrogates standing for undecodable bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def stored_name(name: str) -> str | bytes:
+    """``name`` as the database keeps it: the text itself, or its file-system bytes when it is not UTF-8.
+
+    SQLite refuses text that is not valid UTF-8; the bytes (a BLOB) are what
+    the file system has, so :func:`loaded_name` gives the same ``str`` back
+    and the path still opens.
+    """
+    return name if is_displayable(name) else os.fsencode(name)
+
+
+def loaded_name(value: str | bytes | memoryview | None) -> str | None:
+    """The inverse of :func:`stored_name` (None stays None)."""
+    if value is None or isinstance(value, str):
+        return value
+    return os.fsdecode(bytes(value))
+
+
+def shown_name(text: str) -> str:
+    """``text`` for people (logs, ``imageqc status``/``show``, messages): undecodable bytes as ``\\xNN``."""
+    if is_displayable(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

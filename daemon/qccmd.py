@@ -41,7 +41,9 @@ def add_qc_command(sub: Any) -> None:
         "(default: the watch root's tile_pattern)",
     )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
-    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here")
+    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here; "
+                    "members of an input archive that do not fit in memory are unpacked here, in a hidden folder removed after "
+                    "reading (default: the system's temporary folder)")
     sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
     sp.add_argument(
         "--no-cache", action="store_true",
@@ -114,7 +116,9 @@ def cmd_qc(args: argparse.Namespace) -> int:
     bar, update = _progress_bar(sys.stderr.isatty() and not args.json)
     cache, store = (None, None) if args.no_cache else _pair_cache(cfg)
     try:
-        with open_scan_set(paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap) as scan:
+        with open_scan_set(
+            paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap, scratch_dir=args.out,
+        ) as scan:
             if bar is not None:
                 with bar:
                     report = run_qc(scan, settings, cache, progress=update)

@@ -14,6 +14,7 @@ an APScheduler tick (in-memory, coalesced, one at a time) does the rounds:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -60,7 +61,10 @@ class Component(Protocol):
 
     def tick(self, now: float) -> None: ...
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Stop; a component that waits returns by the daemon's ``stop_deadline`` (a
+        :func:`time.monotonic` value shared by every wait of the stop), abandoning what is stuck."""
+        ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -140,6 +144,9 @@ class Daemon:
         self.failure: str | None = None
         self._long_round_logged = float("-inf")
         self._last_sweep = float("-inf")
+        #: When a stop must be over (:func:`time.monotonic`); set by :meth:`stop`, shared by every wait in it.
+        self.stop_deadline: float | None = None
+        self._signals = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -211,9 +218,12 @@ class Daemon:
         self._heartbeat("running")
 
     def stop(self) -> None:
-        """Stop cleanly: no new work, running jobs get ``shutdown_timeout_s`` then go back to the queue."""
+        """Stop cleanly: no new work; running QC jobs and transfers share ``shutdown_timeout_s`` (none
+        after an urgent request), then go back to the queue. A transfer stuck in a request is abandoned."""
         self._stop.set()
         self._notify("STOPPING=1")
+        grace = 0.0 if self._urgent.is_set() else self.config.service.shutdown_timeout_s
+        self.stop_deadline = time.monotonic() + grace
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
             self.scheduler = None
@@ -223,7 +233,7 @@ class Daemon:
             except Exception:
                 log.exception("component failed to stop", component=comp.name)
         if self.runner is not None:
-            self.runner.stop(0.0 if self._urgent.is_set() else self.config.service.shutdown_timeout_s)
+            self.runner.stop(0.0 if self._urgent.is_set() else max(0.0, self.stop_deadline - time.monotonic()))
         if self.store is not None:
             try:
                 self._heartbeat("stopped")
@@ -256,12 +266,18 @@ class Daemon:
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
-            if self._stop.is_set():
+            # Counted before anything else: a second signal can run this handler again inside the
+            # first one's logging call.
+            self._signals += 1
+            if self._signals > 1:
+                # The first stop may be waiting on something stuck (a trickling server, a hung share):
+                # the person or service manager asking twice gets an exit now. Leases and saved
+                # transfer states make the next start resume whatever was running.
                 log.warning("second signal: stopping now", signal=signum)
-                self._urgent.set()
-            else:
-                log.info("signal received: stopping", signal=signum)
+                _flush_logs()
+                os._exit(128 + signum)
             self._stop.set()
+            log.info("signal received: stopping", signal=signum)
 
         if threading.current_thread() is not threading.main_thread():
             return
@@ -369,6 +385,23 @@ class Daemon:
         h = self.health()
         h["state"] = state
         self.store.set_status("service", h, now=self.clock() if now is None else now)
+
+
+def _flush_logs() -> None:
+    """Flush the log handlers before an immediate exit (best effort: never blocks on a busy handler)."""
+    import logging
+
+    for h in logging.getLogger().handlers:
+        if h.lock is None or h.lock.acquire(timeout=0.5):
+            try:
+                with contextlib.suppress(Exception):  # exiting anyway
+                    h.flush()
+            finally:
+                if h.lock is not None:
+                    h.lock.release()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def _safe_health(comp: Component) -> dict[str, Any]:

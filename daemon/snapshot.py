@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from daemon.config import WatchRoot
 from daemon.naming import TEMP_PATTERNS, MarkerTemplate, MemberName, NameInfo, NameStatus, glob_regex, looks_like_tile, parse_name
+from qc.io.listing import regular_files
+from qc.io.regular import file_kind
 from qc.io.tilenames import TILE_SUFFIXES
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "MemberStat",
     "Found",
     "Rejected",
+    "NOT_SERIAL",
+    "NOT_REGULAR",
     "ScanResult",
     "SnapshotDiff",
     "probe",
@@ -146,12 +150,18 @@ class Found:
     serial: bool  #: the chip part is a chip serial (False: taken under lenient naming)
 
 
+#: :attr:`Rejected.kind` values: a name that is not a chip serial (strict naming), a name
+#: on something that is not a regular file (a FIFO, socket or device: never opened).
+NOT_SERIAL, NOT_REGULAR = "not_serial", "not_regular"
+
+
 @dataclass(frozen=True)
 class Rejected:
-    """A member-shaped name that is not a chip serial, under strict naming."""
+    """A member-shaped name that is skipped: not a chip serial under strict naming, or not a regular file."""
 
     path: str
     reason: str
+    kind: str = NOT_SERIAL
 
 
 @dataclass(frozen=True)
@@ -210,23 +220,7 @@ def tile_folder_files(policy: WalkPolicy, folder: str) -> list[tuple[str, os.sta
     folder means it is not finished, and the QC job checks the same totals
     (``daemon.jobs.member_changes``) before it runs.
     """
-    out: list[tuple[str, os.stat_result]] = []
-    stack = [folder]
-    while stack:
-        d = stack.pop()
-        with os.scandir(d) as it:
-            entries = list(it)
-        for e in entries:
-            if e.is_symlink() or _is_junction(e):
-                continue
-            if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
-            elif e.is_file(follow_symlinks=False):
-                try:
-                    out.append((e.path, e.stat(follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue
-    return out
+    return list(regular_files(folder).files)
 
 
 def stat_tile_folder(policy: WalkPolicy, folder: str) -> MemberStat:
@@ -308,9 +302,11 @@ def _examine(
         return Found(path, info.member, stat_tile_folder(policy, path), info.status is NameStatus.MEMBER)
     if info.member is None:
         return None
+    st = os.stat(path, follow_symlinks=False)
+    if not stat_mod.S_ISREG(st.st_mode):  # a FIFO would block the first read of it: never opened
+        return Rejected(path, f"{name!r} is a {file_kind(st.st_mode)}, not a regular file", NOT_REGULAR)
     if not info.accepted(policy.naming):
         return Rejected(path, f"{name!r}: {info.reason} (naming = strict)")
-    st = os.stat(path, follow_symlinks=False)
     return Found(path, info.member, _file_stat(st), info.status is NameStatus.MEMBER)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from daemon.errors import DatabaseUnavailable, IllegalTransition, JobNotFound, StoreError
 from daemon.fsinfo import is_network_path
+from daemon.naming import loaded_name, shown_name, stored_name
 
 __all__ = [
     "JobState",
@@ -251,6 +252,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
     """,
+    # 5: what QC read: path -> {size, mtime_ns, sha256} of every input (JSON), re-verified before upload
+    """
+    ALTER TABLE qc_results ADD COLUMN inputs TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -379,6 +384,7 @@ class UploadRow:
 
 def _upload(row: sqlite3.Row) -> UploadRow:
     d = dict(row)
+    d["local_path"] = loaded_name(d["local_path"])
     d["parts"] = json.loads(d["parts"]) if d["parts"] else None
     return UploadRow(**d)
 
@@ -391,7 +397,16 @@ _UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy"
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
-    return None if row is None else Job(**{k: row[k] for k in row.keys()})
+    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row.keys()})
+
+
+def _stored(name: str | None) -> str | bytes | None:
+    return None if name is None else stored_name(name)
+
+
+def _shown(text: str | None) -> str | None:
+    """Messages and errors are for people: a name that is not UTF-8 appears escaped (``\\xNN``)."""
+    return None if text is None else shown_name(text)
 
 
 def _now(now: float | None) -> float:
@@ -607,7 +622,7 @@ class Store:
                 return int(row["id"]), False
             cur = c.execute(
                 "INSERT INTO scan_sets (chip, root, fingerprint, members, first_seen, last_seen) VALUES (?,?,?,?,?,?)",
-                (chip, root, fingerprint, json.dumps(list(members)), now, now),
+                (stored_name(chip), stored_name(root), fingerprint, json.dumps(list(members)), now, now),
             )
             return int(cur.lastrowid), True  # type: ignore[arg-type]
 
@@ -617,7 +632,8 @@ class Store:
         if row is None:
             raise StoreError(f"no scan set {scan_set_id}")
         d = dict(row)
-        d["members"] = json.loads(d["members"])
+        d["members"] = json.loads(d["members"])  # JSON escapes undecodable bytes (surrogates) losslessly
+        d["chip"], d["root"] = loaded_name(d["chip"]), loaded_name(d["root"])
         return ScanSetRow(**d)
 
     def create_job(
@@ -650,7 +666,7 @@ class Store:
             except sqlite3.IntegrityError:
                 return None
             job_id = int(cur.lastrowid)  # type: ignore[arg-type]
-            self._event(c, job_id, "created", None, state.value, message or f"{ss['chip']} {state.value}", None, now)
+            self._event(c, job_id, "created", None, state.value, message or f"{loaded_name(ss['chip'])} {state.value}", None, now)
             return job_id
 
     # -- reading ------------------------------------------------------------
@@ -683,7 +699,7 @@ class Store:
             args += st
         if chip:
             where.append("chip = ?")
-            args.append(chip)
+            args.append(stored_name(chip))
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id " + ("DESC" if newest_first else "ASC")
@@ -741,7 +757,7 @@ class Store:
     ) -> None:
         c.execute(
             "INSERT INTO events (job_id, at, kind, from_state, to_state, message, data) VALUES (?,?,?,?,?,?,?)",
-            (job_id, now, kind, from_state, to_state, message, json.dumps(data) if data else None),
+            (job_id, now, kind, from_state, to_state, _shown(message), json.dumps(data) if data else None),
         )
 
     # -- the state machine --------------------------------------------------
@@ -798,7 +814,7 @@ class Store:
         if target not in LEASED:
             sets.update(lease_owner=None, lease_expires=None)
         if target is S.FAILED:
-            sets.update(error=error or message or "failed", failed_stage=failed_stage, next_attempt_at=next_attempt_at)
+            sets.update(error=_shown(error or message or "failed"), failed_stage=failed_stage, next_attempt_at=next_attempt_at)
         elif target in (S.QUEUED, S.QC_DONE) and JobState(job.state) is S.FAILED:
             sets.update(next_attempt_at=None)
         if target is S.QUEUED:
@@ -934,7 +950,7 @@ class Store:
         with self.db() as c:
             rows = c.execute(
                 "SELECT * FROM jobs WHERE chip = ? AND id < ? AND state NOT IN (?, ?, ?)",
-                (chip, keep_job_id, S.DONE.value, S.SKIPPED.value, S.SUPERSEDED.value),
+                (stored_name(chip), keep_job_id, S.DONE.value, S.SKIPPED.value, S.SUPERSEDED.value),
             ).fetchall()
             for row in rows:
                 job = _job(row)
@@ -942,6 +958,42 @@ class Store:
                 self._apply(c, job, S.SUPERSEDED, now, f"superseded by job {keep_job_id}", None, None, None, None)
                 done.append(job.id)
         return done
+
+    def send_back_to_qc(self, job_id: int, *, reason: str, owner: str | None = None, now: float | None = None) -> Job:
+        """A QC'd job whose inputs are no longer what QC read goes back to the queue: QC runs again.
+
+        From ``qc_done``, ``failed`` or ``uploading`` (with ``owner``: only while
+        that owner holds it). In the same transaction the job's upload records
+        of inputs, and of outputs never sent, are dropped: the new QC run plans
+        its own (its run id is in the keys) and each input is checked and sent
+        again. Inputs already stored for the old run are named in the event
+        (``reason`` plus where they are); they are not deleted from the target.
+        """
+        now = _now(now)
+        with self.db() as c:
+            job = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            if job is None:
+                raise JobNotFound(job_id)
+            if JobState(job.state) not in (S.QC_DONE, S.UPLOADING, S.FAILED):
+                raise IllegalTransition(job_id, job.state, f"{S.QUEUED.value} (only QC'd jobs are sent back to QC)")
+            self._check(job, S.QUEUED, owner)
+            stored = c.execute(
+                "SELECT target, remote_key FROM uploads WHERE job_id = ? AND kind = 'inputs' AND state = ? ORDER BY id",
+                (job_id, UploadState.DONE.value),
+            ).fetchall()
+            finished = [x.value for x in UPLOAD_FINISHED]
+            c.execute(
+                f"DELETE FROM uploads WHERE job_id = ? AND (kind = 'inputs' OR state NOT IN ({','.join('?' * len(finished))}))",
+                (job_id, *finished),
+            )
+            message = reason
+            if stored:
+                keys = ", ".join(f"{r['target']}:{r['remote_key']}" for r in stored[:3]) + (" ..." if len(stored) > 3 else "")
+                message += f" ({len(stored)} input file(s) already stored for the old QC run stay there: {keys})"
+            data = {"stored_for_old_run": [[r["target"], r["remote_key"]] for r in stored]} if stored else None
+            self._apply(c, job, S.QUEUED, now, message, None, None, None, data)
+            c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job_id,))
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
 
     # -- QC results -------------------------------------------------------------
 
@@ -955,9 +1007,14 @@ class Store:
         archive: str | None = None,
         now: float | None = None,
         owner: str | None = None,
+        inputs: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Store a job's QC report. With ``owner``, only while that owner holds the job running
-        (a QC child orphaned by a killed service cannot overwrite a newer run's result)."""
+        (a QC child orphaned by a killed service cannot overwrite a newer run's result).
+
+        ``inputs``: what QC read, ``path -> {size, mtime_ns, sha256}``; the uploads check each
+        input's content against it.
+        """
         text = report if isinstance(report, str) else json.dumps(report)
         with self.db() as c:
             if owner is not None:
@@ -967,10 +1024,12 @@ class Store:
                 if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
                     raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", "save QC result")
             c.execute(
-                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)"
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
-                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at",
-                (job_id, verdict, text, output_dir, archive, _now(now)),
+                " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
+                " inputs=excluded.inputs",
+                (job_id, verdict, text, _stored(output_dir), _stored(archive), _now(now),
+                 None if inputs is None else json.dumps(inputs)),
             )
 
     def get_result(self, job_id: int) -> dict[str, Any] | None:
@@ -980,6 +1039,8 @@ class Store:
             return None
         d = dict(row)
         d["report"] = json.loads(d["report"])
+        d["inputs"] = json.loads(d["inputs"]) if d.get("inputs") else None
+        d["output_dir"], d["archive"] = loaded_name(d["output_dir"]), loaded_name(d["archive"])
         return d
 
     def verdicts(self, job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
@@ -1002,7 +1063,7 @@ class Store:
                 " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [{"job_id": r["job_id"], "chip": r["chip"], "verdict": r["verdict"], "reason": _first_reason(r["report"]),
+        return [{"job_id": r["job_id"], "chip": loaded_name(r["chip"]), "verdict": r["verdict"], "reason": _first_reason(r["report"]),
                  "at": r["created_at"]} for r in rows]
 
     # -- upload records -----------------------------------------------------------
@@ -1019,7 +1080,7 @@ class Store:
                 "INSERT OR IGNORE INTO uploads (job_id, target, kind, local_path, remote_key, size, mtime_ns, state,"
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (job_id, r["target"], r["kind"], r["local_path"], r["remote_key"], r.get("size"), r.get("mtime_ns"),
+                    (job_id, r["target"], r["kind"], stored_name(r["local_path"]), r["remote_key"], r.get("size"), r.get("mtime_ns"),
                      UploadState.PENDING.value, now, now)
                     for r in rows
                 ],
@@ -1157,12 +1218,17 @@ class Store:
     )
     SET_COLUMNS = ("set_key", "root", "chip", "folder", "first_seen", "last_change", "settling_since")
 
+    #: Columns holding file and folder names: kept losslessly whatever their bytes (:func:`daemon.naming.stored_name`).
+    NAME_COLUMNS = frozenset({"path", "root", "set_key", "name", "chip", "folder"})
+
     def discovery_load(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every watched member and scan set, as dicts keyed by column name."""
+        names = self.NAME_COLUMNS
         with self.db(commit=False) as c:
-            members = [dict(r) for r in c.execute("SELECT * FROM discovery_members ORDER BY path")]
-            sets = [dict(r) for r in c.execute("SELECT * FROM discovery_sets ORDER BY set_key")]
-        return members, sets
+            rows = [[{k: loaded_name(v) if k in names else v for k, v in dict(r).items()} for r in c.execute(sql)]
+                    for sql in ("SELECT * FROM discovery_members", "SELECT * FROM discovery_sets")]
+        members, sets = rows
+        return sorted(members, key=lambda m: m["path"]), sorted(sets, key=lambda s: s["set_key"])
 
     def discovery_save(
         self,
@@ -1175,23 +1241,23 @@ class Store:
         """Upsert and delete members and sets in one transaction."""
         if not (members or drop_members or sets or drop_sets):
             return
-        mcols, scols = self.MEMBER_COLUMNS, self.SET_COLUMNS
+        mcols, scols, names = self.MEMBER_COLUMNS, self.SET_COLUMNS, self.NAME_COLUMNS
         with self.db() as c:
-            c.executemany("DELETE FROM discovery_members WHERE path = ?", [(p,) for p in drop_members])
-            c.executemany("DELETE FROM discovery_sets WHERE set_key = ?", [(k,) for k in drop_sets])
+            c.executemany("DELETE FROM discovery_members WHERE path = ?", [(stored_name(p),) for p in drop_members])
+            c.executemany("DELETE FROM discovery_sets WHERE set_key = ?", [(stored_name(k),) for k in drop_sets])
             c.executemany(
                 f"INSERT OR REPLACE INTO discovery_members ({','.join(mcols)}) VALUES ({','.join('?' * len(mcols))})",
-                [tuple(m[k] for k in mcols) for m in members],
+                [tuple(_stored(m[k]) if k in names else m[k] for k in mcols) for m in members],
             )
             c.executemany(
                 f"INSERT OR REPLACE INTO discovery_sets ({','.join(scols)}) VALUES ({','.join('?' * len(scols))})",
-                [tuple(s[k] for k in scols) for s in sets],
+                [tuple(_stored(s[k]) if k in names else s[k] for k in scols) for s in sets],
             )
 
     def note_once(self, key: str, kind: str, *, now: float | None = None) -> bool:
         """Remember ``key``; True only the first time (for things reported once, ever)."""
         with self.db() as c:
-            cur = c.execute("INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)", (key, kind, _now(now)))
+            cur = c.execute("INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)", (stored_name(key), kind, _now(now)))
             return cur.rowcount == 1
 
     # -- notification outbox (daemon/notify.py) -------------------------------
@@ -1216,6 +1282,7 @@ class Store:
         for r in rows:
             d = dict(r)
             d["report"] = json.loads(d["report"]) if d["report"] else None
+            d["chip"], d["output_dir"] = loaded_name(d["chip"]), loaded_name(d["output_dir"])
             out.append(d)
         return out
 
@@ -1324,10 +1391,10 @@ class Store:
         with self.db(commit=False) as c:
             verdicts = {r["verdict"]: int(r["n"]) for r in c.execute(
                 "SELECT verdict, COUNT(*) AS n FROM qc_results WHERE created_at >= ? GROUP BY verdict", (since,))}
-            failed = [dict(r) for r in c.execute(
+            failed = [{**dict(r), "chip": loaded_name(r["chip"])} for r in c.execute(
                 "SELECT id, chip, error FROM jobs WHERE state = ? AND next_attempt_at IS NULL AND finished_at >= ? ORDER BY id",
                 (S.FAILED.value, since))]
-            fails = [r["chip"] for r in c.execute(
+            fails = [loaded_name(r["chip"]) for r in c.execute(
                 "SELECT j.chip FROM qc_results r JOIN jobs j ON j.id = r.job_id WHERE r.created_at >= ? AND r.verdict = 'fail'"
                 " ORDER BY r.job_id", (since,))]
             created = int(c.execute("SELECT COUNT(*) FROM jobs WHERE created_at >= ?", (since,)).fetchone()[0])

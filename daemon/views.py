@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from daemon.naming import shown_name
+
 __all__ = ["LABEL_WIDTH", "check_line", "console", "field", "job_label", "verdict_markup", "whole"]
 
 #: Width of the label column of labelled lines ("verdict   fail").
@@ -33,7 +35,7 @@ def field(con: Any, label: str, value: Any, *, markup: bool = False, indent: int
     from rich.text import Text
 
     lead = max(LABEL_WIDTH, indent + len(label) + 1)
-    body = Text.from_markup(str(value)) if markup else Text("-" if value is None else str(value))
+    body = Text.from_markup(shown_name(str(value))) if markup else Text("-" if value is None else shown_name(str(value)))
     lines = body.wrap(con, max(20, con.width - lead), overflow="fold") if body.plain else [Text("")]
     for i, line in enumerate(lines):
         head = (" " * indent + label).ljust(lead) if i == 0 else " " * lead
@@ -45,7 +47,7 @@ def whole(con: Any, label: str, value: Any) -> None:
     """Print ``label`` and ``value`` on one line however long: a path to copy (the terminal wraps it, the copy stays whole)."""
     from rich.text import Text
 
-    con.print(Text(label.ljust(LABEL_WIDTH) + str(value)), soft_wrap=True)
+    con.print(Text(label.ljust(LABEL_WIDTH) + shown_name(str(value))), soft_wrap=True)
 
 
 def verdict_markup(verdict: str | None) -> str:

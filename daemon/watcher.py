@@ -34,7 +34,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
 
-from daemon.fsinfo import is_network_path
+from daemon.fsinfo import FOLDER_MISSING, folder_problem, is_network_path
 from daemon.logging import get_logger
 from daemon.naming import parse_name
 from daemon.snapshot import RoleCache, ScanResult, WalkPolicy, folder_role, is_under, scan_tree
@@ -220,9 +220,10 @@ class RootWatcher:
     def start(self) -> bool:
         """Start the observer; False (with :attr:`problem` set) when the root cannot be watched now."""
         root = self.policy.root
-        if not os.path.isdir(root):
+        problem = folder_problem(root)
+        if problem is not None:
             self.missing = True
-            self.problem = "share missing" if self.network else "folder missing"
+            self.problem = self._worded(problem)
             return False
         self.missing = False
         if self.mode == "native":
@@ -273,11 +274,14 @@ class RootWatcher:
             self.overflowed = False
             log.warning("file events were lost (queue overflow); rescanning", root=root)
             return "events lost"
-        if not os.path.isdir(root):
-            if not self.missing:
+        problem = folder_problem(root)
+        if problem is not None:
+            worded = self._worded(problem)
+            if not self.missing or worded != self.problem:
                 self.missing = True
-                self.problem = "share missing" if self.network else "folder missing"
-                log.warning("watch folder is missing; waiting for it to come back", root=root, problem=self.problem)
+                self.problem = worded
+                log.warning("watch folder cannot be used; waiting for it to come back", root=root, problem=self.problem,
+                            advice="scan sets under it are kept and their QC is retried once it is back")
                 obs, self.observer = self.observer, None
                 if obs is not None:
                     _stop_observer(obs)
@@ -301,6 +305,10 @@ class RootWatcher:
             log.warning("observer died; restarted", root=root, observer=self.mode, restarts=self.restarts)
             return "observer restarted"
         return "observer started"
+
+    def _worded(self, problem: str) -> str:
+        """:func:`~daemon.fsinfo.folder_problem`'s words; a missing network root is a missing share."""
+        return "share missing" if problem == FOLDER_MISSING and self.network else problem
 
     def health(self) -> str:
         if self.problem:
@@ -396,7 +404,7 @@ class Rescanner:
         policy = self.policies[root]
         started = time.monotonic()
         try:
-            if not os.path.isdir(root):
+            if folder_problem(root) is not None:  # missing, replaced by a file, unreadable: nothing under it is judged
                 self.results.put(RootMissing(root, self.clock()))
                 return
             result = scan_tree(policy, stop=self._stop, roles=self._roles.setdefault(root, {}))

@@ -62,7 +62,8 @@ class JobOutcome:
 
     ``state`` is the job's next state (``qc_done``, ``done``, ``skipped`` or
     ``failed``). A failure is ``transient`` when a retry may succeed (a share
-    briefly gone) and permanent when it cannot (a corrupt image).
+    briefly gone) and permanent when it cannot (a corrupt image). ``stage`` is
+    the job's ``failed_stage`` (``files``: its files could not be reached).
     """
 
     state: str
@@ -70,6 +71,7 @@ class JobOutcome:
     error: str | None = None
     transient: bool = False
     data: dict[str, Any] | None = None
+    stage: str = "qc"
 
 
 @dataclass(frozen=True)
@@ -339,19 +341,19 @@ class ProcessWorker:
 
     def _apply_outcome(self, job: Job, out: JobOutcome, now: float) -> None:
         if out.state == JobState.FAILED.value:
-            self._fail(job, out.error or out.message or "failed", transient=out.transient, now=now)
+            self._fail(job, out.error or out.message or "failed", transient=out.transient, now=now, stage=out.stage)
             return
         self.store.transition(job.id, out.state, now=now, owner=self.owner, message=out.message, data=out.data)
         log.info("job finished", state=out.state, detail=out.message)
 
-    def _fail(self, job: Job, error: str, *, transient: bool, now: float) -> None:
+    def _fail(self, job: Job, error: str, *, transient: bool, now: float, stage: str = "qc") -> None:
         svc = self.config.service
         fresh = self.store.get_job(job.id)
         retry_at = None
         if transient and fresh.attempts < svc.max_attempts:
             retry_at = now + backoff_delay(fresh.attempts, base=svc.retry_base_s, cap=svc.retry_max_s)
         self.store.transition(
-            job.id, JobState.FAILED, now=now, owner=self.owner, error=error, failed_stage="qc", next_attempt_at=retry_at
+            job.id, JobState.FAILED, now=now, owner=self.owner, error=error, failed_stage=stage, next_attempt_at=retry_at
         )
         log.error("job failed", error=error, transient=transient, retry_at=retry_at, attempts=fresh.attempts)
 

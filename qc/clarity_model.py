@@ -40,6 +40,8 @@ not scored).
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +52,14 @@ import numpy as np
 from qc.errors import ModelError
 
 __all__ = [
-    "CATEGORIES",
     "BACKGROUND",
+    "CATEGORIES",
     "RGB_MODES",
     "SHIPPED_SIDECAR",
     "STOMICS_4CLASS",
     "ClarityModel",
     "LoadedClarityModel",
+    "import_onnxruntime",
     "load_clarity_model",
 ]
 
@@ -307,6 +310,37 @@ class LoadedClarityModel:
         return e / e.sum(axis=1, keepdims=True)
 
 
+#: onnxruntime's own switch: when set before the library loads, it neither
+#: creates its telemetry store (``~/.cache/Microsoft/DeveloperTools/.onnxruntime``
+#: on Linux, written at import) nor sends events.
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def import_onnxruntime() -> Any:
+    """Import onnxruntime with its telemetry off; every use of onnxruntime goes through here.
+
+    onnxruntime's official builds write a device id and an event database under
+    the user's home when the library loads (recent Linux builds) and send trace
+    events (Windows). The service must not write outside its configured folders,
+    so the environment switch is set before the first import, and the API switch
+    (:func:`onnxruntime.disable_telemetry_events`) is called after it, which also
+    covers a process that imported onnxruntime earlier by another route.
+
+    Returns
+    -------
+    module
+        The ``onnxruntime`` module.
+    """
+    if "onnxruntime" not in sys.modules:
+        os.environ[ORT_TELEMETRY_ENV] = "1"
+    import onnxruntime as ort
+
+    disable = getattr(ort, "disable_telemetry_events", None)
+    if disable is not None:  # absent in some minimal builds
+        disable()
+    return ort
+
+
 def load_clarity_model(spec: ClarityModel | None = None, *, threads: int = 1) -> LoadedClarityModel:
     """Open a clarity model with bounded threads and check it against its spec.
 
@@ -328,7 +362,7 @@ def load_clarity_model(spec: ClarityModel | None = None, *, threads: int = 1) ->
         The file is missing or not an ONNX model, its tensors are not the
         declared ones, or its class count differs from ``spec.classes``.
     """
-    import onnxruntime as ort  # imported here: only sessions need it
+    ort = import_onnxruntime()  # imported here: only sessions need it
 
     if spec is None:
         spec = ClarityModel.shipped()

@@ -100,6 +100,7 @@ import numpy as np
 from qc.chip import parse_chip, template_for
 from qc.errors import QCError
 from qc.io.model import Image, ScanSet, Tile
+from qc.io.tiffcheck import walk_tiff
 from qc.report import ImageReport, QCReport, run_stem
 
 if TYPE_CHECKING:
@@ -643,6 +644,7 @@ def _file_metadata(img: Image | None) -> dict[str, Any]:
 def _tiff_metadata(path: Path) -> dict[str, Any]:
     import tifffile
 
+    walk_tiff(path)  # bounded: refuses looping or too deeply nested SubIFDs before tifffile follows them
     out: dict[str, Any] = {}
     with tifffile.TiffFile(path) as tif:
         tags = tif.pages.first.tags

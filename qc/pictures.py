@@ -10,6 +10,9 @@ px) with OpenCV and written as PNG:
   position, coloured by its deviation (grey: no overlap features);
 - ``<IF>_calibration.png``: the IF image (magenta) over the nuclear image
   (green) before and after the found offset, side by side.
+
+An image name too long for these file names is shortened with a hash
+(:func:`qc.filenames.fit_name`); the picture's title keeps the full name.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from qc.filenames import fit_name
 
 __all__ = [
     "THUMB_SIDE",
@@ -211,6 +216,11 @@ def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+def _picture_path(folder: Path, image: str, kind: str) -> Path:
+    """``<image>_<kind>.png`` in ``folder``; a long image name is shortened to fit (:func:`qc.filenames.fit_name`)."""
+    return folder / fit_name(safe_name(image), f"_{kind}.png")
+
+
 def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[Path]:
     """Write every picture the artifacts of a QC run allow; returns the paths."""
     out: list[Path] = []
@@ -220,14 +230,14 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[
     for name, res in artifacts.get("track", {}).items():
         thumb, f = thumbs[name]
         pic = draw_track(thumb, f, res, title=name, passed=decided.get(("track", name)))
-        out.append(write_png(folder / f"{safe_name(name)}_track.png", pic))
+        out.append(write_png(_picture_path(folder, name, "track"), pic))
     for name, res in artifacts.get("clarity", {}).items():
         thumb, f = thumbs[name]
-        out.append(write_png(folder / f"{safe_name(name)}_clarity.png", draw_clarity(thumb, f, res, labels, title=name)))
+        out.append(write_png(_picture_path(folder, name, "clarity"), draw_clarity(thumb, f, res, labels, title=name)))
     for name, res in artifacts.get("stitching", {}).items():
         thumb, f = thumbs[name]
         pic = draw_stitching(thumb, f, res, artifacts["tile_sizes"][name], title=name, passed=decided.get(("stitching", name)))
-        out.append(write_png(folder / f"{safe_name(name)}_stitching.png", pic))
+        out.append(write_png(_picture_path(folder, name, "stitching"), pic))
     nuclear = artifacts.get("nuclear")
     for name, res in artifacts.get("calibration", {}).items():
         if nuclear is None or name not in thumbs:
@@ -236,5 +246,5 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path) -> list[
         if f != f2:
             continue
         pic = draw_calibration(nt, it, f, res, title=name)
-        out.append(write_png(folder / f"{safe_name(name)}_calibration.png", pic))
+        out.append(write_png(_picture_path(folder, name, "calibration"), pic))
     return out

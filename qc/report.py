@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from qc.filenames import MAX_NAME_BYTES, fit_name, host_tag, writer_tag
 
 __all__ = [
     "REPORT_SCHEMA",
@@ -165,6 +166,18 @@ def run_stem(chip: str, started_at: float, version: str) -> str:
     return f"{chip}_{ts}_{version}"
 
 
+def _fitted_stem(report: QCReport, tag: str) -> str:
+    """The run's stem, its chip part shortened (:func:`~qc.filenames.fit_name`) when a name made from it would not fit.
+
+    The longest of those names is the archive's temporary one,
+    ``.<stem>-<n>.tar.gz.partial-<host>-<pid>``; the date and version are kept.
+    """
+    rest = run_stem("", report.started_at, report.software_version)
+    longest_extra = len(f".{rest}-99999.tar.gz.partial-{tag}")
+    chip = fit_name(report.chip, limit=MAX_NAME_BYTES - longest_extra)
+    return run_stem(chip, report.started_at, report.software_version)
+
+
 def write_outputs(
     report: QCReport,
     out_dir: str | Path,
@@ -208,13 +221,13 @@ def write_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = run_stem(report.chip, report.started_at, report.software_version)
+    tag = _writer_tag()
+    stem = _fitted_stem(report, tag)
     final = out_dir / stem
     n = 1
     while final.exists() or (out_dir / f"{final.name}.tar.gz").exists():
         n += 1
         final = out_dir / f"{stem}-{n}"
-    tag = _writer_tag()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{tag}.", dir=out_dir))
     ipr_name = f"{final.name}.ipr"
     try:
@@ -349,12 +362,8 @@ def _write_archive(
 _PARTIAL = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?$")
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
-
-
-def _writer_tag() -> str:
-    return f"{_host_tag()}-{os.getpid()}"
+_host_tag = host_tag
+_writer_tag = writer_tag
 
 
 def abandoned_outputs(out_dir: str | Path) -> list[Path]:

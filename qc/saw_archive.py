@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from qc.filenames import fit_name
 from qc.io import Image, ScanSet
+from qc.io.listing import regular_files
 
 __all__ = ["ArchiveMember", "IMAGEQC_FOLDER", "image_members", "image_folder", "needs_tiff", "as_tiff", "walk"]
 
@@ -62,7 +64,7 @@ def image_members(scan_set: ScanSet, stain: str, *, converted: dict[str, Path] |
     for img in scan_set.images:
         group = "HE" if img.role == "HE" else ipr_group_name(scan_set.chip, img.name, stain)
         folder = image_folder(group)
-        single = f"{folder}/{scan_set.chip}_{group}.tif"
+        single = f"{folder}/{fit_name(f'{scan_set.chip}_{group}', '.tif')}"  # a name any file system can unpack
         if needs_tiff(img):
             tif = (converted or {}).get(img.name)
             if tif is not None:
@@ -85,21 +87,16 @@ def as_tiff(img: Image, folder: Path) -> Path:
     import tifffile
 
     plane = img.plane(0)
-    path = folder / f"{img.name}.tif"
+    path = folder / fit_name(img.name, ".tif")
     tifffile.imwrite(path, plane, bigtiff=plane.nbytes > 2**31, photometric="rgb" if plane.ndim == 3 else "minisblack")
     return path
 
 
 def walk(member: ArchiveMember) -> Iterator[tuple[Path, str]]:
-    """Every file of a member with its archive name (a tile folder's files, sorted; links skipped)."""
+    """Every file of a member with its archive name (a tile folder's regular files, sorted; links and special files skipped)."""
     if not member.source.is_dir():
         yield member.source, member.arcname
         return
-    for root, dirs, files in os.walk(member.source, followlinks=False):
-        dirs.sort()
-        rel = Path(root).relative_to(member.source)
-        for name in sorted(files):
-            p = Path(root) / name
-            if p.is_symlink():
-                continue
-            yield p, "/".join([member.arcname, *rel.parts, name])
+    cut = len(os.fspath(member.source).rstrip("/" + os.sep)) + 1
+    for name, _ in regular_files(member.source).files:  # sorted; no link followed, no FIFO opened
+        yield Path(name), "/".join([member.arcname, *name[cut:].replace(os.sep, "/").split("/")])

@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         do_constant_folding=True,
         dynamo=False,
     )
-    import onnxruntime as ort
+    from qc.clarity_model import import_onnxruntime
 
+    ort = import_onnxruntime()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     probe = xv[:256]
     ort_logits = sess.run(["logits"], {"window": (probe.astype(np.float32)[:, None] / 255.0)})[0]

@@ -40,6 +40,7 @@ __all__ = [
     "Uploader",
     "Interrupted",
     "InputChanged",
+    "ContentChanged",
     "IntegrityError",
     "digest_file",
     "file_stat",
@@ -71,6 +72,10 @@ class InputChanged(Exception):
         self.path = str(path)
         self.what = what
         super().__init__(f"{path}: {what}")
+
+
+class ContentChanged(InputChanged):
+    """An input's content is not what QC read although its size and mtime are: QC must run again."""
 
 
 class IntegrityError(TransientUploadError):
@@ -198,17 +203,6 @@ def _crc64() -> Any:
     return Crc64(0)
 
 
-def whole_md5(path: Path, check: Callable[[], None] = never) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while True:
-            check()
-            block = f.read(READ_CHUNK)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
-
-
 @dataclass(frozen=True)
 class RemoteObject:
     """What a HEAD tells about a stored object."""
@@ -306,6 +300,26 @@ class Uploader(ABC):
 
     def close(self) -> None:
         """Release threads and connections."""
+
+    def remove(self, key: str) -> None:
+        """Delete the stored object at ``key``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete objects")
+
+    def remove_if_torn(self, key: str, local: LocalFile) -> bool:
+        """Delete the object at ``key`` if it claims to be ``local`` but is not.
+
+        What a transfer leaves when its file changed while it was sent (a
+        server that checks no part digest stores the mix). An object that
+        does not carry ``local``'s SHA-256 (another version, or a target with
+        no such metadata) is left alone. Returns whether one was deleted.
+        """
+        remote = self.probe(key)
+        if remote is None or remote.sha256 is None or remote.sha256.lower() != local.sha256:
+            return False
+        if self.matches(remote, local):
+            return False
+        self.remove(key)
+        return True
 
     # -- shared ------------------------------------------------------------------
 

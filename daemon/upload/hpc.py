@@ -1,7 +1,8 @@
 """An HPC share: a mounted folder or a UNC path (``//server/share/dir``).
 
 Each file is copied to a hidden temporary name beside its destination
-(``.<name>.imageqc-partial``), flushed and fsynced, its SHA-256 compared with
+(``.<name>.imageqc-partial``, the name shortened with a hash when that would
+pass 255 bytes), flushed and fsynced, its SHA-256 compared with
 the local file's, then renamed into place, so nothing downstream ever sees a
 partial file under the real name. An interrupted copy resumes from the
 temporary file's length (the final SHA-256 check catches a damaged tail:
@@ -24,6 +25,7 @@ from daemon.config import UploadTarget
 from daemon.errors import UploadError
 from daemon.upload.base import READ_CHUNK, IntegrityError, LocalFile, RemoteObject, Transfer, Uploader
 from daemon.upload.credentials import Credentials
+from qc.filenames import fit_name
 
 __all__ = ["HPCUploader", "PARTIAL_SUFFIX"]
 
@@ -68,7 +70,7 @@ class HPCUploader(Uploader):
 
     @staticmethod
     def _partial(dest: Path) -> Path:
-        return dest.with_name(f".{dest.name}{PARTIAL_SUFFIX}")
+        return dest.with_name(fit_name(f".{dest.name}", PARTIAL_SUFFIX))  # a 250-byte name still gets one
 
     def _os_error(self, e: OSError, what: str) -> UploadError:
         if isinstance(e, PermissionError):
@@ -110,6 +112,12 @@ class HPCUploader(Uploader):
 
     def discard(self, key: str, state: dict[str, Any]) -> None:
         self._partial(self._dest(key)).unlink(missing_ok=True)
+
+    def remove(self, key: str) -> None:
+        try:
+            self._dest(key).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._os_error(e, f"delete {self._dest(key)}") from None
 
     def upload(self, transfer: Transfer) -> str:
         t, local = transfer, transfer.local

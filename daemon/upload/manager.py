@@ -30,6 +30,19 @@ waits in ``qc_done``. The new export has a new fingerprint, so discovery
 queues it as a new job, which supersedes this one (the newer data is never
 lost and QC runs on it); if the files come back as QC saw them, the upload
 proceeds at the next recheck. An input that disappeared fails the job.
+
+Size and mtime do not tell a file from a replacement that kept them, so each
+input is also hashed before it is sent (no digest saved by an earlier attempt
+is trusted for inputs) and its SHA-256 compared with the one QC recorded
+(``qc_results.inputs``, :mod:`daemon.inputs`). Content that differs with the
+same size and time sends the job back to QC (:meth:`Store.send_back_to_qc`):
+discovery would never see it as new. A file replaced while it is sent shows
+as an integrity error (a part digest or the stored object's checksum); the
+file is hashed again, and if it changed, the torn object (some servers store
+it) and the multipart upload are deleted and the job goes back to QC too.
+A job's outputs (the QC verdict) are sent to a target only after all its
+inputs are stored there, so a verdict is never published beside inputs that
+turned out to be other files.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -46,13 +59,29 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, UploadTarget
-from daemon.errors import IllegalTransition, PermanentUploadError, TransientUploadError
+from daemon.errors import (
+    IllegalTransition,
+    PermanentUploadError,
+    TransientUploadError,
+    UploadError,
+)
+from daemon.inputs import changed_content, sha256_file
 from daemon.logging import bind_job, get_logger
 from daemon.store import UPLOAD_FINISHED, Job, JobState, Store, UploadRow, UploadState
 from daemon.upload import make_uploader
-from daemon.upload.base import InputChanged, Interrupted, LocalFile, Transfer, Uploader, file_stat
-from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job
+from daemon.upload.base import (
+    ContentChanged,
+    InputChanged,
+    IntegrityError,
+    Interrupted,
+    LocalFile,
+    Transfer,
+    Uploader,
+    file_stat,
+)
+from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
 from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
+from daemon.upload.pool import DaemonPool
 
 __all__ = ["UploadManager"]
 
@@ -72,7 +101,12 @@ class _Active:
     reason: str = "cancel"
     permanent: str | None = None
     changed: str | None = None
+    content_changed: str | None = None
     lost: bool = False
+    #: What QC read (``qc_results.inputs``): path -> size, mtime_ns, sha256.
+    qc_inputs: dict[str, Any] | None = None
+    #: Outputs waiting until every input of their target is stored.
+    held: list[UploadRow] = field(default_factory=list)
 
     def cancel(self, reason: str) -> None:
         self.reason = reason
@@ -133,7 +167,8 @@ class UploadManager:
         self.max_jobs = max_jobs
         self.rng = rng or random.Random()
         self._active: dict[int, _Active] = {}
-        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools: dict[str, DaemonPool] = {}
+        self._daemon: Any = None
         self._stopping = threading.Event()
         self._build_lock = threading.Lock()
         self._unplannable: set[int] = set()
@@ -150,11 +185,10 @@ class UploadManager:
     def start(self, daemon: Any) -> None:
         self.store = daemon.store
         self.owner = f"{daemon.owner}/uploads"
+        self._daemon = daemon
         if self._clock is None:
             self._clock = daemon.clock
-        self._pools = {
-            n: ThreadPoolExecutor(t.concurrency, thread_name_prefix=f"upload-{n}") for n, t in self.targets.items()
-        }
+        self._pools = {n: DaemonPool(t.concurrency, f"upload-{n}") for n, t in self.targets.items()}
         if self._pools:
             self._janitor = next(iter(self._pools.values())).submit(self._clean_up_stale)
 
@@ -172,23 +206,43 @@ class UploadManager:
                 break
             self._begin(job, now)
 
-    def stop(self) -> None:
+    def stop(self, deadline: float | None = None) -> None:
+        """Stop the transfers: each saves its state at the next check and ends.
+
+        Waits until ``deadline`` (a :func:`time.monotonic` value; default the
+        daemon's shared ``stop_deadline``, else ``service.shutdown_timeout_s``
+        from now), never longer: a request stuck on a server that trickles its
+        answer is abandoned (its thread is a daemon thread) and its job
+        released; the file resumes from its record at the next start.
+        """
+        if deadline is None:
+            deadline = getattr(self._daemon, "stop_deadline", None)
+        if deadline is None:
+            deadline = time.monotonic() + self.config.service.shutdown_timeout_s
         self._stopping.set()
         for a in self._active.values():
             a.cancel("stop")
         futures = [f for a in self._active.values() for f in a.futures.values()]
         if self._janitor is not None:
             futures.append(self._janitor)
-        wait_futures(futures, timeout=self.config.service.shutdown_timeout_s)
+        _, stuck = wait_futures(futures, timeout=max(0.0, deadline - time.monotonic()))
         for pool in self._pools.values():
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        if stuck:
+            log.warning(
+                "transfers still in flight at the stop deadline are abandoned; they resume at the next start",
+                files=len(stuck), jobs=sorted(a.job.id for a in self._active.values() if any(f in stuck for f in a.futures.values())),
+            )
         if self.store is not None:
             now = self.now()
             for a in list(self._active.values()):
                 self._release(a, now, until=now, message="service stopping; the upload resumes at the next start")
         self._active.clear()
         for n in list(self._owned):
-            self._uploaders.pop(n).close()
+            try:
+                self._uploaders.pop(n).close()
+            except Exception as e:  # a client busy in an abandoned request
+                log.warning("could not close an uploader at stop", target=n, error=str(e))
         self._owned.clear()
 
     def health(self) -> dict[str, Any]:
@@ -256,7 +310,14 @@ class UploadManager:
         a = _Active(job, self)
         self._active[job.id] = a
         with bind_job(job.id, job.chip):
-            if not self._inputs_unchanged(a, [r for r in self.store.uploads(job.id) if self._required(r)], now):
+            try:
+                unchanged = self._inputs_unchanged(a, [r for r in self.store.uploads(job.id) if self._required(r)], now)
+            except OSError as e:  # never leave a begun job with no transfers: it would be settled as done
+                self._active.pop(job.id, None)
+                recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
+                self._release(a, now, until=now + recheck, message=f"cannot list the scan set's inputs ({e}); checked again later")
+                return
+            if not unchanged:
                 return
             try:
                 self._plan(job, now)
@@ -270,14 +331,30 @@ class UploadManager:
                 if r.state in (U.RETRY, U.ACTIVE, U.FAILED, U.CHANGED):
                     self.store.update_upload(r.id, state=U.PENDING, attempts=0 if r.state == U.FAILED else r.attempts, now=now)
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
-            order = sorted(records, key=lambda r: (r.kind != "outputs", r.id))
-            for r in order:
-                if r.state in UPLOAD_FINISHED or not self.window_open(r.target, now):
-                    continue
-                a.futures[r.id] = self._pools[r.target].submit(self._run, a, r)
-            log.info("upload started", files=len(a.futures), targets=sorted({r.target for r in order if r.id in a.futures}))
+            result = self.store.get_result(job.id)
+            a.qc_inputs = (result or {}).get("inputs")
+            a.held = [r for r in records if r.kind == "outputs" and r.state not in UPLOAD_FINISHED]
+            for r in records:
+                if r.kind == "inputs" and r.state not in UPLOAD_FINISHED and self.window_open(r.target, now):
+                    a.futures[r.id] = self._pools[r.target].submit(self._run, a, r)
+            self._release_outputs(a, now)
+            log.info("upload started", files=len(a.futures) + len(a.held),
+                     targets=sorted({r.target for r in records if r.id in a.futures or r in a.held}))
             if not a.futures:
                 self._settle(a, now)
+
+    def _release_outputs(self, a: _Active, now: float) -> bool:
+        """Start the held outputs of each target whose inputs are all stored; whether any started."""
+        assert self.store is not None
+        if not a.held or a.changed or a.content_changed or a.permanent or a.cancelled.is_set() or self._stopping.is_set():
+            return False
+        rows = self.store.uploads(a.job.id)
+        waiting = {r.target for r in rows if r.kind == "inputs" and self._required(r) and r.state not in UPLOAD_FINISHED}
+        ready = [r for r in a.held if r.target not in waiting and self.window_open(r.target, now)]
+        for r in ready:
+            a.held.remove(r)
+            a.futures[r.id] = self._pools[r.target].submit(self._run, a, r)
+        return bool(ready)
 
     def _inputs_unchanged(self, a: _Active, records: list[UploadRow], now: float) -> bool:
         assert self.store is not None
@@ -311,14 +388,50 @@ class UploadManager:
         if r.size is not None and current != (r.size, r.mtime_ns):
             raise InputChanged(path, f"size/mtime {current} differ from {(r.size, r.mtime_ns)} recorded after QC")
         digests = (r.parts or {}).get("local")
-        if r.sha256 and digests:
+        if r.sha256 and digests and r.kind != "inputs":  # an input is hashed again each time: it must still be what QC read
             local = LocalFile.from_record(path, current[0], current[1], r.sha256, digests)
             if up.reusable(local):
                 return local
         local = up.digest(path, check=a.check, expect=current)
         state = (r.parts or {}).get("state") or {}
+        if r.kind == "inputs" and changed_content(a.qc_inputs, path, local.sha256):
+            if state:  # a multipart upload or checkpoint of an earlier attempt: its record goes with the old run
+                try:
+                    up.discard(r.remote_key, state)
+                except (UploadError, OSError) as e:
+                    log.warning("could not drop the resumable state of an earlier attempt", key=r.remote_key, error=str(e))
+            raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         self.store.update_upload(r.id, sha256=local.sha256, parts={"local": local.digests(), "state": state})
         return local
+
+    def _check_sent(self, up: Uploader, transfer: Transfer, e: IntegrityError) -> None:
+        """After an integrity error on an input: if the file changed while it was sent, remove what the
+        transfer left (torn object, multipart upload) and raise :class:`InputChanged`; else return."""
+        local = transfer.local
+        try:
+            now_sha = sha256_file(local.path, check=transfer.check)
+            stat = file_stat(local.path)
+        except FileNotFoundError:
+            raise InputChanged(local.path, "is gone") from None
+        if now_sha == local.sha256:
+            return  # the file is as QC read it: a network or server fault, retried
+        removed = False
+        try:
+            with transfer.lock:
+                state = dict(transfer.state)
+                transfer.state.clear()
+            if state:
+                up.discard(transfer.key, state)
+            transfer.persist(0)
+            removed = up.remove_if_torn(transfer.key, local)
+        except (UploadError, OSError, NotImplementedError) as cleanup:
+            log.warning("could not remove what the interrupted transfer left; it is replaced when the file is sent again",
+                        key=transfer.key, error=str(cleanup))
+        torn = f"; the torn copy at {transfer.key} was deleted" if removed else ""
+        log.warning("an input changed while it was uploaded", path=str(local.path), error=str(e), removed_torn=removed)
+        if stat == (local.size, local.mtime_ns):
+            raise ContentChanged(local.path, f"changed after QC, while it was uploaded (content differs, same size and time){torn}")
+        raise InputChanged(local.path, f"changed while it was uploaded{torn}")
 
     def _run(self, a: _Active, r: UploadRow) -> None:
         assert self.store is not None
@@ -341,7 +454,12 @@ class UploadManager:
 
                 def attempt() -> Any:
                     transfer.check()
-                    return up.send(transfer)
+                    try:
+                        return up.send(transfer)
+                    except IntegrityError as e:
+                        if r.kind == "inputs":
+                            self._check_sent(up, transfer, e)
+                        raise
 
                 def on_retry(n: int, delay: float, e: TransientUploadError) -> None:
                     log.warning("upload attempt failed; retrying", target=r.target, key=r.remote_key, attempt=n, retry_in_s=round(delay, 1), error=str(e))
@@ -360,6 +478,11 @@ class UploadManager:
             except Interrupted as e:
                 store.update_upload(r.id, state=U.PENDING)
                 log.info("upload interrupted", target=r.target, key=r.remote_key, reason=e.reason)
+            except ContentChanged as e:
+                store.update_upload(r.id, state=U.CHANGED, error=str(e))
+                a.content_changed = a.content_changed or str(e)
+                a.cancel("cancel")
+                log.warning("input content changed since QC; QC runs again", target=r.target, path=e.path, what=e.what)
             except InputChanged as e:
                 store.update_upload(r.id, state=U.CHANGED, error=str(e))
                 a.changed = str(e)
@@ -383,7 +506,8 @@ class UploadManager:
         for a in list(self._active.values()):
             if all(f.done() for f in a.futures.values()):
                 with bind_job(a.job.id, a.job.chip):
-                    self._settle(a, now)
+                    if not self._release_outputs(a, now):
+                        self._settle(a, now)
 
     def _renew(self, now: float) -> None:
         assert self.store is not None
@@ -412,6 +536,10 @@ class UploadManager:
         try:
             if a.permanent:
                 self.store.transition(job_id, JobState.FAILED, owner=self.owner, now=now, error=a.permanent, failed_stage="upload")
+                return
+            if a.content_changed:
+                self.store.send_back_to_qc(job_id, owner=self.owner, now=now, reason=f"{a.content_changed}; QC runs again")
+                log.warning("inputs changed after QC with the same size and time; the job goes back to QC", error=a.content_changed)
                 return
             if a.changed:
                 recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
@@ -442,13 +570,27 @@ class UploadManager:
                 sent = sum(1 for r in rows if r.state == U.DONE)
                 msg = f"uploaded {sent} file(s) to {', '.join(sorted({r.target for r in rows})) or 'no target'}"
                 present = len(rows) - sent
-                self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg + (f"; {present} already present" if present else ""))
+                msg += f"; {present} already present" if present else ""
+                msg += self._skipped_note(a.job)
+                self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg)
                 log.info("upload done", files=len(rows), sent=sent)
                 return
             until = min(self.windows[t].next_open(now) if self.windows[t] else now for t in waiting)
             self._release(a, now, until=until, message=f"waiting for the upload window of {', '.join(waiting)}")
         except IllegalTransition as e:  # cancelled or superseded meanwhile
             log.info("job changed hands before its upload ended", error=str(e))
+
+    def _skipped_note(self, job: Job) -> str:
+        """``"; not uploaded, ... never followed: <names>"`` for links and special files in the job's tile folders."""
+        assert self.store is not None
+        if not any("inputs" in kinds_for_mode(t.mode) for t in self.targets.values()):
+            return ""
+        scan = self.store.get_scan_set(job.scan_set_id)
+        skipped = skipped_entries(scan.members, ignore_patterns(self.config, scan.root))
+        if not skipped:
+            return ""
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        return f"; not uploaded (links and special files in tile folders are never followed): {', '.join(skipped[:3])}{more}"
 
     def _release(self, a: _Active, now: float, *, until: float, message: str) -> None:
         assert self.store is not None

@@ -222,6 +222,12 @@ class OSSUploader(Uploader):
         t.persist(local.size)
         return self.verify(local, t.key)
 
+    def remove(self, key: str) -> None:
+        try:
+            self.bucket.delete_object(key)
+        except Exception as e:
+            raise self._classify(e, "DeleteObject") from None
+
     def _abort(self, key: str, upload_id: str) -> None:
         try:
             self.bucket.abort_multipart_upload(key, upload_id)

@@ -4,8 +4,9 @@ Each planned input carries the size and mtime discovery recorded (what QC
 read) when the scan set has them, so a file changed before planning is still
 caught before it is sent.
 
-Inputs are the scan set's members: a file, or every file of a tile folder
-(keeping its relative path, temp and hidden names left out). Outputs are the
+Inputs are the scan set's members: a file, or every regular file of a tile
+folder (keeping its relative path, temp and hidden names left out; links and
+special files are never followed and are named in the job's done message). Outputs are the
 QC archive plus ``report.json`` beside it; with no archive, every file of
 the output folder. ``run`` in the key is the archive's stem
 (``<chip>_<YYYYMMDD>_<HHMMSS>_<version>``), or ``<chip>_<YYYYMMDD>_<HHMMSS>``
@@ -25,8 +26,12 @@ from typing import Any
 from daemon.config import Config, UploadTarget
 from daemon.errors import DaemonError
 from daemon.upload.policy import kinds_for_mode, render_key, run_id
+from qc.io.listing import regular_files
 
-__all__ = ["PlannedFile", "PlanError", "InputCheck", "plan_job", "check_inputs", "list_folder", "ignore_patterns", "DEFAULT_IGNORE"]
+__all__ = [
+    "PlannedFile", "PlanError", "InputCheck", "plan_job", "check_inputs", "list_folder", "skipped_entries", "ignore_patterns",
+    "DEFAULT_IGNORE",
+]
 
 DEFAULT_IGNORE = ("~*", ".*", "*.tmp", "*.part")
 
@@ -56,16 +61,32 @@ def _ignored(rel: Path, patterns: Sequence[str]) -> bool:
 
 
 def list_folder(folder: Path, ignore: Sequence[str] = DEFAULT_IGNORE) -> list[tuple[Path, os.stat_result]]:
-    """Every regular file under ``folder`` (sorted), temp/hidden names skipped."""
+    """Every regular file under ``folder`` (sorted), temp/hidden names skipped; no link is followed.
+
+    Links, junctions and special files are left out (:func:`skipped_entries`
+    names them), so a link loop cannot fail the listing and a link out of the
+    watch root is never uploaded.
+    """
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            if _ignored(p.relative_to(folder), ignore):
-                continue
-            st = p.stat()
+    for name, st in regular_files(folder).files:
+        p = Path(name)
+        if not _ignored(p.relative_to(folder), ignore):
             out.append((p, st))
+    return out
+
+
+def skipped_entries(members: Iterable[dict[str, Any]], ignore: Sequence[str] = DEFAULT_IGNORE) -> list[str]:
+    """``<folder>/<relative path>`` of each link or special file in the tile-folder members (not uploaded)."""
+    out = []
+    for m in members:
+        path = Path(m["path"])
+        try:
+            if not path.is_dir() or path.is_symlink():
+                continue
+            skipped = regular_files(path).skipped
+        except OSError:
+            continue
+        out += [f"{path.name}/{Path(p).relative_to(path).as_posix()}" for p in skipped if not _ignored(Path(p).relative_to(path), ignore)]
     return out
 
 
@@ -94,7 +115,16 @@ def _inputs(members: Iterable[dict[str, Any]], ignore: Sequence[str]) -> list[tu
         if path.is_dir():
             listed = m.get("files") if isinstance(m.get("files"), list) else []
             entries = {e["name"]: e for e in listed if isinstance(e, dict) and "name" in e}
-            for p, st in list_folder(path, ignore):
+            listing = list_folder(path, ignore)
+            if not listing:
+                skipped = skipped_entries([m], ignore)
+                msg = (
+                    f"tile folder {path} holds no regular file to upload"
+                    + (f" (links and special files are never followed: {', '.join(skipped[:3])})" if skipped else "")
+                    + "; nothing of it can be uploaded"
+                )
+                raise PlanError(msg)
+            for p, st in listing:
                 rel = p.relative_to(path).as_posix()
                 files.append((p, f"{path.name}/{rel}", _recorded(st, entries.get(rel))))
         elif path.is_file():

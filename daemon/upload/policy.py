@@ -72,18 +72,26 @@ def run_id(chip: str, archive: str | None, created_at: float, tz: tzinfo | None 
     return f"{chip}_{when:%Y%m%d_%H%M%S}", when.strftime("%Y%m%d")
 
 
+def _escape_bytes(text: str) -> str:
+    """Bytes of a name that are not UTF-8 (lone surrogates from ``os.fsdecode``) as ``%NN``: keys must be UTF-8."""
+    if not any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    return "".join(f"%{ord(ch) - 0xDC00:02X}" if "\udc80" <= ch <= "\udcff" else ch for ch in text)
+
+
 def render_key(template: str, **fields: str) -> str:
     """Fill ``key_template`` and normalise it to ``a/b/c`` (no empty, ``.`` or ``..`` parts).
 
     Fields: prefix, site, chip, run, name, kind, date. An empty prefix simply
-    disappears; back-slashes become slashes.
+    disappears; back-slashes become slashes; bytes of a name that are not
+    UTF-8 become ``%NN`` (``Run\\xff`` -> ``Run%FF``).
     """
     used = {f for _, f, _, _ in string.Formatter().parse(template) if f}
     missing = used - set(fields)
     if missing:
         msg = f"key_template needs {', '.join(sorted(missing))}, which the upload does not have"
         raise ValueError(msg)
-    text = template.format(**fields).replace("\\", "/")
+    text = _escape_bytes(template.format(**fields).replace("\\", "/"))
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if ".." in parts:
         msg = f"key {text!r} contains '..'; fix key_template or the file names"

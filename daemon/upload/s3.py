@@ -29,7 +29,7 @@ import collections
 import hashlib
 import re
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ from daemon.upload.base import (
     Uploader,
     digest_file,
     file_stat,
-    whole_md5,
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
+from daemon.upload.pool import DaemonPool
 from daemon.upload.throttle import FileSlice
 
 __all__ = ["S3Uploader"]
@@ -60,6 +60,8 @@ _TRANSIENT_CODES = {
     "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidPart", "InvalidPartOrder",
     "OperationAborted", "RequestTimeoutException", "IncompleteBody",
 }
+#: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
+_DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 _PERMS = "s3:PutObject, s3:GetObject, s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
 
 
@@ -117,12 +119,12 @@ class S3Uploader(Uploader):
         )
         self.client = session.client("s3", endpoint_url=target.endpoint or None, verify=target.verify_tls, config=cfg)
         self.bucket = target.bucket
-        self.pool = ThreadPoolExecutor(target.concurrency, thread_name_prefix=f"upload-{target.name}")
-        self._md5_cache: collections.OrderedDict[tuple[str, int, int], str] = collections.OrderedDict()
+        self.pool = DaemonPool(target.concurrency, f"upload-{target.name}-parts")
+        self._md5_cache: collections.OrderedDict[tuple[str, int, int, str], str] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a part stuck in a request is abandoned, not joined
         self.client.close()
 
     def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
@@ -171,6 +173,8 @@ class S3Uploader(Uploader):
                     f"access denied to bucket {self.bucket!r} at {where} ({code or 403}){why}",
                     f"{self._cred_hint()}; the keys need {_PERMS} on the bucket",
                 )
+            if code in _DIGEST_CODES:
+                return IntegrityError(self.name, f"{op}: the server found the body does not match its digest ({code})", hint="it is sent again")
             if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
                 return self.transient(f"{op} failed: {code or status} {msg}")
             return self.permanent(f"{op} refused by the server: {code or status} {msg}", "check the target's settings (bucket, prefix, region)")
@@ -233,17 +237,29 @@ class S3Uploader(Uploader):
             return False
         return etag == self._whole_md5(local)  # servers that report the whole object's MD5 (rclone)
 
-    def _whole_md5(self, local: LocalFile) -> str:
-        key = (str(local.path), local.size, local.mtime_ns)
+    def _whole_md5(self, local: LocalFile) -> str | None:
+        """The MD5 of the local file, or None when the file is no longer the one ``local`` was digested from
+        (same size and mtime are not enough: a replaced file must never vouch for a stored object)."""
+        key = (str(local.path), local.size, local.mtime_ns, local.sha256)
         with self._cache_lock:
             if key in self._md5_cache:
                 return self._md5_cache[key]
-        value = whole_md5(local.path)
+        md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+        with open(local.path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                md5.update(block)
+                sha.update(block)
+        if sha.hexdigest() != local.sha256:
+            return None  # not cached: the file may be put back
+        value = md5.hexdigest()
         with self._cache_lock:
             self._md5_cache[key] = value
             while len(self._md5_cache) > 256:
                 self._md5_cache.popitem(last=False)
         return value
+
+    def remove(self, key: str) -> None:
+        self._call("delete_object", Key=key)
 
     # -- upload -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from qc.errors import ScanSetError
-from qc.io.archive import read_archive
+from qc.io.archive import check_archive_whole, read_archive
 from qc.io.czidir import check_czi_whole
 from qc.io.detect import default_name, detect_format
 from qc.io.limits import ReadLimits
@@ -38,6 +38,7 @@ __all__ = [
     "default_name",
     "check_tiff_whole",
     "check_czi_whole",
+    "check_archive_whole",
     "inspect_tile_folder",
     "TileFolderInfo",
 ]
@@ -85,6 +86,7 @@ def open_image(
     limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
     tile_pattern: str | None = None,
     tile_overlap: float | tuple[float, float] | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> Image:
     """Open one image: a TIFF, a CZI, a tile folder, or one image of a QC archive.
 
@@ -107,6 +109,9 @@ def open_image(
         knows, and the fractional overlap (x, y) to assume when neither a
         ``TileConfiguration.txt`` nor the metadata gives positions (see
         :class:`~qc.io.tiles.TileFolderImage`).
+    scratch_dir : path, optional
+        For archives: where members that cannot be read from memory are
+        spilled (see :func:`~qc.io.archive.read_archive`).
 
     Returns
     -------
@@ -122,7 +127,7 @@ def open_image(
     path = Path(path)
     if detect_format(path) != "tar.gz":
         return _open_path(path, name=name, role=role, limits=limits, tile_pattern=tile_pattern, tile_overlap=tile_overlap)
-    contents = read_archive(path, limits=limits)
+    contents = read_archive(path, limits=limits, scratch_dir=scratch_dir)
     images = contents.images
     chosen = [im for im in images if name is None or im.name == name]
     if len(chosen) != 1:
@@ -157,6 +162,7 @@ def open_scan_set(
     limits: ReadLimits = ReadLimits(),  # noqa: B008 - frozen
     tile_pattern: str | None = None,
     tile_overlap: float | tuple[float, float] | None = None,
+    scratch_dir: str | Path | None = None,
 ) -> ScanSet:
     """Open the images of one chip.
 
@@ -173,6 +179,10 @@ def open_scan_set(
         Passed to every reader.
     tile_pattern, tile_overlap : optional
         Passed to every tile folder (see :func:`open_image`).
+    scratch_dir : path, optional
+        Where archive members that cannot be read from memory are spilled
+        (default: the system's temporary folder; the service passes its
+        output folder).
 
     Raises
     ------
@@ -190,7 +200,7 @@ def open_scan_set(
         for p in paths:
             p = Path(p)
             if detect_format(p) == "tar.gz":
-                contents = read_archive(p, limits=limits)
+                contents = read_archive(p, limits=limits, scratch_dir=scratch_dir)
                 images.extend(contents.images)
                 report_chip = report_chip or contents.chip
             else:

@@ -16,37 +16,59 @@ Older imageqc layout::
 
 Every member is checked before anything is read: absolute names, ``..``,
 links whose target leaves the archive, and device or FIFO members raise
-:class:`~qc.errors.UnsafeArchiveError`. A damaged IPR raises
-:class:`~qc.ipr.IPRError` naming the group or attribute. Nothing is unpacked
-to disk where it can be avoided: TIFFs up to :data:`IN_MEMORY_BYTES` are read
-from memory; larger TIFFs, CZIs (libCZI needs a path), tile folders and the
-IPR (HDF5 needs a file) are spilled to a temporary directory that is removed
-when the image is closed (at once for the IPR).
+:class:`~qc.errors.UnsafeArchiveError`. The member sizes the tar headers
+declare are added up header by header and the archive is refused
+(:class:`~qc.errors.ImageTooLargeError`) as soon as they pass
+``ReadLimits.max_archive_bytes``, before that member's data is decompressed:
+a small ``.tar.gz`` that expands to gigabytes costs a header read. A damaged
+IPR raises :class:`~qc.ipr.IPRError` naming the group or attribute.
+
+Nothing is unpacked to disk where it can be avoided: TIFFs up to
+:data:`IN_MEMORY_BYTES` are read from memory; larger TIFFs, CZIs (libCZI
+needs a path), tile folders and the IPR (HDF5 needs a file) are spilled to a
+hidden folder ``.imageqc-archive.partial-<host>-<pid>.*`` in ``scratch_dir``
+(the service passes its output folder, whose leftovers of killed writers it
+removes), after checking that the member fits in its free space; the folder
+is removed when the image is closed (at once for the IPR).
+
+:func:`check_archive_whole` is the cheap completeness check discovery uses:
+it reads the gzip header, the first tar header and the gzip trailer, and
+never decompresses the archive.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 import posixpath
 import shutil
+import struct
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from qc.errors import CorruptImageError, UnsafeArchiveError
+from qc.errors import CorruptImageError, ImageTooLargeError, UnsafeArchiveError
+from qc.filenames import fit_name, writer_tag
 from qc.io.detect import default_name, sniff_format
-from qc.io.limits import ReadLimits
+from qc.io.limits import GIB, ReadLimits
 from qc.io.model import Image, Tile
 
-__all__ = ["IN_MEMORY_BYTES", "ArchiveContents", "read_archive", "check_member_names"]
+__all__ = ["IN_MEMORY_BYTES", "SPILL_PREFIX", "ArchiveContents", "check_archive_whole", "check_member_names", "read_archive"]
 
 #: TIFF members up to this size are read from memory, larger ones spilled to a temporary file.
 IN_MEMORY_BYTES = 256 * 1024**2
+#: Start of the hidden folders archive members are spilled to (then ``-<host>-<pid>.<random>``).
+SPILL_PREFIX = ".imageqc-archive.partial"
+#: Free space left over after a spilled member, so spilling never fills a disk to its last byte.
+SPILL_MARGIN_BYTES = 64 * 1024**2
+_CUT_SHORT = "the file was cut short (copied while still being written?)"
 
 
 def _unsafe(path: Path, problem: str) -> UnsafeArchiveError:
@@ -158,11 +180,88 @@ def _report_roles(report: dict[str, Any] | None) -> dict[str, str]:
     return roles
 
 
-def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> ArchiveContents:  # noqa: B008
-    """Open every image under ``<stem>/images/`` of a QC archive.
+def _members_within_budget(tar: tarfile.TarFile, path: Path, limits: ReadLimits) -> list[tarfile.TarInfo]:
+    """Every member header, refusing the archive as soon as the declared sizes pass the budget.
+
+    Each header is checked before tarfile skips over its data (which, in a
+    gzip stream, means decompressing it), so a bomb is refused at its first
+    oversized header.
+    """
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    most = limits.max_tiles + 1000
+    while True:
+        member = tar.next()
+        if member is None:
+            return members
+        members.append(member)
+        total += max(member.size, 0) if member.isfile() else 0
+        if total > limits.max_archive_bytes:
+            problem = (
+                f"its members expand to more than {_gib(total)} (member {member.name!r} declares {_gib(member.size)}), "
+                f"beyond the limit of {_gib(limits.max_archive_bytes)}; nothing was expanded"
+            )
+            raise ImageTooLargeError(
+                path, problem, hint="If the archive is genuine, raise qc.max_archive_gb in the config; otherwise remove it"
+            )
+        if len(members) > most:
+            raise CorruptImageError(path, f"the archive has more than {most} members; too many for a QC output")
+
+
+def _fitted(name: str) -> str:
+    """A member's name as a file name this file system takes (:func:`~qc.filenames.fit_name`, extension kept)."""
+    stem, dot, ext = name.rpartition(".")
+    return fit_name(stem, dot + ext) if stem and len(ext) <= 8 else fit_name(name)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3g} GiB"
+
+
+def _spill_dir(scratch_dir: Path | None, need: int, display: Path) -> Path:
+    """A new hidden folder in ``scratch_dir`` (default: the system's temporary folder) with room for ``need`` bytes."""
+    base = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(base).free
+    if need + SPILL_MARGIN_BYTES > free:
+        msg = (
+            f"reading {display} needs {_gib(need)} of scratch space in {base} but only {_gib(free)} is free; "
+            "free space there, or QC the images without the archive"
+        )
+        raise OSError(errno.ENOSPC, msg, str(base))
+    return Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}-{writer_tag()}.", dir=base))
+
+
+def read_archive(
+    path: str | Path,
+    *,
+    limits: ReadLimits = ReadLimits(),  # noqa: B008
+    scratch_dir: str | Path | None = None,
+) -> ArchiveContents:
+    """Open every image of a QC archive (SAW layout, or ``<stem>/images/`` of older ones).
 
     Roles come from ``report.json`` when it lists the image, else from the
-    name and pixel type. The caller closes the images (temp files go with them).
+    name and pixel type. The caller closes the images (spilled files go with
+    them).
+
+    Parameters
+    ----------
+    path : path
+        The ``.tar.gz``.
+    limits : ReadLimits
+        Passed to the image readers; ``max_archive_bytes`` bounds what the
+        members may expand to, ``max_tiles`` their number.
+    scratch_dir : path, optional
+        Where members that cannot be read from memory are spilled (a hidden
+        folder inside it, removed when the image is closed). Default: the
+        system's temporary folder; the service passes its output folder.
+
+    Raises
+    ------
+    qc.errors.ImageTooLargeError
+        The members expand beyond ``limits.max_archive_bytes``.
+    OSError
+        ``ENOSPC`` when a member to spill does not fit in ``scratch_dir``'s free space.
     """
     from qc.io import _open_path  # late import: qc.io imports this module
 
@@ -174,11 +273,10 @@ def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> Arch
     images: list[Image] = []
     try:
         try:
-            members = check_member_names(path, tar.getmembers())
-        except (tarfile.TarError, OSError, EOFError) as exc:
+            members = check_member_names(path, _members_within_budget(tar, path, limits))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise CorruptImageError(path, f"the archive is truncated or damaged ({exc})") from exc
-        if len(members) > limits.max_tiles + 1000:
-            raise CorruptImageError(path, f"the archive has {len(members)} members; too many for a QC output")
+        scratch = Path(scratch_dir) if scratch_dir is not None else None
         report = None
         reports = [n for n in members if PurePosixPath(n).name == "report.json" and len(PurePosixPath(n).parts) <= 2]
         if reports:
@@ -190,9 +288,9 @@ def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> Arch
         roles = _report_roles(report)
         iprs = [n for n in members if len(PurePosixPath(n).parts) == 1 and n.lower().endswith(".ipr") and members[n].isfile()]
         if iprs:
-            chip, entries_ = _saw_entries(tar, path, iprs[0], members)
+            chip, entries_ = _saw_entries(tar, path, iprs[0], members, scratch)
             for top, names, is_file, image_name, role in entries_:
-                images.append(_open_member(tar, path, top, names, members, is_file, image_name, role, limits, _open_path))
+                images.append(_open_member(tar, path, top, names, members, is_file, image_name, role, limits, _open_path, scratch))
             if not images:
                 msg = f"{iprs[0]} lists images but no stain folder (DAPI/, ssDNA/, HE/, IF/<name>_IF/) of the archive holds one"
                 raise CorruptImageError(path, msg)
@@ -212,7 +310,9 @@ def read_archive(path: str | Path, *, limits: ReadLimits = ReadLimits()) -> Arch
             is_file = top_member is not None and (top_member.isfile() or top_member.issym() or top_member.islnk())
             image_name = default_name(PurePosixPath(top).name)
             role = roles.get(image_name)
-            images.append(_open_member(tar, path, top, names if not is_file else [top], members, is_file, image_name, role, limits, _open_path))
+            images.append(
+                _open_member(tar, path, top, names if not is_file else [top], members, is_file, image_name, role, limits, _open_path, scratch)
+            )
     except Exception:
         for img in images:
             img.close()
@@ -226,13 +326,13 @@ _IMAGE_SUFFIXES = (".tif", ".tiff", ".czi")
 
 
 def _saw_entries(
-    tar: tarfile.TarFile, path: Path, ipr_member: str, members: dict[str, tarfile.TarInfo]
+    tar: tarfile.TarFile, path: Path, ipr_member: str, members: dict[str, tarfile.TarInfo], scratch: Path | None
 ) -> tuple[str | None, list[tuple[str, list[str], bool, str, str]]]:
     """The chip and the images of a SAW archive from its IPR: ``(top, names, is_file, image name, role)`` each."""
     from qc.ipr import IPRError, read_ipr
     from qc.saw_archive import image_folder
 
-    tmpdir = Path(tempfile.mkdtemp(prefix="imageqc-ipr-"))
+    tmpdir = _spill_dir(scratch, members[ipr_member].size, path / ipr_member)
     try:
         spilled = tmpdir / "record.ipr"
         fobj = tar.extractfile(members[ipr_member])
@@ -273,7 +373,7 @@ def _saw_entries(
     return chip, out
 
 
-def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener) -> Image:  # noqa: ANN001, PLR0913
+def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener, scratch) -> Image:  # noqa: ANN001, PLR0913
     display = path / top
     tmpdir: Path | None = None
     try:
@@ -290,20 +390,20 @@ def _open_member(tar, path, top, names, members, is_file, image_name, role, limi
 
                 inner: Image = TiffImage(display, fileobj=buf, name=image_name, role=role, limits=limits)
                 return _ArchivedImage(inner, path, top, None)
-            tmpdir = Path(tempfile.mkdtemp(prefix="imageqc-"))
-            target = tmpdir / PurePosixPath(top).name
+            tmpdir = _spill_dir(scratch, member.size, display)
+            target = tmpdir / _fitted(PurePosixPath(top).name)
             with target.open("wb") as out:
                 out.write(head)
                 shutil.copyfileobj(fobj, out, 1 << 20)
             inner = opener(target, name=image_name, role=role, limits=limits, display_path=display)
             return _ArchivedImage(inner, path, top, tmpdir)
-        tmpdir = Path(tempfile.mkdtemp(prefix="imageqc-"))
-        folder = tmpdir / PurePosixPath(top).name
+        tmpdir = _spill_dir(scratch, sum(members[n].size for n in names if members[n].isfile()), display)
+        folder = tmpdir / _fitted(PurePosixPath(top).name)
         folder.mkdir()
         for name in names:
             m = members[name]
             rel = PurePosixPath(name).relative_to(top)
-            dest = folder.joinpath(*rel.parts)
+            dest = folder.joinpath(*(_fitted(part) for part in rel.parts))
             if m.isdir():
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
@@ -318,6 +418,55 @@ def _open_member(tar, path, top, names, members, is_file, image_name, role, limi
     except BaseException as exc:
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
-        if isinstance(exc, (tarfile.TarError, EOFError, OSError)):
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise  # a full disk is not a damaged archive: QC is retried once there is space
+        if isinstance(exc, (tarfile.TarError, EOFError, OSError, zlib.error)):
             raise CorruptImageError(display, f"the archive member cannot be read ({exc})") from exc
         raise
+
+
+def check_archive_whole(path: str | Path) -> None:
+    """Raise :class:`CorruptImageError` unless ``path`` looks like a whole ``.tar.gz``; never decompresses it.
+
+    Reads the gzip header, decompresses only the first tar header (512 bytes)
+    and reads the gzip trailer, whose size field (the uncompressed length
+    modulo 2^32) must be a whole number of 512-byte tar blocks: a file cut
+    short while being copied ends in compressed data instead, which passes
+    this with a chance of 1 in 512. The full read, with its size budget,
+    happens in the QC run.
+    """
+    path = Path(path)
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(10)
+        if len(head) < 10 or head[:2] != b"\x1f\x8b" or head[2] != 8:
+            raise CorruptImageError(path, "not a gzip file: the .tar.gz header is missing")
+        if size < 10 + 8 + 2:
+            raise CorruptImageError(path, f"the {size}-byte file is too short for a .tar.gz: {_CUT_SHORT}")
+        fh.seek(size - 8)
+        (isize,) = struct.unpack("<4xI", fh.read(8))
+        if isize % tarfile.BLOCKSIZE:
+            problem = (
+                f"the gzip trailer gives an uncompressed size of {isize} bytes (mod 2^32), not a whole number of "
+                f"tar blocks: {_CUT_SHORT}"
+            )
+            raise CorruptImageError(path, problem)
+        fh.seek(0)
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        first = b""
+        try:
+            while len(first) < tarfile.BLOCKSIZE:
+                data = inflate.unconsumed_tail or fh.read(64 * 1024)
+                if not data:
+                    break
+                first += inflate.decompress(data, tarfile.BLOCKSIZE - len(first))
+                if inflate.eof:
+                    break
+        except zlib.error as exc:
+            raise CorruptImageError(path, f"the gzip stream is damaged at its start ({exc})") from None
+    if len(first) < tarfile.BLOCKSIZE:
+        raise CorruptImageError(path, f"the archive ends before its first tar header: {_CUT_SHORT}")
+    try:
+        tarfile.TarInfo.frombuf(first, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise CorruptImageError(path, f"the first tar header is damaged ({exc}); not a tar archive") from None

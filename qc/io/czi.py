@@ -36,6 +36,7 @@ from qc.io.czidir import PIXEL_TYPES, CziDirectory, SubBlockEntry
 from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
 from qc.io.model import Image, Tile
+from qc.io.regular import open_regular
 
 __all__ = ["CziImage"]
 
@@ -105,7 +106,7 @@ class CziImage(Image):
         self.path = Path(display_path) if display_path is not None else self._file
         self.limits = limits
         try:
-            self._fh = self._file.open("rb")
+            self._fh = open_regular(self._file)
         except OSError as exc:
             raise CorruptImageError(self.path, f"cannot be opened ({exc.strerror or exc})") from exc
         self._reader = None

@@ -31,6 +31,7 @@ import numpy as np
 
 from qc.errors import CorruptImageError, UnsupportedFormatError
 from qc.io.limits import ReadLimits, check_dimensions
+from qc.io.regular import open_regular
 
 __all__ = ["SubBlockEntry", "CziDirectory", "check_czi_whole", "PIXEL_TYPES", "COMPRESSIONS"]
 
@@ -280,7 +281,7 @@ def check_czi_whole(source: str | Path | BinaryIO, *, limits: ReadLimits | None 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            with path.open("rb") as fh:
+            with open_regular(path) as fh:
                 directory = CziDirectory(fh, path, limits)
                 directory.check()
                 directory.metadata_xml()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qc.errors import CorruptImageError, ReadError, UnsupportedFormatError
+from qc.io.regular import open_regular
 
 __all__ = ["detect_format", "sniff_format", "default_name", "default_role"]
 
@@ -55,7 +56,8 @@ def detect_format(path: str | Path, fileobj: BinaryIO | None = None) -> str:
     Raises
     ------
     ReadError
-        The path does not exist.
+        The path does not exist (:class:`~qc.io.regular.NotRegularFileError`: it is a FIFO,
+        socket or device, never opened for reading).
     CorruptImageError
         An empty file, or one whose extension promises a format its bytes do not have.
     UnsupportedFormatError
@@ -68,7 +70,7 @@ def detect_format(path: str | Path, fileobj: BinaryIO | None = None) -> str:
         if not path.exists():
             raise ReadError(path, "no such file or folder", hint="Check the path; the export may have been moved")
         try:
-            with path.open("rb") as fh:
+            with open_regular(path) as fh:
                 head = fh.read(16)
         except OSError as exc:
             raise ReadError(path, f"cannot be opened ({exc.strerror or exc})") from exc

@@ -46,6 +46,11 @@ class ReadLimits:
         memory (memory-mapped planes are not counted). Default 16 GiB; use
         :meth:`Image.downsampled` or :meth:`Image.read_region` for larger
         images.
+    max_archive_bytes : int
+        Largest total of the member sizes a QC archive's tar headers may
+        declare (what it expands to). Default 64 GiB. Checked header by
+        header, so a small ``.tar.gz`` that expands to far more is refused
+        before its data is decompressed.
     """
 
     max_dimension: int = 500_000
@@ -53,9 +58,10 @@ class ReadLimits:
     max_tiles: int = 200_000
     max_channels: int = 256
     max_plane_bytes: int = 16 * GIB
+    max_archive_bytes: int = 64 * GIB
 
     def __post_init__(self) -> None:
-        for name in ("max_dimension", "max_pixels", "max_tiles", "max_channels", "max_plane_bytes"):
+        for name in ("max_dimension", "max_pixels", "max_tiles", "max_channels", "max_plane_bytes", "max_archive_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 msg = f"ReadLimits.{name} must be a positive integer, got {value!r}"

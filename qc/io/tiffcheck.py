@@ -20,8 +20,9 @@ import numpy as np
 
 from qc.errors import CorruptImageError
 from qc.io.limits import ReadLimits, check_dimensions
+from qc.io.regular import open_regular
 
-__all__ = ["check_tiff_whole", "IfdSummary", "walk_tiff"]
+__all__ = ["MAX_SUBIFD_DEPTH", "IfdSummary", "check_tiff_whole", "walk_tiff"]
 
 _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8, 18: 8}
 _INT_TYPES = {1: "u1", 3: "u2", 4: "u4", 6: "i1", 8: "i2", 9: "i4", 13: "u4", 16: "u8", 17: "i8", 18: "u8"}
@@ -30,6 +31,9 @@ _PLANAR, _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _SUBIFDS = 284,
 _WANTED = {_WIDTH, _LENGTH, _STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_COUNTS, _PLANAR, _TILE_WIDTH,
            _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _SUBIFDS}
 _MAX_IFDS = 100_000
+#: SubIFDs within SubIFDs deeper than this are refused (pyramids need one level;
+#: the bound keeps every reader's recursion finite).
+MAX_SUBIFD_DEPTH = 16
 _CUT_SHORT = "the file was cut short (copied or exported while still being written?)"
 
 
@@ -86,12 +90,20 @@ class _Walker:
             raw = self._read(offset, nbytes, what)
         return np.frombuffer(raw, dtype=self.bo + _INT_TYPES[typ]).astype(np.int64)
 
-    def walk(self, offset: int, label: str) -> None:
+    def walk(self, offset: int, label: str, parents: tuple[int, ...] = ()) -> None:
+        """Walk the IFD chain from ``offset``; ``parents`` are the IFDs whose SubIFDs lead here."""
+        if len(parents) > MAX_SUBIFD_DEPTH:
+            raise _fail(
+                self.path,
+                f"the TIFF's SubIFDs nest deeper than {MAX_SUBIFD_DEPTH} levels at offset {offset}: the file is damaged",
+            )
         index = 0
         chain: set[int] = set()
         while offset:
             if offset in chain:
-                raise _fail(self.path, f"the IFD chain loops back to byte {offset}")
+                raise _fail(self.path, f"the TIFF's IFD chain loops at offset {offset}: the file is damaged")
+            if offset in parents:
+                raise _fail(self.path, f"the TIFF's SubIFD chain loops at offset {offset}: the file is damaged")
             if offset in self.visited:  # SubIFDs may also be chained: already checked
                 return
             chain.add(offset)
@@ -116,8 +128,10 @@ class _Walker:
             self._check_ifd(offset, what, tags)
             if _SUBIFDS in tags:
                 typ, n, field = tags[_SUBIFDS]
+                # every IFD of this chain so far leads here: a SubIFD (or its chain) back to one is a loop
+                inside = (*parents, *chain)
                 for k, sub in enumerate(self._values(typ, n, field, f"{what} SubIFDs")):
-                    self.walk(int(sub), f"{label}{index}.{k}:")
+                    self.walk(int(sub), f"{label}{index}.{k}:", inside)
             (offset,) = struct.unpack(self.bo + nfmt, table[-nsize:])
             index += 1
 
@@ -188,7 +202,7 @@ def walk_tiff(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(name) if name is not None else Path(source)
         try:
-            with Path(source).open("rb") as fh:
+            with open_regular(source) as fh:
                 size = os.fstat(fh.fileno()).st_size
                 walker = _Walker(fh, size, path, limits)
                 walker.walk(walker.first, "#")
@@ -208,8 +222,9 @@ def walk_tiff(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None
 def check_tiff_whole(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None) -> None:
     """Raise :class:`CorruptImageError` unless the TIFF is structurally whole.
 
-    Whole means: the header is valid, every IFD (and SubIFD) can be read, the
-    chain does not loop, and every strip or tile's offset plus byte count
+    Whole means: the header is valid, every IFD (and SubIFD) can be read, no
+    chain or SubIFD loops back (SubIFDs nest at most :data:`MAX_SUBIFD_DEPTH`
+    levels), and every strip or tile's offset plus byte count
     lies inside the file. Pixels are not decoded; headers only.
     """
     walk_tiff(source, limits=limits)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import configparser
 import json
 import math
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -326,11 +327,13 @@ def _leica_xml(path: Path) -> GridMetadata | None:
 
 
 def _image_files(folder: Path) -> list[str]:
-    return sorted(
-        p.name
-        for p in folder.iterdir()
-        if p.suffix.lower() in TILE_SUFFIXES and not p.name.startswith((".", "~")) and p.is_file()
-    )
+    """Tile-image names directly in ``folder``: regular files only (a link is never followed, a FIFO never opened)."""
+    with os.scandir(folder) as it:
+        return sorted(
+            e.name
+            for e in it
+            if Path(e.name).suffix.lower() in TILE_SUFFIXES and not e.name.startswith((".", "~")) and e.is_file(follow_symlinks=False)
+        )
 
 
 def _square_cols(n: int) -> int:

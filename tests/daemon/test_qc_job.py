@@ -53,6 +53,9 @@ def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan
         assert any(n.endswith("/report.json") for n in tar.getnames())
     assert Path(result["output_dir"], "pictures", f"{CHIP}_track.png").exists()
     assert job.stage == "done" and job.progress == 100.0
+    # what QC read, for the uploads to check the files against (#20 case 3)
+    assert result["inputs"] == {m["path"]: {"size": m["size"], "mtime_ns": m["mtime_ns"], "sha256": _sha256(Path(m["path"]))}
+                                for m in members}
     # the microscope's files are untouched
     assert [m["size"] for m in members] == [Path(m["path"]).stat().st_size for m in members]
 
@@ -114,6 +117,52 @@ def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_f
     assert out.state == "failed" and out.transient
     assert f"disk full writing {target} (No space left on device)" in out.error
     assert str(cfg.output_dir) in out.error and str(cfg.state_dir) in out.error and "retried" in out.error
+
+
+def test_an_input_rewritten_while_qc_reads_it_keeping_size_and_time_makes_qc_run_again(make_config, scan_dir):
+    """Issue #20 case 3: the digest recorded with the verdict must be of the file QC read."""
+    import dataclasses
+    import os
+
+    from daemon.jobs import run_qc_job
+    from daemon.worker import JobContext
+
+    cfg = make_config()
+    path = scan_dir / f"{CHIP}.tif"
+    with Store(cfg.database_path) as store:
+        ssid, _ = store.add_scan_set(chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp", members=[_member(path, CHIP, "nuclear")])
+        store.create_job(ssid)
+        job = store.claim("svc", lease_s=600)
+    ctx = JobContext(job=job, config=cfg, owner="svc", db_path=str(cfg.database_path), progress=lambda *_: None)
+    stages: list[str] = []
+
+    def rewrite_once_reading_began(stage: str, _pct: float | None) -> None:
+        stages.append(stage)
+        if len(stages) == 2:  # QC is reading: the export is written again in place, its time put back
+            st = path.stat()
+            with path.open("r+b") as f:
+                f.seek(st.st_size - 64)
+                tail = f.read(64)
+                f.seek(st.st_size - 64)
+                f.write(bytes(b ^ 0xFF for b in tail))
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    out = run_qc_job(dataclasses.replace(ctx, progress=rewrite_once_reading_began))
+    assert out.state == "failed" and out.transient, out
+    assert out.error == (f"{path}: changed while QC ran (same size and time: written or replaced in place), so the verdict "
+                         "would not be for the file as it is now; QC runs again")
+    with Store(cfg.database_path) as store:
+        assert store.get_result(job.id) is None  # no verdict recorded for a file that changed under QC
+    again = run_qc_job(ctx)  # the retry QCs the file as it is now and records its digest
+    assert again.state == "qc_done", again
+    with Store(cfg.database_path) as store:
+        assert store.get_result(job.id)["inputs"][str(path)]["sha256"] == _sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _tile_member(folder: Path, name: str) -> dict:

@@ -192,6 +192,35 @@ def test_only_the_lease_holder_saves_a_qc_result(store):
     assert store.get_result(a)["verdict"] == "fail"  # type: ignore[index]
 
 
+def test_a_job_sent_back_to_qc_keeps_only_the_records_of_what_its_old_run_stored(store):
+    """#20 case 3: inputs whose content changed after QC (same size and time) make QC run again."""
+    job_id = _job(store)
+    assert store.claim("w", now=T0, lease_s=60) is not None
+    inputs = {"/scans/a.tif": {"size": 10, "mtime_ns": 5, "sha256": "ab" * 32}}
+    store.save_result(job_id, verdict="pass", report={}, archive="/out/run1.tar.gz", inputs=inputs, owner="w", now=T0 + 1)
+    assert store.get_result(job_id)["inputs"] == inputs  # type: ignore[index]
+    store.transition(job_id, S.QC_DONE, owner="w", now=T0 + 2)
+    store.plan_uploads(job_id, [
+        {"target": "s3", "kind": kind, "local_path": path, "remote_key": f"run1/{path}", "size": 10, "mtime_ns": 5}
+        for kind, path in (("inputs", "a.tif"), ("inputs", "b.tif"), ("outputs", "run1.tar.gz"), ("outputs", "report.json"))
+    ], now=T0 + 3)
+    rows = {r.local_path: r.id for r in store.uploads(job_id)}
+    store.update_upload(rows["a.tif"], state="done", sha256="ab" * 32)
+    store.update_upload(rows["report.json"], state="done")
+    assert store.claim("u", now=T0 + 4, lease_s=60, from_state=S.QC_DONE, to_state=S.UPLOADING) is not None
+    with pytest.raises(IllegalTransition):
+        store.send_back_to_qc(job_id, owner="someone else", reason="x", now=T0 + 5)
+    job = store.send_back_to_qc(job_id, owner="u", reason="/scans/b.tif: changed after QC; QC runs again", now=T0 + 5)
+    assert (job.state, job.lease_owner, job.next_attempt_at) == ("queued", None, None)
+    assert [(r.kind, r.local_path, r.state) for r in store.uploads(job_id)] == [("outputs", "report.json", "done")]
+    event = store.events(job_id)[-1]
+    assert event.message == ("/scans/b.tif: changed after QC; QC runs again "
+                             "(1 input file(s) already stored for the old QC run stay there: s3:run1/a.tif)")
+    assert event.data == {"stored_for_old_run": [["s3", "run1/a.tif"]]}
+    with pytest.raises(IllegalTransition):
+        store.send_back_to_qc(job_id, reason="again", now=T0 + 6)  # queued: nothing QC'd to send back
+
+
 def test_counts_list_every_state(store):
     _job(store, "a")
     counts = store.counts()
@@ -277,6 +306,7 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
         assert (job.chip, job.state) == ("C02533C", "failed")
         assert [e.message for e in store.events(1)] == ["share gone"]
         assert store.get_result(1)["report"] == {"verdict": "fail"}  # type: ignore[index]
+        assert store.get_result(1)["inputs"] is None  # type: ignore[index]  # version 5: none recorded before it
         store.kv_put("pairs", "k", b"v")  # tables of version 2 exist
         assert store.retry(1).state == "queued"
 

@@ -41,12 +41,14 @@ def _state_folder(make_service):
     wal = svc.db.with_name(svc.db.name + "-wal")
 
     def folded() -> bool:  # a QC child or reader still exiting keeps it a little longer on a busy machine
-        conn = sqlite3.connect(svc.db)
-        conn.execute("PRAGMA user_version").fetchone()
-        conn.close()
-        return not wal.exists()
+        conn = sqlite3.connect(svc.db, timeout=5)
+        try:  # fold every page into the database and empty the WAL (an empty -wal file is ignored by SQLite)
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+        return busy == 0 and (not wal.exists() or wal.stat().st_size == 0)
 
-    assert wait_for(folded, timeout=60, every=0.5), f"{wal} is still there a minute after the service stopped"
+    assert wait_for(folded, timeout=60, every=0.5), f"{wal} still holds pages a minute after the service stopped"
     return svc
 
 

@@ -305,8 +305,9 @@ def test_bad_config_mappings_are_model_errors(mapping, message):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sessions_use_bounded_threads(threads):
-    import onnxruntime as ort
+    from qc.clarity_model import import_onnxruntime
 
+    ort = import_onnxruntime()
     loaded = load_clarity_model(threads=threads)
     opts = loaded.session.get_session_options()
     assert opts.intra_op_num_threads == threads

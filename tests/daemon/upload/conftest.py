@@ -227,9 +227,10 @@ def make_qc_done_job(
     tiles: bool = False,
     archive_payload: int = 0,
     stamp: str = "20240612_101500",
+    shape: tuple[int, int] = (256, 256),
 ) -> QCJob:
-    """A job in ``qc_done`` as the worker leaves it: scan set, QC result, archive on disk."""
-    inputs = [write_tiff(inbox / f"{chip}.tif", seed=zlib.crc32(chip.encode()) % 1000)]
+    """A job in ``qc_done`` as the worker leaves it: scan set, QC result (with the inputs' digests), archive on disk."""
+    inputs = [write_tiff(inbox / f"{chip}.tif", shape=shape, seed=zlib.crc32(chip.encode()) % 1000)]
     members = [member(inputs[0], chip)]
     if tiles:
         folder = inbox / f"{chip}_CD31_IF"
@@ -242,8 +243,20 @@ def make_qc_done_job(
     ssid, _ = store.add_scan_set(chip=chip, root=str(inbox), fingerprint=uuid.uuid4().hex, members=members)
     job_id = store.create_job(ssid)
     assert job_id is not None
+    return run_qc_again(store, job_id, chip, inputs, outputs, archive_payload=archive_payload, stamp=stamp)
+
+
+def run_qc_again(
+    store: Store, job_id: int, chip: str, inputs: list[Path], outputs: Path, *, archive_payload: int = 0,
+    stamp: str = "20240612_101500",
+) -> QCJob:
+    """What the QC worker does with a queued job: claim it, write a run's outputs, record the result and
+    the digests of the inputs it read (as :func:`daemon.jobs.run_qc_job` does), ``qc_done``."""
+    from daemon.inputs import identity, input_files, record_inputs
+
     claimed = store.claim("qc-worker", from_state=JobState.QUEUED, to_state=JobState.RUNNING)
     assert claimed is not None and claimed.id == job_id
+    read = {p: identity(p) for p in input_files(store.get_scan_set(claimed.scan_set_id).members)}
     run = f"{chip}_{stamp}_0.1.0"
     out_dir = outputs / run
     report = {"schema": "imageqc.report/1", "chip": chip, "verdict": "pass", "reasons": []}
@@ -251,6 +264,6 @@ def make_qc_done_job(
     report_json = out_dir / "report.json"
     report_json.write_text(json.dumps(report))
     archive = write_archive(outputs / f"{run}.tar.gz", report, payload=archive_payload)
-    store.save_result(job_id, verdict="pass", report=report, output_dir=str(out_dir), archive=str(archive))
+    store.save_result(job_id, verdict="pass", report=report, output_dir=str(out_dir), archive=str(archive), inputs=record_inputs(read))
     store.transition(job_id, JobState.QC_DONE, owner="qc-worker", message="QC pass")
     return QCJob(job_id, chip, inputs, archive, report_json, run)

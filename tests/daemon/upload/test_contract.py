@@ -229,6 +229,25 @@ def test_verify_notices_a_corrupted_object_and_a_new_send_repairs_it(backend: Ba
         assert backend.read(key) == path.read_bytes()
 
 
+def test_only_an_object_that_claims_to_be_the_file_but_is_not_is_removed_as_torn(backend: Backend, files: dict[str, Path]) -> None:
+    """What a transfer leaves when its file changes while it is sent (#20 case 3) is deleted; nothing else is."""
+    up = backend.make()
+    path = files["small"]
+    local = up.digest(path)
+    good, torn = _key("good.json"), _key("torn.json")
+    up.send(_transfer(up, path, good))
+    up.send(_transfer(up, path, torn))
+    backend.corrupt(torn)  # the stored bytes differ, its SHA-256 metadata still names the file
+    assert not up.remove_if_torn(good, local) and backend.read(good) == path.read_bytes()
+    assert not up.remove_if_torn(_key("absent.json"), local)
+    claims = up.probe(torn).sha256 is not None
+    assert up.remove_if_torn(torn, local) is claims
+    if claims:
+        assert up.probe(torn) is None
+    else:  # no SHA-256 stored with the object (a share folder): never guessed, left alone
+        assert backend.read(torn) != path.read_bytes()
+
+
 def test_a_missing_bucket_or_folder_is_a_permanent_error_that_names_the_target_and_the_fix(backend: Backend, files: dict[str, Path]) -> None:
     up = backend.make(**backend.missing)
     with pytest.raises(PermanentUploadError) as err:

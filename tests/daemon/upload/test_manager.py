@@ -16,8 +16,17 @@ from daemon.logging import configure_logging
 from daemon.status import collect_status
 from daemon.store import Store
 from daemon.upload.manager import UploadManager
+from tests.helpers import wait_for
 
-from .conftest import S3_KEYS, free_port, make_qc_done_job, new_bucket
+from .conftest import (
+    OSS_KEYS,
+    S3_KEYS,
+    free_port,
+    make_qc_done_job,
+    new_bucket,
+    run_qc_again,
+    write_tiff,
+)
 
 UTC = timezone.utc
 
@@ -66,6 +75,8 @@ def setup(make_config, tmp_path):
         mgr = UploadManager(cfg, tz=UTC, **kw)
         mgr.start(Host(store, clock))
         made.append((mgr, store))
+        # ticks do nothing until the start-up clean-up has run: tests count on their first ticks
+        assert wait_for(lambda: mgr._janitor is None or mgr._janitor.done(), 30)
         return cfg, store, mgr
 
     yield make
@@ -123,7 +134,12 @@ def test_windows_decide_when_each_target_uploads(setup, tmp_path):
     clock = Clock(at(12, 0))
     cfg, store, mgr = setup(hpc("day", "outputs", root=tmp_path) + hpc("night", "outputs", root=tmp_path, window="20:00-06:00"), clock=clock)
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
+    # the job starts in qc_done: drive until the manager has uploaded to day and set it to wait for night
     waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
+    deadline = time.monotonic() + 30
+    while waiting.next_attempt_at is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+        waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
     assert waiting.next_attempt_at == at(20, 0)  # back in qc_done until the night window opens
     assert {r.target: r.state for r in store.uploads(job.id) if r.kind == "outputs" and r.local_path == str(job.archive)} == {
         "day": "done", "night": "pending"}
@@ -169,13 +185,14 @@ def test_a_job_whose_targets_are_all_closed_waits_in_qc_done_with_its_backlog_vi
 
 
 def test_a_permanent_error_fails_the_job_at_once_naming_the_target_and_the_fix(setup, tmp_path, s3_server, s3_env):
-    cfg, store, mgr = setup(s3(s3_server.endpoint, "no-such-bucket", mode="outputs", max_attempts=8))
+    missing = f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}"  # own name: the session's server log is shared
+    cfg, store, mgr = setup(s3(s3_server.endpoint, missing, mode="outputs", max_attempts=8))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     failed = drive(mgr, store, job.id, {"failed"})
     assert failed.failed_stage == "upload" and failed.next_attempt_at is None
     assert "upload target 'lab-s3'" in failed.error and "does not exist" in failed.error and "create it" in failed.error
     assert all(r.attempts <= 1 for r in store.uploads(job.id))  # no retry storm
-    puts = [e for e in s3_server.log() if e["path"].startswith("/no-such-bucket/") and e["op"] in ("PutObject", "CreateMultipartUpload")]
+    puts = [e for e in s3_server.log() if e["path"].startswith(f"/{missing}/") and e["op"] in ("PutObject", "CreateMultipartUpload")]
     assert len(puts) <= 2  # at most one try per file, cut short once the first failed
     store.requeue_due(now=time.time() + 10**6)
     assert store.get_job(job.id).state == "failed"  # never retried automatically
@@ -232,6 +249,104 @@ def test_inputs_changed_since_qc_are_never_uploaded_and_the_job_waits_for_discov
         mgr.tick(time.time())
     assert store.get_job(other.id).state == "superseded"
     assert not list((tmp_path / "hpc-share").rglob("C02533C*"))
+
+
+def _replace_keeping_size_and_time(path: Path, seed: int) -> bytes:
+    """Replace a TIFF by another picture of the same size, then put its mtime back (``cp -p``, ``rsync -t``)."""
+    st = path.stat()
+    spare = write_tiff(path.with_name("replacement.tif"), shape=(256, 256), seed=seed)
+    os.replace(spare, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    return path.read_bytes()
+
+
+def _overwrite_keeping_size_and_time(path: Path, tail: int = 64 << 10) -> None:
+    """Rewrite the last ``tail`` bytes of a file in place, then put its mtime back."""
+    st = path.stat()
+    with path.open("r+b") as f:
+        f.seek(st.st_size - tail)
+        f.write(os.urandom(tail))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _objects(client, bucket: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_an_input_replaced_after_qc_with_the_same_size_and_time_goes_back_to_qc(setup, tmp_path, s3_server, s3_env):
+    """Issue #20 case 3: the verdict is for the original; the replacement is never uploaded beside it."""
+    bucket = new_bucket(s3_server)
+    _, store, mgr = setup(s3(s3_server.endpoint, bucket, mode="all"))
+    job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
+    tif = job.inputs[0]
+    replacement = _replace_keeping_size_and_time(tif, seed=999)
+    back = drive(mgr, store, job.id, {"queued"})
+    message = store.events(job.id)[-1].message
+    assert f"{tif}: changed after QC (content differs, same size and time); QC runs again" == message, message
+    assert back.next_attempt_at is None and back.error is None
+    assert _objects(s3_server.client(), bucket) == {}  # neither the replacement nor the stale verdict was sent
+    assert store.uploads(job.id) == []  # the new QC run plans its own (its run id is in the keys)
+
+    # QC runs again on the file as it is now; its new verdict and the new file are uploaded together
+    rerun = run_qc_again(store, job.id, job.chip, job.inputs, tmp_path / "out", stamp="20240612_111500")
+    drive(mgr, store, job.id, {"done"})
+    stored = _objects(s3_server.client(), bucket)
+    assert stored[f"default/{job.chip}/{rerun.run}/{tif.name}"] == replacement
+    assert stored[f"default/{job.chip}/{rerun.run}/{rerun.run}.tar.gz"] == rerun.archive.read_bytes()
+    assert not any(job.run in k for k in stored)  # nothing of the stale run
+
+
+@pytest.mark.parametrize("kind", ["s3", "oss"])
+def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_back_to_qc(
+    setup, tmp_path, s3_server, kind, request, monkeypatch
+):
+    """Issue #20 case 3, mid-upload: moto checks no Content-MD5 and stores the mix (OSS, through the proxy, stores
+    it and only its CRC-64 tells); it is deleted, and neither the job fails on the server's checksum nor does
+    `imageqc retry` fail the same way forever."""
+    bucket = new_bucket(s3_server)
+    slow = {"mode": "all", "bandwidth_limit": "1MB/s", "concurrency": 1, "part_size_mb": 8}  # one PUT of ~4 s
+    if kind == "s3":
+        keys, toml = S3_KEYS, s3(s3_server.endpoint, bucket, **slow)
+    else:
+        proxy = request.getfixturevalue("oss_proxy")
+        keys = OSS_KEYS
+        toml = s3(proxy.endpoint, bucket, **slow).replace('type = "s3"', 'type = "oss"').replace('addressing_style = "path"\n', "")
+    monkeypatch.setenv("IMAGEQC_T_ACCESS_KEY_ID", keys[0])
+    monkeypatch.setenv("IMAGEQC_T_SECRET_ACCESS_KEY", keys[1])
+    cfg, store, mgr = setup(toml)
+    job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", shape=(2048, 2048))  # 4 MiB
+    tif = job.inputs[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mgr.tick(time.time())
+        up = mgr._uploaders.get("lab-s3")
+        if up is not None and up.throttle.total >= 256 << 10:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("the upload of the input never started")
+    _overwrite_keeping_size_and_time(tif)  # re-exported in place while it is read (the tail: ~3 s ahead of the sender)
+    back = drive(mgr, store, job.id, {"queued", "failed", "done"})
+    message = store.events(job.id)[-1].message
+    assert back.state == "queued", (back.state, back.error, message)
+    assert message.startswith(f"{tif}: changed after QC, while it was uploaded (content differs, same size and time)"), message
+    key = f"default/{job.chip}/{job.run}/{tif.name}"
+    assert message.endswith(f"; the torn copy at {key} was deleted; QC runs again"), message  # moto and the proxy keep it
+    client = s3_server.client()
+    assert _objects(client, bucket) == {}  # no torn object, and no verdict was sent
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+    # a job that failed on such a change (as the old code left it, blaming the ETag) is retried by hand:
+    # it goes back to QC instead of failing the same way again
+    run_qc_again(store, job.id, job.chip, job.inputs, tmp_path / "out", stamp="20240612_111500")
+    _overwrite_keeping_size_and_time(tif)
+    store.transition(job.id, "failed", error="upload target 'lab-s3': PUT ...: server ETag ... is not the MD5", failed_stage="upload")
+    assert main(["retry", str(job.id), "--config", cfg.source]) == 0
+    drive(mgr, store, job.id, {"queued"})
+    assert store.events(job.id)[-1].message == f"{tif}: changed after QC (content differs, same size and time); QC runs again"
+    assert _objects(client, bucket) == {}
 
 
 def test_an_input_that_disappeared_fails_the_job(setup, tmp_path):

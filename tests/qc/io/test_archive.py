@@ -50,14 +50,15 @@ def qc_archive(tmp_path):
     return path, nuclear, tiles
 
 
-def temp_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("imageqc-*"))
+def temp_dirs(where: Path | None = None) -> set[Path]:
+    return set(Path(where or tempfile.gettempdir()).glob(f"{archive.SPILL_PREFIX}-*"))
 
 
-def test_scan_set_from_archive(qc_archive):
+def test_scan_set_from_archive(qc_archive, tmp_path):
     path, nuclear, tiles = qc_archive
+    scratch = tmp_path / "scratch"
     before = temp_dirs()
-    with open_scan_set(path) as scan:
+    with open_scan_set(path, scratch_dir=scratch) as scan:
         assert scan.chip == CHIP
         by_name = {im.name: im for im in scan.images}
         assert set(by_name) == {CHIP, f"{CHIP}_GFP_IF", f"{CHIP}_CD31_IF"}
@@ -69,15 +70,15 @@ def test_scan_set_from_archive(qc_archive):
         assert gfp.role == "IF" and gfp.member_format == "tiles" and gfp.fov_grid == (2, 2)
         np.testing.assert_array_equal({(t.row, t.col): t for t in gfp.tiles}[(1, 0)].read(), tiles[(1, 0)])
         assert by_name[f"{CHIP}_CD31_IF"].member_format == "czi"
-        assert len(temp_dirs() - before) == 2  # the tile folder and the CZI are spilled; the TIFF is in memory
-    assert temp_dirs() - before == set()
+        assert len(temp_dirs(scratch)) == 2  # the tile folder and the CZI are spilled there; the TIFF is in memory
+    assert temp_dirs(scratch) == set() and temp_dirs() == before  # removed; nothing in the system's temp folder
 
 
 def test_large_members_are_spilled_and_removed(qc_archive, monkeypatch):
     path, nuclear, _ = qc_archive
     monkeypatch.setattr(archive, "IN_MEMORY_BYTES", 10)
     before = temp_dirs()
-    img = open_image(path, name=CHIP)
+    img = open_image(path, name=CHIP)  # no scratch_dir: the system's temporary folder
     assert len(temp_dirs() - before) == 1
     np.testing.assert_array_equal(img.plane(), nuclear)
     img.close()
@@ -142,3 +143,17 @@ def test_truncated_archive_is_corrupt(qc_archive):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptImageError, match=path.name):
         open_scan_set(path)
+
+
+def test_a_member_name_too_long_for_the_file_system_is_spilled_under_a_shortened_name(tmp_path):
+    """Issue #20 case 9: an archive member is spilled under a name the file system takes (here 300 bytes)."""
+    czi = write_czi(tmp_path / "src.czi", [(RNG.integers(0, 255, (20, 30), dtype=np.uint8), 0, 0, 0, 0)])
+    long_name = f"{CHIP}_{'CD31-' * 56}_IF"
+    assert len(long_name) > 290
+    path = tmp_path / f"{CHIP}.tar.gz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, f"{CHIP}/images/{long_name}.czi", czi.read_bytes())  # a CZI is always spilled (libCZI needs a path)
+    with open_image(path, scratch_dir=tmp_path / "scratch") as img:
+        assert img.name == long_name and img.member_format == "czi"
+        spilled = [p.name for p in (tmp_path / "scratch").rglob("*.czi")]
+        assert len(spilled) == 1 and len(spilled[0].encode()) == 255 and spilled[0].startswith(f"{CHIP}_CD31-")
