@@ -51,6 +51,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qc.errors import QCError
+from qc.io.regular import open_regular
+
 __all__ = [
     "TILE_SUFFIXES",
     "TileName",
@@ -198,15 +201,23 @@ def parse_tile_name(name: str, convention: str, *, pattern: str | re.Pattern[str
 _TC_LINE = re.compile(r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)")
 
 
+#: A TileConfiguration larger than this is not read (a million tiles take about 50 MB).
+_TC_MAX_BYTES = 64 * 1024**2
+
+
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
     """Positions ``{file name: (x, y)}`` from a Fiji ``TileConfiguration.txt``, in the file's order.
 
     Lines are ``name; ; (x, y)`` (a 3-D ``(x, y, z)`` keeps x and y); comments
     (``#``), ``dim =`` and blank lines are skipped; a name with folders keeps
-    its file name (the tiles sit beside the file).
+    its file name (the tiles sit beside the file). Only a regular file is
+    read (:func:`qc.io.regular.open_regular`: a FIFO of that name never
+    blocks), and at most 64 MiB of it.
     """
+    with open_regular(path) as fh:
+        text = fh.read(_TC_MAX_BYTES).decode("utf-8", errors="replace")
     positions: dict[str, tuple[float, float]] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         m = _TC_LINE.match(line)
         if m:
             try:
@@ -224,7 +235,7 @@ def _tile_configuration_names(path: Path | None) -> list[str]:
         return []
     try:
         return [n for n in read_tile_configuration(path) if Path(n).suffix.lower() in TILE_SUFFIXES]
-    except OSError:
+    except (OSError, QCError):  # unreadable, or not a regular file: the names alone decide
         return []
 
 
@@ -382,7 +393,10 @@ def inspect_tile_folder(
     folder = Path(path)
     names = _image_files(folder)
     meta = read_grid_metadata(folder)
-    configs = sorted(folder.glob("TileConfiguration*.txt"))
+    with os.scandir(folder) as it:  # regular files only, as for the tiles
+        configs = sorted(folder / e.name for e in it
+                         if e.name.startswith("TileConfiguration") and e.name.lower().endswith(".txt")
+                         and e.is_file(follow_symlinks=False))
     tile_config = next((p for p in configs if p.name.lower() == "tileconfiguration.txt"), configs[0] if configs else None)
     if pattern is not None:
         candidates = ["custom"]

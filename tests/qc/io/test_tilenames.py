@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -177,3 +178,17 @@ def test_custom_index_pattern(tmp_path):
     info = inspect_tile_folder(folder, pattern=r"field(?P<index>\d+)", cols=3)
     assert info.convention == "custom" and (info.rows, info.cols) == (2, 3) and info.complete
     assert {t.file: (t.row, t.col) for t in info.tiles}["field4.tif"] == (1, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_named_tile_configuration_is_never_opened(tmp_path):
+    import threading
+
+    folder = touch(tmp_path / "fifo", ["1.tif", "2.tif"])
+    os.mkfifo(folder / "TileConfiguration.txt")
+    got = []
+    t = threading.Thread(target=lambda: got.append(inspect_tile_folder(folder)), daemon=True)
+    t.start()
+    t.join(30)  # a blocking open would wait for a writer for ever
+    assert got, "inspect_tile_folder blocked on a FIFO named TileConfiguration.txt"
+    assert got[0].convention is None and got[0].tile_configuration is None
