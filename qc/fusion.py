@@ -80,9 +80,27 @@ def _to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _halve(band: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area mean to ``(height, width)`` (each about half), in the band's dtype."""
-    return cv2.resize(band, (width, height), interpolation=cv2.INTER_AREA)
+def _halve(band: np.ndarray) -> np.ndarray:
+    """Area mean over 2 x 2 blocks, in the band's dtype; an odd last row or column is averaged on its own.
+
+    The even part goes through OpenCV's exact-halving path (several times
+    faster than a resize to an odd size).
+    """
+    h, w = band.shape[:2]
+    he, we = h - h % 2, w - w % 2
+    out = np.empty(((h + 1) // 2, (w + 1) // 2, *band.shape[2:]), band.dtype)
+    if he and we:
+        out[: he // 2, : we // 2] = cv2.resize(band[:he, :we], (we // 2, he // 2), interpolation=cv2.INTER_AREA)
+    if w % 2 and he:
+        col = band[:he, w - 1].astype(np.float32)
+        out[: he // 2, -1] = _to_dtype(col.reshape(he // 2, 2, *band.shape[2:]).mean(axis=1), band.dtype)
+    if h % 2:
+        row = band[h - 1].astype(np.float32)
+        if we:
+            out[-1, : we // 2] = _to_dtype(row[:we].reshape(we // 2, 2, *band.shape[2:]).mean(axis=1), band.dtype)
+        if w % 2:
+            out[-1, -1] = band[h - 1, w - 1]
+    return out
 
 
 def _tiles_of(band: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
@@ -127,7 +145,7 @@ def fuse_tiles(
     blend : {"linear", "nearest"}
         How overlaps are combined (see the module docstring).
     tile_px : int
-        TIFF tile side and band height, px (a multiple of 16).
+        TIFF tile side and band height, px (a power of two, 16 to 4096).
     compression : str, optional
         TIFF compression for tifffile (e.g. ``"zlib"``); default none (fastest).
     progress : callable, optional
@@ -142,8 +160,8 @@ def fuse_tiles(
     if blend not in BLENDS:
         msg = f"unknown blend {blend!r}; use one of {', '.join(BLENDS)}"
         raise ValueError(msg)
-    if tile_px < 16 or tile_px % 16:
-        msg = f"tile_px must be a multiple of 16, got {tile_px}"
+    if not 16 <= tile_px <= 4096 or tile_px & (tile_px - 1):
+        msg = f"tile_px must be a power of two from 16 to 4096, got {tile_px}"
         raise ValueError(msg)
     tiles = list(tiles)
     if not tiles:
@@ -175,7 +193,7 @@ def fuse_tiles(
     del first  # the cache holds it until the bands pass it
 
     levels = [(height, width)]
-    while max(levels[-1]) > tile_px:
+    while max(levels[-1]) > tile_px and 2 ** len(levels) <= tile_px:  # a band halves to whole rows
         h, w = levels[-1]
         levels.append((max(1, math.ceil(h / 2)), max(1, math.ceil(w / 2))))
     ramps = {}
@@ -253,13 +271,10 @@ def fuse_tiles(
                     del cache[i]  # the bands have passed it
                 # this band's share of every reduced level, each the area mean of the one above
                 down, top = band, y0
-                for k, lvl in enumerate(reduced, start=1):
-                    top //= 2
-                    h = min(levels[k][0] - top, math.ceil(down.shape[0] / 2))
-                    if h <= 0:
-                        break
-                    down = _halve(down, h, levels[k][1])
-                    lvl[top : top + h] = down.reshape(lvl[top : top + h].shape)
+                for lvl in reduced:
+                    top //= 2  # exact: bands start at multiples of tile_px, a power of two
+                    down = _halve(down)
+                    lvl[top : top + down.shape[0]] = down
                 yield from _tiles_of(band, tile_px)
                 if progress is not None:
                     progress(y1, height)
