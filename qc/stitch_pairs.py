@@ -216,9 +216,10 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
     ratio = 1.0 if top.peak <= 0 else _PEAK_RATIO_CAP if second <= 0 else min(_PEAK_RATIO_CAP, top.peak / second)
     sa, sb = (cv2.GaussianBlur(a, (0, 0), sigma), cv2.GaussianBlur(b, (0, 0), sigma)) if sigma else (a, b)
     top_ncc = overlap_ncc(sa, sb, (round(top.dx), round(top.dy)))
-    rival_ncc = max([overlap_ncc(sa, sb, (round(c.dx), round(c.dy))) for c in rivals[:3]] + [0.0])
+    rival_ncc = max([overlap_ncc(sa, sb, (round(c.dx), round(c.dy))) for c in rivals[:1]] + [0.0])
     clear = False
-    if ratio >= params["min_peak_ratio"] and top_ncc >= rival_ncc:  # the clear correlation peak agrees best
+    fast = ratio >= params["min_peak_ratio"] and top_ncc >= rival_ncc
+    if fast:  # the clear correlation peak agrees best
         dx, dy, peak, at_limit, ok = top.dx * ds, top.dy * ds, top.peak, top.at_search_limit, True
         distinct = top_ncc - rival_ncc
     else:
@@ -231,7 +232,10 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
         else:  # nothing is clear: judge the strongest peak as it is (ambiguous, or a mismatch)
             dx, dy, peak, at_limit = top.dx * ds, top.dy * ds, top.peak, top.at_search_limit
             ok = ratio >= params["min_peak_ratio"]
-    ncc = overlap_ncc(patch_a, patch_b, (round(dx), round(dy)), smooth_px=smooth)
+    if fast and ds == 1 and sigma == smooth:  # the same views, smoothed alike, at the same offset: measured already
+        ncc = top_ncc
+    else:
+        ncc = overlap_ncc(patch_a, patch_b, (round(dx), round(dy)), smooth_px=smooth)
     if at_limit or ncc < params["min_match_ncc"]:
         status = STATUS_MISMATCH
     elif ok:
