@@ -210,6 +210,8 @@ _LAYOUTS = {
     "serpentine": ([(0, 0), (_STEP, 0), (2 * _STEP, 0), (2 * _STEP, _STEP), (_STEP, _STEP), (0, _STEP)], 7),
     # an L: the left column and the bottom row
     "L": ([(0, 0), (0, _STEP), (0, 2 * _STEP), (_STEP, 2 * _STEP), (2 * _STEP, 2 * _STEP)], 4),
+    # sparse: a 3 x 3 grid without its centre (one loop of eight pairs round the hole)
+    "sparse": ([(c * _STEP, r * _STEP) for r in range(3) for c in range(3) if (r, c) != (1, 1)], 8),
     # not a grid: the second row sits half a step across (each of its tiles touches two above)
     "brick": ([(0, 0), (_STEP, 0), (2 * _STEP, 0), (_STEP // 2, _STEP), (_STEP + _STEP // 2, _STEP)], 7),
 }
