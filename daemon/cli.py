@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +26,15 @@ from daemon.errors import DaemonError, JobNotFound
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from daemon.naming import shown_name
 from daemon.store import JobState, Store
-from daemon.views import check_line, field, job_label, verdict_markup, whole
+from daemon.views import (
+    check_line,
+    field,
+    human_age,
+    human_bytes,
+    job_label,
+    verdict_markup,
+    whole,
+)
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -41,38 +50,39 @@ def _console() -> Any:
     return console()
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float that is not a finite number (a time an old recovery stamped) as None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON: never ``Infinity`` or ``NaN`` (null instead)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _ts(t: float | None) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
-    return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(t, tz=timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a time beyond what the platform can show
+        return "-"
 
 
 def _ago(t: float | None, now: float) -> str:
-    if not t:
+    if not t or not math.isfinite(t):
         return "-"
-    d = max(0.0, now - t)
-    if d < 90:
-        return f"{d:.0f}s ago"
-    if d < 5400:
-        return f"{d / 60:.0f}m ago"
-    if d < 2 * 86400:
-        return f"{d / 3600:.1f}h ago"
-    return f"{d / 86400:.0f}d ago"
+    return human_age(now - t, short=True) + " ago"
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    return human_bytes(n)
 
 
 def _member_where(member: dict[str, Any], root: str) -> str:
@@ -378,7 +388,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.retry(_job_id(args.job), qc=args.qc)
     print(f"job #{job.id} {job.chip}: {job.state} (the service picks it up at its next tick)")
     return EXIT_OK
@@ -386,7 +396,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    with Store(cfg.database_path) as store:
+    with Store(cfg.database_path, create=False) as store:
         job = store.cancel(_job_id(args.job), reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}")
     print(f"job #{job.id} {job.chip}: cancelled (state {job.state}; `imageqc retry {job.id}` runs it again)")
     return EXIT_OK
@@ -565,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_follow_command(sub)
     _add_service_command(sub)
     _add_notify_command(sub)
+    from daemon.fleet import add_fleet_command
+
+    add_fleet_command(sub)
     return p
 
 

@@ -43,6 +43,8 @@ __all__ = [
     "ServiceConfig",
     "NotifyRule",
     "NotifyConfig",
+    "WebConfig",
+    "FleetConfig",
     "NOTIFY_EVENTS",
     "DEFAULT_TOML",
     "load_config",
@@ -51,6 +53,8 @@ __all__ = [
     "parse_bandwidth",
     "parse_window",
     "parse_clock",
+    "parse_listen",
+    "is_loopback",
     "config_to_dict",
     "iter_fields",
 ]
@@ -322,6 +326,35 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    listen: str = _f(
+        "",
+        "Address 'host:port' of the read-only status page and Prometheus /metrics (daemon/web.py), e.g. "
+        "'127.0.0.1:8787'; empty = off. Any address other than loopback (127.x, ::1, localhost) needs a token.",
+    )
+    token: str = _f(
+        "",
+        "Where the page's access token comes from, never the token itself: 'env:NAME' (an environment variable of "
+        "the service) or 'file:PATH' (a file holding it). Browsers give it as the password of the login prompt, "
+        "Prometheus as a bearer token. Required when listen is not a loopback address.",
+        ref_path=True,
+    )
+    refresh_s: int = _f(15, "The status page reloads itself this often, seconds.", min=2, max=3600)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    interval_s: float = _f(
+        300.0,
+        "How often the service writes its status document (imageqc.fleet/1) to each upload target, at "
+        "{prefix}/_fleet/{site}/{host}.json, with the target's own credentials; `imageqc fleet` lists every PC's. "
+        "0 = never. A PC silent for 3 intervals is shown as stale.",
+        min=0, max=86400,
+    )
+    host: str = _f("", "This PC's name in its fleet document; empty = the computer's name.", pattern=r"^[A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path = _f(Path(".imageqc"), "Folder for the job database, logs, checkpoints and (by default) outputs.")
     site: SiteConfig = _sub(SiteConfig, "The site this PC belongs to.")
@@ -333,6 +366,8 @@ class Config:
     logging: LoggingConfig = _sub(LoggingConfig, "Logging.")
     service: ServiceConfig = _sub(ServiceConfig, "The service loop.")
     notify: NotifyConfig = _sub(NotifyConfig, "Notifications (apprise): QC failures, failed jobs, health.")
+    web: WebConfig = _sub(WebConfig, "The read-only status page and Prometheus metrics, on one local listener.")
+    fleet: FleetConfig = _sub(FleetConfig, "This PC's status document in each upload target, for the facility's view.")
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     # Derived paths -----------------------------------------------------
@@ -684,6 +719,9 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         except ValueError as e:
             ld.check(f"{kp}.key_template", str(e))
     _notify_checks(cfg, ld)
+    _web_checks(cfg, ld)
+    if 0 < cfg.fleet.interval_s < 10:
+        ld.check("fleet.interval_s", f"{cfg.fleet.interval_s:g} s is too often for a bucket; use 0 (never) or at least 10")
     if not cfg.watch:
         ld.check("watch", "at least one [[watch]] root is needed")
     if cfg.qc.model:
@@ -743,6 +781,47 @@ def _notify_checks(cfg: Config, ld: _Loader) -> None:
             ld.check(f"{kp}.events", f"empty: name at least one of {', '.join(NOTIFY_EVENTS)}")
         if "digest" in r.events and not n.digest_at:
             ld.check(f"{kp}.events", "'digest' needs notify.digest_at, the local time to send it (e.g. '08:00')")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``'127.0.0.1:8787'`` or ``'[::1]:8787'`` -> (host, port). Raises ``ValueError``."""
+    m = re.fullmatch(r"\s*(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.\-]*)):([0-9]{1,5})\s*", text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        msg = f"cannot read {text!r} as an address; write 'host:port', e.g. '127.0.0.1:8787' (IPv6: '[::1]:8787')"
+        raise ValueError(msg)
+    return (m.group(1) if m.group(1) is not None else m.group(2)), int(m.group(3))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only ever reaches this machine (127.x, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _web_checks(cfg: Config, ld: _Loader) -> None:
+    """[web]: a readable address; a token reference, and one whenever the page is reachable from other machines."""
+    w = cfg.web
+    if w.token and not _URL_REF.match(w.token.strip()):
+        ld.check("web.token", "must be 'env:NAME' or 'file:PATH', a reference, never the token itself")
+    if not w.listen:
+        return
+    try:
+        host, _port = parse_listen(w.listen)
+    except ValueError as e:
+        ld.check("web.listen", str(e))
+        return
+    if not is_loopback(host) and not w.token:
+        ld.check(
+            "web.listen",
+            f"{w.listen!r} can be reached from other machines, so it needs web.token ('env:NAME' or 'file:PATH' "
+            "holding a long random token); or listen on '127.0.0.1:PORT'",
+        )
 
 
 _TEMPLATE_FIELDS = {"prefix", "site", "chip", "run", "name", "kind", "date"}
@@ -998,9 +1077,11 @@ def example_toml() -> str:
     parts += _example_fields(WatchRoot, "watch.", False)
     for name, cls in (("site", SiteConfig), ("discovery", DiscoveryConfig), ("qc", QCConfig),
                       ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig),
-                      ("notify", NotifyConfig)):
+                      ("notify", NotifyConfig), ("web", WebConfig), ("fleet", FleetConfig)):
         parts += [f"[{name}]"]
-        parts += _example_fields(cls, f"{name}.", False)
+        # The example turns the local page on; the embedded default leaves it off.
+        example = WebConfig(listen="127.0.0.1:8787") if cls is WebConfig else None
+        parts += _example_fields(cls, f"{name}.", False, example)
     parts += [_EXAMPLE_NOTIFY, "# [[notify.rule]]"]
     parts += _example_fields(NotifyRule, "notify.rule.", True)
     parts += [_EXAMPLE_RULES]

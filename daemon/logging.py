@@ -145,17 +145,6 @@ class _LogFile(logging.handlers.RotatingFileHandler):
             )
 
 
-class _SkippedRunFilter(logging.Filter):
-    """Drop APScheduler's "skipped: maximum number of running instances" warning.
-
-    A service round that outlasts the tick interval makes the scheduler skip the next
-    start; that is by design (one round at a time) and the service logs long rounds itself.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "maximum number of running instances" not in record.getMessage()
-
-
 class _StoppedEmitterFilter(logging.Filter):
     """Drop watchdog's "queue_events() called when the thread is inactive" error.
 
@@ -230,9 +219,6 @@ def configure_logging(
     # third-party chatter stays at warning unless we debug
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "apscheduler", "watchdog", "oss2"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-    sched = logging.getLogger("apscheduler.scheduler")
-    if not any(isinstance(f, _SkippedRunFilter) for f in sched.filters):
-        sched.addFilter(_SkippedRunFilter())
     inotify = logging.getLogger("watchdog.observers.inotify")
     if not any(isinstance(f, _StoppedEmitterFilter) for f in inotify.filters):
         inotify.addFilter(_StoppedEmitterFilter())

@@ -1,11 +1,14 @@
-"""The Daemon: wiring, start/stop, the scheduler tick, health.
+"""The Daemon: wiring, start/stop, the tick, health.
 
 ``imageqc run``, the systemd unit and the Windows service all run this same
 class. One instance per state folder (a file lock says so); on start it
 recovers jobs left ``running`` or ``uploading`` by a previous instance, then
-an APScheduler tick (in-memory, coalesced, one at a time) does the rounds:
+a tick thread does the rounds, one at a time, every ``service.tick_seconds``
+on the monotonic clock (a step of the wall clock neither freezes nor hurries
+it; see :mod:`daemon.clock` for the times the service stores):
 
-1. recover expired leases, re-queue failed jobs whose retry time has come;
+1. recover expired leases of other owners (this service watches its own jobs
+   directly), re-queue failed jobs whose retry time has come;
 2. let each component (discovery, uploads, notifications) do its part;
 3. hand due ``queued`` jobs to the worker while it has free slots;
 4. jobs that finished QC with no upload configured become ``skipped``;
@@ -18,6 +21,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -26,14 +30,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.background import BackgroundScheduler
 from filelock import FileLock, Timeout
 
 from daemon import __version__
+from daemon.clock import ServiceClock
 from daemon.config import Config
 from daemon.errors import DaemonError, DatabaseUnavailable
 from daemon.logging import get_logger
+from daemon.stateguard import (
+    DatabaseLost,
+    StateGuard,
+    StateLost,
+    copy_failed,
+    live_service,
+    read_heartbeat,
+    restore_saved_copy,
+    saved_copy_name,
+)
 from daemon.store import JobState, Store
 from daemon.worker import JobRunner, ProcessWorker
 
@@ -70,8 +83,8 @@ class Component(Protocol):
 
 
 def default_components(config: Config) -> list[Component]:
-    """The service's pluggable parts (discovery, uploads, notifications when rules are set), as `imageqc run`
-    and the services use them."""
+    """The service's pluggable parts (discovery, uploads, notifications when rules are set, the status page when
+    web.listen is set, the fleet document when uploads are), as `imageqc run` and the services use them."""
     comps: list[Component] = []
     try:
         from daemon.discovery import Discovery
@@ -89,6 +102,14 @@ def default_components(config: Config) -> list[Component]:
         from daemon.notify import Notifier
 
         comps.append(Notifier(config))
+    if config.web.listen:
+        from daemon.web import WebServer
+
+        comps.append(WebServer(config))
+    if config.fleet.interval_s and any(t.mode != "none" for t in config.upload):
+        from daemon.fleet import FleetReporter
+
+        comps.append(FleetReporter(config))
     return comps
 
 
@@ -110,7 +131,10 @@ class Daemon:
     components : sequence of Component
         Discovery, uploads and anything else that ticks.
     clock : callable
-        Returns now in seconds.
+        The wall clock, seconds since the epoch (tests pass one they can step). The service uses it
+        through a :class:`~daemon.clock.ServiceClock` (:attr:`clock`), which never runs backwards.
+    timer : callable
+        A monotonic clock in seconds: the tick interval, QC timeouts and lease renewals run on it.
     notify : callable, optional
         Receives service-manager notifications ("READY=1", "WATCHDOG=1", "STOPPING=1").
     """
@@ -123,11 +147,13 @@ class Daemon:
         runner: JobRunner | None = None,
         components: Sequence[Component] = (),
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
         notify: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.target = target
-        self.clock = clock
+        self.clock = ServiceClock(clock, timer)
+        self.timer = timer
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.components = list(components)
         self._runner = runner
@@ -137,13 +163,16 @@ class Daemon:
         self._lock: FileLock | None = None
         self.store: Store | None = None
         self.runner: JobRunner | None = None
-        self.scheduler: BackgroundScheduler | None = None
+        self._ticker: threading.Thread | None = None
         self.started_at: float | None = None
         self.last_tick_error: str | None = None
         #: Why the service stopped itself (None after a requested stop); `imageqc run` exits 1 when set.
         self.failure: str | None = None
         self._long_round_logged = float("-inf")
         self._last_sweep = float("-inf")
+        self._guard: StateGuard | None = None
+        #: Where to save what the service holds of a job database deleted under it (set when that is seen).
+        self._save_lost_database: Path | None = None
         #: When a stop must be over (:func:`time.monotonic`); set by :meth:`stop`, shared by every wait in it.
         self.stop_deadline: float | None = None
         self._signals = 0
@@ -153,7 +182,10 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = FileLock(str(cfg.state_dir / "service.lock"))
+        lock_path = cfg.state_dir / "service.lock"
+        if not lock_path.exists():
+            self._refuse_beside_a_live_service(lock_path)
+        self._lock = FileLock(str(lock_path))
         try:
             self._lock.acquire(timeout=0.5)
         except Timeout:
@@ -163,7 +195,12 @@ class Daemon:
             )
             raise AlreadyRunning(msg) from None
         try:
+            restored = restore_saved_copy(cfg.database_path)
+            if restored is not None:
+                log.warning("the job database was missing; resuming from the copy saved when it was deleted",
+                            database=str(cfg.database_path), copy=str(restored))
             self.store = Store(cfg.database_path)
+            self._guard = StateGuard(cfg.database_path, lock_path)
             check = self.store.integrity_check()
             if check != "ok":
                 msg = (
@@ -191,17 +228,36 @@ class Daemon:
         )
         self._notify("READY=1")
 
+    def _refuse_beside_a_live_service(self, lock_path: Path) -> None:
+        """Without its lock file, the heartbeat still tells whether another service runs here."""
+        beat = read_heartbeat(self.config.database_path)
+        if beat is None:
+            return
+        h, at = beat
+        now = self.clock()
+        if live_service(h, at, now=now, age_limit=heartbeat_age_limit(self.config)):
+            msg = (
+                f"another imageqc service (pid {h.get('pid')} on {h.get('host')}, heartbeat {max(0.0, now - at):.0f} s ago) "
+                f"is running with state folder {self.config.state_dir}, although the lock file {lock_path} is missing; "
+                "stop it first (`imageqc status` shows it), then start this one"
+            )
+            raise AlreadyRunning(msg)
+
     def _start_parts(self) -> None:
         cfg = self.config
         assert self.store is not None
         now = self.clock()
         self.started_at = now
-        # We hold the state folder's lock, so leases held by anyone else are orphans.
-        recovered = self.store.recover_expired(now=float("inf"))
+        # We hold the state folder's lock, so leases held by anyone else are orphans, whatever their expiry.
+        recovered = self.store.recover_expired(now=now, orphans=True)
         if recovered:
             log.warning("recovered jobs left by a previous run", jobs=recovered)
+        if self.store.repair_infinite_times(now=now):
+            log.info("replaced infinite job times left by an older version's recovery")
         self._sweep_outputs(now)
-        self.runner = self._runner or ProcessWorker(cfg, self.store, target=self.target, owner=self.owner, clock=self.clock)
+        self.runner = self._runner or ProcessWorker(
+            cfg, self.store, target=self.target, owner=self.owner, clock=self.clock, timer=self.timer
+        )
         started: list[Component] = []
         try:
             for comp in self.components:
@@ -209,12 +265,8 @@ class Daemon:
                 started.append(comp)
         finally:
             self.components_started = started
-        self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(4)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-        )
-        self.scheduler.add_job(self.tick, "interval", seconds=cfg.service.tick_seconds, id="tick", next_run_time=_dt_now())
-        self.scheduler.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="imageqc-tick", daemon=True)
+        self._ticker.start()
         self._heartbeat("running")
 
     def stop(self) -> None:
@@ -224,9 +276,9 @@ class Daemon:
         self._notify("STOPPING=1")
         grace = 0.0 if self._urgent.is_set() else self.config.service.shutdown_timeout_s
         self.stop_deadline = time.monotonic() + grace
-        if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
-            self.scheduler = None
+        if self._ticker is not None and self._ticker is not threading.current_thread():
+            self._ticker.join()  # the round under way finishes
+            self._ticker = None
         for comp in reversed(getattr(self, "components_started", [])):
             try:
                 comp.stop()
@@ -239,6 +291,8 @@ class Daemon:
                 self._heartbeat("stopped")
             except DaemonError as e:  # the database may be what failed
                 log.warning("could not record the stop in the database", error=str(e))
+            if self._save_lost_database is not None:
+                self._save_copy(self._save_lost_database)
             self.store.close()
             self.store = None
         self._release()
@@ -289,12 +343,28 @@ class Daemon:
 
     # -- the tick ------------------------------------------------------------
 
+    def _tick_loop(self) -> None:
+        """Run :meth:`tick` every ``tick_seconds`` of the monotonic clock until a stop is requested.
+
+        A round that outlasts the interval is followed at once by the next (missed rounds are not
+        made up); the wait is the stop event's, so a stop request ends it at once.
+        """
+        interval = self.config.service.tick_seconds
+        due = self.timer()
+        while not self._stop.is_set():
+            delay = due - self.timer()
+            if delay > 0 and self._stop.wait(delay):
+                return
+            started = self.timer()
+            self.tick()
+            due = started + interval
+
     def tick(self, now: float | None = None) -> None:
         """One round of the service's work; never raises (errors are logged)."""
         if self._stop.is_set() or self.store is None:
             return
         now = self.clock() if now is None else now
-        started = time.monotonic()
+        started = self.timer()
         try:
             self._tick(now)
             self.last_tick_error = None
@@ -303,10 +373,14 @@ class Daemon:
             self.failure = str(e)
             log.error("job database unavailable; stopping the service", error=str(e))
             self._stop.set()
+        except StateLost as e:
+            self.last_tick_error = self.failure = self._state_lost(e)
+            log.error("a state file changed under the service; stopping it", error=self.failure)
+            self._stop.set()
         except Exception as e:
             self.last_tick_error = f"{type(e).__name__}: {e}"
             log.exception("tick failed; the service keeps running")
-        self._note_long_round(time.monotonic() - started)
+        self._note_long_round(self.timer() - started)
         self._notify("WATCHDOG=1")
 
     def _sweep_outputs(self, now: float) -> None:
@@ -327,16 +401,34 @@ class Daemon:
         interval = self.config.service.tick_seconds
         if seconds <= interval:
             return
-        mono = time.monotonic()
+        mono = self.timer()
         if mono - self._long_round_logged < 60.0:
             return
         self._long_round_logged = mono
         log.info("a service round outlasted the tick interval; the next rounds start late", seconds=round(seconds, 1), tick_seconds=interval)
 
+    def _state_lost(self, e: StateLost) -> str:
+        """Plan the copy of a database deleted or replaced under the service; what to tell about it."""
+        if isinstance(e, DatabaseLost):
+            self._save_lost_database = saved_copy_name(self.config.database_path)
+        return e.explain(self.config.database_path, self._save_lost_database)
+
+    def _save_copy(self, dest: Path) -> None:
+        assert self.store is not None
+        try:
+            self.store.save_copy(dest)
+        except (OSError, sqlite3.Error) as e:
+            self.failure = self.last_tick_error = copy_failed(self.config.database_path, dest, e)
+            log.error("could not save the job database the service held", copy=str(dest), error=str(e))
+            return
+        log.warning("saved a copy of the job database the service held", copy=str(dest))
+
     def _tick(self, now: float) -> None:
         store, runner = self.store, self.runner
         assert store is not None and runner is not None
-        for job_id in store.recover_expired(now=now):
+        if self._guard is not None:
+            self._guard.check()
+        for job_id in store.recover_expired(now=now, spare_owner=self.owner):
             log.warning("lease expired; job re-queued", job_id=job_id)
         requeued = store.requeue_due(now=now, max_attempts=self.config.service.max_attempts)
         if requeued:
@@ -409,12 +501,6 @@ def _safe_health(comp: Component) -> dict[str, Any]:
         return comp.health()
     except Exception as e:  # health must never break the heartbeat
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _dt_now() -> Any:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
 
 
 def state_paths(config: Config) -> dict[str, Path]:

@@ -8,7 +8,6 @@ service and works whether the service runs or not. The JSON form is stable
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from daemon.config import Config
 from daemon.errors import DatabaseUnavailable
 from daemon.fsinfo import free_bytes
 from daemon.service import heartbeat_age_limit
+from daemon.stateguard import live_service
 from daemon.store import JobState, Store
 
 __all__ = ["STATUS_SCHEMA", "collect_status"]
@@ -31,9 +31,7 @@ def _service_state(config: Config, status: dict[str, tuple[Any, float]], now: fl
         return {"running": False, "reason": "the service has never written a heartbeat here"}
     h, at = entry
     age = now - at
-    alive = h.get("state") == "running" and age <= heartbeat_age_limit(config)
-    if alive and h.get("host") == socket.gethostname() and not psutil.pid_exists(int(h.get("pid", -1))):
-        alive = False
+    alive = live_service(h, at, now=now, age_limit=heartbeat_age_limit(config))
     out = {
         "running": alive,
         "pid": h.get("pid"),

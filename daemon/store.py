@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -256,6 +257,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE qc_results ADD COLUMN inputs TEXT;
     """,
+    # 6: the newest verdicts (status, follow, the status page) without sorting every result
+    """
+    CREATE INDEX IF NOT EXISTS qc_results_created ON qc_results(created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -410,7 +415,13 @@ def _shown(text: str | None) -> str | None:
 
 
 def _now(now: float | None) -> float:
-    return time.time() if now is None else now
+    """``now``, or the wall clock; a time that is not a finite number is refused (it would be stored for good)."""
+    if now is None:
+        return time.time()
+    if not math.isfinite(now):
+        msg = f"a job database time must be a finite number of seconds, not {now!r}"
+        raise ValueError(msg)
+    return now
 
 
 def _first_reason(report_json: str) -> str:
@@ -459,10 +470,21 @@ class Store:
         ``auto`` uses WAL unless the file sits on a network file system.
     busy_timeout_s : float
         How long a write waits for another process's transaction.
+    readonly : bool
+        Open for reading only (``imageqc status``): nothing is created, migrated or locked.
+    create : bool
+        Create the file (and its folder) when missing. Only the service does; QC children and
+        commands pass False, so a database deleted under the service is never replaced by an empty one.
     """
 
     def __init__(
-        self, path: str | Path, *, journal: str = "auto", busy_timeout_s: float = 10.0, readonly: bool = False
+        self,
+        path: str | Path,
+        *,
+        journal: str = "auto",
+        busy_timeout_s: float = 10.0,
+        readonly: bool = False,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
@@ -470,17 +492,23 @@ class Store:
         if readonly:
             self._open_readonly(busy_timeout_s)
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"cannot create the state folder {self.path.parent}: {e}; check the path and permissions of state_dir"
-            raise DatabaseUnavailable(msg) from None
+        if create:
+            self._refuse_beside_a_saved_copy()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                msg = f"cannot create the state folder {self.path.parent}: {e}; check the path and permissions of state_dir"
+                raise DatabaseUnavailable(msg) from None
+        elif not self.path.is_file():
+            raise DatabaseUnavailable(self._missing())
         if journal == "auto":
             journal = "delete" if is_network_path(self.path.parent) else "wal"
         self.journal = journal
         try:
+            # without create, SQLite's mode=rw: a file deleted after the check above is an error, not a new file
+            target, uri = (str(self.path), False) if create else (f"{self.path.resolve().as_uri()}?mode=rw", True)
             self._conn = sqlite3.connect(
-                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                target, uri=uri, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -490,11 +518,35 @@ class Store:
             self._conn.execute("PRAGMA foreign_keys = ON")
             self._migrate()
         except sqlite3.DatabaseError as e:
+            if not create and not self.path.exists():
+                raise DatabaseUnavailable(self._missing()) from None
             self._raise_unavailable(e)
+
+    def _refuse_beside_a_saved_copy(self) -> None:
+        """A missing database with a copy the service saved when it was deleted: only the service's start
+        puts the copy back; a new, empty database here would hide it."""
+        if self.path.exists():
+            return
+        from daemon.stateguard import saved_copies
+
+        copies = saved_copies(self.path)
+        if copies:
+            msg = (
+                f"the job database {self.path} is missing; the service saved what it held as {copies[-1]} when it "
+                "was deleted: start the service (`imageqc run`) to resume from that copy"
+            )
+            raise DatabaseUnavailable(msg)
+
+    def _missing(self) -> str:
+        return (
+            f"the job database {self.path} is missing (deleted or moved?); it is not created here, only the "
+            "service creates it: start the service (`imageqc run`), which resumes from a copy it saved if any"
+        )
 
     def _open_readonly(self, busy_timeout_s: float) -> None:
         """For `imageqc status` and friends: never creates, migrates or locks anything."""
         if not self.path.exists():
+            self._refuse_beside_a_saved_copy()
             msg = f"never run with this state folder (no {self.path.name} in {self.path.parent})"
             raise DatabaseUnavailable(msg)
         try:
@@ -541,6 +593,19 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    def save_copy(self, dest: Path) -> None:
+        """Write a consistent copy of the database as this connection sees it to ``dest`` (SQLite's
+        backup API): what the service still holds of a database file deleted under it."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        with self._lock:
+            out = sqlite3.connect(str(partial))
+            try:
+                self._conn.backup(out)
+            finally:
+                out.close()
+        partial.replace(dest)
 
     def __enter__(self) -> Store:
         return self
@@ -875,23 +940,49 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def recover_expired(self, *, now: float | None = None) -> list[int]:
-        """Leases that ran out (crash, kill -9, power loss): running -> queued, uploading -> qc_done."""
+    def recover_expired(self, *, now: float | None = None, orphans: bool = False, spare_owner: str | None = None) -> list[int]:
+        """Take back leased jobs: running -> queued, uploading -> qc_done.
+
+        By default only leases that ran out (crash, kill -9, power loss). With ``orphans``, every
+        leased job whatever its lease: the caller knows no holder is alive (the service at start,
+        holding the state folder's lock). Leases of ``spare_owner`` and its parts (``<owner>/...``)
+        are left alone: that owner watches them itself, on the monotonic clock, so a step of the wall
+        clock cannot take a job away from a live service.
+        """
         now = _now(now)
         back = {S.RUNNING: S.QUEUED, S.UPLOADING: S.QC_DONE}
         recovered = []
         with self.db() as c:
-            rows = c.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?) AND lease_expires < ?",
-                (S.RUNNING.value, S.UPLOADING.value, now),
-            ).fetchall()
+            sql = "SELECT * FROM jobs WHERE state IN (?, ?)" + ("" if orphans else " AND lease_expires < ?")
+            rows = c.execute(sql, (S.RUNNING.value, S.UPLOADING.value, *(() if orphans else (now,)))).fetchall()
             for row in rows:
                 job = _job(row)
                 assert job is not None
-                msg = f"lease of {job.lease_owner} expired; job returned to the queue"
+                owner = job.lease_owner or ""
+                if spare_owner and (owner == spare_owner or owner.startswith(spare_owner + "/")):
+                    continue
+                if orphans:
+                    msg = f"{job.lease_owner} is gone (the service restarted); job returned to the queue"
+                else:
+                    msg = f"lease of {job.lease_owner} expired; job returned to the queue"
                 self._apply(c, job, back[JobState(job.state)], now, msg, None, None, None, None)
                 recovered.append(job.id)
         return recovered
+
+    def repair_infinite_times(self, *, now: float | None = None) -> int:
+        """Replace the infinite times older versions stamped at start-up recovery; returns the rows fixed.
+
+        A job's optional times become NULL (its place in the queue falls back to its creation time),
+        its ``updated_at`` becomes ``now``; events keep theirs (shown as ``-``: when is not known).
+        """
+        now = _now(now)
+        inf = (math.inf, -math.inf)
+        fixed = 0
+        with self.db() as c:
+            for col in ("queued_at", "started_at", "finished_at", "next_attempt_at", "lease_expires"):
+                fixed += c.execute(f"UPDATE jobs SET {col} = NULL WHERE {col} IN (?, ?)", inf).rowcount
+            fixed += c.execute("UPDATE jobs SET updated_at = ? WHERE updated_at IN (?, ?)", (now, *inf)).rowcount
+        return fixed
 
     def requeue_due(self, *, now: float | None = None, max_attempts: int | None = None) -> list[int]:
         """Failed jobs whose retry time has come go back to where they stopped."""

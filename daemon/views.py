@@ -14,7 +14,20 @@ from typing import Any
 
 from daemon.naming import shown_name
 
-__all__ = ["LABEL_WIDTH", "check_line", "console", "field", "job_label", "verdict_markup", "whole"]
+__all__ = [
+    "LABEL_WIDTH",
+    "OUTCOME_WORDS",
+    "check_line",
+    "check_outcome",
+    "check_value",
+    "console",
+    "field",
+    "human_age",
+    "human_bytes",
+    "job_label",
+    "verdict_markup",
+    "whole",
+]
 
 #: Width of the label column of labelled lines ("verdict   fail").
 LABEL_WIDTH = 10
@@ -74,21 +87,54 @@ def job_label(state: str, verdict: str | None) -> str:
     return state
 
 
+#: What a judged metric meant for the verdict, as every view words it.
+OUTCOME_WORDS = {"pass": "pass", "fail": "FAIL", "advisory": "below (advisory: does not fail QC)"}
+
+
+def check_value(c: Mapping[str, Any]) -> str:
+    """A judged metric's measured value as a person reads it (the report's ``checks`` entries)."""
+    value = c.get("value")
+    if c.get("detail"):
+        return str(c["detail"])
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if abs(float(value)) >= 10 else f"{value:.3g}"
+
+
+def check_outcome(c: Mapping[str, Any]) -> str:
+    """``pass``, ``fail`` (a required metric below its threshold) or ``advisory`` (below, but not required)."""
+    if c.get("passed"):
+        return "pass"
+    return "fail" if c.get("required", True) else "advisory"
+
+
+def human_bytes(n: float | None) -> str:
+    """1.2 GB (powers of 1000); ``?`` when unknown."""
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def human_age(seconds: float, *, short: bool = False) -> str:
+    """A duration as "42 s", "12 min", "3.5 h", "2.0 days" (``short``: "42s", "12m", "3.5h", "2d")."""
+    s = max(0.0, float(seconds))
+    for limit, div, long_unit, short_unit, fmt in (
+        (90, 1, " s", "s", ".0f"), (5400, 60, " min", "m", ".0f"), (2 * 86400, 3600, " h", "h", ".1f"),
+    ):
+        if s < limit:
+            return f"{s / div:{fmt}}{short_unit if short else long_unit}"
+    return f"{s / 86400:.0f}d" if short else f"{s / 86400:.1f} days"
+
+
 def check_line(c: Mapping[str, Any]) -> str:
     """One judged metric as a line of rich markup: image, value, threshold, result."""
     from rich.markup import escape
 
-    value = c.get("value")
-    if c.get("detail"):
-        shown = str(c["detail"])
-    elif value is None:
-        shown = "n/a"
-    else:
-        shown = f"{value:.0f}" if abs(float(value)) >= 10 else f"{value:.3g}"
-    if c.get("passed"):
-        result = "[green]pass[/]"
-    elif c.get("required", True):
-        result = "[bold red]FAIL[/]"
-    else:
-        result = "[yellow]below (advisory: does not fail QC)[/]"
-    return f"{escape(str(c.get('image', '')))}: {escape(shown)} (needs {escape(str(c.get('threshold', '')))}) {result}"
+    style = {"pass": "green", "fail": "bold red", "advisory": "yellow"}[check_outcome(c)]
+    result = f"[{style}]{OUTCOME_WORDS[check_outcome(c)]}[/]"
+    return f"{escape(str(c.get('image', '')))}: {escape(check_value(c))} (needs {escape(str(c.get('threshold', '')))}) {result}"

@@ -7,7 +7,8 @@ threads, and from the parent:
 
 - renews the job's lease while the child runs; a job cancelled meanwhile (the
   lease is gone) stops the child;
-- stops a child that runs past ``timeout_s`` or uses more than
+- stops a child that runs past ``timeout_s`` (on the monotonic clock: a step
+  of the wall clock neither kills nor spares a QC run) or uses more than
   ``memory_limit_mb`` of resident memory;
 - turns the child's outcome (or its death) into the job's next state.
 
@@ -36,7 +37,7 @@ from typing import Any, Protocol
 import psutil
 
 from daemon.config import Config
-from daemon.errors import IllegalTransition
+from daemon.errors import DaemonError, IllegalTransition
 from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import Job, JobState, Store
 
@@ -85,8 +86,8 @@ class JobContext:
     progress: Callable[[str, float | None], None] = field(repr=False, compare=False)
 
     def open_store(self) -> Store:
-        """The child's own connection to the job database."""
-        return Store(self.db_path)
+        """The child's own connection to the job database (never creates one: see :class:`Store`)."""
+        return Store(self.db_path, create=False)
 
 
 class JobRunner(Protocol):
@@ -156,14 +157,19 @@ def _child_main(target: str, job: Job, config: Config, owner: str, db_path: str,
         console="off",
     )
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
-    store = Store(db_path)
-    last = [0.0]
+    try:
+        store = Store(db_path, create=False)
+    except DaemonError as e:  # the database went away under the service: it notices and stops
+        log.error("QC child cannot open the job database", error=str(e))
+        results.put(dataclasses.asdict(JobOutcome(state="failed", error=str(e), transient=True)))
+        return
+    last = [float("-inf")]
 
     def progress(stage: str, pct: float | None) -> None:
-        now = time.time()
-        if now - last[0] >= 0.5 or pct in (0.0, 100.0):
-            last[0] = now
-            store.set_progress(job.id, owner, stage, pct, now=now)
+        mono = time.monotonic()
+        if mono - last[0] >= 0.5 or pct in (0.0, 100.0):
+            last[0] = mono
+            store.set_progress(job.id, owner, stage, pct, now=time.time())
 
     ctx = JobContext(job=job, config=config, owner=owner, db_path=db_path, progress=progress)
     with bind_job(job.id, job.chip):
@@ -181,7 +187,8 @@ class _Running:
     job: Job
     process: Any
     results: Any
-    started: float
+    started: float  # wall clock, for people
+    started_t: float  # the worker's timer, for the timeout
     thread: threading.Thread | None = None
     stop_reason: str | None = None
 
@@ -199,7 +206,9 @@ class ProcessWorker:
     owner : str
         The lease owner name of this service instance.
     clock : callable
-        Returns now in seconds (tests pass their own).
+        The wall clock, seconds since the epoch, for the times stored in the database (tests pass their own).
+    timer : callable
+        A monotonic clock in seconds: ``qc.timeout_s`` and the lease renewals are measured on it.
     """
 
     def __init__(
@@ -211,6 +220,7 @@ class ProcessWorker:
         owner: str,
         slots: int | None = None,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
         poll_s: float = 0.25,
     ) -> None:
         self.config = config
@@ -219,6 +229,7 @@ class ProcessWorker:
         self.owner = owner
         self.slots = slots or config.service.workers
         self.clock = clock
+        self.timer = timer
         self.poll_s = poll_s
         self._ctx = mp.get_context("spawn")
         self._running: dict[int, _Running] = {}
@@ -246,7 +257,7 @@ class ProcessWorker:
             name=f"imageqc-job-{job.id}",
             daemon=True,
         )
-        run = _Running(job=job, process=proc, results=results, started=self.clock())
+        run = _Running(job=job, process=proc, results=results, started=self.clock(), started_t=self.timer())
         with self._lock:
             self._running[job.id] = run
         proc.start()
@@ -278,7 +289,7 @@ class ProcessWorker:
         job, proc = run.job, run.process
         lease_s = self.config.service.lease_seconds
         renew_every = max(0.5, lease_s / 4)
-        last_renew = time.monotonic()
+        last_renew = self.timer()
         limit_mb = self.config.qc.memory_limit_mb
         timeout_s = self.config.qc.timeout_s
         outcome: dict[str, Any] | None = None
@@ -300,12 +311,12 @@ class ProcessWorker:
                     break
                 if run.stop_reason:
                     break
-                if time.monotonic() - last_renew >= renew_every:
-                    last_renew = time.monotonic()
+                if self.timer() - last_renew >= renew_every:
+                    last_renew = self.timer()
                     if not self.store.renew_lease(job.id, self.owner, now=self.clock(), lease_s=lease_s):
                         run.stop_reason = "cancelled"  # lease gone: cancelled or recovered elsewhere
                         break
-                if self.clock() - run.started > timeout_s:
+                if self.timer() - run.started_t > timeout_s:
                     run.stop_reason = f"QC took longer than qc.timeout_s = {timeout_s:g} s"
                     break
                 if limit_mb:
@@ -316,9 +327,11 @@ class ProcessWorker:
             if outcome is None:
                 _terminate(proc)
             proc.join(10)
-            self._finish(run, outcome)
-        with self._lock:
-            self._running.pop(job.id, None)
+            try:
+                self._finish(run, outcome)
+            finally:  # even when the database failed: the slot is free again
+                with self._lock:
+                    self._running.pop(job.id, None)
 
     def _finish(self, run: _Running, outcome: dict[str, Any] | None) -> None:
         job = run.job

@@ -109,10 +109,28 @@ def decide_stain(scan_set: ScanSet, setting: str = "auto") -> str:
 
 
 class _Stages:
+    """Reports progress and measures the time spent in each stage (for the report's ``stage_s``)."""
+
     def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._current: str | None = None
+        self._since = time.perf_counter()
+
+    def _switch(self, stage: str | None) -> None:
+        t = time.perf_counter()
+        if self._current is not None:
+            self.seconds[self._current] = self.seconds.get(self._current, 0.0) + (t - self._since)
+        self._current, self._since = stage, t
+
+    def durations(self) -> dict[str, float]:
+        """Seconds spent in each stage so far (the current one counted up to now), rounded to the millisecond."""
+        self._switch(self._current)
+        return {k: round(v, 3) for k, v in self.seconds.items()}
 
     def at(self, stage: str, fraction: float = 0.0) -> None:
+        if stage != self._current:
+            self._switch(stage)
         if self.progress is None:
             return
         lo, hi = _STAGE_SPAN[stage]
@@ -316,6 +334,7 @@ def run_qc(
         operator=settings.operator,
         site=settings.site,
         thresholds={k: getattr(th, k) for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")},
+        stage_s=st.durations(),
         checks=tuple(
             {"metric": c.metric, "image": c.image, "value": c.score, "threshold": c.threshold,
              "passed": c.passed, "required": c.required, "reason": c.reason, "detail": c.detail}

@@ -108,6 +108,9 @@ class QCReport:
     #: ``threshold`` (as text, e.g. ">= 60"), ``passed``, ``required`` (false:
     #: advisory), ``reason`` (None when passed). What `imageqc show` lists.
     checks: tuple[Mapping[str, Any], ...] = ()
+    #: Seconds spent in each stage of :func:`qc.pipeline.run_qc` (read, track, clarity, stitching,
+    #: calibration, verdict); only the stages that ran.
+    stage_s: Mapping[str, float] = field(default_factory=dict)
     #: Raw metric results and views kept for the pictures (not serialised).
     artifacts: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -126,6 +129,7 @@ class QCReport:
             "site": self.site,
             "thresholds": dict(self.thresholds),
             "checks": [_plain(c) for c in self.checks],
+            "stage_s": dict(self.stage_s),
         }
 
     def to_json(self) -> str:

@@ -344,6 +344,20 @@ class Uploader(ABC):
             )
         return remote.checksum or local.sha256
 
+    # -- small documents (the fleet status, daemon/fleet.py) ----------------------------
+
+    def put_document(self, key: str, data: bytes) -> None:
+        """Store ``data`` (a few KB) at ``key`` whole, replacing what is there. Needs only the upload's permission."""
+        raise self.permanent(f"a {self.type or 'this'} target cannot store documents", "use an s3, oss or hpc target")
+
+    def list_documents(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` (a folder-like prefix ending in '/'), sorted."""
+        raise self.permanent(f"a {self.type or 'this'} target cannot list documents", "use an s3, oss or hpc target")
+
+    def get_document(self, key: str) -> bytes | None:
+        """The bytes stored at ``key``, or None when there is nothing."""
+        raise self.permanent(f"a {self.type or 'this'} target cannot read documents", "use an s3, oss or hpc target")
+
     def permanent(self, problem: str, hint: str) -> PermanentUploadError:
         return PermanentUploadError(self.name, problem, hint=hint)
 

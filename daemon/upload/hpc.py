@@ -102,6 +102,40 @@ class HPCUploader(Uploader):
             raise self._os_error(e, f"read {self._dest(key)}") from None
         return RemoteObject(key=key, size=st.st_size)
 
+    # -- small documents (fleet status) ---------------------------------------------
+
+    def put_document(self, key: str, data: bytes) -> None:
+        self._check_root()
+        dest = self._dest(key)
+        partial = self._partial(dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(data)
+            os.replace(partial, dest)  # readers see the old document or the new one, never half of it
+        except OSError as e:
+            partial.unlink(missing_ok=True)
+            raise self._os_error(e, f"write {dest}") from None
+
+    def list_documents(self, prefix: str) -> list[str]:
+        self._check_root()
+        folder = self._dest(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        try:
+            files = [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise self._os_error(e, f"list {folder}") from None
+        return sorted(p.relative_to(self.root).as_posix() for p in files)
+
+    def get_document(self, key: str) -> bytes | None:
+        self._check_root()
+        try:
+            return self._dest(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._os_error(e, f"read {self._dest(key)}") from None
+
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
         if remote.size != local.size:
             return False

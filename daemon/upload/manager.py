@@ -258,6 +258,7 @@ class UploadManager:
                 "files": b["files"],
                 "bytes": b["bytes"],
                 "rate_bps": round(up.throttle.rate_bps()) if up is not None else 0,
+                "sent_bytes": up.throttle.total if up is not None else 0,  # since the service started (/metrics)
                 "window": t.window or None,
                 "open": w is None or w.is_open(now),
                 "next_open": None if w is None or w.is_open(now) else w.next_open(now),

@@ -169,6 +169,28 @@ class OSSUploader(Uploader):
                 return self.permanent(f"{op} refused by OSS: {code or status} {e.message}", "check the target's settings (bucket, prefix, endpoint)")
         return self.transient(f"{op} failed: {type(e).__name__}: {e}", hint=f"is {self.target.endpoint} reachable?")
 
+    # -- small documents (fleet status) ---------------------------------------------
+
+    def put_document(self, key: str, data: bytes) -> None:
+        try:
+            self.bucket.put_object(key, data, headers={"Content-Type": "application/json"})
+        except Exception as e:
+            raise self._classify(e, "PutObject") from None
+
+    def list_documents(self, prefix: str) -> list[str]:
+        try:
+            return sorted(o.key for o in oss2.ObjectIterator(self.bucket, prefix=prefix))
+        except Exception as e:
+            raise self._classify(e, "ListObjects") from None
+
+    def get_document(self, key: str) -> bytes | None:
+        try:
+            return bytes(self.bucket.get_object(key).read())
+        except ox.NoSuchKey:
+            return None
+        except Exception as e:
+            raise self._classify(e, "GetObject") from None
+
     # -- probe and verify --------------------------------------------------------
 
     def probe(self, key: str) -> RemoteObject | None:

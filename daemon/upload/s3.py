@@ -206,6 +206,34 @@ class S3Uploader(Uploader):
                 transfer.check()
             raise self._classify(e, op) from None
 
+    # -- small documents (fleet status) ---------------------------------------------
+
+    def put_document(self, key: str, data: bytes) -> None:
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        self._call("put_object", Key=key, Body=data, ContentType="application/json", ContentMD5=_b64(md5))
+
+    def list_documents(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        kw: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            page = self._call("list_objects_v2", **kw)
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            kw["ContinuationToken"] = page["NextContinuationToken"]
+
+    def get_document(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._classify(e, "GetObject") from None
+        except Exception as e:
+            raise self._classify(e, "GetObject") from None
+
     # -- probe and verify --------------------------------------------------------
 
     def probe(self, key: str) -> RemoteObject | None:

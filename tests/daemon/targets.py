@@ -48,3 +48,15 @@ def report_environment(ctx: JobContext) -> JobOutcome:
 
 def crash(ctx: JobContext) -> JobOutcome:
     os._exit(17)
+
+
+def wait_for_go(ctx: JobContext) -> JobOutcome:
+    """Report stage ``waiting``, then wait (up to two minutes) for the file ``<state_dir>/go-<job id>``; then as :func:`ok`."""
+    ctx.progress("waiting", 0.0)
+    go = ctx.config.state_dir / f"go-{ctx.job.id}"
+    deadline = time.monotonic() + 120
+    while not go.exists():
+        if time.monotonic() > deadline:
+            return JobOutcome(state="failed", error=f"{go} never appeared")
+        time.sleep(0.05)
+    return ok(ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -284,3 +285,39 @@ def test_retry_qc_runs_qc_again_for_a_skipped_or_failed_upload_job(state, capsys
         assert s.events(skipped)[-1].message == "retry requested, QC runs again"
     assert main(["retry", "--qc", str(ids["C02533C"])]) == 1  # running: nothing to retry
     assert "only failed or skipped" in _out(capsys)[1]
+
+
+def _strict_json(text: str):
+    """Parse JSON as other programs do: ``Infinity`` and ``NaN`` are not JSON."""
+
+    def refuse(name):
+        raise AssertionError(f"{name} in the JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_infinite_times_an_older_recovery_stamped_are_shown_as_a_dash_and_null(state, capsys):
+    """Issue #20 case 7: an older version recovered with now=inf, stamping inf into the job's and its
+    event's times; every reader showed it for good (OverflowError in `show`, `Infinity` in --json)."""
+    cfg, ids = state
+    job = ids["A02677B5"]
+    inf = float("inf")
+    with Store(cfg.database_path) as s, s.db() as c:  # the rows exactly as that recovery wrote them
+        c.execute("UPDATE jobs SET updated_at = ?, queued_at = ? WHERE id = ?", (inf, inf, job))
+        c.execute("UPDATE events SET at = ? WHERE job_id = ?", (inf, job))
+        c.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ?", (inf, ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]))
+    assert main(["show", str(job)]) == 0
+    text = _out(capsys)[0]
+    assert re.search(r"^\s+-\s+- -> queued", text, re.MULTILINE), text  # the history line's time is '-'
+    assert main(["show", str(job), "--json"]) == 0
+    data = _strict_json(_out(capsys)[0])
+    assert data["job"]["updated_at"] is None and data["job"]["queued_at"] is None and data["events"][0]["at"] is None
+    assert main(["jobs"]) == 0
+    row = next(line for line in _out(capsys)[0].splitlines() if "A02677B5" in line)
+    assert " - " in row
+    assert main(["jobs", "--json"]) == 0
+    assert any(j["updated_at"] is None for j in _strict_json(_out(capsys)[0])["jobs"])
+    assert main(["status"]) == 0
+    assert "CorruptImageError" in _out(capsys)[0]
+    assert main(["status", "--json"]) == 0
+    assert _strict_json(_out(capsys)[0])["recent_errors"][0]["retry_at"] is None

@@ -203,7 +203,7 @@ class Slow:
         return {"ticks": self.ticks}
 
 
-def test_rounds_longer_than_the_tick_are_noted_once_a_minute_without_scheduler_skip_warnings(make_config, tmp_path):
+def test_rounds_longer_than_the_tick_are_noted_once_a_minute(make_config, tmp_path):
     from daemon.logging import configure_logging
 
     log_path = tmp_path / "service.jsonl"
@@ -253,3 +253,136 @@ def test_half_written_outputs_of_killed_qc_runs_are_removed_at_start_and_while_r
         assert finished.exists()
     finally:
         d.stop()
+
+
+class KeepQueued:
+    """A runner that takes no job: recovered jobs stay queued for the test to read."""
+
+    def free_slots(self):
+        return 0
+
+    def submit(self, job):  # pragma: no cover - never called
+        raise AssertionError("KeepQueued takes no job")
+
+    def active(self):
+        return []
+
+    def stop(self, timeout):
+        pass
+
+
+def test_recovery_after_a_crash_stamps_the_real_time_and_every_reader_can_show_it(make_config, monkeypatch, capsys):
+    """Issue #20 case 7: recovery at start stamped now=inf into the job and its event, for good."""
+    from daemon.cli import main
+
+    cfg = make_config()
+    job_id = _queue_job(cfg)
+    with Store(cfg.database_path) as s:  # what kill -9 leaves: a running job whose lease has long to run
+        s.claim("old-host:123:abc", lease_s=3600)
+    before = time.time()
+    d = Daemon(cfg, target="tests.daemon.targets:ok", runner=KeepQueued())
+    d.start()
+    d.stop()
+    with Store(cfg.database_path) as s:
+        job, events = s.get_job(job_id), s.events(job_id)
+    assert job.state == "queued" and job.lease_owner is None
+    assert before <= job.updated_at <= time.time() and before <= job.queued_at <= time.time()  # type: ignore[operator]
+    assert "old-host:123:abc is gone" in (events[-1].message or "") and before <= events[-1].at <= time.time()
+    monkeypatch.setenv("IMAGEQC_CONFIG", cfg.source)
+    assert main(["show", str(job_id)]) == 0
+    assert "running -> queued" in capsys.readouterr().out
+    assert main(["show", str(job_id), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert doc["events"][-1]["at"] >= before
+
+
+def test_infinite_times_left_by_an_older_recovery_are_replaced_at_start(make_config):
+    """Issue #20 case 7: a job re-queued by an older version's recovery (queued_at = inf) was last in the queue for good."""
+    cfg = make_config()
+    first = _queue_job(cfg, "a")
+    second = _queue_job(cfg, "b")
+    with Store(cfg.database_path) as s, s.db() as c:
+        c.execute("UPDATE jobs SET queued_at = ?, updated_at = ? WHERE id = ?", (float("inf"), float("inf"), first))
+    d = Daemon(cfg, target="tests.daemon.targets:ok", runner=KeepQueued())
+    d.start()
+    d.stop()
+    with Store(cfg.database_path) as s:
+        job = s.get_job(first)
+        assert job.queued_at is None and job.updated_at < float("inf")
+        assert s.claim("t").id == first  # type: ignore[union-attr]  # back in its place: oldest first
+        assert s.get_job(second).state == "queued"
+
+
+class SteppedClock:
+    """A wall clock the test steps the way NTP or an operator does: ``time.time()`` plus an offset."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.time() + self.offset
+
+    def step(self, seconds):
+        self.offset += seconds
+
+
+def test_a_wall_clock_stepped_forward_an_hour_neither_kills_nor_takes_back_a_running_qc(make_config):
+    """Issue #20 case 8: +1 h killed the running QC as over qc.timeout_s and the tick took its lease away."""
+    cfg = make_config("[qc]\ntimeout_s = 600")
+    job_id = _queue_job(cfg)
+    wall = SteppedClock()
+    d = Daemon(cfg, target="tests.daemon.targets:wait_for_go", clock=wall)
+    d.start()
+    try:
+        with Store(cfg.database_path) as s:
+            assert _wait(lambda: s.get_job(job_id).stage == "waiting", timeout=30)
+            wall.step(3600)
+            stepped = time.time() + 3600
+
+            def rounds_ran_on_the_stepped_clock():
+                job = s.get_job(job_id)
+                beat = s.get_status()["service"][1]
+                return job.state != "running" or (beat > stepped + 1 and (job.lease_expires or 0) > stepped)
+
+            assert _wait(rounds_ran_on_the_stepped_clock, timeout=30)
+            (cfg.state_dir / f"go-{job_id}").touch()
+            assert _wait(lambda: s.get_job(job_id).state in ("skipped", "failed"), timeout=30)
+            job = s.get_job(job_id)
+            assert job.state == "skipped" and job.attempts == 1, (job.error, [e.message for e in s.events(job_id)])
+            assert [e.to_state for e in s.events(job_id)] == ["queued", "running", "qc_done", "skipped"]
+    finally:
+        d.stop()
+
+
+def test_a_wall_clock_stepped_back_ten_minutes_freezes_nothing(tmp_path):
+    """Issue #20 case 8: -600 s froze the service for 600 s (a set settling then waited out the step)."""
+    from daemon.discovery import Discovery
+    from tests.daemon.test_discovery import _tif, make_discovery_config
+
+    cfg = make_discovery_config(tmp_path, "settle_seconds = 1\n")
+    wall = SteppedClock()
+    disc = Discovery(cfg)
+    d = Daemon(cfg, target="tests.daemon.targets:ok", components=[disc], clock=wall)
+    d.start()
+    try:
+        inbox = cfg.watch[0].path
+        _tif(inbox / "SS200000135TL_D1.tif")
+        assert _wait(lambda: _settling(disc) >= 1, timeout=30)  # seen, settling
+        with Store(cfg.database_path) as s:
+            before = s.get_status()["service"][1]
+            wall.step(-600)
+            _tif(inbox / "later" / "C02533C.tif")  # a set that arrives after the step
+            assert _wait(lambda: s.counts()["skipped"] == 2, timeout=40), s.counts()
+            beat = s.get_status()["service"][1]
+            assert beat >= before  # the heartbeat never went back
+            assert _wait(lambda: s.get_status()["service"][1] > beat, timeout=10)  # and it goes on
+    finally:
+        d.stop()
+
+
+def _settling(disc) -> int:
+    """Sets discovery is watching settle (read from the test's thread while the tick runs)."""
+    try:
+        return int(disc.health()["roots"][0]["pending"])
+    except RuntimeError:  # changed during iteration: ask again
+        return 0

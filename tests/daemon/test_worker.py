@@ -78,14 +78,39 @@ def test_a_crashed_child_fails_the_job_transiently(env):
 
 def test_timeout_stops_the_child(env):
     cfg, store, job_id = env("[qc]\ntimeout_s = 10")
-    worker_clock = iter(range(0, 10**6, 20))  # every clock read jumps 20 s
-    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w", clock=lambda: float(next(worker_clock)))
+    worker_timer = iter(range(0, 10**6, 20))  # every read of the worker's monotonic timer jumps 20 s
+    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w", timer=lambda: float(next(worker_timer)))
     job = store.claim("w", lease_s=60)
     assert job is not None
     worker.submit(job)
     worker.join(30)
     job = store.get_job(job_id)
     assert job.state == "failed" and "qc.timeout_s" in (job.error or "")
+
+
+def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
+    """Issue #20 case 8: qc.timeout_s was timed on the wall clock, so an NTP step of +1 h killed the QC (set lost)."""
+    from tests.helpers import wait_for
+
+    cfg, store, job_id = env("[qc]\ntimeout_s = 600")
+    shift = [0.0]
+    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:wait_for_go", owner="w", clock=lambda: time.time() + shift[0])
+    job = store.claim("w", lease_s=cfg.service.lease_seconds)
+    assert job is not None
+    worker.submit(job)
+    assert wait_for(lambda: store.get_job(job_id).stage == "waiting", 30)
+    shift[0] = 3600.0
+    stepped = time.time() + 3600
+
+    def renewed_on_the_stepped_clock():  # the supervisor has gone round its checks since the step
+        j = store.get_job(job_id)
+        return j.state != "running" or (j.lease_expires or 0) > stepped
+
+    assert wait_for(renewed_on_the_stepped_clock, 30)
+    (cfg.state_dir / f"go-{job_id}").touch()
+    worker.join(60)
+    job = store.get_job(job_id)
+    assert job.state == "qc_done", job.error
 
 
 def test_memory_limit_stops_the_child(env):

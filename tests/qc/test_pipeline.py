@@ -88,6 +88,10 @@ def test_a_clean_dapi_chip_passes_with_the_right_geometry(sets):
     assert d["software"]["name"] == "imageqc"
     assert [s for s, _ in stages][0] == "read" and stages[-1] == ("verdict", 100.0)
     assert [p for _, p in stages] == sorted(p for _, p in stages)
+    # seconds per stage that ran (the service's stage histograms, #19), adding up to about the whole run
+    assert set(d["stage_s"]) == {"read", "track", "clarity", "verdict"}
+    assert all(v >= 0 for v in d["stage_s"].values()) and sum(d["stage_s"].values()) <= d["duration_s"] + 0.01
+    assert d["stage_s"]["track"] > 0
 
 
 def test_no_track_lines_fails_with_the_reason(sets):

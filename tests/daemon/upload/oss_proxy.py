@@ -138,6 +138,8 @@ class OSSProxy:
             text = re.sub(r'\sxmlns="[^"]*"', "", text)
             text = re.sub(r"(T\d\d:\d\d:\d\d)\.\d+Z", r"\1.000Z", text)
             text = re.sub(r"(T\d\d:\d\d:\d\d)Z<", r"\1.000Z<", text)
+            if "<ListBucketResult" in text:  # OSS names each listed object's type (ListObjects)
+                text = text.replace("</Contents>", "<Type>Normal</Type></Contents>")
             rbody = text.encode("utf-8")
         if h.command != "HEAD":
             out["Content-Length"] = str(len(rbody))

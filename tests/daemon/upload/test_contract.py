@@ -285,3 +285,17 @@ def test_hpc_never_shows_a_partial_file_under_the_real_name(tmp_path: Path, file
     assert not partial.exists()
     up.send(_transfer(up, files["big"], key))  # ...and the next attempt copies from scratch
     assert (share / key).read_bytes() == files["big"].read_bytes()
+
+
+def test_small_documents_are_stored_whole_listed_and_read_back(backend):
+    """The fleet status documents (#19): put, list under a prefix, get; with the upload's own permissions."""
+    up = backend.make()
+    assert up.list_documents("p/_fleet/") == []
+    assert up.get_document("p/_fleet/lab/nobody.json") is None
+    up.put_document("p/_fleet/lab/pc-1.json", b'{"n": 1}')
+    up.put_document("p/_fleet/lab/pc-2.json", b'{"n": 2}')
+    up.put_document("p/_fleet/lab/pc-1.json", b'{"n": 3}')  # replaced whole
+    up.put_document("p/outputs/x.json", b"{}")
+    assert up.list_documents("p/_fleet/") == ["p/_fleet/lab/pc-1.json", "p/_fleet/lab/pc-2.json"]
+    assert up.get_document("p/_fleet/lab/pc-1.json") == b'{"n": 3}'
+    assert backend.read("p/_fleet/lab/pc-2.json") == b'{"n": 2}'

@@ -121,6 +121,8 @@ def test_a_job_goes_to_every_target_and_ends_done(setup, tmp_path, s3_server, s3
     assert (share / f"{job.chip}_CD31_IF" / "tile_1_1.tif").read_bytes() == (job.inputs[1] / "tile_1_1.tif").read_bytes()
     assert not (share / f"{job.chip}_CD31_IF" / "~lock.tmp").exists()
     assert mgr.health()["targets"]["lab-s3"]["files"] == 0 and done.error is None
+    # bytes sent since the start, for imageqc_upload_bytes_total (#19): at least both outputs of the run
+    assert mgr.health()["targets"]["lab-s3"]["sent_bytes"] >= sum(r.size for r in rows if r.target == "lab-s3")
 
     archive = job.archive.read_bytes()
     again = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")  # the same run uploaded again
