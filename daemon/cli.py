@@ -566,9 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("version", cmd_version, "Print the version.", config=False, json_=True)
     from daemon.demo import add_demo_command
     from daemon.follow import add_follow_command
+    from daemon.fusecmd import add_fuse_command
     from daemon.qccmd import add_qc_command
 
     add_qc_command(sub)
+    add_fuse_command(sub)
     add_demo_command(sub)
     add_follow_command(sub)
     _add_service_command(sub)

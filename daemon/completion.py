@@ -243,7 +243,13 @@ def _check_tiles(policy: WalkPolicy, member: MemberState) -> str | None:
     if info.convention is None:
         return (
             f"tile folder {name}: no tile naming convention matched its {member.stat.files} files; "
-            "name tiles *_RRRR_CCCC_* or set the root's tile_pattern"
+            "name tiles *_RRRR_CCCC_*, set the root's tile_pattern or put a TileConfiguration.txt with their positions beside them"
+        )
+    if info.missing_files:
+        listed = info.tile_configuration.name if info.tile_configuration is not None else "TileConfiguration.txt"
+        return (
+            f"tile folder {name}: {len(info.missing_files)} of {info.cols} tiles that {listed} lists are missing "
+            f"(first: {info.missing_files[0]})"
         )
     if info.missing:
         r, c = info.missing[0]

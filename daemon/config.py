@@ -107,7 +107,8 @@ class WatchRoot:
     )
     tile_pattern: str = _f(
         "",
-        "Regex with named groups 'row' and 'col' for tile folders that follow no known convention.",
+        "Regex with named groups 'row' and 'col' (or 'index', row-major) for tile folders that follow no known "
+        "convention and have no TileConfiguration.txt.",
         regex=True,
     )
     tile_overlap: tuple[float, ...] = _f(
@@ -151,6 +152,12 @@ class Thresholds:
 class QCConfig:
     thresholds: Thresholds = _sub(Thresholds, "Pass criteria (StereoMap's published defaults).")
     stitching_required: bool = _f(False, "Make stitching decide the verdict for every stain, not only DAPI+mIF.")
+    stitching_stage_limit_px: float = _f(
+        0.0,
+        "Largest stage error of a tile (off its nominal position along x or y, relative to the set) that "
+        "stitching passes, in pixels; 0 = a third of the tile's narrowest overlap with a neighbour.",
+        min=0, max=100000,
+    )
     threads: int = _f(2, "Threads QC may use (numpy/OpenCV/onnxruntime).", min=1, max=256)
     priority: str = _f(
         "low", "Process priority of the QC worker, so the microscope software is never starved.",
@@ -658,13 +665,14 @@ class _Loader:
 
 
 def tile_pattern_problem(value: str) -> str | None:
-    """What is wrong with a tile-name regex (it must compile and name groups row and col), or None."""
+    """What is wrong with a tile-name regex (it must compile and name groups row and col, or index), or None."""
     try:
         compiled = re.compile(value)
     except re.error as e:
         return f"not a valid regular expression: {e}"
-    if not {"row", "col"} <= set(compiled.groupindex):
-        return "the regex needs named groups (?P<row>...) and (?P<col>...)"
+    groups = set(compiled.groupindex)
+    if not ({"row", "col"} <= groups or "index" in groups):
+        return "the regex needs named groups (?P<row>...) and (?P<col>...), or (?P<index>...) for row-major numbering"
     return None
 
 

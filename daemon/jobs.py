@@ -78,6 +78,7 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
             calibration_offset_px=t.calibration_offset_px, calibration_similarity=t.calibration_similarity,
         ),
         stitching_required=config.qc.stitching_required,
+        stitching_stage_limit_px=config.qc.stitching_stage_limit_px,
         threads=config.qc.threads,
         limits=ReadLimits(
             max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels,

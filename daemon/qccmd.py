@@ -36,7 +36,8 @@ def add_qc_command(sub: Any) -> None:
     )
     sp.add_argument(
         "--tile-pattern", metavar="REGEX", default=None,
-        help="regex with groups (?P<row>...) and (?P<col>...) for tile names no built-in convention knows "
+        help="regex with groups (?P<row>...) and (?P<col>...), or (?P<index>...) (row-major), for tile names no "
+        "built-in convention or TileConfiguration.txt knows "
         "(default: the watch root's tile_pattern)",
     )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")

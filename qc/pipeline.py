@@ -72,6 +72,9 @@ class QCSettings:
         Pass criteria (StereoMap's defaults).
     stitching_required : bool
         Let stitching decide the verdict for every stain, not only DAPI+mIF.
+    stitching_stage_limit_px : float
+        Largest stage error of a tile stitching passes, px; 0 = a third of its
+        narrowest overlap (:class:`qc.stitching.StitchingParams`).
     threads : int
         Threads the metrics may use.
     limits : ReadLimits
@@ -85,6 +88,7 @@ class QCSettings:
     stain: str = "auto"
     thresholds: Thresholds = field(default_factory=Thresholds)
     stitching_required: bool = False
+    stitching_stage_limit_px: float = 0.0
     threads: int = 2
     limits: ReadLimits = field(default_factory=ReadLimits)
     clarity_model: Any = None
@@ -269,7 +273,7 @@ def run_qc(
     # -- stitching ------------------------------------------------------------
     tiled_images = [img for img in scan_set.images if img.tiles]
     if tiled_images and "stitching" in wanted:
-        from qc.stitching import evaluate_stitching
+        from qc.stitching import StitchingParams, evaluate_stitching
 
         required = stain == "DAPI+mIF" or settings.stitching_required
         for k, img in enumerate(tiled_images):
@@ -279,7 +283,8 @@ def run_qc(
                 st.at("stitching", (k + done / max(total, 1)) / len(tiled_images))
 
             try:
-                sres = evaluate_stitching(tiles, cache=cache, max_threads=settings.threads, progress=on_pairs)
+                sres = evaluate_stitching(tiles, cache=cache, max_threads=settings.threads, progress=on_pairs,
+                                          params=StitchingParams(stage_limit_px=settings.stitching_stage_limit_px))
             except QCError as e:
                 problems.append(f"{img.name}: stitching could not run: {e}")
                 continue

@@ -31,7 +31,10 @@ import scipy.fft as sfft
 
 __all__ = [
     "ShiftEstimate",
+    "PeakCandidate",
     "phase_correlate",
+    "peak_candidates",
+    "ncc_surface",
     "overlap_ncc",
     "structure_snr",
     "to_gray_float",
@@ -145,6 +148,51 @@ def _subpixel(left: float, centre: float, right: float) -> float:
     return float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
 
 
+def _surface(
+    reference: np.ndarray, moving: np.ndarray, max_shift: int | tuple[int, int] | None, window: float,
+    lowpass_sigma_px: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Grey views, the band-limited phase-correlation surface (peak 1 for a match) and the search limits."""
+    ref = to_gray_float(reference)
+    mov = to_gray_float(moving)
+    if ref.shape != mov.shape:
+        msg = f"reference {ref.shape} and moving {mov.shape} views must have the same shape"
+        raise ValueError(msg)
+    h, w = ref.shape
+    if h < 4 or w < 4:
+        msg = f"views of {h}x{w} px are too small to register (need at least 4x4)"
+        raise ValueError(msg)
+    if not (np.isfinite(ref).all() and np.isfinite(mov).all()):
+        msg = "views contain NaN or infinite values; replace them (e.g. with the median) first"
+        raise ValueError(msg)
+    sy, sx = _shift_limits(max_shift, h, w)
+
+    r = ref - ref.mean(dtype=np.float64)
+    m = mov - mov.mean(dtype=np.float64)
+    if window > 0:
+        win = _window2d(h, w, float(min(window, 1.0)))
+        r = r * win
+        m = m * win
+    ph, pw = sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True)
+    fr = sfft.rfft2(r, s=(ph, pw), workers=1)
+    fm = sfft.rfft2(m, s=(ph, pw), workers=1)
+    cross = fm
+    cross *= np.conj(fr)
+    mag = np.abs(cross)
+    mag += np.float32(float(mag.max()) * 1e-6 + 1e-30)
+    if lowpass_sigma_px > 0:
+        g, unit_peak = _lowpass(ph, pw, float(lowpass_sigma_px))
+        np.divide(g, mag, out=mag)
+    else:
+        unit_peak = 1.0
+        np.reciprocal(mag, out=mag)
+    cross *= mag
+    surface = sfft.irfft2(cross, s=(ph, pw), workers=1)
+    surface /= unit_peak
+
+    return ref, mov, surface, (sy, sx)
+
+
 def phase_correlate(
     reference: np.ndarray,
     moving: np.ndarray,
@@ -187,42 +235,9 @@ def phase_correlate(
     -------
     ShiftEstimate
     """
-    ref = to_gray_float(reference)
-    mov = to_gray_float(moving)
-    if ref.shape != mov.shape:
-        msg = f"reference {ref.shape} and moving {mov.shape} views must have the same shape"
-        raise ValueError(msg)
+    ref, mov, surface, (sy, sx) = _surface(reference, moving, max_shift, window, lowpass_sigma_px)
     h, w = ref.shape
-    if h < 4 or w < 4:
-        msg = f"views of {h}x{w} px are too small to register (need at least 4x4)"
-        raise ValueError(msg)
-    if not (np.isfinite(ref).all() and np.isfinite(mov).all()):
-        msg = "views contain NaN or infinite values; replace them (e.g. with the median) first"
-        raise ValueError(msg)
-    sy, sx = _shift_limits(max_shift, h, w)
-
-    r = ref - ref.mean(dtype=np.float64)
-    m = mov - mov.mean(dtype=np.float64)
-    if window > 0:
-        win = _window2d(h, w, float(min(window, 1.0)))
-        r = r * win
-        m = m * win
-    ph, pw = sfft.next_fast_len(h, real=True), sfft.next_fast_len(w, real=True)
-    fr = sfft.rfft2(r, s=(ph, pw), workers=1)
-    fm = sfft.rfft2(m, s=(ph, pw), workers=1)
-    cross = fm
-    cross *= np.conj(fr)
-    mag = np.abs(cross)
-    mag += np.float32(float(mag.max()) * 1e-6 + 1e-30)
-    if lowpass_sigma_px > 0:
-        g, unit_peak = _lowpass(ph, pw, float(lowpass_sigma_px))
-        np.divide(g, mag, out=mag)
-    else:
-        unit_peak = 1.0
-        np.reciprocal(mag, out=mag)
-    cross *= mag
-    surface = sfft.irfft2(cross, s=(ph, pw), workers=1)
-    surface /= unit_peak
+    ph, pw = surface.shape
 
     iy = np.arange(-sy, sy + 1) % ph
     ix = np.arange(-sx, sx + 1) % pw
@@ -260,6 +275,141 @@ def phase_correlate(
     limit = (sy < h // 2 - 1 and py in (0, 2 * sy)) or (sx < w // 2 - 1 and px in (0, 2 * sx))
     return ShiftEstimate(dx=dx, dy=dy, peak=peak, peak_ratio=ratio, ncc=ncc, overlap_fraction=frac,
                          at_search_limit=bool(limit))
+
+
+@dataclass(frozen=True)
+class PeakCandidate:
+    """One local maximum of the phase-correlation surface (see :func:`peak_candidates`).
+
+    ``dx``, ``dy`` follow :class:`ShiftEstimate`'s convention (sub-pixel);
+    ``peak`` is its height (1.0 for identical content); ``at_search_limit``
+    says it lies on the edge of a restricted search range.
+    """
+
+    dx: float
+    dy: float
+    peak: float
+    at_search_limit: bool
+
+
+def peak_candidates(
+    reference: np.ndarray,
+    moving: np.ndarray,
+    *,
+    max_shift: int | tuple[int, int] | None = None,
+    window: float = 0.5,
+    lowpass_sigma_px: float = 1.0,
+    count: int = 8,
+    separation_px: int = 2,
+) -> list[PeakCandidate]:
+    """The strongest local maxima of the phase-correlation surface, strongest first.
+
+    Periodic content (a grid, the chip's track lines) gives a peak at every
+    period alias, and the strongest of them need not be the true shift: the
+    caller judges the candidates by another measure (the stitching uses the
+    overlap NCC). Parameters are those of :func:`phase_correlate`; ``count``
+    is the most candidates returned, ``separation_px`` the half-size of the
+    neighbourhood a maximum must dominate.
+
+    Returns
+    -------
+    list of PeakCandidate
+        At most ``count``, each refined to sub-pixel like :func:`phase_correlate`.
+    """
+    ref, _, surface, (sy, sx) = _surface(reference, moving, max_shift, window, lowpass_sigma_px)
+    ph, pw = surface.shape
+    h, w = ref.shape
+    iy = np.arange(-sy, sy + 1) % ph
+    ix = np.arange(-sx, sx + 1) % pw
+    sub = np.ascontiguousarray(surface[np.ix_(iy, ix)], dtype=np.float32)
+    k = 2 * int(separation_px) + 1
+    local = cv2.dilate(sub, np.ones((k, k), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    ys, xs = np.nonzero((sub >= local) & (sub > 0))
+    if ys.size == 0:
+        ys, xs = np.unravel_index(np.array([int(np.argmax(sub))]), sub.shape)
+    order = np.argsort(-sub[ys, xs], kind="stable")[: max(1, int(count))]
+    out = []
+    for py, px in zip(ys[order], xs[order]):
+        cy, cx = iy[py], ix[px]
+        fy = _subpixel(surface[(cy - 1) % ph, cx], surface[cy, cx], surface[(cy + 1) % ph, cx])
+        fx = _subpixel(surface[cy, (cx - 1) % pw], surface[cy, cx], surface[cy, (cx + 1) % pw])
+        limit = (sy < h // 2 - 1 and py in (0, 2 * sy)) or (sx < w // 2 - 1 and px in (0, 2 * sx))
+        out.append(PeakCandidate(dx=float(px - sx) + fx, dy=float(py - sy) + fy, peak=float(sub[py, px]),
+                                 at_search_limit=bool(limit)))
+    return out
+
+
+def _box_sums(integral: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
+    """Sums over rectangles [y0, y1) x [x0, x1) for every (row, column) pair of bounds, from an integral image."""
+    rows = integral[y1] - integral[y0]  # the row bounds depend on dy only, the column bounds on dx only
+    return rows[:, x1] - rows[:, x0]
+
+
+def ncc_surface(
+    reference: np.ndarray,
+    moving: np.ndarray,
+    *,
+    max_shift: int | tuple[int, int] | None = None,
+    smooth_px: float = 0.0,
+) -> np.ndarray:
+    """The overlap NCC of two same-size views at every whole-pixel shift of a range (exhaustive).
+
+    Entry ``[dy + sy, dx + sx]`` equals :func:`overlap_ncc` at ``(dx, dy)``
+    (up to the smoothing at the views' borders): the Pearson correlation of
+    the pixels the two views share at that shift. One FFT cross-correlation
+    gives the products; integral images give each overlap's sums and sums of
+    squares, so the whole surface costs about as much as one phase
+    correlation.
+
+    Parameters
+    ----------
+    reference, moving : ndarray, shape (H, W) or (H, W, 3)
+    max_shift : int or (int, int), optional
+        Largest ``|dy|``, ``|dx|``, px; default half the view.
+    smooth_px : float
+        Gaussian sigma applied to both views first; 0 for none.
+
+    Returns
+    -------
+    ndarray, shape (2 sy + 1, 2 sx + 1), float32
+        NCC in [-1, 1]; 0 where either side is constant.
+    """
+    ref = to_gray_float(reference)
+    mov = to_gray_float(moving)
+    if ref.shape != mov.shape:
+        msg = f"reference {ref.shape} and moving {mov.shape} views must have the same shape"
+        raise ValueError(msg)
+    h, w = ref.shape
+    sy, sx = _shift_limits(max_shift, h, w)
+    if smooth_px > 0 and min(h, w) > 2:
+        ref = cv2.GaussianBlur(ref, (0, 0), smooth_px)
+        mov = cv2.GaussianBlur(mov, (0, 0), smooth_px)
+    r = np.ascontiguousarray(ref - np.float32(ref.mean(dtype=np.float64)), dtype=np.float32)
+    m = np.ascontiguousarray(mov - np.float32(mov.mean(dtype=np.float64)), dtype=np.float32)
+    ph, pw = sfft.next_fast_len(h + sy, real=True), sfft.next_fast_len(w + sx, real=True)
+    fr = sfft.rfft2(r, s=(ph, pw), workers=1)
+    fm = sfft.rfft2(m, s=(ph, pw), workers=1)
+    fm *= np.conj(fr)
+    cross = sfft.irfft2(fm, s=(ph, pw), workers=1)  # cross[d] = sum_p r[p] m[p + d]
+    dys, dxs = np.arange(-sy, sy + 1), np.arange(-sx, sx + 1)
+    prod = cross[np.ix_(dys % ph, dxs % pw)].astype(np.float64)
+    # moving[y + dy, x + dx] ~ reference[y, x]: the reference's share and the moving view's share
+    ry0, ry1 = np.maximum(0, -dys), h - np.maximum(0, dys)
+    rx0, rx1 = np.maximum(0, -dxs), w - np.maximum(0, dxs)
+    my0, my1 = np.maximum(0, dys), h - np.maximum(0, -dys)
+    mx0, mx1 = np.maximum(0, dxs), w - np.maximum(0, -dxs)
+    n = np.outer(ry1 - ry0, rx1 - rx0).astype(np.float64)
+    sums = []
+    for v, (y0, y1, x0, x1) in ((r, (ry0, ry1, rx0, rx1)), (m, (my0, my1, mx0, mx1))):
+        for integral in cv2.integral2(v, sdepth=cv2.CV_64F, sqdepth=cv2.CV_64F):
+            sums.append(_box_sums(integral, y0, y1, x0, x1))
+    s_r, s_rr, s_m, s_mm = sums
+    num = prod - s_r * s_m / n
+    den = np.sqrt(np.maximum(s_rr - s_r * s_r / n, 0) * np.maximum(s_mm - s_m * s_m / n, 0))
+    out = np.zeros_like(num)
+    ok = den > 1e-9 * max(float(den.max(initial=0.0)), 1e-30)
+    out[ok] = num[ok] / den[ok]
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
 def overlap_ncc(

@@ -166,9 +166,17 @@ def check_stitching(image: str, result: Any, thresholds: Thresholds, *, required
     if not ok:
         outliers = list(getattr(result, "outliers", ()) or ())
         crit = getattr(result, "criterion", None)
+        off = list(getattr(result, "off_nominal", ()) or ())
         if outliers:
             what = f"tile(s) {', '.join(map(str, outliers[:5]))} sit away from their neighbours"
             what += f" (largest deviation {result.max_deviation_px:.0f} px); re-scan or re-stitch those fields of view"
+        elif off:
+            limit = min((f.stage_limit_px for f in result.fovs if f.off_nominal), default=0.0)
+            what = (
+                f"the stage put tile(s) {', '.join(map(str, off[:5]))} up to {result.max_stage_deviation_px:.0f} px "
+                f"off their nominal positions (limit {limit:.0f} px; the tiles themselves stitch); check the stage "
+                "calibration, or raise qc.stitching_stage_limit_px if the overlap allows"
+            )
         elif crit is not None and getattr(crit, "clear_share", 1.0) <= getattr(crit, "min_clear_share", 0.3):
             what = (
                 f"only {crit.clear_share:.0%} of fields of view have clear overlap features "

@@ -1,7 +1,7 @@
 """Neighbouring-FOV pairs: which to register, how, and how to reuse them.
 
-Internal to :mod:`qc.stitching`. A pair is a tile and its right or lower
-grid neighbour when their nominal rectangles overlap. Each pair is registered
+Internal to :mod:`qc.stitching`. A pair is two tiles whose nominal
+footprints overlap along a side (:func:`plan_pairs`), whatever the layout. Each pair is registered
 on its nominal overlap (:func:`measure_pair`) and the measurement is cached
 under a key of both tiles' content digests, the direction, the whole-pixel
 nominal offset, the pair parameters and :data:`PAIR_ALGORITHM_VERSION`
@@ -18,6 +18,7 @@ most two rows of strips are held at any time.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,14 @@ import numpy as np
 from qc.errors import QCError
 from qc.io.model import Tile, array_digest
 from qc.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key, pair_key
-from qc.registration import overlap_ncc, phase_correlate, structure_snr, to_gray_float
+from qc.registration import (
+    ncc_surface,
+    overlap_ncc,
+    peak_candidates,
+    phase_correlate,
+    structure_snr,
+    to_gray_float,
+)
 
 __all__ = [
     "PAIR_ALGORITHM_VERSION",
@@ -42,7 +50,9 @@ __all__ = [
 
 #: Version of the pair registration; bump it whenever :func:`measure_pair`
 #: would return a different answer for the same inputs (invalidates the cache).
-PAIR_ALGORITHM_VERSION = "pair-2"
+PAIR_ALGORITHM_VERSION = "pair-3"  # 3: several correlation peaks judged by overlap NCC, distinctness
+
+_PEAK_RATIO_CAP = 1000.0
 
 STATUS_OK = "ok"
 STATUS_NO_INFO = "no_information"
@@ -73,7 +83,9 @@ class PairMeasurement:
     """What registering one pair found (the cached value).
 
     ``shift`` is the displacement ``(dx, dy)`` of b's overlap content relative
-    to a's, so b's true offset from a is ``plan.offset - shift``.
+    to a's, so b's true offset from a is ``plan.offset - shift``;
+    ``distinctness`` is the answer's overlap NCC minus the best NCC of a
+    candidate offset outside the exclusion radius (see :func:`measure_pair`).
     """
 
     status: str
@@ -82,12 +94,13 @@ class PairMeasurement:
     peak: float
     peak_ratio: float
     snr: tuple[float, float]
+    distinctness: float = 0.0
 
     def to_bytes(self) -> bytes:
         return json.dumps(
             {"s": self.status, "d": [round(self.shift[0], 4), round(self.shift[1], 4)],
              "n": round(self.ncc, 5), "p": round(self.peak, 5), "r": round(self.peak_ratio, 3),
-             "q": [round(self.snr[0], 3), round(self.snr[1], 3)]},
+             "q": [round(self.snr[0], 3), round(self.snr[1], 3)], "m": round(self.distinctness, 5)},
             separators=(",", ":"),
         ).encode("ascii")
 
@@ -95,36 +108,59 @@ class PairMeasurement:
     def from_bytes(cls, data: bytes) -> PairMeasurement:
         v = json.loads(data)
         return cls(status=v["s"], shift=(float(v["d"][0]), float(v["d"][1])), ncc=float(v["n"]),
-                   peak=float(v["p"]), peak_ratio=float(v["r"]), snr=(float(v["q"][0]), float(v["q"][1])))
+                   peak=float(v["p"]), peak_ratio=float(v["r"]), snr=(float(v["q"][0]), float(v["q"][1])),
+                   distinctness=float(v.get("m", 0.0)))
 
 
 def plan_pairs(tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int,
                max_shift_fraction: float) -> list[PairPlan]:
-    """The right and down neighbour pairs whose nominal rectangles overlap."""
-    index: dict[tuple[int, int], int] = {}
-    for i, t in enumerate(tiles):
-        if (t.row, t.col) in index:
-            other = tiles[index[(t.row, t.col)]].name
-            msg = f"tiles {other!r} and {t.name!r} both claim grid position row {t.row}, col {t.col}"
-            raise QCError(msg, hint="Check the tile names or the mosaic metadata for duplicates")
-        index[(t.row, t.col)] = i
+    """The neighbour pairs: tiles whose nominal footprints overlap along a side.
+
+    Neighbours come from the nominal positions, not from grid indices, so any
+    layout works (a serpentine, an L shape, a sparse or brick-like set from a
+    ``TileConfiguration.txt`` or a CZI mosaic). Two tiles are a pair when
+    their footprints overlap in a band at least ``min_overlap_px`` wide that
+    runs along at least half of the shorter tile's side: the minimum shared
+    area of a side neighbour, which keeps corner (diagonal) contacts out. The
+    band's orientation gives the direction: a vertical band makes b the
+    ``right`` neighbour of a, a horizontal one the ``down`` neighbour.
+    """
+    n = len(tiles)
+    if n < 2:
+        return []
+    xy = np.array([[round(t.x), round(t.y)] for t in tiles], np.int64)
+    wh = np.array([[t.width, t.height] for t in tiles], np.int64)
+    found: list[tuple[int, int, str]] = []
+    for i in range(n - 1):
+        j = np.arange(i + 1, n)
+        lo = np.maximum(xy[i], xy[j])
+        hi = np.minimum(xy[i] + wh[i], xy[j] + wh[j])
+        ext = hi - lo  # overlap extent (x, y)
+        short = np.minimum(wh[i], wh[j])
+        band = (ext >= min_overlap_px).all(axis=1) & ((2 * ext >= short).any(axis=1))
+        for k in np.flatnonzero(band):
+            jj = int(j[k])
+            ti, tj = tiles[i], tiles[jj]
+            if (ti.row, ti.col) == (tj.row, tj.col) and (xy[i] == xy[jj]).all():
+                msg = (f"tiles {ti.name!r} and {tj.name!r} both claim grid position row {ti.row}, col {ti.col} "
+                       "at the same nominal position")
+                raise QCError(msg, hint="Check the tile names, the TileConfiguration or the mosaic metadata for duplicates")
+            # a vertical band (narrow in x relative to the tile) is a left/right contact
+            right = ext[k, 0] * short[k, 1] <= ext[k, 1] * short[k, 0]
+            axis = 0 if right else 1
+            a, b = (i, jj) if xy[jj, axis] - xy[i, axis] >= 0 else (jj, i)
+            found.append((a, b, "right" if right else "down"))
     plans = []
-    for (r, c), ia in sorted(index.items()):
-        for direction, key in (("right", (r, c + 1)), ("down", (r + 1, c))):
-            ib = index.get(key)
-            if ib is None:
-                continue
-            ta, tb = tiles[ia], tiles[ib]
-            ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
-            x0, y0 = max(0, ix), max(0, iy)
-            x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
-            if x1 - x0 < min_overlap_px or y1 - y0 < min_overlap_px:
-                continue
-            sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
-            sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
-            plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
-                                  region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
-                                  max_shift=(sy, sx)))
+    for ia, ib, direction in sorted(found, key=lambda f: (tiles[f[0]].row, tiles[f[0]].col, f[2] != "right", f[0], f[1])):
+        ta, tb = tiles[ia], tiles[ib]
+        ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
+        x0, y0 = max(0, ix), max(0, iy)
+        x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
+        sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
+        sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
+        plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
+                              region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
+                              max_shift=(sy, sx)))
     return plans
 
 
@@ -132,36 +168,153 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
                  params: Mapping[str, float]) -> PairMeasurement:
     """Register two overlap patches and classify the outcome.
 
+    Candidates are the strongest local maxima of the phase-correlation
+    surface over the whole searched range (up to ``peak_candidates``), judged
+    by the NCC of the overlap each implies. When the strongest peak is clear
+    (``min_peak_ratio`` times the next one outside ``exclusion_px``) and its
+    overlap agrees best, it is the answer (textured tissue: one phase
+    correlation). Otherwise (periodic content such as grid paper or a chip's
+    track grid, where the strongest peak is often a period alias) every
+    whole-pixel offset of the range is scored by its overlap NCC
+    (:func:`qc.registration.ncc_surface`), the best one and the runner-up
+    (the best local maximum more than ``exclusion_px`` away) are settled at
+    full resolution, and the best is the answer when it is clear: it beats
+    the runner-up by ``min_ncc_margin`` and by ``min_ncc_gain`` of what the
+    runner-up lacks to 1. Its sub-pixel part comes from a phase correlation
+    of the region the patches share there. ``distinctness`` is the answer's
+    NCC minus the runner-up's.
+
     * ``no_information``: either patch lacks structure (flat, or noise only),
-      or the peak is ambiguous although the patches agree at it (periodic or
-      one-dimensional structure such as a single track line);
-    * ``mismatch``: both have structure but they do not agree at the peak
-      (overlap NCC below ``min_match_ncc``), or the peak sits on the edge of
-      the searched range (the true offset lies beyond it);
-    * ``ok``: the patches agree at a distinct peak (peak ratio at least
-      ``min_peak_ratio``).
+      or no answer is clear although the patches agree at the strongest
+      peak (purely periodic or one-dimensional structure such as a single
+      track line);
+    * ``mismatch``: both have structure but they do not agree at the answer
+      (overlap NCC below ``min_match_ncc``), or it sits on the edge of the
+      searched range (the true offset lies beyond it);
+    * ``ok``: the patches agree at a clear answer.
     """
     snr_a, snr_b = structure_snr(patch_a), structure_snr(patch_b)
     if min(snr_a, snr_b) < params["min_structure_snr"]:
-        return PairMeasurement(STATUS_NO_INFO, (0.0, 0.0), 0.0, 0.0, 1.0, (snr_a, snr_b))
+        return PairMeasurement(STATUS_NO_INFO, (0.0, 0.0), 0.0, 0.0, 1.0, (snr_a, snr_b), 0.0)
     ds = pair_downsample(patch_a.shape[:2], int(params["downsample"]))
-    a, b = patch_a, patch_b
+    a, b = to_gray_float(patch_a), to_gray_float(patch_b)
     if ds > 1:  # correlate on an area-mean view; quality is still measured at full resolution
         size = (patch_a.shape[1] // ds, patch_a.shape[0] // ds)
-        a = cv2.resize(to_gray_float(patch_a), size, interpolation=cv2.INTER_AREA)
-        b = cv2.resize(to_gray_float(patch_b), size, interpolation=cv2.INTER_AREA)
+        a = cv2.resize(a, size, interpolation=cv2.INTER_AREA)
+        b = cv2.resize(b, size, interpolation=cv2.INTER_AREA)
+    h, w = a.shape
     sy, sx = plan.max_shift
-    est = phase_correlate(a, b, max_shift=(-(-sy // ds), -(-sx // ds)), window=params["window_taper"],
-                          lowpass_sigma_px=params["lowpass_sigma_px"], compute_ncc=False)
-    dx, dy = est.dx * ds, est.dy * ds
-    ncc = overlap_ncc(patch_a, patch_b, (int(round(dx)), int(round(dy))), smooth_px=params["ncc_smooth_px"])
-    if est.at_search_limit or ncc < params["min_match_ncc"]:
+    ms = (min(-(-sy // ds), h // 2 - 1), min(-(-sx // ds), w // 2 - 1))
+    excl = float(params["exclusion_px"])
+    smooth = params["ncc_smooth_px"]
+    sigma = smooth / ds if smooth / ds > 0.3 else 0.0
+    cands = peak_candidates(a, b, max_shift=ms, window=params["window_taper"],
+                            lowpass_sigma_px=params["lowpass_sigma_px"], count=int(params["peak_candidates"]))
+    top = cands[0]
+    rivals = [c for c in cands[1:] if math.hypot(c.dx - top.dx, c.dy - top.dy) > excl]
+    second = max((c.peak for c in rivals), default=0.0)
+    ratio = 1.0 if top.peak <= 0 else _PEAK_RATIO_CAP if second <= 0 else min(_PEAK_RATIO_CAP, top.peak / second)
+    sa, sb = (cv2.GaussianBlur(a, (0, 0), sigma), cv2.GaussianBlur(b, (0, 0), sigma)) if sigma else (a, b)
+    top_ncc = overlap_ncc(sa, sb, (round(top.dx), round(top.dy)))
+    rival_ncc = max([overlap_ncc(sa, sb, (round(c.dx), round(c.dy))) for c in rivals[:1]] + [0.0])
+    clear = False
+    fast = ratio >= params["min_peak_ratio"] and top_ncc >= rival_ncc
+    if fast:  # the clear correlation peak agrees best
+        dx, dy, peak, at_limit, ok = top.dx * ds, top.dy * ds, top.peak, top.at_search_limit, True
+        distinct = top_ncc - rival_ncc
+    else:
+        (ax, ay), at_limit, distinct, clear = _best_agreeing(patch_a, patch_b, sa, sb, ms, ds, params)
+        if clear:  # an alias-ridden correlation surface, but the overlap agrees clearly best at one offset
+            dx, dy = _subpixel_at(patch_a, patch_b, ax, ay, params)
+            peak = next((c.peak for c in cands if abs(c.dx * ds - ax) <= ds and abs(c.dy * ds - ay) <= ds), 0.0)
+            ratio = min(_PEAK_RATIO_CAP, peak / top.peak) if top.peak > 0 else 0.0
+            ok = True
+        else:  # nothing is clear: judge the strongest peak as it is (ambiguous, or a mismatch)
+            dx, dy, peak, at_limit = top.dx * ds, top.dy * ds, top.peak, top.at_search_limit
+            ok = ratio >= params["min_peak_ratio"]
+    if fast and ds == 1 and sigma == smooth:  # the same views, smoothed alike, at the same offset: measured already
+        ncc = top_ncc
+    else:
+        ncc = overlap_ncc(patch_a, patch_b, (round(dx), round(dy)), smooth_px=smooth)
+    if at_limit or ncc < params["min_match_ncc"]:
         status = STATUS_MISMATCH
-    elif est.peak_ratio >= params["min_peak_ratio"]:
+    elif ok:
         status = STATUS_OK
     else:
         status = STATUS_NO_INFO
-    return PairMeasurement(status, (dx, dy), ncc, est.peak, est.peak_ratio, (snr_a, snr_b))
+    return PairMeasurement(status, (dx, dy), ncc, peak, ratio, (snr_a, snr_b), float(distinct))
+
+
+def _best_agreeing(patch_a: np.ndarray, patch_b: np.ndarray, sa: np.ndarray, sb: np.ndarray,
+                   ms: tuple[int, int], ds: int, params: Mapping[str, float],
+                   ) -> tuple[tuple[int, int], bool, float, bool]:
+    """The whole-pixel offset whose overlap agrees best, exhaustively: ``((dx, dy), at_limit, distinctness, clear)``.
+
+    ``sa``/``sb`` are the (smoothed) correlation views at 1/``ds`` resolution;
+    the best offset and the runner-up (best local maximum more than
+    ``exclusion_px`` away) found there are settled at full resolution.
+    """
+    h, w = sa.shape
+    surface = ncc_surface(sa, sb, max_shift=ms)
+    iy, ix = np.unravel_index(int(np.argmax(surface)), surface.shape)
+    local = cv2.dilate(surface, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
+    my, mx = np.nonzero(surface >= local)
+    far = np.hypot(my - iy, mx - ix) > float(params["exclusion_px"])
+    smooth = params["ncc_smooth_px"]
+    best = _local_best(patch_a, patch_b, (int(ix) - ms[1]) * ds, (int(iy) - ms[0]) * ds, ds, smooth)
+    limit = _edge((int(ix) - ms[1], int(iy) - ms[0]), ms, h, w)
+    runner_ncc = 0.0
+    if far.any():
+        k = int(np.argmax(surface[my[far], mx[far]]))
+        rxy = (int(mx[far][k]) - ms[1], int(my[far][k]) - ms[0])
+        runner = _local_best(patch_a, patch_b, rxy[0] * ds, rxy[1] * ds, ds, smooth)
+        if runner[2] > best[2]:  # at full resolution the runner-up agrees better
+            best, runner, limit = runner, best, _edge(rxy, ms, h, w)
+        runner_ncc = max(runner[2], 0.0)
+    distinct = best[2] - runner_ncc
+    clear = distinct >= max(params["min_ncc_margin"], params["min_ncc_gain"] * (1.0 - runner_ncc))
+    return (best[0], best[1]), limit, distinct, clear
+
+
+def _shared(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of two same-size patches that show the same content at whole-pixel shift ``(dx, dy)``."""
+    h, w = patch_a.shape[:2]
+    return (patch_a[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)],
+            patch_b[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)])
+
+
+def _edge(at: tuple[int, int], ms: tuple[int, int], h: int, w: int) -> bool:
+    """Whether a shift ``(dx, dy)`` lies on the edge of a restricted search range."""
+    return (ms[0] < h // 2 - 1 and abs(at[1]) == ms[0]) or (ms[1] < w // 2 - 1 and abs(at[0]) == ms[1])
+
+
+def _local_best(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int, ds: int,
+                smooth_px: float) -> tuple[int, int, float]:
+    """The whole-pixel shift within ``ds + 1`` px of ``(dx, dy)`` whose overlap agrees best, and that NCC.
+
+    ``(dx, dy)`` was found at 1/``ds`` resolution; the overlap NCC over the
+    region the patches share there settles it at full resolution.
+    """
+    r = ds + 1
+    ra, rb = _shared(patch_a, patch_b, dx, dy)
+    if min(ra.shape[:2]) < 4 * r:
+        return dx, dy, overlap_ncc(patch_a, patch_b, (dx, dy), smooth_px=smooth_px)
+    local = ncc_surface(ra, rb, max_shift=r, smooth_px=smooth_px)
+    ey, ex = np.unravel_index(int(np.argmax(local)), local.shape)
+    return dx + int(ex) - local.shape[1] // 2, dy + int(ey) - local.shape[0] // 2, float(local[ey, ex])
+
+
+def _subpixel_at(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int,
+                 params: Mapping[str, float]) -> tuple[float, float]:
+    """Sub-pixel shift near whole-pixel ``(dx, dy)``: phase correlation of the region the patches share there."""
+    ra, rb = _shared(patch_a, patch_b, dx, dy)
+    if min(ra.shape[:2]) < 8:
+        return float(dx), float(dy)
+    est = phase_correlate(ra, rb, max_shift=2, window=params["window_taper"],
+                          lowpass_sigma_px=params["lowpass_sigma_px"], compute_ncc=False)
+    if abs(est.dx) > 1 or abs(est.dy) > 1:  # no peak at the answer: keep the whole pixel
+        return float(dx), float(dy)
+    return dx + est.dx, dy + est.dy
 
 
 def pair_downsample(shape: tuple[int, int], requested: int) -> int:

@@ -1,8 +1,11 @@
 """Stitching evaluation for images that come as tiles (tile folders, CZI mosaics).
 
-Every pair of neighbouring fields of view (FOVs) is registered on its
-nominal overlap: phase correlation with sub-pixel refinement, a peak-quality
-measure, and a "no information" outcome for featureless overlaps, which is
+Every pair of neighbouring fields of view (FOVs: tiles whose nominal
+footprints overlap along a side, whatever the layout) is registered on its
+nominal overlap: several phase-correlation peaks over the whole searched
+range judged by the overlap's NCC (on periodic content the strongest peak is
+often an alias), sub-pixel refinement, a distinctness measure, and a "no
+information" outcome for featureless or purely periodic overlaps, which is
 not a failure (:mod:`qc.registration`, :mod:`qc.stitch_pairs`). The pair
 offsets are reconciled into globally consistent positions by least squares
 with outlier rejection (:mod:`qc.stitch_solve`). From those come each FOV's
@@ -30,13 +33,30 @@ StereoMap Image QC's published stitching criterion: the stitching passes when
   of the two tiles' overlap at the found offset; a FOV's is the mean over its
   accepted pairs; the criterion's mean is over the clear, consistent FOVs.
 
-imageqc adds one condition StereoMap leaves implicit, so that a misplaced
-tile fails: no FOV may be **out of place**, that is sit more than
-``max_deviation_px`` (default 20 px, the same tolerance StereoMap applies to
-DAPI/IF calibration) from where its best-agreeing neighbour expects it, or
-show features in its overlaps that match none of its neighbours.
+imageqc adds two conditions StereoMap leaves implicit, and keeps them apart,
+because a scan that stitches perfectly must not fail merely because its stage
+is imprecise, while a tile whose content is out of place must:
 
-The 0-100 score is the minimum of three sub-scores, each mapping its
+* **content**: no FOV may be *out of place*: show features in its overlaps
+  that match none of its neighbours; or sit, by its registered content, more
+  than the displacement tolerance from where its best-agreeing neighbour
+  expects it; or have overlaps that the global solve rejects (they disagree
+  with where the other overlaps place it by more than
+  ``reject_residual_px``: the FOVs with the most rejected overlaps are
+  named). The tolerance is ``max_deviation_px``
+  when set, else 20 px (StereoMap's DAPI/IF calibration tolerance) or three
+  times the set's median neighbour deviation, whichever is larger: a
+  scatter every tile shares is the stage's, not a displaced tile. Such FOVs
+  are named (:attr:`StitchingResult.outliers`);
+* **stage**: each FOV's stage deviation (its registered minus nominal
+  position, relative to the set, whose median deviation is zero; the larger
+  of ``|dx|`` and ``|dy|``) is measured and reported, and fails only past
+  its own limit: ``stage_limit_px`` (``qc.stitching_stage_limit_px``) when
+  set, else a third of the FOV's narrowest nominal overlap with a
+  neighbour, so clean sets with stage errors up to a third of the overlap
+  pass. Such FOVs are named apart (:attr:`StitchingResult.off_nominal`).
+
+The 0-100 score is the minimum of four sub-scores, each mapping its
 threshold to exactly 60:
 
 * share ``s`` of clear, consistent FOVs: ``60 s / 0.3`` up to 0.3, then
@@ -44,10 +64,14 @@ threshold to exactly 60:
 * mean offset quality ``q``: ``60 q / 0.7`` up to 0.7, then
   ``60 + 40 (q - 0.7) / 0.3``;
 * placement, from the largest neighbour deviation ``d``: ``100 - 40 d / D``
-  up to ``D = max_deviation_px``, then ``60 D / d``; 0 when some FOV matches
-  none of its neighbours.
+  up to the displacement tolerance ``D``, then ``60 D / d``; 0 when some
+  FOV matches none of its neighbours;
+* stage, from the largest stage deviation as a share ``u`` of its FOV's
+  limit: ``100 - 40 u^2`` up to 1, then ``60 / u^2`` (an imprecise stage
+  well inside its limit costs little).
 
-So the score is 60 or more exactly when every condition holds. StereoMap's
+So the score is 60 or more exactly when every condition holds (an
+inconsistent FOV fails the set whatever the sub-scores). StereoMap's
 "more than" is strict: a share of exactly 30 % or a quality of exactly 0.7
 fails, and the score is then reported as 59.9.
 """
@@ -117,17 +141,41 @@ class StitchingParams:
         Smoothing before the offset-quality NCC, px.
     min_structure_snr : float
         Below this band-passed signal-to-noise ratio an overlap is featureless.
+    peak_candidates : int
+        Phase-correlation peaks (local maxima over the whole searched range)
+        judged by the NCC of the overlap each implies; the best-agreeing wins.
+    exclusion_px : float
+        Candidates closer than this to the answer (at the correlated
+        resolution, px) do not count against its distinctness.
+    min_ncc_margin, min_ncc_gain : float
+        A registration is clear when its overlap NCC beats the best candidate
+        outside the exclusion radius (the runner-up) by at least
+        ``min_ncc_margin`` and by at least ``min_ncc_gain`` times what the
+        runner-up lacks to 1 (a chance maximum of a small overlap at 0.35
+        against 0.26 is not clear; grid paper at 0.88 against 0.77 is) ...
     min_peak_ratio : float
-        A registration is clear when its peak is this many times the next one
-        (and the overlaps agree, below); an agreeing but unclear one is
-        ambiguous (periodic or one-dimensional structure: no information).
+        ... or its correlation peak is this many times the next one (and the
+        overlaps agree, below); an agreeing but unclear one is ambiguous
+        (purely periodic or one-dimensional structure: no information).
     min_match_ncc : float
         Overlaps correlating less than this at the found offset disagree
         (mismatch).
     reject_residual_px : float
         A pair disagreeing with the global solution by more is rejected, px.
-    max_deviation_px : float
-        Largest tolerated deviation of a FOV from its neighbours, px.
+    max_deviation_px : float or None
+        Largest tolerated deviation of a FOV from its best-agreeing neighbour
+        (its content displaced against them), px. None (default): 20 px or
+        ``displacement_factor`` times the set's median neighbour deviation,
+        whichever is larger, so stage scatter the whole set shares is not a
+        displacement; a number is used as it is.
+    displacement_factor : float
+        See ``max_deviation_px``.
+    stage_limit_px : float
+        Largest tolerated stage deviation of a FOV from its nominal position
+        along x or y, px (relative to the set: each connected group of FOVs
+        has a median deviation of zero). 0 (default): a third of the FOV's
+        narrowest nominal overlap with a neighbour, the largest error at which
+        that overlap still registers reliably.
     min_clear_share : float
         StereoMap: share of FOVs with clear, consistent features (strictly more).
     min_mean_quality : float
@@ -142,17 +190,24 @@ class StitchingParams:
     lowpass_sigma_px: float = 1.0
     ncc_smooth_px: float = 1.0
     min_structure_snr: float = 0.5
+    peak_candidates: int = 8
+    exclusion_px: float = 4.0
+    min_ncc_margin: float = 0.03
+    min_ncc_gain: float = 0.25
     min_peak_ratio: float = 2.0
     min_match_ncc: float = 0.3
     reject_residual_px: float = 3.0
-    max_deviation_px: float = 20.0
+    max_deviation_px: float | None = None
+    displacement_factor: float = 3.0
+    stage_limit_px: float = 0.0
     min_clear_share: float = 0.30
     min_mean_quality: float = 0.70
 
     def pair_params(self) -> dict[str, float]:
         """The parameters that change a pair's result (its cache key part)."""
         names = ("max_shift_px", "max_shift_fraction", "downsample", "window_taper", "lowpass_sigma_px",
-                 "ncc_smooth_px", "min_structure_snr", "min_peak_ratio", "min_match_ncc")
+                 "ncc_smooth_px", "min_structure_snr", "peak_candidates", "exclusion_px", "min_ncc_margin",
+                 "min_ncc_gain", "min_peak_ratio", "min_match_ncc")
         return {k: getattr(self, k) for k in names}
 
 
@@ -163,8 +218,12 @@ class StitchingCriterion:
     ``clear_share``: share of FOVs with clear, consistent overlap features;
     ``mean_quality``: their mean offset quality; ``max_deviation_px``: largest
     FOV deviation from its neighbours; ``unmatched``: FOVs whose features
-    match no neighbour; the ``*_score`` fields are the 0-100 sub-scores
-    whose minimum is the score; the thresholds used are repeated.
+    match no neighbour; ``stage_use``: the largest stage deviation of a FOV
+    as a share of its own stage limit (1 is at the limit),
+    ``max_stage_deviation_px`` the largest stage deviation; the ``*_score``
+    fields are the 0-100 sub-scores whose minimum is the score; the
+    thresholds used are repeated (``max_deviation_tolerance_px`` is the
+    displacement tolerance in force).
     """
 
     clear_share: float
@@ -177,6 +236,9 @@ class StitchingCriterion:
     min_clear_share: float
     min_mean_quality: float
     max_deviation_tolerance_px: float
+    max_stage_deviation_px: float = 0.0
+    stage_use: float = 0.0
+    stage_score: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -202,7 +264,13 @@ class PairResult:
         Offset quality in [0, 1] (overlap NCC at the found offset; 0 when
         featureless).
     peak_ratio : float
-        Peak over the next-strongest peak.
+        The strongest correlation peak over the next one outside the
+        exclusion radius when that peak is the answer; when the overlap NCC
+        chose another candidate (periodic content), that candidate's peak over
+        the strongest one (below 1).
+    distinctness : float
+        Its overlap NCC minus the best NCC of a candidate offset outside the
+        exclusion radius (near 0: ambiguous, e.g. purely periodic content).
     structure_snr : (float, float)
         Band-passed signal-to-noise of a's and b's overlap.
     residual_px : float or None
@@ -223,6 +291,7 @@ class PairResult:
     structure_snr: tuple[float, float]
     residual_px: float | None
     cached: bool
+    distinctness: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -254,9 +323,18 @@ class FovResult:
         Counts towards StereoMap's share: it has a clear registration and all
         of its overlaps with features agree (see the module docstring).
     outlier : bool
-        Out of place (named in :attr:`StitchingResult.outliers`).
+        Its content is out of place or inconsistent (named in
+        :attr:`StitchingResult.outliers`).
     reason : str
-        Why it is an outlier, else "".
+        Why it is an outlier or off its nominal stage position, else "".
+    stage_deviation_px : float or None
+        How far the stage put it from its nominal position: the larger of
+        ``|dx|`` and ``|dy|`` of :attr:`deviation_from_nominal`, px.
+    stage_limit_px : float
+        The stage limit it is held to, px.
+    off_nominal : bool
+        Its stage deviation exceeds its limit (named in
+        :attr:`StitchingResult.off_nominal`).
     """
 
     name: str
@@ -271,6 +349,9 @@ class FovResult:
     clear_consistent: bool
     outlier: bool
     reason: str = ""
+    stage_deviation_px: float | None = None
+    stage_limit_px: float = 0.0
+    off_nominal: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,11 +374,15 @@ class StitchingResult:
         In the order of the input tiles.
     pairs : tuple of PairResult
     outliers : tuple of str
-        Names of the FOVs out of place.
+        Names of the FOVs whose content is out of place or inconsistent.
     grid : (int, int)
         ``(rows, cols)``.
     params : StitchingParams
     algorithm_version : str
+    max_stage_deviation_px : float
+        Largest stage deviation of a FOV from its nominal position, px.
+    off_nominal : tuple of str
+        Names of the FOVs whose stage deviation exceeds their limit.
     """
 
     score: float
@@ -314,6 +399,8 @@ class StitchingResult:
     grid: tuple[int, int]
     params: StitchingParams = field(repr=False)
     algorithm_version: str = PAIR_ALGORITHM_VERSION
+    max_stage_deviation_px: float = 0.0
+    off_nominal: tuple[str, ...] = ()
 
     @property
     def registered_positions(self) -> dict[str, tuple[float, float]]:
@@ -321,10 +408,22 @@ class StitchingResult:
         return {f.name: f.registered if f.registered is not None else f.nominal for f in self.fovs}
 
     def summary(self) -> dict[str, object]:
-        """The report's ``stitching`` block (see ARCHITECTURE.md)."""
+        """The report's ``stitching`` block (see ARCHITECTURE.md).
+
+        Besides the contract's keys: ``max_stage_deviation_px``,
+        ``off_nominal`` (FOVs past their stage limit) and ``fovs``, one entry
+        per FOV with its ``name``, grid ``row``/``col``, ``nominal`` and
+        ``registered`` top-left ``[x, y]`` px (registered null when no clear
+        pair reaches it) and ``stage_deviation_px``.
+        """
+        fovs = [{"name": f.name, "row": f.row, "col": f.col, "nominal": [round(v, 2) for v in f.nominal],
+                 "registered": [round(v, 2) for v in f.registered] if f.registered is not None else None,
+                 "stage_deviation_px": round(f.stage_deviation_px, 2) if f.stage_deviation_px is not None else None}
+                for f in self.fovs]
         return {"score": self.score, "passed": self.passed, "max_deviation_px": self.max_deviation_px,
                 "pairs_total": self.pairs_total, "pairs_computed": self.pairs_computed,
-                "pairs_cached": self.pairs_cached}
+                "pairs_cached": self.pairs_cached, "max_stage_deviation_px": self.max_stage_deviation_px,
+                "off_nominal": list(self.off_nominal), "fovs": fovs}
 
     def to_dict(self) -> dict[str, object]:
         """Everything, JSON-serialisable (for the report's detail file)."""
@@ -346,6 +445,11 @@ def _placement(d: float, tol: float, unmatched: int) -> float:
     if d <= tol:
         return 100.0 - 40.0 * (d / tol)
     return 60.0 * tol / d
+
+
+def _stage(use: float) -> float:
+    """Stage sub-score from the largest stage deviation as a share of its limit: gentle well inside it."""
+    return 100.0 - 40.0 * use * use if use <= 1.0 else 60.0 / (use * use)
 
 
 def evaluate_stitching(
@@ -413,66 +517,99 @@ def evaluate_stitching(
             measured_offset=(float(mo[0]), float(mo[1])) if mo else None, deviation_px=dev,
             quality=float(min(max(m.ncc, 0.0), 1.0)) if m.status != STATUS_NO_INFO else 0.0,
             peak_ratio=m.peak_ratio, structure_snr=m.snr,
-            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k]))
+            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k],
+            distinctness=m.distinctness))
 
-    fovs = _fov_results(tiles, plans, pairs, sol.u, params)
-    return _score(tiles, fovs, pairs, cached, params)
+    fovs, tol = _fov_results(tiles, plans, pairs, sol.u, params)
+    return _score(tiles, fovs, pairs, cached, params, tol)
+
+
+def _band_px(plan: PairPlan) -> int:
+    """Width of a pair's nominal overlap band (across the direction of contact), px."""
+    x0, y0, x1, y1 = plan.region_a
+    return (x1 - x0) if plan.direction == "right" else (y1 - y0)
 
 
 def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequence[PairResult],
-                 u: np.ndarray, params: StitchingParams) -> list[FovResult]:
+                 u: np.ndarray, params: StitchingParams) -> tuple[list[FovResult], float]:
     by_tile: dict[int, list[int]] = {}
     for k, p in enumerate(plans):
         by_tile.setdefault(p.a, []).append(k)
         by_tile.setdefault(p.b, []).append(k)
+    # the displacement tolerance: what the set's own stage scatter makes ordinary
+    spread = [float(np.linalg.norm(u[p.b] - u[p.a])) for p, r in zip(plans, pairs)
+              if r.status == STATUS_OK and np.isfinite(u[p.a]).all() and np.isfinite(u[p.b]).all()]
+    n_rejected = {i: sum(1 for k in ks if pairs[k].status == STATUS_REJECTED) for i, ks in by_tile.items()}
+    most_rejected = max(n_rejected.values(), default=0)
+    tol = params.max_deviation_px
+    if tol is None:
+        tol = max(20.0, params.displacement_factor * float(np.median(spread))) if spread else 20.0
     fovs = []
     for i, t in enumerate(tiles):
         mine = by_tile.get(i, [])
         acc = [k for k in mine if pairs[k].status == STATUS_OK]
         informative = any(pairs[k].status != STATUS_NO_INFO for k in mine)
         bad = [k for k in mine if pairs[k].status in (STATUS_MISMATCH, STATUS_REJECTED)]
-        reg = dev_nom = nb = quality = None
+        rejected = [k for k in mine if pairs[k].status == STATUS_REJECTED]
+        reg = dev_nom = nb = quality = stage = None
+        limit = params.stage_limit_px or (min(_band_px(plans[k]) for k in mine) / 3.0 if mine else 0.0)
         if acc and np.isfinite(u[i]).all():
             reg = (float(t.x + u[i, 0]), float(t.y + u[i, 1]))
             dev_nom = (float(u[i, 0]), float(u[i, 1]))
+            stage = float(max(abs(u[i, 0]), abs(u[i, 1])))
             other = [plans[k].b if plans[k].a == i else plans[k].a for k in acc]
             nb = float(min(np.linalg.norm(u[j] - u[i]) for j in other))
             quality = float(np.mean([pairs[k].quality for k in acc]))
-        reason = ""
+        reasons = []
         if not acc and bad:
-            reason = f"its overlaps show features but match none of its {len(bad)} neighbour(s)"
-        elif nb is not None and nb > params.max_deviation_px:
-            reason = (f"it sits {nb:.1f} px from where its neighbours expect it "
-                      f"(tolerance {params.max_deviation_px:g} px)")
+            reasons.append(f"its overlaps show features but match none of its {len(bad)} neighbour(s)")
+        elif nb is not None and nb > tol:
+            reasons.append(f"its content sits {nb:.1f} px from where its neighbours expect it "
+                           f"(tolerance {tol:.0f} px)")
+        elif rejected and len(rejected) == most_rejected:
+            worst = max(pairs[k].residual_px or 0.0 for k in rejected)
+            reasons.append(f"{len(rejected)} of its overlaps disagree with where the others place it "
+                           f"(by up to {worst:.1f} px, more than {params.reject_residual_px:g} px): "
+                           "its content is not where its neighbours say")
+        outlier = bool(reasons)
+        off = stage is not None and limit > 0 and stage > limit
+        if off:
+            reasons.append(f"the stage put it {stage:.1f} px off its nominal position (limit {limit:.0f} px)")
         fovs.append(FovResult(
             name=t.name, row=t.row, col=t.col, nominal=(float(t.x), float(t.y)), registered=reg,
             deviation_from_nominal=dev_nom, deviation_from_neighbours_px=nb, quality=quality,
-            informative=informative, clear_consistent=bool(acc) and not bad and not reason, outlier=bool(reason),
-            reason=reason))
-    return fovs
+            informative=informative, clear_consistent=bool(acc) and not bad and not outlier, outlier=outlier,
+            reason="; ".join(reasons), stage_deviation_px=stage, stage_limit_px=float(limit), off_nominal=off))
+    return fovs, float(tol)
 
 
 def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[PairResult],
-           cached: Sequence[bool], params: StitchingParams) -> StitchingResult:
+           cached: Sequence[bool], params: StitchingParams, tol: float) -> StitchingResult:
     clear = [f for f in fovs if f.clear_consistent]
     share = len(clear) / len(fovs)
     quality = float(np.mean([f.quality for f in clear])) if clear else 0.0
     devs = [f.deviation_from_neighbours_px for f in fovs if f.deviation_from_neighbours_px is not None]
     max_dev = float(max(devs)) if devs else 0.0
     unmatched = sum(1 for f in fovs if f.outlier and f.deviation_from_neighbours_px is None)
+    inconsistent = any(f.outlier for f in fovs)
+    staged = [f for f in fovs if f.stage_deviation_px is not None and f.stage_limit_px > 0]
+    max_stage = max((f.stage_deviation_px for f in staged), default=0.0)
+    use = max((f.stage_deviation_px / f.stage_limit_px for f in staged), default=0.0)
     s_share = _piecewise(share, params.min_clear_share)
     s_quality = _piecewise(quality, params.min_mean_quality)
-    s_place = _placement(max_dev, params.max_deviation_px, unmatched)
+    s_place = _placement(max_dev, tol, unmatched)
+    s_stage = _stage(use)
     passed = (share > params.min_clear_share and quality > params.min_mean_quality
-              and max_dev <= params.max_deviation_px and unmatched == 0)
-    score = min(s_share, s_quality, s_place)
+              and max_dev <= tol and not inconsistent and use <= 1.0)
+    score = min(s_share, s_quality, s_place, s_stage)
     if not passed:
         score = min(score, 59.9)
     criterion = StitchingCriterion(
         clear_share=share, mean_quality=quality, max_deviation_px=max_dev, unmatched=unmatched,
         share_score=round(s_share, 1), quality_score=round(s_quality, 1), placement_score=round(s_place, 1),
         min_clear_share=params.min_clear_share, min_mean_quality=params.min_mean_quality,
-        max_deviation_tolerance_px=params.max_deviation_px)
+        max_deviation_tolerance_px=tol, max_stage_deviation_px=round(max_stage, 2), stage_use=round(use, 3),
+        stage_score=round(s_stage, 1))
     n_cached = sum(cached)
     rows = max(t.row for t in tiles) + 1
     cols = max(t.col for t in tiles) + 1
@@ -481,7 +618,8 @@ def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[Pai
         pairs_total=len(pairs), pairs_computed=len(pairs) - n_cached, pairs_cached=n_cached,
         pairs_informative=sum(1 for p in pairs if p.status != STATUS_NO_INFO),
         fovs=tuple(fovs), pairs=tuple(pairs), outliers=tuple(f.name for f in fovs if f.outlier),
-        grid=(rows, cols), params=params)
+        grid=(rows, cols), params=params, max_stage_deviation_px=round(max_stage, 2),
+        off_nominal=tuple(f.name for f in fovs if f.off_nominal))
 
 
 def tile_configuration_text(result: StitchingResult, *, registered: bool = True, decimals: int = 2) -> str:

@@ -100,5 +100,17 @@ def _cluster(values: Sequence[float], gap: float) -> list[int]:
 def grid_indices(
     xs: Sequence[float], ys: Sequence[float], tile_width: int, tile_height: int
 ) -> tuple[list[int], list[int]]:
-    """Row and column of each tile from its position: positions closer than half a tile share a row/column."""
-    return _cluster(ys, tile_height / 2), _cluster(xs, tile_width / 2)
+    """Row and column of each tile from its position: positions closer than half a tile share a row/column.
+
+    A layout that is not a grid (rows offset by part of a tile, like bricks)
+    would put two tiles in one cell; then each row's columns are its tiles'
+    ranks by x instead, so every tile keeps a cell of its own.
+    """
+    rows, cols = _cluster(ys, tile_height / 2), _cluster(xs, tile_width / 2)
+    if len(set(zip(rows, cols))) < len(rows):
+        order = sorted(range(len(rows)), key=lambda i: (rows[i], xs[i], ys[i]))
+        seen: dict[int, int] = {}
+        for i in order:
+            cols[i] = seen.get(rows[i], 0)
+            seen[rows[i]] = cols[i] + 1
+    return rows, cols

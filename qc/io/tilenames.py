@@ -24,6 +24,16 @@ Conventions (checked in this order; the first that names most files wins):
 ``custom``
     A regular expression with named groups ``row`` and ``col`` (or
     ``index`` plus ``cols=``, row-major), passed as ``pattern``.
+``tile_configuration``
+    Any names, positioned by a Fiji ``TileConfiguration.txt`` (or a
+    ``TileConfiguration*.txt`` such as ``.registered``) that lists more of
+    the folder's images than any naming convention matches (2-D; comments and
+    ``dim =`` lines are skipped). The layout need not be a grid: the tiles
+    are listed in the file's order as row 0, column ``i`` (index ``i``), and
+    the reader, which knows the tile size, lays out rows and columns from
+    the positions; the stitching pairs tiles whose nominal footprints overlap.
+    The folder is complete when every listed file exists
+    (:attr:`TileFolderInfo.missing_files`).
 
 Indices are 0-based; a folder whose rows (or columns) start at 1 is shifted
 to 0. Fiji's ``TileConfiguration.txt`` is read for positions whenever present.
@@ -40,6 +50,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from qc.errors import QCError
+from qc.io.regular import open_regular
 
 __all__ = [
     "TILE_SUFFIXES",
@@ -110,6 +123,9 @@ class TileFolderInfo:
         Fiji ``TileConfiguration*.txt`` when present.
     cols_guessed : bool
         True when a snake-order grid's column count was guessed.
+    missing_files : tuple of str
+        For the ``tile_configuration`` convention: files the
+        ``TileConfiguration`` lists that the folder lacks.
     """
 
     convention: str | None
@@ -125,6 +141,7 @@ class TileFolderInfo:
     tile_configuration: Path | None = None
     cols_guessed: bool = False
     metadata: GridMetadata = field(default_factory=GridMetadata, repr=False)
+    missing_files: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -181,18 +198,45 @@ def parse_tile_name(name: str, convention: str, *, pattern: str | re.Pattern[str
     return None
 
 
+_TC_LINE = re.compile(r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)")
+
+
+#: A TileConfiguration larger than this is not read (a million tiles take about 50 MB).
+_TC_MAX_BYTES = 64 * 1024**2
+
+
 def read_tile_configuration(path: Path) -> dict[str, tuple[float, float]]:
-    """Positions ``{file name: (x, y)}`` from a Fiji ``TileConfiguration.txt``."""
+    """Positions ``{file name: (x, y)}`` from a Fiji ``TileConfiguration.txt``, in the file's order.
+
+    Lines are ``name; ; (x, y)`` (a 3-D ``(x, y, z)`` keeps x and y); comments
+    (``#``), ``dim =`` and blank lines are skipped; a name with folders keeps
+    its file name (the tiles sit beside the file). Only a regular file is
+    read (:func:`qc.io.regular.open_regular`: a FIFO of that name never
+    blocks), and at most 64 MiB of it.
+    """
+    with open_regular(path) as fh:
+        text = fh.read(_TC_MAX_BYTES).decode("utf-8", errors="replace")
     positions: dict[str, tuple[float, float]] = {}
-    line_re = re.compile(r"^\s*([^;#]+?)\s*;\s*[^;]*;\s*\(\s*([-+0-9.eE]+)\s*,\s*([-+0-9.eE]+)")
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        m = line_re.match(line)
+    for line in text.splitlines():
+        m = _TC_LINE.match(line)
         if m:
             try:
-                positions[Path(m.group(1)).name] = (float(m.group(2)), float(m.group(3)))
+                x, y = float(m.group(2)), float(m.group(3))
             except ValueError:
                 continue
+            if math.isfinite(x) and math.isfinite(y):
+                positions[Path(m.group(1).replace("\\", "/")).name] = (x, y)
     return positions
+
+
+def _tile_configuration_names(path: Path | None) -> list[str]:
+    """The image files a TileConfiguration lists, in order; [] when unreadable."""
+    if path is None:
+        return []
+    try:
+        return [n for n in read_tile_configuration(path) if Path(n).suffix.lower() in TILE_SUFFIXES]
+    except (OSError, QCError):  # unreadable, or not a regular file: the names alone decide
+        return []
 
 
 def _num(value: object) -> float | None:
@@ -311,6 +355,18 @@ def _square_cols(n: int) -> int:
     return max(1, math.ceil(math.sqrt(n)))
 
 
+def _configured(listed: list[str], names: list[str], meta: GridMetadata, tile_config: Path) -> TileFolderInfo:
+    """The ``tile_configuration`` convention: the listed files in order, as row 0, column i."""
+    have = set(names)
+    tiles = tuple(TileName(n, 0, i, i) for i, n in enumerate(listed) if n in have)
+    missing = tuple((0, i) for i, n in enumerate(listed) if n not in have)
+    ignored = tuple(n for n in names if n not in set(listed))
+    return TileFolderInfo(
+        "tile_configuration", 1, len(listed), tuple((0, t.col) for t in tiles), missing, (), meta.file, tiles,
+        ignored, meta.overlap, tile_config, False, meta, tuple(n for n in listed if n not in have),
+    )
+
+
 def inspect_tile_folder(
     path: str | Path,
     *,
@@ -337,7 +393,10 @@ def inspect_tile_folder(
     folder = Path(path)
     names = _image_files(folder)
     meta = read_grid_metadata(folder)
-    configs = sorted(folder.glob("TileConfiguration*.txt"))
+    with os.scandir(folder) as it:  # regular files only, as for the tiles
+        configs = sorted(folder / e.name for e in it
+                         if e.name.startswith("TileConfiguration") and e.name.lower().endswith(".txt")
+                         and e.is_file(follow_symlinks=False))
     tile_config = next((p for p in configs if p.name.lower() == "tileconfiguration.txt"), configs[0] if configs else None)
     if pattern is not None:
         candidates = ["custom"]
@@ -348,6 +407,9 @@ def inspect_tile_folder(
         parsed = [t for t in (parse_tile_name(n, conv, pattern=pattern) for n in names) if t is not None]
         if parsed and (best is None or len(parsed) > len(best[1])):
             best = (conv, parsed)
+    listed = _tile_configuration_names(tile_config)
+    if listed and (best is None or len(best[1]) < sum(1 for n in listed if n in set(names))):
+        return _configured(listed, names, meta, tile_config)
     if best is None:
         return TileFolderInfo(None, 0, 0, (), (), (), meta.file, (), tuple(names), meta.overlap, tile_config, False, meta)
     conv, parsed = best

@@ -4,7 +4,9 @@ The grid comes from :mod:`qc.io.tilenames` (names and metadata files). Each
 tile's nominal top-left position, in pixels relative to the mosaic's
 top-left, is taken from Fiji's ``TileConfiguration.txt`` when present, else
 from the grid index times the tile size minus the overlap (from the metadata,
-else ``overlap=``, default 0.1).
+else ``overlap=``, default 0.1). A folder positioned only by its
+``TileConfiguration.txt`` (any names, any layout) gets its rows and columns
+from the positions: tiles closer than half a tile share a row (column).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import tifffile
 
 from qc.errors import CorruptImageError, UnsupportedFormatError
-from qc.io._mosaic import assemble, reduce_tiles
+from qc.io._mosaic import assemble, grid_indices, reduce_tiles
 from qc.io._reduce import check_factor, reduced_shape
 from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
@@ -121,9 +123,11 @@ class TileFolderImage(Image):
             raise UnsupportedFormatError(self.path, problem, hint=hint)
         if not info.tiles:
             problem = "no tile names follow a known convention (_RRRR_CCCC_, [Grid@C R], _sNN_, --StageNN)"
+            problem += " and no TileConfiguration.txt lists them"
             if info.ignored:
                 problem += f"; found e.g. {info.ignored[0]!r}"
-            hint = "Give a row/col regex for this naming scheme (the watch root's tile_pattern, or imageqc qc --tile-pattern)"
+            hint = ("Give a row/col (or index) regex for this naming scheme (the watch root's tile_pattern, or "
+                    "imageqc qc --tile-pattern), or put Fiji's TileConfiguration.txt with the tile positions beside them")
             raise UnsupportedFormatError(self.path, problem, hint=hint)
         check_dimensions(self.path, 0, 0, limits, tiles=len(info.tiles))
         first = read_tile_file(folder / info.tiles[0].file, limits)
@@ -136,11 +140,17 @@ class TileFolderImage(Image):
         self._samples = 3 if rgb else None
         self.pixel_size_um = info.metadata.pixel_size_um
         positions = self._positions(info, tw, th, overlap)
+        cells = {t.file: (t.row, t.col) for t in info.tiles}
+        if info.convention == "tile_configuration":  # any layout: rows and columns from the positions
+            files = [t.file for t in info.tiles]
+            rows, cols = grid_indices([positions[f][0] for f in files], [positions[f][1] for f in files], tw, th)
+            cells = dict(zip(files, zip(rows, cols)))
+        order = sorted(info.tiles, key=lambda t: (*cells[t.file], t.file))
         self._tiles = [
             Tile(
                 name=t.file,
-                row=t.row,
-                col=t.col,
+                row=cells[t.file][0],
+                col=cells[t.file][1],
                 x=positions[t.file][0],
                 y=positions[t.file][1],
                 width=tw,
@@ -149,7 +159,7 @@ class TileFolderImage(Image):
                 digest_fn=(lambda p=folder / t.file: _file_digest(p)),
                 identity=_identity(folder / t.file),
             )
-            for t in info.tiles
+            for t in order
         ]
         self.width = int(math.ceil(max(t.x for t in self._tiles) + tw))
         self.height = int(math.ceil(max(t.y for t in self._tiles) + th))

@@ -8,13 +8,18 @@ It returns :class:`qc.io.model.Tile` objects with in-memory loaders and the
 ground truth. :func:`write_tile_folder` writes such a set as a tile folder
 (``<prefix>_RRRR_CCCC_<stamp>.tif`` plus ``info.json``), and
 :func:`tiles_from_folder` reads one back (a small stand-in for the real
-reader, enough for tests and benchmarks).
+reader, enough for tests and benchmarks). :func:`make_layout_set` cuts tiles
+at any nominal positions (a serpentine, an L shape, a sparse or brick-like
+layout), and :func:`write_tile_configuration_folder` writes any tile set as
+tiles with arbitrary names plus a Fiji ``TileConfiguration.txt``.
 
 Textures: :func:`mosaic_texture` blends random, randomly flipped/rotated
 pieces of real crops into a large non-periodic texture (feathered, so there
 are no seams on a grid that a registration could lock onto);
 :func:`blob_texture` makes a fast procedural nuclei-like texture of any size,
-optionally straight into a memory map, for benchmarks.
+optionally straight into a memory map, for benchmarks; :func:`grid_paper_texture`
+a periodic one (thin grid lines over faint smooth blotches, like grid paper or a
+chip's track grid), on which the strongest correlation peak is often an alias.
 
 Positions are pixels, x right, y down; a tile's position is its top-left
 corner in the mosaic frame, in which the nominal position of tile (r, c) is
@@ -41,6 +46,9 @@ __all__ = [
     "blob_texture",
     "write_tile_folder",
     "tiles_from_folder",
+    "make_layout_set",
+    "grid_paper_texture",
+    "write_tile_configuration_folder",
     "TILE_NAME_RE",
 ]
 
@@ -228,6 +236,31 @@ def blob_texture(
         blobs += np.float32(0.06)
         out[y0:y1] = _to_dtype(np.clip(blobs[halo : halo + (y1 - y0)], 0, 1) * top, dt)
     return out
+
+
+def grid_paper_texture(
+    shape: tuple[int, int],
+    *,
+    period_px: int = 22,
+    line_px: int = 2,
+    blotch: float = 25.0,
+    blotch_px: float = 20.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A periodic uint8 texture: dark grid lines every ``period_px`` over faint smooth blotches.
+
+    The lines (70 on 200) carry most of the contrast and repeat exactly; the
+    only non-periodic content is a Gaussian-smoothed noise field of standard
+    deviation ``blotch`` grey levels and scale ``blotch_px``, the way stains
+    and paper texture show under a grid.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    y, x = np.mgrid[0:h, 0:w]
+    lines = ((x % period_px) < line_px) | ((y % period_px) < line_px)
+    rng = np.random.default_rng(seed)
+    field = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), blotch_px)
+    tex = np.where(lines, 70.0, 200.0) + blotch * field / max(float(field.std()), 1e-6)
+    return np.clip(np.rint(tex), 0, 255).astype(np.uint8)
 
 
 def make_tile_set(
@@ -426,3 +459,89 @@ def tiles_from_folder(folder: str | Path) -> list[Tile]:
             identity=f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}",
         ))
     return tiles
+
+
+def make_layout_set(
+    texture: np.ndarray,
+    nominal: Sequence[tuple[float, float]],
+    *,
+    tile_size: int | tuple[int, int],
+    jitter_px: int = 0,
+    seed: int = 0,
+    noise_sigma: float = 0.0,
+    names: Sequence[str] | None = None,
+    offsets: Sequence[tuple[int, int]] | None = None,
+) -> tuple[tuple[Tile, ...], dict[str, tuple[float, float]]]:
+    """Tiles cut at arbitrary nominal positions plus seeded stage jitter.
+
+    Parameters
+    ----------
+    texture : ndarray
+        Must cover every tile at its true position, with the positions taken
+        relative to a margin of the largest stage error + 1 px inside the
+        texture's top-left.
+    nominal : sequence of (x, y)
+        Each tile's nominal top-left, px (non-negative).
+    tile_size, jitter_px, seed, noise_sigma
+        As for :func:`make_tile_set`.
+    names : sequence of str, optional
+        Tile names; default ``tile_<i>``.
+    offsets : sequence of (int, int), optional
+        Each tile's stage error ``(dx, dy)``, px, instead of random jitter
+        (the texture margin is then the largest of them).
+
+    Returns
+    -------
+    (tiles, true_positions)
+        Tiles with row 0, column ``i`` (the layout decides neighbours), and
+        name -> true top-left ``(x, y)``.
+    """
+    th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    names = list(names) if names is not None else [f"tile_{i}" for i in range(len(nominal))]
+    rng = np.random.default_rng(seed)
+    jit = rng.integers(-jitter_px, jitter_px + 1, size=(len(nominal), 2)) if jitter_px else np.zeros((len(nominal), 2), int)
+    if offsets is not None:
+        jit = np.asarray(offsets, int).reshape(len(nominal), 2)
+    margin = int(np.abs(jit).max(initial=0)) + 1
+    tiles, truth = [], {}
+    for i, ((x, y), name) in enumerate(zip(nominal, names)):
+        tx, ty = round(x) + int(jit[i, 0]), round(y) + int(jit[i, 1])
+        if ty + margin + th > texture.shape[0] or tx + margin + tw > texture.shape[1]:
+            msg = f"texture {texture.shape[:2]} is too small for a {th}x{tw} tile at ({tx}, {ty})"
+            raise ValueError(msg)
+        loader = _TileLoader(texture, tx, ty, tw, th, margin, [], 0.0, noise_sigma, (seed, i, 0))
+        tiles.append(Tile(name=name, row=0, col=i, x=float(x), y=float(y), width=tw, height=th,
+                          loader=loader, digest_fn=loader.digest))
+        truth[name] = (float(tx), float(ty))
+    return tuple(tiles), truth
+
+
+def write_tile_configuration_folder(
+    tiles: Sequence[Tile],
+    folder: str | Path,
+    *,
+    names: Sequence[str] | None = None,
+    config_name: str = "TileConfiguration.txt",
+) -> Path:
+    """Write tiles as TIFFs with any names and a Fiji ``TileConfiguration.txt`` of their nominal positions.
+
+    The configuration has Fiji's comments and ``dim = 2`` line; ``names``
+    (default the tiles' own) are the file names, written in the given order.
+
+    Returns
+    -------
+    Path
+        The folder.
+    """
+    import tifffile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(names) if names is not None else [t.name for t in tiles]
+    lines = ["# Define the number of dimensions we are working on", "dim = 2", "", "# Define the image coordinates"]
+    for t, name in zip(tiles, names):
+        arr = t.read()
+        tifffile.imwrite(folder / name, arr, photometric="rgb" if arr.ndim == 3 else "minisblack")
+        lines.append(f"{name}; ; ({t.x:.1f}, {t.y:.1f})")
+    (folder / config_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

@@ -159,6 +159,25 @@ def test_leica_snake_order_and_a_custom_pattern(tmp_path):
     assert "no tile naming convention" in plain.reason and "tile_pattern" in plain.reason
 
 
+def test_tiles_named_anyhow_are_complete_when_every_one_their_tile_configuration_lists_is_whole(tmp_path):
+    root = tmp_path / "inbox"
+    folder = root / "SS200000135TL_D1"
+    names = ["1.tif", "2.tif", "tile three.tif"]
+    for n in names:
+        _tif(folder / n, (64, 64))
+    config = "# Define the image coordinates\ndim = 2\n" + "".join(f"{n}; ; ({i * 50}.0, 0.0)\n" for i, n in enumerate(names))
+    (folder / "TileConfiguration.txt").write_text(config + "4.tif; ; (150.0, 0.0)\n")
+    judge = _judge(root)
+    v = judge.checks(_view(_member(judge.policy, folder)), 0.0, set())
+    assert not v.complete and "1 of 4 tiles that TileConfiguration.txt lists are missing (first: 4.tif)" in v.reason
+    last = _tif(folder / "4.tif", (64, 64))
+    last.write_bytes(last.read_bytes()[:-100])  # listed and present, but still being written
+    v = judge.checks(_view(_member(judge.policy, folder)), 0.0, set())
+    assert not v.complete and "4.tif" in v.reason
+    _tif(folder / "4.tif", (64, 64))
+    assert judge.checks(_view(_member(judge.policy, folder)), 0.0, set()).complete
+
+
 def test_a_truncated_newest_tile_keeps_a_full_grid_incomplete(tmp_path):
     root = tmp_path / "inbox"
     folder = root / "SS200000135TL_D1"

@@ -56,6 +56,19 @@ def test_tile_overlap_takes_one_number_for_both_axes_or_two(tmp_path):
     assert load_config_text("[[watch]]\npath = 'a'\n", file="x.toml", base=tmp_path).watch[0].tile_overlap_xy == (0.1, 0.1)
 
 
+def test_tile_pattern_takes_row_and_col_or_an_index(tmp_path):
+    cfg = load_config_text("[[watch]]\npath = 'a'\ntile_pattern = 'field(?P<index>\\d+)'\n", file="x.toml", base=tmp_path)
+    assert cfg.watch[0].tile_pattern == "field(?P<index>\\d+)"
+
+
+def test_stitching_stage_limit_reaches_the_qc_settings(tmp_path):
+    from daemon.jobs import qc_settings
+
+    cfg = load_config_text("[qc]\nstitching_stage_limit_px = 25\n", file="x.toml", base=tmp_path)
+    assert qc_settings(cfg).stitching_stage_limit_px == 25.0
+    assert qc_settings(load_config_text("", file="x.toml", base=tmp_path)).stitching_stage_limit_px == 0.0
+
+
 def _err(text: str) -> ConfigError:
     with pytest.raises(ConfigError) as ei:
         load_config_text(text, file="site.toml", base=Path("/tmp"))

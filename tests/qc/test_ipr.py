@@ -303,6 +303,21 @@ def test_tile_set_positions_nominal_and_registered(runs):
         int(v) for v in reg.max(axis=(0, 1)) + 900)  # fmt: skip
 
 
+def test_the_report_carries_each_fovs_registered_position_as_the_ipr_does(runs):
+    report, path, tiles = runs["tiles"]
+    (img,) = [i for i in report.as_dict()["images"] if i["stitching"]]
+    fovs = img["stitching"]["fovs"]
+    assert len(fovs) == 9 and {(f["row"], f["col"]) for f in fovs} == {(t.row, t.col) for t in tiles.tiles}
+    reg = np.array([f["registered"] for f in fovs])
+    loc = read_ipr(path).images["DAPI"].stitch["BGIStitch"]["StitchedGlobalLoc"]
+    assert np.abs(np.array([loc[f["row"], f["col"]] for f in fovs]) - (reg - reg.min(axis=0))).max() <= 0.5 + 1e-6
+    for f in fovs:
+        t = tiles.tile(f["row"], f["col"])
+        assert f["nominal"] == [t.x, t.y]
+        assert f["stage_deviation_px"] is not None and f["stage_deviation_px"] >= 0
+    assert img["stitching"]["off_nominal"] == [] and img["stitching"]["max_stage_deviation_px"] >= 0
+
+
 @pytest.mark.parametrize("key", ["dapi", "tiles", "mif"])
 def test_both_spellings_where_spec_and_cellbin2_differ(runs, key):
     _, path, _ = runs[key]

@@ -66,6 +66,15 @@ def test_stitching_advice_names_the_overlap_used_and_the_option_that_changes_it(
     assert chk.fails_qc and f"check the tile overlap ({layout}) and focus" in chk.reason
 
 
+def test_a_stage_off_nominal_is_told_apart_from_tiles_that_do_not_stitch():
+    fovs = (NS(off_nominal=True, stage_limit_px=40.0), NS(off_nominal=False, stage_limit_px=40.0))
+    res = NS(score=45.0, max_deviation_px=30.0, outliers=(), off_nominal=("FOV_0000_0001",), fovs=fovs,
+             max_stage_deviation_px=61.0, criterion=NS(clear_share=1.0, min_clear_share=0.3))
+    chk = check_stitching("A02677B5", res, T, required=True)
+    assert chk.fails_qc and "stage put tile(s) FOV_0000_0001 up to 61 px off their nominal positions (limit 40 px" in chk.reason
+    assert "qc.stitching_stage_limit_px" in chk.reason and "sit away from their neighbours" not in chk.reason
+
+
 @pytest.mark.parametrize(
     ("offset", "sim", "passed", "words"),
     [((3.0, -4.0), 0.5, True, None), ((16.0, 13.0), 0.5, False, "offset 20.6 px > 20 px"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -146,3 +147,48 @@ def test_stitch2d_real_names(shared_data):
     assert info.convention == "grid_at" and (info.rows, info.cols) == (3, 2) and info.complete
     cells = {t.file: (t.row, t.col) for t in info.tiles}
     assert cells["stitch2d_ex[Grid@1 2].jpg"] == (2, 1)
+
+
+def test_tile_configuration_positions_any_names(tmp_path):
+    names = ["scan A.tif", "7.tif", "b-3.tif"]
+    folder = touch(tmp_path / "tc", [*names, "overview.png"])
+    (folder / "TileConfiguration.txt").write_text(
+        "# Define the number of dimensions we are working on\ndim = 2\n\n# Define the image coordinates\n"
+        "# scan B.tif; ; (9.0, 9.0)\n"  # a commented-out tile is not listed
+        + "".join(f"sub\\{n}; ; ({i * 90.5}, {i * 3.0})\n" for i, n in enumerate(names))
+    )
+    info = inspect_tile_folder(folder)
+    assert info.convention == "tile_configuration" and info.complete and info.missing_files == ()
+    assert [t.file for t in info.tiles] == names and info.ignored == ("overview.png",)
+    (folder / "7.tif").unlink()
+    info = inspect_tile_folder(folder)
+    assert not info.complete and info.missing_files == ("7.tif",)
+
+
+def test_registered_tile_configuration_alone_positions_the_folder(tmp_path):
+    folder = touch(tmp_path / "reg", ["1.tif", "2.tif"])
+    (folder / "TileConfiguration.registered.txt").write_text("dim = 2\n1.tif; ; (0.0, 0.0)\n2.tif; ; (410.2, -3.5)\n")
+    info = inspect_tile_folder(folder)
+    assert info.convention == "tile_configuration" and info.complete
+    assert read_tile_configuration(info.tile_configuration) == {"1.tif": (0.0, 0.0), "2.tif": (410.2, -3.5)}
+
+
+def test_custom_index_pattern(tmp_path):
+    folder = touch(tmp_path / "idx", [f"field{i}.tif" for i in range(1, 7)])
+    info = inspect_tile_folder(folder, pattern=r"field(?P<index>\d+)", cols=3)
+    assert info.convention == "custom" and (info.rows, info.cols) == (2, 3) and info.complete
+    assert {t.file: (t.row, t.col) for t in info.tiles}["field4.tif"] == (1, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_named_tile_configuration_is_never_opened(tmp_path):
+    import threading
+
+    folder = touch(tmp_path / "fifo", ["1.tif", "2.tif"])
+    os.mkfifo(folder / "TileConfiguration.txt")
+    got = []
+    t = threading.Thread(target=lambda: got.append(inspect_tile_folder(folder)), daemon=True)
+    t.start()
+    t.join(30)  # a blocking open would wait for a writer for ever
+    assert got, "inspect_tile_folder blocked on a FIFO named TileConfiguration.txt"
+    assert got[0].convention is None and got[0].tile_configuration is None

@@ -1,0 +1,101 @@
+"""Fusion: the stitched image written band by band as a tiled, pyramidal OME-TIFF, against the generator's mosaic."""
+
+from __future__ import annotations
+
+import weakref
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from qc.fusion import fuse_tiles
+from qc.io.model import Tile
+from qc.stitching import evaluate_stitching
+from qc.testing.tiles import make_tile_set, write_tile_configuration_folder
+from tests.qc.stitching_helpers import stain_texture
+
+GRID = {"rows": 3, "cols": 4, "tile_size": 256, "overlap": 0.2}
+
+
+def _truth(tex: np.ndarray, ts, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The generator's mosaic in the fused frame, and which of its pixels some tile covers."""
+    margin = int(np.abs(np.array(list(ts.offsets.values()))).max()) + 1
+    x0 = int(min(p[0] for p in ts.true_positions.values()))
+    y0 = int(min(p[1] for p in ts.true_positions.values()))
+    covered = np.zeros((height, width), bool)
+    for t in ts.tiles:
+        x, y = (int(v) for v in ts.true_positions[t.name])
+        covered[y - y0 : y - y0 + t.height, x - x0 : x - x0 + t.width] = True
+    return tex[y0 + margin : y0 + margin + height, x0 + margin : x0 + margin + width], covered
+
+
+@pytest.mark.parametrize("blend", ["linear", "nearest"])
+def test_fused_image_is_the_generators_mosaic_pixel_for_pixel(tmp_path, blend):
+    tex = stain_texture("DAPI", (1400, 1700), 21)  # uint16
+    ts = make_tile_set(tex, jitter_px=6, seed=1, **GRID)
+    res = fuse_tiles(ts.tiles, tmp_path / "m.ome.tif", positions=ts.true_positions, blend=blend, tile_px=128)
+    with tifffile.TiffFile(res.path) as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled and tif.pages[0].tilewidth == 128
+        levels = [lvl.asarray() for lvl in tif.series[0].levels]
+    img = levels[0]
+    assert img.dtype == np.uint16 and img.shape == (res.height, res.width)
+    truth, covered = _truth(tex, ts, res.width, res.height)
+    np.testing.assert_array_equal(img[covered], truth[covered])
+    assert not img[~covered].any()  # the corners jitter leaves uncovered are 0
+    assert [lv.shape for lv in levels] == [tuple(s) for s in res.levels] and max(levels[-1].shape) <= 128
+    half = cv2.resize(img, (levels[1].shape[1], levels[1].shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(half.astype(int) - levels[1].astype(int)).max() <= 1  # each level the area mean of the one above
+
+
+def test_rgb_fused_at_registered_positions_matches_the_mosaic(tmp_path):
+    tex = stain_texture("HE", (1400, 1700), 22)
+    ts = make_tile_set(tex, jitter_px=5, seed=2, **GRID)
+    reg = evaluate_stitching(ts.tiles).registered_positions
+    res = fuse_tiles(ts.tiles, tmp_path / "he.ome.tif", positions=reg)
+    img = tifffile.imread(res.path)
+    assert img.dtype == np.uint8 and img.shape == (res.height, res.width, 3) and res.samples == 3
+    truth, covered = _truth(tex, ts, res.width, res.height)
+    same = np.all(img == truth, axis=2)[covered]
+    assert same.mean() > 0.99  # registered within half a pixel: the same whole-pixel placement
+
+
+def test_fusion_decodes_each_tile_once_and_holds_only_the_rows_a_band_crosses(tmp_path):
+    tex = stain_texture("DAPI", (1400, 1700), 21)
+    ts = make_tile_set(tex, rows=5, cols=4, tile_size=200, overlap=0.2, seed=3)
+    decoded: list[str] = []
+    alive = [0, 0]  # now, most at once
+
+    def counted(t: Tile):
+        def load():
+            arr = t.read()
+            decoded.append(t.name)
+            alive[0] += 1
+            alive[1] = max(alive[1], alive[0])
+            weakref.finalize(arr, lambda: alive.__setitem__(0, alive[0] - 1))
+            return arr
+        return Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width, height=t.height, loader=load)
+
+    fuse_tiles([counted(t) for t in ts.tiles], tmp_path / "b.ome.tif", tile_px=64)
+    assert sorted(decoded) == sorted(t.name for t in ts.tiles)  # each once
+    assert alive[1] <= 2 * 4  # never more than the two rows of tiles a band crosses
+
+
+def test_fuse_command_writes_a_tile_configuration_folder_and_refuses_what_it_cannot(tmp_path, capsys):
+    from daemon.cli import main
+
+    tex = stain_texture("DAPI", (1400, 1700), 21)
+    ts = make_tile_set(tex, jitter_px=4, seed=4, **GRID)
+    folder = write_tile_configuration_folder(ts.tiles, tmp_path / "tiles", names=[f"{i}.tif" for i in range(12)])
+    out = tmp_path / "out" / "C02533C_DAPI.ome.tif"
+    assert main(["fuse", str(folder), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "registered positions" in said and "12 tiles" in said
+    truth, covered = _truth(tex, ts, *tifffile.imread(out).shape[::-1])
+    assert (tifffile.imread(out)[covered] == truth[covered]).mean() > 0.99
+    assert main(["fuse", str(folder), "--out", str(folder / "inside.ome.tif")]) == 2
+    assert "inside the tile folder" in capsys.readouterr().err
+    single = tmp_path / "one.tif"
+    tifffile.imwrite(single, np.zeros((64, 64), np.uint8))
+    assert main(["fuse", str(single), "--out", str(tmp_path / "x.ome.tif")]) == 2
+    assert "is not a tile set" in capsys.readouterr().err
