@@ -165,6 +165,13 @@ class QCConfig:
     )
     memory_limit_mb: int = _f(4096, "Address-space limit of the QC worker where the OS supports it (0 = none).", min=0, max=1 << 22)
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
+    worker_jobs: int = _f(
+        50,
+        "Jobs one warm QC worker process runs before it is replaced (imports and model are loaded once per "
+        "worker, not per job); 1 = a fresh process for every job. A worker that is stopped (timeout, memory "
+        "limit, cancel) or crashes is always replaced.",
+        min=1, max=100000,
+    )
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
     max_archive_gb: float = _f(

@@ -1,9 +1,11 @@
 """Run a claimed job in a child process, at low priority, under a lease.
 
 The service claims a job (``queued -> running``) and hands it to a
-:class:`ProcessWorker`. The worker starts a child with the ``spawn`` method
-(the same on Windows and Linux), lowers its CPU and I/O priority, caps its
-threads, and from the parent:
+:class:`ProcessWorker`. The worker keeps warm child processes, started with the
+``spawn`` method (the same on Windows and Linux) at low CPU and I/O priority
+with capped threads, which import the job function once and then run job after
+job (``qc.worker_jobs`` each, then they are replaced), so a job does not pay a
+process start and imports. From the parent it:
 
 - renews the job's lease while the child runs; a job cancelled meanwhile (the
   lease is gone) stops the child;
@@ -13,13 +15,16 @@ threads, and from the parent:
 - turns the child's outcome (or its death) into the job's next state.
 
 The child runs ``target(ctx)``, a function named ``"module:function"``, which
-receives a :class:`JobContext` and returns a :class:`JobOutcome`. The child
-also watches its parent and exits if the service died, so a killed service
-leaves no orphan writing results (writes are owner-checked anyway).
+receives a :class:`JobContext` and returns a :class:`JobOutcome`. A child that
+is stopped (timeout, memory, cancel, service stop) or dies is never reused: its
+job's outcome is decided as before and a fresh child serves the next job. The
+child also watches its parent and exits if the service died, so a killed
+service leaves no orphan writing results (writes are owner-checked anyway).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing as mp
@@ -143,8 +148,7 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)  # the service died: leave the job to lease recovery
 
 
-def _child_main(target: str, job: Job, config: Config, owner: str, db_path: str, results: Any, parent_pid: int) -> None:
-    """Entry point of the child process (spawned: imports stay light until here)."""
+def _child_setup(config: Config, parent_pid: int) -> None:
     threads = str(config.qc.threads)
     for var in THREAD_ENV_VARS:
         os.environ[var] = threads
@@ -157,12 +161,15 @@ def _child_main(target: str, job: Job, config: Config, owner: str, db_path: str,
         console="off",
     )
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
+
+
+def _run_one(target: str, job: Job, config: Config, owner: str, db_path: str) -> dict[str, Any]:
+    """Run one job in this (child) process; returns its outcome as a dict."""
     try:
         store = Store(db_path, create=False)
     except DaemonError as e:  # the database went away under the service: it notices and stops
         log.error("QC child cannot open the job database", error=str(e))
-        results.put(dataclasses.asdict(JobOutcome(state="failed", error=str(e), transient=True)))
-        return
+        return dataclasses.asdict(JobOutcome(state="failed", error=str(e), transient=True))
     last = [float("-inf")]
 
     def progress(stage: str, pct: float | None) -> None:
@@ -179,14 +186,42 @@ def _child_main(target: str, job: Job, config: Config, owner: str, db_path: str,
             log.exception("job function raised", target=target)
             outcome = JobOutcome(state="failed", error=f"{type(e).__name__}: {e}", transient=False)
     store.close()
-    results.put(dataclasses.asdict(outcome))
+    return dataclasses.asdict(outcome)
+
+
+def _warm_main(target: str, config: Config, db_path: str, jobs: Any, results: Any, parent_pid: int) -> None:
+    """Entry point of a warm child: set up once, import the job function, then run the jobs sent to it.
+
+    ``jobs`` carries ``(job, owner)`` pairs, ``None`` to exit; every outcome
+    goes to ``results``.
+    """
+    _child_setup(config, parent_pid)
+    try:
+        _resolve(target)  # the imports (and what they load) happen once, before the first job
+    except Exception:  # reported per job, by _run_one
+        log.exception("QC worker could not import its job function", target=target)
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        job, owner = item
+        results.put(_run_one(target, job, config, owner, db_path))
+
+
+@dataclass
+class _Child:
+    """A warm worker process and its two queues."""
+
+    process: Any
+    jobs: Any
+    results: Any
+    served: int = 0
 
 
 @dataclass
 class _Running:
     job: Job
-    process: Any
-    results: Any
+    child: _Child
     started: float  # wall clock, for people
     started_t: float  # the worker's timer, for the timeout
     thread: threading.Thread | None = None
@@ -232,6 +267,7 @@ class ProcessWorker:
         self.timer = timer
         self.poll_s = poll_s
         self._ctx = mp.get_context("spawn")
+        self._idle: list[_Child] = []  # warm children waiting for a job
         self._running: dict[int, _Running] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -245,27 +281,61 @@ class ProcessWorker:
     def active(self) -> list[dict[str, Any]]:
         with self._lock:
             return [
-                {"job_id": r.job.id, "chip": r.job.chip, "pid": r.process.pid, "started": r.started}
+                {"job_id": r.job.id, "chip": r.job.chip, "pid": r.child.process.pid, "started": r.started}
                 for r in self._running.values()
             ]
 
     def submit(self, job: Job) -> None:
-        results = self._ctx.Queue()
-        proc = self._ctx.Process(
-            target=_child_main,
-            args=(self.target, job, self.config, self.owner, str(self.store.path), results, os.getpid()),
-            name=f"imageqc-job-{job.id}",
-            daemon=True,
-        )
-        run = _Running(job=job, process=proc, results=results, started=self.clock(), started_t=self.timer())
+        with self._lock:
+            child = None
+            while self._idle and child is None:
+                candidate = self._idle.pop()
+                if candidate.process.is_alive():
+                    child = candidate
+                else:
+                    candidate.process.join(0)
+        if child is None:
+            child = self._spawn()
+        child.served += 1
+        child.jobs.put((job, self.owner))
+        run = _Running(job=job, child=child, started=self.clock(), started_t=self.timer())
         with self._lock:
             self._running[job.id] = run
-        proc.start()
         run.thread = threading.Thread(target=self._supervise, args=(run,), name=f"supervise-{job.id}", daemon=True)
         run.thread.start()
 
+    def _spawn(self) -> _Child:
+        jobs, results = self._ctx.Queue(), self._ctx.Queue()
+        proc = self._ctx.Process(
+            target=_warm_main,
+            args=(self.target, self.config, str(self.store.path), jobs, results, os.getpid()),
+            name="imageqc-qc-worker",
+            daemon=True,
+        )
+        proc.start()
+        with _suppress_psutil():
+            apply_priority(self.config.qc.priority, psutil.Process(proc.pid))
+        return _Child(proc, jobs, results)
+
+    def _release(self, child: _Child) -> None:
+        """A child whose job ended normally: keep it warm for the next job, or let it go."""
+        limit_mb = self.config.qc.memory_limit_mb
+        rss = _rss_mb(child.process.pid) if limit_mb else None
+        keep = (
+            not self._stopping.is_set()
+            and child.served < self.config.qc.worker_jobs
+            and child.process.is_alive()
+            and (rss is None or rss <= limit_mb)
+        )
+        if keep:
+            with self._lock:
+                if len(self._idle) < self.slots:
+                    self._idle.append(child)
+                    return
+        _dismiss(child)
+
     def stop(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for running jobs, then stop them and return them to the queue."""
+        """Wait up to ``timeout`` for running jobs, then stop them and return them to the queue; end the warm children."""
         self._stopping.set()
         deadline = time.monotonic() + timeout
         for run in list(self._running.values()):
@@ -273,9 +343,13 @@ class ProcessWorker:
                 run.thread.join(max(0.0, deadline - time.monotonic()))
         for run in list(self._running.values()):
             run.stop_reason = "service stopping"
-            _terminate(run.process)
+            _terminate(run.child.process)
             if run.thread:
                 run.thread.join(5.0)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for child in idle:
+            _dismiss(child)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for every running job (tests)."""
@@ -286,7 +360,7 @@ class ProcessWorker:
     # -- supervision -----------------------------------------------------------
 
     def _supervise(self, run: _Running) -> None:
-        job, proc = run.job, run.process
+        job, proc = run.job, run.child.process
         lease_s = self.config.service.lease_seconds
         renew_every = max(0.5, lease_s / 4)
         last_renew = self.timer()
@@ -294,18 +368,16 @@ class ProcessWorker:
         timeout_s = self.config.qc.timeout_s
         outcome: dict[str, Any] | None = None
         with bind_job(job.id, job.chip):
-            log.info("job started", pid=proc.pid, target=self.target)
-            with _suppress_psutil():
-                apply_priority(self.config.qc.priority, psutil.Process(proc.pid))
+            log.info("job started", pid=proc.pid, target=self.target, worker_job=run.child.served)
             while True:
                 try:
-                    outcome = run.results.get(timeout=self.poll_s)
+                    outcome = run.child.results.get(timeout=self.poll_s)
                     break
                 except queue.Empty:
                     pass
                 if not proc.is_alive():
                     try:  # the result may have landed just before exit
-                        outcome = run.results.get(timeout=0.5)
+                        outcome = run.child.results.get(timeout=0.5)
                     except queue.Empty:
                         outcome = None
                     break
@@ -324,9 +396,11 @@ class ProcessWorker:
                     if rss is not None and rss > limit_mb:
                         run.stop_reason = f"QC used {rss:.0f} MB, more than qc.memory_limit_mb = {limit_mb}"
                         break
-            if outcome is None:
+            if outcome is None:  # stopped or dead: never reused
                 _terminate(proc)
-            proc.join(10)
+                proc.join(10)
+            else:
+                self._release(run.child)
             try:
                 self._finish(run, outcome)
             finally:  # even when the database failed: the slot is free again
@@ -347,7 +421,7 @@ class ProcessWorker:
             elif run.stop_reason:
                 self._fail(job, run.stop_reason, transient=False, now=now)
             else:
-                code = run.process.exitcode
+                code = run.child.process.exitcode
                 self._fail(job, f"QC process ended unexpectedly (exit code {code})", transient=True, now=now)
         except IllegalTransition as e:
             log.warning("job outcome not recorded: the job changed meanwhile", detail=str(e))
@@ -384,6 +458,14 @@ def _rss_mb(pid: int) -> float | None:
         return float(psutil.Process(pid).memory_info().rss) / 2**20
     except (psutil.Error, OSError):
         return None
+
+
+def _dismiss(child: _Child) -> None:
+    """Ask a warm child to exit; make sure it does."""
+    with contextlib.suppress(OSError, ValueError):
+        child.jobs.put(None)
+    child.process.join(5)
+    _terminate(child.process)
 
 
 def _terminate(proc: Any) -> None:

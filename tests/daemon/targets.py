@@ -60,3 +60,10 @@ def wait_for_go(ctx: JobContext) -> JobOutcome:
             return JobOutcome(state="failed", error=f"{go} never appeared")
         time.sleep(0.05)
     return ok(ctx)
+
+
+def environment_or_crash(ctx: JobContext) -> JobOutcome:
+    """:func:`report_environment`, but the process dies (exit 17) for a chip named ``CRASH``."""
+    if ctx.job.chip == "CRASH":
+        os._exit(17)
+    return report_environment(ctx)

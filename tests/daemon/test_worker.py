@@ -6,6 +6,7 @@ import random
 import sys
 import time
 
+import psutil
 import pytest
 
 from daemon.store import JobState, Store
@@ -168,3 +169,36 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap():
         ceiling = min(300, 10 * 2 ** (n - 1))
         assert ceiling / 2 <= d <= ceiling
     assert JobState.FAILED.value == "failed"
+
+
+def _pid_of_run(store, job_id):
+    ev = [e for e in store.events(job_id) if e.to_state == "qc_done"][-1]
+    return ev.data["pid"]
+
+
+def test_a_warm_worker_runs_job_after_job_and_a_crashed_or_used_up_one_is_replaced(make_config):
+    """#16 item 2: imports once per worker, not per job; a worker that dies is never reused; qc.worker_jobs bounds its life."""
+    cfg = make_config("[qc]\nworker_jobs = 3")
+    with Store(cfg.database_path) as store:
+        worker = ProcessWorker(cfg, store, target="tests.daemon.targets:environment_or_crash", owner="svc-1", slots=1)
+
+        def one(chip="SS200000135TL_D1"):
+            ssid, _ = store.add_scan_set(chip=chip, root="/s", fingerprint=f"fp-{time.monotonic_ns()}", members=[])
+            job_id = store.create_job(ssid)
+            job = store.claim("svc-1", lease_s=cfg.service.lease_seconds)
+            assert job is not None and job.id == job_id
+            worker.submit(job)
+            worker.join(60)
+            return job_id
+
+        try:
+            pids = [_pid_of_run(store, one()) for _ in range(4)]
+            assert pids[0] == pids[1] == pids[2] != pids[3]  # three jobs in one warm process, then a fresh one
+            crashed = store.get_job(one("CRASH"))  # runs in the 4th job's process, which dies
+            assert crashed.state == "failed" and "exit code 17" in (crashed.error or "")
+            after = _pid_of_run(store, one())
+            assert after not in pids  # the dead worker was not reused
+        finally:
+            worker.stop(10)
+        assert not worker._idle
+        assert not psutil.pid_exists(after) or psutil.Process(after).status() == psutil.STATUS_ZOMBIE
