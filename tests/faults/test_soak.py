@@ -13,8 +13,8 @@ quarter may not exceed the first quarter's largest by more than a few (a
 leak of one per job would).
 
 ``IMAGEQC_SOAK_SETS`` sets the number of scan sets: the default is the
-issue's 200 (about two minutes on 2 cores: each QC run costs about a second
-of CPU for its worker process's start and imports); a smaller number makes a
+issue's 200 (about 100 s on 2 cores, paced by the writer: the warm QC
+worker runs job after job without a process start); a smaller number makes a
 quick local run::
 
     IMAGEQC_SOAK_SETS=50 python -m pytest tests/faults/test_soak.py -s
