@@ -7,7 +7,7 @@ ifeq ($(OS),Windows_NT)
 BIN    := $(VENV)/Scripts
 endif
 
-.PHONY: run test install clean interop
+.PHONY: run test install clean interop test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,21 @@ install: $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/imageqc run $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Tools some tests drive besides Python: Debian's chromium (the status page in a real headless
+# browser) and dbus-daemon (desktop notifications). Installed when missing and possible (root with
+# apt-get); otherwise those tests are skipped and say why.
+test-tools:
+	@for tool in chromium:chromium dbus-daemon:dbus; do \
+	  cmd=$${tool%%:*}; pkg=$${tool##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $$pkg for the tests (apt-get)"; \
+	    timeout 900 apt-get install -y -qq $$pkg >/dev/null 2>&1 || echo "note: could not install $$pkg; its tests will be skipped"; \
+	  else echo "note: $$cmd is missing; its tests will be skipped"; fi; \
+	done
 
 # imageqc's IPRs read back by cellbin2 1.2.1 in a Python 3.8 venv (docs/INTEROP.md); not part of `make test`.
 # CELLBIN2_PYTHON=/path/to/python reuses a venv that has cellbin2; INTEROP_PYTHON picks the 3.8 for .interop-venv/.

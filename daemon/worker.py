@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import psutil
 
 from daemon.config import Config
-from daemon.errors import DaemonError, IllegalTransition
+from daemon.errors import DaemonError, DatabaseUnavailable, IllegalTransition
 from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import Job, JobState, Store
 
@@ -182,6 +182,9 @@ def _run_one(target: str, job: Job, config: Config, owner: str, db_path: str) ->
     with bind_job(job.id, job.chip):
         try:
             outcome = _resolve(target)(ctx)
+        except DatabaseUnavailable as e:  # the database went away (or is locked) under the job: not the image's fault
+            log.error("QC child lost the job database", error=str(e))
+            outcome = JobOutcome(state="failed", error=str(e), transient=True)
         except Exception as e:  # a failing job never kills the worker
             log.exception("job function raised", target=target)
             outcome = JobOutcome(state="failed", error=f"{type(e).__name__}: {e}", transient=False)
