@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, record  # noqa: E402
+from benchmarks._common import machine_info, record
 
 
 def _member(path: Path, name: str) -> dict:
