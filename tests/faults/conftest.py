@@ -43,7 +43,9 @@ S3_KEYS = ("AKIAIMAGEQCFAULTS", "faults-secret-5e0c9d")
 #: Service settings that make a scan set go from last write to ``done`` in a few seconds.
 FAST = {
     "discovery": {"grouping_window_s": 0, "rescan_interval_s": 2, "poll_interval_s": 0.2, "incomplete_timeout_s": 600},
-    "qc": {"threads": 1, "memory_limit_mb": 1536},
+    # normal priority: at "low" (nice 19, idle I/O) a QC child gets almost no CPU beside a CPU hog,
+    # and these tests are about faults, not about yielding to the microscope (tests/daemon/test_worker.py is)
+    "qc": {"threads": 1, "memory_limit_mb": 1536, "priority": "normal"},
     "output": {"pictures": False},
     "service": {
         "tick_seconds": 0.2, "lease_seconds": 5, "workers": 2, "retry_base_s": 1, "retry_max_s": 2,
