@@ -81,10 +81,6 @@ def _ago(t: float | None, now: float) -> str:
     return human_age(now - t, short=True) + " ago"
 
 
-def _bytes(n: int | None) -> str:
-    return human_bytes(n)
-
-
 def _member_where(member: dict[str, Any], root: str) -> str:
     """A scan-set member as ``show`` lists it: its path under the watch root (its name when not under it)."""
     path = str(member.get("path") or "")
@@ -186,14 +182,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             mark = "" if w["exists"] else "  [red](missing)[/]"
             field(con, "watch", f"{escape(str(w['path']))}{mark}", markup=True)
     for name, u in (st.get("uploads") or {}).get("targets", {}).items():
-        line = f"{name}: {u.get('files', 0)} files, {_bytes(u.get('bytes'))} waiting, {_bytes(u.get('rate_bps'))}/s"
+        line = f"{name}: {u.get('files', 0)} files, {human_bytes(u.get('bytes'))} waiting, {human_bytes(u.get('rate_bps'))}/s"
         if u.get("next_open"):
             line += f", opens {datetime.fromtimestamp(u['next_open']).strftime('%H:%M')}"
         field(con, "upload", line)
     _print_notifications(con, st.get("notifications") or {})
     disk = st["disk"]
-    field(con, "free", f"state {_bytes(disk['state_dir']['free_bytes'])}" + "".join(
-        f"; {Path(w['path']).name} {_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
+    field(con, "free", f"state {human_bytes(disk['state_dir']['free_bytes'])}" + "".join(
+        f"; {Path(w['path']).name} {human_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
     ))
     if st["recent_verdicts"]:
         con.print("recent QC")
@@ -315,7 +311,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         field(con, "error", job.error)
     field(con, "root", scan.root)
     for m in scan.members:
-        field(con, "member", f"{_member_where(m, scan.root)}  {_bytes(m.get('size'))}", indent=2)
+        field(con, "member", f"{_member_where(m, scan.root)}  {human_bytes(m.get('size'))}", indent=2)
     if result:
         rep = result["report"]
         field(con, "verdict", verdict_markup(result["verdict"]), markup=True)
@@ -378,7 +374,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     for r in rows:
         finished = r.state in (UploadState.DONE, UploadState.PRESENT)
         pct = "100%" if finished else (f"{100 * r.bytes_done / r.size:.0f}%" if r.size else "-")
-        t.add_row(str(r.job_id), escape(r.target), r.state, _bytes(r.size), pct, escape(r.remote_key))
+        t.add_row(str(r.job_id), escape(r.target), r.state, human_bytes(r.size), pct, escape(r.remote_key))
     con.print(t)
     for r in rows:
         if r.error and r.state not in (UploadState.DONE, UploadState.PRESENT):

@@ -43,8 +43,12 @@ class Verdict:
     at: float
 
     @property
+    def word(self) -> str:
+        return "QC FAIL" if self.verdict == "fail" else "QC pass"
+
+    @property
     def title(self) -> str:
-        return f"QC {'FAIL' if self.verdict == 'fail' else 'pass'}: {self.chip}"
+        return f"{self.word}: {self.chip}"
 
     def body(self) -> str:
         first = self.reason or ("all required metrics pass" if self.verdict == "pass" else "see the report")
@@ -182,7 +186,7 @@ def follow(
             if fail_only and v.verdict != "fail":
                 continue
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.at))
-            print(f"{stamp}  #{v.job_id} {v.chip}  {v.title.split(':')[0]}" + (f": {v.reason}" if v.reason else ""), file=out, flush=True)
+            print(f"{stamp}  #{v.job_id} {v.chip}  {v.word}" + (f": {v.reason}" if v.reason else ""), file=out, flush=True)
             if show is not None:
                 try:
                     show(v)

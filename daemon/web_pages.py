@@ -49,10 +49,6 @@ def _ago(at: float | None, now: float) -> str:
     return "never" if at is None else human_age(now - float(at)) + " ago"
 
 
-def _bytes(n: float | None) -> str:
-    return human_bytes(n)
-
-
 def _verdict(v: str | None) -> str:
     if v == "pass":
         return '<span class="pass">PASS</span>'
@@ -140,7 +136,7 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
     if targets:
         parts.append("<h2>Uploads</h2>")
         parts.append(_table(["target", "files waiting", "bytes waiting", "rate", "window"], (
-            [_h(name), _h(u.get("files", 0)), _h(_bytes(u.get("bytes"))), _h(_bytes(u.get("rate_bps")) + "/s"),
+            [_h(name), _h(u.get("files", 0)), _h(human_bytes(u.get("bytes"))), _h(human_bytes(u.get("rate_bps")) + "/s"),
              _h(u.get("window") or "any time") + ("" if u.get("open", True) else ' <span class="muted">(closed)</span>')]
             for name, u in targets.items()
         )))
@@ -153,8 +149,8 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
         parts.append(_table(["", ""], rows))
     disk = st.get("disk", {})
     parts.append("<h2>Disk</h2>")
-    drows = [["state folder", _h(disk.get("state_dir", {}).get("path")), _h(_bytes(disk.get("state_dir", {}).get("free_bytes")))]]
-    drows += [["watch", _h(w["path"]), _h(_bytes(w.get("free_bytes")))] for w in disk.get("watch", []) if w.get("exists")]
+    drows = [["state folder", _h(disk.get("state_dir", {}).get("path")), _h(human_bytes(disk.get("state_dir", {}).get("free_bytes")))]]
+    drows += [["watch", _h(w["path"]), _h(human_bytes(w.get("free_bytes")))] for w in disk.get("watch", []) if w.get("exists")]
     parts.append(_table(["", "folder", "free"], drows))
     parts.append(f'<p class="muted">Read-only view; refreshes every {int(refresh_s)} s. Generated {_h(_ts(now))}. '
                  '<a href="/metrics">metrics</a></p>')
