@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, record  # noqa: E402
-from bench_stitching import PeakRSS  # noqa: E402
+from bench_stitching import PeakRSS, write_bench_tiles  # noqa: E402
 
 from qc.fusion import fuse_tiles  # noqa: E402
-from qc.testing.tiles import blob_texture, make_tile_set, tiles_from_folder, write_tile_folder  # noqa: E402
+from qc.testing.tiles import tiles_from_folder  # noqa: E402
 
 SECTION = "bench_fusion"
 
@@ -44,13 +44,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="imageqc-bench-fuse-") as tmp:
         tmp = Path(tmp)
-        step = round(size * (1 - overlap))
-        side = (rows - 1) * step + size + 2 * (jitter + 1)
         t0 = time.perf_counter()
-        tex = np.lib.format.open_memmap(tmp / "texture.npy", mode="w+", dtype=np.uint8, shape=(side, side))
-        blob_texture((side, side), seed=7, out=tex)
-        ts = make_tile_set(tex, rows=rows, cols=cols, tile_size=size, overlap=overlap, jitter_px=jitter, seed=7)
-        folder = write_tile_folder(ts, tmp / "SS200000135TL_D1")
+        tex, ts, folder = write_bench_tiles(tmp, rows=rows, cols=cols, size=size, overlap=overlap, jitter=jitter)
         truth = {(t.row, t.col): ts.true_positions[t.name] for t in ts.tiles}
         setup_s = time.perf_counter() - t0
         print(f"setup: {rows}x{cols} tiles of {size}^2 written in {setup_s:.1f} s")

@@ -83,6 +83,16 @@ class PeakRSS:
         return f"{self.peak / 2**20:.0f} MiB{anon}"
 
 
+def write_bench_tiles(tmp: Path, *, rows: int, cols: int, size: int, overlap: float, jitter: int):  # noqa: ANN201
+    """A seeded blob texture (memory-mapped in ``tmp``), its tile set and the tile folder written from it."""
+    step = round(size * (1 - overlap))
+    side = (rows - 1) * step + size + 2 * (jitter + 1)
+    tex = np.lib.format.open_memmap(tmp / "texture.npy", mode="w+", dtype=np.uint8, shape=(side, side))
+    blob_texture((side, side), seed=7, out=tex)
+    ts = make_tile_set(tex, rows=rows, cols=cols, tile_size=size, overlap=overlap, jitter_px=jitter, seed=7)
+    return tex, ts, write_tile_folder(ts, tmp / "SS200000135TL_D1")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="6 x 6 tiles of 1024^2")
@@ -95,13 +105,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="imageqc-bench-stitch-") as tmp:
         tmp = Path(tmp)
-        step = round(size * (1 - overlap))
-        side = (rows - 1) * step + size + 2 * (jitter + 1)
         t0 = time.perf_counter()
-        tex = np.lib.format.open_memmap(tmp / "texture.npy", mode="w+", dtype=np.uint8, shape=(side, side))
-        blob_texture((side, side), seed=7, out=tex)
-        ts = make_tile_set(tex, rows=rows, cols=cols, tile_size=size, overlap=overlap, jitter_px=jitter, seed=7)
-        folder = write_tile_folder(ts, tmp / "SS200000135TL_D1")
+        tex, ts, folder = write_bench_tiles(tmp, rows=rows, cols=cols, size=size, overlap=overlap, jitter=jitter)
         offsets = {(t.row, t.col): ts.offsets[t.name] for t in ts.tiles}
         del tex, ts  # the texture's pages must not count in the RSS below
         (tmp / "texture.npy").unlink()
