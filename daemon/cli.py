@@ -108,7 +108,7 @@ def _job_id(text: str) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.logging import configure_logging
-    from daemon.service import Daemon, default_components
+    from daemon.service import Daemon, default_components, exit_past_abandoned_threads
 
     cfg = _config(args)
     lg = cfg.logging
@@ -121,10 +121,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_database_file(cfg.database_path)  # before any connection of this process exists
     daemon = Daemon(cfg, components=default_components(cfg), notify=_notifier())
     daemon.run_forever()
+    code = EXIT_OK
     if daemon.failure:  # the service stopped itself: a non-zero exit lets systemd restart it
         print(f"imageqc: the service stopped on an error: {daemon.failure}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        code = EXIT_FAILURE
+    exit_past_abandoned_threads(code)
+    return code
 
 
 def _notifier() -> Callable[[str], None] | None:

@@ -50,7 +50,8 @@ from daemon.stateguard import (
 from daemon.store import JobState, Store
 from daemon.worker import JobRunner, ProcessWorker
 
-__all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat_age_limit", "default_components"]
+__all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat_age_limit", "default_components",
+           "exit_past_abandoned_threads"]
 
 log = get_logger("imageqc.service")
 
@@ -477,6 +478,26 @@ class Daemon:
         h = self.health()
         h["state"] = state
         self.store.set_status("service", h, now=self.clock() if now is None else now)
+
+
+def exit_past_abandoned_threads(code: int) -> None:
+    """End the process at once with ``code`` when a thread outlived the stop.
+
+    A transfer stuck in a request at the stop deadline is abandoned in a
+    daemon thread (:class:`daemon.upload.pool.DaemonPool`). Letting the
+    interpreter finalise around such a thread is not safe: when the request's
+    bytes arrive during finalisation the thread is torn down inside C code, and
+    a run on CI ended in glibc's "double free or corruption" abort (exit -6)
+    instead of 0. Everything the service holds is saved and closed by
+    :meth:`Daemon.stop` (store, lock, transfer records), so only the logs need
+    flushing before ``os._exit``. Returns when no other thread is alive.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive()]
+    if not others:
+        return
+    log.info("exiting past threads still busy at the stop", threads=sorted(t.name for t in others))
+    _flush_logs()
+    os._exit(code)
 
 
 def _flush_logs() -> None:
