@@ -7,7 +7,7 @@ ifeq ($(OS),Windows_NT)
 BIN    := $(VENV)/Scripts
 endif
 
-.PHONY: run test install clean interop test-tools
+.PHONY: run test lint format install clean interop test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ install: $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/imageqc run $(ARGS)
 
-test: $(VENV)/.installed-test test-tools
+test: lint test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml): lint rules and formatting, checked, never rewritten; `make format` rewrites.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # Tools some tests drive besides Python: Debian's chromium (the status page in a real headless
 # browser) and dbus-daemon (desktop notifications). Installed when missing and possible (root with

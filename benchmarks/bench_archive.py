@@ -45,7 +45,7 @@ def _copy(src: Path, dst: Path) -> None:
             b.write(chunk)
 
 
-def _timed(fn) -> tuple[float, float]:  # noqa: ANN001
+def _timed(fn) -> tuple[float, float]:
     c0, t0 = cpu_seconds(), time.perf_counter()
     fn()
     return time.perf_counter() - t0, cpu_seconds() - c0
@@ -68,7 +68,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{CHIP}.tif"
     if not path.exists():
-        write_chip_tiff(path, tile=None, width=n, height=n, threads=args.threads, seed=2024, **real_looking(angle_deg=-1.3))
+        write_chip_tiff(
+            path, tile=None, width=n, height=n, threads=args.threads, seed=2024, **real_looking(angle_deg=-1.3)
+        )
     size = path.stat().st_size
     path.read_bytes()  # page cache
     rows: dict[str, list[tuple[float, float]]] = {"cp": [], "read+write": [], "all": []}
@@ -86,7 +88,11 @@ def main() -> None:
                     member = [(path, f"DAPI/{CHIP}_DAPI.tif")]
                     w = {}
                     rows[f"archive{level}"].append(
-                        _timed(lambda: w.setdefault("o", write_outputs(report, out, images=member, threads=args.threads, level=level)))
+                        _timed(
+                            lambda w=w, member=member, level=level, out=out: w.setdefault(
+                                "o", write_outputs(report, out, images=member, threads=args.threads, level=level)
+                            )
+                        )
                     )
                     sizes[level] = w["o"].archive.stat().st_size
             with tempfile.TemporaryDirectory(dir=WORK) as out:

@@ -26,10 +26,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, record  # noqa: E402
-from bench_stitching import PeakRSS  # noqa: E402
-from qc.calibration import calibrate  # noqa: E402
-from qc.testing.tiles import blob_texture  # noqa: E402
+from _common import machine_info, record
+from bench_stitching import PeakRSS
+
+from qc.calibration import calibrate
+from qc.testing.tiles import blob_texture
 
 SECTION = "bench_calibration"
 OFFSET = (13, -7)

@@ -79,8 +79,12 @@ def rss_split() -> str:
         status = Path("/proc/self/status").read_text().splitlines()
     except OSError:
         return ""
-    vals = {line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith(("RssAnon", "RssFile"))}
-    return f" (right after evaluating: {vals.get('RssAnon', 0)} MiB anonymous, {vals.get('RssFile', 0)} MiB file-backed)"
+    vals = {
+        line.split(":")[0]: int(line.split()[1]) // 1024 for line in status if line.startswith(("RssAnon", "RssFile"))
+    }
+    return (
+        f" (right after evaluating: {vals.get('RssAnon', 0)} MiB anonymous, {vals.get('RssFile', 0)} MiB file-backed)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

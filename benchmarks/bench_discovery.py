@@ -163,13 +163,19 @@ def run_mode(base: Path, root: Path, mode: str, sets: int, idle_s: float, sample
                     time.sleep(0.1)
             last = path.stat().st_mtime
             chip = path.stem
-            if not _wait(lambda: any(j.chip == chip for j in _jobs(db)), timeout=SETTLE_S + RESCAN_S + 60):
+            if not _wait(lambda chip=chip: any(j.chip == chip for j in _jobs(db)), timeout=SETTLE_S + RESCAN_S + 60):
                 raise RuntimeError(f"{mode}: {chip} never queued")
             job = next(j for j in _jobs(db) if j.chip == chip)
             lat.append(job.queued_at - last)
         return {
-            "mode": mode, "startup_s": startup, "rescan_s": health.get("rescan_s"), "files": health.get("files"),
-            "observer": health.get("observer"), "idle_cpu": idle, "rss_mb": rss, "latency": lat,
+            "mode": mode,
+            "startup_s": startup,
+            "rescan_s": health.get("rescan_s"),
+            "files": health.get("files"),
+            "observer": health.get("observer"),
+            "idle_cpu": idle,
+            "rss_mb": rss,
+            "latency": lat,
         }
     finally:
         proc.terminate()

@@ -24,11 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, record  # noqa: E402
-from bench_stitching import PeakRSS, write_bench_tiles  # noqa: E402
+from _common import machine_info, record
+from bench_stitching import PeakRSS, write_bench_tiles
 
-from qc.fusion import fuse_tiles  # noqa: E402
-from qc.testing.tiles import tiles_from_folder  # noqa: E402
+from qc.fusion import fuse_tiles
+from qc.testing.tiles import tiles_from_folder
 
 SECTION = "bench_fusion"
 
@@ -67,9 +67,15 @@ def main() -> None:
         y0 = int(min(p[1] for p in truth.values()))
         margin = jitter + 1
         ys = np.linspace(size, res.height - size, 4).astype(int)
-        worst = max(int(np.abs(img[y, size:-size].astype(int)
-                               - tex[y0 + margin + y, x0 + margin + size : x0 + margin + res.width - size].astype(int)).max())
-                    for y in ys)
+        worst = max(
+            int(
+                np.abs(
+                    img[y, size:-size].astype(int)
+                    - tex[y0 + margin + y, x0 + margin + size : x0 + margin + res.width - size].astype(int)
+                ).max()
+            )
+            for y in ys
+        )
         del img
         out_mb = out.stat().st_size / 2**20
         del tex, ts

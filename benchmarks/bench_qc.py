@@ -53,11 +53,27 @@ def child(paths: list[str], threads: int, out: str) -> None:
     total = time.perf_counter() - t0
     cpu = sum(proc.cpu_times()[:2]) - c0
     d = report.as_dict()
-    print(json.dumps({
-        "qc_s": t_qc, "total_s": total, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
-        "verdict": d["verdict"], "reasons": d["reasons"],
-        "scores": {i["name"]: {m: (i[m] or {}).get("score", (i[m] or {}).get("similarity")) for m in ("track", "clarity", "calibration") if i[m]} for i in d["images"]},
-    }))
+    print(
+        json.dumps(
+            {
+                "qc_s": t_qc,
+                "total_s": total,
+                "cpu_s": cpu,
+                "peak_rss_mb": peak_rss_mb(),
+                "base_rss_mb": base,
+                "verdict": d["verdict"],
+                "reasons": d["reasons"],
+                "scores": {
+                    i["name"]: {
+                        m: (i[m] or {}).get("score", (i[m] or {}).get("similarity"))
+                        for m in ("track", "clarity", "calibration")
+                        if i[m]
+                    }
+                    for i in d["images"]
+                },
+            }
+        )
+    )
 
 
 def _make(size: int) -> dict[str, Path]:
@@ -68,11 +84,17 @@ def _make(size: int) -> dict[str, Path]:
 
     folder = WORK / str(size)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"dapi": folder / f"{CHIP}.tif", "if1": folder / f"{CHIP}_CD31_IF.tif", "if2": folder / f"{CHIP}_CD68_IF.tif"}
+    paths = {
+        "dapi": folder / f"{CHIP}.tif",
+        "if1": folder / f"{CHIP}_CD31_IF.tif",
+        "if2": folder / f"{CHIP}_CD68_IF.tif",
+    }
     if all(p.exists() for p in paths.values()):
         return paths
     print(f"generating {size}^2 images in {folder} ...", flush=True)
-    truth = write_chip_tiff(paths["dapi"], width=size, height=size, tile=None, angle_deg=-0.8, tissue_fraction=0.5, seed=7)
+    truth = write_chip_tiff(
+        paths["dapi"], width=size, height=size, tile=None, angle_deg=-0.8, tissue_fraction=0.5, seed=7
+    )
     for key, off, seed in (("if1", (17, -9), 1), ("if2", (-4, 6), 2)):
         img = generate_if(truth, offset_px=off, seed=seed).image
         tifffile.imwrite(paths[key], np.ascontiguousarray(img))
@@ -109,19 +131,26 @@ def main() -> None:
         ("DAPI + 2 IF (+ 2 calibrations)", [paths["dapi"], paths["if1"], paths["if2"]], "< 30 s (StereoMap ~3 min)"),
     ):
         r = _run(files, args.threads)
-        print(f"{label}: QC {r['qc_s']:.1f} s, with outputs {r['total_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB (base {r['base_rss_mb']:.0f}), verdict {r['verdict']}", flush=True)
+        print(
+            f"{label}: QC {r['qc_s']:.1f} s, with outputs {r['total_s']:.1f} s, CPU {r['cpu_s']:.1f} s, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (base {r['base_rss_mb']:.0f}), verdict {r['verdict']}",
+            flush=True,
+        )
         rows.append((label, r, target))
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"{size} x {size} uint8, uncompressed TIFF, {args.threads} QC threads, each run in a fresh process; "
-        f"recorded {time.strftime('%Y-%m-%d')} on: {machine}.", "",
+        f"recorded {time.strftime('%Y-%m-%d')} on: {machine}.",
+        "",
         "| run | QC | with report, pictures, archive | CPU | peak RSS | verdict | target |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, r, target in rows:
-        lines.append(f"| {label} | {r['qc_s']:.1f} s | {r['total_s']:.1f} s | {r['cpu_s']:.1f} s | "
-                     f"{r['peak_rss_mb']:.0f} MB | {r['verdict']} | {target} |")
+        lines.append(
+            f"| {label} | {r['qc_s']:.1f} s | {r['total_s']:.1f} s | {r['cpu_s']:.1f} s | "
+            f"{r['peak_rss_mb']:.0f} MB | {r['verdict']} | {target} |"
+        )
     lines.append("")
     lines.append("Peak RSS includes the memory-mapped image pages QC touched and ~150 MB of imported libraries.")
     record("bench_qc" + ("_quick" if args.quick else ""), "\n".join(lines))

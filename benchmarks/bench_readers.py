@@ -107,6 +107,7 @@ def generate_tiff(path: Path, size: int, dtype: np.dtype, tiled: bool) -> None:
         return base + noise[: yy.shape[0]]
 
     if tiled:
+
         def tiles():
             for y in range(0, size, seg):
                 b = band(y)
@@ -114,9 +115,18 @@ def generate_tiff(path: Path, size: int, dtype: np.dtype, tiled: bool) -> None:
                 for x in range(0, size, seg):
                     yield b[:, x : x + seg]
 
-        tifffile.imwrite(path, tiles(), shape=(size, size), dtype=dtype, tile=(seg, seg),
-                         compression="zlib", compressionargs={"level": 1}, bigtiff=True)
+        tifffile.imwrite(
+            path,
+            tiles(),
+            shape=(size, size),
+            dtype=dtype,
+            tile=(seg, seg),
+            compression="zlib",
+            compressionargs={"level": 1},
+            bigtiff=True,
+        )
     else:
+
         def strips():
             for y in range(0, size, seg):
                 yield band(y)
@@ -138,7 +148,9 @@ def generate_folder(folder: Path, grid: int, tile: int) -> None:
 
 def measure(mode: str, path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(path)], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -168,7 +180,10 @@ def main() -> None:
         for label, path, raw in cases:
             r = {m: measure(m, path) for m in ("floor", "plane", "down8")}
             rows.append((label, raw, r))
-            print(f"{label}: " + ", ".join(f"{m} {v['seconds']:.2f} s / {v['peak_mb']:.0f} MB" for m, v in r.items()), flush=True)
+            print(
+                f"{label}: " + ", ".join(f"{m} {v['seconds']:.2f} s / {v['peak_mb']:.0f} MB" for m, v in r.items()),
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

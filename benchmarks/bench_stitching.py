@@ -26,11 +26,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, record  # noqa: E402
+from _common import machine_info, record
 
-from qc.pair_cache import MemoryPairCache  # noqa: E402
-from qc.stitching import evaluate_stitching  # noqa: E402
-from qc.testing.tiles import blob_texture, make_tile_set, tiles_from_folder, write_tile_folder  # noqa: E402
+from qc.pair_cache import MemoryPairCache
+from qc.stitching import evaluate_stitching
+from qc.testing.tiles import blob_texture, make_tile_set, tiles_from_folder, write_tile_folder
 
 SECTION = "bench_stitching"
 
@@ -83,7 +83,7 @@ class PeakRSS:
         return f"{self.peak / 2**20:.0f} MiB{anon}"
 
 
-def write_bench_tiles(tmp: Path, *, rows: int, cols: int, size: int, overlap: float, jitter: int):  # noqa: ANN201
+def write_bench_tiles(tmp: Path, *, rows: int, cols: int, size: int, overlap: float, jitter: int):
     """A seeded blob texture (memory-mapped in ``tmp``), its tile set and the tile folder written from it."""
     step = round(size * (1 - overlap))
     side = (rows - 1) * step + size + 2 * (jitter + 1)

@@ -81,7 +81,9 @@ def main() -> None:
     folder.mkdir(exist_ok=True)
     path = folder / f"{CHIP}.tif"
     if not path.exists():
-        write_chip_tiff(path, tile=None, width=n, height=n, threads=args.threads, seed=2024, **real_looking(angle_deg=ANGLE))
+        write_chip_tiff(
+            path, tile=None, width=n, height=n, threads=args.threads, seed=2024, **real_looking(angle_deg=ANGLE)
+        )
     py = sys.executable
     imageqc = str(Path(py).with_name("imageqc"))
     decode = [py, "-c", f"import tifffile; tifffile.imread({str(path)!r})"]

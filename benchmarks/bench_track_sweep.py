@@ -255,7 +255,11 @@ def conclusions(points: list[Point], peer: bool) -> list[str]:
     if peer:
         for what, ours, theirs in [
             ("ours ok < peer no-gate ok", "ours_ok", "peer_free"),
-            ("ours passed < peer gated ok (cellbin2's own acceptance: recall or valid area > 0.1)", "ours_passed", "peer_gated"),
+            (
+                "ours passed < peer gated ok (cellbin2's own acceptance: recall or valid area > 0.1)",
+                "ours_passed",
+                "peer_gated",
+            ),
         ]:
             worse = [p for p in points if sum(getattr(p, ours)) < sum(getattr(p, theirs))]
             names = ", ".join(f"{p.axis}={p.value:g}" for p in worse) if worse else "none"
@@ -266,8 +270,12 @@ def conclusions(points: list[Point], peer: bool) -> list[str]:
 def _code_version() -> str:
     """The checkout's commit, and whether qc/ has uncommitted changes (read-only git calls)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "qc"], cwd=ROOT, capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "qc"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + (" (qc/ modified)" if dirty.stdout.strip() else "")

@@ -63,8 +63,19 @@ def start_server(kind: str, data: Path) -> tuple[subprocess.Popen[bytes], str]:
     else:
         name = "rclone.exe" if sys.platform == "win32" else "rclone"
         binary = Path(sys.executable).parent / name
-        cmd = [str(binary if binary.exists() else shutil.which("rclone")), "serve", "s3", str(data), "--addr", f"127.0.0.1:{port}",
-               "--auth-key", ",".join(KEYS), "--force-path-style", "--config", os.devnull]
+        cmd = [
+            str(binary if binary.exists() else shutil.which("rclone")),
+            "serve",
+            "s3",
+            str(data),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            ",".join(KEYS),
+            "--force-path-style",
+            "--config",
+            os.devnull,
+        ]
         env = dict(os.environ)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     wait_port(port)
@@ -88,7 +99,11 @@ def client(endpoint: str):
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS[0], aws_secret_access_key=KEYS[1],
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=KEYS[0],
+        aws_secret_access_key=KEYS[1],
         config=Config(s3={"addressing_style": "path"}),
     )
 
@@ -100,8 +115,15 @@ def ours(endpoint: str, bucket: str, path: Path, key: str, *, part_mb: int, thre
     from daemon.upload.s3 import S3Uploader
 
     target = UploadTarget(
-        name="bench", type="s3", endpoint=endpoint, bucket=bucket, region="us-east-1", addressing_style="path",
-        part_size_mb=part_mb, concurrency=threads, timeout_s=300,
+        name="bench",
+        type="s3",
+        endpoint=endpoint,
+        bucket=bucket,
+        region="us-east-1",
+        addressing_style="path",
+        part_size_mb=part_mb,
+        concurrency=threads,
+        timeout_s=300,
     )
     with tempfile.TemporaryDirectory() as state:
         up = S3Uploader(target, state_dir=Path(state), credentials=Credentials(*KEYS))
@@ -157,8 +179,14 @@ def main() -> None:
         rows = []
         runs = [
             ("boto3 upload_file (defaults: 8 MiB parts, 10 threads)", lambda ep, b, k: plain_boto3(ep, b, path, k)),
-            ("imageqc S3Uploader, defaults (64 MiB parts, 4 threads)", lambda ep, b, k: ours(ep, b, path, k, part_mb=64, threads=4)),
-            ("imageqc S3Uploader, boto3's sizes (8 MiB parts, 10 threads)", lambda ep, b, k: ours(ep, b, path, k, part_mb=8, threads=10)),
+            (
+                "imageqc S3Uploader, defaults (64 MiB parts, 4 threads)",
+                lambda ep, b, k: ours(ep, b, path, k, part_mb=64, threads=4),
+            ),
+            (
+                "imageqc S3Uploader, boto3's sizes (8 MiB parts, 10 threads)",
+                lambda ep, b, k: ours(ep, b, path, k, part_mb=8, threads=10),
+            ),
         ]
         for label, run in runs:  # each on a fresh server
             server_data = data / str(len(rows))
@@ -175,14 +203,20 @@ def main() -> None:
                 proc.wait()
                 shutil.rmtree(server_data, ignore_errors=True)
             rows.append((label, figures))
-            print(f"{label}: digest {figures['digest']:.1f} s, upload {figures['upload']:.1f} s (verify {figures['verify']:.1f} s), "
-                  f"total {figures['total']:.1f} s = {size / MiB / figures['total']:.0f} MiB/s", flush=True)
+            print(
+                f"{label}: digest {figures['digest']:.1f} s, upload {figures['upload']:.1f} s (verify {figures['verify']:.1f} s), "
+                f"total {figures['total']:.1f} s = {size / MiB / figures['total']:.0f} MiB/s",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     flags = (" --quick" if args.quick else "") + (" --server rclone" if args.server == "rclone" else "")
     title = f"## Uploads (`benchmarks/bench_upload.py{flags}`): {size / MiB:.0f} MiB to {args.server} on 127.0.0.1"
     lines = [
-        title, "", "Machine: " + machine_info("boto3"), "",
+        title,
+        "",
+        "Machine: " + machine_info("boto3"),
+        "",
         "| uploader | digest s | upload s (of which verify) | total s | MiB/s (total) | MiB/s (upload) |",
         "|---|---|---|---|---|---|",
     ]
@@ -204,7 +238,9 @@ def main() -> None:
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        record("bench_upload" + ("_quick" if args.quick else "") + ("_rclone" if args.server == "rclone" else ""), section)
+        record(
+            "bench_upload" + ("_quick" if args.quick else "") + ("_rclone" if args.server == "rclone" else ""), section
+        )
 
 
 if __name__ == "__main__":

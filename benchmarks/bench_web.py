@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-from _common import machine_info, record
+from _common import machine_info, record  # noqa: E402 - after the path insert above
 
 CHIP = "SS200000135TL_D1"
 
@@ -44,29 +44,78 @@ CHIP = "SS200000135TL_D1"
 def _report(i: int, verdict: str) -> str:
     chip = f"{CHIP[:-3]}{i:06d}"
     checks = [
-        {"metric": "track", "image": chip, "value": 40.0 + i % 60, "threshold": ">= 60", "passed": verdict == "pass",
-         "required": True, "reason": None if verdict == "pass" else "track line score 42 < 60: few track crossings found",
-         "detail": None},
-        {"metric": "clarity", "image": chip, "value": 70.0 + i % 30, "threshold": ">= 80", "passed": i % 30 >= 10,
-         "required": False, "reason": None, "detail": None},
+        {
+            "metric": "track",
+            "image": chip,
+            "value": 40.0 + i % 60,
+            "threshold": ">= 60",
+            "passed": verdict == "pass",
+            "required": True,
+            "reason": None if verdict == "pass" else "track line score 42 < 60: few track crossings found",
+            "detail": None,
+        },
+        {
+            "metric": "clarity",
+            "image": chip,
+            "value": 70.0 + i % 30,
+            "threshold": ">= 80",
+            "passed": i % 30 >= 10,
+            "required": False,
+            "reason": None,
+            "detail": None,
+        },
     ]
-    images = [{"name": chip, "role": "nuclear", "format": "tiff", "width": 20000, "height": 20000, "dtype": "uint8",
-               "fov_grid": None,
-               "track": {"score": 40.0 + i % 60, "passed": verdict == "pass", "angle_deg": 0.3, "scale": [1.0, 1.0],
-                         "origin_px": [12.0, 40.0], "template_recall": 0.93},
-               "clarity": {"score": 70.0 + i % 30, "passed": True,
-                           "counts": {"good": 3900, "mild_blur": 100, "severe_blur": 10, "background": 86},
-                           "model": "imageqc-clarity-v1"},
-               "stitching": None, "calibration": None}]
-    return json.dumps({
-        "schema": "imageqc.report/1", "chip": chip, "stain": "DAPI", "verdict": verdict,
-        "reasons": [] if verdict == "pass" else ["track line score 42 < 60: few track crossings found"],
-        "images": images, "duration_s": 3.1, "software": {"name": "imageqc", "version": "0.1.0"},
-        "started_at": "2026-12-01T10:00:00+00:00", "operator": "", "site": "bench",
-        "thresholds": {"track": 60.0, "clarity": 80.0, "stitching": 60.0, "calibration_offset_px": 20.0,
-                       "calibration_similarity": 0.01},
-        "checks": checks, "stage_s": {"read": 0.3, "track": 1.9, "clarity": 0.6, "verdict": 0.001},
-    })
+    images = [
+        {
+            "name": chip,
+            "role": "nuclear",
+            "format": "tiff",
+            "width": 20000,
+            "height": 20000,
+            "dtype": "uint8",
+            "fov_grid": None,
+            "track": {
+                "score": 40.0 + i % 60,
+                "passed": verdict == "pass",
+                "angle_deg": 0.3,
+                "scale": [1.0, 1.0],
+                "origin_px": [12.0, 40.0],
+                "template_recall": 0.93,
+            },
+            "clarity": {
+                "score": 70.0 + i % 30,
+                "passed": True,
+                "counts": {"good": 3900, "mild_blur": 100, "severe_blur": 10, "background": 86},
+                "model": "imageqc-clarity-v1",
+            },
+            "stitching": None,
+            "calibration": None,
+        }
+    ]
+    return json.dumps(
+        {
+            "schema": "imageqc.report/1",
+            "chip": chip,
+            "stain": "DAPI",
+            "verdict": verdict,
+            "reasons": [] if verdict == "pass" else ["track line score 42 < 60: few track crossings found"],
+            "images": images,
+            "duration_s": 3.1,
+            "software": {"name": "imageqc", "version": "0.1.0"},
+            "started_at": "2026-12-01T10:00:00+00:00",
+            "operator": "",
+            "site": "bench",
+            "thresholds": {
+                "track": 60.0,
+                "clarity": 80.0,
+                "stitching": 60.0,
+                "calibration_offset_px": 20.0,
+                "calibration_similarity": 0.01,
+            },
+            "checks": checks,
+            "stage_s": {"read": 0.3, "track": 1.9, "clarity": 0.6, "verdict": 0.001},
+        }
+    )
 
 
 def fill(store, first: int, n: int, now: float) -> None:
@@ -79,40 +128,125 @@ def fill(store, first: int, n: int, now: float) -> None:
         state = states[i % len(states)]
         verdict = "fail" if i % 7 == 0 else "pass"
         sets.append((i, chip, "/data/inbox", f"fp{i}", json.dumps([{"name": chip, "size": 400_000_000}]), at, at))
-        jobs.append((i, i, chip, f"fp{i}", state, 1, None, None, None,
-                     "boom" if state == "failed" else None, None, None, None, at, at + 20, at, at + 1, at + 20))
-        for k, (a, b) in enumerate([(None, "queued"), ("queued", "running"), ("running", "qc_done"), ("qc_done", state)]):
+        jobs.append(
+            (
+                i,
+                i,
+                chip,
+                f"fp{i}",
+                state,
+                1,
+                None,
+                None,
+                None,
+                "boom" if state == "failed" else None,
+                None,
+                None,
+                None,
+                at,
+                at + 20,
+                at,
+                at + 1,
+                at + 20,
+            )
+        )
+        for k, (a, b) in enumerate(
+            [(None, "queued"), ("queued", "running"), ("running", "qc_done"), ("qc_done", state)]
+        ):
             events.append((i * 4 + k, i, at + k, "state", a, b, f"{a} -> {b}", None))
         if state not in ("queued",):
-            results.append((i, verdict, _report(i, verdict), f"/data/outputs/{chip}_run", f"/data/outputs/{chip}.tar.gz", at + 19))
+            results.append(
+                (i, verdict, _report(i, verdict), f"/data/outputs/{chip}_run", f"/data/outputs/{chip}.tar.gz", at + 19)
+            )
         for kind in ("outputs", "inputs"):
             up_state = "done" if state == "done" else "pending"
-            uploads.append((i, "lab-s3", kind, f"/data/{chip}/{kind}.tar.gz", f"bench/{chip}/{kind}", 400_000_000, 1,
-                            up_state, 400_000_000 if up_state == "done" else 0, at, at))
+            uploads.append(
+                (
+                    i,
+                    "lab-s3",
+                    kind,
+                    f"/data/{chip}/{kind}.tar.gz",
+                    f"bench/{chip}/{kind}",
+                    400_000_000,
+                    1,
+                    up_state,
+                    400_000_000 if up_state == "done" else 0,
+                    at,
+                    at,
+                )
+            )
     with store.db() as c:
-        c.executemany("INSERT INTO scan_sets (id, chip, root, fingerprint, members, first_seen, last_seen) VALUES (?,?,?,?,?,?,?)", sets)
+        c.executemany(
+            "INSERT INTO scan_sets (id, chip, root, fingerprint, members, first_seen, last_seen) VALUES (?,?,?,?,?,?,?)",
+            sets,
+        )
         c.executemany(
             "INSERT INTO jobs (id, scan_set_id, chip, fingerprint, state, attempts, next_attempt_at, lease_owner, lease_expires,"
             " error, failed_stage, stage, progress, created_at, updated_at, queued_at, started_at, finished_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", jobs)
-        c.executemany("INSERT INTO events (id, job_id, at, kind, from_state, to_state, message, data) VALUES (?,?,?,?,?,?,?,?)", events)
-        c.executemany("INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)", results)
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            jobs,
+        )
+        c.executemany(
+            "INSERT INTO events (id, job_id, at, kind, from_state, to_state, message, data) VALUES (?,?,?,?,?,?,?,?)",
+            events,
+        )
+        c.executemany(
+            "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at) VALUES (?,?,?,?,?,?)",
+            results,
+        )
         c.executemany(
             "INSERT INTO uploads (job_id, target, kind, local_path, remote_key, size, mtime_ns, state, bytes_done, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)", uploads)
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            uploads,
+        )
 
 
 def heartbeat(store, root: str, now: float) -> None:
-    store.set_status("service", {
-        "state": "running", "pid": 1, "host": "bench-host", "version": "0.1.0", "config": "bench.toml", "started_at": now - 3600,
-        "tick_seconds": 2.0, "last_tick_error": None, "active": [],
-        "components": {
-            "discovery": {"roots": [{"path": root, "observer": "native", "health": "ok", "last_rescan": now - 30,
-                                     "rescan_s": 1.2, "files": 100_000, "members": 12, "pending": 1}]},
-            "uploads": {"targets": {"lab-s3": {"type": "s3", "files": 20_000, "bytes": 8_000_000_000, "rate_bps": 50_000_000,
-                                               "window": None, "open": True, "next_open": None}}, "jobs": []},
+    store.set_status(
+        "service",
+        {
+            "state": "running",
+            "pid": 1,
+            "host": "bench-host",
+            "version": "0.1.0",
+            "config": "bench.toml",
+            "started_at": now - 3600,
+            "tick_seconds": 2.0,
+            "last_tick_error": None,
+            "active": [],
+            "components": {
+                "discovery": {
+                    "roots": [
+                        {
+                            "path": root,
+                            "observer": "native",
+                            "health": "ok",
+                            "last_rescan": now - 30,
+                            "rescan_s": 1.2,
+                            "files": 100_000,
+                            "members": 12,
+                            "pending": 1,
+                        }
+                    ]
+                },
+                "uploads": {
+                    "targets": {
+                        "lab-s3": {
+                            "type": "s3",
+                            "files": 20_000,
+                            "bytes": 8_000_000_000,
+                            "rate_bps": 50_000_000,
+                            "window": None,
+                            "open": True,
+                            "next_open": None,
+                        }
+                    },
+                    "jobs": [],
+                },
+            },
         },
-    }, now=now)
+        now=now,
+    )
 
 
 def _get(url: str) -> tuple[float, int]:
@@ -162,7 +296,8 @@ def main() -> int:
         cfg = load_config_text(
             f'state_dir = "state"\n[[watch]]\npath = "inbox"\n[logging]\nconsole = "off"\n[web]\nlisten = "127.0.0.1:{port}"\n'
             '[[upload]]\nname = "lab-s3"\ntype = "s3"\nbucket = "stereo-qc"\n',
-            file=str(base / "bench.toml"), base=base,
+            file=str(base / "bench.toml"),
+            base=base,
         )
         now = time.time()
         t0 = time.perf_counter()
@@ -225,10 +360,12 @@ def main() -> int:
     lines = [
         f"Machine: {machine_info('prometheus_client')}. Run {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
-        (f"Store: {n_jobs:,} jobs (+ scan sets, 4 events each, QC reports of the real shape, 2 upload records each), "
-        f"{db_mb:.0f} MB, filled in {fill_s:.0f} s (not timed below). Listener: daemon/web.py on 127.0.0.1, "
-        "requests over real HTTP (urllib), one at a time; each request opens its own read-only connection. "
-        "A thread writes the service's heartbeat every 2 s, as the running service does."),
+        (
+            f"Store: {n_jobs:,} jobs (+ scan sets, 4 events each, QC reports of the real shape, 2 upload records each), "
+            f"{db_mb:.0f} MB, filled in {fill_s:.0f} s (not timed below). Listener: daemon/web.py on 127.0.0.1, "
+            "requests over real HTTP (urllib), one at a time; each request opens its own read-only connection. "
+            "A thread writes the service's heartbeat every 2 s, as the running service does."
+        ),
         "",
         "| what | median / p95 / max ms |",
         "|---|---|",
@@ -245,11 +382,13 @@ def main() -> int:
         "",
         "Target (issue #19): a scrape under 50 ms with 100,000 jobs, and scrapes never slow QC.",
         "",
-        ("Where the time goes: a scrape reads the heartbeat and the QC runs finished since the last scrape; jobs per state "
-        "(a count over the jobs_state index) and, with the service stopped, the upload backlog (a sum over the uploads "
-        "table) are read again only when the job history gained an event since the last scrape, or a minute passed. "
-        "`/` costs what `imageqc status` costs: its recent verdicts sort every QC result by time (qc_results has no index "
-        "on created_at); an index in a schema migration would make it a few ms."),
+        (
+            "Where the time goes: a scrape reads the heartbeat and the QC runs finished since the last scrape; jobs per state "
+            "(a count over the jobs_state index) and, with the service stopped, the upload backlog (a sum over the uploads "
+            "table) are read again only when the job history gained an event since the last scrape, or a minute passed. "
+            "`/` costs what `imageqc status` costs: its recent verdicts sort every QC result by time (qc_results has no index "
+            "on created_at); an index in a schema migration would make it a few ms."
+        ),
     ]
     text = "\n".join(lines)
     print(text)

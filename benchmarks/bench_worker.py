@@ -26,8 +26,15 @@ from benchmarks._common import machine_info, record
 
 def _member(path: Path, name: str) -> dict:
     st = path.stat()
-    return {"name": name, "path": str(path), "format": "tiff", "role": "nuclear", "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "files": 1}
+    return {
+        "name": name,
+        "path": str(path),
+        "format": "tiff",
+        "role": "nuclear",
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "files": 1,
+    }
 
 
 def _chips(folder: Path, n: int) -> list[tuple[str, Path]]:
@@ -56,7 +63,9 @@ def _through_worker(root: Path, chips: list[tuple[str, Path]], worker_jobs: int)
     cfg = load_config_text(text, base=root)
     with Store(cfg.database_path) as store:
         for i, (chip, path) in enumerate(chips):
-            ssid, _ = store.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp{i}", members=[_member(path, chip)])
+            ssid, _ = store.add_scan_set(
+                chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp{i}", members=[_member(path, chip)]
+            )
             store.create_job(ssid)
         worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="bench", slots=1)
         t0 = time.perf_counter()

@@ -83,6 +83,7 @@ Output: one JSON line on stdout (with --json; otherwise the same JSON indented):
   cellbin2's log goes to stderr (level WARNING unless --verbose).  Exit code 0 whenever
   the JSON was printed (errors are reported in "error").
 """
+
 import argparse
 import json
 import math
@@ -95,7 +96,9 @@ SS2 = [240, 300, 330, 390, 390, 330, 300, 240, 420]
 
 def _quiet_cellbin2_log(verbose):
     import logging
+
     from cellbin2.utils import clog
+
     # clog's StreamHandler writes to stdout; keep stdout for the JSON line only.
     clog.cl.stream_handler.setStream(sys.stderr)
     clog.logger.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -111,20 +114,29 @@ def _finite(v):
 
 def run(path, fov, topk=None, stain="ssDNA", gate=True, verbose=False):
     import numpy as np
+
     _quiet_cellbin2_log(verbose)
-    from cellbin2.utils.common import TechType
+    from cellbin2.contrib.param import TrackPointsInfo
+    from cellbin2.contrib.template.inference import TemplateReference
+    from cellbin2.contrib.template.inferencev1.inference_v1 import TemplateReferenceV1Param
+    from cellbin2.contrib.template.inferencev1.track_line import TrackLineQC, TrackLinesParam
+    from cellbin2.contrib.template.inferencev2.inference_v2 import TemplateReferenceV2Param
+    from cellbin2.contrib.template.point_detector import TrackPointsParam, image_location, large_split
     from cellbin2.image import cbimread
     from cellbin2.image.augmentation import line_enhance_method
-    from cellbin2.contrib.param import TrackPointsInfo
-    from cellbin2.contrib.template.point_detector import (
-        large_split, image_location, TrackPointsParam)
-    from cellbin2.contrib.template.inferencev1.track_line import TrackLineQC, TrackLinesParam
-    from cellbin2.contrib.template.inferencev1.inference_v1 import TemplateReferenceV1Param
-    from cellbin2.contrib.template.inferencev2.inference_v2 import TemplateReferenceV2Param
-    from cellbin2.contrib.template.inference import TemplateReference
+    from cellbin2.utils.common import TechType
 
-    out = {"found": False, "angle_deg": None, "scale": None, "fovs_with_lines": 0,
-           "fovs_total": 0, "score": None, "seconds": None, "error": None, "detail": {}}
+    out = {
+        "found": False,
+        "angle_deg": None,
+        "scale": None,
+        "fovs_with_lines": 0,
+        "fovs_total": 0,
+        "score": None,
+        "seconds": None,
+        "error": None,
+        "detail": {},
+    }
     det = out["detail"]
     t0 = time.perf_counter()
     try:
@@ -143,14 +155,13 @@ def run(path, fov, topk=None, stain="ssDNA", gate=True, verbose=False):
         det["grid"] = [rows, cols]
 
         # b. per-FOV classical line detection + per-FOV template match
-        qc = TrackLineQC(magnification=10, scale_range=0.8,
-                         channel=lines_cfg.channel, chip_template=ref)
+        qc = TrackLineQC(magnification=10, scale_range=0.8, channel=lines_cfg.channel, chip_template=ref)
         qc.set_preprocess_func(line_enhance_method.get(stain_type, None))
-        qc.buffer = cbimread(mosaic)   # what line_detect(..., buffer=<path>) would read again
+        qc.buffer = cbimread(mosaic)  # what line_detect(..., buffer=<path>) would read again
         line_fovs = {k: [list(box), None] for k, box in img_dict.items()}  # [y0, y1, x0, x1]
         qc.line_detect(line_fovs, None)
         out["fovs_with_lines"] = len(qc.line_result)
-        qc.track_match()           # all FOVs with lines; ranks them (match_eval)
+        qc.track_match()  # all FOVs with lines; ranks them (match_eval)
         matched = dict(qc.matching_result) if qc.matching_result else {}
         det["fovs_matched"] = len(matched)
 
@@ -163,8 +174,8 @@ def run(path, fov, topk=None, stain="ssDNA", gate=True, verbose=False):
         det["topk"] = len(top)
         det["line_score"] = line_score
 
-        best = None     # == TrackLineQC.get_best_match() restricted to the top-k FOVs
-        for k, v in (qc.matching_result or []):
+        best = None  # == TrackLineQC.get_best_match() restricted to the top-k FOVs
+        for k, v in qc.matching_result or []:
             if k in top:
                 best = [k, v[0], v[1], v[2], v[3]]  # [fov, cross_pts, sx, sy, rot]
                 break
@@ -188,24 +199,34 @@ def run(path, fov, topk=None, stain="ssDNA", gate=True, verbose=False):
                 track_points[k] = pts
 
         # c. cellbin2's own _inference_v1 glue
-        tr = TemplateReference(ref=ref, stain_type=stain_type,
-                               track_points_config=TrackPointsParam(),
-                               track_lines_config=lines_cfg,
-                               template_v1_config=TemplateReferenceV1Param(),
-                               template_v2_config=v2_cfg)
+        tr = TemplateReference(
+            ref=ref,
+            stain_type=stain_type,
+            track_points_config=TrackPointsParam(),
+            track_lines_config=lines_cfg,
+            template_v1_config=TemplateReferenceV1Param(),
+            template_v2_config=v2_cfg,
+        )
         tr.fov_w = tr.fov_h = fov
-        tr.points_info = TrackPointsInfo(track_points=track_points, good_fov_count=len(track_points),
-                                         score=line_score, fov_location=fov_location)
+        tr.points_info = TrackPointsInfo(
+            track_points=track_points, good_fov_count=len(track_points), score=line_score, fov_location=fov_location
+        )
         info = tr._inference_v1(best)
         recall = _finite(info.template_recall)
         area = _finite(info.template_valid_area)
         pass_flag = int((recall is not None and recall > thr) or (area is not None and area > thr))
         sc = max([s for s in (recall, area) if s is not None], default=None)
-        det.update({"rotation": _finite(info.rotation),
-                    "scale_xy": [_finite(info.scale_x), _finite(info.scale_y)],
-                    "template_recall": recall, "template_valid_area": area,
-                    "pass_threshold": thr, "trackcross_qc_pass_flag": pass_flag,
-                    "template_points": int(len(info.template_points))})
+        det.update(
+            {
+                "rotation": _finite(info.rotation),
+                "scale_xy": [_finite(info.scale_x), _finite(info.scale_y)],
+                "template_recall": recall,
+                "template_valid_area": area,
+                "pass_threshold": thr,
+                "trackcross_qc_pass_flag": pass_flag,
+                "template_points": len(info.template_points),
+            }
+        )
         out["score"] = sc
         if pass_flag:
             out["found"] = True
@@ -214,7 +235,7 @@ def run(path, fov, topk=None, stain="ssDNA", gate=True, verbose=False):
         else:
             det["reason"] = "template_recall and template_valid_area <= threshold"
     except Exception as e:  # report, don't crash the sweep
-        out["error"] = "%s: %s" % (type(e).__name__, e)
+        out["error"] = f"{type(e).__name__}: {e}"
         if verbose:
             traceback.print_exc(file=sys.stderr)
     finally:
@@ -227,12 +248,19 @@ def main(argv=None):
     ap.add_argument("image", help="2-D grey (uint8/uint16) or RGB stitched chip image (tif)")
     ap.add_argument("--fov", type=int, default=2000, help="FOV size in px (square grid), default 2000")
     ap.add_argument("--json", action="store_true", help="print exactly one compact JSON line")
-    ap.add_argument("--topk", type=int, default=None,
-                    help="FOVs sent to the template match gate (default TrackLinesParam.topk = 10)")
-    ap.add_argument("--stain", default="ssDNA", choices=["ssDNA", "DAPI", "HE"],
-                    help="cellbin2 stain type (HE: he_enhance preprocessing, 0.01 pass threshold)")
-    ap.add_argument("--no-gate", action="store_true",
-                    help="run inference_v1 even if not all top-k FOVs matched")
+    ap.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help="FOVs sent to the template match gate (default TrackLinesParam.topk = 10)",
+    )
+    ap.add_argument(
+        "--stain",
+        default="ssDNA",
+        choices=["ssDNA", "DAPI", "HE"],
+        help="cellbin2 stain type (HE: he_enhance preprocessing, 0.01 pass threshold)",
+    )
+    ap.add_argument("--no-gate", action="store_true", help="run inference_v1 even if not all top-k FOVs matched")
     ap.add_argument("--verbose", action="store_true", help="cellbin2 INFO log + tracebacks on stderr")
     a = ap.parse_args(argv)
     res = run(a.image, a.fov, topk=a.topk, stain=a.stain, gate=not a.no_gate, verbose=a.verbose)

@@ -152,8 +152,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = time.time()
     svc = st["service"]
     if svc.get("running"):
-        field(con, "service", f"[green]running[/] (pid {svc.get('pid')} on {escape(str(svc.get('host')))}, "
-              f"since {_ts(svc.get('started_at'))}, v{svc.get('version')})", markup=True)
+        field(
+            con,
+            "service",
+            f"[green]running[/] (pid {svc.get('pid')} on {escape(str(svc.get('host')))}, "
+            f"since {_ts(svc.get('started_at'))}, v{svc.get('version')})",
+            markup=True,
+        )
     else:
         field(con, "service", f"[red]not running[/]: {escape(str(svc.get('reason') or ''))}", markup=True)
     if svc.get("last_tick_error"):
@@ -166,18 +171,35 @@ def cmd_status(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title=None, box=None, pad_edge=False, show_edge=False)
-        for col, kw in (("job", {"justify": "right"}), ("chip", {"overflow": "fold"}), ("state", {}), ("stage", {"overflow": "fold"}),
-                        ("progress", {"justify": "right"}), ("started", {})):
+        for col, kw in (
+            ("job", {"justify": "right"}),
+            ("chip", {"overflow": "fold"}),
+            ("state", {}),
+            ("stage", {"overflow": "fold"}),
+            ("progress", {"justify": "right"}),
+            ("started", {}),
+        ):
             t.add_column(col, **kw)
         for a in st["active"]:
             pct = "-" if a["progress"] is None else f"{a['progress']:.0f}%"
-            t.add_row(str(a["job_id"]), escape(a["chip"]), a["state"], escape(a["stage"] or "-"), pct, _ago(a["started_at"], now))
+            t.add_row(
+                str(a["job_id"]),
+                escape(a["chip"]),
+                a["state"],
+                escape(a["stage"] or "-"),
+                pct,
+                _ago(a["started_at"], now),
+            )
         con.print("active")
         con.print(t)
     for w in st["watchers"]:
         field(con, "watch", f"{w.get('path')}  {w.get('observer', '?')}  {w.get('health', '')}")
         files = "?" if w.get("files") is None else f"{w['files']:,}"
-        field(con, "", f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling")
+        field(
+            con,
+            "",
+            f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling",
+        )
     _print_waiting(con, st.get("waiting") or {}, now)
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
@@ -190,19 +212,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         field(con, "upload", line)
     _print_notifications(con, st.get("notifications") or {})
     disk = st["disk"]
-    field(con, "free", f"state {human_bytes(disk['state_dir']['free_bytes'])}" + "".join(
-        f"; {Path(w['path']).name} {human_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]
-    ))
+    field(
+        con,
+        "free",
+        f"state {human_bytes(disk['state_dir']['free_bytes'])}"
+        + "".join(f"; {Path(w['path']).name} {human_bytes(w['free_bytes'])}" for w in disk["watch"] if w["exists"]),
+    )
     if st["recent_verdicts"]:
         con.print("recent QC")
         for v in st["recent_verdicts"]:
             reason = f": {escape(v['reason'])}" if v["reason"] else ""
-            field(con, f"#{v['job_id']}", f"{escape(v['chip'])} {verdict_markup(v['verdict'])} {_ago(v['at'], now)}{reason}",
-                  markup=True, indent=2)
+            field(
+                con,
+                f"#{v['job_id']}",
+                f"{escape(v['chip'])} {verdict_markup(v['verdict'])} {_ago(v['at'], now)}{reason}",
+                markup=True,
+                indent=2,
+            )
     if st["recent_errors"]:
         con.print("recent errors")
         for e in st["recent_errors"]:
-            retry = f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
+            retry = (
+                f" (retry {_ago(now - (e['retry_at'] - now), now).replace(' ago', '')})" if e.get("retry_at") else ""
+            )
             field(con, f"#{e['job_id']}", f"{e['chip']} {_ago(e['at'], now)}: {e['error']}{retry}", indent=2)
     return EXIT_OK
 
@@ -214,9 +246,19 @@ def _print_waiting(con: Any, w: dict[str, Any], now: float) -> None:
         return
     con.print("waiting")
     for s in sets:
-        field(con, s["chip"], f"{_ago(s.get('since'), now).replace(' ago', '')} {s.get('stage')}: {s.get('reason')} ({s.get('folder')})", indent=2)
+        field(
+            con,
+            s["chip"],
+            f"{_ago(s.get('since'), now).replace(' ago', '')} {s.get('stage')}: {s.get('reason')} ({s.get('folder')})",
+            indent=2,
+        )
     if w.get("sets_total", 0) > len(sets):
-        field(con, "", f"... and {w['sets_total'] - len(sets)} more set(s) (imageqc status --json lists the first {len(sets)})", indent=2)
+        field(
+            con,
+            "",
+            f"... and {w['sets_total'] - len(sets)} more set(s) (imageqc status --json lists the first {len(sets)})",
+            indent=2,
+        )
     for n in names:
         field(con, "ignored", f"{n['path']}: {n['reason']}", indent=2)
     if w.get("misnamed_total", 0) > len(names):
@@ -280,7 +322,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             note = f"{j.stage} {j.progress:.0f}%" if j.progress is not None else j.stage
         else:
             note = reason or ""
-        t.add_row(str(j.id), escape(j.chip), job_label(j.state, verdict), str(j.attempts), _ago(j.updated_at, now), escape(note))
+        t.add_row(
+            str(j.id),
+            escape(j.chip),
+            job_label(j.state, verdict),
+            str(j.attempts),
+            _ago(j.updated_at, now),
+            escape(note),
+        )
     con.print(t)
     return EXIT_OK
 
@@ -299,7 +348,12 @@ def cmd_show(args: argparse.Namespace) -> int:
             {
                 "schema": "imageqc.job/1",
                 "job": job.as_dict(),
-                "scan_set": {"chip": scan.chip, "root": scan.root, "fingerprint": scan.fingerprint, "members": scan.members},
+                "scan_set": {
+                    "chip": scan.chip,
+                    "root": scan.root,
+                    "fingerprint": scan.fingerprint,
+                    "members": scan.members,
+                },
                 "events": [e.as_dict() for e in events],
                 "result": result,
                 "uploads": uploads,
@@ -308,7 +362,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     con = _console()
     verdict = result["verdict"] if result else None
-    con.print(f"job #{job.id}  {escape(shown_name(job.chip))}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})")
+    con.print(
+        f"job #{job.id}  {escape(shown_name(job.chip))}  [bold]{job_label(job.state, verdict)}[/]  (state {job.state}, attempts {job.attempts})"
+    )
     if job.error:
         field(con, "error", job.error)
     field(con, "root", scan.root)
@@ -351,7 +407,13 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     rows, chips = [], {}
     if cfg.database_path.exists():
         with _open_store(cfg) as store:
-            rows = store.uploads(args.job, target=args.target, states=[args.state] if args.state else None, limit=args.limit, newest_first=True)
+            rows = store.uploads(
+                args.job,
+                target=args.target,
+                states=[args.state] if args.state else None,
+                limit=args.limit,
+                newest_first=True,
+            )
             chips = {j.id: j.chip for j in store.list_jobs()}
     if args.json:
         out = []
@@ -370,8 +432,14 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False, show_edge=False)
-    for col, kw in (("job", {"justify": "right"}), ("target", {"overflow": "fold"}), ("state", {}), ("size", {"justify": "right"}),
-                    ("done", {"justify": "right"}), ("key", {"overflow": "fold"})):
+    for col, kw in (
+        ("job", {"justify": "right"}),
+        ("target", {"overflow": "fold"}),
+        ("state", {}),
+        ("size", {"justify": "right"}),
+        ("done", {"justify": "right"}),
+        ("key", {"overflow": "fold"}),
+    ):
         t.add_column(col, **kw)
     for r in rows:
         finished = r.state in (UploadState.DONE, UploadState.PRESENT)
@@ -395,7 +463,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     cfg = _config(args)
     with Store(cfg.database_path, create=False) as store:
-        job = store.cancel(_job_id(args.job), reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}")
+        job = store.cancel(
+            _job_id(args.job),
+            reason=f"cancelled by {os.environ.get('USER') or os.environ.get('USERNAME') or 'operator'}",
+        )
     print(f"job #{job.id} {job.chip}: cancelled (state {job.state}; `imageqc retry {job.id}` runs it again)")
     return EXIT_OK
 
@@ -468,7 +539,9 @@ def _to_toml(data: dict[str, Any], prefix: str = "") -> str:
     for k, v in data.items():
         if k == "source":
             continue
-        if (isinstance(v, dict) and k not in _INLINE_TABLES) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v)):
+        if (isinstance(v, dict) and k not in _INLINE_TABLES) or (
+            isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+        ):
             tables.append((k, v))
         else:
             lines.append(f"{k} = {_toml_value(v)}")
@@ -519,31 +592,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, *, config: bool = True, json_: bool = False) -> argparse.ArgumentParser:
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], int], help: str, *, config: bool = True, json_: bool = False
+    ) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         if config:
-            sp.add_argument("--config", "-c", metavar="FILE", help=f"config file (default: ${CONFIG_ENV}, else the embedded default)")
+            sp.add_argument(
+                "--config",
+                "-c",
+                metavar="FILE",
+                help=f"config file (default: ${CONFIG_ENV}, else the embedded default)",
+            )
         if json_:
             sp.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
         sp.set_defaults(func=fn)
         return sp
 
     add("run", cmd_run, "Run the service in the foreground (Ctrl-C or SIGTERM stops it cleanly).")
-    add("status", cmd_status, "Show the service's state: jobs per state, running jobs, watchers, errors, free space.", json_=True)
+    add(
+        "status",
+        cmd_status,
+        "Show the service's state: jobs per state, running jobs, watchers, errors, free space.",
+        json_=True,
+    )
     sp = add("jobs", cmd_jobs, "List jobs, newest first.", json_=True)
     sp.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
     sp.add_argument("--chip", help="only jobs of this chip")
     sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
     sp = add("show", cmd_show, "Show one job: members, verdict, uploads and history.", json_=True)
     sp.add_argument("job", help="job id")
-    sp = add("uploads", cmd_uploads, "List upload records, newest first: target, state, progress, remote key.", json_=True)
+    sp = add(
+        "uploads", cmd_uploads, "List upload records, newest first: target, state, progress, remote key.", json_=True
+    )
     sp.add_argument("--job", type=int, help="only this job's uploads")
     sp.add_argument("--target", help="only this target")
-    sp.add_argument("--state", choices=["pending", "active", "done", "present", "retry", "failed", "changed"], help="only this state")
+    sp.add_argument(
+        "--state",
+        choices=["pending", "active", "done", "present", "retry", "failed", "changed"],
+        help="only this state",
+    )
     sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
     sp = add("retry", cmd_retry, "Run a failed or skipped job again (an upload failure resumes the upload, not QC).")
     sp.add_argument("job", help="job id")
-    sp.add_argument("--qc", action="store_true", help="run QC again too, whatever stopped the job (a new verdict replaces the old)")
+    sp.add_argument(
+        "--qc", action="store_true", help="run QC again too, whatever stopped the job (a new verdict replaces the old)"
+    )
     sp = add("cancel", cmd_cancel, "Cancel a job (a running one is stopped).")
     sp.add_argument("job", help="job id")
     sp = add("logs", cmd_logs, "Print the service log readably.", json_=True)
@@ -591,7 +684,6 @@ def _add_notify_command(sub: Any) -> None:
     from daemon.notify_send import add_notify_command
 
     add_notify_command(sub)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,13 +72,18 @@ class ServiceClock:
                 now = slewed
             elif wall < last - STEP_TOLERANCE_S:  # stepped back: on at a slower pace until the wall clock catches up
                 now, self._held = slewed, True
-                log.warning("the wall clock stepped back; the service's time slows down until it has caught up",
-                            step_s=round(wall - last, 1), slew_rate=SLEW_RATE)
+                log.warning(
+                    "the wall clock stepped back; the service's time slows down until it has caught up",
+                    step_s=round(wall - last, 1),
+                    slew_rate=SLEW_RATE,
+                )
             else:
                 now = max(wall, last)
                 if wall - last > elapsed + STEP_TOLERANCE_S:
-                    log.warning("the wall clock stepped forward; intervals stay on the monotonic clock",
-                                step_s=round(wall - last - elapsed, 1))
+                    log.warning(
+                        "the wall clock stepped forward; intervals stay on the monotonic clock",
+                        step_s=round(wall - last - elapsed, 1),
+                    )
             self._last = (now, mono)
             return now
 

@@ -41,14 +41,14 @@ from qc.io import (
 )
 
 __all__ = [
+    "Judge",
     "MemberState",
     "SetView",
     "Verdict",
-    "Judge",
+    "check_member_whole",
     "fingerprint",
     "member_files",
     "open_for_writing",
-    "check_member_whole",
 ]
 
 #: How many of a tile folder's newest TIFF tiles get the structural check.
@@ -207,7 +207,13 @@ def _windows_locked(path: str) -> bool:  # pragma: no cover - Windows only
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
     kernel32.CreateFileW.restype = wintypes.HANDLE
     kernel32.CreateFileW.argtypes = [
-        wintypes.LPCWSTR, wintypes.DWORD, wintypes.DWORD, wintypes.LPVOID, wintypes.DWORD, wintypes.DWORD, wintypes.HANDLE,
+        wintypes.LPCWSTR,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.LPVOID,
+        wintypes.DWORD,
+        wintypes.DWORD,
+        wintypes.HANDLE,
     ]
     handle = kernel32.CreateFileW(path, generic_read, file_share_read, None, open_existing, 0x80, None)
     if handle == wintypes.HANDLE(-1).value:
@@ -258,7 +264,9 @@ def _check_tiles(policy: WalkPolicy, member: MemberState) -> str | None:
     if info.duplicates:
         r, c = info.duplicates[0]
         return f"tile folder {name}: {len(info.duplicates)} grid cells have two tiles (first: row {r}, column {c})"
-    tiffs = [(p, st.st_mtime_ns) for p, st in tile_folder_files(policy, member.path) if p.lower().endswith((".tif", ".tiff"))]
+    tiffs = [
+        (p, st.st_mtime_ns) for p, st in tile_folder_files(policy, member.path) if p.lower().endswith((".tif", ".tiff"))
+    ]
     for path, _ in sorted(tiffs, key=lambda t: t[1], reverse=True)[:NEWEST_TILES_CHECKED]:
         check_tiff_whole(path)
     return None
@@ -310,7 +318,10 @@ class Judge:
         due = view.last_change + self.settle_s
         if now < due:
             return Verdict(
-                False, "settling", f"still changing (last change {now - view.last_change:.0f} s ago, settle time {self.settle_s:g} s)", due
+                False,
+                "settling",
+                f"still changing (last change {now - view.last_change:.0f} s ago, settle time {self.settle_s:g} s)",
+                due,
             )
         due = view.newest_arrival + self.grouping_s
         if now < due:
@@ -331,7 +342,9 @@ class Judge:
             return Verdict(False, "ambiguous", f"{paths} name the same image; keep one of them")
         roles = {m.role for m in view.members}
         if IF in roles and NUCLEAR not in roles:
-            return Verdict(False, "incomplete", f"IF images but no nuclear image {view.chip} (.tif, .czi or tile folder) yet")
+            return Verdict(
+                False, "incomplete", f"IF images but no nuclear image {view.chip} (.tif, .czi or tile folder) yet"
+            )
         if open_paths:
             held = sorted(p for p in open_paths if any(_inside(p, m.path) for m in view.members))
             if held:

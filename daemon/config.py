@@ -31,32 +31,32 @@ else:  # pragma: no cover - exercised on 3.10 only
 from daemon.errors import ConfigError, ConfigErrors
 
 __all__ = [
-    "Config",
-    "SiteConfig",
-    "WatchRoot",
-    "DiscoveryConfig",
-    "Thresholds",
-    "QCConfig",
-    "OutputConfig",
-    "UploadTarget",
-    "LoggingConfig",
-    "ServiceConfig",
-    "NotifyRule",
-    "NotifyConfig",
-    "WebConfig",
-    "FleetConfig",
-    "NOTIFY_EVENTS",
     "DEFAULT_TOML",
+    "NOTIFY_EVENTS",
+    "Config",
+    "DiscoveryConfig",
+    "FleetConfig",
+    "LoggingConfig",
+    "NotifyConfig",
+    "NotifyRule",
+    "OutputConfig",
+    "QCConfig",
+    "ServiceConfig",
+    "SiteConfig",
+    "Thresholds",
+    "UploadTarget",
+    "WatchRoot",
+    "WebConfig",
+    "config_to_dict",
+    "default_config",
+    "is_loopback",
+    "iter_fields",
     "load_config",
     "load_config_text",
-    "default_config",
     "parse_bandwidth",
-    "parse_window",
     "parse_clock",
     "parse_listen",
-    "is_loopback",
-    "config_to_dict",
-    "iter_fields",
+    "parse_window",
 ]
 
 
@@ -87,7 +87,9 @@ class WatchRoot:
         "native: OS file events; polling: periodic listing; auto: polling for network paths, else native.",
         choices=("auto", "native", "polling"),
     )
-    settle_seconds: float = _f(60.0, "A scan set is complete when nothing in it changed for this long.", min=0, max=86400)
+    settle_seconds: float = _f(
+        60.0, "A scan set is complete when nothing in it changed for this long.", min=0, max=86400
+    )
     ignore: tuple[str, ...] = _f(
         ("~*", ".*", "*.tmp", "*.part"), "Name patterns never considered (glob, matched on each path part)."
     )
@@ -115,7 +117,9 @@ class WatchRoot:
         (0.1, 0.1),
         "Fractional overlap [x, y] of neighbouring tiles (one number: both) for tile folders whose files give "
         "neither positions (TileConfiguration.txt) nor overlap (metadata); the stitching refines from it.",
-        min=0, max=0.9, items=(1, 2),
+        min=0,
+        max=0.9,
+        items=(1, 2),
     )
 
     @property
@@ -126,23 +130,31 @@ class WatchRoot:
 
 @dataclass(frozen=True)
 class DiscoveryConfig:
-    rescan_interval_s: float = _f(60.0, "Full reconciliation rescan of every root, seconds (the source of truth).", min=1, max=86400)
+    rescan_interval_s: float = _f(
+        60.0, "Full reconciliation rescan of every root, seconds (the source of truth).", min=1, max=86400
+    )
     poll_interval_s: float = _f(5.0, "Polling observer interval, seconds.", min=0.1, max=3600)
     grouping_window_s: float = _f(
         60.0,
         "Wait this long after a chip's newest member appeared before queueing, so IF images exported a little "
         "later join the set (DAPI+mIF). Up to the settle time this adds no delay; raise it if IF exports lag more.",
-        min=0, max=86400,
+        min=0,
+        max=86400,
     )
     incomplete_timeout_s: float = _f(
-        3600.0, "Report a scan set that never completes (e.g. a truncated TIFF) after this long, once.", min=1, max=30 * 86400
+        3600.0,
+        "Report a scan set that never completes (e.g. a truncated TIFF) after this long, once.",
+        min=1,
+        max=30 * 86400,
     )
 
 
 @dataclass(frozen=True)
 class Thresholds:
     track: float = _f(60.0, "Track-line score needed to pass (required metric).", min=0, max=100)
-    clarity: float = _f(80.0, "Clarity score below which an advisory is given (never fails QC by itself).", min=0, max=100)
+    clarity: float = _f(
+        80.0, "Clarity score below which an advisory is given (never fails QC by itself).", min=0, max=100
+    )
     stitching: float = _f(60.0, "Stitching score needed to pass (required for DAPI+mIF tile sets).", min=0, max=100)
     calibration_offset_px: float = _f(20.0, "Largest DAPI-IF offset that passes, in pixels.", min=0, max=100000)
     calibration_similarity: float = _f(0.01, "Smallest DAPI-IF similarity that passes (0-1).", min=0, max=1)
@@ -156,21 +168,26 @@ class QCConfig:
         0.0,
         "Largest stage error of a tile (off its nominal position along x or y, relative to the set) that "
         "stitching passes, in pixels; 0 = a third of the tile's narrowest overlap with a neighbour.",
-        min=0, max=100000,
+        min=0,
+        max=100000,
     )
     threads: int = _f(2, "Threads QC may use (numpy/OpenCV/onnxruntime).", min=1, max=256)
     priority: str = _f(
-        "low", "Process priority of the QC worker, so the microscope software is never starved.",
+        "low",
+        "Process priority of the QC worker, so the microscope software is never starved.",
         choices=("low", "below_normal", "normal"),
     )
-    memory_limit_mb: int = _f(4096, "Address-space limit of the QC worker where the OS supports it (0 = none).", min=0, max=1 << 22)
+    memory_limit_mb: int = _f(
+        4096, "Address-space limit of the QC worker where the OS supports it (0 = none).", min=0, max=1 << 22
+    )
     timeout_s: float = _f(1800.0, "A QC run taking longer than this is stopped and the job failed.", min=10, max=86400)
     worker_jobs: int = _f(
         50,
         "Jobs one warm QC worker process runs before it is replaced (imports and model are loaded once per "
         "worker, not per job); 1 = a fresh process for every job. A worker that is stopped (timeout, memory "
         "limit, cancel) or crashes is always replaced.",
-        min=1, max=100000,
+        min=1,
+        max=100000,
     )
     max_dimension: int = _f(400_000, "Refuse images whose header declares a side longer than this (pixels).", min=1)
     max_pixels: int = _f(40_000_000_000, "Refuse images whose header declares more pixels than this.", min=1)
@@ -178,7 +195,8 @@ class QCConfig:
         64.0,
         "Refuse a QC archive (.tar.gz) whose members add up to more than this, uncompressed (GiB); checked "
         "from the tar headers before anything is expanded.",
-        min=0.001, max=1 << 20,
+        min=0.001,
+        max=1 << 20,
     )
     model: str = _f(
         "",
@@ -202,17 +220,41 @@ class QCConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = _f("", "Folder for QC outputs (report, pictures, archive); empty = <state_dir>/outputs.", path=True)
-    archive: bool = _f(True, "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run: the archive SAW takes (saw count --image-tar), with SAW's IPR, the images and imageqc's report and pictures.")
+    archive: bool = _f(
+        True,
+        "Write <chip>_<YYYYMMDD>_<HHMMSS>_<version>.tar.gz per run: the archive SAW takes (saw count --image-tar), with SAW's IPR, the images and imageqc's report and pictures.",
+    )
     pictures: bool = _f(True, "Write the overlay pictures (track grid, clarity map, stitching and IF overlays).")
-    archive_level: int = _f(0, "gzip level of the archive: 0 stores the images as they are (as fast as copying them), 1-3 compress them (about a third smaller raw, several times slower).", min=0, max=3)
-    include_images: bool = _f(True, "Put the input images into the archive, as SAW needs them; false keeps only the IPR, report and pictures (small, but SAW cannot use it).")
+    archive_level: int = _f(
+        0,
+        "gzip level of the archive: 0 stores the images as they are (as fast as copying them), 1-3 compress them (about a third smaller raw, several times slower).",
+        min=0,
+        max=3,
+    )
+    include_images: bool = _f(
+        True,
+        "Put the input images into the archive, as SAW needs them; false keeps only the IPR, report and pictures (small, but SAW cannot use it).",
+    )
 
 
 @dataclass(frozen=True)
 class UploadTarget:
-    name: str = _f("", "A short name for this target, used in logs, status and the store.", required=True, pattern=r"^[A-Za-z0-9._-]+$")
-    type: str = _f("s3", "s3 (AWS or S3-compatible), oss (Aliyun OSS) or hpc (mounted path or UNC share).", choices=("s3", "oss", "hpc"))
-    mode: str = _f("outputs", "What to upload: none, inputs (the images), outputs (the QC archive) or all.", choices=("none", "inputs", "outputs", "all"))
+    name: str = _f(
+        "",
+        "A short name for this target, used in logs, status and the store.",
+        required=True,
+        pattern=r"^[A-Za-z0-9._-]+$",
+    )
+    type: str = _f(
+        "s3",
+        "s3 (AWS or S3-compatible), oss (Aliyun OSS) or hpc (mounted path or UNC share).",
+        choices=("s3", "oss", "hpc"),
+    )
+    mode: str = _f(
+        "outputs",
+        "What to upload: none, inputs (the images), outputs (the QC archive) or all.",
+        choices=("none", "inputs", "outputs", "all"),
+    )
     endpoint: str = _f("", "Endpoint URL (S3-compatible or OSS); empty = AWS default for s3.")
     region: str = _f("", "Region (s3: e.g. eu-west-1; oss: e.g. cn-hangzhou).")
     bucket: str = _f("", "Bucket name (s3, oss).")
@@ -229,7 +271,8 @@ class UploadTarget:
         "parts in flight finish and the rest resumes at the next opening. Empty = any time.",
     )
     bandwidth_limit: str = _f(
-        "", "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited."
+        "",
+        "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.",
     )
     concurrency: int = _f(4, "Requests (parts or whole files) in flight at once for this target.", min=1, max=64)
     part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
@@ -237,10 +280,14 @@ class UploadTarget:
         8,
         "Attempts of each request for transient errors (network loss, 5xx, timeouts) before the file counts as failed; "
         "the job is then retried with the service's backoff, up to service.max_attempts times.",
-        min=1, max=100,
+        min=1,
+        max=100,
     )
     retry_base_s: float = _f(
-        1.0, "First wait after a transient error (network loss, 5xx, timeout); doubles each attempt, with jitter.", min=0, max=3600
+        1.0,
+        "First wait after a transient error (network loss, 5xx, timeout); doubles each attempt, with jitter.",
+        min=0,
+        max=3600,
     )
     retry_max_s: float = _f(60.0, "Longest wait between two attempts of one request.", min=0, max=86400)
     timeout_s: float = _f(60.0, "Connect and read timeout of each request, seconds.", min=1, max=3600)
@@ -260,12 +307,15 @@ class UploadTarget:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = _f("info", "Lowest level written: debug, info, warning, error.", choices=("debug", "info", "warning", "error"))
+    level: str = _f(
+        "info", "Lowest level written: debug, info, warning, error.", choices=("debug", "info", "warning", "error")
+    )
     file: str = _f("", "JSON-lines log file; empty = <state_dir>/logs/imageqc.jsonl.", path=True)
     max_bytes: int = _f(10_000_000, "Rotate the log file at this size.", min=10_000)
     backups: int = _f(5, "Rotated log files kept.", min=0, max=1000)
     console: str = _f(
-        "auto", "Console output: auto (pretty on a terminal, JSON otherwise), pretty, json or off.",
+        "auto",
+        "Console output: auto (pretty on a terminal, JSON otherwise), pretty, json or off.",
         choices=("auto", "pretty", "json", "off"),
     )
 
@@ -273,12 +323,19 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class ServiceConfig:
     tick_seconds: float = _f(2.0, "How often the service looks for due jobs, seconds.", min=0.05, max=3600)
-    lease_seconds: float = _f(120.0, "A running job whose worker stops renewing its lease for this long is re-queued.", min=5, max=86400)
+    lease_seconds: float = _f(
+        120.0, "A running job whose worker stops renewing its lease for this long is re-queued.", min=5, max=86400
+    )
     workers: int = _f(1, "QC jobs run at the same time.", min=1, max=16)
     max_attempts: int = _f(3, "Attempts per job for transient failures.", min=1, max=100)
     retry_base_s: float = _f(30.0, "First retry delay; doubles each attempt (with jitter).", min=0, max=86400)
     retry_max_s: float = _f(3600.0, "Longest retry delay.", min=0, max=7 * 86400)
-    shutdown_timeout_s: float = _f(20.0, "On stop, wait this long in all for running QC jobs and uploads before abandoning them to lease recovery (a second SIGTERM/Ctrl+C stops at once).", min=0, max=3600)
+    shutdown_timeout_s: float = _f(
+        20.0,
+        "On stop, wait this long in all for running QC jobs and uploads before abandoning them to lease recovery (a second SIGTERM/Ctrl+C stops at once).",
+        min=0,
+        max=3600,
+    )
 
 
 #: Events a notification rule can take (daemon/notify.py).
@@ -287,13 +344,19 @@ NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest")
 
 @dataclass(frozen=True)
 class NotifyRule:
-    name: str = _f("", "A short name for this rule, used in logs, status and the outbox.", required=True, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = _f(
+        "",
+        "A short name for this rule, used in logs, status and the outbox.",
+        required=True,
+        pattern=r"^[A-Za-z0-9._-]+$",
+    )
     urls: tuple[str, ...] = _f(
         (),
         "Where this rule's apprise URLs come from, never the URLs themselves (they hold tokens): 'env:NAME' (an "
         "environment variable of the service holding one or more URLs, separated by spaces or newlines) or 'file:PATH' "
         "(a file with one URL a line, '#' comments).",
-        required=True, ref_path=True,
+        required=True,
+        ref_path=True,
     )
     events: tuple[str, ...] = _f(("qc_fail", "job_failed", "health"), "Events this rule sends.", choices=NOTIFY_EVENTS)
     quiet_hours: str = _f(
@@ -308,26 +371,43 @@ class NotifyRule:
 class NotifyConfig:
     rule: tuple[NotifyRule, ...] = _f((), "Notification rules ([[notify.rule]] tables); none = no notifications.")
     timeout_s: float = _f(
-        30.0, "Longest wait for one message to be accepted by its endpoint; longer counts as a failure and is retried. "
-        "Sending never holds up QC or uploads.", min=1, max=600,
+        30.0,
+        "Longest wait for one message to be accepted by its endpoint; longer counts as a failure and is retried. "
+        "Sending never holds up QC or uploads.",
+        min=1,
+        max=600,
     )
-    retry_base_s: float = _f(60.0, "First wait after a failed send to an endpoint; doubles with each failure.", min=1, max=86400)
+    retry_base_s: float = _f(
+        60.0, "First wait after a failed send to an endpoint; doubles with each failure.", min=1, max=86400
+    )
     retry_max_s: float = _f(3600.0, "Longest wait between two sends to a failing endpoint.", min=1, max=7 * 86400)
     expire_after_s: float = _f(
-        3 * 86400.0, "A message still not delivered this long after its event is given up (kept, shown as expired).",
-        min=60, max=365 * 86400,
+        3 * 86400.0,
+        "A message still not delivered this long after its event is given up (kept, shown as expired).",
+        min=60,
+        max=365 * 86400,
     )
-    attach_pictures: bool = _f(True, "Attach the run's summary sheet (pictures/<chip>_summary.png: the verdict, every metric against its threshold, the reasons and small versions of the pictures) to qc_fail and qc_pass.")
+    attach_pictures: bool = _f(
+        True,
+        "Attach the run's summary sheet (pictures/<chip>_summary.png: the verdict, every metric against its threshold, the reasons and small versions of the pictures) to qc_fail and qc_pass.",
+    )
     disk_free_min_gb: float = _f(
-        10.0, "health: warn when the free space of the state folder, the output folder or a watch root falls below "
-        "this many GB (0 = never).", min=0, max=1e6,
+        10.0,
+        "health: warn when the free space of the state folder, the output folder or a watch root falls below "
+        "this many GB (0 = never).",
+        min=0,
+        max=1e6,
     )
     health_grace_s: float = _f(
-        300.0, "health: a problem (watch folder missing, watcher down, low disk) is sent once it has lasted this "
-        "long, so short blips stay quiet; its end is sent too.", min=0, max=7 * 86400,
+        300.0,
+        "health: a problem (watch folder missing, watcher down, low disk) is sent once it has lasted this "
+        "long, so short blips stay quiet; its end is sent too.",
+        min=0,
+        max=7 * 86400,
     )
     digest_at: str = _f(
-        "", "Local time 'HH:MM' of the daily digest (the last 24 hours, for rules whose events include digest); "
+        "",
+        "Local time 'HH:MM' of the daily digest (the last 24 hours, for rules whose events include digest); "
         "empty = no digest.",
     )
 
@@ -356,9 +436,12 @@ class FleetConfig:
         "How often the service writes its status document (imageqc.fleet/1) to each upload target, at "
         "{prefix}/_fleet/{site}/{host}.json, with the target's own credentials; `imageqc fleet` lists every PC's. "
         "0 = never. A PC silent for 3 intervals is shown as stale.",
-        min=0, max=86400,
+        min=0,
+        max=86400,
     )
-    host: str = _f("", "This PC's name in its fleet document; empty = the computer's name.", pattern=r"^[A-Za-z0-9._-]*$")
+    host: str = _f(
+        "", "This PC's name in its fleet document; empty = the computer's name.", pattern=r"^[A-Za-z0-9._-]*$"
+    )
 
 
 @dataclass(frozen=True)
@@ -409,9 +492,17 @@ _SECRET_WORDS = ("secret", "password", "passwd", "token", "access_key", "accessk
 # ---------------------------------------------------------------------------
 
 _BW_UNITS = {
-    "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3,
-    "bit": 1 / 8, "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "bit": 1 / 8,
+    "kbit": 1000 / 8,
+    "mbit": 1000**2 / 8,
+    "gbit": 1000**3 / 8,
 }
 
 
@@ -488,7 +579,7 @@ class _Locator:
                 else:
                     # a sub-table of the last array element: [watch.x] after [[watch]]
                     head = name.split(".")[0]
-                    table = name if head not in counts else f"{head}[{counts[head] - 1}]{name[len(head):]}"
+                    table = name if head not in counts else f"{head}[{counts[head] - 1}]{name[len(head) :]}"
                 self.lines.setdefault(table, no)
                 continue
             km = self._key.match(raw)
@@ -559,7 +650,9 @@ class _Loader:
                 if f.metadata.get("required"):
                     failed = True
                     if not difflib.get_close_matches(name, unknown, n=1, cutoff=0.6):  # else "did you mean" said it
-                        self.report(self.error(kp if keypath else name, f"missing required setting ({f.metadata['help']})"))
+                        self.report(
+                            self.error(kp if keypath else name, f"missing required setting ({f.metadata['help']})")
+                        )
                 continue
             try:
                 values[name] = self.convert(hints[name], data[name], kp, f.metadata)
@@ -684,7 +777,7 @@ def tile_pattern_problem(value: str) -> str | None:
 
 
 def _is_unc(value: str) -> bool:
-    return value.startswith("\\\\") or value.startswith("//")
+    return value.startswith(("\\\\", "//"))
 
 
 def _join(keypath: str, key: str) -> str:
@@ -693,8 +786,12 @@ def _join(keypath: str, key: str) -> str:
 
 def _tname(v: Any) -> str:
     return {
-        bool: "a boolean", int: "a whole number", float: "a number", str: "a string",
-        list: "a list", dict: "a table",
+        bool: "a boolean",
+        int: "a whole number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
     }.get(type(v), type(v).__name__)
 
 
@@ -708,7 +805,10 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
         if t.type in ("s3", "oss") and not t.bucket:
             ld.check(f"{kp}.bucket", f"missing required setting for a {t.type} target (the bucket name)")
         if t.type == "oss" and not t.endpoint:
-            ld.check(f"{kp}.endpoint", "missing required setting for an oss target, e.g. 'https://oss-cn-hangzhou.aliyuncs.com'")
+            ld.check(
+                f"{kp}.endpoint",
+                "missing required setting for an oss target, e.g. 'https://oss-cn-hangzhou.aliyuncs.com'",
+            )
         if t.type == "hpc" and not t.path:
             ld.check(f"{kp}.path", "missing required setting for an hpc target (a mounted folder or UNC share)")
         if t.endpoint and not re.match(r"^https?://[^/\s]+", t.endpoint):
@@ -720,7 +820,10 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
                 ld.check(f"{kp}.{attr}", str(e))
         cred = t.credentials
         if cred and not re.match(r"^(env:[A-Za-z_][A-Za-z0-9_]*|env|file:.+|profile:.+)$", cred):
-            ld.check(f"{kp}.credentials", "must be '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME' (a reference, never the secret)")
+            ld.check(
+                f"{kp}.credentials",
+                "must be '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME' (a reference, never the secret)",
+            )
         try:
             _check_template(t.key_template)
         except ValueError as e:
@@ -728,7 +831,9 @@ def _cross_checks(cfg: Config, ld: _Loader) -> None:
     _notify_checks(cfg, ld)
     _web_checks(cfg, ld)
     if 0 < cfg.fleet.interval_s < 10:
-        ld.check("fleet.interval_s", f"{cfg.fleet.interval_s:g} s is too often for a bucket; use 0 (never) or at least 10")
+        ld.check(
+            "fleet.interval_s", f"{cfg.fleet.interval_s:g} s is too often for a bucket; use 0 (never) or at least 10"
+        )
     if not cfg.watch:
         ld.check("watch", "at least one [[watch]] root is needed")
     if cfg.qc.model:
@@ -772,7 +877,9 @@ def _notify_checks(cfg: Config, ld: _Loader) -> None:
             ld.check(f"{kp}.name", f"two notification rules are named {r.name!r}; names must be unique")
         names.add(r.name)
         if not r.urls:
-            ld.check(f"{kp}.urls", "missing required setting: at least one 'env:NAME' or 'file:PATH' holding apprise URLs")
+            ld.check(
+                f"{kp}.urls", "missing required setting: at least one 'env:NAME' or 'file:PATH' holding apprise URLs"
+            )
         for j, ref in enumerate(r.urls):
             if not _URL_REF.match(ref.strip()):
                 ld.check(
@@ -934,7 +1041,6 @@ def config_to_dict(cfg: Any, *, mask: bool = True) -> Any:
     return cfg
 
 
-
 # ---------------------------------------------------------------------------
 # The commented example (config.example.toml is this function's output)
 # ---------------------------------------------------------------------------
@@ -1046,8 +1152,12 @@ def _example_fields(cls: type, prefix: str, commented: bool, instance: Any = Non
             continue
         if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
             continue  # arrays of tables are written separately
-        default = getattr(instance, f.name) if instance is not None else (
-            f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = (
+            getattr(instance, f.name)
+            if instance is not None
+            else (
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            )
         )
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
@@ -1082,9 +1192,17 @@ def example_toml() -> str:
             parts += [f"state_dir = {_toml_literal(top.state_dir)}", ""]
     parts += ["# Watch roots: one [[watch]] table per export folder.", "[[watch]]"]
     parts += _example_fields(WatchRoot, "watch.", False)
-    for name, cls in (("site", SiteConfig), ("discovery", DiscoveryConfig), ("qc", QCConfig),
-                      ("output", OutputConfig), ("logging", LoggingConfig), ("service", ServiceConfig),
-                      ("notify", NotifyConfig), ("web", WebConfig), ("fleet", FleetConfig)):
+    for name, cls in (
+        ("site", SiteConfig),
+        ("discovery", DiscoveryConfig),
+        ("qc", QCConfig),
+        ("output", OutputConfig),
+        ("logging", LoggingConfig),
+        ("service", ServiceConfig),
+        ("notify", NotifyConfig),
+        ("web", WebConfig),
+        ("fleet", FleetConfig),
+    ):
         parts += [f"[{name}]"]
         # The example turns the local page on; the embedded default leaves it off.
         example = WebConfig(listen="127.0.0.1:8787") if cls is WebConfig else None

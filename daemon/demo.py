@@ -31,18 +31,27 @@ def add_demo_command(sub: Any) -> None:
         "--seconds, so a running service discovers, QCs and uploads it. Needs the stain crops of "
         "shared/data (--data DIR, $IMAGEQC_SHARED_DATA, or found beside the checkout).",
     )
-    sp.add_argument("--config", "-c", metavar="FILE", help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)")
-    sp.add_argument("--chip", default="SS200000135TL_D1", help="chip serial to name the files with (default: %(default)s)")
+    sp.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)",
+    )
+    sp.add_argument(
+        "--chip", default="SS200000135TL_D1", help="chip serial to name the files with (default: %(default)s)"
+    )
     sp.add_argument("--if-name", default="CD31", help="name of the IF image (default: %(default)s)")
     sp.add_argument("--size", type=int, default=4000, help="image side in pixels (default: %(default)s)")
     sp.add_argument("--seconds", type=float, default=20.0, help="how long writing takes (default: %(default)s)")
     sp.add_argument("--no-lines", action="store_true", help="a chip without visible track lines: QC fails and says why")
     sp.add_argument(
-        "--data", metavar="DIR",
+        "--data",
+        metavar="DIR",
         help="the shared/data folder holding stereo_crops/ (default: $IMAGEQC_SHARED_DATA, else ../shared/data beside the checkout)",
     )
     sp.add_argument(
-        "--follow", action="store_true",
+        "--follow",
+        action="store_true",
         help="after writing, print the job's stages until it ends; exit 0 on a pass, 3 on a fail, 1 on an error. "
         "Refuses to start when no running service watches the folder",
     )
@@ -110,14 +119,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILURE
     inbox.mkdir(parents=True, exist_ok=True)
-    print(f"generating a {args.size} x {args.size} DAPI chip and a {args.if_name} IF image for {args.chip} ...", flush=True)
+    print(
+        f"generating a {args.size} x {args.size} DAPI chip and a {args.if_name} IF image for {args.chip} ...",
+        flush=True,
+    )
     seed = int(time.time()) % 100_000
     dapi = generate_chip(
-        data_dir=data, width=args.size, height=args.size, scale=(0.5, 0.5), angle_deg=0.7,
-        tissue_fraction=0.5, lines=not args.no_lines, seed=seed,
+        data_dir=data,
+        width=args.size,
+        height=args.size,
+        scale=(0.5, 0.5),
+        angle_deg=0.7,
+        tissue_fraction=0.5,
+        lines=not args.no_lines,
+        seed=seed,
     )
     ifimg = generate_if(dapi.truth, offset_px=(6, -4), data_dir=data, seed=seed + 1)
-    files = [(inbox / f"{args.chip}.tif", _encode(dapi.image)), (inbox / f"{args.chip}_{args.if_name}_IF.tif", _encode(ifimg.image))]
+    files = [
+        (inbox / f"{args.chip}.tif", _encode(dapi.image)),
+        (inbox / f"{args.chip}_{args.if_name}_IF.tif", _encode(ifimg.image)),
+    ]
     print(f"exporting into {inbox} over {args.seconds:.0f} s, as a microscope would:")
     for path, blob in files:
         _write_slowly(path, blob, args.seconds / len(files), path.name)

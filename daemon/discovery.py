@@ -46,14 +46,35 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.completion import Judge, MemberState, SetView, Verdict, check_member_whole, fingerprint, member_files, open_for_writing
+from daemon.completion import (
+    Judge,
+    MemberState,
+    SetView,
+    Verdict,
+    check_member_whole,
+    fingerprint,
+    member_files,
+    open_for_writing,
+)
 from daemon.config import Config, WatchRoot
 from daemon.errors import IllegalTransition
 from daemon.fsinfo import folder_problem, is_network_path
 from daemon.jobs import FILES_STAGE, unreachable
 from daemon.logging import bind_job, get_logger
 from daemon.naming import parse_name
-from daemon.snapshot import NOT_REGULAR, NOT_SERIAL, Found, MemberStat, Rejected, ScanResult, WalkPolicy, diff_snapshots, is_under, probe, scan_tree
+from daemon.snapshot import (
+    NOT_REGULAR,
+    NOT_SERIAL,
+    Found,
+    MemberStat,
+    Rejected,
+    ScanResult,
+    WalkPolicy,
+    diff_snapshots,
+    is_under,
+    probe,
+    scan_tree,
+)
 from daemon.store import JobState, Store
 from daemon.watcher import HINT_DEEP, HINT_DIR, ObserverFactory, Rescanner, RootMissing, RootWatcher
 
@@ -88,8 +109,13 @@ class _Set:
 
     def row(self) -> dict[str, Any]:
         return {
-            "set_key": self.key, "root": self.root, "chip": self.chip, "folder": self.folder,
-            "first_seen": self.first_seen, "last_change": self.last_change, "settling_since": self.settling_since,
+            "set_key": self.key,
+            "root": self.root,
+            "chip": self.chip,
+            "folder": self.folder,
+            "first_seen": self.first_seen,
+            "last_change": self.last_change,
+            "settling_since": self.settling_since,
         }
 
 
@@ -176,16 +202,33 @@ class Discovery:
             policy = WalkPolicy.from_config(w, exclude=exclude)
             grouping = 0.0 if w.stain in ("ssDNA", "HE") else d.grouping_window_s
             judge = Judge(
-                policy, settle_s=w.settle_seconds, grouping_s=grouping, marker=w.marker,
-                recheck_s=max(0.2, min(5.0, w.settle_seconds or 5.0)), whole=self._whole_check,
+                policy,
+                settle_s=w.settle_seconds,
+                grouping_s=grouping,
+                marker=w.marker,
+                recheck_s=max(0.2, min(5.0, w.settle_seconds or 5.0)),
+                whole=self._whole_check,
             )
-            watcher = RootWatcher(policy, configured=w.observer, poll_s=d.poll_interval_s, factory=self._factory, is_network=self._is_network)
+            watcher = RootWatcher(
+                policy,
+                configured=w.observer,
+                poll_s=d.poll_interval_s,
+                factory=self._factory,
+                is_network=self._is_network,
+            )
             self._roots.append(_Root(w, policy, judge, watcher))
         self._load()
         for r in self._roots:
             r.watcher.start()
-            log.info("watching", root=r.policy.root, observer=r.watcher.mode, health=r.watcher.health(),
-                     settle_s=r.watch.settle_seconds, naming=r.watch.naming, marker=r.watch.marker or None)
+            log.info(
+                "watching",
+                root=r.policy.root,
+                observer=r.watcher.mode,
+                health=r.watcher.health(),
+                settle_s=r.watch.settle_seconds,
+                naming=r.watch.naming,
+                marker=r.watch.marker or None,
+            )
         self._rescanner = Rescanner([r.policy for r in self._roots], interval_s=d.rescan_interval_s, clock=self._clock)
         self._rescanner.start()
 
@@ -213,16 +256,18 @@ class Discovery:
             root = r.policy.root
             last = self._rescanner.last.get(root, {}) if self._rescanner else {}
             pending = sum(1 for s in self._sets.values() if s.root == root and s.state in ("", _SETTLING))
-            roots.append({
-                "path": root,
-                "observer": r.watcher.mode,
-                "health": r.watcher.health(),
-                "last_rescan": last.get("at"),
-                "rescan_s": last.get("duration_s"),
-                "files": last.get("files"),
-                "members": sum(1 for _, rt, _ in self._members.values() if rt == root),
-                "pending": pending,
-            })
+            roots.append(
+                {
+                    "path": root,
+                    "observer": r.watcher.mode,
+                    "health": r.watcher.health(),
+                    "last_rescan": last.get("at"),
+                    "rescan_s": last.get("duration_s"),
+                    "files": last.get("files"),
+                    "members": sum(1 for _, rt, _ in self._members.values() if rt == root),
+                    "pending": pending,
+                }
+            )
         return {"roots": roots, "waiting": self.waiting()}
 
     #: At most this many waiting sets and misnamed names in the heartbeat (the total is given too).
@@ -237,13 +282,24 @@ class Discovery:
         """
         sets = sorted((s for s in self._sets.values() if s.state in ("", _SETTLING)), key=lambda s: s.settling_since)
         rows = [
-            {"chip": s.chip, "folder": s.folder, "root": s.root, "since": s.settling_since,
-             "stage": s.verdict.stage if s.verdict else "settling",
-             "reason": s.verdict.reason if s.verdict and s.verdict.reason else "waiting for the files to stay unchanged"}
+            {
+                "chip": s.chip,
+                "folder": s.folder,
+                "root": s.root,
+                "since": s.settling_since,
+                "stage": s.verdict.stage if s.verdict else "settling",
+                "reason": s.verdict.reason
+                if s.verdict and s.verdict.reason
+                else "waiting for the files to stay unchanged",
+            }
             for s in sets[: self.waiting_limit]
         ]
-        names = sorted(((p, why, at, root) for root, d in self._misnamed.items() for p, (why, at) in d.items()), key=lambda t: t[2])
-        misnamed = [{"path": p, "root": root, "reason": why, "since": at} for p, why, at, root in names[: self.waiting_limit]]
+        names = sorted(
+            ((p, why, at, root) for root, d in self._misnamed.items() for p, (why, at) in d.items()), key=lambda t: t[2]
+        )
+        misnamed = [
+            {"path": p, "root": root, "reason": why, "since": at} for p, why, at, root in names[: self.waiting_limit]
+        ]
         return {"sets": rows, "sets_total": len(sets), "misnamed": misnamed, "misnamed_total": len(names)}
 
     # -- persistence -----------------------------------------------------------
@@ -255,16 +311,30 @@ class Discovery:
         for row in sets:
             if row["root"] in roots:
                 self._sets[row["set_key"]] = _Set(
-                    row["set_key"], row["root"], row["chip"], row["folder"],
-                    row["first_seen"], row["last_change"], row["settling_since"],
+                    row["set_key"],
+                    row["root"],
+                    row["chip"],
+                    row["folder"],
+                    row["first_seen"],
+                    row["last_change"],
+                    row["settling_since"],
                 )
         for row in members:
             s = self._sets.get(row["set_key"])
             if s is None:
                 continue
             stat = _stat_of(row)
-            ms = MemberState(row["path"], row["name"], row["chip"], row["format"], row["role"], row["stain"],
-                             stat, row["first_seen"], row["last_change"])
+            ms = MemberState(
+                row["path"],
+                row["name"],
+                row["chip"],
+                row["format"],
+                row["role"],
+                row["stain"],
+                stat,
+                row["first_seen"],
+                row["last_change"],
+            )
             self._members[row["path"]] = (ms, row["root"], row["set_key"])
             s.members.add(row["path"])
         for key in [k for k, s in self._sets.items() if not s.members]:
@@ -277,8 +347,9 @@ class Discovery:
         assert self._store is not None
         members = [_member_row(*self._members[p]) for p in self._save_members if p in self._members]
         sets = [self._sets[k].row() for k in self._save_sets if k in self._sets]
-        self._store.discovery_save(members=members, drop_members=sorted(self._drop_members),
-                                   sets=sets, drop_sets=sorted(self._drop_sets))
+        self._store.discovery_save(
+            members=members, drop_members=sorted(self._drop_members), sets=sets, drop_sets=sorted(self._drop_sets)
+        )
         self._save_members.clear()
         self._drop_members.clear()
         self._save_sets.clear()
@@ -332,8 +403,13 @@ class Discovery:
                 self._note(root, res, now, whole=res.start == root.policy.root and res.complete)
                 self._requeue_reachable(root, now)
             if diff:
-                log.debug("rescan found changes", root=res.root, created=len(diff.created),
-                          deleted=len(diff.deleted), modified=len(diff.modified))
+                log.debug(
+                    "rescan found changes",
+                    root=res.root,
+                    created=len(diff.created),
+                    deleted=len(diff.deleted),
+                    modified=len(diff.modified),
+                )
 
     def _note(self, r: _Root, res: ScanResult, now: float, *, whole: bool = False) -> None:
         """Report rejected names once (persisted) and ignored names once per run (debug).
@@ -349,10 +425,17 @@ class Discovery:
         for x in res.rejected:
             known.setdefault(x.path, (x.reason, now))
         for kind, event in _REJECT_EVENTS.items():
-            fresh = [x for x in res.rejected if x.kind == kind and self._store.note_once(f"{kind}:{x.path}", kind, now=now)]
+            fresh = [
+                x for x in res.rejected if x.kind == kind and self._store.note_once(f"{kind}:{x.path}", kind, now=now)
+            ]
             if fresh:
-                log.warning(event, root=r.policy.root, count=len(fresh),
-                            names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]], reason=fresh[0].reason)
+                log.warning(
+                    event,
+                    root=r.policy.root,
+                    count=len(fresh),
+                    names=[os.path.relpath(x.path, r.policy.root) for x in fresh[:10]],
+                    reason=fresh[0].reason,
+                )
         for path, reason in res.ignored:
             if path not in self._debugged and len(self._debugged) < _MAX_DEBUG_NAMES:
                 self._debugged.add(path)
@@ -376,8 +459,9 @@ class Discovery:
             if not all(os.path.lexists(str(m["path"])) for m in scan.members):
                 continue  # moved or deleted meanwhile: QC would fail for good; leave the error as it is
             try:
-                store.transition(job.id, JobState.QUEUED, now=now,
-                                 message="the scan set's files can be read again; queued again")
+                store.transition(
+                    job.id, JobState.QUEUED, now=now, message="the scan set's files can be read again; queued again"
+                )
             except IllegalTransition:
                 continue
             with bind_job(job.id, job.chip):
@@ -431,7 +515,11 @@ class Discovery:
                 key = _set_key(os.path.join(parent, chip), chip, "")[0]
                 if key in self._sets:
                     touched.add(key)
-            elif parent != r.policy.root and parent not in self._members and parse_name(os.path.basename(parent), is_dir=True).member is not None:
+            elif (
+                parent != r.policy.root
+                and parent not in self._members
+                and parse_name(os.path.basename(parent), is_dir=True).member is not None
+            ):
                 to_probe[parent] = r  # a tile in a folder not yet known as a tile folder
         for i, (path, r) in enumerate(to_probe.items()):
             if i and time.monotonic() > deadline:
@@ -466,9 +554,13 @@ class Discovery:
         if old is not None and old[2] != key:
             self._forget(found.path, now)
             old = None
-        if old is None and not found.serial and self._store is not None:
-            if self._store.note_once(f"lenient:{found.path}", "lenient", now=now):
-                log.warning("accepted a name that is not a chip serial (naming = lenient)", path=found.path, chip=m.chip)
+        if (
+            old is None
+            and not found.serial
+            and self._store is not None
+            and self._store.note_once(f"lenient:{found.path}", "lenient", now=now)
+        ):
+            log.warning("accepted a name that is not a chip serial (naming = lenient)", path=found.path, chip=m.chip)
         first = old[0].first_seen if old is not None else now
         state = MemberState(found.path, m.name, m.chip, m.format, m.role, m.stain, found.stat, first, now)
         self._members[found.path] = (state, r.policy.root, key)
@@ -486,7 +578,7 @@ class Discovery:
 
     def _forget(self, path: str, now: float) -> str:
         """A member is gone; drop its set when it was the last one. Returns the set key."""
-        state, root, key = self._members.pop(path)
+        _state, root, key = self._members.pop(path)
         self._save_members.discard(path)
         self._drop_members.add(path)
         r = self._root_of(root)
@@ -503,8 +595,12 @@ class Discovery:
             self._save_sets.discard(key)
             self._drop_sets.add(key)
             if s.state == _QUEUED:
-                log.info("files of a queued scan set were removed; its job fails if they are still gone when it runs",
-                         chip=s.chip, folder=s.folder, job_id=s.job_id)
+                log.info(
+                    "files of a queued scan set were removed; its job fails if they are still gone when it runs",
+                    chip=s.chip,
+                    folder=s.folder,
+                    job_id=s.job_id,
+                )
             elif s.state != _REPORTED:
                 log.info("scan set disappeared before it was complete; dropped", chip=s.chip, folder=s.folder)
         return key
@@ -618,7 +714,11 @@ class Discovery:
     def _record(self, r: _Root, s: _Set, view: SetView, now: float) -> int:
         assert self._store is not None and s.fp is not None
         ssid, _ = self._store.add_scan_set(  # the root as configured: the QC job looks its settings up by it
-            chip=s.chip, root=str(r.watch.path), fingerprint=s.fp, members=[m.job_member() for m in view.members], now=now,
+            chip=s.chip,
+            root=str(r.watch.path),
+            fingerprint=s.fp,
+            members=[m.job_member() for m in view.members],
+            now=now,
         )
         return ssid
 
@@ -629,11 +729,16 @@ class Discovery:
         existing = store.find_job(s.fp)
         names = [os.path.basename(m.path) for m in view.members]
         if existing is None:
-            job_id = store.create_job(ssid, state=JobState.QUEUED, now=now,
-                                      message=f"{s.chip}: {len(names)} member(s) complete ({v.reason or 'settled'}); queued")
+            job_id = store.create_job(
+                ssid,
+                state=JobState.QUEUED,
+                now=now,
+                message=f"{s.chip}: {len(names)} member(s) complete ({v.reason or 'settled'}); queued",
+            )
         elif existing.state == JobState.FAILED.value and existing.failed_stage == "discovery":
-            job_id = store.transition(existing.id, JobState.QUEUED, now=now,
-                                      message="scan set completed after it was reported incomplete").id
+            job_id = store.transition(
+                existing.id, JobState.QUEUED, now=now, message="scan set completed after it was reported incomplete"
+            ).id
         else:
             job_id = None
         s.state, s.next_check = _QUEUED, math.inf
@@ -644,8 +749,13 @@ class Discovery:
         s.job_id = job_id
         superseded = store.supersede_older(s.chip, job_id, now=now)
         with bind_job(job_id, s.chip):
-            log.info("scan set queued", folder=s.folder, members=names, waited_s=round(now - s.settling_since, 1),
-                     superseded=superseded or None)
+            log.info(
+                "scan set queued",
+                folder=s.folder,
+                members=names,
+                waited_s=round(now - s.settling_since, 1),
+                superseded=superseded or None,
+            )
 
     def _report(self, r: _Root, s: _Set, v: Verdict, now: float) -> None:
         store = self._store
@@ -677,9 +787,18 @@ def _stat_of(row: dict[str, Any]) -> MemberStat:
 
 def _member_row(state: MemberState, root: str, key: str) -> dict[str, Any]:
     return {
-        "path": state.path, "root": root, "set_key": key, "name": state.name, "chip": state.chip,
-        "format": state.format, "role": state.role, "stain": state.stain, "size": state.stat.size,
-        "mtime_ns": state.stat.mtime_ns, "files": state.stat.files, "sig": state.stat.sig,
-        "first_seen": state.first_seen, "last_change": state.last_change,
+        "path": state.path,
+        "root": root,
+        "set_key": key,
+        "name": state.name,
+        "chip": state.chip,
+        "format": state.format,
+        "role": state.role,
+        "stain": state.stain,
+        "size": state.stat.size,
+        "mtime_ns": state.stat.mtime_ns,
+        "files": state.stat.files,
+        "sig": state.stat.sig,
+        "first_seen": state.first_seen,
+        "last_change": state.last_change,
     }
-

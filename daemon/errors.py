@@ -9,16 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
-    "DaemonError",
     "ConfigError",
     "ConfigErrors",
-    "StoreError",
+    "DaemonError",
     "DatabaseUnavailable",
     "IllegalTransition",
     "JobNotFound",
-    "UploadError",
-    "TransientUploadError",
     "PermanentUploadError",
+    "StoreError",
+    "TransientUploadError",
+    "UploadError",
 ]
 
 

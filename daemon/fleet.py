@@ -85,12 +85,21 @@ def build_document(config: Config, status: Mapping[str, Any], *, now: float, sta
         "started_at": svc.get("started_at"),
         "last_tick_error": svc.get("last_tick_error"),
         "counts": dict(status.get("counts", {})),
-        "active": [{k: a.get(k) for k in ("job_id", "chip", "state", "stage", "progress")} for a in status.get("active", [])],
+        "active": [
+            {k: a.get(k) for k in ("job_id", "chip", "state", "stage", "progress")} for a in status.get("active", [])
+        ],
         "waiting": _waiting(status.get("waiting") or {}),
-        "last_verdicts": [{k: v.get(k) for k in ("job_id", "chip", "verdict", "reason", "at")} for v in status.get("recent_verdicts", [])],
-        "recent_errors": [{k: e.get(k) for k in ("job_id", "chip", "at", "error")} for e in status.get("recent_errors", [])],
+        "last_verdicts": [
+            {k: v.get(k) for k in ("job_id", "chip", "verdict", "reason", "at")}
+            for v in status.get("recent_verdicts", [])
+        ],
+        "recent_errors": [
+            {k: e.get(k) for k in ("job_id", "chip", "at", "error")} for e in status.get("recent_errors", [])
+        ],
         "uploads": {n: {k: u.get(k) for k in ("files", "bytes", "rate_bps", "open")} for n, u in uploads.items()},
-        "watchers": [{k: w.get(k) for k in ("path", "health", "last_rescan", "pending")} for w in status.get("watchers", [])],
+        "watchers": [
+            {k: w.get(k) for k in ("path", "health", "last_rescan", "pending")} for w in status.get("watchers", [])
+        ],
         "disk": status.get("disk", {}),
     }
 
@@ -98,8 +107,12 @@ def build_document(config: Config, status: Mapping[str, Any], *, now: float, sta
 def _waiting(w: Mapping[str, Any]) -> dict[str, Any]:
     """The sets not queued yet (at most 10, with the total) and the names ignored, from the status report."""
     sets, names = list(w.get("sets") or []), list(w.get("misnamed") or [])
-    return {"sets": sets[:10], "sets_total": w.get("sets_total", len(sets)),
-            "misnamed": names[:10], "misnamed_total": w.get("misnamed_total", len(names))}
+    return {
+        "sets": sets[:10],
+        "sets_total": w.get("sets_total", len(sets)),
+        "misnamed": names[:10],
+        "misnamed_total": w.get("misnamed_total", len(names)),
+    }
 
 
 class FleetReporter:
@@ -119,8 +132,9 @@ class FleetReporter:
 
     name = "fleet"
 
-    def __init__(self, config: Config, *, uploaders: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, uploaders: Mapping[str, Any] | None = None, clock: Callable[[], float] | None = None
+    ) -> None:
         self.config = config
         self.targets = [t for t in config.upload if t.mode != "none"]
         self._clock_given = clock
@@ -162,7 +176,10 @@ class FleetReporter:
         if thread is not None:
             thread.join(max(0.0, self._final_deadline - time.monotonic()) + 0.5)
             if thread.is_alive():  # a request still hanging: abandoned with its daemon thread, uploaders left open
-                log.warning("the last fleet status was not written before the stop deadline", targets=[t.name for t in self.targets])
+                log.warning(
+                    "the last fleet status was not written before the stop deadline",
+                    targets=[t.name for t in self.targets],
+                )
                 return
         for name, up in self._uploaders.items():
             if name not in self._given:
@@ -171,7 +188,11 @@ class FleetReporter:
 
     def health(self) -> dict[str, Any]:
         with self._lock:
-            return {"interval_s": self.config.fleet.interval_s, "written": dict(self.written), "errors": dict(self.errors)}
+            return {
+                "interval_s": self.config.fleet.interval_s,
+                "written": dict(self.written),
+                "errors": dict(self.errors),
+            }
 
     # -- writing -----------------------------------------------------------------------
 
@@ -251,7 +272,10 @@ def judge(doc: Mapping[str, Any], now: float) -> tuple[str, list[str]]:
             problems.append(f"watch {w.get('path')}: {health}")
     failed = int((doc.get("counts") or {}).get("failed", 0) or 0)
     if failed:
-        problems.append(f"{failed} failed job(s)" + (f", newest: {doc['recent_errors'][0].get('error')}" if doc.get("recent_errors") else ""))
+        problems.append(
+            f"{failed} failed job(s)"
+            + (f", newest: {doc['recent_errors'][0].get('error')}" if doc.get("recent_errors") else "")
+        )
     last = (doc.get("last_verdicts") or [None])[0]
     if last and last.get("verdict") == "fail":
         problems.append(f"last QC FAIL: {last.get('chip')}" + (f" ({last['reason']})" if last.get("reason") else ""))
@@ -262,8 +286,9 @@ def judge(doc: Mapping[str, Any], now: float) -> tuple[str, list[str]]:
     return ("failing" if problems else "ok"), problems
 
 
-def read_fleet(config: Config, *, target: str | None = None, now: float | None = None,
-               uploaders: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def read_fleet(
+    config: Config, *, target: str | None = None, now: float | None = None, uploaders: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Every PC's newest document from the targets (one, or all), judged; and each target's reading error.
 
     Returns ``{"generated_at", "targets": {name: {"error": str | None, "documents": n}}, "pcs": [...]}``, the PCs
@@ -300,8 +325,12 @@ def read_fleet(config: Config, *, target: str | None = None, now: float | None =
                 ident = (str(doc.get("site")), str(doc.get("host")))
                 old = seen.get(ident)
                 if old is None or float(doc.get("heartbeat") or 0) > float(old["document"].get("heartbeat") or 0):
-                    seen[ident] = {"target": t.name, "key": key, "document": doc,
-                                   "targets": sorted({t.name, *(old["targets"] if old else [])})}
+                    seen[ident] = {
+                        "target": t.name,
+                        "key": key,
+                        "document": doc,
+                        "targets": sorted({t.name, *(old["targets"] if old else [])}),
+                    }
                 else:
                     old["targets"] = sorted({*old["targets"], t.name})
         except (UploadError, DaemonError) as e:
@@ -313,8 +342,10 @@ def read_fleet(config: Config, *, target: str | None = None, now: float | None =
         doc = entry["document"]
         kind, problems = judge(doc, now)
         entry.update(kind=kind, problems=problems, age_s=round(now - float(doc.get("heartbeat") or 0.0), 1))
-    report["pcs"] = sorted(seen.values(), key=lambda e: (KINDS.index(e["kind"]), str(e["document"].get("site")),
-                                                          str(e["document"].get("host"))))
+    report["pcs"] = sorted(
+        seen.values(),
+        key=lambda e: (KINDS.index(e["kind"]), str(e["document"].get("site")), str(e["document"].get("host"))),
+    )
     return report
 
 
@@ -331,8 +362,12 @@ def pc_line(entry: Mapping[str, Any]) -> str:
     doc = entry["document"]
     counts = doc.get("counts") or {}
     jobs = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no jobs"
-    parts = [f"{entry['kind'].upper():8}{doc.get('site')}/{doc.get('host')}", f"v{doc.get('version')}",
-             f"seen {_age(entry['age_s'])} ago", jobs]
+    parts = [
+        f"{entry['kind'].upper():8}{doc.get('site')}/{doc.get('host')}",
+        f"v{doc.get('version')}",
+        f"seen {_age(entry['age_s'])} ago",
+        jobs,
+    ]
     last = (doc.get("last_verdicts") or [None])[0]
     if last:
         parts.append(f"last {last.get('chip')} {str(last.get('verdict')).upper()}")
@@ -359,8 +394,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         print(f"imageqc fleet: no upload target named {args.target!r} in {cfg.source} (targets: {names})")
         return EXIT_FAILURE
     if not targets:
-        print(f"imageqc fleet: {cfg.source} has no upload target; the fleet documents live in upload targets, "
-              "so give a config with the site's [[upload]] targets (--config FILE)")
+        print(
+            f"imageqc fleet: {cfg.source} has no upload target; the fleet documents live in upload targets, "
+            "so give a config with the site's [[upload]] targets (--config FILE)"
+        )
         return EXIT_FAILURE
     report = read_fleet(cfg, target=args.target)
     if args.json:
@@ -369,7 +406,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         for entry in report["pcs"]:
             print(pc_line(entry))
         if not report["pcs"]:
-            print("no fleet documents found" + "".join(f"; {n}: {i['documents']} read" for n, i in report["targets"].items()))
+            print(
+                "no fleet documents found"
+                + "".join(f"; {n}: {i['documents']} read" for n, i in report["targets"].items())
+            )
         for name, info in report["targets"].items():
             if info["error"]:
                 print(f"imageqc fleet: could not read target {name!r}: {info['error']}")
@@ -380,10 +420,14 @@ def add_fleet_command(sub: Any) -> None:
     """``imageqc fleet [--target T] [--json]``."""
     from daemon.exitcodes import CONFIG_ENV
 
-    help_text = ("List every PC's status from the fleet documents in the upload targets: stale ones (no status for 3 "
-                 "intervals) first, then stopped, then failing.")
+    help_text = (
+        "List every PC's status from the fleet documents in the upload targets: stale ones (no status for 3 "
+        "intervals) first, then stopped, then failing."
+    )
     sp = sub.add_parser("fleet", help=help_text, description=help_text)
-    sp.add_argument("--config", "-c", metavar="FILE", help=f"config file with the site's upload targets (default: ${CONFIG_ENV})")
+    sp.add_argument(
+        "--config", "-c", metavar="FILE", help=f"config file with the site's upload targets (default: ${CONFIG_ENV})"
+    )
     sp.add_argument("--target", metavar="NAME", help="read only this upload target")
     sp.add_argument("--json", action="store_true", help="machine-readable output (stable keys)")
     sp.set_defaults(func=cmd_fleet)

@@ -26,7 +26,15 @@ from typing import Any
 
 from daemon.exitcodes import EXIT_OK, EXIT_USAGE
 
-__all__ = ["AUTOSTART_NAME", "Verdict", "add_follow_command", "autostart_entry", "cmd_follow", "desktop_problem", "new_verdicts"]
+__all__ = [
+    "AUTOSTART_NAME",
+    "Verdict",
+    "add_follow_command",
+    "autostart_entry",
+    "cmd_follow",
+    "desktop_problem",
+    "new_verdicts",
+]
 
 #: The XDG autostart file that starts ``imageqc follow --notify`` at logon (Linux).
 AUTOSTART_NAME = "imageqc-follow.desktop"
@@ -63,11 +71,24 @@ def add_follow_command(sub: Any) -> None:
         "With --notify each verdict is also a desktop notification, a failing chip an urgent one. "
         "Exit 2 when --notify finds no desktop (a service session, or no D-Bus session bus). Ctrl-C stops it.",
     )
-    sp.add_argument("--config", "-c", metavar="FILE", help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)")
+    sp.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="the service's config (default: $IMAGEQC_CONFIG, else the embedded default)",
+    )
     sp.add_argument("--notify", action="store_true", help="show each new verdict as a desktop notification")
     sp.add_argument("--fail-only", action="store_true", help="only failing verdicts")
-    sp.add_argument("--since", type=float, default=0.0, metavar="MINUTES", help="also show verdicts of the last MINUTES at start (default 0)")
-    sp.add_argument("--interval", type=float, default=2.0, metavar="S", help="how often to look, in seconds (default 2)")
+    sp.add_argument(
+        "--since",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="also show verdicts of the last MINUTES at start (default 0)",
+    )
+    sp.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="how often to look, in seconds (default 2)"
+    )
     sp.set_defaults(func=cmd_follow)
 
 
@@ -114,7 +135,7 @@ class _DesktopNotices:
         """None when the notification service answers, else why not."""
         try:
             self._notifier.get_capabilities()
-        except Exception as e:  # noqa: BLE001 - any failure to reach the desktop is reported the same way
+        except Exception as e:  # any failure to reach the desktop is reported the same way
             return f"the desktop's notification service does not answer ({type(e).__name__}: {e})"
         return None
 
@@ -148,8 +169,14 @@ def cmd_follow(args: argparse.Namespace) -> int:
     print(f"following QC verdicts in {cfg.database_path} (Ctrl-C stops)", flush=True)
     stop = threading.Event()
     try:
-        return follow(cfg, since=time.time() - 60.0 * args.since, interval=args.interval, stop=stop,
-                      fail_only=args.fail_only, show=notices.show if notices else None)
+        return follow(
+            cfg,
+            since=time.time() - 60.0 * args.since,
+            interval=args.interval,
+            stop=stop,
+            fail_only=args.fail_only,
+            show=notices.show if notices else None,
+        )
     except KeyboardInterrupt:
         return EXIT_OK
 
@@ -186,11 +213,13 @@ def follow(
             if fail_only and v.verdict != "fail":
                 continue
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.at))
-            print(f"{stamp}  #{v.job_id} {v.chip}  {v.word}" + (f": {v.reason}" if v.reason else ""), file=out, flush=True)
+            print(
+                f"{stamp}  #{v.job_id} {v.chip}  {v.word}" + (f": {v.reason}" if v.reason else ""), file=out, flush=True
+            )
             if show is not None:
                 try:
                     show(v)
-                except Exception as e:  # noqa: BLE001 - a lost notice must not end the follow
+                except Exception as e:  # a lost notice must not end the follow
                     print(f"imageqc follow: could not show the notification: {e}", file=sys.stderr, flush=True)
         stop.wait(interval)
     return EXIT_OK
@@ -211,5 +240,3 @@ def autostart_entry(command: list[str]) -> str:
         "NoDisplay=true\n"
         "X-GNOME-Autostart-enabled=true\n"
     )
-
-

@@ -17,14 +17,42 @@ from pathlib import Path, PurePath
 
 import psutil
 
-__all__ = ["NETWORK_FSTYPES", "FOLDER_MISSING", "MountInfo", "mount_of", "is_network_path", "free_bytes", "folder_problem"]
+__all__ = [
+    "FOLDER_MISSING",
+    "NETWORK_FSTYPES",
+    "MountInfo",
+    "folder_problem",
+    "free_bytes",
+    "is_network_path",
+    "mount_of",
+]
 
 #: File-system types that are network shares (lower case, as psutil reports them).
 NETWORK_FSTYPES = frozenset(
     {
-        "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "ncpfs", "afs", "9p",
-        "fuse.sshfs", "sshfs", "davfs", "fuse.davfs2", "glusterfs", "fuse.glusterfs",
-        "ceph", "fuse.ceph", "lustre", "gpfs", "beegfs", "fuse.rclone", "webdav",
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb",
+        "smb2",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "9p",
+        "fuse.sshfs",
+        "sshfs",
+        "davfs",
+        "fuse.davfs2",
+        "glusterfs",
+        "fuse.glusterfs",
+        "ceph",
+        "fuse.ceph",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "fuse.rclone",
+        "webdav",
     }
 )
 
@@ -37,7 +65,7 @@ class MountInfo:
 
 
 def _is_unc(path: str) -> bool:
-    return path.startswith("\\\\") or path.startswith("//")
+    return path.startswith(("\\\\", "//"))
 
 
 def mount_of(path: str | PurePath) -> MountInfo | None:

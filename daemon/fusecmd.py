@@ -28,17 +28,37 @@ def add_fuse_command(sub: Any) -> None:
     )
     sp.add_argument("path", metavar="PATH", help="a tile folder or a CZI mosaic")
     sp.add_argument("--out", metavar="FILE", required=True, help="the OME-TIFF to write, e.g. <SN>_DAPI.ome.tif")
-    sp.add_argument("--blend", choices=["linear", "nearest"], default="linear",
-                    help="overlaps: linear (weighted by distance to the tile edge; default) or nearest (a hard seam)")
-    sp.add_argument("--nominal", action="store_true",
-                    help="place the tiles at their nominal (microscope) positions instead of the registered ones")
-    sp.add_argument("--tile-overlap", metavar="X[,Y]", type=_overlap_arg, default=None,
-                    help="fractional tile overlap for tile folders whose files give no positions or overlap (default 0.1)")
-    sp.add_argument("--tile-pattern", metavar="REGEX", default=None,
-                    help="regex with groups (?P<row>...) and (?P<col>...), or (?P<index>...), for tile names no "
-                    "built-in convention or TileConfiguration.txt knows")
-    sp.add_argument("--compression", choices=["none", "zlib", "zstd"], default="none",
-                    help="TIFF compression (default none: fastest, as large as the tiles)")
+    sp.add_argument(
+        "--blend",
+        choices=["linear", "nearest"],
+        default="linear",
+        help="overlaps: linear (weighted by distance to the tile edge; default) or nearest (a hard seam)",
+    )
+    sp.add_argument(
+        "--nominal",
+        action="store_true",
+        help="place the tiles at their nominal (microscope) positions instead of the registered ones",
+    )
+    sp.add_argument(
+        "--tile-overlap",
+        metavar="X[,Y]",
+        type=_overlap_arg,
+        default=None,
+        help="fractional tile overlap for tile folders whose files give no positions or overlap (default 0.1)",
+    )
+    sp.add_argument(
+        "--tile-pattern",
+        metavar="REGEX",
+        default=None,
+        help="regex with groups (?P<row>...) and (?P<col>...), or (?P<index>...), for tile names no "
+        "built-in convention or TileConfiguration.txt knows",
+    )
+    sp.add_argument(
+        "--compression",
+        choices=["none", "zlib", "zstd"],
+        default="none",
+        help="TIFF compression (default none: fastest, as large as the tiles)",
+    )
     sp.add_argument("--threads", type=int, default=2, help="threads registering tile pairs (default 2)")
     sp.set_defaults(func=cmd_fuse)
 
@@ -57,8 +77,11 @@ def cmd_fuse(args: Any) -> int:
             return EXIT_USAGE
     out = Path(args.out)
     if out.resolve().is_relative_to(path.resolve()) and path.is_dir():
-        print(f"imageqc fuse: --out {out} lies inside the tile folder {path}; write it elsewhere "
-              "(imageqc never writes into the microscope's folders)", file=sys.stderr)
+        print(
+            f"imageqc fuse: --out {out} lies inside the tile folder {path}; write it elsewhere "
+            "(imageqc never writes into the microscope's folders)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     try:
         with open_image(path, tile_pattern=args.tile_pattern, tile_overlap=args.tile_overlap) as image:
@@ -74,15 +97,24 @@ def cmd_fuse(args: Any) -> int:
                 res = evaluate_stitching(tiles, max_threads=max(1, args.threads))
                 positions = res.registered_positions
                 how = f"registered positions (stitching score {res.score:.0f}, largest stage deviation {res.max_stage_deviation_px:.1f} px)"
-            result = fuse_tiles(tiles, out, positions=positions, blend=args.blend,
-                                compression=None if args.compression == "none" else args.compression)
+            result = fuse_tiles(
+                tiles,
+                out,
+                positions=positions,
+                blend=args.blend,
+                compression=None if args.compression == "none" else args.compression,
+            )
     except QCError as e:
         print(f"imageqc fuse: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:
-        print(f"imageqc fuse: cannot write {out}: {e.strerror or e}; check the folder and the free space", file=sys.stderr)
+        print(
+            f"imageqc fuse: cannot write {out}: {e.strerror or e}; check the folder and the free space", file=sys.stderr
+        )
         return EXIT_FAILURE
-    print(f"wrote {result.path}: {result.width} x {result.height} px, {result.dtype}"
-          f"{' RGB' if result.samples == 3 else ''}, {len(result.levels)} pyramid levels, {result.blend} blending, "
-          f"{result.tiles} tiles at their {how}, in {result.seconds:.1f} s")
+    print(
+        f"wrote {result.path}: {result.width} x {result.height} px, {result.dtype}"
+        f"{' RGB' if result.samples == 3 else ''}, {len(result.levels)} pyramid levels, {result.blend} blending, "
+        f"{result.tiles} tiles at their {how}, in {result.seconds:.1f} s"
+    )
     return EXIT_OK

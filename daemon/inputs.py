@@ -80,7 +80,9 @@ def sha256_file(path: Path, *, check: Callable[[], None] = lambda: None) -> str:
             h.update(block)
 
 
-def record_inputs(before: dict[Path, Identity], *, check: Callable[[], None] = lambda: None) -> dict[str, dict[str, Any]]:
+def record_inputs(
+    before: dict[Path, Identity], *, check: Callable[[], None] = lambda: None
+) -> dict[str, dict[str, Any]]:
     """``path -> {size, mtime_ns, sha256}`` for files whose identity ``before`` QC was taken.
 
     Raises :class:`InputsChanged` when a file is gone or is not the one QC
@@ -94,7 +96,9 @@ def record_inputs(before: dict[Path, Identity], *, check: Callable[[], None] = l
         except FileNotFoundError:
             raise InputsChanged(path, "vanished while QC ran") from None
         if now != was:
-            what = "changed while QC ran" + (" (same size and time: written or replaced in place)" if now.same_size_and_time(was) else "")
+            what = "changed while QC ran" + (
+                " (same size and time: written or replaced in place)" if now.same_size_and_time(was) else ""
+            )
             raise InputsChanged(path, what)
         out[str(path)] = {"size": now.size, "mtime_ns": now.mtime_ns, "sha256": digest}
     return out

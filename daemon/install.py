@@ -50,23 +50,23 @@ from daemon.fsinfo import is_network_path
 from daemon.hosting import ServiceInstallError, config_folders, stop_timeout_seconds
 
 __all__ = [
-    "ServiceInstallError",
-    "SystemdUnit",
-    "UNIT_NAME",
     "DEFAULT_UNIT_DIR",
     "DEFAULT_USER",
-    "SYSTEMD_STATE_DIR",
     "SYSTEMD_LOGS_DIR",
+    "SYSTEMD_STATE_DIR",
+    "UNIT_NAME",
+    "ServiceInstallError",
+    "SystemdUnit",
+    "add_service_parser",
     "build_systemd_unit",
+    "cmd_service",
     "config_folders",
     "imageqc_command",
     "install_systemd_unit",
     "next_steps",
-    "watchdog_seconds",
     "stop_timeout_seconds",
     "systemd_quote",
-    "add_service_parser",
-    "cmd_service",
+    "watchdog_seconds",
 ]
 
 #: The unit's file name.
@@ -115,7 +115,6 @@ SystemCallErrorNumber=EPERM
 UMask=0027"""
 
 
-
 @dataclass(frozen=True)
 class SystemdUnit:
     """A generated unit and what an admin must do around it.
@@ -150,7 +149,6 @@ class SystemdUnit:
 def watchdog_seconds(tick_seconds: float) -> int:
     """``WatchdogSec``: the service pings every tick; 10 ticks, at least 60 s."""
     return max(60, math.ceil(10 * tick_seconds))
-
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +226,6 @@ def _dedupe(paths: Iterable[Path]) -> tuple[Path, ...]:
     return tuple(p for p in unique if not any(q != p and _under(p, q) for q in unique))
 
 
-
 def build_systemd_unit(
     config: Config,
     *,
@@ -259,10 +256,14 @@ def build_systemd_unit(
     group = group or user
     for what, name in (("user", user), ("group", group)):
         if not _USER_RE.match(name):
-            raise ServiceInstallError(f"{name!r} is not a valid {what} name (lower-case letters, digits, '_', '-')", exit_code=2)
+            raise ServiceInstallError(
+                f"{name!r} is not a valid {what} name (lower-case letters, digits, '_', '-')", exit_code=2
+            )
     warnings: list[str] = []
     if user == "root":
-        warnings.append("running as root defeats most of the unit's hardening; use a dedicated account (the default 'imageqc')")
+        warnings.append(
+            "running as root defeats most of the unit's hardening; use a dedicated account (the default 'imageqc')"
+        )
     config_path = _abs(config.source, Path.cwd())
     base = config_path.parent
     if command is None:
@@ -275,11 +276,16 @@ def build_systemd_unit(
 
     for label, raw in config_folders(config):
         if raw.startswith(("//", "\\\\")) or PureWindowsPath(raw).drive:
-            raise ServiceInstallError(f"{label} = {raw!r} is a Windows path; on Linux mount the share and give its mount point", exit_code=2)
+            raise ServiceInstallError(
+                f"{label} = {raw!r} is a Windows path; on Linux mount the share and give its mount point", exit_code=2
+            )
 
     for label, raw in [("config", str(config_path)), *config_folders(config)]:
         if any(ord(ch) < 32 for ch in raw):
-            raise ServiceInstallError(f"{label} = {raw!r} contains a control character (a line break?); a unit file cannot hold it", exit_code=2)
+            raise ServiceInstallError(
+                f"{label} = {raw!r} contains a control character (a line break?); a unit file cannot hold it",
+                exit_code=2,
+            )
 
     state = _real(_abs(config.state_dir, base))
     outputs = _real(_abs(config.output_dir, base))
@@ -323,7 +329,9 @@ def build_systemd_unit(
     if logs_directory:
         service_lines += ["LogsDirectory=imageqc", "LogsDirectoryMode=0750"]
     if writable:
-        service_lines.append("ReadWritePaths=" + " ".join(filter(None, [_quoted_paths(required), _quoted_paths(optional, prefix="-")])))
+        service_lines.append(
+            "ReadWritePaths=" + " ".join(filter(None, [_quoted_paths(required), _quoted_paths(optional, prefix="-")]))
+        )
     if read_only:
         service_lines.append("ReadOnlyPaths=" + _quoted_paths(read_only, prefix="-"))
     service_lines += [
@@ -351,7 +359,19 @@ def build_systemd_unit(
         f"# service.shutdown_timeout_s ({config.service.shutdown_timeout_s:g} s) for the running QC job plus 30 s.",
     ]
     text = "\n".join(
-        [*header, "", "[Unit]", *unit_lines, "", "[Service]", *service_lines, "", "[Install]", "WantedBy=multi-user.target", ""]
+        [
+            *header,
+            "",
+            "[Unit]",
+            *unit_lines,
+            "",
+            "[Service]",
+            *service_lines,
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
     )
     return SystemdUnit(
         name=UNIT_NAME,
@@ -372,15 +392,21 @@ def build_systemd_unit(
     )
 
 
-def _path_warnings(config_path: Path, paths: Sequence[Path], roots: Sequence[Path], writable: Sequence[Path]) -> list[str]:
+def _path_warnings(
+    config_path: Path, paths: Sequence[Path], roots: Sequence[Path], writable: Sequence[Path]
+) -> list[str]:
     out = []
     for p in (*paths, config_path):
         tmp = next((t for t in (Path("/tmp"), Path("/var/tmp")) if _under(p, t)), None)
         if tmp is not None:
-            out.append(f"{p} is under {tmp}, which the service sees as its own empty folder (PrivateTmp=yes); use a folder elsewhere")
+            out.append(
+                f"{p} is under {tmp}, which the service sees as its own empty folder (PrivateTmp=yes); use a folder elsewhere"
+            )
     for root in roots:
         if any(_under(w, root) for w in writable):
-            out.append(f"watch root {root} contains a folder imageqc writes; keep state and outputs outside the watched folders")
+            out.append(
+                f"watch root {root} contains a folder imageqc writes; keep state and outputs outside the watched folders"
+            )
     return out
 
 
@@ -388,7 +414,9 @@ def install_systemd_unit(unit: SystemdUnit, unit_dir: Path = DEFAULT_UNIT_DIR) -
     """Write the unit file (atomically, mode 0644); returns its path and whether it changed."""
     unit_dir = Path(unit_dir)
     if not unit_dir.is_dir():
-        raise ServiceInstallError(f"the unit folder {unit_dir} does not exist; is this a systemd machine? (--unit-dir DIR)")
+        raise ServiceInstallError(
+            f"the unit folder {unit_dir} does not exist; is this a systemd machine? (--unit-dir DIR)"
+        )
     target = unit_dir / unit.name
     if target.is_file() and target.read_text(encoding="utf-8") == unit.text:
         return target, False
@@ -452,29 +480,69 @@ def add_service_parser(sub: Any) -> None:
     def action(name: str, help: str) -> argparse.ArgumentParser:
         ap = ssub.add_parser(name, help=help, description=help)
         kind = ap.add_mutually_exclusive_group()
-        kind.add_argument("--systemd", dest="kind", action="store_const", const="systemd", help="a systemd unit (default on Linux)")
-        kind.add_argument("--windows", dest="kind", action="store_const", const="windows", help="a Windows service (default on Windows)")
+        kind.add_argument(
+            "--systemd", dest="kind", action="store_const", const="systemd", help="a systemd unit (default on Linux)"
+        )
+        kind.add_argument(
+            "--windows",
+            dest="kind",
+            action="store_const",
+            const="windows",
+            help="a Windows service (default on Windows)",
+        )
         ap.set_defaults(func=cmd_service)
         return ap
 
-    ip = action("install", "Install the service for a config file (systemd: write the unit and print the next commands).")
-    ip.add_argument("--config", "-c", metavar="FILE", help="the config file (default: $IMAGEQC_CONFIG); required for a service")
-    ip.add_argument("--dry-run", action="store_true", help="systemd: print the unit and the next commands, write nothing")
-    ip.add_argument("--user", default=DEFAULT_USER, help=f"systemd: the account the service runs as (default {DEFAULT_USER})")
-    ip.add_argument("--group", help="systemd: its group (default: same as --user)")
-    ip.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, help=f"systemd: where to write {UNIT_NAME} (default {DEFAULT_UNIT_DIR})")
-    ip.add_argument("--username", metavar="ACCOUNT", help="Windows: run as this account (DOMAIN\\user, or a gMSA ending in $); default LocalSystem")
-    ip.add_argument("--startup", choices=["delayed", "auto", "manual"], default="delayed", help="Windows: start type (default delayed automatic)")
+    ip = action(
+        "install", "Install the service for a config file (systemd: write the unit and print the next commands)."
+    )
     ip.add_argument(
-        "--follow-at-logon", action="store_true",
+        "--config", "-c", metavar="FILE", help="the config file (default: $IMAGEQC_CONFIG); required for a service"
+    )
+    ip.add_argument(
+        "--dry-run", action="store_true", help="systemd: print the unit and the next commands, write nothing"
+    )
+    ip.add_argument(
+        "--user", default=DEFAULT_USER, help=f"systemd: the account the service runs as (default {DEFAULT_USER})"
+    )
+    ip.add_argument("--group", help="systemd: its group (default: same as --user)")
+    ip.add_argument(
+        "--unit-dir",
+        type=Path,
+        default=DEFAULT_UNIT_DIR,
+        help=f"systemd: where to write {UNIT_NAME} (default {DEFAULT_UNIT_DIR})",
+    )
+    ip.add_argument(
+        "--username",
+        metavar="ACCOUNT",
+        help="Windows: run as this account (DOMAIN\\user, or a gMSA ending in $); default LocalSystem",
+    )
+    ip.add_argument(
+        "--startup",
+        choices=["delayed", "auto", "manual"],
+        default="delayed",
+        help="Windows: start type (default delayed automatic)",
+    )
+    ip.add_argument(
+        "--follow-at-logon",
+        action="store_true",
         help="also start `imageqc follow --notify` at every desktop logon, so technicians see verdicts as notifications "
         "(Linux: an XDG autostart file; Windows: a shortcut in the all-users Startup folder)",
     )
-    ip.add_argument("--autostart-dir", type=Path, default=DEFAULT_AUTOSTART_DIR,
-                    help=f"Linux: where --follow-at-logon writes its autostart file (default {DEFAULT_AUTOSTART_DIR})")
+    ip.add_argument(
+        "--autostart-dir",
+        type=Path,
+        default=DEFAULT_AUTOSTART_DIR,
+        help=f"Linux: where --follow-at-logon writes its autostart file (default {DEFAULT_AUTOSTART_DIR})",
+    )
     rp = action("remove", "Remove the service (systemd: print the commands that do it).")
     rp.add_argument("--unit-dir", type=Path, default=DEFAULT_UNIT_DIR, help=f"systemd: where {UNIT_NAME} is")
-    rp.add_argument("--autostart-dir", type=Path, default=DEFAULT_AUTOSTART_DIR, help="Linux: where a --follow-at-logon autostart file is")
+    rp.add_argument(
+        "--autostart-dir",
+        type=Path,
+        default=DEFAULT_AUTOSTART_DIR,
+        help="Linux: where a --follow-at-logon autostart file is",
+    )
     action("start", "Start the service (Windows; on Linux use systemctl).")
     action("stop", "Stop the service (Windows; on Linux use systemctl).")
 
@@ -484,7 +552,8 @@ def _kind(args: argparse.Namespace) -> str:
     kind = getattr(args, "kind", None) or native
     if kind != native:
         raise ServiceInstallError(
-            f"--{kind} services are managed on {'Windows' if kind == 'windows' else 'Linux'}; run this command there", exit_code=2
+            f"--{kind} services are managed on {'Windows' if kind == 'windows' else 'Linux'}; run this command there",
+            exit_code=2,
         )
     return kind
 
@@ -502,11 +571,17 @@ def cmd_service(args: argparse.Namespace) -> int:
         unit_path = Path(args.unit_dir) / UNIT_NAME
         print("Run as root:")
         autostart = Path(args.autostart_dir) / AUTOSTART_NAME
-        for step in (f"systemctl disable --now {UNIT_NAME}", f"rm -f {_sh(str(unit_path))} {_sh(str(autostart))}", "systemctl daemon-reload"):
+        for step in (
+            f"systemctl disable --now {UNIT_NAME}",
+            f"rm -f {_sh(str(unit_path))} {_sh(str(autostart))}",
+            "systemctl daemon-reload",
+        ):
             print(f"  {step}")
         print("The state folder, outputs and logs are kept; delete them yourself if they are no longer needed.")
         return 0
-    raise ServiceInstallError(f"on Linux systemd runs the service: use `sudo systemctl {action} {UNIT_NAME}`", exit_code=2)
+    raise ServiceInstallError(
+        f"on Linux systemd runs the service: use `sudo systemctl {action} {UNIT_NAME}`", exit_code=2
+    )
 
 
 def _systemd_install(args: argparse.Namespace) -> int:
@@ -534,13 +609,17 @@ def _systemd_install(args: argparse.Namespace) -> int:
         folder = Path(args.autostart_dir)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / AUTOSTART_NAME).write_text(autostart, encoding="utf-8")
-        print(f"wrote {folder / AUTOSTART_NAME}: at each desktop logon `imageqc follow --notify` shows new verdicts "
-              f"(the desktop users need read access to {unit.config_path} and the state folder)")
+        print(
+            f"wrote {folder / AUTOSTART_NAME}: at each desktop logon `imageqc follow --notify` shows new verdicts "
+            f"(the desktop users need read access to {unit.config_path} and the state folder)"
+        )
     print(f"{'wrote' if changed else 'unchanged'} {target} (imageqc {__version__}, config {unit.config_path})")
     print("Next, as root:")
     for step in next_steps(unit):
         print(f"  {step}")
     if changed:
         print(f"If it was already running: systemctl restart {unit.name}")
-    print(f"Check it: systemctl status {unit.name}; IMAGEQC_CONFIG={_sh(str(unit.config_path))} imageqc status; journalctl -u {unit.name}")
+    print(
+        f"Check it: systemctl status {unit.name}; IMAGEQC_CONFIG={_sh(str(unit.config_path))} imageqc status; journalctl -u {unit.name}"
+    )
     return 0

@@ -35,15 +35,33 @@ from daemon.upload.plan import ignore_patterns
 from daemon.worker import JobContext, JobOutcome
 from qc.io.listing import regular_files
 
-__all__ = ["FILES_STAGE", "clarity_spec", "files_problem", "member_changes", "moved_to", "qc_settings", "run_qc_job", "unreachable"]
+__all__ = [
+    "FILES_STAGE",
+    "clarity_spec",
+    "files_problem",
+    "member_changes",
+    "moved_to",
+    "qc_settings",
+    "run_qc_job",
+    "unreachable",
+]
 
 #: ``failed_stage`` of a job whose files could not be reached (root or folder missing or unreadable): retried.
 FILES_STAGE = "files"
 
 log = get_logger("imageqc.jobs")
 
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EIO, errno.ENOSPC, errno.EHOSTUNREACH,
-                     errno.ENETUNREACH, errno.ECONNRESET, errno.ESTALE if hasattr(errno, "ESTALE") else errno.EIO}
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.EIO,
+    errno.ENOSPC,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ECONNRESET,
+    errno.ESTALE if hasattr(errno, "ESTALE") else errno.EIO,
+}
 
 
 def clarity_spec(config: Config) -> Any:
@@ -74,14 +92,18 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
     return QCSettings(
         stain=stain,
         thresholds=Thresholds(
-            track=t.track, clarity=t.clarity, stitching=t.stitching,
-            calibration_offset_px=t.calibration_offset_px, calibration_similarity=t.calibration_similarity,
+            track=t.track,
+            clarity=t.clarity,
+            stitching=t.stitching,
+            calibration_offset_px=t.calibration_offset_px,
+            calibration_similarity=t.calibration_similarity,
         ),
         stitching_required=config.qc.stitching_required,
         stitching_stage_limit_px=config.qc.stitching_stage_limit_px,
         threads=config.qc.threads,
         limits=ReadLimits(
-            max_dimension=config.qc.max_dimension, max_pixels=config.qc.max_pixels,
+            max_dimension=config.qc.max_dimension,
+            max_pixels=config.qc.max_pixels,
             max_archive_bytes=max(1, int(config.qc.max_archive_gb * 1024**3)),
         ),
         clarity_model=clarity_spec(config),
@@ -172,25 +194,33 @@ def files_problem(store: Any, root: str, members: Sequence[dict[str, Any]]) -> J
     names = ", ".join(str(m.get("name", m["path"])) for m in gone)
     where = moved_to(store, root, members) if gone else None
     if where is not None:
-        return JobOutcome(state="failed", error=(
-            f"the scan set moved to {where} after it was queued ({names} no longer in its old folder); "
-            "it is QC'd there as a new scan set"
-        ))
+        return JobOutcome(
+            state="failed",
+            error=(
+                f"the scan set moved to {where} after it was queued ({names} no longer in its old folder); "
+                "it is QC'd there as a new scan set"
+            ),
+        )
     why = unreachable(root, members)
     if why is not None:
         return _files_failure(why, members)
     if gone:
-        return JobOutcome(state="failed", error=(
-            f"files of the scan set vanished after it was queued ({names}); "
-            "if they were moved or renamed, the new location is discovered as a new scan set"
-        ))
+        return JobOutcome(
+            state="failed",
+            error=(
+                f"files of the scan set vanished after it was queued ({names}); "
+                "if they were moved or renamed, the new location is discovered as a new scan set"
+            ),
+        )
     return None
 
 
 def _files_failure(why: str, members: Sequence[dict[str, Any]]) -> JobOutcome:
     names = ", ".join(str(m.get("name", m["path"])) for m in members)
     return JobOutcome(
-        state="failed", transient=True, stage=FILES_STAGE,
+        state="failed",
+        transient=True,
+        stage=FILES_STAGE,
         error=f"{why}: the scan set's files ({names}) cannot be read now. QC is retried, and the set is queued "
         "again as soon as the folder is back; check the share or the folder's permissions",
     )
@@ -224,7 +254,9 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
         scan = store.get_scan_set(job.scan_set_id)
         problem = files_problem(store, scan.root, scan.members)
         if problem is not None:
-            log.warning("scan set files are not where they were queued", error=problem.error, transient=problem.transient)
+            log.warning(
+                "scan set files are not where they were queued", error=problem.error, transient=problem.transient
+            )
             return problem
         changed = member_changes(scan.members)
         if changed:
@@ -259,12 +291,15 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
         except (InputsChanged, QCError, OSError) as e:
             problem = files_problem(store, scan.root, scan.members)  # the folder went away while QC read it
             if problem is not None:
-                log.warning("scan set files went away during QC", error=problem.error, transient=problem.transient, cause=str(e))
+                log.warning(
+                    "scan set files went away during QC", error=problem.error, transient=problem.transient, cause=str(e)
+                )
                 return problem
             if isinstance(e, InputsChanged):
                 log.warning("an input changed while QC read it; QC runs again", path=e.path, what=e.what)
                 return JobOutcome(
-                    state="failed", transient=True,
+                    state="failed",
+                    transient=True,
                     error=f"{e.path}: {e.what}, so the verdict would not be for the file as it is now; QC runs again",
                 )
             if not isinstance(e, OSError):
@@ -287,6 +322,11 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
         )
     ctx.progress("done", 100.0)
     summary = f"QC {report.verdict}" + (f": {report.reasons[0]}" if report.reasons else "")
-    log.info("QC finished", verdict=report.verdict, reasons=list(report.reasons), output=str(out.folder),
-             duration_s=round(report.duration_s, 2))
+    log.info(
+        "QC finished",
+        verdict=report.verdict,
+        reasons=list(report.reasons),
+        output=str(out.folder),
+        duration_s=round(report.duration_s, 2),
+    )
     return JobOutcome(state="qc_done", message=summary, data={"verdict": report.verdict, "archive": str(out.archive)})

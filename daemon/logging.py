@@ -25,11 +25,13 @@ import structlog
 
 from daemon.naming import shown_name
 
-__all__ = ["configure_logging", "get_logger", "bind_job", "register_secret", "redact", "LEVELS"]
+__all__ = ["LEVELS", "bind_job", "configure_logging", "get_logger", "redact", "register_secret"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-_SECRET_KEY = re.compile(r"(?i)(secret|password|passwd|token|access[_-]?key|private[_-]?key|authorization|credential_value)")
+_SECRET_KEY = re.compile(
+    r"(?i)(secret|password|passwd|token|access[_-]?key|private[_-]?key|authorization|credential_value)"
+)
 _URL_USERINFO = re.compile(r"(://)([^/@\s:]+):([^/@\s]+)@")
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -224,7 +226,11 @@ def configure_logging(
         inotify.addFilter(_StoppedEmitterFilter())
 
     structlog.configure(
-        processors=[*_SHARED, structlog.stdlib.PositionalArgumentsFormatter(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[
+            *_SHARED,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

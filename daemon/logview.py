@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from daemon.logging import LEVELS
 
-__all__ = ["LogFilter", "read_records", "follow_records", "format_record"]
+__all__ = ["LogFilter", "follow_records", "format_record", "read_records"]
 
 _SKIP_KEYS = {"timestamp", "level", "event", "job_id", "chip", "logger"}
 

@@ -69,7 +69,7 @@ class _Histogram:
 
     def buckets(self) -> list[tuple[str, int]]:
         out, total = [], 0
-        for b, n in zip((*self.bounds, float("inf")), self.counts):
+        for b, n in zip((*self.bounds, float("inf")), self.counts, strict=False):
             total += n
             out.append(("+Inf" if b == float("inf") else repr(float(b)), total))
         return out
@@ -128,8 +128,13 @@ class StoreCollector(Collector):
         if row is not None:
             import json
 
-            self._last = {"job_id": row["job_id"], "chip": row["chip"], "verdict": row["verdict"],
-                          "report": json.loads(row["report"]), "at": row["created_at"]}
+            self._last = {
+                "job_id": row["job_id"],
+                "chip": row["chip"],
+                "verdict": row["verdict"],
+                "report": json.loads(row["report"]),
+                "at": row["created_at"],
+            }
 
     def _advance(self, store: Store) -> None:
         """Count the QC runs and job failures recorded since the cursor."""
@@ -193,8 +198,11 @@ class StoreCollector(Collector):
         yield from families
 
     def _disk(self) -> Iterator[Any]:
-        g = GaugeMetricFamily("imageqc_disk_free_bytes", "Free space of the folders the service writes to or reads from.",
-                              labels=["role", "path"])
+        g = GaugeMetricFamily(
+            "imageqc_disk_free_bytes",
+            "Free space of the folders the service writes to or reads from.",
+            labels=["role", "path"],
+        )
         seen: list[tuple[str, str]] = [("state", str(self.config.state_dir)), ("output", str(self.config.output_dir))]
         seen += [("watch", str(w.path)) for w in self.config.watch]
         for role, path in seen:
@@ -207,7 +215,12 @@ class StoreCollector(Collector):
         """Jobs per state and (if asked) the upload backlog, read again only when the job history moved."""
         mark, mono = store.last_event_id(), time.monotonic()
         cached = self._tables
-        if cached is not None and cached[0] == mark and mono - cached[1] < RECOUNT_S and (not backlog or "backlog" in cached[2]):
+        if (
+            cached is not None
+            and cached[0] == mark
+            and mono - cached[1] < RECOUNT_S
+            and (not backlog or "backlog" in cached[2])
+        ):
             return cached[2]
         figures: dict[str, Any] = {"counts": store.counts()}
         if backlog:
@@ -220,7 +233,9 @@ class StoreCollector(Collector):
         svc = _service_state(self.config, store.get_status(), now)
         comps = svc.get("components", {}) if svc.get("running") else {}
         live_uploads = comps.get("uploads", {}).get("targets")
-        tables = self._table_figures(store, backlog=live_uploads is None and any(t.mode != "none" for t in self.config.upload))
+        tables = self._table_figures(
+            store, backlog=live_uploads is None and any(t.mode != "none" for t in self.config.upload)
+        )
         jobs = GaugeMetricFamily("imageqc_jobs", "Jobs in the store per state.", labels=["state"])
         for state, n in tables["counts"].items():
             jobs.add_metric([state], float(n))
@@ -233,33 +248,43 @@ class StoreCollector(Collector):
             g.add_metric([], float(svc["started_at"]))
             out.append(g)
         if svc.get("heartbeat_at") is not None:
-            g = GaugeMetricFamily("imageqc_service_heartbeat_age_seconds", "Seconds since the service's last heartbeat.")
+            g = GaugeMetricFamily(
+                "imageqc_service_heartbeat_age_seconds", "Seconds since the service's last heartbeat."
+            )
             g.add_metric([], max(0.0, now - float(svc["heartbeat_at"])))
             out.append(g)
         out += self._watchers(comps.get("discovery", {}).get("roots", []), now)
         waiting = comps.get("discovery", {}).get("waiting") or {}
-        sets = GaugeMetricFamily("imageqc_waiting_sets", "Scan sets seen and not queued yet (being written, incomplete, "
-                                 "settling), as `imageqc status` lists them.")
+        sets = GaugeMetricFamily(
+            "imageqc_waiting_sets",
+            "Scan sets seen and not queued yet (being written, incomplete, settling), as `imageqc status` lists them.",
+        )
         sets.add_metric([], float(waiting.get("sets_total", 0)))
         names = GaugeMetricFamily("imageqc_ignored_names", "Names in the watch folders ignored as not chip serials.")
         names.add_metric([], float(waiting.get("misnamed_total", 0)))
         out += [sets, names]
         out += self._uploads(tables.get("backlog", {}), live_uploads)
         outbox = store.outbox_summary()
-        g = GaugeMetricFamily("imageqc_notify_outbox_messages", "Notification messages in the outbox per state.",
-                              labels=["state"])
+        g = GaugeMetricFamily(
+            "imageqc_notify_outbox_messages", "Notification messages in the outbox per state.", labels=["state"]
+        )
         for state in ("waiting", "expired", "sent"):
             g.add_metric([state], float(outbox.get(state, 0)))
         out.append(g)
         return out
 
     def _watchers(self, roots: list[dict[str, Any]], now: float) -> list[Any]:
-        healthy = GaugeMetricFamily("imageqc_watch_healthy", "1 while the root's watcher works (health 'ok' or recovered).",
-                                    labels=["root", "observer"])
-        age = GaugeMetricFamily("imageqc_watch_last_rescan_age_seconds", "Seconds since the last full rescan of the root.",
-                                labels=["root"])
-        pending = GaugeMetricFamily("imageqc_watch_pending_sets", "Scan sets seen under the root and not yet queued.",
-                                    labels=["root"])
+        healthy = GaugeMetricFamily(
+            "imageqc_watch_healthy",
+            "1 while the root's watcher works (health 'ok' or recovered).",
+            labels=["root", "observer"],
+        )
+        age = GaugeMetricFamily(
+            "imageqc_watch_last_rescan_age_seconds", "Seconds since the last full rescan of the root.", labels=["root"]
+        )
+        pending = GaugeMetricFamily(
+            "imageqc_watch_pending_sets", "Scan sets seen under the root and not yet queued.", labels=["root"]
+        )
         for r in roots:
             root = str(r.get("path", ""))
             health = str(r.get("health", ""))
@@ -272,16 +297,27 @@ class StoreCollector(Collector):
 
     def _uploads(self, backlog: dict[str, dict[str, int]], live: dict[str, Any] | None) -> list[Any]:
         targets = [t for t in self.config.upload if t.mode != "none"]
-        files = GaugeMetricFamily("imageqc_upload_backlog_files", "Files still to upload per target.", labels=["target"])
-        nbytes = GaugeMetricFamily("imageqc_upload_backlog_bytes", "Bytes still to upload per target.", labels=["target"])
-        rate = GaugeMetricFamily("imageqc_upload_rate_bytes_per_second", "Upload rate per target over the last minute.",
-                                 labels=["target"])
-        window = GaugeMetricFamily("imageqc_upload_window_open", "1 while the target's upload window is open.",
-                                   labels=["target"])
-        sent = CounterMetricFamily("imageqc_upload_bytes", "Bytes sent per target since the service started.",
-                                   labels=["target"])
+        files = GaugeMetricFamily(
+            "imageqc_upload_backlog_files", "Files still to upload per target.", labels=["target"]
+        )
+        nbytes = GaugeMetricFamily(
+            "imageqc_upload_backlog_bytes", "Bytes still to upload per target.", labels=["target"]
+        )
+        rate = GaugeMetricFamily(
+            "imageqc_upload_rate_bytes_per_second", "Upload rate per target over the last minute.", labels=["target"]
+        )
+        window = GaugeMetricFamily(
+            "imageqc_upload_window_open", "1 while the target's upload window is open.", labels=["target"]
+        )
+        sent = CounterMetricFamily(
+            "imageqc_upload_bytes", "Bytes sent per target since the service started.", labels=["target"]
+        )
         for t in targets:
-            h = (live or {}).get(t.name) or {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "open": None}
+            h = (live or {}).get(t.name) or {
+                **backlog.get(t.name, {"files": 0, "bytes": 0}),
+                "rate_bps": 0,
+                "open": None,
+            }
             files.add_metric([t.name], float(h.get("files", 0)))
             nbytes.add_metric([t.name], float(h.get("bytes", 0)))
             rate.add_metric([t.name], float(h.get("rate_bps") or 0))
@@ -292,33 +328,46 @@ class StoreCollector(Collector):
         return [files, nbytes, rate, window, sent]
 
     def _qc_families(self) -> list[Any]:
-        runs = CounterMetricFamily("imageqc_qc_runs", "QC runs finished since the listener started, per verdict.",
-                                   labels=["verdict"])
+        runs = CounterMetricFamily(
+            "imageqc_qc_runs", "QC runs finished since the listener started, per verdict.", labels=["verdict"]
+        )
         for v, n in sorted(self._verdicts.items()):
             runs.add_metric([v], float(n))
-        checks = CounterMetricFamily("imageqc_qc_checks", "Judged QC metrics since the listener started, per metric and "
-                                     "outcome (pass, fail, advisory: below an advisory threshold).", labels=["metric", "outcome"])
+        checks = CounterMetricFamily(
+            "imageqc_qc_checks",
+            "Judged QC metrics since the listener started, per metric and "
+            "outcome (pass, fail, advisory: below an advisory threshold).",
+            labels=["metric", "outcome"],
+        )
         for (metric, outcome), n in sorted(self._checks.items()):
             checks.add_metric([metric, outcome], float(n))
-        failed = CounterMetricFamily("imageqc_jobs_failed", "Jobs that failed (errors, not QC verdicts) since the listener started.")
+        failed = CounterMetricFamily(
+            "imageqc_jobs_failed", "Jobs that failed (errors, not QC verdicts) since the listener started."
+        )
         failed.add_metric([], float(self._failed))
         duration = HistogramMetricFamily("imageqc_qc_duration_seconds", "Duration of whole QC runs.")
         duration.add_metric([], self._runs.buckets(), self._runs.sum)
-        stages = HistogramMetricFamily("imageqc_qc_stage_duration_seconds", "Duration of each QC stage.", labels=["stage"])
+        stages = HistogramMetricFamily(
+            "imageqc_qc_stage_duration_seconds", "Duration of each QC stage.", labels=["stage"]
+        )
         for stage, h in sorted(self._stages.items()):
             stages.add_metric([stage], h.buckets(), h.sum)
         out = [runs, checks, failed, duration, stages]
         if self._last is not None:
             rep = self._last["report"]
-            score = GaugeMetricFamily("imageqc_qc_last_score", "Scores of the newest QC run per metric and image.",
-                                      labels=["metric", "image"])
+            score = GaugeMetricFamily(
+                "imageqc_qc_last_score", "Scores of the newest QC run per metric and image.", labels=["metric", "image"]
+            )
             for c in rep.get("checks") or []:
                 if isinstance(c.get("value"), (int, float)):
                     score.add_metric([str(c.get("metric", "")), str(c.get("image", ""))], float(c["value"]))
-            at = GaugeMetricFamily("imageqc_qc_last_timestamp_seconds", "When the newest QC result was stored (Unix time).")
+            at = GaugeMetricFamily(
+                "imageqc_qc_last_timestamp_seconds", "When the newest QC result was stored (Unix time)."
+            )
             at.add_metric([], float(self._last["at"]))
-            passed = GaugeMetricFamily("imageqc_qc_last_passed", "1 when the newest QC run passed, 0 when it failed.",
-                                       labels=["chip"])
+            passed = GaugeMetricFamily(
+                "imageqc_qc_last_passed", "1 when the newest QC run passed, 0 when it failed.", labels=["chip"]
+            )
             passed.add_metric([str(self._last["chip"])], 1.0 if self._last["verdict"] == "pass" else 0.0)
             out += [score, at, passed]
         return out

@@ -40,22 +40,22 @@ from enum import Enum
 from qc.chip import ChipSerial, parse_chip
 
 __all__ = [
-    "NUCLEAR",
     "IF",
-    "NameStatus",
+    "NUCLEAR",
+    "TEMP_PATTERNS",
+    "MarkerTemplate",
     "MemberName",
     "NameInfo",
-    "TEMP_PATTERNS",
-    "parse_name",
-    "is_temporary",
-    "matches_any",
+    "NameStatus",
     "glob_regex",
-    "looks_like_tile",
-    "MarkerTemplate",
-    "stored_name",
-    "loaded_name",
-    "shown_name",
     "is_displayable",
+    "is_temporary",
+    "loaded_name",
+    "looks_like_tile",
+    "matches_any",
+    "parse_name",
+    "shown_name",
+    "stored_name",
 ]
 
 #: Role of a chip's nuclear-stain (DAPI, ssDNA) or H&E image.
@@ -64,7 +64,18 @@ NUCLEAR = "nuclear"
 IF = "IF"
 
 #: Names that are never candidates, whatever the config says: partial and hidden files.
-TEMP_PATTERNS = ("~*", ".*", "*.tmp", "*.temp", "*.part", "*.partial", "*.filepart", "*.crdownload", "*.download", "*.!sync")
+TEMP_PATTERNS = (
+    "~*",
+    ".*",
+    "*.tmp",
+    "*.temp",
+    "*.part",
+    "*.partial",
+    "*.filepart",
+    "*.crdownload",
+    "*.download",
+    "*.!sync",
+)
 
 _IMAGE_EXTENSIONS = {".tif": "tiff", ".tiff": "tiff", ".czi": "czi"}
 _ARCHIVE = ".tar.gz"

@@ -60,7 +60,7 @@ from daemon.snapshot import norm
 from daemon.store import JobState, OutboxRow, OutboxState, Store
 from daemon.upload.policy import UploadWindow
 
-__all__ = ["Notifier", "CATCH_UP_S", "ROUND_LIMIT", "summary_picture", "job_message"]
+__all__ = ["CATCH_UP_S", "ROUND_LIMIT", "Notifier", "job_message", "summary_picture"]
 
 log = get_logger("imageqc.notify")
 
@@ -107,8 +107,10 @@ def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None
         stain = f", {report['stain']}" if report.get("stain") else ""
         if row["verdict"] == "fail":
             event, title = "qc_fail", f"imageqc: QC fail {chip}"
-            lines = [f"Chip {chip} failed QC (job #{job_id}{stain}; {where}).",
-                     f"Reason: {reasons[0] if reasons else 'none given'}"]
+            lines = [
+                f"Chip {chip} failed QC (job #{job_id}{stain}; {where}).",
+                f"Reason: {reasons[0] if reasons else 'none given'}",
+            ]
             lines += ["Also:", *(f"- {r}" for r in reasons[1:])] if len(reasons) > 1 else []
         else:
             event, title = "qc_pass", f"imageqc: QC pass {chip}"
@@ -118,15 +120,30 @@ def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None
             lines.append(f"Outputs: {row['output_dir']}")
         lines.append(f"Details: imageqc show {job_id}")
         pic = summary_picture(row["output_dir"], report) if config.notify.attach_pictures else None
-        return {"event": event, "key": f"job:{job_id}", "job_id": job_id, "title": title,
-                "body": "\n".join(lines), "attach": str(pic) if pic else None}
-    final = row["state"] == JobState.FAILED.value and row["next_attempt_at"] is None and row["failed_stage"] != "cancelled"
+        return {
+            "event": event,
+            "key": f"job:{job_id}",
+            "job_id": job_id,
+            "title": title,
+            "body": "\n".join(lines),
+            "attach": str(pic) if pic else None,
+        }
+    final = (
+        row["state"] == JobState.FAILED.value and row["next_attempt_at"] is None and row["failed_stage"] != "cancelled"
+    )
     if (row["kind"] == "gave_up" or row["to_state"] == JobState.FAILED.value) and final:
         stage = f" at stage {row['failed_stage']}" if row["failed_stage"] else ""
-        body = (f"Job #{job_id} (chip {chip}) failed{stage} after {row['attempts']} attempt(s) and is not retried by itself "
-                f"({where}).\nError: {row['error']}\nWhen the cause is fixed: imageqc retry {job_id}")
-        return {"event": "job_failed", "key": f"job:{job_id}", "job_id": job_id,
-                "title": f"imageqc: job failed {chip}", "body": body}
+        body = (
+            f"Job #{job_id} (chip {chip}) failed{stage} after {row['attempts']} attempt(s) and is not retried by itself "
+            f"({where}).\nError: {row['error']}\nWhen the cause is fixed: imageqc retry {job_id}"
+        )
+        return {
+            "event": "job_failed",
+            "key": f"job:{job_id}",
+            "job_id": job_id,
+            "title": f"imageqc: job failed {chip}",
+            "body": body,
+        }
     return None
 
 
@@ -157,7 +174,12 @@ class Notifier:
     name = "notify"
 
     def __init__(
-        self, config: Config, *, store: Store | None = None, tz: tzinfo | None = None, environ: Mapping[str, str] | None = None
+        self,
+        config: Config,
+        *,
+        store: Store | None = None,
+        tz: tzinfo | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -201,8 +223,10 @@ class Notifier:
     def health(self) -> dict[str, Any]:
         return {
             "rules": [r.name for r in self.rules],
-            "failing": {k: {"since": o.since, "failures": o.failures, "retry_at": o.retry_at, "error": o.error}
-                        for k, o in list(self.outages.items())},
+            "failing": {
+                k: {"since": o.since, "failures": o.failures, "retry_at": o.retry_at, "error": o.error}
+                for k, o in list(self.outages.items())
+            },
         }
 
     def _work(self, now: float) -> None:
@@ -324,7 +348,10 @@ class Notifier:
         if waiting:
             lines.append(f"Notifications waiting: {waiting}")
         title = f"imageqc daily digest {day} ({self.config.site.name})"
-        return self.store.outbox_add([{"event": "digest", "key": day, "title": title, "body": "\n".join(lines)}], now=now) == 1
+        return (
+            self.store.outbox_add([{"event": "digest", "key": day, "title": title, "body": "\n".join(lines)}], now=now)
+            == 1
+        )
 
     # -- delivery ---------------------------------------------------------------------
 
@@ -342,8 +369,12 @@ class Notifier:
                 continue
             targets = [(r, ep) for r in self.rules if row.event in r.events for ep in endpoints[r.name]]
             if not targets:
-                self.store.outbox_update(row.id, now=now, state=OutboxState.EXPIRED,
-                                         error=f"no notification rule takes '{row.event}' any more")
+                self.store.outbox_update(
+                    row.id,
+                    now=now,
+                    state=OutboxState.EXPIRED,
+                    error=f"no notification rule takes '{row.event}' any more",
+                )
                 expired += 1
                 continue
             done += self._deliver_row(row, targets, now)
@@ -375,8 +406,14 @@ class Notifier:
         if all(ep.id in delivered for _, ep in targets):
             self.store.outbox_update(row.id, now=now, state=OutboxState.SENT, delivered=delivered, attempted=attempted)
             return 1
-        self.store.outbox_update(row.id, now=now, delivered=delivered, attempted=attempted, next_attempt_at=min(waits),
-                                 error="; ".join(errors) or None)
+        self.store.outbox_update(
+            row.id,
+            now=now,
+            delivered=delivered,
+            attempted=attempted,
+            next_attempt_at=min(waits),
+            error="; ".join(errors) or None,
+        )
         return 0
 
     def _ready_at(self, rule: NotifyRule, ep: Endpoint, event: str, now: float) -> float:
@@ -396,8 +433,11 @@ class Notifier:
         o = self.outages.get(ep.id)
         if o is None:
             o = self.outages[ep.id] = _Outage(since=now, failures=0, retry_at=now, error=error)
-            log.warning("notification endpoint failing; its messages wait and are retried with backoff",
-                        endpoint=ep.label(), error=error)
+            log.warning(
+                "notification endpoint failing; its messages wait and are retried with backoff",
+                endpoint=ep.label(),
+                error=error,
+            )
         o.failures += 1
         o.error = error
         o.retry_at = now + min(n.retry_max_s, n.retry_base_s * 2 ** (o.failures - 1))
@@ -406,8 +446,12 @@ class Notifier:
     def _endpoint_up(self, ep: Endpoint, now: float) -> None:
         o = self.outages.pop(ep.id, None)
         if o is not None:
-            log.info("notification endpoint reachable again", endpoint=ep.label(), failures=o.failures,
-                     down_s=round(now - o.since, 1))
+            log.info(
+                "notification endpoint reachable again",
+                endpoint=ep.label(),
+                failures=o.failures,
+                down_s=round(now - o.since, 1),
+            )
 
 
 def _health_row(key: str, title: str, body: str) -> dict[str, Any]:
@@ -422,4 +466,3 @@ def _local_zone() -> tzinfo:
 
 def _local(t: float, tz: tzinfo | None) -> str:
     return datetime.fromtimestamp(t, tz or _local_zone()).strftime("%Y-%m-%d %H:%M")
-

@@ -37,7 +37,7 @@ from daemon.config import Config, NotifyRule
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK
 from daemon.logging import redact, register_secret
 
-__all__ = ["Endpoint", "resolve_endpoints", "send_message", "test_endpoints", "add_notify_command"]
+__all__ = ["Endpoint", "add_notify_command", "resolve_endpoints", "send_message", "test_endpoints"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,12 @@ def _register_url(url: str) -> None:
     register_secret(url)
     try:
         parts = urlsplit(url)
-        candidates = [parts.password or "", parts.netloc, *parts.path.split("/"), *(v for _, v in parse_qsl(parts.query))]
+        candidates = [
+            parts.password or "",
+            parts.netloc,
+            *parts.path.split("/"),
+            *(v for _, v in parse_qsl(parts.query)),
+        ]
     except ValueError:
         return
     register_secret(parts.password)
@@ -152,7 +157,9 @@ def _apprise_log() -> _AppriseLog:
         return _capture
 
 
-def send_message(ep: Endpoint, title: str, body: str, attach: str | Path | None = None, *, timeout: float = 30.0) -> str | None:
+def send_message(
+    ep: Endpoint, title: str, body: str, attach: str | Path | None = None, *, timeout: float = 30.0
+) -> str | None:
     """Send one message to one endpoint; ``None`` when it was accepted, else why not (secrets masked).
 
     The send runs in its own thread and is given up after ``timeout`` seconds, so a
@@ -186,7 +193,9 @@ def send_message(ep: Endpoint, title: str, body: str, attach: str | Path | None 
         return f"no answer within {timeout:g} s (notify.timeout_s)"
     if box.get("ok"):
         return None
-    detail = box.get("error") or "; ".join(dict.fromkeys(capture.since(mark))) or "the endpoint did not accept the message"
+    detail = (
+        box.get("error") or "; ".join(dict.fromkeys(capture.since(mark))) or "the endpoint did not accept the message"
+    )
     return str(redact(detail))[:500]
 
 
@@ -215,7 +224,10 @@ def cmd_notify_test(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or os.environ.get(CONFIG_ENV) or None)
     if not cfg.notify.rule:
-        print(f"imageqc: no notification rules in {cfg.source}; add a [[notify.rule]] (see `imageqc config example`)", file=sys.stderr)
+        print(
+            f"imageqc: no notification rules in {cfg.source}; add a [[notify.rule]] (see `imageqc config example`)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     results = test_endpoints(cfg)
     for ep, error in results:
@@ -235,6 +247,7 @@ def add_notify_command(sub: Any) -> None:
         help="Send a test message to every configured notification URL; exit 0 if all arrived, else 1.",
         description="Send a test message to every configured notification URL; exit 0 if all arrived, else 1.",
     )
-    nt.add_argument("--config", "-c", metavar="FILE", help="config file (default: $IMAGEQC_CONFIG, else the embedded default)")
+    nt.add_argument(
+        "--config", "-c", metavar="FILE", help="config file (default: $IMAGEQC_CONFIG, else the embedded default)"
+    )
     nt.set_defaults(func=cmd_notify_test)
-

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from daemon.store import Store
 
-__all__ = ["StorePairCache", "NAMESPACE"]
+__all__ = ["NAMESPACE", "StorePairCache"]
 
 NAMESPACE = "pairs"
 

@@ -25,28 +25,45 @@ def add_qc_command(sub: Any) -> None:
     )
     sp.add_argument("paths", nargs="+", metavar="PATH", help="image files or tile folders of one chip")
     sp.add_argument(
-        "--stain", choices=["auto", "DAPI", "ssDNA", "HE"], default=None,
+        "--stain",
+        choices=["auto", "DAPI", "ssDNA", "HE"],
+        default=None,
         help="stain of the nuclear image (default: the watch root's setting when the files lie under one, else auto)",
     )
     sp.add_argument("--chip", metavar="SN", help="chip serial, when the file names do not carry it")
     sp.add_argument(
-        "--tile-overlap", metavar="X[,Y]", type=_overlap_arg, default=None,
+        "--tile-overlap",
+        metavar="X[,Y]",
+        type=_overlap_arg,
+        default=None,
         help="fractional tile overlap for tile folders whose files give no positions or overlap, e.g. 0.26,0.1 "
         "(default: the watch root's tile_overlap when the files lie under one, else 0.1)",
     )
     sp.add_argument(
-        "--tile-pattern", metavar="REGEX", default=None,
+        "--tile-pattern",
+        metavar="REGEX",
+        default=None,
         help="regex with groups (?P<row>...) and (?P<col>...), or (?P<index>...) (row-major), for tile names no "
         "built-in convention or TileConfiguration.txt knows "
         "(default: the watch root's tile_pattern)",
     )
     sp.add_argument("--json", action="store_true", help="print the QC report (imageqc.report/1) as JSON")
-    sp.add_argument("--out", metavar="DIR", help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here; "
-                    "members of an input archive that do not fit in memory are unpacked here, in a hidden folder removed after "
-                    "reading (default: the system's temporary folder)")
-    sp.add_argument("--config", "-c", metavar="FILE", help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)")
     sp.add_argument(
-        "--no-cache", action="store_true",
+        "--out",
+        metavar="DIR",
+        help="write the report, pictures, SAW's IPR and the archive SAW takes (saw count --image-tar) here; "
+        "members of an input archive that do not fit in memory are unpacked here, in a hidden folder removed after "
+        "reading (default: the system's temporary folder)",
+    )
+    sp.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="config file for thresholds and model (default: $IMAGEQC_CONFIG, else built in)",
+    )
+    sp.add_argument(
+        "--no-cache",
+        action="store_true",
         help="compute every FOV pair of a tile set; by default pairs come from and go to the service's pair cache "
         "in the config's state folder, so a re-run computes no pair twice",
     )
@@ -80,7 +97,13 @@ def _progress_bar(enabled: bool) -> Any:
         return None, None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description:<12}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), transient=True)
+    bar = Progress(
+        TextColumn("{task.description:<12}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
     task = bar.add_task("read", total=100)
 
     def update(stage: str, pct: float) -> None:
@@ -117,7 +140,12 @@ def cmd_qc(args: argparse.Namespace) -> int:
     cache, store = (None, None) if args.no_cache else _pair_cache(cfg)
     try:
         with open_scan_set(
-            paths, chip=args.chip, limits=settings.limits, tile_pattern=pattern, tile_overlap=overlap, scratch_dir=args.out,
+            paths,
+            chip=args.chip,
+            limits=settings.limits,
+            tile_pattern=pattern,
+            tile_overlap=overlap,
+            scratch_dir=args.out,
         ) as scan:
             if bar is not None:
                 with bar:
@@ -160,8 +188,11 @@ def _pair_cache(cfg: Any) -> tuple[Any, Any]:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         store = Store(cfg.database_path)
     except (DaemonError, OSError) as e:
-        print(f"imageqc qc: the pair cache in {cfg.state_dir} cannot be used ({e}); computing every pair (--no-cache "
-              "says so without this warning)", file=sys.stderr)
+        print(
+            f"imageqc qc: the pair cache in {cfg.state_dir} cannot be used ({e}); computing every pair (--no-cache "
+            "says so without this warning)",
+            file=sys.stderr,
+        )
         return None, None
     return StorePairCache(store), store
 

@@ -50,8 +50,15 @@ from daemon.stateguard import (
 from daemon.store import JobState, Store
 from daemon.worker import JobRunner, ProcessWorker
 
-__all__ = ["Component", "Daemon", "DEFAULT_TARGET", "AlreadyRunning", "heartbeat_age_limit", "default_components",
-           "exit_past_abandoned_threads"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "AlreadyRunning",
+    "Component",
+    "Daemon",
+    "default_components",
+    "exit_past_abandoned_threads",
+    "heartbeat_age_limit",
+]
 
 log = get_logger("imageqc.service")
 
@@ -198,8 +205,11 @@ class Daemon:
         try:
             restored = restore_saved_copy(cfg.database_path)
             if restored is not None:
-                log.warning("the job database was missing; resuming from the copy saved when it was deleted",
-                            database=str(cfg.database_path), copy=str(restored))
+                log.warning(
+                    "the job database was missing; resuming from the copy saved when it was deleted",
+                    database=str(cfg.database_path),
+                    copy=str(restored),
+                )
             self.store = Store(cfg.database_path)
             self._guard = StateGuard(cfg.database_path, lock_path)
             check = self.store.integrity_check()
@@ -406,7 +416,11 @@ class Daemon:
         if mono - self._long_round_logged < 60.0:
             return
         self._long_round_logged = mono
-        log.info("a service round outlasted the tick interval; the next rounds start late", seconds=round(seconds, 1), tick_seconds=interval)
+        log.info(
+            "a service round outlasted the tick interval; the next rounds start late",
+            seconds=round(seconds, 1),
+            tick_seconds=interval,
+        )
 
     def _state_lost(self, e: StateLost) -> str:
         """Plan the copy of a database deleted or replaced under the service; what to tell about it."""

@@ -24,29 +24,38 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from daemon.config import WatchRoot
-from daemon.naming import TEMP_PATTERNS, MarkerTemplate, MemberName, NameInfo, NameStatus, glob_regex, looks_like_tile, parse_name
+from daemon.naming import (
+    TEMP_PATTERNS,
+    MarkerTemplate,
+    MemberName,
+    NameInfo,
+    NameStatus,
+    glob_regex,
+    looks_like_tile,
+    parse_name,
+)
 from qc.io.listing import regular_files
 from qc.io.regular import file_kind
 from qc.io.tilenames import TILE_SUFFIXES
 
 __all__ = [
-    "WalkPolicy",
-    "MemberStat",
-    "Found",
-    "Rejected",
-    "NOT_SERIAL",
     "NOT_REGULAR",
+    "NOT_SERIAL",
+    "Found",
+    "MemberStat",
+    "Rejected",
+    "RoleCache",
     "ScanResult",
     "SnapshotDiff",
+    "WalkPolicy",
+    "diff_snapshots",
+    "folder_role",
+    "is_under",
+    "norm",
     "probe",
     "scan_tree",
     "stat_tile_folder",
     "tile_folder_files",
-    "folder_role",
-    "RoleCache",
-    "diff_snapshots",
-    "norm",
-    "is_under",
 ]
 
 #: Files that make a folder a tile folder whatever its tiles are called.

@@ -78,7 +78,11 @@ class DatabaseLost(StateLost):
     """The job database (or its folder) was deleted or replaced."""
 
     def explain(self, database: Path, saved: Path | None) -> str:
-        what = f"the job database {database}" if self.path == database else f"the state folder {self.path} holding the job database"
+        what = (
+            f"the job database {database}"
+            if self.path == database
+            else f"the state folder {self.path} holding the job database"
+        )
         if self.how == "deleted":
             return (
                 f"{what} was deleted while the service ran; a copy of what it held was saved as {saved}; "
@@ -234,7 +238,7 @@ def saved_copies(database: Path) -> list[Path]:
     found = []
     try:
         for p in database.parent.glob(f"{prefix}*"):
-            m = _STAMP.fullmatch(p.name[len(prefix):])
+            m = _STAMP.fullmatch(p.name[len(prefix) :])
             if m and p.is_file():
                 found.append((m.group(1), int(m.group(2) or 1), p))
     except OSError:

@@ -65,12 +65,23 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         "watchers": [],
         "waiting": {"sets": [], "sets_total": 0, "misnamed": [], "misnamed_total": 0},
         "uploads": {},
-        "notifications": {"rules": [r.name for r in config.notify.rule], "waiting": 0, "expired": 0, "sent": 0,
-                          "last_error": None, "last_error_at": None, "last_sent_at": None},
+        "notifications": {
+            "rules": [r.name for r in config.notify.rule],
+            "waiting": 0,
+            "expired": 0,
+            "sent": 0,
+            "last_error": None,
+            "last_error_at": None,
+            "last_sent_at": None,
+        },
         "disk": {
             "state_dir": {"path": str(config.state_dir), "free_bytes": free_bytes(config.state_dir)},
             "watch": [
-                {"path": str(w.path), "exists": w.path.exists(), "free_bytes": free_bytes(w.path) if w.path.exists() else None}
+                {
+                    "path": str(w.path),
+                    "exists": w.path.exists(),
+                    "free_bytes": free_bytes(w.path) if w.path.exists() else None,
+                }
                 for w in config.watch
             ],
         },
@@ -125,8 +136,14 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
         backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate
         report["uploads"] = {
             "targets": {
-                t.name: {**backlog.get(t.name, {"files": 0, "bytes": 0}), "rate_bps": 0, "type": t.type, "window": t.window or None}
-                for t in config.upload if t.mode != "none"
+                t.name: {
+                    **backlog.get(t.name, {"files": 0, "bytes": 0}),
+                    "rate_bps": 0,
+                    "type": t.type,
+                    "window": t.window or None,
+                }
+                for t in config.upload
+                if t.mode != "none"
             }
         }
 

@@ -29,19 +29,19 @@ from daemon.fsinfo import is_network_path
 from daemon.naming import loaded_name, shown_name, stored_name
 
 __all__ = [
-    "JobState",
-    "UploadState",
-    "UploadRow",
-    "OutboxState",
-    "OutboxRow",
-    "TERMINAL",
-    "TRANSITIONS",
-    "Job",
-    "Event",
-    "ScanSetRow",
-    "Store",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Event",
+    "Job",
+    "JobState",
+    "OutboxRow",
+    "OutboxState",
+    "ScanSetRow",
+    "Store",
+    "UploadRow",
+    "UploadState",
 ]
 
 
@@ -394,7 +394,9 @@ def _upload(row: sqlite3.Row) -> UploadRow:
     return UploadRow(**d)
 
 
-_UPLOAD_COLUMNS = frozenset({"state", "bytes_done", "upload_id", "parts", "checksum", "attempts", "error", "sha256", "size", "mtime_ns"})
+_UPLOAD_COLUMNS = frozenset(
+    {"state", "bytes_done", "upload_id", "parts", "checksum", "attempts", "error", "sha256", "size", "mtime_ns"}
+)
 
 
 #: Words of SQLite errors that mean the database itself is unusable (damaged, locked, full), not a bad query.
@@ -402,7 +404,7 @@ _UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy"
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
-    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row.keys()})
+    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row})
 
 
 def _stored(name: str | None) -> str | bytes | None:
@@ -551,8 +553,11 @@ class Store:
             raise DatabaseUnavailable(msg)
         try:
             self._conn = sqlite3.connect(
-                f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout_s,
-                isolation_level=None, check_same_thread=False,
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -622,7 +627,9 @@ class Store:
                 try:
                     yield conn
                 except sqlite3.DatabaseError as e:
-                    if isinstance(e, sqlite3.IntegrityError) or not any(w in str(e).lower() for w in _UNAVAILABLE_WORDS):
+                    if isinstance(e, sqlite3.IntegrityError) or not any(
+                        w in str(e).lower() for w in _UNAVAILABLE_WORDS
+                    ):
                         raise
                     self._raise_unavailable(e)  # a damaged, locked or full database, met while reading
                 return
@@ -726,12 +733,29 @@ class Store:
                 cur = c.execute(
                     "INSERT INTO jobs (scan_set_id, chip, fingerprint, state, created_at, updated_at, queued_at)"
                     " VALUES (?,?,?,?,?,?,?)",
-                    (scan_set_id, ss["chip"], ss["fingerprint"], state.value, now, now, now if state is S.QUEUED else None),
+                    (
+                        scan_set_id,
+                        ss["chip"],
+                        ss["fingerprint"],
+                        state.value,
+                        now,
+                        now,
+                        now if state is S.QUEUED else None,
+                    ),
                 )
             except sqlite3.IntegrityError:
                 return None
             job_id = int(cur.lastrowid)  # type: ignore[arg-type]
-            self._event(c, job_id, "created", None, state.value, message or f"{loaded_name(ss['chip'])} {state.value}", None, now)
+            self._event(
+                c,
+                job_id,
+                "created",
+                None,
+                state.value,
+                message or f"{loaded_name(ss['chip'])} {state.value}",
+                None,
+                now,
+            )
             return job_id
 
     # -- reading ------------------------------------------------------------
@@ -804,7 +828,13 @@ class Store:
         return list(reversed(evs)) if limit else evs
 
     def add_event(
-        self, job_id: int | None, kind: str, message: str, *, data: dict[str, Any] | None = None, now: float | None = None
+        self,
+        job_id: int | None,
+        kind: str,
+        message: str,
+        *,
+        data: dict[str, Any] | None = None,
+        now: float | None = None,
     ) -> None:
         with self.db() as c:
             self._event(c, job_id, kind, None, None, message, data, _now(now))
@@ -879,7 +909,9 @@ class Store:
         if target not in LEASED:
             sets.update(lease_owner=None, lease_expires=None)
         if target is S.FAILED:
-            sets.update(error=_shown(error or message or "failed"), failed_stage=failed_stage, next_attempt_at=next_attempt_at)
+            sets.update(
+                error=_shown(error or message or "failed"), failed_stage=failed_stage, next_attempt_at=next_attempt_at
+            )
         elif target in (S.QUEUED, S.QC_DONE) and JobState(job.state) is S.FAILED:
             sets.update(next_attempt_at=None)
         if target is S.QUEUED:
@@ -931,7 +963,9 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def set_progress(self, job_id: int, owner: str, stage: str, progress: float | None, *, now: float | None = None) -> bool:
+    def set_progress(
+        self, job_id: int, owner: str, stage: str, progress: float | None, *, now: float | None = None
+    ) -> bool:
         now = _now(now)
         with self.db() as c:
             cur = c.execute(
@@ -940,7 +974,9 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def recover_expired(self, *, now: float | None = None, orphans: bool = False, spare_owner: str | None = None) -> list[int]:
+    def recover_expired(
+        self, *, now: float | None = None, orphans: bool = False, spare_owner: str | None = None
+    ) -> list[int]:
         """Take back leased jobs: running -> queued, uploading -> qc_done.
 
         By default only leases that ran out (crash, kill -9, power loss). With ``orphans``, every
@@ -1030,7 +1066,7 @@ class Store:
         A running job's worker sees its lease gone at the next renewal and stops.
         """
         job = self.get_job(job_id)
-        if JobState(job.state) in TERMINAL or JobState(job.state) is S.FAILED and job.failed_stage == "cancelled":
+        if JobState(job.state) in TERMINAL or (JobState(job.state) is S.FAILED and job.failed_stage == "cancelled"):
             raise IllegalTransition(job_id, job.state, "cancel (the job has already ended)")
         return self.transition(job_id, S.FAILED, now=now, error=reason, failed_stage="cancelled")
 
@@ -1079,7 +1115,9 @@ class Store:
             )
             message = reason
             if stored:
-                keys = ", ".join(f"{r['target']}:{r['remote_key']}" for r in stored[:3]) + (" ..." if len(stored) > 3 else "")
+                keys = ", ".join(f"{r['target']}:{r['remote_key']}" for r in stored[:3]) + (
+                    " ..." if len(stored) > 3 else ""
+                )
                 message += f" ({len(stored)} input file(s) already stored for the old QC run stay there: {keys})"
             data = {"stored_for_old_run": [[r["target"], r["remote_key"]] for r in stored]} if stored else None
             self._apply(c, job, S.QUEUED, now, message, None, None, None, data)
@@ -1119,8 +1157,15 @@ class Store:
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
                 " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
                 " inputs=excluded.inputs",
-                (job_id, verdict, text, _stored(output_dir), _stored(archive), _now(now),
-                 None if inputs is None else json.dumps(inputs)),
+                (
+                    job_id,
+                    verdict,
+                    text,
+                    _stored(output_dir),
+                    _stored(archive),
+                    _now(now),
+                    None if inputs is None else json.dumps(inputs),
+                ),
             )
 
     def get_result(self, job_id: int) -> dict[str, Any] | None:
@@ -1142,7 +1187,9 @@ class Store:
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
                 marks = ",".join("?" * len(chunk))
-                rows = c.execute(f"SELECT job_id, verdict, report FROM qc_results WHERE job_id IN ({marks})", chunk).fetchall()
+                rows = c.execute(
+                    f"SELECT job_id, verdict, report FROM qc_results WHERE job_id IN ({marks})", chunk
+                ).fetchall()
                 out.update({int(r["job_id"]): (r["verdict"], _first_reason(r["report"])) for r in rows})
         return out
 
@@ -1154,8 +1201,16 @@ class Store:
                 " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [{"job_id": r["job_id"], "chip": loaded_name(r["chip"]), "verdict": r["verdict"], "reason": _first_reason(r["report"]),
-                 "at": r["created_at"]} for r in rows]
+        return [
+            {
+                "job_id": r["job_id"],
+                "chip": loaded_name(r["chip"]),
+                "verdict": r["verdict"],
+                "reason": _first_reason(r["report"]),
+                "at": r["created_at"],
+            }
+            for r in rows
+        ]
 
     # -- upload records -----------------------------------------------------------
 
@@ -1171,8 +1226,18 @@ class Store:
                 "INSERT OR IGNORE INTO uploads (job_id, target, kind, local_path, remote_key, size, mtime_ns, state,"
                 " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [
-                    (job_id, r["target"], r["kind"], stored_name(r["local_path"]), r["remote_key"], r.get("size"), r.get("mtime_ns"),
-                     UploadState.PENDING.value, now, now)
+                    (
+                        job_id,
+                        r["target"],
+                        r["kind"],
+                        stored_name(r["local_path"]),
+                        r["remote_key"],
+                        r.get("size"),
+                        r.get("mtime_ns"),
+                        UploadState.PENDING.value,
+                        now,
+                        now,
+                    )
                     for r in rows
                 ],
             )
@@ -1290,7 +1355,10 @@ class Store:
     def kv_items(self, namespace: str) -> dict[str, bytes]:
         """Every key and value of a namespace."""
         with self.db(commit=False) as c:
-            return {r["key"]: bytes(r["value"]) for r in c.execute("SELECT key, value FROM kv WHERE namespace = ?", (namespace,))}
+            return {
+                r["key"]: bytes(r["value"])
+                for r in c.execute("SELECT key, value FROM kv WHERE namespace = ?", (namespace,))
+            }
 
     def kv_delete(self, namespace: str, keys: Iterable[str]) -> None:
         with self.db() as c:
@@ -1304,8 +1372,20 @@ class Store:
 
     #: Columns of ``discovery_members`` and ``discovery_sets``, in order.
     MEMBER_COLUMNS = (
-        "path", "root", "set_key", "name", "chip", "format", "role", "stain",
-        "size", "mtime_ns", "files", "sig", "first_seen", "last_change",
+        "path",
+        "root",
+        "set_key",
+        "name",
+        "chip",
+        "format",
+        "role",
+        "stain",
+        "size",
+        "mtime_ns",
+        "files",
+        "sig",
+        "first_seen",
+        "last_change",
     )
     SET_COLUMNS = ("set_key", "root", "chip", "folder", "first_seen", "last_change", "settling_since")
 
@@ -1316,8 +1396,10 @@ class Store:
         """Every watched member and scan set, as dicts keyed by column name."""
         names = self.NAME_COLUMNS
         with self.db(commit=False) as c:
-            rows = [[{k: loaded_name(v) if k in names else v for k, v in dict(r).items()} for r in c.execute(sql)]
-                    for sql in ("SELECT * FROM discovery_members", "SELECT * FROM discovery_sets")]
+            rows = [
+                [{k: loaded_name(v) if k in names else v for k, v in dict(r).items()} for r in c.execute(sql)]
+                for sql in ("SELECT * FROM discovery_members", "SELECT * FROM discovery_sets")
+            ]
         members, sets = rows
         return sorted(members, key=lambda m: m["path"]), sorted(sets, key=lambda s: s["set_key"])
 
@@ -1348,7 +1430,10 @@ class Store:
     def note_once(self, key: str, kind: str, *, now: float | None = None) -> bool:
         """Remember ``key``; True only the first time (for things reported once, ever)."""
         with self.db() as c:
-            cur = c.execute("INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)", (stored_name(key), kind, _now(now)))
+            cur = c.execute(
+                "INSERT OR IGNORE INTO discovery_notes (key, kind, at) VALUES (?,?,?)",
+                (stored_name(key), kind, _now(now)),
+            )
             return cur.rowcount == 1
 
     # -- notification outbox (daemon/notify.py) -------------------------------
@@ -1396,7 +1481,10 @@ class Store:
             c.executemany(
                 "INSERT OR IGNORE INTO outbox (event, key, job_id, title, body, attach, created_at, updated_at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                [(r["event"], r["key"], r.get("job_id"), r["title"], r["body"], r.get("attach"), now, now) for r in rows],
+                [
+                    (r["event"], r["key"], r.get("job_id"), r["title"], r["body"], r.get("attach"), now, now)
+                    for r in rows
+                ],
             )
             added = c.total_changes - before
             if cursor is not None:
@@ -1411,7 +1499,9 @@ class Store:
         with self.db(commit=False) as c:
             return c.execute("SELECT 1 FROM outbox WHERE event = ? AND key = ?", (event, key)).fetchone() is not None
 
-    def outbox(self, *, states: Iterable[str] | None = None, due: float | None = None, limit: int | None = None) -> list[OutboxRow]:
+    def outbox(
+        self, *, states: Iterable[str] | None = None, due: float | None = None, limit: int | None = None
+    ) -> list[OutboxRow]:
         """Outbox rows, oldest first; with ``due``, only pending rows whose next attempt is due by then."""
         where, args = [], []  # type: ignore[var-annotated]
         if states:
@@ -1462,7 +1552,9 @@ class Store:
     def outbox_summary(self) -> dict[str, Any]:
         """For `imageqc status`: rows ``waiting``, ``expired``, the newest error of a waiting row and when, last sent."""
         with self.db(commit=False) as c:
-            counts = {r["state"]: int(r["n"]) for r in c.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")}
+            counts = {
+                r["state"]: int(r["n"]) for r in c.execute("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+            }
             err = c.execute(
                 "SELECT error, error_at FROM outbox WHERE state = ? AND error IS NOT NULL ORDER BY error_at DESC LIMIT 1",
                 (OutboxState.PENDING.value,),
@@ -1480,14 +1572,27 @@ class Store:
     def activity_since(self, since: float) -> dict[str, Any]:
         """For the daily digest: QC verdicts, jobs failed for good and jobs created since ``since``."""
         with self.db(commit=False) as c:
-            verdicts = {r["verdict"]: int(r["n"]) for r in c.execute(
-                "SELECT verdict, COUNT(*) AS n FROM qc_results WHERE created_at >= ? GROUP BY verdict", (since,))}
-            failed = [{**dict(r), "chip": loaded_name(r["chip"])} for r in c.execute(
-                "SELECT id, chip, error FROM jobs WHERE state = ? AND next_attempt_at IS NULL AND finished_at >= ? ORDER BY id",
-                (S.FAILED.value, since))]
-            fails = [loaded_name(r["chip"]) for r in c.execute(
-                "SELECT j.chip FROM qc_results r JOIN jobs j ON j.id = r.job_id WHERE r.created_at >= ? AND r.verdict = 'fail'"
-                " ORDER BY r.job_id", (since,))]
+            verdicts = {
+                r["verdict"]: int(r["n"])
+                for r in c.execute(
+                    "SELECT verdict, COUNT(*) AS n FROM qc_results WHERE created_at >= ? GROUP BY verdict", (since,)
+                )
+            }
+            failed = [
+                {**dict(r), "chip": loaded_name(r["chip"])}
+                for r in c.execute(
+                    "SELECT id, chip, error FROM jobs WHERE state = ? AND next_attempt_at IS NULL AND finished_at >= ? ORDER BY id",
+                    (S.FAILED.value, since),
+                )
+            ]
+            fails = [
+                loaded_name(r["chip"])
+                for r in c.execute(
+                    "SELECT j.chip FROM qc_results r JOIN jobs j ON j.id = r.job_id WHERE r.created_at >= ? AND r.verdict = 'fail'"
+                    " ORDER BY r.job_id",
+                    (since,),
+                )
+            ]
             created = int(c.execute("SELECT COUNT(*) FROM jobs WHERE created_at >= ?", (since,)).fetchone()[0])
         return {"verdicts": verdicts, "qc_fail_chips": fails, "failed_jobs": failed, "jobs_created": created}
 
@@ -1503,7 +1608,9 @@ class Store:
 
     def get_status(self) -> dict[str, tuple[Any, float]]:
         with self.db(commit=False) as c:
-            return {r["key"]: (json.loads(r["value"]), r["updated_at"]) for r in c.execute("SELECT * FROM service_status")}
+            return {
+                r["key"]: (json.loads(r["value"]), r["updated_at"]) for r in c.execute("SELECT * FROM service_status")
+            }
 
 
 def _statements(script: str) -> list[str]:

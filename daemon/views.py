@@ -48,7 +48,9 @@ def field(con: Any, label: str, value: Any, *, markup: bool = False, indent: int
     from rich.text import Text
 
     lead = max(LABEL_WIDTH, indent + len(label) + 1)
-    body = Text.from_markup(shown_name(str(value))) if markup else Text("-" if value is None else shown_name(str(value)))
+    body = (
+        Text.from_markup(shown_name(str(value))) if markup else Text("-" if value is None else shown_name(str(value)))
+    )
     lines = body.wrap(con, max(20, con.width - lead), overflow="fold") if body.plain else [Text("")]
     for i, line in enumerate(lines):
         head = (" " * indent + label).ljust(lead) if i == 0 else " " * lead
@@ -124,7 +126,9 @@ def human_age(seconds: float, *, short: bool = False) -> str:
     """A duration as "42 s", "12 min", "3.5 h", "2.0 days" (``short``: "42s", "12m", "3.5h", "2d")."""
     s = max(0.0, float(seconds))
     for limit, div, long_unit, short_unit, fmt in (
-        (90, 1, " s", "s", ".0f"), (5400, 60, " min", "m", ".0f"), (2 * 86400, 3600, " h", "h", ".1f"),
+        (90, 1, " s", "s", ".0f"),
+        (5400, 60, " min", "m", ".0f"),
+        (2 * 86400, 3600, " h", "h", ".1f"),
     ):
         if s < limit:
             return f"{s / div:{fmt}}{short_unit if short else long_unit}"

@@ -40,15 +40,15 @@ from daemon.naming import parse_name
 from daemon.snapshot import RoleCache, ScanResult, WalkPolicy, folder_role, is_under, scan_tree
 
 __all__ = [
-    "HINT_DIR",
     "HINT_DEEP",
-    "choose_observer",
+    "HINT_DIR",
     "Hints",
-    "RootWatcher",
-    "RootMissing",
-    "Rescanner",
     "ObserverFactory",
     "PollLister",
+    "Rescanner",
+    "RootMissing",
+    "RootWatcher",
+    "choose_observer",
     "default_observer",
 ]
 
@@ -171,7 +171,11 @@ class _OverflowFilter(logging.Filter):
 
 
 _OVERFLOW_FILTER = _OverflowFilter()
-for _name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify", "watchdog.observers.read_directory_changes"):
+for _name in (
+    "watchdog.observers.inotify_c",
+    "watchdog.observers.inotify",
+    "watchdog.observers.read_directory_changes",
+):
     logging.getLogger(_name).addFilter(_OVERFLOW_FILTER)
 
 
@@ -280,8 +284,12 @@ class RootWatcher:
             if not self.missing or worded != self.problem:
                 self.missing = True
                 self.problem = worded
-                log.warning("watch folder cannot be used; waiting for it to come back", root=root, problem=self.problem,
-                            advice="scan sets under it are kept and their QC is retried once it is back")
+                log.warning(
+                    "watch folder cannot be used; waiting for it to come back",
+                    root=root,
+                    problem=self.problem,
+                    advice="scan sets under it are kept and their QC is retried once it is back",
+                )
                 obs, self.observer = self.observer, None
                 if obs is not None:
                     _stop_observer(obs)
@@ -350,7 +358,9 @@ class Rescanner:
     stop event is checked between folders so :meth:`stop` is quick.
     """
 
-    def __init__(self, policies: Sequence[WalkPolicy], *, interval_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, policies: Sequence[WalkPolicy], *, interval_s: float, clock: Callable[[], float] = time.time
+    ) -> None:
         self.policies = {p.root: p for p in policies}
         self.interval_s = interval_s
         self.clock = clock
@@ -413,4 +423,8 @@ class Rescanner:
             return
         if result.complete:
             self.results.put(result)
-            self.last[root] = {"at": self.clock(), "duration_s": round(time.monotonic() - started, 3), "files": result.files}
+            self.last[root] = {
+                "at": self.clock(),
+                "duration_s": round(time.monotonic() - started, 3),
+                "files": result.files,
+            }

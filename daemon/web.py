@@ -78,16 +78,20 @@ def read_token(ref: str, environ: Mapping[str, str] | None = None) -> str:
     if ref.startswith("env:"):
         token = env.get(ref[4:], "").strip()
         if not token:
-            msg = (f"web.token: {ref[4:]} is not set in the service's environment; set it to a long random token "
-                   "(systemd: Environment= or EnvironmentFile=; Windows: the service's environment)")
+            msg = (
+                f"web.token: {ref[4:]} is not set in the service's environment; set it to a long random token "
+                "(systemd: Environment= or EnvironmentFile=; Windows: the service's environment)"
+            )
             raise WebUnavailable(msg)
     else:
         path = Path(ref[5:]).expanduser()
         try:
             lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines()]
         except (OSError, UnicodeDecodeError) as e:
-            msg = f"web.token: cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); " \
-                  "write the token in it, readable only by the service"
+            msg = (
+                f"web.token: cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); "
+                "write the token in it, readable only by the service"
+            )
             raise WebUnavailable(msg) from None
         token = next((s for s in lines if s and not s.startswith("#")), "")
         if not token:
@@ -102,8 +106,14 @@ def picture_file(config: Config, output_dir: str | None, name: str) -> Path | No
     Served: a regular ``.png`` file directly in ``<output folder>/pictures``, the output folder lying
     inside the service's own output folder, no symbolic link on the way out of it.
     """
-    if (not output_dir or not name.lower().endswith(".png") or name.startswith(".") or len(name) > 255
-            or any(c in name for c in "/\\:\x00") or any(ord(c) < 32 for c in name)):
+    if (
+        not output_dir
+        or not name.lower().endswith(".png")
+        or name.startswith(".")
+        or len(name) > 255
+        or any(c in name for c in "/\\:\x00")
+        or any(ord(c) < 32 for c in name)
+    ):
         return None  # one plain file name: no folder, drive or stream part, no hidden or control characters
     try:
         root = config.output_dir.resolve(strict=True)
@@ -167,8 +177,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=True)
 
     def _refuse(self) -> None:
-        self._send(HTTPStatus.METHOD_NOT_ALLOWED, "text/plain; charset=utf-8",
-                   b"read-only: only GET and HEAD are served\n", extra={"Allow": "GET, HEAD"})
+        self._send(
+            HTTPStatus.METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            b"read-only: only GET and HEAD are served\n",
+            extra={"Allow": "GET, HEAD"},
+        )
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
 
@@ -209,8 +223,13 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         if not self._authorized():
             page = message_page("Token needed", "This page needs the token set in web.token (any user name).")
-            self._send(HTTPStatus.UNAUTHORIZED, "text/html; charset=utf-8", page.encode(), body=body,
-                       extra={"WWW-Authenticate": 'Basic realm="imageqc", charset="UTF-8"'})
+            self._send(
+                HTTPStatus.UNAUTHORIZED,
+                "text/html; charset=utf-8",
+                page.encode(),
+                body=body,
+                extra={"WWW-Authenticate": 'Basic realm="imageqc", charset="UTF-8"'},
+            )
             return
         raw = urlsplit(self.path).path
         parts = raw.split("/")[1:]
@@ -293,7 +312,9 @@ class WebServer:
             self.serve()
         except WebUnavailable as e:
             self.error = str(e)
-            log.error("status page and metrics are off", error=str(e), setting="web.listen", listen=self.config.web.listen)
+            log.error(
+                "status page and metrics are off", error=str(e), setting="web.listen", listen=self.config.web.listen
+            )
 
     def tick(self, now: float) -> None:
         return None
@@ -334,18 +355,23 @@ class WebServer:
             server = _Server((host, port), self)
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-                msg = (f"port {port} is already in use (web.listen = {w.listen!r}); stop the program using it or set "
-                       "web.listen to a free port; the service runs on without the status page")
+                msg = (
+                    f"port {port} is already in use (web.listen = {w.listen!r}); stop the program using it or set "
+                    "web.listen to a free port; the service runs on without the status page"
+                )
             else:
-                msg = (f"cannot listen on {w.listen!r} (web.listen): {e.strerror or e}; use an address of this machine, "
-                       "e.g. '127.0.0.1:8787'; the service runs on without the status page")
+                msg = (
+                    f"cannot listen on {w.listen!r} (web.listen): {e.strerror or e}; use an address of this machine, "
+                    "e.g. '127.0.0.1:8787'; the service runs on without the status page"
+                )
             raise WebUnavailable(msg) from None
         self.collector.prime()
         self._server = server
         self.address = server.server_address[:2]  # type: ignore[assignment]
         self.error = None
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="imageqc-web", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="imageqc-web", daemon=True
+        )
         self._thread.start()
         log.info("status page listening", url=self.url, token=bool(self.token))
 

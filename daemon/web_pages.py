@@ -75,7 +75,7 @@ def _page(title: str, body: str, refresh_s: int | None) -> str:
 
 def message_page(title: str, text: str) -> str:
     """A short page for errors (404, 401, ...)."""
-    return _page(title, f"<h1>{_h(title)}</h1><p>{_h(text)}</p><p><a href=\"/\">status</a></p>", None)
+    return _page(title, f'<h1>{_h(title)}</h1><p>{_h(text)}</p><p><a href="/">status</a></p>', None)
 
 
 def _job_link(job_id: Any) -> str:
@@ -88,58 +88,120 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
     svc = st.get("service", {})
     parts = ["<h1>imageqc</h1>"]
     if svc.get("running"):
-        line = (f'<span class="pass">running</span> (pid {_h(svc.get("pid"))} on {_h(svc.get("host"))}, '
-                f'since {_h(_ts(svc.get("started_at")))}, v{_h(svc.get("version"))})')
+        line = (
+            f'<span class="pass">running</span> (pid {_h(svc.get("pid"))} on {_h(svc.get("host"))}, '
+            f"since {_h(_ts(svc.get('started_at')))}, v{_h(svc.get('version'))})"
+        )
     else:
         line = f'<span class="fail">not running</span>: {_h(svc.get("reason") or "")}'
     rows = [["service", line], ["state folder", _h(st.get("state_dir"))]]
     if svc.get("last_tick_error"):
         rows.append(["last error", _h(svc["last_tick_error"])])
     counts = st.get("counts", {})
-    rows.append(["jobs", _h("  ".join(f"{s.value} {counts[s.value]}" for s in JobState if counts.get(s.value)) or "none yet")])
+    rows.append(
+        ["jobs", _h("  ".join(f"{s.value} {counts[s.value]}" for s in JobState if counts.get(s.value)) or "none yet")]
+    )
     parts.append(_table(["", ""], rows))
     if st.get("active"):
         parts.append("<h2>Active</h2>")
-        parts.append(_table(["job", "chip", "state", "stage", "progress", "started"], (
-            [_job_link(a["job_id"]), _h(a.get("chip")), _h(a.get("state")), _h(a.get("stage")),
-             "-" if a.get("progress") is None else _h(f"{a['progress']:.0f}%"), _h(_ago(a.get("started_at"), now))]
-            for a in st["active"]
-        )))
+        parts.append(
+            _table(
+                ["job", "chip", "state", "stage", "progress", "started"],
+                (
+                    [
+                        _job_link(a["job_id"]),
+                        _h(a.get("chip")),
+                        _h(a.get("state")),
+                        _h(a.get("stage")),
+                        "-" if a.get("progress") is None else _h(f"{a['progress']:.0f}%"),
+                        _h(_ago(a.get("started_at"), now)),
+                    ]
+                    for a in st["active"]
+                ),
+            )
+        )
     parts += _waiting(st.get("waiting") or {}, now)
     if st.get("recent_verdicts"):
         parts.append("<h2>Recent QC</h2>")
-        parts.append(_table(["job", "chip", "verdict", "when", "first reason"], (
-            [_job_link(v["job_id"]), _h(v.get("chip")), _verdict(v.get("verdict")), _h(_ago(v.get("at"), now)),
-             _h(v.get("reason") or "")]
-            for v in st["recent_verdicts"]
-        )))
+        parts.append(
+            _table(
+                ["job", "chip", "verdict", "when", "first reason"],
+                (
+                    [
+                        _job_link(v["job_id"]),
+                        _h(v.get("chip")),
+                        _verdict(v.get("verdict")),
+                        _h(_ago(v.get("at"), now)),
+                        _h(v.get("reason") or ""),
+                    ]
+                    for v in st["recent_verdicts"]
+                ),
+            )
+        )
     if st.get("recent_errors"):
         parts.append("<h2>Recent errors</h2>")
-        parts.append(_table(["job", "chip", "when", "error", "retry"], (
-            [_job_link(e["job_id"]), _h(e.get("chip")), _h(_ago(e.get("at"), now)), _h(e.get("error")),
-             _h(_ts(e["retry_at"])) if e.get("retry_at") else "-"]
-            for e in st["recent_errors"]
-        )))
+        parts.append(
+            _table(
+                ["job", "chip", "when", "error", "retry"],
+                (
+                    [
+                        _job_link(e["job_id"]),
+                        _h(e.get("chip")),
+                        _h(_ago(e.get("at"), now)),
+                        _h(e.get("error")),
+                        _h(_ts(e["retry_at"])) if e.get("retry_at") else "-",
+                    ]
+                    for e in st["recent_errors"]
+                ),
+            )
+        )
     parts.append("<h2>Watch folders</h2>")
     if st.get("watchers"):
-        parts.append(_table(["folder", "observer", "health", "rescanned", "files", "settling"], (
-            [_h(w.get("path")), _h(w.get("observer")), _h(w.get("health")), _h(_ago(w.get("last_rescan"), now)),
-             _h(w.get("files")), _h(w.get("pending", 0))]
-            for w in st["watchers"]
-        )))
+        parts.append(
+            _table(
+                ["folder", "observer", "health", "rescanned", "files", "settling"],
+                (
+                    [
+                        _h(w.get("path")),
+                        _h(w.get("observer")),
+                        _h(w.get("health")),
+                        _h(_ago(w.get("last_rescan"), now)),
+                        _h(w.get("files")),
+                        _h(w.get("pending", 0)),
+                    ]
+                    for w in st["watchers"]
+                ),
+            )
+        )
     else:
-        parts.append(_table(["folder", "exists"], (
-            [_h(w["path"]), "yes" if w.get("exists") else '<span class="fail">missing</span>']
-            for w in st.get("disk", {}).get("watch", [])
-        )))
+        parts.append(
+            _table(
+                ["folder", "exists"],
+                (
+                    [_h(w["path"]), "yes" if w.get("exists") else '<span class="fail">missing</span>']
+                    for w in st.get("disk", {}).get("watch", [])
+                ),
+            )
+        )
     targets = (st.get("uploads") or {}).get("targets", {})
     if targets:
         parts.append("<h2>Uploads</h2>")
-        parts.append(_table(["target", "files waiting", "bytes waiting", "rate", "window"], (
-            [_h(name), _h(u.get("files", 0)), _h(human_bytes(u.get("bytes"))), _h(human_bytes(u.get("rate_bps")) + "/s"),
-             _h(u.get("window") or "any time") + ("" if u.get("open", True) else ' <span class="muted">(closed)</span>')]
-            for name, u in targets.items()
-        )))
+        parts.append(
+            _table(
+                ["target", "files waiting", "bytes waiting", "rate", "window"],
+                (
+                    [
+                        _h(name),
+                        _h(u.get("files", 0)),
+                        _h(human_bytes(u.get("bytes"))),
+                        _h(human_bytes(u.get("rate_bps")) + "/s"),
+                        _h(u.get("window") or "any time")
+                        + ("" if u.get("open", True) else ' <span class="muted">(closed)</span>'),
+                    ]
+                    for name, u in targets.items()
+                ),
+            )
+        )
     n = st.get("notifications") or {}
     if n.get("rules") or n.get("waiting"):
         parts.append("<h2>Notifications</h2>")
@@ -149,11 +211,21 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
         parts.append(_table(["", ""], rows))
     disk = st.get("disk", {})
     parts.append("<h2>Disk</h2>")
-    drows = [["state folder", _h(disk.get("state_dir", {}).get("path")), _h(human_bytes(disk.get("state_dir", {}).get("free_bytes")))]]
-    drows += [["watch", _h(w["path"]), _h(human_bytes(w.get("free_bytes")))] for w in disk.get("watch", []) if w.get("exists")]
+    drows = [
+        [
+            "state folder",
+            _h(disk.get("state_dir", {}).get("path")),
+            _h(human_bytes(disk.get("state_dir", {}).get("free_bytes"))),
+        ]
+    ]
+    drows += [
+        ["watch", _h(w["path"]), _h(human_bytes(w.get("free_bytes")))] for w in disk.get("watch", []) if w.get("exists")
+    ]
     parts.append(_table(["", "folder", "free"], drows))
-    parts.append(f'<p class="muted">Read-only view; refreshes every {int(refresh_s)} s. Generated {_h(_ts(now))}. '
-                 '<a href="/metrics">metrics</a></p>')
+    parts.append(
+        f'<p class="muted">Read-only view; refreshes every {int(refresh_s)} s. Generated {_h(_ts(now))}. '
+        '<a href="/metrics">metrics</a></p>'
+    )
     return _page("imageqc status", "".join(parts), refresh_s)
 
 
@@ -163,11 +235,21 @@ def _waiting(w: Mapping[str, Any], now: float) -> list[str]:
     out: list[str] = []
     if sets:
         out.append("<h2>Waiting</h2>")
-        out.append(_table(["chip", "for", "stage", "why", "folder"], (
-            [_h(s.get("chip")), _h(_ago(s.get("since"), now).replace(" ago", "")), _h(s.get("stage")), _h(s.get("reason")),
-             _h(s.get("folder"))]
-            for s in sets
-        )))
+        out.append(
+            _table(
+                ["chip", "for", "stage", "why", "folder"],
+                (
+                    [
+                        _h(s.get("chip")),
+                        _h(_ago(s.get("since"), now).replace(" ago", "")),
+                        _h(s.get("stage")),
+                        _h(s.get("reason")),
+                        _h(s.get("folder")),
+                    ]
+                    for s in sets
+                ),
+            )
+        )
         if w.get("sets_total", 0) > len(sets):
             out.append(f'<p class="muted">... and {_h(w["sets_total"] - len(sets))} more set(s)</p>')
     if names:
@@ -185,7 +267,12 @@ def _check_row(c: Mapping[str, Any]) -> list[str]:
 
 
 def job_page(
-    job: Job, result: Mapping[str, Any] | None, events: Sequence[Event], pictures: Sequence[str], *, refresh_s: int,
+    job: Job,
+    result: Mapping[str, Any] | None,
+    events: Sequence[Event],
+    pictures: Sequence[str],
+    *,
+    refresh_s: int,
     now: float | None = None,
 ) -> str:
     """One job: state, verdict with every judged metric, reasons, history and the pictures."""
@@ -207,17 +294,31 @@ def job_page(
         parts.append("<h2>Reasons</h2><ul>" + "".join(f"<li>{_h(r)}</li>" for r in report["reasons"]) + "</ul>")
     if report.get("checks"):
         parts.append("<h2>Metrics</h2>")
-        parts.append(_table(["metric", "image", "value", "threshold", "result"], (_check_row(c) for c in report["checks"])))
+        parts.append(
+            _table(["metric", "image", "value", "threshold", "result"], (_check_row(c) for c in report["checks"]))
+        )
     if pictures:
         parts.append("<h2>Pictures</h2>")
-        parts.append("".join(
-            f'<a href="/pictures/{job.id}/{quote(p)}"><img class="picture" src="/pictures/{job.id}/{quote(p)}" '
-            f'alt="{_h(p)}"></a>' for p in pictures
-        ))
+        parts.append(
+            "".join(
+                f'<a href="/pictures/{job.id}/{quote(p)}"><img class="picture" src="/pictures/{job.id}/{quote(p)}" '
+                f'alt="{_h(p)}"></a>'
+                for p in pictures
+            )
+        )
     parts.append("<h2>History</h2>")
-    parts.append(_table(["when", "event", "message"], (
-        [_h(_ts(e.at)), _h(f"{e.from_state or ''} -> {e.to_state}" if e.to_state else e.kind), _h(e.message or "")]
-        for e in events
-    )))
+    parts.append(
+        _table(
+            ["when", "event", "message"],
+            (
+                [
+                    _h(_ts(e.at)),
+                    _h(f"{e.from_state or ''} -> {e.to_state}" if e.to_state else e.kind),
+                    _h(e.message or ""),
+                ]
+                for e in events
+            ),
+        )
+    )
     parts.append(f'<p class="muted">Read-only view; refreshes every {int(refresh_s)} s.</p>')
     return _page(f"imageqc job {job.id}", "".join(parts), refresh_s)

@@ -47,19 +47,25 @@ from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import Job, JobState, Store
 
 __all__ = [
+    "THREAD_ENV_VARS",
     "JobContext",
     "JobOutcome",
     "JobRunner",
     "ProcessWorker",
-    "backoff_delay",
     "apply_priority",
-    "THREAD_ENV_VARS",
+    "backoff_delay",
 ]
 
 log = get_logger("imageqc.worker")
 
 #: Environment variables that cap the thread pools of numpy/BLAS/OpenCV/onnxruntime.
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS", "OPENCV_NUM_THREADS")
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "OPENCV_NUM_THREADS",
+)
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,10 @@ def apply_priority(level: str, proc: psutil.Process | None = None) -> None:
         pass
     try:
         if sys.platform.startswith("linux"):
-            proc.ionice(psutil.IOPRIO_CLASS_IDLE if level == "low" else psutil.IOPRIO_CLASS_BE, *(() if level == "low" else (7,)))
+            proc.ionice(
+                psutil.IOPRIO_CLASS_IDLE if level == "low" else psutil.IOPRIO_CLASS_BE,
+                *(() if level == "low" else (7,)),
+            )
         elif sys.platform == "win32":
             proc.ionice(psutil.IOPRIO_LOW)
     except (psutil.Error, OSError, AttributeError, ValueError):  # pragma: no cover - platform quirks
@@ -419,7 +428,9 @@ class ProcessWorker:
             elif run.stop_reason == "cancelled":
                 log.warning("job stopped: its lease was taken away (cancelled or recovered)")
             elif run.stop_reason == "service stopping":
-                self.store.transition(job.id, JobState.QUEUED, now=now, owner=self.owner, message="service stopped; job re-queued")
+                self.store.transition(
+                    job.id, JobState.QUEUED, now=now, owner=self.owner, message="service stopped; job re-queued"
+                )
                 log.info("job returned to the queue because the service is stopping")
             elif run.stop_reason:
                 self._fail(job, run.stop_reason, transient=False, now=now)
@@ -443,7 +454,13 @@ class ProcessWorker:
         if transient and fresh.attempts < svc.max_attempts:
             retry_at = now + backoff_delay(fresh.attempts, base=svc.retry_base_s, cap=svc.retry_max_s)
         self.store.transition(
-            job.id, JobState.FAILED, now=now, owner=self.owner, error=error, failed_stage=stage, next_attempt_at=retry_at
+            job.id,
+            JobState.FAILED,
+            now=now,
+            owner=self.owner,
+            error=error,
+            failed_stage=stage,
+            next_attempt_at=retry_at,
         )
         log.error("job failed", error=error, transient=transient, retry_at=retry_at, attempts=fresh.attempts)
 

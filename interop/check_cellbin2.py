@@ -42,7 +42,7 @@ QUIET = "--quiet" in sys.argv
 def flatten_obj(obj, prefix, out):
     """cellbin2's objects -> {path: value}."""
     for key, value in vars(obj).items():
-        path = "{}/{}".format(prefix, key) if prefix else key
+        path = f"{prefix}/{key}" if prefix else key
         if hasattr(value, "__dict__") and not isinstance(value, (np.ndarray, np.generic)):
             flatten_obj(value, path, out)
         else:
@@ -69,13 +69,20 @@ def ours_plain(value):
 
 def equal(a, b):
     if isinstance(a, tuple) and isinstance(b, tuple):
-        return list(a[1]) == list(b[1]) and np.array_equal(np.asarray(a[2], dtype=object), np.asarray(b[2], dtype=object))
+        return list(a[1]) == list(b[1]) and np.array_equal(
+            np.asarray(a[2], dtype=object), np.asarray(b[2], dtype=object)
+        )
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                                             and not isinstance(a, bool) and a == b and type(a) is type(b))
+    return (type(a) is type(b) and a == b) or (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and not isinstance(a, bool)
+        and a == b
+        and type(a) is type(b)
+    )
 
 
 def short(v):
@@ -106,8 +113,12 @@ def compare_values(case, ipr_path, ours_path, chip_name):
             status = "default"
         elif equal(mine, got):
             status = "same"
-        elif isinstance(got, (int, float)) and isinstance(mine, (int, float)) and not isinstance(got, bool) \
-                and type(got)(mine) == got:
+        elif (
+            isinstance(got, (int, float))
+            and isinstance(mine, (int, float))
+            and not isinstance(got, bool)
+            and type(got)(mine) == got
+        ):
             status = "cast"
         else:
             status = "MISMATCH"
@@ -124,9 +135,9 @@ def compare_values(case, ipr_path, ours_path, chip_name):
 
 def check_template(images, chip_name):
     """cellbin2 regenerates the template from our Rotation/Scale and one point: it must equal TemplatePoint."""
+    import cellbin2
     from cellbin2.contrib.template.inferencev1.inference_v1 import TemplateReferenceV1, TemplateReferenceV1Param
     from cellbin2.utils.stereo_chip import StereoChip
-    import cellbin2
 
     mask = os.path.join(os.path.dirname(cellbin2.__file__), "config", "chip_mask.json.enc")
     chip = StereoChip(mask)
@@ -150,9 +161,16 @@ def check_template(images, chip_name):
         dist = float(d[np.arange(len(tp)), k].max())
         same_index = bool(np.all(theirs[k, 2:] == tp[:, 2:]))
         ok = len(theirs) == len(tp) and dist < 0.01 and same_index
-        results.append(("{} template".format(group), "{} points".format(len(tp)),
-                        "{} points, max dist {:.2g} px, indices {}".format(len(theirs), dist, "same" if same_index else "DIFFER"),
-                        "same" if ok else "MISMATCH"))
+        results.append(
+            (
+                f"{group} template",
+                f"{len(tp)} points",
+                "{} points, max dist {:.2g} px, indices {}".format(
+                    len(theirs), dist, "same" if same_index else "DIFFER"
+                ),
+                "same" if ok else "MISMATCH",
+            )
+        )
     return results
 
 
@@ -166,10 +184,19 @@ def check_calibration(images, inputs):
         info = multi_channel_align(CalibrationParam(), fixed_image=inputs["DAPI"], moving_image=inputs[group])
         ox, oy = float(info.offset[0]), float(info.offset[1])
         ours = (ch.Calibration.Scope.OffsetX, ch.Calibration.Scope.OffsetY)
-        ok = abs(ox - ours[0]) <= 1.0 and abs(oy - ours[1]) <= 1.0 and info.pass_flag == ch.Calibration.CalibrationQCPassFlag
-        results.append(("{} calibration".format(group), "offset ({:.2f}, {:.2f}) flag {}".format(ours[0], ours[1], ch.Calibration.CalibrationQCPassFlag),
-                        "offset ({:.0f}, {:.0f}) flag {} score {:.3f}".format(ox, oy, info.pass_flag, info.score),
-                        "same" if ok else "MISMATCH"))
+        ok = (
+            abs(ox - ours[0]) <= 1.0
+            and abs(oy - ours[1]) <= 1.0
+            and info.pass_flag == ch.Calibration.CalibrationQCPassFlag
+        )
+        results.append(
+            (
+                f"{group} calibration",
+                f"offset ({ours[0]:.2f}, {ours[1]:.2f}) flag {ch.Calibration.CalibrationQCPassFlag}",
+                f"offset ({ox:.0f}, {oy:.0f}) flag {info.pass_flag} score {info.score:.3f}",
+                "same" if ok else "MISMATCH",
+            )
+        )
     return results
 
 
@@ -178,24 +205,38 @@ def main(out_dir):
 
     with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as fh:
         manifest = json.load(fh)
-    print("cellbin2 {} (Python {}) reading imageqc {} IPRs in {}".format(
-        getattr(cellbin2, "__version__", "?"), sys.version.split()[0], manifest["imageqc"], out_dir))
+    print(
+        "cellbin2 {} (Python {}) reading imageqc {} IPRs in {}".format(
+            getattr(cellbin2, "__version__", "?"), sys.version.split()[0], manifest["imageqc"], out_dir
+        )
+    )
     failed = 0
     for case, spec in manifest["cases"].items():
         rows, counts, images = compare_values(case, spec["ipr"], spec["ours"], manifest["chip"])
         checks = check_template(images, manifest["chip"]) + check_calibration(images, spec["inputs"])
         bad = counts["MISMATCH"] + counts["MISSING"] + sum(1 for r in checks if r[3] != "same")
         failed += bad
-        print("\n== {} ({}, verdict {}): {}".format(case, spec["stain"], spec["verdict"], os.path.basename(spec["ipr"])))
+        print(
+            "\n== {} ({}, verdict {}): {}".format(case, spec["stain"], spec["verdict"], os.path.basename(spec["ipr"]))
+        )
         print("{:58s} {:34s} {:34s} {}".format("path", "imageqc", "cellbin2", "status"))
         for path, mine, got, status in rows + checks:
             if QUIET and status in ("same", "default"):
                 continue
-            print("{:58s} {:34s} {:34s} {}".format(path, mine, got, status))
-        print("-- {}: {} same, {} cast, {} cellbin2 defaults, {} MISMATCH, {} MISSING; {} of {} convention checks agree".format(
-            case, counts["same"], counts["cast"], counts["default"], counts["MISMATCH"], counts["MISSING"],
-            sum(1 for r in checks if r[3] == "same"), len(checks)))
-    print("\nRESULT: {}".format("all values agree" if not failed else "{} disagreement(s)".format(failed)))
+            print(f"{path:58s} {mine:34s} {got:34s} {status}")
+        print(
+            "-- {}: {} same, {} cast, {} cellbin2 defaults, {} MISMATCH, {} MISSING; {} of {} convention checks agree".format(
+                case,
+                counts["same"],
+                counts["cast"],
+                counts["default"],
+                counts["MISMATCH"],
+                counts["MISSING"],
+                sum(1 for r in checks if r[3] == "same"),
+                len(checks),
+            )
+        )
+    print("\nRESULT: {}".format("all values agree" if not failed else f"{failed} disagreement(s)"))
     return 1 if failed else 0
 
 

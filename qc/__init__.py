@@ -6,7 +6,8 @@ notebook::
     from qc.io import open_scan_set
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("imageqc")

@@ -21,7 +21,17 @@ import scipy.fft
 
 from qc.chip import ChipTemplate
 
-__all__ = ["reduce_lines", "line_kernel", "line_dips", "normalise", "estimate_angle", "profiles", "find_dips", "AxisFit", "fit_axis"]
+__all__ = [
+    "AxisFit",
+    "estimate_angle",
+    "find_dips",
+    "fit_axis",
+    "line_dips",
+    "line_kernel",
+    "normalise",
+    "profiles",
+    "reduce_lines",
+]
 
 _LINE_STRIP_BYTES = 24 << 20  # bytes of a strip's grey copy while reducing line evidence
 
@@ -129,7 +139,7 @@ def line_dips(evidence: np.ndarray, factor: int, kernel: int) -> np.ndarray:
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     """Approximate Gaussian blur: two box filters of matching variance (O(1) per pixel)."""
-    b = max(3, int(round(math.sqrt(6.0 * sigma * sigma + 1.0))) | 1)
+    b = max(3, round(math.sqrt(6.0 * sigma * sigma + 1.0)) | 1)
     out = cv2.blur(a, (b, b), borderType=cv2.BORDER_REFLECT)
     return cv2.blur(out, (b, b), borderType=cv2.BORDER_REFLECT)
 
@@ -184,7 +194,7 @@ def estimate_angle(n: np.ndarray, *, peaks: int = 3) -> list[tuple[float, float]
     pw = power[band]
     ring = np.bincount(rbin, weights=pw, minlength=nrad) / np.maximum(np.bincount(rbin, minlength=nrad), 1)
     white = np.minimum(pw / np.maximum(ring[rbin], 1e-20), 50.0)
-    ang = (np.degrees(np.arctan2(np.broadcast_to(fy, r.shape)[band], np.broadcast_to(fx, r.shape)[band])) % 90.0)
+    ang = np.degrees(np.arctan2(np.broadcast_to(fy, r.shape)[band], np.broadcast_to(fx, r.shape)[band])) % 90.0
     nb = 1800
     abin = np.minimum((ang * (nb / 90.0)).astype(np.int32), nb - 1)
     hist = np.bincount(abin, weights=white, minlength=nb) / np.maximum(np.bincount(abin, minlength=nb), 1)
@@ -217,7 +227,9 @@ def _rotate(n: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
     return out, m
 
 
-def profiles(n: np.ndarray, valid: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def profiles(
+    n: np.ndarray, valid: np.ndarray, angle: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mean of the de-rotated image along columns and rows.
 
     Returns (profile_x, count_x, profile_y, count_y, matrix): ``profile_x[i]``
@@ -363,7 +375,9 @@ def fit_axis(dips: Dips, tmpl: ChipTemplate, scale_range: tuple[float, float], *
         return None
     score = _score_hypotheses(pos, st, tmpl, hs, hph, ha, hr, tol, dips.lo, dips.hi)
     order = np.argsort(-score)
-    scored = [(float(score[i]), float(hs[i]), float(hph[i]), float(ha[i]), float(hr[i])) for i in order[:300] if score[i] > 0]
+    scored = [
+        (float(score[i]), float(hs[i]), float(hph[i]), float(ha[i]), float(hr[i])) for i in order[:300] if score[i] > 0
+    ]
     if not scored:
         return None
     best: AxisFit | None = None
@@ -395,7 +409,7 @@ def _score_hypotheses(
     for c0 in range(0, s.size, step):
         idx = order[c0 : c0 + step]
         ss, ph = s[idx], phase[idx]
-        kmax = int(math.ceil((hi - lo) / (ss.min() * min(tmpl.offsets)))) + 2 * n9 + 2
+        kmax = math.ceil((hi - lo) / (ss.min() * min(tmpl.offsets))) + 2 * n9 + 2
         k0 = (np.floor((lo - ph) / ss / p).astype(np.int64) - 1) * n9
         k = k0[:, None] + np.arange(kmax)[None, :]
         x = ph[:, None] + ss[:, None] * _line_pos(tmpl, k)

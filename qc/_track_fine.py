@@ -19,7 +19,7 @@ import numpy as np
 from qc._track_coarse import to_grey
 from qc.grid import GridModel
 
-__all__ = ["Measurements", "sample_crossings", "measure", "fit_grid"]
+__all__ = ["Measurements", "fit_grid", "measure", "sample_crossings"]
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,12 @@ class Measurements:
 
 def window_reach(half: int, along: int) -> int:
     """Radius (px) of the image region a measurement window needs, whatever the angle."""
-    return int(math.ceil(math.hypot(half, along))) + 2
+    return math.ceil(math.hypot(half, along)) + 2
 
 
-def sample_crossings(grid: GridModel, width: int, height: int, reach: int, max_windows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_crossings(
+    grid: GridModel, width: int, height: int, reach: int, max_windows: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crossings at least ``reach`` px inside the image, thinned to ``max_windows``.
 
     Returns (kx, ky, centres): line indices and image positions. Thinning keeps
@@ -86,7 +88,7 @@ def _dips(prof: np.ndarray, centre: int, search: float) -> tuple[np.ndarray, np.
     base = cv2.GaussianBlur(prof, (k, 1), sig, borderType=cv2.BORDER_REFLECT)
     hs = cv2.GaussianBlur(prof - base, (3, 1), 0, borderType=cv2.BORDER_REPLICATE)
     lo = max(1, int(centre - search))
-    hi = min(length - 2, int(math.ceil(centre + search)))
+    hi = min(length - 2, math.ceil(centre + search))
     rows = np.arange(n)
     i = lo + np.argmin(hs[:, lo : hi + 1], axis=1)
     depth = -hs[rows, i]
@@ -138,7 +140,7 @@ def measure(
     read = np.zeros(2 * n, bool)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     for t, (cx, cy) in enumerate(centres):
-        x0, y0 = int(round(cx)) - reach, int(round(cy)) - reach
+        x0, y0 = round(cx) - reach, round(cy) - reach
         if x0 < 0 or y0 < 0 or x0 + 2 * reach + 1 > w or y0 + 2 * reach + 1 > h:
             continue
         win = to_grey(np.asarray(image[y0 : y0 + 2 * reach + 1, x0 : x0 + 2 * reach + 1])).astype(np.float32)
@@ -211,7 +213,10 @@ def fit_grid(meas: Measurements, grid: GridModel, *, inlier_px: float) -> GridFi
             ang = math.atan2(b, a) if f == 0 else math.atan2(-a, b)
             angles.append(ang)
             weights.append(float(sel.sum()))
-        ang = math.atan2(sum(w * math.sin(t) for t, w in zip(angles, weights)), sum(w * math.cos(t) for t, w in zip(angles, weights)))
+        ang = math.atan2(
+            sum(w * math.sin(t) for t, w in zip(angles, weights, strict=False)),
+            sum(w * math.cos(t) for t, w in zip(angles, weights, strict=False)),
+        )
         ca, sa = math.cos(ang), math.sin(ang)
         coefs = []
         for f, sel in enumerate(fams):

@@ -41,7 +41,7 @@ import numpy as np
 
 from qc.registration import overlap_ncc, phase_correlate, to_gray_float
 
-__all__ = ["CalibrationResult", "calibrate", "structure_view", "downsample_area"]
+__all__ = ["CalibrationResult", "calibrate", "downsample_area", "structure_view"]
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,12 @@ class CalibrationResult:
 
     def summary(self) -> dict[str, object]:
         """The report's ``calibration`` block (see ARCHITECTURE.md)."""
-        return {"reference": self.reference, "offset_px": [round(v, 2) for v in self.offset_px],
-                "similarity": round(self.similarity, 4), "passed": self.passed}
+        return {
+            "reference": self.reference,
+            "offset_px": [round(v, 2) for v in self.offset_px],
+            "similarity": round(self.similarity, 4),
+            "passed": self.passed,
+        }
 
 
 def downsample_area(image: np.ndarray, factor: int, *, band_rows: int = 2048) -> np.ndarray:
@@ -148,7 +152,7 @@ def structure_view(image: np.ndarray, *, smooth_px: float = 1.0, background_px: 
     gx = cv2.Sobel(a, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(a, cv2.CV_32F, 0, 1, ksize=3)
     g = cv2.magnitude(gx, gy)
-    k = 2 * int(round(2.5 * background_px)) + 1
+    k = 2 * round(2.5 * background_px) + 1
     if min(g.shape) > k:
         g = g - cv2.stackBlur(g, (k, k))
     return g - np.float32(g.mean(dtype=np.float64))
@@ -228,8 +232,10 @@ def calibrate(
     CalibrationResult
     """
     if reference.ndim != 2 or moving.ndim != 2:
-        msg = (f"calibration compares single-channel images; got shapes {reference.shape} and "
-               f"{moving.shape}: pass one plane (e.g. image.plane(0))")
+        msg = (
+            f"calibration compares single-channel images; got shapes {reference.shape} and "
+            f"{moving.shape}: pass one plane (e.g. image.plane(0))"
+        )
         raise ValueError(msg)
     h = min(reference.shape[0], moving.shape[0])
     w = min(reference.shape[1], moving.shape[1])
@@ -247,7 +253,7 @@ def calibrate(
     # Full-resolution windows at the coarse offset: refine it, and measure the
     # similarity on pixels the coarse search did not choose the offset from.
     size = min(window_px, (min(h, w) // 2) // 2 * 2)
-    ix, iy = int(round(cdx)), int(round(cdy))
+    ix, iy = round(cdx), round(cdy)
     bounds = (max(0, -ix), max(0, -iy), w - max(0, ix) - size, h - max(0, iy) - size)
     windows = []
     offsets = []
@@ -265,15 +271,23 @@ def calibrate(
         dx, dy = float(cdx), float(cdy)
 
     if windows:
-        rx, ry = int(round(dx)) - ix, int(round(dy)) - iy
+        rx, ry = round(dx) - ix, round(dy) - iy
         sim = float(np.mean([overlap_ncc(rw, mw, (rx, ry)) for rw, mw in windows]))
     else:  # pragma: no cover - every image >= 64 px has a window
-        sim = overlap_ncc(ref_c, mov_c, (int(round(dx / f)), int(round(dy / f))))
+        sim = overlap_ncc(ref_c, mov_c, (round(dx / f), round(dy / f)))
     sim = float(min(max(sim, 0.0), 1.0))
     length = math.hypot(dx, dy)
     return CalibrationResult(
-        offset_px=(dx, dy), offset_length_px=length, similarity=sim,
+        offset_px=(dx, dy),
+        offset_length_px=length,
+        similarity=sim,
         passed=bool(length <= max_offset_px and sim >= min_similarity),
-        reference=reference_name, moving=moving_name, coarse_offset_px=(float(cdx), float(cdy)),
-        downsample=f, windows_used=len(offsets), peak_ratio=coarse.peak_ratio,
-        max_offset_px=max_offset_px, min_similarity=min_similarity)
+        reference=reference_name,
+        moving=moving_name,
+        coarse_offset_px=(float(cdx), float(cdy)),
+        downsample=f,
+        windows_used=len(offsets),
+        peak_ratio=coarse.peak_ratio,
+        max_offset_px=max_offset_px,
+        min_similarity=min_similarity,
+    )

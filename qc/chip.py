@@ -40,15 +40,15 @@ from dataclasses import dataclass
 from qc.errors import ChipSerialError
 
 __all__ = [
-    "ChipTemplate",
-    "ChipSerial",
-    "TEMPLATES",
     "PREFIX_TEMPLATES",
-    "parse_chip",
-    "is_chip_serial",
-    "template_for",
-    "chip_size_um",
+    "TEMPLATES",
+    "ChipSerial",
+    "ChipTemplate",
     "chip_size_px",
+    "chip_size_um",
+    "is_chip_serial",
+    "parse_chip",
+    "template_for",
 ]
 
 

@@ -62,25 +62,25 @@ from qc.clarity_model import (
 from qc.errors import ModelError
 
 __all__ = [
-    "CATEGORIES",
     "BACKGROUND",
-    "MAP_LABELS",
+    "CATEGORIES",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAX_WINDOWS",
     "DEFAULT_WEIGHTS",
     "GOOD_SCORE",
-    "DEFAULT_MAX_WINDOWS",
-    "DEFAULT_BATCH_SIZE",
     "INTENSITY_PERCENTILES",
+    "MAP_LABELS",
     "MIN_RANGE_FRACTION",
     "STOMICS_4CLASS",
     "ClarityModel",
-    "LoadedClarityModel",
-    "load_clarity_model",
-    "WindowGrid",
     "ClarityResult",
-    "window_grid",
-    "intensity_range",
-    "to_uint8",
+    "LoadedClarityModel",
+    "WindowGrid",
     "evaluate_clarity",
+    "intensity_range",
+    "load_clarity_model",
+    "to_uint8",
+    "window_grid",
 ]
 
 #: Labels of :attr:`ClarityResult.class_map` values: index 0 is background.
@@ -202,8 +202,8 @@ def window_grid(height: int, width: int, *, window: int, max_windows: int = DEFA
         return WindowGrid(window=window, ys=ys, xs=xs, image_shape=(height, width))
     rows = max(1, min(full_r, int(np.sqrt(max_windows * height / width))))
     cols = max(1, min(full_c, max_windows // rows))
-    ys = tuple(int(round((i + 0.5) * height / rows - window / 2)) for i in range(rows))
-    xs = tuple(int(round((j + 0.5) * width / cols - window / 2)) for j in range(cols))
+    ys = tuple(round((i + 0.5) * height / rows - window / 2) for i in range(rows))
+    xs = tuple(round((j + 0.5) * width / cols - window / 2) for j in range(cols))
     return WindowGrid(window=window, ys=ys, xs=xs, image_shape=(height, width))
 
 

@@ -371,7 +371,9 @@ def load_clarity_model(spec: ClarityModel | None = None, *, threads: int = 1) ->
         raise ModelError(msg)
     if not spec.path.is_file():
         msg = f"clarity model {spec.name}: file not found: {spec.path}"
-        raise ModelError(msg, hint="Set qc.clarity.path to an existing .onnx file, or remove it to use the shipped model")
+        raise ModelError(
+            msg, hint="Set qc.clarity.path to an existing .onnx file, or remove it to use the shipped model"
+        )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -396,7 +398,9 @@ def load_clarity_model(spec: ClarityModel | None = None, *, threads: int = 1) ->
         raise ModelError(msg, hint="Fix input/output in the model's config or sidecar")
     shape = inputs[in_name].shape
     expect = (None, spec.channels, spec.window, spec.window)
-    if len(shape) != 4 or any(isinstance(d, int) and e is not None and d != e for d, e in zip(shape, expect)):
+    if len(shape) != 4 or any(
+        isinstance(d, int) and e is not None and d != e for d, e in zip(shape, expect, strict=False)
+    ):
         msg = f"clarity model {spec.name}: input {in_name} has shape {shape}, expected [N, {spec.channels}, {spec.window}, {spec.window}]"
         raise ModelError(msg, hint="Fix channels/window in the model's config or sidecar")
     loaded = LoadedClarityModel(spec=spec, session=session, threads=threads, input_name=in_name, output_name=out_name)

@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
-    "QCError",
-    "ReadError",
-    "UnsupportedFormatError",
+    "ChipSerialError",
     "CorruptImageError",
     "ImageTooLargeError",
-    "UnsafeArchiveError",
-    "ScanSetError",
     "ModelError",
-    "ChipSerialError",
+    "QCError",
+    "ReadError",
+    "ScanSetError",
+    "UnsafeArchiveError",
+    "UnsupportedFormatError",
 ]
 
 

@@ -172,8 +172,8 @@ def fuse_tiles(
     x_min = min(p[0] for p in pos.values())
     y_min = min(p[1] for p in pos.values())
     place = [(round(pos[t.name][0] - x_min), round(pos[t.name][1] - y_min)) for t in tiles]
-    width = max(x + t.width for (x, _), t in zip(place, tiles))
-    height = max(y + t.height for (_, y), t in zip(place, tiles))
+    width = max(x + t.width for (x, _), t in zip(place, tiles, strict=False))
+    height = max(y + t.height for (_, y), t in zip(place, tiles, strict=False))
 
     cache: dict[int, np.ndarray] = {}
 
@@ -233,7 +233,11 @@ def fuse_tiles(
                 done.add(rect)
                 rx0, ry0, rx1, ry1 = rect
                 shape = (ry1 - ry0, rx1 - rx0)
-                acc = np.zeros((*shape, *extra), np.float32) if blend == "linear" else band[ry0 - y0 : ry1 - y0, rx0:rx1].copy()
+                acc = (
+                    np.zeros((*shape, *extra), np.float32)
+                    if blend == "linear"
+                    else band[ry0 - y0 : ry1 - y0, rx0:rx1].copy()
+                )
                 best = np.zeros(shape, np.float32)
                 for i, cx0, cy0, cx1, cy1 in active:  # every tile that covers part of the overlap
                     px0, py0, px1, py1 = max(rx0, cx0), max(ry0, cy0), min(rx1, cx1), min(ry1, cy1)
@@ -260,8 +264,11 @@ def fuse_tiles(
     out.parent.mkdir(parents=True, exist_ok=True)
     photometric = "rgb" if samples == 3 else "minisblack"
     with tempfile.TemporaryDirectory(prefix=".fuse-", dir=out.parent, ignore_cleanup_errors=True) as tmp:
-        reduced = [np.lib.format.open_memmap(Path(tmp) / f"level{k}.npy", mode="w+", dtype=dtype,
-                                             shape=(h, w, *extra)) for k, (h, w) in enumerate(levels) if k]
+        reduced = [
+            np.lib.format.open_memmap(Path(tmp) / f"level{k}.npy", mode="w+", dtype=dtype, shape=(h, w, *extra))
+            for k, (h, w) in enumerate(levels)
+            if k
+        ]
 
         def base_tiles() -> Iterator[np.ndarray]:
             for y0 in range(0, height, tile_px):
@@ -281,13 +288,37 @@ def fuse_tiles(
 
         with tifffile.TiffWriter(out, bigtiff=True, ome=True) as tif:
             meta = {"axes": "YXS" if extra else "YX"}
-            tif.write(base_tiles(), shape=(height, width, *extra), dtype=dtype, tile=(tile_px, tile_px),
-                      photometric=photometric, compression=compression, subifds=len(reduced), metadata=meta)
+            tif.write(
+                base_tiles(),
+                shape=(height, width, *extra),
+                dtype=dtype,
+                tile=(tile_px, tile_px),
+                photometric=photometric,
+                compression=compression,
+                subifds=len(reduced),
+                metadata=meta,
+            )
             for k in range(len(reduced)):
-                tif.write(_level_tiles(reduced[k], tile_px), shape=reduced[k].shape, dtype=dtype, tile=(tile_px, tile_px),
-                          photometric=photometric, compression=compression, subfiletype=1, metadata=None)
+                tif.write(
+                    _level_tiles(reduced[k], tile_px),
+                    shape=reduced[k].shape,
+                    dtype=dtype,
+                    tile=(tile_px, tile_px),
+                    photometric=photometric,
+                    compression=compression,
+                    subfiletype=1,
+                    metadata=None,
+                )
         reduced.clear()  # unmapped before the folder goes (Windows cannot delete mapped files)
     return FusionResult(
-        path=out, width=width, height=height, origin=(float(x_min), float(y_min)), dtype=str(dtype),
-        samples=samples, levels=tuple(levels), tiles=len(tiles), blend=blend, seconds=time.perf_counter() - start,
+        path=out,
+        width=width,
+        height=height,
+        origin=(float(x_min), float(y_min)),
+        dtype=str(dtype),
+        samples=samples,
+        levels=tuple(levels),
+        tiles=len(tiles),
+        blend=blend,
+        seconds=time.perf_counter() - start,
     )

@@ -41,7 +41,7 @@ import numpy as np
 
 from qc.chip import ChipTemplate
 
-__all__ = ["GridModel", "GridLines"]
+__all__ = ["GridLines", "GridModel"]
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class GridModel:
     # -- canonical origin ----------------------------------------------
     def canonical(self) -> GridModel:
         """The same grid with its origin moved to the period crossing nearest ``(0, 0)``."""
-        sx, sy = self.scale
+        _sx, _sy = self.scale
         p = float(self.template.period)
         # (m, n) periods from the origin to the image corner, in each family
         uv = self.image_to_chip(0.0, 0.0)
@@ -173,7 +173,9 @@ class GridModel:
         return GridLines(np.concatenate(segs), np.concatenate(axes), np.concatenate(idxs))
 
 
-def _clip_segments(a: np.ndarray, b: np.ndarray, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+def _clip_segments(
+    a: np.ndarray, b: np.ndarray, box: tuple[float, float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Liang-Barsky clipping of segments ``a -> b`` (n, 2) to ``box``; returns kept segments and mask."""
     x0, y0, x1, y1 = box
     d = b - a

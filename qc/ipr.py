@@ -110,22 +110,22 @@ if TYPE_CHECKING:
     from qc.track import TrackResult
 
 __all__ = [
+    "CUT_DNB",
+    "FLOAT_PLACEHOLDER",
+    "GOOD_FOV_CROSSINGS",
+    "INT_PLACEHOLDER",
     "IPR_VERSION",
     "MIN_SAW_IPR_VERSION",
-    "INT_PLACEHOLDER",
-    "FLOAT_PLACEHOLDER",
-    "STR_PLACEHOLDER",
     "SPELLINGS",
-    "CUT_DNB",
-    "GOOD_FOV_CROSSINGS",
+    "STR_PLACEHOLDER",
     "IPRError",
     "IPRImage",
     "IPRRecord",
     "default_qc_result_file",
     "ipr_group_name",
-    "write_ipr",
     "read_ipr",
     "saw_refusals",
+    "write_ipr",
 ]
 
 #: Written to ``IPRVersion``: the version cellbin2 1.2.1 writes and reads.
@@ -513,7 +513,10 @@ def _cross_points(track: TrackResult | None, fovs: _Fovs) -> dict[str, np.ndarra
     n = len(template_for(track.template).offsets)
     pts = np.column_stack([crossings[:, :2], np.mod(crossings[:, 2], n), np.mod(crossings[:, 3], n)])
     rows, cols = fovs.assign(pts[:, :2])
-    return {f"{r}_{c}": pts[(rows == r) & (cols == c)] for r, c in sorted(set(zip(rows.tolist(), cols.tolist())))}
+    return {
+        f"{r}_{c}": pts[(rows == r) & (cols == c)]
+        for r, c in sorted(set(zip(rows.tolist(), cols.tolist(), strict=False)))
+    }
 
 
 def _template_points(track: TrackResult | None) -> np.ndarray:
@@ -557,7 +560,10 @@ def _stitch(
         "StitchedGlobalHeight": _I, "StitchedGlobalWidth": _I, "StitchedGlobalLoc": np.zeros(0, np.int64),
     }  # fmt: skip
     evaluation: dict[str, Any] = {
-        "MaxDeviation": _F, "GlobalDeviation": np.zeros(0), "StitchEvalH": np.zeros(0), "StitchEvalV": np.zeros(0),
+        "MaxDeviation": _F,
+        "GlobalDeviation": np.zeros(0),
+        "StitchEvalH": np.zeros(0),
+        "StitchEvalV": np.zeros(0),
     }
     score = _F
     if tiles:
@@ -574,7 +580,7 @@ def _stitch(
         xy = np.round(xy - xy.min(axis=0)).astype(np.int64)
         rows, cols = stitching.grid
         reg = np.full((rows, cols, 2), _I, np.int64)
-        for f, p in zip(stitching.fovs, xy):
+        for f, p in zip(stitching.fovs, xy, strict=False):
             reg[f.row, f.col] = p
         bgi["StitchedGlobalLoc"] = reg
         if all(f.name in sizes for f in stitching.fovs):

@@ -31,12 +31,12 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "PairCache",
     "MemoryPairCache",
-    "pair_key",
-    "digest_key",
+    "PairCache",
     "cache_get_many",
     "cache_put_many",
+    "digest_key",
+    "pair_key",
 ]
 
 
@@ -168,8 +168,16 @@ def pair_key(
         The pair algorithm's version.
     """
     payload = json.dumps(
-        [version, digest_a, digest_b, direction, [int(nominal_offset[0]), int(nominal_offset[1])],
-         dict(sorted(params.items()))],
-        separators=(",", ":"), sort_keys=True, default=str,
+        [
+            version,
+            digest_a,
+            digest_b,
+            direction,
+            [int(nominal_offset[0]), int(nominal_offset[1])],
+            dict(sorted(params.items())),
+        ],
+        separators=(",", ":"),
+        sort_keys=True,
+        default=str,
     )
     return "pair:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -126,14 +126,24 @@ def _line_h(scale: float) -> int:
     return round(40 * scale)
 
 
-def text_block(lines: list[str], width: int, *, scale: float = BODY, thick: int = 1, colour: BGR = INK,
-               bg: BGR = PAPER, pad: int = _PAD) -> np.ndarray:
+def text_block(
+    lines: list[str],
+    width: int,
+    *,
+    scale: float = BODY,
+    thick: int = 1,
+    colour: BGR = INK,
+    bg: BGR = PAPER,
+    pad: int = _PAD,
+) -> np.ndarray:
     """A band ``width`` px wide holding ``lines`` (each wrapped to fit)."""
     wrapped = [w for line in lines for w in wrap(line, width - 2 * pad, scale, thick)]
     lh = _line_h(scale)
     band = np.full((len(wrapped) * lh + pad, width, 3), bg, np.uint8)
     for k, text in enumerate(wrapped):
-        cv2.putText(band, text, (pad, pad // 2 + (k + 1) * lh - round(lh * 0.3)), FONT, scale, colour, thick, cv2.LINE_AA)
+        cv2.putText(
+            band, text, (pad, pad // 2 + (k + 1) * lh - round(lh * 0.3)), FONT, scale, colour, thick, cv2.LINE_AA
+        )
     return band
 
 
@@ -156,9 +166,9 @@ def header_band(verdict: str, metric: str, details: list[str], width: int) -> np
     x = max(4, (_VERDICT_BOX_W - _PAD - tw) // 2)
     y = STRIPE_PX + (h + th) // 2
     cv2.putText(band, word, (x, y), FONT, scale, _VERDICT_INK[verdict], 2, cv2.LINE_AA)
-    band[STRIPE_PX + _PAD // 2 : STRIPE_PX + _PAD // 2 + body.shape[0], _VERDICT_BOX_W : _VERDICT_BOX_W + text_w] = body[
-        :, : width - _VERDICT_BOX_W
-    ]
+    band[STRIPE_PX + _PAD // 2 : STRIPE_PX + _PAD // 2 + body.shape[0], _VERDICT_BOX_W : _VERDICT_BOX_W + text_w] = (
+        body[:, : width - _VERDICT_BOX_W]
+    )
     return band
 
 
@@ -206,7 +216,13 @@ class Legend:
         room = width - 2 * _PAD - sw - 8
         items = [(c, _shorten(ascii_text(m), room)) for c, m in self.entries.items()]
         if not items:
-            return stack([text_block(["Legend: nothing is drawn over the image."], width), *([text_block(notes, width)] if notes else [])], width)
+            return stack(
+                [
+                    text_block(["Legend: nothing is drawn over the image."], width),
+                    *([text_block(notes, width)] if notes else []),
+                ],
+                width,
+            )
         rows: list[list[tuple[int, BGR, str]]] = [[]]
         x = _PAD + _text_w("Legend:", BODY, 2) + 12
         for colour, meaning in items:
@@ -255,8 +271,14 @@ class Picture:
     insets: tuple[tuple[int, int, int, int], ...] = ()
 
 
-def compose(header: np.ndarray, body: np.ndarray, legend: np.ndarray, verdict: str, entries: dict[BGR, str],
-            insets: tuple[tuple[int, int, int, int], ...] = ()) -> Picture:
+def compose(
+    header: np.ndarray,
+    body: np.ndarray,
+    legend: np.ndarray,
+    verdict: str,
+    entries: dict[BGR, str],
+    insets: tuple[tuple[int, int, int, int], ...] = (),
+) -> Picture:
     """Header above ``body`` above the legend band; ``insets`` are given in ``body``'s coordinates."""
     width = max(header.shape[1], body.shape[1], legend.shape[1])
     image = stack([header, body, legend], width)

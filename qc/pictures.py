@@ -167,7 +167,9 @@ def _verdict(check: Any, passed: bool | None, own: bool | None, required: bool) 
 
 
 def _details(title: str, chip: str, stain: str, *more: str) -> list[str]:
-    where = " | ".join(p for p in (f"chip {chip}" if chip else "", f"stain {stain}" if stain else "", f"image {title}") if p)
+    where = " | ".join(
+        p for p in (f"chip {chip}" if chip else "", f"stain {stain}" if stain else "", f"image {title}") if p
+    )
     return [where, *(m for m in more if m)]
 
 
@@ -185,7 +187,14 @@ def _dashed(canvas: np.ndarray, seg: np.ndarray, colour: BGR, dash: float = 5.0,
     ux, uy = (x1 - x0) / length, (y1 - y0) / length
     for t in np.arange(0.0, length, dash + gap):
         e = min(t + dash, length)
-        cv2.line(canvas, (round(x0 + ux * t), round(y0 + uy * t)), (round(x0 + ux * e), round(y0 + uy * e)), colour, 1, cv2.LINE_AA)
+        cv2.line(
+            canvas,
+            (round(x0 + ux * t), round(y0 + uy * t)),
+            (round(x0 + ux * e), round(y0 + uy * e)),
+            colour,
+            1,
+            cv2.LINE_AA,
+        )
 
 
 def _frame(img: np.ndarray, pad: int = FRAME_PX) -> np.ndarray:
@@ -242,8 +251,9 @@ def _candidate_tiers(result: Any, w: int, h: int, size: int) -> list[tuple[np.nd
     return tiers
 
 
-def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor: int, *,
-                      size: int = INSET_PX) -> tuple[dict[str, Any], ...]:
+def take_track_insets(
+    plane: np.ndarray, result: Any, thumb: np.ndarray, factor: int, *, size: int = INSET_PX
+) -> tuple[dict[str, Any], ...]:
     """Full-resolution crops of four line crossings, one per quadrant, for the track picture.
 
     Taken while the image is open (the picture never reads the file). In each
@@ -269,7 +279,12 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
         pick, kind = centre, "plain"
         for cand, tier in tiers:
             x, y = cand[:, 0], cand[:, 1]
-            inq = (x >= max(qx0, half)) & (x < min(qx0 + w / 2, w - half)) & (y >= max(qy0, half)) & (y < min(qy0 + h / 2, h - half))
+            inq = (
+                (x >= max(qx0, half))
+                & (x < min(qx0 + w / 2, w - half))
+                & (y >= max(qy0, half))
+                & (y < min(qy0 + h / 2, h - half))
+            )
             if inq.any():
                 c = cand[inq]
                 ty = np.clip((c[:, 1] / factor).astype(int), 0, busy.shape[0] - 1)
@@ -279,15 +294,23 @@ def take_track_insets(plane: np.ndarray, result: Any, thumb: np.ndarray, factor:
                 break
         x0, y0 = round(pick[0] - half), round(pick[1] - half)
         hit = kind != "plain"
-        out.append({
-            "where": where, "x0": x0, "y0": y0, "pixels": _crop(plane, x0, y0, size, size),
-            "crossing": (float(pick[0]), float(pick[1])) if hit else None,
-            "lines": (int(pick[2]), int(pick[3])) if hit else None, "measured": kind == "measured",
-        })
+        out.append(
+            {
+                "where": where,
+                "x0": x0,
+                "y0": y0,
+                "pixels": _crop(plane, x0, y0, size, size),
+                "crossing": (float(pick[0]), float(pick[1])) if hit else None,
+                "lines": (int(pick[2]), int(pick[3])) if hit else None,
+                "measured": kind == "measured",
+            }
+        )
     return tuple(out)
 
 
-def _inset_cells(insets: Sequence[Mapping[str, Any]], result: Any, legend: Legend) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def _inset_cells(
+    insets: Sequence[Mapping[str, Any]], result: Any, legend: Legend
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
     """The row of insets drawn 1:1, each in a frame with the fitted lines ticked at its edges."""
     pad = FRAME_PX - 2
     cells, boxes, x = [], [], 0
@@ -304,11 +327,20 @@ def _inset_cells(insets: Sequence[Mapping[str, Any]], result: Any, legend: Legen
         if ins.get("crossing") is not None:
             cx, cy = ins["crossing"][0] - ins["x0"], ins["crossing"][1] - ins["y0"]
             if ins.get("measured"):
-                cv2.circle(cell, (round(cx) + pad, round(cy) + pad), 12, legend.use(MEASURED_C, "measured crossing (ring)"), 1, cv2.LINE_AA)
+                cv2.circle(
+                    cell,
+                    (round(cx) + pad, round(cy) + pad),
+                    12,
+                    legend.use(MEASURED_C, "measured crossing (ring)"),
+                    1,
+                    cv2.LINE_AA,
+                )
                 if grid is not None and ins.get("lines") is not None:
                     kx, ky = ins["lines"]
                     fx, fy = grid.chip_to_image(grid.line_positions(kx), grid.line_positions(ky))
-                    notes.append(f"fit - measured {math.hypot(fx - ins['crossing'][0], fy - ins['crossing'][1]):.1f} px")
+                    notes.append(
+                        f"fit - measured {math.hypot(fx - ins['crossing'][0], fy - ins['crossing'][1]):.1f} px"
+                    )
             else:
                 notes.append("fitted crossing (not measured)")
         else:
@@ -321,9 +353,18 @@ def _inset_cells(insets: Sequence[Mapping[str, Any]], result: Any, legend: Legen
     return side_by_side(cells), boxes
 
 
-def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passed: bool | None = None,
-               check: Any = None, chip: str = "", stain: str = "",
-               insets: Sequence[Mapping[str, Any]] = ()) -> Picture:
+def draw_track(
+    thumb: np.ndarray,
+    factor: int,
+    result: Any,
+    *,
+    title: str,
+    passed: bool | None = None,
+    check: Any = None,
+    chip: str = "",
+    stain: str = "",
+    insets: Sequence[Mapping[str, Any]] = (),
+) -> Picture:
     """The fitted grid over the thumbnail, and the full-resolution insets; ``result`` is a :class:`qc.track.TrackResult`.
 
     ``passed`` is the site's decision (its configured threshold), ``check`` the
@@ -346,8 +387,14 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passe
         _edge_ticks(body, segs, w, h, LINE_C, FRAME_PX)
         ox, oy = (v / factor for v in result.origin_px)
         if 0 <= ox < w and 0 <= oy < h:
-            cv2.circle(body, (round(ox) + FRAME_PX, round(oy) + FRAME_PX), 9,
-                       legend.use(ORIGIN_C, "grid origin (chip 0,0)"), 2, cv2.LINE_AA)
+            cv2.circle(
+                body,
+                (round(ox) + FRAME_PX, round(oy) + FRAME_PX),
+                9,
+                legend.use(ORIGIN_C, "grid origin (chip 0,0)"),
+                2,
+                cv2.LINE_AA,
+            )
     for ins in insets:
         s = ins["pixels"].shape[1] / factor
         p0 = (round(ins["x0"] / factor) + FRAME_PX - 3, round(ins["y0"] / factor) + FRAME_PX - 3)
@@ -358,7 +405,9 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passe
         if any(i.get("crossing") is not None for i in insets):
             what = "Full resolution (1:1) around a line crossing in each quadrant; ticks in each frame: where the fitted lines cross its edges"
         else:
-            what = "Full resolution (1:1), the plainest place in each quadrant: no grid was fitted, so no lines are marked"
+            what = (
+                "Full resolution (1:1), the plainest place in each quadrant: no grid was fitted, so no lines are marked"
+            )
         caption = text_block([what], body.shape[1])
         y = body.shape[0] + caption.shape[0]
         body = stack([body, caption, row], max(body.shape[1], row.shape[1]))
@@ -366,19 +415,34 @@ def draw_track(thumb: np.ndarray, factor: int, result: Any, *, title: str, passe
     threshold = _site_threshold(check, passed, 60.0)
     more = []
     if result.found:
-        more.append(f"angle {result.angle_deg:+.3f} deg, scale {result.scale[0]:.4f} x {result.scale[1]:.4f} px/DNB, "
-                    f"template {result.template}, residual {result.residual_px:.2f} px")
+        more.append(
+            f"angle {result.angle_deg:+.3f} deg, scale {result.scale[0]:.4f} x {result.scale[1]:.4f} px/DNB, "
+            f"template {result.template}, residual {result.residual_px:.2f} px"
+        )
     if result.problem:
         more.append(result.problem)
     width = body.shape[1]
-    header = header_band(verdict, _versus("track line score", float(result.score), threshold, verdict),
-                         _details(title, chip, stain, *more), width)
+    header = header_band(
+        verdict,
+        _versus("track line score", float(result.score), threshold, verdict),
+        _details(title, chip, stain, *more),
+        width,
+    )
     return compose(header, body, legend.band(width), verdict, legend.entries, tuple(boxes))
 
 
 # -- clarity -------------------------------------------------------------------
-def draw_clarity(thumb: np.ndarray, factor: int, result: Any, labels: tuple[str, ...], *, title: str,
-                 check: Any = None, chip: str = "", stain: str = "") -> Picture:
+def draw_clarity(
+    thumb: np.ndarray,
+    factor: int,
+    result: Any,
+    labels: tuple[str, ...],
+    *,
+    title: str,
+    check: Any = None,
+    chip: str = "",
+    stain: str = "",
+) -> Picture:
     """Windows tinted by class; ``result`` is a :class:`qc.clarity.ClarityResult` (clarity is advisory)."""
     own = None if result.score is None else bool(result.score >= 80.0)
     verdict = _verdict(check, None, own, False)
@@ -404,8 +468,12 @@ def draw_clarity(thumb: np.ndarray, factor: int, result: Any, labels: tuple[str,
     body = _frame(canvas)
     threshold = _threshold(check, 80.0)
     score = None if result.score is None else float(result.score)
-    header = header_band(verdict, _versus("clarity score", score, threshold, verdict),
-                         _details(title, chip, stain, _advisory_note(verdict), result.problem or ""), body.shape[1])
+    header = header_band(
+        verdict,
+        _versus("clarity score", score, threshold, verdict),
+        _details(title, chip, stain, _advisory_note(verdict), result.problem or ""),
+        body.shape[1],
+    )
     notes = ["Tints are 45 % over the image; untinted: background, not judged."]
     return compose(header, body, legend.band(body.shape[1], notes=notes), verdict, legend.entries)
 
@@ -472,8 +540,12 @@ def draw_stitching(
         f"largest deviation {result.max_deviation_px:.1f} px (limit {tol:g} px{unmatched}): {met(crit.placement_score)}",
         _advisory_note(verdict),
     ]
-    header = header_band(verdict, _versus("stitching score", float(result.score), threshold, verdict),
-                         _details(title, chip, stain, *more), width)
+    header = header_band(
+        verdict,
+        _versus("stitching score", float(result.score), threshold, verdict),
+        _details(title, chip, stain, *more),
+        width,
+    )
     notes = ["Each field of view is outlined at its registered position."]
     if misplaced:
         notes.append("Out of place: " + ", ".join(misplaced))
@@ -481,8 +553,14 @@ def draw_stitching(
 
 
 # -- calibration ---------------------------------------------------------------
-def _feature_spot(nuclear_thumb: np.ndarray, if_thumb: np.ndarray, factor: int, offset: tuple[float, float],
-                  full: tuple[int, int], size: int) -> tuple[int, int]:
+def _feature_spot(
+    nuclear_thumb: np.ndarray,
+    if_thumb: np.ndarray,
+    factor: int,
+    offset: tuple[float, float],
+    full: tuple[int, int],
+    size: int,
+) -> tuple[int, int]:
     """Top-left (full px) of a ``size`` window with structure in both images, inside both before and after."""
     h = min(nuclear_thumb.shape[0], if_thumb.shape[0])
     w = min(nuclear_thumb.shape[1], if_thumb.shape[1])
@@ -507,8 +585,16 @@ def _feature_spot(nuclear_thumb: np.ndarray, if_thumb: np.ndarray, factor: int, 
     return (int(np.clip(x * factor - size // 2, lo_x, hi_x)), int(np.clip(y * factor - size // 2, lo_y, hi_y)))
 
 
-def take_calibration_crops(reference: np.ndarray, moving: np.ndarray, result: Any, nuclear_thumb: np.ndarray,
-                           if_thumb: np.ndarray, factor: int, *, size: int = CALIBRATION_CROP_PX) -> dict[str, Any]:
+def take_calibration_crops(
+    reference: np.ndarray,
+    moving: np.ndarray,
+    result: Any,
+    nuclear_thumb: np.ndarray,
+    if_thumb: np.ndarray,
+    factor: int,
+    *,
+    size: int = CALIBRATION_CROP_PX,
+) -> dict[str, Any]:
     """Full-resolution crops of one region with features in both images, for the calibration picture.
 
     Taken while both images are open. ``reference`` the nuclear plane, ``moving``
@@ -522,7 +608,9 @@ def take_calibration_crops(reference: np.ndarray, moving: np.ndarray, result: An
     size = min(size, fw, fh)
     x0, y0 = _feature_spot(nuclear_thumb, if_thumb, factor, (dx, dy), (fw, fh), size)
     return {
-        "x0": x0, "y0": y0, "size": size,
+        "x0": x0,
+        "y0": y0,
+        "size": size,
         "reference": _crop(reference, x0, y0, size, size),
         "before": _crop(moving, x0, y0, size, size),
         "after": _crop(moving, x0 + round(dx), y0 + round(dy), size, size),
@@ -549,7 +637,9 @@ def _offset_diagram(offset: tuple[float, float], limit: float, side: int, legend
     cv2.circle(panel, (c, c), max(1, round(limit * k)), limit_c, 2, cv2.LINE_AA)
     bar = min(round(limit), side - 20)  # the limit at full resolution, as the crops are shown
     panel[side - 26 : side - 20, 10 : 10 + bar] = limit_c
-    cv2.putText(panel, f"{limit:g} px at 1:1", (16 + bar, side - 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, INK, 1, cv2.LINE_AA)
+    cv2.putText(
+        panel, f"{limit:g} px at 1:1", (16 + bar, side - 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, INK, 1, cv2.LINE_AA
+    )
     tip = (round(c + offset[0] * k), round(c + offset[1] * k))
     colour = legend.use(OFFSET_C, "found offset of the IF image (arrow)")
     cv2.arrowedLine(panel, (c, c), tip, colour, 2, cv2.LINE_AA, tipLength=0.15 if tip != (c, c) else 0)
@@ -558,8 +648,16 @@ def _offset_diagram(offset: tuple[float, float], limit: float, side: int, legend
 
 
 def draw_calibration(
-    nuclear_thumb: np.ndarray, if_thumb: np.ndarray, factor: int, result: Any, *, title: str,
-    crops: Mapping[str, Any] | None = None, check: Any = None, chip: str = "", stain: str = "",
+    nuclear_thumb: np.ndarray,
+    if_thumb: np.ndarray,
+    factor: int,
+    result: Any,
+    *,
+    title: str,
+    crops: Mapping[str, Any] | None = None,
+    check: Any = None,
+    chip: str = "",
+    stain: str = "",
 ) -> Picture:
     """DAPI (green) and IF (magenta) at full resolution before and after undoing the found offset, and the offset against its limit."""
     verdict = _verdict(check, None, result.passed, True)
@@ -579,8 +677,14 @@ def draw_calibration(
     if crops is not None:
         s = zoom / factor
         x0, y0 = round(crops["x0"] * s), round(crops["y0"] * s)
-        cv2.rectangle(overview, (x0, y0), (x0 + max(3, round(side * s)), y0 + max(3, round(side * s))),
-                      legend.use(CROP_C, "where the crops are taken"), 1, cv2.LINE_8)
+        cv2.rectangle(
+            overview,
+            (x0, y0),
+            (x0 + max(3, round(side * s)), y0 + max(3, round(side * s))),
+            legend.use(CROP_C, "where the crops are taken"),
+            1,
+            cv2.LINE_8,
+        )
     panels.append(overview)
     captions.append([f"whole image, after (1:{factor / zoom:.0f})"])
     if crops is not None:
@@ -594,15 +698,19 @@ def draw_calibration(
     scale = "1:1" if abs(k - 1) < 1e-3 else (f"drawn {k:.0f}:1" if k > 1 else f"drawn at 1:{1 / k:.1f}")
     within = "<=" if result.offset_length_px <= limit else ">"
     captions.append([f"offset {result.offset_length_px:.1f} px {within} {limit:g} px", f"limit circle, {scale}"])
-    cols = [stack([p, text_block(c, max(p.shape[1], 250), scale=0.5)]) for p, c in zip(panels, captions)]
+    cols = [stack([p, text_block(c, max(p.shape[1], 250), scale=0.5)]) for p, c in zip(panels, captions, strict=False)]
     body = stack([np.full((8, 1, 3), PAPER, np.uint8), side_by_side(cols)])
     width = max(body.shape[1], 900)
-    metric = (f"calibration offset {result.offset_length_px:.1f} px {'<=' if result.offset_length_px <= limit else '>'} "
-              f"{limit:g} px, similarity {result.similarity:.3f} "
-              f"{'>=' if result.similarity >= result.min_similarity else '<'} {result.min_similarity:g}")
+    metric = (
+        f"calibration offset {result.offset_length_px:.1f} px {'<=' if result.offset_length_px <= limit else '>'} "
+        f"{limit:g} px, similarity {result.similarity:.3f} "
+        f"{'>=' if result.similarity >= result.min_similarity else '<'} {result.min_similarity:g}"
+    )
     details = _details(title, chip, stain, f"against {result.reference}" if getattr(result, "reference", None) else "")
     header = header_band(verdict, metric, details, width)
-    notes = [] if crops is not None else ["No full-resolution crops were kept for this run; only the whole image is shown."]
+    notes = (
+        [] if crops is not None else ["No full-resolution crops were kept for this run; only the whole image is shown."]
+    )
     return compose(header, body, legend.band(width, notes=notes or None), verdict, legend.entries)
 
 
@@ -628,8 +736,9 @@ def _picture_path(folder: Path, image: str, kind: str) -> Path:
     return folder / fit_name(safe_name(image), f"_{kind}.png")
 
 
-def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path, *,
-                            keep: list[tuple[str, np.ndarray]] | None = None) -> list[Path]:
+def pictures_from_artifacts(
+    artifacts: Mapping[str, Any], folder: Path, *, keep: list[tuple[str, np.ndarray]] | None = None
+) -> list[Path]:
     """Write every picture the artifacts of a QC run allow; returns the paths.
 
     ``keep``, when given, receives ``(file name, image)`` of each picture written.
@@ -648,8 +757,16 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path, *,
     ctx = {"chip": str(artifacts.get("chip", "")), "stain": str(artifacts.get("stain", ""))}
     for name, res in artifacts.get("track", {}).items():
         thumb, f = thumbs[name]
-        pic = draw_track(thumb, f, res, title=name, passed=decided.get(("track", name)), check=checks.get(("track", name)),
-                         insets=artifacts.get("track_insets", {}).get(name, ()), **ctx)
+        pic = draw_track(
+            thumb,
+            f,
+            res,
+            title=name,
+            passed=decided.get(("track", name)),
+            check=checks.get(("track", name)),
+            insets=artifacts.get("track_insets", {}).get(name, ()),
+            **ctx,
+        )
         emit(_picture_path(folder, name, "track"), pic)
     for name, res in artifacts.get("clarity", {}).items():
         thumb, f = thumbs[name]
@@ -657,8 +774,16 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path, *,
         emit(_picture_path(folder, name, "clarity"), pic)
     for name, res in artifacts.get("stitching", {}).items():
         thumb, f = thumbs[name]
-        pic = draw_stitching(thumb, f, res, artifacts["tile_sizes"][name], title=name, passed=decided.get(("stitching", name)),
-                             check=checks.get(("stitching", name)), **ctx)
+        pic = draw_stitching(
+            thumb,
+            f,
+            res,
+            artifacts["tile_sizes"][name],
+            title=name,
+            passed=decided.get(("stitching", name)),
+            check=checks.get(("stitching", name)),
+            **ctx,
+        )
         emit(_picture_path(folder, name, "stitching"), pic)
     nuclear = artifacts.get("nuclear")
     for name, res in artifacts.get("calibration", {}).items():
@@ -667,8 +792,16 @@ def pictures_from_artifacts(artifacts: Mapping[str, Any], folder: Path, *,
         (nt, f), (it, f2) = thumbs[nuclear], thumbs[name]
         if f != f2:
             continue
-        pic = draw_calibration(nt, it, f, res, title=name, crops=artifacts.get("calibration_crops", {}).get(name),
-                               check=checks.get(("calibration", name)), **ctx)
+        pic = draw_calibration(
+            nt,
+            it,
+            f,
+            res,
+            title=name,
+            crops=artifacts.get("calibration_crops", {}).get(name),
+            check=checks.get(("calibration", name)),
+            **ctx,
+        )
         emit(_picture_path(folder, name, "calibration"), pic)
     return out
 

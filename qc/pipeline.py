@@ -49,14 +49,21 @@ from qc.rules import (
     metrics_for,
 )
 
-__all__ = ["QCSettings", "Progress", "run_qc", "write_run_outputs", "decide_stain", "DEFAULT_TEMPLATE"]
+__all__ = ["DEFAULT_TEMPLATE", "Progress", "QCSettings", "decide_stain", "run_qc", "write_run_outputs"]
 
 #: Called with (stage, percent 0-100 of the whole run).
 Progress = Callable[[str, float], None]
 #: Template assumed when the chip name is not a serial (lenient naming).
 DEFAULT_TEMPLATE = "SS2"
 
-_STAGE_SPAN = {"read": (0, 8), "track": (8, 40), "clarity": (40, 60), "stitching": (60, 85), "calibration": (85, 97), "verdict": (97, 100)}
+_STAGE_SPAN = {
+    "read": (0, 8),
+    "track": (8, 40),
+    "clarity": (40, 60),
+    "stitching": (60, 85),
+    "calibration": (85, 97),
+    "verdict": (97, 100),
+}
 
 
 @dataclass(frozen=True)
@@ -197,8 +204,17 @@ def run_qc(
     problems: list[str] = []
     checks: list[MetricCheck] = []
     art: dict[str, Any] = {
-        "thumbs": {}, "track": {}, "clarity": {}, "stitching": {}, "calibration": {}, "tile_sizes": {}, "passed": {},
-        "checks": {}, "track_insets": {}, "calibration_crops": {}, "chip": scan_set.chip,
+        "thumbs": {},
+        "track": {},
+        "clarity": {},
+        "stitching": {},
+        "calibration": {},
+        "tile_sizes": {},
+        "passed": {},
+        "checks": {},
+        "track_insets": {},
+        "calibration_crops": {},
+        "chip": scan_set.chip,
     }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
     stain = decide_stain(scan_set, settings.stain)
@@ -283,8 +299,13 @@ def run_qc(
                 st.at("stitching", (k + done / max(total, 1)) / len(tiled_images))
 
             try:
-                sres = evaluate_stitching(tiles, cache=cache, max_threads=settings.threads, progress=on_pairs,
-                                          params=StitchingParams(stage_limit_px=settings.stitching_stage_limit_px))
+                sres = evaluate_stitching(
+                    tiles,
+                    cache=cache,
+                    max_threads=settings.threads,
+                    progress=on_pairs,
+                    params=StitchingParams(stage_limit_px=settings.stitching_stage_limit_px),
+                )
             except QCError as e:
                 problems.append(f"{img.name}: stitching could not run: {e}")
                 continue
@@ -312,8 +333,12 @@ def run_qc(
                 problems.append(f"{img.name}: cannot read the image: {e}")
                 continue
             cal = calibrate(
-                reference, moving, reference_name=nuclear.name, moving_name=img.name,
-                max_offset_px=th.calibration_offset_px, min_similarity=th.calibration_similarity,
+                reference,
+                moving,
+                reference_name=nuclear.name,
+                moving_name=img.name,
+                max_offset_px=th.calibration_offset_px,
+                min_similarity=th.calibration_similarity,
             )
             art["calibration"][img.name] = cal
             chk = check_calibration(img.name, cal, th, reference=nuclear.name)
@@ -332,7 +357,9 @@ def run_qc(
     st.at("verdict")
     verdict = decide(checks, problems=tuple(problems))
     images = tuple(
-        ImageReport(**_facts(img), **{m: blocks[img.name].get(m) for m in ("track", "clarity", "stitching", "calibration")})
+        ImageReport(
+            **_facts(img), **{m: blocks[img.name].get(m) for m in ("track", "clarity", "stitching", "calibration")}
+        )
         for img in scan_set.images
     )
     report = QCReport(
@@ -346,11 +373,22 @@ def run_qc(
         started_at=started,
         operator=settings.operator,
         site=settings.site,
-        thresholds={k: getattr(th, k) for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")},
+        thresholds={
+            k: getattr(th, k)
+            for k in ("track", "clarity", "stitching", "calibration_offset_px", "calibration_similarity")
+        },
         stage_s=st.durations(),
         checks=tuple(
-            {"metric": c.metric, "image": c.image, "value": c.score, "threshold": c.threshold,
-             "passed": c.passed, "required": c.required, "reason": c.reason, "detail": c.detail}
+            {
+                "metric": c.metric,
+                "image": c.image,
+                "value": c.score,
+                "threshold": c.threshold,
+                "passed": c.passed,
+                "required": c.required,
+                "reason": c.reason,
+                "detail": c.detail,
+            }
             for c in verdict.checks
         ),
         artifacts=art,
@@ -440,7 +478,14 @@ def write_run_outputs(
             for member in image_members(scan_set, report.stain, converted=converted):
                 files.extend(walk(member))
         return write_outputs(
-            report, out_dir, pictures=draw, extra_files=extra, images=files, archive=archive, ipr=ipr, threads=threads,
+            report,
+            out_dir,
+            pictures=draw,
+            extra_files=extra,
+            images=files,
+            archive=archive,
+            ipr=ipr,
+            threads=threads,
             level=level,
         )
     finally:

@@ -30,12 +30,12 @@ import numpy as np
 import scipy.fft as sfft
 
 __all__ = [
-    "ShiftEstimate",
     "PeakCandidate",
-    "phase_correlate",
-    "peak_candidates",
+    "ShiftEstimate",
     "ncc_surface",
     "overlap_ncc",
+    "peak_candidates",
+    "phase_correlate",
     "structure_snr",
     "to_gray_float",
 ]
@@ -149,7 +149,10 @@ def _subpixel(left: float, centre: float, right: float) -> float:
 
 
 def _surface(
-    reference: np.ndarray, moving: np.ndarray, max_shift: int | tuple[int, int] | None, window: float,
+    reference: np.ndarray,
+    moving: np.ndarray,
+    max_shift: int | tuple[int, int] | None,
+    window: float,
     lowpass_sigma_px: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """Grey views, the band-limited phase-correlation surface (peak 1 for a match) and the search limits."""
@@ -268,13 +271,14 @@ def phase_correlate(
     dx = float(px - sx) + fx
 
     ncc = math.nan
-    ix_shift, iy_shift = int(round(dx)), int(round(dy))
+    ix_shift, iy_shift = round(dx), round(dy)
     frac = max(0.0, (h - abs(iy_shift)) * (w - abs(ix_shift)) / (h * w))
     if compute_ncc:
         ncc = overlap_ncc(ref, mov, (ix_shift, iy_shift), smooth_px=ncc_smooth_px)
     limit = (sy < h // 2 - 1 and py in (0, 2 * sy)) or (sx < w // 2 - 1 and px in (0, 2 * sx))
-    return ShiftEstimate(dx=dx, dy=dy, peak=peak, peak_ratio=ratio, ncc=ncc, overlap_fraction=frac,
-                         at_search_limit=bool(limit))
+    return ShiftEstimate(
+        dx=dx, dy=dy, peak=peak, peak_ratio=ratio, ncc=ncc, overlap_fraction=frac, at_search_limit=bool(limit)
+    )
 
 
 @dataclass(frozen=True)
@@ -329,13 +333,16 @@ def peak_candidates(
         ys, xs = np.unravel_index(np.array([int(np.argmax(sub))]), sub.shape)
     order = np.argsort(-sub[ys, xs], kind="stable")[: max(1, int(count))]
     out = []
-    for py, px in zip(ys[order], xs[order]):
+    for py, px in zip(ys[order], xs[order], strict=False):
         cy, cx = iy[py], ix[px]
         fy = _subpixel(surface[(cy - 1) % ph, cx], surface[cy, cx], surface[(cy + 1) % ph, cx])
         fx = _subpixel(surface[cy, (cx - 1) % pw], surface[cy, cx], surface[cy, (cx + 1) % pw])
         limit = (sy < h // 2 - 1 and py in (0, 2 * sy)) or (sx < w // 2 - 1 and px in (0, 2 * sx))
-        out.append(PeakCandidate(dx=float(px - sx) + fx, dy=float(py - sy) + fy, peak=float(sub[py, px]),
-                                 at_search_limit=bool(limit)))
+        out.append(
+            PeakCandidate(
+                dx=float(px - sx) + fx, dy=float(py - sy) + fy, peak=float(sub[py, px]), at_search_limit=bool(limit)
+            )
+        )
     return out
 
 
@@ -451,8 +458,9 @@ def overlap_ncc(
     r = (r - np.float32(r.mean(dtype=np.float64))).ravel()
     m = (m - np.float32(m.mean(dtype=np.float64))).ravel()
     # einsum, not np.dot: BLAS would spin up its own threads inside our thread pool
-    den = math.sqrt(float(np.einsum("i,i->", r, r, dtype=np.float64))
-                    * float(np.einsum("i,i->", m, m, dtype=np.float64)))
+    den = math.sqrt(
+        float(np.einsum("i,i->", r, r, dtype=np.float64)) * float(np.einsum("i,i->", m, m, dtype=np.float64))
+    )
     if den <= 0:
         return 0.0
     return float(np.clip(float(np.einsum("i,i->", r, m, dtype=np.float64)) / den, -1.0, 1.0))
@@ -499,7 +507,7 @@ def structure_snr(
     half = min(a.shape) >= 32 and fine_px >= 1.5
     v = cv2.resize(a, (a.shape[1] // 2, a.shape[0] // 2), interpolation=cv2.INTER_AREA) if half else a
     scale = 0.5 if half else 1.0
-    k = 2 * int(round(2.5 * coarse_px * scale)) + 1  # stack blur: Gaussian-like, cost independent of size
+    k = 2 * round(2.5 * coarse_px * scale) + 1  # stack blur: Gaussian-like, cost independent of size
     band = cv2.GaussianBlur(v, (0, 0), fine_px * scale) - cv2.stackBlur(v, (k, k))
     m = min(k // 2, min(band.shape) // 4)  # borders: the broad blur sees reflected content there
     signal = float(band[m : band.shape[0] - m, m : band.shape[1] - m].std(dtype=np.float64))

@@ -37,12 +37,12 @@ from qc.filenames import MAX_NAME_BYTES, fit_name, host_tag, writer_tag
 __all__ = [
     "REPORT_SCHEMA",
     "ImageReport",
-    "QCReport",
     "OutputPaths",
-    "run_stem",
-    "write_outputs",
+    "QCReport",
     "abandoned_outputs",
     "remove_abandoned_outputs",
+    "run_stem",
+    "write_outputs",
 ]
 
 REPORT_SCHEMA = "imageqc.report/1"
@@ -265,8 +265,6 @@ def write_outputs(
     return OutputPaths(folder=final, report=final / "report.json", pictures=tuple(pics), archive=arc)
 
 
-
-
 class _StoredGzip:
     """A gzip file of deflate's stored blocks: a valid ``.gz`` that costs a copy and a CRC to write.
 
@@ -338,7 +336,12 @@ class _Counted:
 
 
 def _write_archive(
-    part: Path, folder: Path, ipr_name: str, images: Sequence[tuple[Path, str]], threads: int, level: int = ARCHIVE_LEVEL
+    part: Path,
+    folder: Path,
+    ipr_name: str,
+    images: Sequence[tuple[Path, str]],
+    threads: int,
+    level: int = ARCHIVE_LEVEL,
 ) -> None:
     """The SAW layout: the IPR at the root, the images, then the folder's other files under imageqc/."""
     from isal import igzip_threaded
@@ -349,19 +352,23 @@ def _write_archive(
         raw_cm = igzip_threaded.open(part, "wb", compresslevel=min(int(level), 3), threads=max(1, int(threads)))
     from qc.saw_archive import IMAGEQC_FOLDER
 
-    with raw_cm as raw:
-        # "w", not the stream mode "w|": the stream re-slices its buffer per 10 KiB record
-        with tarfile.open(fileobj=_Counted(raw), mode="w", format=tarfile.PAX_FORMAT) as tar:
-            tar.copybufsize = 4 << 20  # whole blocks of the images, not 16 KiB at a time
-            ipr_path = folder / ipr_name
-            if ipr_path.exists():
-                tar.add(ipr_path, arcname=ipr_name, recursive=False, filter=_clean_member)
-            for src, name in images:
-                tar.add(src, arcname=name, recursive=False, filter=_clean_member)
-            for p in sorted(folder.rglob("*")):
-                if p == ipr_path or p.is_dir() or p.is_symlink():
-                    continue
-                tar.add(p, arcname=f"{IMAGEQC_FOLDER}/{p.relative_to(folder).as_posix()}", recursive=False, filter=_clean_member)
+    # "w", not the stream mode "w|": the stream re-slices its buffer per 10 KiB record
+    with raw_cm as raw, tarfile.open(fileobj=_Counted(raw), mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.copybufsize = 4 << 20  # whole blocks of the images, not 16 KiB at a time
+        ipr_path = folder / ipr_name
+        if ipr_path.exists():
+            tar.add(ipr_path, arcname=ipr_name, recursive=False, filter=_clean_member)
+        for src, name in images:
+            tar.add(src, arcname=name, recursive=False, filter=_clean_member)
+        for p in sorted(folder.rglob("*")):
+            if p == ipr_path or p.is_dir() or p.is_symlink():
+                continue
+            tar.add(
+                p,
+                arcname=f"{IMAGEQC_FOLDER}/{p.relative_to(folder).as_posix()}",
+                recursive=False,
+                filter=_clean_member,
+            )
 
 
 _PARTIAL = re.compile(r"^\..+\.partial-(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)(?:\.[A-Za-z0-9_]+)?$")

@@ -29,15 +29,15 @@ from typing import Any
 
 __all__ = [
     "STAINS",
-    "Thresholds",
     "MetricCheck",
+    "Thresholds",
     "Verdict",
-    "metrics_for",
-    "check_track",
+    "check_calibration",
     "check_clarity",
     "check_stitching",
-    "check_calibration",
+    "check_track",
     "decide",
+    "metrics_for",
 ]
 
 #: Stains as they appear in the report.
@@ -153,7 +153,9 @@ def check_clarity(image: str, result: Any, thresholds: Thresholds) -> MetricChec
     return MetricCheck("clarity", image, score, f">= {_fmt(thresholds.clarity)}", ok, False, reason)
 
 
-def check_stitching(image: str, result: Any, thresholds: Thresholds, *, required: bool, layout: str = "") -> MetricCheck:
+def check_stitching(
+    image: str, result: Any, thresholds: Thresholds, *, required: bool, layout: str = ""
+) -> MetricCheck:
     """Stitching: required for DAPI+mIF (or by config), advisory otherwise.
 
     ``layout`` says where the tiles' nominal positions came from (the overlap
@@ -210,7 +212,9 @@ def check_calibration(image: str, result: Any, thresholds: Thresholds, *, refere
             "re-acquire with the same stage position or re-export the registered images"
         )
     thr = f"offset <= {thresholds.calibration_offset_px:g} px, similarity >= {thresholds.calibration_similarity:g}"
-    return MetricCheck("calibration", image, sim, thr, ok, True, reason, detail=f"offset {offset:.1f} px, similarity {sim:.3f}")
+    return MetricCheck(
+        "calibration", image, sim, thr, ok, True, reason, detail=f"offset {offset:.1f} px, similarity {sim:.3f}"
+    )
 
 
 def decide(checks: list[MetricCheck] | tuple[MetricCheck, ...], *, problems: tuple[str, ...] = ()) -> Verdict:

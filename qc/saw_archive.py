@@ -25,7 +25,7 @@ from qc.filenames import fit_name
 from qc.io import Image, ScanSet
 from qc.io.listing import regular_files
 
-__all__ = ["ArchiveMember", "IMAGEQC_FOLDER", "image_members", "image_folder", "needs_tiff", "as_tiff", "walk"]
+__all__ = ["IMAGEQC_FOLDER", "ArchiveMember", "as_tiff", "image_folder", "image_members", "needs_tiff", "walk"]
 
 #: imageqc's own outputs (report, pictures, stitching files) sit in this folder of the archive.
 IMAGEQC_FOLDER = "imageqc"

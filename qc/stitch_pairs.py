@@ -40,11 +40,11 @@ from qc.registration import (
 
 __all__ = [
     "PAIR_ALGORITHM_VERSION",
-    "PairPlan",
     "PairMeasurement",
-    "plan_pairs",
+    "PairPlan",
     "measure_pair",
     "pair_downsample",
+    "plan_pairs",
     "run_pairs",
 ]
 
@@ -98,22 +98,35 @@ class PairMeasurement:
 
     def to_bytes(self) -> bytes:
         return json.dumps(
-            {"s": self.status, "d": [round(self.shift[0], 4), round(self.shift[1], 4)],
-             "n": round(self.ncc, 5), "p": round(self.peak, 5), "r": round(self.peak_ratio, 3),
-             "q": [round(self.snr[0], 3), round(self.snr[1], 3)], "m": round(self.distinctness, 5)},
+            {
+                "s": self.status,
+                "d": [round(self.shift[0], 4), round(self.shift[1], 4)],
+                "n": round(self.ncc, 5),
+                "p": round(self.peak, 5),
+                "r": round(self.peak_ratio, 3),
+                "q": [round(self.snr[0], 3), round(self.snr[1], 3)],
+                "m": round(self.distinctness, 5),
+            },
             separators=(",", ":"),
         ).encode("ascii")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PairMeasurement:
         v = json.loads(data)
-        return cls(status=v["s"], shift=(float(v["d"][0]), float(v["d"][1])), ncc=float(v["n"]),
-                   peak=float(v["p"]), peak_ratio=float(v["r"]), snr=(float(v["q"][0]), float(v["q"][1])),
-                   distinctness=float(v.get("m", 0.0)))
+        return cls(
+            status=v["s"],
+            shift=(float(v["d"][0]), float(v["d"][1])),
+            ncc=float(v["n"]),
+            peak=float(v["p"]),
+            peak_ratio=float(v["r"]),
+            snr=(float(v["q"][0]), float(v["q"][1])),
+            distinctness=float(v.get("m", 0.0)),
+        )
 
 
-def plan_pairs(tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int,
-               max_shift_fraction: float) -> list[PairPlan]:
+def plan_pairs(
+    tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int, max_shift_fraction: float
+) -> list[PairPlan]:
     """The neighbour pairs: tiles whose nominal footprints overlap along a side.
 
     Neighbours come from the nominal positions, not from grid indices, so any
@@ -142,30 +155,45 @@ def plan_pairs(tiles: Sequence[Tile], *, min_overlap_px: int, max_shift_px: int,
             jj = int(j[k])
             ti, tj = tiles[i], tiles[jj]
             if (ti.row, ti.col) == (tj.row, tj.col) and (xy[i] == xy[jj]).all():
-                msg = (f"tiles {ti.name!r} and {tj.name!r} both claim grid position row {ti.row}, col {ti.col} "
-                       "at the same nominal position")
-                raise QCError(msg, hint="Check the tile names, the TileConfiguration or the mosaic metadata for duplicates")
+                msg = (
+                    f"tiles {ti.name!r} and {tj.name!r} both claim grid position row {ti.row}, col {ti.col} "
+                    "at the same nominal position"
+                )
+                raise QCError(
+                    msg, hint="Check the tile names, the TileConfiguration or the mosaic metadata for duplicates"
+                )
             # a vertical band (narrow in x relative to the tile) is a left/right contact
             right = ext[k, 0] * short[k, 1] <= ext[k, 1] * short[k, 0]
             axis = 0 if right else 1
             a, b = (i, jj) if xy[jj, axis] - xy[i, axis] >= 0 else (jj, i)
             found.append((a, b, "right" if right else "down"))
     plans = []
-    for ia, ib, direction in sorted(found, key=lambda f: (tiles[f[0]].row, tiles[f[0]].col, f[2] != "right", f[0], f[1])):
+    for ia, ib, direction in sorted(
+        found, key=lambda f: (tiles[f[0]].row, tiles[f[0]].col, f[2] != "right", f[0], f[1])
+    ):
         ta, tb = tiles[ia], tiles[ib]
         ix, iy = round(tb.x - ta.x), round(tb.y - ta.y)
         x0, y0 = max(0, ix), max(0, iy)
         x1, y1 = min(ta.width, ix + tb.width), min(ta.height, iy + tb.height)
         sy = int(min(max_shift_px, max_shift_fraction * (y1 - y0)))
         sx = int(min(max_shift_px, max_shift_fraction * (x1 - x0)))
-        plans.append(PairPlan(a=ia, b=ib, direction=direction, offset=(ix, iy),
-                              region_a=(x0, y0, x1, y1), region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
-                              max_shift=(sy, sx)))
+        plans.append(
+            PairPlan(
+                a=ia,
+                b=ib,
+                direction=direction,
+                offset=(ix, iy),
+                region_a=(x0, y0, x1, y1),
+                region_b=(x0 - ix, y0 - iy, x1 - ix, y1 - iy),
+                max_shift=(sy, sx),
+            )
+        )
     return plans
 
 
-def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
-                 params: Mapping[str, float]) -> PairMeasurement:
+def measure_pair(
+    patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan, params: Mapping[str, float]
+) -> PairMeasurement:
     """Register two overlap patches and classify the outcome.
 
     Candidates are the strongest local maxima of the phase-correlation
@@ -208,8 +236,14 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
     excl = float(params["exclusion_px"])
     smooth = params["ncc_smooth_px"]
     sigma = smooth / ds if smooth / ds > 0.3 else 0.0
-    cands = peak_candidates(a, b, max_shift=ms, window=params["window_taper"],
-                            lowpass_sigma_px=params["lowpass_sigma_px"], count=int(params["peak_candidates"]))
+    cands = peak_candidates(
+        a,
+        b,
+        max_shift=ms,
+        window=params["window_taper"],
+        lowpass_sigma_px=params["lowpass_sigma_px"],
+        count=int(params["peak_candidates"]),
+    )
     top = cands[0]
     rivals = [c for c in cands[1:] if math.hypot(c.dx - top.dx, c.dy - top.dy) > excl]
     second = max((c.peak for c in rivals), default=0.0)
@@ -245,9 +279,15 @@ def measure_pair(patch_a: np.ndarray, patch_b: np.ndarray, plan: PairPlan,
     return PairMeasurement(status, (dx, dy), ncc, peak, ratio, (snr_a, snr_b), float(distinct))
 
 
-def _best_agreeing(patch_a: np.ndarray, patch_b: np.ndarray, sa: np.ndarray, sb: np.ndarray,
-                   ms: tuple[int, int], ds: int, params: Mapping[str, float],
-                   ) -> tuple[tuple[int, int], bool, float, bool]:
+def _best_agreeing(
+    patch_a: np.ndarray,
+    patch_b: np.ndarray,
+    sa: np.ndarray,
+    sb: np.ndarray,
+    ms: tuple[int, int],
+    ds: int,
+    params: Mapping[str, float],
+) -> tuple[tuple[int, int], bool, float, bool]:
     """The whole-pixel offset whose overlap agrees best, exhaustively: ``((dx, dy), at_limit, distinctness, clear)``.
 
     ``sa``/``sb`` are the (smoothed) correlation views at 1/``ds`` resolution;
@@ -279,8 +319,10 @@ def _best_agreeing(patch_a: np.ndarray, patch_b: np.ndarray, sa: np.ndarray, sb:
 def _shared(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int) -> tuple[np.ndarray, np.ndarray]:
     """The parts of two same-size patches that show the same content at whole-pixel shift ``(dx, dy)``."""
     h, w = patch_a.shape[:2]
-    return (patch_a[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)],
-            patch_b[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)])
+    return (
+        patch_a[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)],
+        patch_b[max(0, dy) : h - max(0, -dy), max(0, dx) : w - max(0, -dx)],
+    )
 
 
 def _edge(at: tuple[int, int], ms: tuple[int, int], h: int, w: int) -> bool:
@@ -288,8 +330,9 @@ def _edge(at: tuple[int, int], ms: tuple[int, int], h: int, w: int) -> bool:
     return (ms[0] < h // 2 - 1 and abs(at[1]) == ms[0]) or (ms[1] < w // 2 - 1 and abs(at[0]) == ms[1])
 
 
-def _local_best(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int, ds: int,
-                smooth_px: float) -> tuple[int, int, float]:
+def _local_best(
+    patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int, ds: int, smooth_px: float
+) -> tuple[int, int, float]:
     """The whole-pixel shift within ``ds + 1`` px of ``(dx, dy)`` whose overlap agrees best, and that NCC.
 
     ``(dx, dy)`` was found at 1/``ds`` resolution; the overlap NCC over the
@@ -304,14 +347,21 @@ def _local_best(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int, ds: 
     return dx + int(ex) - local.shape[1] // 2, dy + int(ey) - local.shape[0] // 2, float(local[ey, ex])
 
 
-def _subpixel_at(patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int,
-                 params: Mapping[str, float]) -> tuple[float, float]:
+def _subpixel_at(
+    patch_a: np.ndarray, patch_b: np.ndarray, dx: int, dy: int, params: Mapping[str, float]
+) -> tuple[float, float]:
     """Sub-pixel shift near whole-pixel ``(dx, dy)``: phase correlation of the region the patches share there."""
     ra, rb = _shared(patch_a, patch_b, dx, dy)
     if min(ra.shape[:2]) < 8:
         return float(dx), float(dy)
-    est = phase_correlate(ra, rb, max_shift=2, window=params["window_taper"],
-                          lowpass_sigma_px=params["lowpass_sigma_px"], compute_ncc=False)
+    est = phase_correlate(
+        ra,
+        rb,
+        max_shift=2,
+        window=params["window_taper"],
+        lowpass_sigma_px=params["lowpass_sigma_px"],
+        compute_ncc=False,
+    )
     if abs(est.dx) > 1 or abs(est.dy) > 1:  # no peak at the answer: keep the whole pixel
         return float(dx), float(dy)
     return dx + est.dx, dy + est.dy
@@ -420,13 +470,21 @@ def run_pairs(
             digests[i] = dig
         ensure_decoded([i for i in missing if tiles[i].digest_fn is None])
         if cache is not None:
-            memo = {digest_key(tiles[i].identity): digests[i].encode("ascii")
-                    for i in missing if tiles[i].identity}
+            memo = {digest_key(tiles[i].identity): digests[i].encode("ascii") for i in missing if tiles[i].identity}
             cache_put_many(cache, memo)
         # 2. pairs completed by this row: look them up, compute the rest.
         ready = [k for k in range(n) if results[k] is None and plans[k].a in seen and plans[k].b in seen]
-        keys = {k: pair_key(digests[plans[k].a], digests[plans[k].b], plans[k].direction,
-                            plans[k].offset, params, PAIR_ALGORITHM_VERSION) for k in ready}
+        keys = {
+            k: pair_key(
+                digests[plans[k].a],
+                digests[plans[k].b],
+                plans[k].direction,
+                plans[k].offset,
+                params,
+                PAIR_ALGORITHM_VERSION,
+            )
+            for k in ready
+        }
         hits = cache_get_many(cache, keys.values()) if cache is not None else {}
         todo = []
         for k in ready:

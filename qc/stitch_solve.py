@@ -43,14 +43,14 @@ def _components(n: int, edges: np.ndarray, active: np.ndarray) -> np.ndarray:
             x = parent[x]
         return x
 
-    for (i, j), on in zip(edges, active):
+    for (i, j), on in zip(edges, active, strict=False):
         if on:
             ri, rj = find(int(i)), find(int(j))
             if ri != rj:
                 parent[ri] = rj
     label = np.full(n, -1, int)
     touched = np.zeros(n, bool)
-    for (i, j), on in zip(edges, active):
+    for (i, j), on in zip(edges, active, strict=False):
         if on:
             touched[int(i)] = touched[int(j)] = True
     roots: dict[int, int] = {}
@@ -60,8 +60,9 @@ def _components(n: int, edges: np.ndarray, active: np.ndarray) -> np.ndarray:
     return label
 
 
-def _solve(n: int, edges: np.ndarray, d: np.ndarray, w: np.ndarray, active: np.ndarray,
-           label: np.ndarray) -> np.ndarray:
+def _solve(
+    n: int, edges: np.ndarray, d: np.ndarray, w: np.ndarray, active: np.ndarray, label: np.ndarray
+) -> np.ndarray:
     u = np.full((n, 2), np.nan)
     for comp in range(int(label.max()) + 1 if label.size else 0):
         nodes = np.flatnonzero(label == comp)

@@ -101,10 +101,10 @@ from qc.stitch_solve import solve_displacements
 
 __all__ = [
     "PAIR_ALGORITHM_VERSION",
-    "StitchingParams",
-    "StitchingCriterion",
-    "PairResult",
     "FovResult",
+    "PairResult",
+    "StitchingCriterion",
+    "StitchingParams",
     "StitchingResult",
     "evaluate_stitching",
     "tile_configuration_text",
@@ -205,9 +205,21 @@ class StitchingParams:
 
     def pair_params(self) -> dict[str, float]:
         """The parameters that change a pair's result (its cache key part)."""
-        names = ("max_shift_px", "max_shift_fraction", "downsample", "window_taper", "lowpass_sigma_px",
-                 "ncc_smooth_px", "min_structure_snr", "peak_candidates", "exclusion_px", "min_ncc_margin",
-                 "min_ncc_gain", "min_peak_ratio", "min_match_ncc")
+        names = (
+            "max_shift_px",
+            "max_shift_fraction",
+            "downsample",
+            "window_taper",
+            "lowpass_sigma_px",
+            "ncc_smooth_px",
+            "min_structure_snr",
+            "peak_candidates",
+            "exclusion_px",
+            "min_ncc_margin",
+            "min_ncc_gain",
+            "min_peak_ratio",
+            "min_match_ncc",
+        )
         return {k: getattr(self, k) for k in names}
 
 
@@ -416,14 +428,28 @@ class StitchingResult:
         ``registered`` top-left ``[x, y]`` px (registered null when no clear
         pair reaches it) and ``stage_deviation_px``.
         """
-        fovs = [{"name": f.name, "row": f.row, "col": f.col, "nominal": [round(v, 2) for v in f.nominal],
-                 "registered": [round(v, 2) for v in f.registered] if f.registered is not None else None,
-                 "stage_deviation_px": round(f.stage_deviation_px, 2) if f.stage_deviation_px is not None else None}
-                for f in self.fovs]
-        return {"score": self.score, "passed": self.passed, "max_deviation_px": self.max_deviation_px,
-                "pairs_total": self.pairs_total, "pairs_computed": self.pairs_computed,
-                "pairs_cached": self.pairs_cached, "max_stage_deviation_px": self.max_stage_deviation_px,
-                "off_nominal": list(self.off_nominal), "fovs": fovs}
+        fovs = [
+            {
+                "name": f.name,
+                "row": f.row,
+                "col": f.col,
+                "nominal": [round(v, 2) for v in f.nominal],
+                "registered": [round(v, 2) for v in f.registered] if f.registered is not None else None,
+                "stage_deviation_px": round(f.stage_deviation_px, 2) if f.stage_deviation_px is not None else None,
+            }
+            for f in self.fovs
+        ]
+        return {
+            "score": self.score,
+            "passed": self.passed,
+            "max_deviation_px": self.max_deviation_px,
+            "pairs_total": self.pairs_total,
+            "pairs_computed": self.pairs_computed,
+            "pairs_cached": self.pairs_cached,
+            "max_stage_deviation_px": self.max_stage_deviation_px,
+            "off_nominal": list(self.off_nominal),
+            "fovs": fovs,
+        }
 
     def to_dict(self) -> dict[str, object]:
         """Everything, JSON-serialisable (for the report's detail file)."""
@@ -456,7 +482,7 @@ def evaluate_stitching(
     tiles: Sequence[Tile],
     *,
     cache: PairCache | None = None,
-    params: StitchingParams = StitchingParams(),  # noqa: B008 - frozen, immutable default
+    params: StitchingParams = StitchingParams(),
     max_threads: int = 2,
     progress: Callable[[int, int], None] | None = None,
 ) -> StitchingResult:
@@ -484,8 +510,12 @@ def evaluate_stitching(
     if len(tiles) < 2:
         msg = f"stitching needs at least two tiles, got {len(tiles)}"
         raise QCError(msg, hint="A single field of view has nothing to stitch; skip the stitching metric")
-    plans = plan_pairs(tiles, min_overlap_px=params.min_overlap_px, max_shift_px=params.max_shift_px,
-                       max_shift_fraction=params.max_shift_fraction)
+    plans = plan_pairs(
+        tiles,
+        min_overlap_px=params.min_overlap_px,
+        max_shift_px=params.max_shift_px,
+        max_shift_fraction=params.max_shift_fraction,
+    )
     pair_params = params.pair_params()
     if max_threads > 1:
         with ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="qc-stitch") as pool:
@@ -499,26 +529,38 @@ def evaluate_stitching(
     ok = [k for k, m in enumerate(meas) if m.status == STATUS_OK]
     measured = {k: (plans[k].offset[0] - meas[k].shift[0], plans[k].offset[1] - meas[k].shift[1]) for k in ok}
     sol = solve_displacements(
-        n, [(plans[k].a, plans[k].b) for k in ok],
+        n,
+        [(plans[k].a, plans[k].b) for k in ok],
         np.array([[measured[k][0] - nom_off[k][0], measured[k][1] - nom_off[k][1]] for k in ok]).reshape(-1, 2),
-        np.array([max(meas[k].ncc, 0.0) for k in ok]), reject_px=params.reject_residual_px)
-    accepted = {k: bool(a) for k, a in zip(ok, sol.accepted)}
-    residual = {k: float(r) for k, r in zip(ok, sol.residual)}
+        np.array([max(meas[k].ncc, 0.0) for k in ok]),
+        reject_px=params.reject_residual_px,
+    )
+    accepted = {k: bool(a) for k, a in zip(ok, sol.accepted, strict=False)}
+    residual = {k: float(r) for k, r in zip(ok, sol.residual, strict=False)}
 
     pairs = []
-    for k, (p, m) in enumerate(zip(plans, meas)):
+    for k, (p, m) in enumerate(zip(plans, meas, strict=False)):
         status = m.status if m.status != STATUS_OK or accepted[k] else STATUS_REJECTED
         mo = measured.get(k)
         dev = math.hypot(mo[0] - nom_off[k][0], mo[1] - nom_off[k][1]) if mo else None
         res = residual.get(k)
-        pairs.append(PairResult(
-            a=tiles[p.a].name, b=tiles[p.b].name, direction=p.direction, status=status,
-            nominal_offset=(float(nom_off[k][0]), float(nom_off[k][1])),
-            measured_offset=(float(mo[0]), float(mo[1])) if mo else None, deviation_px=dev,
-            quality=float(min(max(m.ncc, 0.0), 1.0)) if m.status != STATUS_NO_INFO else 0.0,
-            peak_ratio=m.peak_ratio, structure_snr=m.snr,
-            residual_px=res if res is not None and math.isfinite(res) else None, cached=cached[k],
-            distinctness=m.distinctness))
+        pairs.append(
+            PairResult(
+                a=tiles[p.a].name,
+                b=tiles[p.b].name,
+                direction=p.direction,
+                status=status,
+                nominal_offset=(float(nom_off[k][0]), float(nom_off[k][1])),
+                measured_offset=(float(mo[0]), float(mo[1])) if mo else None,
+                deviation_px=dev,
+                quality=float(min(max(m.ncc, 0.0), 1.0)) if m.status != STATUS_NO_INFO else 0.0,
+                peak_ratio=m.peak_ratio,
+                structure_snr=m.snr,
+                residual_px=res if res is not None and math.isfinite(res) else None,
+                cached=cached[k],
+                distinctness=m.distinctness,
+            )
+        )
 
     fovs, tol = _fov_results(tiles, plans, pairs, sol.u, params)
     return _score(tiles, fovs, pairs, cached, params, tol)
@@ -530,15 +572,23 @@ def _band_px(plan: PairPlan) -> int:
     return (x1 - x0) if plan.direction == "right" else (y1 - y0)
 
 
-def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequence[PairResult],
-                 u: np.ndarray, params: StitchingParams) -> tuple[list[FovResult], float]:
+def _fov_results(
+    tiles: Sequence[Tile],
+    plans: Sequence[PairPlan],
+    pairs: Sequence[PairResult],
+    u: np.ndarray,
+    params: StitchingParams,
+) -> tuple[list[FovResult], float]:
     by_tile: dict[int, list[int]] = {}
     for k, p in enumerate(plans):
         by_tile.setdefault(p.a, []).append(k)
         by_tile.setdefault(p.b, []).append(k)
     # the displacement tolerance: what the set's own stage scatter makes ordinary
-    spread = [float(np.linalg.norm(u[p.b] - u[p.a])) for p, r in zip(plans, pairs)
-              if r.status == STATUS_OK and np.isfinite(u[p.a]).all() and np.isfinite(u[p.b]).all()]
+    spread = [
+        float(np.linalg.norm(u[p.b] - u[p.a]))
+        for p, r in zip(plans, pairs, strict=False)
+        if r.status == STATUS_OK and np.isfinite(u[p.a]).all() and np.isfinite(u[p.b]).all()
+    ]
     n_rejected = {i: sum(1 for k in ks if pairs[k].status == STATUS_REJECTED) for i, ks in by_tile.items()}
     most_rejected = max(n_rejected.values(), default=0)
     tol = params.max_deviation_px
@@ -564,27 +614,48 @@ def _fov_results(tiles: Sequence[Tile], plans: Sequence[PairPlan], pairs: Sequen
         if not acc and bad:
             reasons.append(f"its overlaps show features but match none of its {len(bad)} neighbour(s)")
         elif nb is not None and nb > tol:
-            reasons.append(f"its content sits {nb:.1f} px from where its neighbours expect it "
-                           f"(tolerance {tol:.0f} px)")
+            reasons.append(f"its content sits {nb:.1f} px from where its neighbours expect it (tolerance {tol:.0f} px)")
         elif rejected and len(rejected) == most_rejected:
             worst = max(pairs[k].residual_px or 0.0 for k in rejected)
-            reasons.append(f"{len(rejected)} of its overlaps disagree with where the others place it "
-                           f"(by up to {worst:.1f} px, more than {params.reject_residual_px:g} px): "
-                           "its content is not where its neighbours say")
+            reasons.append(
+                f"{len(rejected)} of its overlaps disagree with where the others place it "
+                f"(by up to {worst:.1f} px, more than {params.reject_residual_px:g} px): "
+                "its content is not where its neighbours say"
+            )
         outlier = bool(reasons)
         off = stage is not None and limit > 0 and stage > limit
         if off:
             reasons.append(f"the stage put it {stage:.1f} px off its nominal position (limit {limit:.0f} px)")
-        fovs.append(FovResult(
-            name=t.name, row=t.row, col=t.col, nominal=(float(t.x), float(t.y)), registered=reg,
-            deviation_from_nominal=dev_nom, deviation_from_neighbours_px=nb, quality=quality,
-            informative=informative, clear_consistent=bool(acc) and not bad and not outlier, outlier=outlier,
-            reason="; ".join(reasons), stage_deviation_px=stage, stage_limit_px=float(limit), off_nominal=off))
+        fovs.append(
+            FovResult(
+                name=t.name,
+                row=t.row,
+                col=t.col,
+                nominal=(float(t.x), float(t.y)),
+                registered=reg,
+                deviation_from_nominal=dev_nom,
+                deviation_from_neighbours_px=nb,
+                quality=quality,
+                informative=informative,
+                clear_consistent=bool(acc) and not bad and not outlier,
+                outlier=outlier,
+                reason="; ".join(reasons),
+                stage_deviation_px=stage,
+                stage_limit_px=float(limit),
+                off_nominal=off,
+            )
+        )
     return fovs, float(tol)
 
 
-def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[PairResult],
-           cached: Sequence[bool], params: StitchingParams, tol: float) -> StitchingResult:
+def _score(
+    tiles: Sequence[Tile],
+    fovs: Sequence[FovResult],
+    pairs: Sequence[PairResult],
+    cached: Sequence[bool],
+    params: StitchingParams,
+    tol: float,
+) -> StitchingResult:
     clear = [f for f in fovs if f.clear_consistent]
     share = len(clear) / len(fovs)
     quality = float(np.mean([f.quality for f in clear])) if clear else 0.0
@@ -599,27 +670,51 @@ def _score(tiles: Sequence[Tile], fovs: Sequence[FovResult], pairs: Sequence[Pai
     s_quality = _piecewise(quality, params.min_mean_quality)
     s_place = _placement(max_dev, tol, unmatched)
     s_stage = _stage(use)
-    passed = (share > params.min_clear_share and quality > params.min_mean_quality
-              and max_dev <= tol and not inconsistent and use <= 1.0)
+    passed = (
+        share > params.min_clear_share
+        and quality > params.min_mean_quality
+        and max_dev <= tol
+        and not inconsistent
+        and use <= 1.0
+    )
     score = min(s_share, s_quality, s_place, s_stage)
     if not passed:
         score = min(score, 59.9)
     criterion = StitchingCriterion(
-        clear_share=share, mean_quality=quality, max_deviation_px=max_dev, unmatched=unmatched,
-        share_score=round(s_share, 1), quality_score=round(s_quality, 1), placement_score=round(s_place, 1),
-        min_clear_share=params.min_clear_share, min_mean_quality=params.min_mean_quality,
-        max_deviation_tolerance_px=tol, max_stage_deviation_px=round(max_stage, 2), stage_use=round(use, 3),
-        stage_score=round(s_stage, 1))
+        clear_share=share,
+        mean_quality=quality,
+        max_deviation_px=max_dev,
+        unmatched=unmatched,
+        share_score=round(s_share, 1),
+        quality_score=round(s_quality, 1),
+        placement_score=round(s_place, 1),
+        min_clear_share=params.min_clear_share,
+        min_mean_quality=params.min_mean_quality,
+        max_deviation_tolerance_px=tol,
+        max_stage_deviation_px=round(max_stage, 2),
+        stage_use=round(use, 3),
+        stage_score=round(s_stage, 1),
+    )
     n_cached = sum(cached)
     rows = max(t.row for t in tiles) + 1
     cols = max(t.col for t in tiles) + 1
     return StitchingResult(
-        score=round(score, 1), passed=passed, criterion=criterion, max_deviation_px=round(max_dev, 2),
-        pairs_total=len(pairs), pairs_computed=len(pairs) - n_cached, pairs_cached=n_cached,
+        score=round(score, 1),
+        passed=passed,
+        criterion=criterion,
+        max_deviation_px=round(max_dev, 2),
+        pairs_total=len(pairs),
+        pairs_computed=len(pairs) - n_cached,
+        pairs_cached=n_cached,
         pairs_informative=sum(1 for p in pairs if p.status != STATUS_NO_INFO),
-        fovs=tuple(fovs), pairs=tuple(pairs), outliers=tuple(f.name for f in fovs if f.outlier),
-        grid=(rows, cols), params=params, max_stage_deviation_px=round(max_stage, 2),
-        off_nominal=tuple(f.name for f in fovs if f.off_nominal))
+        fovs=tuple(fovs),
+        pairs=tuple(pairs),
+        outliers=tuple(f.name for f in fovs if f.outlier),
+        grid=(rows, cols),
+        params=params,
+        max_stage_deviation_px=round(max_stage, 2),
+        off_nominal=tuple(f.name for f in fovs if f.off_nominal),
+    )
 
 
 def tile_configuration_text(result: StitchingResult, *, registered: bool = True, decimals: int = 2) -> str:
@@ -639,8 +734,7 @@ def tile_configuration_text(result: StitchingResult, *, registered: bool = True,
     str
         ``dim = 2`` and one ``name; ; (x, y)`` line per tile, in input order.
     """
-    lines = ["# Define the number of dimensions we are working on", "dim = 2", "",
-             "# Define the image coordinates"]
+    lines = ["# Define the number of dimensions we are working on", "dim = 2", "", "# Define the image coordinates"]
     for f in result.fovs:
         x, y = (f.registered or f.nominal) if registered else f.nominal
         lines.append(f"{f.name}; ; ({x:.{decimals}f}, {y:.{decimals}f})")

@@ -57,7 +57,7 @@ def _checks_table(checks: Sequence[Mapping[str, Any]], width: int, legend: Legen
         x += round((width - 2 * pad) * share)
     rows = []
     head = np.full((lh + 8, width, 3), (230, 230, 230), np.uint8)
-    for (name, _), x0 in zip(_COLUMNS, xs):
+    for (name, _), x0 in zip(_COLUMNS, xs, strict=False):
         cv2.putText(head, name, (x0 + 4, lh - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.6, INK, 2, cv2.LINE_AA)
     rows.append(head)
     words = {"pass": "pass", "fail": "FAIL", "advisory": "advisory"}
@@ -65,25 +65,37 @@ def _checks_table(checks: Sequence[Mapping[str, Any]], width: int, legend: Legen
         verdict = judgement(c.get("passed"), bool(c.get("required", True)))
         metric = str(c.get("metric", "")) + ("" if c.get("required", True) else " (advisory)")
         cells = [str(c.get("image", "")), metric, _value_text(c), str(c.get("threshold", ""))]
-        wrapped = [wrap(t, round((width - 2 * pad) * share) - 12) for t, (_, share) in zip(cells, _COLUMNS)]
+        wrapped = [
+            wrap(t, round((width - 2 * pad) * share) - 12) for t, (_, share) in zip(cells, _COLUMNS, strict=False)
+        ]
         n = max(len(wl) for wl in wrapped)
         row = np.full((n * lh + 8, width, 3), PAPER, np.uint8)
-        for wl, x0 in zip(wrapped, xs):
+        for wl, x0 in zip(wrapped, xs, strict=False):
             for i, t in enumerate(wl):
                 cv2.putText(row, t, (x0 + 4, (i + 1) * lh - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.6, INK, 1, cv2.LINE_AA)
-        colour = legend.use(VERDICT_COLOURS[verdict], {"pass": "pass", "fail": "FAIL: a required metric below its threshold",
-                                                       "advisory": "advisory: below, does not fail QC",
-                                                       "n/a": "not judged"}[verdict])
+        colour = legend.use(
+            VERDICT_COLOURS[verdict],
+            {
+                "pass": "pass",
+                "fail": "FAIL: a required metric below its threshold",
+                "advisory": "advisory: below, does not fail QC",
+                "n/a": "not judged",
+            }[verdict],
+        )
         x0 = xs[-1]
         row[3 : lh + 3, x0 : width - pad] = colour
         ink = (255, 255, 255) if verdict in ("pass", "fail") else INK
-        cv2.putText(row, words.get(verdict, verdict), (x0 + 8, lh - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.6, ink, 2, cv2.LINE_AA)
+        cv2.putText(
+            row, words.get(verdict, verdict), (x0 + 8, lh - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.6, ink, 2, cv2.LINE_AA
+        )
         row[-1, pad : width - pad] = (210, 210, 210)
         rows.append(row)
     return stack(rows, width)
 
 
-def draw_summary(report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *, width: int = SUMMARY_WIDTH) -> Picture:
+def draw_summary(
+    report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *, width: int = SUMMARY_WIDTH
+) -> Picture:
     """One sheet per run: the verdict, every metric of every image, the reasons, and small versions of the pictures.
 
     ``report`` is a :class:`qc.report.QCReport`; ``pictures`` ``(name, image)`` pairs.
@@ -97,13 +109,20 @@ def draw_summary(report: Any, pictures: Sequence[tuple[str, np.ndarray]] = (), *
     if verdict == "pass":
         metric = f"QC passed: {len(checks)} metric(s) checked" + (f", {advisory} advisory" if advisory else "")
     else:
-        metric = f"QC failed: {failed} required metric(s) below threshold" if failed else "QC failed: QC could not run fully"
-    details = [f"chip {report.chip} | stain {report.stain} | {len(report.images)} image(s)",
-               f"started {when} | imageqc {report.software_version}"
-               + (f" | site {report.site}" if report.site else "") + (f" | operator {report.operator}" if report.operator else "")]
+        metric = (
+            f"QC failed: {failed} required metric(s) below threshold" if failed else "QC failed: QC could not run fully"
+        )
+    details = [
+        f"chip {report.chip} | stain {report.stain} | {len(report.images)} image(s)",
+        f"started {when} | imageqc {report.software_version}"
+        + (f" | site {report.site}" if report.site else "")
+        + (f" | operator {report.operator}" if report.operator else ""),
+    ]
     header = header_band(verdict, metric, details, width)
     parts = [header, text_block(["Metrics"], width, scale=0.75, thick=2)]
-    parts.append(_checks_table(checks, width, legend) if checks else text_block(["No metric could be measured."], width))
+    parts.append(
+        _checks_table(checks, width, legend) if checks else text_block(["No metric could be measured."], width)
+    )
     reasons = [f"- {r}" for r in report.reasons] or ["- none: every metric passed"]
     parts.append(text_block(["Reasons (failures first, then advisories)"], width, scale=0.75, thick=2))
     parts.append(text_block(reasons, width))

@@ -432,13 +432,17 @@ def _refine(
     if len(centres) < 4:
         return _empty(base, "grid found but too few line crossings inside the image to check it")
     search = min(0.6 * half, 3.0 + 2.0 * f)
-    meas = fine.measure(image, grid0, kx, ky, centres, half=half, along=along, search=search, min_snr=min_snr, polarity=sign)
+    meas = fine.measure(
+        image, grid0, kx, ky, centres, half=half, along=along, search=search, min_snr=min_snr, polarity=sign
+    )
     fit = fine.fit_grid(meas, grid0, inlier_px=tol)
     if fit is None:
         return _empty(base, _no_fit_problem(meas, base, tmpl))
     # second pass: re-measure around the refined prediction with a tight search
     pred = fit.grid.chip_to_image(fit.grid.line_positions(kx), fit.grid.line_positions(ky))
-    meas2 = fine.measure(image, fit.grid, kx, ky, pred, half=half, along=along, search=tol + 2.0, min_snr=min_snr, polarity=sign)
+    meas2 = fine.measure(
+        image, fit.grid, kx, ky, pred, half=half, along=along, search=tol + 2.0, min_snr=min_snr, polarity=sign
+    )
     fit2 = fine.fit_grid(meas2, fit.grid, inlier_px=tol)
     if fit2 is not None:
         meas, fit = meas2, fit2
@@ -461,7 +465,9 @@ def _no_fit_problem(meas: fine.Measurements, base: dict, tmpl: ChipTemplate) -> 
     return f"grid found but spacing does not match the {tmpl.name} template"
 
 
-def _score(fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w: int, h: int, tol: float) -> TrackResult:
+def _score(
+    fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w: int, h: int, tol: float
+) -> TrackResult:
     grid = fit.grid.canonical()
     mshift, nshift = fit.grid.period_shift(grid)
     n9 = len(grid.template.offsets)
@@ -469,7 +475,7 @@ def _score(fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w
     agree = fit.inlier
     # template recall over the lines that were sampled
     lines = {}
-    for ax, k, ok in zip(meas.axis, index, agree):
+    for ax, k, ok in zip(meas.axis, index, agree, strict=False):
         lines[(int(ax), int(k))] = lines.get((int(ax), int(k)), False) or bool(ok)
     recall = sum(lines.values()) / max(len(lines), 1)
     # area share over cells holding sampled crossings

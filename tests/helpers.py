@@ -20,5 +20,7 @@ def wait_for(pred: Callable[[], object], timeout: float = 30.0, every: float = 0
 
 def dead_pid() -> int:
     """The process id of a child that has already exited (nothing runs under it now)."""
-    out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     return int(out.stdout)

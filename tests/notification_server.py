@@ -33,13 +33,24 @@ class Notifications(ServiceInterface):
 
     @method()
     def Notify(
-        self, app_name: "s", replaces_id: "u", app_icon: "s", summary: "s", body: "s",
-        actions: "as", hints: "a{sv}", expire_timeout: "i",
+        self,
+        app_name: "s",
+        replaces_id: "u",
+        app_icon: "s",
+        summary: "s",
+        body: "s",
+        actions: "as",
+        hints: "a{sv}",
+        expire_timeout: "i",
     ) -> "u":
         self.count += 1
         urgency = hints.get("urgency")
-        record = {"app": app_name, "summary": summary, "body": body,
-                  "urgency": urgency.value if isinstance(urgency, Variant) else None}
+        record = {
+            "app": app_name,
+            "summary": summary,
+            "body": body,
+            "urgency": urgency.value if isinstance(urgency, Variant) else None,
+        }
         with open(self.out, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         return self.count

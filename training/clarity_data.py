@@ -110,7 +110,7 @@ def load_sources() -> list[Source]:
 def _disk_kernel(radius: float) -> np.ndarray:
     r = int(np.ceil(radius))
     k = np.zeros((2 * r + 1, 2 * r + 1), np.float32)
-    cv2.circle(k, (r, r), int(round(radius)), 1.0, -1, lineType=cv2.LINE_AA)
+    cv2.circle(k, (r, r), round(radius), 1.0, -1, lineType=cv2.LINE_AA)
     return k / k.sum()
 
 
@@ -119,7 +119,7 @@ def _motion_kernel(length: float, angle: float) -> np.ndarray:
     k = np.zeros((n, n), np.float32)
     c = n // 2
     dx, dy = np.cos(angle) * (length - 1) / 2, np.sin(angle) * (length - 1) / 2
-    cv2.line(k, (int(round(c - dx)), int(round(c - dy))), (int(round(c + dx)), int(round(c + dy))), 1.0, 1, cv2.LINE_AA)
+    cv2.line(k, (round(c - dx), round(c - dy)), (round(c + dx), round(c + dy)), 1.0, 1, cv2.LINE_AA)
     return k / k.sum()
 
 
@@ -147,7 +147,9 @@ def sensor(signal: np.ndarray, rng: np.random.Generator, dtype: type) -> tuple[n
     """Add read and shot noise, clip at full scale, quantise. Returns (pixels, clipped mask)."""
     read = rng.uniform(0.0, 0.006)
     shot = rng.uniform(0.0, 0.0015)
-    noisy = signal + rng.standard_normal(signal.shape).astype(np.float32) * np.sqrt(read**2 + shot * np.maximum(signal, 0))
+    noisy = signal + rng.standard_normal(signal.shape).astype(np.float32) * np.sqrt(
+        read**2 + shot * np.maximum(signal, 0)
+    )
     clipped = noisy >= 1.0
     full = np.iinfo(dtype).max
     return np.clip(np.rint(noisy * full), 0, full).astype(dtype), clipped
@@ -156,7 +158,7 @@ def sensor(signal: np.ndarray, rng: np.random.Generator, dtype: type) -> tuple[n
 def _cut(src: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A REGION x REGION view of a source at a random scale, flip and turn."""
     scale = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))
-    side = min(int(round(REGION / scale)), *src.shape)
+    side = min(round(REGION / scale), *src.shape)
     y = int(rng.integers(0, src.shape[0] - side + 1))
     x = int(rng.integers(0, src.shape[1] - side + 1))
     patch = src[y : y + side, x : x + side]
@@ -254,7 +256,9 @@ def _overexposure_label(clean: np.ndarray, clipped: np.ndarray) -> int:
     return -1
 
 
-def build_split(sources: list[Source], per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_split(
+    sources: list[Source], per_class: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Balanced windows from the given sources: (windows uint8 (N,64,64), labels, source index)."""
     quota = np.full(len(CLASSES), per_class)
     store: list[tuple[np.ndarray, int, int]] = []
@@ -266,7 +270,7 @@ def build_split(sources: list[Source], per_class: int, rng: np.random.Generator)
     while quota.max() > 0:
         guard += 1
         if guard > 200 * per_class:
-            msg = f"could not fill class quotas {dict(zip(CLASSES, quota.tolist()))}"
+            msg = f"could not fill class quotas {dict(zip(CLASSES, quota.tolist(), strict=False))}"
             raise RuntimeError(msg)
         want = [t for t in CLASSES if quota[CLASSES.index(t)] > 0]
         target = want[int(rng.integers(len(want)))]
@@ -280,7 +284,7 @@ def build_split(sources: list[Source], per_class: int, rng: np.random.Generator)
             si = int(rng.choice(len(sources), p=prob))
             src = sources[si].image
         wins, labels = region_windows(src, target, rng)
-        for w, lab in zip(wins, labels):
+        for w, lab in zip(wins, labels, strict=False):
             if lab >= 0 and quota[lab] > 0:
                 quota[lab] -= 1
                 store.append((w, lab, si))

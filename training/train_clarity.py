@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import clarity_data as cd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import clarity_data as cd  # noqa: E402
 from qc import clarity  # noqa: E402
 
 MODEL_NAME = "imageqc-clarity-v1"
@@ -101,7 +101,7 @@ def metrics(y: np.ndarray, pred: np.ndarray, src: np.ndarray, names: list[str]) 
         for s in sorted(set(src.tolist()))
     }
     return {
-        "windows": int(len(y)),
+        "windows": len(y),
         "accuracy": round(float((pred == y).mean()), 4),
         "per_class_accuracy": per_class,
         "per_source_accuracy": per_source,
@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             sched.step()
             total += float(loss.detach()) * len(idx)
         vacc = float((predict(net, xv).argmax(1) == yv).mean())
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(xt):.4f}, val acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {total / len(xt):.4f}, val acc {vacc:.4f} ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
 
     train_names = [s.name for s in train_src]
     val_names = [s.name for s in val_src]

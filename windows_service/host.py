@@ -35,10 +35,10 @@ from daemon.hosting import config_folders, stop_timeout_seconds
 from daemon.logging import configure_logging, get_logger, redact
 
 __all__ = [
-    "SERVICE_NAME",
-    "DISPLAY_NAME",
-    "DESCRIPTION",
     "CONFIG_OPTION",
+    "DESCRIPTION",
+    "DISPLAY_NAME",
+    "SERVICE_NAME",
     "EventLog",
     "EventLogHandler",
     "ServiceFailed",
@@ -86,7 +86,11 @@ def _render(record: logging.LogRecord) -> str:
     """One line for the event log: the event, then its fields (secrets masked)."""
     msg = record.msg
     if isinstance(msg, dict):
-        fields = {k: v for k, v in msg.items() if k not in ("event", "timestamp", "level", "logger", "exc_info") and not k.startswith("_")}
+        fields = {
+            k: v
+            for k, v in msg.items()
+            if k not in ("event", "timestamp", "level", "logger", "exc_info") and not k.startswith("_")
+        }
         text = str(redact(str(msg.get("event", ""))))
         if fields:
             text += " (" + ", ".join(f"{k}={redact(v, k)}" for k, v in fields.items()) + ")"
@@ -115,7 +119,14 @@ class EventLogHandler(logging.Handler):
     the JSON log keeps every line.
     """
 
-    def __init__(self, eventlog: EventLog, level: int = logging.ERROR, *, repeat_s: float = _EVENTLOG_REPEAT_S, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        eventlog: EventLog,
+        level: int = logging.ERROR,
+        *,
+        repeat_s: float = _EVENTLOG_REPEAT_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(level)
         self.eventlog = eventlog
         self.repeat_s = repeat_s
@@ -132,15 +143,19 @@ class EventLogHandler(logging.Handler):
             self._last[text] = now
             if len(self._last) > 256:
                 self._last = {k: t for k, t in self._last.items() if now - t < self.repeat_s}
-            write = self.eventlog.error if record.levelno >= logging.ERROR else (
-                self.eventlog.warning if record.levelno >= logging.WARNING else self.eventlog.info
+            write = (
+                self.eventlog.error
+                if record.levelno >= logging.ERROR
+                else (self.eventlog.warning if record.levelno >= logging.WARNING else self.eventlog.info)
             )
             write(text)
         except Exception:  # logging must never break the service
             self.handleError(record)
 
 
-def child_python(executable: str, exec_prefix: str, base_exec_prefix: str, *, isfile: Callable[[str], bool] = os.path.isfile) -> str | None:
+def child_python(
+    executable: str, exec_prefix: str, base_exec_prefix: str, *, isfile: Callable[[str], bool] = os.path.isfile
+) -> str | None:
     """The python.exe QC worker children should run, when this process is not one.
 
     Under pywin32's ``pythonservice.exe`` ``sys.executable`` is that host,
@@ -163,8 +178,10 @@ def child_python(executable: str, exec_prefix: str, base_exec_prefix: str, *, is
 
 def default_daemon_factory(config: Config, notify: Callable[[str], None]) -> Any:
     """The same Daemon ``imageqc run`` builds, with the same components."""
-    from daemon.service import default_components  # the wiring of `imageqc run`, kept in one place
-    from daemon.service import Daemon
+    from daemon.service import (
+        Daemon,
+        default_components,  # the wiring of `imageqc run`, kept in one place
+    )
 
     return Daemon(config, components=default_components(config), notify=notify)
 
@@ -264,14 +281,18 @@ class ServiceHost:
         self.config = cfg
         if self.configure:
             lg = cfg.logging
-            configure_logging(level=lg.level, file=cfg.log_file, max_bytes=lg.max_bytes, backups=lg.backups, console="off")
+            configure_logging(
+                level=lg.level, file=cfg.log_file, max_bytes=lg.max_bytes, backups=lg.backups, console="off"
+            )
             self._handler = EventLogHandler(self.eventlog)
             logging.getLogger().addHandler(self._handler)
 
         def notify(message: str) -> None:
             if message == "READY=1":
                 roots = "; ".join(str(w.path) for w in cfg.watch)
-                self.eventlog.info(f"imageqc is running: watching {roots}; state in {cfg.state_dir}; config {cfg.source}")
+                self.eventlog.info(
+                    f"imageqc is running: watching {roots}; state in {cfg.state_dir}; config {cfg.source}"
+                )
 
         with self._lock:
             daemon = self.daemon = self.daemon_factory(cfg, notify)
@@ -300,7 +321,9 @@ class ServiceHost:
                     self.report_stop_pending(self.stop_wait_hint_ms)
                     last_pending = now
                 if now - stop_started > budget_s:
-                    raise self._fail(f"imageqc did not stop within {budget_s:g} s; the service ends anyway (a running job returns to the queue when its lease expires)")
+                    raise self._fail(
+                        f"imageqc did not stop within {budget_s:g} s; the service ends anyway (a running job returns to the queue when its lease expires)"
+                    )
         if failure:
             e = failure[0]
             if getattr(daemon, "store", None) is not None:  # failed after opening the store: release it
@@ -318,7 +341,7 @@ class ServiceHost:
 
 
 def _is_unc(path: str) -> bool:
-    return path.startswith("\\\\") or path.startswith("//")
+    return path.startswith(("\\\\", "//"))
 
 
 def uses_unc(config: Config) -> bool:

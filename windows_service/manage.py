@@ -32,7 +32,7 @@ from windows_service.host import (
     uses_unc,
 )
 
-__all__ = ["SERVICE_CLASS", "RESTART_DELAYS_S", "RESET_AFTER_S", "install", "remove", "start", "stop", "cli_action"]
+__all__ = ["RESET_AFTER_S", "RESTART_DELAYS_S", "SERVICE_CLASS", "cli_action", "install", "remove", "start", "stop"]
 
 #: The class pythonservice.exe hosts.
 SERVICE_CLASS = "windows_service.service.ImageQCService"
@@ -41,7 +41,12 @@ RESTART_DELAYS_S = (10, 60, 300)
 #: The failure count goes back to zero after a day without failures.
 RESET_AFTER_S = 86_400
 #: Built-in accounts that need no password.
-_BUILTIN_ACCOUNTS = {"localsystem", "nt authority\\localservice", "nt authority\\networkservice", "nt authority\\system"}
+_BUILTIN_ACCOUNTS = {
+    "localsystem",
+    "nt authority\\localservice",
+    "nt authority\\networkservice",
+    "nt authority\\system",
+}
 _ERROR_ACCESS_DENIED = 5
 _ERROR_SERVICE_EXISTS = 1073
 _ERROR_SERVICE_DOES_NOT_EXIST = 1060
@@ -53,7 +58,7 @@ def _pywin32() -> SimpleNamespace:
         mods = {name: importlib.import_module(name) for name in ("win32service", "win32serviceutil")}
     except ImportError:
         msg = (
-            "pywin32 is missing: pip install \"imageqc[windows]\", then, from an elevated prompt, "
+            'pywin32 is missing: pip install "imageqc[windows]", then, from an elevated prompt, '
             "python -m pywin32_postinstall -install (see windows_service/README.md)"
         )
         raise ServiceInstallError(msg) from None
@@ -90,8 +95,16 @@ def set_recovery(m: SimpleNamespace) -> None:
                 "Command": None,
                 "Actions": tuple((ws.SC_ACTION_RESTART, delay * 1000) for delay in RESTART_DELAYS_S),
             }
-            _call("set the recovery actions of", ws.ChangeServiceConfig2, svc, ws.SERVICE_CONFIG_FAILURE_ACTIONS, actions)
-            _call("set the recovery actions of", ws.ChangeServiceConfig2, svc, ws.SERVICE_CONFIG_FAILURE_ACTIONS_FLAG, True)
+            _call(
+                "set the recovery actions of", ws.ChangeServiceConfig2, svc, ws.SERVICE_CONFIG_FAILURE_ACTIONS, actions
+            )
+            _call(
+                "set the recovery actions of",
+                ws.ChangeServiceConfig2,
+                svc,
+                ws.SERVICE_CONFIG_FAILURE_ACTIONS_FLAG,
+                True,
+            )
         finally:
             ws.CloseServiceHandle(svc)
     finally:
@@ -121,7 +134,8 @@ def install(
     mapped = mapped_drives(cfg, drive_type)
     if mapped:
         msg = (
-            "a service cannot see drive letters mapped in your session: " + "; ".join(mapped)
+            "a service cannot see drive letters mapped in your session: "
+            + "; ".join(mapped)
             + ". Write the UNC path instead (e.g. \\\\server\\share\\export) and run the service as an "
             "account that may read the share (windows_service/README.md)"
         )
@@ -151,7 +165,9 @@ def install(
         _call("roll back", wsu.RemoveService, SERVICE_NAME)
         raise
     done.append(f"config {path}")
-    done.append("recovery: restart after " + ", ".join(f"{d} s" for d in RESTART_DELAYS_S) + "; count reset after 1 day")
+    done.append(
+        "recovery: restart after " + ", ".join(f"{d} s" for d in RESTART_DELAYS_S) + "; count reset after 1 day"
+    )
     if deps:
         done.append("depends on LanmanWorkstation (the SMB client), for the UNC paths in the config")
     return done

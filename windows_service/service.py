@@ -31,7 +31,7 @@ try:
     import win32serviceutil
 except ImportError as e:  # pragma: no cover - only reached off Windows or without pywin32
     msg = (
-        "the imageqc Windows service needs pywin32 (Windows only): pip install \"imageqc[windows]\", then, "
+        'the imageqc Windows service needs pywin32 (Windows only): pip install "imageqc[windows]", then, '
         "from an elevated prompt, python -m pywin32_postinstall -install; see windows_service/README.md"
     )
     raise ImportError(msg) from e

@@ -22,8 +22,8 @@ import hashlib
 import os
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,19 @@ from daemon.errors import PermanentUploadError, TransientUploadError
 from daemon.upload.throttle import Throttle
 
 __all__ = [
+    "READ_CHUNK",
+    "ContentChanged",
+    "InputChanged",
+    "IntegrityError",
+    "Interrupted",
     "LocalFile",
+    "Outcome",
     "RemoteObject",
     "Transfer",
-    "Outcome",
     "Uploader",
-    "Interrupted",
-    "InputChanged",
-    "ContentChanged",
-    "IntegrityError",
     "digest_file",
     "file_stat",
     "never",
-    "READ_CHUNK",
 ]
 
 READ_CHUNK = 8 << 20
@@ -114,13 +114,23 @@ class LocalFile:
         return start, min(self.part_size, self.size - start)
 
     def digests(self) -> dict[str, Any]:
-        return {"part_size": self.part_size, "md5": list(self.part_md5), "crc64": self.crc64, "sha256": list(self.part_sha256)}
+        return {
+            "part_size": self.part_size,
+            "md5": list(self.part_md5),
+            "crc64": self.crc64,
+            "sha256": list(self.part_sha256),
+        }
 
     @classmethod
     def from_record(cls, path: Path, size: int, mtime_ns: int, sha256: str, digests: dict[str, Any]) -> LocalFile:
         return cls(
-            path=path, size=size, mtime_ns=mtime_ns, sha256=sha256, part_size=int(digests["part_size"]),
-            part_md5=tuple(digests.get("md5") or ()), crc64=digests.get("crc64"),
+            path=path,
+            size=size,
+            mtime_ns=mtime_ns,
+            sha256=sha256,
+            part_size=int(digests["part_size"]),
+            part_md5=tuple(digests.get("md5") or ()),
+            crc64=digests.get("crc64"),
             part_sha256=tuple(digests.get("sha256") or ()),
         )
 
@@ -191,8 +201,13 @@ def digest_file(
     if after != before:
         raise InputChanged(path, "changed while it was being read")
     return LocalFile(
-        path=Path(path), size=before[0], mtime_ns=before[1], sha256=sha.hexdigest(), part_size=part_size,
-        part_md5=tuple(done.get("md5", ())), crc64=crc.crc if crc is not None else None,
+        path=Path(path),
+        size=before[0],
+        mtime_ns=before[1],
+        sha256=sha.hexdigest(),
+        part_size=part_size,
+        part_md5=tuple(done.get("md5", ())),
+        crc64=crc.crc if crc is not None else None,
         part_sha256=tuple(done.get("sha256", ())),
     )
 
@@ -289,7 +304,9 @@ class Uploader(ABC):
         need = -(-size // MAX_PARTS)
         return max(self.part_size, -(-need // (1 << 20)) << 20)
 
-    def digest(self, path: Path, *, check: Callable[[], None] = never, expect: tuple[int, int] | None = None) -> LocalFile:
+    def digest(
+        self, path: Path, *, check: Callable[[], None] = never, expect: tuple[int, int] | None = None
+    ) -> LocalFile:
         """Digests this target needs for ``path``."""
         size = file_stat(path)[0]
         return digest_file(path, part_size=self.part_size_for(size), check=check, expect=expect)
@@ -298,7 +315,7 @@ class Uploader(ABC):
         """Whether digests saved by an earlier attempt fit this target's settings."""
         return local.part_size == self.part_size_for(local.size) and len(local.part_md5) == local.parts
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: only uploaders holding clients override it
         """Release threads and connections."""
 
     def remove(self, key: str) -> None:
@@ -334,7 +351,9 @@ class Uploader(ABC):
         """Raise :class:`IntegrityError` unless the stored object is the local file."""
         remote = self.probe(key)
         if remote is None:
-            raise IntegrityError(self.name, f"{key} is missing right after it was uploaded", hint="it is uploaded again")
+            raise IntegrityError(
+                self.name, f"{key} is missing right after it was uploaded", hint="it is uploaded again"
+            )
         if not self.matches(remote, local):
             raise IntegrityError(
                 self.name,
@@ -363,4 +382,3 @@ class Uploader(ABC):
 
     def transient(self, problem: str, hint: str = "") -> TransientUploadError:
         return TransientUploadError(self.name, problem, hint=hint)
-

@@ -35,7 +35,7 @@ from daemon.config import UploadTarget
 from daemon.errors import PermanentUploadError
 from daemon.logging import register_secret
 
-__all__ = ["Credentials", "resolve_credentials", "ALIYUN_CREDENTIALS_FILE"]
+__all__ = ["ALIYUN_CREDENTIALS_FILE", "Credentials", "resolve_credentials"]
 
 #: Aliyun's shared credentials file (``ALIBABA_CLOUD_CREDENTIALS_FILE`` overrides it).
 ALIYUN_CREDENTIALS_FILE = Path("~/.alibabacloud/credentials")
@@ -74,7 +74,9 @@ def _keys(key_id: str | None, secret: str | None, token: str | None, source: str
     return Credentials(access_key_id=key_id, secret=secret, token=token or None, source=source)
 
 
-def resolve_credentials(target: UploadTarget, *, environ: dict[str, str] | None = None, home: Path | None = None) -> Credentials:
+def resolve_credentials(
+    target: UploadTarget, *, environ: dict[str, str] | None = None, home: Path | None = None
+) -> Credentials:
     """Resolve ``target.credentials``; raises :class:`PermanentUploadError` with the fix.
 
     An empty :class:`Credentials` (no keys, no profile) means "let boto3 use
@@ -90,9 +92,10 @@ def resolve_credentials(target: UploadTarget, *, environ: dict[str, str] | None 
         names = (f"{prefix}_ACCESS_KEY_ID", f"{prefix}_SECRET_ACCESS_KEY")
         key_id, secret = env.get(names[0]), env.get(names[1]) or env.get(f"{prefix}_ACCESS_KEY_SECRET")
         if not key_id or not secret:
-            missing = [n for n, v in zip(names, (key_id, secret)) if not v]
+            missing = [n for n, v in zip(names, (key_id, secret), strict=False) if not v]
             raise PermanentUploadError(
-                target.name, f"credentials 'env:{prefix}': {' and '.join(missing)} not set in the service's environment",
+                target.name,
+                f"credentials 'env:{prefix}': {' and '.join(missing)} not set in the service's environment",
                 hint=f"set {names[0]} and {names[1]} for the service (systemd Environment=, Windows service environment)",
             )
         return _keys(key_id, secret, env.get(f"{prefix}_SESSION_TOKEN"), f"environment {prefix}_*")
@@ -114,11 +117,17 @@ def resolve_credentials(target: UploadTarget, *, environ: dict[str, str] | None 
         if spec == "" and path.is_file():
             return _from_file(target, path, section="default")
         raise PermanentUploadError(
-            target.name, "no OSS credentials found (OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET unset"
-            + ("" if spec else f", no {path}") + ")",
+            target.name,
+            "no OSS credentials found (OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET unset"
+            + ("" if spec else f", no {path}")
+            + ")",
             hint="set them for the service, or point upload.credentials at 'file:PATH' or 'env:PREFIX'",
         )
-    raise PermanentUploadError(target.name, f"unknown credentials source {spec!r}", hint="use '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME'")
+    raise PermanentUploadError(
+        target.name,
+        f"unknown credentials source {spec!r}",
+        hint="use '', 'env', 'env:PREFIX', 'file:PATH' or 'profile:NAME'",
+    )
 
 
 def _home(home: Path | None, rel: Path) -> Path:
@@ -134,15 +143,25 @@ def _from_file(target: UploadTarget, path: Path, *, section: str | None) -> Cred
             parser.read_file(f)
     except FileNotFoundError:
         raise PermanentUploadError(
-            target.name, f"credentials file {path} not found", hint="create it (INI: access_key_id, secret_access_key) or fix upload.credentials"
+            target.name,
+            f"credentials file {path} not found",
+            hint="create it (INI: access_key_id, secret_access_key) or fix upload.credentials",
         ) from None
     except (OSError, configparser.Error) as e:
-        raise PermanentUploadError(target.name, f"cannot read credentials file {path}: {type(e).__name__}", hint="it must be an INI file readable by the service") from None
+        raise PermanentUploadError(
+            target.name,
+            f"cannot read credentials file {path}: {type(e).__name__}",
+            hint="it must be an INI file readable by the service",
+        ) from None
     sections = parser.sections()
     if section is None:
         section = "default" if "default" in sections else (sections[0] if len(sections) == 1 else "default")
     if section not in sections:
-        raise PermanentUploadError(target.name, f"credentials file {path} has no [{section}] section", hint=f"add [{section}] with access_key_id and secret_access_key")
+        raise PermanentUploadError(
+            target.name,
+            f"credentials file {path} has no [{section}] section",
+            hint=f"add [{section}] with access_key_id and secret_access_key",
+        )
     sec = parser[section]
 
     def first(*names: str) -> str | None:
@@ -156,7 +175,10 @@ def _from_file(target: UploadTarget, path: Path, *, section: str | None) -> Cred
     register_secret(secret)
     if not key_id or not secret:
         raise PermanentUploadError(
-            target.name, f"credentials file {path} [{section}] lacks access_key_id or secret_access_key",
+            target.name,
+            f"credentials file {path} [{section}] lacks access_key_id or secret_access_key",
             hint="add both keys to that section",
         )
-    return _keys(key_id, secret, first("session_token", "aws_session_token", "security_token"), f"file {path} [{section}]")
+    return _keys(
+        key_id, secret, first("session_token", "aws_session_token", "security_token"), f"file {path} [{section}]"
+    )

@@ -27,7 +27,7 @@ from daemon.upload.base import READ_CHUNK, IntegrityError, LocalFile, RemoteObje
 from daemon.upload.credentials import Credentials
 from qc.filenames import fit_name
 
-__all__ = ["HPCUploader", "PARTIAL_SUFFIX"]
+__all__ = ["PARTIAL_SUFFIX", "HPCUploader"]
 
 PARTIAL_SUFFIX = ".imageqc-partial"
 _COPY_CHUNK = 1 << 20
@@ -74,9 +74,14 @@ class HPCUploader(Uploader):
 
     def _os_error(self, e: OSError, what: str) -> UploadError:
         if isinstance(e, PermissionError):
-            return self.permanent(f"permission denied to {what} ({e.strerror})", f"give the service's account write access to {self.root}")
+            return self.permanent(
+                f"permission denied to {what} ({e.strerror})", f"give the service's account write access to {self.root}"
+            )
         if isinstance(e, (NotADirectoryError, IsADirectoryError)):
-            return self.permanent(f"cannot {what}: {e.strerror}", f"upload.path must be a folder and keys must not clash with folders in {self.root}")
+            return self.permanent(
+                f"cannot {what}: {e.strerror}",
+                f"upload.path must be a folder and keys must not clash with folders in {self.root}",
+            )
         if e.errno == errno.ENOSPC:
             return self.transient(f"the share {self.root} is full", hint="free space there; uploads resume")
         return self.transient(f"cannot {what}: {e}", hint=f"is {self.root} reachable?")
@@ -90,7 +95,10 @@ class HPCUploader(Uploader):
             raise self._os_error(e, f"reach {self.root}") from None
         if exists:
             raise self.permanent(f"{self.root} is not a folder", "point upload.path at a folder on the share")
-        raise self.transient(f"the folder {self.root} is not reachable (share offline or not mounted)", hint="mount it; uploads resume when it is back")
+        raise self.transient(
+            f"the folder {self.root} is not reachable (share offline or not mounted)",
+            hint="mount it; uploads resume when it is back",
+        )
 
     def probe(self, key: str) -> RemoteObject | None:
         self._check_root()
@@ -176,7 +184,11 @@ class HPCUploader(Uploader):
             same = _sha256(partial) == local.sha256
             if not same:
                 partial.unlink(missing_ok=True)
-                raise IntegrityError(self.name, f"the copy of {local.path} at {partial} differs from the original", hint="it is copied again")
+                raise IntegrityError(
+                    self.name,
+                    f"the copy of {local.path} at {partial} differs from the original",
+                    hint="it is copied again",
+                )
             os.replace(partial, dest)
             _fsync_dir(dest.parent)
             size = dest.stat().st_size

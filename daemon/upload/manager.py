@@ -47,6 +47,7 @@ turned out to be other files.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -201,7 +202,9 @@ class UploadManager:
             return
         self._plan_waiting(now)
         while len(self._active) < self.max_jobs and any(self.window_open(n, now) for n in self.targets):
-            job = self.store.claim(self.owner, now=now, lease_s=self.lease_s, from_state=JobState.QC_DONE, to_state=JobState.UPLOADING)
+            job = self.store.claim(
+                self.owner, now=now, lease_s=self.lease_s, from_state=JobState.QC_DONE, to_state=JobState.UPLOADING
+            )
             if job is None:
                 break
             self._begin(job, now)
@@ -231,7 +234,8 @@ class UploadManager:
         if stuck:
             log.warning(
                 "transfers still in flight at the stop deadline are abandoned; they resume at the next start",
-                files=len(stuck), jobs=sorted(a.job.id for a in self._active.values() if any(f in stuck for f in a.futures.values())),
+                files=len(stuck),
+                jobs=sorted(a.job.id for a in self._active.values() if any(f in stuck for f in a.futures.values())),
             )
         if self.store is not None:
             now = self.now()
@@ -291,7 +295,11 @@ class UploadManager:
         assert self.store is not None
         scan = self.store.get_scan_set(job.scan_set_id)
         planned = plan_job(
-            self.config, chip=job.chip, root=scan.root, members=scan.members, result=self.store.get_result(job.id),
+            self.config,
+            chip=job.chip,
+            root=scan.root,
+            members=scan.members,
+            result=self.store.get_result(job.id),
             targets=list(self.targets.values()),
         )
         self.store.plan_uploads(job.id, [p.as_row() for p in planned], now=now)
@@ -316,7 +324,9 @@ class UploadManager:
             except OSError as e:  # never leave a begun job with no transfers: it would be settled as done
                 self._active.pop(job.id, None)
                 recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
-                self._release(a, now, until=now + recheck, message=f"cannot list the scan set's inputs ({e}); checked again later")
+                self._release(
+                    a, now, until=now + recheck, message=f"cannot list the scan set's inputs ({e}); checked again later"
+                )
                 return
             if not unchanged:
                 return
@@ -330,7 +340,9 @@ class UploadManager:
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
             for r in records:
                 if r.state in (U.RETRY, U.ACTIVE, U.FAILED, U.CHANGED):
-                    self.store.update_upload(r.id, state=U.PENDING, attempts=0 if r.state == U.FAILED else r.attempts, now=now)
+                    self.store.update_upload(
+                        r.id, state=U.PENDING, attempts=0 if r.state == U.FAILED else r.attempts, now=now
+                    )
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
             result = self.store.get_result(job.id)
             a.qc_inputs = (result or {}).get("inputs")
@@ -339,18 +351,30 @@ class UploadManager:
                 if r.kind == "inputs" and r.state not in UPLOAD_FINISHED and self.window_open(r.target, now):
                     a.futures[r.id] = self._pools[r.target].submit(self._run, a, r)
             self._release_outputs(a, now)
-            log.info("upload started", files=len(a.futures) + len(a.held),
-                     targets=sorted({r.target for r in records if r.id in a.futures or r in a.held}))
+            log.info(
+                "upload started",
+                files=len(a.futures) + len(a.held),
+                targets=sorted({r.target for r in records if r.id in a.futures or r in a.held}),
+            )
             if not a.futures:
                 self._settle(a, now)
 
     def _release_outputs(self, a: _Active, now: float) -> bool:
         """Start the held outputs of each target whose inputs are all stored; whether any started."""
         assert self.store is not None
-        if not a.held or a.changed or a.content_changed or a.permanent or a.cancelled.is_set() or self._stopping.is_set():
+        if (
+            not a.held
+            or a.changed
+            or a.content_changed
+            or a.permanent
+            or a.cancelled.is_set()
+            or self._stopping.is_set()
+        ):
             return False
         rows = self.store.uploads(a.job.id)
-        waiting = {r.target for r in rows if r.kind == "inputs" and self._required(r) and r.state not in UPLOAD_FINISHED}
+        waiting = {
+            r.target for r in rows if r.kind == "inputs" and self._required(r) and r.state not in UPLOAD_FINISHED
+        }
         ready = [r for r in a.held if r.target not in waiting and self.window_open(r.target, now)]
         for r in ready:
             a.held.remove(r)
@@ -389,7 +413,9 @@ class UploadManager:
         if r.size is not None and current != (r.size, r.mtime_ns):
             raise InputChanged(path, f"size/mtime {current} differ from {(r.size, r.mtime_ns)} recorded after QC")
         digests = (r.parts or {}).get("local")
-        if r.sha256 and digests and r.kind != "inputs":  # an input is hashed again each time: it must still be what QC read
+        if (
+            r.sha256 and digests and r.kind != "inputs"
+        ):  # an input is hashed again each time: it must still be what QC read
             local = LocalFile.from_record(path, current[0], current[1], r.sha256, digests)
             if up.reusable(local):
                 return local
@@ -400,7 +426,9 @@ class UploadManager:
                 try:
                     up.discard(r.remote_key, state)
                 except (UploadError, OSError) as e:
-                    log.warning("could not drop the resumable state of an earlier attempt", key=r.remote_key, error=str(e))
+                    log.warning(
+                        "could not drop the resumable state of an earlier attempt", key=r.remote_key, error=str(e)
+                    )
             raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         self.store.update_upload(r.id, sha256=local.sha256, parts={"local": local.digests(), "state": state})
         return local
@@ -426,12 +454,17 @@ class UploadManager:
             transfer.persist(0)
             removed = up.remove_if_torn(transfer.key, local)
         except (UploadError, OSError, NotImplementedError) as cleanup:
-            log.warning("could not remove what the interrupted transfer left; it is replaced when the file is sent again",
-                        key=transfer.key, error=str(cleanup))
+            log.warning(
+                "could not remove what the interrupted transfer left; it is replaced when the file is sent again",
+                key=transfer.key,
+                error=str(cleanup),
+            )
         torn = f"; the torn copy at {transfer.key} was deleted" if removed else ""
         log.warning("an input changed while it was uploaded", path=str(local.path), error=str(e), removed_torn=removed)
         if stat == (local.size, local.mtime_ns):
-            raise ContentChanged(local.path, f"changed after QC, while it was uploaded (content differs, same size and time){torn}")
+            raise ContentChanged(
+                local.path, f"changed after QC, while it was uploaded (content differs, same size and time){torn}"
+            )
         raise InputChanged(local.path, f"changed while it was uploaded{torn}")
 
     def _run(self, a: _Active, r: UploadRow) -> None:
@@ -446,11 +479,21 @@ class UploadManager:
                 digests = local.digests()
 
                 def save(state: dict[str, Any], done: int) -> None:
-                    store.update_upload(r.id, parts={"local": digests, "state": state}, upload_id=state.get("upload_id"), bytes_done=done)
+                    store.update_upload(
+                        r.id,
+                        parts={"local": digests, "state": state},
+                        upload_id=state.get("upload_id"),
+                        bytes_done=done,
+                    )
 
                 transfer = Transfer(
-                    local=local, key=r.remote_key, state=dict((r.parts or {}).get("state") or {}), save=save,
-                    check=a.check, between=a.between(r.target), wait=a.wait,
+                    local=local,
+                    key=r.remote_key,
+                    state=dict((r.parts or {}).get("state") or {}),
+                    save=save,
+                    check=a.check,
+                    between=a.between(r.target),
+                    wait=a.wait,
                 )
 
                 def attempt() -> Any:
@@ -463,19 +506,41 @@ class UploadManager:
                         raise
 
                 def on_retry(n: int, delay: float, e: TransientUploadError) -> None:
-                    log.warning("upload attempt failed; retrying", target=r.target, key=r.remote_key, attempt=n, retry_in_s=round(delay, 1), error=str(e))
+                    log.warning(
+                        "upload attempt failed; retrying",
+                        target=r.target,
+                        key=r.remote_key,
+                        attempt=n,
+                        retry_in_s=round(delay, 1),
+                        error=str(e),
+                    )
 
                 outcome = retrying(
-                    attempt, attempts=target.max_attempts, base=target.retry_base_s, cap=target.retry_max_s,
-                    wait=a.wait, rng=self.rng, on_retry=on_retry,
+                    attempt,
+                    attempts=target.max_attempts,
+                    base=target.retry_base_s,
+                    cap=target.retry_max_s,
+                    wait=a.wait,
+                    rng=self.rng,
+                    on_retry=on_retry,
                 )
                 if r.kind == "inputs" and file_stat(local.path) != (local.size, local.mtime_ns):
                     raise InputChanged(local.path, "changed while it was uploaded")
                 store.update_upload(
-                    r.id, state=U.PRESENT if outcome.present else U.DONE, checksum=outcome.checksum, bytes_done=local.size,
-                    upload_id=None, parts={"local": digests, "state": {}}, error=None,
+                    r.id,
+                    state=U.PRESENT if outcome.present else U.DONE,
+                    checksum=outcome.checksum,
+                    bytes_done=local.size,
+                    upload_id=None,
+                    parts={"local": digests, "state": {}},
+                    error=None,
                 )
-                log.info("already present" if outcome.present else "uploaded", target=r.target, key=r.remote_key, bytes=local.size)
+                log.info(
+                    "already present" if outcome.present else "uploaded",
+                    target=r.target,
+                    key=r.remote_key,
+                    bytes=local.size,
+                )
             except Interrupted as e:
                 store.update_upload(r.id, state=U.PENDING)
                 log.info("upload interrupted", target=r.target, key=r.remote_key, reason=e.reason)
@@ -536,16 +601,25 @@ class UploadManager:
         job_id, svc = a.job.id, self.config.service
         try:
             if a.permanent:
-                self.store.transition(job_id, JobState.FAILED, owner=self.owner, now=now, error=a.permanent, failed_stage="upload")
+                self.store.transition(
+                    job_id, JobState.FAILED, owner=self.owner, now=now, error=a.permanent, failed_stage="upload"
+                )
                 return
             if a.content_changed:
-                self.store.send_back_to_qc(job_id, owner=self.owner, now=now, reason=f"{a.content_changed}; QC runs again")
-                log.warning("inputs changed after QC with the same size and time; the job goes back to QC", error=a.content_changed)
+                self.store.send_back_to_qc(
+                    job_id, owner=self.owner, now=now, reason=f"{a.content_changed}; QC runs again"
+                )
+                log.warning(
+                    "inputs changed after QC with the same size and time; the job goes back to QC",
+                    error=a.content_changed,
+                )
                 return
             if a.changed:
                 recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
                 self._release(
-                    a, now, until=now + recheck,
+                    a,
+                    now,
+                    until=now + recheck,
                     message=(
                         f"inputs changed since QC ({a.changed}); nothing more of this scan set is uploaded. Discovery queues "
                         "the new export as a new job, which supersedes this one; checked again later"
@@ -558,11 +632,18 @@ class UploadManager:
                 worst = max(retry, key=lambda r: r.attempts)
                 if worst.attempts >= svc.max_attempts:
                     msg = f"gave up after {worst.attempts} attempts: {worst.error}. When fixed: imageqc retry {job_id}"
-                    self.store.transition(job_id, JobState.FAILED, owner=self.owner, now=now, error=msg, failed_stage="upload")
+                    self.store.transition(
+                        job_id, JobState.FAILED, owner=self.owner, now=now, error=msg, failed_stage="upload"
+                    )
                 else:
                     delay = backoff(worst.attempts, base=svc.retry_base_s, cap=svc.retry_max_s, rng=self.rng)
                     self.store.transition(
-                        job_id, JobState.FAILED, owner=self.owner, now=now, error=worst.error, failed_stage="upload",
+                        job_id,
+                        JobState.FAILED,
+                        owner=self.owner,
+                        now=now,
+                        error=worst.error,
+                        failed_stage="upload",
                         next_attempt_at=now + delay,
                     )
                 return
@@ -595,10 +676,8 @@ class UploadManager:
 
     def _release(self, a: _Active, now: float, *, until: float, message: str) -> None:
         assert self.store is not None
-        try:
+        with contextlib.suppress(IllegalTransition):
             self.store.defer(a.job.id, owner=self.owner, until=until, now=now, message=message)
-        except IllegalTransition:
-            pass
 
     # -- stale resumable state ---------------------------------------------------------
 
@@ -625,7 +704,9 @@ class UploadManager:
             if state:
                 try:
                     self.uploader(r.target).discard(r.remote_key, state)
-                    self.store.update_upload(r.id, upload_id=None, parts={"local": (r.parts or {}).get("local"), "state": {}})
+                    self.store.update_upload(
+                        r.id, upload_id=None, parts={"local": (r.parts or {}).get("local"), "state": {}}
+                    )
                 except Exception as e:
                     log.warning("could not clean up a stale upload", target=r.target, key=r.remote_key, error=str(e))
         for n, t in self.targets.items():

@@ -21,6 +21,7 @@ has its multipart upload aborted and is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -84,7 +85,9 @@ class _TransferBucket(oss2.Bucket):
             body = ThrottledStream(data, size, o.throttle, check=t.check, wait=t.wait)
             return super().put_object(key, body, headers=headers, progress_callback=progress_callback)
 
-    def upload_part(self, key: Any, upload_id: str, part_number: int, data: Any, progress_callback: Any = None, headers: Any = None) -> Any:
+    def upload_part(
+        self, key: Any, upload_id: str, part_number: int, data: Any, progress_callback: Any = None, headers: Any = None
+    ) -> Any:
         t, o = self._t, self._owner
         t.between()
         with t.lock:
@@ -92,9 +95,15 @@ class _TransferBucket(oss2.Bucket):
                 t.state.update(upload_id=upload_id, parts={})
         with o.slots:
             body = ThrottledStream(data, data.len, o.throttle, check=t.check, wait=t.wait)
-            result = super().upload_part(key, upload_id, part_number, body, progress_callback=progress_callback, headers=headers)
+            result = super().upload_part(
+                key, upload_id, part_number, body, progress_callback=progress_callback, headers=headers
+            )
         with t.lock:
-            t.state.setdefault("parts", {})[str(part_number)] = {"etag": result.etag, "size": data.len, "crc64": result.crc}
+            t.state.setdefault("parts", {})[str(part_number)] = {
+                "etag": result.etag,
+                "size": data.len,
+                "crc64": result.crc,
+            }
             done = sum(p["size"] for p in t.state["parts"].values())
         t.persist(done)
         return result
@@ -109,13 +118,19 @@ class OSSUploader(Uploader):
         super().__init__(target, state_dir=state_dir)
         creds = credentials if credentials is not None else resolve_credentials(target)
         if not creds.access_key_id or not creds.secret:
-            raise self.permanent("no OSS access key found", "set OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET or upload.credentials")
+            raise self.permanent(
+                "no OSS access key found", "set OSS_ACCESS_KEY_ID/OSS_ACCESS_KEY_SECRET or upload.credentials"
+            )
         self.creds = creds
         version = "v4" if target.region else "v1"
         if creds.token:
             self.auth: Any = oss2.StsAuth(creds.access_key_id, creds.secret, creds.token, auth_version=version)
         else:
-            self.auth = oss2.AuthV4(creds.access_key_id, creds.secret) if version == "v4" else oss2.Auth(creds.access_key_id, creds.secret)
+            self.auth = (
+                oss2.AuthV4(creds.access_key_id, creds.secret)
+                if version == "v4"
+                else oss2.Auth(creds.access_key_id, creds.secret)
+            )
         self.session = oss2.Session(pool_size=target.concurrency + 4)
         self.session.session.verify = target.verify_tls
         self.checkpoints = self.state_dir / "upload-checkpoints" / f"oss-{target.name}"
@@ -124,8 +139,14 @@ class OSSUploader(Uploader):
 
     def _bucket(self, cls: Any, *args: Any) -> Any:
         kw = dict(
-            auth=self.auth, endpoint=self.target.endpoint, bucket_name=self.target.bucket, session=self.session,
-            connect_timeout=self.target.timeout_s, enable_crc=True, app_name="imageqc", region=self.target.region or None,
+            auth=self.auth,
+            endpoint=self.target.endpoint,
+            bucket_name=self.target.bucket,
+            session=self.session,
+            connect_timeout=self.target.timeout_s,
+            enable_crc=True,
+            app_name="imageqc",
+            region=self.target.region or None,
         )
         return cls(*args, **kw)
 
@@ -134,7 +155,9 @@ class OSSUploader(Uploader):
 
     def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
         size = file_stat(path)[0]
-        return digest_file(path, part_size=self.part_size_for(size), md5_parts=False, crc64=True, check=check, expect=expect)
+        return digest_file(
+            path, part_size=self.part_size_for(size), md5_parts=False, crc64=True, check=check, expect=expect
+        )
 
     def reusable(self, local: LocalFile) -> bool:
         return local.part_size == self.part_size_for(local.size) and local.crc64 is not None
@@ -148,25 +171,39 @@ class OSSUploader(Uploader):
             f"and that {self.target.endpoint} is the bucket's endpoint"
         )
         if isinstance(e, ox.InconsistentError):
-            return IntegrityError(self.name, f"{op}: CRC-64 of what was sent and what OSS stored differ", hint="it is sent again")
+            return IntegrityError(
+                self.name, f"{op}: CRC-64 of what was sent and what OSS stored differ", hint="it is sent again"
+            )
         if isinstance(e, ox.RequestError):
             return self.transient(f"{op} failed: network error ({e})", hint=f"is {self.target.endpoint} reachable?")
         if isinstance(e, ox.OssError):
             code, status = e.code or "", int(e.status or 0)
             if code in _PERMANENT_CODES:
-                return self.permanent(_PERMANENT_CODES[code], cred_hint if "Key" in code or "Signature" in code or "Token" in code else "set the clock right")
+                return self.permanent(
+                    _PERMANENT_CODES[code],
+                    cred_hint if "Key" in code or "Signature" in code or "Token" in code else "set the clock right",
+                )
             if code == "NoSuchBucket":
-                return self.permanent(f"bucket does not exist at {where}", "create it, or correct upload.bucket and endpoint")
+                return self.permanent(
+                    f"bucket does not exist at {where}", "create it, or correct upload.bucket and endpoint"
+                )
             if code == "AccessDenied" or status == 403:
                 why = "" if code else ": wrong access key or secret, or keys without permission"
                 return self.permanent(
                     f"access denied to {where} ({code or 'HTTP 403'}){why}",
                     f"{cred_hint}; the keys need oss:PutObject, oss:GetObject, oss:ListParts and oss:AbortMultipartUpload",
                 )
-            if status >= 500 or status in (408, 429) or code in ("RequestTimeout", "InvalidDigest", "InvalidPart", "NoSuchUpload"):
+            if (
+                status >= 500
+                or status in (408, 429)
+                or code in ("RequestTimeout", "InvalidDigest", "InvalidPart", "NoSuchUpload")
+            ):
                 return self.transient(f"{op} failed: {code or status} {e.message}")
             if status > 0:
-                return self.permanent(f"{op} refused by OSS: {code or status} {e.message}", "check the target's settings (bucket, prefix, endpoint)")
+                return self.permanent(
+                    f"{op} refused by OSS: {code or status} {e.message}",
+                    "check the target's settings (bucket, prefix, endpoint)",
+                )
         return self.transient(f"{op} failed: {type(e).__name__}: {e}", hint=f"is {self.target.endpoint} reachable?")
 
     # -- small documents (fleet status) ---------------------------------------------
@@ -201,7 +238,9 @@ class OSSUploader(Uploader):
         except Exception as e:
             raise self._classify(e, "HeadObject") from None
         crc = h.headers.get("x-oss-hash-crc64ecma")
-        return RemoteObject(key=key, size=int(h.content_length or 0), sha256=h.headers.get("x-oss-meta-sha256"), checksum=crc)
+        return RemoteObject(
+            key=key, size=int(h.content_length or 0), sha256=h.headers.get("x-oss-meta-sha256"), checksum=crc
+        )
 
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
         if remote.size != local.size or (remote.sha256 or "").lower() != local.sha256:
@@ -229,8 +268,14 @@ class OSSUploader(Uploader):
         bucket = self._bucket(_TransferBucket, self, t)
         try:
             oss2.resumable_upload(
-                bucket, t.key, str(local.path), store=self.store, headers={"x-oss-meta-sha256": local.sha256},
-                multipart_threshold=local.part_size + 1, part_size=local.part_size, num_threads=self.target.concurrency,
+                bucket,
+                t.key,
+                str(local.path),
+                store=self.store,
+                headers={"x-oss-meta-sha256": local.sha256},
+                multipart_threshold=local.part_size + 1,
+                part_size=local.part_size,
+                num_threads=self.target.concurrency,
             )
         except (Interrupted, UploadError):
             raise
@@ -257,13 +302,17 @@ class OSSUploader(Uploader):
         except ox.NoSuchUpload:
             pass
         except ox.OssError as e:
-            log.warning("could not abort multipart upload", target=self.name, key=key, upload_id=upload_id, error=str(e.message or e))
+            log.warning(
+                "could not abort multipart upload",
+                target=self.name,
+                key=key,
+                upload_id=upload_id,
+                error=str(e.message or e),
+            )
 
     def _drop_checkpoint(self, store_key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.store.delete(store_key)
-        except FileNotFoundError:
-            pass
 
     def discard(self, key: str, state: dict[str, Any]) -> None:
         if state.get("upload_id"):

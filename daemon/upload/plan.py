@@ -29,8 +29,15 @@ from daemon.upload.policy import kinds_for_mode, render_key, run_id
 from qc.io.listing import regular_files
 
 __all__ = [
-    "PlannedFile", "PlanError", "InputCheck", "plan_job", "check_inputs", "list_folder", "skipped_entries", "ignore_patterns",
     "DEFAULT_IGNORE",
+    "InputCheck",
+    "PlanError",
+    "PlannedFile",
+    "check_inputs",
+    "ignore_patterns",
+    "list_folder",
+    "plan_job",
+    "skipped_entries",
 ]
 
 DEFAULT_IGNORE = ("~*", ".*", "*.tmp", "*.part")
@@ -51,8 +58,12 @@ class PlannedFile:
 
     def as_row(self) -> dict[str, Any]:
         return {
-            "target": self.target, "kind": self.kind, "local_path": self.local_path,
-            "remote_key": self.remote_key, "size": self.size, "mtime_ns": self.mtime_ns,
+            "target": self.target,
+            "kind": self.kind,
+            "local_path": self.local_path,
+            "remote_key": self.remote_key,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
         }
 
 
@@ -86,7 +97,11 @@ def skipped_entries(members: Iterable[dict[str, Any]], ignore: Sequence[str] = D
             skipped = regular_files(path).skipped
         except OSError:
             continue
-        out += [f"{path.name}/{Path(p).relative_to(path).as_posix()}" for p in skipped if not _ignored(Path(p).relative_to(path), ignore)]
+        out += [
+            f"{path.name}/{Path(p).relative_to(path).as_posix()}"
+            for p in skipped
+            if not _ignored(Path(p).relative_to(path), ignore)
+        ]
     return out
 
 
@@ -181,7 +196,14 @@ def plan_job(
         for kind in kinds_for_mode(t.mode):
             for path, name, (size, mtime_ns) in files[kind]:
                 key = render_key(
-                    t.key_template, prefix=t.prefix, site=config.site.name, chip=chip, run=run, name=name, kind=kind, date=date,
+                    t.key_template,
+                    prefix=t.prefix,
+                    site=config.site.name,
+                    chip=chip,
+                    run=run,
+                    name=name,
+                    kind=kind,
+                    date=date,
                 )
                 planned.append(PlannedFile(t.name, kind, str(path), key, size, mtime_ns))
     return planned

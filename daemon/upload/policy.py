@@ -26,12 +26,12 @@ from daemon.errors import TransientUploadError
 
 __all__ = [
     "KINDS",
-    "kinds_for_mode",
-    "render_key",
-    "run_id",
     "UploadWindow",
     "backoff",
+    "kinds_for_mode",
+    "render_key",
     "retrying",
+    "run_id",
 ]
 
 T = TypeVar("T")

@@ -76,7 +76,7 @@ class DaemonPool:
             if future.set_running_or_notify_cancel():
                 try:
                     result = fn(*args, **kwargs)
-                except BaseException as e:  # noqa: BLE001 - handed to the future, as an executor does
+                except BaseException as e:  # handed to the future, as an executor does
                     future.set_exception(e)
                 else:
                     future.set_result(result)

@@ -56,9 +56,20 @@ log = get_logger("imageqc.upload.s3")
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
 _TRANSIENT_CODES = {
-    "SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling", "ThrottlingException",
-    "BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "InvalidPart", "InvalidPartOrder",
-    "OperationAborted", "RequestTimeoutException", "IncompleteBody",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "BadDigest",
+    "InvalidDigest",
+    "XAmzContentSHA256Mismatch",
+    "InvalidPart",
+    "InvalidPartOrder",
+    "OperationAborted",
+    "RequestTimeoutException",
+    "IncompleteBody",
 }
 #: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
@@ -129,7 +140,9 @@ class S3Uploader(Uploader):
 
     def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
         size = file_stat(path)[0]
-        return digest_file(path, part_size=self.part_size_for(size), sha256_parts=self.sha256_parts, check=check, expect=expect)
+        return digest_file(
+            path, part_size=self.part_size_for(size), sha256_parts=self.sha256_parts, check=check, expect=expect
+        )
 
     def reusable(self, local: LocalFile) -> bool:
         return super().reusable(local) and (not self.sha256_parts or len(local.part_sha256) == local.parts)
@@ -158,33 +171,62 @@ class S3Uploader(Uploader):
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
             msg = err.get("Message") or code
             if code == "InvalidAccessKeyId":
-                return self.permanent("the server does not know the access key id (InvalidAccessKeyId)", self._cred_hint())
+                return self.permanent(
+                    "the server does not know the access key id (InvalidAccessKeyId)", self._cred_hint()
+                )
             if code == "SignatureDoesNotMatch":
-                return self.permanent("the secret key does not match the access key id (SignatureDoesNotMatch)", self._cred_hint())
+                return self.permanent(
+                    "the secret key does not match the access key id (SignatureDoesNotMatch)", self._cred_hint()
+                )
             if code == "NoSuchBucket":
-                return self.permanent(f"bucket {self.bucket!r} does not exist at {where}", "create it, or correct upload.bucket, endpoint and region")
-            if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") or status == 301:
-                return self.permanent(f"bucket {self.bucket!r} is in another region ({code or status})", "set upload.region to the bucket's region")
+                return self.permanent(
+                    f"bucket {self.bucket!r} does not exist at {where}",
+                    "create it, or correct upload.bucket, endpoint and region",
+                )
+            if (
+                code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException")
+                or status == 301
+            ):
+                return self.permanent(
+                    f"bucket {self.bucket!r} is in another region ({code or status})",
+                    "set upload.region to the bucket's region",
+                )
             if code == "RequestTimeTooSkewed":
-                return self.permanent("this PC's clock is too far off for the server (RequestTimeTooSkewed)", "set the clock right (enable time synchronisation)")
-            if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken") or status == 403:
+                return self.permanent(
+                    "this PC's clock is too far off for the server (RequestTimeTooSkewed)",
+                    "set the clock right (enable time synchronisation)",
+                )
+            if (
+                code in ("AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken")
+                or status == 403
+            ):
                 why = ": wrong access key or secret, or keys without permission" if code in ("", "403") else ""
                 return self.permanent(
                     f"access denied to bucket {self.bucket!r} at {where} ({code or 403}){why}",
                     f"{self._cred_hint()}; the keys need {_PERMS} on the bucket",
                 )
             if code in _DIGEST_CODES:
-                return IntegrityError(self.name, f"{op}: the server found the body does not match its digest ({code})", hint="it is sent again")
+                return IntegrityError(
+                    self.name,
+                    f"{op}: the server found the body does not match its digest ({code})",
+                    hint="it is sent again",
+                )
             if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
                 return self.transient(f"{op} failed: {code or status} {msg}")
-            return self.permanent(f"{op} refused by the server: {code or status} {msg}", "check the target's settings (bucket, prefix, region)")
+            return self.permanent(
+                f"{op} refused by the server: {code or status} {msg}",
+                "check the target's settings (bucket, prefix, region)",
+            )
         if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
             return self.permanent(
                 f"no credentials found ({e})",
                 "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for the service, use ~/.aws/credentials, or set upload.credentials",
             )
         if isinstance(e, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(e):
-            return self.permanent(f"the TLS certificate of {where} is not trusted", "install the CA certificate, or for a lab endpoint set verify_tls = false")
+            return self.permanent(
+                f"the TLS certificate of {where} is not trusted",
+                "install the CA certificate, or for a lab endpoint set verify_tls = false",
+            )
         return self.transient(f"{op} failed: {type(e).__name__}: {e}", hint=f"is {where} reachable?")
 
     def _call(self, op: str, transfer: Transfer | None = None, **kw: Any) -> Any:
@@ -249,7 +291,9 @@ class S3Uploader(Uploader):
         except Exception as e:
             raise self._classify(e, "HeadObject") from None
         meta = {k.lower(): v for k, v in (h.get("Metadata") or {}).items()}
-        return RemoteObject(key=key, size=int(h["ContentLength"]), sha256=meta.get("sha256"), checksum=_plain(h.get("ETag")))
+        return RemoteObject(
+            key=key, size=int(h["ContentLength"]), sha256=meta.get("sha256"), checksum=_plain(h.get("ETag"))
+        )
 
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
         if remote.size != local.size or (remote.sha256 or "").lower() != local.sha256:
@@ -314,14 +358,21 @@ class S3Uploader(Uploader):
             body = self._body(t, 0, local.size)
             try:
                 resp = self._call(
-                    "put_object", t, Key=t.key, Body=body, ContentLength=local.size,
-                    Metadata={"sha256": local.sha256}, **self._part_args(local, 1),
+                    "put_object",
+                    t,
+                    Key=t.key,
+                    Body=body,
+                    ContentLength=local.size,
+                    Metadata={"sha256": local.sha256},
+                    **self._part_args(local, 1),
                 )
             finally:
                 body.close()
         etag = _plain(resp.get("ETag"))
         if _MD5_ETAG.match(etag) and etag != local.part_md5[0]:
-            raise IntegrityError(self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {local.part_md5[0]} of what was sent")
+            raise IntegrityError(
+                self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {local.part_md5[0]} of what was sent"
+            )
         t.persist(local.size)
 
     def _list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
@@ -353,7 +404,9 @@ class S3Uploader(Uploader):
             log.info("aborted multipart upload", target=self.name, key=key, upload_id=upload_id)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
-                log.warning("could not abort multipart upload", target=self.name, key=key, upload_id=upload_id, error=str(e))
+                log.warning(
+                    "could not abort multipart upload", target=self.name, key=key, upload_id=upload_id, error=str(e)
+                )
 
     def _abort_others(self, key: str, keep: str | None) -> None:
         """Abort this key's multipart uploads other than ``keep`` (orphans of a crash)."""
@@ -381,7 +434,12 @@ class S3Uploader(Uploader):
         if upload_id:
             server = self._list_parts(key, upload_id)
             if server is None:
-                log.info("multipart upload gone from the server; starting again", target=self.name, key=key, upload_id=upload_id)
+                log.info(
+                    "multipart upload gone from the server; starting again",
+                    target=self.name,
+                    key=key,
+                    upload_id=upload_id,
+                )
                 upload_id = None
             else:
                 for n, (etag, size) in server.items():
@@ -415,7 +473,9 @@ class S3Uploader(Uploader):
                 with t.lock:
                     st.clear()
                 t.persist(0)
-                raise self.transient(f"multipart upload of {key} vanished before it was completed", "it starts again") from None
+                raise self.transient(
+                    f"multipart upload of {key} vanished before it was completed", "it starts again"
+                ) from None
             raise
         with t.lock:
             st.clear()
@@ -434,14 +494,22 @@ class S3Uploader(Uploader):
                 body = self._body(t, offset, length)
                 try:
                     resp = self._call(
-                        "upload_part", t, Key=t.key, UploadId=upload_id, PartNumber=n, Body=body,
-                        ContentLength=length, **self._part_args(local, n),
+                        "upload_part",
+                        t,
+                        Key=t.key,
+                        UploadId=upload_id,
+                        PartNumber=n,
+                        Body=body,
+                        ContentLength=length,
+                        **self._part_args(local, n),
                     )
                 finally:
                     body.close()
             etag = _plain(resp.get("ETag"))
             if _MD5_ETAG.match(etag) and etag != local.part_md5[n - 1]:
-                raise IntegrityError(self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent")
+                raise IntegrityError(
+                    self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
+                )
             with t.lock:
                 st["parts"][str(n)] = {"etag": etag, "size": length}
                 done = sum(p["size"] for p in st["parts"].values())

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["Throttle", "FileSlice", "ThrottledStream"]
+__all__ = ["FileSlice", "Throttle", "ThrottledStream"]
 
 _BUCKET_S = 0.1  # the rate meter adds up bytes per 100 ms
 

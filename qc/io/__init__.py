@@ -25,22 +25,22 @@ from qc.io.tiffcheck import check_tiff_whole
 from qc.io.tilenames import TileFolderInfo, inspect_tile_folder
 
 __all__ = [
+    "FORMATS",
+    "ROLES",
+    "Image",
+    "ReadLimits",
+    "ScanSet",
+    "Tile",
+    "TileFolderInfo",
+    "array_digest",
+    "check_archive_whole",
+    "check_czi_whole",
+    "check_tiff_whole",
+    "default_name",
+    "detect_format",
+    "inspect_tile_folder",
     "open_image",
     "open_scan_set",
-    "ReadLimits",
-    "Image",
-    "Tile",
-    "ScanSet",
-    "ROLES",
-    "FORMATS",
-    "array_digest",
-    "detect_format",
-    "default_name",
-    "check_tiff_whole",
-    "check_czi_whole",
-    "check_archive_whole",
-    "inspect_tile_folder",
-    "TileFolderInfo",
 ]
 
 _IF_SUFFIX = re.compile(r"^(?P<chip>.+?)_(?P<stain>[A-Za-z0-9-]+)_IF$")
@@ -126,7 +126,9 @@ def open_image(
     """
     path = Path(path)
     if detect_format(path) != "tar.gz":
-        return _open_path(path, name=name, role=role, limits=limits, tile_pattern=tile_pattern, tile_overlap=tile_overlap)
+        return _open_path(
+            path, name=name, role=role, limits=limits, tile_pattern=tile_pattern, tile_overlap=tile_overlap
+        )
     contents = read_archive(path, limits=limits, scratch_dir=scratch_dir)
     images = contents.images
     chosen = [im for im in images if name is None or im.name == name]
@@ -224,4 +226,3 @@ def open_scan_set(
             im.close()
         raise
     return ScanSet(chip=chip_name, images=images)
-

@@ -9,7 +9,7 @@ import numpy as np
 from qc.io._reduce import block_mean, reduced_shape
 from qc.io.model import Tile
 
-__all__ = ["assemble", "reduce_tiles", "grid_indices"]
+__all__ = ["assemble", "grid_indices", "reduce_tiles"]
 
 #: Bands of the mosaic are assembled in pieces of about this many bytes (at least one block row).
 _BAND_BYTES = 4 * 1024**2
@@ -28,7 +28,7 @@ def assemble(
     """
     out = np.zeros(_shape(height, width, samples), dtype=dtype)
     for t in tiles:
-        tx, ty = int(round(t.x)), int(round(t.y))
+        tx, ty = round(t.x), round(t.y)
         if tx >= x + width or ty >= y + height or tx + t.width <= x or ty + t.height <= y:
             continue
         pixels = t.read()
@@ -50,7 +50,7 @@ def reduce_tiles(
     """
     oh, ow = reduced_shape(height, width, factor)
     out = np.zeros(_shape(oh, ow, samples), dtype=dtype)
-    placed = [(int(round(t.x)), int(round(t.y)), t) for t in tiles]
+    placed = [(round(t.x), round(t.y), t) for t in tiles]
     cache: dict[int, np.ndarray] = {}
     row_bytes_per_block = factor * np.dtype(dtype).itemsize * (samples or 1)
     by = 0
@@ -107,7 +107,7 @@ def grid_indices(
     ranks by x instead, so every tile keeps a cell of its own.
     """
     rows, cols = _cluster(ys, tile_height / 2), _cluster(xs, tile_width / 2)
-    if len(set(zip(rows, cols))) < len(rows):
+    if len(set(zip(rows, cols, strict=False))) < len(rows):
         order = sorted(range(len(rows)), key=lambda i: (rows[i], xs[i], ys[i]))
         seen: dict[int, int] = {}
         for i in order:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["reduced_shape", "block_mean", "BandReducer", "check_factor"]
+__all__ = ["BandReducer", "block_mean", "check_factor", "reduced_shape"]
 
 #: Work in chunks whose float64 temporary stays under this many bytes.
 _CHUNK_BYTES = 64 * 1024**2

@@ -40,7 +40,7 @@ class PageReader:
         Named in error messages.
     """
 
-    def __init__(self, tif: tifffile.TiffFile, page, keyframe, path: Path) -> None:  # noqa: ANN001
+    def __init__(self, tif: tifffile.TiffFile, page, keyframe, path: Path) -> None:
         self.path = path
         self.key = keyframe
         self.fh = tif.filehandle
@@ -194,6 +194,4 @@ class PageReader:
 
     def memmap(self) -> np.ndarray:
         """The page as a read-only memory map (only when :attr:`memmappable` and read from a path)."""
-        return np.memmap(
-            self.fh.path, dtype=self.dtype, mode="r", offset=int(self.offsets[0]), shape=self.shape
-        )
+        return np.memmap(self.fh.path, dtype=self.dtype, mode="r", offset=int(self.offsets[0]), shape=self.shape)

@@ -60,7 +60,14 @@ from qc.io.detect import default_name, sniff_format
 from qc.io.limits import GIB, ReadLimits
 from qc.io.model import Image, Tile
 
-__all__ = ["IN_MEMORY_BYTES", "SPILL_PREFIX", "ArchiveContents", "check_archive_whole", "check_member_names", "read_archive"]
+__all__ = [
+    "IN_MEMORY_BYTES",
+    "SPILL_PREFIX",
+    "ArchiveContents",
+    "check_archive_whole",
+    "check_member_names",
+    "read_archive",
+]
 
 #: TIFF members up to this size are read from memory, larger ones spilled to a temporary file.
 IN_MEMORY_BYTES = 256 * 1024**2
@@ -78,7 +85,7 @@ def _unsafe(path: Path, problem: str) -> UnsafeArchiveError:
 def _normal(name: str) -> str | None:
     """A member name as a clean relative POSIX path, or ``None`` if it could escape."""
     name = name.replace("\\", "/")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or name.startswith("//"):
+    if name.startswith(("/", "//")) or (len(name) > 1 and name[1] == ":"):
         return None
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts) or not parts:
@@ -175,7 +182,11 @@ class ArchiveContents:
 def _report_roles(report: dict[str, Any] | None) -> dict[str, str]:
     roles: dict[str, str] = {}
     for entry in (report or {}).get("images", []) or []:
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("role") in ("nuclear", "IF", "HE"):
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and entry.get("role") in ("nuclear", "IF", "HE")
+        ):
             roles[entry["name"]] = entry["role"]
     return roles
 
@@ -202,7 +213,9 @@ def _members_within_budget(tar: tarfile.TarFile, path: Path, limits: ReadLimits)
                 f"beyond the limit of {_gib(limits.max_archive_bytes)}; nothing was expanded"
             )
             raise ImageTooLargeError(
-                path, problem, hint="If the archive is genuine, raise qc.max_archive_gb in the config; otherwise remove it"
+                path,
+                problem,
+                hint="If the archive is genuine, raise qc.max_archive_gb in the config; otherwise remove it",
             )
         if len(members) > most:
             raise CorruptImageError(path, f"the archive has more than {most} members; too many for a QC output")
@@ -267,7 +280,7 @@ def read_archive(
 
     path = Path(path)
     try:
-        tar = tarfile.open(path, mode="r:gz")
+        tar = tarfile.open(path, mode="r:gz")  # noqa: SIM115 - closed in the finally below, after the members are read
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CorruptImageError(path, f"not a readable .tar.gz archive ({exc})") from exc
     images: list[Image] = []
@@ -286,11 +299,17 @@ def read_archive(
             except (ValueError, tarfile.TarError, OSError, EOFError) as exc:
                 raise CorruptImageError(path, f"{reports[0]} cannot be read ({exc})") from exc
         roles = _report_roles(report)
-        iprs = [n for n in members if len(PurePosixPath(n).parts) == 1 and n.lower().endswith(".ipr") and members[n].isfile()]
+        iprs = [
+            n
+            for n in members
+            if len(PurePosixPath(n).parts) == 1 and n.lower().endswith(".ipr") and members[n].isfile()
+        ]
         if iprs:
             chip, entries_ = _saw_entries(tar, path, iprs[0], members, scratch)
             for top, names, is_file, image_name, role in entries_:
-                images.append(_open_member(tar, path, top, names, members, is_file, image_name, role, limits, _open_path, scratch))
+                images.append(
+                    _open_member(tar, path, top, names, members, is_file, image_name, role, limits, _open_path, scratch)
+                )
             if not images:
                 msg = f"{iprs[0]} lists images but no stain folder (DAPI/, ssDNA/, HE/, IF/<name>_IF/) of the archive holds one"
                 raise CorruptImageError(path, msg)
@@ -311,7 +330,19 @@ def read_archive(
             image_name = default_name(PurePosixPath(top).name)
             role = roles.get(image_name)
             images.append(
-                _open_member(tar, path, top, names if not is_file else [top], members, is_file, image_name, role, limits, _open_path, scratch)
+                _open_member(
+                    tar,
+                    path,
+                    top,
+                    names if not is_file else [top],
+                    members,
+                    is_file,
+                    image_name,
+                    role,
+                    limits,
+                    _open_path,
+                    scratch,
+                )
             )
     except Exception:
         for img in images:
@@ -362,7 +393,9 @@ def _saw_entries(
             n for n in inside
             if len(PurePosixPath(n).parts) == depth + 1 and members[n].isfile() and n.lower().endswith(_IMAGE_SUFFIXES)
         ]  # fmt: skip
-        subdirs = {"/".join(PurePosixPath(n).parts[: depth + 1]) for n in inside if len(PurePosixPath(n).parts) > depth + 1}
+        subdirs = {
+            "/".join(PurePosixPath(n).parts[: depth + 1]) for n in inside if len(PurePosixPath(n).parts) > depth + 1
+        }
         if len(singles) == 1 and not subdirs:
             out.append((singles[0], [singles[0]], True, image_name, role))  # a stitched image
         elif len(subdirs) == 1 and not singles:
@@ -373,7 +406,7 @@ def _saw_entries(
     return chip, out
 
 
-def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener, scratch) -> Image:  # noqa: ANN001, PLR0913
+def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener, scratch) -> Image:
     display = path / top
     tmpdir: Path | None = None
     try:

@@ -135,7 +135,9 @@ class CziImage(Image):
         self._c_values = cs
         check_dimensions(self.path, 0, 0, self.limits, channels=len(cs), tiles=len(entries))
         self._by_channel: dict[int, list[SubBlockEntry]] = {
-            c: sorted((e for e in entries if e.c == c), key=lambda e: (e.scene, e.m if e.m is not None else -1, e.index))
+            c: sorted(
+                (e for e in entries if e.c == c), key=lambda e: (e.scene, e.m if e.m is not None else -1, e.index)
+            )
             for c in cs
         }
         first = self._by_channel[cs[0]][0]
@@ -162,7 +164,10 @@ class CziImage(Image):
         self.role = role or default_role(self.name, rgb=rgb)
         ref = self._by_channel[cs[0]]
         rows, cols = grid_indices([e.x for e in ref], [e.y for e in ref], first.width, first.height)
-        self._cells = {(e.scene, e.m, i if e.m is None else -1): (r, c) for i, (e, r, c) in enumerate(zip(ref, rows, cols, strict=True))}
+        self._cells = {
+            (e.scene, e.m, i if e.m is None else -1): (r, c)
+            for i, (e, r, c) in enumerate(zip(ref, rows, cols, strict=True))
+        }
         self._tile_cache: dict[int, list[Tile]] = {}
         st = self._file.stat()
         self._stat_id = f"{self._file}|{st.st_size}|{st.st_mtime_ns}"
@@ -183,7 +188,9 @@ class CziImage(Image):
         directory = self._directory
 
         def digest(entry: SubBlockEntry = entry) -> str:
-            h = hashlib.sha256(repr((entry.pixel_type, entry.compression, entry.stored_width, entry.stored_height)).encode())
+            h = hashlib.sha256(
+                repr((entry.pixel_type, entry.compression, entry.stored_width, entry.stored_height)).encode()
+            )
             h.update(directory.raw_data(entry))
             return h.hexdigest()
 
@@ -215,7 +222,7 @@ class CziImage(Image):
 
     # ---- pixels -----------------------------------------------------------------------------------
 
-    def _czi(self):  # noqa: ANN202
+    def _czi(self):
         if self._reader is None:
             from pylibCZIrw import czi as pyczi
 

@@ -33,7 +33,7 @@ from qc.errors import CorruptImageError, UnsupportedFormatError
 from qc.io.limits import ReadLimits, check_dimensions
 from qc.io.regular import open_regular
 
-__all__ = ["SubBlockEntry", "CziDirectory", "check_czi_whole", "PIXEL_TYPES", "COMPRESSIONS"]
+__all__ = ["COMPRESSIONS", "PIXEL_TYPES", "CziDirectory", "SubBlockEntry", "check_czi_whole"]
 
 #: CZI pixel type -> (numpy dtype, samples per pixel, name).
 PIXEL_TYPES = {
@@ -110,8 +110,18 @@ def _entry(buf: bytes, pos: int, index: int, path: Path) -> tuple[SubBlockEntry,
         if name in rect:
             rect[name] = (start, size, stored)
     entry = SubBlockEntry(
-        index, pixel_type, file_pos, compression, pyramid,
-        rect["X"][0], rect["Y"][0], rect["X"][1], rect["Y"][1], rect["X"][2], rect["Y"][2], dims,
+        index,
+        pixel_type,
+        file_pos,
+        compression,
+        pyramid,
+        rect["X"][0],
+        rect["Y"][0],
+        rect["X"][1],
+        rect["Y"][1],
+        rect["X"][2],
+        rect["Y"][2],
+        dims,
     )
     return entry, 32 + 20 * ndims
 
@@ -188,7 +198,9 @@ class CziDirectory:
         """(offset, size) of a subblock's pixel data, checked to lie inside the file."""
         seg = self._read(entry.file_position, 48, f"subblock {entry.index}")
         if seg[:14] != b"ZISRAWSUBBLOCK":
-            raise CorruptImageError(self.path, f"subblock {entry.index}: no subblock segment at byte {entry.file_position}")
+            raise CorruptImageError(
+                self.path, f"subblock {entry.index}: no subblock segment at byte {entry.file_position}"
+            )
         meta_size, _att, data_size = struct.unpack_from("<iiq", seg, 32)
         (ndims,) = struct.unpack_from("<i", self._read(entry.file_position + 48 + 28, 4, f"subblock {entry.index}"))
         header = max(256, 16 + 32 + 20 * ndims)
@@ -214,9 +226,13 @@ class CziDirectory:
     def decode(self, entry: SubBlockEntry) -> np.ndarray:
         """A subblock's pixels at stored size: 2-D grey or HxWx3 in RGB order."""
         if entry.pixel_type not in PIXEL_TYPES:
-            raise UnsupportedFormatError(self.path, f"subblock {entry.index} has unsupported pixel type {entry.pixel_type}")
+            raise UnsupportedFormatError(
+                self.path, f"subblock {entry.index} has unsupported pixel type {entry.pixel_type}"
+            )
         if entry.compression not in COMPRESSIONS:
-            raise UnsupportedFormatError(self.path, f"subblock {entry.index} uses unsupported compression {entry.compression}")
+            raise UnsupportedFormatError(
+                self.path, f"subblock {entry.index} uses unsupported compression {entry.compression}"
+            )
         dtype, samples, _ = PIXEL_TYPES[entry.pixel_type]
         h, w = entry.stored_height, entry.stored_width
         data = self.raw_data(entry)

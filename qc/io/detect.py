@@ -14,7 +14,7 @@ from typing import BinaryIO
 from qc.errors import CorruptImageError, ReadError, UnsupportedFormatError
 from qc.io.regular import open_regular
 
-__all__ = ["detect_format", "sniff_format", "default_name", "default_role"]
+__all__ = ["default_name", "default_role", "detect_format", "sniff_format"]
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _CZI_MAGIC = b"ZISRAWFILE"

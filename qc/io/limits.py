@@ -61,7 +61,14 @@ class ReadLimits:
     max_archive_bytes: int = 64 * GIB
 
     def __post_init__(self) -> None:
-        for name in ("max_dimension", "max_pixels", "max_tiles", "max_channels", "max_plane_bytes", "max_archive_bytes"):
+        for name in (
+            "max_dimension",
+            "max_pixels",
+            "max_tiles",
+            "max_channels",
+            "max_plane_bytes",
+            "max_archive_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 msg = f"ReadLimits.{name} must be a positive integer, got {value!r}"
@@ -95,7 +102,9 @@ def check_dimensions(
     """
     if width < 0 or height < 0:
         raise ImageTooLargeError(
-            path, f"the header gives the {what} a negative size {width} x {height} px", hint="The header is damaged; re-export the image"
+            path,
+            f"the header gives the {what} a negative size {width} x {height} px",
+            hint="The header is damaged; re-export the image",
         )
     if max(width, height) > limits.max_dimension:
         problem = (
@@ -111,10 +120,14 @@ def check_dimensions(
         raise ImageTooLargeError(path, problem)
     if channels > limits.max_channels:
         problem = f"the header declares {channels} channels or pages, beyond the limit of {limits.max_channels}"
-        raise ImageTooLargeError(path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_channels")
+        raise ImageTooLargeError(
+            path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_channels"
+        )
     if tiles > limits.max_tiles:
         problem = f"the file declares {tiles} tiles, beyond the limit of {limits.max_tiles}"
-        raise ImageTooLargeError(path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_tiles")
+        raise ImageTooLargeError(
+            path, problem, hint="If the file is genuine, read it with a larger ReadLimits.max_tiles"
+        )
 
 
 def check_plane_bytes(path: str | Path, shape: tuple[int, ...], dtype: np.dtype, limits: ReadLimits) -> None:

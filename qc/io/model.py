@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ROLES", "FORMATS", "Tile", "Image", "ScanSet", "array_digest"]
+__all__ = ["FORMATS", "ROLES", "Image", "ScanSet", "Tile", "array_digest"]
 
 #: Roles an image plays in a scan set.
 ROLES = ("nuclear", "IF", "HE")

@@ -82,7 +82,9 @@ class TiffImage(Image):
         source = fileobj if fileobj is not None else Path(path)
         walk_tiff(source, limits=limits, name=self.path)
         try:
-            self._tif = tifffile.TiffFile(source, name=self.path.name) if fileobj is not None else tifffile.TiffFile(source)
+            self._tif = (
+                tifffile.TiffFile(source, name=self.path.name) if fileobj is not None else tifffile.TiffFile(source)
+            )
         except MemoryError as exc:
             raise CorruptImageError(self.path, "the TIFF header asks for more memory than is available") from exc
         except Exception as exc:
@@ -118,7 +120,10 @@ class TiffImage(Image):
         if samples == 4:
             raise UnsupportedFormatError(self.path, "RGBA images are not supported; export RGB without alpha")
         page_ndim = len(key.shape)
-        lead_axes, lead_shape = series.axes[: len(series.shape) - page_ndim], series.shape[: len(series.shape) - page_ndim]
+        lead_axes, lead_shape = (
+            series.axes[: len(series.shape) - page_ndim],
+            series.shape[: len(series.shape) - page_ndim],
+        )
         self._lead_shape = tuple(int(n) for n in lead_shape)
         self._channel_axis: int | None = None
         if "C" in lead_axes:
@@ -171,7 +176,7 @@ class TiffImage(Image):
             size = None
         return names, self._plausible(size)
 
-    def _resolution_um(self, key) -> float | None:  # noqa: ANN001
+    def _resolution_um(self, key) -> float | None:
         tag = key.tags.get("XResolution")
         if tag is None:
             return None

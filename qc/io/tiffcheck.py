@@ -28,8 +28,20 @@ _TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 
 _INT_TYPES = {1: "u1", 3: "u2", 4: "u4", 6: "i1", 8: "i2", 9: "i4", 13: "u4", 16: "u8", 17: "i8", 18: "u8"}
 _WIDTH, _LENGTH, _BITS, _STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_COUNTS = 256, 257, 258, 273, 277, 278, 279
 _PLANAR, _TILE_WIDTH, _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _SUBIFDS = 284, 322, 323, 324, 325, 330
-_WANTED = {_WIDTH, _LENGTH, _STRIP_OFFSETS, _SAMPLES, _ROWS_PER_STRIP, _STRIP_COUNTS, _PLANAR, _TILE_WIDTH,
-           _TILE_LENGTH, _TILE_OFFSETS, _TILE_COUNTS, _SUBIFDS}
+_WANTED = {
+    _WIDTH,
+    _LENGTH,
+    _STRIP_OFFSETS,
+    _SAMPLES,
+    _ROWS_PER_STRIP,
+    _STRIP_COUNTS,
+    _PLANAR,
+    _TILE_WIDTH,
+    _TILE_LENGTH,
+    _TILE_OFFSETS,
+    _TILE_COUNTS,
+    _SUBIFDS,
+}
 _MAX_IFDS = 100_000
 #: SubIFDs within SubIFDs deeper than this are refused (pyramids need one level;
 #: the bound keeps every reader's recursion finite).
@@ -71,7 +83,9 @@ class _Walker:
 
     def _read(self, offset: int, n: int, what: str) -> bytes:
         if offset < 0 or offset + n > self.size:
-            raise _fail(self.path, f"{what} at byte {offset} lies beyond the end of the {self.size}-byte file: {_CUT_SHORT}")
+            raise _fail(
+                self.path, f"{what} at byte {offset} lies beyond the end of the {self.size}-byte file: {_CUT_SHORT}"
+            )
         self.fh.seek(offset)
         data = self.fh.read(n)
         if len(data) != n:
@@ -186,7 +200,9 @@ class _Walker:
         self.summaries.append(IfdSummary(offset, width, height, int(offsets.size)))
 
 
-def walk_tiff(source: str | Path | BinaryIO, *, limits: ReadLimits | None = None, name: str | Path | None = None) -> list[IfdSummary]:
+def walk_tiff(
+    source: str | Path | BinaryIO, *, limits: ReadLimits | None = None, name: str | Path | None = None
+) -> list[IfdSummary]:
     """Walk every IFD and SubIFD; return their summaries or raise :class:`CorruptImageError`.
 
     Parameters

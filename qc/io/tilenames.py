@@ -56,13 +56,13 @@ from qc.io.regular import open_regular
 
 __all__ = [
     "TILE_SUFFIXES",
-    "TileName",
-    "TileFolderInfo",
     "GridMetadata",
-    "parse_tile_name",
-    "read_tile_configuration",
-    "read_grid_metadata",
+    "TileFolderInfo",
+    "TileName",
     "inspect_tile_folder",
+    "parse_tile_name",
+    "read_grid_metadata",
+    "read_tile_configuration",
     "snake_to_grid",
 ]
 
@@ -343,13 +343,15 @@ def _image_files(folder: Path) -> list[str]:
         return sorted(
             e.name
             for e in it
-            if Path(e.name).suffix.lower() in TILE_SUFFIXES and not e.name.startswith((".", "~")) and e.is_file(follow_symlinks=False)
+            if Path(e.name).suffix.lower() in TILE_SUFFIXES
+            and not e.name.startswith((".", "~"))
+            and e.is_file(follow_symlinks=False)
         )
 
 
 def _square_cols(n: int) -> int:
     """The column count of the most square grid (cols >= rows) holding ``n`` cells exactly, else ceil(sqrt)."""
-    for rows in range(int(math.isqrt(n)), 0, -1):
+    for rows in range(math.isqrt(n), 0, -1):
         if n % rows == 0:
             return n // rows
     return max(1, math.ceil(math.sqrt(n)))
@@ -362,8 +364,20 @@ def _configured(listed: list[str], names: list[str], meta: GridMetadata, tile_co
     missing = tuple((0, i) for i, n in enumerate(listed) if n not in have)
     ignored = tuple(n for n in names if n not in set(listed))
     return TileFolderInfo(
-        "tile_configuration", 1, len(listed), tuple((0, t.col) for t in tiles), missing, (), meta.file, tiles,
-        ignored, meta.overlap, tile_config, False, meta, tuple(n for n in listed if n not in have),
+        "tile_configuration",
+        1,
+        len(listed),
+        tuple((0, t.col) for t in tiles),
+        missing,
+        (),
+        meta.file,
+        tiles,
+        ignored,
+        meta.overlap,
+        tile_config,
+        False,
+        meta,
+        tuple(n for n in listed if n not in have),
     )
 
 
@@ -394,14 +408,17 @@ def inspect_tile_folder(
     names = _image_files(folder)
     meta = read_grid_metadata(folder)
     with os.scandir(folder) as it:  # regular files only, as for the tiles
-        configs = sorted(folder / e.name for e in it
-                         if e.name.startswith("TileConfiguration") and e.name.lower().endswith(".txt")
-                         and e.is_file(follow_symlinks=False))
-    tile_config = next((p for p in configs if p.name.lower() == "tileconfiguration.txt"), configs[0] if configs else None)
-    if pattern is not None:
-        candidates = ["custom"]
-    else:
-        candidates = ["rowcol", "grid_at", "leica_stage", "leica_snake"]
+        configs = sorted(
+            folder / e.name
+            for e in it
+            if e.name.startswith("TileConfiguration")
+            and e.name.lower().endswith(".txt")
+            and e.is_file(follow_symlinks=False)
+        )
+    tile_config = next(
+        (p for p in configs if p.name.lower() == "tileconfiguration.txt"), configs[0] if configs else None
+    )
+    candidates = ["custom"] if pattern is not None else ["rowcol", "grid_at", "leica_stage", "leica_snake"]
     best: tuple[str, list[TileName]] | None = None
     for conv in candidates:
         parsed = [t for t in (parse_tile_name(n, conv, pattern=pattern) for n in names) if t is not None]
@@ -411,7 +428,9 @@ def inspect_tile_folder(
     if listed and (best is None or len(best[1]) < sum(1 for n in listed if n in set(names))):
         return _configured(listed, names, meta, tile_config)
     if best is None:
-        return TileFolderInfo(None, 0, 0, (), (), (), meta.file, (), tuple(names), meta.overlap, tile_config, False, meta)
+        return TileFolderInfo(
+            None, 0, 0, (), (), (), meta.file, (), tuple(names), meta.overlap, tile_config, False, meta
+        )
     conv, parsed = best
     if conv == "rowcol" and meta.file is not None:
         conv = "go_optical" if meta.file.name == "info.json" else "motic" if meta.file.suffix == ".ini" else conv
@@ -450,6 +469,17 @@ def inspect_tile_folder(
     ignored = tuple(n for n in names if n not in matched)
     parsed.sort(key=lambda t: (t.row, t.col, t.file))
     return TileFolderInfo(
-        conv, rows, ncols, present, missing, duplicates, meta.file, tuple(parsed), ignored,
-        meta.overlap, tile_config, guessed, meta,
+        conv,
+        rows,
+        ncols,
+        present,
+        missing,
+        duplicates,
+        meta.file,
+        tuple(parsed),
+        ignored,
+        meta.overlap,
+        tile_config,
+        guessed,
+        meta,
     )

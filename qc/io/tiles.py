@@ -30,7 +30,7 @@ from qc.io.model import Image, Tile
 from qc.io.tiffcheck import walk_tiff
 from qc.io.tilenames import TILE_SUFFIXES, TileFolderInfo, inspect_tile_folder, read_tile_configuration
 
-__all__ = ["TileFolderImage", "read_tile_file", "DEFAULT_OVERLAP"]
+__all__ = ["DEFAULT_OVERLAP", "TileFolderImage", "read_tile_file"]
 
 #: Fractional overlap between neighbouring tiles when no metadata says.
 DEFAULT_OVERLAP = 0.1
@@ -117,8 +117,12 @@ class TileFolderImage(Image):
         info = inspect_tile_folder(folder, pattern=pattern, cols=cols)
         self.info: TileFolderInfo = info
         if not info.tiles and not info.ignored:
-            others = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:3] if folder.is_dir() else []
-            problem = "the folder is empty" if not others else f"the folder holds no image files (found e.g. {others[0]!r})"
+            others = (
+                sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:3] if folder.is_dir() else []
+            )
+            problem = (
+                "the folder is empty" if not others else f"the folder holds no image files (found e.g. {others[0]!r})"
+            )
             hint = f"A tile folder holds the FOV images ({', '.join(TILE_SUFFIXES)}); wait for the export to finish or check the path"
             raise UnsupportedFormatError(self.path, problem, hint=hint)
         if not info.tiles:
@@ -126,8 +130,10 @@ class TileFolderImage(Image):
             problem += " and no TileConfiguration.txt lists them"
             if info.ignored:
                 problem += f"; found e.g. {info.ignored[0]!r}"
-            hint = ("Give a row/col (or index) regex for this naming scheme (the watch root's tile_pattern, or "
-                    "imageqc qc --tile-pattern), or put Fiji's TileConfiguration.txt with the tile positions beside them")
+            hint = (
+                "Give a row/col (or index) regex for this naming scheme (the watch root's tile_pattern, or "
+                "imageqc qc --tile-pattern), or put Fiji's TileConfiguration.txt with the tile positions beside them"
+            )
             raise UnsupportedFormatError(self.path, problem, hint=hint)
         check_dimensions(self.path, 0, 0, limits, tiles=len(info.tiles))
         first = read_tile_file(folder / info.tiles[0].file, limits)
@@ -144,7 +150,7 @@ class TileFolderImage(Image):
         if info.convention == "tile_configuration":  # any layout: rows and columns from the positions
             files = [t.file for t in info.tiles]
             rows, cols = grid_indices([positions[f][0] for f in files], [positions[f][1] for f in files], tw, th)
-            cells = dict(zip(files, zip(rows, cols)))
+            cells = dict(zip(files, zip(rows, cols, strict=False), strict=False))
         order = sorted(info.tiles, key=lambda t: (*cells[t.file], t.file))
         self._tiles = [
             Tile(
@@ -161,8 +167,8 @@ class TileFolderImage(Image):
             )
             for t in order
         ]
-        self.width = int(math.ceil(max(t.x for t in self._tiles) + tw))
-        self.height = int(math.ceil(max(t.y for t in self._tiles) + th))
+        self.width = math.ceil(max(t.x for t in self._tiles) + tw)
+        self.height = math.ceil(max(t.y for t in self._tiles) + th)
         check_dimensions(self.path, self.width, self.height, limits, what="mosaic")
         self.name = name or default_name(self.path)
         self.role = role or default_role(self.name, rgb=rgb)
@@ -195,7 +201,7 @@ class TileFolderImage(Image):
         self._overlap_used = (float(ox), float(oy))
         return {t.file: (t.col * tw * (1 - ox), t.row * th * (1 - oy)) for t in info.tiles}
 
-    def _loader(self, path: Path):  # noqa: ANN202
+    def _loader(self, path: Path):
         shape, dtype, limits = self._tile_shape, self.dtype, self.limits
 
         def load() -> np.ndarray:

@@ -10,11 +10,12 @@ of any size are built strip by strip.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
-__all__ = ["FovField", "Debris"]
+__all__ = ["Debris", "FovField"]
 
 
 class FovField:
@@ -49,7 +50,7 @@ class FovField:
         g = (np.float32(1.0) - v * ry)[:, None] - (v * rx)[None, :]
         # FOV columns are contiguous runs of ix: scale each by its gains (one per row)
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(ix)) + 1, [ncols]])
-        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+        for c0, c1 in itertools.pairwise(cuts):
             g[:, c0:c1] *= self.gains[iy, ix[c0]][:, None]
         return g
 
@@ -63,7 +64,13 @@ class Debris:
     """
 
     def __init__(
-        self, width: int, height: int, count: int, radius: tuple[float, float], depth: tuple[float, float], rng: np.random.Generator
+        self,
+        width: int,
+        height: int,
+        count: int,
+        radius: tuple[float, float],
+        depth: tuple[float, float],
+        rng: np.random.Generator,
     ):
         self.x = rng.uniform(0, width, count)
         self.y = rng.uniform(0, height, count)
@@ -74,9 +81,9 @@ class Debris:
         """Darken the spots meeting rows ``[y0, y1)`` of ``img`` (columns from ``x0``) in place."""
         ncols = img.shape[1]
         near = (self.y + self.r + 1 >= y0) & (self.y - self.r - 1 < y1)
-        for x, y, r, d in zip(self.x[near], self.y[near], self.r[near], self.d[near]):
-            a0, a1 = max(y0, int(math.floor(y - r - 1))), min(y1, int(math.ceil(y + r + 2)))
-            b0, b1 = max(x0, int(math.floor(x - r - 1))), min(x0 + ncols, int(math.ceil(x + r + 2)))
+        for x, y, r, d in zip(self.x[near], self.y[near], self.r[near], self.d[near], strict=False):
+            a0, a1 = max(y0, math.floor(y - r - 1)), min(y1, math.ceil(y + r + 2))
+            b0, b1 = max(x0, math.floor(x - r - 1)), min(x0 + ncols, math.ceil(x + r + 2))
             if a0 >= a1 or b0 >= b1:
                 continue
             yy = np.arange(a0, a1, dtype=np.float32)[:, None] + 0.5 - y

@@ -20,7 +20,7 @@ from qc.chip import template_for
 from qc.grid import GridModel
 from qc.testing._acquisition import Debris, FovField
 
-__all__ = ["STRIP", "MAX_IF_OFFSET", "Mosaic", "Scene", "load_crops", "upsample", "quantise"]
+__all__ = ["MAX_IF_OFFSET", "STRIP", "Mosaic", "Scene", "load_crops", "quantise", "upsample"]
 
 STRIP = 512  #: rows rendered at a time; noise is seeded per strip
 _TISSUE_F = 32  # low-resolution factor of the tissue field
@@ -29,7 +29,6 @@ _CHUNK = 128  # rows processed at a time inside a strip
 _NOISE_TILE = (1024, 4096)  # noise is drawn once per image and sampled at random offsets per strip
 _PAD = 544  # the scene extends this far beyond the image (room for IF offsets)
 MAX_IF_OFFSET = 512.0  #: largest IF offset the scene margin allows, px
-
 
 
 @lru_cache(maxsize=8)
@@ -61,9 +60,11 @@ class Mosaic:
     flips/quarter turns of each crop at three gains, drawn at random per tile.
     """
 
-    def __init__(self, crops: tuple[np.ndarray, ...], zoom: float, domain: tuple[int, int, int], rng: np.random.Generator):
+    def __init__(
+        self, crops: tuple[np.ndarray, ...], zoom: float, domain: tuple[int, int, int], rng: np.random.Generator
+    ):
         variants = []
-        size = max(16, int(round(crops[0].shape[0] * zoom / 2)) * 2)
+        size = max(16, round(crops[0].shape[0] * zoom / 2) * 2)
         ov = max(4, size // 8)
         self.T, self.ov, self.pitch = size, ov, size - ov
         t = np.arange(size, dtype=np.float32)
@@ -101,7 +102,7 @@ class Mosaic:
         T, P, off = self.T, self.pitch, self.pad + self.ov
         j_lo, j_hi = self._span(x0, x0 + ncols, self.nj)
         i_lo, i_hi = self._span(y0, y1, self.ni)
-        out = np.zeros((y1 - y0, ncols) + self.stack.shape[3:], np.float32)
+        out = np.zeros((y1 - y0, ncols, *self.stack.shape[3:]), np.float32)
         for i in range(i_lo, i_hi + 1):
             top = i * P - off
             a, b = max(top, y0), min(top + T, y1)
@@ -164,7 +165,9 @@ class Scene:
         blob = max(th, tw) / 7.0
         self.tissue = _smooth_field((th, tw), blob, r_tissue)
         frac = float(p["tissue_fraction"])
-        inner = self.tissue[pad // _TISSUE_F : (pad + self.H) // _TISSUE_F, pad // _TISSUE_F : (pad + self.W) // _TISSUE_F]
+        inner = self.tissue[
+            pad // _TISSUE_F : (pad + self.H) // _TISSUE_F, pad // _TISSUE_F : (pad + self.W) // _TISSUE_F
+        ]
         if frac <= 0:
             self.tissue_thr = float(self.tissue.max()) + 1.0
         elif frac >= 1:
@@ -238,7 +241,7 @@ class Scene:
             if ks.size == 0:
                 continue
             tk = grid.line_positions(ks)
-            reach = int(math.ceil((w / 2 + 1) / (abs(a_main) * s))) + 1
+            reach = math.ceil((w / 2 + 1) / (abs(a_main) * s)) + 1
             centre = (tk[None, :] - c - a_other * r[:, None]) / a_main  # (len(r), n_lines)
             q = np.floor(centre)[..., None].astype(np.int64) + np.arange(-reach, reach + 1)
             dist = np.abs(a_main * q + (a_other * r[:, None, None] + c) - tk[None, :, None]) * s
@@ -335,7 +338,7 @@ class Scene:
         reused by the allocator instead of being mapped and faulted in each time.
         """
         sigma = float(self.p["blur_sigma"])
-        halo = int(math.ceil(4 * sigma)) if sigma > 0 else 0
+        halo = math.ceil(4 * sigma) if sigma > 0 else 0
         W = self.W
         shape = (y1 - y0, W) + ((3,) if self.rgb else ())
         out = np.empty(shape, dtype)
@@ -345,17 +348,14 @@ class Scene:
             noise = _noise_rows(self.noise_tile, y1 - y0, float(self.p["noise"]), rng)
         gain = np.float32(self.p["gain"])
         if halo:
-            big = np.empty((y1 - y0 + 2 * halo, W) + shape[2:], np.float32)
+            big = np.empty((y1 - y0 + 2 * halo, W, *shape[2:]), np.float32)
             for r in range(y0 - halo, y1 + halo, _CHUNK):
                 r1 = min(r + _CHUNK, y1 + halo)
                 big[r - y0 + halo : r1 - y0 + halo] = self.render(r, r1, 0)
             blurred = cv2.GaussianBlur(big, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
         for r in range(y0, y1, _CHUNK):
             r1 = min(r + _CHUNK, y1)
-            if halo:
-                img = blurred[r - y0 + halo : r1 - y0 + halo]
-            else:
-                img = self.render(r, r1, 0)
+            img = blurred[r - y0 + halo : r1 - y0 + halo] if halo else self.render(r, r1, 0)
             img *= gain
             if noise is not None:
                 _add_tiled(img, noise[r - y0 : r1 - y0])

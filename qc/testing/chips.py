@@ -40,19 +40,19 @@ from qc.grid import GridModel
 from qc.testing._scene import MAX_IF_OFFSET, STRIP, Mosaic, Scene, load_crops, quantise
 
 __all__ = [
-    "STAINS",
     "MAX_IF_OFFSET",
     "REAL_LOOKING",
     "REAL_LOOKING_HE",
-    "real_looking",
+    "STAINS",
     "ChipTruth",
-    "SyntheticChip",
     "IFTruth",
+    "SyntheticChip",
     "SyntheticIF",
-    "shared_data_dir",
     "generate_chip",
-    "write_chip_tiff",
     "generate_if",
+    "real_looking",
+    "shared_data_dir",
+    "write_chip_tiff",
 ]
 
 #: Stains the generator can imitate.
@@ -291,7 +291,9 @@ def _strips(height: int) -> list[tuple[int, int]]:
     return [(r, min(r + STRIP, height)) for r in range(0, height, STRIP)]
 
 
-def _scene(params: dict[str, object], data_dir: str | os.PathLike[str] | None) -> tuple[dict, Scene, np.dtype, tuple[int, ...]]:
+def _scene(
+    params: dict[str, object], data_dir: str | os.PathLike[str] | None
+) -> tuple[dict, Scene, np.dtype, tuple[int, ...]]:
     """Validated parameters, the scene that renders them, the dtype and the image shape."""
     unknown = set(params) - set(_DEFAULTS)
     if unknown:
@@ -508,7 +510,7 @@ def generate_if(
     mif = Mosaic(load_crops(ddir, "mIF"), math.sqrt(sx * sy), (scene.pad, H, W), np.random.default_rng([seed, 5]))
     dt = np.dtype(dtype)
     blur = 1.0 * math.sqrt(sx * sy)
-    halo = int(math.ceil(3 * blur)) + 2
+    halo = math.ceil(3 * blur) + 2
     ix, iy = math.floor(dx), math.floor(dy)
     fx, fy = dx - ix, dy - iy
     out = np.empty((H, W), dt)

@@ -40,16 +40,16 @@ import numpy as np
 from qc.io.model import Tile, array_digest
 
 __all__ = [
+    "TILE_NAME_RE",
     "GeneratedTileSet",
+    "blob_texture",
+    "grid_paper_texture",
+    "make_layout_set",
     "make_tile_set",
     "mosaic_texture",
-    "blob_texture",
-    "write_tile_folder",
     "tiles_from_folder",
-    "make_layout_set",
-    "grid_paper_texture",
     "write_tile_configuration_folder",
-    "TILE_NAME_RE",
+    "write_tile_folder",
 ]
 
 #: File names written by :func:`write_tile_folder`: ``<prefix>_RRRR_CCCC_<stamp>.tif``.
@@ -225,7 +225,7 @@ def blob_texture(
     top = np.iinfo(dt).max if np.issubdtype(dt, np.integer) else 1.0
     starts = list(range(0, h, band_rows))
     children = np.random.SeedSequence(seed).spawn(len(starts))
-    for y0, child in zip(starts, children):
+    for y0, child in zip(starts, children, strict=False):
         rng = np.random.default_rng(child)
         y1 = min(h, y0 + band_rows)
         rows = (y1 - y0) + 2 * halo
@@ -335,8 +335,12 @@ def make_tile_set(
     flat_level = float(np.median(np.asarray(texture[:: max(1, need_h // 256), :: max(1, need_w // 256)])))
     grow = max(tw - step_x, th - step_y) + margin
     flat_rects = [
-        (c * step_x + int(jit[r, c, 0]) - grow, r * step_y + int(jit[r, c, 1]) - grow,
-         c * step_x + int(jit[r, c, 0]) + tw + grow, r * step_y + int(jit[r, c, 1]) + th + grow)
+        (
+            c * step_x + int(jit[r, c, 0]) - grow,
+            r * step_y + int(jit[r, c, 1]) - grow,
+            c * step_x + int(jit[r, c, 0]) + tw + grow,
+            r * step_y + int(jit[r, c, 1]) + th + grow,
+        )
         for r, c in featureless
     ]
     names = {(r, c): name_format.format(row=r, col=c) for r in range(rows) for c in range(cols)}
@@ -351,13 +355,31 @@ def make_tile_set(
             name = names[(r, c)]
             true_positions[name] = (float(tx), float(ty))
             offsets[name] = (ox, oy)
-            loader = _TileLoader(texture, tx, ty, tw, th, margin, flat_rects, flat_level,
-                                 noise_sigma, (seed, r, c))
-            tiles.append(Tile(name=name, row=r, col=c, x=float(c * step_x), y=float(r * step_y),
-                              width=tw, height=th, loader=loader, digest_fn=loader.digest))
+            loader = _TileLoader(texture, tx, ty, tw, th, margin, flat_rects, flat_level, noise_sigma, (seed, r, c))
+            tiles.append(
+                Tile(
+                    name=name,
+                    row=r,
+                    col=c,
+                    x=float(c * step_x),
+                    y=float(r * step_y),
+                    width=tw,
+                    height=th,
+                    loader=loader,
+                    digest_fn=loader.digest,
+                )
+            )
     return GeneratedTileSet(
-        tiles=tuple(tiles), rows=rows, cols=cols, tile_height=th, tile_width=tw, overlap=overlap,
-        step_x=step_x, step_y=step_y, true_positions=true_positions, offsets=offsets,
+        tiles=tuple(tiles),
+        rows=rows,
+        cols=cols,
+        tile_height=th,
+        tile_width=tw,
+        overlap=overlap,
+        step_x=step_x,
+        step_y=step_y,
+        true_positions=true_positions,
+        offsets=offsets,
         misplaced=names[misplaced] if misplaced is not None else None,
         featureless=tuple(names[rc] for rc in featureless),
     )
@@ -420,12 +442,20 @@ def write_tile_folder(
     for t in tile_set.tiles:
         arr = t.read()
         dtype = str(arr.dtype)
-        tifffile.imwrite(folder / f"{prefix}_{t.row:04d}_{t.col:04d}_{stamp}.tif", arr,
-                         photometric="rgb" if arr.ndim == 3 else "minisblack")
+        tifffile.imwrite(
+            folder / f"{prefix}_{t.row:04d}_{t.col:04d}_{stamp}.tif",
+            arr,
+            photometric="rgb" if arr.ndim == 3 else "minisblack",
+        )
     info = {
-        "rows": tile_set.rows, "cols": tile_set.cols, "overlap": tile_set.overlap,
-        "tile_width": tile_set.tile_width, "tile_height": tile_set.tile_height,
-        "step_x": tile_set.step_x, "step_y": tile_set.step_y, "dtype": dtype,
+        "rows": tile_set.rows,
+        "cols": tile_set.cols,
+        "overlap": tile_set.overlap,
+        "tile_width": tile_set.tile_width,
+        "tile_height": tile_set.tile_height,
+        "step_x": tile_set.step_x,
+        "step_y": tile_set.step_y,
+        "dtype": dtype,
     }
     (folder / "info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return folder
@@ -453,11 +483,19 @@ def tiles_from_folder(folder: str | Path) -> list[Tile]:
             continue
         r, c = int(m["row"]), int(m["col"])
         st = path.stat()
-        tiles.append(Tile(
-            name=path.name, row=r, col=c, x=float(c * step_x), y=float(r * step_y), width=tw, height=th,
-            loader=lambda p=path: tifffile.imread(p),
-            identity=f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}",
-        ))
+        tiles.append(
+            Tile(
+                name=path.name,
+                row=r,
+                col=c,
+                x=float(c * step_x),
+                y=float(r * step_y),
+                width=tw,
+                height=th,
+                loader=lambda p=path: tifffile.imread(p),
+                identity=f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}",
+            )
+        )
     return tiles
 
 
@@ -499,19 +537,34 @@ def make_layout_set(
     th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
     names = list(names) if names is not None else [f"tile_{i}" for i in range(len(nominal))]
     rng = np.random.default_rng(seed)
-    jit = rng.integers(-jitter_px, jitter_px + 1, size=(len(nominal), 2)) if jitter_px else np.zeros((len(nominal), 2), int)
+    jit = (
+        rng.integers(-jitter_px, jitter_px + 1, size=(len(nominal), 2))
+        if jitter_px
+        else np.zeros((len(nominal), 2), int)
+    )
     if offsets is not None:
         jit = np.asarray(offsets, int).reshape(len(nominal), 2)
     margin = int(np.abs(jit).max(initial=0)) + 1
     tiles, truth = [], {}
-    for i, ((x, y), name) in enumerate(zip(nominal, names)):
+    for i, ((x, y), name) in enumerate(zip(nominal, names, strict=False)):
         tx, ty = round(x) + int(jit[i, 0]), round(y) + int(jit[i, 1])
         if ty + margin + th > texture.shape[0] or tx + margin + tw > texture.shape[1]:
             msg = f"texture {texture.shape[:2]} is too small for a {th}x{tw} tile at ({tx}, {ty})"
             raise ValueError(msg)
         loader = _TileLoader(texture, tx, ty, tw, th, margin, [], 0.0, noise_sigma, (seed, i, 0))
-        tiles.append(Tile(name=name, row=0, col=i, x=float(x), y=float(y), width=tw, height=th,
-                          loader=loader, digest_fn=loader.digest))
+        tiles.append(
+            Tile(
+                name=name,
+                row=0,
+                col=i,
+                x=float(x),
+                y=float(y),
+                width=tw,
+                height=th,
+                loader=loader,
+                digest_fn=loader.digest,
+            )
+        )
         truth[name] = (float(tx), float(ty))
     return tuple(tiles), truth
 
@@ -539,7 +592,7 @@ def write_tile_configuration_folder(
     folder.mkdir(parents=True, exist_ok=True)
     names = list(names) if names is not None else [t.name for t in tiles]
     lines = ["# Define the number of dimensions we are working on", "dim = 2", "", "# Define the image coordinates"]
-    for t, name in zip(tiles, names):
+    for t, name in zip(tiles, names, strict=False):
         arr = t.read()
         tifffile.imwrite(folder / name, arr, photometric="rgb" if arr.ndim == 3 else "minisblack")
         lines.append(f"{name}; ; ({t.x:.1f}, {t.y:.1f})")

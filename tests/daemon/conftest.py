@@ -86,7 +86,9 @@ def qc_files(tmp_path_factory, shared_data) -> dict[str, Path]:
     geom = {"width": 2400, "height": 2400, "scale": (0.5, 0.5), "angle_deg": -2.0}
     dapi = generate_chip(data_dir=shared_data, seed=11, **geom)
     tifffile.imwrite(root / f"{CHIP}.tif", dapi.image)
-    tifffile.imwrite(root / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(5, 3), data_dir=shared_data).image)
+    tifffile.imwrite(
+        root / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(5, 3), data_dir=shared_data).image
+    )
     fail = root / "fail"
     fail.mkdir()
     tifffile.imwrite(fail / "C02533C.tif", generate_chip(data_dir=shared_data, seed=12, lines=False, **geom).image)

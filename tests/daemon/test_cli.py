@@ -13,8 +13,8 @@ from daemon.cli import main
 from daemon.logging import bind_job, configure_logging, get_logger
 from daemon.store import JobState, Store
 
-
 ARCHIVE = "/srv/imageqc/outputs/a/rather/deep/folder/of/the/site/SS200000135TL_D1_20261202_101500_0.1.0.tar.gz"
+
 
 @pytest.fixture
 def state(make_config, tmp_path, monkeypatch):
@@ -24,7 +24,7 @@ def state(make_config, tmp_path, monkeypatch):
     now = time.time()
     with Store(cfg.database_path) as s:
         ids = {}
-        for i, (chip, state) in enumerate(
+        for i, (chip, _state) in enumerate(
             [
                 ("SS200000135TL_D1", "done"),
                 ("SS200000108BR_A3A4_CD31_IF_with_a_long_name", "failed"),
@@ -33,18 +33,36 @@ def state(make_config, tmp_path, monkeypatch):
             ]
         ):
             ssid, _ = s.add_scan_set(
-                chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp{i}",
-                members=[{"name": chip, "path": f"{cfg.watch[0].path}/{chip}.tif", "size": 1_234_567}], now=now - 600,
+                chip=chip,
+                root=str(cfg.watch[0].path),
+                fingerprint=f"fp{i}",
+                members=[{"name": chip, "path": f"{cfg.watch[0].path}/{chip}.tif", "size": 1_234_567}],
+                now=now - 600,
             )
             ids[chip] = s.create_job(ssid, now=now - 600)
-        done, failed, running = ids["SS200000135TL_D1"], ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"], ids["C02533C"]
+        done, failed, running = (
+            ids["SS200000135TL_D1"],
+            ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"],
+            ids["C02533C"],
+        )
         s.claim("w", now=now - 500)
-        s.save_result(done, verdict="fail", report={"verdict": "fail", "reasons": ["track line score 42 < 60: few track crossings found"]},
-                      archive=ARCHIVE)
+        s.save_result(
+            done,
+            verdict="fail",
+            report={"verdict": "fail", "reasons": ["track line score 42 < 60: few track crossings found"]},
+            archive=ARCHIVE,
+        )
         s.transition(done, JobState.QC_DONE, owner="w", now=now - 400)
         s.transition(done, JobState.SKIPPED, now=now - 399)
         s.claim("w", now=now - 300)
-        s.transition(failed, JobState.FAILED, owner="w", error="CorruptImageError: " + "the TIFF is truncated " * 5, failed_stage="qc", now=now - 200)
+        s.transition(
+            failed,
+            JobState.FAILED,
+            owner="w",
+            error="CorruptImageError: " + "the TIFF is truncated " * 5,
+            failed_stage="qc",
+            now=now - 200,
+        )
         s.claim("w", now=now - 100, lease_s=10**6)
         s.set_progress(running, "w", "clarity", 40.0)
     configure_logging(file=cfg.log_file, console="off")
@@ -71,12 +89,16 @@ def _fits(text: str) -> None:
 
 
 def test_status_json_and_human(state, capsys):
-    cfg, ids = state
+    _cfg, ids = state
     assert main(["status", "--json"]) == 0
     st = json.loads(_out(capsys)[0])
     assert st["schema"] == "imageqc.status/1"
     assert st["counts"]["skipped"] == 1 and st["counts"]["failed"] == 1 and st["counts"]["running"] == 1
-    assert st["active"][0]["chip"] == "C02533C" and st["active"][0]["stage"] == "clarity" and st["active"][0]["progress"] == 40.0
+    assert (
+        st["active"][0]["chip"] == "C02533C"
+        and st["active"][0]["stage"] == "clarity"
+        and st["active"][0]["progress"] == 40.0
+    )
     assert st["recent_errors"][0]["job_id"] == ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]
     assert st["service"]["running"] is False
     assert st["disk"]["state_dir"]["free_bytes"] > 0
@@ -88,7 +110,6 @@ def test_status_json_and_human(state, capsys):
     assert verdict["job_id"] == ids["SS200000135TL_D1"] and verdict["verdict"] == "fail"
     assert verdict["chip"] == "SS200000135TL_D1" and verdict["reason"].startswith("track line score 42 < 60")
     assert "recent QC" in text and "SS200000135TL_D1 FAIL" in text and "track line score 42" in text
-
 
 
 def test_status_on_a_folder_where_nothing_ran(tmp_path, monkeypatch, capsys):
@@ -105,7 +126,7 @@ def test_a_database_damaged_inside_gives_one_clear_line_not_a_traceback(state, c
     cfg, _ids = state
     damage_pages(cfg.database_path)
     assert main(["jobs"]) == 1
-    out, err = _out(capsys)
+    _, err = _out(capsys)
     assert err.startswith("imageqc: the job database") and "is damaged" in err and len(err.strip().splitlines()) == 1
     assert main(["status", "--json"]) == 0  # status still answers, with the reason
     st = json.loads(_out(capsys)[0])
@@ -113,7 +134,7 @@ def test_a_database_damaged_inside_gives_one_clear_line_not_a_traceback(state, c
 
 
 def test_jobs_lists_filters_and_json(state, capsys):
-    cfg, ids = state
+    _cfg, _ids = state
     assert main(["jobs"]) == 0
     text = _out(capsys)[0]
     _fits(text)
@@ -134,7 +155,7 @@ def test_jobs_lists_filters_and_json(state, capsys):
 
 
 def test_show_human_and_json(state, capsys):
-    cfg, ids = state
+    _cfg, ids = state
     job = ids["SS200000135TL_D1"]
     assert main(["show", str(job)]) == 0
     text = _out(capsys)[0]
@@ -170,7 +191,7 @@ def test_retry_and_cancel(state, capsys):
 
 
 def test_logs_filters_and_formats(state, capsys):
-    cfg, ids = state
+    _cfg, _ids = state
     assert main(["logs"]) == 0
     text = _out(capsys)[0]
     assert "qc finished" in text and "qc failed" in text
@@ -218,30 +239,78 @@ def test_no_human_view_cuts_the_reason_or_its_advice(make_config, tmp_path, monk
     cfg = make_config()
     monkeypatch.setenv("IMAGEQC_CONFIG", str(tmp_path / "imageqc.toml"))
     monkeypatch.setenv("COLUMNS", str(columns))
-    error = "upload target 'hpc': the share /mnt/hpc/stereo-seq/site-a/incoming is full. free space there; uploads resume " * 2
+    error = (
+        "upload target 'hpc': the share /mnt/hpc/stereo-seq/site-a/incoming is full. free space there; uploads resume "
+        * 2
+    )
     checks = [
-        {"metric": "track", "image": "SS200000135TL_D1", "value": 12.0, "threshold": ">= 60", "passed": False, "required": True,
-         "reason": ADVICE, "detail": None},
-        {"metric": "clarity", "image": "SS200000135TL_D1", "value": 71.5, "threshold": ">= 80", "passed": False, "required": False,
-         "reason": "clarity 71.5 < 80 (advisory)", "detail": None},
-        {"metric": "calibration", "image": "SS200000135TL_D1_CD31_IF", "value": 0.41, "threshold": "offset <= 20 px, similarity >= 0.01",
-         "passed": True, "required": True, "reason": None, "detail": "offset 7.2 px, similarity 0.410"},
+        {
+            "metric": "track",
+            "image": "SS200000135TL_D1",
+            "value": 12.0,
+            "threshold": ">= 60",
+            "passed": False,
+            "required": True,
+            "reason": ADVICE,
+            "detail": None,
+        },
+        {
+            "metric": "clarity",
+            "image": "SS200000135TL_D1",
+            "value": 71.5,
+            "threshold": ">= 80",
+            "passed": False,
+            "required": False,
+            "reason": "clarity 71.5 < 80 (advisory)",
+            "detail": None,
+        },
+        {
+            "metric": "calibration",
+            "image": "SS200000135TL_D1_CD31_IF",
+            "value": 0.41,
+            "threshold": "offset <= 20 px, similarity >= 0.01",
+            "passed": True,
+            "required": True,
+            "reason": None,
+            "detail": "offset 7.2 px, similarity 0.410",
+        },
     ]
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(chip="SS200000135TL_D1", root=str(cfg.watch[0].path), fingerprint="fp",
-                                 members=[{"name": "SS200000135TL_D1", "path": "x.tif", "size": 1}])
+        ssid, _ = s.add_scan_set(
+            chip="SS200000135TL_D1",
+            root=str(cfg.watch[0].path),
+            fingerprint="fp",
+            members=[{"name": "SS200000135TL_D1", "path": "x.tif", "size": 1}],
+        )
         job = s.create_job(ssid)
         s.claim("w")
-        s.save_result(job, verdict="fail", report={"verdict": "fail", "reasons": [ADVICE], "checks": checks}, archive=ARCHIVE)
+        s.save_result(
+            job, verdict="fail", report={"verdict": "fail", "reasons": [ADVICE], "checks": checks}, archive=ARCHIVE
+        )
         s.transition(job, JobState.QC_DONE, owner="w")
         s.transition(job, JobState.SKIPPED)
-        ssid2, _ = s.add_scan_set(chip="A02677B5", root=str(cfg.watch[0].path), fingerprint="fp2",
-                                  members=[{"name": "A02677B5", "path": "y.tif", "size": 1}])
+        ssid2, _ = s.add_scan_set(
+            chip="A02677B5",
+            root=str(cfg.watch[0].path),
+            fingerprint="fp2",
+            members=[{"name": "A02677B5", "path": "y.tif", "size": 1}],
+        )
         job2 = s.create_job(ssid2)
         s.claim("w")
         s.transition(job2, JobState.FAILED, owner="w", error=error, failed_stage="upload")
-        s.plan_uploads(job2, [{"target": "hpc", "kind": "input", "local_path": "y.tif", "remote_key": "site-a/" + "deep/" * 20 + "A02677B5.tif",
-                              "size": 1, "mtime_ns": 1}])
+        s.plan_uploads(
+            job2,
+            [
+                {
+                    "target": "hpc",
+                    "kind": "input",
+                    "local_path": "y.tif",
+                    "remote_key": "site-a/" + "deep/" * 20 + "A02677B5.tif",
+                    "size": 1,
+                    "mtime_ns": 1,
+                }
+            ],
+        )
     configure_logging(file=cfg.log_file, console="off")
     with bind_job(job, "SS200000135TL_D1"):
         get_logger("imageqc.test").warning("qc verdict", reason=ADVICE)
@@ -251,7 +320,10 @@ def test_no_human_view_cuts_the_reason_or_its_advice(make_config, tmp_path, monk
     for argv, wanted in (
         (["status"], [ADVICE, error.strip()]),
         (["jobs"], [ADVICE, error.strip()]),
-        (["show", str(job)], [ADVICE, ARCHIVE, "offset 7.2 px, similarity 0.410", "offset <= 20 px, similarity >= 0.01"]),
+        (
+            ["show", str(job)],
+            [ADVICE, ARCHIVE, "offset 7.2 px, similarity 0.410", "offset <= 20 px, similarity >= 0.01"],
+        ),
         (["uploads"], ["site-a/" + "deep/" * 20 + "A02677B5.tif"]),
         (["logs"], [ADVICE]),
     ):
@@ -305,7 +377,10 @@ def test_infinite_times_an_older_recovery_stamped_are_shown_as_a_dash_and_null(s
     with Store(cfg.database_path) as s, s.db() as c:  # the rows exactly as that recovery wrote them
         c.execute("UPDATE jobs SET updated_at = ?, queued_at = ? WHERE id = ?", (inf, inf, job))
         c.execute("UPDATE events SET at = ? WHERE job_id = ?", (inf, job))
-        c.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ?", (inf, ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]))
+        c.execute(
+            "UPDATE jobs SET next_attempt_at = ? WHERE id = ?",
+            (inf, ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]),
+        )
     assert main(["show", str(job)]) == 0
     text = _out(capsys)[0]
     assert re.search(r"^\s+-\s+- -> queued", text, re.MULTILINE), text  # the history line's time is '-'

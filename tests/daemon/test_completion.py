@@ -165,7 +165,9 @@ def test_tiles_named_anyhow_are_complete_when_every_one_their_tile_configuration
     names = ["1.tif", "2.tif", "tile three.tif"]
     for n in names:
         _tif(folder / n, (64, 64))
-    config = "# Define the image coordinates\ndim = 2\n" + "".join(f"{n}; ; ({i * 50}.0, 0.0)\n" for i, n in enumerate(names))
+    config = "# Define the image coordinates\ndim = 2\n" + "".join(
+        f"{n}; ; ({i * 50}.0, 0.0)\n" for i, n in enumerate(names)
+    )
     (folder / "TileConfiguration.txt").write_text(config + "4.tif; ; (150.0, 0.0)\n")
     judge = _judge(root)
     v = judge.checks(_view(_member(judge.policy, folder)), 0.0, set())
@@ -226,7 +228,7 @@ def test_structural_results_are_remembered_per_member_signature(tmp_path):
 
     def whole(policy, member):
         calls.append(member.path)
-        return None
+        return
 
     judge = _judge(root, whole=whole)
     m = _member(judge.policy, _tif(root / "C02533C.tif"))
@@ -257,7 +259,9 @@ def test_with_a_marker_the_marker_alone_decides(tmp_path):
 # -- writers ------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the /proc check is Linux's; Windows uses sharing modes")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the /proc check is Linux's; Windows uses sharing modes"
+)
 def test_a_file_held_open_for_writing_by_another_process_is_not_complete(tmp_path):
     root = tmp_path / "inbox"
     tif = _tif(root / "C02533C.tif")
@@ -283,7 +287,8 @@ def test_member_files_lists_tiles(tmp_path):
     _grid(folder, [(0, 0), (0, 1)])
     pol = _policy(root)
     assert sorted(os.path.basename(p) for p in member_files(pol, _member(pol, folder))) == [
-        "scan_0000_0000_x.tif", "scan_0000_0001_x.tif",
+        "scan_0000_0000_x.tif",
+        "scan_0000_0001_x.tif",
     ]
 
 
@@ -312,7 +317,13 @@ def test_the_job_member_dict(tmp_path):
     m = _member(_policy(root), _tif(root / "C02533C_CD31_IF.tif"))
     d = m.job_member()
     assert d == {
-        "name": "C02533C_CD31_IF", "path": os.path.realpath(root / "C02533C_CD31_IF.tif"), "format": "tiff", "role": "IF",
-        "stain": "CD31", "size": m.stat.size, "mtime_ns": m.stat.mtime_ns, "files": 1,
+        "name": "C02533C_CD31_IF",
+        "path": os.path.realpath(root / "C02533C_CD31_IF.tif"),
+        "format": "tiff",
+        "role": "IF",
+        "stain": "CD31",
+        "size": m.stat.size,
+        "mtime_ns": m.stat.mtime_ns,
+        "files": 1,
     }
     assert time.time_ns() >= d["mtime_ns"] > 0

@@ -53,11 +53,16 @@ def test_tile_overlap_takes_one_number_for_both_axes_or_two(tmp_path):
     one = load_config_text("[[watch]]\npath = 'a'\ntile_overlap = [0.2]\n", file="x.toml", base=tmp_path)
     two = load_config_text("[[watch]]\npath = 'a'\ntile_overlap = [0.26, 0]\n", file="x.toml", base=tmp_path)
     assert one.watch[0].tile_overlap_xy == (0.2, 0.2) and two.watch[0].tile_overlap_xy == (0.26, 0.0)
-    assert load_config_text("[[watch]]\npath = 'a'\n", file="x.toml", base=tmp_path).watch[0].tile_overlap_xy == (0.1, 0.1)
+    assert load_config_text("[[watch]]\npath = 'a'\n", file="x.toml", base=tmp_path).watch[0].tile_overlap_xy == (
+        0.1,
+        0.1,
+    )
 
 
 def test_tile_pattern_takes_row_and_col_or_an_index(tmp_path):
-    cfg = load_config_text("[[watch]]\npath = 'a'\ntile_pattern = 'field(?P<index>\\d+)'\n", file="x.toml", base=tmp_path)
+    cfg = load_config_text(
+        "[[watch]]\npath = 'a'\ntile_pattern = 'field(?P<index>\\d+)'\n", file="x.toml", base=tmp_path
+    )
     assert cfg.watch[0].tile_pattern == "field(?P<index>\\d+)"
 
 
@@ -81,7 +86,12 @@ def _err(text: str) -> ConfigError:
         # unknown key, with a suggestion
         ("[site]\nname = 'x'\nopertor = 'y'\n", "site.opertor", 3, "did you mean 'operator'"),
         ("[qc.thresholds]\ntrak = 50\n", "qc.thresholds.trak", 2, "did you mean 'track'"),
-        ("[[watch]]\npath = 'a'\n[[watch]]\npath = 'b'\nsettle_secs = 3\n", "watch[1].settle_secs", 5, "did you mean 'settle_seconds'"),
+        (
+            "[[watch]]\npath = 'a'\n[[watch]]\npath = 'b'\nsettle_secs = 3\n",
+            "watch[1].settle_secs",
+            5,
+            "did you mean 'settle_seconds'",
+        ),
         ("[sevice]\n", "sevice", 1, "did you mean 'service'"),
         # wrong type
         ("[qc]\nthreads = '4'\n", "qc.threads", 2, "must be a whole number"),
@@ -103,13 +113,33 @@ def _err(text: str) -> ConfigError:
         ("[[upload]]\nname = 'o'\ntype = 'oss'\nbucket = 'b'\n", "upload[0].endpoint", 1, "missing required"),
         # values that parse but mean nothing
         ("[[upload]]\nname = 'x'\nbucket = 'b'\nwindow = '25:00-06:00'\n", "upload[0].window", 4, "HH:MM-HH:MM"),
-        ("[[upload]]\nname = 'x'\nbucket = 'b'\nbandwidth_limit = 'fast'\n", "upload[0].bandwidth_limit", 4, "as a rate"),
-        ("[[upload]]\nname = 'x'\nbucket = 'b'\nkey_template = '{chip}/{nme}'\n", "upload[0].key_template", 4, "unknown field"),
+        (
+            "[[upload]]\nname = 'x'\nbucket = 'b'\nbandwidth_limit = 'fast'\n",
+            "upload[0].bandwidth_limit",
+            4,
+            "as a rate",
+        ),
+        (
+            "[[upload]]\nname = 'x'\nbucket = 'b'\nkey_template = '{chip}/{nme}'\n",
+            "upload[0].key_template",
+            4,
+            "unknown field",
+        ),
         ("[[upload]]\nname = 'x'\nbucket = 'b'\nendpoint = 'minio:9000'\n", "upload[0].endpoint", 4, "not a URL"),
-        ("[[upload]]\nname = 'x'\nbucket = 'b'\ncredentials = 'AKIA123'\n", "upload[0].credentials", 4, "never the secret"),
+        (
+            "[[upload]]\nname = 'x'\nbucket = 'b'\ncredentials = 'AKIA123'\n",
+            "upload[0].credentials",
+            4,
+            "never the secret",
+        ),
         ("[[upload]]\nname = 'a'\nbucket = 'b'\n[[upload]]\nname = 'a'\nbucket = 'c'\n", "upload[1].name", 5, "unique"),
         ("[[watch]]\npath = 'a'\ntile_pattern = '(?P<row>\\d+)'\n", "watch[0].tile_pattern", 3, "(?P<col>"),
-        ("[[watch]]\npath = 'a'\ntile_overlap = [0.1, 0.2, 0.3]\n", "watch[0].tile_overlap", 3, "must be a list of 1 to 2 values, got 3"),
+        (
+            "[[watch]]\npath = 'a'\ntile_overlap = [0.1, 0.2, 0.3]\n",
+            "watch[0].tile_overlap",
+            3,
+            "must be a list of 1 to 2 values, got 3",
+        ),
         ("[[watch]]\npath = 'a'\ntile_overlap = [0.1, 0.95]\n", "watch[0].tile_overlap[1]", 3, "must be <= 0.9"),
         ("[[watch]]\npath = 'a'\ntile_overlap = 0.2\n", "watch[0].tile_overlap", 3, "must be a list"),
         ("[site]\nname = 'my site'\n", "site.name", 2, "not allowed"),
@@ -164,8 +194,12 @@ def test_rate_and_window_parsers():
     assert parse_window("") is None
     assert parse_window("20:00-06:00") == (1200, 360)
     assert parse_window("8:30 - 17:00") == (510, 1020)
-    for bad in ("20-6", "10:00-10:00", "24:30-01:00"):
-        with pytest.raises(ValueError):
+    for bad, why in (
+        ("20-6", "as a daily window"),
+        ("10:00-10:00", "start and end are equal"),
+        ("24:30-01:00", "as a daily window"),
+    ):
+        with pytest.raises(ValueError, match=why):
             parse_window(bad)
 
 
@@ -235,11 +269,11 @@ def test_config_check_reports_every_error_at_once_and_warns_about_missing_watch_
     """#15: one error per run made fixing a site file a loop; a watch folder that does not exist was not mentioned."""
     bad = tmp_path / "site.toml"
     bad.write_text(
-        "[site]\nopertor = 'ana'\n"                            # 2: unknown key
-        "[[watch]]\npath = 'scans'\nsettle_seconds = -5\n"    # 5: out of range
-        "[[watch]]\npath = 'more'\nnaming = 'strictest'\n"    # 8: not a choice
-        "[[upload]]\nname = 'hpc'\ntype = 'hpc'\n"            # 9: hpc without a path (a cross-setting check)
-        "[qc]\nthreads = 'two'\n"                              # 13: wrong type
+        "[site]\nopertor = 'ana'\n"  # 2: unknown key
+        "[[watch]]\npath = 'scans'\nsettle_seconds = -5\n"  # 5: out of range
+        "[[watch]]\npath = 'more'\nnaming = 'strictest'\n"  # 8: not a choice
+        "[[upload]]\nname = 'hpc'\ntype = 'hpc'\n"  # 9: hpc without a path (a cross-setting check)
+        "[qc]\nthreads = 'two'\n"  # 13: wrong type
     )
     assert main(["config", "check", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,7 +15,7 @@ def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeyp
     text = (
         'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 1\n'
         "[discovery]\ngrouping_window_s = 0.5\nrescan_interval_s = 2\n"
-        "[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = \"off\"\n"
+        '[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = "off"\n'
         f'[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "{hpc.as_posix()}"\nmode = "all"\n'
     )
     conf = tmp_path / "site.toml"
@@ -47,7 +47,11 @@ def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeyp
     assert any(n.endswith(".tar.gz") for n in uploaded)
     assert not list(hpc.rglob("*.imageqc-partial"))
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == [
-        "A02677B5.tif", "A02677B5_CD31_IF.tif", "C02533C.tif", "C02533C_CD31_IF.tif"]
+        "A02677B5.tif",
+        "A02677B5_CD31_IF.tif",
+        "C02533C.tif",
+        "C02533C_CD31_IF.tif",
+    ]
 
 
 def test_demo_refuses_names_the_service_would_not_take(tmp_path, monkeypatch, capsys):

@@ -67,7 +67,9 @@ def make_discovery_config(tmp_path: Path, watch: str = "", *, tick: float = 0.1,
     """A config with one watch root ``inbox`` (extra ``watch`` settings) and fast discovery settings."""
     settings = {**DISCOVERY, **discovery}
     text = (
-        'state_dir = "state"\n[[watch]]\npath = "inbox"\n' + watch + "\n[discovery]\n"
+        'state_dir = "state"\n[[watch]]\npath = "inbox"\n'
+        + watch
+        + "\n[discovery]\n"
         + "".join(f"{k} = {v}\n" for k, v in settings.items())
         + f"[service]\ntick_seconds = {tick}\nlease_seconds = 5\nretry_base_s = 1\nshutdown_timeout_s = 2\n"
         + '[logging]\nconsole = "off"\n'
@@ -119,7 +121,7 @@ def _inbox(cfg) -> Path:
 
 def test_slowly_written_sets_are_not_queued_early(service):
     settle = 2.0
-    d, disc, cfg = service(f'settle_seconds = {settle}\n', runner=None)
+    _d, _disc, cfg = service(f"settle_seconds = {settle}\n", runner=None)
     inbox = _inbox(cfg)
     data = _tif_bytes((512, 512), tile=(64, 64))
     big = inbox / "SS200000135TL_D1.tif"
@@ -145,10 +147,18 @@ def test_slowly_written_sets_are_not_queued_early(service):
     assert sorted(j.chip for j in jobs) == ["A02677B5", "SS200000135TL_D1"]
     assert all(j.queued_at > last_write for j in jobs)
     tiles_member = _members(cfg, next(j for j in jobs if j.chip == "A02677B5"))
-    assert tiles_member == [{
-        "name": "A02677B5", "path": str(tiles.resolve()), "format": "tiles", "role": "nuclear", "stain": None,
-        "size": tiles_member[0]["size"], "mtime_ns": tiles_member[0]["mtime_ns"], "files": 10,
-    }]
+    assert tiles_member == [
+        {
+            "name": "A02677B5",
+            "path": str(tiles.resolve()),
+            "format": "tiles",
+            "role": "nuclear",
+            "stain": None,
+            "size": tiles_member[0]["size"],
+            "mtime_ns": tiles_member[0]["mtime_ns"],
+            "files": 10,
+        }
+    ]
     time.sleep(1.5)  # more ticks and a rescan: still one job each
     assert len(_jobs(cfg)) == 2
     for job in jobs:  # what the QC job checks before it runs agrees with what discovery recorded
@@ -156,7 +166,7 @@ def test_slowly_written_sets_are_not_queued_early(service):
 
 
 def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(service):
-    d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"grouping_window_s": 2.5})
+    _d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"grouping_window_s": 2.5})
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
     time.sleep(0.8)  # settled, but inside the grouping window
@@ -174,7 +184,7 @@ def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(serv
 
 
 def test_sets_finished_while_the_service_was_stopped_are_queued_at_start(service):
-    d, disc, cfg = service('settle_seconds = 0.5')
+    d, disc, cfg = service("settle_seconds = 0.5")
     inbox = _inbox(cfg)
     data = _tif_bytes((128, 128))
     (inbox / "SS200000135TL_D1.tif").write_bytes(data[: len(data) // 2])  # half written when the service stops
@@ -182,11 +192,11 @@ def test_sets_finished_while_the_service_was_stopped_are_queued_at_start(service
     service.stop(d)
     (inbox / "SS200000135TL_D1.tif").write_bytes(data)  # finished while stopped
     _tif(inbox / "sub" / "C02533C.tif")  # arrived while stopped
-    d2, disc2, _ = service(cfg=cfg)
+    d2, _disc2, _ = service(cfg=cfg)
     assert _wait(lambda: sum(j.state == "skipped" for j in _jobs(cfg)) == 2, timeout=60)
     assert sorted(j.chip for j in _jobs(cfg)) == ["C02533C", "SS200000135TL_D1"]
     service.stop(d2)
-    d3, _, _ = service(cfg=cfg)  # nothing new: nothing queued again
+    _d3, _, _ = service(cfg=cfg)  # nothing new: nothing queued again
     time.sleep(1.5)
     assert len(_jobs(cfg)) == 2
 
@@ -210,13 +220,13 @@ class _Deaf:
 
 @pytest.mark.parametrize("mode", ["polling", "no events at all"])
 def test_polling_only_and_rescans_alone_find_everything(service, tmp_path, mode):
-    extra = 'settle_seconds = 0.3\n'
+    extra = "settle_seconds = 0.3\n"
     kw = {}
     if mode == "polling":
         extra += 'observer = "polling"\n'
     else:
         kw["observer_factory"] = _Deaf(tmp_path / "elsewhere")
-    d, disc, cfg = service(extra, runner=NullRunner(), **kw)
+    _d, disc, cfg = service(extra, runner=NullRunner(), **kw)
     inbox = _inbox(cfg)
     time.sleep(0.3)
     _tif(inbox / "C02533C.tif")
@@ -237,7 +247,7 @@ def test_polling_only_and_rescans_alone_find_everything(service, tmp_path, mode)
 
 @pytest.mark.slow
 def test_a_thousand_sets_arriving_at_random_times_are_each_queued_exactly_once(service):
-    d, disc, cfg = service('settle_seconds = 0.5\n', runner=NullRunner(), tick=0.2)
+    _d, disc, cfg = service("settle_seconds = 0.5\n", runner=NullRunner(), tick=0.2)
     inbox = _inbox(cfg)
     data = _tif_bytes((16, 16))
     rng = random.Random(1234)
@@ -267,7 +277,9 @@ def test_a_thousand_sets_arriving_at_random_times_are_each_queued_exactly_once(s
 
 
 def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
-    d, disc, cfg = service("settle_seconds = 0.2", runner=NullRunner(), tick=0.05, discovery={"rescan_interval_s": 3600})
+    _d, disc, cfg = service(
+        "settle_seconds = 0.2", runner=NullRunner(), tick=0.05, discovery={"rescan_interval_s": 3600}
+    )
     disc.tick_budget_s = 0.0  # one path and one set per tick: slow shares do not stall the service
     for k in range(12):
         _tif(_inbox(cfg) / f"SS2{k:08d}_D1.tif")
@@ -279,7 +291,7 @@ def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
 
 
 def test_a_killed_observer_is_replaced_and_the_service_keeps_finding_sets(service, capsys):
-    d, disc, cfg = service('settle_seconds = 0.3\nobserver = "native"', runner=NullRunner())
+    _d, disc, cfg = service('settle_seconds = 0.3\nobserver = "native"', runner=NullRunner())
     watcher = disc._roots[0].watcher
     assert _wait(watcher.alive)
     watcher.observer.stop()  # the observer thread dies
@@ -293,7 +305,7 @@ def test_a_killed_observer_is_replaced_and_the_service_keeps_finding_sets(servic
     assert w["last_rescan"] is not None
     assert main(["status", "--config", cfg.source]) == 0
     text = capsys.readouterr().out
-    text = text[text.index("service   "):]  # the service's own console log comes first in this process
+    text = text[text.index("service   ") :]  # the service's own console log comes first in this process
     assert all(len(line) <= 80 for line in text.splitlines()), text  # a long path wraps, nothing is cut
     flat = " ".join(text.split())
     assert f"watch {_inbox(cfg).resolve()} native restarted 1x rescanned " in flat
@@ -317,7 +329,7 @@ def json_log(tmp_path):
 
 
 def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log):
-    d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"incomplete_timeout_s": 1.5})
+    d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"incomplete_timeout_s": 1.5})
     inbox = _inbox(cfg)
     data = _tif_bytes((256, 256))
     (inbox / "C02533C.tif").write_bytes(data[:-500])
@@ -327,7 +339,7 @@ def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log
     assert job.state == "failed" and job.failed_stage == "discovery" and job.next_attempt_at is None
     assert "C02533C" in job.error and "incomplete" in job.error and "cut short" in job.error
     service.stop(d)
-    d2, _, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
+    _d2, _, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
     time.sleep(2.0)
     assert len(_jobs(cfg)) == 1 and len(json_log("scan set never completed; reported")) == 1
     (inbox / "C02533C.tif").write_bytes(data[:-300])  # changed, still cut short: a new report replaces the old
@@ -335,12 +347,12 @@ def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log
     assert _jobs(cfg)[1].state == "failed" and "cut short" in _jobs(cfg)[1].error
     (inbox / "C02533C.tif").write_bytes(data)  # re-exported whole
     assert _wait(lambda: any(j.state == "queued" for j in _jobs(cfg)))
-    first, old, new = _jobs(cfg)
+    _first, old, new = _jobs(cfg)
     assert old.state == "superseded" and new.state == "queued" and new.fingerprint != old.fingerprint
 
 
 def test_a_re_export_makes_a_new_job_and_supersedes_the_older_one(service):
-    d, disc, cfg = service('settle_seconds = 0.3', runner=NullRunner())
+    _d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner())
     tif = _tif(_inbox(cfg) / "SS200000135TL_D1.tif")
     assert _wait(lambda: len(_jobs(cfg)) == 1)
     first = _jobs(cfg)[0]
@@ -353,7 +365,7 @@ def test_a_re_export_makes_a_new_job_and_supersedes_the_older_one(service):
 
 
 def test_sets_deleted_or_renamed_before_they_are_queued_are_dropped_cleanly(service, json_log):
-    d, disc, cfg = service('settle_seconds = 1.5', runner=NullRunner())
+    _d, disc, cfg = service("settle_seconds = 1.5", runner=NullRunner())
     inbox = _inbox(cfg)
     doomed = _tif(inbox / "C02533C.tif")
     renamed = _tif(inbox / "A02677B5.tif")
@@ -371,14 +383,14 @@ def test_sets_deleted_or_renamed_before_they_are_queued_are_dropped_cleanly(serv
 
 
 def test_strict_naming_reports_a_name_once_ever_and_lenient_naming_takes_it(service, json_log):
-    d, disc, cfg = service('settle_seconds = 0.3', runner=NullRunner())
+    d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "mouse1.tif")
     for k in range(30):
         (inbox / f"notes{k}.txt").write_text("x")  # not candidates: debug lines only
     assert _wait(lambda: json_log("names are not chip serials; ignored (naming = strict)"))
     service.stop(d)
-    d2, disc2, _ = service(cfg=cfg, runner=NullRunner())
+    d2, _disc2, _ = service(cfg=cfg, runner=NullRunner())
     time.sleep(1.5)
     (warning,) = json_log("names are not chip serials; ignored (naming = strict)")
     assert warning["names"] == ["mouse1.tif"] and not _jobs(cfg)
@@ -391,7 +403,7 @@ def test_strict_naming_reports_a_name_once_ever_and_lenient_naming_takes_it(serv
 
 
 def test_a_marker_file_decides_when_configured(service):
-    d, disc, cfg = service('settle_seconds = 0.2\nmarker = "{chip}.done"', runner=NullRunner())
+    _d, _disc, cfg = service('settle_seconds = 0.2\nmarker = "{chip}.done"', runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
     _tif(inbox / "C02533C_CD31_IF.tif")
@@ -406,7 +418,7 @@ def test_the_output_folder_is_never_watched_even_inside_a_root(service, tmp_path
     cfg = make_discovery_config(tmp_path, "settle_seconds = 0.2")
     out = cfg.watch[0].path / "qc-out"
     cfg = dataclasses.replace(cfg, output=OutputConfig(dir=str(out)))  # the loader refuses this; be defensive anyway
-    d, disc, _ = service(cfg=cfg, runner=NullRunner())
+    _d, _disc, _ = service(cfg=cfg, runner=NullRunner())
     _tif(out / "C02533C.tif")
     _tif(cfg.watch[0].path / "A02677B5.tif")
     assert _wait(lambda: len(_jobs(cfg)) == 1)
@@ -415,7 +427,7 @@ def test_the_output_folder_is_never_watched_even_inside_a_root(service, tmp_path
 
 
 def test_a_missing_root_is_reported_and_nothing_under_it_is_dropped(service):
-    d, disc, cfg = service('settle_seconds = 30', runner=NullRunner())
+    _d, disc, cfg = service("settle_seconds = 30", runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
     assert _wait(lambda: disc.health()["roots"][0]["members"] == 1)
@@ -435,12 +447,30 @@ def test_a_missing_root_is_reported_and_nothing_under_it_is_dropped(service):
 
 def test_store_keeps_discovery_state_and_notes_once(tmp_path):
     member = {
-        "path": "/r/C02533C.tif", "root": "/r", "set_key": "/r/C02533C#set", "name": "C02533C", "chip": "C02533C",
-        "format": "tiff", "role": "nuclear", "stain": None, "size": 10, "mtime_ns": 5, "files": 1, "sig": "10:5",
-        "first_seen": 1.0, "last_change": 2.0,
+        "path": "/r/C02533C.tif",
+        "root": "/r",
+        "set_key": "/r/C02533C#set",
+        "name": "C02533C",
+        "chip": "C02533C",
+        "format": "tiff",
+        "role": "nuclear",
+        "stain": None,
+        "size": 10,
+        "mtime_ns": 5,
+        "files": 1,
+        "sig": "10:5",
+        "first_seen": 1.0,
+        "last_change": 2.0,
     }
-    sset = {"set_key": "/r/C02533C#set", "root": "/r", "chip": "C02533C", "folder": "/r", "first_seen": 1.0,
-            "last_change": 2.0, "settling_since": 1.0}
+    sset = {
+        "set_key": "/r/C02533C#set",
+        "root": "/r",
+        "chip": "C02533C",
+        "folder": "/r",
+        "first_seen": 1.0,
+        "last_change": 2.0,
+        "settling_since": 1.0,
+    }
     with Store(tmp_path / "db.sqlite3") as s:
         assert s.schema_version == SCHEMA_VERSION
         s.discovery_save(members=[member], sets=[sset])
@@ -456,7 +486,7 @@ def test_store_keeps_discovery_state_and_notes_once(tmp_path):
 
 def test_status_lists_every_waiting_set_and_misnamed_name_with_why(service, capsys, monkeypatch):
     """#15: sets that wait silently (misnamed, IF without its nuclear image, still settling) are listed in status."""
-    d, disc, cfg = service('settle_seconds = 0.3', runner=NullRunner())
+    _d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "mouse brain 1.tif")  # not a chip serial (strict naming): ignored, but said so in status
     _tif(inbox / "C02533C_CD31_IF.tif")  # an IF image whose nuclear image has not arrived
@@ -482,4 +512,7 @@ def test_status_lists_every_waiting_set_and_misnamed_name_with_why(service, caps
     assert "ignored" in flat and "mouse brain 1.tif" in flat and "not a chip serial" in flat.lower()
     (inbox / "mouse brain 1.tif").unlink()  # gone at the next full rescan
     _tif(inbox / "C02533C.tif")  # the nuclear image arrives: the set is queued and no longer waits
-    assert _wait(lambda: not collect_status(cfg)["waiting"]["sets"] and not collect_status(cfg)["waiting"]["misnamed"], timeout=30)
+    assert _wait(
+        lambda: not collect_status(cfg)["waiting"]["sets"] and not collect_status(cfg)["waiting"]["misnamed"],
+        timeout=30,
+    )

@@ -29,8 +29,12 @@ REASON = "SS200000135TL_D1.tif: track line score 12 < 60: no line grid found; ch
 
 def _verdict(cfg, chip: str, verdict: str, reason: str = "") -> int:
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint=f"fp-{chip}",
-                                 members=[{"name": chip, "path": f"{chip}.tif", "size": 1}])
+        ssid, _ = s.add_scan_set(
+            chip=chip,
+            root=str(cfg.watch[0].path),
+            fingerprint=f"fp-{chip}",
+            members=[{"name": chip, "path": f"{chip}.tif", "size": 1}],
+        )
         job = s.create_job(ssid)
         s.claim("w")
         s.save_result(job, verdict=verdict, report={"verdict": verdict, "reasons": [reason] if reason else []})
@@ -47,13 +51,19 @@ def session_bus(tmp_path):
     sock = tmp_path / "bus"
     bus = subprocess.Popen(
         ["dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:path={sock}"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     address = bus.stdout.readline().strip()
     env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": address}
     received = tmp_path / "received.jsonl"
-    server = subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "notification_server.py"), str(received)],
-                              env=env, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parents[1] / "notification_server.py"), str(received)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout.readline().strip() == "ready"
         yield env, received
@@ -68,8 +78,13 @@ def test_follow_notify_shows_each_new_verdict_on_the_desktop_once(make_config, t
     cfg = make_config()
     old = _verdict(cfg, "C02533C", "pass")  # before follow starts: not shown (no --since)
     env = {**env, "IMAGEQC_CONFIG": str(tmp_path / "imageqc.toml"), "PYTHONPATH": os.getcwd()}
-    follow = subprocess.Popen([sys.executable, "-m", "daemon.cli", "follow", "--notify", "--interval", "0.2"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "follow", "--notify", "--interval", "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert "following QC verdicts" in follow.stdout.readline()
         failed = _verdict(cfg, "SS200000135TL_D1", "fail", REASON)
@@ -123,8 +138,18 @@ def test_service_install_follow_at_logon_writes_an_xdg_autostart_file(make_confi
     conf = tmp_path / "imageqc.toml"
     auto = tmp_path / "autostart"
     (tmp_path / "units").mkdir()
-    args = ["service", "install", "--systemd", "--config", str(conf), "--follow-at-logon", "--autostart-dir", str(auto),
-            "--unit-dir", str(tmp_path / "units")]
+    args = [
+        "service",
+        "install",
+        "--systemd",
+        "--config",
+        str(conf),
+        "--follow-at-logon",
+        "--autostart-dir",
+        str(auto),
+        "--unit-dir",
+        str(tmp_path / "units"),
+    ]
     assert main([*args, "--dry-run"]) == 0
     assert f"Would write {auto / AUTOSTART_NAME}" in capsys.readouterr().out and not auto.exists()
     assert main(args) == 0

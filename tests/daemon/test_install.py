@@ -29,7 +29,9 @@ from daemon.install import (
 
 REPO = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed here (apt-get install systemd)")
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze is not installed here (apt-get install systemd)"
+)
 
 
 def _entries(text: str) -> dict[str, list[str]]:
@@ -69,7 +71,8 @@ def test_a_config_with_the_systemd_folders_uses_state_and_logs_directories():
         '[[watch]]\npath = "/srv/microscope/export"\n'
         '[[watch]]\npath = "/mnt/nas/scope2"\n'
         '[logging]\nfile = "/var/log/imageqc/imageqc.jsonl"\n',
-        file="/etc/imageqc/imageqc.toml", base=Path("/etc/imageqc"),
+        file="/etc/imageqc/imageqc.toml",
+        base=Path("/etc/imageqc"),
     )
     unit = build_systemd_unit(cfg, command=["/opt/imageqc/venv/bin/imageqc"], is_network=_network_under_mnt)
     e = _entries(unit.text)
@@ -84,11 +87,18 @@ def test_a_config_with_the_systemd_folders_uses_state_and_logs_directories():
     assert _one(e, "Service.User") == "imageqc" and _one(e, "Service.Group") == "imageqc"
     assert _one(e, "Service.Restart") == "on-failure" and _one(e, "Service.KillMode") == "mixed"
     assert _one(e, "Service.WatchdogSec") == "60" and _one(e, "Service.TimeoutStopSec") == "50"
-    for key, value in [("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("PrivateTmp", "yes"), ("ProtectHome", "read-only")]:
+    for key, value in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("ProtectHome", "read-only"),
+    ]:
         assert _one(e, f"Service.{key}") == value
     assert unit.prepare_dirs == () and unit.warnings == ()
     steps = next_steps(unit)
-    assert steps[0].startswith("getent passwd imageqc >/dev/null || useradd --system --user-group --home-dir /var/lib/imageqc")
+    assert steps[0].startswith(
+        "getent passwd imageqc >/dev/null || useradd --system --user-group --home-dir /var/lib/imageqc"
+    )
     assert steps[-2:] == ["systemctl daemon-reload", "systemctl enable --now imageqc.service"]
 
 
@@ -97,12 +107,15 @@ def test_other_folders_get_write_access_mount_dependencies_and_setup_commands():
         'state_dir = "/srv/imageqc/state"\n'
         '[[watch]]\npath = "/mnt/scope/export"\n'
         '[output]\ndir = "/mnt/nas/qc-out"\n'
-        '[service]\ntick_seconds = 12\nshutdown_timeout_s = 45.5\n'
+        "[service]\ntick_seconds = 12\nshutdown_timeout_s = 45.5\n"
         '[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "/mnt/hpc/incoming"\n'
         '[[upload]]\nname = "off"\ntype = "hpc"\nmode = "none"\npath = "/mnt/hpc/never"\n',
-        file="/etc/imageqc/site.toml", base=Path("/etc/imageqc"),
+        file="/etc/imageqc/site.toml",
+        base=Path("/etc/imageqc"),
     )
-    unit = build_systemd_unit(cfg, user="labqc", group="scope", command=["/usr/local/bin/imageqc"], is_network=_network_under_mnt)
+    unit = build_systemd_unit(
+        cfg, user="labqc", group="scope", command=["/usr/local/bin/imageqc"], is_network=_network_under_mnt
+    )
     e = _entries(unit.text)
     assert "Service.StateDirectory" not in e and "Service.LogsDirectory" not in e
     # state (with its log folder inside) and outputs must exist; the HPC folder is optional ("-")
@@ -113,7 +126,10 @@ def test_other_folders_get_write_access_mount_dependencies_and_setup_commands():
     assert _one(e, "Service.TimeoutStopSec") == "76"  # ceil(45.5) + 30
     assert unit.prepare_dirs == (Path("/srv/imageqc/state"), Path("/mnt/nas/qc-out"))
     steps = next_steps(unit)
-    assert "--home-dir /srv/imageqc/state" in steps[0] and steps[1] == "getent group scope >/dev/null || groupadd --system scope"
+    assert (
+        "--home-dir /srv/imageqc/state" in steps[0]
+        and steps[1] == "getent group scope >/dev/null || groupadd --system scope"
+    )
     assert "install -d -m 0750 -o labqc -g scope /srv/imageqc/state" in steps
     assert "install -d -m 0750 -o labqc -g scope /mnt/nas/qc-out" in steps
     assert "chgrp scope /etc/imageqc/site.toml && chmod 0640 /etc/imageqc/site.toml" in steps
@@ -122,7 +138,8 @@ def test_other_folders_get_write_access_mount_dependencies_and_setup_commands():
 def test_a_mount_below_another_watched_folder_gets_its_own_dependency():
     cfg = load_config_text(
         '[[watch]]\npath = "/mnt/scope"\n[[watch]]\npath = "/mnt/scope/second-share"\n',
-        file="/etc/imageqc/imageqc.toml", base=Path("/var/lib/imageqc"),
+        file="/etc/imageqc/imageqc.toml",
+        base=Path("/var/lib/imageqc"),
     )
     e = _entries(build_systemd_unit(cfg, command=["/usr/bin/imageqc"], is_network=lambda p: False).text)
     assert _one(e, "Unit.RequiresMountsFor") == "/mnt/scope /mnt/scope/second-share"
@@ -161,7 +178,7 @@ def test_words_are_quoted_and_escaped_the_way_systemd_reads_them():
     assert systemd_quote("/srv/lab data/50%") == '"/srv/lab data/50%%"'
     assert systemd_quote('/a"b\\c') == '"/a\\"b\\\\c"'
     assert systemd_quote("$HOME/x", command=True) == "$$HOME/x" and systemd_quote("$HOME/x") == "$HOME/x"
-    argv = ["/opt/venv/bin/imageqc", "run", "--config", "/srv/lab data/50% $site \"A\"\\x.toml"]
+    argv = ["/opt/venv/bin/imageqc", "run", "--config", '/srv/lab data/50% $site "A"\\x.toml']
     line = " ".join(systemd_quote(a, command=True) for a in argv)
     assert shlex.split(line.replace("%%", "%").replace("$$", "$")) == argv
 
@@ -192,9 +209,13 @@ def test_the_hardening_keeps_the_exposure_score_low(tmp_path):
     cfg = _site_config(tmp_path, '[[watch]]\npath = "inbox"\n')
     unit_file = tmp_path / "imageqc.service"
     unit_file.write_text(build_systemd_unit(cfg, command=[sys.executable]).text, encoding="utf-8")
-    result = subprocess.run([ANALYZE, "security", "--offline=true", str(unit_file)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(unit_file)], capture_output=True, text=True, timeout=60
+    )
     if result.returncode != 0 and "offline" in result.stderr:
-        pytest.skip(f"this systemd-analyze cannot score unit files offline (systemd >= 250 can): {result.stderr.strip()}")
+        pytest.skip(
+            f"this systemd-analyze cannot score unit files offline (systemd >= 250 can): {result.stderr.strip()}"
+        )
     m = re.search(r"Overall exposure level for imageqc\.service: ([0-9.]+)", result.stdout + result.stderr)
     assert m, result.stdout + result.stderr
     assert float(m.group(1)) <= 2.0, result.stdout  # 1.6 when written; User= alone scores 9.2
@@ -202,7 +223,9 @@ def test_the_hardening_keeps_the_exposure_score_low(tmp_path):
 
 def test_the_checked_in_unit_is_what_the_generator_writes_for_the_checked_in_config(tmp_path):
     example = REPO / "systemd" / "imageqc.toml"
-    cfg = load_config_text(example.read_text(encoding="utf-8"), file="/etc/imageqc/imageqc.toml", base=Path("/etc/imageqc"))
+    cfg = load_config_text(
+        example.read_text(encoding="utf-8"), file="/etc/imageqc/imageqc.toml", base=Path("/etc/imageqc")
+    )
     unit = build_systemd_unit(cfg, command=["/opt/imageqc/venv/bin/imageqc"], is_network=_network_under_mnt)
     fresh = tmp_path / "imageqc.service"
     fresh.write_text(unit.text, encoding="utf-8")
@@ -227,7 +250,9 @@ def test_service_install_writes_the_unit_and_prints_the_next_commands(tmp_path, 
     assert "unchanged" in capsys.readouterr().out
     assert main([*args, "--dry-run", "--unit-dir", str(tmp_path / "nowhere")]) == 0
     dry = capsys.readouterr().out
-    assert dry.startswith("# imageqc.service: generated") and "[Service]" in dry and "#   systemctl daemon-reload" in dry
+    assert (
+        dry.startswith("# imageqc.service: generated") and "[Service]" in dry and "#   systemctl daemon-reload" in dry
+    )
     assert main([*args[:-1], str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
@@ -252,7 +277,11 @@ def test_imageqc_run_speaks_sd_notify_ready_watchdog_stopping(make_config, tmp_p
     env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": str(sock_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "run", "--config", cfg.source],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     messages: list[str] = []
 
@@ -268,7 +297,10 @@ def test_imageqc_run_speaks_sd_notify_ready_watchdog_stopping(make_config, tmp_p
         return pred()
 
     try:
-        assert read_until(lambda: "READY=1" in messages, 60), (messages, proc.stderr.read() if proc.poll() is not None else "")
+        assert read_until(lambda: "READY=1" in messages, 60), (
+            messages,
+            proc.stderr.read() if proc.poll() is not None else "",
+        )
         ready_at = messages.index("READY=1")
         assert read_until(lambda: messages[ready_at:].count("WATCHDOG=1") >= 3, 30), messages  # one per tick
         proc.send_signal(signal.SIGTERM)

@@ -128,7 +128,9 @@ def test_follow_sees_new_lines_and_survives_rotation(tmp_path):
     assert got == ["new1", "after-rotation"]
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to make every write fail with ENOSPC")
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to make every write fail with ENOSPC"
+)
 def test_a_full_log_disk_is_said_once_not_as_a_traceback_per_line_and_recovery_is_said(tmp_path, capsys):
     path = tmp_path / "imageqc.jsonl"
     path.symlink_to("/dev/full")  # every write: No space left on device

@@ -42,7 +42,12 @@ def test_tile_folders_are_members_of_format_tiles():
 
 @pytest.mark.parametrize(
     ("serial", "size"),
-    [("SS200000135TL_D1", (1.0, 1.0)), ("FP200009107_E414", (0.5, 0.5)), ("SS200000108BR_A3A4", (2.0, 1.0)), ("D02070C3D3", (1.0, 2.0))],
+    [
+        ("SS200000135TL_D1", (1.0, 1.0)),
+        ("FP200009107_E414", (0.5, 0.5)),
+        ("SS200000108BR_A3A4", (2.0, 1.0)),
+        ("D02070C3D3", (1.0, 2.0)),
+    ],
 )
 def test_chip_size_comes_from_the_serial(serial, size):
     assert parse_name(f"{serial}.tif").member.chip_size_cm == size
@@ -51,9 +56,21 @@ def test_chip_size_comes_from_the_serial(serial, size):
 @pytest.mark.parametrize(
     "name",
     [
-        "~SS200000135TL_D1.tif", ".SS200000135TL_D1.tif", "SS200000135TL_D1.tif.tmp", "SS200000135TL_D1.tif.part",
-        "SS200000135TL_D1.tif.PART", "SS200000135TL_D1.tif.crdownload", "notes.txt", "SS200000135TL_D1.png",
-        "SS200000135TL_D1", ".tif", "", "a/b.tif", "SS200000135TL_D1\x00.tif", "img_0001_0002.tif", "scan_s12_ch00.tif",
+        "~SS200000135TL_D1.tif",
+        ".SS200000135TL_D1.tif",
+        "SS200000135TL_D1.tif.tmp",
+        "SS200000135TL_D1.tif.part",
+        "SS200000135TL_D1.tif.PART",
+        "SS200000135TL_D1.tif.crdownload",
+        "notes.txt",
+        "SS200000135TL_D1.png",
+        "SS200000135TL_D1",
+        ".tif",
+        "",
+        "a/b.tif",
+        "SS200000135TL_D1\x00.tif",
+        "img_0001_0002.tif",
+        "scan_s12_ch00.tif",
         "0001.tif",
     ],
 )
@@ -77,7 +94,11 @@ def test_names_that_are_not_serials_are_taken_only_under_lenient_naming():
 
 def test_helpers_for_temporary_and_tile_names():
     assert is_temporary("~$lock.tif") and is_temporary(".DS_Store") and not is_temporary("C02533C.tif")
-    assert looks_like_tile("x_0003_0012_DAPI") and looks_like_tile("img[Grid@1 2]") and not looks_like_tile("SS200000135TL_D1")
+    assert (
+        looks_like_tile("x_0003_0012_DAPI")
+        and looks_like_tile("img[Grid@1 2]")
+        and not looks_like_tile("SS200000135TL_D1")
+    )
 
 
 def test_marker_template():
@@ -93,8 +114,14 @@ def test_marker_template():
 # -- properties -------------------------------------------------------------------
 
 _anything = st.one_of(
-    st.text(), st.text(alphabet=st.characters(codec="utf-8")), st.binary(), st.none(), st.integers(), st.floats(),
-    st.lists(st.text(max_size=5)), st.text(alphabet="SC0123456789_ABDFILPTRX-.tifgzarTIFCZ~", max_size=40),
+    st.text(),
+    st.text(alphabet=st.characters(codec="utf-8")),
+    st.binary(),
+    st.none(),
+    st.integers(),
+    st.floats(),
+    st.lists(st.text(max_size=5)),
+    st.text(alphabet="SC0123456789_ABDFILPTRX-.tifgzarTIFCZ~", max_size=40),
 )
 
 
@@ -129,7 +156,7 @@ _short = st.builds(
 _if_name = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9-]{0,11}", fullmatch=True)
 _ext = st.sampled_from([".tif", ".tiff", ".czi", ".ome.tif", ".tar.gz"]).flatmap(
     lambda e: st.lists(st.booleans(), min_size=len(e), max_size=len(e)).map(
-        lambda ups: "".join(c.upper() if u else c for c, u in zip(e, ups))
+        lambda ups: "".join(c.upper() if u else c for c, u in zip(e, ups, strict=False))
     )
 )
 
@@ -146,5 +173,9 @@ def test_valid_names_round_trip(chip, stain, ext):
     m = info.member
     assert m.file_name == name and m.name == stem and m.chip == chip and m.stain == stain
     assert m.role == (IF if stain else NUCLEAR)
-    assert m.format == ("tiles" if ext is None else {".tif": "tiff", ".tiff": "tiff", ".czi": "czi", ".ome.tif": "tiff", ".tar.gz": "tar.gz"}[ext.lower()])
+    assert m.format == (
+        "tiles"
+        if ext is None
+        else {".tif": "tiff", ".tiff": "tiff", ".czi": "czi", ".ome.tif": "tiff", ".tar.gz": "tar.gz"}[ext.lower()]
+    )
     assert m.serial is not None and m.serial.serial == chip

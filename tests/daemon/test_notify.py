@@ -105,7 +105,7 @@ def smtp():
         def __init__(self) -> None:
             self.mails: list[tuple[list[str], bytes]] = []
 
-        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        async def handle_DATA(self, server, session, envelope):
             self.mails.append((list(envelope.rcpt_tos), envelope.content))
             return "250 OK"
 
@@ -143,26 +143,42 @@ def _picture(folder: Path, name: str) -> bytes:
     return buf.tobytes()
 
 
-def _qc_job(store: Store, out: Path, *, chip: str = CHIP, verdict: str = "fail", fp: str = "fp", now: float = T0) -> int:
+def _qc_job(
+    store: Store, out: Path, *, chip: str = CHIP, verdict: str = "fail", fp: str = "fp", now: float = T0
+) -> int:
     ssid, _ = store.add_scan_set(chip=chip, root="/scans", fingerprint=fp, members=[], now=now)
     job_id = store.create_job(ssid, now=now)
     assert job_id is not None
     store.claim("w", now=now)
-    report = {"schema": "imageqc.report/1", "chip": chip, "stain": "DAPI", "verdict": verdict,
-              "reasons": REASONS if verdict == "fail" else [],
-              "images": [{"name": chip, "role": "nuclear"}]}
+    report = {
+        "schema": "imageqc.report/1",
+        "chip": chip,
+        "stain": "DAPI",
+        "verdict": verdict,
+        "reasons": REASONS if verdict == "fail" else [],
+        "images": [{"name": chip, "role": "nuclear"}],
+    }
     store.save_result(job_id, verdict=verdict, report=report, output_dir=str(out), now=now)
     store.transition(job_id, JobState.QC_DONE, owner="w", now=now, message=f"QC {verdict}")
     return job_id
 
 
-def _failed_job(store: Store, *, fp: str = "ff", retry_at: float | None = None, stage: str = "upload", now: float = T0) -> int:
+def _failed_job(
+    store: Store, *, fp: str = "ff", retry_at: float | None = None, stage: str = "upload", now: float = T0
+) -> int:
     ssid, _ = store.add_scan_set(chip="SS200000135TL_D1", root="/scans", fingerprint=fp, members=[], now=now)
     job_id = store.create_job(ssid, now=now)
     assert job_id is not None
     store.claim("w", now=now)
-    store.transition(job_id, JobState.FAILED, owner="w", now=now, error="upload target 'hpc': access denied",
-                     failed_stage=stage, next_attempt_at=retry_at)
+    store.transition(
+        job_id,
+        JobState.FAILED,
+        owner="w",
+        now=now,
+        error="upload target 'hpc': access denied",
+        failed_stage=stage,
+        next_attempt_at=retry_at,
+    )
     return job_id
 
 
@@ -322,8 +338,12 @@ _KILLED = textwrap.dedent(
 def test_killed_between_queueing_and_sending_delivers_exactly_once_after_restart(cfg_for, webhook, moment):
     cfg = cfg_for()
     proc = subprocess.run(
-        [sys.executable, "-c", _KILLED, cfg.source, moment], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+        [sys.executable, "-c", _KILLED, cfg.source, moment],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
     )
     assert proc.returncode == -9, proc.stderr
     assert "about to send" in proc.stdout
@@ -375,7 +395,9 @@ def test_a_dead_endpoint_neither_blocks_nor_floods_and_is_retried_with_backoff(c
         assert n.deliver(now=T0 + 179) == 0  # still backing off
         assert n.deliver(now=T0 + 180) == 5
         assert [e["event"] for e in logs].count("notification endpoint reachable again") == 1
-    assert sorted(p["title"] for _, p in webhook.messages) == sorted(f"imageqc: QC fail SS20000013{i}TL_D1" for i in range(5))
+    assert sorted(p["title"] for _, p in webhook.messages) == sorted(
+        f"imageqc: QC fail SS20000013{i}TL_D1" for i in range(5)
+    )
     assert len(ids) == 5
 
 
@@ -474,7 +496,9 @@ def test_a_watcher_down_in_the_services_heartbeat_is_a_health_event(cfg_for):
         store.set_status("service", {"components": {"discovery": {"roots": [root]}}}, now=T0)
         n.check_health(T0)
         assert store.outbox() == []  # restarted and running: fine
-        store.set_status("service", {"components": {"discovery": {"roots": [{**root, "health": "observer down"}]}}}, now=T0)
+        store.set_status(
+            "service", {"components": {"discovery": {"roots": [{**root, "health": "observer down"}]}}}, now=T0
+        )
         n.check_health(T0 + 1)
         (row,) = store.outbox()
         assert row.event == "health" and "observer down" in row.title
@@ -555,20 +579,55 @@ def test_notify_test_sends_to_every_url_and_exits_1_when_one_fails(cfg_for, webh
 @pytest.mark.parametrize(
     ("text", "key", "line", "words"),
     [
-        ('[[notify.rule]]\nname = "a"\nurls = ["json://10.0.0.5/hook/abcdef123456"]\n', "notify.rule[0].urls[0]", 3, "never the URL itself"),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["json://10.0.0.5/hook/abcdef123456"]\n',
+            "notify.rule[0].urls[0]",
+            3,
+            "never the URL itself",
+        ),
         ('[[notify.rule]]\nname = "a"\nurls = ["env:"]\n', "notify.rule[0].urls[0]", 3, "'env:NAME' or 'file:PATH'"),
         ('[[notify.rule]]\nname = "a"\nurls = "env:X"\n', "notify.rule[0].urls", 3, "must be a list"),
         ('[[notify.rule]]\nname = "a"\n', "notify.rule[0].urls", 1, "missing required"),
         ('[[notify.rule]]\nname = "a"\nurls = []\n', "notify.rule[0].urls", 3, "at least one"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nquiet_hours = "22-7"\n', "notify.rule[0].quiet_hours", 4, "HH:MM-HH:MM"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nquiet_hours = "22:00-22:00"\n', "notify.rule[0].quiet_hours", 4, "equal"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nevents = ["qc_fial"]\n', "notify.rule[0].events[0]", 4, "did you mean 'qc_fail'"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nevents = ["digest"]\n', "notify.rule[0].events", 4, "notify.digest_at"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\n[[notify.rule]]\nname = "a"\nurls = ["env:Y"]\n', "notify.rule[1].name", 5, "unique"),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nquiet_hours = "22-7"\n',
+            "notify.rule[0].quiet_hours",
+            4,
+            "HH:MM-HH:MM",
+        ),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nquiet_hours = "22:00-22:00"\n',
+            "notify.rule[0].quiet_hours",
+            4,
+            "equal",
+        ),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nevents = ["qc_fial"]\n',
+            "notify.rule[0].events[0]",
+            4,
+            "did you mean 'qc_fail'",
+        ),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\nevents = ["digest"]\n',
+            "notify.rule[0].events",
+            4,
+            "notify.digest_at",
+        ),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\n[[notify.rule]]\nname = "a"\nurls = ["env:Y"]\n',
+            "notify.rule[1].name",
+            5,
+            "unique",
+        ),
         ('[notify]\ndigest_at = "8am"\n', "notify.digest_at", 2, "HH:MM"),
-        ('[notify]\ntimeout_s = 0\n', "notify.timeout_s", 2, "must be >= 1"),
+        ("[notify]\ntimeout_s = 0\n", "notify.timeout_s", 2, "must be >= 1"),
         ('[[notify.rule]]\nname = "a"\nurl = "env:X"\n', "notify.rule[0].url", 3, "did you mean 'urls'"),
-        ('[[notify.rule]]\nname = "a"\nurls = ["env:X"]\ntoken = "abcdef123456"\n', "notify.rule[0].token", 4, "name it in 'urls'"),
+        (
+            '[[notify.rule]]\nname = "a"\nurls = ["env:X"]\ntoken = "abcdef123456"\n',
+            "notify.rule[0].token",
+            4,
+            "name it in 'urls'",
+        ),
     ],
 )
 def test_notify_config_errors_name_file_key_and_line(text, key, line, words):
@@ -582,7 +641,9 @@ def test_notify_config_defaults_and_file_references_relative_to_the_config(tmp_p
     cfg = load_config_text('[[watch]]\npath = "in"\n', base=tmp_path)
     assert cfg.notify.rule == () and cfg.notify.timeout_s == 30.0
     f = tmp_path / "site.toml"
-    f.write_text('[[watch]]\npath = "in"\n[[notify.rule]]\nname = "lab"\nurls = ["file:secrets/notify.url", "env:LAB_HOOK"]\n')
+    f.write_text(
+        '[[watch]]\npath = "in"\n[[notify.rule]]\nname = "lab"\nurls = ["file:secrets/notify.url", "env:LAB_HOOK"]\n'
+    )
     assert main(["config", "check", str(f)]) == 0
     out = capsys.readouterr().out
     assert "[[notify.rule]]" in out and f"file:{tmp_path / 'secrets' / 'notify.url'}" in out

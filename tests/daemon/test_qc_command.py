@@ -52,7 +52,9 @@ def test_qc_usage_and_read_errors(qc_files, tmp_path, capsys):
     assert main(["qc"]) == 2
 
 
-def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_watch_root(shared_data, tmp_path, capsys, monkeypatch):
+def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_watch_root(
+    shared_data, tmp_path, capsys, monkeypatch
+):
     import shutil
 
     inbox = tmp_path / "inbox"
@@ -68,8 +70,11 @@ def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_w
     assert stitching()["passed"] is False  # the built-in 10 % guess is far from these tiles' 26 % x 10 %
     assert stitching("--tile-overlap", "0.26,0.1")["score"] >= 90
     config = tmp_path / "site.toml"
-    config.write_text(f'state_dir = "{(tmp_path / "state").as_posix()}"\n[[watch]]\npath = "{inbox.as_posix()}"\n'
-                      "tile_overlap = [0.26, 0.1]\n", encoding="utf-8")
+    config.write_text(
+        f'state_dir = "{(tmp_path / "state").as_posix()}"\n[[watch]]\npath = "{inbox.as_posix()}"\n'
+        "tile_overlap = [0.26, 0.1]\n",
+        encoding="utf-8",
+    )
     assert stitching("--config", str(config))["score"] >= 90  # the folder lies under that root
     for bad in ("1.5", "0.1,0.2,0.3", "x"):
         assert main(["qc", str(folder), "--tile-overlap", bad]) == 2

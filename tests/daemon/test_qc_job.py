@@ -15,8 +15,15 @@ from tests.daemon.conftest import CHIP
 
 def _member(path: Path, name: str, role: str) -> dict:
     st = path.stat()
-    return {"name": name, "path": str(path), "format": "tiff", "role": role, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "files": 1}
+    return {
+        "name": name,
+        "path": str(path),
+        "format": "tiff",
+        "role": role,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "files": 1,
+    }
 
 
 @pytest.fixture
@@ -41,7 +48,10 @@ def _run(cfg, members, chip=CHIP):
 
 def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan_dir):
     cfg = make_config()
-    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear"), _member(scan_dir / f"{CHIP}_CD31_IF.tif", f"{CHIP}_CD31_IF", "IF")]
+    members = [
+        _member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear"),
+        _member(scan_dir / f"{CHIP}_CD31_IF.tif", f"{CHIP}_CD31_IF", "IF"),
+    ]
     job, result = _run(cfg, members)
     assert job.state == "qc_done", job.error
     assert result is not None and result["verdict"] == "pass", result and result["report"]["reasons"]
@@ -54,8 +64,9 @@ def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan
     assert Path(result["output_dir"], "pictures", f"{CHIP}_track.png").exists()
     assert job.stage == "done" and job.progress == 100.0
     # what QC read, for the uploads to check the files against (#20 case 3)
-    assert result["inputs"] == {m["path"]: {"size": m["size"], "mtime_ns": m["mtime_ns"], "sha256": _sha256(Path(m["path"]))}
-                                for m in members}
+    assert result["inputs"] == {
+        m["path"]: {"size": m["size"], "mtime_ns": m["mtime_ns"], "sha256": _sha256(Path(m["path"]))} for m in members
+    }
     # the microscope's files are untouched
     assert [m["size"] for m in members] == [Path(m["path"]).stat().st_size for m in members]
 
@@ -94,7 +105,9 @@ def test_a_corrupt_image_fails_permanently_with_the_readers_reason(make_config, 
     assert CHIP in job.error and ("truncated" in job.error or "corrupt" in job.error.lower() or "beyond" in job.error)
 
 
-def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_folders(make_config, scan_dir, monkeypatch):
+def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_folders(
+    make_config, scan_dir, monkeypatch
+):
     import errno
 
     import qc.pipeline
@@ -109,11 +122,17 @@ def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_f
 
     monkeypatch.setattr(qc.pipeline, "write_run_outputs", full)
     with Store(cfg.database_path) as store:
-        ssid, _ = store.add_scan_set(chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp",
-                                     members=[_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")])
+        ssid, _ = store.add_scan_set(
+            chip=CHIP,
+            root=str(cfg.watch[0].path),
+            fingerprint="fp",
+            members=[_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")],
+        )
         store.create_job(ssid)
         job = store.claim("svc", lease_s=60)
-    out = run_qc_job(JobContext(job=job, config=cfg, owner="svc", db_path=str(cfg.database_path), progress=lambda *_: None))
+    out = run_qc_job(
+        JobContext(job=job, config=cfg, owner="svc", db_path=str(cfg.database_path), progress=lambda *_: None)
+    )
     assert out.state == "failed" and out.transient
     assert f"disk full writing {target} (No space left on device)" in out.error
     assert str(cfg.output_dir) in out.error and str(cfg.state_dir) in out.error and "retried" in out.error
@@ -130,7 +149,9 @@ def test_an_input_rewritten_while_qc_reads_it_keeping_size_and_time_makes_qc_run
     cfg = make_config()
     path = scan_dir / f"{CHIP}.tif"
     with Store(cfg.database_path) as store:
-        ssid, _ = store.add_scan_set(chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp", members=[_member(path, CHIP, "nuclear")])
+        ssid, _ = store.add_scan_set(
+            chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp", members=[_member(path, CHIP, "nuclear")]
+        )
         store.create_job(ssid)
         job = store.claim("svc", lease_s=600)
     ctx = JobContext(job=job, config=cfg, owner="svc", db_path=str(cfg.database_path), progress=lambda *_: None)
@@ -149,8 +170,10 @@ def test_an_input_rewritten_while_qc_reads_it_keeping_size_and_time_makes_qc_run
 
     out = run_qc_job(dataclasses.replace(ctx, progress=rewrite_once_reading_began))
     assert out.state == "failed" and out.transient, out
-    assert out.error == (f"{path}: changed while QC ran (same size and time: written or replaced in place), so the verdict "
-                         "would not be for the file as it is now; QC runs again")
+    assert out.error == (
+        f"{path}: changed while QC ran (same size and time: written or replaced in place), so the verdict "
+        "would not be for the file as it is now; QC runs again"
+    )
     with Store(cfg.database_path) as store:
         assert store.get_result(job.id) is None  # no verdict recorded for a file that changed under QC
     again = run_qc_job(ctx)  # the retry QCs the file as it is now and records its digest
@@ -167,13 +190,21 @@ def _sha256(path: Path) -> str:
 
 def _tile_member(folder: Path, name: str) -> dict:
     files = [p for p in folder.iterdir() if p.is_file()]
-    return {"name": name, "path": str(folder), "format": "tiles", "role": "nuclear",
-            "size": sum(p.stat().st_size for p in files), "mtime_ns": max(p.stat().st_mtime_ns for p in files),
-            "files": len(files)}
+    return {
+        "name": name,
+        "path": str(folder),
+        "format": "tiles",
+        "role": "nuclear",
+        "size": sum(p.stat().st_size for p in files),
+        "mtime_ns": max(p.stat().st_mtime_ns for p in files),
+        "files": len(files),
+    }
 
 
 @pytest.mark.parametrize(("overlap", "passes"), [(None, False), ((0.26, 0.1), True)])
-def test_the_roots_tile_overlap_is_the_stitching_guess_for_folders_without_positions(make_config, shared_data, overlap, passes):
+def test_the_roots_tile_overlap_is_the_stitching_guess_for_folders_without_positions(
+    make_config, shared_data, overlap, passes
+):
     """The real stitch2d tiles (3 x 2, no positions or overlap in their files) overlap by about 26 % x 10 %."""
     import dataclasses
 
@@ -202,8 +233,14 @@ def test_a_folder_named_by_the_roots_tile_pattern_is_qcd_with_it(make_config):
     texture = blob_texture((700, 900), seed=3)
     tiles = make_tile_set(texture, rows=2, cols=3, tile_size=320, overlap=0.15, seed=3)
     cfg = make_config()
-    cfg = dataclasses.replace(cfg, watch=(dataclasses.replace(
-        cfg.watch[0], tile_pattern=r"^scan-r(?P<row>\d+)-c(?P<col>\d+)\.tif$", tile_overlap=(0.15, 0.15)),))
+    cfg = dataclasses.replace(
+        cfg,
+        watch=(
+            dataclasses.replace(
+                cfg.watch[0], tile_pattern=r"^scan-r(?P<row>\d+)-c(?P<col>\d+)\.tif$", tile_overlap=(0.15, 0.15)
+            ),
+        ),
+    )
     folder = cfg.watch[0].path / "C02533C"
     folder.mkdir()
     for t in tiles.tiles:

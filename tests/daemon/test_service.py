@@ -15,7 +15,8 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
-from tests.helpers import dead_pid, wait_for as _wait
+from tests.helpers import dead_pid
+from tests.helpers import wait_for as _wait
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,7 +113,11 @@ def test_a_corrupt_database_stops_the_service_from_starting(make_config):
 
 def _cli(*args, cwd, env=None, timeout=60):
     return subprocess.run(
-        [sys.executable, "-m", "daemon.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "daemon.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
@@ -120,8 +125,12 @@ def _cli(*args, cwd, env=None, timeout=60):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semantics; Windows stops through the service manager")
 def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigterm(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-m", "daemon.cli", "run"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         db = tmp_path / ".imageqc" / "imageqc.sqlite3"

@@ -86,7 +86,7 @@ def test_a_missing_database_is_not_created_without_create(tmp_path):
     from daemon.errors import DatabaseUnavailable
 
     path = tmp_path / "state" / "imageqc.sqlite3"
-    with pytest.raises(DatabaseUnavailable, match="is missing .* it is not created here"):
+    with pytest.raises(DatabaseUnavailable, match=r"is missing .* it is not created here"):
         Store(path, create=False)
     assert not path.parent.exists()
 

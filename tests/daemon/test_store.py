@@ -36,7 +36,10 @@ def _job(store: Store, fp: str = "fp1", chip: str = "SS200000135TL_D1", state=S.
 
 def _force(store: Store, job_id: int, state: JobState) -> None:
     with store.db() as c:
-        c.execute("UPDATE jobs SET state = ?, lease_owner = 'w', lease_expires = ? WHERE id = ?", (state.value, T0 + 60, job_id))
+        c.execute(
+            "UPDATE jobs SET state = ?, lease_owner = 'w', lease_expires = ? WHERE id = ?",
+            (state.value, T0 + 60, job_id),
+        )
 
 
 def test_new_database_is_at_the_latest_schema_in_wal_mode(store):
@@ -47,7 +50,9 @@ def test_new_database_is_at_the_latest_schema_in_wal_mode(store):
 
 def test_same_fingerprint_makes_one_job_ever(store):
     job_id = _job(store, "abc")
-    ssid, created = store.add_scan_set(chip="SS200000135TL_D1", root="/scans", fingerprint="abc", members=[], now=T0 + 5)
+    ssid, created = store.add_scan_set(
+        chip="SS200000135TL_D1", root="/scans", fingerprint="abc", members=[], now=T0 + 5
+    )
     assert not created
     assert store.create_job(ssid, now=T0 + 5) is None
     store.transition(job_id, S.SUPERSEDED, now=T0 + 6)
@@ -83,8 +88,14 @@ def test_the_happy_path_and_its_history(store):
     job = store.get_job(job_id)
     assert job.state == "done" and job.lease_owner is None and job.finished_at == T0 + 80
     moves = [(e.from_state, e.to_state) for e in store.events(job_id)]
-    assert moves == [(None, "settling"), ("settling", "queued"), ("queued", "running"), ("running", "qc_done"),
-                     ("qc_done", "uploading"), ("uploading", "done")]
+    assert moves == [
+        (None, "settling"),
+        ("settling", "queued"),
+        ("queued", "running"),
+        ("running", "qc_done"),
+        ("qc_done", "uploading"),
+        ("uploading", "done"),
+    ]
 
 
 def test_a_worker_that_lost_its_lease_cannot_write(store):
@@ -103,7 +114,9 @@ def test_claim_takes_the_oldest_due_job_and_respects_retry_time(store):
     a = _job(store, "a", now=T0)
     b = _job(store, "b", now=T0 + 1)
     store.claim("w", now=T0 + 2)
-    store.transition(a, S.FAILED, now=T0 + 3, owner="w", error="share gone", failed_stage="qc", next_attempt_at=T0 + 100)
+    store.transition(
+        a, S.FAILED, now=T0 + 3, owner="w", error="share gone", failed_stage="qc", next_attempt_at=T0 + 100
+    )
     assert store.claim("w", now=T0 + 4).id == b  # type: ignore[union-attr]
     assert store.claim("w", now=T0 + 5) is None
     assert store.requeue_due(now=T0 + 50) == []
@@ -197,13 +210,24 @@ def test_a_job_sent_back_to_qc_keeps_only_the_records_of_what_its_old_run_stored
     job_id = _job(store)
     assert store.claim("w", now=T0, lease_s=60) is not None
     inputs = {"/scans/a.tif": {"size": 10, "mtime_ns": 5, "sha256": "ab" * 32}}
-    store.save_result(job_id, verdict="pass", report={}, archive="/out/run1.tar.gz", inputs=inputs, owner="w", now=T0 + 1)
+    store.save_result(
+        job_id, verdict="pass", report={}, archive="/out/run1.tar.gz", inputs=inputs, owner="w", now=T0 + 1
+    )
     assert store.get_result(job_id)["inputs"] == inputs  # type: ignore[index]
     store.transition(job_id, S.QC_DONE, owner="w", now=T0 + 2)
-    store.plan_uploads(job_id, [
-        {"target": "s3", "kind": kind, "local_path": path, "remote_key": f"run1/{path}", "size": 10, "mtime_ns": 5}
-        for kind, path in (("inputs", "a.tif"), ("inputs", "b.tif"), ("outputs", "run1.tar.gz"), ("outputs", "report.json"))
-    ], now=T0 + 3)
+    store.plan_uploads(
+        job_id,
+        [
+            {"target": "s3", "kind": kind, "local_path": path, "remote_key": f"run1/{path}", "size": 10, "mtime_ns": 5}
+            for kind, path in (
+                ("inputs", "a.tif"),
+                ("inputs", "b.tif"),
+                ("outputs", "run1.tar.gz"),
+                ("outputs", "report.json"),
+            )
+        ],
+        now=T0 + 3,
+    )
     rows = {r.local_path: r.id for r in store.uploads(job_id)}
     store.update_upload(rows["a.tif"], state="done", sha256="ab" * 32)
     store.update_upload(rows["report.json"], state="done")
@@ -214,8 +238,10 @@ def test_a_job_sent_back_to_qc_keeps_only_the_records_of_what_its_old_run_stored
     assert (job.state, job.lease_owner, job.next_attempt_at) == ("queued", None, None)
     assert [(r.kind, r.local_path, r.state) for r in store.uploads(job_id)] == [("outputs", "report.json", "done")]
     event = store.events(job_id)[-1]
-    assert event.message == ("/scans/b.tif: changed after QC; QC runs again "
-                             "(1 input file(s) already stored for the old QC run stay there: s3:run1/a.tif)")
+    assert event.message == (
+        "/scans/b.tif: changed after QC; QC runs again "
+        "(1 input file(s) already stored for the old QC run stay there: s3:run1/a.tif)"
+    )
     assert event.data == {"stored_for_old_run": [["s3", "run1/a.tif"]]}
     with pytest.raises(IllegalTransition):
         store.send_back_to_qc(job_id, reason="again", now=T0 + 6)  # queued: nothing QC'd to send back
@@ -244,7 +270,7 @@ def test_readonly_store_reads_and_refuses_writes(tmp_path):
 def test_corrupt_database_is_refused_with_advice(tmp_path):
     path = tmp_path / "db.sqlite3"
     path.write_bytes(b"this is not a database at all" * 100)
-    with pytest.raises(DatabaseUnavailable, match="damaged.*Move it aside"):
+    with pytest.raises(DatabaseUnavailable, match=r"damaged.*Move it aside"):
         Store(path)
 
 
@@ -253,7 +279,9 @@ def test_a_full_disk_is_named_as_such_and_the_change_rolled_back(store):
     _job(store, "kept")
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages}")
-    with pytest.raises(DatabaseUnavailable, match=r"disk holding the job database .* is full .*rolled back.*Free space in"):
+    with pytest.raises(
+        DatabaseUnavailable, match=r"disk holding the job database .* is full .*rolled back.*Free space in"
+    ):
         store.kv_put_many("pairs", [(str(i), b"x" * 4000) for i in range(100)])
     assert store.kv_count("pairs") == 0 and store.counts()["queued"] == 1
 
@@ -274,9 +302,12 @@ def test_damaged_pages_met_while_reading_are_reported_as_damage_not_a_raw_sqlite
     with Store(path) as s:
         _job(s, "a")
     damage_pages(path)
-    with Store(path, readonly=True) as ro:  # the header still reads: opening works
-        with pytest.raises(DatabaseUnavailable, match="is damaged .*malformed.*Move it aside"):
-            ro.list_jobs()
+    # the header still reads: opening works
+    with (
+        Store(path, readonly=True) as ro,
+        pytest.raises(DatabaseUnavailable, match=r"is damaged .*malformed.*Move it aside"),
+    ):
+        ro.list_jobs()
     with Store(path, readonly=True) as ro, ro.db(commit=False) as c, pytest.raises(sqlite3.OperationalError):
         c.execute("SELECT nothing FROM nowhere")  # a bad query stays a programming error
 
@@ -295,10 +326,16 @@ def test_migration_from_version_1_keeps_every_row(tmp_path):
     c = sqlite3.connect(path, isolation_level=None)
     c.executescript(MIGRATIONS[0])
     c.execute("PRAGMA user_version = 1")
-    c.execute("INSERT INTO scan_sets (chip, root, fingerprint, members, first_seen, last_seen) VALUES ('C02533C', '/s', 'f1', '[]', 1, 2)")
-    c.execute("INSERT INTO jobs (scan_set_id, chip, fingerprint, state, created_at, updated_at) VALUES (1, 'C02533C', 'f1', 'failed', 1, 2)")
+    c.execute(
+        "INSERT INTO scan_sets (chip, root, fingerprint, members, first_seen, last_seen) VALUES ('C02533C', '/s', 'f1', '[]', 1, 2)"
+    )
+    c.execute(
+        "INSERT INTO jobs (scan_set_id, chip, fingerprint, state, created_at, updated_at) VALUES (1, 'C02533C', 'f1', 'failed', 1, 2)"
+    )
     c.execute("INSERT INTO events (job_id, at, kind, message) VALUES (1, 1.5, 'state', 'share gone')")
-    c.execute("INSERT INTO qc_results (job_id, verdict, report, created_at) VALUES (1, 'fail', '{\"verdict\": \"fail\"}', 2)")
+    c.execute(
+        "INSERT INTO qc_results (job_id, verdict, report, created_at) VALUES (1, 'fail', '{\"verdict\": \"fail\"}', 2)"
+    )
     c.close()
     with Store(path) as store:
         assert store.schema_version == SCHEMA_VERSION
@@ -391,7 +428,9 @@ def test_a_process_killed_while_holding_a_lease_has_its_job_recovered(tmp_path):
         job_id = _job(s, now=time.time())
     proc = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(db), "2"],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         assert proc.stdout is not None

@@ -131,7 +131,10 @@ def test_non_recursive_roots_and_partial_scans(tmp_path):
     _tiles(root / "sub" / "SS200000135TL_D1", 1, 1)
     assert [os.path.basename(p) for p in scan_tree(_policy(root, recursive=False)).members] == ["C02533C.tif"]
     pol = _policy(root)
-    assert sorted(os.path.basename(p) for p in scan_tree(pol, str(root / "sub")).members) == ["A02677B5.tif", "SS200000135TL_D1"]
+    assert sorted(os.path.basename(p) for p in scan_tree(pol, str(root / "sub")).members) == [
+        "A02677B5.tif",
+        "SS200000135TL_D1",
+    ]
     one = scan_tree(pol, str(root / "sub" / "SS200000135TL_D1"))  # a tile folder examined as an entry
     assert list(one.members) == [norm(root / "sub" / "SS200000135TL_D1")]
 

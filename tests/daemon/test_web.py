@@ -49,10 +49,26 @@ REPORT = {
     "verdict": "fail",
     "reasons": [REASON, "<script>alert('x')</script> & more"],
     "checks": [
-        {"metric": "track", "image": CHIP, "value": 42.0, "threshold": ">= 60", "passed": False, "required": True,
-         "reason": REASON, "detail": None},
-        {"metric": "clarity", "image": CHIP, "value": 91.5, "threshold": ">= 80", "passed": True, "required": False,
-         "reason": None, "detail": None},
+        {
+            "metric": "track",
+            "image": CHIP,
+            "value": 42.0,
+            "threshold": ">= 60",
+            "passed": False,
+            "required": True,
+            "reason": REASON,
+            "detail": None,
+        },
+        {
+            "metric": "clarity",
+            "image": CHIP,
+            "value": 91.5,
+            "threshold": ">= 80",
+            "passed": True,
+            "required": False,
+            "reason": None,
+            "detail": None,
+        },
     ],
     "stage_s": {"read": 0.4, "track": 3.2, "clarity": 1.1, "verdict": 0.01},
     "duration_s": 4.7,
@@ -68,8 +84,12 @@ def write_png(path: Path, rgb: tuple[int, int, int] = PICTURE_RGB, size: tuple[i
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -92,19 +112,34 @@ def web_config(make_config, listen: str | None = None, extra: str = ""):
     return make_config(f'[web]\nlisten = "{listen or f"127.0.0.1:{free_port()}"}"\nrefresh_s = 5\n{extra}')
 
 
-def add_job(cfg, *, chip: str = CHIP, verdict: str | None = "fail", report: dict | None = None,
-            output_dir: Path | None = None, fp: str = "fp") -> int:
+def add_job(
+    cfg,
+    *,
+    chip: str = CHIP,
+    verdict: str | None = "fail",
+    report: dict | None = None,
+    output_dir: Path | None = None,
+    fp: str = "fp",
+) -> int:
     """A job as the service leaves it: QC done (with a result) then skipped; or queued when verdict is None."""
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(chip=chip, root=str(cfg.watch[0].path), fingerprint=fp,
-                                 members=[{"name": chip, "path": f"{cfg.watch[0].path}/{chip}.tif", "size": 1}])
+        ssid, _ = s.add_scan_set(
+            chip=chip,
+            root=str(cfg.watch[0].path),
+            fingerprint=fp,
+            members=[{"name": chip, "path": f"{cfg.watch[0].path}/{chip}.tif", "size": 1}],
+        )
         job_id = s.create_job(ssid)
         if verdict is None:
             return job_id
         job = s.claim("t")
         assert job is not None and job.id == job_id
-        s.save_result(job_id, verdict=verdict, report=report or {**REPORT, "verdict": verdict},
-                      output_dir=str(output_dir) if output_dir else None)
+        s.save_result(
+            job_id,
+            verdict=verdict,
+            report=report or {**REPORT, "verdict": verdict},
+            output_dir=str(output_dir) if output_dir else None,
+        )
         s.transition(job_id, JobState.QC_DONE, owner="t")
         s.transition(job_id, JobState.SKIPPED)
     return job_id
@@ -196,21 +231,50 @@ def test_metrics_from_the_heartbeat_and_from_the_store_when_the_service_is_stopp
     now = time.time()
     root = str(cfg.watch[0].path)
     beat = {
-        "state": "running", "pid": os.getpid(), "host": socket.gethostname(), "version": "0.1.0", "started_at": now - 60,
+        "state": "running",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "version": "0.1.0",
+        "started_at": now - 60,
         "components": {
-            "discovery": {"roots": [{"path": root, "observer": "polling", "health": "restarted 1x", "last_rescan": now - 30,
-                                     "pending": 2}, {"path": "/gone", "observer": "native", "health": "observer down"}],
-                          "waiting": {"sets": [{"chip": "C02533C", "since": now - 120, "stage": "settling",
-                                                "reason": "IF image without its <nuclear> image", "folder": root}],
-                                      "sets_total": 3, "misnamed": [{"path": f"{root}/notes.tif", "reason": "not a chip serial"}],
-                                      "misnamed_total": 1}},
-            "uploads": {"targets": {"lab-s3": {"files": 3, "bytes": 3_000, "rate_bps": 1_500, "open": False,
-                                               "sent_bytes": 12_345}}},
+            "discovery": {
+                "roots": [
+                    {
+                        "path": root,
+                        "observer": "polling",
+                        "health": "restarted 1x",
+                        "last_rescan": now - 30,
+                        "pending": 2,
+                    },
+                    {"path": "/gone", "observer": "native", "health": "observer down"},
+                ],
+                "waiting": {
+                    "sets": [
+                        {
+                            "chip": "C02533C",
+                            "since": now - 120,
+                            "stage": "settling",
+                            "reason": "IF image without its <nuclear> image",
+                            "folder": root,
+                        }
+                    ],
+                    "sets_total": 3,
+                    "misnamed": [{"path": f"{root}/notes.tif", "reason": "not a chip serial"}],
+                    "misnamed_total": 1,
+                },
+            },
+            "uploads": {
+                "targets": {
+                    "lab-s3": {"files": 3, "bytes": 3_000, "rate_bps": 1_500, "open": False, "sent_bytes": 12_345}
+                }
+            },
         },
     }
     with Store(cfg.database_path) as s:
         s.set_status("service", beat, now=now)
-        s.plan_uploads(1, [{"target": "lab-s3", "kind": "outputs", "local_path": "/x/a.tar.gz", "remote_key": "k", "size": 700}])
+        s.plan_uploads(
+            1, [{"target": "lab-s3", "kind": "outputs", "local_path": "/x/a.tar.gz", "remote_key": "k", "size": 700}]
+        )
         s.transition(1, JobState.QC_DONE)  # waiting for its upload
     web = WebServer(cfg)
     web.start()
@@ -293,14 +357,29 @@ def raw_get_refused(web: WebServer) -> bool:
 def browser_checks(url: str, job_id: int, tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); the page was checked over HTTP only")
-    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}"]
-    dom = subprocess.run([*base, "--dump-dom", f"{url}/jobs/{job_id}"], capture_output=True, text=True, timeout=90, check=True).stdout
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium); the page was checked over HTTP only"
+        )
+    base = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ]
+    dom = subprocess.run(
+        [*base, "--dump-dom", f"{url}/jobs/{job_id}"], capture_output=True, text=True, timeout=90, check=True
+    ).stdout
     assert "FAIL" in dom and REASON_HTML in dom and f'src="/pictures/{job_id}/track.png"' in dom
     assert "<script>alert" not in dom  # the reason's markup arrives as text
     shot = tmp_path / "job.png"
-    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1000,1400", f"{url}/jobs/{job_id}"],
-                   capture_output=True, timeout=90, check=True)
+    subprocess.run(
+        [*base, f"--screenshot={shot}", "--window-size=1000,1400", f"{url}/jobs/{job_id}"],
+        capture_output=True,
+        timeout=90,
+        check=True,
+    )
     import cv2
     import numpy as np
 
@@ -310,7 +389,9 @@ def browser_checks(url: str, job_id: int, tmp_path: Path) -> None:
     verdict_red = int(((abs(r - 0xB0) < 40) & (g < 60) & (b < 70)).sum())  # the FAIL colour (web_pages.STYLE)
     assert magenta > 1000, "the picture was not shown in the browser"
     assert verdict_red > 5, "no red FAIL verdict text in the screenshot"
-    status_dom = subprocess.run([*base, "--dump-dom", f"{url}/"], capture_output=True, text=True, timeout=90, check=True).stdout
+    status_dom = subprocess.run(
+        [*base, "--dump-dom", f"{url}/"], capture_output=True, text=True, timeout=90, check=True
+    ).stdout
     assert CHIP in status_dom and "FAIL" in status_dom and REASON_HTML in status_dom
 
 
@@ -319,7 +400,15 @@ def browser_checks(url: str, job_id: int, tmp_path: Path) -> None:
 
 def test_pages_escape_values_set_safe_headers_and_refresh(served):
     _cfg, web, job_id = served
-    for path in ("/", f"/jobs/{job_id}", "/metrics", "/style.css", f"/pictures/{job_id}/track.png", "/nope", "/jobs/999"):
+    for path in (
+        "/",
+        f"/jobs/{job_id}",
+        "/metrics",
+        "/style.css",
+        f"/pictures/{job_id}/track.png",
+        "/nope",
+        "/jobs/999",
+    ):
         status, headers, body = get(web.url + path)
         assert status == (404 if path in ("/nope", "/jobs/999") else 200), path
         for k, v in SAFE_HEADERS.items():

@@ -55,7 +55,7 @@ def test_a_successful_job_reaches_qc_done_with_its_result_and_progress(env):
 
 
 def test_a_raising_job_fails_permanently_with_the_reason(env):
-    cfg, store, job_id = env()
+    cfg, store, _job_id = env()
     job = _run(cfg, store, "boom")
     assert job.state == "failed"
     assert job.error == "ValueError: the image is upside down"
@@ -63,7 +63,7 @@ def test_a_raising_job_fails_permanently_with_the_reason(env):
 
 
 def test_a_transient_failure_is_retried_later(env):
-    cfg, store, job_id = env()
+    cfg, store, _job_id = env()
     before = time.time()
     job = _run(cfg, store, "transient")
     assert job.state == "failed" and job.error == "share went away"
@@ -71,7 +71,7 @@ def test_a_transient_failure_is_retried_later(env):
 
 
 def test_a_crashed_child_fails_the_job_transiently(env):
-    cfg, store, job_id = env()
+    cfg, store, _job_id = env()
     job = _run(cfg, store, "crash")
     assert job.state == "failed" and "exit code 17" in (job.error or "")
     assert job.next_attempt_at is not None
@@ -80,7 +80,9 @@ def test_a_crashed_child_fails_the_job_transiently(env):
 def test_timeout_stops_the_child(env):
     cfg, store, job_id = env("[qc]\ntimeout_s = 10")
     worker_timer = iter(range(0, 10**6, 20))  # every read of the worker's monotonic timer jumps 20 s
-    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w", timer=lambda: float(next(worker_timer)))
+    worker = ProcessWorker(
+        cfg, store, target="tests.daemon.targets:sleep_long", owner="w", timer=lambda: float(next(worker_timer))
+    )
     job = store.claim("w", lease_s=60)
     assert job is not None
     worker.submit(job)
@@ -95,7 +97,9 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
 
     cfg, store, job_id = env("[qc]\ntimeout_s = 600")
     shift = [0.0]
-    worker = ProcessWorker(cfg, store, target="tests.daemon.targets:wait_for_go", owner="w", clock=lambda: time.time() + shift[0])
+    worker = ProcessWorker(
+        cfg, store, target="tests.daemon.targets:wait_for_go", owner="w", clock=lambda: time.time() + shift[0]
+    )
     job = store.claim("w", lease_s=cfg.service.lease_seconds)
     assert job is not None
     worker.submit(job)
@@ -115,13 +119,13 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
 
 
 def test_memory_limit_stops_the_child(env):
-    cfg, store, job_id = env("[qc]\nmemory_limit_mb = 300")
+    cfg, store, _job_id = env("[qc]\nmemory_limit_mb = 300")
     job = _run(cfg, store, "hog_memory")
     assert job.state == "failed" and "qc.memory_limit_mb = 300" in (job.error or "")
 
 
 def test_cancel_stops_a_running_child(env):
-    cfg, store, job_id = env()
+    cfg, store, _job_id = env()
 
     def cancel(worker, job):
         deadline = time.monotonic() + 20
@@ -157,7 +161,7 @@ def test_stop_returns_a_running_job_to_the_queue(env):
 def test_child_runs_at_low_priority_with_bounded_threads(env):
     cfg, store, job_id = env("[qc]\nthreads = 1\npriority = 'low'")
     _run(cfg, store, "report_environment")
-    ev = [e for e in store.events(job_id) if e.to_state == "qc_done"][0]
+    ev = next(e for e in store.events(job_id) if e.to_state == "qc_done")
     assert ev.data is not None
     assert ev.data["nice"] >= 10 and ev.data["omp"] == "1"
 

@@ -48,8 +48,13 @@ FAST = {
     "qc": {"threads": 1, "memory_limit_mb": 1536, "priority": "normal"},
     "output": {"pictures": False},
     "service": {
-        "tick_seconds": 0.2, "lease_seconds": 5, "workers": 2, "retry_base_s": 1, "retry_max_s": 2,
-        "shutdown_timeout_s": 2, "max_attempts": 10,
+        "tick_seconds": 0.2,
+        "lease_seconds": 5,
+        "workers": 2,
+        "retry_base_s": 1,
+        "retry_max_s": 2,
+        "shutdown_timeout_s": 2,
+        "max_attempts": 10,
     },
     "logging": {"console": "off", "max_bytes": 200_000_000},
 }
@@ -100,8 +105,16 @@ def hpc_target(path: str = "hpc", **extra: Any) -> dict[str, Any]:
 
 def s3_target(endpoint: str, bucket: str, **extra: Any) -> dict[str, Any]:
     return {
-        "name": "s3", "type": "s3", "mode": "all", "endpoint": endpoint, "bucket": bucket, "region": "us-east-1",
-        "addressing_style": "path", "part_size_mb": 5, "credentials": f"env:{S3_ENV}", **extra,
+        "name": "s3",
+        "type": "s3",
+        "mode": "all",
+        "endpoint": endpoint,
+        "bucket": bucket,
+        "region": "us-east-1",
+        "addressing_style": "path",
+        "part_size_mb": 5,
+        "credentials": f"env:{S3_ENV}",
+        **extra,
     }
 
 
@@ -121,7 +134,9 @@ class Service:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.env = {
-            **os.environ, "PYTHONPATH": str(REPO), f"{S3_ENV}_ACCESS_KEY_ID": S3_KEYS[0],
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            f"{S3_ENV}_ACCESS_KEY_ID": S3_KEYS[0],
             f"{S3_ENV}_SECRET_ACCESS_KEY": S3_KEYS[1],
         }
         self.env.pop("IMAGEQC_CONFIG", None)
@@ -134,7 +149,10 @@ class Service:
         out = (self.root / f"service-{self.starts}.out").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run", "--config", str(self.config)],
-            cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         out.close()
 
@@ -225,7 +243,9 @@ class Service:
             if value:
                 return value
             if self.proc is not None and self.proc.poll() is not None and not may_exit:
-                pytest.fail(f"the service exited ({self.proc.returncode}) while waiting for {what}:\n{self.output()[-3000:]}")
+                pytest.fail(
+                    f"the service exited ({self.proc.returncode}) while waiting for {what}:\n{self.output()[-3000:]}"
+                )
             time.sleep(every)
         jobs = "\n".join(f"  #{j.id} {j.chip} {j.state} {j.error or ''}" for j in self.jobs())
         tail = "\n".join(json.dumps(e)[:300] for e in self.log()[-15:])
@@ -236,14 +256,21 @@ class Service:
 
         def up() -> bool:
             st = self.read(lambda s: s.get_status().get("service"))
-            return bool(st and st[0].get("state") == "running" and st[0].get("pid") == self.pid and started == self.starts)
+            return bool(
+                st and st[0].get("state") == "running" and st[0].get("pid") == self.pid and started == self.starts
+            )
 
         self.wait_for(up, timeout, "the service to report running")
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config)], cwd=self.root, env=self.env,
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config)],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
     def status(self) -> dict[str, Any]:
@@ -319,7 +346,9 @@ def serial(i: int) -> str:
     return f"SS2000{i:05d}TL_D1"
 
 
-def write_slowly(path: Path, data: bytes, *, chunk: int = 128 * 1024, pause: float = 0.02, stop: threading.Event | None = None) -> None:
+def write_slowly(
+    path: Path, data: bytes, *, chunk: int = 128 * 1024, pause: float = 0.02, stop: threading.Event | None = None
+) -> None:
     """Write ``data`` to ``path`` in chunks, as a microscope exporting: the file grows under its final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as fh:
@@ -429,11 +458,19 @@ def verify_exactly_once(
             for target in {r.target for r in records if r.job_id == j.id}:
                 paths = {r.local_path for r in records if r.job_id == j.id and r.target == target}
                 inputs = {p for p in paths if any(p == m or p.startswith(m + os.sep) for m in members)}
-                assert paths - inputs == outputs, f"{j.chip} -> {target}: outputs {sorted(paths - inputs)}, expected {sorted(outputs)}"
-                assert all(any(p == m or p.startswith(m + os.sep) for p in inputs) for m in members), (j.chip, target, inputs)
+                assert paths - inputs == outputs, (
+                    f"{j.chip} -> {target}: outputs {sorted(paths - inputs)}, expected {sorted(outputs)}"
+                )
+                assert all(any(p == m or p.startswith(m + os.sep) for p in inputs) for m in members), (
+                    j.chip,
+                    target,
+                    inputs,
+                )
     expected: dict[str, dict[str, str]] = {}
     for r in records:
-        assert r.state in ("done", "present"), f"upload record {r.id} ({r.target} {r.remote_key}) is {r.state}: {r.error}"
+        assert r.state in ("done", "present"), (
+            f"upload record {r.id} ({r.target} {r.remote_key}) is {r.state}: {r.error}"
+        )
         local = sha256_file(Path(r.local_path))
         assert r.sha256 == local, f"{r.local_path}: recorded sha256 {r.sha256} != {local}"
         keys = expected.setdefault(r.target, {})

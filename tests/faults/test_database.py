@@ -63,7 +63,9 @@ def _refused(svc) -> str:
 def test_a_database_locked_by_another_program_is_refused_and_left_as_it_was(make_service):
     svc = _state_folder(make_service)
     before = sha256_file(svc.db)
-    holder = subprocess.Popen([sys.executable, "-c", LOCKER, str(svc.db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(svc.db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         out = _refused(svc)  # waits out the store's busy timeout, then gives up
@@ -94,7 +96,9 @@ def test_a_corrupt_database_is_refused_and_never_modified(make_service, damage):
     st = svc.status()  # `imageqc status` says why, instead of crashing
     assert st["service"]["running"] is False and str(svc.db) in st["service"]["reason"]
     jobs = svc.cli("jobs")
-    assert jobs.returncode == 1 and jobs.stderr.startswith("imageqc: the job database") and "Traceback" not in jobs.stderr
+    assert (
+        jobs.returncode == 1 and jobs.stderr.startswith("imageqc: the job database") and "Traceback" not in jobs.stderr
+    )
     assert svc.db.read_bytes() == before
 
 

@@ -33,7 +33,10 @@ class Tmpfs:
         self.filler = path / "filler.bin"
         path.mkdir(parents=True, exist_ok=True)
         r = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True, check=False
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {r.stderr.strip() or r.returncode}")
@@ -79,7 +82,9 @@ def _failed(svc, chip):
     return next((j for j in svc.jobs() if j.chip == chip and j.state == "failed"), None)
 
 
-def test_a_full_output_disk_fails_qc_transiently_and_the_retry_succeeds_once_space_returns(make_service, tmpfs, chip_images):
+def test_a_full_output_disk_fails_qc_transiently_and_the_retry_succeeds_once_space_returns(
+    make_service, tmpfs, chip_images
+):
     svc = make_service(config_text(uploads=[hpc_target()], output={"dir": "out", "pictures": True}))
     out = tmpfs(svc.root / "out", "6m")
     out.fill(leave=64 * 1024)
@@ -92,19 +97,25 @@ def test_a_full_output_disk_fails_qc_transiently_and_the_retry_succeeds_once_spa
     assert "disk full writing " in job.error and "No space left" in job.error and str(out.path) in job.error, job.error
     st = svc.status()  # what a person sees meanwhile
     assert st["service"]["running"] is True
-    assert any(e["job_id"] == job.id and "disk full" in e["error"] and e["retry_at"] for e in st["recent_errors"]), st["recent_errors"]
+    assert any(e["job_id"] == job.id and "disk full" in e["error"] and e["retry_at"] for e in st["recent_errors"]), st[
+        "recent_errors"
+    ]
     assert not _leftovers(out.path), f"half-written outputs left on the full disk: {_leftovers(out.path)}"
     out.free()
     svc.wait_for(lambda: any(j.chip == chip and j.state == "done" for j in svc.jobs()), 90, "the retry to succeed")
     assert svc.stop() == 0
     verify_exactly_once(svc, [chip], hpc=svc.root / "hpc")
     runs = sorted(p.name for p in out.path.iterdir())
-    assert len([r for r in runs if r.endswith(".tar.gz")]) == 1 and len([r for r in runs if not r.endswith(".tar.gz")]) == 1, runs
+    assert (
+        len([r for r in runs if r.endswith(".tar.gz")]) == 1
+        and len([r for r in runs if not r.endswith(".tar.gz")]) == 1
+    ), runs
 
 
 def test_a_full_share_fails_the_upload_transiently_and_it_resumes_once_space_returns(make_service, tmpfs, chip_images):
     svc = make_service(
-        config_text(uploads=[hpc_target("share", max_attempts=2, retry_base_s=0.2, retry_max_s=0.5)]), folders=("inbox",)
+        config_text(uploads=[hpc_target("share", max_attempts=2, retry_base_s=0.2, retry_max_s=0.5)]),
+        folders=("inbox",),
     )
     share = tmpfs(svc.root / "share", "4m")
     share.fill(leave=256 * 1024)  # room for the archive, not for the 1.4 MB image
@@ -123,7 +134,9 @@ def test_a_full_share_fails_the_upload_transiently_and_it_resumes_once_space_ret
     verify_exactly_once(svc, [chip], hpc=share.path)
 
 
-def test_a_full_state_disk_stops_the_service_with_the_reason_and_a_restart_finishes_the_work(make_service, tmpfs, chip_images):
+def test_a_full_state_disk_stops_the_service_with_the_reason_and_a_restart_finishes_the_work(
+    make_service, tmpfs, chip_images
+):
     svc = make_service(config_text(uploads=[hpc_target()], output={"dir": "out"}), folders=("inbox", "hpc", "out"))
     state = tmpfs(svc.root / "state", "8m")
     svc.start()

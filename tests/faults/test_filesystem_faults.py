@@ -67,8 +67,11 @@ def test_a_fifo_named_like_a_chip_is_reported_once_and_never_blocks_the_service(
 
     svc.start()  # and a restart does not hang on it either, nor report it again
     svc.wait_running()
-    svc.wait_for(lambda: svc.read(lambda s: s.get_status()["service"][0]["components"]["discovery"]["roots"][0]["last_rescan"]),
-                 60, "a rescan after the restart")
+    svc.wait_for(
+        lambda: svc.read(lambda s: s.get_status()["service"][0]["components"]["discovery"]["roots"][0]["last_rescan"]),
+        60,
+        "a rescan after the restart",
+    )
     assert len([e for e in svc.log() if e.get("event") == FIFO_WARNING]) == 1
     assert [j.chip for j in svc.jobs()] == [serial(1)] and _nobody_reads(fifo)
     assert svc.stop(timeout=60) == 0
@@ -85,8 +88,10 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
     czi = tmp_path / "A02677B5.czi"
     os.mkfifo(czi)
     calls = {
-        "open_regular": lambda: open_regular(fifo), "detect_format": lambda: detect_format(fifo),
-        "open_image": lambda: open_image(fifo), "check_tiff_whole": lambda: check_tiff_whole(fifo),
+        "open_regular": lambda: open_regular(fifo),
+        "detect_format": lambda: detect_format(fifo),
+        "open_image": lambda: open_image(fifo),
+        "check_tiff_whole": lambda: check_tiff_whole(fifo),
         "check_czi_whole": lambda: check_czi_whole(czi),
     }
     outcome: dict[str, BaseException | None] = {}
@@ -96,7 +101,7 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
             try:
                 call()
                 outcome[name] = None
-            except BaseException as e:  # noqa: BLE001 - recorded for the assertions below
+            except BaseException as e:
                 outcome[name] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -110,17 +115,24 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
     for name in calls:
         e = outcome[name]
         assert isinstance(e, NotRegularFileError), (name, e)
-        assert f"{fifo if name != 'check_czi_whole' else czi}: a FIFO (named pipe), not a regular file. Only regular files are read" in str(e), str(e)
+        assert (
+            f"{fifo if name != 'check_czi_whole' else czi}: a FIFO (named pipe), not a regular file. Only regular files are read"
+            in str(e)
+        ), str(e)
     assert _nobody_reads(fifo) and _nobody_reads(czi)
 
 
 # -- case 10: names that are not valid UTF-8 --------------------------------------------------
 
 
-@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="the file system must accept any bytes in a name (Linux)")
+@pytest.mark.skipif(
+    sys.platform in ("win32", "darwin"), reason="the file system must accept any bytes in a name (Linux)"
+)
 def test_a_folder_named_in_another_encoding_is_qcd_uploaded_and_shown_escaped(make_service, chip_images):
     svc = make_service(config_text(uploads=[hpc_target()]))
-    folder = Path(os.fsdecode(os.fsencode(svc.root / "inbox") + b"/Lauf \xff 2024"))  # Latin-1 'y' from another code page
+    folder = Path(
+        os.fsdecode(os.fsencode(svc.root / "inbox") + b"/Lauf \xff 2024")
+    )  # Latin-1 'y' from another code page
     folder.mkdir()
     (folder / f"{serial(2)}.tif").write_bytes(chip_images[0])
     svc.start()
@@ -128,7 +140,9 @@ def test_a_folder_named_in_another_encoding_is_qcd_uploaded_and_shown_escaped(ma
     svc.wait_for(lambda: [j.state for j in svc.jobs()] == ["done"], 180, "the set done")
     verify_exactly_once(svc, [serial(2)], hpc=svc.root / "hpc")
     log = svc.log()
-    assert not [e for e in log if e.get("level") in ("error", "critical")], [e for e in log if e.get("level") == "error"][:3]
+    assert not [e for e in log if e.get("level") in ("error", "critical")], [
+        e for e in log if e.get("level") == "error"
+    ][:3]
     found = [e for e in log if e.get("event") == "scan set found" and e.get("chip") == serial(2)]
     assert found and found[0]["folder"].endswith("/inbox/Lauf \\xff 2024"), found  # escaped, readable
     with svc.store() as s:
@@ -143,8 +157,11 @@ def test_a_folder_named_in_another_encoding_is_qcd_uploaded_and_shown_escaped(ma
     assert svc.stop() == 0
     svc.start()  # the discovery state saved with that name loads again
     svc.wait_running()
-    svc.wait_for(lambda: svc.read(lambda s: s.get_status()["service"][0]["components"]["discovery"]["roots"][0]["last_rescan"]),
-                 60, "a rescan after the restart")
+    svc.wait_for(
+        lambda: svc.read(lambda s: s.get_status()["service"][0]["components"]["discovery"]["roots"][0]["last_rescan"]),
+        60,
+        "a rescan after the restart",
+    )
     assert [(j.chip, j.state) for j in svc.jobs()] == [(serial(2), "done")]
     assert not [e for e in svc.log() if e.get("level") in ("error", "critical")]
     assert svc.stop() == 0
@@ -262,9 +279,11 @@ def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queue
     assert len(_jobs(cfg)) == 1  # the same job, not a second one
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="permissions are not enforced for root (uid 0): run it as an ordinary user, or in a user "
-                    "namespace: unshare --user --map-user=1000 --map-group=1000 python -m pytest ...")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="permissions are not enforced for root (uid 0): run it as an ordinary user, or in a user "
+    "namespace: unshare --user --map-user=1000 --map-group=1000 python -m pytest ...",
+)
 def test_an_unreadable_watch_root_is_reported_and_its_sets_are_retried_once_readable(queue_only, chip_images):
     _, disc, cfg = queue_only()
     inbox = cfg.watch[0].path
@@ -351,9 +370,20 @@ def test_jobs_queued_before_paths_were_part_of_the_identity_are_still_recognised
     with Store(cfg.database_path) as s:  # what an older version recorded, before the service starts again
         for path, recorded_at in ((here, here), (moved, inbox / moved.name)):
             f = probe(policy, str(path.resolve()))
-            m = MemberState(str(recorded_at.resolve()), f.member.name, f.member.chip, f.member.format, f.member.role,
-                            f.member.stain, f.stat, 0.0, 0.0)
-            ssid, _ = s.add_scan_set(chip=m.chip, root=str(inbox), fingerprint=fingerprint([m]), members=[m.job_member()])
+            m = MemberState(
+                str(recorded_at.resolve()),
+                f.member.name,
+                f.member.chip,
+                f.member.format,
+                f.member.role,
+                f.member.stain,
+                f.stat,
+                0.0,
+                0.0,
+            )
+            ssid, _ = s.add_scan_set(
+                chip=m.chip, root=str(inbox), fingerprint=fingerprint([m]), members=[m.job_member()]
+            )
             job_id = s.create_job(ssid)
             s.transition(s.claim("old-version").id, "qc_done", owner="old-version")
             s.transition(job_id, "done")

@@ -39,13 +39,24 @@ pytestmark = pytest.mark.soak
 
 def header_bomb(side: int = 10**6) -> bytes:
     """A valid little-endian TIFF whose one IFD declares ``side`` x ``side`` 8-bit px and holds 16 bytes."""
-    tags = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None), (277, 3, 1),
-            (278, 4, side), (279, 4, 16)]
+    tags = [
+        (256, 4, side),
+        (257, 4, side),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, None),
+        (277, 3, 1),
+        (278, 4, side),
+        (279, 4, 16),
+    ]
     strip = 8 + 2 + 12 * len(tags) + 4
     out = b"II" + struct.pack("<HI", 42, 8) + struct.pack("<H", len(tags))
     for tag, typ, value in tags:
         value = strip if value is None else value
-        out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
+        out += struct.pack("<HHI", tag, typ, 1) + (
+            struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+        )
     return out + struct.pack("<I", 0) + b"\x7f" * 16
 
 
@@ -84,7 +95,9 @@ class RssSampler:
                     continue
 
 
-def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touched(make_service, chip_images, shared_data):
+def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touched(
+    make_service, chip_images, shared_data
+):
     token = uuid.uuid4().hex[:12]
     svc = make_service(
         config_text(
@@ -105,15 +118,19 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
     # hostile archives: '../' and absolute members; a link that leaves the archive
     escapes = [f"../../escaped-{token}.txt", f"{ch[4]}/images/../../../escaped2-{token}.txt", f"/tmp/abs-{token}.txt"]
     hostile_archive(inbox / f"{ch[4]}.tar.gz", [_file(f"{ch[4]}/report.json"), *(_file(n) for n in escapes)])
-    hostile_archive(inbox / f"{ch[5]}.tar.gz", [_file(f"{ch[5]}/report.json"),
-                                                _link(f"{ch[5]}/images/{ch[5]}.tif", "../../../../../../etc/passwd")])
+    hostile_archive(
+        inbox / f"{ch[5]}.tar.gz",
+        [_file(f"{ch[5]}/report.json"), _link(f"{ch[5]}/images/{ch[5]}.tif", "../../../../../../etc/passwd")],
+    )
     # symbolic links inside the root to a chip TIFF and a folder outside it
     (outside / "SS200000501TL_D1.tif").write_bytes(image)
     (outside / "outdir" / "SS200000502TL_D1.tif").write_bytes(image)
     os.symlink(outside / "SS200000501TL_D1.tif", inbox / f"{ch[6]}.tif")
     os.symlink(outside / "outdir", inbox / "linked", target_is_directory=True)
     # unicode and spaces
-    (inbox / f"{ch[7]}_CD31-α_IF.tif").write_bytes(image)  # the IF name allows letters A-Z, digits and '-': not a member name
+    (inbox / f"{ch[7]}_CD31-α_IF.tif").write_bytes(
+        image
+    )  # the IF name allows letters A-Z, digits and '-': not a member name
     (inbox / "Mouse brain α 1.tif").write_bytes(image)  # not a serial: reported once, ignored (strict)
     (inbox / "Run 2024 α").mkdir()
     (inbox / "Run 2024 α" / f"{ch[8]}.tif").write_bytes(image)  # a serial in a folder with unicode and spaces: fine
@@ -156,8 +173,10 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
     pids = [e["pid"] for e in svc.log() if e.get("event") == "job started" and e.get("job_id") == bomb.id]
     assert pids and all(p in sampler.peak for p in pids), (pids, sampler.peak)  # the child was seen running
     assert all(sampler.peak[p] < 600 * 2**20 for p in pids), {p: sampler.peak[p] for p in pids}  # nothing allocated
-    print(f"\nhostile: the 10^6 x 10^6 header's QC child peaked at {max(sampler.peak[p] for p in pids) / 2**20:.0f} MB RSS; "
-          f"other QC children {max(sampler.peak.values()) / 2**20:.0f} MB at most")
+    print(
+        f"\nhostile: the 10^6 x 10^6 header's QC child peaked at {max(sampler.peak[p] for p in pids) / 2**20:.0f} MB RSS; "
+        f"other QC children {max(sampler.peak.values()) / 2**20:.0f} MB at most"
+    )
     assert "has an absolute path or '..'" in jobs[ch[4]].error and "do not unpack it" in jobs[ch[4]].error
     assert "points outside the archive" in jobs[ch[5]].error
     for chip in (ch[4], ch[5]):
@@ -175,14 +194,18 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
     # names that are not serials (strict) were reported once, however many rescans saw them
     log = svc.log()
     for name in ("Mouse brain α 1.tif", f"{ch[7]}_CD31-α_IF.tif"):
-        reports = [e for e in log if e.get("event", "").startswith("names are not chip serials") and name in e.get("names", [])]
+        reports = [
+            e for e in log if e.get("event", "").startswith("names are not chip serials") and name in e.get("names", [])
+        ]
         assert len(reports) == 1, (name, reports)
     accepted = [e for e in log if e.get("event", "").startswith("accepted a name that is not a chip serial")]
     assert [e["path"] for e in accepted] == [str(lenient / "Mouse brain α 1.tif")]
     with svc.store() as s:
         assert s.get_result(jobs["Mouse brain α 1"].id)["verdict"] == "pass"
         assert s.get_result(jobs[ch[8]].id)["verdict"] == "pass"
-    verify_exactly_once(svc, [ch[8], ch[9], "Mouse brain α 1"], hpc=svc.root / "hpc", ignore=[ch[k] for k in range(1, 6)])
+    verify_exactly_once(
+        svc, [ch[8], ch[9], "Mouse brain α 1"], hpc=svc.root / "hpc", ignore=[ch[k] for k in range(1, 6)]
+    )
     after = {d.name: tree_hashes(d) for d in (inbox, lenient, outside)}
     after["inbox"].pop(f"{ch[9]}.tif")
     assert after == before  # the microscope's files, byte for byte

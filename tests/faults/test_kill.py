@@ -76,10 +76,14 @@ class Kill:
 def test_sigkill_at_random_moments_every_set_ends_done_exactly_once(make_service, chip_images, s3_server):
     rng = random.Random(SEED)
     bucket = new_bucket(s3_server)
-    svc = make_service(config_text(uploads=[
-        hpc_target(bandwidth_limit="4MB/s", concurrency=2),
-        s3_target(s3_server.endpoint, bucket, bandwidth_limit="4MB/s", concurrency=2),
-    ]))
+    svc = make_service(
+        config_text(
+            uploads=[
+                hpc_target(bandwidth_limit="4MB/s", concurrency=2),
+                s3_target(s3_server.endpoint, bucket, bandwidth_limit="4MB/s", concurrency=2),
+            ]
+        )
+    )
     inbox = svc.root / "inbox"
     written: dict[str, bytes] = {}
     stop = threading.Event()
@@ -133,8 +137,10 @@ def test_sigkill_at_random_moments_every_set_ends_done_exactly_once(make_service
         assert svc.stop() == 0
     finally:
         stop.set()
-    report = "\n".join(f"  kill {n + 1} at {k.at_s:5.1f} s: wanted {k.wanted:9s} hit {sorted(k.hit)} ({k.orphans} QC child(ren) left)"
-                       for n, k in enumerate(kills))
+    report = "\n".join(
+        f"  kill {n + 1} at {k.at_s:5.1f} s: wanted {k.wanted:9s} hit {sorted(k.hit)} ({k.orphans} QC child(ren) left)"
+        for n, k in enumerate(kills)
+    )
     report += f"\n  SIGTERM during {sorted(term_hit)}: exit 0"
     print(f"\nSIGKILL matrix (seed {SEED}):\n{report}")
     hits = set().union(*(k.hit for k in kills))

@@ -62,7 +62,12 @@ def test_a_qc_run_writes_nothing_under_the_users_home(chip_tif, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "qc", str(chip_tif), "--out", str(out), "--json"],
-        check=False, cwd=tmp_path, env=_child_env(HOME=str(home), USERPROFILE=str(home)), capture_output=True, text=True, timeout=300,
+        check=False,
+        cwd=tmp_path,
+        env=_child_env(HOME=str(home), USERPROFILE=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["images"][0]["clarity"] is not None  # the ONNX model did run
@@ -103,13 +108,25 @@ def _nested_subifds(depth: int) -> bytes:
         here = len(out)
         strip = here + size
         sub = strip + len(pixels) if level < depth else 0
-        tags = [(256, 3, 8), (257, 3, 8), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, strip), (277, 3, 1),
-                (278, 3, 8), (279, 4, len(pixels)), (330, 13, sub)]
+        tags = [
+            (256, 3, 8),
+            (257, 3, 8),
+            (258, 3, 8),
+            (259, 3, 1),
+            (262, 3, 1),
+            (273, 4, strip),
+            (277, 3, 1),
+            (278, 3, 8),
+            (279, 4, len(pixels)),
+            (330, 13, sub),
+        ]
         if not sub:
             tags = tags[:-1]
         out += struct.pack("<H", len(tags))
         for tag, typ, value in tags:
-            out += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value))
+            out += struct.pack("<HHI", tag, typ, 1) + (
+                struct.pack("<HH", value, 0) if typ == 3 else struct.pack("<I", value)
+            )
         out += struct.pack("<I", 0) + b"\0" * (size - 2 - 12 * len(tags) - 4) + pixels
     return bytes(out)
 
@@ -166,7 +183,8 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     folder look changed since QC forever.
     """
     svc = make_service(
-        config_text(uploads=[hpc_target()], output={"pictures": True}), folders=("inbox", "hpc", "outside"),
+        config_text(uploads=[hpc_target()], output={"pictures": True}),
+        folders=("inbox", "hpc", "outside"),
     )
     inbox, outside = svc.root / "inbox", svc.root / "outside"
     long_if = f"{CHIP}_{'CD31-' * 45}{'A' * (250 - len(CHIP) - 1 - 225 - 7)}_IF.tif"
@@ -179,15 +197,18 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     os.symlink("loop", tiles / "loop")  # a link to itself: ELOOP when followed
     os.symlink(Path("..") / ".." / "outside" / "secret.txt", tiles / "notes.txt")  # out of the root
     shutil.copyfile(tiles / "stitch2d_ex[Grid@0 0].jpg", outside / "tile.jpg")
-    os.symlink(Path("..") / ".." / "outside" / "tile.jpg", tiles / "stitch2d_ex[Grid@2 0].jpg")  # tile-named, out of the root
+    os.symlink(
+        Path("..") / ".." / "outside" / "tile.jpg", tiles / "stitch2d_ex[Grid@2 0].jpg"
+    )  # tile-named, out of the root
     (tiles / "more").mkdir()
     os.symlink("..", tiles / "more" / "up", target_is_directory=True)  # a folder loop
     before = tree_hashes(inbox)
 
     svc.start()
     svc.wait_running()
-    svc.wait_for(lambda: {j.chip: j.state for j in svc.jobs()} == {CHIP: "done", "C02533C": "done"}, 120,
-                 "both sets to end done")
+    svc.wait_for(
+        lambda: {j.chip: j.state for j in svc.jobs()} == {CHIP: "done", "C02533C": "done"}, 120, "both sets to end done"
+    )
     assert svc.stop() == 0
 
     verify_exactly_once(svc, [CHIP, "C02533C"], hpc=svc.root / "hpc")
@@ -208,7 +229,11 @@ def test_a_250_character_if_name_and_links_in_a_tile_folder_end_done_with_every_
     with tarfile.open(archive) as tar:
         pictures = [Path(n).name for n in tar.getnames() if "/pictures/" in n]
     calibration = [p for p in pictures if p.endswith("_calibration.png")]
-    assert len(calibration) == 1 and len(calibration[0].encode()) == 255 and calibration[0].startswith(f"{CHIP}_CD31-CD31-")
+    assert (
+        len(calibration) == 1
+        and len(calibration[0].encode()) == 255
+        and calibration[0].startswith(f"{CHIP}_CD31-CD31-")
+    )
     assert tree_hashes(inbox) == before  # the microscope's files untouched
 
 
@@ -277,7 +302,9 @@ def test_the_completion_check_never_decompresses_an_archive(bomb, monkeypatch):
     cut.unlink()
 
 
-def test_an_archive_bomb_fails_its_job_from_the_headers_and_nothing_is_expanded(make_service, chip_images, bomb, tmp_path):
+def test_an_archive_bomb_fails_its_job_from_the_headers_and_nothing_is_expanded(
+    make_service, chip_images, bomb, tmp_path
+):
     """Issue #20 case 13: the QC child spilled the member into the system's temp folder until that disk was full."""
     system_temp = tmp_path / "system-temp"
     system_temp.mkdir()
@@ -286,9 +313,13 @@ def test_an_archive_bomb_fails_its_job_from_the_headers_and_nothing_is_expanded(
     shutil.copyfile(bomb, svc.root / "inbox" / bomb.name)
     svc.start()
     svc.wait_running()
-    svc.wait_for(lambda: any(j.chip == BOMB_CHIP and j.state == "failed" for j in svc.jobs()), 90, "the bomb's job to fail")
+    svc.wait_for(
+        lambda: any(j.chip == BOMB_CHIP and j.state == "failed" for j in svc.jobs()), 90, "the bomb's job to fail"
+    )
     (svc.root / "inbox" / f"{CHIP}.tif").write_bytes(chip_images[0])  # the service goes on with ordinary sets
-    svc.wait_for(lambda: any(j.chip == CHIP and j.state == "skipped" for j in svc.jobs()), 90, "the ordinary set")  # no upload
+    svc.wait_for(
+        lambda: any(j.chip == CHIP and j.state == "skipped" for j in svc.jobs()), 90, "the ordinary set"
+    )  # no upload
     assert svc.stop() == 0
 
     job = next(j for j in svc.jobs() if j.chip == BOMB_CHIP)
@@ -310,8 +341,11 @@ def test_an_archive_member_that_does_not_fit_the_scratch_folder_is_never_spilled
     from qc.io.archive import read_archive
 
     scratch = tmpfs(tmp_path / "out", "32m")
-    with pytest.raises(OSError) as err:
+    with pytest.raises(OSError) as err:  # noqa: PT011 - the errno is checked below
         read_archive(bomb, limits=ReadLimits(), scratch_dir=scratch.path)
     assert err.value.errno == errno.ENOSPC
-    assert f"reading {bomb}/{BOMB_CHIP}/images/{BOMB_CHIP}.tif needs 0.293 GiB of scratch space in {scratch.path} but only " in str(err.value)
+    assert (
+        f"reading {bomb}/{BOMB_CHIP}/images/{BOMB_CHIP}.tif needs 0.293 GiB of scratch space in {scratch.path} but only "
+        in str(err.value)
+    )
     assert list(scratch.path.iterdir()) == []

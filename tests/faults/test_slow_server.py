@@ -34,8 +34,10 @@ MARGIN_S = 25.0
 
 #: The answer to every upload request, sent 2 bytes a second (about 150 s in all).
 TRICKLED = (
-    b"HTTP/1.1 200 OK\r\nETag: \"d41d8cd98f00b204e9800998ecf8427e\"\r\nContent-Length: 0\r\n"
-    + b"x-amz-request-id: " + b"trickle" * 30 + b"\r\n\r\n"
+    b'HTTP/1.1 200 OK\r\nETag: "d41d8cd98f00b204e9800998ecf8427e"\r\nContent-Length: 0\r\n'
+    + b"x-amz-request-id: "
+    + b"trickle" * 30
+    + b"\r\n\r\n"
 )
 
 
@@ -152,7 +154,9 @@ def test_a_trickling_upload_server_never_holds_up_a_stop_and_nothing_is_lost(
     svc.start()
     svc.wait_for(lambda: trickling_s3.uploads > before and stuck_uploading(), 60, "the upload to be stuck again")
     svc.proc.send_signal(signal.SIGTERM)
-    svc.wait_for(lambda: sum(e.get("event") == "signal received: stopping" for e in svc.log()) > signals, 30, "the first signal")
+    svc.wait_for(
+        lambda: sum(e.get("event") == "signal received: stopping" for e in svc.log()) > signals, 30, "the first signal"
+    )
     svc.proc.send_signal(signal.SIGTERM)
     try:
         code = svc.wait_exit(MARGIN_S)
@@ -168,4 +172,3 @@ def test_a_trickling_upload_server_never_holds_up_a_stop_and_nothing_is_lost(
     svc.wait_for(lambda: [j.state for j in svc.jobs()] == ["done"], 90, "the job to be uploaded after the restart")
     assert svc.stop() == 0
     verify_exactly_once(svc, [job.chip], s3=(s3_server.client(), bucket))
-

@@ -67,7 +67,9 @@ def test_sets_streamed_in_over_time_are_all_done_once_and_memory_stays_flat(make
         proc = psutil.Process(svc.pid)
         while not stop.wait(0.5):
             try:
-                samples.append(Sample(time.monotonic(), done[0], proc.memory_info().rss, proc.num_threads(), proc.num_fds()))
+                samples.append(
+                    Sample(time.monotonic(), done[0], proc.memory_info().rss, proc.num_threads(), proc.num_fds())
+                )
             except psutil.Error:
                 return
 
@@ -77,6 +79,7 @@ def test_sets_streamed_in_over_time_are_all_done_once_and_memory_stays_flat(make
     for t in threads:
         t.start()
     try:
+
         def all_done() -> bool:
             done[0] = svc.read(lambda s: s.counts()["done"]) or 0
             return done[0] >= SETS
@@ -101,7 +104,8 @@ def test_sets_streamed_in_over_time_are_all_done_once_and_memory_stays_flat(make
     )
     print("\nsoak:", summary)
     (svc.root / "soak-samples.csv").write_text(
-        "t_s,done,rss_bytes,threads,fds\n" + "".join(f"{s.t - samples[0].t:.1f},{s.done},{s.rss},{s.threads},{s.fds}\n" for s in samples)
+        "t_s,done,rss_bytes,threads,fds\n"
+        + "".join(f"{s.t - samples[0].t:.1f},{s.done},{s.rss},{s.threads},{s.fds}\n" for s in samples)
     )
     assert med_last <= 1.3 * med_first, summary
     assert max(s.threads for s in last) <= max(s.threads for s in first) + 4, summary

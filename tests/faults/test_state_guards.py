@@ -66,11 +66,14 @@ def test_a_job_database_deleted_under_the_service_stops_it_and_the_next_start_re
     assert d.failure is not None
     assert f"the job database {cfg.database_path} was deleted while the service ran" in d.failure
     saved = sorted(cfg.state_dir.glob("imageqc.sqlite3.saved-*"))
-    assert len(saved) == 1 and f"a copy of what it held was saved as {saved[0]}; the next start resumes from it" in d.failure
+    assert (
+        len(saved) == 1
+        and f"a copy of what it held was saved as {saved[0]}; the next start resumes from it" in d.failure
+    )
     assert not cfg.database_path.exists()  # no QC child (or anything else) made a new, empty one
     st = collect_status(cfg)
     assert f"the service saved what it held as {saved[0]}" in st["service"]["reason"]
-    with pytest.raises(DatabaseUnavailable, match="start the service .* to resume from that copy"):
+    with pytest.raises(DatabaseUnavailable, match=r"start the service .* to resume from that copy"):
         Store(cfg.database_path)  # `imageqc qc`'s pair cache, say: no new database hides the copy
 
     d2 = Daemon(cfg, target="tests.daemon.targets:ok", components=[Discovery(cfg)])
@@ -98,14 +101,16 @@ def test_a_second_service_refuses_to_start_beside_a_live_one_whose_lock_file_was
         assert wait_for(lambda: _job(cfg, job_id).stage == "waiting", timeout=30)
         lock = cfg.state_dir / "service.lock"
         lock.unlink()  # the fault
-        with pytest.raises(AlreadyRunning, match="although the lock file .*service.lock is missing") as refused:
+        with pytest.raises(AlreadyRunning, match=r"although the lock file .*service.lock is missing") as refused:
             Daemon(cfg, target=WAIT).start()
         assert "another imageqc service (pid" in str(refused.value)
         job = _job(cfg, job_id)
         assert job.state == "running" and job.lease_owner == d1.owner  # not taken over
         d1.tick()  # the next round of the first service
         assert d1._stop.is_set() and d1.failure is not None
-        assert d1.failure.startswith(f"the lock file {lock} was deleted while the service ran; another service could start")
+        assert d1.failure.startswith(
+            f"the lock file {lock} was deleted while the service ran; another service could start"
+        )
     finally:
         d1.stop()
     claims = [e for e in _events(cfg, job_id) if (e.message or "").startswith("claimed by")]

@@ -49,9 +49,19 @@ def stitch2d_tiles(overlap: float = 0.2) -> tuple[list[Tile], dict[str, tuple[fl
     for idx, fname in spec["filenames"].items():
         col, row = (int(v) for v in re.search(r"Grid@(\d+) (\d+)", fname).groups())
         path = folder / fname
-        tiles.append(Tile(name=fname, row=row, col=col, x=float(col * step_x), y=float(row * step_y),
-                          width=tw, height=th, loader=lambda p=path: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE),
-                          identity=_identity(path)))
+        tiles.append(
+            Tile(
+                name=fname,
+                row=row,
+                col=col,
+                x=float(col * step_x),
+                y=float(row * step_y),
+                width=tw,
+                height=th,
+                loader=lambda p=path: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE),
+                identity=_identity(path),
+            )
+        )
         y, x = spec["coords"][idx]
         expected[fname] = (float(x), float(y))
     return tiles, expected

@@ -104,7 +104,12 @@ def test_templates():
     assert ss2.period == 2940
     assert ss2.positions == (0, 240, 540, 870, 1260, 1650, 1980, 2280, 2520)
     assert ss2.pitch_nm == 500.0
-    assert (ss2.line_position(0), ss2.line_position(9), ss2.line_position(-1), ss2.line_position(10)) == (0, 2940, -420, 3180)
+    assert (ss2.line_position(0), ss2.line_position(9), ss2.line_position(-1), ss2.line_position(10)) == (
+        0,
+        2940,
+        -420,
+        3180,
+    )
     assert TEMPLATES["SS1"].offsets == (192, 240, 288, 312, 312, 288, 240, 192, 384)
     assert TEMPLATES["SS1"].pitch_nm == 600.0
     assert TEMPLATES["DP84"].offsets == (112, 144, 208, 224, 224, 208, 144, 112, 160)
@@ -175,7 +180,9 @@ def short_serials(draw) -> tuple[str, dict]:
     letter = draw(st.sampled_from("ABCDY"))
     number = draw(st.text("0123456789", min_size=5, max_size=5))
     pos, size = draw(positions())
-    return f"{letter}{number}{pos}", dict(kind="short", prefix=letter, number=number, position=pos, size_cm=size, template="SS2")
+    return f"{letter}{number}{pos}", dict(
+        kind="short", prefix=letter, number=number, position=pos, size_cm=size, template="SS2"
+    )
 
 
 @settings(max_examples=400, deadline=None)

@@ -11,6 +11,7 @@ bounded threads; window sampling reads a memmap on a bounded grid.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -76,7 +77,7 @@ def exposed(img: np.ndarray, gain: float) -> np.ndarray:
 
 def assert_falls_steadily(scores: list[float], *, start: float, end: float) -> None:
     assert scores[0] >= start, scores
-    for a, b in zip(scores, scores[1:]):
+    for a, b in itertools.pairwise(scores):
         assert b <= a + TOLERANCE, scores
     assert scores[-1] <= end, scores
 
@@ -118,7 +119,7 @@ def test_shipped_model_reproduces_its_recorded_validation_accuracy(shipped, data
     val = [s for s in clarity_data.load_sources() if s.split == "val"]
     assert [s.name for s in val] == sidecar["sources"]
     x, y, _ = clarity_data.build_split(val, 60, np.random.default_rng(12345))
-    assert clarity_data.CLASSES == shipped.spec.classes
+    assert shipped.spec.classes == clarity_data.CLASSES
     pred = shipped.predict_proba(x).argmax(axis=1)
     assert np.mean(pred == y) == pytest.approx(sidecar["accuracy"], abs=0.08)
 
@@ -144,7 +145,7 @@ def test_score_falls_steadily_as_blur_grows(shipped, data_dir, stain):
     blur = [r.counts["mild_blur"] + r.counts["severe_blur"] for r in results]
     assert blur == sorted(blur), blur  # blur is detected more, never less, as it grows
     assert blur[-1] >= 0.75 * (results[-1].windows_evaluated - results[-1].counts["background"])
-    for a, b in zip(results, results[1:]):
+    for a, b in itertools.pairwise(results):
         if b.score > a.score + TOLERANCE:
             # Only where slight blur removes clipping the original has: the DAPI crop has
             # 0.23 % of its pixels at 65535 (small saturated nuclei), none left at sigma 1.
@@ -240,7 +241,7 @@ def test_stomics_model_scores_real_crops_sensibly(stomics, data_dir):
         good.append(evaluate_clarity(img, stomics).score)
         blur.append(evaluate_clarity(blurred(img, 8.0), stomics).score)
     assert min(good) >= 80
-    assert all(b < g for g, b in zip(good, blur))
+    assert all(b < g for g, b in zip(good, blur, strict=False))
     assert np.mean(good) - np.mean(blur) >= 20
 
 
@@ -275,12 +276,14 @@ def test_wrong_class_count_is_a_model_error(data_dir):
             "std": STOMICS_4CLASS["std"],
         }
     )
-    with pytest.raises(ModelError, match="outputs .*4.* but 6 classes are declared"):
+    with pytest.raises(ModelError, match=r"outputs .*4.* but 6 classes are declared"):
         load_clarity_model(spec)
 
 
 def test_wrong_channel_count_is_a_model_error(data_dir):
-    spec = ClarityModel(path=data_dir / "models" / STOMICS_FILE, classes=("background", "severe_blur", "good", "severe_overexposure"))
+    spec = ClarityModel(
+        path=data_dir / "models" / STOMICS_FILE, classes=("background", "severe_blur", "good", "severe_overexposure")
+    )
     with pytest.raises(ModelError, match=r"input input0 has shape .* expected \[N, 1, 64, 64\]"):
         load_clarity_model(spec)
 

@@ -74,6 +74,7 @@ def test_fusion_decodes_each_tile_once_and_holds_only_the_rows_a_band_crosses(tm
             alive[1] = max(alive[1], alive[0])
             weakref.finalize(arr, lambda: alive.__setitem__(0, alive[0] - 1))
             return arr
+
         return Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width, height=t.height, loader=load)
 
     fuse_tiles([counted(t) for t in ts.tiles], tmp_path / "b.ome.tif", tile_px=64)

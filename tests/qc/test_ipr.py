@@ -338,7 +338,9 @@ def test_no_lzf_anywhere(runs):
     for _, path, _ in runs.values():
         with h5py.File(path, "r") as f:
             datasets = []
-            f.visititems(lambda name, obj: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None)
+            f.visititems(
+                lambda name, obj, datasets=datasets: datasets.append(obj) if isinstance(obj, h5py.Dataset) else None
+            )
             assert all(d.compression in (None, "gzip") for d in datasets)
             compressed += sum(d.compression == "gzip" for d in datasets)
     assert compressed > 0

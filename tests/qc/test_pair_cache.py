@@ -36,6 +36,7 @@ class CountingTiles:
             with self.lock:
                 self.reads[t.name] = self.reads.get(t.name, 0) + 1
             return t.read()
+
         return load
 
 
@@ -60,10 +61,10 @@ def test_second_run_computes_no_pair():
     assert (first.pairs_total, first.pairs_computed, first.pairs_cached) == (17, 17, 0)
     assert (second.pairs_total, second.pairs_computed, second.pairs_cached) == (17, 0, 17)
     names = list(first.registered_positions)
-    assert np.allclose([second.registered_positions[n] for n in names],
-                       [first.registered_positions[n] for n in names], atol=1e-3)
-    assert (second.score, second.passed, second.max_deviation_px) == (first.score, first.passed,
-                                                                     first.max_deviation_px)
+    assert np.allclose(
+        [second.registered_positions[n] for n in names], [first.registered_positions[n] for n in names], atol=1e-3
+    )
+    assert (second.score, second.passed, second.max_deviation_px) == (first.score, first.passed, first.max_deviation_px)
     assert all(p.cached for p in second.pairs)
 
 
@@ -74,7 +75,7 @@ def test_warm_run_on_a_tile_folder_decodes_and_hashes_nothing(tmp_path):
     r1 = evaluate_stitching(cold.tiles, cache=cache)
     assert r1.pairs_computed == 17
     assert set(cold.reads.values()) == {1}  # each tile decoded exactly once, digest included
-    assert sum(k.startswith("digest:") for k in cache.keys()) == 12
+    assert sum(k.startswith("digest:") for k in cache) == 12
     warm = CountingTiles(tiles_from_folder(folder))
     r2 = evaluate_stitching(warm.tiles, cache=cache)
     assert (r2.pairs_computed, r2.pairs_cached) == (0, 17)
@@ -133,14 +134,23 @@ def test_minimal_get_put_cache_works():
 
 def test_pair_key_changes_exactly_with_its_inputs():
     params = StitchingParams().pair_params()
-    base = dict(digest_a="a" * 64, digest_b="b" * 64, direction="right", nominal_offset=(200, 0),
-                params=params, version=PAIR_ALGORITHM_VERSION)
+    base = dict(
+        digest_a="a" * 64,
+        digest_b="b" * 64,
+        direction="right",
+        nominal_offset=(200, 0),
+        params=params,
+        version=PAIR_ALGORITHM_VERSION,
+    )
     k0 = pair_key(**base)
     assert k0 == pair_key(**base) and k0.startswith("pair:")
     assert k0 == pair_key(**{**base, "params": dict(reversed(list(params.items())))})  # order-free
     variants = [
-        {"digest_a": "c" * 64}, {"digest_b": "c" * 64}, {"direction": "down"},
-        {"nominal_offset": (201, 0)}, {"version": PAIR_ALGORITHM_VERSION + "x"},
+        {"digest_a": "c" * 64},
+        {"digest_b": "c" * 64},
+        {"direction": "down"},
+        {"nominal_offset": (201, 0)},
+        {"version": PAIR_ALGORITHM_VERSION + "x"},
         {"params": {**params, "min_peak_ratio": 2.5}},
         {"params": StitchingParams(max_shift_fraction=0.4).pair_params()},
     ]
@@ -165,7 +175,7 @@ def test_cached_results_are_identical_to_fresh_ones():
     cache = MemoryPairCache()
     fresh = evaluate_stitching(ts.tiles, cache=cache)
     cached = evaluate_stitching(ts.tiles, cache=cache)
-    for a, b in zip(fresh.pairs, cached.pairs):
+    for a, b in zip(fresh.pairs, cached.pairs, strict=False):
         assert a.status == b.status
         assert np.allclose(a.measured_offset, b.measured_offset, atol=1e-3)
         assert a.quality == pytest.approx(b.quality, abs=1e-4)

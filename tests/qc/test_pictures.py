@@ -25,8 +25,20 @@ CHIP = "SS200000135TL_D1"
 GEOM = {"width": 1500, "height": 1500, "scale": (0.5, 0.5), "angle_deg": 1.5}
 #: Every colour the pictures module draws with (saturated, so a grey image never has it by chance).
 PALETTE = {
-    P.GREEN, P.RED, P.AMBER, P.LINE_C, P.ORIGIN_C, P.INSET_C, P.MEASURED_C, P.DAPI_C, P.IF_C, P.LIMIT_C,
-    P.OFFSET_C, P.CROP_C, *(c for c in P.CLARITY_COLOURS.values() if c), *VERDICT_COLOURS.values(),
+    P.GREEN,
+    P.RED,
+    P.AMBER,
+    P.LINE_C,
+    P.ORIGIN_C,
+    P.INSET_C,
+    P.MEASURED_C,
+    P.DAPI_C,
+    P.IF_C,
+    P.LIMIT_C,
+    P.OFFSET_C,
+    P.CROP_C,
+    *(c for c in P.CLARITY_COLOURS.values() if c),
+    *VERDICT_COLOURS.values(),
 } - {P.GREY, VERDICT_COLOURS["n/a"]}
 
 
@@ -40,10 +52,16 @@ def runs(tmp_path_factory, shared_data):
     for d in sets.values():
         d.mkdir()
     tifffile.imwrite(sets["pass"] / f"{CHIP}.tif", dapi.image)
-    tifffile.imwrite(sets["pass"] / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(12, -7), data_dir=shared_data).image)
+    tifffile.imwrite(
+        sets["pass"] / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(12, -7), data_dir=shared_data).image
+    )
     tifffile.imwrite(sets["fail"] / f"{CHIP}.tif", blurred.image)
-    tifffile.imwrite(sets["fail"] / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(30, 18), data_dir=shared_data).image)
-    write_tile_folder(make_tile_set(dapi.image, rows=2, cols=2, tile_size=700, overlap=0.1, jitter_px=3, seed=2), sets["tiles"] / CHIP)
+    tifffile.imwrite(
+        sets["fail"] / f"{CHIP}_CD31_IF.tif", generate_if(dapi.truth, offset_px=(30, 18), data_dir=shared_data).image
+    )
+    write_tile_folder(
+        make_tile_set(dapi.image, rows=2, cols=2, tile_size=700, overlap=0.1, jitter_px=3, seed=2), sets["tiles"] / CHIP
+    )
     out = {}
     for key, folder in sets.items():
         with open_scan_set(sorted(folder.iterdir())) as scan:
@@ -62,18 +80,29 @@ def _pictures(report) -> dict[str, P.Picture]:
     checks, thumbs, ctx = art["checks"], art["thumbs"], {"chip": art["chip"], "stain": art["stain"]}
     pics = {}
     for name, res in art["track"].items():
-        pics[f"{name} track"] = P.draw_track(*thumbs[name], res, title=name, check=checks[("track", name)],
-                                             insets=art["track_insets"][name], **ctx)
+        pics[f"{name} track"] = P.draw_track(
+            *thumbs[name], res, title=name, check=checks[("track", name)], insets=art["track_insets"][name], **ctx
+        )
     for name, res in art["clarity"].items():
-        pics[f"{name} clarity"] = P.draw_clarity(*thumbs[name], res, art["clarity_labels"], title=name,
-                                                 check=checks[("clarity", name)], **ctx)
+        pics[f"{name} clarity"] = P.draw_clarity(
+            *thumbs[name], res, art["clarity_labels"], title=name, check=checks[("clarity", name)], **ctx
+        )
     for name, res in art["stitching"].items():
-        pics[f"{name} stitching"] = P.draw_stitching(*thumbs[name], res, art["tile_sizes"][name], title=name,
-                                                     check=checks[("stitching", name)], **ctx)
+        pics[f"{name} stitching"] = P.draw_stitching(
+            *thumbs[name], res, art["tile_sizes"][name], title=name, check=checks[("stitching", name)], **ctx
+        )
     for name, res in art["calibration"].items():
         nt, f = thumbs[art["nuclear"]]
-        pics[f"{name} calibration"] = P.draw_calibration(nt, thumbs[name][0], f, res, title=name,
-                                                         crops=art["calibration_crops"][name], check=checks[("calibration", name)], **ctx)
+        pics[f"{name} calibration"] = P.draw_calibration(
+            nt,
+            thumbs[name][0],
+            f,
+            res,
+            title=name,
+            crops=art["calibration_crops"][name],
+            check=checks[("calibration", name)],
+            **ctx,
+        )
     pics["summary"] = P.draw_summary(report)
     return pics
 
@@ -126,10 +155,12 @@ def test_every_colour_drawn_is_named_in_the_legend(runs):
             for colour, meaning in pic.legend.items():
                 assert meaning, (key, what, colour)
                 swatch = int((_keys(legend_band) == _key(colour)).sum())
-                assert swatch >= 26 * 18, f"{key} {what}: the swatch of {colour} ({meaning}) is missing from the legend band"
+                assert swatch >= 26 * 18, (
+                    f"{key} {what}: the swatch of {colour} ({meaning}) is missing from the legend band"
+                )
             # sampled: any palette colour found in the picture's body is one the legend names
             keys, counts = np.unique(_keys(body), return_counts=True)
-            seen = dict(zip(keys.tolist(), counts.tolist()))
+            seen = dict(zip(keys.tolist(), counts.tolist(), strict=False))
             # (the calibration overlays are themselves (IF, DAPI, IF) colours: those cannot be told from drawing)
             palette = {c for c in PALETTE if c[0] != c[2]} if what.endswith("calibration") else PALETTE
             found = {c for c in palette if seen.get(_key(c), 0) >= 3}
@@ -162,7 +193,7 @@ def test_the_track_insets_are_full_resolution_crops_shown_1_to_1(runs):
         assert ins["measured"] and abs(ins["crossing"][0] - (x0 + P.INSET_PX / 2)) <= 1
     pic = _pictures(run.report)[f"{CHIP} track"]
     assert len(pic.insets) == 4
-    for (x, y, w, h), ins in zip(pic.insets, insets):
+    for (x, y, w, h), ins in zip(pic.insets, insets, strict=False):
         assert (w, h) == (P.INSET_PX, P.INSET_PX)
         shown, crop = pic.image[y : y + h, x : x + w], P.to_display(ins["pixels"])
         # pixel for pixel, except the small ring around the measured crossing at the centre
@@ -208,7 +239,10 @@ def test_the_calibration_crops_are_full_resolution_and_undo_the_offset(runs):
         return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
     # the crop has features, and after undoing the offset the IF lines up with the DAPI much better
-    assert crops["reference"].std() > 5 and ncc(crops["reference"], crops["after"]) > ncc(crops["reference"], crops["before"]) + 0.2
+    assert (
+        crops["reference"].std() > 5
+        and ncc(crops["reference"], crops["after"]) > ncc(crops["reference"], crops["before"]) + 0.2
+    )
 
 
 def test_stitching_colours_agree_with_the_score(runs):

@@ -86,7 +86,7 @@ def test_a_clean_dapi_chip_passes_with_the_right_geometry(sets):
     assert img["clarity"]["score"] is not None and img["clarity"]["model"]
     assert img["stitching"] is None and img["calibration"] is None
     assert d["software"]["name"] == "imageqc"
-    assert [s for s, _ in stages][0] == "read" and stages[-1] == ("verdict", 100.0)
+    assert next(s for s, _ in stages) == "read" and stages[-1] == ("verdict", 100.0)
     assert [p for _, p in stages] == sorted(p for _, p in stages)
     # seconds per stage that ran (the service's stage histograms, #19), adding up to about the whole run
     assert set(d["stage_s"]) == {"read", "track", "clarity", "verdict"}
@@ -131,7 +131,12 @@ def test_dapi_mif_calibration_recovers_the_offset_and_writes_outputs(sets, tmp_p
     assert out.folder.name.startswith(f"{CHIP}_") and out.archive is not None
     assert json.loads(out.report.read_text())["verdict"] == "pass"
     names = sorted(p.name for p in out.pictures)
-    assert names == [f"{CHIP}_CD31_IF_calibration.png", f"{CHIP}_clarity.png", f"{CHIP}_summary.png", f"{CHIP}_track.png"]
+    assert names == [
+        f"{CHIP}_CD31_IF_calibration.png",
+        f"{CHIP}_clarity.png",
+        f"{CHIP}_summary.png",
+        f"{CHIP}_track.png",
+    ]
     for p in out.pictures:
         pic = cv2.imread(str(p))
         assert pic is not None and max(pic.shape[:2]) <= 2600 and pic.std() > 5

@@ -75,7 +75,7 @@ def test_structure_snr_separates_texture_noise_and_flat(dapi_texture):
     assert structure_snr(dapi_texture.astype(np.uint16)) > 3
     assert structure_snr(noise) < 0.3
     assert structure_snr(np.full((100, 100), 7, np.uint8)) == pytest.approx(0.0, abs=1e-3)
-    vignetted = (1000 + 0.02 * (np.arange(300)[None, :] - 150) ** 2 + rng.normal(0, 5, (300, 300)))
+    vignetted = 1000 + 0.02 * (np.arange(300)[None, :] - 150) ** 2 + rng.normal(0, 5, (300, 300))
     assert structure_snr(vignetted.astype(np.uint16)) < 0.5  # smooth shading is not structure
 
 

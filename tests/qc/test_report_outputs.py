@@ -29,8 +29,16 @@ write_outputs(rep, sys.argv[1], pictures=die)
 
 
 def _report(chip="C02533C", started_at=1_700_000_100.0) -> QCReport:
-    return QCReport(chip=chip, stain="DAPI", verdict="pass", reasons=(), images=(), duration_s=1.0,
-                    software_version="0.1.0", started_at=started_at)
+    return QCReport(
+        chip=chip,
+        stain="DAPI",
+        verdict="pass",
+        reasons=(),
+        images=(),
+        duration_s=1.0,
+        software_version="0.1.0",
+        started_at=started_at,
+    )
 
 
 def _host() -> str:
@@ -42,8 +50,13 @@ def _host() -> str:
 def test_a_writer_killed_mid_write_leaves_a_hidden_partial_that_is_removed(tmp_path):
     out = tmp_path / "outputs"
     finished = write_outputs(_report(), out)
-    proc = subprocess.run([sys.executable, "-c", _DIES_MID_WRITE, str(out)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIES_MID_WRITE, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 9, proc.stderr
     leftovers = [p for p in out.iterdir() if p.name.startswith(".")]
     assert len(leftovers) == 1 and (leftovers[0] / "pictures" / "half.png").exists()

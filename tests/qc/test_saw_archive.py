@@ -32,7 +32,9 @@ def mif_set(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("mif")
     dapi = generate_chip(data_dir=shared_data, seed=41, **GEOM)
     tifffile.imwrite(root / f"{CHIP}.tif", dapi.image)
-    tifffile.imwrite(root / f"{CHIP}_CD31_IF.tiff", generate_if(dapi.truth, offset_px=(9, -5), data_dir=shared_data).image)
+    tifffile.imwrite(
+        root / f"{CHIP}_CD31_IF.tiff", generate_if(dapi.truth, offset_px=(9, -5), data_dir=shared_data).image
+    )
     return root
 
 
@@ -62,7 +64,9 @@ def test_dapi_mif_archive_is_what_saw_takes(mif_set, tmp_path):
     assert names[0] == f"{stem}.ipr"
     assert f"DAPI/{CHIP}_DAPI.tif" in names
     assert f"IF/CD31_IF/{CHIP}_CD31_IF.tif" in names
-    assert {"imageqc/report.json", f"imageqc/pictures/{CHIP}_track.png", f"imageqc/{stem}.ipr"} - set(names) == {f"imageqc/{stem}.ipr"}
+    assert {"imageqc/report.json", f"imageqc/pictures/{CHIP}_track.png", f"imageqc/{stem}.ipr"} - set(names) == {
+        f"imageqc/{stem}.ipr"
+    }
     # the images go in unchanged, and the microscope's files are untouched
     with tarfile.open(out.archive) as tar:
         stored = hashlib.sha256(tar.extractfile(f"IF/CD31_IF/{CHIP}_CD31_IF.tif").read()).hexdigest()
@@ -76,7 +80,9 @@ def test_dapi_mif_archive_is_what_saw_takes(mif_set, tmp_path):
     scope = rec.images["CD31_IF"].calibration["Scope"]
     assert abs(scope["OffsetX"] + 9) <= 1 and abs(scope["OffsetY"] - 5) <= 1  # cellbin2: the shift moving IF onto DAPI
     with h5py.File(ipr) as f:  # SAW's reader needs no filter beyond gzip
-        f.visititems(lambda _n, obj: isinstance(obj, h5py.Dataset) and obj.compression not in (None, "gzip") and pytest.fail(_n))
+        f.visititems(
+            lambda _n, obj: isinstance(obj, h5py.Dataset) and obj.compression not in (None, "gzip") and pytest.fail(_n)
+        )
 
 
 def test_a_failing_chip_gets_qc_pass_flag_0(shared_data, tmp_path):
@@ -148,7 +154,9 @@ def test_a_damaged_ipr_is_named_and_nothing_is_modified(mif_set, tmp_path):
         open_scan_set([bad])
     assert "DAPI/QCInfo" in str(err.value) and "QCPassFlag" in str(err.value) and bad.name in str(err.value)
     # a truncated IPR: not HDF5 any more
-    cut = _archive_with(tmp_path, f"{CHIP}_20240101_000001_0.1.0.tar.gz", {**members, ipr_name: members[ipr_name][:2000]})
+    cut = _archive_with(
+        tmp_path, f"{CHIP}_20240101_000001_0.1.0.tar.gz", {**members, ipr_name: members[ipr_name][:2000]}
+    )
     with pytest.raises(IPRError, match="HDF5"):
         open_scan_set([cut])
     assert _digest(bad) == before

@@ -9,8 +9,7 @@ import pytest
 
 from qc.errors import QCError
 from qc.io.model import Tile
-from qc.stitching import StitchingParams, evaluate_stitching, tile_configuration_text
-from qc.stitching import _piecewise, _placement, _stage
+from qc.stitching import StitchingParams, _piecewise, _placement, _stage, evaluate_stitching, tile_configuration_text
 from qc.testing.tiles import make_tile_set
 from tests.qc.stitching_helpers import czi_mosaic_tiles, shared_data, stain_texture, stitch2d_tiles
 
@@ -158,12 +157,11 @@ def test_bad_tile_sets_raise_clear_errors():
     ts = make_tile_set(_texture(), seed=10, **GRID)
     with pytest.raises(QCError, match="at least two tiles"):
         evaluate_stitching(ts.tiles[:1])
-    dup = list(ts.tiles) + [ts.tiles[0]]
+    dup = [*list(ts.tiles), ts.tiles[0]]
     with pytest.raises(QCError, match="both claim grid position"):
         evaluate_stitching(dup)
     t = ts.tiles[1]
-    liar = Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width + 8, height=t.height,
-                loader=t.loader)
+    liar = Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width + 8, height=t.height, loader=t.loader)
     with pytest.raises(QCError, match="decoded to"):
         evaluate_stitching([ts.tiles[0], liar])
 
@@ -233,7 +231,7 @@ def test_any_layout_given_only_by_a_tile_configuration_is_stitched(tmp_path, lay
     res = evaluate_stitching(img.tiles)
     assert res.pairs_total == n_pairs and all(p.status == "ok" for p in res.pairs)
     assert res.passed and res.outliers == ()
-    truth = {name: truth[t.name] for name, t in zip(names, tiles)}
+    truth = {name: truth[t.name] for name, t in zip(names, tiles, strict=False)}
     err = np.abs(_relative(res.registered_positions, names) - _relative(truth, names))
     assert err.max() < 1.0
 
@@ -271,7 +269,9 @@ def test_clean_sets_pass_whatever_their_stage_error_up_to_a_third_of_the_overlap
     truth = np.array([ts.offsets[n] for n in names], float)
     assert np.abs((dev - dev[0]) - (truth - truth[0])).max() < 1.0  # each FOV's stage error is reported
     stage = np.array([f.stage_deviation_px for f in res.fovs])
-    assert np.allclose(stage, np.abs(dev).max(axis=1)) and res.max_stage_deviation_px == pytest.approx(stage.max(), abs=0.01)
+    assert np.allclose(stage, np.abs(dev).max(axis=1)) and res.max_stage_deviation_px == pytest.approx(
+        stage.max(), abs=0.01
+    )
     assert {f.stage_limit_px for f in res.fovs} == {40.0}
     assert jitter / 2 < res.max_stage_deviation_px <= 40.0
     assert res.summary()["max_stage_deviation_px"] == res.max_stage_deviation_px
@@ -303,8 +303,19 @@ def test_content_displaced_inside_a_tile_fails_and_names_it():
         arr[:, half:] = slipped()[:, half:]
         return arr
 
-    tiles = [Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width, height=t.height,
-                  loader=torn if t is centre else t.loader) for t in ts.tiles]
+    tiles = [
+        Tile(
+            name=t.name,
+            row=t.row,
+            col=t.col,
+            x=t.x,
+            y=t.y,
+            width=t.width,
+            height=t.height,
+            loader=torn if t is centre else t.loader,
+        )
+        for t in ts.tiles
+    ]
     res = evaluate_stitching(tiles)
     assert any(p.status == "rejected" for p in res.pairs)
     assert not res.passed and res.score < 60

@@ -44,11 +44,24 @@ def _size(scale: float) -> int:
 
 @pytest.mark.parametrize(
     ("angle", "scale"),
-    [(-10.0, 0.5), (-7.3, 1.0), (-2.2, 2.5), (0.0, 0.5), (0.0, 1.0), (1.7, 1.5), (4.4, 2.0), (10.0, 1.0), (10.0, 2.5), (-10.0, 1.8)],
+    [
+        (-10.0, 0.5),
+        (-7.3, 1.0),
+        (-2.2, 2.5),
+        (0.0, 0.5),
+        (0.0, 1.0),
+        (1.7, 1.5),
+        (4.4, 2.0),
+        (10.0, 1.0),
+        (10.0, 2.5),
+        (-10.0, 1.8),
+    ],
 )
 def test_clean_chip_known_answer(angle, scale):
     n = _size(scale)
-    chip = generate_chip(width=n, height=n, angle_deg=angle, scale=scale, tissue_fraction=0.3, seed=int(100 + angle * 10 + scale * 7))
+    chip = generate_chip(
+        width=n, height=n, angle_deg=angle, scale=scale, tissue_fraction=0.3, seed=int(100 + angle * 10 + scale * 7)
+    )
     r = find_track_lines(chip.image, "SS2")
     _assert_accurate(r, chip.truth.grid)
     assert r.score >= 95
@@ -89,7 +102,9 @@ def test_conditions_still_pass(conditions):
 
 def test_no_track_lines_fails_with_a_reason():
     for stain, dtype in (("DAPI", "uint8"), ("ssDNA", "uint16"), ("HE", "uint8")):
-        chip = generate_chip(width=3000, height=3000, stain=stain, dtype=dtype, lines=False, tissue_fraction=0.6, seed=3)
+        chip = generate_chip(
+            width=3000, height=3000, stain=stain, dtype=dtype, lines=False, tissue_fraction=0.6, seed=3
+        )
         r = find_track_lines(chip.image, "SS2")
         assert r.score < PASS_SCORE
         assert not r.passed and not r.found
@@ -158,7 +173,9 @@ def test_bright_lines_with_bright_polarity():
 
 def test_memmap_input_is_read_without_a_full_float_copy(tmp_path):
     path = tmp_path / "chip.tif"
-    truth = write_chip_tiff(path, tile=None, width=8000, height=8000, angle_deg=1.1, scale=0.9, tissue_fraction=0.5, seed=14)
+    truth = write_chip_tiff(
+        path, tile=None, width=8000, height=8000, angle_deg=1.1, scale=0.9, tissue_fraction=0.5, seed=14
+    )
     image = tifffile.memmap(path, mode="r")
     tracemalloc.start()
     try:
@@ -222,7 +239,9 @@ def test_threads_restored_and_inputs_checked():
 def test_full_size_chip_from_a_memmapped_tiff(tmp_path):
     """A 1 cm chip at 10x: 20000 x 20000 uint8 DAPI, read as a memory map."""
     path = tmp_path / "SS200000135TL_D1.tif"
-    truth = write_chip_tiff(path, tile=None, width=20000, height=20000, angle_deg=-1.3, tissue_fraction=0.5, illumination=0.4, seed=18)
+    truth = write_chip_tiff(
+        path, tile=None, width=20000, height=20000, angle_deg=-1.3, tissue_fraction=0.5, illumination=0.4, seed=18
+    )
     image = tifffile.memmap(path, mode="r")
     tracemalloc.start()
     try:

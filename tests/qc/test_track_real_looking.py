@@ -50,7 +50,9 @@ def test_real_looking_s05_chips_pass_with_the_exact_grid(size, params, shared_da
 def test_real_looking_s1_chip_passes_through_imageqc_qc(tmp_path, shared_data, capsys):
     """The reported failure: a 20,580 px real-looking chip, QC'd by the command a technician runs."""
     path = tmp_path / "SS200000135TL_D1.tif"
-    truth = write_chip_tiff(path, tile=(512, 512), width=S1, height=S1, seed=22, data_dir=shared_data, **real_looking(angle_deg=1.3))
+    truth = write_chip_tiff(
+        path, tile=(512, 512), width=S1, height=S1, seed=22, data_dir=shared_data, **real_looking(angle_deg=1.3)
+    )
     assert main(["qc", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["verdict"] == "pass", report["reasons"]
@@ -69,7 +71,9 @@ def test_real_looking_s1_chip_without_track_lines_fails_with_the_reason(shared_d
 
 
 def test_real_looking_heavy_blur_fails_with_the_reason(shared_data):
-    chip = generate_chip(width=S05, height=S05, seed=24, data_dir=shared_data, **real_looking(angle_deg=1.0, blur_sigma=8.0))
+    chip = generate_chip(
+        width=S05, height=S05, seed=24, data_dir=shared_data, **real_looking(angle_deg=1.0, blur_sigma=8.0)
+    )
     r = find_track_lines(chip.image, "SS2")
     assert not r.passed
     assert r.problem in ("no line grid found", "track lines too faint or blurred to locate at full resolution")
@@ -79,7 +83,9 @@ def test_real_looking_heavy_blur_fails_with_the_reason(shared_data):
 def test_real_looking_2x2cm_chip_memory_mapped(tmp_path, shared_data):
     """A 2 x 2 cm chip (40,572 px, 1.6 GB) read through a memory map, never copied whole."""
     path = tmp_path / "SS200000108BR_A3B4.tif"
-    truth = write_chip_tiff(path, tile=None, width=S2x2, height=S2x2, seed=25, data_dir=shared_data, **real_looking(angle_deg=-0.8))
+    truth = write_chip_tiff(
+        path, tile=None, width=S2x2, height=S2x2, seed=25, data_dir=shared_data, **real_looking(angle_deg=-0.8)
+    )
     image = tifffile.memmap(path, mode="r")
     assert isinstance(image, np.memmap)
     r = find_track_lines(image, "SS200000108BR_A3B4")

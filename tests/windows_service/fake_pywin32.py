@@ -48,7 +48,7 @@ ERROR_SERVICE_EXISTS = 1073
 STATE_NAMES = {1: "STOPPED", 2: "START_PENDING", 3: "STOP_PENDING", 4: "RUNNING"}
 
 
-class error(Exception):  # noqa: N801 - pywintypes.error's name
+class error(Exception):
     """pywintypes.error: ``(winerror, funcname, strerror)``."""
 
     def __init__(self, winerror: int, funcname: str, strerror: str) -> None:
@@ -104,7 +104,9 @@ class FakeServiceManager:
         try:
             return self.services[name]
         except KeyError:
-            raise error(ERROR_SERVICE_DOES_NOT_EXIST, func, "The specified service does not exist as an installed service.") from None
+            raise error(
+                ERROR_SERVICE_DOES_NOT_EXIST, func, "The specified service does not exist as an installed service."
+            ) from None
 
     def set_status(self, name: str, status: tuple[int, ...]) -> None:
         with self._lock:
@@ -139,7 +141,9 @@ class FakeServiceManager:
         if rec.state == SERVICE_STOPPED:
             raise error(ERROR_SERVICE_NOT_ACTIVE, "ControlService", "The service has not been started.")
         accepted = rec.status[2]
-        needed = {SERVICE_CONTROL_STOP: SERVICE_ACCEPT_STOP, SERVICE_CONTROL_SHUTDOWN: SERVICE_ACCEPT_SHUTDOWN}.get(code, 0)
+        needed = {SERVICE_CONTROL_STOP: SERVICE_ACCEPT_STOP, SERVICE_CONTROL_SHUTDOWN: SERVICE_ACCEPT_SHUTDOWN}.get(
+            code, 0
+        )
         if needed and not accepted & needed:
             raise error(1052, "ControlService", "The requested control is not valid for this service.")
         self._handlers[name](code, 0, None)
@@ -149,7 +153,11 @@ class FakeServiceManager:
         deadline = time.monotonic() + timeout
         while rec.state != state:
             if time.monotonic() > deadline:
-                raise error(ERROR_SERVICE_REQUEST_TIMEOUT, "QueryServiceStatus", "The service did not respond in a timely fashion.")
+                raise error(
+                    ERROR_SERVICE_REQUEST_TIMEOUT,
+                    "QueryServiceStatus",
+                    "The service did not respond in a timely fashion.",
+                )
             time.sleep(0.02)
         return rec
 
@@ -194,8 +202,12 @@ class FakeServiceManager:
             rec = mgr.get(handle, "ChangeServiceConfig2")
             if level == SERVICE_CONFIG_FAILURE_ACTIONS:
                 if set(info) != {"ResetPeriod", "RebootMsg", "Command", "Actions"}:  # pywin32 requires exactly these
-                    raise TypeError("SERVICE_FAILURE_ACTIONS must be a dictionary containing ResetPeriod, RebootMsg, Command, Actions")
-                if not all(isinstance(a, tuple) and len(a) == 2 and all(isinstance(x, int) for x in a) for a in info["Actions"]):
+                    raise TypeError(
+                        "SERVICE_FAILURE_ACTIONS must be a dictionary containing ResetPeriod, RebootMsg, Command, Actions"
+                    )
+                if not all(
+                    isinstance(a, tuple) and len(a) == 2 and all(isinstance(x, int) for x in a) for a in info["Actions"]
+                ):
                     raise TypeError("SC_ACTIONS must be a sequence of 2-tuples ((int, int),...)")
                 rec.failure_actions = dict(info)
             elif level == SERVICE_CONFIG_FAILURE_ACTIONS_FLAG:
@@ -206,23 +218,47 @@ class FakeServiceManager:
         def close(handle: str) -> None:
             mgr.handles_open -= 1
 
-        ws.OpenSCManager, ws.OpenService, ws.ChangeServiceConfig2, ws.CloseServiceHandle = open_scm, open_service, change_config2, close
+        ws.OpenSCManager, ws.OpenService, ws.ChangeServiceConfig2, ws.CloseServiceHandle = (
+            open_scm,
+            open_service,
+            change_config2,
+            close,
+        )
 
         wsu = types.ModuleType("win32serviceutil")
         wsu.error = RuntimeError
 
-        def install(python_class: str, name: str, display: str, startType: Any = None, errorControl: Any = None,  # noqa: N803
-                    bRunInteractive: int = 0, serviceDeps: Any = None, userName: Any = None, password: Any = None,  # noqa: N803
-                    exeName: Any = None, perfMonIni: Any = None, perfMonDll: Any = None, exeArgs: Any = None,  # noqa: N803
-                    description: Any = None, delayedstart: Any = None) -> None:
+        def install(
+            python_class: str,
+            name: str,
+            display: str,
+            startType: Any = None,
+            errorControl: Any = None,
+            bRunInteractive: int = 0,
+            serviceDeps: Any = None,
+            userName: Any = None,
+            password: Any = None,
+            exeName: Any = None,
+            perfMonIni: Any = None,
+            perfMonDll: Any = None,
+            exeArgs: Any = None,
+            description: Any = None,
+            delayedstart: Any = None,
+        ) -> None:
             if mgr.deny_access:
                 raise error(ERROR_ACCESS_DENIED, "OpenSCManager", "Access is denied.")
             if name in mgr.services:
                 raise error(ERROR_SERVICE_EXISTS, "CreateService", "The specified service already exists.")
             mgr.services[name] = ServiceRecord(
-                name=name, class_string=python_class, display_name=display,
-                start_type=SERVICE_DEMAND_START if startType is None else startType, deps=serviceDeps,
-                user=userName, password=password, description=description, delayed=delayedstart,
+                name=name,
+                class_string=python_class,
+                display_name=display,
+                start_type=SERVICE_DEMAND_START if startType is None else startType,
+                deps=serviceDeps,
+                user=userName,
+                password=password,
+                description=description,
+                delayed=delayedstart,
             )
 
         def remove(name: str) -> None:
@@ -262,7 +298,7 @@ def _service_framework(sm: types.ModuleType, ws: types.ModuleType) -> type:
             sm.SetEventSourceName(self._svc_name_)
             self.checkPoint = 0
 
-        def GetAcceptedControls(self) -> int:  # noqa: N802
+        def GetAcceptedControls(self) -> int:
             accepted = 0
             if hasattr(self, "SvcStop"):
                 accepted |= SERVICE_ACCEPT_STOP
@@ -270,16 +306,21 @@ def _service_framework(sm: types.ModuleType, ws: types.ModuleType) -> type:
                 accepted |= SERVICE_ACCEPT_SHUTDOWN
             return accepted
 
-        def ReportServiceStatus(self, serviceStatus: int, waitHint: int = 5000, win32ExitCode: int = 0, svcExitCode: int = 0) -> None:  # noqa: N802, N803
+        def ReportServiceStatus(
+            self, serviceStatus: int, waitHint: int = 5000, win32ExitCode: int = 0, svcExitCode: int = 0
+        ) -> None:
             accepted = 0 if serviceStatus == SERVICE_START_PENDING else self.GetAcceptedControls()
             if serviceStatus in (SERVICE_RUNNING, SERVICE_STOPPED):
                 check = 0
             else:
                 self.checkPoint += 1
                 check = self.checkPoint
-            ws.SetServiceStatus(self.ssh, (SERVICE_WIN32_OWN_PROCESS, serviceStatus, accepted, win32ExitCode, svcExitCode, check, waitHint))
+            ws.SetServiceStatus(
+                self.ssh,
+                (SERVICE_WIN32_OWN_PROCESS, serviceStatus, accepted, win32ExitCode, svcExitCode, check, waitHint),
+            )
 
-        def ServiceCtrlHandlerEx(self, control: int, event_type: int, data: Any) -> Any:  # noqa: N802
+        def ServiceCtrlHandlerEx(self, control: int, event_type: int, data: Any) -> Any:
             if control == SERVICE_CONTROL_STOP:
                 return self.SvcStop()
             if control == SERVICE_CONTROL_SHUTDOWN:
@@ -288,7 +329,7 @@ def _service_framework(sm: types.ModuleType, ws: types.ModuleType) -> type:
                 return self.ReportServiceStatus(SERVICE_RUNNING)
             return None
 
-        def SvcRun(self) -> None:  # noqa: N802
+        def SvcRun(self) -> None:
             self.ReportServiceStatus(SERVICE_RUNNING)
             self.SvcDoRun()
             self.ReportServiceStatus(SERVICE_STOP_PENDING)

@@ -13,8 +13,8 @@ from daemon.errors import DatabaseUnavailable
 from daemon.logging import configure_logging, get_logger, register_secret
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from windows_service.host import EventLogHandler, ServiceFailed, ServiceHost, child_python, mapped_drives, uses_unc
 from tests.helpers import wait_for as _wait
+from windows_service.host import EventLogHandler, ServiceFailed, ServiceHost, child_python, mapped_drives, uses_unc
 
 
 class ListEventLog:
@@ -69,7 +69,9 @@ def test_the_host_runs_a_real_daemon_until_stopped_and_logs_to_both_logs(make_co
     job = _queue_job(cfg)
     ev = ListEventLog()
     pending: list[int] = []
-    host = ServiceHost(config_path=cfg.source, eventlog=ev, report_stop_pending=pending.append, daemon_factory=_factory())
+    host = ServiceHost(
+        config_path=cfg.source, eventlog=ev, report_stop_pending=pending.append, daemon_factory=_factory()
+    )
     t, errors = _run_in_thread(host)
     try:
         with Store(cfg.database_path) as s:
@@ -92,7 +94,9 @@ def test_a_corrupt_database_fails_the_start_with_an_error_in_both_logs(make_conf
     cfg.state_dir.mkdir(parents=True)
     cfg.database_path.write_bytes(b"garbage" * 1000)
     ev = ListEventLog()
-    host = ServiceHost(config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None, daemon_factory=_factory())
+    host = ServiceHost(
+        config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None, daemon_factory=_factory()
+    )
     with pytest.raises(ServiceFailed, match="could not start: DatabaseUnavailable") as info:
         host.run()
     assert isinstance(info.value.__cause__, DatabaseUnavailable)
@@ -124,7 +128,9 @@ def test_a_daemon_that_stops_on_its_own_is_a_service_failure(make_config):
     cfg = make_config()
     ev = ListEventLog()
     host = ServiceHost(
-        config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None,
+        config_path=cfg.source,
+        eventlog=ev,
+        report_stop_pending=lambda ms: None,
         daemon_factory=_factory(components=[LosesTheDatabase()]),
     )
     t, errors = _run_in_thread(host)
@@ -140,7 +146,9 @@ def test_a_daemon_that_stops_on_its_own_is_a_service_failure(make_config):
 def test_a_stop_that_arrives_while_the_config_loads_is_honoured(make_config):
     cfg = make_config()
     ev = ListEventLog()
-    host = ServiceHost(config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None, daemon_factory=_factory())
+    host = ServiceHost(
+        config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None, daemon_factory=_factory()
+    )
     host.stop()
     t, errors = _run_in_thread(host)
     t.join(60)
@@ -154,7 +162,9 @@ def test_stop_pending_is_renewed_while_the_running_job_gets_its_grace_period(mak
     ev = ListEventLog()
     pending: list[int] = []
     host = ServiceHost(
-        config_path=cfg.source, eventlog=ev, report_stop_pending=pending.append,
+        config_path=cfg.source,
+        eventlog=ev,
+        report_stop_pending=pending.append,
         daemon_factory=_factory(target="tests.daemon.targets:sleep_long"),
     )
     t, errors = _run_in_thread(host)
@@ -197,8 +207,11 @@ def test_a_stop_that_overruns_its_budget_ends_the_service_with_an_error(make_con
     ev = ListEventLog()
     stuck = StuckOnStop()
     host = ServiceHost(
-        config_path=cfg.source, eventlog=ev, report_stop_pending=lambda ms: None,
-        daemon_factory=_factory(components=[stuck]), stop_budget_s=1.0,
+        config_path=cfg.source,
+        eventlog=ev,
+        report_stop_pending=lambda ms: None,
+        daemon_factory=_factory(components=[stuck]),
+        stop_budget_s=1.0,
     )
     t, errors = _run_in_thread(host)
     try:
@@ -256,15 +269,31 @@ def test_the_event_log_gets_errors_once_per_period_with_secrets_masked(tmp_path)
 
 def test_child_python_is_the_venv_python_under_pythonservice():
     files = {r"C:\imageqc\venv\Scripts\python.exe", r"C:\Program Files\Python311\python.exe"}
-    venv = child_python(r"C:\imageqc\venv\pythonservice.exe", r"C:\imageqc\venv", r"C:\Program Files\Python311", isfile=files.__contains__)
+    venv = child_python(
+        r"C:\imageqc\venv\pythonservice.exe",
+        r"C:\imageqc\venv",
+        r"C:\Program Files\Python311",
+        isfile=files.__contains__,
+    )
     assert venv == r"C:\imageqc\venv\Scripts\python.exe"
-    plain = child_python(r"C:\Program Files\Python311\pythonservice.exe", r"C:\Program Files\Python311", r"C:\Program Files\Python311", isfile=files.__contains__)
+    plain = child_python(
+        r"C:\Program Files\Python311\pythonservice.exe",
+        r"C:\Program Files\Python311",
+        r"C:\Program Files\Python311",
+        isfile=files.__contains__,
+    )
     assert plain == r"C:\Program Files\Python311\python.exe"
-    assert child_python(r"C:\imageqc\venv\Scripts\python.exe", r"C:\imageqc\venv", r"C:\x", isfile=files.__contains__) is None
+    assert (
+        child_python(r"C:\imageqc\venv\Scripts\python.exe", r"C:\imageqc\venv", r"C:\x", isfile=files.__contains__)
+        is None
+    )
 
 
 def test_mapped_drive_letters_and_unc_shares_are_recognised():
-    cfg = Config(state_dir=Path("C:/ProgramData/imageqc"), watch=(WatchRoot(path=Path("Z:/export")), WatchRoot(path=Path("D:/scans"))))
+    cfg = Config(
+        state_dir=Path("C:/ProgramData/imageqc"),
+        watch=(WatchRoot(path=Path("Z:/export")), WatchRoot(path=Path("D:/scans"))),
+    )
     remote = {"Z:\\": 4, "C:\\": 3, "D:\\": 3}
     assert mapped_drives(cfg, lambda root: remote[root]) == ["watch[0].path = Z:/export"]
     assert not uses_unc(cfg)

@@ -15,12 +15,19 @@ from daemon.cli import main
 from daemon.config import Config, WatchRoot
 from daemon.install import ServiceInstallError
 from daemon.status import collect_status
-from tests.windows_service.fake_pywin32 import SC_ACTION_RESTART, SERVICE_AUTO_START, SERVICE_DEMAND_START, SERVICE_RUNNING
-from windows_service import manage
 from tests.helpers import wait_for as _wait
+from tests.windows_service.fake_pywin32 import (
+    SC_ACTION_RESTART,
+    SERVICE_AUTO_START,
+    SERVICE_DEMAND_START,
+    SERVICE_RUNNING,
+)
+from windows_service import manage
 
 
-def test_install_registers_the_class_the_config_and_restart_on_failure_fake_service_manager(fake_scm, make_config, tmp_path, monkeypatch):
+def test_install_registers_the_class_the_config_and_restart_on_failure_fake_service_manager(
+    fake_scm, make_config, tmp_path, monkeypatch
+):
     make_config()
     monkeypatch.chdir(tmp_path)
     lines = manage.install("imageqc.toml", modules=fake_scm.modules, drive_type=lambda root: 3)  # a relative path
@@ -42,7 +49,14 @@ def test_install_registers_the_class_the_config_and_restart_on_failure_fake_serv
 def test_install_for_unc_shares_as_a_domain_account_fake_service_manager(fake_scm, tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text('state_dir = "state"\n[[watch]]\npath = "//scope-pc/export"\n', encoding="utf-8")
-    manage.install(str(cfg), username="LAB\\svc-imageqc", password="pw", startup="manual", modules=fake_scm.modules, drive_type=lambda r: 3)
+    manage.install(
+        str(cfg),
+        username="LAB\\svc-imageqc",
+        password="pw",
+        startup="manual",
+        modules=fake_scm.modules,
+        drive_type=lambda r: 3,
+    )
     rec = fake_scm.manager.services["imageqc"]
     assert rec.deps == ("LanmanWorkstation",)  # UNC paths need the SMB client running first
     assert rec.user == "LAB\\svc-imageqc" and rec.password == "pw" and rec.start_type == SERVICE_DEMAND_START
@@ -53,7 +67,8 @@ def test_install_start_status_stop_remove_round_trip_fake_service_manager(fake_s
     from daemon.service import Daemon
 
     monkeypatch.setattr(
-        fake_scm.service.ImageQCService, "daemon_factory",
+        fake_scm.service.ImageQCService,
+        "daemon_factory",
         staticmethod(lambda c, notify: Daemon(c, target="tests.daemon.targets:ok", notify=notify)),
     )
     manage.install(cfg.source, modules=fake_scm.modules, drive_type=lambda r: 3)
@@ -76,7 +91,9 @@ def test_errors_say_what_to_do_fake_service_manager(fake_scm, make_config):
     with pytest.raises(ServiceInstallError, match="installed already"):
         manage.install(cfg.source, modules=fake_scm.modules, drive_type=lambda r: 3)
     fake_scm.manager.deny_access = True
-    with pytest.raises(ServiceInstallError, match=r"Access is denied.*\(error 5\); run the command from an elevated prompt"):
+    with pytest.raises(
+        ServiceInstallError, match=r"Access is denied.*\(error 5\); run the command from an elevated prompt"
+    ):
         manage.remove(modules=fake_scm.modules)
 
 
@@ -94,7 +111,9 @@ def test_install_refuses_mapped_drive_letters_fake_service_manager(fake_scm, mak
     # configuration install checks is built directly, as it would load on Windows.
     windows_cfg = Config(state_dir=PurePath("C:/ProgramData/imageqc"), watch=(WatchRoot(path=PurePath("Z:/export")),))
     monkeypatch.setattr(manage, "load_config", lambda path: windows_cfg)
-    with pytest.raises(ServiceInstallError, match="drive letters mapped in your session: watch.0..path = Z:/export") as info:
+    with pytest.raises(
+        ServiceInstallError, match=r"drive letters mapped in your session: watch.0..path = Z:/export"
+    ) as info:
         manage.install(cfg.source, modules=fake_scm.modules, drive_type=lambda root: 4 if root == "Z:\\" else 3)
     assert info.value.exit_code == 2 and "UNC path" in str(info.value)
     assert fake_scm.manager.services == {}
@@ -126,7 +145,8 @@ def test_the_windows_half_of_the_cli_fake_service_manager(fake_scm, make_config,
     cfg = make_config()
     monkeypatch.setattr(manage, "_drive_type", lambda root: 3)
     monkeypatch.setattr(
-        fake_scm.service.ImageQCService, "daemon_factory",
+        fake_scm.service.ImageQCService,
+        "daemon_factory",
         staticmethod(lambda c, notify: Daemon(c, target="tests.daemon.targets:ok", notify=notify)),
     )
 
@@ -144,7 +164,9 @@ def test_the_windows_half_of_the_cli_fake_service_manager(fake_scm, make_config,
     assert "removed service imageqc" in run("remove")
 
 
-def test_follow_at_logon_puts_a_startup_shortcut_fake_wscript_shell(fake_scm, make_config, monkeypatch, capsys, tmp_path):
+def test_follow_at_logon_puts_a_startup_shortcut_fake_wscript_shell(
+    fake_scm, make_config, monkeypatch, capsys, tmp_path
+):
     """The shortcut is made through WScript.Shell, which exists only on Windows: faked here, the folder is real."""
     import sys
     from types import ModuleType, SimpleNamespace

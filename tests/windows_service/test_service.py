@@ -15,7 +15,6 @@ from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import JobState, Store
 from tests.helpers import wait_for as _wait
-from windows_service import manage
 from tests.windows_service.fake_pywin32 import (
     ERROR_SERVICE_SPECIFIC_ERROR,
     SERVICE_ACCEPT_SHUTDOWN,
@@ -25,6 +24,7 @@ from tests.windows_service.fake_pywin32 import (
     SERVICE_RUNNING,
     SERVICE_STOPPED,
 )
+from windows_service import manage
 
 
 class BlockingStart:
@@ -52,7 +52,8 @@ class BlockingStart:
 
 def _install(fake_scm, cfg, monkeypatch, *, target="tests.daemon.targets:ok", components=()):
     monkeypatch.setattr(
-        fake_scm.service.ImageQCService, "daemon_factory",
+        fake_scm.service.ImageQCService,
+        "daemon_factory",
         staticmethod(lambda c, notify: Daemon(c, target=target, components=list(components), notify=notify)),
     )
     manage.install(cfg.source, modules=fake_scm.modules, drive_type=lambda root: 3)
@@ -65,7 +66,9 @@ def _queue_job(cfg) -> int:
         return s.create_job(ssid, state=JobState.QUEUED)
 
 
-def test_svcdorun_reports_running_before_the_daemon_has_started_fake_service_manager(fake_scm, make_config, monkeypatch):
+def test_svcdorun_reports_running_before_the_daemon_has_started_fake_service_manager(
+    fake_scm, make_config, monkeypatch
+):
     cfg = make_config()
     slow = BlockingStart()
     rec = _install(fake_scm, cfg, monkeypatch, components=[slow])
@@ -83,11 +86,13 @@ def test_svcdorun_reports_running_before_the_daemon_has_started_fake_service_man
     assert rec.status[3] == 0  # a clean stop: no error code, no recovery action
     states = rec.states()
     assert states[0] == "START_PENDING" and states[1] == "RUNNING" and states[-1] == "STOPPED"
-    assert "STOP_PENDING" in states[states.index("RUNNING"):]
+    assert "STOP_PENDING" in states[states.index("RUNNING") :]
     assert mgr.events[-1] == ("info", "imageqc stopped")
 
 
-def test_svcstop_stops_a_real_daemon_with_a_running_job_within_the_wait_hint_fake_service_manager(fake_scm, make_config, monkeypatch):
+def test_svcstop_stops_a_real_daemon_with_a_running_job_within_the_wait_hint_fake_service_manager(
+    fake_scm, make_config, monkeypatch
+):
     cfg = make_config()  # service.shutdown_timeout_s = 2
     job = _queue_job(cfg)
     rec = _install(fake_scm, cfg, monkeypatch, target="tests.daemon.targets:sleep_long")
@@ -105,7 +110,9 @@ def test_svcstop_stops_a_real_daemon_with_a_running_job_within_the_wait_hint_fak
         assert s.get_status()["service"][0]["state"] == "stopped"
 
 
-def test_a_corrupt_database_is_reported_and_the_service_stops_with_an_error_fake_service_manager(fake_scm, make_config, monkeypatch):
+def test_a_corrupt_database_is_reported_and_the_service_stops_with_an_error_fake_service_manager(
+    fake_scm, make_config, monkeypatch
+):
     cfg = make_config()
     cfg.state_dir.mkdir(parents=True)
     cfg.database_path.write_bytes(b"garbage" * 1000)
@@ -119,7 +126,9 @@ def test_a_corrupt_database_is_reported_and_the_service_stops_with_an_error_fake
     assert rec.failure_actions_on_error  # the install asked Windows to apply recovery on such error stops
 
 
-def test_system_shutdown_stops_urgently_without_the_grace_period_fake_service_manager(fake_scm, make_config, monkeypatch):
+def test_system_shutdown_stops_urgently_without_the_grace_period_fake_service_manager(
+    fake_scm, make_config, monkeypatch
+):
     path = Path(make_config().source)
     path.write_text(path.read_text().replace("shutdown_timeout_s = 2", "shutdown_timeout_s = 600"))
     cfg = load_config(path)
@@ -150,7 +159,8 @@ def test_the_config_can_come_from_the_environment_fake_service_manager(fake_scm,
     cfg = make_config()
     monkeypatch.setenv("IMAGEQC_CONFIG", cfg.source)
     monkeypatch.setattr(
-        fake_scm.service.ImageQCService, "daemon_factory",
+        fake_scm.service.ImageQCService,
+        "daemon_factory",
         staticmethod(lambda c, notify: Daemon(c, target="tests.daemon.targets:ok", notify=notify)),
     )
     fake_scm.win32serviceutil.InstallService(manage.SERVICE_CLASS, "imageqc", "imageqc image QC")

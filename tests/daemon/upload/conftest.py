@@ -75,12 +75,21 @@ class S3Server:
     def client(self) -> Any:
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="admin", aws_secret_access_key="admin")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="admin",
+            aws_secret_access_key="admin",
+        )
 
 
 def start_s3_server() -> S3Server:
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "s3_server.py"), "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, str(HERE / "s3_server.py"), "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     line = proc.stdout.readline() if proc.stdout else ""
@@ -113,9 +122,22 @@ class RcloneServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [rclone_binary(), "serve", "s3", str(self.root), "--addr", f"127.0.0.1:{self.port}",
-             "--auth-key", ",".join(self.keys), "--force-path-style", "--config", os.devnull],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+            [
+                rclone_binary(),
+                "serve",
+                "s3",
+                str(self.root),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--auth-key",
+                ",".join(self.keys),
+                "--force-path-style",
+                "--config",
+                os.devnull,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -138,8 +160,12 @@ class RcloneServer:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.keys[0],
-            aws_secret_access_key=self.keys[1], config=Config(s3={"addressing_style": "path"}),
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.keys[0],
+            aws_secret_access_key=self.keys[1],
+            config=Config(s3={"addressing_style": "path"}),
         )
 
     def bucket(self, name: str) -> str:
@@ -202,10 +228,25 @@ def member(path: Path, name: str, role: str = "nuclear") -> dict[str, Any]:
     """A scan-set member as the QC worker reads it: a folder's total size and newest mtime of every file."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        return {"name": name, "path": str(path), "format": "tiles", "role": role,
-                "size": sum(p.stat().st_size for p in files), "mtime_ns": max(p.stat().st_mtime_ns for p in files), "files": len(files)}
+        return {
+            "name": name,
+            "path": str(path),
+            "format": "tiles",
+            "role": role,
+            "size": sum(p.stat().st_size for p in files),
+            "mtime_ns": max(p.stat().st_mtime_ns for p in files),
+            "files": len(files),
+        }
     st = path.stat()
-    return {"name": name, "path": str(path), "format": "tiff", "role": role, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "files": 1}
+    return {
+        "name": name,
+        "path": str(path),
+        "format": "tiff",
+        "role": role,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "files": 1,
+    }
 
 
 @dataclass
@@ -247,7 +288,13 @@ def make_qc_done_job(
 
 
 def run_qc_again(
-    store: Store, job_id: int, chip: str, inputs: list[Path], outputs: Path, *, archive_payload: int = 0,
+    store: Store,
+    job_id: int,
+    chip: str,
+    inputs: list[Path],
+    outputs: Path,
+    *,
+    archive_payload: int = 0,
     stamp: str = "20240612_101500",
 ) -> QCJob:
     """What the QC worker does with a queued job: claim it, write a run's outputs, record the result and
@@ -264,6 +311,8 @@ def run_qc_again(
     report_json = out_dir / "report.json"
     report_json.write_text(json.dumps(report))
     archive = write_archive(outputs / f"{run}.tar.gz", report, payload=archive_payload)
-    store.save_result(job_id, verdict="pass", report=report, output_dir=str(out_dir), archive=str(archive), inputs=record_inputs(read))
+    store.save_result(
+        job_id, verdict="pass", report=report, output_dir=str(out_dir), archive=str(archive), inputs=record_inputs(read)
+    )
     store.transition(job_id, JobState.QC_DONE, owner="qc-worker", message="QC pass")
     return QCJob(job_id, chip, inputs, archive, report_json, run)

@@ -114,7 +114,7 @@ class OSSProxy:
         for k, v in h.headers.items():
             lk = k.lower()
             if lk.startswith("x-oss-meta-"):
-                headers["x-amz-meta-" + lk[len("x-oss-meta-"):]] = v
+                headers["x-amz-meta-" + lk[len("x-oss-meta-") :]] = v
             elif lk in ("content-md5", "content-type"):
                 headers[k] = v
         status, rheaders, rbody = self._forward(h.command, url.path, url.query, headers, body)
@@ -122,7 +122,7 @@ class OSSProxy:
         for k, v in rheaders:
             lk = k.lower()
             if lk.startswith("x-amz-meta-"):
-                out["x-oss-meta-" + lk[len("x-amz-meta-"):]] = v
+                out["x-oss-meta-" + lk[len("x-amz-meta-") :]] = v
             elif lk in ("etag", "content-type", "last-modified"):
                 out[k] = v
             elif lk == "content-length" and h.command == "HEAD":
@@ -174,27 +174,42 @@ class OSSProxy:
             canon = sorted((k.lower(), v) for k, v in h.headers.items() if k.lower().startswith("x-oss-"))
             sub = sorted((k, v) for k, v in query.items() if k in _SUBRESOURCES)
             resource = path + ("?" + "&".join(f"{k}={v}" if v else k for k, v in sub) if sub else "")
-            to_sign = "\n".join([
-                h.command, h.headers.get("Content-MD5", ""), h.headers.get("Content-Type", ""),
-                h.headers.get("x-oss-date", "") or h.headers.get("Date", ""),
-                "".join(f"{k}:{v}\n" for k, v in canon) + resource,
-            ])
-            want = base64.b64encode(hmac.new(self.keys[key_id].encode(), to_sign.encode(), hashlib.sha1).digest()).decode()
+            to_sign = "\n".join(
+                [
+                    h.command,
+                    h.headers.get("Content-MD5", ""),
+                    h.headers.get("Content-Type", ""),
+                    h.headers.get("x-oss-date", "") or h.headers.get("Date", ""),
+                    "".join(f"{k}:{v}\n" for k, v in canon) + resource,
+                ]
+            )
+            want = base64.b64encode(
+                hmac.new(self.keys[key_id].encode(), to_sign.encode(), hashlib.sha1).digest()
+            ).decode()
             if not hmac.compare_digest(want, m1.group(2)):
-                return "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."
+                return (
+                    "SignatureDoesNotMatch",
+                    "The request signature we calculated does not match the signature you provided.",
+                )
         return None
 
-    def _forward(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+    def _forward(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
 
         url = f"http://{self.backend}{path}" + (f"?{query}" if query else "")
-        req = AWSRequest(method=method, url=url, data=body, headers={**headers, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"})
+        req = AWSRequest(
+            method=method, url=url, data=body, headers={**headers, "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+        )
         S3SigV4Auth(Credentials("proxy", "proxy"), "s3", "us-east-1").add_auth(req)
         conn = http.client.HTTPConnection(self.backend, timeout=60)
         try:
-            conn.request(method, path + (f"?{query}" if query else ""), body=body or None, headers=dict(req.headers.items()))
+            conn.request(
+                method, path + (f"?{query}" if query else ""), body=body or None, headers=dict(req.headers.items())
+            )
             resp = conn.getresponse()
             data = resp.read()
             return resp.status, resp.getheaders(), data
@@ -217,7 +232,9 @@ def _operation(method: str, query: dict[str, str]) -> str:
     if "uploadId" in query:
         if method == "PUT" and "partNumber" in query:
             return "UploadPart"
-        return {"POST": "CompleteMultipartUpload", "DELETE": "AbortMultipartUpload", "GET": "ListParts"}.get(method, "?")
+        return {"POST": "CompleteMultipartUpload", "DELETE": "AbortMultipartUpload", "GET": "ListParts"}.get(
+            method, "?"
+        )
     if "uploads" in query:
         return "InitiateMultipartUpload" if method == "POST" else "ListMultipartUploads"
     return {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method, method)

@@ -21,7 +21,9 @@ def operation(method: str, query: dict[str, list[str]]) -> str:
     if "uploadId" in query:
         if method == "PUT" and "partNumber" in query:
             return "UploadPart"
-        return {"POST": "CompleteMultipartUpload", "DELETE": "AbortMultipartUpload", "GET": "ListParts"}.get(method, "?")
+        return {"POST": "CompleteMultipartUpload", "DELETE": "AbortMultipartUpload", "GET": "ListParts"}.get(
+            method, "?"
+        )
     if "uploads" in query:
         return "CreateMultipartUpload" if method == "POST" else "ListMultipartUploads"
     return {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method, method)

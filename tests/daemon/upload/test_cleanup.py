@@ -30,12 +30,23 @@ def big(tmp_path):
 def test_s3_aborts_orphaned_multipart_uploads_of_the_key_it_uploads(tmp_path, s3_server, big):
     bucket = new_bucket(s3_server)
     admin = s3_server.client()
-    orphan = admin.create_multipart_upload(Bucket=bucket, Key="k/big.tif")["UploadId"]  # a crash before the id was saved
+    orphan = admin.create_multipart_upload(Bucket=bucket, Key="k/big.tif")[
+        "UploadId"
+    ]  # a crash before the id was saved
     admin.upload_part(Bucket=bucket, Key="k/big.tif", UploadId=orphan, PartNumber=1, Body=b"x" * (5 * MiB))
     other = admin.create_multipart_upload(Bucket=bucket, Key="k/another-file.tif")["UploadId"]  # not ours to touch
     up = make_uploader(
-        UploadTarget(name="s3", type="s3", endpoint=s3_server.endpoint, bucket=bucket, region="us-east-1", addressing_style="path", part_size_mb=5),
-        state_dir=tmp_path, credentials=Credentials(*S3_KEYS),
+        UploadTarget(
+            name="s3",
+            type="s3",
+            endpoint=s3_server.endpoint,
+            bucket=bucket,
+            region="us-east-1",
+            addressing_style="path",
+            part_size_mb=5,
+        ),
+        state_dir=tmp_path,
+        credentials=Credentials(*S3_KEYS),
     )
     try:
         up.send(Transfer(local=up.digest(big), key="k/big.tif"))
@@ -49,7 +60,8 @@ def test_oss_stale_checkpoints_are_swept_with_their_uploads(tmp_path, s3_server,
     bucket = new_bucket(s3_server)
     up = make_uploader(
         UploadTarget(name="oss", type="oss", endpoint=oss_proxy.endpoint, bucket=bucket, part_size_mb=5, concurrency=1),
-        state_dir=tmp_path / "state", credentials=Credentials(*OSS_KEYS),
+        state_dir=tmp_path / "state",
+        credentials=Credentials(*OSS_KEYS),
     )
 
     def stop_after_one_part() -> None:
@@ -84,10 +96,25 @@ def test_at_start_the_manager_discards_resumable_state_no_job_will_use(make_conf
     admin = s3_server.client()
     with Store(cfg.database_path) as store:
         job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
-        store.plan_uploads(job.id, [{"target": "s3", "kind": "outputs", "local_path": str(job.archive), "remote_key": "k/a.tar.gz", "size": 1}])
+        store.plan_uploads(
+            job.id,
+            [
+                {
+                    "target": "s3",
+                    "kind": "outputs",
+                    "local_path": str(job.archive),
+                    "remote_key": "k/a.tar.gz",
+                    "size": 1,
+                }
+            ],
+        )
         upload_id = admin.create_multipart_upload(Bucket=bucket, Key="k/a.tar.gz")["UploadId"]
         row = store.uploads(job.id)[0]
-        store.update_upload(row.id, upload_id=upload_id, parts={"local": None, "state": {"upload_id": upload_id, "part_size": 5 * MiB, "parts": {}}})
+        store.update_upload(
+            row.id,
+            upload_id=upload_id,
+            parts={"local": None, "state": {"upload_id": upload_id, "part_size": 5 * MiB, "parts": {}}},
+        )
         ssid, _ = store.add_scan_set(chip=job.chip, root=str(tmp_path / "inbox"), fingerprint="newer", members=[])
         store.supersede_older(job.chip, store.create_job(ssid))  # the job will never upload again
         mgr = UploadManager(cfg, tz=UTC)

@@ -89,10 +89,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
                 data = path.read_bytes()
                 path.write_bytes(_flip(data, len(data) // 2))
 
-        base = {**common, "type": "s3", "endpoint": srv.endpoint, "bucket": bucket, "region": "us-east-1", "addressing_style": "path"}
+        base = {
+            **common,
+            "type": "s3",
+            "endpoint": srv.endpoint,
+            "bucket": bucket,
+            "region": "us-east-1",
+            "addressing_style": "path",
+        }
         yield Backend(
-            kind, build(base, Credentials(*S3_KEYS)), read, corrupt, parts,
-            missing={"bucket": "no-such-bucket"}, unreachable={"endpoint": f"http://127.0.0.1:{free_port()}"},
+            kind,
+            build(base, Credentials(*S3_KEYS)),
+            read,
+            corrupt,
+            parts,
+            missing={"bucket": "no-such-bucket"},
+            unreachable={"endpoint": f"http://127.0.0.1:{free_port()}"},
         )
     elif kind == "oss-proxy":
         srv = request.getfixturevalue("s3_server")
@@ -113,8 +125,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
         base = {**common, "type": "oss", "endpoint": proxy.endpoint, "bucket": bucket}
         yield Backend(
-            kind, build(base, Credentials(*OSS_KEYS)), read, corrupt, oss_parts,
-            missing={"bucket": "no-such-bucket"}, unreachable={"endpoint": f"http://127.0.0.1:{free_port()}"},
+            kind,
+            build(base, Credentials(*OSS_KEYS)),
+            read,
+            corrupt,
+            oss_parts,
+            missing={"bucket": "no-such-bucket"},
+            unreachable={"endpoint": f"http://127.0.0.1:{free_port()}"},
         )
     else:
         share = tmp_path / "share"
@@ -132,8 +149,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
         base = {**common, "type": "hpc", "path": str(share)}
         yield Backend(
-            kind, build(base, None), read, corrupt, None,
-            missing={"path": str(not_a_folder)}, unreachable={"path": str(tmp_path / "unmounted")},
+            kind,
+            build(base, None),
+            read,
+            corrupt,
+            None,
+            missing={"path": str(not_a_folder)},
+            unreachable={"path": str(tmp_path / "unmounted")},
         )
     for up in made:
         up.close()
@@ -152,13 +174,17 @@ def _key(name: str) -> str:
     return f"site/{uuid.uuid4().hex[:8]}/SS200000135TL_D1/run/{name}"
 
 
-def _transfer(up: Uploader, path: Path, key: str, saves: list[tuple[dict[str, Any], int]] | None = None, **kw: Any) -> Transfer:
+def _transfer(
+    up: Uploader, path: Path, key: str, saves: list[tuple[dict[str, Any], int]] | None = None, **kw: Any
+) -> Transfer:
     saves = [] if saves is None else saves
     return Transfer(local=up.digest(path), key=key, save=lambda state, done: saves.append((state, done)), **kw)
 
 
 @pytest.mark.parametrize("which", ["big", "small"])
-def test_upload_stores_the_file_byte_for_byte_and_verifies_it(backend: Backend, files: dict[str, Path], which: str) -> None:
+def test_upload_stores_the_file_byte_for_byte_and_verifies_it(
+    backend: Backend, files: dict[str, Path], which: str
+) -> None:
     up = backend.make()
     path, key = files[which], _key(files[which].name)
     saves: list[tuple[dict[str, Any], int]] = []
@@ -172,7 +198,9 @@ def test_upload_stores_the_file_byte_for_byte_and_verifies_it(backend: Backend, 
         assert backend.part_requests(key) == (3 if which == "big" else 0)
 
 
-def test_an_interrupted_upload_resumes_sending_only_what_the_server_lacks(backend: Backend, files: dict[str, Path]) -> None:
+def test_an_interrupted_upload_resumes_sending_only_what_the_server_lacks(
+    backend: Backend, files: dict[str, Path]
+) -> None:
     up = backend.make(concurrency=1)  # one part at a time: part 1 is stored when part 2 is cut
     path, key = files["big"], _key("resume.tif")
     size = path.stat().st_size
@@ -189,7 +217,9 @@ def test_an_interrupted_upload_resumes_sending_only_what_the_server_lacks(backen
     parts_before = backend.part_requests(key) if backend.part_requests else None
 
     sent_before = up.throttle.total
-    again = make_uploader(up.target, state_dir=up.state_dir, credentials=getattr(up, "creds", None))  # as after a restart
+    again = make_uploader(
+        up.target, state_dir=up.state_dir, credentials=getattr(up, "creds", None)
+    )  # as after a restart
     try:
         outcome = again.send(_transfer(again, path, key, state=dict(state)))
     finally:
@@ -229,7 +259,9 @@ def test_verify_notices_a_corrupted_object_and_a_new_send_repairs_it(backend: Ba
         assert backend.read(key) == path.read_bytes()
 
 
-def test_only_an_object_that_claims_to_be_the_file_but_is_not_is_removed_as_torn(backend: Backend, files: dict[str, Path]) -> None:
+def test_only_an_object_that_claims_to_be_the_file_but_is_not_is_removed_as_torn(
+    backend: Backend, files: dict[str, Path]
+) -> None:
     """What a transfer leaves when its file changes while it is sent (#20 case 3) is deleted; nothing else is."""
     up = backend.make()
     path = files["small"]
@@ -248,7 +280,9 @@ def test_only_an_object_that_claims_to_be_the_file_but_is_not_is_removed_as_torn
         assert backend.read(torn) != path.read_bytes()
 
 
-def test_a_missing_bucket_or_folder_is_a_permanent_error_that_names_the_target_and_the_fix(backend: Backend, files: dict[str, Path]) -> None:
+def test_a_missing_bucket_or_folder_is_a_permanent_error_that_names_the_target_and_the_fix(
+    backend: Backend, files: dict[str, Path]
+) -> None:
     up = backend.make(**backend.missing)
     with pytest.raises(PermanentUploadError) as err:
         up.send(_transfer(up, files["small"], _key("x.json")))

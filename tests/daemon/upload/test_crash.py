@@ -39,10 +39,18 @@ def _wait(pred, timeout: float, what: str, every: float = 0.1):
 
 
 def _service(cfg_path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "IMAGEQC_T_ACCESS_KEY_ID": S3_KEYS[0], "IMAGEQC_T_SECRET_ACCESS_KEY": S3_KEYS[1]}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "IMAGEQC_T_ACCESS_KEY_ID": S3_KEYS[0],
+        "IMAGEQC_T_SECRET_ACCESS_KEY": S3_KEYS[1],
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -69,8 +77,12 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
 
     first = _service(cfg_path, tmp_path)
     try:
-        row = _wait(lambda: (r := archive_row()) and len(((r.parts or {}).get("state") or {}).get("parts") or {}) >= 3 and r,
-                    60, "three parts stored", every=0.05)
+        row = _wait(
+            lambda: (r := archive_row()) and len(((r.parts or {}).get("state") or {}).get("parts") or {}) >= 3 and r,
+            60,
+            "three parts stored",
+            every=0.05,
+        )
     finally:
         first.kill()  # SIGKILL: no clean-up, no lease release
         first.wait()
@@ -89,6 +101,7 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
     cfg = load_config(cfg_path)
     busy = []
     try:
+
         def finished():
             st = collect_status(cfg)  # what `imageqc status` shows while the service uploads
             target = st["uploads"].get("targets", {}).get("moto", {})
@@ -134,6 +147,7 @@ def test_a_server_stopped_mid_upload_is_retried_until_it_returns(make_config, tm
         job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=20 * MiB)
         with capture_logs() as logs:
             try:
+
                 def some_parts_sent():
                     mgr.tick(time.time())
                     return any(r.bytes_done >= 5 * MiB for r in store.uploads(job.id))
@@ -163,11 +177,20 @@ def test_bad_credentials_are_a_clear_permanent_error(which, tmp_path, rclone_ser
     path = tmp_path / "report.json"
     path.write_bytes(b"{}" * 1000)
     if which.startswith("s3"):
-        target = UploadTarget(name="lab", type="s3", endpoint=rclone_server.endpoint, bucket=rclone_server.bucket("creds"),
-                              region="us-east-1", addressing_style="path", credentials="env:LAB")
+        target = UploadTarget(
+            name="lab",
+            type="s3",
+            endpoint=rclone_server.endpoint,
+            bucket=rclone_server.bucket("creds"),
+            region="us-east-1",
+            addressing_style="path",
+            credentials="env:LAB",
+        )
         creds = Credentials(S3_KEYS[0], "not-the-secret")
     else:
-        target = UploadTarget(name="lab", type="oss", endpoint=oss_proxy.endpoint, bucket=new_bucket(s3_server), credentials="env:LAB")
+        target = UploadTarget(
+            name="lab", type="oss", endpoint=oss_proxy.endpoint, bucket=new_bucket(s3_server), credentials="env:LAB"
+        )
         creds = Credentials(OSS_KEYS[0] if which == "oss-secret" else "LTAIunknown", "not-the-secret")
     up = make_uploader(target, state_dir=tmp_path / "state", credentials=creds)
     try:

@@ -18,7 +18,11 @@ def target(kind="s3", credentials="", **kw):
 
 
 def test_env_prefix_reads_the_two_variables_and_registers_the_secret():
-    env = {"LAB_ACCESS_KEY_ID": "AKIALAB", "LAB_SECRET_ACCESS_KEY": "lab-secret-value-1", "LAB_SESSION_TOKEN": "tok-123456"}
+    env = {
+        "LAB_ACCESS_KEY_ID": "AKIALAB",
+        "LAB_SECRET_ACCESS_KEY": "lab-secret-value-1",
+        "LAB_SESSION_TOKEN": "tok-123456",
+    }
     c = resolve_credentials(target(credentials="env:LAB"), environ=env)
     assert (c.access_key_id, c.secret, c.token) == ("AKIALAB", "lab-secret-value-1", "tok-123456")
     assert "lab-secret-value-1" not in repr(c) and "lab-secret-value-1" not in str(c)
@@ -46,7 +50,9 @@ def test_a_credentials_file_in_ini_form(tmp_path):
 
 def test_the_standard_chains(tmp_path):
     # s3: AWS variables, else boto3's own chain (files, roles)
-    c = resolve_credentials(target(), environ={"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "aws-env-secret"})
+    c = resolve_credentials(
+        target(), environ={"AWS_ACCESS_KEY_ID": "AKIAENV", "AWS_SECRET_ACCESS_KEY": "aws-env-secret"}
+    )
     assert c.access_key_id == "AKIAENV"
     assert resolve_credentials(target(), environ={}).access_key_id is None
     assert resolve_credentials(target(credentials="profile:lab"), environ={}).profile == "lab"
@@ -61,7 +67,10 @@ def test_the_standard_chains(tmp_path):
         "[lab]\naccess_key_id = LTAIlab\naccess_key_secret = lab-profile-secret\n"
     )
     assert resolve_credentials(oss, environ={}, home=home).access_key_id == "LTAIhome"
-    assert resolve_credentials(target("oss", "profile:lab", endpoint="https://x"), environ={}, home=home).access_key_id == "LTAIlab"
+    assert (
+        resolve_credentials(target("oss", "profile:lab", endpoint="https://x"), environ={}, home=home).access_key_id
+        == "LTAIlab"
+    )
     with pytest.raises(PermanentUploadError, match="no OSS credentials found"):
         resolve_credentials(oss, environ={}, home=tmp_path / "empty-home")
 

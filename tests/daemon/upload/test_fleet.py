@@ -32,16 +32,20 @@ def s3_env(monkeypatch):
 def pc_config(base: Path, host: str, upload: str):
     folder = base / host
     (folder / "inbox").mkdir(parents=True, exist_ok=True)
-    text = (f'state_dir = "state"\n[[watch]]\npath = "inbox"\n[site]\nname = "{SITE}"\n[service]\ntick_seconds = 0.2\n'
-            f'[logging]\nconsole = "off"\n[fleet]\ninterval_s = 60\nhost = "{host}"\n{upload}')
+    text = (
+        f'state_dir = "state"\n[[watch]]\npath = "inbox"\n[site]\nname = "{SITE}"\n[service]\ntick_seconds = 0.2\n'
+        f'[logging]\nconsole = "off"\n[fleet]\ninterval_s = 60\nhost = "{host}"\n{upload}'
+    )
     (folder / "imageqc.toml").write_text(text, encoding="utf-8")
     return load_config_text(text, file=str(folder / "imageqc.toml"), base=folder)
 
 
 def s3_target(endpoint: str, bucket: str) -> str:
-    return ('[[upload]]\nname = "lab-s3"\ntype = "s3"\n'
-            f'endpoint = "{endpoint}"\nbucket = "{bucket}"\nregion = "us-east-1"\naddressing_style = "path"\n'
-            'prefix = "stereo"\ncredentials = "env:IMAGEQC_T"\n')
+    return (
+        '[[upload]]\nname = "lab-s3"\ntype = "s3"\n'
+        f'endpoint = "{endpoint}"\nbucket = "{bucket}"\nregion = "us-east-1"\naddressing_style = "path"\n'
+        'prefix = "stereo"\ncredentials = "env:IMAGEQC_T"\n'
+    )
 
 
 def printed_json(out: str) -> dict:
@@ -54,8 +58,12 @@ def printed_json(out: str) -> dict:
 def failed_qc(cfg) -> None:
     """A chip that failed QC, as the service leaves it."""
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(chip="C02533C", root=str(cfg.watch[0].path), fingerprint="fp",
-                                 members=[{"name": "C02533C", "path": "x", "size": 1}])
+        ssid, _ = s.add_scan_set(
+            chip="C02533C",
+            root=str(cfg.watch[0].path),
+            fingerprint="fp",
+            members=[{"name": "C02533C", "path": "x", "size": 1}],
+        )
         job_id = s.create_job(ssid)
         s.claim("t")
         s.save_result(job_id, verdict="fail", report={"verdict": "fail", "reasons": ["track line score 12 < 60"]})
@@ -63,14 +71,26 @@ def failed_qc(cfg) -> None:
         s.transition(job_id, JobState.SKIPPED)
 
 
-def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_failing_first(tmp_path, s3_server, s3_env, capsys):
+def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_failing_first(
+    tmp_path, s3_server, s3_env, capsys
+):
     bucket = new_bucket(s3_server)
     upload = s3_target(s3_server.endpoint, bucket)
     cfgs = {h: pc_config(tmp_path, h, upload) for h in ("pc-ok", "pc-fail", "pc-late")}
     failed_qc(cfgs["pc-fail"])
-    behind = lambda: time.time() - 3600
-    daemons = {h: Daemon(c, target="tests.daemon.targets:ok", components=[FleetReporter(c)],
-                         clock=behind if h == "pc-late" else time.time) for h, c in cfgs.items()}
+
+    def behind():
+        return time.time() - 3600
+
+    daemons = {
+        h: Daemon(
+            c,
+            target="tests.daemon.targets:ok",
+            components=[FleetReporter(c)],
+            clock=behind if h == "pc-late" else time.time,
+        )
+        for h, c in cfgs.items()
+    }
     for d in daemons.values():
         d.start()
     try:
@@ -79,7 +99,12 @@ def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_fai
             assert wait_for(lambda rep=rep: "lab-s3" in rep.health()["written"], timeout=60), rep.health()
         key = f"stereo/_fleet/{SITE}/pc-ok.json"
         doc = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
-        assert doc["schema"] == FLEET_SCHEMA and doc["host"] == "pc-ok" and doc["site"] == SITE and doc["state"] == "running"
+        assert (
+            doc["schema"] == FLEET_SCHEMA
+            and doc["host"] == "pc-ok"
+            and doc["site"] == SITE
+            and doc["state"] == "running"
+        )
         assert {"version", "heartbeat", "counts", "waiting", "last_verdicts", "uploads", "disk"} <= set(doc)
         assert doc["waiting"]["sets_total"] == 0 and doc["counts"]["queued"] == 0
 
@@ -87,17 +112,25 @@ def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_fai
         assert main(["fleet", "--config", str(tmp_path / "pc-ok" / "imageqc.toml"), "--json"]) == 0
         listed = printed_json(capsys.readouterr().out)
         assert [(p["document"]["host"], p["kind"]) for p in listed["pcs"]] == [
-            ("pc-late", "stale"), ("pc-fail", "failing"), ("pc-ok", "ok")]
+            ("pc-late", "stale"),
+            ("pc-fail", "failing"),
+            ("pc-ok", "ok"),
+        ]
         stale, failing, _ = listed["pcs"]
         assert stale["problems"][0].startswith("no status for 60 min")
         assert "last QC FAIL: C02533C (track line score 12 < 60)" in failing["problems"]
         assert listed["targets"] == {"lab-s3": {"error": None, "documents": 3}}
 
         assert main(["fleet", "--config", str(tmp_path / "pc-ok" / "imageqc.toml"), "--target", "lab-s3"]) == 0
-        lines = [ln for ln in capsys.readouterr().out.splitlines() if " [info     ] " not in ln]  # the services' own log
+        lines = [
+            ln for ln in capsys.readouterr().out.splitlines() if " [info     ] " not in ln
+        ]  # the services' own log
         heads = [ln for ln in lines if not ln.startswith(" ")]
-        assert [h.split()[0:2] for h in heads] == [["STALE", f"{SITE}/pc-late"], ["FAILING", f"{SITE}/pc-fail"],
-                                                   ["OK", f"{SITE}/pc-ok"]]
+        assert [h.split()[0:2] for h in heads] == [
+            ["STALE", f"{SITE}/pc-late"],
+            ["FAILING", f"{SITE}/pc-fail"],
+            ["OK", f"{SITE}/pc-ok"],
+        ]
         assert any("last QC FAIL: C02533C" in ln for ln in lines)
     finally:
         for d in daemons.values():
@@ -105,7 +138,10 @@ def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_fai
     # a clean stop writes one last document; the late PC's stays stale
     report = read_fleet(cfgs["pc-ok"])
     assert [(p["document"]["host"], p["kind"]) for p in report["pcs"]] == [
-        ("pc-late", "stale"), ("pc-fail", "stopped"), ("pc-ok", "stopped")]
+        ("pc-late", "stale"),
+        ("pc-fail", "stopped"),
+        ("pc-ok", "stopped"),
+    ]
 
 
 def test_the_document_is_rewritten_every_interval_and_a_failing_target_is_said_once(tmp_path):

@@ -87,14 +87,27 @@ def setup(make_config, tmp_path):
 
 def hpc(name: str, mode: str = "all", *, root: Path, **extra: str) -> str:
     (root / f"{name}-share").mkdir(exist_ok=True)
-    lines = [f'name = "{name}"', 'type = "hpc"', f'path = {json.dumps(str(root / f"{name}-share"))}', f'mode = "{mode}"']
+    lines = [
+        f'name = "{name}"',
+        'type = "hpc"',
+        f"path = {json.dumps(str(root / f'{name}-share'))}",
+        f'mode = "{mode}"',
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     return "[[upload]]\n" + "\n".join(lines) + "\n"
 
 
 def s3(endpoint: str, bucket: str, mode: str = "outputs", **extra) -> str:
-    lines = ['name = "lab-s3"', 'type = "s3"', f'endpoint = "{endpoint}"', f'bucket = "{bucket}"', 'region = "us-east-1"',
-             'addressing_style = "path"', f'mode = "{mode}"', 'credentials = "env:IMAGEQC_T"']
+    lines = [
+        'name = "lab-s3"',
+        'type = "s3"',
+        f'endpoint = "{endpoint}"',
+        f'bucket = "{bucket}"',
+        'region = "us-east-1"',
+        'addressing_style = "path"',
+        f'mode = "{mode}"',
+        'credentials = "env:IMAGEQC_T"',
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     return "[[upload]]\n" + "\n".join(lines) + "\n"
 
@@ -107,7 +120,9 @@ def s3_env(monkeypatch):
 
 def test_a_job_goes_to_every_target_and_ends_done(setup, tmp_path, s3_server, s3_env):
     bucket = new_bucket(s3_server)
-    cfg, store, mgr = setup(hpc("share-a", root=tmp_path) + s3(s3_server.endpoint, bucket) + '[site]\nname = "lab-7"\n')
+    _cfg, store, mgr = setup(
+        hpc("share-a", root=tmp_path) + s3(s3_server.endpoint, bucket) + '[site]\nname = "lab-7"\n'
+    )
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", tiles=True)
     done = drive(mgr, store, job.id, {"done"})
     assert "uploaded" in store.events(job.id)[-1].message
@@ -118,7 +133,9 @@ def test_a_job_goes_to_every_target_and_ends_done(setup, tmp_path, s3_server, s3
     body = s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     assert body == job.archive.read_bytes()
     share = tmp_path / "share-a-share" / "lab-7" / job.chip / job.run
-    assert (share / f"{job.chip}_CD31_IF" / "tile_1_1.tif").read_bytes() == (job.inputs[1] / "tile_1_1.tif").read_bytes()
+    assert (share / f"{job.chip}_CD31_IF" / "tile_1_1.tif").read_bytes() == (
+        job.inputs[1] / "tile_1_1.tif"
+    ).read_bytes()
     assert not (share / f"{job.chip}_CD31_IF" / "~lock.tmp").exists()
     assert mgr.health()["targets"]["lab-s3"]["files"] == 0 and done.error is None
     # bytes sent since the start, for imageqc_upload_bytes_total (#19): at least both outputs of the run
@@ -134,7 +151,9 @@ def test_a_job_goes_to_every_target_and_ends_done(setup, tmp_path, s3_server, s3
 
 def test_windows_decide_when_each_target_uploads(setup, tmp_path):
     clock = Clock(at(12, 0))
-    cfg, store, mgr = setup(hpc("day", "outputs", root=tmp_path) + hpc("night", "outputs", root=tmp_path, window="20:00-06:00"), clock=clock)
+    _cfg, store, mgr = setup(
+        hpc("day", "outputs", root=tmp_path) + hpc("night", "outputs", root=tmp_path, window="20:00-06:00"), clock=clock
+    )
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     # the job starts in qc_done: drive until the manager has uploaded to day and set it to wait for night
     waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
@@ -143,8 +162,9 @@ def test_windows_decide_when_each_target_uploads(setup, tmp_path):
         time.sleep(0.02)
         waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
     assert waiting.next_attempt_at == at(20, 0)  # back in qc_done until the night window opens
-    assert {r.target: r.state for r in store.uploads(job.id) if r.kind == "outputs" and r.local_path == str(job.archive)} == {
-        "day": "done", "night": "pending"}
+    assert {
+        r.target: r.state for r in store.uploads(job.id) if r.kind == "outputs" and r.local_path == str(job.archive)
+    } == {"day": "done", "night": "pending"}
     assert "waiting for the upload window of night" in store.events(job.id)[-1].message
     assert mgr.health()["targets"]["night"]["files"] == 2 and mgr.health()["targets"]["night"]["next_open"] == at(20, 0)
     n_events = len(store.events(job.id))
@@ -178,7 +198,8 @@ def test_a_job_whose_targets_are_all_closed_waits_in_qc_done_with_its_backlog_vi
     assert listed["schema"] == "imageqc.uploads/1"
     assert {(u["target"], u["state"], u["chip"]) for u in listed["uploads"]} == {("night", "pending", job.chip)}
     assert sorted(u["remote_key"].rsplit("/", 1)[1] for u in listed["uploads"]) == sorted(
-        [f"{job.chip}.tif", f"{job.run}.tar.gz", "report.json"])
+        [f"{job.chip}.tif", f"{job.run}.tar.gz", "report.json"]
+    )
     assert main(["uploads", "--config", cfg.source, "--state", "done"]) == 0
     assert "no uploads matching the filter" in capsys.readouterr().out
     assert main(["uploads", "--config", cfg.source]) == 0
@@ -188,13 +209,17 @@ def test_a_job_whose_targets_are_all_closed_waits_in_qc_done_with_its_backlog_vi
 
 def test_a_permanent_error_fails_the_job_at_once_naming_the_target_and_the_fix(setup, tmp_path, s3_server, s3_env):
     missing = f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}"  # own name: the session's server log is shared
-    cfg, store, mgr = setup(s3(s3_server.endpoint, missing, mode="outputs", max_attempts=8))
+    _cfg, store, mgr = setup(s3(s3_server.endpoint, missing, mode="outputs", max_attempts=8))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     failed = drive(mgr, store, job.id, {"failed"})
     assert failed.failed_stage == "upload" and failed.next_attempt_at is None
     assert "upload target 'lab-s3'" in failed.error and "does not exist" in failed.error and "create it" in failed.error
     assert all(r.attempts <= 1 for r in store.uploads(job.id))  # no retry storm
-    puts = [e for e in s3_server.log() if e["path"].startswith(f"/{missing}/") and e["op"] in ("PutObject", "CreateMultipartUpload")]
+    puts = [
+        e
+        for e in s3_server.log()
+        if e["path"].startswith(f"/{missing}/") and e["op"] in ("PutObject", "CreateMultipartUpload")
+    ]
     assert len(puts) <= 2  # at most one try per file, cut short once the first failed
     store.requeue_due(now=time.time() + 10**6)
     assert store.get_job(job.id).state == "failed"  # never retried automatically
@@ -202,7 +227,7 @@ def test_a_permanent_error_fails_the_job_at_once_naming_the_target_and_the_fix(s
 
 def test_transient_errors_are_retried_with_backoff_then_given_up(setup, tmp_path, s3_env):
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg, store, mgr = setup(
+    _cfg, store, mgr = setup(
         s3(dead, "bkt", mode="outputs", max_attempts=2, retry_base_s=0.01, retry_max_s=0.02, timeout_s=1)
         + "[service]\nmax_attempts = 2\n"  # the test config's retry_base_s is 1 s
     )
@@ -218,7 +243,7 @@ def test_transient_errors_are_retried_with_backoff_then_given_up(setup, tmp_path
 
 
 def test_inputs_changed_since_qc_are_never_uploaded_and_the_job_waits_for_discovery(setup, tmp_path):
-    cfg, store, mgr = setup(hpc("hpc", "all", root=tmp_path))
+    _cfg, store, mgr = setup(hpc("hpc", "all", root=tmp_path))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     tif = job.inputs[0]
     original, st = tif.read_bytes(), tif.stat()
@@ -314,7 +339,11 @@ def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_b
     else:
         proxy = request.getfixturevalue("oss_proxy")
         keys = OSS_KEYS
-        toml = s3(proxy.endpoint, bucket, **slow).replace('type = "s3"', 'type = "oss"').replace('addressing_style = "path"\n', "")
+        toml = (
+            s3(proxy.endpoint, bucket, **slow)
+            .replace('type = "s3"', 'type = "oss"')
+            .replace('addressing_style = "path"\n', "")
+        )
     monkeypatch.setenv("IMAGEQC_T_ACCESS_KEY_ID", keys[0])
     monkeypatch.setenv("IMAGEQC_T_SECRET_ACCESS_KEY", keys[1])
     cfg, store, mgr = setup(toml)
@@ -333,9 +362,13 @@ def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_b
     back = drive(mgr, store, job.id, {"queued", "failed", "done"})
     message = store.events(job.id)[-1].message
     assert back.state == "queued", (back.state, back.error, message)
-    assert message.startswith(f"{tif}: changed after QC, while it was uploaded (content differs, same size and time)"), message
+    assert message.startswith(
+        f"{tif}: changed after QC, while it was uploaded (content differs, same size and time)"
+    ), message
     key = f"default/{job.chip}/{job.run}/{tif.name}"
-    assert message.endswith(f"; the torn copy at {key} was deleted; QC runs again"), message  # moto and the proxy keep it
+    assert message.endswith(f"; the torn copy at {key} was deleted; QC runs again"), (
+        message
+    )  # moto and the proxy keep it
     client = s3_server.client()
     assert _objects(client, bucket) == {}  # no torn object, and no verdict was sent
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
@@ -344,15 +377,20 @@ def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_b
     # it goes back to QC instead of failing the same way again
     run_qc_again(store, job.id, job.chip, job.inputs, tmp_path / "out", stamp="20240612_111500")
     _overwrite_keeping_size_and_time(tif)
-    store.transition(job.id, "failed", error="upload target 'lab-s3': PUT ...: server ETag ... is not the MD5", failed_stage="upload")
+    store.transition(
+        job.id, "failed", error="upload target 'lab-s3': PUT ...: server ETag ... is not the MD5", failed_stage="upload"
+    )
     assert main(["retry", str(job.id), "--config", cfg.source]) == 0
     drive(mgr, store, job.id, {"queued"})
-    assert store.events(job.id)[-1].message == f"{tif}: changed after QC (content differs, same size and time); QC runs again"
+    assert (
+        store.events(job.id)[-1].message
+        == f"{tif}: changed after QC (content differs, same size and time); QC runs again"
+    )
     assert _objects(client, bucket) == {}
 
 
 def test_an_input_that_disappeared_fails_the_job(setup, tmp_path):
-    cfg, store, mgr = setup(hpc("hpc", "inputs", root=tmp_path))
+    _cfg, store, mgr = setup(hpc("hpc", "inputs", root=tmp_path))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     mgr._plan_waiting(time.time())  # records planned while the file was there
     job.inputs[0].unlink()
@@ -387,7 +425,7 @@ def test_a_stop_mid_file_and_a_new_manager_resume_from_the_records(setup, tmp_pa
 
 
 def test_a_cancelled_job_stops_its_transfers(setup, tmp_path):
-    cfg, store, mgr = setup(hpc("hpc", "outputs", root=tmp_path, bandwidth_limit="4MB/s"))
+    _cfg, store, mgr = setup(hpc("hpc", "outputs", root=tmp_path, bandwidth_limit="4MB/s"))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=8 << 20)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -440,11 +478,21 @@ def test_secrets_never_reach_the_database_or_the_log(setup, tmp_path, rclone_ser
     configure_logging(console="off")
 
 
-def test_a_window_closing_mid_file_lets_the_part_in_flight_finish_and_resumes_at_the_next_opening(setup, tmp_path, s3_server, s3_env):
+def test_a_window_closing_mid_file_lets_the_part_in_flight_finish_and_resumes_at_the_next_opening(
+    setup, tmp_path, s3_server, s3_env
+):
     bucket = new_bucket(s3_server)
     clock = Clock(at(21, 0))
-    cfg, store, mgr = setup(
-        s3(s3_server.endpoint, bucket, mode="outputs", window="20:00-06:00", part_size_mb=5, concurrency=1, bandwidth_limit="10MB/s"),
+    _cfg, store, mgr = setup(
+        s3(
+            s3_server.endpoint,
+            bucket,
+            mode="outputs",
+            window="20:00-06:00",
+            part_size_mb=5,
+            concurrency=1,
+            bandwidth_limit="10MB/s",
+        ),
         clock=clock,
     )
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=12 << 20)

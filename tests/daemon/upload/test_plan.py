@@ -47,14 +47,19 @@ def test_modes_and_templates_decide_the_files_and_keys(make_config, tmp_path, st
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", tiles=True)
     planned = _plan(cfg, store, job)
     aws = sorted(p.remote_key for p in planned if p.target == "aws")
-    assert aws == [f"stereo/lab-7/{job.chip}/{job.run}/{job.run}.tar.gz", f"stereo/lab-7/{job.chip}/{job.run}/report.json"]
+    assert aws == [
+        f"stereo/lab-7/{job.chip}/{job.run}/{job.run}.tar.gz",
+        f"stereo/lab-7/{job.chip}/{job.run}/report.json",
+    ]
     hpc = sorted(p.remote_key for p in planned if p.target == "hpc")
-    assert hpc == sorted([
-        f"inputs/20240612/{job.chip}/{job.chip}.tif",
-        *(f"inputs/20240612/{job.chip}/{job.chip}_CD31_IF/tile_{r}_{c}.tif" for r in range(2) for c in range(2)),
-        f"outputs/20240612/{job.chip}/{job.run}.tar.gz",
-        f"outputs/20240612/{job.chip}/report.json",
-    ])  # the tile folder keeps its relative paths; its temp file is left out
+    assert hpc == sorted(
+        [
+            f"inputs/20240612/{job.chip}/{job.chip}.tif",
+            *(f"inputs/20240612/{job.chip}/{job.chip}_CD31_IF/tile_{r}_{c}.tif" for r in range(2) for c in range(2)),
+            f"outputs/20240612/{job.chip}/{job.run}.tar.gz",
+            f"outputs/20240612/{job.chip}/report.json",
+        ]
+    )  # the tile folder keeps its relative paths; its temp file is left out
     for p in planned:
         st = Path(p.local_path).stat()
         assert (p.size, p.mtime_ns) == (st.st_size, st.st_mtime_ns)
@@ -64,7 +69,7 @@ def test_a_missing_archive_or_input_cannot_be_planned(make_config, tmp_path, sto
     cfg = make_config(TOML.format(aws_mode="all", hpc_mode="none"))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     job.archive.unlink()
-    with pytest.raises(PlanError, match="archive .* is missing; run QC again"):
+    with pytest.raises(PlanError, match=r"archive .* is missing; run QC again"):
         _plan(cfg, store, job)
     other = make_qc_done_job(store, tmp_path / "inbox2", tmp_path / "out2", chip="C02533C")
     other.inputs[0].unlink()

@@ -22,7 +22,8 @@ def at(hour: int, minute: int = 0, *, day: int = 12, tz: timezone = UTC) -> floa
 
 
 @pytest.mark.parametrize(
-    ("mode", "kinds"), [("none", ()), ("inputs", ("inputs",)), ("outputs", ("outputs",)), ("all", ("inputs", "outputs"))]
+    ("mode", "kinds"),
+    [("none", ()), ("inputs", ("inputs",)), ("outputs", ("outputs",)), ("all", ("inputs", "outputs"))],
 )
 def test_mode_selects_the_kinds_uploaded(mode, kinds):
     assert kinds_for_mode(mode) == kinds
@@ -34,13 +35,31 @@ def test_an_unknown_mode_is_refused_with_the_choices():
 
 
 def test_the_default_key_layout_and_an_empty_prefix():
-    f = {"site": "shenzhen-1", "chip": "SS200000135TL_D1", "run": "SS200000135TL_D1_20240612_101500_0.1.0",
-         "name": "SS200000135TL_D1.tif", "kind": "inputs", "date": "20240612"}
+    f = {
+        "site": "shenzhen-1",
+        "chip": "SS200000135TL_D1",
+        "run": "SS200000135TL_D1_20240612_101500_0.1.0",
+        "name": "SS200000135TL_D1.tif",
+        "kind": "inputs",
+        "date": "20240612",
+    }
     tpl = "{prefix}/{site}/{chip}/{run}/{name}"
-    assert render_key(tpl, prefix="stereo/qc", **f) == "stereo/qc/shenzhen-1/SS200000135TL_D1/SS200000135TL_D1_20240612_101500_0.1.0/SS200000135TL_D1.tif"
-    assert render_key(tpl, prefix="", **f) == "shenzhen-1/SS200000135TL_D1/SS200000135TL_D1_20240612_101500_0.1.0/SS200000135TL_D1.tif"
-    assert render_key("{kind}/{date}/{chip}/{name}", prefix="", **f) == "inputs/20240612/SS200000135TL_D1/SS200000135TL_D1.tif"
-    assert render_key("{prefix}\\{chip}\\./{name}", prefix="/p/", **{**f, "name": "tiles/r0_c0.tif"}) == "p/SS200000135TL_D1/tiles/r0_c0.tif"
+    assert (
+        render_key(tpl, prefix="stereo/qc", **f)
+        == "stereo/qc/shenzhen-1/SS200000135TL_D1/SS200000135TL_D1_20240612_101500_0.1.0/SS200000135TL_D1.tif"
+    )
+    assert (
+        render_key(tpl, prefix="", **f)
+        == "shenzhen-1/SS200000135TL_D1/SS200000135TL_D1_20240612_101500_0.1.0/SS200000135TL_D1.tif"
+    )
+    assert (
+        render_key("{kind}/{date}/{chip}/{name}", prefix="", **f)
+        == "inputs/20240612/SS200000135TL_D1/SS200000135TL_D1.tif"
+    )
+    assert (
+        render_key("{prefix}\\{chip}\\./{name}", prefix="/p/", **{**f, "name": "tiles/r0_c0.tif"})
+        == "p/SS200000135TL_D1/tiles/r0_c0.tif"
+    )
 
 
 def test_a_key_cannot_climb_out_of_its_prefix():
@@ -59,7 +78,10 @@ def test_rendered_keys_never_have_empty_dot_or_dotdot_parts(prefix, name):
 
 
 def test_run_id_is_the_archive_stem_or_chip_and_result_time():
-    assert run_id("C02533C", "/out/C02533C_20240612_101500_0.1.0.tar.gz", 0.0) == ("C02533C_20240612_101500_0.1.0", "20240612")
+    assert run_id("C02533C", "/out/C02533C_20240612_101500_0.1.0.tar.gz", 0.0) == (
+        "C02533C_20240612_101500_0.1.0",
+        "20240612",
+    )
     assert run_id("C02533C", None, at(23, 5, tz=CST), CST) == ("C02533C_20240612_230500", "20240612")
 
 

@@ -24,8 +24,17 @@ def _qc_done(store: Store, fp: str, now: float = 1000.0) -> int:
 
 
 def _rows(n: int, target: str = "aws") -> list[dict]:
-    return [{"target": target, "kind": "outputs", "local_path": f"/out/f{i}", "remote_key": f"k/f{i}", "size": 100 * (i + 1), "mtime_ns": i}
-            for i in range(n)]
+    return [
+        {
+            "target": target,
+            "kind": "outputs",
+            "local_path": f"/out/f{i}",
+            "remote_key": f"k/f{i}",
+            "size": 100 * (i + 1),
+            "mtime_ns": i,
+        }
+        for i in range(n)
+    ]
 
 
 def test_planning_is_idempotent_and_keeps_progress(store):
@@ -36,7 +45,12 @@ def test_planning_is_idempotent_and_keeps_progress(store):
     store.update_upload(first.id, state="active", bytes_done=40, upload_id="U1", parts={"state": {"upload_id": "U1"}})
     assert store.plan_uploads(job, _rows(4)) == 1  # only the new file
     again = store.uploads(job)[0]
-    assert (again.state, again.bytes_done, again.upload_id, again.parts) == ("active", 40, "U1", {"state": {"upload_id": "U1"}})
+    assert (again.state, again.bytes_done, again.upload_id, again.parts) == (
+        "active",
+        40,
+        "U1",
+        {"state": {"upload_id": "U1"}},
+    )
     assert store.jobs_without_uploads() == []
     assert [r.remote_key for r in store.uploads(job, states=["pending"])] == ["k/f1", "k/f2", "k/f3"]
 
@@ -47,7 +61,7 @@ def test_updates_are_checked(store):
     rid = store.uploads(job)[0].id
     with pytest.raises(StoreError, match="unknown upload column"):
         store.update_upload(rid, remote_key="elsewhere")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'teleported' is not a valid UploadState"):
         store.update_upload(rid, state="teleported")
     with pytest.raises(StoreError, match="no upload record"):
         store.update_upload(rid + 99, state="done")

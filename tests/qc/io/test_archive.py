@@ -38,8 +38,11 @@ def qc_archive(tmp_path):
     tiles = {(r, c): RNG.integers(0, 255, (30, 40), dtype=np.uint8) for r in range(2) for c in range(2)}
     czi = write_czi(tmp_path / "src.czi", [(RNG.integers(0, 255, (20, 30), dtype=np.uint8), 0, 0, 0, 0)])
     path = tmp_path / f"{CHIP}.tar.gz"
-    report = {"schema": "imageqc.report/1", "chip": CHIP,
-              "images": [{"name": f"{CHIP}_GFP_IF", "role": "IF"}, {"name": CHIP, "role": "nuclear"}]}
+    report = {
+        "schema": "imageqc.report/1",
+        "chip": CHIP,
+        "images": [{"name": f"{CHIP}_GFP_IF", "role": "IF"}, {"name": CHIP, "role": "nuclear"}],
+    }
     with tarfile.open(path, "w:gz") as tar:
         add(tar, f"{CHIP}/report.json", json.dumps(report).encode())
         add(tar, f"{CHIP}/pictures/track.png", b"\x89PNG\r\n\x1a\n")

@@ -174,7 +174,7 @@ def test_truncated_czi_is_corrupt(tmp_path):
     data = path.read_bytes()
     for keep in (0.5, 0.9, 0.99):
         path.write_bytes(data[: int(len(data) * keep)])
-        with pytest.raises(CorruptImageError, match="cut.czi"):
+        with pytest.raises(CorruptImageError, match=r"cut.czi"):
             check_czi_whole(path)
         with pytest.raises(CorruptImageError):
             open_image(path)
@@ -190,8 +190,11 @@ def test_czi_header_declaring_huge_subblock_is_refused(tmp_path):
 
 
 def test_corrupt_zstd_subblock_raises_on_read(tmp_path):
-    path = write_czi(tmp_path / "bad.czi", [(rand((64, 64)), 0, 0, 0, 0), (rand((64, 64)), 60, 0, 0, 0)],
-                     compression="zstd0:ExplicitLevel=1")
+    path = write_czi(
+        tmp_path / "bad.czi",
+        [(rand((64, 64)), 0, 0, 0, 0), (rand((64, 64)), 60, 0, 0, 0)],
+        compression="zstd0:ExplicitLevel=1",
+    )
     with path.open("rb") as fh:
         d = CziDirectory(fh, path)
         start, _ = d._locate(d.entries[1])
@@ -200,5 +203,5 @@ def test_corrupt_zstd_subblock_raises_on_read(tmp_path):
     path.write_bytes(bytes(data))
     with open_image(path) as img:
         img.tiles[0].read()
-        with pytest.raises(CorruptImageError, match="subblock 1 .zstd0. cannot be decoded"):
+        with pytest.raises(CorruptImageError, match=r"subblock 1 .zstd0. cannot be decoded"):
             img.tiles[1].read()

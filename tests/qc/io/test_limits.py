@@ -15,8 +15,17 @@ from qc.io import ReadLimits, check_tiff_whole, open_image
 
 def lying_tiff(path, width: int, height: int, *, big: bool = False) -> None:
     """A tiny TIFF whose header declares ``width`` x ``height`` 8-bit pixels in one strip."""
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-            (273, 4, 1, 0), (277, 3, 1, 1), (278, 4, 1, height), (279, 4, 1, 16)]
+    tags = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, 1, 0),
+        (277, 3, 1, 1),
+        (278, 4, 1, height),
+        (279, 4, 1, 16),
+    ]
     if big:
         head = b"II" + struct.pack("<HHHQ", 43, 8, 0, 16)
         ifd = struct.pack("<Q", len(tags))
@@ -56,9 +65,9 @@ def test_huge_declared_tiff_is_refused_before_allocating(tmp_path, big):
 def test_small_limits_refuse_ordinary_files(tmp_path):
     path = tmp_path / "ok.tif"
     tifffile.imwrite(path, np.zeros((300, 200), np.uint8), compression="zlib")
-    with pytest.raises(ImageTooLargeError, match="250 px per side.*raise qc.max_dimension in the config"):
+    with pytest.raises(ImageTooLargeError, match=r"250 px per side.*raise qc.max_dimension in the config"):
         open_image(path, limits=ReadLimits(max_dimension=250))  # the hint names the limit that was exceeded
-    with pytest.raises(ImageTooLargeError, match="50000 px.*raise qc.max_pixels in the config"):
+    with pytest.raises(ImageTooLargeError, match=r"50000 px.*raise qc.max_pixels in the config"):
         open_image(path, limits=ReadLimits(max_pixels=50_000))
     with open_image(path, limits=ReadLimits(max_plane_bytes=10_000)) as img:
         with pytest.raises(ImageTooLargeError, match="downsampled"):

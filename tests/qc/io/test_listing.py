@@ -24,10 +24,14 @@ def test_links_loops_and_fifos_are_skipped_and_named_never_followed_or_opened(tm
 
     listing = regular_files(folder)
     assert [(os.path.relpath(p, folder), st.st_size) for p, st in listing.files] == [
-        ("a_0000_0000.tif", 1), (os.path.join("sub", "b_0000_0001.tif"), 2),
+        ("a_0000_0000.tif", 1),
+        (os.path.join("sub", "b_0000_0001.tif"), 2),
     ]
     assert [os.path.relpath(p, folder) for p in listing.skipped] == [
-        "c_0000_0002.tif", "d_0000_0003.tif", "loop", os.path.join("sub", "up"),
+        "c_0000_0002.tif",
+        "d_0000_0003.tif",
+        "loop",
+        os.path.join("sub", "up"),
     ]
 
 

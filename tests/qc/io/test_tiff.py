@@ -109,8 +109,17 @@ def test_ome_tiff_channels_names_and_pixel_size(tmp_path):
     stack = np.stack([arr, arr // 2])
     path = tmp_path / "SS200000135TL_D1_CD31_IF.ome.tif"
     tifffile.imwrite(
-        path, stack, metadata={"axes": "CYX", "Channel": {"Name": ["DAPI", "CD31"]}, "PhysicalSizeX": 0.5,
-                               "PhysicalSizeXUnit": "µm", "PhysicalSizeY": 0.5}, tile=(32, 32), compression="zlib",
+        path,
+        stack,
+        metadata={
+            "axes": "CYX",
+            "Channel": {"Name": ["DAPI", "CD31"]},
+            "PhysicalSizeX": 0.5,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": 0.5,
+        },
+        tile=(32, 32),
+        compression="zlib",
     )
     with open_image(path) as img:
         assert img.name == "SS200000135TL_D1_CD31_IF"
@@ -239,7 +248,9 @@ def test_region_outside_the_image_is_refused(tmp_path):
             img.downsampled(0)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rowsperstrip": 4, "compression": "zlib"}, {"tile": (64, 64), "compression": "zstd"}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"rowsperstrip": 4, "compression": "zlib"}, {"tile": (64, 64), "compression": "zstd"}]
+)
 def test_downsampled_streams_in_bounded_memory(tmp_path, monkeypatch, kwargs):
     """numpy allocations are traced: the peak stays far below the full plane."""
     monkeypatch.setattr(_tiffpage, "_RAW_BAND_BYTES", 256 * 1024)

@@ -24,7 +24,9 @@ def mosaic_tiles(rows, cols, *, rgb=False, dtype=np.uint8, overlap=0.1):
     h, w = sy * (rows - 1) + TH, sx * (cols - 1) + TW
     shape = (h, w, 3) if rgb else (h, w)
     full = RNG.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
-    return {(r, c): full[r * sy : r * sy + TH, c * sx : c * sx + TW].copy() for r in range(rows) for c in range(cols)}, full
+    return {
+        (r, c): full[r * sy : r * sy + TH, c * sx : c * sx + TW].copy() for r in range(rows) for c in range(cols)
+    }, full
 
 
 def save(path, arr):
@@ -78,7 +80,7 @@ def test_motic_rgb_jpeg_folder_default_overlap(tmp_path):
 
 
 def test_leica_snake_folder(tmp_path):
-    tiles, full = mosaic_tiles(2, 3)
+    tiles, _full = mosaic_tiles(2, 3)
     folder = tmp_path / "leica"
     folder.mkdir()
     order = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]
@@ -173,7 +175,7 @@ def test_folder_without_known_names(tmp_path):
     folder = tmp_path / "x"
     folder.mkdir()
     save(folder / "overview.tif", np.zeros((4, 4), np.uint8))
-    with pytest.raises(UnsupportedFormatError, match="overview.tif"):
+    with pytest.raises(UnsupportedFormatError, match=r"overview.tif"):
         open_image(folder)
 
 
@@ -185,5 +187,5 @@ def test_an_empty_folder_is_called_empty_not_a_naming_problem(tmp_path):
         open_image(folder)
     assert "convention" not in str(err.value) and "wait for the export to finish" in str(err.value)
     (folder / "notes.txt").write_text("scan started")
-    with pytest.raises(UnsupportedFormatError, match="holds no image files .*notes.txt"):
+    with pytest.raises(UnsupportedFormatError, match=r"holds no image files .*notes.txt"):
         open_image(folder)

@@ -142,7 +142,9 @@ def test_real_looking_chip_looks_like_a_real_stitched_scan():
     assert chip.truth.background == pytest.approx(10 / 255) and chip.truth.fov_px == fov
     g = chip.truth.grid
     # the surface (outside tissue, away from lines) is about 10 grey levels
-    bare = generate_chip(width=n, height=n, seed=8, **real_looking(angle_deg=0.0, lines=False, fov_gain=0.0, vignetting=0.0, debris=0))
+    bare = generate_chip(
+        width=n, height=n, seed=8, **real_looking(angle_deg=0.0, lines=False, fov_gain=0.0, vignetting=0.0, debris=0)
+    )
     surface = bare.image < 40
     assert 7 <= np.median(bare.image[surface]) <= 13
     # tissue is far brighter than the surface and often saturated
@@ -152,13 +154,17 @@ def test_real_looking_chip_looks_like_a_real_stitched_scan():
     assert np.mean(chip.image[tissue] == 255) > 0.1
     # lines are a few grey levels darker than the surface next to them
     k = g.lines_in_image(0, n, n)[2]
-    x = int(round(g.chip_to_image(g.line_positions(k), 0.0)[0]))
+    x = round(g.chip_to_image(g.line_positions(k), 0.0)[0])
     rows = surface[:, x] & surface[:, x - 8] & surface[:, x + 8]
     depth = np.median(img[rows, x - 8] + img[rows, x + 8]) / 2 - np.median(img[rows, x])
     assert 1.5 <= depth <= 6
     # per-FOV brightness steps: FOV surface medians differ by more than noise
     seams = generate_chip(width=n, height=n, seed=8, **real_looking(lines=False, debris=0, vignetting=0.0))
-    med = [np.median(seams.image[r : r + fov, c : c + fov][surface[r : r + fov, c : c + fov]]) for r in (0, fov) for c in (0, fov)]
+    med = [
+        np.median(seams.image[r : r + fov, c : c + fov][surface[r : r + fov, c : c + fov]])
+        for r in (0, fov)
+        for c in (0, fov)
+    ]
     assert max(med) - min(med) >= 2
     # vignetting darkens FOV corners against FOV centres
     flat = dict(lines=False, debris=0, fov_gain=0.0, tissue_fraction=0.0, noise=0.0)
@@ -178,7 +184,7 @@ def test_real_looking_he_has_lines_lighter_than_the_surface():
     chip = generate_chip(width=n, height=n, seed=9, **real_looking("HE", angle_deg=0.0, tissue_fraction=0.0, noise=0.0))
     assert chip.image.shape == (n, n, 3) and chip.truth.line_polarity == "bright"
     g = chip.truth.grid
-    x = int(round(g.chip_to_image(g.line_positions(g.lines_in_image(0, n, n)[1]), 0.0)[0]))
+    x = round(g.chip_to_image(g.line_positions(g.lines_in_image(0, n, n)[1]), 0.0)[0])
     grey = chip.image.mean(axis=2)
     assert np.median(grey[:, x]) > np.median(grey[:, x - 8]) + 5
 

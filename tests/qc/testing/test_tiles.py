@@ -60,8 +60,18 @@ def test_seeded_and_reproducible(texture):
 
 
 def test_misplaced_and_featureless_options(texture):
-    ts = make_tile_set(texture, rows=3, cols=3, tile_size=200, jitter_px=2, seed=5,
-                       misplaced=(1, 1), misplace_px=(30, -20), featureless=[(0, 2)], noise_sigma=3)
+    ts = make_tile_set(
+        texture,
+        rows=3,
+        cols=3,
+        tile_size=200,
+        jitter_px=2,
+        seed=5,
+        misplaced=(1, 1),
+        misplace_px=(30, -20),
+        featureless=[(0, 2)],
+        noise_sigma=3,
+    )
     assert ts.misplaced == "tile_0001_0001"
     dx, dy = ts.offsets[ts.misplaced]
     assert 28 <= dx <= 32 and -22 <= dy <= -18
@@ -87,7 +97,7 @@ def test_tile_folder_round_trip(texture, tmp_path):
     assert (info["rows"], info["cols"], info["overlap"]) == (2, 3, 0.1)
     back = tiles_from_folder(folder)
     assert [(t.row, t.col, t.x, t.y) for t in back] == [(t.row, t.col, t.x, t.y) for t in ts.tiles]
-    for mine, theirs in zip(ts.tiles, back):
+    for mine, theirs in zip(ts.tiles, back, strict=False):
         assert np.array_equal(mine.read(), theirs.read())
     ident = back[0].identity
     path = folder / names[0]
