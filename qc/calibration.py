@@ -198,6 +198,7 @@ def calibrate(
     min_peak_ratio: float = 2.0,
     max_offset_px: float = 20.0,
     min_similarity: float = 0.01,
+    reference_views: dict[tuple[int, int, int], np.ndarray] | None = None,
 ) -> CalibrationResult:
     """Offset and similarity of an IF image against the DAPI image.
 
@@ -226,6 +227,10 @@ def calibrate(
         A window's offset is used only when its peak is this distinct.
     max_offset_px, min_similarity : float
         Pass thresholds (StereoMap: 20 px and 0.01).
+    reference_views : dict, optional
+        Keeps the reference's reduced view between calls (keyed by common
+        extent and factor): pass the same dict for every IF image of one
+        reference, and the reference is reduced once, not once per IF.
 
     Returns
     -------
@@ -244,7 +249,11 @@ def calibrate(
         raise ValueError(msg)
     f = int(downsample) if downsample else max(2, math.ceil(max(h, w) / coarse_size))
     f = min(f, max(1, min(h, w) // 256))
-    ref_c = structure_view(downsample_area(reference[:h, :w], f), smooth_px=1.0)
+    ref_c = None if reference_views is None else reference_views.get((h, w, f))
+    if ref_c is None:
+        ref_c = structure_view(downsample_area(reference[:h, :w], f), smooth_px=1.0)
+        if reference_views is not None:
+            reference_views[(h, w, f)] = ref_c
     mov_c = structure_view(downsample_area(moving[:h, :w], f), smooth_px=1.0)
     cs = min(math.ceil(search_px / f) + 1, min(ref_c.shape) // 2 - 1)
     coarse = phase_correlate(ref_c, mov_c, max_shift=cs, window=0.25, compute_ncc=False)

@@ -284,7 +284,8 @@ def run_qc(
             blocks[nuclear.name]["clarity"] = block
             checks.append(chk)
         st.at("clarity", 1.0)
-    del nuclear_plane
+    if stain != "DAPI+mIF" or "calibration" not in wanted:
+        nuclear_plane = None  # calibration below reuses it: the nuclear image is read once
 
     # -- stitching ------------------------------------------------------------
     tiled_images = [img for img in scan_set.images if img.tiles]
@@ -324,7 +325,9 @@ def run_qc(
         from qc.calibration import calibrate
 
         ifs = scan_set.if_images
-        reference = nuclear.plane(0)
+        reference = nuclear_plane if nuclear_plane is not None else nuclear.plane(0)
+        nuclear_plane = None
+        reference_views: dict[tuple[int, int, int], np.ndarray] = {}  # the reference reduced once for every IF
         for k, img in enumerate(ifs):
             st.at("calibration", k / max(len(ifs), 1))
             try:
@@ -339,6 +342,7 @@ def run_qc(
                 moving_name=img.name,
                 max_offset_px=th.calibration_offset_px,
                 min_similarity=th.calibration_similarity,
+                reference_views=reference_views,
             )
             art["calibration"][img.name] = cal
             chk = check_calibration(img.name, cal, th, reference=nuclear.name)

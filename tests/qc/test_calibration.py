@@ -102,3 +102,16 @@ def test_bad_inputs_explain_themselves():
         calibrate(np.zeros((100, 100, 3)), np.zeros((100, 100)))
     with pytest.raises(ValueError, match="too small"):
         calibrate(np.zeros((30, 30)), np.zeros((30, 30)))
+
+
+def test_the_reference_is_reduced_once_for_several_if_images(scene):
+    ref, mov = _pair(scene, 7, -3)
+    _, mov2 = _pair(scene, -19, 12)
+    views: dict = {}
+    first = calibrate(ref, mov, reference_views=views)
+    second = calibrate(ref, mov2, reference_views=views)
+    assert len(views) == 1  # one reduced view served both
+    for cached, plain in ((first, calibrate(ref, mov)), (second, calibrate(ref, mov2))):  # and changes no result
+        assert cached.offset_px == pytest.approx(plain.offset_px, abs=1e-9)
+        assert cached.similarity == pytest.approx(plain.similarity, abs=1e-9)
+        assert cached.peak_ratio == pytest.approx(plain.peak_ratio, rel=1e-9)

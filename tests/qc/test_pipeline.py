@@ -149,6 +149,20 @@ def test_dapi_mif_calibration_recovers_the_offset_and_writes_outputs(sets, tmp_p
     assert not list(tmp_path.glob("out/.*")), "temporary build folders left behind"
 
 
+def test_dapi_mif_reads_the_nuclear_image_once(sets):
+    """Track, clarity and calibration share one read of the nuclear plane (issue #14: it was read twice)."""
+    paths = sorted(sets["mif_bad"].iterdir())
+    with open_scan_set(paths) as scan:
+        reads: list[int] = []
+        plane = scan.nuclear.plane
+        scan.nuclear.plane = lambda index=0: reads.append(index) or plane(index)
+        rep = run_qc(scan, QCSettings())
+    assert rep.as_dict()["stain"] == "DAPI+mIF"
+    assert reads == [0]
+    cals = [i["calibration"] for i in rep.as_dict()["images"] if i["role"] == "IF"]
+    assert len(cals) == 2 and all(c is not None for c in cals)
+
+
 def test_an_unrelated_if_image_fails_calibration(sets):
     rep = _qc(sets["mif_bad"])
     assert rep.verdict == "fail"
