@@ -10,9 +10,8 @@ import pytest
 import tifffile
 
 from qc.io.model import Tile
-from qc.pair_cache import MemoryPairCache, PairCache, digest_key, pair_key
-from qc.stitch_pairs import PAIR_ALGORITHM_VERSION
-from qc.stitching import StitchingParams, evaluate_stitching
+from qc.stitching import PAIR_ALGORITHM_VERSION, StitchingParams, evaluate_stitching
+from qc.stitching.pair_cache import MemoryPairCache, PairCache, digest_key, pair_key
 from qc.testing.tiles import make_tile_set, tiles_from_folder, write_tile_folder
 from tests.qc.stitching_helpers import stain_texture
 
