@@ -26,8 +26,11 @@ install: $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/imageqc run $(ARGS)
 
+# Two pytest processes (TEST_WORKERS=0 for one): most service tests wait on the service, so two share the
+# two cores of an acquisition-sized machine well. worksteal balances the long tests at the end.
+TEST_WORKERS ?= 2
 test: lint test-tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # ruff (settings in pyproject.toml): lint rules and formatting, checked, never rewritten; `make format` rewrites.
 lint: $(VENV)/.installed-test

@@ -404,7 +404,10 @@ _UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy"
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
-    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row})
+    if row is None:
+        return None
+    names = row.keys()  # a sqlite3.Row iterates over its values, not its names
+    return Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in names})
 
 
 def _stored(name: str | None) -> str | bytes | None:
