@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, record
 from bench_stitching import PeakRSS, write_bench_tiles
 
-from qc.fusion import fuse_tiles
+from qc.stitching import fuse_tiles
 from qc.testing.tiles import tiles_from_folder
 
 SECTION = "bench_fusion"

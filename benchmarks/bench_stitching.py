@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, record
 
-from qc.pair_cache import MemoryPairCache
-from qc.stitching import evaluate_stitching
+from qc.stitching import MemoryPairCache, evaluate_stitching
 from qc.testing.tiles import blob_texture, make_tile_set, tiles_from_folder, write_tile_folder
 
 SECTION = "bench_stitching"

@@ -66,8 +66,8 @@ def add_fuse_command(sub: Any) -> None:
 def cmd_fuse(args: Any) -> int:
     from daemon.config import tile_pattern_problem
     from qc.errors import QCError
-    from qc.fusion import fuse_tiles
     from qc.io import open_image
+    from qc.stitching import fuse_tiles
 
     path = Path(args.path)
     if args.tile_pattern:

@@ -69,7 +69,7 @@ def clarity_spec(config: Config) -> Any:
     qc = config.qc
     if not qc.model:
         return None
-    from qc.clarity_model import STOMICS_4CLASS, ClarityModel
+    from qc.clarity import STOMICS_4CLASS, ClarityModel
 
     path = Path(qc.model)
     if path.suffix.lower() == ".json":

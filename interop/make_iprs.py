@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from qc import __version__  # noqa: E402
 from qc.io import open_scan_set  # noqa: E402
 from qc.ipr import IPRRecord, read_ipr, write_ipr  # noqa: E402
-from qc.pair_cache import MemoryPairCache  # noqa: E402
 from qc.pipeline import QCSettings, run_qc  # noqa: E402
+from qc.stitching import MemoryPairCache  # noqa: E402
 from qc.testing.chips import generate_chip, generate_if  # noqa: E402
 from qc.testing.tiles import make_tile_set, write_tile_folder  # noqa: E402
 

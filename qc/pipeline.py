@@ -87,7 +87,7 @@ class QCSettings:
     limits : ReadLimits
         Image-size limits of the readers.
     clarity_model : object, optional
-        A :class:`qc.clarity_model.ClarityModel` spec; default the shipped model.
+        A :class:`qc.clarity.model.ClarityModel` spec; default the shipped model.
     site, operator : str
         Recorded in the report.
     """
@@ -267,8 +267,7 @@ def run_qc(
     # -- clarity --------------------------------------------------------------
     if nuclear is not None and nuclear_plane is not None and "clarity" in wanted:
         st.at("clarity")
-        from qc.clarity import MAP_LABELS, evaluate_clarity
-        from qc.clarity_model import load_clarity_model
+        from qc.clarity import MAP_LABELS, evaluate_clarity, load_clarity_model
 
         model = clarity_model or load_clarity_model(settings.clarity_model, threads=settings.threads)
         if nuclear.is_rgb and not model.spec.supports_colour:

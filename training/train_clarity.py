@@ -113,7 +113,7 @@ def git_commit() -> dict:
     def run(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
-    dirty = run("status", "--porcelain", "--", "training", "qc/clarity.py", "qc/clarity_model.py")
+    dirty = run("status", "--porcelain", "--", "training", "qc/clarity/evaluate.py", "qc/clarity/model.py")
     return {"commit": run("rev-parse", "HEAD") or "unknown", "script_changes_uncommitted": bool(dirty)}
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         do_constant_folding=True,
         dynamo=False,
     )
-    from qc.clarity_model import import_onnxruntime
+    from qc.clarity.model import import_onnxruntime
 
     ort = import_onnxruntime()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

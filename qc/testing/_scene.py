@@ -17,8 +17,8 @@ import numpy as np
 import tifffile
 
 from qc.chip import template_for
-from qc.grid import GridModel
 from qc.testing._acquisition import Debris, FovField
+from qc.track import GridModel
 
 __all__ = ["MAX_IF_OFFSET", "STRIP", "Mosaic", "Scene", "load_crops", "quantise", "upsample"]
 

@@ -10,8 +10,8 @@ smooth tissue blobs covering a chosen fraction, track lines at the template
 spacing (angle, scale, origin, width and contrast as asked), uneven
 illumination, Gaussian blur, exposure gain with clipping, and noise.
 
-Geometry follows :mod:`qc.grid` exactly: ``ChipTruth.grid`` is the
-:class:`~qc.grid.GridModel` that :func:`qc.track.find_track_lines` should
+Geometry follows :mod:`qc.track.grid` exactly: ``ChipTruth.grid`` is the
+:class:`~qc.track.grid.GridModel` that :func:`qc.track.find_track_lines` should
 recover. Everything is seeded: the same arguments give the same pixels, and
 :func:`write_chip_tiff` writes the same pixels as :func:`generate_chip`.
 
@@ -36,8 +36,8 @@ import numpy as np
 import tifffile
 
 from qc.chip import ChipTemplate, template_for
-from qc.grid import GridModel
 from qc.testing._scene import MAX_IF_OFFSET, STRIP, Mosaic, Scene, load_crops, quantise
+from qc.track import GridModel
 
 __all__ = [
     "MAX_IF_OFFSET",
@@ -86,7 +86,7 @@ def shared_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 class ChipTruth:
     """What a synthetic chip image was made with (its known answers).
 
-    Geometry (``angle_deg``, ``scale``, ``origin_px``) follows :mod:`qc.grid`;
+    Geometry (``angle_deg``, ``scale``, ``origin_px``) follows :mod:`qc.track.grid`;
     ``origin_px`` is canonical (the period crossing nearest the image's
     top-left corner). ``tissue_fraction`` is the share of the image actually
     covered by tissue. ``noise`` is the standard deviation of the added
@@ -126,7 +126,7 @@ class ChipTruth:
 
     @property
     def grid(self) -> GridModel:
-        """The track-line grid as a :class:`~qc.grid.GridModel`."""
+        """The track-line grid as a :class:`~qc.track.grid.GridModel`."""
         return GridModel(template_for(self.template), self.angle_deg, self.scale, self.origin_px)
 
     def as_dict(self) -> dict[str, object]:
@@ -324,7 +324,7 @@ def generate_chip(
     template : str or ChipTemplate
         ``"SS2"`` (default), ``"SS1"``, ``"DP84"`` or a chip serial.
     angle_deg, scale, origin_px :
-        Grid placement, conventions of :mod:`qc.grid`. ``scale`` is image px
+        Grid placement, conventions of :mod:`qc.track.grid`. ``scale`` is image px
         per DNB, one number or ``(sx, sy)``. ``origin_px=None`` draws one.
     lines : bool
         False gives the same image without track lines.

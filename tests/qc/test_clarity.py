@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import qc
 from qc import clarity
 from qc.clarity import (
     BACKGROUND,
@@ -87,7 +88,7 @@ def assert_falls_steadily(scores: list[float], *, start: float, end: float) -> N
 
 def test_shipped_model_loads_from_package_data_and_matches_its_sidecar(shipped):
     spec = shipped.spec
-    models_dir = Path(clarity.__file__).resolve().parent / "models"
+    models_dir = Path(qc.__file__).resolve().parent / "models"  # package data of qc, beside the subpackages
     assert spec.path.parent == models_dir and spec.path.suffix == ".onnx"
     sidecar = json.loads((models_dir / "clarity_v1.json").read_text(encoding="utf-8"))
     assert hashlib.sha256(spec.path.read_bytes()).hexdigest() == sidecar["sha256"]
@@ -308,7 +309,7 @@ def test_bad_config_mappings_are_model_errors(mapping, message):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sessions_use_bounded_threads(threads):
-    from qc.clarity_model import import_onnxruntime
+    from qc.clarity.model import import_onnxruntime
 
     ort = import_onnxruntime()
     loaded = load_clarity_model(threads=threads)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from qc.fusion import fuse_tiles
 from qc.io.model import Tile
-from qc.stitching import evaluate_stitching
+from qc.stitching import evaluate_stitching, fuse_tiles
 from qc.testing.tiles import make_tile_set, write_tile_configuration_folder
 from tests.qc.stitching_helpers import stain_texture
 

@@ -1,4 +1,4 @@
-"""Grid geometry conventions (qc.grid): the contract shared by track detection, the generator and overlays."""
+"""Grid geometry conventions (qc.track.grid): the contract shared by track detection, the generator and overlays."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qc.chip import TEMPLATES
-from qc.grid import GridModel
+from qc.track import GridModel
 
 SS2 = TEMPLATES["SS2"]
 

@@ -16,7 +16,6 @@ import pytest
 import tifffile
 
 from qc.chip import template_for
-from qc.grid import GridModel
 from qc.io import open_image, open_scan_set
 from qc.io.model import ScanSet
 from qc.ipr import (
@@ -32,11 +31,12 @@ from qc.ipr import (
     saw_refusals,
     write_ipr,
 )
-from qc.pair_cache import MemoryPairCache
 from qc.pipeline import QCSettings, run_qc
 from qc.report import ImageReport, QCReport
+from qc.stitching import MemoryPairCache
 from qc.testing.chips import generate_chip, generate_if
 from qc.testing.tiles import make_tile_set, write_tile_folder
+from qc.track import GridModel
 
 CHIP = "SS200000135TL_D1"
 SIZE = 3000
@@ -229,7 +229,7 @@ def test_pass_and_fail_set_the_flags_saw_checks(runs):
 def test_register_holds_the_fitted_angle_and_scale(runs):
     _, path, truth = runs["dapi"]
     reg = read_ipr(path).images["DAPI"].register
-    # cellbin2's Rotation: degrees, positive clockwise on screen (y down), as qc.grid; ScaleX/Y: px per DNB
+    # cellbin2's Rotation: degrees, positive clockwise on screen (y down), as qc.track.grid; ScaleX/Y: px per DNB
     assert abs(reg["Rotation"] - truth.angle_deg) < 0.05
     assert abs(reg["ScaleX"] / truth.scale[0] - 1) < 0.002 and abs(reg["ScaleY"] / truth.scale[1] - 1) < 0.002
 

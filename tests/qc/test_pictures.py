@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import tifffile
 
-from qc import pictures as P
 from qc.io import open_scan_set
-from qc.pair_cache import MemoryPairCache
-from qc.picture_parts import STRIPE_PX, VERDICT_COLOURS, judgement
+from qc.pictures import SUMMARY_WIDTH, Picture, draw_summary
+from qc.pictures import draw as P
+from qc.pictures.parts import STRIPE_PX, VERDICT_COLOURS, judgement
 from qc.pipeline import QCSettings, run_qc, write_run_outputs
+from qc.stitching import MemoryPairCache
 from qc.testing.chips import generate_chip, generate_if
 from qc.testing.tiles import make_tile_set, write_tile_folder
 
@@ -74,7 +75,7 @@ def runs(tmp_path_factory, shared_data):
     return out
 
 
-def _pictures(report) -> dict[str, P.Picture]:
+def _pictures(report) -> dict[str, Picture]:
     """Every per-image picture of a run, drawn again as objects (what pictures_from_artifacts writes)."""
     art = report.artifacts
     checks, thumbs, ctx = art["checks"], art["thumbs"], {"chip": art["chip"], "stain": art["stain"]}
@@ -103,7 +104,7 @@ def _pictures(report) -> dict[str, P.Picture]:
             check=checks[("calibration", name)],
             **ctx,
         )
-    pics["summary"] = P.draw_summary(report)
+    pics["summary"] = draw_summary(report)
     return pics
 
 
@@ -176,7 +177,7 @@ def test_the_summary_sheet_is_written_about_1600_px_wide_and_is_what_a_notificat
         sheet = run.out.folder / "pictures" / f"{CHIP}_summary.png"
         assert run.out.pictures[0] == sheet
         image = cv2.imread(str(sheet))
-        assert image.shape[1] == P.SUMMARY_WIDTH == 1600 and 600 < image.shape[0] < 4000
+        assert image.shape[1] == SUMMARY_WIDTH == 1600 and 600 < image.shape[0] < 4000
         assert summary_picture(str(run.out.folder), run.report.as_dict()) == sheet
 
 

@@ -12,8 +12,8 @@ import pytest
 import tifffile
 
 from qc.io import open_scan_set
-from qc.pair_cache import MemoryPairCache
 from qc.pipeline import QCSettings, _layout_note, run_qc, write_run_outputs
+from qc.stitching import MemoryPairCache
 from qc.testing.chips import generate_chip, generate_if, write_chip_tiff
 from qc.testing.tiles import make_tile_set, write_tile_folder
 
@@ -224,8 +224,7 @@ def test_the_report_is_strict_json(sets):
 
 def test_pictures_follow_the_rules_decision_not_the_metrics_own_default(sets, tmp_path):
     """The track picture's header shows the site's decision (its thresholds), which the run records."""
-    from qc.picture_parts import STRIPE_PX, VERDICT_COLOURS
-    from qc.pictures import pictures_from_artifacts
+    from qc.pictures import STRIPE_PX, VERDICT_COLOURS, pictures_from_artifacts
 
     report = _qc(sets["dapi"])
     assert report.artifacts["passed"][("track", CHIP)] is report.images[0].track["passed"] is True

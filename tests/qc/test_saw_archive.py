@@ -14,8 +14,8 @@ import tifffile
 from qc.errors import UnsafeArchiveError
 from qc.io import open_scan_set
 from qc.ipr import IPRError, read_ipr
-from qc.pair_cache import MemoryPairCache
 from qc.pipeline import QCSettings, run_qc, write_run_outputs
+from qc.stitching import MemoryPairCache
 from qc.testing.chips import generate_chip, generate_if
 from qc.testing.tiles import make_tile_set, write_tile_folder
 

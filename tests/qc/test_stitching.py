@@ -9,7 +9,8 @@ import pytest
 
 from qc.errors import QCError
 from qc.io.model import Tile
-from qc.stitching import StitchingParams, _piecewise, _placement, _stage, evaluate_stitching, tile_configuration_text
+from qc.stitching import StitchingParams, evaluate_stitching, tile_configuration_text
+from qc.stitching.evaluate import _piecewise, _placement, _stage
 from qc.testing.tiles import make_tile_set
 from tests.qc.stitching_helpers import czi_mosaic_tiles, shared_data, stain_texture, stitch2d_tiles
 
@@ -189,7 +190,7 @@ def test_real_czi_mosaic_tile1_offset():
 
 
 def test_large_overlaps_are_correlated_at_reduced_resolution_without_losing_accuracy():
-    from qc.stitch_pairs import pair_downsample
+    from qc.stitching.pairs import pair_downsample
 
     tex = stain_texture("DAPI", (1800, 1800), 23)
     ts = make_tile_set(tex, rows=2, cols=2, tile_size=1000, overlap=0.25, jitter_px=6, seed=11, noise_sigma=200)

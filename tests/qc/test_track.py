@@ -11,9 +11,8 @@ import pytest
 import tifffile
 
 from qc.chip import TEMPLATES
-from qc.grid import GridModel
 from qc.testing.chips import generate_chip, write_chip_tiff
-from qc.track import PASS_SCORE, TrackResult, find_track_lines
+from qc.track import PASS_SCORE, GridModel, TrackResult, find_track_lines
 
 # accuracy required on clean chips (issue: angle 0.05 deg, origin 2 px, scale 0.2 %)
 ANGLE_TOL, ORIGIN_TOL, SCALE_TOL = 0.05, 2.0, 0.002
@@ -33,7 +32,7 @@ def _assert_accurate(r: TrackResult, truth: GridModel) -> None:
     assert r.scale[0] == pytest.approx(truth.scale[0], rel=SCALE_TOL)
     assert r.scale[1] == pytest.approx(truth.scale[1], rel=SCALE_TOL)
     assert _origin_error(r.grid, truth) <= ORIGIN_TOL
-    # reported in the canonical form of qc.grid
+    # reported in the canonical form of qc.track.grid
     assert r.grid.canonical() == r.grid
 
 

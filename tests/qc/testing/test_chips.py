@@ -9,7 +9,6 @@ import pytest
 import tifffile
 from skimage.registration import phase_cross_correlation
 
-from qc.grid import GridModel
 from qc.testing.chips import (
     MAX_IF_OFFSET,
     REAL_LOOKING,
@@ -20,6 +19,7 @@ from qc.testing.chips import (
     shared_data_dir,
     write_chip_tiff,
 )
+from qc.track import GridModel
 
 SMALL = dict(width=900, height=700)
 

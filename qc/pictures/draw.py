@@ -2,7 +2,7 @@
 
 Every picture has a header band above the image (the verdict word in its
 colour, the metric's value against its threshold, chip, stain and image) and
-a legend band below it naming every colour drawn (:mod:`qc.picture_parts`);
+a legend band below it naming every colour drawn (:mod:`qc.pictures.parts`);
 no text is written over an image. Pictures are drawn on thumbnails (longest
 side about :data:`THUMB_SIDE` px) with OpenCV and written as PNG, except the
 full-resolution crops, which the pipeline takes while the image is open
@@ -20,7 +20,7 @@ shown 1:1:
 - ``<IF>_calibration.png``: full-resolution crops of a region with
   features, DAPI green and IF magenta, before and after undoing the found
   offset, and the offset against the limit (a circle of that radius);
-- ``<chip>_summary.png`` (:mod:`qc.summary_sheet`): one sheet per run, about 1600 px
+- ``<chip>_summary.png`` (:mod:`qc.pictures.summary`): one sheet per run, about 1600 px
   wide: the verdict, every metric of every image with value, threshold and
   result, the reasons, and small versions of the pictures (what a
   notification attaches).
@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from qc.filenames import fit_name
-from qc.picture_parts import (
+from qc.pictures.parts import (
     BGR,
     INK,
     PAPER,
@@ -55,21 +55,19 @@ from qc.picture_parts import (
     stack,
     text_block,
 )
-from qc.summary_sheet import SUMMARY_WIDTH, draw_summary
+from qc.pictures.summary import draw_summary
 
 __all__ = [
     "CALIBRATION_CROP_PX",
     "INSET_PX",
-    "SUMMARY_WIDTH",
     "THUMB_SIDE",
-    "Picture",
     "draw_calibration",
     "draw_clarity",
     "draw_stitching",
-    "draw_summary",
     "draw_track",
     "pictures_for_run",
     "pictures_from_artifacts",
+    "safe_name",
     "take_calibration_crops",
     "take_track_insets",
     "thumb_factor",

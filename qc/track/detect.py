@@ -4,7 +4,7 @@
 nuclear-stain (DAPI, ssDNA) or H&E image and fits the chip's template: the
 grid angle, the scale in x and y, the origin, and which template lines were
 found. Geometry conventions (image axes, angle sign, origin, scale) are those
-of :mod:`qc.grid`; in short: ``x`` right, ``y`` down, ``[x, y] = origin +
+of :mod:`qc.track.grid`; in short: ``x`` right, ``y`` down, ``[x, y] = origin +
 R(angle) @ [sx * u, sy * v]`` with chip ``(u, v)`` in DNB, positive angles
 clockwise on screen, origin at the crossing of two index-0 lines nearest the
 image's top-left corner.
@@ -66,10 +66,9 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from qc import _track_coarse as coarse
-from qc import _track_fine as fine
 from qc.chip import ChipSerial, ChipTemplate, template_for
-from qc.grid import GridLines, GridModel
+from qc.track import coarse, fine
+from qc.track.grid import GridLines, GridModel
 
 __all__ = ["PASS_SCORE", "TrackResult", "find_track_lines"]
 
@@ -92,7 +91,7 @@ class TrackResult:
     score : float
         0-100, see the module docstring; 0 when no grid was found.
     angle_deg, scale, origin_px :
-        The fitted grid (:mod:`qc.grid` conventions): degrees within about +-45,
+        The fitted grid (:mod:`qc.track.grid` conventions): degrees within about +-45,
         image px per DNB ``(sx, sy)``, image px ``(x, y)``. NaN when not found.
     template : str
         Template name used (``"SS2"``...).

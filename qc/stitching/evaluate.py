@@ -6,14 +6,14 @@ nominal overlap: several phase-correlation peaks over the whole searched
 range judged by the overlap's NCC (on periodic content the strongest peak is
 often an alias), sub-pixel refinement, a distinctness measure, and a "no
 information" outcome for featureless or purely periodic overlaps, which is
-not a failure (:mod:`qc.registration`, :mod:`qc.stitch_pairs`). The pair
+not a failure (:mod:`qc.registration`, :mod:`qc.stitching.pairs`). The pair
 offsets are reconciled into globally consistent positions by least squares
-with outlier rejection (:mod:`qc.stitch_solve`). From those come each FOV's
+with outlier rejection (:mod:`qc.stitching.solve`). From those come each FOV's
 deviation from its nominal position and from its neighbours, the stitching
 score, and the registered positions in Fiji's ``TileConfiguration`` format
 (:func:`tile_configuration_text`).
 
-Pair results are cached through a :class:`qc.pair_cache.PairCache` passed
+Pair results are cached through a :class:`qc.stitching.pair_cache.PairCache` passed
 in: a re-run of the same set computes no pair, a set that gained tiles
 computes only the new pairs, changed pair parameters invalidate exactly the
 entries they affect.
@@ -87,8 +87,8 @@ import numpy as np
 
 from qc.errors import QCError
 from qc.io.model import Tile
-from qc.pair_cache import PairCache
-from qc.stitch_pairs import (
+from qc.stitching.pair_cache import PairCache
+from qc.stitching.pairs import (
     PAIR_ALGORITHM_VERSION,
     STATUS_MISMATCH,
     STATUS_NO_INFO,
@@ -97,10 +97,9 @@ from qc.stitch_pairs import (
     plan_pairs,
     run_pairs,
 )
-from qc.stitch_solve import solve_displacements
+from qc.stitching.solve import solve_displacements
 
 __all__ = [
-    "PAIR_ALGORITHM_VERSION",
     "FovResult",
     "PairResult",
     "StitchingCriterion",
@@ -131,7 +130,7 @@ class StitchingParams:
         Neighbours overlapping nominally by less than this are not a pair.
     downsample : int
         Factor at which overlaps are correlated; 0 picks it from the overlap
-        size (see :func:`qc.stitch_pairs.pair_downsample`).
+        size (see :func:`qc.stitching.pairs.pair_downsample`).
     window_taper : float
         Tukey-window fraction applied to each overlap before correlating
         (see :func:`qc.registration.phase_correlate`).

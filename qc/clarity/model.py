@@ -70,7 +70,7 @@ BACKGROUND = "background"
 #: Ways to turn an RGB image into the grey image the models read.
 RGB_MODES = ("reject", "luminance", "inverted_luminance")
 #: The sidecar of the model shipped with imageqc (the default model).
-SHIPPED_SIDECAR = Path(__file__).resolve().parent / "models" / "clarity_v1.json"
+SHIPPED_SIDECAR = Path(__file__).resolve().parents[1] / "models" / "clarity_v1.json"
 
 #: STOmics' published 4-class clarity model (STCellbin ``src/weights``), as a
 #: mapping without ``path``: add ``path`` to the .onnx file and pass it to

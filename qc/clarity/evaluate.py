@@ -51,19 +51,14 @@ from typing import Any
 
 import numpy as np
 
-from qc.clarity_model import (
+from qc.clarity.model import (
     BACKGROUND,
     CATEGORIES,
-    STOMICS_4CLASS,
-    ClarityModel,
     LoadedClarityModel,
-    load_clarity_model,
 )
 from qc.errors import ModelError
 
 __all__ = [
-    "BACKGROUND",
-    "CATEGORIES",
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_MAX_WINDOWS",
     "DEFAULT_WEIGHTS",
@@ -71,14 +66,10 @@ __all__ = [
     "INTENSITY_PERCENTILES",
     "MAP_LABELS",
     "MIN_RANGE_FRACTION",
-    "STOMICS_4CLASS",
-    "ClarityModel",
     "ClarityResult",
-    "LoadedClarityModel",
     "WindowGrid",
     "evaluate_clarity",
     "intensity_range",
-    "load_clarity_model",
     "to_uint8",
     "window_grid",
 ]

@@ -5,7 +5,7 @@ footprints overlap along a side (:func:`plan_pairs`), whatever the layout. Each 
 on its nominal overlap (:func:`measure_pair`) and the measurement is cached
 under a key of both tiles' content digests, the direction, the whole-pixel
 nominal offset, the pair parameters and :data:`PAIR_ALGORITHM_VERSION`
-(:func:`qc.pair_cache.pair_key`).
+(:func:`qc.stitching.pair_cache.pair_key`).
 
 :func:`run_pairs` walks the grid row by row: it resolves the digests of a
 row (memoised by tile identity, so a warm run hashes nothing), looks the
@@ -28,7 +28,6 @@ import numpy as np
 
 from qc.errors import QCError
 from qc.io.model import Tile, array_digest
-from qc.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key, pair_key
 from qc.registration import (
     ncc_surface,
     overlap_ncc,
@@ -37,6 +36,7 @@ from qc.registration import (
     structure_snr,
     to_gray_float,
 )
+from qc.stitching.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key, pair_key
 
 __all__ = [
     "PAIR_ALGORITHM_VERSION",

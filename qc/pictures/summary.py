@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from qc.picture_parts import (
+from qc.pictures.parts import (
     INK,
     PAPER,
     VERDICT_COLOURS,

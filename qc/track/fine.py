@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from qc._track_coarse import to_grey
-from qc.grid import GridModel
+from qc.track.coarse import to_grey
+from qc.track.grid import GridModel
 
 __all__ = ["Measurements", "fit_grid", "measure", "sample_crossings"]
 
