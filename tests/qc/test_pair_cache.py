@@ -10,9 +10,8 @@ import pytest
 import tifffile
 
 from qc.io.model import Tile
-from qc.pair_cache import MemoryPairCache, PairCache, digest_key, pair_key
-from qc.stitch_pairs import PAIR_ALGORITHM_VERSION
-from qc.stitching import StitchingParams, evaluate_stitching
+from qc.stitching import PAIR_ALGORITHM_VERSION, StitchingParams, evaluate_stitching
+from qc.stitching.pair_cache import MemoryPairCache, PairCache, digest_key, pair_key
 from qc.testing.tiles import make_tile_set, tiles_from_folder, write_tile_folder
 from tests.qc.stitching_helpers import stain_texture
 
@@ -75,7 +74,7 @@ def test_warm_run_on_a_tile_folder_decodes_and_hashes_nothing(tmp_path):
     r1 = evaluate_stitching(cold.tiles, cache=cache)
     assert r1.pairs_computed == 17
     assert set(cold.reads.values()) == {1}  # each tile decoded exactly once, digest included
-    assert sum(k.startswith("digest:") for k in cache.keys()) == 12
+    assert sum(k.startswith("digest:") for k in cache.keys()) == 12  # a MemoryPairCache is not iterable
     warm = CountingTiles(tiles_from_folder(folder))
     r2 = evaluate_stitching(warm.tiles, cache=cache)
     assert (r2.pairs_computed, r2.pairs_cached) == (0, 17)
