@@ -218,7 +218,7 @@ class ClarityModel:
             data = json.loads(sidecar.read_text(encoding="utf-8"))
         except FileNotFoundError:
             msg = f"clarity model sidecar {sidecar}: file not found"
-            raise ModelError(msg, hint="Reinstall imageqc or point qc.clarity.path at a model") from None
+            raise ModelError(msg, hint="Reinstall imageqc or point qc.model in the config at a model") from None
         except (OSError, ValueError) as exc:
             msg = f"clarity model sidecar {sidecar}: not readable JSON ({exc})"
             raise ModelError(msg) from None
@@ -372,7 +372,8 @@ def load_clarity_model(spec: ClarityModel | None = None, *, threads: int = 1) ->
     if not spec.path.is_file():
         msg = f"clarity model {spec.name}: file not found: {spec.path}"
         raise ModelError(
-            msg, hint="Set qc.clarity.path to an existing .onnx file, or remove it to use the shipped model"
+            msg,
+            hint="Set qc.model in the config to an existing .onnx or sidecar .json file, or leave it empty to use the shipped model",
         )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
