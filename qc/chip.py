@@ -34,8 +34,11 @@ decides what the service treats as a chip, so it is strict.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 from qc.errors import ChipSerialError
 
@@ -86,8 +89,22 @@ class ChipTemplate:
 
     def line_position(self, index: int) -> int:
         """Chip coordinate (DNB) of track line ``index`` (any integer; 0 is at 0)."""
-        n = len(self.offsets)
-        return (index // n) * self.period + self.positions[index % n]
+        return int(self.line_positions(np.asarray([index]))[0])
+
+    def line_positions(self, indices: np.ndarray) -> np.ndarray:
+        """Chip coordinates (DNB, float64) of track lines ``indices`` (any integers): the one place
+        the template's repeat is unrolled."""
+        k = np.asarray(indices, dtype=np.int64)
+        pos = np.asarray(self.positions, dtype=np.float64)
+        n = len(pos)
+        return (k // n) * float(self.period) + pos[k % n]
+
+    def line_indices(self, lo: float, hi: float) -> np.ndarray:
+        """Indices of the lines with chip coordinate in ``[lo, hi]`` (DNB), ascending."""
+        n, p = len(self.offsets), self.period
+        k = np.arange((math.floor(lo / p) - 1) * n, (math.ceil(hi / p) + 1) * n + 1)
+        u = self.line_positions(k)
+        return k[(u >= lo) & (u <= hi)]
 
     def px_per_dnb(self, um_per_px: float) -> float:
         """Expected image scale (image px per DNB) for a pixel size in um/px."""

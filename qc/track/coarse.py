@@ -310,20 +310,10 @@ class AxisFit:
     explained: int  # of those, how many a template line accounts for
 
 
-def _line_pos(tmpl: ChipTemplate, k: np.ndarray) -> np.ndarray:
-    pos = np.asarray(tmpl.positions, float)
-    n = len(pos)
-    return (k // n) * float(tmpl.period) + pos[k % n]
-
-
 def _lines_in(tmpl: ChipTemplate, scale: float, phase: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
-    n = len(tmpl.offsets)
-    p = tmpl.period
-    u_lo, u_hi = (lo - phase) / scale, (hi - phase) / scale
-    k = np.arange((math.floor(u_lo / p) - 1) * n, (math.ceil(u_hi / p) + 1) * n + 1)
-    x = phase + scale * _line_pos(tmpl, k)
-    sel = (x >= lo) & (x <= hi)
-    return k[sel], x[sel]
+    """Indices and profile positions of the template lines at ``phase + scale * u`` inside ``[lo, hi]``."""
+    k = tmpl.line_indices((lo - phase) / scale, (hi - phase) / scale)
+    return k, phase + scale * tmpl.line_positions(k)
 
 
 def _match(dpos: np.ndarray, x: np.ndarray, tol: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
@@ -412,7 +402,7 @@ def _score_hypotheses(
         kmax = math.ceil((hi - lo) / (ss.min() * min(tmpl.offsets))) + 2 * n9 + 2
         k0 = (np.floor((lo - ph) / ss / p).astype(np.int64) - 1) * n9
         k = k0[:, None] + np.arange(kmax)[None, :]
-        x = ph[:, None] + ss[:, None] * _line_pos(tmpl, k)
+        x = ph[:, None] + ss[:, None] * tmpl.line_positions(k)
         inside = (x >= lo) & (x <= hi)
         j = np.clip(np.searchsorted(pos, x), 1, pos.size - 1)
         left = np.abs(pos[j - 1] - x) < np.abs(pos[j] - x)
@@ -450,7 +440,7 @@ def _refine(
         j, ok = _match(pos, x, tol)
         if ok.sum() < 3:
             return None
-        u = _line_pos(tmpl, k[ok])
+        u = tmpl.line_positions(k[ok])
         sol, *_ = np.linalg.lstsq(np.vstack([np.ones_like(u), u]).T, pos[j[ok]], rcond=None)
         phase, s = float(sol[0]), float(sol[1])
         if not (0.8 * scale_range[0] <= s <= 1.2 * scale_range[1]):

@@ -101,18 +101,11 @@ class GridModel:
 
     def line_positions(self, indices: np.ndarray) -> np.ndarray:
         """Chip coordinates (DNB) of line ``indices`` (either family)."""
-        k = np.asarray(indices, dtype=np.int64)
-        pos = np.asarray(self.template.positions, dtype=np.float64)
-        n = len(pos)
-        return (k // n) * float(self.template.period) + pos[k % n]
+        return self.template.line_positions(indices)
 
     def line_index_range(self, lo: float, hi: float) -> np.ndarray:
         """Indices of the lines with chip coordinate in ``[lo, hi]`` (DNB)."""
-        n = len(self.template.offsets)
-        p = self.template.period
-        k = np.arange((math.floor(lo / p) - 1) * n, (math.ceil(hi / p) + 1) * n + 1)
-        pos = self.line_positions(k)
-        return k[(pos >= lo) & (pos <= hi)]
+        return self.template.line_indices(lo, hi)
 
     def lines_in_image(self, axis: int, width: int, height: int, *, margin: float = 0.0) -> np.ndarray:
         """Indices of ``axis`` family lines crossing the image, at least ``margin`` px inside."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -218,3 +219,18 @@ def test_mutations_never_raise(case, at, ch):
     for variant in (serial[:at] + ch + serial[at:], serial[:at] + serial[at + 1 :], serial[:at]):
         chip = parse_chip(variant)
         assert chip is None or chip.serial == variant
+
+
+def test_line_positions_unroll_the_template_the_same_way_everywhere():
+    """One formula for a line's chip coordinate (issue #14: it was written three times)."""
+    from qc.chip import TEMPLATES
+
+    t = TEMPLATES["SS2"]
+    k = np.arange(-20, 30)
+    u = t.line_positions(k)
+    assert [t.line_position(int(i)) for i in k] == u.astype(int).tolist()
+    assert np.all(np.diff(u) > 0) and u[k.tolist().index(0)] == 0 and t.line_position(9) == t.period
+    inside = t.line_indices(-1000.0, 5000.0)
+    assert np.all((t.line_positions(inside) >= -1000) & (t.line_positions(inside) <= 5000))
+    outside = np.setdiff1d(np.arange(-100, 100), inside)
+    assert not np.any((t.line_positions(outside) >= -1000) & (t.line_positions(outside) <= 5000))
