@@ -26,12 +26,11 @@ __all__ = ["Solution", "solve_displacements"]
 class Solution:
     """Displacements ``u`` (n, 2) in px (NaN for tiles no accepted pair
     reaches), per-edge ``accepted`` flags and ``residual`` in px (NaN for
-    edges never used), and each tile's component label (-1 when isolated)."""
+    edges never used)."""
 
     u: np.ndarray
     accepted: np.ndarray
     residual: np.ndarray
-    component: np.ndarray
 
 
 def _components(n: int, edges: np.ndarray, active: np.ndarray) -> np.ndarray:
@@ -121,5 +120,5 @@ def solve_displacements(
             resid = np.linalg.norm(d - pred, axis=1)
         act_res = np.where(active, resid, -np.inf)
         if not active.any() or not np.nanmax(act_res) > reject_px:
-            return Solution(u=u, accepted=active.copy(), residual=resid, component=label)
+            return Solution(u=u, accepted=active.copy(), residual=resid)
         active[int(np.nanargmax(act_res))] = False

@@ -303,7 +303,6 @@ class AxisFit:
 
     scale: float
     phase: float
-    matched: np.ndarray  # line indices matched to dips
     expected: int  # template lines inside the profile's valid range
     score: float  # summed dip strength at the predicted lines (noise units)
     dips: int  # strong dips found in the profile
@@ -453,4 +452,4 @@ def _refine(
     hits = np.unique(j[ok])
     cap = 3.0 * float(np.median(dips.strength))
     score = float(np.minimum(dips.strength[hits], cap).sum()) * ok.sum() / max(k.size, 1)
-    return AxisFit(s, phase, k[ok], int(k.size), score, int(pos.size), int(hits.size))
+    return AxisFit(s, phase, int(k.size), score, int(pos.size), int(hits.size))
