@@ -404,7 +404,11 @@ _UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy"
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
-    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row})
+    if row is None:
+        return None
+    # row.keys(), not row: iterating a sqlite3.Row yields its values, not its column names
+    fields: dict[str, Any] = {k: loaded_name(row[k]) if k == "chip" else row[k] for k in row.keys()}  # noqa: SIM118
+    return Job(**fields)
 
 
 def _stored(name: str | None) -> str | bytes | None:
