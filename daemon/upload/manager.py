@@ -388,7 +388,7 @@ class UploadManager:
         if not inputs and (records or not wants_inputs):
             return True
         scan = self.store.get_scan_set(a.job.scan_set_id)
-        check = check_inputs(scan.members, ignore=ignore_patterns(self.config, scan.root))
+        check = check_inputs(scan.members)
         if check.missing:
             a.permanent = f"input(s) gone before upload: {', '.join(check.missing[:3])}; nothing more of this scan set is uploaded"
             self._settle(a, now)
