@@ -199,6 +199,8 @@ def _fd_writable(pid: str, fd: str) -> bool:
 
 
 def _windows_locked(path: str) -> bool:  # pragma: no cover - Windows only
+    if sys.platform != "win32":  # ctypes.WinDLL exists only there (and mypy checks the rest only for it)
+        raise NotImplementedError("Windows only")
     import ctypes
     from ctypes import wintypes
 

@@ -531,9 +531,9 @@ class Discovery:
                 log.debug("cannot look at path now; will retry", path=path, error=str(e))
                 continue
             if isinstance(got, Found):
-                key = self._observe(r, got, now)
-                if key:
-                    touched.add(key)
+                observed = self._observe(r, got, now)
+                if observed:
+                    touched.add(observed)
             else:
                 if isinstance(got, Rejected):
                     rejected.setdefault(r.policy.root, []).append(got)

@@ -40,7 +40,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from daemon import __version__
@@ -202,7 +202,7 @@ def imageqc_command(
     return [str(exe), "-m", "daemon.cli"], warning
 
 
-def _under(path: PurePosixPath | Path, base: PurePosixPath | Path) -> bool:
+def _under(path: PurePath, base: PurePath) -> bool:
     p, b = PurePosixPath(str(path)), PurePosixPath(str(base))
     return p == b or b in p.parents
 
@@ -478,7 +478,7 @@ def add_service_parser(sub: Any) -> None:
     ssub.required = True
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
-        ap = ssub.add_parser(name, help=help, description=help)
+        ap: argparse.ArgumentParser = ssub.add_parser(name, help=help, description=help)
         kind = ap.add_mutually_exclusive_group()
         kind.add_argument(
             "--systemd", dest="kind", action="store_const", const="systemd", help="a systemd unit (default on Linux)"

@@ -657,7 +657,7 @@ class UploadManager:
                 self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg)
                 log.info("upload done", files=len(rows), sent=sent)
                 return
-            until = min(self.windows[t].next_open(now) if self.windows[t] else now for t in waiting)
+            until = min(w.next_open(now) if (w := self.windows[t]) else now for t in waiting)
             self._release(a, now, until=until, message=f"waiting for the upload window of {', '.join(waiting)}")
         except IllegalTransition as e:  # cancelled or superseded meanwhile
             log.info("job changed hands before its upload ended", error=str(e))

@@ -151,7 +151,7 @@ class UploadWindow:
         from apscheduler.triggers.cron import CronTrigger
 
         trigger = CronTrigger(hour=minute // 60, minute=minute % 60, timezone=self._zone())
-        fire = trigger.get_next_fire_time(None, self._local(now) + timedelta(microseconds=1))
+        fire: datetime | None = trigger.get_next_fire_time(None, self._local(now) + timedelta(microseconds=1))
         assert fire is not None
         return fire.timestamp()
 
@@ -162,9 +162,9 @@ def backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None 
     ``min(cap, base * 2**(attempt-1))``, of which the upper half is random
     ("equal jitter"): never zero, never in lock-step with other clients.
     """
-    rng = rng or random
-    full = min(cap, base * 2 ** max(0, attempt - 1))
-    return full / 2 + rng.uniform(0, full / 2)
+    uniform = random.uniform if rng is None else rng.uniform
+    full = min(cap, base * 2.0 ** max(0, attempt - 1))
+    return full / 2 + uniform(0, full / 2)
 
 
 def retrying(
