@@ -30,6 +30,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from daemon.errors import ConfigError, ConfigErrors
+from daemon.fsinfo import is_unc
 
 __all__ = [
     "DEFAULT_TOML",
@@ -739,11 +740,11 @@ class _Loader:
                 if not value.strip():
                     raise self.error(kp, "must not be empty")
                 p = Path(value).expanduser()
-                return p if p.is_absolute() or _is_unc(value) else self.base / p
-            if meta.get("path") and value.strip() and not _is_unc(value):
+                return p if p.is_absolute() or is_unc(value) else self.base / p
+            if meta.get("path") and value.strip() and not is_unc(value):
                 p = Path(value).expanduser()  # a path kept as text ('' = a default)
                 return str(p if p.is_absolute() else self.base / p)
-            if meta.get("ref_path") and value.startswith("file:") and value[5:].strip() and not _is_unc(value[5:]):
+            if meta.get("ref_path") and value.startswith("file:") and value[5:].strip() and not is_unc(value[5:]):
                 p = Path(value[5:].strip()).expanduser()  # 'file:PATH' reference
                 return "file:" + str(p if p.is_absolute() else self.base / p)
             return value
@@ -780,10 +781,6 @@ def tile_pattern_problem(value: str) -> str | None:
     if not ({"row", "col"} <= groups or "index" in groups):
         return "the regex needs named groups (?P<row>...) and (?P<col>...), or (?P<index>...) for row-major numbering"
     return None
-
-
-def _is_unc(value: str) -> bool:
-    return value.startswith(("\\\\", "//"))
 
 
 def _join(keypath: str, key: str) -> str:

@@ -46,7 +46,7 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.follow import AUTOSTART_NAME, autostart_entry
-from daemon.fsinfo import is_network_path
+from daemon.fsinfo import is_network_path, is_unc
 from daemon.hosting import ServiceInstallError, config_folders, stop_timeout_seconds
 
 __all__ = [
@@ -275,7 +275,7 @@ def build_systemd_unit(
     argv = [*cmd, "run", "--config", str(config_path)]
 
     for label, raw in config_folders(config):
-        if raw.startswith(("//", "\\\\")) or PureWindowsPath(raw).drive:
+        if is_unc(raw) or PureWindowsPath(raw).drive:
             raise ServiceInstallError(
                 f"{label} = {raw!r} is a Windows path; on Linux mount the share and give its mount point", exit_code=2
             )
