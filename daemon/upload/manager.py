@@ -59,6 +59,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
+from daemon.clock import backoff
 from daemon.config import Config, UploadTarget
 from daemon.errors import (
     IllegalTransition,
@@ -81,7 +82,7 @@ from daemon.upload.base import (
     file_stat,
 )
 from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
-from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
+from daemon.upload.policy import UploadWindow, kinds_for_mode, retrying
 from daemon.upload.pool import DaemonPool
 
 __all__ = ["UploadManager"]
