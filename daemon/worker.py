@@ -33,7 +33,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -487,7 +486,3 @@ def _terminate(proc: Any) -> None:
     if proc.is_alive():  # pragma: no cover - stubborn child
         proc.kill()
         proc.join(5)
-
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()
