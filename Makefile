@@ -7,7 +7,7 @@ ifeq ($(OS),Windows_NT)
 BIN    := $(VENV)/Scripts
 endif
 
-.PHONY: run test lint format install clean interop test-tools
+.PHONY: run test lint typecheck format install clean interop test-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,14 @@ test: lint test-tools
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # ruff (settings in pyproject.toml): lint rules and formatting, checked, never rewritten; `make format` rewrites.
+# Then mypy: qc strict, daemon and windows_service in the default mode (pyproject.toml [tool.mypy]).
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check --no-cache .
 	$(BIN)/ruff format --check --no-cache .
+	$(MAKE) --no-print-directory typecheck
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
@@ -60,4 +65,4 @@ interop: $(VENV)/.installed-run
 	PROJECT_PYTHON=$(BIN)/python sh interop/run.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache build *.egg-info

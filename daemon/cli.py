@@ -171,14 +171,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         from rich.table import Table
 
         t = Table(title=None, box=None, pad_edge=False, show_edge=False)
-        for col, kw in (
+        columns: tuple[tuple[str, dict[str, Any]], ...] = (
             ("job", {"justify": "right"}),
             ("chip", {"overflow": "fold"}),
             ("state", {}),
             ("stage", {"overflow": "fold"}),
             ("progress", {"justify": "right"}),
             ("started", {}),
-        ):
+        )
+        for col, kw in columns:
             t.add_column(col, **kw)
         for a in st["active"]:
             pct = "-" if a["progress"] is None else f"{a['progress']:.0f}%"
@@ -432,14 +433,15 @@ def cmd_uploads(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table(box=None, pad_edge=False, show_edge=False)
-    for col, kw in (
+    columns: tuple[tuple[str, dict[str, Any]], ...] = (
         ("job", {"justify": "right"}),
         ("target", {"overflow": "fold"}),
         ("state", {}),
         ("size", {"justify": "right"}),
         ("done", {"justify": "right"}),
         ("key", {"overflow": "fold"}),
-    ):
+    )
+    for col, kw in columns:
         t.add_column(col, **kw)
     for r in rows:
         finished = r.state in (UploadState.DONE, UploadState.PRESENT)
@@ -480,7 +482,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not path.exists() and not args.follow:
         print(f"no log yet at {path}", file=sys.stderr)
         return EXIT_OK
-    emit = (lambda r: print(json.dumps(r, default=str))) if args.json else (lambda r: print(format_record(r)))
+
+    def emit(rec: dict[str, Any]) -> None:
+        print(json.dumps(rec, default=str) if args.json else format_record(rec))
+
     records = list(read_records(path, flt))
     for rec in records[-args.lines :] if args.lines else records:
         emit(rec)

@@ -21,13 +21,14 @@ Both steps are logged once each.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
 
 from daemon.logging import get_logger
 
-__all__ = ["SLEW_RATE", "STEP_TOLERANCE_S", "ServiceClock"]
+__all__ = ["SLEW_RATE", "STEP_TOLERANCE_S", "ServiceClock", "backoff"]
 
 log = get_logger("imageqc.clock")
 
@@ -90,3 +91,14 @@ class ServiceClock:
     def monotonic(self) -> float:
         """The monotonic clock, for intervals."""
         return self.timer()
+
+
+def backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Delay before retry ``attempt`` (1 = the first retry), in seconds.
+
+    ``min(cap, base * 2**(attempt-1))``, of which the upper half is random
+    ("equal jitter"): never zero, never in lock-step with other clients.
+    """
+    uniform = random.uniform if rng is None else rng.uniform
+    full = min(cap, base * 2.0 ** max(0, attempt - 1))
+    return full / 2 + uniform(0, full / 2)

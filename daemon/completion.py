@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from daemon.naming import IF, NUCLEAR, MarkerTemplate
-from daemon.snapshot import MemberStat, WalkPolicy, tile_folder_files
+from daemon.snapshot import MemberStat, WalkPolicy, is_under, tile_folder_files
 from qc.errors import QCError
 from qc.io import (
     check_archive_whole,
@@ -199,6 +199,8 @@ def _fd_writable(pid: str, fd: str) -> bool:
 
 
 def _windows_locked(path: str) -> bool:  # pragma: no cover - Windows only
+    if sys.platform != "win32":  # ctypes.WinDLL exists only there (and mypy checks the rest only for it)
+        raise NotImplementedError("Windows only")
     import ctypes
     from ctypes import wintypes
 
@@ -346,7 +348,7 @@ class Judge:
                 False, "incomplete", f"IF images but no nuclear image {view.chip} (.tif, .czi or tile folder) yet"
             )
         if open_paths:
-            held = sorted(p for p in open_paths if any(_inside(p, m.path) for m in view.members))
+            held = sorted(p for p in open_paths if any(is_under(p, m.path) for m in view.members))
             if held:
                 return Verdict(False, "open", f"{held[0]} is still open for writing", now + self.recheck_s)
         for m in view.members:
@@ -366,8 +368,3 @@ class Judge:
     def forget(self, paths: Sequence[str]) -> None:
         for p in paths:
             self._whole_cache.pop(p, None)
-
-
-def _inside(path: str, member_path: str) -> bool:
-    a, b = os.path.normcase(path), os.path.normcase(member_path)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)

@@ -19,9 +19,10 @@ import difflib
 import re
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +30,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from daemon.errors import ConfigError, ConfigErrors
+from daemon.fsinfo import is_unc
 
 __all__ = [
     "DEFAULT_TOML",
@@ -602,6 +604,11 @@ class _Reported(Exception):
     """A part of the file could not be built; its errors are already in ``_Loader.errors``."""
 
 
+def _is_table(tp: Any) -> TypeGuard[type]:
+    """Whether a field's type hint is a settings table (a dataclass), not a value."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 class _Loader:
     """Builds the config dataclasses from TOML data, collecting every error of the file.
 
@@ -680,9 +687,9 @@ class _Loader:
         hint = f"; did you mean {close[0]!r}?" if close else f"; known settings here: {', '.join(sorted(known))}"
         return f"unknown setting{hint}"
 
-    def convert(self, tp: Any, value: Any, kp: str, meta: dict[str, Any]) -> Any:
+    def convert(self, tp: Any, value: Any, kp: str, meta: Mapping[str, Any]) -> Any:
         origin = typing.get_origin(tp)
-        if dataclasses.is_dataclass(tp):
+        if _is_table(tp):
             return self.build(tp, value, kp)
         if origin is tuple:
             (item_tp, _ellipsis) = typing.get_args(tp)
@@ -733,24 +740,24 @@ class _Loader:
                 if not value.strip():
                     raise self.error(kp, "must not be empty")
                 p = Path(value).expanduser()
-                return p if p.is_absolute() or _is_unc(value) else self.base / p
-            if meta.get("path") and value.strip() and not _is_unc(value):
+                return p if p.is_absolute() or is_unc(value) else self.base / p
+            if meta.get("path") and value.strip() and not is_unc(value):
                 p = Path(value).expanduser()  # a path kept as text ('' = a default)
                 return str(p if p.is_absolute() else self.base / p)
-            if meta.get("ref_path") and value.startswith("file:") and value[5:].strip() and not _is_unc(value[5:]):
+            if meta.get("ref_path") and value.startswith("file:") and value[5:].strip() and not is_unc(value[5:]):
                 p = Path(value[5:].strip()).expanduser()  # 'file:PATH' reference
                 return "file:" + str(p if p.is_absolute() else self.base / p)
             return value
         raise TypeError(f"unsupported config type {tp!r} at {kp}")  # programming error
 
-    def _range(self, value: float, kp: str, meta: dict[str, Any]) -> None:
+    def _range(self, value: float, kp: str, meta: Mapping[str, Any]) -> None:
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
             raise self.error(kp, f"must be >= {lo} (got {value})")
         if hi is not None and value > hi:
             raise self.error(kp, f"must be <= {hi} (got {value})")
 
-    def _string(self, value: str, kp: str, meta: dict[str, Any]) -> None:
+    def _string(self, value: str, kp: str, meta: Mapping[str, Any]) -> None:
         choices = meta.get("choices")
         if choices and value not in choices:
             close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
@@ -774,10 +781,6 @@ def tile_pattern_problem(value: str) -> str | None:
     if not ({"row", "col"} <= groups or "index" in groups):
         return "the regex needs named groups (?P<row>...) and (?P<col>...), or (?P<index>...) for row-major numbering"
     return None
-
-
-def _is_unc(value: str) -> bool:
-    return value.startswith(("\\\\", "//"))
 
 
 def _join(keypath: str, key: str) -> str:
@@ -964,6 +967,7 @@ def load_config_text(text: str, *, file: str = "<embedded default>", base: Path 
         line = int(m.group(1)) if m else (text.count("\n") + 1 if "end of document" in str(e) else None)
         raise ConfigError(f"not valid TOML: {e}", file=file, line=line) from None
     ld = _Loader(file, text, base)
+    cfg: Config | None
     try:
         cfg = ld.build(Config, data, "")
     except _Reported:
@@ -1008,9 +1012,9 @@ def iter_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[s
             continue
         tp = hints[f.name]
         kp = _join(prefix, f.name)
-        if dataclasses.is_dataclass(tp):
+        if _is_table(tp):
             yield from iter_fields(tp, kp)
-        elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        elif typing.get_origin(tp) is tuple and _is_table(typing.get_args(tp)[0]):
             yield from iter_fields(typing.get_args(tp)[0], kp + "[]")
         else:
             yield kp, f
@@ -1147,17 +1151,15 @@ def _example_fields(cls: type, prefix: str, commented: bool, instance: Any = Non
         if f.metadata.get("internal"):
             continue
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _is_table(tp):
             sub_tables.append((f.name, tp))
             continue
-        if typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+        if typing.get_origin(tp) is tuple and _is_table(typing.get_args(tp)[0]):
             continue  # arrays of tables are written separately
         default = (
             getattr(instance, f.name)
             if instance is not None
-            else (
-                f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            )
+            else (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
         )
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):

@@ -190,7 +190,7 @@ def _follow(cfg: Any, chip: str, *, started: float, timeout: float = 1800.0) -> 
         except DatabaseUnavailable:
             jobs, result = [], None
         if not jobs:
-            shown = ("waiting", None, None)
+            shown: tuple[str, str | None, int | None] = ("waiting", None, None)
             if shown != last:
                 print("  settling: waiting for the files to stay unchanged ...", flush=True)
                 last = shown

@@ -70,6 +70,7 @@ from daemon.snapshot import (
     Rejected,
     ScanResult,
     WalkPolicy,
+    deepest_root,
     diff_snapshots,
     is_under,
     probe,
@@ -378,11 +379,9 @@ class Discovery:
         self._flush()
 
     def _root_of(self, path: str) -> _Root | None:
-        best = None
-        for r in self._roots:
-            if is_under(path, r.policy.root) and (best is None or len(r.policy.root) > len(best.policy.root)):
-                best = r
-        return best
+        by_path = {r.policy.root: r for r in reversed(self._roots)}  # the first of equal roots wins, as before
+        root = deepest_root(path, by_path)
+        return None if root is None else by_path[root]
 
     def _apply_rescans(self, dirty: dict[str, int], now: float) -> None:
         if self._rescanner is None:
@@ -531,9 +530,9 @@ class Discovery:
                 log.debug("cannot look at path now; will retry", path=path, error=str(e))
                 continue
             if isinstance(got, Found):
-                key = self._observe(r, got, now)
-                if key:
-                    touched.add(key)
+                observed = self._observe(r, got, now)
+                if observed:
+                    touched.add(observed)
             else:
                 if isinstance(got, Rejected):
                     rejected.setdefault(r.policy.root, []).append(got)

@@ -64,14 +64,15 @@ class MountInfo:
     remote: bool
 
 
-def _is_unc(path: str) -> bool:
-    return path.startswith(("\\\\", "//"))
+def is_unc(path: str | PurePath) -> bool:
+    """Whether ``path`` names a Windows share (``\\\\server\\share`` or ``//server/share``), on any platform."""
+    return str(path).startswith(("\\\\", "//"))
 
 
 def mount_of(path: str | PurePath) -> MountInfo | None:
     """The mount holding ``path`` (longest matching mount point), if known."""
     text = str(path)
-    if _is_unc(text):
+    if is_unc(text):
         return MountInfo(mountpoint=text, fstype="smb", remote=True)
     try:
         resolved = Path(text).resolve()

@@ -107,4 +107,6 @@ def record_inputs(
 def changed_content(recorded: dict[str, Any] | None, path: Path | str, sha256: str) -> bool:
     """Whether ``sha256`` (of ``path`` now) differs from what QC recorded; False when QC recorded nothing for it."""
     entry = (recorded or {}).get(str(path))
-    return bool(entry and entry.get("sha256")) and entry["sha256"] != sha256
+    if not entry or not entry.get("sha256"):
+        return False
+    return bool(entry["sha256"] != sha256)

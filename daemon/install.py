@@ -40,13 +40,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
 from daemon.follow import AUTOSTART_NAME, autostart_entry
-from daemon.fsinfo import is_network_path
+from daemon.fsinfo import is_network_path, is_unc
 from daemon.hosting import ServiceInstallError, config_folders, stop_timeout_seconds
 
 __all__ = [
@@ -202,7 +202,7 @@ def imageqc_command(
     return [str(exe), "-m", "daemon.cli"], warning
 
 
-def _under(path: PurePosixPath | Path, base: PurePosixPath | Path) -> bool:
+def _under(path: PurePath, base: PurePath) -> bool:
     p, b = PurePosixPath(str(path)), PurePosixPath(str(base))
     return p == b or b in p.parents
 
@@ -275,7 +275,7 @@ def build_systemd_unit(
     argv = [*cmd, "run", "--config", str(config_path)]
 
     for label, raw in config_folders(config):
-        if raw.startswith(("//", "\\\\")) or PureWindowsPath(raw).drive:
+        if is_unc(raw) or PureWindowsPath(raw).drive:
             raise ServiceInstallError(
                 f"{label} = {raw!r} is a Windows path; on Linux mount the share and give its mount point", exit_code=2
             )
@@ -478,7 +478,7 @@ def add_service_parser(sub: Any) -> None:
     ssub.required = True
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
-        ap = ssub.add_parser(name, help=help, description=help)
+        ap: argparse.ArgumentParser = ssub.add_parser(name, help=help, description=help)
         kind = ap.add_mutually_exclusive_group()
         kind.add_argument(
             "--systemd", dest="kind", action="store_const", const="systemd", help="a systemd unit (default on Linux)"

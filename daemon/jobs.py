@@ -179,7 +179,7 @@ def moved_to(store: Any, root: str, members: Sequence[dict[str, Any]]) -> str | 
         if row["path"] in old or not str(row["path"]).startswith(inside):
             continue
         if (os.path.basename(row["path"]), row["size"], row["mtime_ns"]) in wanted:
-            return os.path.dirname(row["path"])
+            return os.path.dirname(str(row["path"]))
     return None
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
 from daemon.naming import shown_name
 
@@ -138,7 +139,7 @@ class _LogFile(logging.handlers.RotatingFileHandler):
         if self.stream is not None:  # reopened by the next line (the handler was made with delay=True)
             with contextlib.suppress(OSError, ValueError):
                 self.stream.close()
-            self.stream = None  # type: ignore[assignment]
+            self.stream = None
         if not self.failing:
             self.failing = True
             sys.stderr.write(
@@ -188,7 +189,7 @@ def configure_logging(
     root.setLevel(LEVELS.get(level, logging.INFO))
 
     pre_chain = [*_SHARED, structlog.stdlib.ExtraAdder()]
-    final_json = [
+    final_json: list[Processor] = [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
         structlog.processors.format_exc_info,  # a string traceback: never frame locals
         _redact_processor,
@@ -207,7 +208,7 @@ def configure_logging(
     if console != "off":
         ch = logging.StreamHandler(stream)
         if console == "pretty":
-            procs = [
+            procs: list[Processor] = [
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 _redact_processor,
                 _names_processor,

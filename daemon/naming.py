@@ -33,7 +33,6 @@ import fnmatch
 import functools
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -52,7 +51,6 @@ __all__ = [
     "is_temporary",
     "loaded_name",
     "looks_like_tile",
-    "matches_any",
     "parse_name",
     "shown_name",
     "stored_name",
@@ -165,11 +163,6 @@ def glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
     if not patterns:
         return re.compile(r"(?!)")
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), re.IGNORECASE)
-
-
-def matches_any(name: str, patterns: Sequence[str]) -> bool:
-    """Glob match of one path part against patterns, ignoring case."""
-    return glob_regex(tuple(patterns)).match(name) is not None
 
 
 _TEMP_RE = glob_regex(TEMP_PATTERNS)

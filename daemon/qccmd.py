@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.exitcodes import EXIT_FAILURE, EXIT_OK, EXIT_QC_FAIL, EXIT_USAGE
+from daemon.snapshot import deepest_root, norm
 
 __all__ = ["EXIT_QC_FAIL", "add_qc_command", "cmd_qc"]
 
@@ -81,15 +82,10 @@ def _overlap_arg(text: str) -> tuple[float, float]:
 
 
 def _watch_root_of(cfg: Any, paths: list[Path]) -> Any:
-    """The configured watch root holding the first path, if any."""
-    first = paths[0].resolve()
-    for w in cfg.watch:
-        try:
-            first.relative_to(Path(w.path).resolve())
-        except (ValueError, OSError):
-            continue
-        return w
-    return None
+    """The configured watch root holding the first path, if any: the deepest, as discovery picks it."""
+    roots = {norm(w.path): w for w in reversed(cfg.watch)}  # the first of equal roots wins
+    root = deepest_root(norm(paths[0]), roots)
+    return None if root is None else roots[root]
 
 
 def _progress_bar(enabled: bool) -> Any:

@@ -536,7 +536,3 @@ def _safe_health(comp: Component) -> dict[str, Any]:
         return comp.health()
     except Exception as e:  # health must never break the heartbeat
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-def state_paths(config: Config) -> dict[str, Path]:
-    return {"state_dir": config.state_dir, "database": config.database_path, "log": config.log_file}

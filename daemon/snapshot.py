@@ -48,6 +48,7 @@ __all__ = [
     "ScanResult",
     "SnapshotDiff",
     "WalkPolicy",
+    "deepest_root",
     "diff_snapshots",
     "folder_role",
     "is_under",
@@ -72,6 +73,15 @@ def is_under(path: str, folder: str) -> bool:
     """True when ``path`` is ``folder`` or lies inside it (string test, case-folded as the OS does)."""
     p, f = os.path.normcase(path), os.path.normcase(folder)
     return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def deepest_root(path: str, roots: Iterable[str]) -> str | None:
+    """The deepest of ``roots`` that holds ``path`` (nested watch roots: the inner one), or None."""
+    best: str | None = None
+    for root in roots:
+        if is_under(path, root) and (best is None or len(root) > len(best)):
+            best = root
+    return best
 
 
 @dataclass(frozen=True)

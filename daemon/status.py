@@ -7,11 +7,8 @@ service and works whether the service runs or not. The JSON form is stable
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
-
-import psutil
 
 from daemon.config import Config
 from daemon.errors import DatabaseUnavailable
@@ -146,7 +143,3 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
                 if t.mode != "none"
             }
         }
-
-
-def is_local_pid_alive(pid: int) -> bool:
-    return pid == os.getpid() or psutil.pid_exists(pid)

@@ -407,7 +407,8 @@ def _job(row: sqlite3.Row | None) -> Job | None:
     if row is None:
         return None
     names = row.keys()  # a sqlite3.Row iterates over its values, not its names
-    return Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in names})
+    fields: dict[str, Any] = {k: loaded_name(row[k]) if k == "chip" else row[k] for k in names}
+    return Job(**fields)
 
 
 def _stored(name: str | None) -> str | bytes | None:
@@ -810,7 +811,8 @@ class Store:
 
     def events(self, job_id: int | None = None, *, limit: int | None = None, kinds: Sequence[str] = ()) -> list[Event]:
         sql = "SELECT * FROM events"
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         if job_id is not None:
             where.append("job_id = ?")
             args.append(job_id)
@@ -824,10 +826,7 @@ class Store:
             sql += f" LIMIT {int(limit)}"
         with self.db(commit=False) as c:
             rows = c.execute(sql, args).fetchall()
-        evs = [
-            Event(**{**dict(r), "data": json.loads(r["data"]) if r["data"] else None})  # type: ignore[arg-type]
-            for r in rows
-        ]
+        evs = [Event(**{**dict(r), "data": json.loads(r["data"]) if r["data"] else None}) for r in rows]
         return list(reversed(evs)) if limit else evs
 
     def add_event(
@@ -886,7 +885,9 @@ class Store:
                 raise JobNotFound(job_id)
             self._check(job, target, owner)
             self._apply(c, job, target, now, message, error, failed_stage, next_attempt_at, data)
-            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+            updated = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            assert updated is not None  # updated in this transaction
+            return updated
 
     @staticmethod
     def _check(job: Job, target: JobState, owner: str | None) -> None:
@@ -908,7 +909,7 @@ class Store:
         next_attempt_at: float | None,
         data: dict[str, Any] | None,
     ) -> None:
-        sets = {"state": target.value, "updated_at": now}
+        sets: dict[str, object] = {"state": target.value, "updated_at": now}
         if target not in LEASED:
             sets.update(lease_owner=None, lease_expires=None)
         if target is S.FAILED:
@@ -1125,7 +1126,9 @@ class Store:
             data = {"stored_for_old_run": [[r["target"], r["remote_key"]] for r in stored]} if stored else None
             self._apply(c, job, S.QUEUED, now, message, None, None, None, data)
             c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job_id,))
-            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+            updated = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            assert updated is not None  # updated in this transaction
+            return updated
 
     # -- QC results -------------------------------------------------------------
 
@@ -1256,7 +1259,8 @@ class Store:
         newest_first: bool = False,
     ) -> list[UploadRow]:
         """Upload records, filtered; oldest first unless ``newest_first``."""
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         if job_id is not None:
             where.append("job_id = ?")
             args.append(job_id)
@@ -1326,7 +1330,9 @@ class Store:
             self._check(job, S.QC_DONE, owner)
             self._apply(c, job, S.QC_DONE, now, message, None, None, None, {"until": until})
             c.execute("UPDATE jobs SET next_attempt_at = ? WHERE id = ?", (until, job_id))
-            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())  # type: ignore[return-value]
+            updated = _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            assert updated is not None  # updated in this transaction
+            return updated
 
     # -- key-value (FOV-pair cache) -----------------------------------------
 
@@ -1506,7 +1512,8 @@ class Store:
         self, *, states: Iterable[str] | None = None, due: float | None = None, limit: int | None = None
     ) -> list[OutboxRow]:
         """Outbox rows, oldest first; with ``due``, only pending rows whose next attempt is due by then."""
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[object] = []
         if states:
             st = [OutboxState(x).value for x in states]
             where.append(f"state IN ({','.join('?' * len(st))})")

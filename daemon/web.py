@@ -39,9 +39,9 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from daemon.config import Config, parse_listen
-from daemon.errors import DaemonError, DatabaseUnavailable
+from daemon.errors import DaemonError, DatabaseUnavailable, JobNotFound
 from daemon.logging import get_logger, register_secret
-from daemon.store import JobNotFound, Store
+from daemon.store import Store
 
 __all__ = ["SAFE_HEADERS", "WebServer", "WebUnavailable", "picture_file", "read_token"]
 
@@ -242,17 +242,17 @@ class _Handler(BaseHTTPRequestHandler):
             elif raw == "/style.css":
                 self._send(HTTPStatus.OK, "text/css; charset=utf-8", STYLE.encode(), body=body)
             elif len(parts) == 2 and parts[0] == "jobs" and parts[1].isdigit():
-                page = app.job_html(int(parts[1]))
-                if page is None:
+                job_page = app.job_html(int(parts[1]))
+                if job_page is None:
                     self._not_found(body)
                 else:
-                    self._html(page, body)
+                    self._html(job_page, body)
             elif len(parts) == 3 and parts[0] == "pictures" and parts[1].isdigit():
-                data = app.picture(int(parts[1]), unquote(parts[2], errors="strict"))
-                if data is None:
+                png = app.picture(int(parts[1]), unquote(parts[2], errors="strict"))
+                if png is None:
                     self._not_found(body)
                 else:
-                    self._send(HTTPStatus.OK, "image/png", data, body=body)
+                    self._send(HTTPStatus.OK, "image/png", png, body=body)
             else:
                 self._not_found(body)
         except DatabaseUnavailable as e:

@@ -30,17 +30,16 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
-import random
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import psutil
 
+from daemon.clock import backoff
 from daemon.config import Config
 from daemon.errors import DaemonError, DatabaseUnavailable, IllegalTransition
 from daemon.logging import bind_job, configure_logging, get_logger
@@ -53,7 +52,6 @@ __all__ = [
     "JobRunner",
     "ProcessWorker",
     "apply_priority",
-    "backoff_delay",
 ]
 
 log = get_logger("imageqc.worker")
@@ -111,13 +109,6 @@ class JobRunner(Protocol):
     def active(self) -> list[dict[str, Any]]: ...
 
     def stop(self, timeout: float) -> None: ...
-
-
-def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [base*2^(n-1)/2, base*2^(n-1)], capped."""
-    rng = rng or random.Random()
-    ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return rng.uniform(ceiling / 2, ceiling)
 
 
 def apply_priority(level: str, proc: psutil.Process | None = None) -> None:
@@ -452,7 +443,7 @@ class ProcessWorker:
         fresh = self.store.get_job(job.id)
         retry_at = None
         if transient and fresh.attempts < svc.max_attempts:
-            retry_at = now + backoff_delay(fresh.attempts, base=svc.retry_base_s, cap=svc.retry_max_s)
+            retry_at = now + backoff(fresh.attempts, base=svc.retry_base_s, cap=svc.retry_max_s)
         self.store.transition(
             job.id,
             JobState.FAILED,
@@ -495,7 +486,3 @@ def _terminate(proc: Any) -> None:
     if proc.is_alive():  # pragma: no cover - stubborn child
         proc.kill()
         proc.join(5)
-
-
-def format_exception(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()

@@ -155,7 +155,8 @@ def structure_view(image: np.ndarray, *, smooth_px: float = 1.0, background_px: 
     k = 2 * round(2.5 * background_px) + 1
     if min(g.shape) > k:
         g = g - cv2.stackBlur(g, (k, k))
-    return g - np.float32(g.mean(dtype=np.float64))
+    result: np.ndarray = g - np.float32(g.mean(dtype=np.float64))
+    return result
 
 
 def _pick_windows(

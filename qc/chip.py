@@ -191,14 +191,14 @@ def _position_size(position: str) -> tuple[float, float] | None:
     if n == 1:
         return (1.0, 1.0) if position.isalpha() else None
     if n == 2:
-        row, col = position
+        row, col = tuple(position)
         return (1.0, 1.0) if row.isalpha() and col in _COLUMNS else None
     if n != 4:
         return None
     if position[2:] in ("11", "12", "13", "14"):
-        row, col = position[:2]
+        row, col = tuple(position[:2])
         return (0.5, 0.5) if row.isalpha() and col in _COLUMNS else None
-    r1, c1, r2, c2 = position
+    r1, c1, r2, c2 = tuple(position)
     if not (r1.isalpha() and r2.isalpha() and c1 in _COLUMNS and c2 in _COLUMNS):
         return None
     rows = ord(r2) - ord(r1) + 1

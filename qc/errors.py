@@ -6,6 +6,7 @@ The CLI and the service turn them into one clear line and an exit code.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __all__ = [
@@ -41,7 +42,7 @@ class QCError(Exception):
 class ReadError(QCError):
     """An image file or folder could not be read."""
 
-    def __init__(self, path: str | Path, problem: str, *, hint: str = "") -> None:
+    def __init__(self, path: str | os.PathLike[str], problem: str, *, hint: str = "") -> None:
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}", hint=hint)

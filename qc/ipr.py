@@ -89,7 +89,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,7 +191,8 @@ class IPRImage:
     @property
     def cross_points(self) -> Mapping[str, np.ndarray]:
         """``QCInfo/CrossPoints``: ``"<row>_<col>"`` -> (n, 4) ``x, y, ix, iy``."""
-        return self.qc_info.get("CrossPoints", {})
+        points: Mapping[str, np.ndarray] = self.qc_info.get("CrossPoints", {})
+        return points
 
 
 @dataclass(frozen=True)
@@ -499,7 +500,7 @@ def _fovs(im: ImageReport, track: TrackResult | None, tiles: list[Tile]) -> _Fov
         centres = np.array([[t.x + t.width / 2.0, t.y + t.height / 2.0] for t in tiles])
         rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
         return _Fovs(rows, cols, int(tiles[0].width), int(tiles[0].height), cells, centres)
-    scale = getattr(track, "scale", None) or (im.track or {}).get("scale") or ()
+    scale: Sequence[Any] = getattr(track, "scale", None) or (im.track or {}).get("scale") or ()
     if len(scale) != 2 or _F in (_num(scale[0]), _num(scale[1])):
         return None
     side = max(1, round(CUT_DNB * float(np.mean(scale))))
@@ -508,7 +509,7 @@ def _fovs(im: ImageReport, track: TrackResult | None, tiles: list[Tile]) -> _Fov
 
 def _cross_points(track: TrackResult | None, fovs: _Fovs) -> dict[str, np.ndarray]:
     crossings = np.asarray(getattr(track, "crossings", np.zeros((0, 4))), float).reshape(-1, 4)
-    if not len(crossings):
+    if track is None or not len(crossings):
         return {}
     n = len(template_for(track.template).offsets)
     pts = np.column_stack([crossings[:, :2], np.mod(crossings[:, 2], n), np.mod(crossings[:, 3], n)])
@@ -521,9 +522,9 @@ def _cross_points(track: TrackResult | None, fovs: _Fovs) -> dict[str, np.ndarra
 
 def _template_points(track: TrackResult | None) -> np.ndarray:
     """Every fitted grid crossing inside the image: ``x, y, ix, iy`` (template line indices)."""
-    grid = track.grid if track is not None else None
-    if grid is None:
+    if track is None or track.grid is None:
         return np.zeros((0, 4))
+    grid = track.grid
     w, h = track.image_size
     kx, ky = grid.lines_in_image(0, w, h), grid.lines_in_image(1, w, h)
     gx, gy = np.meshgrid(kx, ky, indexing="ij")  # x line outer, y line inner (cellbin2's order)
@@ -667,10 +668,10 @@ def _tiff_metadata(path: Path) -> dict[str, Any]:
             for attr, key in (("Manufacturer", "Manufacture"), ("Model", "Model"), ("SerialNumber", "DeviceSN")):
                 if scope.get(attr):
                     out[key] = scope.get(attr)
-        if objective is not None and objective.get("NominalMagnification"):
-            out["ScanObjective"] = float(objective.get("NominalMagnification"))
+        if objective is not None and (magnification := objective.get("NominalMagnification")):
+            out["ScanObjective"] = float(magnification)
         if acquired is not None and (acquired.text or "").strip():
-            out["ScanTime"] = acquired.text.strip()
+            out["ScanTime"] = (acquired.text or "").strip()
     return out
 
 
@@ -698,7 +699,7 @@ def _czi_metadata(path: Path) -> dict[str, Any]:
     ref = info.find("Image/ObjectiveSettings/ObjectiveRef")
     objectives = info.findall("Instrument/Objectives/Objective")
     used = [o for o in objectives if ref is not None and o.get("Id") == ref.get("Id")]
-    chosen = (used or objectives or [None])[0]
+    chosen = next(iter(used or objectives), None)
     if text(chosen, "NominalMagnification"):
         out["ScanObjective"] = float(text(chosen, "NominalMagnification"))
     if text(info, "Image/AcquisitionDateAndTime"):

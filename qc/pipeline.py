@@ -151,6 +151,11 @@ def _template(chip: str) -> tuple[ChipTemplate, str | None]:
     return template_for(serial), None
 
 
+def _metric_blocks(found: dict[str, Any]) -> dict[str, Any]:
+    """Each metric's block of an image report; None for a metric that was not run."""
+    return {m: found.get(m) for m in ("track", "clarity", "stitching", "calibration")}
+
+
 def _facts(img: Image) -> dict[str, Any]:
     return {
         "name": img.name,
@@ -359,12 +364,7 @@ def run_qc(
 
     st.at("verdict")
     verdict = decide(checks, problems=tuple(problems))
-    images = tuple(
-        ImageReport(
-            **_facts(img), **{m: blocks[img.name].get(m) for m in ("track", "clarity", "stitching", "calibration")}
-        )
-        for img in scan_set.images
-    )
+    images = tuple(ImageReport(**_facts(img), **_metric_blocks(blocks[img.name])) for img in scan_set.images)
     report = QCReport(
         chip=scan_set.chip,
         stain=stain,

@@ -87,7 +87,8 @@ def to_gray_float(image: np.ndarray) -> np.ndarray:
     """
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return arr[..., :3].astype(np.float32).mean(axis=2)
+        result: np.ndarray = arr[..., :3].astype(np.float32).mean(axis=2)
+        return result
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -349,7 +350,8 @@ def peak_candidates(
 def _box_sums(integral: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     """Sums over rectangles [y0, y1) x [x0, x1) for every (row, column) pair of bounds, from an integral image."""
     rows = integral[y1] - integral[y0]  # the row bounds depend on dy only, the column bounds on dx only
-    return rows[:, x1] - rows[:, x0]
+    result: np.ndarray = rows[:, x1] - rows[:, x0]
+    return result
 
 
 def ncc_surface(
@@ -416,7 +418,8 @@ def ncc_surface(
     out = np.zeros_like(num)
     ok = den > 1e-9 * max(float(den.max(initial=0.0)), 1e-30)
     out[ok] = num[ok] / den[ok]
-    return np.clip(out, -1.0, 1.0).astype(np.float32)
+    result: np.ndarray = np.clip(out, -1.0, 1.0).astype(np.float32)
+    return result
 
 
 def overlap_ncc(

@@ -349,11 +349,14 @@ def _write_archive(
     if level == 0:
         raw_cm: Any = _StoredGzip(part)
     else:
-        raw_cm = igzip_threaded.open(part, "wb", compresslevel=min(int(level), 3), threads=max(1, int(threads)))
+        raw_cm = igzip_threaded.open(  # type: ignore[no-untyped-call]  # isal leaves this function unannotated
+            part, "wb", compresslevel=min(int(level), 3), threads=max(1, int(threads))
+        )
     from qc.saw_archive import IMAGEQC_FOLDER
 
     # "w", not the stream mode "w|": the stream re-slices its buffer per 10 KiB record
-    with raw_cm as raw, tarfile.open(fileobj=_Counted(raw), mode="w", format=tarfile.PAX_FORMAT) as tar:
+    # typeshed's tarfile file object also asks for read, seek and close, which writing never calls
+    with raw_cm as raw, tarfile.open(fileobj=_Counted(raw), mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         tar.copybufsize = 4 << 20  # whole blocks of the images, not 16 KiB at a time
         ipr_path = folder / ipr_name
         if ipr_path.exists():

@@ -133,7 +133,9 @@ def check_clarity(image: str, result: Any, thresholds: Thresholds) -> MetricChec
     """Clarity: advisory. ``result`` has ``score`` (None when nothing but background), ``counts``."""
     score = result.score
     if score is None:
-        reason = f"{image}: clarity not scored: {getattr(result, 'problem', None) or 'no tissue or chip texture found'} (advisory)"
+        reason: str | None = (
+            f"{image}: clarity not scored: {getattr(result, 'problem', None) or 'no tissue or chip texture found'} (advisory)"
+        )
         return MetricCheck("clarity", image, None, f">= {_fmt(thresholds.clarity)}", False, False, reason)
     score = float(score)
     ok = score >= thresholds.clarity

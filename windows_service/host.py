@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from daemon.config import Config, load_config
 from daemon.errors import DaemonError
+from daemon.fsinfo import is_unc
 from daemon.hosting import config_folders, stop_timeout_seconds
 from daemon.logging import configure_logging, get_logger, redact
 
@@ -340,13 +341,9 @@ class ServiceHost:
         self.eventlog.info("imageqc stopped")
 
 
-def _is_unc(path: str) -> bool:
-    return path.startswith(("\\\\", "//"))
-
-
 def uses_unc(config: Config) -> bool:
     """Whether any folder is a UNC share (the service then needs the SMB client, LanmanWorkstation)."""
-    return any(_is_unc(p) for _k, p in config_folders(config))
+    return any(is_unc(p) for _k, p in config_folders(config))
 
 
 def mapped_drives(config: Config, drive_type: Callable[[str], int]) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
+import sys
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -112,6 +113,8 @@ def set_recovery(m: SimpleNamespace) -> None:
 
 
 def _drive_type(root: str) -> int:  # pragma: no cover - Windows only
+    if sys.platform != "win32":  # ctypes.windll exists only there (and mypy checks the rest only for it)
+        raise NotImplementedError("Windows only")
     import ctypes
 
     return int(ctypes.windll.kernel32.GetDriveTypeW(root))

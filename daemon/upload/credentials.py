@@ -166,8 +166,9 @@ def _from_file(target: UploadTarget, path: Path, *, section: str | None) -> Cred
 
     def first(*names: str) -> str | None:
         for n in names:
-            if sec.get(n):
-                return sec.get(n).strip()
+            value = sec.get(n)
+            if value:
+                return value.strip()
         return None
 
     key_id = first("access_key_id", "aws_access_key_id")

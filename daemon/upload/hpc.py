@@ -18,12 +18,23 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from daemon.config import UploadTarget
 from daemon.errors import UploadError
-from daemon.upload.base import READ_CHUNK, IntegrityError, LocalFile, RemoteObject, Transfer, Uploader
+from daemon.upload.base import (
+    READ_CHUNK,
+    IntegrityError,
+    LocalFile,
+    RemoteObject,
+    Transfer,
+    Uploader,
+    digest_file,
+    file_stat,
+    never,
+)
 from daemon.upload.credentials import Credentials
 from qc.filenames import fit_name
 
@@ -61,6 +72,13 @@ class HPCUploader(Uploader):
     def __init__(self, target: UploadTarget, *, state_dir: Path, credentials: Credentials | None = None) -> None:
         super().__init__(target, state_dir=state_dir)
         self.root = Path(target.path)
+
+    def digest(
+        self, path: Path, *, check: Callable[[], None] = never, expect: tuple[int, int] | None = None
+    ) -> LocalFile:
+        """Only the whole-file SHA-256: a copy has no parts to checksum."""
+        size = file_stat(path)[0]
+        return digest_file(path, part_size=self.part_size_for(size), md5_parts=False, check=check, expect=expect)
 
     def reusable(self, local: LocalFile) -> bool:
         return True  # only the SHA-256 is needed

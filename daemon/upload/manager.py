@@ -59,6 +59,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
+from daemon.clock import backoff
 from daemon.config import Config, UploadTarget
 from daemon.errors import (
     IllegalTransition,
@@ -81,7 +82,7 @@ from daemon.upload.base import (
     file_stat,
 )
 from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
-from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, retrying
+from daemon.upload.policy import UploadWindow, kinds_for_mode, retrying
 from daemon.upload.pool import DaemonPool
 
 __all__ = ["UploadManager"]
@@ -388,7 +389,7 @@ class UploadManager:
         if not inputs and (records or not wants_inputs):
             return True
         scan = self.store.get_scan_set(a.job.scan_set_id)
-        check = check_inputs(scan.members, ignore=ignore_patterns(self.config, scan.root))
+        check = check_inputs(scan.members)
         if check.missing:
             a.permanent = f"input(s) gone before upload: {', '.join(check.missing[:3])}; nothing more of this scan set is uploaded"
             self._settle(a, now)
@@ -657,7 +658,7 @@ class UploadManager:
                 self.store.transition(job_id, JobState.DONE, owner=self.owner, now=now, message=msg)
                 log.info("upload done", files=len(rows), sent=sent)
                 return
-            until = min(self.windows[t].next_open(now) if self.windows[t] else now for t in waiting)
+            until = min(w.next_open(now) if (w := self.windows[t]) else now for t in waiting)
             self._release(a, now, until=until, message=f"waiting for the upload window of {', '.join(waiting)}")
         except IllegalTransition as e:  # cancelled or superseded meanwhile
             log.info("job changed hands before its upload ended", error=str(e))

@@ -69,7 +69,7 @@ _PERMANENT_CODES = {
 }
 
 
-class _TransferBucket(oss2.Bucket):
+class _TransferBucket(oss2.Bucket):  # type: ignore[misc]  # oss2 ships no types: Bucket is Any
     """oss2.Bucket for one transfer: throttled, bounded, interruptible, recorded."""
 
     def __init__(self, owner: OSSUploader, transfer: Transfer, **kw: Any) -> None:
@@ -252,7 +252,7 @@ class OSSUploader(Uploader):
     # -- upload -----------------------------------------------------------------
 
     def _store_key(self, key: str, path: Path) -> str:
-        return oss2.ResumableStore.make_store_key(self.target.bucket, key, os.path.abspath(path))
+        return str(oss2.ResumableStore.make_store_key(self.target.bucket, key, os.path.abspath(path)))
 
     def upload(self, transfer: Transfer) -> str:
         t, local = transfer, transfer.local
@@ -323,7 +323,7 @@ class OSSUploader(Uploader):
     def sweep(self, active: set[str], *, older_than_s: float = 0.0, now: float | None = None) -> list[str]:
         """Abort and delete checkpoints that no unfinished upload uses (``active``: store keys)."""
         now = time.time() if now is None else now
-        removed = []
+        removed: list[str] = []
         if not self.checkpoints.is_dir():
             return removed
         for p in self.checkpoints.iterdir():

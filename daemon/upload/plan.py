@@ -128,8 +128,6 @@ def _inputs(members: Iterable[dict[str, Any]], ignore: Sequence[str]) -> list[tu
     for m in members:
         path = Path(m["path"])
         if path.is_dir():
-            listed = m.get("files") if isinstance(m.get("files"), list) else []
-            entries = {e["name"]: e for e in listed if isinstance(e, dict) and "name" in e}
             listing = list_folder(path, ignore)
             if not listing:
                 skipped = skipped_entries([m], ignore)
@@ -141,7 +139,7 @@ def _inputs(members: Iterable[dict[str, Any]], ignore: Sequence[str]) -> list[tu
                 raise PlanError(msg)
             for p, st in listing:
                 rel = p.relative_to(path).as_posix()
-                files.append((p, f"{path.name}/{rel}", _recorded(st, entries.get(rel))))
+                files.append((p, f"{path.name}/{rel}", _recorded(st, None)))
         elif path.is_file():
             files.append((path, path.name, _recorded(path.stat(), m)))
         else:
@@ -221,16 +219,13 @@ class InputCheck:
         return not self.changed and not self.missing
 
 
-def check_inputs(members: Sequence[dict[str, Any]], *, ignore: Sequence[str] = DEFAULT_IGNORE) -> InputCheck:
+def check_inputs(members: Sequence[dict[str, Any]]) -> InputCheck:
     """Compare each member with the file system now.
 
     A file member must have the recorded ``size`` and ``mtime_ns``. For a
     tile folder, as the QC worker reads it, ``size`` is the total and
     ``mtime_ns`` the newest of every file under it, and ``files`` (optional)
-    their count; a list of names or of ``{"name", "size", "mtime_ns"}``
-    entries is compared with the folder's candidate files (temp and hidden
-    names left out), entry by entry. Fields the member does not carry are
-    not compared.
+    their count. Fields the member does not carry are not compared.
     """
     changed: list[str] = []
     missing: list[str] = []
@@ -242,13 +237,13 @@ def check_inputs(members: Sequence[dict[str, Any]], *, ignore: Sequence[str] = D
                 if m.get(fld) is not None and int(m[fld]) != now:
                     changed.append(f"{path}: {fld} {m[fld]} -> {now}")
         elif path.is_dir():
-            changed += _folder_changes(path, m, ignore)
+            changed += _folder_changes(path, m)
         else:
             missing.append(str(path))
     return InputCheck(tuple(changed), tuple(missing))
 
 
-def _folder_changes(path: Path, m: dict[str, Any], ignore: Sequence[str]) -> list[str]:
+def _folder_changes(path: Path, m: dict[str, Any]) -> list[str]:
     everything = list_folder(path, ())
     out = []
     total = sum(st.st_size for _, st in everything)
@@ -257,19 +252,6 @@ def _folder_changes(path: Path, m: dict[str, Any], ignore: Sequence[str]) -> lis
         if m.get(fld) is not None and int(m[fld]) != now:
             out.append(f"{path}: {'total size' if fld == 'size' else 'newest mtime_ns'} {m[fld]} -> {now}")
     recorded = m.get("files")
-    if isinstance(recorded, int) and recorded != len(everything):
+    if recorded is not None and int(recorded) != len(everything):
         out.append(f"{path}: {recorded} files -> {len(everything)}")
-    elif isinstance(recorded, list):
-        listing = list_folder(path, ignore)
-        now = {p.relative_to(path).as_posix(): st for p, st in listing}
-        names = [r if isinstance(r, str) else r.get("name") for r in recorded]
-        if set(names) != set(now):
-            added, gone = sorted(set(now) - set(names)), sorted(set(names) - set(now))
-            out.append(f"{path}: files added {added[:3]} removed {gone[:3]}")
-        for r in recorded:
-            if isinstance(r, dict) and r.get("name") in now:
-                st = now[r["name"]]
-                for fld, val in (("size", st.st_size), ("mtime_ns", st.st_mtime_ns)):
-                    if r.get(fld) is not None and int(r[fld]) != val:
-                        out.append(f"{path / r['name']}: {fld} {r[fld]} -> {val}")
     return out

@@ -6,8 +6,8 @@ Pure rules with time passed in, so tests need no clock patching:
 * :func:`render_key` - ``key_template`` -> a clean remote key;
 * :class:`UploadWindow` - a daily window such as ``20:00-06:00`` (local time);
   its next opening comes from an APScheduler cron trigger;
-* :func:`backoff` and :func:`retrying` - exponential backoff with jitter for
-  transient errors; permanent errors are never retried.
+* :func:`retrying` - retries transient errors after :func:`daemon.clock.backoff`;
+  permanent errors are never retried.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TypeVar
 
+from daemon.clock import backoff
 from daemon.config import parse_window
 from daemon.errors import TransientUploadError
 
 __all__ = [
     "KINDS",
     "UploadWindow",
-    "backoff",
     "kinds_for_mode",
     "render_key",
     "retrying",
@@ -151,20 +151,9 @@ class UploadWindow:
         from apscheduler.triggers.cron import CronTrigger
 
         trigger = CronTrigger(hour=minute // 60, minute=minute % 60, timezone=self._zone())
-        fire = trigger.get_next_fire_time(None, self._local(now) + timedelta(microseconds=1))
+        fire: datetime | None = trigger.get_next_fire_time(None, self._local(now) + timedelta(microseconds=1))
         assert fire is not None
         return fire.timestamp()
-
-
-def backoff(attempt: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Delay before retry ``attempt`` (1 = the first retry), in seconds.
-
-    ``min(cap, base * 2**(attempt-1))``, of which the upper half is random
-    ("equal jitter"): never zero, never in lock-step with other clients.
-    """
-    rng = rng or random
-    full = min(cap, base * 2 ** max(0, attempt - 1))
-    return full / 2 + rng.uniform(0, full / 2)
 
 
 def retrying(

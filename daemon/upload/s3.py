@@ -31,7 +31,7 @@ import re
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from daemon.config import UploadTarget
 from daemon.errors import TransientUploadError, UploadError
@@ -119,7 +119,11 @@ class S3Uploader(Uploader):
             register_secret(frozen.secret_key)
             register_secret(frozen.token)
         cfg = BotoConfig(
-            s3={"addressing_style": target.addressing_style, "payload_signing_enabled": False},
+            # the config allows only these three: the cast names them for botocore's typed dict
+            s3={
+                "addressing_style": cast(Literal["auto", "virtual", "path"], target.addressing_style),
+                "payload_signing_enabled": False,
+            },
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             retries={"total_max_attempts": 1, "mode": "standard"},

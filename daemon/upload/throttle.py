@@ -193,7 +193,7 @@ class ThrottledStream:
             size = self._left
         if size <= 0:
             return b""
-        data = self._raw.read(size)
+        data: bytes | str = self._raw.read(size)
         if isinstance(data, str):  # oss2's SizedFileAdapter returns '' at the end
             data = data.encode()
         self._left -= len(data)

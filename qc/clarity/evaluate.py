@@ -236,7 +236,8 @@ def to_uint8(pixels: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map grey values linearly so ``lo`` -> 0 and ``hi`` -> 255, clipped, as uint8."""
     scale = np.float32(255.0 / (hi - lo))
     out = (pixels.astype(np.float32) - np.float32(lo)) * scale + np.float32(0.5)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(out, 0, 255).astype(np.uint8)
+    return result
 
 
 def _grey_windows(band: np.ndarray, xs: tuple[int, ...], window: int, rgb: str) -> np.ndarray:
@@ -248,7 +249,8 @@ def _grey_windows(band: np.ndarray, xs: tuple[int, ...], window: int, rgb: str) 
     grey = wins.astype(np.float32) @ weights
     if rgb == "inverted_luminance":
         grey = float(np.iinfo(wins.dtype).max) - grey
-    return np.clip(grey + 0.5, 0, np.iinfo(wins.dtype).max).astype(wins.dtype)
+    result: np.ndarray = np.clip(grey + 0.5, 0, np.iinfo(wins.dtype).max).astype(wins.dtype)
+    return result
 
 
 def evaluate_clarity(

@@ -307,7 +307,8 @@ class LoadedClarityModel:
         logits = np.asarray(logits, np.float32)
         logits = logits - logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
+        result: np.ndarray = e / e.sum(axis=1, keepdims=True)
+        return result
 
 
 #: onnxruntime's own switch: when set before the library loads, it neither

@@ -33,7 +33,8 @@ def _cast(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        return np.clip(np.rint(mean), info.min, info.max).astype(dtype)
+        result: np.ndarray = np.clip(np.rint(mean), info.min, info.max).astype(dtype)
+        return result
     return mean.astype(dtype)
 
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -40,7 +41,13 @@ class PageReader:
         Named in error messages.
     """
 
-    def __init__(self, tif: tifffile.TiffFile, page, keyframe, path: Path) -> None:
+    def __init__(
+        self,
+        tif: tifffile.TiffFile,
+        page: tifffile.TiffPage | tifffile.TiffFrame,
+        keyframe: tifffile.TiffPage,
+        path: Path,
+    ) -> None:
         self.path = path
         self.key = keyframe
         self.fh = tif.filehandle
@@ -69,7 +76,7 @@ class PageReader:
         )
         self.memmappable = bool(page.is_memmappable) and self.file_dtype.isnative and not self.separate
         self._decode = keyframe.decode
-        self._decode_args = {"_fullsize": self.tiled}
+        self._decode_args: dict[str, Any] = {"_fullsize": self.tiled}
         if keyframe.compression in (6, 7, 33007, 34892):
             self._decode_args["jpegtables"] = getattr(page, "jpegtables", None)
             self._decode_args["jpegheader"] = getattr(keyframe, "jpegheader", None)
@@ -110,7 +117,8 @@ class PageReader:
             raise CorruptImageError(self.path, f"{kind} {index} cannot be decoded ({exc})") from exc
         if seg is None:
             return None
-        return seg[0]  # (length, width, contig samples)
+        decoded: np.ndarray = seg[0]  # (length, width, contig samples)
+        return decoded
 
     def _segments(self, indices: list[int]) -> list[np.ndarray | None]:
         items = [(i, self._read_bytes(i)) for i in indices]

@@ -48,7 +48,7 @@ import struct
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -328,7 +328,7 @@ def read_archive(
             top_member = members.get(top)
             is_file = top_member is not None and (top_member.isfile() or top_member.issym() or top_member.islnk())
             image_name = default_name(PurePosixPath(top).name)
-            role = roles.get(image_name)
+            found_role = roles.get(image_name)
             images.append(
                 _open_member(
                     tar,
@@ -338,7 +338,7 @@ def read_archive(
                     members,
                     is_file,
                     image_name,
-                    role,
+                    found_role,
                     limits,
                     _open_path,
                     scratch,
@@ -377,7 +377,7 @@ def _saw_entries(
             raise IPRError(path / ipr_member, e.where, e.problem, hint=e.hint) from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    out = []
+    entries: list[tuple[str, list[str], bool, str, str]] = []
     chip = None
     for group, image in record.images.items():
         chip = str(image.image_info.get("STOmicsChipSN") or "") or path.name.split("_")[0]
@@ -397,16 +397,28 @@ def _saw_entries(
             "/".join(PurePosixPath(n).parts[: depth + 1]) for n in inside if len(PurePosixPath(n).parts) > depth + 1
         }
         if len(singles) == 1 and not subdirs:
-            out.append((singles[0], [singles[0]], True, image_name, role))  # a stitched image
+            entries.append((singles[0], [singles[0]], True, image_name, role))  # a stitched image
         elif len(subdirs) == 1 and not singles:
             top = subdirs.pop()  # a tile folder
-            out.append((top, [n for n in inside if n.startswith(top + "/")], False, image_name, role))
+            entries.append((top, [n for n in inside if n.startswith(top + "/")], False, image_name, role))
         else:
-            out.append((folder, inside, False, image_name, role))  # tiles laid directly in the stain folder
-    return chip, out
+            entries.append((folder, inside, False, image_name, role))  # tiles laid directly in the stain folder
+    return chip, entries
 
 
-def _open_member(tar, path, top, names, members, is_file, image_name, role, limits, opener, scratch) -> Image:
+def _open_member(
+    tar: tarfile.TarFile,
+    path: Path,
+    top: str,
+    names: Sequence[str],
+    members: Mapping[str, tarfile.TarInfo],
+    is_file: bool,
+    image_name: str,
+    role: str | None,
+    limits: ReadLimits,
+    opener: Callable[..., Image],
+    scratch: Path | None,
+) -> Image:
     display = path / top
     tmpdir: Path | None = None
     try:

@@ -21,11 +21,13 @@ are several scenes). ``tiles`` is ``tiles_for(0)``; use
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -202,7 +204,7 @@ class CziImage(Image):
             y=float(entry.y - self._y0),
             width=entry.width,
             height=entry.height,
-            loader=lambda entry=entry: directory.decode(entry),
+            loader=functools.partial(directory.decode, entry),
             digest_fn=digest,
             identity=f"{self._stat_id}|{entry.file_position}",
         )
@@ -222,7 +224,7 @@ class CziImage(Image):
 
     # ---- pixels -----------------------------------------------------------------------------------
 
-    def _czi(self):
+    def _czi(self) -> Any:  # a pylibCZIrw CziReader (the library ships no types)
         if self._reader is None:
             from pylibCZIrw import czi as pyczi
 

@@ -250,7 +250,7 @@ class CziDirectory:
         return np.ascontiguousarray(arr.astype(np.dtype(dtype).newbyteorder("="), copy=False))
 
 
-def _raw(buf: bytes, dtype: np.dtype, samples: int, h: int, w: int) -> np.ndarray:
+def _raw(buf: bytes | bytearray, dtype: np.dtype, samples: int, h: int, w: int) -> np.ndarray:
     n = h * w * samples * dtype.itemsize
     if len(buf) < n:
         msg = f"{len(buf)} bytes of pixel data, {n} needed"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from pathlib import Path
 from typing import BinaryIO
 
 from qc.errors import ReadError
@@ -29,7 +28,7 @@ class NotRegularFileError(ReadError):
 
     hint = "Only regular files are read; remove or rename it if it is not meant to be a scan image"
 
-    def __init__(self, path: str | Path, kind: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], kind: str) -> None:
         self.kind = kind
         super().__init__(path, f"a {kind}, not a regular file")
 

@@ -176,7 +176,7 @@ class TiffImage(Image):
             size = None
         return names, self._plausible(size)
 
-    def _resolution_um(self, key) -> float | None:
+    def _resolution_um(self, key: tifffile.TiffPage) -> float | None:
         tag = key.tags.get("XResolution")
         if tag is None:
             return None

@@ -149,14 +149,14 @@ class _Walker:
             (offset,) = struct.unpack(self.bo + nfmt, table[-nsize:])
             index += 1
 
-    def _scalar(self, tags: dict, tag: int, default: int | None, what: str) -> int | None:
+    def _scalar(self, tags: dict[int, tuple[int, int, bytes]], tag: int, default: int | None, what: str) -> int | None:
         if tag not in tags:
             return default
         typ, n, field = tags[tag]
         values = self._values(typ, n, field, what)
         return int(values[0]) if values.size else default
 
-    def _check_ifd(self, offset: int, what: str, tags: dict) -> None:
+    def _check_ifd(self, offset: int, what: str, tags: dict[int, tuple[int, int, bytes]]) -> None:
         width = self._scalar(tags, _WIDTH, None, what)
         height = self._scalar(tags, _LENGTH, None, what)
         if width is None or height is None:
@@ -226,7 +226,8 @@ def walk_tiff(
             raise CorruptImageError(path, f"cannot be read ({exc.strerror or exc})") from exc
         return walker.summaries
     fh = source
-    path = Path(name or getattr(fh, "name", "<stream>"))
+    fallback: str = getattr(fh, "name", "<stream>")
+    path = Path(name or fallback)
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
     walker = _Walker(fh, size, path, limits)

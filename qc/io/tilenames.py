@@ -425,7 +425,11 @@ def inspect_tile_folder(
         if parsed and (best is None or len(parsed) > len(best[1])):
             best = (conv, parsed)
     listed = _tile_configuration_names(tile_config)
-    if listed and (best is None or len(best[1]) < sum(1 for n in listed if n in set(names))):
+    if (
+        listed
+        and tile_config is not None
+        and (best is None or len(best[1]) < sum(1 for n in listed if n in set(names)))
+    ):
         return _configured(listed, names, meta, tile_config)
     if best is None:
         return TileFolderInfo(

@@ -11,10 +11,11 @@ from the positions: tiles closer than half a tile share a row (column).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -51,14 +52,14 @@ def read_tile_file(path: Path, limits: ReadLimits = ReadLimits()) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)  # handles non-ASCII Windows paths, unlike cv2.imread
     except OSError as exc:
         raise CorruptImageError(path, f"the tile cannot be read ({exc.strerror or exc})") from exc
-    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if arr is None:
+    decoded: np.ndarray | None = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if decoded is None:
         raise CorruptImageError(path, "the tile cannot be decoded (truncated or not an image)")
-    if arr.ndim == 3:
-        if arr.shape[2] == 4:
-            arr = arr[..., :3]
-        arr = np.ascontiguousarray(arr[..., ::-1])  # OpenCV gives BGR
-    return arr
+    if decoded.ndim == 3:
+        if decoded.shape[2] == 4:
+            decoded = decoded[..., :3]
+        decoded = np.ascontiguousarray(decoded[..., ::-1])  # OpenCV gives BGR
+    return decoded
 
 
 def _file_digest(path: Path) -> str:
@@ -149,8 +150,10 @@ class TileFolderImage(Image):
         cells = {t.file: (t.row, t.col) for t in info.tiles}
         if info.convention == "tile_configuration":  # any layout: rows and columns from the positions
             files = [t.file for t in info.tiles]
-            rows, cols = grid_indices([positions[f][0] for f in files], [positions[f][1] for f in files], tw, th)
-            cells = dict(zip(files, zip(rows, cols, strict=False), strict=False))
+            grid_rows, grid_cols = grid_indices(
+                [positions[f][0] for f in files], [positions[f][1] for f in files], tw, th
+            )
+            cells = dict(zip(files, zip(grid_rows, grid_cols, strict=False), strict=False))
         order = sorted(info.tiles, key=lambda t: (*cells[t.file], t.file))
         self._tiles = [
             Tile(
@@ -162,7 +165,7 @@ class TileFolderImage(Image):
                 width=tw,
                 height=th,
                 loader=self._loader(folder / t.file),
-                digest_fn=(lambda p=folder / t.file: _file_digest(p)),
+                digest_fn=functools.partial(_file_digest, folder / t.file),
                 identity=_identity(folder / t.file),
             )
             for t in order
@@ -201,7 +204,7 @@ class TileFolderImage(Image):
         self._overlap_used = (float(ox), float(oy))
         return {t.file: (t.col * tw * (1 - ox), t.row * th * (1 - oy)) for t in info.tiles}
 
-    def _loader(self, path: Path):
+    def _loader(self, path: Path) -> Callable[[], np.ndarray]:
         shape, dtype, limits = self._tile_shape, self.dtype, self.limits
 
         def load() -> np.ndarray:

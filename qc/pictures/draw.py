@@ -124,9 +124,8 @@ def to_display(img: np.ndarray) -> np.ndarray:
     if hi <= lo:
         hi = lo + 1
     out = np.clip((arr.astype(np.float32) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
-    if out.ndim == 2:
-        return cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
-    return cv2.cvtColor(out, cv2.COLOR_RGB2BGR)
+    result: np.ndarray = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR if out.ndim == 2 else cv2.COLOR_RGB2BGR)
+    return result
 
 
 def _grey(img: np.ndarray) -> np.ndarray:
@@ -460,9 +459,9 @@ def draw_clarity(
             x0, y0 = round(x / factor), round(y / factor)
             cv2.rectangle(tint, (x0, y0), (x0 + w, y0 + w), colour, -1)
     canvas = cv2.addWeighted(tint, 0.45, canvas, 0.55, 0)
-    for label in labels:  # in class order, only those drawn
-        if label in counts:
-            legend.use(CLARITY_COLOURS[label], f"{label.replace('_', ' ')} ({counts[label]} windows)")
+    for label in labels:  # in class order, only those drawn (never the uncoloured background)
+        if label in counts and (drawn := CLARITY_COLOURS[label]) is not None:
+            legend.use(drawn, f"{label.replace('_', ' ')} ({counts[label]} windows)")
     body = _frame(canvas)
     threshold = _threshold(check, 80.0)
     score = None if result.score is None else float(result.score)
@@ -616,8 +615,9 @@ def take_calibration_crops(
 
 
 def _shift(img: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    m = np.float32([[1, 0, dx], [0, 1, dy]])
-    return cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+    m = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+    result: np.ndarray = cv2.warpAffine(img, m, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+    return result
 
 
 def _overlay(nuclear: np.ndarray, if_img: np.ndarray) -> np.ndarray:
@@ -752,7 +752,7 @@ def pictures_from_artifacts(
     labels = artifacts.get("clarity_labels", ())
     decided = artifacts.get("passed", {})  # (metric, image) -> the rules' decision
     checks = artifacts.get("checks", {})  # (metric, image) -> the rules' MetricCheck
-    ctx = {"chip": str(artifacts.get("chip", "")), "stain": str(artifacts.get("stain", ""))}
+    ctx: dict[str, Any] = {"chip": str(artifacts.get("chip", "")), "stain": str(artifacts.get("stain", ""))}
     for name, res in artifacts.get("track", {}).items():
         thumb, f = thumbs[name]
         pic = draw_track(

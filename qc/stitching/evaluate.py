@@ -662,9 +662,9 @@ def _score(
     max_dev = float(max(devs)) if devs else 0.0
     unmatched = sum(1 for f in fovs if f.outlier and f.deviation_from_neighbours_px is None)
     inconsistent = any(f.outlier for f in fovs)
-    staged = [f for f in fovs if f.stage_deviation_px is not None and f.stage_limit_px > 0]
-    max_stage = max((f.stage_deviation_px for f in staged), default=0.0)
-    use = max((f.stage_deviation_px / f.stage_limit_px for f in staged), default=0.0)
+    staged = [(d, f.stage_limit_px) for f in fovs if (d := f.stage_deviation_px) is not None and f.stage_limit_px > 0]
+    max_stage = max((d for d, _ in staged), default=0.0)
+    use = max((d / limit for d, limit in staged), default=0.0)
     s_share = _piecewise(share, params.min_clear_share)
     s_quality = _piecewise(quality, params.min_mean_quality)
     s_place = _placement(max_dev, tol, unmatched)

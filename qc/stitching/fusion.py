@@ -76,7 +76,8 @@ def _ramp(n: int) -> np.ndarray:
 def _to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        result: np.ndarray = np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        return result
     return arr.astype(dtype)
 
 
@@ -204,7 +205,8 @@ def fuse_tiles(
         if key not in ramps:
             ramps[key] = (_ramp(key[0]), _ramp(key[1]))
         rx, ry = ramps[key]
-        return ry[r0:r1, None] * rx[None, c0:c1]
+        result: np.ndarray = ry[r0:r1, None] * rx[None, c0:c1]
+        return result
 
     def fused_band(y0: int, y1: int) -> np.ndarray:
         """Mosaic rows y0:y1: every tile copied in, then each overlap blended from all the tiles that cover it."""

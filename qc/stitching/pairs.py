@@ -384,7 +384,10 @@ def pair_downsample(shape: tuple[int, int], requested: int) -> int:
 def _gray_same_dtype(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[2] in (3, 4):
         g = arr[..., :3].astype(np.float32).mean(axis=2)
-        return np.rint(g).astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else g.astype(arr.dtype)
+        result: np.ndarray = (
+            np.rint(g).astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else g.astype(arr.dtype)
+        )
+        return result
     if arr.ndim == 3 and arr.shape[2] == 1:
         return arr[..., 0]
     return arr
@@ -470,7 +473,7 @@ def run_pairs(
             digests[i] = dig
         ensure_decoded([i for i in missing if tiles[i].digest_fn is None])
         if cache is not None:
-            memo = {digest_key(tiles[i].identity): digests[i].encode("ascii") for i in missing if tiles[i].identity}
+            memo = {digest_key(tid): digests[i].encode("ascii") for i in missing if (tid := tiles[i].identity)}
             cache_put_many(cache, memo)
         # 2. pairs completed by this row: look them up, compute the rest.
         ready = [k for k in range(n) if results[k] is None and plans[k].a in seen and plans[k].b in seen]
@@ -507,8 +510,8 @@ def run_pairs(
         if cache is not None:
             cache_put_many(cache, fresh)
         # 3. drop strips no pending pair needs.
-        for key in [key for key in strips if results[key[0]] is not None]:
-            del strips[key]
+        for done_pair in [k for k in strips if results[k[0]] is not None]:
+            del strips[done_pair]
     final = [m for m in results if m is not None]
     if len(final) != n:  # pragma: no cover - every plan's tiles are in some row
         msg = f"{n - len(final)} of {n} tile pairs were never measured"

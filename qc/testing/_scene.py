@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -119,9 +120,10 @@ class Mosaic:
 
 
 def _smooth_field(shape: tuple[int, int], sigma: float, rng: np.random.Generator) -> np.ndarray:
-    f = rng.standard_normal(shape).astype(np.float32)
+    f: np.ndarray = rng.standard_normal(shape).astype(np.float32)
     f = cv2.GaussianBlur(f, (0, 0), max(sigma, 0.5), borderType=cv2.BORDER_REFLECT)
-    return (f - f.mean()) / (f.std() + 1e-12)
+    result: np.ndarray = (f - f.mean()) / (f.std() + 1e-12)
+    return result
 
 
 def upsample(field: np.ndarray, f: int, pad: int, y0: int, y1: int, x0: int, ncols: int) -> np.ndarray:
@@ -146,7 +148,7 @@ class Scene:
     (IF images of the same tissue use the nuclear image's seed).
     """
 
-    def __init__(self, p: dict, data_dir: Path, related_seed: int | None = None):
+    def __init__(self, p: dict[str, Any], data_dir: Path, related_seed: int | None = None):
         self.p = p
         self.W, self.H = p["width"], p["height"]
         pad = self.pad = _PAD
@@ -199,7 +201,9 @@ class Scene:
     def _init_acquisition(self, rng: np.random.Generator, zoom: float) -> None:
         """FOV gains and vignetting, and debris, when asked for (image coordinates)."""
         p = self.p
-        fov_rng, debris_rng = (np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(2))
+        seed_seq = rng.bit_generator.seed_seq
+        assert isinstance(seed_seq, np.random.SeedSequence)  # default_rng makes one
+        fov_rng, debris_rng = (np.random.default_rng(s) for s in seed_seq.spawn(2))
         self.fovs = None
         if p["fov_px"] > 0 and (p["fov_gain"] > 0 or p["vignetting"] > 0):
             self.fovs = FovField(self.W, self.H, p["fov_px"], p["fov_gain"], p["vignetting"], fov_rng)
@@ -298,8 +302,10 @@ class Scene:
             # as real stitched scans look: a very dark, gently mottled surface
             # and tissue far brighter (tissue_gain > 1 saturates it)
             img *= m
-            bg = float(p["background"])
-            cv2.addWeighted(img, float(p["tissue_gain"]), np.ascontiguousarray(s), bg * float(p["mottle"]), bg, dst=img)
+            level = float(p["background"])
+            cv2.addWeighted(
+                img, float(p["tissue_gain"]), np.ascontiguousarray(s), level * float(p["mottle"]), level, dst=img
+            )
         if p["lines"] and p["line_contrast"] > 0:
             self._darken_lines(img, m, y0, y1, x0)
         if self.debris is not None:
@@ -329,7 +335,8 @@ class Scene:
         row = (0.5 * k * cy * yn - 0.35 * k * yn**2).astype(np.float32)
         f = 1.0 + row[:, None] + col[None, :]
         f = np.maximum(f, 0.05)
-        return f[..., None] if self.rgb else f
+        result: np.ndarray = f[..., None] if self.rgb else f
+        return result
 
     def finish(self, y0: int, y1: int, dtype: np.dtype) -> np.ndarray:
         """Image rows [y0, y1): rendered, blurred, exposed, noisy and quantised to ``dtype``.
@@ -370,7 +377,8 @@ def _noise_rows(tile: np.ndarray, rows: int, sigma: float, rng: np.random.Genera
     ridx = (np.arange(rows) + oy) % th
     block = np.roll(tile[ridx], -ox, axis=1)
     block *= np.float32(sigma)
-    return block
+    result: np.ndarray = block
+    return result
 
 
 def _add_tiled(img: np.ndarray, block: np.ndarray) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -194,7 +195,7 @@ def _params(
     vignetting: float,
     debris: int,
     debris_radius: tuple[float, float],
-) -> tuple[dict, ChipTemplate]:
+) -> tuple[dict[str, Any], ChipTemplate]:
     if stain not in STAINS:
         msg = f"stain must be one of {STAINS}, got {stain!r}"
         raise ValueError(msg)
@@ -221,7 +222,11 @@ def _params(
         msg = f"debris_radius must be (low, high) px with 0 < low <= high, got {debris_radius!r}"
         raise ValueError(msg)
     tmpl = template if isinstance(template, ChipTemplate) else template_for(template)
-    sxy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
+    sxy = (
+        (float(scale[0]), float(scale[1]))
+        if isinstance(scale, (tuple, list, np.ndarray))
+        else (float(scale), float(scale))
+    )
     if not (sxy[0] > 0 and sxy[1] > 0):
         msg = f"scale must be positive, got {scale!r}"
         raise ValueError(msg)
@@ -244,7 +249,7 @@ def _params(
     return p, tmpl
 
 
-def _truth(p: dict, scene: Scene) -> ChipTruth:
+def _truth(p: dict[str, Any], scene: Scene) -> ChipTruth:
     q = dict(p)
     q["tissue_fraction"] = scene.tissue_fraction
     return ChipTruth(**q)
@@ -293,7 +298,7 @@ def _strips(height: int) -> list[tuple[int, int]]:
 
 def _scene(
     params: dict[str, object], data_dir: str | os.PathLike[str] | None
-) -> tuple[dict, Scene, np.dtype, tuple[int, ...]]:
+) -> tuple[dict[str, Any], Scene, np.dtype, tuple[int, ...]]:
     """Validated parameters, the scene that renders them, the dtype and the image shape."""
     unknown = set(params) - set(_DEFAULTS)
     if unknown:
@@ -524,9 +529,9 @@ def generate_if(
         nuc = cv2.GaussianBlur(scene.mosaic.rows(sy0, sy1, sx0, ncols) * m, (0, 0), blur)
         sig = 0.04 + m * (0.7 * np.clip(nuc, 0, None) ** 0.8 + 0.3 * mif.rows(sy0, sy1, sx0, ncols))
         # out[i, j] = sig[i + 1 + halo - fy, j + 1 + halo - fx]
-        mat = np.float32([[1, 0, 1 + halo - fx], [0, 1, 1 + halo - fy]])
+        mat = np.array([[1, 0, 1 + halo - fx], [0, 1, 1 + halo - fy]], np.float32)
         flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-        block = cv2.warpAffine(sig, mat, (W, y1 - y0), flags=flags, borderMode=cv2.BORDER_REFLECT)
+        block: np.ndarray = cv2.warpAffine(sig, mat, (W, y1 - y0), flags=flags, borderMode=cv2.BORDER_REFLECT)
         rng = np.random.default_rng([seed, 13, y0])
         block += rng.standard_normal(block.shape, dtype=np.float32) * np.float32(noise)
         out[y0:y1] = quantise(block, dt)

@@ -28,6 +28,7 @@ corner in the mosaic frame, in which the nominal position of tile (r, c) is
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -180,7 +181,8 @@ def mosaic_texture(
 def _to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        result: np.ndarray = np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        return result
     return arr.astype(dtype)
 
 
@@ -231,7 +233,7 @@ def blob_texture(
         rows = (y1 - y0) + 2 * halo
         seeds = rng.random((rows, w), dtype=np.float32)
         seeds = np.where(seeds < 0.006, seeds * (1.0 / 0.006), 0).astype(np.float32)
-        blobs = cv2.GaussianBlur(seeds, (0, 0), sigma_px)
+        blobs: np.ndarray = cv2.GaussianBlur(seeds, (0, 0), sigma_px)
         blobs *= np.float32(2.0 * np.pi * sigma_px**2 * 0.5)
         blobs += np.float32(0.06)
         out[y0:y1] = _to_dtype(np.clip(blobs[halo : halo + (y1 - y0)], 0, 1) * top, dt)
@@ -260,7 +262,8 @@ def grid_paper_texture(
     rng = np.random.default_rng(seed)
     field = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), blotch_px)
     tex = np.where(lines, 70.0, 200.0) + blotch * field / max(float(field.std()), 1e-6)
-    return np.clip(np.rint(tex), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(tex), 0, 255).astype(np.uint8)
+    return result
 
 
 def make_tile_set(
@@ -388,7 +391,19 @@ def make_tile_set(
 class _TileLoader:
     """Cuts one tile out of the texture on demand (deterministic), memoises its digest."""
 
-    def __init__(self, texture, tx, ty, tw, th, margin, flat_rects, flat_level, noise_sigma, key):
+    def __init__(
+        self,
+        texture: np.ndarray,
+        tx: int,
+        ty: int,
+        tw: int,
+        th: int,
+        margin: int,
+        flat_rects: Sequence[tuple[int, int, int, int]],
+        flat_level: float,
+        noise_sigma: float,
+        key: tuple[int, int, int],
+    ) -> None:
         self.texture, self.tx, self.ty, self.tw, self.th = texture, tx, ty, tw, th
         self.margin, self.flat_rects, self.flat_level = margin, flat_rects, flat_level
         self.noise_sigma, self.key = noise_sigma, key
@@ -492,7 +507,7 @@ def tiles_from_folder(folder: str | Path) -> list[Tile]:
                 y=float(r * step_y),
                 width=tw,
                 height=th,
-                loader=lambda p=path: tifffile.imread(p),
+                loader=functools.partial(tifffile.imread, path),
                 identity=f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}",
             )
         )

@@ -62,10 +62,11 @@ def _block_sum(d: np.ndarray, f: int, wc: int) -> np.ndarray:
     summed first (contiguous, cheap), then the columns of the much smaller result.
     """
     acc = np.uint16 if d.dtype == np.uint8 and f <= 257 else np.float64 if d.dtype.kind == "f" else np.uint32
-    rows = np.add.reduce(d.reshape(-1, f, d.shape[1]), axis=1, dtype=acc)[:, : wc * f].astype(np.float32)
+    rows: np.ndarray = np.add.reduce(d.reshape(-1, f, d.shape[1]), axis=1, dtype=acc)[:, : wc * f].astype(np.float32)
     if f == 1:
         return rows
-    return cv2.resize(rows, (wc, rows.shape[0]), interpolation=cv2.INTER_AREA) * np.float32(f)
+    result: np.ndarray = cv2.resize(rows, (wc, rows.shape[0]), interpolation=cv2.INTER_AREA) * np.float32(f)
+    return result
 
 
 def reduce_lines(
@@ -134,7 +135,8 @@ def line_dips(evidence: np.ndarray, factor: int, kernel: int) -> np.ndarray:
     kc = 2 * math.ceil(kernel / (2.0 * factor)) + 3
     se = cv2.getStructuringElement(cv2.MORPH_RECT, (kc, kc))
     opened = cv2.morphologyEx(evidence, cv2.MORPH_OPEN, se, borderType=cv2.BORDER_REPLICATE)
-    return np.subtract(opened, evidence, out=opened)
+    result: np.ndarray = np.subtract(opened, evidence, out=opened)
+    return result
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -254,7 +256,8 @@ def _highpass(p: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _smooth(p: np.ndarray, sigma: float) -> np.ndarray:
-    return p - _highpass(p, sigma)
+    result: np.ndarray = p - _highpass(p, sigma)
+    return result
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ def find_dips(p: np.ndarray, count: np.ndarray, *, min_snr: float = 4.0, nms: in
     noise = 1.4826 * float(np.median(np.abs(vals - med))) + 1e-9 if vals.size else 1.0
     hs = hs - med
     cand = np.flatnonzero(ok[1:-1] & (hs[1:-1] < -min_snr * noise)) + 1
-    keep = []
+    keep: list[int] = []
     for i in cand[np.argsort(hs[cand])]:
         if all(abs(i - j) > nms for j in keep):
             keep.append(int(i))

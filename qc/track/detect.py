@@ -62,6 +62,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -346,7 +347,7 @@ class _Coarse:
     fits: tuple[coarse.AxisFit, coarse.AxisFit] | None
     mat: np.ndarray
 
-    def facts(self) -> dict:
+    def facts(self) -> dict[str, Any]:
         return dict(dips_found=(self.dips[0].pos.size, self.dips[1].pos.size), polarity=self.polarity)
 
 
@@ -370,14 +371,16 @@ def _coarse(
         dips = (coarse.find_dips(px, cx), coarse.find_dips(py, cy))
         fx, fy = (coarse.fit_axis(d, tmpl, srange) for d in dips)
         fits = (fx, fy) if fx is not None and fy is not None else None
-        total = fx.score + fy.score if fits is not None else -1.0
+        total = fx.score + fy.score if fx is not None and fy is not None else -1.0
         if best is None or total > best.total:
             best = _Coarse(polarity, total, dips, fits, mat)
     assert best is not None
     return best
 
 
-def _fine(image: np.ndarray, c: _Coarse, tmpl: ChipTemplate, f: int, base: dict, opts: dict) -> TrackResult:
+def _fine(
+    image: np.ndarray, c: _Coarse, tmpl: ChipTemplate, f: int, base: dict[str, Any], opts: dict[str, Any]
+) -> TrackResult:
     """The full-resolution fit and score from a coarse fit."""
     assert c.fits is not None
     fx, fy = c.fits
@@ -389,7 +392,7 @@ def _fine(image: np.ndarray, c: _Coarse, tmpl: ChipTemplate, f: int, base: dict,
     )  # fmt: skip
 
 
-def _empty(base: dict, problem: str) -> TrackResult:
+def _empty(base: dict[str, Any], problem: str) -> TrackResult:
     nan = math.nan
     base = dict(base)
     return TrackResult(
@@ -406,7 +409,8 @@ def _coarse_grid(tmpl: ChipTemplate, fx: coarse.AxisFit, fy: coarse.AxisFit, mat
 
     def to_full(xr: float, yr: float) -> np.ndarray:
         c = inv @ np.array([xr, yr, 1.0])
-        return f * c + (f - 1) / 2.0
+        result: np.ndarray = f * c + (f - 1) / 2.0
+        return result
 
     o = to_full(fx.phase, fy.phase)
     ex = (to_full(fx.phase + fx.scale * 1000.0, fy.phase) - o) / 1000.0
@@ -416,7 +420,7 @@ def _coarse_grid(tmpl: ChipTemplate, fx: coarse.AxisFit, fy: coarse.AxisFit, mat
 
 
 def _refine(
-    image: np.ndarray, grid0: GridModel, base: dict, explained: tuple[int, int], sign: float,
+    image: np.ndarray, grid0: GridModel, base: dict[str, Any], explained: tuple[int, int], sign: float,
     max_windows: int, min_snr: float, agree_px: float | None, cells: int, f: int,
 ) -> TrackResult:  # fmt: skip
     h, w = image.shape[:2]
@@ -448,13 +452,13 @@ def _refine(
     return _score(fit, meas, base, cells, w, h, tol)
 
 
-def _mismatch(base: dict) -> bool:
+def _mismatch(base: dict[str, Any]) -> bool:
     """Most line-like dips of the coarse profiles are not where the template puts lines."""
     dips, expl = base["dips_found"], base["dips_explained"]
-    return dips[0] + dips[1] >= 6 and expl[0] + expl[1] < 0.6 * (dips[0] + dips[1])
+    return bool(dips[0] + dips[1] >= 6 and expl[0] + expl[1] < 0.6 * (dips[0] + dips[1]))
 
 
-def _no_fit_problem(meas: fine.Measurements, base: dict, tmpl: ChipTemplate) -> str:
+def _no_fit_problem(meas: fine.Measurements, base: dict[str, Any], tmpl: ChipTemplate) -> str:
     if meas.found.mean() < _NO_GRID_LOCATED:
         return "no line grid found"
     if _mismatch(base):
@@ -465,7 +469,7 @@ def _no_fit_problem(meas: fine.Measurements, base: dict, tmpl: ChipTemplate) -> 
 
 
 def _score(
-    fit: fine.GridFit, meas: fine.Measurements, base: dict, cells: int, w: int, h: int, tol: float
+    fit: fine.GridFit, meas: fine.Measurements, base: dict[str, Any], cells: int, w: int, h: int, tol: float
 ) -> TrackResult:
     grid = fit.grid.canonical()
     mshift, nshift = fit.grid.period_shift(grid)
@@ -473,7 +477,7 @@ def _score(
     index = meas.index - np.where(meas.axis == 0, mshift, nshift) * n9
     agree = fit.inlier
     # template recall over the lines that were sampled
-    lines = {}
+    lines: dict[tuple[int, int], bool] = {}
     for ax, k, ok in zip(meas.axis, index, agree, strict=False):
         lines[(int(ax), int(k))] = lines.get((int(ax), int(k)), False) or bool(ok)
     recall = sum(lines.values()) / max(len(lines), 1)

@@ -41,7 +41,8 @@ class Measurements:
 
     @property
     def found(self) -> np.ndarray:
-        return np.isfinite(self.point[:, 0])
+        result: np.ndarray = np.isfinite(self.point[:, 0])
+        return result
 
 
 def window_reach(half: int, along: int) -> int:
@@ -62,8 +63,8 @@ def sample_crossings(
     ky = grid.lines_in_image(1, width, height, margin=reach)
     if kx.size == 0 or ky.size == 0:
         return np.zeros(0, int), np.zeros(0, int), np.zeros((0, 2))
-    ii, jj = np.meshgrid(np.arange(kx.size), np.arange(ky.size), indexing="ij")
-    ii, jj = ii.ravel(), jj.ravel()
+    gi, gj = np.meshgrid(np.arange(kx.size), np.arange(ky.size), indexing="ij")
+    ii, jj = gi.ravel(), gj.ravel()
     c = grid.chip_to_image(grid.line_positions(kx[ii]), grid.line_positions(ky[jj]))
     inside = (c[:, 0] >= reach) & (c[:, 0] <= width - 1 - reach) & (c[:, 1] >= reach) & (c[:, 1] <= height - 1 - reach)
     ii, jj, c = ii[inside], jj[inside], c[inside]
@@ -149,7 +150,7 @@ def measure(
         px, py = cx - x0, cy - y0
         for fam, (bw, bh) in enumerate(((half, along), (along, half))):
             # dst (i, j) -> src = (px, py) + R(a) @ (j - bw, i - bh): chip axes become array axes
-            m = np.float32([[ca, -sa, px - ca * bw + sa * bh], [sa, ca, py - sa * bw - ca * bh]])
+            m = np.array([[ca, -sa, px - ca * bw + sa * bh], [sa, ca, py - sa * bw - ca * bh]], np.float32)
             d = cv2.warpAffine(win, m, (2 * bw + 1, 2 * bh + 1), flags=flags, borderMode=cv2.BORDER_REFLECT)
             # lines are dark: capping bright structure (nuclei) at the mean removes most texture noise
             np.minimum(d, d.mean(), out=d)
@@ -184,7 +185,8 @@ class GridFit:
 def _solve_family(pts: np.ndarray, target: np.ndarray, w: np.ndarray) -> np.ndarray:
     a = np.column_stack([pts[:, 0], pts[:, 1], np.ones(len(pts))])
     sol, *_ = np.linalg.lstsq(a * w[:, None], target * w, rcond=None)
-    return sol
+    result: np.ndarray = sol
+    return result
 
 
 def fit_grid(meas: Measurements, grid: GridModel, *, inlier_px: float) -> GridFit | None:
@@ -242,4 +244,5 @@ def _residuals(grid: GridModel, meas: Measurements, chip_pos: np.ndarray) -> np.
     uv = grid.image_to_chip(meas.point[:, 0], meas.point[:, 1])
     s = np.where(meas.axis == 0, grid.scale[0], grid.scale[1])
     got = np.where(meas.axis == 0, uv[:, 0], uv[:, 1])
-    return (got - chip_pos) * s
+    result: np.ndarray = (got - chip_pos) * s
+    return result

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from daemon.clock import SLEW_RATE, ServiceClock
+import random
+
+from daemon.clock import SLEW_RATE, ServiceClock, backoff
 
 
 class Clocks:
@@ -56,3 +58,13 @@ def test_small_jitter_back_never_goes_backwards_and_never_drifts_ahead():
         seen.append(clock())
     assert seen == sorted(seen)
     assert seen[-1] - c.wall < 1.0
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap():
+    rng = random.Random(7)
+    delays = [backoff(n, base=1.0, cap=60.0, rng=rng) for n in range(1, 10)]
+    for n, d in enumerate(delays, start=1):
+        full = min(60.0, 2 ** (n - 1))
+        assert full / 2 <= d <= full  # equal jitter: never zero, never above the step
+    assert max(delays) <= 60.0
+    assert len({round(d, 6) for d in delays}) == len(delays)  # jitter: no two clients in lock-step

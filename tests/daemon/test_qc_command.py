@@ -110,3 +110,22 @@ def test_qc_by_hand_shares_the_pair_cache_of_the_state_folder(shared_data, tmp_p
     write_tile_folder(make_tile_set(texture, rows=3, cols=2, tile_size=400, overlap=0.1, seed=1), folder)
     grown = pairs()
     assert grown["pairs_total"] == 7 and grown["pairs_cached"] == 4 and grown["pairs_computed"] == 3
+
+
+def test_the_watch_root_of_files_under_nested_roots_is_the_deepest_as_in_discovery(tmp_path):
+    from daemon.config import load_config
+    from daemon.qccmd import _watch_root_of
+
+    outer, inner = tmp_path / "inbox", tmp_path / "inbox" / "if-scans"
+    (inner / "C02533C").mkdir(parents=True)
+    config = tmp_path / "site.toml"
+    config.write_text(
+        f'state_dir = "{(tmp_path / "state").as_posix()}"\n'
+        f'[[watch]]\npath = "{outer.as_posix()}"\ntile_overlap = [0.1]\n'
+        f'[[watch]]\npath = "{inner.as_posix()}"\ntile_overlap = [0.26, 0.1]\n',
+        encoding="utf-8",
+    )
+    cfg = load_config(config)
+    assert _watch_root_of(cfg, [inner / "C02533C"]).tile_overlap == (0.26, 0.1)
+    assert _watch_root_of(cfg, [outer / "C02533D.tif"]).tile_overlap == (0.1,)
+    assert _watch_root_of(cfg, [tmp_path / "elsewhere.tif"]) is None

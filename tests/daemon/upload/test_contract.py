@@ -8,6 +8,7 @@ permanent error (fix the config) from a transient one (retry).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -296,6 +297,16 @@ def test_an_unreachable_server_or_share_is_a_transient_error(backend: Backend, f
         up.send(_transfer(up, files["small"], _key("x.json")))
     assert not isinstance(err.value, PermanentUploadError)
     assert f"upload target {backend.name!r}" in str(err.value)
+
+
+def test_hpc_hashes_only_the_whole_file_not_part_md5s_it_never_sends(tmp_path: Path, files: dict[str, Path]) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    up = make_uploader(UploadTarget(name="hpc", type="hpc", path=str(share)), state_dir=tmp_path / "state")
+    local = up.digest(files["big"])
+    assert local.part_md5 == () and local.part_sha256 == ()
+    assert local.sha256 == hashlib.sha256(files["big"].read_bytes()).hexdigest()
+    assert up.reusable(local)
 
 
 def test_hpc_never_shows_a_partial_file_under_the_real_name(tmp_path: Path, files: dict[str, Path]) -> None:

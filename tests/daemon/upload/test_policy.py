@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.errors import PermanentUploadError, TransientUploadError
-from daemon.upload.policy import UploadWindow, backoff, kinds_for_mode, render_key, retrying, run_id
+from daemon.upload.policy import UploadWindow, kinds_for_mode, render_key, retrying, run_id
 from daemon.upload.throttle import Throttle
 
 UTC = timezone.utc
@@ -102,16 +102,6 @@ def test_a_daytime_window_and_one_ending_at_midnight():
     late = UploadWindow.parse("22:00-24:00", UTC)
     assert late is not None and late.is_open(at(23, 59)) and not late.is_open(at(0, 0, day=13))
     assert UploadWindow.parse("") is None
-
-
-def test_backoff_grows_exponentially_with_jitter_and_a_cap():
-    rng = random.Random(7)
-    delays = [backoff(n, base=1.0, cap=60.0, rng=rng) for n in range(1, 10)]
-    for n, d in enumerate(delays, start=1):
-        full = min(60.0, 2 ** (n - 1))
-        assert full / 2 <= d <= full  # equal jitter: never zero, never above the step
-    assert max(delays) <= 60.0
-    assert len({round(d, 6) for d in delays}) == len(delays)  # jitter: no two clients in lock-step
 
 
 def test_retrying_retries_transient_errors_with_backoff_and_gives_up():
