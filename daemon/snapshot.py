@@ -48,6 +48,7 @@ __all__ = [
     "ScanResult",
     "SnapshotDiff",
     "WalkPolicy",
+    "cached_folder_role",
     "deepest_root",
     "diff_snapshots",
     "folder_role",
@@ -295,8 +296,9 @@ def folder_role(policy: WalkPolicy, path: str, info: NameInfo) -> str:
 RoleCache = dict[str, tuple[int, str]]
 
 
-def _role(policy: WalkPolicy, path: str, info: NameInfo, cache: RoleCache | None) -> str:
-    """:func:`folder_role`, remembered per folder mtime (it changes when entries come or go)."""
+def cached_folder_role(policy: WalkPolicy, path: str, info: NameInfo, cache: RoleCache | None) -> str:
+    """:func:`folder_role`, remembered per folder mtime (it changes when entries come or go); the
+    rescan and the polling observer share it. Raises OSError when the folder cannot be stat'ed."""
     if cache is None:
         return folder_role(policy, path, info)
     mtime = os.stat(path, follow_symlinks=False).st_mtime_ns
@@ -314,7 +316,7 @@ def _examine(
     if is_dir:
         if policy.excluded(path):
             return None
-        if info.member is None or _role(policy, path, info, roles) == "container":
+        if info.member is None or cached_folder_role(policy, path, info, roles) == "container":
             return "descend"
         if not info.accepted(policy.naming):
             return Rejected(path, f"tile folder {name!r}: {info.reason} (naming = strict)")

@@ -37,7 +37,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from daemon.fsinfo import FOLDER_MISSING, folder_problem, is_network_path
 from daemon.logging import get_logger
 from daemon.naming import parse_name
-from daemon.snapshot import RoleCache, ScanResult, WalkPolicy, folder_role, is_under, scan_tree
+from daemon.snapshot import RoleCache, ScanResult, WalkPolicy, cached_folder_role, is_under, scan_tree
 
 __all__ = [
     "HINT_DEEP",
@@ -116,21 +116,16 @@ class PollLister:
 
     def __init__(self, policy: WalkPolicy) -> None:
         self.policy = policy
-        self._roles: dict[str, tuple[int, str]] = {}
+        self._roles: RoleCache = {}
 
     def _is_tile_folder(self, path: str) -> bool:
         info = parse_name(os.path.basename(path), is_dir=True)
         if info.member is None:
             return False
         try:
-            mtime = os.stat(path, follow_symlinks=False).st_mtime_ns
-            cached = self._roles.get(path)
-            if cached is None or cached[0] != mtime:
-                cached = (mtime, folder_role(self.policy, path, info))
-                self._roles[path] = cached
+            return cached_folder_role(self.policy, path, info, self._roles) == "tiles"
         except OSError:
             return False
-        return cached[1] == "tiles"
 
     def __call__(self, path: str | None) -> Iterator[os.DirEntry[str]]:
         assert path is not None
