@@ -115,8 +115,7 @@ def qc_settings(config: Config, *, stain: str = "auto") -> Any:
 def _tree_state(path: Path) -> tuple[int, int]:
     """(total size, newest mtime_ns) of a file, or of every file under a folder."""
     if path.is_dir():
-        files = regular_files(path).files  # as discovery lists it: no link followed, nothing special opened
-        return sum(st.st_size for _, st in files), max((st.st_mtime_ns for _, st in files), default=0)
+        return regular_files(path).totals()  # as discovery lists it: no link followed, nothing special opened
     st = path.stat()
     return st.st_size, st.st_mtime_ns
 

@@ -34,7 +34,7 @@ from daemon.naming import (
     looks_like_tile,
     parse_name,
 )
-from qc.io.listing import regular_files
+from qc.io.listing import file_totals, regular_files
 from qc.io.regular import file_kind
 from qc.io.tilenames import TILE_SUFFIXES
 
@@ -247,14 +247,10 @@ def stat_tile_folder(policy: WalkPolicy, folder: str) -> MemberStat:
     """Aggregate stat of a tile folder; ``sig`` covers every file's relative name, size and mtime."""
     files = tile_folder_files(policy, folder)
     h = hashlib.blake2b(digest_size=16)
-    size = newest = 0
     cut = len(folder.rstrip(os.sep)) + 1
     for path, st in sorted(files):
-        rel = path[cut:]
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        size += st.st_size
-        newest = max(newest, st.st_mtime_ns)
-    return MemberStat(size, newest, len(files), h.hexdigest())
+        h.update(f"{path[cut:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return MemberStat(*file_totals(files), len(files), h.hexdigest())
 
 
 def _is_junction(entry: os.DirEntry[str]) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 from daemon.config import Config, UploadTarget
 from daemon.errors import DaemonError
 from daemon.upload.policy import kinds_for_mode, render_key, run_id
-from qc.io.listing import regular_files
+from qc.io.listing import file_totals, regular_files
 
 __all__ = [
     "DEFAULT_IGNORE",
@@ -246,8 +246,7 @@ def check_inputs(members: Sequence[dict[str, Any]]) -> InputCheck:
 def _folder_changes(path: Path, m: dict[str, Any]) -> list[str]:
     everything = list_folder(path, ())
     out = []
-    total = sum(st.st_size for _, st in everything)
-    newest = max((st.st_mtime_ns for _, st in everything), default=0)
+    total, newest = file_totals(everything)
     for fld, now in (("size", total), ("mtime_ns", newest)):
         if m.get(fld) is not None and int(m[fld]) != now:
             out.append(f"{path}: {'total size' if fld == 'size' else 'newest mtime_ns'} {m[fld]} -> {now}")

@@ -13,9 +13,10 @@ say what they left out.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["FolderFiles", "regular_files"]
+__all__ = ["FolderFiles", "file_totals", "regular_files"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,20 @@ class FolderFiles:
 
     files: tuple[tuple[str, os.stat_result], ...]
     skipped: tuple[str, ...]
+
+    def totals(self) -> tuple[int, int]:
+        """``(total size, newest mtime_ns)`` of the files: how discovery, QC and the upload check
+        tell whether a tile folder changed."""
+        return file_totals(self.files)
+
+
+def file_totals(files: Iterable[tuple[object, os.stat_result]]) -> tuple[int, int]:
+    """``(total size, newest mtime_ns)`` of ``(path, stat)`` pairs (0, 0 for none)."""
+    size = newest = 0
+    for _, st in files:
+        size += st.st_size
+        newest = max(newest, st.st_mtime_ns)
+    return size, newest
 
 
 def _is_junction(entry: os.DirEntry[str]) -> bool:
