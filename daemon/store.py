@@ -404,7 +404,7 @@ _UNAVAILABLE_WORDS = ("malformed", "not a database", "corrupt", "locked", "busy"
 
 
 def _job(row: sqlite3.Row | None) -> Job | None:
-    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row})
+    return None if row is None else Job(**{k: loaded_name(row[k]) if k == "chip" else row[k] for k in row.keys()})  # noqa: SIM118 - a sqlite3.Row iterates its values
 
 
 def _stored(name: str | None) -> str | bytes | None:
