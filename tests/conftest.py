@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.discovery_service import DiscoveryServices
 from tests.helpers import SLOWDOWN, SLOWDOWN_ENV, require_shared_data
+from tests.moto_s3 import S3Server, start_s3_server
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -27,6 +30,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not base or float(base) <= 0:
             continue  # no limit stays no limit
         item.add_marker(pytest.mark.timeout(float(base) * SLOWDOWN, *args, **kwargs), append=False)
+
+
+@pytest.fixture
+def discovery_service() -> Iterator[DiscoveryServices]:
+    """``discovery_service.start(cfg, runner=..., **discovery_kwargs)`` -> (daemon, discovery, cfg); all stopped at teardown."""
+    services = DiscoveryServices()
+    yield services
+    services.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server for the session (the upload and the fault tests share it)."""
+    srv = start_s3_server()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="session")

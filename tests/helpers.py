@@ -97,6 +97,25 @@ def wait_until(
     pytest.fail(f"timed out after {_describe_timeout(timeout)} waiting for {what}; last seen: {last!r}")
 
 
+def wait_changes(read: Callable[[], object], n: int, what: str, *, timeout: float = 30.0, every: float = 0.02) -> None:
+    """Until the value ``read()`` returns has changed ``n`` times (rescans finished, heartbeats written).
+
+    How a test lets the service do more rounds before it checks that nothing new happened, instead of
+    sleeping for a guessed time that a busy machine may not fill. ``None`` readings are not counted.
+    """
+    last = [read()]
+    changes = [0]
+
+    def changed() -> bool:
+        value = read()
+        if value is not None and value != last[0]:
+            changes[0] += 1
+            last[0] = value
+        return changes[0] >= n
+
+    wait_until(changed, f"{what} ({n} times)", timeout=timeout, every=every, seen=lambda: f"{changes[0]} so far")
+
+
 def run_child(
     args: Sequence[str], *, timeout: float = 120.0, what: str | None = None, **kw: Any
 ) -> subprocess.CompletedProcess[str]:
