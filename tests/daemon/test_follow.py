@@ -20,7 +20,7 @@ import pytest
 from daemon.cli import main
 from daemon.follow import AUTOSTART_NAME, desktop_problem
 from daemon.store import JobState, Store
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a D-Bus session bus is a Linux desktop's")
 
@@ -94,7 +94,7 @@ def test_follow_notify_shows_each_new_verdict_on_the_desktop_once(make_config, t
             rows = [json.loads(x) for x in received.read_text().splitlines()] if received.exists() else []
             return rows if len(rows) >= 2 else None
 
-        assert wait_for(two, timeout=60), f"two notifications never reached the D-Bus server: {two()}"
+        wait_until(two, "two notifications to reach the D-Bus server", timeout=60, seen=two)
         time.sleep(0.6)  # three more looks: nothing is shown twice
         rows = [json.loads(x) for x in received.read_text().splitlines()]
     finally:

@@ -34,7 +34,7 @@ from daemon.notify import Notifier, summary_picture
 from daemon.service import Daemon
 from daemon.store import JobState, Store
 from tests.daemon.test_config import _err
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
@@ -420,7 +420,11 @@ def test_a_hanging_endpoint_is_given_up_after_the_timeout_and_the_tick_never_wai
             started = time.monotonic()
             n.tick(T0 + 120)  # the round runs in the background
             assert time.monotonic() - started < 0.5
-            assert wait_for(lambda: n._round is not None and not n._round.is_alive(), timeout=10)
+            wait_until(
+                lambda: n._round is not None and not n._round.is_alive(),
+                "n._round is not None and not n._round.is_alive()",
+                timeout=10,
+            )
             n.stop()
     finally:
         silent.close()
@@ -547,7 +551,7 @@ def test_the_service_enqueues_in_its_tick_and_delivers_in_the_background(cfg_for
     try:
         with Store(cfg.database_path) as s:
             s.create_job(ssid)
-        assert wait_for(lambda: len(webhook.messages) == 1, timeout=120)
+        wait_until(lambda: len(webhook.messages) == 1, "len(webhook.messages) == 1", timeout=120)
     finally:
         d.stop()
     assert webhook.messages[0][1]["title"] == "imageqc: QC pass SS200000135TL_D1"

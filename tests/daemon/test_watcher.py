@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,7 @@ from daemon.watcher import (
     choose_observer,
     default_observer,
 )
-from tests.helpers import wait_for
-
-_wait = partial(wait_for, timeout=20.0)
+from tests.helpers import wait_until
 
 
 def _tif(path: Path, shape=(16, 16)) -> Path:
@@ -189,10 +186,13 @@ def test_observers_turn_events_into_hints(tmp_path, watchers, mode):
     assert w.start() and w.mode == mode and w.health() == "ok"
     time.sleep(0.3)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
     (root / "SS200000135TL_D1").mkdir()
     flags = {}
-    assert _wait(lambda: flags.update(w.hints.drain()) or any(p.endswith("SS200000135TL_D1") for p in flags))
+    wait_until(
+        lambda: flags.update(w.hints.drain()) or any(p.endswith("SS200000135TL_D1") for p in flags),
+        "flags.update(w.hints.drain()) or any(p.endswith('SS200000135TL_D1') for p in flags)",
+    )
     assert flags[os.path.join(norm(root), "SS200000135TL_D1")] & HINT_DEEP or mode == "polling"
 
 
@@ -220,7 +220,7 @@ def test_a_native_observer_that_fails_to_start_falls_back_to_polling(tmp_path, w
     assert w.start() and w.mode == "polling" and "native failed" in w.health()
     time.sleep(0.2)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
 
 
 @pytest.mark.parametrize("how", ["observer stopped", "emitter raised"])
@@ -241,12 +241,12 @@ def test_a_killed_observer_is_replaced_and_asks_for_a_rescan(tmp_path, watchers,
 
         emitter.queue_events = boom  # the real emitter thread dies on its next loop...
         (root / "wake.txt").write_text("x")  # ...which this event starts
-    assert _wait(lambda: not w.alive())
+    wait_until(lambda: not w.alive(), "not w.alive()")
     assert w.supervise() == "observer restarted"
     assert w.observer is not old and w.alive() and w.restarts == 1 and w.health() == "restarted 1x"
     time.sleep(0.2)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
 
 
 def test_a_vanished_root_is_reported_and_watched_again_when_it_returns(tmp_path, watchers):

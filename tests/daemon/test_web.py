@@ -33,7 +33,7 @@ from daemon.service import Daemon
 from daemon.store import JobState, Store
 from daemon.web import SAFE_HEADERS, WebServer
 from daemon.worker import JobContext, JobOutcome
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000135TL_D1"
@@ -332,7 +332,11 @@ def test_a_real_service_serves_its_page_and_metrics_and_a_browser_shows_verdict_
         assert web.url and web.error is None
         # queued after the start: the run happens while the listener counts
         job_id = add_job(cfg, verdict=None)
-        assert wait_for(lambda: metrics(web.url)["imageqc_jobs"][(("state", "skipped"),)] == 1, timeout=60)
+        wait_until(
+            lambda: metrics(web.url)["imageqc_jobs"][(("state", "skipped"),)] == 1,
+            "metrics(web.url)['imageqc_jobs'][(('state', 'skipped'),)] == 1",
+            timeout=60,
+        )
         m = metrics(web.url)
         assert m["imageqc_service_running"][()] == 1
         assert m["imageqc_qc_runs_total"][(("verdict", "fail"),)] == 1
@@ -526,7 +530,12 @@ def test_port_in_use_is_one_clear_line_and_the_service_runs_on(make_config):
             assert f"port {port} is already in use" in lines[0]["error"] and "web.listen" in lines[0]["error"]
             job_id = add_job(cfg, verdict=None)
             with Store(cfg.database_path) as s:  # the service still does its work
-                assert wait_for(lambda: s.get_job(job_id).state == "skipped", timeout=60)
+                wait_until(
+                    lambda: s.get_job(job_id).state == "skipped",
+                    "s.get_job(job_id).state == 'skipped'",
+                    timeout=60,
+                    seen=lambda: s.get_job(job_id),
+                )
                 health = s.get_status()["service"][0]["components"]["web"]
                 assert f"port {port} is already in use" in health["error"]
         finally:

@@ -93,7 +93,7 @@ def test_timeout_stops_the_child(env):
 
 def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     """Issue #20 case 8: qc.timeout_s was timed on the wall clock, so an NTP step of +1 h killed the QC (set lost)."""
-    from tests.helpers import wait_for
+    from tests.helpers import wait_until
 
     cfg, store, job_id = env("[qc]\ntimeout_s = 600")
     shift = [0.0]
@@ -103,7 +103,12 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     job = store.claim("w", lease_s=cfg.service.lease_seconds)
     assert job is not None
     worker.submit(job)
-    assert wait_for(lambda: store.get_job(job_id).stage == "waiting", 30)
+    wait_until(
+        lambda: store.get_job(job_id).stage == "waiting",
+        "store.get_job(job_id).stage == 'waiting'",
+        timeout=30,
+        seen=lambda: store.get_job(job_id),
+    )
     shift[0] = 3600.0
     stepped = time.time() + 3600
 
@@ -111,7 +116,12 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
         j = store.get_job(job_id)
         return j.state != "running" or (j.lease_expires or 0) > stepped
 
-    assert wait_for(renewed_on_the_stepped_clock, 30)
+    wait_until(
+        renewed_on_the_stepped_clock,
+        "the lease renewed on the stepped clock",
+        timeout=30,
+        seen=lambda: store.get_job(job_id),
+    )
     (cfg.state_dir / f"go-{job_id}").touch()
     worker.join(60)
     job = store.get_job(job_id)

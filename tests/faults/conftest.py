@@ -35,7 +35,7 @@ import pytest
 from daemon.errors import DaemonError
 from daemon.store import Job, Store
 from daemon.upload.hpc import PARTIAL_SUFFIX
-from tests.helpers import run_child, scaled, tail
+from tests.helpers import run_child, scaled, tail, wait_changes
 
 REPO = Path(__file__).resolve().parents[2]
 S3_ENV = "IMAGEQC_FAULTS"
@@ -277,6 +277,20 @@ class Service:
             )
 
         self.wait_for(up, timeout, "the service to report running")
+
+    def last_rescan(self) -> float | None:
+        """When the service's discovery last finished walking the first watch root (its heartbeat says)."""
+
+        def read(s: Store) -> float | None:
+            beat = s.get_status().get("service")
+            roots = beat[0].get("components", {}).get("discovery", {}).get("roots", []) if beat else []
+            return roots[0].get("last_rescan") if roots else None
+
+        return self.read(read)
+
+    def rescans(self, n: int = 2, timeout: float = 60.0) -> None:
+        """Until discovery reported ``n`` more rescans: the quiet time before checking nothing new happened."""
+        wait_changes(self.last_rescan, n, "the service to finish another rescan", timeout=timeout)
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """``imageqc ARGS --config ...`` as a person runs it beside the service (timeout scaled)."""

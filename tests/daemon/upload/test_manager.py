@@ -16,7 +16,7 @@ from daemon.logging import configure_logging
 from daemon.status import collect_status
 from daemon.store import Store
 from daemon.upload.manager import UploadManager
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 from .conftest import (
     OSS_KEYS,
@@ -76,7 +76,11 @@ def setup(make_config, tmp_path):
         mgr.start(Host(store, clock))
         made.append((mgr, store))
         # ticks do nothing until the start-up clean-up has run: tests count on their first ticks
-        assert wait_for(lambda: mgr._janitor is None or mgr._janitor.done(), 30)
+        wait_until(
+            lambda: mgr._janitor is None or mgr._janitor.done(),
+            "mgr._janitor is None or mgr._janitor.done()",
+            timeout=30,
+        )
         return cfg, store, mgr
 
     yield make
