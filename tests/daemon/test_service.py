@@ -15,7 +15,7 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
-from tests.helpers import dead_pid, wait_until
+from tests.helpers import dead_pid, run_child, scaled, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,13 +114,12 @@ def test_a_corrupt_database_stops_the_service_from_starting(make_config):
         Daemon(cfg).start()
 
 
-def _cli(*args, cwd, env=None, timeout=60):
-    return subprocess.run(
+def _cli(*args, cwd, env=None, timeout=120):
+    return run_child(
         [sys.executable, "-m", "daemon.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
         timeout=timeout,
+        what=f"imageqc {' '.join(args)}",
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
@@ -147,7 +146,7 @@ def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigt
         wait_until(
             running,
             "`imageqc status` to say the service runs",
-            timeout=60,
+            timeout=180,
             every=0.3,
             seen=lambda: proc.stderr.read() if proc.poll() is not None else "not up",
         )
@@ -157,12 +156,12 @@ def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigt
         assert all(len(line) <= 80 for line in human.stdout.splitlines())
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - t < 10
+        assert proc.wait(timeout=scaled(60)) == 0
+        assert time.monotonic() - t < scaled(10)  # not the default grace period for running jobs
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(scaled(30))
     st = json.loads(_cli("status", "--json", cwd=tmp_path).stdout)
     assert st["service"]["running"] is False and st["service"]["reason"] == "stopped cleanly"
     log_lines = (tmp_path / ".imageqc" / "logs" / "imageqc.jsonl").read_text().splitlines()

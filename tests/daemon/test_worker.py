@@ -11,6 +11,7 @@ import pytest
 
 from daemon.store import JobState, Store
 from daemon.worker import ProcessWorker, backoff_delay
+from tests.helpers import scaled, wait_until
 
 
 @pytest.fixture
@@ -34,6 +35,14 @@ def env(make_config):
         s.close()
 
 
+def _until_sleeping(store, job_id):
+    wait_until(
+        lambda: store.get_job(job_id).stage == "sleeping",
+        "the job's child to sleep",
+        seen=lambda: store.get_job(job_id),
+    )
+
+
 def _run(cfg, store, target, *, timeout=60.0, during=None):
     worker = ProcessWorker(cfg, store, target=f"tests.daemon.targets:{target}", owner="svc-1")
     job = store.claim("svc-1", lease_s=cfg.service.lease_seconds)
@@ -41,8 +50,8 @@ def _run(cfg, store, target, *, timeout=60.0, during=None):
     worker.submit(job)
     if during:
         during(worker, job)
-    worker.join(timeout)
-    assert worker.free_slots() == 1
+    worker.join(scaled(timeout))
+    assert worker.free_slots() == 1, f"the child was still busy after {scaled(timeout):g} s: {store.get_job(job.id)}"
     return store.get_job(job.id)
 
 
@@ -86,14 +95,13 @@ def test_timeout_stops_the_child(env):
     job = store.claim("w", lease_s=60)
     assert job is not None
     worker.submit(job)
-    worker.join(30)
+    worker.join(scaled(30))
     job = store.get_job(job_id)
     assert job.state == "failed" and "qc.timeout_s" in (job.error or "")
 
 
 def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     """Issue #20 case 8: qc.timeout_s was timed on the wall clock, so an NTP step of +1 h killed the QC (set lost)."""
-    from tests.helpers import wait_until
 
     cfg, store, job_id = env("[qc]\ntimeout_s = 600")
     shift = [0.0]
@@ -123,7 +131,7 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
         seen=lambda: store.get_job(job_id),
     )
     (cfg.state_dir / f"go-{job_id}").touch()
-    worker.join(60)
+    worker.join(scaled(60))
     job = store.get_job(job_id)
     assert job.state == "qc_done", job.error
 
@@ -138,12 +146,10 @@ def test_cancel_stops_a_running_child(env):
     cfg, store, _job_id = env()
 
     def cancel(worker, job):
-        deadline = time.monotonic() + 20
-        while store.get_job(job.id).stage != "sleeping" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _until_sleeping(store, job.id)
         pid = worker.active()[0]["pid"]
         store.cancel(job.id, reason="cancelled by test")
-        worker.join(20)
+        worker.join(scaled(30))
         import psutil
 
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -157,12 +163,10 @@ def test_stop_returns_a_running_job_to_the_queue(env):
     worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w")
     job = store.claim("w", lease_s=60)
     worker.submit(job)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 20
-    while store.get_job(job_id).stage != "sleeping" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _until_sleeping(store, job_id)
     t = time.monotonic()
     worker.stop(timeout=0.5)
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < scaled(10)  # the grace period, then the child is stopped: not the job's 600 s
     assert store.get_job(job_id).state == "queued"
     assert worker.free_slots() == 0  # stopping: takes nothing new
 
@@ -202,7 +206,7 @@ def test_a_warm_worker_runs_job_after_job_and_a_crashed_or_used_up_one_is_replac
             job = store.claim("svc-1", lease_s=cfg.service.lease_seconds)
             assert job is not None and job.id == job_id
             worker.submit(job)
-            worker.join(60)
+            worker.join(scaled(60))
             return job_id
 
         try:
