@@ -40,6 +40,7 @@ class Tmpfs:
             capture_output=True,
             text=True,
             check=False,
+            timeout=scaled(60),
         )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {r.stderr.strip() or r.returncode}")

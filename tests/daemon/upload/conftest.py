@@ -31,6 +31,7 @@ import pytest
 import tifffile
 
 from daemon.store import JobState, Store
+from tests.helpers import scaled
 from tests.moto_s3 import S3Server
 
 HERE = Path(__file__).resolve().parent
@@ -86,7 +87,7 @@ class RcloneServer:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(60)
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -94,7 +95,7 @@ class RcloneServer:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        pytest.fail("rclone serve s3 did not start")
+        pytest.fail(f"rclone serve s3 did not accept connections on port {self.port} within {scaled(60):g} s")
 
     def stop(self) -> None:
         if self.proc is not None:
