@@ -80,7 +80,7 @@ class Webhook:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self.thread.join(5)
+        self.thread.join(scaled(10))
 
 
 @pytest.fixture

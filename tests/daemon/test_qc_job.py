@@ -11,6 +11,7 @@ import pytest
 from daemon.store import Store
 from daemon.worker import ProcessWorker
 from tests.daemon.conftest import CHIP
+from tests.helpers import scaled
 
 
 def _member(path: Path, name: str, role: str) -> dict:
@@ -42,7 +43,7 @@ def _run(cfg, members, chip=CHIP):
         worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="svc")
         job = store.claim("svc", lease_s=60)
         worker.submit(job)
-        worker.join(240)
+        worker.join(scaled(240))
         return store.get_job(job.id), store.get_result(job.id)
 
 
