@@ -97,6 +97,20 @@ def wait_until(
     pytest.fail(f"timed out after {_describe_timeout(timeout)} waiting for {what}; last seen: {last!r}")
 
 
+def wait_job(store: Any, job_id: int, *, timeout: float = 30.0, **want: object) -> Any:
+    """Until job ``job_id`` in ``store`` has the given values (``stage="sleeping"``, ``state="skipped"``); returns it.
+
+    Fails with the job as it was seen last.
+    """
+
+    def matches() -> Any:
+        job = store.get_job(job_id)
+        return job if all(getattr(job, k) == v for k, v in want.items()) else None
+
+    said = ", ".join(f"{k} {v!r}" for k, v in want.items())
+    return wait_until(matches, f"job {job_id} to reach {said}", timeout=timeout, seen=lambda: store.get_job(job_id))
+
+
 def wait_changes(read: Callable[[], object], n: int, what: str, *, timeout: float = 30.0, every: float = 0.02) -> None:
     """Until the value ``read()`` returns has changed ``n`` times (rescans finished, heartbeats written).
 

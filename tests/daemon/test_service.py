@@ -15,7 +15,7 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
-from tests.helpers import dead_pid, run_child, scaled, wait_until
+from tests.helpers import dead_pid, run_child, scaled, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,11 +77,7 @@ def test_jobs_left_running_by_a_dead_service_are_recovered_at_start(make_config)
     d.start()
     try:
         with Store(cfg.database_path) as s:
-            wait_until(
-                lambda: s.get_job(job_id).state == "skipped",
-                "s.get_job(job_id).state == 'skipped'",
-                seen=lambda: s.get_job(job_id),
-            )
+            wait_job(s, job_id, state="skipped")
             msgs = [e.message or "" for e in s.events(job_id)]
             assert any("old-host:123:abc" in m for m in msgs)
             assert s.get_job(job_id).attempts == 2
@@ -352,12 +348,7 @@ def test_a_wall_clock_stepped_forward_an_hour_neither_kills_nor_takes_back_a_run
     d.start()
     try:
         with Store(cfg.database_path) as s:
-            wait_until(
-                lambda: s.get_job(job_id).stage == "waiting",
-                "s.get_job(job_id).stage == 'waiting'",
-                timeout=30,
-                seen=lambda: s.get_job(job_id),
-            )
+            wait_job(s, job_id, timeout=30, stage="waiting")
             wall.step(3600)
             stepped = time.time() + 3600
 

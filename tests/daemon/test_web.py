@@ -32,7 +32,7 @@ from daemon.service import Daemon
 from daemon.store import JobState, Store
 from daemon.web import SAFE_HEADERS, WebServer
 from daemon.worker import JobContext, JobOutcome
-from tests.helpers import run_child, scaled, wait_until
+from tests.helpers import run_child, scaled, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000135TL_D1"
@@ -525,12 +525,7 @@ def test_port_in_use_is_one_clear_line_and_the_service_runs_on(make_config):
             assert f"port {port} is already in use" in lines[0]["error"] and "web.listen" in lines[0]["error"]
             job_id = add_job(cfg, verdict=None)
             with Store(cfg.database_path) as s:  # the service still does its work
-                wait_until(
-                    lambda: s.get_job(job_id).state == "skipped",
-                    "s.get_job(job_id).state == 'skipped'",
-                    timeout=60,
-                    seen=lambda: s.get_job(job_id),
-                )
+                wait_job(s, job_id, timeout=60, state="skipped")
                 health = s.get_status()["service"][0]["components"]["web"]
                 assert f"port {port} is already in use" in health["error"]
         finally:

@@ -11,7 +11,7 @@ import pytest
 
 from daemon.store import JobState, Store
 from daemon.worker import ProcessWorker, backoff_delay
-from tests.helpers import scaled, wait_until
+from tests.helpers import scaled, wait_job, wait_until
 
 
 @pytest.fixture
@@ -33,14 +33,6 @@ def env(make_config):
     yield factory
     for s in made:
         s.close()
-
-
-def _until_sleeping(store, job_id):
-    wait_until(
-        lambda: store.get_job(job_id).stage == "sleeping",
-        "the job's child to sleep",
-        seen=lambda: store.get_job(job_id),
-    )
 
 
 def _run(cfg, store, target, *, timeout=60.0, during=None):
@@ -111,12 +103,7 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     job = store.claim("w", lease_s=cfg.service.lease_seconds)
     assert job is not None
     worker.submit(job)
-    wait_until(
-        lambda: store.get_job(job_id).stage == "waiting",
-        "store.get_job(job_id).stage == 'waiting'",
-        timeout=30,
-        seen=lambda: store.get_job(job_id),
-    )
+    wait_job(store, job_id, timeout=30, stage="waiting")
     shift[0] = 3600.0
     stepped = time.time() + 3600
 
@@ -146,7 +133,7 @@ def test_cancel_stops_a_running_child(env):
     cfg, store, _job_id = env()
 
     def cancel(worker, job):
-        _until_sleeping(store, job.id)
+        wait_job(store, job.id, stage="sleeping")
         pid = worker.active()[0]["pid"]
         store.cancel(job.id, reason="cancelled by test")
         worker.join(scaled(30))
@@ -163,7 +150,7 @@ def test_stop_returns_a_running_job_to_the_queue(env):
     worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w")
     job = store.claim("w", lease_s=60)
     worker.submit(job)  # type: ignore[arg-type]
-    _until_sleeping(store, job_id)
+    wait_job(store, job_id, stage="sleeping")
     t = time.monotonic()
     worker.stop(timeout=0.5)
     assert time.monotonic() - t < scaled(10)  # the grace period, then the child is stopped: not the job's 600 s

@@ -13,7 +13,7 @@ from daemon.errors import DatabaseUnavailable
 from daemon.logging import configure_logging, get_logger, register_secret
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import scaled, wait_until
+from tests.helpers import scaled, wait_job, wait_until
 from windows_service.host import EventLogHandler, ServiceFailed, ServiceHost, child_python, mapped_drives, uses_unc
 
 
@@ -75,11 +75,7 @@ def test_the_host_runs_a_real_daemon_until_stopped_and_logs_to_both_logs(make_co
     t, errors = _run_in_thread(host)
     try:
         with Store(cfg.database_path) as s:
-            wait_until(
-                lambda: s.get_job(job).state == "skipped",
-                "s.get_job(job).state == 'skipped'",
-                seen=lambda: s.get_job(job),
-            )  # the daemon did real work
+            wait_job(s, job, state="skipped")  # the daemon did real work
         wait_until(lambda: ev.texts("info"), "ev.texts('info')")
         assert "imageqc is running" in ev.texts("info")[0] and str(cfg.watch[0].path) in ev.texts("info")[0]
     finally:
@@ -174,12 +170,7 @@ def test_stop_pending_is_renewed_while_the_running_job_gets_its_grace_period(mak
     t, errors = _run_in_thread(host)
     try:
         with Store(cfg.database_path) as s:
-            wait_until(
-                lambda: s.get_job(job).stage == "sleeping",
-                "s.get_job(job).stage == 'sleeping'",
-                timeout=60,
-                seen=lambda: s.get_job(job),
-            )
+            wait_job(s, job, timeout=60, stage="sleeping")
     finally:
         host.stop()
         t.join(scaled(60))

@@ -14,7 +14,7 @@ from pathlib import Path
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import scaled, wait_until
+from tests.helpers import scaled, wait_job, wait_until
 from tests.windows_service.fake_pywin32 import (
     ERROR_SERVICE_SPECIFIC_ERROR,
     SERVICE_ACCEPT_SHUTDOWN,
@@ -102,12 +102,7 @@ def test_svcstop_stops_a_real_daemon_with_a_running_job_within_the_wait_hint_fak
     mgr = fake_scm.manager
     mgr.start("imageqc")
     with Store(cfg.database_path) as s:
-        wait_until(
-            lambda: s.get_job(job).stage == "sleeping",
-            "s.get_job(job).stage == 'sleeping'",
-            timeout=60,
-            seen=lambda: s.get_job(job),
-        )
+        wait_job(s, job, timeout=60, stage="sleeping")
     mgr.control("imageqc", SERVICE_CONTROL_STOP)
     hints = [st[6] for _t, st in rec.history if st[1] == 3]  # STOP_PENDING wait hints
     assert hints and hints[0] == (2 + 30) * 1000
@@ -145,12 +140,7 @@ def test_system_shutdown_stops_urgently_without_the_grace_period_fake_service_ma
     mgr = fake_scm.manager
     mgr.start("imageqc")
     with Store(cfg.database_path) as s:
-        wait_until(
-            lambda: s.get_job(job).stage == "sleeping",
-            "s.get_job(job).stage == 'sleeping'",
-            timeout=60,
-            seen=lambda: s.get_job(job),
-        )
+        wait_job(s, job, timeout=60, stage="sleeping")
     mgr.control("imageqc", SERVICE_CONTROL_SHUTDOWN)
     mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(20))  # far below the 600 s a normal stop would grant the job
     assert rec.status[3] == 0
