@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, load_config_text
+from tests.helpers import scaled
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +18,7 @@ def no_leaked_threads():
     """Fail a test that leaves non-daemon threads running (watchdog's habit)."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + scaled(10)  # threads still winding down after the test's stop
     while True:
         leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
         if not leaked or time.monotonic() > deadline:

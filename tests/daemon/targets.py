@@ -8,6 +8,7 @@ import time
 import psutil
 
 from daemon.worker import JobContext, JobOutcome
+from tests.helpers import scaled
 
 
 def ok(ctx: JobContext) -> JobOutcome:
@@ -28,7 +29,7 @@ def transient(ctx: JobContext) -> JobOutcome:
 
 def sleep_long(ctx: JobContext) -> JobOutcome:
     ctx.progress("sleeping", 0.0)
-    time.sleep(60)
+    time.sleep(scaled(300))  # longer than any test waits: the tests stop or cancel it
     return JobOutcome(state="qc_done")
 
 
@@ -51,10 +52,10 @@ def crash(ctx: JobContext) -> JobOutcome:
 
 
 def wait_for_go(ctx: JobContext) -> JobOutcome:
-    """Report stage ``waiting``, then wait (up to two minutes) for the file ``<state_dir>/go-<job id>``; then as :func:`ok`."""
+    """Report stage ``waiting``, then wait (up to five minutes, scaled) for the file ``<state_dir>/go-<job id>``; then as :func:`ok`."""
     ctx.progress("waiting", 0.0)
     go = ctx.config.state_dir / f"go-{ctx.job.id}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(300)
     while not go.exists():
         if time.monotonic() > deadline:
             return JobOutcome(state="failed", error=f"{go} never appeared")

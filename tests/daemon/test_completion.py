@@ -266,7 +266,7 @@ def test_a_file_held_open_for_writing_by_another_process_is_not_complete(tmp_pat
     root = tmp_path / "inbox"
     tif = _tif(root / "C02533C.tif")
     other = _tif(root / "A02677B5.tif")
-    code = "import sys, time; f = open(sys.argv[1], 'r+b'); g = open(sys.argv[2], 'rb'); print('ok', flush=True); time.sleep(60)"
+    code = "import sys, time; f = open(sys.argv[1], 'r+b'); g = open(sys.argv[2], 'rb'); print('ok', flush=True); time.sleep(3600)"  # killed by the test
     proc = subprocess.Popen([sys.executable, "-c", code, str(tif), str(other)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ok"
@@ -277,7 +277,7 @@ def test_a_file_held_open_for_writing_by_another_process_is_not_complete(tmp_pat
         assert (v.stage, v.recheck_at) == ("open", 50.0 + judge.recheck_s) and "still open for writing" in v.reason
     finally:
         proc.kill()
-        proc.wait()
+        proc.wait(60)
     assert open_for_writing([str(tif)]) == set()
 
 

@@ -20,14 +20,13 @@ import tifffile
 
 from daemon.cli import main
 from daemon.config import OutputConfig, load_config_text
-from daemon.discovery import Discovery
 from daemon.jobs import member_changes
 from daemon.logging import configure_logging
-from daemon.service import Daemon
 from daemon.status import collect_status
 from daemon.store import SCHEMA_VERSION, Store
 from daemon.watcher import default_observer
-from tests.helpers import wait_for as _wait
+from tests.discovery_service import NullRunner, rescans
+from tests.helpers import scaled, wait_until
 
 
 def _tif_bytes(shape=(64, 64), **kw) -> bytes:
@@ -42,22 +41,6 @@ def _tif(path: Path, shape=(32, 32)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(_tif_bytes(shape))
     return path
-
-
-class NullRunner:
-    """Claims nothing: queued jobs stay queued (for tests about queueing only)."""
-
-    def free_slots(self):
-        return 0
-
-    def submit(self, job):  # pragma: no cover - never called
-        raise AssertionError("NullRunner claims no job")
-
-    def active(self):
-        return []
-
-    def stop(self, timeout):
-        pass
 
 
 DISCOVERY = {"grouping_window_s": 0, "rescan_interval_s": 1, "poll_interval_s": 0.2, "incomplete_timeout_s": 600}
@@ -80,31 +63,40 @@ def make_discovery_config(tmp_path: Path, watch: str = "", *, tick: float = 0.1,
 
 
 @pytest.fixture
-def service(tmp_path):
+def service(tmp_path, discovery_service):
     """``start(watch_toml, runner=..., discovery={...}, **component_kwargs)`` -> (daemon, discovery, config)."""
-    running: list[Daemon] = []
 
     def start(watch="", *, runner=None, cfg=None, tick=0.1, discovery=None, **kw):
         cfg = cfg or make_discovery_config(tmp_path, watch, tick=tick, **(discovery or {}))
-        disc = Discovery(cfg, **kw)
-        d = Daemon(cfg, target="tests.daemon.targets:ok", runner=runner, components=[disc])
-        d.start()
-        running.append(d)
-        return d, disc, cfg
+        return discovery_service.start(cfg, runner=runner, **kw)
 
-    def stop(d):
-        running.remove(d)
-        d.stop()
-
-    start.stop = stop
-    yield start
-    for d in running:
-        d.stop()
+    start.stop = discovery_service.stop
+    return start
 
 
 def _jobs(cfg, chip=None):
     with Store(cfg.database_path) as s:
         return s.list_jobs(chip=chip, newest_first=False)
+
+
+def _states(cfg):
+    """(chip, state) of every job, for a failure message."""
+    return [(j.chip, j.state) for j in _jobs(cfg)]
+
+
+def _until_jobs(cfg, pred, what, timeout=30.0):
+    """Until ``pred(jobs)`` holds; fails with the jobs seen last."""
+    return wait_until(lambda: pred(_jobs(cfg)), what, timeout=timeout, seen=lambda: _states(cfg))
+
+
+def _until_root(disc, key, value, timeout=30.0):
+    """Until the first root's health field ``key`` is ``value``; fails with the field seen last."""
+    wait_until(
+        lambda: disc.health()["roots"][0][key] == value,
+        f"the watch root's {key} to be {value!r}",
+        timeout=timeout,
+        seen=lambda: disc.health()["roots"][0],
+    )
 
 
 def _members(cfg, job):
@@ -121,7 +113,7 @@ def _inbox(cfg) -> Path:
 
 def test_slowly_written_sets_are_not_queued_early(service):
     settle = 2.0
-    _d, _disc, cfg = service(f"settle_seconds = {settle}\n", runner=None)
+    _d, disc, cfg = service(f"settle_seconds = {settle}\n", runner=None)
     inbox = _inbox(cfg)
     data = _tif_bytes((512, 512), tile=(64, 64))
     big = inbox / "SS200000135TL_D1.tif"
@@ -140,9 +132,9 @@ def test_slowly_written_sets_are_not_queued_early(service):
             gaps.append(now - last_write)
             last_write = now
             assert not _jobs(cfg) or max(gaps) >= settle, "queued while still being written"
-            time.sleep(0.1)
+            time.sleep(0.1)  # the writer's pace, not a wait
     last_write = time.time()
-    assert _wait(lambda: len([j for j in _jobs(cfg) if j.state == "skipped"]) == 2, timeout=60)
+    _until_jobs(cfg, lambda js: sum(j.state == "skipped" for j in js) == 2, "both sets skipped", timeout=60)
     jobs = _jobs(cfg)
     assert sorted(j.chip for j in jobs) == ["A02677B5", "SS200000135TL_D1"]
     assert all(j.queued_at > last_write for j in jobs)
@@ -159,22 +151,27 @@ def test_slowly_written_sets_are_not_queued_early(service):
             "files": 10,
         }
     ]
-    time.sleep(1.5)  # more ticks and a rescan: still one job each
+    rescans(disc)  # more ticks and rescans: still one job each
     assert len(_jobs(cfg)) == 2
     for job in jobs:  # what the QC job checks before it runs agrees with what discovery recorded
         assert member_changes(_members(cfg, job)) == []
 
 
 def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(service):
-    _d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"grouping_window_s": 2.5})
+    window = scaled(5.0)  # the IF image below must come inside it even on a busy machine
+    _d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"grouping_window_s": window})
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
-    time.sleep(0.8)  # settled, but inside the grouping window
+    wait_until(
+        lambda: [w["stage"] for w in disc.waiting()["sets"]] == ["grouping"],
+        "the set to settle and wait in its grouping window",
+        seen=lambda: disc.waiting()["sets"],
+    )
     assert not _jobs(cfg)
     _tif(inbox / "C02533C_CD31_IF.tif")
     _tif(inbox / "C02533C_GFAP_IF.czi.part")  # a partial copy is never a member
-    assert _wait(lambda: _jobs(cfg))
-    time.sleep(0.5)
+    _until_jobs(cfg, bool, "the set to be queued", timeout=30 + window)
+    rescans(disc)
     (job,) = _jobs(cfg)
     assert [m["name"] for m in _members(cfg, job)] == ["C02533C", "C02533C_CD31_IF"]
     assert [m["role"] for m in _members(cfg, job)] == ["nuclear", "IF"]
@@ -188,16 +185,16 @@ def test_sets_finished_while_the_service_was_stopped_are_queued_at_start(service
     inbox = _inbox(cfg)
     data = _tif_bytes((128, 128))
     (inbox / "SS200000135TL_D1.tif").write_bytes(data[: len(data) // 2])  # half written when the service stops
-    assert _wait(lambda: disc.health()["roots"][0]["members"] == 1)
+    _until_root(disc, "members", 1)
     service.stop(d)
     (inbox / "SS200000135TL_D1.tif").write_bytes(data)  # finished while stopped
     _tif(inbox / "sub" / "C02533C.tif")  # arrived while stopped
     d2, _disc2, _ = service(cfg=cfg)
-    assert _wait(lambda: sum(j.state == "skipped" for j in _jobs(cfg)) == 2, timeout=60)
+    _until_jobs(cfg, lambda js: sum(j.state == "skipped" for j in js) == 2, "both sets skipped", timeout=60)
     assert sorted(j.chip for j in _jobs(cfg)) == ["C02533C", "SS200000135TL_D1"]
     service.stop(d2)
-    _d3, _, _ = service(cfg=cfg)  # nothing new: nothing queued again
-    time.sleep(1.5)
+    _d3, disc3, _ = service(cfg=cfg)  # nothing new: nothing queued again
+    rescans(disc3)
     assert len(_jobs(cfg)) == 2
 
 
@@ -228,17 +225,17 @@ def test_polling_only_and_rescans_alone_find_everything(service, tmp_path, mode)
         kw["observer_factory"] = _Deaf(tmp_path / "elsewhere")
     _d, disc, cfg = service(extra, runner=NullRunner(), **kw)
     inbox = _inbox(cfg)
-    time.sleep(0.3)
+    rescans(disc, 1)  # the first walk is over: what follows is found by polling or later rescans
     _tif(inbox / "C02533C.tif")
     _tif(inbox / "C02533C_CD31_IF.tif")
     _tif(inbox / "2024" / "A02677B5.tif")
     for r in range(2):
         for c in range(2):
             _tif(inbox / "2024" / "SS200000135TL_D1" / f"t_{r:04d}_{c:04d}_.tif", (16, 16))
-    assert _wait(lambda: len(_jobs(cfg)) == 3)
+    _until_jobs(cfg, lambda js: len(js) == 3, "three sets queued")
     root = disc.health()["roots"][0]
     assert root["observer"] == ("polling" if mode == "polling" else "native") and root["health"] == "ok"
-    time.sleep(1.2)
+    rescans(disc)
     assert sorted(j.chip for j in _jobs(cfg)) == ["A02677B5", "C02533C", "SS200000135TL_D1"]
 
 
@@ -263,13 +260,13 @@ def test_a_thousand_sets_arriving_at_random_times_are_each_queued_exactly_once(s
             tmp.write_bytes(data)
             os.replace(tmp, folder / f"{chip}.tif")  # how exporters finish a file
             if rng.random() < 0.05:
-                time.sleep(rng.uniform(0.05, 0.3))
+                time.sleep(rng.uniform(0.05, 0.3))  # arrival times, not a wait
 
     t = threading.Thread(target=writer, name="test-writer")
     t.start()
     t.join()
-    assert _wait(lambda: len(_jobs(cfg)) >= 1000, timeout=60), len(_jobs(cfg))
-    time.sleep(1.5)  # another rescan and more ticks: nothing twice
+    wait_until(lambda: len(_jobs(cfg)) >= 1000, "1000 sets queued", timeout=60, seen=lambda: len(_jobs(cfg)))
+    rescans(disc)  # more rescans and ticks: nothing twice
     jobs = _jobs(cfg)
     assert len(jobs) == 1000 and sorted(j.chip for j in jobs) == chips
     assert len({j.fingerprint for j in jobs}) == 1000 and all(j.state == "queued" for j in jobs)
@@ -283,7 +280,7 @@ def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
     disc.tick_budget_s = 0.0  # one path and one set per tick: slow shares do not stall the service
     for k in range(12):
         _tif(_inbox(cfg) / f"SS2{k:08d}_D1.tif")
-    assert _wait(lambda: len(_jobs(cfg)) == 12)
+    _until_jobs(cfg, lambda js: len(js) == 12, "12 sets queued")
     assert len({j.fingerprint for j in _jobs(cfg)}) == 12
 
 
@@ -293,13 +290,17 @@ def test_a_tick_that_runs_out_of_time_leaves_the_rest_for_the_next(service):
 def test_a_killed_observer_is_replaced_and_the_service_keeps_finding_sets(service, capsys):
     _d, disc, cfg = service('settle_seconds = 0.3\nobserver = "native"', runner=NullRunner())
     watcher = disc._roots[0].watcher
-    assert _wait(watcher.alive)
+    wait_until(watcher.alive, "the observer to run")
     watcher.observer.stop()  # the observer thread dies
-    assert _wait(lambda: disc.health()["roots"][0]["health"] == "restarted 1x")
+    _until_root(disc, "health", "restarted 1x")
     assert watcher.alive()
     _tif(_inbox(cfg) / "C02533C.tif")
-    assert _wait(lambda: len(_jobs(cfg)) == 1)
-    assert _wait(lambda: collect_status(cfg)["watchers"][0]["files"] == 1)  # after the next rescan
+    _until_jobs(cfg, lambda js: len(js) == 1, "the set queued")
+    wait_until(  # after the next rescan
+        lambda: collect_status(cfg)["watchers"][0]["files"] == 1,
+        "status to count the file",
+        seen=lambda: collect_status(cfg)["watchers"],
+    )
     (w,) = collect_status(cfg)["watchers"]
     assert w["health"] == "restarted 1x" and w["observer"] == "native" and w["path"] == str(_inbox(cfg).resolve())
     assert w["last_rescan"] is not None
@@ -330,24 +331,24 @@ def json_log(tmp_path):
 
 
 def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log):
-    d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"incomplete_timeout_s": 1.5})
+    d, disc, cfg = service("settle_seconds = 0.3", runner=NullRunner(), discovery={"incomplete_timeout_s": 1.5})
     inbox = _inbox(cfg)
     data = _tif_bytes((256, 256))
     (inbox / "C02533C.tif").write_bytes(data[:-500])
-    assert _wait(lambda: _jobs(cfg))
-    time.sleep(1.5)
+    _until_jobs(cfg, bool, "the cut-short set to be reported")
+    rescans(disc)
     (job,) = _jobs(cfg)
     assert job.state == "failed" and job.failed_stage == "discovery" and job.next_attempt_at is None
     assert "C02533C" in job.error and "incomplete" in job.error and "cut short" in job.error
     service.stop(d)
-    _d2, _, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
-    time.sleep(2.0)
+    _d2, disc2, _ = service(cfg=cfg, runner=NullRunner())  # reported once, even across a restart
+    rescans(disc2, 3)  # past another incomplete_timeout_s
     assert len(_jobs(cfg)) == 1 and len(json_log("scan set never completed; reported")) == 1
     (inbox / "C02533C.tif").write_bytes(data[:-300])  # changed, still cut short: a new report replaces the old
-    assert _wait(lambda: len(_jobs(cfg)) == 2 and _jobs(cfg)[0].state == "superseded")
+    _until_jobs(cfg, lambda js: len(js) == 2 and js[0].state == "superseded", "the old report superseded")
     assert _jobs(cfg)[1].state == "failed" and "cut short" in _jobs(cfg)[1].error
     (inbox / "C02533C.tif").write_bytes(data)  # re-exported whole
-    assert _wait(lambda: any(j.state == "queued" for j in _jobs(cfg)))
+    _until_jobs(cfg, lambda js: any(j.state == "queued" for j in js), "the whole set queued")
     _first, old, new = _jobs(cfg)
     assert old.state == "superseded" and new.state == "queued" and new.fingerprint != old.fingerprint
 
@@ -355,10 +356,10 @@ def test_a_truncated_tiff_is_never_queued_and_is_reported_once(service, json_log
 def test_a_re_export_makes_a_new_job_and_supersedes_the_older_one(service):
     _d, _disc, cfg = service("settle_seconds = 0.3", runner=NullRunner())
     tif = _tif(_inbox(cfg) / "SS200000135TL_D1.tif")
-    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    _until_jobs(cfg, lambda js: len(js) == 1, "the set queued")
     first = _jobs(cfg)[0]
     tif.write_bytes(_tif_bytes((48, 48)))  # exported again, different content
-    assert _wait(lambda: len(_jobs(cfg)) == 2)
+    _until_jobs(cfg, lambda js: len(js) == 2, "the re-export queued")
     old, new = _jobs(cfg)
     assert old.id == first.id and old.state == "superseded" and new.state == "queued"
     with Store(cfg.database_path) as s:
@@ -370,11 +371,11 @@ def test_sets_deleted_or_renamed_before_they_are_queued_are_dropped_cleanly(serv
     inbox = _inbox(cfg)
     doomed = _tif(inbox / "C02533C.tif")
     renamed = _tif(inbox / "A02677B5.tif")
-    assert _wait(lambda: disc.health()["roots"][0]["members"] == 2)
+    _until_root(disc, "members", 2)
     doomed.unlink()
     renamed.rename(inbox / "D02070C3D3.tif")
-    assert _wait(lambda: len(_jobs(cfg)) == 1)
-    time.sleep(0.5)
+    _until_jobs(cfg, lambda js: len(js) == 1, "the renamed set queued")
+    rescans(disc)
     assert [j.chip for j in _jobs(cfg)] == ["D02070C3D3"]
     dropped = json_log("scan set disappeared before it was complete; dropped")
     assert sorted(r["chip"] for r in dropped) == ["A02677B5", "C02533C"]
@@ -389,29 +390,29 @@ def test_strict_naming_reports_a_name_once_ever_and_lenient_naming_takes_it(serv
     _tif(inbox / "mouse1.tif")
     for k in range(30):
         (inbox / f"notes{k}.txt").write_text("x")  # not candidates: debug lines only
-    assert _wait(lambda: json_log("names are not chip serials; ignored (naming = strict)"))
+    wait_until(lambda: json_log("names are not chip serials; ignored (naming = strict)"), "the strict-naming warning")
     service.stop(d)
-    d2, _disc2, _ = service(cfg=cfg, runner=NullRunner())
-    time.sleep(1.5)
+    d2, disc2, _ = service(cfg=cfg, runner=NullRunner())
+    rescans(disc2)
     (warning,) = json_log("names are not chip serials; ignored (naming = strict)")
     assert warning["names"] == ["mouse1.tif"] and not _jobs(cfg)
     assert not [r for r in json_log() if r["level"] in ("error", "critical")]
     service.stop(d2)
     lenient = dataclasses.replace(cfg, watch=(dataclasses.replace(cfg.watch[0], naming="lenient"),))
     service(cfg=lenient, runner=NullRunner())
-    assert _wait(lambda: [j.chip for j in _jobs(cfg)] == ["mouse1"])
+    _until_jobs(cfg, lambda js: [j.chip for j in js] == ["mouse1"], "mouse1 queued under lenient naming")
     assert len(json_log("accepted a name that is not a chip serial (naming = lenient)")) == 1
 
 
 def test_a_marker_file_decides_when_configured(service):
-    _d, _disc, cfg = service('settle_seconds = 0.2\nmarker = "{chip}.done"', runner=NullRunner())
+    _d, disc, cfg = service('settle_seconds = 0.2\nmarker = "{chip}.done"', runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
     _tif(inbox / "C02533C_CD31_IF.tif")
-    time.sleep(1.0)
+    rescans(disc)
     assert not _jobs(cfg)
     (inbox / "C02533C.done").write_text("")
-    assert _wait(lambda: len(_jobs(cfg)) == 1)
+    _until_jobs(cfg, lambda js: len(js) == 1, "the set queued once its marker came")
     assert len(_members(cfg, _jobs(cfg)[0])) == 2
 
 
@@ -419,11 +420,11 @@ def test_the_output_folder_is_never_watched_even_inside_a_root(service, tmp_path
     cfg = make_discovery_config(tmp_path, "settle_seconds = 0.2")
     out = cfg.watch[0].path / "qc-out"
     cfg = dataclasses.replace(cfg, output=OutputConfig(dir=str(out)))  # the loader refuses this; be defensive anyway
-    _d, _disc, _ = service(cfg=cfg, runner=NullRunner())
+    _d, disc, _ = service(cfg=cfg, runner=NullRunner())
     _tif(out / "C02533C.tif")
     _tif(cfg.watch[0].path / "A02677B5.tif")
-    assert _wait(lambda: len(_jobs(cfg)) == 1)
-    time.sleep(1.2)
+    _until_jobs(cfg, lambda js: len(js) == 1, "the set in the root queued")
+    rescans(disc)
     assert [j.chip for j in _jobs(cfg)] == ["A02677B5"]
 
 
@@ -431,15 +432,15 @@ def test_a_missing_root_is_reported_and_nothing_under_it_is_dropped(service):
     _d, disc, cfg = service("settle_seconds = 30", runner=NullRunner())
     inbox = _inbox(cfg)
     _tif(inbox / "C02533C.tif")
-    assert _wait(lambda: disc.health()["roots"][0]["members"] == 1)
+    _until_root(disc, "members", 1)
     moved = inbox.with_name("inbox-away")
     inbox.rename(moved)  # the share goes away
-    assert _wait(lambda: disc.health()["roots"][0]["health"] == "folder missing")
-    time.sleep(1.2)  # a rescan of a missing root deletes nothing
+    _until_root(disc, "health", "folder missing")
+    rescans(disc)  # a rescan of a missing root deletes nothing
     assert disc.health()["roots"][0]["members"] == 1
     moved.rename(inbox)
-    assert _wait(lambda: disc.health()["roots"][0]["health"] == "ok")
-    time.sleep(1.2)  # the rescan after it came back finds the same member
+    _until_root(disc, "health", "ok")
+    rescans(disc)  # the rescan after it came back finds the same member
     assert disc.health()["roots"][0]["members"] == 1 and not _jobs(cfg)
 
 
@@ -497,7 +498,9 @@ def test_status_lists_every_waiting_set_and_misnamed_name_with_why(service, caps
         w = collect_status(cfg)["waiting"]
         return w if w["sets"] and w["misnamed"] and _jobs(cfg) else None
 
-    assert _wait(waiting, timeout=30), collect_status(cfg)["waiting"]
+    wait_until(
+        waiting, "status to list the waiting set and the misnamed name", seen=lambda: collect_status(cfg)["waiting"]
+    )
     w = waiting()
     (s,) = w["sets"]
     assert s["chip"] == "C02533C" and s["stage"] == "incomplete" and "no nuclear image C02533C" in s["reason"]
@@ -513,7 +516,8 @@ def test_status_lists_every_waiting_set_and_misnamed_name_with_why(service, caps
     assert "ignored" in flat and "mouse brain 1.tif" in flat and "not a chip serial" in flat.lower()
     (inbox / "mouse brain 1.tif").unlink()  # gone at the next full rescan
     _tif(inbox / "C02533C.tif")  # the nuclear image arrives: the set is queued and no longer waits
-    assert _wait(
+    wait_until(
         lambda: not collect_status(cfg)["waiting"]["sets"] and not collect_status(cfg)["waiting"]["misnamed"],
-        timeout=30,
+        "nothing left waiting",
+        seen=lambda: collect_status(cfg)["waiting"],
     )

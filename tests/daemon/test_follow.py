@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from daemon.cli import main
 from daemon.follow import AUTOSTART_NAME, desktop_problem
 from daemon.store import JobState, Store
-from tests.helpers import wait_for
+from tests.helpers import scaled, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a D-Bus session bus is a Linux desktop's")
 
@@ -70,7 +69,7 @@ def session_bus(tmp_path):
     finally:
         for p in (server, bus):
             p.terminate()
-            p.wait(timeout=30)
+            p.wait(timeout=scaled(30))
 
 
 def test_follow_notify_shows_each_new_verdict_on_the_desktop_once(make_config, tmp_path, session_bus):
@@ -90,20 +89,26 @@ def test_follow_notify_shows_each_new_verdict_on_the_desktop_once(make_config, t
         failed = _verdict(cfg, "SS200000135TL_D1", "fail", REASON)
         passed = _verdict(cfg, "A02677B5", "pass")
 
-        def two() -> list[dict] | None:
+        def shown(n: int) -> list[dict] | None:
             rows = [json.loads(x) for x in received.read_text().splitlines()] if received.exists() else []
-            return rows if len(rows) >= 2 else None
+            return rows if len(rows) >= n else None
 
-        assert wait_for(two, timeout=60), f"two notifications never reached the D-Bus server: {two()}"
-        time.sleep(0.6)  # three more looks: nothing is shown twice
-        rows = [json.loads(x) for x in received.read_text().splitlines()]
+        wait_until(lambda: shown(2), "two notifications to reach the D-Bus server", timeout=60, seen=lambda: shown(0))
+        # a later verdict shown means follow looked again after the first two: they must not come twice
+        later = _verdict(cfg, "D02070C3D3", "pass")
+        rows = wait_until(lambda: shown(3), "the later verdict's notification", timeout=60, seen=lambda: shown(0))
     finally:
         follow.terminate()
-        out, err = follow.communicate(timeout=30)
-    assert [r["summary"] for r in rows] == ["QC FAIL: SS200000135TL_D1", "QC pass: A02677B5"], (rows, err)
+        out, err = follow.communicate(timeout=scaled(60))
+    assert [r["summary"] for r in rows] == [
+        "QC FAIL: SS200000135TL_D1",
+        "QC pass: A02677B5",
+        "QC pass: D02070C3D3",
+    ], (rows, err)
     assert rows[0]["app"] == "imageqc" and rows[0]["urgency"] == 2 and rows[1]["urgency"] == 1  # critical, normal
     assert REASON in rows[0]["body"] and f"imageqc show {failed}" in rows[0]["body"]
     assert f"#{failed} SS200000135TL_D1  QC FAIL: {REASON}" in out and f"#{passed} A02677B5  QC pass" in out
+    assert f"#{later} D02070C3D3  QC pass" in out
     assert f"#{old} " not in out
 
 

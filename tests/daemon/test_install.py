@@ -26,6 +26,7 @@ from daemon.install import (
     systemd_quote,
     watchdog_seconds,
 )
+from tests.helpers import run_child, scaled
 
 REPO = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
@@ -184,7 +185,7 @@ def test_words_are_quoted_and_escaped_the_way_systemd_reads_them():
 
 
 def _verify(unit_file: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([ANALYZE, "verify", str(unit_file)], capture_output=True, text=True, timeout=60)
+    return run_child([ANALYZE, "verify", str(unit_file)], timeout=120, what="systemd-analyze verify")
 
 
 @needs_analyze
@@ -209,9 +210,7 @@ def test_the_hardening_keeps_the_exposure_score_low(tmp_path):
     cfg = _site_config(tmp_path, '[[watch]]\npath = "inbox"\n')
     unit_file = tmp_path / "imageqc.service"
     unit_file.write_text(build_systemd_unit(cfg, command=[sys.executable]).text, encoding="utf-8")
-    result = subprocess.run(
-        [ANALYZE, "security", "--offline=true", str(unit_file)], capture_output=True, text=True, timeout=60
-    )
+    result = run_child([ANALYZE, "security", "--offline=true", str(unit_file)], timeout=120, what="systemd-analyze")
     if result.returncode != 0 and "offline" in result.stderr:
         pytest.skip(
             f"this systemd-analyze cannot score unit files offline (systemd >= 250 can): {result.stderr.strip()}"
@@ -286,7 +285,7 @@ def test_imageqc_run_speaks_sd_notify_ready_watchdog_stopping(make_config, tmp_p
     messages: list[str] = []
 
     def read_until(pred, timeout):
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 messages.append(sock.recv(4096).decode())
@@ -297,7 +296,7 @@ def test_imageqc_run_speaks_sd_notify_ready_watchdog_stopping(make_config, tmp_p
         return pred()
 
     try:
-        assert read_until(lambda: "READY=1" in messages, 60), (
+        assert read_until(lambda: "READY=1" in messages, 180), (
             messages,
             proc.stderr.read() if proc.poll() is not None else "",
         )
@@ -305,11 +304,11 @@ def test_imageqc_run_speaks_sd_notify_ready_watchdog_stopping(make_config, tmp_p
         assert read_until(lambda: messages[ready_at:].count("WATCHDOG=1") >= 3, 30), messages  # one per tick
         proc.send_signal(signal.SIGTERM)
         assert read_until(lambda: "STOPPING=1" in messages, 30), messages
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=scaled(60)) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(scaled(30))
         sock.close()
     assert set(messages) <= {"READY=1", "WATCHDOG=1", "STOPPING=1"}
     assert messages.count("READY=1") == 1 and messages.index("STOPPING=1") > ready_at

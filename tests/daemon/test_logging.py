@@ -12,6 +12,7 @@ import pytest
 
 from daemon.logging import bind_job, configure_logging, get_logger, register_secret
 from daemon.logview import LogFilter, follow_records, format_record, read_records
+from tests.helpers import scaled, wait_until
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -104,27 +105,28 @@ def test_follow_sees_new_lines_and_survives_rotation(tmp_path):
     got: list[str] = []
     stop = threading.Event()
 
+    looks = [0]
+
+    def stopped() -> bool:  # asked before each look: the second time, the first look opened the file at its end
+        looks[0] += 1
+        return stop.is_set()
+
     def reader():
-        for rec in follow_records(path, stop=stop.is_set, interval=0.02):
+        for rec in follow_records(path, stop=stopped, interval=0.02):
             got.append(rec["event"])
 
     t = threading.Thread(target=reader)
     t.start()
     try:
-        import time
-
-        time.sleep(0.2)
+        wait_until(lambda: looks[0] >= 2, "the reader to open the file")
         with path.open("a") as fh:
             fh.write('{"event": "new1"}\n')
-        time.sleep(0.2)
-        path.rename(tmp_path / "f.jsonl.1")
+        path.rename(tmp_path / "f.jsonl.1")  # the reader still reads new1 from the file it holds, then the new one
         path.write_text('{"event": "after-rotation"}\n')
-        deadline = time.monotonic() + 5
-        while "after-rotation" not in got and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "after-rotation" in got, "the record written after the rotation", seen=lambda: got)
     finally:
         stop.set()
-        t.join(5)
+        t.join(scaled(30))
     assert got == ["new1", "after-rotation"]
 
 

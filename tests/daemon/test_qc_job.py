@@ -11,19 +11,8 @@ import pytest
 from daemon.store import Store
 from daemon.worker import ProcessWorker
 from tests.daemon.conftest import CHIP
-
-
-def _member(path: Path, name: str, role: str) -> dict:
-    st = path.stat()
-    return {
-        "name": name,
-        "path": str(path),
-        "format": "tiff",
-        "role": role,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "files": 1,
-    }
+from tests.daemon.upload.conftest import member
+from tests.helpers import scaled
 
 
 @pytest.fixture
@@ -42,15 +31,15 @@ def _run(cfg, members, chip=CHIP):
         worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="svc")
         job = store.claim("svc", lease_s=60)
         worker.submit(job)
-        worker.join(240)
+        worker.join(scaled(240))
         return store.get_job(job.id), store.get_result(job.id)
 
 
 def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan_dir):
     cfg = make_config()
     members = [
-        _member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear"),
-        _member(scan_dir / f"{CHIP}_CD31_IF.tif", f"{CHIP}_CD31_IF", "IF"),
+        member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear"),
+        member(scan_dir / f"{CHIP}_CD31_IF.tif", f"{CHIP}_CD31_IF", "IF"),
     ]
     job, result = _run(cfg, members)
     assert job.state == "qc_done", job.error
@@ -73,14 +62,14 @@ def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan
 
 def test_a_failing_verdict_is_still_a_finished_job(make_config, qc_files, tmp_path):
     cfg = make_config()
-    job, result = _run(cfg, [_member(qc_files["fail"], "C02533C", "nuclear")], chip="C02533C")
+    job, result = _run(cfg, [member(qc_files["fail"], "C02533C", "nuclear")], chip="C02533C")
     assert job.state == "qc_done"
     assert result["verdict"] == "fail" and "track line score" in result["report"]["reasons"][0]
 
 
 def test_files_that_vanished_after_queueing_fail_the_job_clearly(make_config, scan_dir):
     cfg = make_config()
-    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
+    members = [member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
     (scan_dir / f"{CHIP}.tif").unlink()
     job, _ = _run(cfg, members)
     assert job.state == "failed" and "vanished after it was queued" in job.error and job.next_attempt_at is None
@@ -88,7 +77,7 @@ def test_files_that_vanished_after_queueing_fail_the_job_clearly(make_config, sc
 
 def test_files_changed_after_queueing_are_not_qcd(make_config, scan_dir):
     cfg = make_config()
-    members = [_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
+    members = [member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")]
     with (scan_dir / f"{CHIP}.tif").open("ab") as fh:
         fh.write(b"\0" * 100)
     job, _ = _run(cfg, members)
@@ -100,7 +89,7 @@ def test_a_corrupt_image_fails_permanently_with_the_readers_reason(make_config, 
     path = scan_dir / f"{CHIP}.tif"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 3])
-    job, _ = _run(cfg, [_member(path, CHIP, "nuclear")])
+    job, _ = _run(cfg, [member(path, CHIP, "nuclear")])
     assert job.state == "failed" and job.next_attempt_at is None
     assert CHIP in job.error and ("truncated" in job.error or "corrupt" in job.error.lower() or "beyond" in job.error)
 
@@ -126,7 +115,7 @@ def test_a_full_output_disk_is_a_transient_failure_that_names_the_file_and_the_f
             chip=CHIP,
             root=str(cfg.watch[0].path),
             fingerprint="fp",
-            members=[_member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")],
+            members=[member(scan_dir / f"{CHIP}.tif", CHIP, "nuclear")],
         )
         store.create_job(ssid)
         job = store.claim("svc", lease_s=60)
@@ -150,7 +139,7 @@ def test_an_input_rewritten_while_qc_reads_it_keeping_size_and_time_makes_qc_run
     path = scan_dir / f"{CHIP}.tif"
     with Store(cfg.database_path) as store:
         ssid, _ = store.add_scan_set(
-            chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp", members=[_member(path, CHIP, "nuclear")]
+            chip=CHIP, root=str(cfg.watch[0].path), fingerprint="fp", members=[member(path, CHIP, "nuclear")]
         )
         store.create_job(ssid)
         job = store.claim("svc", lease_s=600)
@@ -188,19 +177,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tile_member(folder: Path, name: str) -> dict:
-    files = [p for p in folder.iterdir() if p.is_file()]
-    return {
-        "name": name,
-        "path": str(folder),
-        "format": "tiles",
-        "role": "nuclear",
-        "size": sum(p.stat().st_size for p in files),
-        "mtime_ns": max(p.stat().st_mtime_ns for p in files),
-        "files": len(files),
-    }
-
-
 @pytest.mark.parametrize(("overlap", "passes"), [(None, False), ((0.26, 0.1), True)])
 def test_the_roots_tile_overlap_is_the_stitching_guess_for_folders_without_positions(
     make_config, shared_data, overlap, passes
@@ -213,7 +189,7 @@ def test_the_roots_tile_overlap_is_the_stitching_guess_for_folders_without_posit
         cfg = dataclasses.replace(cfg, watch=(dataclasses.replace(cfg.watch[0], tile_overlap=overlap),))
     folder = cfg.watch[0].path / "C02533C"
     shutil.copytree(shared_data / "tiles" / "stitch2d", folder)
-    job, result = _run(cfg, [_tile_member(folder, "C02533C")], chip="C02533C")
+    job, result = _run(cfg, [member(folder, "C02533C")], chip="C02533C")
     assert job.state == "qc_done", job.error
     stitching = result["report"]["images"][0]["stitching"]
     assert stitching["pairs_total"] == 7
@@ -245,7 +221,7 @@ def test_a_folder_named_by_the_roots_tile_pattern_is_qcd_with_it(make_config):
     folder.mkdir()
     for t in tiles.tiles:
         tifffile.imwrite(folder / f"scan-r{t.row}-c{t.col}.tif", t.read())
-    job, result = _run(cfg, [_tile_member(folder, "C02533C")], chip="C02533C")
+    job, result = _run(cfg, [member(folder, "C02533C")], chip="C02533C")
     assert job.state == "qc_done", job.error
     stitching = result["report"]["images"][0]["stitching"]
     assert stitching["pairs_total"] == 7 and stitching["passed"], stitching

@@ -15,8 +15,7 @@ import pytest
 from daemon.errors import DatabaseUnavailable
 from daemon.service import AlreadyRunning, Daemon
 from daemon.store import JobState, Store
-from tests.helpers import dead_pid
-from tests.helpers import wait_for as _wait
+from tests.helpers import dead_pid, run_child, scaled, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +57,7 @@ def test_daemon_runs_queued_jobs_and_skips_upload_when_none_is_configured(make_c
     d.start()
     try:
         with Store(cfg.database_path) as s:
-            assert _wait(lambda: s.counts()["skipped"] == 2), s.counts()
+            wait_until(lambda: s.counts()["skipped"] == 2, "s.counts()['skipped'] == 2", seen=lambda: s.counts())
             assert s.get_job(a).state == "skipped" and s.get_job(b).state == "skipped"
             assert bad.ticks >= 1  # a failing component does not stop the service
             status, _at = s.get_status()["service"]
@@ -78,7 +77,7 @@ def test_jobs_left_running_by_a_dead_service_are_recovered_at_start(make_config)
     d.start()
     try:
         with Store(cfg.database_path) as s:
-            assert _wait(lambda: s.get_job(job_id).state == "skipped")
+            wait_job(s, job_id, state="skipped")
             msgs = [e.message or "" for e in s.events(job_id)]
             assert any("old-host:123:abc" in m for m in msgs)
             assert s.get_job(job_id).attempts == 2
@@ -111,13 +110,12 @@ def test_a_corrupt_database_stops_the_service_from_starting(make_config):
         Daemon(cfg).start()
 
 
-def _cli(*args, cwd, env=None, timeout=60):
-    return subprocess.run(
+def _cli(*args, cwd, env=None, timeout=120):
+    return run_child(
         [sys.executable, "-m", "daemon.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
         timeout=timeout,
+        what=f"imageqc {' '.join(args)}",
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
     )
 
@@ -141,19 +139,25 @@ def test_imageqc_run_with_the_embedded_default_reports_running_and_stops_on_sigt
             r = _cli("status", "--json", cwd=tmp_path)
             return r.returncode == 0 and json.loads(r.stdout)["service"]["running"]
 
-        assert _wait(running, timeout=60, every=0.3), proc.stderr.read() if proc.poll() is not None else "not up"
+        wait_until(
+            running,
+            "`imageqc status` to say the service runs",
+            timeout=180,
+            every=0.3,
+            seen=lambda: proc.stderr.read() if proc.poll() is not None else "not up",
+        )
         assert (tmp_path / "inbox").is_dir()
         human = _cli("status", cwd=tmp_path)
         assert human.returncode == 0 and "running" in human.stdout
         assert all(len(line) <= 80 for line in human.stdout.splitlines())
         t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - t < 10
+        assert proc.wait(timeout=scaled(60)) == 0
+        assert time.monotonic() - t < scaled(10)  # not the default grace period for running jobs
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.wait(scaled(30))
     st = json.loads(_cli("status", "--json", cwd=tmp_path).stdout)
     assert st["service"]["running"] is False and st["service"]["reason"] == "stopped cleanly"
     log_lines = (tmp_path / ".imageqc" / "logs" / "imageqc.jsonl").read_text().splitlines()
@@ -223,7 +227,7 @@ def test_rounds_longer_than_the_tick_are_noted_once_a_minute(make_config, tmp_pa
         d = Daemon(cfg, target="tests.daemon.targets:ok", components=[slow])
         d.start()
         try:
-            assert _wait(lambda: slow.ticks >= 4, timeout=20)
+            wait_until(lambda: slow.ticks >= 4, "slow.ticks >= 4", timeout=20)
         finally:
             d.stop()
     finally:
@@ -258,7 +262,7 @@ def test_half_written_outputs_of_killed_qc_runs_are_removed_at_start_and_while_r
         assert not before.exists() and finished.exists()
         monkeypatch.setattr(daemon.service, "OUTPUT_SWEEP_S", 0.0)
         during = _dead_partial(cfg.output_dir, "C02533C_20231114_221322_0.1.0")  # e.g. a QC child killed on timeout
-        assert _wait(lambda: not during.exists(), timeout=10)
+        wait_until(lambda: not during.exists(), "not during.exists()", timeout=10)
         assert finished.exists()
     finally:
         d.stop()
@@ -344,7 +348,7 @@ def test_a_wall_clock_stepped_forward_an_hour_neither_kills_nor_takes_back_a_run
     d.start()
     try:
         with Store(cfg.database_path) as s:
-            assert _wait(lambda: s.get_job(job_id).stage == "waiting", timeout=30)
+            wait_job(s, job_id, timeout=30, stage="waiting")
             wall.step(3600)
             stepped = time.time() + 3600
 
@@ -353,9 +357,19 @@ def test_a_wall_clock_stepped_forward_an_hour_neither_kills_nor_takes_back_a_run
                 beat = s.get_status()["service"][1]
                 return job.state != "running" or (beat > stepped + 1 and (job.lease_expires or 0) > stepped)
 
-            assert _wait(rounds_ran_on_the_stepped_clock, timeout=30)
+            wait_until(
+                rounds_ran_on_the_stepped_clock,
+                "rounds on the stepped clock (heartbeat and lease past it)",
+                timeout=30,
+                seen=lambda: (s.get_job(job_id), s.get_status()["service"][1] - stepped),
+            )
             (cfg.state_dir / f"go-{job_id}").touch()
-            assert _wait(lambda: s.get_job(job_id).state in ("skipped", "failed"), timeout=30)
+            wait_until(
+                lambda: s.get_job(job_id).state in ("skipped", "failed"),
+                "s.get_job(job_id).state in ('skipped', 'failed')",
+                timeout=30,
+                seen=lambda: s.get_job(job_id),
+            )
             job = s.get_job(job_id)
             assert job.state == "skipped" and job.attempts == 1, (job.error, [e.message for e in s.events(job_id)])
             assert [e.to_state for e in s.events(job_id)] == ["queued", "running", "qc_done", "skipped"]
@@ -376,15 +390,19 @@ def test_a_wall_clock_stepped_back_ten_minutes_freezes_nothing(tmp_path):
     try:
         inbox = cfg.watch[0].path
         _tif(inbox / "SS200000135TL_D1.tif")
-        assert _wait(lambda: _settling(disc) >= 1, timeout=30)  # seen, settling
+        wait_until(lambda: _settling(disc) >= 1, "_settling(disc) >= 1", timeout=30)  # seen, settling
         with Store(cfg.database_path) as s:
             before = s.get_status()["service"][1]
             wall.step(-600)
             _tif(inbox / "later" / "C02533C.tif")  # a set that arrives after the step
-            assert _wait(lambda: s.counts()["skipped"] == 2, timeout=40), s.counts()
+            wait_until(
+                lambda: s.counts()["skipped"] == 2, "s.counts()['skipped'] == 2", timeout=40, seen=lambda: s.counts()
+            )
             beat = s.get_status()["service"][1]
             assert beat >= before  # the heartbeat never went back
-            assert _wait(lambda: s.get_status()["service"][1] > beat, timeout=10)  # and it goes on
+            wait_until(
+                lambda: s.get_status()["service"][1] > beat, "s.get_status()['service'][1] > beat", timeout=10
+            )  # and it goes on
     finally:
         d.stop()
 

@@ -16,6 +16,7 @@ import pytest
 from daemon import fsinfo
 from daemon.errors import DatabaseUnavailable, IllegalTransition, JobNotFound, StoreError
 from daemon.store import MIGRATIONS, SCHEMA_VERSION, TRANSITIONS, JobState, Store
+from tests.helpers import scaled
 
 S = JobState
 T0 = 1_700_000_000.0
@@ -376,7 +377,7 @@ def _claimer(db: str, owner: str, out, ready, go) -> None:
     with Store(db) as s:
         got = []
         ready.put(owner)
-        go.wait(60)  # all start claiming together, so they really contend
+        go.wait(scaled(60))  # all start claiming together, so they really contend
         while True:
             job = s.claim(owner, lease_s=60)
             if job is None:
@@ -397,11 +398,11 @@ def test_several_processes_never_claim_the_same_job(tmp_path):
     for p in procs:
         p.start()
     for _ in procs:
-        ready.get(timeout=120)
+        ready.get(timeout=scaled(120))
     go.set()
-    results = [out.get(timeout=120) for _ in procs]
+    results = [out.get(timeout=scaled(120)) for _ in procs]
     for p in procs:
-        p.join(30)
+        p.join(scaled(30))
         assert p.exitcode == 0
     claimed = [j for _, got in results for j in got]
     assert sorted(claimed) == ids, "a job was claimed twice or not at all"
@@ -427,7 +428,7 @@ def test_a_process_killed_while_holding_a_lease_has_its_job_recovered(tmp_path):
     with Store(db) as s:
         job_id = _job(s, now=time.time())
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER, str(db), "2"],
+        [sys.executable, "-c", _HOLDER, str(db), "60"],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
@@ -436,16 +437,17 @@ def test_a_process_killed_while_holding_a_lease_has_its_job_recovered(tmp_path):
         assert proc.stdout is not None
         assert int(proc.stdout.readline()) == job_id
         with Store(db) as s:
-            assert s.get_job(job_id).state == "running"
+            held = s.get_job(job_id)
+            assert held.state == "running"
         proc.kill()  # SIGKILL on POSIX, TerminateProcess on Windows: no cleanup runs
-        proc.wait(10)
+        proc.wait(scaled(30))
     finally:
         if proc.poll() is None:
             proc.kill()
     with Store(db) as s:
-        assert s.recover_expired() == []  # the lease has not run out yet
-        time.sleep(2.1)
-        assert s.recover_expired() == [job_id]
+        # the clock passed in, not slept through: a busy machine cannot make the lease run out early
+        assert s.recover_expired(now=held.lease_expires - 1) == []  # the lease has not run out yet
+        assert s.recover_expired(now=held.lease_expires + 0.1) == [job_id]
         job = s.get_job(job_id)
         assert job.state == "queued" and job.lease_owner is None
         assert "doomed" in (s.events(job_id)[-1].message or "")

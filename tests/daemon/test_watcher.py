@@ -6,7 +6,6 @@ import logging
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +30,7 @@ from daemon.watcher import (
     choose_observer,
     default_observer,
 )
-from tests.helpers import wait_for
-
-_wait = partial(wait_for, timeout=20.0)
+from tests.helpers import scaled, wait_until
 
 
 def _tif(path: Path, shape=(16, 16)) -> Path:
@@ -181,18 +178,34 @@ def _hinted(w: RootWatcher, name: str) -> bool:
     return any(os.path.basename(p) == name for p in w.hints.drain())
 
 
+def _until_watching(w: RootWatcher, root: Path) -> None:
+    """Until the observer reports events: a probe file is rewritten until its hint arrives, then the hints are
+    drained. Files the test writes next are seen by a running observer, not by a guess at how long it takes to start.
+    """
+
+    def probe_seen() -> bool:
+        (root / "probe.tif").write_bytes(os.urandom(16))
+        return _hinted(w, "probe.tif")
+
+    wait_until(probe_seen, "the observer to report a probe file", every=0.1)
+    w.hints.drain()
+
+
 @pytest.mark.parametrize("mode", ["native", "polling"])
 def test_observers_turn_events_into_hints(tmp_path, watchers, mode):
     root = tmp_path / "inbox"
     root.mkdir()
     w = _watch(watchers, root, configured=mode, poll_s=0.1)
     assert w.start() and w.mode == mode and w.health() == "ok"
-    time.sleep(0.3)
+    _until_watching(w, root)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
     (root / "SS200000135TL_D1").mkdir()
     flags = {}
-    assert _wait(lambda: flags.update(w.hints.drain()) or any(p.endswith("SS200000135TL_D1") for p in flags))
+    wait_until(
+        lambda: flags.update(w.hints.drain()) or any(p.endswith("SS200000135TL_D1") for p in flags),
+        "flags.update(w.hints.drain()) or any(p.endswith('SS200000135TL_D1') for p in flags)",
+    )
     assert flags[os.path.join(norm(root), "SS200000135TL_D1")] & HINT_DEEP or mode == "polling"
 
 
@@ -218,9 +231,9 @@ def test_a_native_observer_that_fails_to_start_falls_back_to_polling(tmp_path, w
 
     w = _watch(watchers, root, configured="auto", poll_s=0.1, factory=factory)
     assert w.start() and w.mode == "polling" and "native failed" in w.health()
-    time.sleep(0.2)
+    _until_watching(w, root)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
 
 
 @pytest.mark.parametrize("how", ["observer stopped", "emitter raised"])
@@ -241,12 +254,12 @@ def test_a_killed_observer_is_replaced_and_asks_for_a_rescan(tmp_path, watchers,
 
         emitter.queue_events = boom  # the real emitter thread dies on its next loop...
         (root / "wake.txt").write_text("x")  # ...which this event starts
-    assert _wait(lambda: not w.alive())
+    wait_until(lambda: not w.alive(), "not w.alive()")
     assert w.supervise() == "observer restarted"
     assert w.observer is not old and w.alive() and w.restarts == 1 and w.health() == "restarted 1x"
-    time.sleep(0.2)
+    _until_watching(w, root)
     _tif(root / "C02533C.tif")
-    assert _wait(lambda: _hinted(w, "C02533C.tif"))
+    wait_until(lambda: _hinted(w, "C02533C.tif"), "_hinted(w, 'C02533C.tif')")
 
 
 def test_a_vanished_root_is_reported_and_watched_again_when_it_returns(tmp_path, watchers):
@@ -288,16 +301,16 @@ def test_the_rescanner_walks_at_start_on_request_and_reports_missing_roots(tmp_p
     rs = Rescanner([_policy(root), _policy(gone)], interval_s=3600)
     rs.start()
     try:
-        got = [rs.results.get(timeout=10), rs.results.get(timeout=10)]
+        got = [rs.results.get(timeout=scaled(10)), rs.results.get(timeout=scaled(10))]
         missing = [g for g in got if isinstance(g, RootMissing)]
         scans = [g for g in got if not isinstance(g, RootMissing)]
         assert [m.root for m in missing] == [norm(gone)]
         assert list(scans[0].members) == [norm(root / "C02533C.tif")]
         _tif(root / "A02677B5.tif")
         rs.request(norm(root))
-        again = rs.results.get(timeout=10)
+        again = rs.results.get(timeout=scaled(10))
         assert len(again.members) == 2 and rs.last[norm(root)]["files"] == 2
     finally:
         t = time.monotonic()
         rs.stop()
-        assert time.monotonic() - t < 5 and not rs.alive()
+        assert time.monotonic() - t < scaled(5) and not rs.alive()  # woken at once, not after its 3600 s interval

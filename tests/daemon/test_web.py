@@ -15,7 +15,6 @@ import re
 import shutil
 import socket
 import struct
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -33,7 +32,7 @@ from daemon.service import Daemon
 from daemon.store import JobState, Store
 from daemon.web import SAFE_HEADERS, WebServer
 from daemon.worker import JobContext, JobOutcome
-from tests.helpers import wait_for
+from tests.helpers import run_child, scaled, wait_job, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHIP = "SS200000135TL_D1"
@@ -162,7 +161,7 @@ def served(make_config):
 def get(url: str, *, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=scaled(30)) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -171,7 +170,7 @@ def get(url: str, *, headers: dict[str, str] | None = None) -> tuple[int, dict[s
 def raw_get(web: WebServer, path: str) -> int:
     """GET a path exactly as written (no client-side normalisation of `..` or escapes)."""
     host, port = web.address
-    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn = http.client.HTTPConnection(host, port, timeout=scaled(30))
     try:
         conn.putrequest("GET", path, skip_accept_encoding=True)
         conn.endheaders()
@@ -332,7 +331,11 @@ def test_a_real_service_serves_its_page_and_metrics_and_a_browser_shows_verdict_
         assert web.url and web.error is None
         # queued after the start: the run happens while the listener counts
         job_id = add_job(cfg, verdict=None)
-        assert wait_for(lambda: metrics(web.url)["imageqc_jobs"][(("state", "skipped"),)] == 1, timeout=60)
+        wait_until(
+            lambda: metrics(web.url)["imageqc_jobs"][(("state", "skipped"),)] == 1,
+            "the metrics to count one skipped job",
+            timeout=60,
+        )
         m = metrics(web.url)
         assert m["imageqc_service_running"][()] == 1
         assert m["imageqc_qc_runs_total"][(("verdict", "fail"),)] == 1
@@ -368,16 +371,14 @@ def browser_checks(url: str, job_id: int, tmp_path: Path) -> None:
         "--no-first-run",
         f"--user-data-dir={tmp_path / 'chromium'}",
     ]
-    dom = subprocess.run(
-        [*base, "--dump-dom", f"{url}/jobs/{job_id}"], capture_output=True, text=True, timeout=90, check=True
-    ).stdout
+    dom = run_child([*base, "--dump-dom", f"{url}/jobs/{job_id}"], timeout=180, what="chromium", check=True).stdout
     assert "FAIL" in dom and REASON_HTML in dom and f'src="/pictures/{job_id}/track.png"' in dom
     assert "<script>alert" not in dom  # the reason's markup arrives as text
     shot = tmp_path / "job.png"
-    subprocess.run(
+    run_child(
         [*base, f"--screenshot={shot}", "--window-size=1000,1400", f"{url}/jobs/{job_id}"],
-        capture_output=True,
-        timeout=90,
+        timeout=180,
+        what="chromium",
         check=True,
     )
     import cv2
@@ -389,9 +390,7 @@ def browser_checks(url: str, job_id: int, tmp_path: Path) -> None:
     verdict_red = int(((abs(r - 0xB0) < 40) & (g < 60) & (b < 70)).sum())  # the FAIL colour (web_pages.STYLE)
     assert magenta > 1000, "the picture was not shown in the browser"
     assert verdict_red > 5, "no red FAIL verdict text in the screenshot"
-    status_dom = subprocess.run(
-        [*base, "--dump-dom", f"{url}/"], capture_output=True, text=True, timeout=90, check=True
-    ).stdout
+    status_dom = run_child([*base, "--dump-dom", f"{url}/"], timeout=180, what="chromium", check=True).stdout
     assert CHIP in status_dom and "FAIL" in status_dom and REASON_HTML in status_dom
 
 
@@ -422,7 +421,7 @@ def test_pages_escape_values_set_safe_headers_and_refresh(served):
     assert headers["Content-Type"] == "image/png" and body.startswith(b"\x89PNG")
     req = urllib.request.Request(web.url + "/", data=b"x", method="POST")
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=10)
+        urllib.request.urlopen(req, timeout=scaled(30))
     assert e.value.code == 405  # read-only
 
 
@@ -526,7 +525,7 @@ def test_port_in_use_is_one_clear_line_and_the_service_runs_on(make_config):
             assert f"port {port} is already in use" in lines[0]["error"] and "web.listen" in lines[0]["error"]
             job_id = add_job(cfg, verdict=None)
             with Store(cfg.database_path) as s:  # the service still does its work
-                assert wait_for(lambda: s.get_job(job_id).state == "skipped", timeout=60)
+                wait_job(s, job_id, timeout=60, state="skipped")
                 health = s.get_status()["service"][0]["components"]["web"]
                 assert f"port {port} is already in use" in health["error"]
         finally:

@@ -10,6 +10,7 @@ import pytest
 
 from daemon.store import Store
 from daemon.worker import ProcessWorker
+from tests.helpers import scaled, wait_job, wait_until
 
 
 @pytest.fixture
@@ -40,8 +41,8 @@ def _run(cfg, store, target, *, timeout=60.0, during=None):
     worker.submit(job)
     if during:
         during(worker, job)
-    worker.join(timeout)
-    assert worker.free_slots() == 1
+    worker.join(scaled(timeout))
+    assert worker.free_slots() == 1, f"the child was still busy after {scaled(timeout):g} s: {store.get_job(job.id)}"
     return store.get_job(job.id)
 
 
@@ -85,14 +86,13 @@ def test_timeout_stops_the_child(env):
     job = store.claim("w", lease_s=60)
     assert job is not None
     worker.submit(job)
-    worker.join(30)
+    worker.join(scaled(30))
     job = store.get_job(job_id)
     assert job.state == "failed" and "qc.timeout_s" in (job.error or "")
 
 
 def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     """Issue #20 case 8: qc.timeout_s was timed on the wall clock, so an NTP step of +1 h killed the QC (set lost)."""
-    from tests.helpers import wait_for
 
     cfg, store, job_id = env("[qc]\ntimeout_s = 600")
     shift = [0.0]
@@ -102,7 +102,7 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
     job = store.claim("w", lease_s=cfg.service.lease_seconds)
     assert job is not None
     worker.submit(job)
-    assert wait_for(lambda: store.get_job(job_id).stage == "waiting", 30)
+    wait_job(store, job_id, timeout=30, stage="waiting")
     shift[0] = 3600.0
     stepped = time.time() + 3600
 
@@ -110,9 +110,14 @@ def test_a_wall_clock_stepped_forward_an_hour_does_not_kill_a_running_qc(env):
         j = store.get_job(job_id)
         return j.state != "running" or (j.lease_expires or 0) > stepped
 
-    assert wait_for(renewed_on_the_stepped_clock, 30)
+    wait_until(
+        renewed_on_the_stepped_clock,
+        "the lease renewed on the stepped clock",
+        timeout=30,
+        seen=lambda: store.get_job(job_id),
+    )
     (cfg.state_dir / f"go-{job_id}").touch()
-    worker.join(60)
+    worker.join(scaled(60))
     job = store.get_job(job_id)
     assert job.state == "qc_done", job.error
 
@@ -127,12 +132,10 @@ def test_cancel_stops_a_running_child(env):
     cfg, store, _job_id = env()
 
     def cancel(worker, job):
-        deadline = time.monotonic() + 20
-        while store.get_job(job.id).stage != "sleeping" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_job(store, job.id, stage="sleeping")
         pid = worker.active()[0]["pid"]
         store.cancel(job.id, reason="cancelled by test")
-        worker.join(20)
+        worker.join(scaled(30))
         import psutil
 
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -146,12 +149,10 @@ def test_stop_returns_a_running_job_to_the_queue(env):
     worker = ProcessWorker(cfg, store, target="tests.daemon.targets:sleep_long", owner="w")
     job = store.claim("w", lease_s=60)
     worker.submit(job)  # type: ignore[arg-type]
-    deadline = time.monotonic() + 20
-    while store.get_job(job_id).stage != "sleeping" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_job(store, job_id, stage="sleeping")
     t = time.monotonic()
     worker.stop(timeout=0.5)
-    assert time.monotonic() - t < 10
+    assert time.monotonic() - t < scaled(10)  # the grace period, then the child is stopped: not the job's 600 s
     assert store.get_job(job_id).state == "queued"
     assert worker.free_slots() == 0  # stopping: takes nothing new
 
@@ -182,7 +183,7 @@ def test_a_warm_worker_runs_job_after_job_and_a_crashed_or_used_up_one_is_replac
             job = store.claim("svc-1", lease_s=cfg.service.lease_seconds)
             assert job is not None and job.id == job_id
             worker.submit(job)
-            worker.join(60)
+            worker.join(scaled(60))
             return job_id
 
         try:

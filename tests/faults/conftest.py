@@ -35,6 +35,7 @@ import pytest
 from daemon.errors import DaemonError
 from daemon.store import Job, Store
 from daemon.upload.hpc import PARTIAL_SUFFIX
+from tests.helpers import run_child, scaled, tail, wait_changes
 
 REPO = Path(__file__).resolve().parents[2]
 S3_ENV = "IMAGEQC_FAULTS"
@@ -182,19 +183,23 @@ class Service:
         assert self.proc is not None
         kids = [k.pid for k in self.children()]
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)  # reap at once: a zombie still "exists" for its children's parent watch
+        self.wait_exit(30, "the service to die of SIGKILL")  # reap at once: a zombie still "exists" for its children
         return kids
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait (``scaled(timeout)``); returns the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.wait_exit(timeout, "the service to stop on SIGTERM")
 
-    def wait_exit(self, timeout: float) -> int:
+    def wait_exit(self, timeout: float, what: str = "the service to exit") -> int:
+        """Wait ``scaled(timeout)`` s for the process to end; on expiry fail with what it was doing."""
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(scaled(timeout))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"timed out after {scaled(timeout):g} s waiting for {what}\n{self.doing()}")
 
     def output(self, which: int | None = None) -> str:
         """What a run printed (stdout and stderr); the latest by default."""
@@ -209,7 +214,7 @@ class Service:
         kids = self.children() if self.alive() else []
         if self.alive():
             self.proc.kill()
-            self.proc.wait(10)
+            self.proc.wait(scaled(30))
         for k in kids:
             with contextlib.suppress(psutil.Error):
                 k.kill()
@@ -235,23 +240,34 @@ class Service:
     def wait_for(
         self, pred: Callable[[], Any], timeout: float, what: str, every: float = 0.1, *, may_exit: bool = False
     ) -> Any:
-        """Poll ``pred`` until it is truthy; on timeout (or the service exiting, unless ``may_exit``)
-        fail with the jobs and the log's tail."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Poll ``pred`` until it is truthy, for ``scaled(timeout)`` s; on timeout (or the service exiting,
+        unless ``may_exit``) fail with the jobs, the log's tail and what the process printed last."""
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
             value = pred()
             if value:
                 return value
             if self.proc is not None and self.proc.poll() is not None and not may_exit:
-                pytest.fail(
-                    f"the service exited ({self.proc.returncode}) while waiting for {what}:\n{self.output()[-3000:]}"
-                )
+                pytest.fail(f"the service exited ({self.proc.returncode}) while waiting for {what}\n{self.doing()}")
+            if time.monotonic() >= deadline:
+                break
             time.sleep(every)
-        jobs = "\n".join(f"  #{j.id} {j.chip} {j.state} {j.error or ''}" for j in self.jobs())
-        tail = "\n".join(json.dumps(e)[:300] for e in self.log()[-15:])
-        pytest.fail(f"timed out after {timeout:g} s waiting for {what}\njobs:\n{jobs}\nlog tail:\n{tail}")
+        pytest.fail(f"timed out after {scaled(timeout):g} s waiting for {what}\n{self.doing()}")
 
-    def wait_running(self, timeout: float = 60.0) -> None:
+    def doing(self) -> str:
+        """What the service was doing: its jobs, its log's tail and what the process printed last."""
+        jobs = "\n".join(f"  #{j.id} {j.chip} {j.state}/{j.stage} {j.error or ''}" for j in self.jobs())
+        log = "\n".join(json.dumps(e)[:300] for e in self.log()[-15:])
+        state = (
+            "not started" if self.proc is None else f"exit code {self.proc.poll()}" if not self.alive() else "running"
+        )
+        return (
+            f"service ({state}) jobs:\n{jobs or '  (none)'}\nlog tail:\n{log or '  (empty)'}\n"
+            f"printed last:\n{tail(self.output(), 25)}"
+        )
+
+    def wait_running(self, timeout: float = 180.0) -> None:
+        """Until the service reports running (imports and start-up take long on a busy machine)."""
         started = self.starts
 
         def up() -> bool:
@@ -262,14 +278,28 @@ class Service:
 
         self.wait_for(up, timeout, "the service to report running")
 
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
+    def last_rescan(self) -> float | None:
+        """When the service's discovery last finished walking the first watch root (its heartbeat says)."""
+
+        def read(s: Store) -> float | None:
+            beat = s.get_status().get("service")
+            roots = beat[0].get("components", {}).get("discovery", {}).get("roots", []) if beat else []
+            return roots[0].get("last_rescan") if roots else None
+
+        return self.read(read)
+
+    def rescans(self, n: int = 2, timeout: float = 60.0) -> None:
+        """Until discovery reported ``n`` more rescans: the quiet time before checking nothing new happened."""
+        wait_changes(self.last_rescan, n, "the service to finish another rescan", timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """``imageqc ARGS --config ...`` as a person runs it beside the service (timeout scaled)."""
+        return run_child(
             [sys.executable, "-m", "daemon.cli", *args, "--config", str(self.config)],
+            timeout=timeout,
+            what=f"imageqc {' '.join(args)}",
             cwd=self.root,
             env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
             check=False,
         )
 
@@ -288,17 +318,6 @@ class Service:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[Any]:
-    """moto's S3 server (the upload tests' ``s3_server.py``), for this folder's tests."""
-    from tests.daemon.upload.conftest import start_s3_server
-
-    srv = start_s3_server()
-    yield srv
-    srv.proc.kill()
-    srv.proc.wait()
 
 
 @pytest.fixture

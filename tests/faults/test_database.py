@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.daemon.test_store import damage_pages
-from tests.helpers import wait_for
+from tests.helpers import scaled, wait_until
 
 from .conftest import config_text, sha256_file
 
@@ -41,20 +41,20 @@ def _state_folder(make_service):
     wal = svc.db.with_name(svc.db.name + "-wal")
 
     def folded() -> bool:  # a QC child or reader still exiting keeps it a little longer on a busy machine
-        conn = sqlite3.connect(svc.db, timeout=5)
+        conn = sqlite3.connect(svc.db, timeout=scaled(5))
         try:  # fold every page into the database and empty the WAL (an empty -wal file is ignored by SQLite)
             busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         finally:
             conn.close()
         return busy == 0 and (not wal.exists() or wal.stat().st_size == 0)
 
-    assert wait_for(folded, timeout=60, every=0.5), f"{wal} still holds pages a minute after the service stopped"
+    wait_until(folded, f"{wal} to be folded into the database after the service stopped", timeout=120, every=0.5)
     return svc
 
 
 def _refused(svc) -> str:
     svc.start()
-    assert svc.wait_exit(90) == 1
+    assert svc.wait_exit(180, "the service to refuse the database and exit") == 1, svc.doing()
     out = svc.output()
     assert "Traceback" not in out, out
     return out
@@ -75,7 +75,7 @@ def test_a_database_locked_by_another_program_is_refused_and_left_as_it_was(make
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
-        holder.wait(10)
+        holder.wait(scaled(30))
     svc.start()  # the other program let go: the same state runs again
     svc.wait_running()
     assert svc.stop() == 0

@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import SLOWDOWN_ENV, scaled
 
 from .conftest import config_text, hpc_target, serial, verify_exactly_once, write_slowly
 
@@ -37,6 +40,7 @@ class Tmpfs:
             capture_output=True,
             text=True,
             check=False,
+            timeout=scaled(60),
         )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here (needs root on Linux): {r.stderr.strip() or r.returncode}")
@@ -78,6 +82,10 @@ def tmpfs() -> Iterator:
         t.unmount()
 
 
+#: At most seconds a job that failed on the full output disk waits for its retry (at least half; before the slowdown).
+RETRY_HOLD_S = 20.0
+
+
 def _failed(svc, chip):
     return next((j for j in svc.jobs() if j.chip == chip and j.state == "failed"), None)
 
@@ -85,7 +93,16 @@ def _failed(svc, chip):
 def test_a_full_output_disk_fails_qc_transiently_and_the_retry_succeeds_once_space_returns(
     make_service, tmpfs, chip_images
 ):
-    svc = make_service(config_text(uploads=[hpc_target()], output={"dir": "out", "pictures": True}))
+    # status lists a job under recent_errors only while it is failed, so the retry waits long enough
+    # (RETRY_HOLD_S, scaled) for `imageqc status` to start and read it even on a busy machine
+    hold = scaled(RETRY_HOLD_S)
+    svc = make_service(
+        config_text(
+            uploads=[hpc_target()],
+            output={"dir": "out", "pictures": True},
+            service={"retry_base_s": hold, "retry_max_s": hold},
+        )
+    )
     out = tmpfs(svc.root / "out", "6m")
     out.fill(leave=64 * 1024)
     svc.start()
@@ -97,9 +114,11 @@ def test_a_full_output_disk_fails_qc_transiently_and_the_retry_succeeds_once_spa
     assert "disk full writing " in job.error and "No space left" in job.error and str(out.path) in job.error, job.error
     st = svc.status()  # what a person sees meanwhile
     assert st["service"]["running"] is True
-    assert any(e["job_id"] == job.id and "disk full" in e["error"] and e["retry_at"] for e in st["recent_errors"]), st[
-        "recent_errors"
-    ]
+    late = time.time() - job.next_attempt_at
+    assert any(e["job_id"] == job.id and "disk full" in e["error"] and e["retry_at"] for e in st["recent_errors"]), (
+        f"recent_errors: {st['recent_errors']}"
+        + (f"; `imageqc status` ended {late:.1f} s after the retry was due: raise {SLOWDOWN_ENV}" if late > 0 else "")
+    )
     assert not _leftovers(out.path), f"half-written outputs left on the full disk: {_leftovers(out.path)}"
     out.free()
     svc.wait_for(lambda: any(j.chip == chip and j.state == "done" for j in svc.jobs()), 90, "the retry to succeed")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for
+from tests.discovery_service import NullRunner, rescans
+from tests.helpers import scaled, wait_until
 
 from .conftest import config_text, hpc_target, serial, verify_exactly_once
 
@@ -106,7 +107,7 @@ def test_readers_refuse_a_fifo_at_once_instead_of_waiting_for_a_writer(tmp_path)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    t.join(60)
+    t.join(scaled(60))
     if t.is_alive():
         for f in (fifo, czi):  # a writer's open lets a blocked reader go, so the test process can end
             with contextlib.suppress(OSError):
@@ -190,35 +191,20 @@ _QUEUE_ONLY = (
 
 
 @pytest.fixture
-def queue_only(tmp_path):
+def queue_only(tmp_path, discovery_service):
     """``start(cfg=None)`` -> (daemon, discovery, config): discovery queues, nothing claims; the test runs QC."""
     from daemon.config import load_config_text
-    from daemon.discovery import Discovery
-    from daemon.service import Daemon
-    from tests.daemon.test_discovery import NullRunner
 
     (tmp_path / "imageqc.toml").write_text(_QUEUE_ONLY)
     (tmp_path / "inbox").mkdir()
     base = load_config_text(_QUEUE_ONLY, file=str(tmp_path / "imageqc.toml"), base=tmp_path)
-    running = []
 
     def start(cfg=None):
-        cfg = cfg or base
-        disc = Discovery(cfg)
-        d = Daemon(cfg, target="tests.daemon.targets:ok", runner=NullRunner(), components=[disc])
-        d.start()
-        running.append(d)
-        return d, disc, cfg
+        return discovery_service.start(cfg or base, runner=NullRunner())
 
-    def stop(d):
-        running.remove(d)
-        d.stop()
-
-    start.stop = stop
+    start.stop = discovery_service.stop
     start.config = base
-    yield start
-    for d in running:
-        d.stop()
+    return start
 
 
 def _jobs(cfg):
@@ -226,6 +212,19 @@ def _jobs(cfg):
 
     with Store(cfg.database_path) as s:
         return s.list_jobs(newest_first=False)
+
+
+def _until_states(cfg, states, what=None):
+    """Until the jobs' states are ``states``; fails with the jobs seen last."""
+    wait_until(
+        lambda: [j.state for j in _jobs(cfg)] == states,
+        what or f"the jobs to be {states}",
+        seen=lambda: [(j.id, j.chip, j.state, j.error) for j in _jobs(cfg)],
+    )
+
+
+def _until_health(disc, health):
+    wait_until(lambda: _health(disc) == health, f"the watch root to report {health!r}", seen=lambda: _health(disc))
 
 
 def _run_qc(cfg, job_id):
@@ -238,7 +237,7 @@ def _run_qc(cfg, job_id):
         assert job is not None and job.id == job_id, job
         worker = ProcessWorker(cfg, store, target="daemon.jobs:run_qc_job", owner="fault-test")
         worker.submit(job)
-        worker.join(240)
+        worker.join(scaled(240))
         return store.get_job(job_id), [e.message for e in store.events(job_id)]
 
 
@@ -254,22 +253,22 @@ def test_a_watch_root_gone_when_qc_starts_fails_transiently_and_the_set_is_queue
     _, disc, cfg = queue_only()
     inbox = cfg.watch[0].path
     (inbox / f"{serial(4)}.tif").write_bytes(chip_images[0])
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    _until_states(cfg, ["queued"])
     (job,) = _jobs(cfg)
     away = inbox.with_name("inbox-unmounted")
     inbox.rename(away)  # the share goes away just as QC starts
-    assert wait_for(lambda: _health(disc) == "folder missing")
+    _until_health(disc, "folder missing")
     failed, _ = _run_qc(cfg, job.id)
     assert failed.state == "failed" and failed.failed_stage == "files", failed
     assert f"the watch root {inbox} is unavailable (folder missing)" in failed.error, failed.error
     assert "queued again as soon as the folder is back" in failed.error
     assert failed.next_attempt_at is None  # max_attempts = 1: only the root's return can bring it back
     inbox.write_text("a file took the root's name")  # replaced by a file
-    assert wait_for(lambda: _health(disc) == "not a folder")
+    _until_health(disc, "not a folder")
     assert [j.state for j in _jobs(cfg)] == ["failed"]
     inbox.unlink()
     away.rename(inbox)  # back
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)
+    _until_states(cfg, ["queued"])
     assert _health(disc) == "ok"
     done, events = _run_qc(cfg, job.id)
     assert done.state in ("qc_done", "skipped"), done  # skipped: the running service's "QC done; no upload configured"
@@ -288,17 +287,17 @@ def test_an_unreadable_watch_root_is_reported_and_its_sets_are_retried_once_read
     _, disc, cfg = queue_only()
     inbox = cfg.watch[0].path
     (inbox / f"{serial(5)}.tif").write_bytes(chip_images[0])
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    _until_states(cfg, ["queued"])
     (job,) = _jobs(cfg)
     inbox.chmod(0)
     try:
-        assert wait_for(lambda: _health(disc) == "permission denied")
+        _until_health(disc, "permission denied")
         failed, _ = _run_qc(cfg, job.id)
         assert failed.state == "failed" and failed.failed_stage == "files", failed
         assert "(permission denied)" in failed.error, failed.error
     finally:
         inbox.chmod(0o755)
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)
+    _until_states(cfg, ["queued"])
     assert _health(disc) == "ok"
 
 
@@ -311,7 +310,7 @@ def test_a_set_folder_renamed_after_queueing_is_a_new_set_and_the_old_job_says_w
     inbox = cfg.watch[0].path
     (inbox / "run 7").mkdir()
     (inbox / "run 7" / f"{serial(6)}.tif").write_bytes(chip_images[0])
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    _until_states(cfg, ["queued"])
     (old,) = _jobs(cfg)
     queue_only.stop(d)
     (inbox / "run 7").rename(inbox / "run 7 mouse")  # the operator renames the folder before QC runs
@@ -323,13 +322,13 @@ def test_a_set_folder_renamed_after_queueing_is_a_new_set_and_the_old_job_says_w
         with Store(cfg.database_path) as s:
             return any(m["path"] == new_path for m in s.discovery_load()[0])
 
-    assert wait_for(known)
+    wait_until(known, "discovery to record the set at its new place")
     failed, _ = _run_qc(cfg, old.id)
     assert failed.state == "failed" and failed.next_attempt_at is None, failed
     assert f"the scan set moved to {inbox / 'run 7 mouse'} after it was queued" in failed.error, failed.error
     queue_only.stop(d)
     queue_only()  # settles: the moved set is a new scan set, queued from where it is now
-    assert wait_for(lambda: len(_jobs(cfg)) == 2), _jobs(cfg)
+    wait_until(lambda: len(_jobs(cfg)) == 2, "the moved set queued", seen=lambda: _jobs(cfg))
     first, moved = _jobs(cfg)
     assert first.id == old.id and first.state == "superseded" and moved.state == "queued"  # nothing left failed
     assert "the scan set moved to" in first.error  # its error still says where the set went
@@ -342,7 +341,7 @@ def test_a_set_folder_gone_with_its_files_is_retried_and_queued_again_when_it_co
     inbox = cfg.watch[0].path
     (inbox / "run 8").mkdir()
     (inbox / "run 8" / f"{serial(7)}.tif").write_bytes(chip_images[0])
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"])
+    _until_states(cfg, ["queued"])
     (job,) = _jobs(cfg)
     away = inbox.parent / "being-copied-back"
     (inbox / "run 8").rename(away)  # moved out of the root: nothing under the root says where it went
@@ -350,7 +349,7 @@ def test_a_set_folder_gone_with_its_files_is_retried_and_queued_again_when_it_co
     assert failed.state == "failed" and failed.failed_stage == "files", failed
     assert f"the scan set's folder {inbox / 'run 8'} is missing" in failed.error, failed.error
     away.rename(inbox / "run 8")
-    assert wait_for(lambda: [j.state for j in _jobs(cfg)] == ["queued"]), _jobs(cfg)  # the same job, queued again
+    _until_states(cfg, ["queued"])  # the same job, queued again
 
 
 def test_jobs_queued_before_paths_were_part_of_the_identity_are_still_recognised_in_place(queue_only, chip_images):
@@ -387,11 +386,9 @@ def test_jobs_queued_before_paths_were_part_of_the_identity_are_still_recognised
             job_id = s.create_job(ssid)
             s.transition(s.claim("old-version").id, "qc_done", owner="old-version")
             s.transition(job_id, "done")
-    queue_only()
-    assert wait_for(lambda: len(_jobs(cfg)) == 3), _jobs(cfg)  # the set recorded elsewhere is new where it is
+    _, disc, _ = queue_only()
+    wait_until(lambda: len(_jobs(cfg)) == 3, "the set recorded elsewhere queued where it is", seen=lambda: _jobs(cfg))
     old_here, old_moved, new = _jobs(cfg)
     assert (old_here.state, old_moved.state, new.state) == ("done", "done", "queued") and new.chip == serial(9)
-    import time
-
-    time.sleep(1.5)  # more ticks and a rescan: the set in place stays done, nothing else is queued
+    rescans(disc)  # more ticks and rescans: the set in place stays done, nothing else is queued
     assert len(_jobs(cfg)) == 3

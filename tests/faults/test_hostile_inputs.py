@@ -18,7 +18,6 @@ import os
 import struct
 import tarfile
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -151,7 +150,7 @@ def test_hostile_inputs_get_clear_errors_and_nothing_outside_the_roots_is_touche
             )
 
         svc.wait_for(settled, 120, "every hostile input to end (failed or done)")
-        time.sleep(4.5)  # two more rescans: nothing is reported twice, nothing new is queued
+        svc.rescans(2)  # nothing is reported twice, nothing new is queued
         write_slowly(inbox / f"{ch[9]}.tif", image)  # an ordinary set afterwards
         svc.wait_for(lambda: any(j.chip == ch[9] and j.state == "done" for j in svc.jobs()), 90, "the ordinary set")
         st = svc.status()

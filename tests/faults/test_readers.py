@@ -16,12 +16,13 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_child
 
 from .conftest import config_text, hpc_target, tree_hashes, verify_exactly_once
 from .test_disk_full import tmpfs  # noqa: F401 - the fixture
@@ -60,14 +61,13 @@ def test_a_qc_run_writes_nothing_under_the_users_home(chip_tif, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     out = tmp_path / "out"
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-m", "daemon.cli", "qc", str(chip_tif), "--out", str(out), "--json"],
+        timeout=300,
+        what="imageqc qc",
         check=False,
         cwd=tmp_path,
         env=_child_env(HOME=str(home), USERPROFILE=str(home)),
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout)["images"][0]["clarity"] is not None  # the ONNX model did run

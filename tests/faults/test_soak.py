@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
+from tests.helpers import scaled
+
 from .conftest import config_text, hpc_target, serial, verify_exactly_once, write_slowly
 
 pytestmark = pytest.mark.soak
@@ -88,7 +90,7 @@ def test_sets_streamed_in_over_time_are_all_done_once_and_memory_stays_flat(make
     finally:
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(scaled(30))
     assert svc.stop() == 0
     verify_exactly_once(svc, chips, hpc=svc.root / "hpc")
 

@@ -9,7 +9,6 @@ end). The files are really deleted while the service and a QC child run.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from daemon.service import AlreadyRunning, Daemon
 from daemon.status import collect_status
 from daemon.store import Store
 from tests.daemon.test_discovery import _tif
-from tests.helpers import wait_for
+from tests.helpers import wait_changes, wait_until
 
 from .conftest import config_text
 
@@ -42,6 +41,22 @@ def _job(cfg, job_id):
         return s.get_job(job_id)
 
 
+def _until_count(d, state, n, what):
+    """Until the running Daemon's store counts ``n`` jobs in ``state``; fails with the counts seen last."""
+    wait_until(
+        lambda: d.store is not None and d.store.counts()[state] == n,
+        what,
+        seen=lambda: d.store.counts() if d.store is not None else "no store",
+    )
+
+
+def _beat(cfg):
+    """When the service last wrote its heartbeat."""
+    with Store(cfg.database_path, readonly=True) as s:
+        beat = s.get_status().get("service")
+        return beat[1] if beat else None
+
+
 def _go(cfg, job_id):
     (cfg.state_dir / f"go-{job_id}").touch()
 
@@ -53,14 +68,14 @@ def test_a_job_database_deleted_under_the_service_stops_it_and_the_next_start_re
     d.start()
     try:
         _tif(inbox / "SS200000135TL_D1.tif")
-        assert wait_for(lambda: d.store is not None and d.store.counts()["running"] == 1, timeout=30)
+        _until_count(d, "running", 1, "set 1 in QC")
         _go(cfg, 1)
-        assert wait_for(lambda: d.store is not None and d.store.counts()["skipped"] == 1, timeout=30)  # set 1: finished
+        _until_count(d, "skipped", 1, "set 1 finished")
         _tif(inbox / "later" / "C02533C.tif")
-        assert wait_for(lambda: d.store is not None and d.store.counts()["running"] == 1, timeout=30)  # set 2: in QC
+        _until_count(d, "running", 1, "set 2 in QC")
         cfg.database_path.unlink()  # the fault
         _go(cfg, 2)  # the QC child now opens the database to store its result
-        assert wait_for(d._stop.is_set, timeout=30), "the service did not notice"
+        wait_until(d._stop.is_set, "the service to notice its database was deleted and stop", seen=lambda: d.failure)
     finally:
         d.stop()
     assert d.failure is not None
@@ -80,8 +95,8 @@ def test_a_job_database_deleted_under_the_service_stops_it_and_the_next_start_re
     d2.start()
     try:
         assert cfg.database_path.exists() and not saved[0].exists()  # resumed from the copy
-        assert wait_for(lambda: d2.store is not None and d2.store.counts()["skipped"] == 2, timeout=30)
-        time.sleep(1.0)  # a few more rounds: nothing new may appear
+        _until_count(d2, "skipped", 2, "both sets finished after the restart")
+        wait_changes(lambda: _beat(cfg), 3, "another heartbeat")  # a few more rounds: nothing new may appear
         with Store(cfg.database_path, readonly=True) as s:
             jobs = s.list_jobs(newest_first=False)
             assert [(j.chip, j.state) for j in jobs] == [("SS200000135TL_D1", "skipped"), ("C02533C", "skipped")]
@@ -98,7 +113,9 @@ def test_a_second_service_refuses_to_start_beside_a_live_one_whose_lock_file_was
     d1 = Daemon(cfg, target=WAIT)
     d1.start()
     try:
-        assert wait_for(lambda: _job(cfg, job_id).stage == "waiting", timeout=30)
+        wait_until(
+            lambda: _job(cfg, job_id).stage == "waiting", "the job to wait in QC", seen=lambda: _job(cfg, job_id)
+        )
         lock = cfg.state_dir / "service.lock"
         lock.unlink()  # the fault
         with pytest.raises(AlreadyRunning, match=r"although the lock file .*service.lock is missing") as refused:
@@ -119,7 +136,7 @@ def test_a_second_service_refuses_to_start_beside_a_live_one_whose_lock_file_was
     d3 = Daemon(cfg, target="tests.daemon.targets:ok")  # started again: a new lock file, the job resumes
     d3.start()
     try:
-        assert wait_for(lambda: _job(cfg, job_id).state == "skipped", timeout=30)
+        wait_until(lambda: _job(cfg, job_id).state == "skipped", "the job to finish", seen=lambda: _job(cfg, job_id))
     finally:
         d3.stop()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,16 +17,12 @@ import tifffile
 
 from qc.io.model import Tile
 from qc.testing.tiles import mosaic_texture
+from tests.helpers import require_shared_data
 
 
 def shared_data() -> Path:
-    """The shared reference data: $IMAGEQC_SHARED_DATA, else <repo>/../shared/data."""
-    env = os.environ.get("IMAGEQC_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    if not path.is_dir():
-        msg = f"shared test data not found at {path}; set IMAGEQC_SHARED_DATA"
-        raise FileNotFoundError(msg)
-    return path
+    """The shared reference data (:func:`tests.helpers.require_shared_data`), for helpers called outside fixtures."""
+    return require_shared_data()
 
 
 def _identity(path: Path) -> str:

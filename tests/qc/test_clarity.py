@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -34,6 +33,7 @@ from qc.clarity import (
     window_grid,
 )
 from qc.errors import ModelError
+from tests.helpers import require_shared_data
 
 STAINS = ("DAPI", "ssDNA", "mIF")
 SIGMAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
@@ -44,11 +44,7 @@ STOMICS_FILE = "clarity_eval_mobilev3small05064_DAPI_20230202_pytorch.onnx"
 
 @pytest.fixture(scope="module")
 def data_dir() -> Path:
-    env = os.environ.get("IMAGEQC_SHARED_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    if not (root / "stereo_crops").is_dir():
-        pytest.fail(f"shared test data not found at {root}; set IMAGEQC_SHARED_DATA")
-    return root
+    return require_shared_data("stereo_crops")
 
 
 def read_crop(data_dir: Path, stain: str) -> np.ndarray:

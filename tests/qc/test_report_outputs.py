@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 from qc.report import QCReport, abandoned_outputs, remove_abandoned_outputs, write_outputs
-from tests.helpers import dead_pid
+from tests.helpers import dead_pid, run_child
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,11 +49,10 @@ def _host() -> str:
 def test_a_writer_killed_mid_write_leaves_a_hidden_partial_that_is_removed(tmp_path):
     out = tmp_path / "outputs"
     finished = write_outputs(_report(), out)
-    proc = subprocess.run(
+    proc = run_child(
         [sys.executable, "-c", _DIES_MID_WRITE, str(out)],
+        timeout=120,
         cwd=REPO,
-        capture_output=True,
-        text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 9, proc.stderr

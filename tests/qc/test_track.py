@@ -254,11 +254,9 @@ def test_full_size_chip_from_a_memmapped_tiff(tmp_path):
     assert peak < 400e6, peak  # a float32 copy would be 1.6 GB
 
 
-def test_real_stain_crops_have_no_grid():
+def test_real_stain_crops_have_no_grid(shared_data):
     """The real Stereo-seq crops in shared/data carry no track lines: nothing may be 'found'."""
-    from qc.testing.chips import shared_data_dir
-
-    files = sorted((shared_data_dir() / "stereo_crops").glob("*/input/*.tif"))
+    files = sorted((shared_data / "stereo_crops").glob("*/input/*.tif"))
     assert len(files) >= 4
     for f in files:
         r = find_track_lines(tifffile.imread(f), "SS2")

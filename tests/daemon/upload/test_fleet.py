@@ -16,7 +16,7 @@ from daemon.config import load_config_text
 from daemon.fleet import FLEET_SCHEMA, FleetReporter, read_fleet
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 from .conftest import S3_KEYS, new_bucket
 
@@ -96,7 +96,12 @@ def test_three_services_write_their_status_and_imageqc_fleet_lists_stale_and_fai
     try:
         for d in daemons.values():
             rep = d.components[0]
-            assert wait_for(lambda rep=rep: "lab-s3" in rep.health()["written"], timeout=60), rep.health()
+            wait_until(
+                lambda rep=rep: "lab-s3" in rep.health()["written"],
+                "'lab-s3' in rep.health()['written']",
+                timeout=60,
+                seen=lambda rep=rep: rep.health(),
+            )
         key = f"stereo/_fleet/{SITE}/pc-ok.json"
         doc = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
         assert (
@@ -156,16 +161,15 @@ def test_the_document_is_rewritten_every_interval_and_a_failing_target_is_said_o
         rep.start()
         try:
             rep.tick(now[0])  # the share is not mounted: said once, retried next interval
-            assert wait_for(lambda: "hpc" in rep.health()["errors"])
+            wait_until(lambda: "hpc" in rep.health()["errors"], "the unreachable share to be reported")
             assert "not reachable" in rep.health()["errors"]["hpc"]
             share.mkdir()
             now[0] += 30
-            rep.tick(now[0])  # not due yet
-            time.sleep(0.2)
-            assert "hpc" in rep.health()["errors"]
+            rep.tick(now[0])  # not due yet: the writer is not woken, the error stands
+            assert not rep._wake.is_set() and "hpc" in rep.health()["errors"]
             now[0] += 30
             rep.tick(now[0])  # one interval after the first write
-            assert wait_for(lambda: "hpc" in rep.health()["written"])
+            wait_until(lambda: "hpc" in rep.health()["written"], "the document written to the share")
             path = share / "_fleet" / SITE / "pc-1.json"
             assert json.loads(path.read_text())["heartbeat"] == now[0]
             assert not list(path.parent.glob(".*"))  # written whole, no partial left

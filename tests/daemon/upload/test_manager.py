@@ -16,7 +16,7 @@ from daemon.logging import configure_logging
 from daemon.status import collect_status
 from daemon.store import Store
 from daemon.upload.manager import UploadManager
-from tests.helpers import wait_for
+from tests.helpers import wait_until
 
 from .conftest import (
     OSS_KEYS,
@@ -52,16 +52,43 @@ def at(hour: int, minute: int = 0) -> float:
     return datetime(2024, 6, 12, hour, minute, tzinfo=UTC).timestamp()
 
 
+def tick_until(mgr: UploadManager, pred, what: str, *, clock=time.time, timeout: float = 30.0, seen=None, every=0.02):
+    """Tick the manager until ``pred()`` holds (deadline scaled); fails with ``what`` and what was seen."""
+
+    def ticked():
+        mgr.tick(clock())
+        return pred()
+
+    return wait_until(ticked, what, timeout=timeout, seen=seen, every=every)
+
+
 def drive(mgr: UploadManager, store: Store, job_id: int, states: set[str], *, clock=time.time, timeout: float = 30.0):
     """Tick until the job rests in one of ``states`` with nothing of it running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        mgr.tick(clock())
+
+    def resting():
         job = store.get_job(job_id)
-        if job.state in states and job_id not in mgr._active:
-            return job
-        time.sleep(0.02)
-    pytest.fail(f"job {job_id} is {store.get_job(job_id).state}, wanted {states}")
+        return job if job.state in states and job_id not in mgr._active else None
+
+    return tick_until(
+        mgr,
+        resting,
+        f"job {job_id} to rest in {sorted(states)}",
+        clock=clock,
+        timeout=timeout,
+        seen=lambda: (store.get_job(job_id), f"transfers running: {job_id in mgr._active}"),
+    )
+
+
+def drive_until_waiting(mgr: UploadManager, store: Store, job_id: int, *, clock=time.time):
+    """Drive until the job rests in qc_done with a time set for its next attempt."""
+
+    def waiting():
+        job = drive(mgr, store, job_id, {"qc_done"}, clock=clock)
+        return job if job.next_attempt_at is not None else None
+
+    return wait_until(
+        waiting, f"job {job_id} to wait for its next attempt", timeout=30, seen=lambda: store.get_job(job_id)
+    )
 
 
 @pytest.fixture
@@ -76,7 +103,11 @@ def setup(make_config, tmp_path):
         mgr.start(Host(store, clock))
         made.append((mgr, store))
         # ticks do nothing until the start-up clean-up has run: tests count on their first ticks
-        assert wait_for(lambda: mgr._janitor is None or mgr._janitor.done(), 30)
+        wait_until(
+            lambda: mgr._janitor is None or mgr._janitor.done(),
+            "mgr._janitor is None or mgr._janitor.done()",
+            timeout=30,
+        )
         return cfg, store, mgr
 
     yield make
@@ -156,11 +187,7 @@ def test_windows_decide_when_each_target_uploads(setup, tmp_path):
     )
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out")
     # the job starts in qc_done: drive until the manager has uploaded to day and set it to wait for night
-    waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
-    deadline = time.monotonic() + 30
-    while waiting.next_attempt_at is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
+    waiting = drive_until_waiting(mgr, store, job.id, clock=clock)
     assert waiting.next_attempt_at == at(20, 0)  # back in qc_done until the night window opens
     assert {
         r.target: r.state for r in store.uploads(job.id) if r.kind == "outputs" and r.local_path == str(job.archive)
@@ -249,11 +276,7 @@ def test_inputs_changed_since_qc_are_never_uploaded_and_the_job_waits_for_discov
     original, st = tif.read_bytes(), tif.stat()
     tif.write_bytes(original[:-10] + b"0123456789")  # same size, new content and mtime
     # the job starts in qc_done too: drive until the manager has looked at it and set it to wait
-    deadline = time.monotonic() + 30
-    waiting = drive(mgr, store, job.id, {"qc_done"})
-    while waiting.next_attempt_at is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        waiting = drive(mgr, store, job.id, {"qc_done"})
+    waiting = drive_until_waiting(mgr, store, job.id)
     assert waiting.next_attempt_at is not None and waiting.next_attempt_at > time.time(), waiting
     assert "inputs changed since QC" in store.events(job.id)[-1].message
     assert not any((tmp_path / "hpc-share").rglob("*.tif"))
@@ -349,15 +372,12 @@ def test_an_input_replaced_while_it_is_uploaded_leaves_no_torn_object_and_goes_b
     cfg, store, mgr = setup(toml)
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", shape=(2048, 2048))  # 4 MiB
     tif = job.inputs[0]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        mgr.tick(time.time())
+
+    def started():
         up = mgr._uploaders.get("lab-s3")
-        if up is not None and up.throttle.total >= 256 << 10:
-            break
-        time.sleep(0.02)
-    else:
-        pytest.fail("the upload of the input never started")
+        return up is not None and up.throttle.total >= 256 << 10
+
+    tick_until(mgr, started, "the upload of the input to start", seen=lambda: store.uploads(job.id))
     _overwrite_keeping_size_and_time(tif)  # re-exported in place while it is read (the tail: ~3 s ahead of the sender)
     back = drive(mgr, store, job.id, {"queued", "failed", "done"})
     message = store.events(job.id)[-1].message
@@ -401,13 +421,12 @@ def test_an_input_that_disappeared_fails_the_job(setup, tmp_path):
 def test_a_stop_mid_file_and_a_new_manager_resume_from_the_records(setup, tmp_path):
     cfg, store, mgr = setup(hpc("hpc", "outputs", root=tmp_path, bandwidth_limit="2MB/s"))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=6 << 20)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        mgr.tick(time.time())
+
+    def one_mib_sent():
         rows = [r for r in store.uploads(job.id) if r.local_path == str(job.archive)]
-        if rows and rows[0].bytes_done >= 1 << 20:
-            break
-        time.sleep(0.05)
+        return rows and rows[0].bytes_done >= 1 << 20
+
+    tick_until(mgr, one_mib_sent, "1 MiB of the archive sent", every=0.05, seen=lambda: store.uploads(job.id))
     mgr.stop()
     row = next(r for r in store.uploads(job.id) if r.local_path == str(job.archive))
     assert row.state == "pending" and 0 < row.bytes_done < row.size
@@ -427,18 +446,15 @@ def test_a_stop_mid_file_and_a_new_manager_resume_from_the_records(setup, tmp_pa
 def test_a_cancelled_job_stops_its_transfers(setup, tmp_path):
     _cfg, store, mgr = setup(hpc("hpc", "outputs", root=tmp_path, bandwidth_limit="4MB/s"))
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=8 << 20)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        mgr.tick(time.time())
-        if any(r.bytes_done > 0 for r in store.uploads(job.id)):
-            break
-        time.sleep(0.05)
+    tick_until(
+        mgr,
+        lambda: any(r.bytes_done > 0 for r in store.uploads(job.id)),
+        "the first bytes sent",
+        every=0.05,
+        seen=lambda: store.uploads(job.id),
+    )
     store.cancel(job.id)
-    t0 = time.monotonic()
-    while job.id in mgr._active and time.monotonic() - t0 < 10:
-        mgr.tick(time.time())
-        time.sleep(0.05)
-    assert job.id not in mgr._active
+    tick_until(mgr, lambda: job.id not in mgr._active, "the cancelled job's transfers to stop", every=0.05)
     final = store.get_job(job.id)
     assert final.state == "failed" and final.failed_stage == "cancelled"
     assert not (tmp_path / "hpc-share" / "default" / job.chip / job.run / f"{job.run}.tar.gz").exists()
@@ -497,13 +513,12 @@ def test_a_window_closing_mid_file_lets_the_part_in_flight_finish_and_resumes_at
     )
     job = make_qc_done_job(store, tmp_path / "inbox", tmp_path / "out", archive_payload=12 << 20)
     key = f"default/{job.chip}/{job.run}/{job.run}.tar.gz"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        mgr.tick(clock())
+
+    def archive_started():
         row = next((r for r in store.uploads(job.id) if r.local_path == str(job.archive)), None)
-        if row is not None and row.bytes_done > 0:
-            break
-        time.sleep(0.02)
+        return row is not None and row.bytes_done > 0
+
+    tick_until(mgr, archive_started, "the archive's first bytes sent", clock=clock, seen=lambda: store.uploads(job.id))
     clock.t = at(6, 30) + 86400  # the window closes
     waiting = drive(mgr, store, job.id, {"qc_done"}, clock=clock)
     assert waiting.next_attempt_at == at(20, 0) + 86400

@@ -7,16 +7,17 @@ import threading
 import pytest
 
 from daemon.upload.pool import DaemonPool
+from tests.helpers import scaled
 
 
 def test_results_and_errors_reach_the_futures():
     pool = DaemonPool(2, "t")
     try:
-        assert [f.result(10) for f in [pool.submit(pow, 2, n) for n in range(5)]] == [1, 2, 4, 8, 16]
+        assert [f.result(scaled(30)) for f in [pool.submit(pow, 2, n) for n in range(5)]] == [1, 2, 4, 8, 16]
         with pytest.raises(ZeroDivisionError):
-            pool.submit(lambda: 1 / 0).result(10)
+            pool.submit(lambda: 1 / 0).result(scaled(30))
     finally:
-        assert pool.shutdown(wait=True, timeout=10)
+        assert pool.shutdown(wait=True, timeout=scaled(30))
 
 
 def test_a_stuck_call_is_abandoned_at_shutdown_and_queued_work_is_cancelled():
@@ -30,4 +31,4 @@ def test_a_stuck_call_is_abandoned_at_shutdown_and_queued_work_is_cancelled():
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(int, "2")
     release.set()
-    assert stuck.result(10) is True
+    assert stuck.result(scaled(30)) is True

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qc.io.tilenames import inspect_tile_folder, parse_tile_name, read_tile_configuration, snake_to_grid
+from tests.helpers import scaled
 
 CONVENTIONS = ["motic", "go_optical", "rowcol", "grid_at", "leica_stage", "leica_snake", "custom"]
 
@@ -189,6 +190,6 @@ def test_a_fifo_named_tile_configuration_is_never_opened(tmp_path):
     got = []
     t = threading.Thread(target=lambda: got.append(inspect_tile_folder(folder)), daemon=True)
     t.start()
-    t.join(30)  # a blocking open would wait for a writer for ever
+    t.join(scaled(30))  # a blocking open would wait for a writer for ever
     assert got, "inspect_tile_folder blocked on a FIFO named TileConfiguration.txt"
     assert got[0].convention is None and got[0].tile_configuration is None
