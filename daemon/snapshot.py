@@ -305,9 +305,15 @@ def cached_folder_role(policy: WalkPolicy, path: str, info: NameInfo, cache: Rol
 
 
 def _examine(
-    policy: WalkPolicy, path: str, name: str, is_dir: bool, roles: RoleCache | None = None
+    policy: WalkPolicy,
+    path: str,
+    name: str,
+    is_dir: bool,
+    roles: RoleCache | None = None,
+    st: os.stat_result | None = None,
 ) -> Found | Rejected | str | None:
-    """One directory entry: a member, a rejected name, ``"descend"`` (a folder to walk) or None."""
+    """One directory entry: a member, a rejected name, ``"descend"`` (a folder to walk) or None.
+    ``st``: the entry's own stat when the caller has it (not following links), so it is not taken twice."""
     info = parse_name(name, is_dir=is_dir)
     if is_dir:
         if policy.excluded(path):
@@ -319,7 +325,8 @@ def _examine(
         return Found(path, info.member, stat_tile_folder(policy, path), info.status is NameStatus.MEMBER)
     if info.member is None:
         return None
-    st = os.stat(path, follow_symlinks=False)
+    if st is None:
+        st = os.stat(path, follow_symlinks=False)
     if not stat_mod.S_ISREG(st.st_mode):  # a FIFO would block the first read of it: never opened
         return Rejected(path, f"{name!r} is a {file_kind(st.st_mode)}, not a regular file", NOT_REGULAR)
     if not info.accepted(policy.naming):
@@ -340,7 +347,7 @@ def _entry_at(policy: WalkPolicy, path: str) -> Found | Rejected | str | None:
         st = os.stat(path, follow_symlinks=False)
         if stat_mod.S_ISLNK(st.st_mode):
             return None
-        return _examine(policy, path, parts[-1], stat_mod.S_ISDIR(st.st_mode))
+        return _examine(policy, path, parts[-1], stat_mod.S_ISDIR(st.st_mode), st=st)
     except (FileNotFoundError, NotADirectoryError):
         return None
 

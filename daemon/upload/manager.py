@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -339,12 +339,11 @@ class UploadManager:
                 self._settle(a, now)
                 return
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
-            for r in records:
+            for i, r in enumerate(records):  # what a previous attempt left unfinished starts again
                 if r.state in (U.RETRY, U.ACTIVE, U.FAILED, U.CHANGED):
-                    self.store.update_upload(
-                        r.id, state=U.PENDING, attempts=0 if r.state == U.FAILED else r.attempts, now=now
-                    )
-            records = [r for r in self.store.uploads(job.id) if self._required(r)]
+                    attempts = 0 if r.state == U.FAILED else r.attempts
+                    self.store.update_upload(r.id, state=U.PENDING, attempts=attempts, now=now)
+                    records[i] = replace(r, state=U.PENDING.value, attempts=attempts, updated_at=now)
             result = self.store.get_result(job.id)
             a.qc_inputs = (result or {}).get("inputs")
             a.held = [r for r in records if r.kind == "outputs" and r.state not in UPLOAD_FINISHED]

@@ -252,7 +252,7 @@ def test_stomics_model_rejects_rgb(stomics, data_dir):
 
 def test_missing_model_file_is_a_clear_model_error(tmp_path):
     spec = ClarityModel.from_mapping({**STOMICS_4CLASS, "path": "nope.onnx"}, base_dir=tmp_path)
-    with pytest.raises(ModelError, match=r"file not found: .*nope\.onnx.*qc\.clarity\.path"):
+    with pytest.raises(ModelError, match=r"file not found: .*nope\.onnx.*Set qc\.model in the config"):
         load_clarity_model(spec)
 
 
