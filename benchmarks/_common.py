@@ -69,6 +69,15 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
 
 
+def publish(name: str, lines: list[str], *, save: bool = True) -> str:
+    """Print a benchmark's result lines and, when ``save``, put them into RESULTS.md under ``name``."""
+    text = "\n".join(lines)
+    print(text)
+    if save:
+        record(name, text)
+    return text
+
+
 def record(name: str, text: str) -> None:
     """Put ``text`` into benchmarks/RESULTS.md between ``<!-- name:start/end -->`` markers."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

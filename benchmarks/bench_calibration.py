@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, record
+from _common import machine_info, publish
 from bench_stitching import PeakRSS
 
 from qc.calibration import calibrate
@@ -87,10 +87,7 @@ def main() -> None:
         "written, so they are in the page cache; the RSS counts the memory-mapped pages read (both images "
         f"are read once, in bands, for the coarse views). Setup (not timed): {setup_s:.0f} s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record(SECTION + ("_quick" if args.quick else ""), text)
+    publish(SECTION + ("_quick" if args.quick else ""), lines, save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, record
+from _common import machine_info, publish
 from bench_stitching import PeakRSS, write_bench_tiles
 
 from qc.stitching import fuse_tiles
@@ -96,10 +96,7 @@ def main() -> None:
         "levels. Target: within twice the read time, peak memory under 1.5 GB. "
         f"Setup (texture + writing the TIFFs, not timed above): {setup_s:.0f} s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record(SECTION + ("_quick" if args.quick else ""), text)
+    publish(SECTION + ("_quick" if args.quick else ""), lines, save=not args.no_record)
 
 
 if __name__ == "__main__":

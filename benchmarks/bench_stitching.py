@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, record
+from _common import machine_info, publish
 
 from qc.stitching import MemoryPairCache, evaluate_stitching
 from qc.testing.tiles import blob_texture, make_tile_set, tiles_from_folder, write_tile_folder
@@ -144,10 +144,7 @@ def main() -> None:
         "Targets: < 20 s cold, < 1 s warm (StereoMap: about 2 minutes per image). "
         f"Setup (texture + writing the TIFFs, not timed above): {setup_s:.0f} s.",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_record:
-        record(SECTION + ("_quick" if args.quick else ""), text)
+    publish(SECTION + ("_quick" if args.quick else ""), lines, save=not args.no_record)
 
 
 if __name__ == "__main__":

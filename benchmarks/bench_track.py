@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, machine_info, peak_rss_mb, record  # noqa: E402
+from _common import cpu_seconds, machine_info, peak_rss_mb, publish  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work"
 SECTION = "## track (benchmarks/bench_track.py)"
@@ -128,9 +128,7 @@ def main() -> None:
         f"Machine: {info}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    record("bench_track" + ("_quick" if args.quick else ""), text)
+    publish("bench_track" + ("_quick" if args.quick else ""), lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine_info, record
+from benchmarks._common import machine_info, publish
 
 
 def _member(path: Path, name: str) -> dict:
@@ -126,10 +126,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {name} | {t:.1f} s | {t / n:.2f} s | {over:+.2f} s |" for name, t, over in rows],
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.quick:
-        record("bench_worker", text)
+    publish("bench_worker", lines, save=not args.quick)
 
 
 if __name__ == "__main__":
