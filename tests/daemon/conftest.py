@@ -44,6 +44,10 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             "[logging]\n"
             'console = "off"\n'
         )
+        if "priority" not in extra:
+            # normal priority unless a test asks: at "low" (nice 19, idle I/O) a QC child gets almost no CPU
+            # beside a CPU hog, and the suite must pass on a busy machine; test_worker checks "low" itself
+            text += '[qc]\npriority = "normal"\n'
         text = _merge(text, extra)
         path = tmp_path / name
         path.write_text(text, encoding="utf-8")

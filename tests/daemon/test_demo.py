@@ -15,7 +15,7 @@ def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeyp
     text = (
         'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 1\n'
         "[discovery]\ngrouping_window_s = 0.5\nrescan_interval_s = 2\n"
-        '[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = "off"\n'
+        '[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = "off"\n[qc]\npriority = "normal"\n'
         f'[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "{hpc.as_posix()}"\nmode = "all"\n'
     )
     conf = tmp_path / "site.toml"

@@ -56,6 +56,7 @@ def make_discovery_config(tmp_path: Path, watch: str = "", *, tick: float = 0.1,
         + "".join(f"{k} = {v}\n" for k, v in settings.items())
         + f"[service]\ntick_seconds = {tick}\nlease_seconds = 5\nretry_base_s = 1\nshutdown_timeout_s = 2\n"
         + '[logging]\nconsole = "off"\n'
+        + '[qc]\npriority = "normal"\n'  # a "low" QC child starves beside a CPU hog (tests/README.md)
     )
     (tmp_path / "imageqc.toml").write_text(text)
     (tmp_path / "inbox").mkdir(exist_ok=True)

@@ -186,7 +186,7 @@ _QUEUE_ONLY = (
     'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 0.3\n'
     "[discovery]\ngrouping_window_s = 0\nrescan_interval_s = 1\npoll_interval_s = 0.2\nincomplete_timeout_s = 600\n"
     "[service]\ntick_seconds = 0.1\nlease_seconds = 60\nretry_base_s = 1\nmax_attempts = 1\nshutdown_timeout_s = 2\n"
-    '[output]\npictures = false\n[qc]\nthreads = 1\n[logging]\nconsole = "off"\n'
+    '[output]\npictures = false\n[qc]\nthreads = 1\npriority = "normal"\n[logging]\nconsole = "off"\n'
 )
 
 

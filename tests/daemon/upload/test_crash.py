@@ -56,7 +56,7 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
     cfg_path = tmp_path / "imageqc.toml"
     cfg_path.write_text(
         'state_dir = "state"\n[[watch]]\npath = "inbox"\n[service]\ntick_seconds = 0.2\nlease_seconds = 5\n'
-        '[logging]\nconsole = "off"\n[[upload]]\nname = "moto"\ntype = "s3"\n'
+        '[logging]\nconsole = "off"\n[qc]\npriority = "normal"\n[[upload]]\nname = "moto"\ntype = "s3"\n'
         f'endpoint = "{s3_server.endpoint}"\nbucket = "{bucket}"\nregion = "us-east-1"\naddressing_style = "path"\n'
         'mode = "outputs"\npart_size_mb = 5\nconcurrency = 2\nbandwidth_limit = "16MB/s"\ncredentials = "env:IMAGEQC_T"\n'
     )
