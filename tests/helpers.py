@@ -43,6 +43,11 @@ def _read_slowdown() -> float:
 #: The factor read once from ``IMAGEQC_TEST_SLOWDOWN`` (default 1).
 SLOWDOWN = _read_slowdown()
 
+#: The ``[qc]`` table of the tests' service configs. At the default "low" priority (nice 19, idle I/O) a QC
+#: child gets almost no CPU beside a CPU hog at normal priority, and the suite must pass on a busy machine;
+#: tests/daemon/test_worker.py checks "low" itself.
+QC_NORMAL_PRIORITY = '[qc]\npriority = "normal"\n'
+
 
 def scaled(seconds: float) -> float:
     """``seconds`` times the slowdown factor: use it for every deadline and subprocess timeout."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, load_config_text
-from tests.helpers import scaled
+from tests.helpers import QC_NORMAL_PRIORITY, scaled
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +44,8 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
             "[logging]\n"
             'console = "off"\n'
         )
-        if "priority" not in extra:
-            # normal priority unless a test asks: at "low" (nice 19, idle I/O) a QC child gets almost no CPU
-            # beside a CPU hog, and the suite must pass on a busy machine; test_worker checks "low" itself
-            text += '[qc]\npriority = "normal"\n'
+        if "priority" not in extra:  # normal priority unless the test sets one
+            text += QC_NORMAL_PRIORITY
         text = _merge(text, extra)
         path = tmp_path / name
         path.write_text(text, encoding="utf-8")

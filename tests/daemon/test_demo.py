@@ -7,6 +7,7 @@ from pathlib import Path
 from daemon.cli import main
 from daemon.service import Daemon, default_components
 from daemon.store import Store
+from tests.helpers import QC_NORMAL_PRIORITY
 
 
 def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeypatch):
@@ -15,8 +16,9 @@ def test_demo_set_goes_through_discovery_qc_and_upload(tmp_path, capsys, monkeyp
     text = (
         'state_dir = "state"\n[[watch]]\npath = "inbox"\nsettle_seconds = 1\n'
         "[discovery]\ngrouping_window_s = 0.5\nrescan_interval_s = 2\n"
-        '[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = "off"\n[qc]\npriority = "normal"\n'
-        f'[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "{hpc.as_posix()}"\nmode = "all"\n'
+        '[service]\ntick_seconds = 0.2\nlease_seconds = 30\n[logging]\nconsole = "off"\n'
+        + QC_NORMAL_PRIORITY
+        + f'[[upload]]\nname = "hpc"\ntype = "hpc"\npath = "{hpc.as_posix()}"\nmode = "all"\n'
     )
     conf = tmp_path / "site.toml"
     conf.write_text(text)

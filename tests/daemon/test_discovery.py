@@ -26,7 +26,7 @@ from daemon.status import collect_status
 from daemon.store import SCHEMA_VERSION, Store
 from daemon.watcher import default_observer
 from tests.discovery_service import NullRunner, rescans
-from tests.helpers import scaled, wait_until
+from tests.helpers import QC_NORMAL_PRIORITY, scaled, wait_until
 
 
 def _tif_bytes(shape=(64, 64), **kw) -> bytes:
@@ -56,7 +56,7 @@ def make_discovery_config(tmp_path: Path, watch: str = "", *, tick: float = 0.1,
         + "".join(f"{k} = {v}\n" for k, v in settings.items())
         + f"[service]\ntick_seconds = {tick}\nlease_seconds = 5\nretry_base_s = 1\nshutdown_timeout_s = 2\n"
         + '[logging]\nconsole = "off"\n'
-        + '[qc]\npriority = "normal"\n'  # a "low" QC child starves beside a CPU hog (tests/README.md)
+        + QC_NORMAL_PRIORITY
     )
     (tmp_path / "imageqc.toml").write_text(text)
     (tmp_path / "inbox").mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ from daemon.upload import make_uploader
 from daemon.upload.base import Transfer
 from daemon.upload.credentials import Credentials
 from daemon.upload.manager import UploadManager
-from tests.helpers import scaled, tail, wait_until
+from tests.helpers import QC_NORMAL_PRIORITY, scaled, tail, wait_until
 
 from .conftest import OSS_KEYS, REPO, S3_KEYS, RcloneServer, free_port, make_qc_done_job, new_bucket
 from .test_manager import UTC, Host, drive
@@ -56,7 +56,7 @@ def test_after_kill_9_mid_file_the_restarted_service_sends_only_the_missing_part
     cfg_path = tmp_path / "imageqc.toml"
     cfg_path.write_text(
         'state_dir = "state"\n[[watch]]\npath = "inbox"\n[service]\ntick_seconds = 0.2\nlease_seconds = 5\n'
-        '[logging]\nconsole = "off"\n[qc]\npriority = "normal"\n[[upload]]\nname = "moto"\ntype = "s3"\n'
+        '[logging]\nconsole = "off"\n' + QC_NORMAL_PRIORITY + '[[upload]]\nname = "moto"\ntype = "s3"\n'
         f'endpoint = "{s3_server.endpoint}"\nbucket = "{bucket}"\nregion = "us-east-1"\naddressing_style = "path"\n'
         'mode = "outputs"\npart_size_mb = 5\nconcurrency = 2\nbandwidth_limit = "16MB/s"\ncredentials = "env:IMAGEQC_T"\n'
     )

@@ -16,7 +16,7 @@ from daemon.config import load_config_text
 from daemon.fleet import FLEET_SCHEMA, FleetReporter, read_fleet
 from daemon.service import Daemon
 from daemon.store import JobState, Store
-from tests.helpers import wait_until
+from tests.helpers import QC_NORMAL_PRIORITY, wait_until
 
 from .conftest import S3_KEYS, new_bucket
 
@@ -34,7 +34,7 @@ def pc_config(base: Path, host: str, upload: str):
     (folder / "inbox").mkdir(parents=True, exist_ok=True)
     text = (
         f'state_dir = "state"\n[[watch]]\npath = "inbox"\n[site]\nname = "{SITE}"\n[service]\ntick_seconds = 0.2\n'
-        f'[logging]\nconsole = "off"\n[qc]\npriority = "normal"\n[fleet]\ninterval_s = 60\nhost = "{host}"\n{upload}'
+        f'[logging]\nconsole = "off"\n{QC_NORMAL_PRIORITY}[fleet]\ninterval_s = 60\nhost = "{host}"\n{upload}'
     )
     (folder / "imageqc.toml").write_text(text, encoding="utf-8")
     return load_config_text(text, file=str(folder / "imageqc.toml"), base=folder)
