@@ -81,7 +81,7 @@ def chip_tile_set(
     *,
     rows: int = 3,
     cols: int = 3,
-    tile_size: int = 512,
+    tile_size: int = 1024,
     overlap: float = 0.1,
     scale: float = 1.0,
     angle_deg: float = 0.3,
