@@ -12,7 +12,9 @@ The steps, with the stage names the progress callback receives:
     The ONNX clarity classifier on the nuclear/H&E image.
 ``stitching``
     For each image that comes as tiles: FOV-pair registration through the
-    pair cache.
+    pair cache; for the nuclear image, each FOV checked on its own too
+    (:func:`qc.live.check_fovs`: track lines, clarity, exposure) through the
+    same cache, for the report's ``fov_checks`` and the per-FOV map.
 ``calibration``
     For DAPI+mIF: each IF image against the nuclear image.
 ``verdict``
@@ -36,6 +38,7 @@ from qc import __version__
 from qc.chip import ChipTemplate, parse_chip, template_for
 from qc.errors import QCError
 from qc.io import Image, ReadLimits, ScanSet
+from qc.live import FovParams
 from qc.pictures import take_calibration_crops, take_track_insets, thumb_factor
 from qc.report import ImageReport, QCReport
 from qc.rules import (
@@ -88,6 +91,9 @@ class QCSettings:
         Image-size limits of the readers.
     clarity_model : object, optional
         A :class:`qc.clarity.model.ClarityModel` spec; default the shipped model.
+    fov_params : FovParams
+        The per-FOV checks of tiled images (:mod:`qc.live`); its ``um_per_px`` is the expected
+        pixel size, replaced by the image's own when its metadata declares one.
     site, operator : str
         Recorded in the report.
     """
@@ -99,6 +105,7 @@ class QCSettings:
     threads: int = 2
     limits: ReadLimits = field(default_factory=ReadLimits)
     clarity_model: Any = None
+    fov_params: FovParams = field(default_factory=FovParams)
     site: str = ""
     operator: str = ""
 
@@ -153,7 +160,7 @@ def _template(chip: str) -> tuple[ChipTemplate, str | None]:
 
 def _metric_blocks(found: dict[str, Any]) -> dict[str, Any]:
     """Each metric's block of an image report; None for a metric that was not run."""
-    return {m: found.get(m) for m in ("track", "clarity", "stitching", "calibration")}
+    return {m: found.get(m) for m in ("track", "clarity", "stitching", "calibration", "fov_checks")}
 
 
 def _facts(img: Image) -> dict[str, Any]:
@@ -219,6 +226,7 @@ def run_qc(
         "checks": {},
         "track_insets": {},
         "calibration_crops": {},
+        "fov_checks": {},
         "chip": scan_set.chip,
     }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
@@ -242,6 +250,7 @@ def run_qc(
     tiled = any(img.tiles for img in scan_set.images)
     wanted = metrics_for(stain, tiled=tiled)
     nuclear_plane: np.ndarray | None = None
+    loaded_model: Any = None  # the clarity model once loaded, for the per-FOV checks too
     if nuclear is not None and nuclear.name in art["thumbs"]:
         art["nuclear"] = nuclear.name
         try:
@@ -275,6 +284,7 @@ def run_qc(
         from qc.clarity import MAP_LABELS, evaluate_clarity, load_clarity_model
 
         model = clarity_model or load_clarity_model(settings.clarity_model, threads=settings.threads)
+        loaded_model = model
         if nuclear.is_rgb and not model.spec.supports_colour:
             blocks[nuclear.name]["clarity"] = None
         else:
@@ -299,6 +309,12 @@ def run_qc(
         required = stain == "DAPI+mIF" or settings.stitching_required
         for k, img in enumerate(tiled_images):
             tiles = list(img.tiles or ())
+            fovs_cached: int | None = None
+            if nuclear is not None and img is nuclear:
+                try:
+                    fovs_cached = _fov_checks(img, tiles, cache, scan_set.chip, settings, loaded_model, art, blocks)
+                except QCError as e:
+                    problems.append(f"{img.name}: the per-FOV checks could not run: {e}")
 
             def on_pairs(done: int, total: int, k: int = k) -> None:
                 st.at("stitching", (k + done / max(total, 1)) / len(tiled_images))
@@ -319,7 +335,11 @@ def run_qc(
             chk = check_stitching(img.name, sres, th, required=required, layout=_layout_note(img))
             art["passed"][("stitching", img.name)] = chk.passed
             art["checks"][("stitching", img.name)] = chk
-            block = dict(sres.summary())
+            block = {}
+            for key, value in sres.summary().items():
+                block[key] = value
+                if key == "pairs_cached" and fovs_cached is not None:
+                    block["fovs_cached"] = fovs_cached
             block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
             blocks[img.name]["stitching"] = block
             checks.append(chk)
@@ -398,6 +418,45 @@ def run_qc(
     )
     st.at("verdict", 1.0)
     return report
+
+
+def _fov_checks(
+    img: Image,
+    tiles: list[Any],
+    cache: Any,
+    chip: str,
+    settings: QCSettings,
+    model: Any,
+    art: dict[str, Any],
+    blocks: dict[str, dict[str, Any]],
+) -> int:
+    """Each FOV of a tiled nuclear image checked on its own through the cache; returns how many came from it."""
+    from dataclasses import replace
+
+    from qc.live import check_fovs, fov_summary
+
+    params = settings.fov_params
+    px = img.pixel_size_um
+    if px is not None and 0.05 <= float(px) <= 5.0:  # the image's own pixel size, when its metadata is plausible
+        params = replace(params, um_per_px=float(px))
+    if model is not None and img.is_rgb and not model.spec.supports_colour:
+        model = None
+    cached = 0
+
+    def count(_check: Any, hit: bool) -> None:
+        nonlocal cached
+        cached += int(hit)
+
+    t0 = time.perf_counter()
+    checks = check_fovs(
+        tiles, cache=cache, template=_template(chip)[0], params=params, clarity_model=model, on_result=count
+    )
+    block = fov_summary(checks, cached=cached)
+    block["seconds"] = round(time.perf_counter() - t0, 3)
+    block["um_per_px"] = params.um_per_px
+    blocks[img.name]["fov_checks"] = block
+    art["fov_checks"][img.name] = (checks, img.fov_grid)
+    return cached
 
 
 def _layout_note(img: Any) -> str:
