@@ -305,7 +305,8 @@ class Discovery:
         return {"sets": rows, "sets_total": len(sets), "misnamed": misnamed, "misnamed_total": len(names)}
 
     def growing_tile_folders(self) -> list[Growing]:
-        """Tile folders of sets not queued yet (still being written or settling): what live QC looks at.
+        """Nuclear-stain and H&E tile folders of sets not queued yet (still being written or settling): what live QC
+        looks at (the final QC checks the FOVs of the nuclear image only).
 
         Called from the service thread (the tick), like every other use of the sets.
         """
@@ -318,7 +319,7 @@ class Discovery:
                 continue
             for p in sorted(s.members):
                 known = self._members.get(p)
-                if known is not None and known[0].format == "tiles":
+                if known is not None and known[0].format == "tiles" and known[0].role != "IF":  # the nuclear/H&E FOVs
                     out.append(Growing(chip=s.chip, folder=p, watch=r.watch, since=s.settling_since))
         return out
 

@@ -176,6 +176,38 @@ def _whole(path: Path) -> bool:
     return True
 
 
+class _OneRead:
+    """A tile file read from disk once: its SHA-256 (the tile-folder reader's digest) and its pixels share the bytes."""
+
+    def __init__(self, path: Path, limits: Any, shape: tuple[int, int]) -> None:
+        self.path, self.limits, self.shape = path, limits, shape
+        self._data: bytes | None = None
+        self.decoded: Any = None
+
+    def _bytes(self) -> bytes:
+        if self._data is None:
+            self._data = self.path.read_bytes()
+        return self._data
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(self._bytes()).hexdigest()
+
+    def pixels(self) -> Any:
+        if self.decoded is None:
+            from qc.errors import CorruptImageError
+            from qc.io.tiles import read_tile_file
+
+            arr = read_tile_file(self.path, self.limits, data=self._bytes())
+            if arr.shape[:2] != self.shape:
+                problem = f"tile is {arr.shape[1]} x {arr.shape[0]} px but the folder's first tile is {self.shape[1]} x {self.shape[0]}"
+                raise CorruptImageError(self.path, problem, hint="Re-export the tile folder; all tiles must match")
+            self.decoded = arr
+            self._data = None  # decoded: the bytes are not needed any more
+        return self.decoded
+
+
 class LiveQC:
     """The ``live`` component (see the module docstring).
 
@@ -303,7 +335,7 @@ class LiveQC:
             from daemon.jobs import qc_settings
             from daemon.paircache import StorePairCache
             from qc.clarity import load_clarity_model
-            from qc.live import FovParams, WarningRules
+            from qc.live import WarningRules
             from qc.stitching import StitchingParams
 
             threads = self.config.live.threads
@@ -320,7 +352,6 @@ class LiveQC:
                 "cache": StorePairCache(self._store),
                 "model": model,
                 "stitching": StitchingParams(stage_limit_px=settings.stitching_stage_limit_px),
-                "fov": FovParams(),
                 "rules": WarningRules(start_share=lc.start_share, start_rows=lc.start_rows),
             }
         return self._prepared
@@ -393,39 +424,31 @@ class LiveQC:
     def _check_tile(
         self, s: _LiveSet, tile: Any, tiles: dict[str, Any], px: float | None, prep: dict[str, Any]
     ) -> None:
-        from qc.chip import template_for
-        from qc.errors import QCError
-        from qc.live import FovCheck, check_fov, fov_key
-        from qc.stitching.pair_cache import cache_get_many, cache_put_many, digest_key
+        from qc.live import check_fovs
+        from qc.pipeline import chip_template, fov_params_for
 
         seen = s.tiles[tile.name]
-        cache = prep["cache"]
+        once = _OneRead(Path(s.g.folder) / tile.name, prep["settings"].limits, (tile.height, tile.width))
+        one = replace(tile, digest_fn=once.digest, loader=once.pixels)
+        hits: list[bool] = []
         t0 = time.monotonic()
-        digest = tile.digest()
-        if tile.identity:
-            cache_put_many(cache, {digest_key(tile.identity): digest.encode("ascii")})
-        fp = replace(prep["fov"], um_per_px=px or prep["fov"].um_per_px)
-        model = prep["model"]
-        key = fov_key(digest, fp, getattr(getattr(model, "spec", None), "name", None) if model else None)
-        rewritten = seen.digest is not None and seen.digest != digest
-        pixels = None
-        got = cache_get_many(cache, [key]).get(key)
-        if got is not None:
-            check = FovCheck.from_bytes(got)
-            with self._lock:
-                s.fovs_cached += 1
-        else:
-            pixels = tile.read()
-            try:
-                template = template_for(s.g.chip)
-            except (QCError, ValueError, KeyError):
-                template = None
-            check = check_fov(pixels, tile, digest=digest, template=template, params=fp, clarity_model=model)
-            cache_put_many(cache, {key: check.to_bytes()})
-            with self._lock:
-                s.fovs_computed += 1
+        # the same parameters, template and model as the final QC's (qc.pipeline): the same cache keys
+        (check,) = check_fovs(
+            [one],
+            cache=prep["cache"],
+            template=chip_template(s.g.chip)[0],
+            params=fov_params_for(prep["settings"].fov_params, px),
+            clarity_model=prep["model"],
+            on_result=lambda _c, hit: hits.append(hit),
+        )
         read_s = time.monotonic() - t0
+        digest = check.digest
+        rewritten = seen.digest is not None and seen.digest != digest
         with self._lock:
+            if hits and hits[0]:
+                s.fovs_cached += 1
+            else:
+                s.fovs_computed += 1
             if rewritten:
                 s.rewritten += 1
                 for k in [k for k in s.pairs if tile.name in k]:
@@ -438,8 +461,8 @@ class LiveQC:
             if tile.name in s.order:
                 s.order.remove(tile.name)
             s.order.append(tile.name)
-        self._remember(s, tile.name, digest, pixels)
-        self._pairs(s, tile, tiles, prep)
+        self._remember(s, tile.name, digest, once.decoded)
+        self._pairs(s, one, tiles, prep)
         self._judge(s)
         if read_s > 2.0 * max(self.config.live.tile_settle_s, 0.5):  # a slow read: a busy disk, give way
             self._stop.wait(min(read_s, 10.0))

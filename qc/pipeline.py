@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,16 @@ from qc.rules import (
     metrics_for,
 )
 
-__all__ = ["DEFAULT_TEMPLATE", "Progress", "QCSettings", "decide_stain", "run_qc", "write_run_outputs"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "Progress",
+    "QCSettings",
+    "chip_template",
+    "decide_stain",
+    "fov_params_for",
+    "run_qc",
+    "write_run_outputs",
+]
 
 #: Called with (stage, percent 0-100 of the whole run).
 Progress = Callable[[str, float], None]
@@ -151,7 +160,8 @@ class _Stages:
         self.progress(stage, round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1))
 
 
-def _template(chip: str) -> tuple[ChipTemplate, str | None]:
+def chip_template(chip: str) -> tuple[ChipTemplate, str | None]:
+    """The chip's track-line template, and a note when ``chip`` is no serial (then the default template)."""
     serial = parse_chip(chip)
     if serial is None:
         return template_for(DEFAULT_TEMPLATE), f"{chip!r} is not a chip serial; assumed the {DEFAULT_TEMPLATE} template"
@@ -263,7 +273,7 @@ def run_qc(
         st.at("track")
         from qc.track import find_track_lines
 
-        template, note = _template(scan_set.chip)
+        template, note = chip_template(scan_set.chip)
         res = find_track_lines(nuclear_plane, template, max_threads=settings.threads)
         art["track"][nuclear.name] = res
         block = res.as_dict()
@@ -420,6 +430,14 @@ def run_qc(
     return report
 
 
+def fov_params_for(base: FovParams, pixel_size_um: float | None) -> FovParams:
+    """The per-FOV check parameters for an image: ``base`` with the image's own pixel size when its metadata
+    declares a plausible one (live QC and the final QC must agree: the parameters are in the cache key)."""
+    if pixel_size_um is not None and 0.05 <= float(pixel_size_um) <= 5.0:
+        return replace(base, um_per_px=float(pixel_size_um))
+    return base
+
+
 def _fov_checks(
     img: Image,
     tiles: list[Any],
@@ -431,14 +449,9 @@ def _fov_checks(
     blocks: dict[str, dict[str, Any]],
 ) -> int:
     """Each FOV of a tiled nuclear image checked on its own through the cache; returns how many came from it."""
-    from dataclasses import replace
-
     from qc.live import check_fovs, fov_summary
 
-    params = settings.fov_params
-    px = img.pixel_size_um
-    if px is not None and 0.05 <= float(px) <= 5.0:  # the image's own pixel size, when its metadata is plausible
-        params = replace(params, um_per_px=float(px))
+    params = fov_params_for(settings.fov_params, img.pixel_size_um)
     if model is not None and img.is_rgb and not model.spec.supports_colour:
         model = None
     cached = 0
@@ -449,7 +462,7 @@ def _fov_checks(
 
     t0 = time.perf_counter()
     checks = check_fovs(
-        tiles, cache=cache, template=_template(chip)[0], params=params, clarity_model=model, on_result=count
+        tiles, cache=cache, template=chip_template(chip)[0], params=params, clarity_model=model, on_result=count
     )
     block = fov_summary(checks, cached=cached)
     block["seconds"] = round(time.perf_counter() - t0, 3)

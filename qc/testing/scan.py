@@ -14,7 +14,6 @@ re-acquired FOV). Live QC's tests and ``benchmarks/bench_live.py`` use both.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import threading
@@ -23,12 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import tifffile
 
-from qc.testing.chips import generate_chip, real_looking
-from qc.testing.tiles import make_tile_set
+from qc.testing.chips import real_looking
+from qc.testing.fovs import chip_tile_set
 
 __all__ = ["BLURRED_ROWS", "BLUR_SIGMA", "ScanTile", "ScanWriter", "scan_tiles", "tiff_bytes"]
 
@@ -37,33 +35,31 @@ ScanTile = tuple[int, int, np.ndarray]
 
 BLURRED_ROWS = 3
 BLUR_SIGMA = 6.0
-_JITTER = 3
-
-
-@functools.lru_cache(maxsize=4)
-def _chip(size: int, lines: bool, seed: int) -> np.ndarray:
-    params = real_looking(width=size, height=size, lines=lines, seed=seed, angle_deg=0.4)
-    return generate_chip(**params).image  # type: ignore[arg-type]
+#: Parameters of the chip the scans are cut from: real-looking (qc.testing.chips.REAL_LOOKING) but for size, seed, lines
+_CHIP = {k: v for k, v in real_looking().items() if k not in ("width", "height", "seed", "lines", "angle_deg", "scale")}
 
 
 def scan_tiles(
     kind: str, *, rows: int = 10, cols: int = 10, tile: int = 1024, overlap: float = 0.1, seed: int = 0
 ) -> list[ScanTile]:
-    """The tiles of one scan, row-major."""
+    """The tiles of one scan, row-major (:func:`qc.testing.fovs.chip_tile_set` on a real-looking chip)."""
     if kind not in ("good", "blurred_rows", "no_lines"):
         msg = f"unknown kind {kind!r}"
         raise ValueError(msg)
-    step = tile * (1 - overlap)
-    size = int(np.ceil(step * (max(rows, cols) - 1) + tile)) + 2 * _JITTER + 8
-    chip = _chip(size, kind != "no_lines", seed)
-    ts = make_tile_set(chip, rows=rows, cols=cols, tile_size=tile, overlap=overlap, jitter_px=_JITTER, seed=seed)
-    out: list[ScanTile] = []
-    for t in ts.tiles:
-        px = t.read()
-        if kind == "blurred_rows" and t.row < BLURRED_ROWS:
-            px = cv2.GaussianBlur(px, (0, 0), BLUR_SIGMA)
-        out.append((t.row, t.col, np.ascontiguousarray(px)))
-    return out
+    cut = chip_tile_set(
+        rows=rows,
+        cols=cols,
+        tile_size=tile,
+        overlap=overlap,
+        angle_deg=0.4,
+        no_lines=kind == "no_lines",
+        blurred_rows=range(BLURRED_ROWS) if kind == "blurred_rows" else (),
+        blur_sigma=BLUR_SIGMA,
+        jitter_px=3,
+        seed=seed,
+        **_CHIP,  # type: ignore[arg-type]
+    )
+    return [(t.row, t.col, np.ascontiguousarray(t.read())) for t in cut.tiles]
 
 
 def tiff_bytes(arr: np.ndarray) -> bytes:
