@@ -616,4 +616,5 @@ def test_notify_config_defaults_and_file_references_relative_to_the_config(tmp_p
     out = capsys.readouterr().out
     assert "[[notify.rule]]" in out and f"file:{tmp_path / 'secrets' / 'notify.url'}" in out
     rule = load_config_text(f.read_text(), base=tmp_path).notify.rule[0]
-    assert rule.events == ("qc_fail", "job_failed", "health") and rule.urgent == ("qc_fail",) and rule.quiet_hours == ""
+    assert rule.events == ("qc_fail", "job_failed", "health", "early_warning")
+    assert rule.urgent == ("qc_fail", "early_warning") and rule.quiet_hours == ""
