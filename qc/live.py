@@ -395,7 +395,10 @@ def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Trac
     best: _Track | None = None
     for pol in ("dark", "bright"):
         n, valid = coarse.normalise(coarse.line_dips(ev.pop(pol), f, kernel))
-        for angle, _prominence in coarse.estimate_angle(n, peaks=2):
+        cands = coarse.estimate_angle(n, peaks=2)
+        for k, (angle, prominence) in enumerate(cands):
+            if k and prominence < 0.3 * cands[0][1]:
+                continue  # as the whole-chip search: a weak second ray is no grid
             px, cx, py, cy, _ = coarse.profiles(n, valid, angle)
             axx = _match_axis(coarse.find_dips(px, cx), template, (smin / f, smax / f), tol)
             axy = _match_axis(coarse.find_dips(py, cy), template, (smin / f, smax / f), tol)
