@@ -62,12 +62,13 @@ __all__ = [
     "clarity_model_id",
     "fov_key",
     "fov_summary",
+    "open_fovs",
     "warning_due",
 ]
 
 #: Version of :func:`check_fov`; bump it whenever it would answer differently for the same inputs
 #: (part of every cache key, so old entries are never read again).
-FOV_CHECK_VERSION = "fov-1"
+FOV_CHECK_VERSION = "fov-2"
 
 #: Most FOV names a :class:`LiveProblem` lists.
 MAX_PROBLEM_FOVS = 20
@@ -87,7 +88,18 @@ class FovParams:
         Template lines matched on each axis to call the lines present.
     saturation_share : float
         A FOV is over-exposed when more than this share of its pixels is at the dtype's maximum
-        (the image's maximum for float data).
+        (the image's maximum for float data). Real DAPI tissue clips 8-20 % of a FOV it fills: the
+        default sits well above that.
+    clipped_share : float
+        A FOV is over-exposed, too, when more than this share of its bright pixels (those in the upper
+        half of the range, at least ``min_bright_share`` of the FOV) is saturated. Well exposed tissue
+        spreads over the upper half with its brightest nuclei clipped (0.35-0.65 of it saturated on
+        real-looking chips); tissue at too high a gain piles up at the maximum (above 0.85), whatever
+        share of the FOV the tissue covers.
+    min_bright_share : float
+        Fewer bright pixels than this share of the FOV are not judged for clipping.
+    focus_blurred : float
+        A FOV is blurred when its focus measure (:attr:`FovCheck.focus`) is below this.
     dark_share, dark_level : float
         A FOV is dark (nearly empty) when more than ``dark_share`` of its pixels are below
         ``dark_level`` of the dtype's range.
@@ -98,10 +110,13 @@ class FovParams:
     um_per_px: float = 0.5
     scale_tolerance: float = 0.1
     min_lines: int = 2
-    saturation_share: float = 0.05
+    saturation_share: float = 0.35
     dark_share: float = 0.95
     dark_level: float = 0.02
-    clarity_windows: int = 16
+    clarity_windows: int = 8
+    clipped_share: float = 0.75
+    min_bright_share: float = 0.02
+    focus_blurred: float = 0.45
 
     def __post_init__(self) -> None:
         if not (self.um_per_px > 0 and 0 < self.scale_tolerance < 1 and self.min_lines >= 1):
@@ -110,9 +125,12 @@ class FovParams:
                 f"{self.um_per_px}, {self.scale_tolerance}, {self.min_lines}"
             )
             raise ValueError(msg)
-        shares = (self.saturation_share, self.dark_share, self.dark_level)
-        if not all(0 <= v <= 1 for v in shares) or self.clarity_windows < 1:
-            msg = f"FovParams shares and levels must be in 0..1 and clarity_windows >= 1, got {self}"
+        shares = (
+            self.saturation_share, self.dark_share, self.dark_level, self.clipped_share,
+            self.min_bright_share,
+        )  # fmt: skip
+        if not all(0 <= v <= 1 for v in shares) or self.clarity_windows < 1 or not self.focus_blurred > 0:
+            msg = f"FovParams shares and levels must be in 0..1, clarity_windows >= 1 and focus_blurred > 0, got {self}"
             raise ValueError(msg)
 
     def key_part(self) -> str:
@@ -144,9 +162,27 @@ class FovCheck:
     saturated, dark : float
         Shares (0-1) of saturated and of dark pixels.
     over_exposed, empty : bool
-        ``saturated > saturation_share`` and ``dark > dark_share`` of the parameters used.
+        Over-exposed: ``saturated > saturation_share``, or ``clipped > clipped_share``; empty:
+        ``dark > dark_share``.
     polarity : str
         ``"dark"`` or ``"bright"``: the line contrast of the track result (``""`` without a template).
+    focus : float or None
+        Model-free focus measure: the fine-to-coarse band energy ratio of a difference-of-Gaussians
+        pyramid over the FOV's structured, unsaturated pixels, at about 1 um per pixel (so the same at
+        10x and 20x). Sharp FOVs measure about 0.55-0.85, FOVs blurred by a Gaussian of 4 px or more at
+        10x below 0.42. None when too little of the FOV holds structure (bare chip surface).
+    blurred : bool
+        ``focus < focus_blurred`` of the parameters used (False without a focus measure).
+    surface : float
+        Share (0-1) of the FOV that looks like bare chip surface: cells of about 4 um neither
+        clearly brighter than the FOV's darkest (``level``) nor holding a saturated pixel. A FOV
+        that tissue fills has no surface of its own to compare with: :func:`assess` also compares
+        ``level`` with the darkest FOVs of the scan.
+    level : float
+        The FOV's darkest level: the 2nd percentile of its 4 um cell means, as a share of the range.
+    clipped : float
+        Share (0-1) of the FOV's bright pixels (upper half of the range) that are saturated; 0
+        when they are fewer than ``min_bright_share`` of the FOV.
     """
 
     name: str
@@ -163,6 +199,11 @@ class FovCheck:
     over_exposed: bool = False
     empty: bool = False
     polarity: str = ""
+    focus: float | None = None
+    blurred: bool = False
+    surface: float = 0.0
+    level: float = 0.0
+    clipped: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the report's per-FOV entry)."""
@@ -181,6 +222,11 @@ class FovCheck:
             "over_exposed": self.over_exposed,
             "empty": self.empty,
             "polarity": self.polarity,
+            "focus": None if self.focus is None else round(self.focus, 4),
+            "blurred": self.blurred,
+            "surface": round(self.surface, 4),
+            "level": round(self.level, 5),
+            "clipped": round(self.clipped, 4),
         }
 
     def to_bytes(self) -> bytes:
@@ -205,6 +251,11 @@ class FovCheck:
             over_exposed=bool(v.get("over_exposed", False)),
             empty=bool(v.get("empty", False)),
             polarity=str(v.get("polarity", "")),
+            focus=None if v.get("focus") is None else float(v["focus"]),
+            blurred=bool(v.get("blurred", False)),
+            surface=float(v.get("surface", 0.0)),
+            level=float(v.get("level", 0.0)),
+            clipped=float(v.get("clipped", 0.0)),
         )
 
     def renamed(self, tile: Tile) -> FovCheck:
@@ -262,20 +313,112 @@ def _template_id(template: ChipTemplate | None) -> str | None:
 # -- one FOV --------------------------------------------------------------------------------------
 
 
-def _exposure(pixels: np.ndarray, grey: np.ndarray, params: FovParams) -> tuple[float, float]:
-    """(saturated share, dark share) of the pixels."""
+def _range(pixels: np.ndarray) -> tuple[float, float]:
+    """(low, top) of the pixel range: the dtype's for integers, the data's for floats."""
     if pixels.dtype.kind in "ui":
         top = float(np.iinfo(pixels.dtype).max)
         low = 0.0 if pixels.dtype.kind == "u" else float(np.iinfo(pixels.dtype).min)
     else:
         top = float(np.nanmax(pixels)) if pixels.size else 0.0
         low = min(0.0, float(np.nanmin(pixels))) if pixels.size else 0.0
+    return low, top
+
+
+def _exposure(pixels: np.ndarray, grey: np.ndarray, params: FovParams) -> tuple[float, float, np.ndarray]:
+    """(saturated share, dark share, saturated mask) of the pixels."""
+    low, top = _range(pixels)
     at_top: np.ndarray = np.asarray(pixels >= top)
     if at_top.ndim == 3:
         at_top = np.asarray(at_top.any(axis=2))
     saturated = float(np.count_nonzero(at_top)) / max(at_top.size, 1)
     dark = float(np.count_nonzero(grey < low + params.dark_level * (top - low))) / max(grey.size, 1)
-    return saturated, dark
+    return saturated, dark, at_top
+
+
+def _levels(grey: np.ndarray, low: float, top: float) -> np.ndarray:
+    """``grey`` as float32 on a 0-255 scale of its range."""
+    span = top - low if top > low else 1.0
+    out: np.ndarray = (grey.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)
+    return out
+
+
+def _reduce(a: np.ndarray, f: int) -> np.ndarray:
+    """Area mean over ``f x f`` blocks (float32); the ragged edge is dropped."""
+    if f <= 1:
+        return a
+    h, w = a.shape[0] // f * f, a.shape[1] // f * f
+    out: np.ndarray = cv2.resize(a[:h, :w], (w // f, h // f), interpolation=cv2.INTER_AREA)
+    return out
+
+
+#: Focus: the pixel size (um) the measure works at, the first band's sigma there (px), how far above the
+#: FOV's quiet floor the coarse band must be for a pixel to count as structure, and the least share of such pixels
+_FOCUS_UM = 1.0
+_FOCUS_SIGMA = 0.5
+_FOCUS_STRUCTURE = 25.0
+_FOCUS_MIN_SHARE = 0.05
+
+
+def _focus(lv: np.ndarray, sat: np.ndarray, um_per_px: float) -> float | None:
+    """Fine-to-coarse band energy ratio over the structured, unsaturated pixels (see :class:`FovCheck`).
+
+    ``lv`` is the FOV on a 0-255 scale, ``sat`` its saturated mask. The FOV is area-reduced to about
+    :data:`_FOCUS_UM` um per pixel; bands are differences of Gaussians of sigma s, s*sqrt(3)... so
+    each blur is one more step of the previous one. Pixels next to a saturated one are left out
+    (clipping makes flat areas with hard edges), and so are pixels whose coarse band energy is not
+    well above the FOV's quiet floor (its 10th percentile): noise on bare surface is not structure.
+    """
+    f = max(1, round(_FOCUS_UM / um_per_px))
+    g = _reduce(lv, f)
+    sr = _reduce(sat.view(np.uint8).astype(np.float32), f) > 0 if sat.any() else None
+    if min(g.shape) < 32:
+        return None
+    b1 = cv2.GaussianBlur(g, (0, 0), _FOCUS_SIGMA)
+    b2 = cv2.GaussianBlur(b1, (0, 0), _FOCUS_SIGMA * math.sqrt(3.0))
+    b4 = cv2.GaussianBlur(b2, (0, 0), _FOCUS_SIGMA * math.sqrt(12.0))
+    fine, coarse_band = b1 - b2, b2 - b4
+    energy = cv2.blur(coarse_band * coarse_band, (15, 15))
+    floor = float(np.percentile(energy, 10))
+    mask = energy > max(_FOCUS_STRUCTURE * floor, 1.0)
+    if sr is not None:
+        mask &= ~(cv2.dilate(sr.view(np.uint8), np.ones((5, 5), np.uint8)) > 0)
+    if np.count_nonzero(mask) < _FOCUS_MIN_SHARE * mask.size:
+        return None
+    e2 = float(np.mean(np.square(coarse_band[mask])))
+    if e2 <= 0:
+        return None
+    return math.sqrt(float(np.mean(np.square(fine[mask]))) / e2)
+
+
+#: Cover: cell side (um) of the surface map; a cell is brighter than bare surface when above the FOV's
+#: darkest cells (their 2nd percentile) by this factor and at least this many levels of 255; bright pixels
+#: (for clipping) are at or above this share of the range
+_CELL_UM = 4.0
+_SURFACE_FACTOR = 3.0
+_SURFACE_STEP = 8.0
+_BRIGHT = 0.5
+
+
+def _cover(lv: np.ndarray, sat: np.ndarray, um_per_px: float, *, inverted: bool) -> tuple[float, float, float, float]:
+    """(surface, level, bright share, clipped) of the FOV (see :class:`FovCheck`).
+
+    ``lv`` is the FOV on a 0-255 scale (``inverted`` for bright field, where tissue is darker than
+    the surface), ``sat`` its saturated mask.
+    """
+    c = max(1, round(_CELL_UM / um_per_px))
+    cells = _reduce(255.0 - lv if inverted else lv, c)
+    if cells.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    satc = _reduce(sat.view(np.uint8).astype(np.float32), c) if sat.any() else None
+    lo = float(np.percentile(cells, 2))
+    quiet = cells <= max(_SURFACE_FACTOR * lo, lo + _SURFACE_STEP)
+    if satc is not None:
+        quiet &= satc == 0
+    surface = float(np.count_nonzero(quiet)) / cells.size
+    bright = np.asarray(lv >= _BRIGHT * 255.0)
+    n_bright = int(np.count_nonzero(bright))
+    clipped = float(np.count_nonzero(sat & bright)) / n_bright if n_bright else 0.0
+    return surface, lo / 255.0, n_bright / max(lv.size, 1), clipped
 
 
 @dataclass(frozen=True)
@@ -467,7 +610,12 @@ def check_fov(
     """
     arr = _check_pixels(pixels)
     grey = coarse.to_grey(arr)
-    saturated, dark = _exposure(arr, grey, params)
+    saturated, dark, sat = _exposure(arr, grey, params)
+    lv = _levels(grey, *_range(arr))
+    focus = _focus(lv, sat, params.um_per_px)
+    surface, level, bright, clipped = _cover(lv, sat, params.um_per_px, inverted=arr.ndim == 3)
+    if bright < params.min_bright_share:
+        clipped = 0.0
     track = _Track(False, None, (0, 0), "", (0, 0, 0.0))
     if template is not None and min(grey.shape) >= 64:
         track = _track(grey, template, params)
@@ -491,9 +639,14 @@ def check_fov(
         clarity_score=score,
         saturated=saturated,
         dark=dark,
-        over_exposed=saturated > params.saturation_share,
+        over_exposed=saturated > params.saturation_share or clipped > params.clipped_share,
         empty=dark > params.dark_share,
         polarity=track.polarity,
+        focus=focus,
+        blurred=focus is not None and focus < params.focus_blurred,
+        surface=surface,
+        level=level,
+        clipped=clipped,
     )
 
 
@@ -574,6 +727,7 @@ def fov_summary(checks: Sequence[FovCheck], *, cached: int = 0) -> dict[str, Any
         for k, n in c.clarity.items():
             clarity[k] = clarity.get(k, 0) + n
     scored = [c.clarity_score for c in checks if c.clarity_score is not None]
+    focused = [c.focus for c in checks if c.focus is not None]
     return {
         "version": FOV_CHECK_VERSION,
         "fovs_total": len(checks),
@@ -582,6 +736,8 @@ def fov_summary(checks: Sequence[FovCheck], *, cached: int = 0) -> dict[str, Any
         "without_lines": [c.name for c in checks if not c.track_found][:MAX_PROBLEM_FOVS],
         "clarity_counts": clarity,
         "clarity_score_min": round(min(scored), 2) if scored else None,
+        "blurred": sum(c.blurred for c in checks),
+        "focus_min": round(min(focused), 4) if focused else None,
         "over_exposed": sum(c.over_exposed for c in checks),
         "dark": sum(c.empty for c in checks),
         "fovs": [c.to_dict() for c in checks],
@@ -601,14 +757,29 @@ class WarningRules:
         Warn only after this share of the grid, or this many full rows, whichever comes first.
     window : int
         Judge the latest ``window`` FOVs in acquisition order; 0 = one row (the grid's columns), at least 5.
+        Lines and focus are judged on the open and the focus-measured FOVs of the window, or when it
+        holds too few (``min_open``, ``min_scored``), on the latest that many of the last three windows.
     no_track_share : float
-        More than this share of the window's FOVs without track lines is a problem.
+        More than this share of the window's open FOVs without track lines is a problem. A FOV is
+        open when at least ``open_surface`` of it looks like bare chip surface and its darkest level
+        is near the scan's surface (see :func:`open_fovs`): lines are seldom visible under tissue,
+        so FOVs that tissue fills are not judged. Not raised beside ``blur``: lines out of focus
+        vanish, and the blur warning says why.
+    open_surface : float
+        Share of bare surface that makes a FOV open.
+    min_open : int
+        Fewer open FOVs in the window than this: lines are not judged.
     angle_spread_deg : float
-        A spread of the FOV angles (with lines) beyond this is a problem.
-    blurred_share, blurred_score :
-        More than ``blurred_share`` of the window's scored FOVs below ``blurred_score`` is a problem.
+        A spread of the FOV angles (with lines) beyond this is a problem; the fifth of the angles
+        farthest from their median (at least one of five or more) is left out.
+    blurred_share : float
+        More than this share of the window's FOVs with a focus measure flagged ``blurred`` is a problem.
+    min_scored : int
+        Fewer FOVs with a focus measure in the window than this: focus is not judged.
     saturated_share : float
-        More than this share of the window's FOVs over-exposed is a problem.
+        More than this share of the window's FOVs that hold saturated pixels over-exposed (and at least
+        two of them) is a problem. Real tissue clips; a FOV is over-exposed only beyond that
+        (:class:`FovParams`).
     max_pair_deviation_px : float
         A neighbour pair in the window measured ``mismatch``, or shifted by more than this, is a problem.
     """
@@ -617,9 +788,11 @@ class WarningRules:
     start_rows: int = 2
     window: int = 0
     no_track_share: float = 0.5
+    open_surface: float = 0.5
+    min_open: int = 3
     angle_spread_deg: float = 0.5
     blurred_share: float = 0.5
-    blurred_score: float = 60.0
+    min_scored: int = 2
     saturated_share: float = 0.3
     max_pair_deviation_px: float = 50.0
 
@@ -669,12 +842,48 @@ def _names(checks: Sequence[FovCheck]) -> tuple[str, ...]:
 
 
 def _spread(angles: list[float]) -> tuple[float, float, float]:
-    """(low, high, spread) of the angles; with five or more, the one farthest from the median is left out."""
+    """(low, high, spread) of the angles; with five or more, the fifth farthest from the median
+    (at least one) is left out, so a few FOVs whose lines were misread do not make a spread."""
     a = sorted(angles)
     if len(a) >= 5:
         med = float(np.median(a))
-        a.remove(max(a, key=lambda v: abs(v - med)))
+        drop = max(1, len(a) // 5)
+        a = sorted(sorted(a, key=lambda v: abs(v - med))[: len(a) - drop])
     return a[0], a[-1], a[-1] - a[0]
+
+
+#: A FOV is near the scan's surface level when its darkest level is at most this factor times the
+#: scan's surface level, or this much (share of the range) above it
+_OPEN_LEVEL_FACTOR = 3.0
+_OPEN_LEVEL_STEP = 0.02
+
+
+def open_fovs(window: Sequence[FovCheck], seen: Sequence[FovCheck], rules: WarningRules) -> list[FovCheck]:
+    """The FOVs of ``window`` where track lines should show: at least ``rules.open_surface`` bare
+    surface (:attr:`FovCheck.surface`), and a darkest level (:attr:`FovCheck.level`) near the scan's
+    surface level, the 10th percentile of the levels of the not-empty FOVs of ``seen`` with that much
+    surface. A FOV that saturating tissue fills has little surface; one that unsaturated tissue fills
+    has its own darkest level far above the surface seen elsewhere in the scan."""
+    levels = [c.level for c in seen if c.surface >= rules.open_surface and not c.empty]
+    if not levels:
+        return []
+    ref = float(np.percentile(levels, 10))
+    top = max(_OPEN_LEVEL_FACTOR * ref, ref + _OPEN_LEVEL_STEP)
+    return [c for c in window if c.surface >= rules.open_surface and not c.empty and c.level <= top]
+
+
+#: How many windows back the rules look for enough open or focus-measured FOVs
+_LOOKBACK = 3
+
+
+def _latest(candidates: list[FovCheck], win: list[FovCheck], least: int) -> list[FovCheck]:
+    """``candidates`` (in order, from the latest few windows) that are in the window ``win``; when
+    fewer than ``least``, the latest ``least`` of them: a window whose FOVs are mostly tissue, or
+    bare surface, is judged with the FOVs before it instead of not at all (no warnings that come
+    and go with the tissue's outline)."""
+    names = {c.name for c in win}
+    inside = [c for c in candidates if c.name in names]
+    return inside if len(inside) >= least else candidates[-least:]
 
 
 def assess(
@@ -691,12 +900,24 @@ def assess(
     n = rules.window if rules.window > 0 else max(grid[1], 5)
     win = list(seen[-n:])
     out: list[LiveProblem] = []
-    without = [c for c in win if not c.track_found]
-    if len(without) > rules.no_track_share * len(win):
+    back = list(seen[-_LOOKBACK * n :])
+    scored = _latest([c for c in back if c.focus is not None], win, rules.min_scored)
+    blurred = [c for c in scored if c.blurred]
+    blurry = len(scored) >= rules.min_scored and len(blurred) > rules.blurred_share * len(scored)
+    if blurry:
+        worst = min(c.focus for c in blurred if c.focus is not None)
+        out.append(LiveProblem(
+            "blur", _names(blurred),
+            f"{len(blurred)} of the latest {len(scored)} FOVs with structure are blurred (focus measure as low "
+            f"as {worst:.2f}); check the focus",
+        ))  # fmt: skip
+    opened = _latest(open_fovs(back, seen, rules), win, rules.min_open)
+    without = [c for c in opened if not c.track_found]
+    if not blurry and len(opened) >= rules.min_open and len(without) > rules.no_track_share * len(opened):
         out.append(LiveProblem(
             "no_track_lines", _names(without),
-            f"{len(without)} of the latest {len(win)} FOVs show no track lines; check focus, exposure "
-            "and that the chip is on the stage the right way up",
+            f"{len(without)} of the latest {len(opened)} FOVs that show bare chip surface show no track lines; "
+            "check focus, exposure and that the chip is on the stage the right way up",
         ))  # fmt: skip
     with_angle = [c for c in win if c.track_found and c.track_angle is not None]
     if len(with_angle) >= 3:
@@ -707,22 +928,15 @@ def assess(
                 f"the track lines of the latest {len(with_angle)} FOVs lie at angles from {lo:.2f} to {hi:.2f} "
                 f"degrees (spread {spread:.2f} > {rules.angle_spread_deg:g}); the chip or the stage may be moving",
             ))  # fmt: skip
-    scored = [c for c in win if c.clarity_score is not None]
-    blurred = [c for c in scored if c.clarity_score is not None and c.clarity_score < rules.blurred_score]
-    if scored and len(blurred) > rules.blurred_share * len(scored):
-        worst = min(c.clarity_score for c in blurred if c.clarity_score is not None)
-        out.append(LiveProblem(
-            "blur", _names(blurred),
-            f"{len(blurred)} of the latest {len(scored)} FOVs with tissue are blurred (clarity below "
-            f"{rules.blurred_score:g}, lowest {worst:.0f}); check the focus",
-        ))  # fmt: skip
-    over = [c for c in win if c.over_exposed]
-    if len(over) > rules.saturated_share * len(win):
+    clipping = [c for c in win if c.saturated > 0 or c.over_exposed]
+    over = [c for c in clipping if c.over_exposed]
+    if len(over) >= 2 and len(over) > rules.saturated_share * len(clipping):
         top = max(c.saturated for c in over)
         out.append(LiveProblem(
             "saturation", _names(over),
-            f"{len(over)} of the latest {len(win)} FOVs are over-exposed (up to {top:.0%} of the pixels "
-            "saturated); lower the exposure time or the gain",
+            f"{len(over)} of the latest {len(clipping)} FOVs with saturated pixels are over-exposed (up to "
+            f"{top:.0%} of the pixels saturated, most of their bright signal clipped); lower the exposure time "
+            "or the gain",
         ))  # fmt: skip
     names = {c.name for c in win}
     bad = [
