@@ -98,6 +98,11 @@ class FovParams:
         share of the FOV the tissue covers.
     min_bright_share : float
         Fewer bright pixels than this share of the FOV are not judged for clipping.
+    lifted_level, lifted_saturated : float
+        A FOV is over-exposed, too, when even its darkest part (:attr:`FovCheck.level`) is above
+        ``lifted_level`` of the range while more than ``lifted_saturated`` of it is saturated: the
+        gain lifts everything, surface and tissue (the darkest part of a FOV that well exposed
+        real-looking tissue fills is below 0.27 of the range).
     focus_blurred : float
         A FOV is blurred when its focus measure (:attr:`FovCheck.focus`) is below this.
     dark_share, dark_level : float
@@ -116,6 +121,8 @@ class FovParams:
     clarity_windows: int = 8
     clipped_share: float = 0.75
     min_bright_share: float = 0.02
+    lifted_level: float = 0.33
+    lifted_saturated: float = 0.05
     focus_blurred: float = 0.45
 
     def __post_init__(self) -> None:
@@ -127,7 +134,7 @@ class FovParams:
             raise ValueError(msg)
         shares = (
             self.saturation_share, self.dark_share, self.dark_level, self.clipped_share,
-            self.min_bright_share,
+            self.min_bright_share, self.lifted_level, self.lifted_saturated,
         )  # fmt: skip
         if not all(0 <= v <= 1 for v in shares) or self.clarity_windows < 1 or not self.focus_blurred > 0:
             msg = f"FovParams shares and levels must be in 0..1, clarity_windows >= 1 and focus_blurred > 0, got {self}"
@@ -162,8 +169,8 @@ class FovCheck:
     saturated, dark : float
         Shares (0-1) of saturated and of dark pixels.
     over_exposed, empty : bool
-        Over-exposed: ``saturated > saturation_share``, or ``clipped > clipped_share``; empty:
-        ``dark > dark_share``.
+        Over-exposed: ``saturated > saturation_share``, or ``clipped > clipped_share``, or
+        ``level > lifted_level`` with ``saturated > lifted_saturated``; empty: ``dark > dark_share``.
     polarity : str
         ``"dark"`` or ``"bright"``: the line contrast of the track result (``""`` without a template).
     focus : float or None
@@ -639,7 +646,9 @@ def check_fov(
         clarity_score=score,
         saturated=saturated,
         dark=dark,
-        over_exposed=saturated > params.saturation_share or clipped > params.clipped_share,
+        over_exposed=saturated > params.saturation_share
+        or clipped > params.clipped_share
+        or (level > params.lifted_level and saturated > params.lifted_saturated),
         empty=dark > params.dark_share,
         polarity=track.polarity,
         focus=focus,
