@@ -772,15 +772,15 @@ class WarningRules:
         More than this share of the window's open FOVs without track lines is a problem. A FOV is
         open when at least ``open_surface`` of it looks like bare chip surface and its darkest level
         is near the scan's surface (see :func:`open_fovs`): lines are seldom visible under tissue,
-        so FOVs that tissue fills are not judged. Not raised beside ``blur``: lines out of focus
-        vanish, and the blur warning says why.
+        so FOVs that tissue fills are not judged. Not raised while any of the last three windows'
+        FOVs is blurred: lines out of focus vanish, and the blur warning says why.
     open_surface : float
         Share of bare surface that makes a FOV open.
     min_open : int
         Fewer open FOVs in the window than this: lines are not judged.
     angle_spread_deg : float
-        A spread of the FOV angles (with lines) beyond this is a problem; the fifth of the angles
-        farthest from their median (at least one of five or more) is left out.
+        A spread of the FOV angles (with lines, neither over-exposed nor blurred) beyond this is a problem; strays
+        (far from the median compared with the others' deviation, see :func:`_spread`) are left out.
     blurred_share : float
         More than this share of the window's FOVs with a focus measure flagged ``blurred`` is a problem.
     min_scored : int
@@ -850,15 +850,21 @@ def _names(checks: Sequence[FovCheck]) -> tuple[str, ...]:
     return tuple(c.name for c in checks[:MAX_PROBLEM_FOVS])
 
 
+#: Angles farther from the window's median than this many median absolute deviations, and than
+#: :data:`_STRAY_MIN_DEG`, are strays (a FOV whose few lines were misread), left out of the spread
+_STRAY_MADS = 3.0
+_STRAY_MIN_DEG = 0.2
+
+
 def _spread(angles: list[float]) -> tuple[float, float, float]:
-    """(low, high, spread) of the angles; with five or more, the fifth farthest from the median
-    (at least one) is left out, so a few FOVs whose lines were misread do not make a spread."""
-    a = sorted(angles)
-    if len(a) >= 5:
-        med = float(np.median(a))
-        drop = max(1, len(a) // 5)
-        a = sorted(sorted(a, key=lambda v: abs(v - med))[: len(a) - drop])
-    return a[0], a[-1], a[-1] - a[0]
+    """(low, high, spread) of the angles, strays left out: those farther from the median than
+    :data:`_STRAY_MADS` median absolute deviations and :data:`_STRAY_MIN_DEG`. Angles that drift
+    (a moving stage) spread evenly and stay in; a few misread FOVs do not make a spread."""
+    a = np.asarray(sorted(angles), float)
+    med = float(np.median(a))
+    mad = float(np.median(np.abs(a - med)))
+    kept = a[np.abs(a - med) <= max(_STRAY_MADS * mad, _STRAY_MIN_DEG)]
+    return float(kept[0]), float(kept[-1]), float(kept[-1] - kept[0])
 
 
 #: A FOV is near the scan's surface level when its darkest level is at most this factor times the
@@ -870,15 +876,16 @@ _OPEN_LEVEL_STEP = 0.02
 def open_fovs(window: Sequence[FovCheck], seen: Sequence[FovCheck], rules: WarningRules) -> list[FovCheck]:
     """The FOVs of ``window`` where track lines should show: at least ``rules.open_surface`` bare
     surface (:attr:`FovCheck.surface`), and a darkest level (:attr:`FovCheck.level`) near the scan's
-    surface level, the 10th percentile of the levels of the not-empty FOVs of ``seen`` with that much
-    surface. A FOV that saturating tissue fills has little surface; one that unsaturated tissue fills
+    surface level, the lowest level of the FOVs of ``seen`` (the darkest part of a FOV that shows any
+    bare surface is that surface). Neither empty nor over-exposed FOVs count, nor are they open: lines
+    in clipped FOVs are not trusted. A FOV that saturating tissue fills has little surface; one that unsaturated tissue fills
     has its own darkest level far above the surface seen elsewhere in the scan."""
-    levels = [c.level for c in seen if c.surface >= rules.open_surface and not c.empty]
+    levels = [c.level for c in seen if not (c.empty or c.over_exposed)]
     if not levels:
         return []
-    ref = float(np.percentile(levels, 10))
+    ref = min(levels)
     top = max(_OPEN_LEVEL_FACTOR * ref, ref + _OPEN_LEVEL_STEP)
-    return [c for c in window if c.surface >= rules.open_surface and not c.empty and c.level <= top]
+    return [c for c in window if c.surface >= rules.open_surface and not (c.empty or c.over_exposed) and c.level <= top]
 
 
 #: How many windows back the rules look for enough open or focus-measured FOVs
@@ -922,13 +929,14 @@ def assess(
         ))  # fmt: skip
     opened = _latest(open_fovs(back, seen, rules), win, rules.min_open)
     without = [c for c in opened if not c.track_found]
-    if not blurry and len(opened) >= rules.min_open and len(without) > rules.no_track_share * len(opened):
+    unfocused = blurry or any(c.blurred for c in back)
+    if not unfocused and len(opened) >= rules.min_open and len(without) > rules.no_track_share * len(opened):
         out.append(LiveProblem(
             "no_track_lines", _names(without),
             f"{len(without)} of the latest {len(opened)} FOVs that show bare chip surface show no track lines; "
             "check focus, exposure and that the chip is on the stage the right way up",
         ))  # fmt: skip
-    with_angle = [c for c in win if c.track_found and c.track_angle is not None]
+    with_angle = [c for c in win if c.track_found and c.track_angle is not None and not (c.over_exposed or c.blurred)]
     if len(with_angle) >= 3:
         lo, hi, spread = _spread([float(c.track_angle) for c in with_angle if c.track_angle is not None])
         if spread > rules.angle_spread_deg:
