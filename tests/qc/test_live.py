@@ -280,6 +280,96 @@ def test_stitching_problem_from_a_mismatched_or_far_pair():
     assert assess([*seen, *_grid(3, 10)[20:]], mism, grid, rules) == []
 
 
+# -- real-looking scans, judged tile by tile as live QC does (issue #18) ---------------------------
+#
+# 5 x 5 scans of 1024^2 tiles cut from real-looking chips (qc.testing.scan: dark surface, lines 3 levels
+# deep, FOV seams, 40 % tissue much of it saturated, debris). Live QC judges the FOVs after every tile;
+# a warning must mean a badly acquired scan, never what real chips look like.
+
+SCAN = 5
+
+
+def _scan_checks(kind: str, seed: int) -> list[FovCheck]:
+    from qc.io.model import Tile
+    from qc.testing.scan import scan_tiles
+
+    out = []
+    for r, c, px in scan_tiles(kind, rows=SCAN, cols=SCAN, tile=1024, seed=seed):
+        tile = Tile(f"F{r}_{c}", r, c, 0.0, 0.0, px.shape[1], px.shape[0], loader=lambda px=px: px)
+        out.append(
+            check_fov(px, tile, digest=f"{kind}{seed}{r}{c}", template=SS2, params=FovParams(), clarity_model=None)
+        )
+    return out
+
+
+def _over_exposed_checks(seed: int, rows: tuple[int, ...]) -> list[FovCheck]:
+    from qc.testing.scan import _CHIP
+
+    cs = chip_tile_set(rows=SCAN, cols=SCAN, tile_size=1024, angle_deg=0.4, jitter_px=3, seed=seed,
+                       saturated_rows=rows, saturation_gain=6.0, **_CHIP)  # fmt: skip
+    params = FovParams(um_per_px=cs.um_per_px)
+    return [check_fov(t.read(), t, digest=t.name, template=SS2, params=params, clarity_model=None) for t in cs.tiles]
+
+
+def _history(checks: list[FovCheck]) -> list[tuple[int, str, str]]:
+    """(k, code, "raised" or "cleared") as the FOVs arrive one by one in acquisition order."""
+    rules, grid = WarningRules(), (SCAN, SCAN)
+    active: set[str] = set()
+    out = []
+    for k in range(1, len(checks) + 1):
+        now = {p.code for p in assess(checks[:k], [], grid, rules)}
+        out += [(k, c, "raised") for c in sorted(now - active)] + [(k, c, "cleared") for c in sorted(active - now)]
+        active = now
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_a_good_real_looking_scan_raises_nothing(seed):
+    checks = _scan_checks("good", seed)
+    assert _history(checks) == []
+    # what real chips look like is no problem: lines hidden under tissue, tissue clipping, a low clarity
+    assert any(not c.track_found for c in checks) and max(c.saturated for c in checks) > 0.1
+    assert not any(c.over_exposed or c.blurred for c in checks)
+    focused = [c.focus for c in checks if c.focus is not None]
+    assert len(focused) >= 3 and min(focused) > 0.5
+
+
+def test_blurred_first_rows_raise_blur_before_the_last_row_and_it_clears():
+    from qc.testing.scan import BLURRED_ROWS
+
+    checks = _scan_checks("blurred_rows", 3)
+    history = _history(checks)
+    raised = [k for k, code, what in history if code == "blur" and what == "raised"]
+    cleared = [k for k, code, what in history if code == "blur" and what == "cleared"]
+    assert raised and raised[0] <= BLURRED_ROWS * SCAN, history  # while the blurred rows come in
+    assert cleared and cleared[-1] <= (SCAN - 1) * SCAN, history  # before the last row: sharp rows clear it
+    assert {code for _, code, _ in history} == {"blur"}, history
+    blurred = [c for c in checks if c.row < BLURRED_ROWS and c.focus is not None]
+    assert blurred and all(c.blurred and c.focus is not None and c.focus < 0.42 for c in blurred)
+
+
+@pytest.mark.parametrize("seed", [2, 6])
+def test_a_chip_without_lines_raises_no_track_lines_as_soon_as_due(seed):
+    checks = _scan_checks("no_lines", seed)
+    rules, grid = WarningRules(), (SCAN, SCAN)
+    due = next(k for k in range(1, len(checks) + 1) if warning_due(checks[:k], grid, rules))
+    assert due <= 0.15 * SCAN * SCAN + 1
+    history = _history(checks)
+    assert history == [(due, "no_track_lines", "raised")], history
+
+
+def test_over_exposed_rows_raise_saturation_and_it_clears():
+    checks = _over_exposed_checks(3, (1, 2))
+    history = _history(checks)
+    raised = [k for k, code, what in history if code == "saturation" and what == "raised"]
+    cleared = [k for k, code, what in history if code == "saturation" and what == "cleared"]
+    assert raised and SCAN < raised[0] <= 3 * SCAN, history  # within the gain-6 rows
+    assert cleared and cleared[0] > 3 * SCAN, history
+    assert {code for _, code, _ in history} == {"saturation"}, history
+    over = [c for c in checks if c.over_exposed]
+    assert over and all(c.row in (1, 2) for c in over)
+
+
 # -- the final QC of a tile folder --------------------------------------------------------------
 
 
