@@ -17,16 +17,28 @@ here each field of view (FOV) is checked on its own and the FOVs seen so far are
   template lines are matched and at most one template line inside the FOV goes unmatched
   (an unmatched line is allowed: tissue can hide one). The angle is then refined from the drift of
   the matched lines between the two halves of the FOV.
+* **Focus.** A model-free measure (:attr:`FovCheck.focus`): at about 1 um per pixel, the ratio of
+  the energy of the finest difference-of-Gaussians band to the next one, over the pixels that hold
+  structure (coarse band well above the FOV's quiet floor) and are not next to a saturated pixel.
+  Defocus takes the fine band first, whatever the brightness; bare chip surface (noise, faint lines)
+  has no structure and no value. Below ``focus_blurred`` the FOV is **blurred**.
 * **Clarity.** :func:`qc.clarity.evaluate_clarity` with at most ``clarity_windows`` windows, so the
-  classes and the score are the whole-chip result's.
+  classes and the score are the whole-chip result's. Information only: the model was not trained on
+  dark real-looking chips and scores sharp ones low.
 * **Exposure.** The share of pixels at the dtype's maximum (saturated) and below ``dark_level`` of
-  the range (dark), on the full-resolution pixels.
+  the range (dark); the share of the upper half of the range that is clipped (well exposed tissue
+  clips its brightest nuclei, tissue at too high a gain piles up at the maximum); the FOV's darkest
+  level and the share of it that looks like bare chip surface (where track lines should show).
 
 :func:`check_fovs` runs a tile list through the stitching pair cache (same key-value object, keys
 prefixed ``fov|``), hashing and decoding only what the cache does not hold.
 
 :func:`warning_due` and :func:`assess` judge the FOVs seen so far in acquisition order, over a rolling
-window of the latest FOVs, so a problem clears by itself when later FOVs are fine.
+window of the latest FOVs, so a problem clears by itself when later FOVs are fine. What real chips
+look like is no problem: lines are judged only on FOVs that show bare surface near the scan's
+surface level (:func:`open_fovs`; lines are seldom visible under tissue), blur on the focus measure,
+saturation on clipping far beyond what well exposed tissue shows, the angle spread without strays.
+Measured on real-looking and easy scans by ``benchmarks/bench_fov_rules.py``.
 """
 
 from __future__ import annotations
@@ -175,9 +187,11 @@ class FovCheck:
         ``"dark"`` or ``"bright"``: the line contrast of the track result (``""`` without a template).
     focus : float or None
         Model-free focus measure: the fine-to-coarse band energy ratio of a difference-of-Gaussians
-        pyramid over the FOV's structured, unsaturated pixels, at about 1 um per pixel (so the same at
-        10x and 20x). Sharp FOVs measure about 0.55-0.85, FOVs blurred by a Gaussian of 4 px or more at
-        10x below 0.42. None when too little of the FOV holds structure (bare chip surface).
+        pyramid over the FOV's structured, unsaturated pixels, at about 1 um per pixel (the FOV is
+        area-reduced by ``round(1 / um_per_px)``, so a blur is judged by its size on the chip). At 10x,
+        sharp real-looking and easy FOVs measure 0.5-0.85, FOVs blurred by a Gaussian of 4 px or more
+        below 0.35 (``benchmarks/bench_fov_rules.py``). None when too little of the FOV holds
+        structure (bare chip surface).
     blurred : bool
         ``focus < focus_blurred`` of the parameters used (False without a focus measure).
     surface : float
