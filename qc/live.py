@@ -8,9 +8,10 @@ here each field of view (FOV) is checked on its own and the FOVs seen so far are
 * **Track lines.** The whole-chip detector's building blocks (:mod:`qc.track.coarse`): line evidence
   by a morphological top-hat, area-mean reduced 2x for tiles of 1024 px and more, contrast normalised,
   the grid angle from the whitened power spectrum, and per axis the profile along the lines and its
-  dips. Both polarities are tried (dark lines on DAPI, light ones on H&E) and the better kept. A FOV
-  holds only a few lines (2-4 per axis for a 1024 px tile at 10x), fewer than the whole-chip template
-  fit needs (three), so each axis is matched here with the scale known: every pair of dips read as
+  dips. The usual polarity is tried first (dark lines on grey fluorescence, light ones on RGB H&E),
+  the other only when it finds no lines. A FOV holds only a few lines (2-4 per axis for a 1024 px
+  tile at 10x), fewer than the whole-chip template fit needs (three), so each axis is matched here
+  with the scale known: every pair of dips read as
   1-4 consecutive template intervals at a scale within ``scale_tolerance`` of the expected one
   (``template.px_per_dnb(um_per_px)``) proposes a placement of the template, and the placement
   explaining the most dips wins. **Lines are present** when on both axes at least ``min_lines``
@@ -48,7 +49,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -548,16 +549,21 @@ def _half_drift(n: np.ndarray, valid: np.ndarray, angle: float, ax: _Axis, axis:
     return sign * math.degrees(math.atan2(float(np.median(shifts)), dist))
 
 
-def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Track:
+def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams, *, bright_first: bool = False) -> _Track:
+    """Track lines of one FOV. The usual polarity is tried first (dark lines on fluorescence, light
+    ones on bright field: ``bright_first``), the other only when the first finds no lines."""
     h, w = grey.shape
     s0 = template.px_per_dnb(params.um_per_px)
     smin, smax = s0 * (1 - params.scale_tolerance), s0 * (1 + params.scale_tolerance)
     f = 2 if min(h, w) >= 1024 else 1
     kernel = coarse.line_kernel(smax)
     tol = max(1.5, 3.0 / f)
-    ev = coarse.reduce_lines(grey, f, kernel=kernel, polarities=("dark", "bright"))
     best: _Track | None = None
-    for pol in ("dark", "bright"):
+    fit: tuple[np.ndarray, np.ndarray, float, _Axis | None, _Axis | None] | None = None
+    for pol in ("bright", "dark") if bright_first else ("dark", "bright"):
+        if best is not None and best.found:
+            break
+        ev = coarse.reduce_lines(grey, f, kernel=kernel, polarities=(pol,))
         n, valid = coarse.normalise(coarse.line_dips(ev.pop(pol), f, kernel))
         cands = coarse.estimate_angle(n, peaks=2)
         for k, (angle, prominence) in enumerate(cands):
@@ -571,17 +577,18 @@ def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Trac
             rank = (int(found), min(lines), (axx.strength if axx else 0.0) + (axy.strength if axy else 0.0))
             if best is not None and rank <= best.rank:
                 continue
-            refined: float | None = angle if found else None
-            if found and axx is not None and axy is not None:
-                drifts = [
-                    d
-                    for d in (_half_drift(n, valid, angle, axx, 0, tol), _half_drift(n, valid, angle, axy, 1, tol))
-                    if d is not None
-                ]
-                if drifts:
-                    refined = angle + float(np.mean(drifts))
-            best = _Track(found, refined, lines, pol, rank)
-    assert best is not None
+            best = _Track(found, angle if found else None, lines, pol, rank)
+            fit = (n, valid, angle, axx, axy)
+    assert best is not None and fit is not None
+    n, valid, angle, axx, axy = fit
+    if best.found and axx is not None and axy is not None:
+        drifts = [
+            d
+            for d in (_half_drift(n, valid, angle, axx, 0, tol), _half_drift(n, valid, angle, axy, 1, tol))
+            if d is not None
+        ]
+        if drifts:
+            best = replace(best, angle=angle + float(np.mean(drifts)))
     return best
 
 
@@ -639,7 +646,7 @@ def check_fov(
         clipped = 0.0
     track = _Track(False, None, (0, 0), "", (0, 0, 0.0))
     if template is not None and min(grey.shape) >= 64:
-        track = _track(grey, template, params)
+        track = _track(grey, template, params, bright_first=arr.ndim == 3)
     counts: dict[str, int] = {}
     score: float | None = None
     if clarity_model is not None and arr.dtype in (np.uint8, np.uint16):
