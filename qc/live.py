@@ -807,9 +807,10 @@ class WarningRules:
     min_scored : int
         Fewer FOVs with a focus measure in the window than this: focus is not judged.
     saturated_share : float
-        More than this share of the window's FOVs that hold saturated pixels over-exposed (and at least
-        two of them) is a problem. Real tissue clips; a FOV is over-exposed only beyond that
-        (:class:`FovParams`).
+        More than this share of the window's FOVs with notable clipping (2 % of their pixels
+        saturated, or over-exposed) over-exposed is a problem. Real tissue clips; a FOV is
+        over-exposed only beyond that (:class:`FovParams`), and FOVs of bare surface, where a high
+        gain clips nothing, do not dilute the share.
     max_pair_deviation_px : float
         A neighbour pair in the window measured ``mismatch``, or shifted by more than this, is a problem.
     """
@@ -911,6 +912,8 @@ def open_fovs(window: Sequence[FovCheck], seen: Sequence[FovCheck], rules: Warni
 
 #: How many windows back the rules look for enough open or focus-measured FOVs
 _LOOKBACK = 3
+#: FOVs with at least this share of saturated pixels are the ones the saturation rule weighs
+_NOTABLE_SATURATION = 0.02
 
 
 def _latest(candidates: list[FovCheck], win: list[FovCheck], least: int) -> list[FovCheck]:
@@ -966,9 +969,9 @@ def assess(
                 f"the track lines of the latest {len(with_angle)} FOVs lie at angles from {lo:.2f} to {hi:.2f} "
                 f"degrees (spread {spread:.2f} > {rules.angle_spread_deg:g}); the chip or the stage may be moving",
             ))  # fmt: skip
-    clipping = [c for c in win if c.saturated > 0 or c.over_exposed]
+    clipping = [c for c in win if c.saturated >= _NOTABLE_SATURATION or c.over_exposed]
     over = [c for c in clipping if c.over_exposed]
-    if len(over) >= 2 and len(over) > rules.saturated_share * len(clipping):
+    if over and len(over) > rules.saturated_share * len(clipping):
         top = max(c.saturated for c in over)
         out.append(LiveProblem(
             "saturation", _names(over),
