@@ -350,9 +350,10 @@ def _range(pixels: np.ndarray) -> tuple[float, float]:
 def _exposure(pixels: np.ndarray, grey: np.ndarray, params: FovParams) -> tuple[float, float, np.ndarray]:
     """(saturated share, dark share, saturated mask) of the pixels."""
     low, top = _range(pixels)
-    at_top: np.ndarray = np.asarray(pixels >= top)
-    if at_top.ndim == 3:
-        at_top = np.asarray(at_top.any(axis=2))
+    if pixels.ndim == 3:  # channel by channel: a reduction over the last, short axis is slow in numpy
+        at_top: np.ndarray = (pixels[..., 0] >= top) | (pixels[..., 1] >= top) | (pixels[..., 2] >= top)
+    else:
+        at_top = np.asarray(pixels >= top)
     saturated = float(np.count_nonzero(at_top)) / max(at_top.size, 1)
     dark = float(np.count_nonzero(grey < low + params.dark_level * (top - low))) / max(grey.size, 1)
     return saturated, dark, at_top
@@ -656,7 +657,9 @@ def check_fov(
     if arr.ndim == 3:
         low, top = _range(arr)
         span = np.float32(255.0 / (top - low if top > low else 1.0))
-        chroma = (arr.max(axis=2).astype(np.float32) - arr.min(axis=2).astype(np.float32)) * span
+        r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
+        hi, lo_ = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+        chroma = (hi.astype(np.float32) - lo_.astype(np.float32)) * span
     surface, level, bright, clipped = _cover(lv, sat, params.um_per_px, chroma=chroma)
     if bright < params.min_bright_share:
         clipped = 0.0

@@ -311,9 +311,9 @@ def _over_exposed_checks(seed: int, rows: tuple[int, ...]) -> list[FovCheck]:
     return [check_fov(t.read(), t, digest=t.name, template=SS2, params=params, clarity_model=None) for t in cs.tiles]
 
 
-def _history(checks: list[FovCheck]) -> list[tuple[int, str, str]]:
+def _history(checks: list[FovCheck], grid: tuple[int, int] = (SCAN, SCAN)) -> list[tuple[int, str, str]]:
     """(k, code, "raised" or "cleared") as the FOVs arrive one by one in acquisition order."""
-    rules, grid = WarningRules(), (SCAN, SCAN)
+    rules = WarningRules()
     active: set[str] = set()
     out = []
     for k in range(1, len(checks) + 1):
@@ -380,16 +380,17 @@ def test_a_real_looking_bright_field_scan(kind):
         for k, v in real_looking("HE").items()
         if k not in ("width", "height", "seed", "lines", "angle_deg", "scale")
     }
-    cs = chip_tile_set(rows=SCAN, cols=SCAN, tile_size=1024, angle_deg=0.4, jitter_px=3, seed=1,
+    cs = chip_tile_set(rows=4, cols=4, tile_size=1024, angle_deg=0.4, jitter_px=3, seed=1,
                        no_lines=kind == "no_lines", **chip)  # fmt: skip
     params = FovParams(um_per_px=cs.um_per_px)
     checks = [check_fov(t.read(), t, digest=t.name, template=SS2, params=params, clarity_model=None) for t in cs.tiles]
     assert any(c.surface < 0.1 for c in checks) and any(c.surface > 0.9 for c in checks)  # tissue and bare surface
     if kind == "good":
-        assert _history(checks) == []
-        assert all(c.polarity == "bright" for c in checks if c.track_found)
+        assert _history(checks, cs.grid) == []
+        found = [c.polarity for c in checks if c.track_found]
+        assert found.count("bright") > len(found) / 2  # light lines, tried first on RGB
     else:
-        assert [code for _, code, _ in _history(checks)] == ["no_track_lines"]
+        assert [code for _, code, _ in _history(checks, cs.grid)] == ["no_track_lines"]
 
 
 # -- the final QC of a tile folder --------------------------------------------------------------
