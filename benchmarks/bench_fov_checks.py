@@ -69,9 +69,11 @@ def main() -> None:
         )
     lines += [
         "",
-        "- one thread (OpenCV and onnxruntime), shipped clarity model over 16 windows; the tile is already decoded",
-        "- track part: the same call without the clarity model (top-hat evidence of both polarities, 2x reduction,",
-        "  angle from the spectrum, template matching per axis, angle refined from the two halves; exposure)",
+        "- one thread (OpenCV and onnxruntime), shipped clarity model over 8 windows; the tile is already decoded",
+        "- track part: the same call without the clarity model (top-hat evidence of the usual polarity, the other",
+        "  only when it finds no lines; 2x reduction, angle from the spectrum, template matching per axis, angle",
+        "  refined from the two halves; focus measure, surface share, exposure)",
+        "- real-looking tiles (dark surface, tissue, seams): `bench_fov_rules.py` (its `ms` column)",
         f"- machine: {machine_info('cv2', 'onnxruntime')}",
         f"- date: {date.today().isoformat()}",
     ]
