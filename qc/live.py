@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 
 from qc.chip import ChipTemplate
-from qc.clarity.evaluate import evaluate_clarity
+from qc.clarity.evaluate import evaluate_clarity, intensity_range
 from qc.clarity.model import CATEGORIES, LoadedClarityModel
 from qc.io.model import Tile, array_digest
 from qc.stitching.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key
@@ -67,7 +67,7 @@ __all__ = [
 
 #: Version of :func:`check_fov`; bump it whenever it would answer differently for the same inputs
 #: (part of every cache key, so old entries are never read again).
-FOV_CHECK_VERSION = "fov-1"
+FOV_CHECK_VERSION = "fov-2"  # 2: clarity's grey span at least a quarter of the camera's range
 
 #: Most FOV names a :class:`LiveProblem` lists.
 MAX_PROBLEM_FOVS = 20
@@ -421,6 +421,32 @@ def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Trac
     return best
 
 
+#: Smallest grey span of a FOV's clarity map, as a share of the camera's range (see :func:`_fov_intensity`).
+FOV_MIN_SPAN = 0.25
+
+
+def _fov_intensity(arr: np.ndarray) -> tuple[float, float]:
+    """The grey values a FOV's clarity windows map to 8-bit 0 and 255.
+
+    The whole image's map (:func:`qc.clarity.intensity_range`) spans from its dark surface to its
+    brightest tissue; a FOV of empty surface alone would be stretched into false texture (read as
+    blur). So the FOV's own percentiles are widened to at least :data:`FOV_MIN_SPAN` of the camera's
+    range: 255 for 8-bit data; for 16-bit, the FOV's maximum rounded up to a whole bit depth of at
+    least 12 bits (cameras write 12-, 14- or 16-bit data in 16-bit files).
+    """
+    sample = arr[::2, ::2]
+    if sample.ndim == 3:
+        sample = np.ascontiguousarray(sample).max(axis=2)
+    lo, hi = intensity_range(np.ascontiguousarray(sample))
+    bits = 8 if arr.dtype == np.uint8 else max(12, int(np.max(sample)).bit_length())
+    top = float(2**bits - 1)
+    span = FOV_MIN_SPAN * top
+    if hi - lo < span:
+        hi = min(lo + span, max(top, hi))
+        lo = min(lo, hi - span)
+    return lo, hi
+
+
 def _check_pixels(pixels: np.ndarray) -> np.ndarray:
     arr = np.asarray(pixels)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -476,7 +502,9 @@ def check_fov(
     if clarity_model is not None and arr.dtype in (np.uint8, np.uint16):
         spec = clarity_model.spec
         if (arr.ndim == 2 or spec.supports_colour) and min(arr.shape[:2]) >= spec.window:
-            res = evaluate_clarity(arr, clarity_model, max_windows=params.clarity_windows)
+            res = evaluate_clarity(
+                arr, clarity_model, max_windows=params.clarity_windows, intensity=_fov_intensity(arr)
+            )
             counts = {c: int(n) for c, n in res.counts.items()}
             score = res.score
     return FovCheck(
@@ -602,11 +630,15 @@ class WarningRules:
     window : int
         Judge the latest ``window`` FOVs in acquisition order; 0 = one row (the grid's columns), at least 5.
     no_track_share : float
-        More than this share of the window's FOVs without track lines is a problem.
+        More than this share of the window's FOVs without track lines is a problem; FOVs covered by
+        tissue (under a quarter of their clarity windows background) are left out, as tissue can
+        hide the lines.
     angle_spread_deg : float
         A spread of the FOV angles (with lines) beyond this is a problem.
     blurred_share, blurred_score :
-        More than ``blurred_share`` of the window's scored FOVs below ``blurred_score`` is a problem.
+        More than ``blurred_share`` of the window's FOVs with tissue (a clarity score, and at least a
+        quarter of the windows not background) blurred is a problem: clarity below ``blurred_score``
+        with more blurred than over-exposed windows.
     saturated_share : float
         More than this share of the window's FOVs over-exposed is a problem.
     max_pair_deviation_px : float
@@ -668,6 +700,29 @@ def _names(checks: Sequence[FovCheck]) -> tuple[str, ...]:
     return tuple(c.name for c in checks[:MAX_PROBLEM_FOVS])
 
 
+def _tissue_covered(c: FovCheck) -> bool:
+    """Tissue over most of the FOV (under a quarter of its clarity windows background): its track lines
+    may be hidden under the tissue, so it says nothing about whether the chip shows lines."""
+    total = sum(c.clarity.values())
+    return total > 0 and c.clarity.get("background", 0) < 0.25 * total
+
+
+def _has_tissue(c: FovCheck) -> bool:
+    """At least a quarter of the FOV's clarity windows show tissue: enough to judge its focus."""
+    total = sum(c.clarity.values())
+    return total == 0 or total - c.clarity.get("background", 0) >= 0.25 * total
+
+
+def _blurred(c: FovCheck, score: float) -> bool:
+    """Clarity below ``score`` with more blurred than over-exposed windows (a low score from
+    over-exposure is the saturation rule's)."""
+    if c.clarity_score is None or c.clarity_score >= score:
+        return False
+    blur = c.clarity.get("mild_blur", 0) + c.clarity.get("severe_blur", 0)
+    over = c.clarity.get("mild_overexposure", 0) + c.clarity.get("severe_overexposure", 0)
+    return blur > over or not c.clarity
+
+
 def _spread(angles: list[float]) -> tuple[float, float, float]:
     """(low, high, spread) of the angles; with five or more, the one farthest from the median is left out."""
     a = sorted(angles)
@@ -691,12 +746,13 @@ def assess(
     n = rules.window if rules.window > 0 else max(grid[1], 5)
     win = list(seen[-n:])
     out: list[LiveProblem] = []
-    without = [c for c in win if not c.track_found]
-    if len(without) > rules.no_track_share * len(win):
+    surface = [c for c in win if not _tissue_covered(c)]
+    without = [c for c in surface if not c.track_found]
+    if surface and len(without) > rules.no_track_share * len(surface):
         out.append(LiveProblem(
             "no_track_lines", _names(without),
-            f"{len(without)} of the latest {len(win)} FOVs show no track lines; check focus, exposure "
-            "and that the chip is on the stage the right way up",
+            f"{len(without)} of the latest {len(surface)} FOVs not covered by tissue show no track lines; "
+            "check focus, exposure and that the chip is on the stage the right way up",
         ))  # fmt: skip
     with_angle = [c for c in win if c.track_found and c.track_angle is not None]
     if len(with_angle) >= 3:
@@ -707,8 +763,8 @@ def assess(
                 f"the track lines of the latest {len(with_angle)} FOVs lie at angles from {lo:.2f} to {hi:.2f} "
                 f"degrees (spread {spread:.2f} > {rules.angle_spread_deg:g}); the chip or the stage may be moving",
             ))  # fmt: skip
-    scored = [c for c in win if c.clarity_score is not None]
-    blurred = [c for c in scored if c.clarity_score is not None and c.clarity_score < rules.blurred_score]
+    scored = [c for c in win if c.clarity_score is not None and _has_tissue(c)]
+    blurred = [c for c in scored if _blurred(c, rules.blurred_score)]
     if scored and len(blurred) > rules.blurred_share * len(scored):
         worst = min(c.clarity_score for c in blurred if c.clarity_score is not None)
         out.append(LiveProblem(

@@ -194,10 +194,13 @@ def test_fov_summary_counts(good, model):
 # -- warning rules -------------------------------------------------------------------------------
 
 
-def _fov(r, c, *, lines=True, angle=0.3, score=90.0, over=False):
+def _fov(r, c, *, lines=True, angle=0.3, score=90.0, over=False, clarity=None):
+    """A FOV with tissue on part of it (6 of its 16 clarity windows), the rest chip surface."""
+    if clarity is None:
+        clarity = {"good" if score >= 60 else "severe_blur": 6, "background": 10}
     return FovCheck(
         f"F{r}_{c}", r, c, "d", lines, angle if lines else None, (3, 3) if lines else (0, 0),
-        {"good": 16}, score, 0.2 if over else 0.0, 0.0, over_exposed=over,
+        clarity, score, 0.2 if over else 0.0, 0.0, over_exposed=over,
     )  # fmt: skip
 
 
@@ -243,6 +246,16 @@ def test_each_problem_is_raised_and_clears_when_later_fovs_are_fine(code, spoil)
     later = seen + [_fov(3, c) for c in range(10)]
     assert assess(later[:-6], [], grid, rules)  # 4 of the 10 latest fine: still mostly spoiled
     assert assess(later, [], grid, rules) == []  # a whole fine row: cleared
+
+
+def test_tissue_hiding_lines_or_over_exposure_alone_is_neither_missing_lines_nor_blur():
+    rules, grid = WarningRules(), (10, 10)
+    covered = _grid(3, 10, lines=False, clarity={"good": 14, "background": 2})  # lines hidden under tissue
+    assert assess(covered, [], grid, rules) == []
+    burnt = _grid(3, 10, score=8.0, clarity={"severe_overexposure": 12, "background": 4})
+    assert assess(burnt, [], grid, rules) == []  # over-exposure drags clarity down: not blur
+    specks = _grid(3, 10, score=5.0, clarity={"severe_blur": 1, "background": 15})
+    assert assess(specks, [], grid, rules) == []  # one window of tissue is not enough to judge focus
 
 
 def test_angle_spread_is_a_problem_but_one_stray_fov_is_not():
