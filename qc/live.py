@@ -8,25 +8,38 @@ here each field of view (FOV) is checked on its own and the FOVs seen so far are
 * **Track lines.** The whole-chip detector's building blocks (:mod:`qc.track.coarse`): line evidence
   by a morphological top-hat, area-mean reduced 2x for tiles of 1024 px and more, contrast normalised,
   the grid angle from the whitened power spectrum, and per axis the profile along the lines and its
-  dips. Both polarities are tried (dark lines on DAPI, light ones on H&E) and the better kept. A FOV
-  holds only a few lines (2-4 per axis for a 1024 px tile at 10x), fewer than the whole-chip template
-  fit needs (three), so each axis is matched here with the scale known: every pair of dips read as
+  dips. The usual polarity is tried first (dark lines on grey fluorescence, light ones on RGB H&E),
+  the other only when it finds no lines. A FOV holds only a few lines (2-4 per axis for a 1024 px
+  tile at 10x), fewer than the whole-chip template fit needs (three), so each axis is matched here
+  with the scale known: every pair of dips read as
   1-4 consecutive template intervals at a scale within ``scale_tolerance`` of the expected one
   (``template.px_per_dnb(um_per_px)``) proposes a placement of the template, and the placement
   explaining the most dips wins. **Lines are present** when on both axes at least ``min_lines``
   template lines are matched and at most one template line inside the FOV goes unmatched
   (an unmatched line is allowed: tissue can hide one). The angle is then refined from the drift of
   the matched lines between the two halves of the FOV.
+* **Focus.** A model-free measure (:attr:`FovCheck.focus`): at about 1 um per pixel, the ratio of
+  the energy of the finest difference-of-Gaussians band to the next one, over the pixels that hold
+  structure (coarse band well above the FOV's quiet floor) and are not next to a saturated pixel.
+  Defocus takes the fine band first, whatever the brightness; bare chip surface (noise, faint lines)
+  has no structure and no value. Below ``focus_blurred`` the FOV is **blurred**.
 * **Clarity.** :func:`qc.clarity.evaluate_clarity` with at most ``clarity_windows`` windows, so the
-  classes and the score are the whole-chip result's.
+  classes and the score are the whole-chip result's. Information only: the model was not trained on
+  dark real-looking chips and scores sharp ones low.
 * **Exposure.** The share of pixels at the dtype's maximum (saturated) and below ``dark_level`` of
-  the range (dark), on the full-resolution pixels.
+  the range (dark); the share of the upper half of the range that is clipped (well exposed tissue
+  clips its brightest nuclei, tissue at too high a gain piles up at the maximum); the FOV's darkest
+  level and the share of it that looks like bare chip surface (where track lines should show).
 
 :func:`check_fovs` runs a tile list through the stitching pair cache (same key-value object, keys
 prefixed ``fov|``), hashing and decoding only what the cache does not hold.
 
 :func:`warning_due` and :func:`assess` judge the FOVs seen so far in acquisition order, over a rolling
-window of the latest FOVs, so a problem clears by itself when later FOVs are fine.
+window of the latest FOVs, so a problem clears by itself when later FOVs are fine. What real chips
+look like is no problem: lines are judged only on FOVs that show bare surface near the scan's
+surface level (:func:`open_fovs`; lines are seldom visible under tissue), blur on the focus measure,
+saturation on clipping far beyond what well exposed tissue shows, the angle spread without strays.
+Measured on real-looking and easy scans by ``benchmarks/bench_fov_rules.py``.
 """
 
 from __future__ import annotations
@@ -36,14 +49,14 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
 from qc.chip import ChipTemplate
-from qc.clarity.evaluate import evaluate_clarity, intensity_range
+from qc.clarity.evaluate import evaluate_clarity
 from qc.clarity.model import CATEGORIES, LoadedClarityModel
 from qc.io.model import Tile, array_digest
 from qc.stitching.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key
@@ -62,12 +75,13 @@ __all__ = [
     "clarity_model_id",
     "fov_key",
     "fov_summary",
+    "open_fovs",
     "warning_due",
 ]
 
 #: Version of :func:`check_fov`; bump it whenever it would answer differently for the same inputs
 #: (part of every cache key, so old entries are never read again).
-FOV_CHECK_VERSION = "fov-2"  # 2: clarity's grey span at least a quarter of the camera's range
+FOV_CHECK_VERSION = "fov-3"  # 3: model-free focus, bare-surface and clipped-signal measures
 
 #: Most FOV names a :class:`LiveProblem` lists.
 MAX_PROBLEM_FOVS = 20
@@ -87,7 +101,23 @@ class FovParams:
         Template lines matched on each axis to call the lines present.
     saturation_share : float
         A FOV is over-exposed when more than this share of its pixels is at the dtype's maximum
-        (the image's maximum for float data).
+        (the image's maximum for float data). Real DAPI tissue clips 8-20 % of a FOV it fills: the
+        default sits well above that.
+    clipped_share : float
+        A FOV is over-exposed, too, when more than this share of its bright pixels (those in the upper
+        half of the range, at least ``min_bright_share`` of the FOV) is saturated. Well exposed tissue
+        spreads over the upper half with its brightest nuclei clipped (0.35-0.65 of it saturated on
+        real-looking chips); tissue at too high a gain piles up at the maximum (above 0.85), whatever
+        share of the FOV the tissue covers.
+    min_bright_share : float
+        Fewer bright pixels than this share of the FOV are not judged for clipping.
+    lifted_level, lifted_saturated : float
+        A FOV is over-exposed, too, when even its darkest part (:attr:`FovCheck.level`) is above
+        ``lifted_level`` of the range while more than ``lifted_saturated`` of it is saturated: the
+        gain lifts everything, surface and tissue (the darkest part of a FOV that well exposed
+        real-looking tissue fills is below 0.27 of the range).
+    focus_blurred : float
+        A FOV is blurred when its focus measure (:attr:`FovCheck.focus`) is below this.
     dark_share, dark_level : float
         A FOV is dark (nearly empty) when more than ``dark_share`` of its pixels are below
         ``dark_level`` of the dtype's range.
@@ -98,10 +128,15 @@ class FovParams:
     um_per_px: float = 0.5
     scale_tolerance: float = 0.1
     min_lines: int = 2
-    saturation_share: float = 0.05
+    saturation_share: float = 0.35
     dark_share: float = 0.95
     dark_level: float = 0.02
-    clarity_windows: int = 16
+    clarity_windows: int = 8
+    clipped_share: float = 0.75
+    min_bright_share: float = 0.02
+    lifted_level: float = 0.33
+    lifted_saturated: float = 0.05
+    focus_blurred: float = 0.45
 
     def __post_init__(self) -> None:
         if not (self.um_per_px > 0 and 0 < self.scale_tolerance < 1 and self.min_lines >= 1):
@@ -110,9 +145,12 @@ class FovParams:
                 f"{self.um_per_px}, {self.scale_tolerance}, {self.min_lines}"
             )
             raise ValueError(msg)
-        shares = (self.saturation_share, self.dark_share, self.dark_level)
-        if not all(0 <= v <= 1 for v in shares) or self.clarity_windows < 1:
-            msg = f"FovParams shares and levels must be in 0..1 and clarity_windows >= 1, got {self}"
+        shares = (
+            self.saturation_share, self.dark_share, self.dark_level, self.clipped_share,
+            self.min_bright_share, self.lifted_level, self.lifted_saturated,
+        )  # fmt: skip
+        if not all(0 <= v <= 1 for v in shares) or self.clarity_windows < 1 or not self.focus_blurred > 0:
+            msg = f"FovParams shares and levels must be in 0..1, clarity_windows >= 1 and focus_blurred > 0, got {self}"
             raise ValueError(msg)
 
     def key_part(self) -> str:
@@ -144,9 +182,29 @@ class FovCheck:
     saturated, dark : float
         Shares (0-1) of saturated and of dark pixels.
     over_exposed, empty : bool
-        ``saturated > saturation_share`` and ``dark > dark_share`` of the parameters used.
+        Over-exposed: ``saturated > saturation_share``, or ``clipped > clipped_share``, or
+        ``level > lifted_level`` with ``saturated > lifted_saturated``; empty: ``dark > dark_share``.
     polarity : str
         ``"dark"`` or ``"bright"``: the line contrast of the track result (``""`` without a template).
+    focus : float or None
+        Model-free focus measure: the fine-to-coarse band energy ratio of a difference-of-Gaussians
+        pyramid over the FOV's structured, unsaturated pixels, at about 1 um per pixel (the FOV is
+        area-reduced by ``round(1 / um_per_px)``, so a blur is judged by its size on the chip). At 10x,
+        sharp real-looking and easy FOVs measure 0.5-0.85, FOVs blurred by a Gaussian of 4 px or more
+        below 0.35 (``benchmarks/bench_fov_rules.py``). None when too little of the FOV holds
+        structure (bare chip surface).
+    blurred : bool
+        ``focus < focus_blurred`` of the parameters used (False without a focus measure).
+    surface : float
+        Share (0-1) of the FOV that looks like bare chip surface: cells of about 4 um neither
+        clearly brighter than the FOV's darkest (``level``) nor holding a saturated pixel. A FOV
+        that tissue fills has no surface of its own to compare with: :func:`assess` also compares
+        ``level`` with the darkest FOVs of the scan.
+    level : float
+        The FOV's darkest level: the 2nd percentile of its 4 um cell means, as a share of the range.
+    clipped : float
+        Share (0-1) of the FOV's bright pixels (upper half of the range) that are saturated; 0
+        when they are fewer than ``min_bright_share`` of the FOV.
     """
 
     name: str
@@ -163,6 +221,11 @@ class FovCheck:
     over_exposed: bool = False
     empty: bool = False
     polarity: str = ""
+    focus: float | None = None
+    blurred: bool = False
+    surface: float = 0.0
+    level: float = 0.0
+    clipped: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the report's per-FOV entry)."""
@@ -181,6 +244,11 @@ class FovCheck:
             "over_exposed": self.over_exposed,
             "empty": self.empty,
             "polarity": self.polarity,
+            "focus": None if self.focus is None else round(self.focus, 4),
+            "blurred": self.blurred,
+            "surface": round(self.surface, 4),
+            "level": round(self.level, 5),
+            "clipped": round(self.clipped, 4),
         }
 
     def to_bytes(self) -> bytes:
@@ -205,6 +273,11 @@ class FovCheck:
             over_exposed=bool(v.get("over_exposed", False)),
             empty=bool(v.get("empty", False)),
             polarity=str(v.get("polarity", "")),
+            focus=None if v.get("focus") is None else float(v["focus"]),
+            blurred=bool(v.get("blurred", False)),
+            surface=float(v.get("surface", 0.0)),
+            level=float(v.get("level", 0.0)),
+            clipped=float(v.get("clipped", 0.0)),
         )
 
     def renamed(self, tile: Tile) -> FovCheck:
@@ -262,20 +335,112 @@ def _template_id(template: ChipTemplate | None) -> str | None:
 # -- one FOV --------------------------------------------------------------------------------------
 
 
-def _exposure(pixels: np.ndarray, grey: np.ndarray, params: FovParams) -> tuple[float, float]:
-    """(saturated share, dark share) of the pixels."""
+def _range(pixels: np.ndarray) -> tuple[float, float]:
+    """(low, top) of the pixel range: the dtype's for integers, the data's for floats."""
     if pixels.dtype.kind in "ui":
         top = float(np.iinfo(pixels.dtype).max)
         low = 0.0 if pixels.dtype.kind == "u" else float(np.iinfo(pixels.dtype).min)
     else:
         top = float(np.nanmax(pixels)) if pixels.size else 0.0
         low = min(0.0, float(np.nanmin(pixels))) if pixels.size else 0.0
+    return low, top
+
+
+def _exposure(pixels: np.ndarray, grey: np.ndarray, params: FovParams) -> tuple[float, float, np.ndarray]:
+    """(saturated share, dark share, saturated mask) of the pixels."""
+    low, top = _range(pixels)
     at_top: np.ndarray = np.asarray(pixels >= top)
     if at_top.ndim == 3:
         at_top = np.asarray(at_top.any(axis=2))
     saturated = float(np.count_nonzero(at_top)) / max(at_top.size, 1)
     dark = float(np.count_nonzero(grey < low + params.dark_level * (top - low))) / max(grey.size, 1)
-    return saturated, dark
+    return saturated, dark, at_top
+
+
+def _levels(grey: np.ndarray, low: float, top: float) -> np.ndarray:
+    """``grey`` as float32 on a 0-255 scale of its range."""
+    span = top - low if top > low else 1.0
+    out: np.ndarray = (grey.astype(np.float32) - np.float32(low)) * np.float32(255.0 / span)
+    return out
+
+
+def _reduce(a: np.ndarray, f: int) -> np.ndarray:
+    """Area mean over ``f x f`` blocks (float32); the ragged edge is dropped."""
+    if f <= 1:
+        return a
+    h, w = a.shape[0] // f * f, a.shape[1] // f * f
+    out: np.ndarray = cv2.resize(a[:h, :w], (w // f, h // f), interpolation=cv2.INTER_AREA)
+    return out
+
+
+#: Focus: the pixel size (um) the measure works at, the first band's sigma there (px), how far above the
+#: FOV's quiet floor the coarse band must be for a pixel to count as structure, and the least share of such pixels
+_FOCUS_UM = 1.0
+_FOCUS_SIGMA = 0.5
+_FOCUS_STRUCTURE = 25.0
+_FOCUS_MIN_SHARE = 0.05
+
+
+def _focus(lv: np.ndarray, sat: np.ndarray, um_per_px: float) -> float | None:
+    """Fine-to-coarse band energy ratio over the structured, unsaturated pixels (see :class:`FovCheck`).
+
+    ``lv`` is the FOV on a 0-255 scale, ``sat`` its saturated mask. The FOV is area-reduced to about
+    :data:`_FOCUS_UM` um per pixel; bands are differences of Gaussians of sigma s, s*sqrt(3)... so
+    each blur is one more step of the previous one. Pixels next to a saturated one are left out
+    (clipping makes flat areas with hard edges), and so are pixels whose coarse band energy is not
+    well above the FOV's quiet floor (its 10th percentile): noise on bare surface is not structure.
+    """
+    f = max(1, round(_FOCUS_UM / um_per_px))
+    g = _reduce(lv, f)
+    sr = _reduce(sat.view(np.uint8).astype(np.float32), f) > 0 if sat.any() else None
+    if min(g.shape) < 32:
+        return None
+    b1 = cv2.GaussianBlur(g, (0, 0), _FOCUS_SIGMA)
+    b2 = cv2.GaussianBlur(b1, (0, 0), _FOCUS_SIGMA * math.sqrt(3.0))
+    b4 = cv2.GaussianBlur(b2, (0, 0), _FOCUS_SIGMA * math.sqrt(12.0))
+    fine, coarse_band = b1 - b2, b2 - b4
+    energy = cv2.blur(coarse_band * coarse_band, (15, 15))
+    floor = float(np.percentile(energy, 10))
+    mask = energy > max(_FOCUS_STRUCTURE * floor, 1.0)
+    if sr is not None:
+        mask &= ~(cv2.dilate(sr.view(np.uint8), np.ones((5, 5), np.uint8)) > 0)
+    if np.count_nonzero(mask) < _FOCUS_MIN_SHARE * mask.size:
+        return None
+    e2 = float(np.mean(np.square(coarse_band[mask])))
+    if e2 <= 0:
+        return None
+    return math.sqrt(float(np.mean(np.square(fine[mask]))) / e2)
+
+
+#: Cover: cell side (um) of the surface map; a cell is brighter than bare surface when above the FOV's
+#: darkest cells (their 2nd percentile) by this factor and at least this many levels of 255; bright pixels
+#: (for clipping) are at or above this share of the range
+_CELL_UM = 4.0
+_SURFACE_FACTOR = 3.0
+_SURFACE_STEP = 8.0
+_BRIGHT = 0.5
+
+
+def _cover(lv: np.ndarray, sat: np.ndarray, um_per_px: float, *, inverted: bool) -> tuple[float, float, float, float]:
+    """(surface, level, bright share, clipped) of the FOV (see :class:`FovCheck`).
+
+    ``lv`` is the FOV on a 0-255 scale (``inverted`` for bright field, where tissue is darker than
+    the surface), ``sat`` its saturated mask.
+    """
+    c = max(1, round(_CELL_UM / um_per_px))
+    cells = _reduce(255.0 - lv if inverted else lv, c)
+    if cells.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    satc = _reduce(sat.view(np.uint8).astype(np.float32), c) if sat.any() else None
+    lo = float(np.percentile(cells, 2))
+    quiet = cells <= max(_SURFACE_FACTOR * lo, lo + _SURFACE_STEP)
+    if satc is not None:
+        quiet &= satc == 0
+    surface = float(np.count_nonzero(quiet)) / cells.size
+    bright = np.asarray(lv >= _BRIGHT * 255.0)
+    n_bright = int(np.count_nonzero(bright))
+    clipped = float(np.count_nonzero(sat & bright)) / n_bright if n_bright else 0.0
+    return surface, lo / 255.0, n_bright / max(lv.size, 1), clipped
 
 
 @dataclass(frozen=True)
@@ -384,16 +549,21 @@ def _half_drift(n: np.ndarray, valid: np.ndarray, angle: float, ax: _Axis, axis:
     return sign * math.degrees(math.atan2(float(np.median(shifts)), dist))
 
 
-def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Track:
+def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams, *, bright_first: bool = False) -> _Track:
+    """Track lines of one FOV. The usual polarity is tried first (dark lines on fluorescence, light
+    ones on bright field: ``bright_first``), the other only when the first finds no lines."""
     h, w = grey.shape
     s0 = template.px_per_dnb(params.um_per_px)
     smin, smax = s0 * (1 - params.scale_tolerance), s0 * (1 + params.scale_tolerance)
     f = 2 if min(h, w) >= 1024 else 1
     kernel = coarse.line_kernel(smax)
     tol = max(1.5, 3.0 / f)
-    ev = coarse.reduce_lines(grey, f, kernel=kernel, polarities=("dark", "bright"))
     best: _Track | None = None
-    for pol in ("dark", "bright"):
+    fit: tuple[np.ndarray, np.ndarray, float, _Axis | None, _Axis | None] | None = None
+    for pol in ("bright", "dark") if bright_first else ("dark", "bright"):
+        if best is not None and best.found:
+            break
+        ev = coarse.reduce_lines(grey, f, kernel=kernel, polarities=(pol,))
         n, valid = coarse.normalise(coarse.line_dips(ev.pop(pol), f, kernel))
         cands = coarse.estimate_angle(n, peaks=2)
         for k, (angle, prominence) in enumerate(cands):
@@ -407,44 +577,19 @@ def _track(grey: np.ndarray, template: ChipTemplate, params: FovParams) -> _Trac
             rank = (int(found), min(lines), (axx.strength if axx else 0.0) + (axy.strength if axy else 0.0))
             if best is not None and rank <= best.rank:
                 continue
-            refined: float | None = angle if found else None
-            if found and axx is not None and axy is not None:
-                drifts = [
-                    d
-                    for d in (_half_drift(n, valid, angle, axx, 0, tol), _half_drift(n, valid, angle, axy, 1, tol))
-                    if d is not None
-                ]
-                if drifts:
-                    refined = angle + float(np.mean(drifts))
-            best = _Track(found, refined, lines, pol, rank)
-    assert best is not None
+            best = _Track(found, angle if found else None, lines, pol, rank)
+            fit = (n, valid, angle, axx, axy)
+    assert best is not None and fit is not None
+    n, valid, angle, axx, axy = fit
+    if best.found and axx is not None and axy is not None:
+        drifts = [
+            d
+            for d in (_half_drift(n, valid, angle, axx, 0, tol), _half_drift(n, valid, angle, axy, 1, tol))
+            if d is not None
+        ]
+        if drifts:
+            best = replace(best, angle=angle + float(np.mean(drifts)))
     return best
-
-
-#: Smallest grey span of a FOV's clarity map, as a share of the camera's range (see :func:`_fov_intensity`).
-FOV_MIN_SPAN = 0.25
-
-
-def _fov_intensity(arr: np.ndarray) -> tuple[float, float]:
-    """The grey values a FOV's clarity windows map to 8-bit 0 and 255.
-
-    The whole image's map (:func:`qc.clarity.intensity_range`) spans from its dark surface to its
-    brightest tissue; a FOV of empty surface alone would be stretched into false texture (read as
-    blur). So the FOV's own percentiles are widened to at least :data:`FOV_MIN_SPAN` of the camera's
-    range: 255 for 8-bit data; for 16-bit, the FOV's maximum rounded up to a whole bit depth of at
-    least 12 bits (cameras write 12-, 14- or 16-bit data in 16-bit files).
-    """
-    sample = arr[::2, ::2]
-    if sample.ndim == 3:
-        sample = np.ascontiguousarray(sample).max(axis=2)
-    lo, hi = intensity_range(np.ascontiguousarray(sample))
-    bits = 8 if arr.dtype == np.uint8 else max(12, int(np.max(sample)).bit_length())
-    top = float(2**bits - 1)
-    span = FOV_MIN_SPAN * top
-    if hi - lo < span:
-        hi = min(lo + span, max(top, hi))
-        lo = min(lo, hi - span)
-    return lo, hi
 
 
 def _check_pixels(pixels: np.ndarray) -> np.ndarray:
@@ -493,18 +638,21 @@ def check_fov(
     """
     arr = _check_pixels(pixels)
     grey = coarse.to_grey(arr)
-    saturated, dark = _exposure(arr, grey, params)
+    saturated, dark, sat = _exposure(arr, grey, params)
+    lv = _levels(grey, *_range(arr))
+    focus = _focus(lv, sat, params.um_per_px)
+    surface, level, bright, clipped = _cover(lv, sat, params.um_per_px, inverted=arr.ndim == 3)
+    if bright < params.min_bright_share:
+        clipped = 0.0
     track = _Track(False, None, (0, 0), "", (0, 0, 0.0))
     if template is not None and min(grey.shape) >= 64:
-        track = _track(grey, template, params)
+        track = _track(grey, template, params, bright_first=arr.ndim == 3)
     counts: dict[str, int] = {}
     score: float | None = None
     if clarity_model is not None and arr.dtype in (np.uint8, np.uint16):
         spec = clarity_model.spec
         if (arr.ndim == 2 or spec.supports_colour) and min(arr.shape[:2]) >= spec.window:
-            res = evaluate_clarity(
-                arr, clarity_model, max_windows=params.clarity_windows, intensity=_fov_intensity(arr)
-            )
+            res = evaluate_clarity(arr, clarity_model, max_windows=params.clarity_windows)
             counts = {c: int(n) for c, n in res.counts.items()}
             score = res.score
     return FovCheck(
@@ -519,9 +667,16 @@ def check_fov(
         clarity_score=score,
         saturated=saturated,
         dark=dark,
-        over_exposed=saturated > params.saturation_share,
+        over_exposed=saturated > params.saturation_share
+        or clipped > params.clipped_share
+        or (level > params.lifted_level and saturated > params.lifted_saturated),
         empty=dark > params.dark_share,
         polarity=track.polarity,
+        focus=focus,
+        blurred=focus is not None and focus < params.focus_blurred,
+        surface=surface,
+        level=level,
+        clipped=clipped,
     )
 
 
@@ -602,6 +757,7 @@ def fov_summary(checks: Sequence[FovCheck], *, cached: int = 0) -> dict[str, Any
         for k, n in c.clarity.items():
             clarity[k] = clarity.get(k, 0) + n
     scored = [c.clarity_score for c in checks if c.clarity_score is not None]
+    focused = [c.focus for c in checks if c.focus is not None]
     return {
         "version": FOV_CHECK_VERSION,
         "fovs_total": len(checks),
@@ -610,6 +766,8 @@ def fov_summary(checks: Sequence[FovCheck], *, cached: int = 0) -> dict[str, Any
         "without_lines": [c.name for c in checks if not c.track_found][:MAX_PROBLEM_FOVS],
         "clarity_counts": clarity,
         "clarity_score_min": round(min(scored), 2) if scored else None,
+        "blurred": sum(c.blurred for c in checks),
+        "focus_min": round(min(focused), 4) if focused else None,
         "over_exposed": sum(c.over_exposed for c in checks),
         "dark": sum(c.empty for c in checks),
         "fovs": [c.to_dict() for c in checks],
@@ -629,18 +787,29 @@ class WarningRules:
         Warn only after this share of the grid, or this many full rows, whichever comes first.
     window : int
         Judge the latest ``window`` FOVs in acquisition order; 0 = one row (the grid's columns), at least 5.
+        Lines and focus are judged on the open and the focus-measured FOVs of the window, or when it
+        holds too few (``min_open``, ``min_scored``), on the latest that many of the last three windows.
     no_track_share : float
-        More than this share of the window's FOVs without track lines is a problem; FOVs covered by
-        tissue (under a quarter of their clarity windows background) are left out, as tissue can
-        hide the lines.
+        More than this share of the window's open FOVs without track lines is a problem. A FOV is
+        open when at least ``open_surface`` of it looks like bare chip surface and its darkest level
+        is near the scan's surface (see :func:`open_fovs`): lines are seldom visible under tissue,
+        so FOVs that tissue fills are not judged. Not raised while any of the last three windows'
+        FOVs is blurred: lines out of focus vanish, and the blur warning says why.
+    open_surface : float
+        Share of bare surface that makes a FOV open.
+    min_open : int
+        Fewer open FOVs in the window than this: lines are not judged.
     angle_spread_deg : float
-        A spread of the FOV angles (with lines) beyond this is a problem.
-    blurred_share, blurred_score :
-        More than ``blurred_share`` of the window's FOVs with tissue (a clarity score, and at least a
-        quarter of the windows not background) blurred is a problem: clarity below ``blurred_score``
-        with more blurred than over-exposed windows.
+        A spread of the FOV angles (with lines, neither over-exposed nor blurred) beyond this is a problem; strays
+        (far from the median compared with the others' deviation, see :func:`_spread`) are left out.
+    blurred_share : float
+        More than this share of the window's FOVs with a focus measure flagged ``blurred`` is a problem.
+    min_scored : int
+        Fewer FOVs with a focus measure in the window than this: focus is not judged.
     saturated_share : float
-        More than this share of the window's FOVs over-exposed is a problem.
+        More than this share of the window's FOVs that hold saturated pixels over-exposed (and at least
+        two of them) is a problem. Real tissue clips; a FOV is over-exposed only beyond that
+        (:class:`FovParams`).
     max_pair_deviation_px : float
         A neighbour pair in the window measured ``mismatch``, or shifted by more than this, is a problem.
     """
@@ -649,9 +818,11 @@ class WarningRules:
     start_rows: int = 2
     window: int = 0
     no_track_share: float = 0.5
+    open_surface: float = 0.5
+    min_open: int = 3
     angle_spread_deg: float = 0.5
     blurred_share: float = 0.5
-    blurred_score: float = 60.0
+    min_scored: int = 2
     saturated_share: float = 0.3
     max_pair_deviation_px: float = 50.0
 
@@ -700,36 +871,56 @@ def _names(checks: Sequence[FovCheck]) -> tuple[str, ...]:
     return tuple(c.name for c in checks[:MAX_PROBLEM_FOVS])
 
 
-def _tissue_covered(c: FovCheck) -> bool:
-    """Tissue over most of the FOV (under a quarter of its clarity windows background): its track lines
-    may be hidden under the tissue, so it says nothing about whether the chip shows lines."""
-    total = sum(c.clarity.values())
-    return total > 0 and c.clarity.get("background", 0) < 0.25 * total
-
-
-def _has_tissue(c: FovCheck) -> bool:
-    """At least a quarter of the FOV's clarity windows show tissue: enough to judge its focus."""
-    total = sum(c.clarity.values())
-    return total == 0 or total - c.clarity.get("background", 0) >= 0.25 * total
-
-
-def _blurred(c: FovCheck, score: float) -> bool:
-    """Clarity below ``score`` with more blurred than over-exposed windows (a low score from
-    over-exposure is the saturation rule's)."""
-    if c.clarity_score is None or c.clarity_score >= score:
-        return False
-    blur = c.clarity.get("mild_blur", 0) + c.clarity.get("severe_blur", 0)
-    over = c.clarity.get("mild_overexposure", 0) + c.clarity.get("severe_overexposure", 0)
-    return blur > over or not c.clarity
+#: Angles farther from the window's median than this many median absolute deviations, and than
+#: :data:`_STRAY_MIN_DEG`, are strays (a FOV whose few lines were misread), left out of the spread
+_STRAY_MADS = 3.0
+_STRAY_MIN_DEG = 0.2
 
 
 def _spread(angles: list[float]) -> tuple[float, float, float]:
-    """(low, high, spread) of the angles; with five or more, the one farthest from the median is left out."""
-    a = sorted(angles)
-    if len(a) >= 5:
-        med = float(np.median(a))
-        a.remove(max(a, key=lambda v: abs(v - med)))
-    return a[0], a[-1], a[-1] - a[0]
+    """(low, high, spread) of the angles, strays left out: those farther from the median than
+    :data:`_STRAY_MADS` median absolute deviations and :data:`_STRAY_MIN_DEG`. Angles that drift
+    (a moving stage) spread evenly and stay in; a few misread FOVs do not make a spread."""
+    a = np.asarray(sorted(angles), float)
+    med = float(np.median(a))
+    mad = float(np.median(np.abs(a - med)))
+    kept = a[np.abs(a - med) <= max(_STRAY_MADS * mad, _STRAY_MIN_DEG)]
+    return float(kept[0]), float(kept[-1]), float(kept[-1] - kept[0])
+
+
+#: A FOV is near the scan's surface level when its darkest level is at most this factor times the
+#: scan's surface level, or this much (share of the range) above it
+_OPEN_LEVEL_FACTOR = 3.0
+_OPEN_LEVEL_STEP = 0.02
+
+
+def open_fovs(window: Sequence[FovCheck], seen: Sequence[FovCheck], rules: WarningRules) -> list[FovCheck]:
+    """The FOVs of ``window`` where track lines should show: at least ``rules.open_surface`` bare
+    surface (:attr:`FovCheck.surface`), and a darkest level (:attr:`FovCheck.level`) near the scan's
+    surface level, the lowest level of the FOVs of ``seen`` (the darkest part of a FOV that shows any
+    bare surface is that surface). Neither empty nor over-exposed FOVs count, nor are they open: lines
+    in clipped FOVs are not trusted. A FOV that saturating tissue fills has little surface; one that unsaturated tissue fills
+    has its own darkest level far above the surface seen elsewhere in the scan."""
+    levels = [c.level for c in seen if not (c.empty or c.over_exposed)]
+    if not levels:
+        return []
+    ref = min(levels)
+    top = max(_OPEN_LEVEL_FACTOR * ref, ref + _OPEN_LEVEL_STEP)
+    return [c for c in window if c.surface >= rules.open_surface and not (c.empty or c.over_exposed) and c.level <= top]
+
+
+#: How many windows back the rules look for enough open or focus-measured FOVs
+_LOOKBACK = 3
+
+
+def _latest(candidates: list[FovCheck], win: list[FovCheck], least: int) -> list[FovCheck]:
+    """``candidates`` (in order, from the latest few windows) that are in the window ``win``; when
+    fewer than ``least``, the latest ``least`` of them: a window whose FOVs are mostly tissue, or
+    bare surface, is judged with the FOVs before it instead of not at all (no warnings that come
+    and go with the tissue's outline)."""
+    names = {c.name for c in win}
+    inside = [c for c in candidates if c.name in names]
+    return inside if len(inside) >= least else candidates[-least:]
 
 
 def assess(
@@ -746,15 +937,27 @@ def assess(
     n = rules.window if rules.window > 0 else max(grid[1], 5)
     win = list(seen[-n:])
     out: list[LiveProblem] = []
-    surface = [c for c in win if not _tissue_covered(c)]
-    without = [c for c in surface if not c.track_found]
-    if surface and len(without) > rules.no_track_share * len(surface):
+    back = list(seen[-_LOOKBACK * n :])
+    scored = _latest([c for c in back if c.focus is not None], win, rules.min_scored)
+    blurred = [c for c in scored if c.blurred]
+    blurry = len(scored) >= rules.min_scored and len(blurred) > rules.blurred_share * len(scored)
+    if blurry:
+        worst = min(c.focus for c in blurred if c.focus is not None)
+        out.append(LiveProblem(
+            "blur", _names(blurred),
+            f"{len(blurred)} of the latest {len(scored)} FOVs with structure are blurred (focus measure as low "
+            f"as {worst:.2f}); check the focus",
+        ))  # fmt: skip
+    opened = _latest(open_fovs(back, seen, rules), win, rules.min_open)
+    without = [c for c in opened if not c.track_found]
+    unfocused = blurry or any(c.blurred for c in back)
+    if not unfocused and len(opened) >= rules.min_open and len(without) > rules.no_track_share * len(opened):
         out.append(LiveProblem(
             "no_track_lines", _names(without),
-            f"{len(without)} of the latest {len(surface)} FOVs not covered by tissue show no track lines; "
+            f"{len(without)} of the latest {len(opened)} FOVs that show bare chip surface show no track lines; "
             "check focus, exposure and that the chip is on the stage the right way up",
         ))  # fmt: skip
-    with_angle = [c for c in win if c.track_found and c.track_angle is not None]
+    with_angle = [c for c in win if c.track_found and c.track_angle is not None and not (c.over_exposed or c.blurred)]
     if len(with_angle) >= 3:
         lo, hi, spread = _spread([float(c.track_angle) for c in with_angle if c.track_angle is not None])
         if spread > rules.angle_spread_deg:
@@ -763,22 +966,15 @@ def assess(
                 f"the track lines of the latest {len(with_angle)} FOVs lie at angles from {lo:.2f} to {hi:.2f} "
                 f"degrees (spread {spread:.2f} > {rules.angle_spread_deg:g}); the chip or the stage may be moving",
             ))  # fmt: skip
-    scored = [c for c in win if c.clarity_score is not None and _has_tissue(c)]
-    blurred = [c for c in scored if _blurred(c, rules.blurred_score)]
-    if scored and len(blurred) > rules.blurred_share * len(scored):
-        worst = min(c.clarity_score for c in blurred if c.clarity_score is not None)
-        out.append(LiveProblem(
-            "blur", _names(blurred),
-            f"{len(blurred)} of the latest {len(scored)} FOVs with tissue are blurred (clarity below "
-            f"{rules.blurred_score:g}, lowest {worst:.0f}); check the focus",
-        ))  # fmt: skip
-    over = [c for c in win if c.over_exposed]
-    if len(over) > rules.saturated_share * len(win):
+    clipping = [c for c in win if c.saturated > 0 or c.over_exposed]
+    over = [c for c in clipping if c.over_exposed]
+    if len(over) >= 2 and len(over) > rules.saturated_share * len(clipping):
         top = max(c.saturated for c in over)
         out.append(LiveProblem(
             "saturation", _names(over),
-            f"{len(over)} of the latest {len(win)} FOVs are over-exposed (up to {top:.0%} of the pixels "
-            "saturated); lower the exposure time or the gain",
+            f"{len(over)} of the latest {len(clipping)} FOVs with saturated pixels are over-exposed (up to "
+            f"{top:.0%} of the pixels saturated, most of their bright signal clipped); lower the exposure time "
+            "or the gain",
         ))  # fmt: skip
     names = {c.name for c in win}
     bad = [

@@ -1,9 +1,10 @@
 """The per-FOV map of a tiled image: each field of view a cell of the grid, coloured by its checks.
 
 The checks are :class:`qc.live.FovCheck` objects (read by attribute: ``row``, ``col``,
-``track_found``, ``clarity_score``, ``over_exposed``, ``empty``). A cell's fill is its clarity
-(good, mild, blurred, no tissue), except that an over-exposed FOV is filled magenta and a dark
-(empty) one dark blue, whatever its clarity; a red cross marks a FOV without track lines. A grid cell with no FOV is left
+``track_found``, ``focus``, ``blurred``, ``over_exposed``, ``empty``). A cell's fill is its focus
+(sharp, blurred, or no structure to judge it by: bare chip surface), except that an over-exposed FOV
+is filled magenta and a dark (empty) one dark blue; a red cross marks a FOV without track lines. The
+clarity model's score is not drawn: on real-looking dark chips it is information, not a verdict. A grid cell with no FOV is left
 as paper with a thin outline. No text is written in the cells: the legend names every colour.
 """
 
@@ -19,13 +20,13 @@ from qc.pictures.parts import BGR, PAPER, Legend, Picture, compose, header_band
 
 __all__ = ["BLURRED_SCORE", "GOOD_SCORE", "draw_fov_map"]
 
-#: Clarity score at or above which a FOV is drawn as good (the clarity criterion).
+#: Clarity score at or above which a FOV counts as clear (the clarity criterion); information only.
 GOOD_SCORE = 80.0
-#: Clarity score below which a FOV is drawn as blurred (live QC's blur rule).
+#: Clarity score below which the clarity model calls a FOV blurred; information only (the map and live QC's
+#: blur rule use the focus measure, :attr:`qc.live.FovCheck.blurred`).
 BLURRED_SCORE = 60.0
 
 _GOOD: BGR = (60, 200, 60)
-_MILD: BGR = (120, 230, 230)
 _BLURRED: BGR = (0, 150, 255)
 _NO_SCORE: BGR = (200, 200, 200)
 _NO_LINES: BGR = (40, 40, 230)
@@ -71,19 +72,16 @@ def draw_fov_map(
             if c is None:
                 cv2.rectangle(body, (x0, y0), (x1, y1), legend.use(_OUTLINE, "no FOV (yet)"), 1)
                 continue
-            score = c.clarity_score
             if c.over_exposed:
                 fill = legend.use(_OVER, "over-exposed")
             elif c.empty:
                 fill = legend.use(_DARK, "dark, nearly empty")
-            elif score is None:
-                fill = legend.use(_NO_SCORE, "no clarity score (no tissue or no model)")
-            elif score >= GOOD_SCORE:
-                fill = legend.use(_GOOD, f"clear (clarity >= {GOOD_SCORE:g})")
-            elif score >= BLURRED_SCORE:
-                fill = legend.use(_MILD, f"mildly degraded (clarity {BLURRED_SCORE:g}-{GOOD_SCORE:g})")
+            elif c.blurred:
+                fill = legend.use(_BLURRED, "blurred (focus measure)")
+            elif c.focus is not None:
+                fill = legend.use(_GOOD, "sharp (focus measure)")
             else:
-                fill = legend.use(_BLURRED, f"blurred (clarity < {BLURRED_SCORE:g})")
+                fill = legend.use(_NO_SCORE, "no structure to judge focus by (bare chip surface)")
             cv2.rectangle(body, (x0, y0), (x1, y1), fill, -1)
             t = max(2, cell // 12)
             if not c.track_found:
@@ -94,15 +92,13 @@ def draw_fov_map(
     n = len(checks)
     lines = sum(1 for c in checks if c.track_found)
     over = sum(1 for c in checks if c.over_exposed)
-    blurred = sum(
-        1 for c in checks if not c.over_exposed and c.clarity_score is not None and c.clarity_score < BLURRED_SCORE
-    )
+    blurred = sum(1 for c in checks if not c.over_exposed and c.blurred)
     where = " | ".join(
         p for p in (f"chip {chip}" if chip else "", f"stain {stain}" if stain else "", f"image {title}") if p
     )
     details = [
         where,
-        f"grid {rows} x {cols}: {n} FOVs checked one by one (track lines, clarity, exposure)",
+        f"grid {rows} x {cols}: {n} FOVs checked one by one (track lines, focus, exposure)",
         f"without track lines {n - lines}, blurred {blurred}, over-exposed {over}",
     ]
     w = body.shape[1]
