@@ -110,11 +110,11 @@ def run_kind(kind: str, seed: int, grid: int, tile: int, model: Any) -> dict[str
         "focus_sharp": _q(sharp, (0, 50)),
         "focus_blurred": _q(blurred, (50, 100)),
         "focus_none": sum(c.focus is None for c in checks),
-        "blurred_flags": f"{sum(c.blurred for c in checks if c.name not in spoiled_b)}|"
+        "blurred_flags": f"{sum(c.blurred for c in checks if c.name not in spoiled_b)}; "
         f"{sum(c.blurred for c in checks if c.name in spoiled_b)}/{len(spoiled_b)}",
         "saturated": _q([c.saturated for c in normal], (50, 90, 100)),
-        "clipped": _q([c.clipped for c in normal], (90, 100)) + " | " + _q([c.clipped for c in over], (0, 50)),
-        "over_flags": f"{sum(c.over_exposed for c in normal)}|{sum(c.over_exposed for c in over)}/{len(over)}",
+        "clipped": _q([c.clipped for c in normal], (90, 100)) + "; " + _q([c.clipped for c in over], (0, 50)),
+        "over_flags": f"{sum(c.over_exposed for c in normal)}; {sum(c.over_exposed for c in over)}/{len(over)}",
         "over_saturated": _q([c.saturated for c in over], (50,)),
         "clarity": _q([c.clarity_score for c in checks if c.clarity_score is not None], (0, 50), 0),
         "ms": statistics.median(times) * 1000,
@@ -147,10 +147,11 @@ def main() -> None:
         f"{args.grid} x {args.grid} tiles of {args.tile}^2 uint8 per scan; `lines`: FOVs with track lines, all and of "
         "the open ones (showing bare surface near the scan's surface level, `qc.live.open_fovs`); angle error |found - truth| deg median/p90/max and the "
         "signed p10/p90; focus of sharp (min/median) and blurred tiles (median/max), FOVs without a focus "
-        f"value; `blur`: FOVs flagged blurred among sharp|blurred tiles (focus < {p.focus_blurred:g}); "
-        "saturated share of normally exposed FOVs (median/p90/max); clipped share of their bright pixels (p90/max) | of gain-6 FOVs (min/median); "
-        "`over`: FOVs flagged over-exposed among normal|gain-6 tiles; clarity score min/median (information); "
-        "median ms per tile (with clarity | without); problems raised by `assess` in acquisition order "
+        f"value; `blur`: FOVs flagged blurred among sharp; blurred tiles (focus < {p.focus_blurred:g}); "
+        "saturated share of normally exposed FOVs (median/p90/max); clipped share of their bright pixels "
+        "(p90/max); of gain-6 FOVs (min/median); "
+        "`over`: FOVs flagged over-exposed among normal; gain-6 tiles; clarity score min/median (information); "
+        "median ms per tile (with clarity; without); problems raised by `assess` in acquisition order "
         f"(`code@k`: at the k-th tile; window one row; no_track_share {r.no_track_share:g} of FOVs showing "
         f"surface, angle spread {r.angle_spread_deg:g} deg, blurred share {r.blurred_share:g}, saturated share "
         f"{r.saturated_share:g}).",
@@ -166,12 +167,18 @@ def main() -> None:
                 f"| {kind} | {seed} | {m['lines']} ({m['lines_open']}) | {m['angle_err']} | {m['angle_p10_p90']} "
                 f"| {m['focus_sharp']} | {m['focus_blurred']} | {m['focus_none']} | {m['blurred_flags']} "
                 f"| {m['saturated']} | {m['clipped']} | {m['over_flags']} | {m['clarity']} "
-                f"| {m['ms']:.0f} \\| {m['ms_track']:.0f} | {m['events']} |"
+                f"| {m['ms']:.0f}; {m['ms_track']:.0f} | {m['events']} |"
             )
             print(lines[-1], flush=True)
     lines += [
         "",
         "- one thread (OpenCV and onnxruntime), shipped clarity model; tiles already decoded",
+        "- what real chips look like raises nothing: lines hidden under tissue (FOVs that tissue fills are not open), "
+        "tissue clipping 0.2 of a FOV (clipped share of the upper half of the range <= 0.65, the flag is 0.75), "
+        "a clarity score in single digits (information only); gain-6 FOVs of bare surface clip nothing and are not "
+        "flagged, those with tissue are",
+        "- blurred tiles without tissue have no focus value (bare surface); the rule looks back up to three windows "
+        "for two FOVs with one, and no_track_lines waits while FOVs of those windows are blurred",
         f"- machine: {machine_info('cv2', 'onnxruntime')}",
         f"- date: {date.today().isoformat()}",
     ]

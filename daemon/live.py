@@ -10,7 +10,7 @@ and checks each tile once its own file is written:
   ``live.tile_settle_s`` and, for a TIFF, its structure is whole
   (:func:`qc.io.tiffcheck.check_tiff_whole`);
 * each written tile is decoded once and gets its per-FOV checks
-  (:func:`qc.live.check_fov`: track lines, clarity, exposure) and is
+  (:func:`qc.live.check_fov`: track lines, focus, exposure, clarity) and is
   registered against each neighbour already checked (stitching's own pair
   registration, under the same keys, through the service's pair cache);
 * the FOVs so far are judged (:func:`qc.live.assess`) once the first share of

@@ -197,7 +197,8 @@ class FovCheck:
         ``focus < focus_blurred`` of the parameters used (False without a focus measure).
     surface : float
         Share (0-1) of the FOV that looks like bare chip surface: cells of about 4 um neither
-        clearly brighter than the FOV's darkest (``level``) nor holding a saturated pixel. A FOV
+        clearly brighter than the FOV's darkest (``level``; on bright field RGB: grey, not stained)
+        nor holding a saturated pixel. A FOV
         that tissue fills has no surface of its own to compare with: :func:`assess` also compares
         ``level`` with the darkest FOVs of the scan.
     level : float
@@ -419,21 +420,31 @@ _CELL_UM = 4.0
 _SURFACE_FACTOR = 3.0
 _SURFACE_STEP = 8.0
 _BRIGHT = 0.5
+#: Bright field: a cell is stained tissue when its colour (max - min channel, levels of 255) is above this;
+#: the bare chip surface is grey
+_STAIN_CHROMA = 20.0
 
 
-def _cover(lv: np.ndarray, sat: np.ndarray, um_per_px: float, *, inverted: bool) -> tuple[float, float, float, float]:
+def _cover(
+    lv: np.ndarray, sat: np.ndarray, um_per_px: float, *, chroma: np.ndarray | None = None
+) -> tuple[float, float, float, float]:
     """(surface, level, bright share, clipped) of the FOV (see :class:`FovCheck`).
 
-    ``lv`` is the FOV on a 0-255 scale (``inverted`` for bright field, where tissue is darker than
-    the surface), ``sat`` its saturated mask.
+    ``lv`` is the FOV on a 0-255 scale, ``sat`` its saturated mask. ``chroma`` (colour, 0-255 scale)
+    is given for bright field (RGB): there the level is taken from the inverted image (tissue
+    absorbs) and a cell is bare surface when it is grey (:data:`_STAIN_CHROMA`); on fluorescence
+    when it is not clearly brighter than the FOV's darkest cells.
     """
     c = max(1, round(_CELL_UM / um_per_px))
-    cells = _reduce(255.0 - lv if inverted else lv, c)
+    cells = _reduce(lv if chroma is None else 255.0 - lv, c)
     if cells.size == 0:
         return 0.0, 0.0, 0.0, 0.0
     satc = _reduce(sat.view(np.uint8).astype(np.float32), c) if sat.any() else None
     lo = float(np.percentile(cells, 2))
-    quiet = cells <= max(_SURFACE_FACTOR * lo, lo + _SURFACE_STEP)
+    if chroma is None:
+        quiet = cells <= max(_SURFACE_FACTOR * lo, lo + _SURFACE_STEP)
+    else:
+        quiet = _reduce(chroma, c) <= _STAIN_CHROMA
     if satc is not None:
         quiet &= satc == 0
     surface = float(np.count_nonzero(quiet)) / cells.size
@@ -641,7 +652,12 @@ def check_fov(
     saturated, dark, sat = _exposure(arr, grey, params)
     lv = _levels(grey, *_range(arr))
     focus = _focus(lv, sat, params.um_per_px)
-    surface, level, bright, clipped = _cover(lv, sat, params.um_per_px, inverted=arr.ndim == 3)
+    chroma = None
+    if arr.ndim == 3:
+        low, top = _range(arr)
+        span = np.float32(255.0 / (top - low if top > low else 1.0))
+        chroma = (arr.max(axis=2).astype(np.float32) - arr.min(axis=2).astype(np.float32)) * span
+    surface, level, bright, clipped = _cover(lv, sat, params.um_per_px, chroma=chroma)
     if bright < params.min_bright_share:
         clipped = 0.0
     track = _Track(False, None, (0, 0), "", (0, 0, 0.0))
@@ -807,9 +823,10 @@ class WarningRules:
     min_scored : int
         Fewer FOVs with a focus measure in the window than this: focus is not judged.
     saturated_share : float
-        More than this share of the window's FOVs that hold saturated pixels over-exposed (and at least
-        two of them) is a problem. Real tissue clips; a FOV is over-exposed only beyond that
-        (:class:`FovParams`).
+        More than this share of the window's FOVs with notable clipping (2 % of their pixels
+        saturated, or over-exposed) over-exposed is a problem. Real tissue clips; a FOV is
+        over-exposed only beyond that (:class:`FovParams`), and FOVs of bare surface, where a high
+        gain clips nothing, do not dilute the share.
     max_pair_deviation_px : float
         A neighbour pair in the window measured ``mismatch``, or shifted by more than this, is a problem.
     """
@@ -911,6 +928,8 @@ def open_fovs(window: Sequence[FovCheck], seen: Sequence[FovCheck], rules: Warni
 
 #: How many windows back the rules look for enough open or focus-measured FOVs
 _LOOKBACK = 3
+#: FOVs with at least this share of saturated pixels are the ones the saturation rule weighs
+_NOTABLE_SATURATION = 0.02
 
 
 def _latest(candidates: list[FovCheck], win: list[FovCheck], least: int) -> list[FovCheck]:
@@ -966,9 +985,9 @@ def assess(
                 f"the track lines of the latest {len(with_angle)} FOVs lie at angles from {lo:.2f} to {hi:.2f} "
                 f"degrees (spread {spread:.2f} > {rules.angle_spread_deg:g}); the chip or the stage may be moving",
             ))  # fmt: skip
-    clipping = [c for c in win if c.saturated > 0 or c.over_exposed]
+    clipping = [c for c in win if c.saturated >= _NOTABLE_SATURATION or c.over_exposed]
     over = [c for c in clipping if c.over_exposed]
-    if len(over) >= 2 and len(over) > rules.saturated_share * len(clipping):
+    if over and len(over) > rules.saturated_share * len(clipping):
         top = max(c.saturated for c in over)
         out.append(LiveProblem(
             "saturation", _names(over),

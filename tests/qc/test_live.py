@@ -370,6 +370,28 @@ def test_over_exposed_rows_raise_saturation_and_it_clears():
     assert over and all(c.row in (1, 2) for c in over)
 
 
+@pytest.mark.parametrize("kind", ["good", "no_lines"])
+def test_a_real_looking_bright_field_scan(kind):
+    """H&E: light lines on a grey surface, stained tissue; the surface is told from tissue by its colour."""
+    from qc.testing.chips import real_looking
+
+    chip = {
+        k: v
+        for k, v in real_looking("HE").items()
+        if k not in ("width", "height", "seed", "lines", "angle_deg", "scale")
+    }
+    cs = chip_tile_set(rows=SCAN, cols=SCAN, tile_size=1024, angle_deg=0.4, jitter_px=3, seed=1,
+                       no_lines=kind == "no_lines", **chip)  # fmt: skip
+    params = FovParams(um_per_px=cs.um_per_px)
+    checks = [check_fov(t.read(), t, digest=t.name, template=SS2, params=params, clarity_model=None) for t in cs.tiles]
+    assert any(c.surface < 0.1 for c in checks) and any(c.surface > 0.9 for c in checks)  # tissue and bare surface
+    if kind == "good":
+        assert _history(checks) == []
+        assert all(c.polarity == "bright" for c in checks if c.track_found)
+    else:
+        assert [code for _, code, _ in _history(checks)] == ["no_track_lines"]
+
+
 # -- the final QC of a tile folder --------------------------------------------------------------
 
 
