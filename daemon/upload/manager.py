@@ -79,6 +79,7 @@ from daemon.upload.base import (
     LocalFile,
     Transfer,
     Uploader,
+    choose_concurrency,
     file_stat,
 )
 from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
@@ -190,7 +191,7 @@ class UploadManager:
         self._daemon = daemon
         if self._clock is None:
             self._clock = daemon.clock
-        self._pools = {n: DaemonPool(t.concurrency, f"upload-{n}") for n, t in self.targets.items()}
+        self._pools = {n: DaemonPool(choose_concurrency(t.concurrency), f"upload-{n}") for n, t in self.targets.items()}
         if self._pools:
             self._janitor = next(iter(self._pools.values())).submit(self._clean_up_stale)
 
@@ -412,6 +413,8 @@ class UploadManager:
             raise InputChanged(path, "is gone") from None
         if r.size is not None and current != (r.size, r.mtime_ns):
             raise InputChanged(path, f"size/mtime {current} differ from {(r.size, r.mtime_ns)} recorded after QC")
+        if up.streams:  # read once, while it is sent: the uploader computes the digests and compares QC's
+            return LocalFile.pending(path, current[0], current[1], up.part_size_for(current[0]))
         digests = (r.parts or {}).get("local")
         if (
             r.sha256 and digests and r.kind != "inputs"
@@ -432,6 +435,14 @@ class UploadManager:
             raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         self.store.update_upload(r.id, sha256=local.sha256, parts={"local": local.digests(), "state": state})
         return local
+
+    @staticmethod
+    def _qc_sha256(a: _Active, r: UploadRow) -> str | None:
+        """The SHA-256 QC recorded for an input (its upload must carry exactly that content), else None."""
+        if r.kind != "inputs":
+            return None
+        entry = (a.qc_inputs or {}).get(str(Path(r.local_path)))
+        return str(entry["sha256"]) if entry and entry.get("sha256") else None
 
     def _check_sent(self, up: Uploader, transfer: Transfer, e: IntegrityError) -> None:
         """After an integrity error on an input: if the file changed while it was sent, remove what the
@@ -476,7 +487,7 @@ class UploadManager:
                 up = self.uploader(r.target)
                 store.update_upload(r.id, state=U.ACTIVE, attempts=r.attempts + 1, error=None)
                 local = self._local(a, r, up)
-                digests = local.digests()
+                digests = local.digests() if local.digested else {}
 
                 def save(state: dict[str, Any], done: int) -> None:
                     store.update_upload(
@@ -494,6 +505,7 @@ class UploadManager:
                     check=a.check,
                     between=a.between(r.target),
                     wait=a.wait,
+                    expect_sha256=self._qc_sha256(a, r) if up.streams else None,
                 )
 
                 def attempt() -> Any:
@@ -501,7 +513,7 @@ class UploadManager:
                     try:
                         return up.send(transfer)
                     except IntegrityError as e:
-                        if r.kind == "inputs":
+                        if r.kind == "inputs" and not up.streams:  # a streamed file's digests are of the bytes sent
                             self._check_sent(up, transfer, e)
                         raise
 
@@ -526,15 +538,18 @@ class UploadManager:
                 )
                 if r.kind == "inputs" and file_stat(local.path) != (local.size, local.mtime_ns):
                     raise InputChanged(local.path, "changed while it was uploaded")
+                sent = outcome.local if outcome.local is not None else local
                 store.update_upload(
                     r.id,
                     state=U.PRESENT if outcome.present else U.DONE,
                     checksum=outcome.checksum,
                     bytes_done=local.size,
                     upload_id=None,
-                    parts={"local": digests, "state": {}},
+                    parts={"local": sent.digests(), "state": {}},
                     error=None,
                 )
+                if sent.digested:
+                    store.update_upload(r.id, sha256=sent.sha256)
                 log.info(
                     "already present" if outcome.present else "uploaded",
                     target=r.target,

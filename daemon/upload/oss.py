@@ -131,7 +131,7 @@ class OSSUploader(Uploader):
                 if version == "v4"
                 else oss2.Auth(creds.access_key_id, creds.secret)
             )
-        self.session = oss2.Session(pool_size=target.concurrency + 4)
+        self.session = oss2.Session(pool_size=self.concurrency + 4)
         self.session.session.verify = target.verify_tls
         self.checkpoints = self.state_dir / "upload-checkpoints" / f"oss-{target.name}"
         self.store = oss2.ResumableStore(root=str(self.checkpoints.parent), dir=self.checkpoints.name)
@@ -275,7 +275,7 @@ class OSSUploader(Uploader):
                 headers={"x-oss-meta-sha256": local.sha256},
                 multipart_threshold=local.part_size + 1,
                 part_size=local.part_size,
-                num_threads=self.target.concurrency,
+                num_threads=self.concurrency,
             )
         except (Interrupted, UploadError):
             raise

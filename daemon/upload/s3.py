@@ -1,25 +1,58 @@
 """AWS S3 and S3-compatible stores (MinIO, Ceph, rclone...) through boto3.
 
-Files up to one part are a single PUT; larger ones a multipart upload whose
-id and part ETags are saved (``transfer.state``) after every part. A resumed
-upload asks the server which parts it holds (ListParts) and keeps those whose
-ETag equals the local part's MD5, so after a kill only the missing parts are
-sent. Other multipart uploads of the same key (left by a crash before the id
-was saved) are aborted.
+One read of the file (``streams = True``): the manager hands over the file
+undigested and the upload reads it once, part by part in order
+(:class:`~daemon.upload.base.PartReader`). The reading thread accumulates
+the file's SHA-256 (and, for servers whose multipart ETag is the whole
+file's MD5, that MD5); each part's MD5 (and SHA-256) is computed in the
+part's thread from the very bytes it sends. At most ``concurrency`` parts of
+a transfer, and 256 MiB of a target's transfers together, are in memory.
 
-Integrity: every part carries Content-MD5 (and, on AWS or with
-``checksum = "sha256"``, x-amz-checksum-sha256); the object carries the
-file's SHA-256 as metadata ``sha256``; after completion a HEAD compares
-size, that SHA-256 and the ETag (the multipart composite, or the whole-file
-MD5 some servers report).
+Files up to one part are a single PUT, from the bytes read: Content-MD5, and
+the file's SHA-256 as metadata ``sha256`` (known before the PUT). Larger
+files are a multipart upload; the whole file's SHA-256 is known only after
+its last part is read, too late for the object's metadata (set at
+CreateMultipartUpload), so multipart objects carry none. What replaces it:
+
+* the SHA-256 of the bytes sent is kept in the upload record (``sha256``)
+  and, for an input, compared with the one QC recorded *before*
+  CompleteMultipartUpload: content that is not what QC read is never
+  published (the multipart upload is aborted, the job goes back to QC);
+* the object is proved by its ETag: the composite of the part MD5s (AWS,
+  moto, MinIO, Ceph) or the whole file's MD5 (rclone), both computed from
+  the bytes sent; its metadata ``part-size`` says how to recompute the
+  composite when a later job finds the object already there (one read, no
+  send). FULL_OBJECT CRC64NVME checksums are not used: botocore computes
+  CRC64NVME only with awscrt (not a dependency here), and moto and rclone
+  would not check it.
+
+Integrity while sending: every part carries Content-MD5, which S3 and
+rclone enforce (BadDigest), and, on AWS or with ``checksum = "sha256"``,
+x-amz-checksum-sha256 (a composite SHA-256 checksum the server checks on
+completion); a part ETag that is an MD5 must be the part's MD5 (moto checks
+no Content-MD5). After completion a HEAD compares size and ETag; no second
+read. Whether a server's multipart ETag is the whole file's MD5 is learned
+from its first completed multipart upload and kept in the state folder
+(``upload-checkpoints/s3-<target>.etag-style``); until then that MD5 is
+computed too.
+
+Resuming: the state saved after every part (``transfer.state``) names the
+upload id, the part size, the file's size and mtime, and each stored part's
+ETag, size and MD5. A resumed upload whose file still has that size and
+mtime asks the server which parts it holds (ListParts) and reads the file
+from the start as always; a listed part is kept, not sent, only when its
+ETag is the MD5 of the local bytes just read (or its SHA-256 checksum is
+theirs, or, for ETags that are no MD5, the MD5 recorded when it was sent is
+theirs). A file changed since (size or mtime) starts a new upload. Other
+multipart uploads of the same key (left by a crash before the id was saved)
+are aborted.
 
 Checksum settings that keep non-AWS endpoints working: botocore's default
 CRC32 trailers (aws-chunked bodies) are switched off
 (``request_checksum_calculation="when_required"``,
 ``response_checksum_validation="when_required"``); payloads are not
-SHA-256-signed (``payload_signing_enabled=False``: Content-MD5 covers them
-and the body is read once, through the throttle); botocore's own retries are
-off, ours apply.
+SHA-256-signed (``payload_signing_enabled=False``: Content-MD5 covers them);
+botocore's own retries are off, ours apply.
 """
 
 from __future__ import annotations
@@ -29,7 +62,8 @@ import collections
 import hashlib
 import re
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from concurrent.futures import Future, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -37,9 +71,12 @@ from daemon.config import UploadTarget
 from daemon.errors import TransientUploadError, UploadError
 from daemon.logging import get_logger, register_secret
 from daemon.upload.base import (
+    ContentChanged,
+    InputChanged,
     IntegrityError,
     Interrupted,
     LocalFile,
+    PartReader,
     RemoteObject,
     Transfer,
     Uploader,
@@ -48,7 +85,7 @@ from daemon.upload.base import (
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
 from daemon.upload.pool import DaemonPool
-from daemon.upload.throttle import FileSlice
+from daemon.upload.throttle import BufferBody
 
 __all__ = ["S3Uploader"]
 
@@ -70,6 +107,7 @@ _TRANSIENT_CODES = {
     "OperationAborted",
     "RequestTimeoutException",
     "IncompleteBody",
+    "NoSuchUpload",  # the multipart upload vanished (rclone drops it on a bad part): resumed, it starts again
 }
 #: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
@@ -90,10 +128,28 @@ def composite_etag(part_md5: tuple[str, ...]) -> str:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5)}"
 
 
+def _precedence(e: BaseException) -> int:
+    """Which of several part failures a transfer reports: a stop, the file, the data, then the rest."""
+    for rank, kind in enumerate((Interrupted, InputChanged, _ReplaceRefused, IntegrityError)):
+        if isinstance(e, kind):
+            return rank
+    return 9
+
+
+class _ReplaceRefused(Exception):
+    """Resuming, a part the server holds is not the local bytes and the server refuses to replace it (rclone)."""
+
+    def __init__(self, part: int, error: UploadError) -> None:
+        super().__init__(f"part {part}: {error}")
+        self.part = part
+        self.error = error
+
+
 class S3Uploader(Uploader):
     """An ``[[upload]]`` target of type s3."""
 
     type = "s3"
+    streams = True
 
     def __init__(self, target: UploadTarget, *, state_dir: Path, credentials: Credentials | None = None) -> None:
         super().__init__(target, state_dir=state_dir)
@@ -129,24 +185,20 @@ class S3Uploader(Uploader):
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=target.timeout_s,
             read_timeout=target.timeout_s,
-            max_pool_connections=target.concurrency + 4,
+            max_pool_connections=self.concurrency + 4,
             user_agent_extra="imageqc",
         )
         self.client = session.client("s3", endpoint_url=target.endpoint or None, verify=target.verify_tls, config=cfg)
         self.bucket = target.bucket
-        self.pool = DaemonPool(target.concurrency, f"upload-{target.name}-parts")
+        self.pool = DaemonPool(self.concurrency, f"upload-{target.name}-parts")
+        self._etag_file = self.state_dir / "upload-checkpoints" / f"s3-{target.name}.etag-style"
+        self._etag_style: str | None = None
         self._md5_cache: collections.OrderedDict[tuple[str, int, int, str], str] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)  # a part stuck in a request is abandoned, not joined
         self.client.close()
-
-    def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
-        size = file_stat(path)[0]
-        return digest_file(
-            path, part_size=self.part_size_for(size), sha256_parts=self.sha256_parts, check=check, expect=expect
-        )
 
     def reusable(self, local: LocalFile) -> bool:
         return super().reusable(local) and (not self.sha256_parts or len(local.part_sha256) == local.parts)
@@ -300,26 +352,41 @@ class S3Uploader(Uploader):
         )
 
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
-        if remote.size != local.size or (remote.sha256 or "").lower() != local.sha256:
+        """Whether a stored object is the (digested) local file.
+
+        Single-PUT objects carry the file's SHA-256 as metadata; multipart ones
+        cannot (it is known only after the last part is read) and are proved by
+        their ETag: the composite of the part MD5s, or the whole file's MD5
+        (rclone). An object with neither proof is not the file.
+        """
+        if remote.size != local.size:
+            return False
+        if remote.sha256 is not None and remote.sha256.lower() != local.sha256:
             return False
         etag = remote.checksum or ""
         if not _MD5_ETAG.match(etag):
-            return True  # e.g. SSE-KMS: the part checksums and the SHA-256 metadata stand
+            return remote.sha256 is not None  # e.g. SSE-KMS: only the SHA-256 metadata can vouch
         if len(local.part_md5) == 1 and etag == local.part_md5[0]:
             return True
         if len(local.part_md5) > 1 and etag == composite_etag(local.part_md5):
             return True
         if "-" in etag:
             return False
+        if local.md5 is not None:
+            return etag == local.md5
         return etag == self._whole_md5(local)  # servers that report the whole object's MD5 (rclone)
 
     def _whole_md5(self, local: LocalFile) -> str | None:
         """The MD5 of the local file, or None when the file is no longer the one ``local`` was digested from
-        (same size and mtime are not enough: a replaced file must never vouch for a stored object)."""
+        (same size and mtime are not enough: a replaced file must never vouch for a stored object).
+
+        Read again only when the MD5 was not computed with the other digests: a stored object digested
+        before this target's ETag style was known."""
         key = (str(local.path), local.size, local.mtime_ns, local.sha256)
         with self._cache_lock:
             if key in self._md5_cache:
                 return self._md5_cache[key]
+        log.info("hashing the file again for the server's whole-object ETag", target=self.name, path=str(local.path))
         md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
         with open(local.path, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
@@ -334,32 +401,114 @@ class S3Uploader(Uploader):
                 self._md5_cache.popitem(last=False)
         return value
 
+    # -- the server's ETag style (learned) -----------------------------------------
+
+    def _wants_whole_md5(self) -> bool:
+        """Whether to compute the whole file's MD5 while sending: the server's multipart ETag may be it.
+
+        AWS's never is (the composite of the part MD5s). For another endpoint
+        the answer is learned from the first multipart object it completes and
+        kept in the state folder; until then the MD5 is computed (cheaper than
+        reading the file again to verify)."""
+        if not self.target.endpoint:
+            return False
+        if self._etag_style is None:
+            try:
+                self._etag_style = self._etag_file.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                self._etag_style = None
+        return self._etag_style != "composite"
+
+    def _learn_etag_style(self, etag: str) -> None:
+        style = "composite" if "-" in etag else "whole-md5" if _MD5_ETAG.match(etag) else "other"
+        if style == self._etag_style or not self.target.endpoint:
+            return
+        self._etag_style = style
+        try:
+            self._etag_file.parent.mkdir(parents=True, exist_ok=True)
+            self._etag_file.write_text(style + "\n", encoding="utf-8")
+        except OSError as e:
+            log.debug("cannot record the server's ETag style", target=self.name, error=str(e))
+
     def remove(self, key: str) -> None:
         self._call("delete_object", Key=key)
 
     # -- upload -----------------------------------------------------------------
+
+    def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
+        size = file_stat(path)[0]
+        return digest_file(
+            path,
+            part_size=self.part_size_for(size),
+            sha256_parts=self.sha256_parts,
+            whole_md5=self._wants_whole_md5() and size > self.part_size_for(size),
+            check=check,
+            expect=expect,
+        )
 
     def upload(self, transfer: Transfer) -> str:
         if transfer.local.size <= transfer.local.part_size:
             self._put(transfer)
         else:
             self._multipart(transfer)
-        return self.verify(transfer.local, transfer.key)
+        return self._verify_stored(transfer)
 
-    def _part_args(self, local: LocalFile, number: int) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ContentMD5": _b64(local.part_md5[number - 1])}
-        if self.sha256_parts and local.part_sha256:
-            kw["ChecksumSHA256"] = _b64(local.part_sha256[number - 1])
+    def _verify_stored(self, t: Transfer) -> str:
+        """HEAD the new object: its size, and its ETag against the digests of the bytes sent.
+
+        Every part was already checked by the server (Content-MD5, and the
+        SHA-256 checksum where enabled) and the completion named each part's
+        ETag; an ETag that is not an MD5 (SSE-KMS) leaves those checks as the
+        proof.
+        """
+        local, key = t.local, t.key
+        remote = self.probe(key)
+        if remote is None:
+            raise IntegrityError(
+                self.name, f"{key} is missing right after it was uploaded", hint="it is uploaded again"
+            )
+        etag = remote.checksum or ""
+        if local.parts > 1:
+            self._learn_etag_style(etag)  # from the HEAD: rclone completes with a composite ETag, then reports the MD5
+        ok = remote.size == local.size and (remote.sha256 is None or remote.sha256.lower() == local.sha256)
+        if ok and _MD5_ETAG.match(etag):
+            ok = self.matches(remote, local)
+        if not ok:
+            raise IntegrityError(
+                self.name,
+                f"{key} does not match {local.path} (stored size {remote.size}, sha256 {remote.sha256}, "
+                f"checksum {remote.checksum}; local size {local.size}, sha256 {local.sha256})",
+                hint="it is uploaded again",
+            )
+        return etag or local.sha256
+
+    def _part_args(self, md5: str, sha256: str | None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"ContentMD5": _b64(md5)}
+        if sha256 is not None:
+            kw["ChecksumSHA256"] = _b64(sha256)
         return kw
 
-    def _body(self, t: Transfer, offset: int, length: int) -> FileSlice:
-        return FileSlice(t.local.path, offset, length, self.throttle, check=t.check, wait=t.wait)
+    def _body(self, t: Transfer, data: bytes) -> BufferBody:
+        return BufferBody(data, self.throttle, check=t.check, wait=t.wait)
+
+    def _expected(self, t: Transfer, sha256: str) -> None:
+        """Raise unless the content read is what the transfer must carry (QC's content, or earlier digests)."""
+        if t.expect_sha256 is not None and sha256 != t.expect_sha256:
+            raise ContentChanged(t.local.path, "changed after QC (content differs, same size and time)")
+        if t.local.digested and sha256 != t.local.sha256:
+            raise InputChanged(t.local.path, "changed since it was digested (content differs)")
 
     def _put(self, t: Transfer) -> None:
         local = t.local
         t.between()
+        with PartReader(replace(local, part_size=max(1, local.size)), check=t.check) as reader:
+            data = reader.read(1)
+            sha256, _ = reader.finish()
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
+        self._expected(t, sha256)
         with self.slots:
-            body = self._body(t, 0, local.size)
+            body = self._body(t, data)
             try:
                 resp = self._call(
                     "put_object",
@@ -367,23 +516,22 @@ class S3Uploader(Uploader):
                     Key=t.key,
                     Body=body,
                     ContentLength=local.size,
-                    Metadata={"sha256": local.sha256},
-                    **self._part_args(local, 1),
+                    Metadata={"sha256": sha256},
+                    **self._part_args(md5, part_sha),
                 )
             finally:
                 body.close()
         etag = _plain(resp.get("ETag"))
-        if _MD5_ETAG.match(etag) and etag != local.part_md5[0]:
-            raise IntegrityError(
-                self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {local.part_md5[0]} of what was sent"
-            )
+        if _MD5_ETAG.match(etag) and etag != md5:
+            raise IntegrityError(self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {md5} of what was sent")
+        t.local = replace(local, sha256=sha256, part_md5=(md5,), part_sha256=(part_sha,) if part_sha else (), md5=md5)
         t.persist(local.size)
 
-    def _list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
-        """Parts the server holds, or None when the upload is gone."""
+    def _list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int, str | None]] | None:
+        """Parts the server holds (ETag, size, SHA-256 checksum if any), or None when the upload is gone."""
         from botocore.exceptions import ClientError
 
-        parts: dict[int, tuple[str, int]] = {}
+        parts: dict[int, tuple[str, int, str | None]] = {}
         marker = 0
         while True:
             try:
@@ -395,7 +543,7 @@ class S3Uploader(Uploader):
             except Exception as e:
                 raise self._classify(e, "ListParts") from None
             for p in resp.get("Parts", []):
-                parts[int(p["PartNumber"])] = (_plain(p["ETag"]), int(p["Size"]))
+                parts[int(p["PartNumber"])] = (_plain(p["ETag"]), int(p["Size"]), p.get("ChecksumSHA256"))
             if not resp.get("IsTruncated"):
                 return parts
             marker = int(resp["NextPartNumberMarker"])
@@ -430,14 +578,29 @@ class S3Uploader(Uploader):
             self._abort(key, state["upload_id"])
 
     def _multipart(self, t: Transfer) -> None:
+        """Create or resume the multipart upload, stream the file through it once, complete it.
+
+        Resumable state (``transfer.state``): the upload id, the part size,
+        the file's ``[size, mtime_ns]`` and, for each part stored, its ETag,
+        size and the MD5 of the bytes sent. On resume the file is read from
+        the start as always (the whole-file digests need every byte); a part
+        the server lists is kept, not sent, when its ETag is the MD5 of the
+        local bytes just read (or its SHA-256 checksum is theirs, or, for
+        ETags that are no MD5, the recorded MD5 is theirs and the server still
+        lists the recorded ETag).
+        """
         local, key, st = t.local, t.key, t.state
-        upload_id = st.get("upload_id") if st.get("part_size") == local.part_size else None
-        if st.get("upload_id") and upload_id is None:
-            self._abort(key, st["upload_id"])  # planned with another part size
-        have: dict[str, dict[str, Any]] = {}
+        identity = [local.size, local.mtime_ns]
+        upload_id = st.get("upload_id")
+        same = st.get("part_size") == local.part_size and st.get("file", identity) == identity
+        if upload_id and not same:
+            self._abort(key, upload_id)  # planned with another part size, or the file changed since
+            upload_id = None
+        recorded: dict[str, dict[str, Any]] = dict(st.get("parts") or {}) if upload_id else {}
+        server: dict[int, tuple[str, int, str | None]] = {}
         if upload_id:
-            server = self._list_parts(key, upload_id)
-            if server is None:
+            listed = self._list_parts(key, upload_id)
+            if listed is None:
                 log.info(
                     "multipart upload gone from the server; starting again",
                     target=self.name,
@@ -445,33 +608,58 @@ class S3Uploader(Uploader):
                     upload_id=upload_id,
                 )
                 upload_id = None
+                recorded = {}
             else:
-                for n, (etag, size) in server.items():
-                    if 1 <= n <= local.parts and size == local.part_range(n)[1] and etag == local.part_md5[n - 1]:
-                        have[str(n)] = {"etag": etag, "size": size}
+                server = listed
         self._abort_others(key, keep=upload_id)
         if upload_id is None:
             t.between()
-            kw: dict[str, Any] = {"Key": key, "Metadata": {"sha256": local.sha256}}
+            kw: dict[str, Any] = {"Key": key, "Metadata": {"part-size": str(local.part_size)}}
             if self.sha256_parts:
                 kw["ChecksumAlgorithm"] = "SHA256"
             upload_id = self._call("create_multipart_upload", t, **kw)["UploadId"]
         with t.lock:
             st.clear()
-            st.update(upload_id=upload_id, part_size=local.part_size, parts=have)
-        t.persist(sum(p["size"] for p in have.values()))
-        todo = [n for n in range(1, local.parts + 1) if str(n) not in have]
-        if todo:
-            log.debug("sending parts", target=self.name, key=key, parts=len(todo), of=local.parts, resumed=bool(have))
-            self._send_parts(t, upload_id, todo)
+            st.update(upload_id=upload_id, part_size=local.part_size, file=identity, parts={})
+        t.persist(0)
+        if server:
+            log.debug("resuming", target=self.name, key=key, parts_on_server=len(server), of=local.parts)
+        try:
+            sha256, whole_md5, part_md5, part_sha = self._stream_parts(t, upload_id, server, recorded)
+            self._expected(t, sha256)
+        except (InputChanged, ContentChanged):
+            self._abort(key, upload_id)  # nothing of a file that is not what it must be is ever completed
+            with t.lock:
+                st.clear()
+            t.persist(0)
+            raise
+        except _ReplaceRefused as e:
+            if not server:
+                raise e.error from None
+            log.info(
+                "the server refuses to replace a stored part that differs from the file; starting the upload again",
+                target=self.name,
+                key=key,
+                part=e.part,
+                error=str(e.error),
+            )
+            self._abort(key, upload_id)
+            with t.lock:
+                st.clear()
+            t.persist(0)
+            self._multipart(t)  # a new upload: its own server parts are none, so this happens once
+            return
+        t.local = replace(local, sha256=sha256, part_md5=tuple(part_md5), part_sha256=tuple(part_sha), md5=whole_md5)
         parts = []
         for n in range(1, local.parts + 1):
             p = {"PartNumber": n, "ETag": f'"{st["parts"][str(n)]["etag"]}"'}
-            if self.sha256_parts and local.part_sha256:
-                p["ChecksumSHA256"] = _b64(local.part_sha256[n - 1])
+            if self.sha256_parts:
+                p["ChecksumSHA256"] = _b64(part_sha[n - 1])
             parts.append(p)
         try:
-            self._call("complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+            self._call(
+                "complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
         except TransientUploadError:
             if self._list_parts(key, upload_id) is None and self.probe(key) is None:
                 with t.lock:
@@ -485,49 +673,141 @@ class S3Uploader(Uploader):
             st.clear()
         t.persist(local.size)
 
-    def _send_parts(self, t: Transfer, upload_id: str, todo: list[int]) -> None:
+    def _stream_parts(
+        self,
+        t: Transfer,
+        upload_id: str,
+        server: dict[int, tuple[str, int, str | None]],
+        recorded: dict[str, dict[str, Any]],
+    ) -> tuple[str, str | None, list[str], list[str]]:
+        """Read every part once, in order; send those the server lacks, from the bytes read.
+
+        The reading thread (this one) feeds the whole-file digests; each part's
+        MD5 (and SHA-256) is computed in the part's pool thread from the bytes
+        it sends. A transfer holds at most ``concurrency`` parts, and the target's
+        transfers together :data:`~daemon.upload.base.PART_BUFFER_BUDGET` bytes.
+        Returns the file's SHA-256 and MD5 (None unless wanted) and the part
+        MD5s and SHA-256s in part order.
+        """
         local, st = t.local, t.state
+        n_parts = local.parts
+        part_md5: list[str] = [""] * n_parts
+        part_sha: list[str] = [""] * n_parts if self.sha256_parts else []
+        room = threading.Semaphore(self.concurrency)
         halt = threading.Event()
 
-        def one(n: int) -> None:
-            if halt.is_set():
-                return
-            t.between()
-            offset, length = local.part_range(n)
-            with self.slots:
-                body = self._body(t, offset, length)
-                try:
-                    resp = self._call(
-                        "upload_part",
-                        t,
-                        Key=t.key,
-                        UploadId=upload_id,
-                        PartNumber=n,
-                        Body=body,
-                        ContentLength=length,
-                        **self._part_args(local, n),
-                    )
-                finally:
-                    body.close()
-            etag = _plain(resp.get("ETag"))
-            if _MD5_ETAG.match(etag) and etag != local.part_md5[n - 1]:
-                raise IntegrityError(
-                    self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
-                )
-            with t.lock:
-                st["parts"][str(n)] = {"etag": etag, "size": length}
-                done = sum(p["size"] for p in st["parts"].values())
-            t.persist(done)
+        def one(n: int, data: bytes) -> None:
+            try:
+                if halt.is_set():
+                    return
+                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
+                etag = self._held(server.get(n), recorded.get(str(n)), len(data), md5, sha)
+                if etag is None:
+                    t.between()
+                    with self.slots:
+                        body = self._body(t, data)
+                        try:
+                            resp = self._call(
+                                "upload_part",
+                                t,
+                                Key=t.key,
+                                UploadId=upload_id,
+                                PartNumber=n,
+                                Body=body,
+                                ContentLength=len(data),
+                                **self._part_args(md5, sha),
+                            )
+                        except UploadError as e:
+                            if n in server:  # a stored part that is not the local bytes, and the server keeps it
+                                raise _ReplaceRefused(n, e) from e
+                            raise
+                        finally:
+                            body.close()
+                    etag = _plain(resp.get("ETag"))
+                    if _MD5_ETAG.match(etag) and etag != md5:
+                        raise IntegrityError(
+                            self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
+                        )
+                part_md5[n - 1] = md5
+                if sha is not None:
+                    part_sha[n - 1] = sha
+                with t.lock:
+                    st["parts"][str(n)] = {"etag": etag, "size": len(data), "md5": md5}
+                    done = sum(p["size"] for p in st["parts"].values())
+                t.persist(done)
+            except BaseException:
+                halt.set()
+                raise
+            finally:
+                self.buffers.release(len(data))
+                room.release()
 
-        futures: list[Future[None]] = [self.pool.submit(one, n) for n in todo]
-        pending = set(futures)
+        futures: list[Future[None]] = []
         first: BaseException | None = None
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for f in finished:
-                exc = f.exception()
-                if exc is not None and first is None:
-                    first = exc
-                    halt.set()
-        if first is not None:
-            raise first
+        whole: tuple[str, str | None] = ("", None)
+        try:
+            with PartReader(local, whole_md5=self._wants_whole_md5(), check=t.check) as reader:
+                for n in range(1, n_parts + 1):
+                    size = local.part_range(n)[1]
+                    if not self._room(room, halt, t, size):
+                        break
+                    try:
+                        futures.append(self.pool.submit(one, n, reader.read(n)))
+                    except BaseException:
+                        self.buffers.release(size)
+                        room.release()
+                        raise
+                wait(futures)
+                if not halt.is_set():
+                    whole = reader.finish()
+        except BaseException as e:
+            first = e
+            halt.set()
+        wait(futures)
+        errors = [e for e in [first, *(f.exception() for f in futures)] if e is not None]
+        if errors:
+            raise min(errors, key=_precedence)
+        return whole[0], whole[1], part_md5, part_sha
+
+    def _room(self, room: threading.Semaphore, halt: threading.Event, t: Transfer, size: int) -> bool:
+        """Wait until one more part may be read: a request slot of this transfer's and ``size`` bytes of the
+        target's read-ahead budget. False when the transfer is failing."""
+        while not room.acquire(timeout=0.2):
+            t.check()
+            if halt.is_set():
+                return False
+        while not self.buffers.acquire(size, timeout=0.2):
+            if halt.is_set():
+                room.release()
+                return False
+            try:
+                t.check()
+            except BaseException:
+                room.release()
+                raise
+        if halt.is_set():
+            self.buffers.release(size)
+            room.release()
+            return False
+        return True
+
+    def _held(
+        self,
+        listed: tuple[str, int, str | None] | None,
+        recorded: dict[str, Any] | None,
+        size: int,
+        md5: str,
+        sha256: str | None,
+    ) -> str | None:
+        """The ETag of a part the server already holds with exactly these bytes, else None (send it)."""
+        if listed is None or listed[1] != size:
+            return None
+        etag, _, checksum = listed
+        if _MD5_ETAG.match(etag):
+            return etag if etag == md5 else None
+        if sha256 is not None and checksum is not None:
+            return etag if checksum == _b64(sha256) else None
+        if recorded and recorded.get("etag") == etag and recorded.get("md5") == md5:
+            return etag
+        return None
