@@ -657,9 +657,7 @@ class S3Uploader(Uploader):
                 p["ChecksumSHA256"] = _b64(part_sha[n - 1])
             parts.append(p)
         try:
-            self._call(
-                "complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-            )
+            self._call("complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
         except TransientUploadError:
             if self._list_parts(key, upload_id) is None and self.probe(key) is None:
                 with t.lock:
