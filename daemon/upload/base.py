@@ -32,8 +32,10 @@ the message names the target and the fix), :class:`~daemon.errors.TransientUploa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -306,15 +308,55 @@ def digest_file(
     )
 
 
+class _Running:
+    """One whole-file digest fed in part order by its own thread, so the digests of a file run side by side
+    with each other, with the reading and with the part threads (hashlib releases the GIL)."""
+
+    def __init__(self, h: Any, name: str) -> None:
+        self.h = h
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"digest-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (data := self._q.get()) is not None:
+                self.h.update(data)
+        finally:
+            self._done.set()
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def result(self) -> Any:
+        """The digest object, once every part given before was added."""
+        self._q.put(None)
+        self._done.wait()
+        return self.h
+
+    def stop(self) -> None:
+        if not self._done.is_set():
+            with contextlib.suppress(queue.Empty):
+                while True:  # drop what waits: the result is not wanted any more
+                    self._q.get_nowait()
+            with contextlib.suppress(queue.Full):
+                self._q.put_nowait(None)
+
+
+#: Parts a whole-file digest may lag behind the reading (bounds the memory it holds).
+_HASH_QUEUE = 4
+
+
 class PartReader:
     """One sequential read of a file, part by part, accumulating the whole-file digests.
 
     ``read(n)`` returns part ``n``'s bytes (parts must be read in order,
-    1, 2, ...); each is added to the file's SHA-256 (and MD5 or CRC-64 when
-    asked) before it is handed out, so the whole-file digests are of exactly
-    the bytes the parts carry. The file's size and mtime are checked when it
-    is opened, after every part and at :meth:`finish`: a file written
-    meanwhile raises :class:`InputChanged`.
+    1, 2, ...); each is handed, in order, to the file's SHA-256 (and MD5 or
+    CRC-64 when asked), each digest in a thread of its own, so the
+    whole-file digests are of exactly the bytes the parts carry. The file's
+    size and mtime are checked when it is opened, after every part and at
+    :meth:`finish`: a file written meanwhile raises :class:`InputChanged`.
     """
 
     def __init__(
@@ -335,11 +377,14 @@ class PartReader:
             raise InputChanged(local.path, f"size/mtime {now} differ from {(local.size, local.mtime_ns)}")
         self._f = open(local.path, "rb")  # noqa: SIM115 - closed in close()
         self._next = 1
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5(usedforsecurity=False) if whole_md5 else None
-        self.crc = _crc64() if crc64 else None
+        self._sha256 = _Running(hashlib.sha256(), "sha256")
+        self._md5 = _Running(hashlib.md5(usedforsecurity=False), "md5") if whole_md5 else None
+        self._crc = _Running(_crc64(), "crc64") if crc64 else None
         #: Bytes read so far (the tests count them: every byte once).
         self.bytes_read = 0
+
+    def _running(self) -> list[_Running]:
+        return [r for r in (self._sha256, self._md5, self._crc) if r is not None]
 
     def read(self, number: int) -> bytes:
         if number != self._next:
@@ -350,11 +395,8 @@ class PartReader:
         if len(data) != length or self._stat() != (self.local.size, self.local.mtime_ns):
             raise InputChanged(self.local.path, "changed while it was being read")
         self.bytes_read += len(data)
-        self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
-        if self.crc is not None:
-            self.crc.update(data)
+        for r in self._running():
+            r.update(data)
         self._next += 1
         return data
 
@@ -372,9 +414,18 @@ class PartReader:
             raise InputChanged(self.local.path, "is gone") from None
         if after != (self.local.size, self.local.mtime_ns):
             raise InputChanged(self.local.path, "changed while it was being read")
-        return self.sha256.hexdigest(), self.md5.hexdigest() if self.md5 is not None else None
+        sha = self._sha256.result().hexdigest()
+        md5 = self._md5.result().hexdigest() if self._md5 is not None else None
+        return sha, md5
+
+    @property
+    def crc64(self) -> int | None:
+        """The CRC-64 of the whole file (after :meth:`finish`), when asked for."""
+        return int(self._crc.result().crc) if self._crc is not None else None
 
     def close(self) -> None:
+        for r in self._running():
+            r.stop()
         self._f.close()
 
     def __enter__(self) -> PartReader:

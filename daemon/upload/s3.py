@@ -31,10 +31,18 @@ rclone enforce (BadDigest), and, on AWS or with ``checksum = "sha256"``,
 x-amz-checksum-sha256 (a composite SHA-256 checksum the server checks on
 completion); a part ETag that is an MD5 must be the part's MD5 (moto checks
 no Content-MD5). After completion a HEAD compares size and ETag; no second
-read. Whether a server's multipart ETag is the whole file's MD5 is learned
-from its first completed multipart upload and kept in the state folder
+read; an object that does not match is deleted at once.
+
+Whether a server's multipart ETag is the whole file's MD5 is learned from
+the HEAD after its first multipart upload and kept in the state folder
 (``upload-checkpoints/s3-<target>.etag-style``); until then that MD5 is
-computed too.
+computed too. Once a target is known to report it, its parts are sent
+without Content-MD5: the whole-file MD5 of the bytes read, compared with the
+server's, checks the object end to end (MD5 is the costliest digest here,
+~620 MiB/s a core; two passes would make the upload CPU-bound on a small
+PC), and part MD5s are computed only to prove parts a resumed upload finds
+on the server. A part corrupted on its way is then caught at the end rather
+than at once: the object is deleted and sent again.
 
 Resuming: the state saved after every part (``transfer.state``) names the
 upload id, the part size, the file's size and mtime, and each stored part's
@@ -150,6 +158,8 @@ class S3Uploader(Uploader):
 
     type = "s3"
     streams = True
+    #: Send Content-MD5 with every part even where the server's ETag is the whole file's MD5 (tests, benchmark).
+    force_part_md5 = False
 
     def __init__(self, target: UploadTarget, *, state_dir: Path, credentials: Credentials | None = None) -> None:
         super().__init__(target, state_dir=state_dir)
@@ -474,16 +484,20 @@ class S3Uploader(Uploader):
         if ok and _MD5_ETAG.match(etag):
             ok = self.matches(remote, local)
         if not ok:
+            try:
+                self.remove(key)  # just stored by this transfer: never left behind as if it were the file
+            except UploadError as e:
+                log.warning("could not delete an object that does not match its file", key=key, error=str(e))
             raise IntegrityError(
                 self.name,
                 f"{key} does not match {local.path} (stored size {remote.size}, sha256 {remote.sha256}, "
-                f"checksum {remote.checksum}; local size {local.size}, sha256 {local.sha256})",
+                f"checksum {remote.checksum}; local size {local.size}, sha256 {local.sha256}); deleted",
                 hint="it is uploaded again",
             )
         return etag or local.sha256
 
-    def _part_args(self, md5: str, sha256: str | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ContentMD5": _b64(md5)}
+    def _part_args(self, md5: str | None, sha256: str | None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"ContentMD5": _b64(md5)} if md5 is not None else {}
         if sha256 is not None:
             kw["ChecksumSHA256"] = _b64(sha256)
         return kw
@@ -689,6 +703,10 @@ class S3Uploader(Uploader):
         """
         local, st = t.local, t.state
         n_parts = local.parts
+        whole_md5 = self._wants_whole_md5()
+        # Part MD5s (Content-MD5, the composite ETag). A server whose ETag is the whole file's MD5 is checked
+        # end to end by that MD5 instead: its parts' MD5s are computed only to prove parts it already holds.
+        part_md5s = not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
         part_md5: list[str] = [""] * n_parts
         part_sha: list[str] = [""] * n_parts if self.sha256_parts else []
         room = threading.Semaphore(self.concurrency)
@@ -698,7 +716,7 @@ class S3Uploader(Uploader):
             try:
                 if halt.is_set():
                     return
-                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest() if part_md5s or n in server else None
                 sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
                 etag = self._held(server.get(n), recorded.get(str(n)), len(data), md5, sha)
                 if etag is None:
@@ -723,15 +741,16 @@ class S3Uploader(Uploader):
                         finally:
                             body.close()
                     etag = _plain(resp.get("ETag"))
-                    if _MD5_ETAG.match(etag) and etag != md5:
+                    if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
                         raise IntegrityError(
                             self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
                         )
-                part_md5[n - 1] = md5
+                if md5 is not None:
+                    part_md5[n - 1] = md5
                 if sha is not None:
                     part_sha[n - 1] = sha
                 with t.lock:
-                    st["parts"][str(n)] = {"etag": etag, "size": len(data), "md5": md5}
+                    st["parts"][str(n)] = {"etag": etag, "size": len(data), **({"md5": md5} if md5 else {})}
                     done = sum(p["size"] for p in st["parts"].values())
                 t.persist(done)
             except BaseException:
@@ -745,7 +764,7 @@ class S3Uploader(Uploader):
         first: BaseException | None = None
         whole: tuple[str, str | None] = ("", None)
         try:
-            with PartReader(local, whole_md5=self._wants_whole_md5(), check=t.check) as reader:
+            with PartReader(local, whole_md5=whole_md5, check=t.check) as reader:
                 for n in range(1, n_parts + 1):
                     size = local.part_range(n)[1]
                     if not self._room(room, halt, t, size):
@@ -766,7 +785,7 @@ class S3Uploader(Uploader):
         errors = [e for e in [first, *(f.exception() for f in futures)] if e is not None]
         if errors:
             raise min(errors, key=_precedence)
-        return whole[0], whole[1], part_md5, part_sha
+        return whole[0], whole[1], part_md5 if part_md5s else [], part_sha
 
     def _room(self, room: threading.Semaphore, halt: threading.Event, t: Transfer, size: int) -> bool:
         """Wait until one more part may be read: a request slot of this transfer's and ``size`` bytes of the
@@ -795,7 +814,7 @@ class S3Uploader(Uploader):
         listed: tuple[str, int, str | None] | None,
         recorded: dict[str, Any] | None,
         size: int,
-        md5: str,
+        md5: str | None,
         sha256: str | None,
     ) -> str | None:
         """The ETag of a part the server already holds with exactly these bytes, else None (send it)."""
@@ -806,6 +825,6 @@ class S3Uploader(Uploader):
             return etag if etag == md5 else None
         if sha256 is not None and checksum is not None:
             return etag if checksum == _b64(sha256) else None
-        if recorded and recorded.get("etag") == etag and recorded.get("md5") == md5:
+        if md5 is not None and recorded and recorded.get("etag") == etag and recorded.get("md5") == md5:
             return etag
         return None

@@ -219,14 +219,19 @@ def test_a_resumed_upload_keeps_only_the_server_parts_that_are_the_local_bytes(
         assert again.throttle.total in (len(data), len(data) + 5 * MiB)
 
 
-def test_a_part_corrupted_on_its_way_is_caught_and_nothing_is_completed(
-    make: Callable[..., S3Uploader], server: Any, big: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("learned", [False, True], ids=["new-target", "etag-style-known"])
+def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
+    make: Callable[..., S3Uploader], server: Any, big: Path, monkeypatch: pytest.MonkeyPatch, learned: bool
 ) -> None:
-    """A byte flipped after the digests were taken (a faulty NIC, a proxy): the server's Content-MD5 check
-    (rclone) or the part's ETag (moto accepts the body) refuses it, the upload is not completed, and the
-    next attempt stores the file."""
-    _, admin, bucket, _ = server
+    """A byte flipped after the digests were taken (a faulty NIC, a proxy). With Content-MD5 (moto, any new
+    target) the server refuses the part (rclone) or its ETag is not the MD5 sent (moto accepts the body), and
+    the upload is not completed. A target known to report the whole file's MD5 (rclone) sends no part MD5s:
+    that ETag, compared with the MD5 of the bytes read, catches it and the object is deleted. The next attempt
+    stores the file."""
+    _, admin, bucket, part_requests = server
     up = make()
+    if learned:
+        up.send(Transfer(local=_pending(up, big), key=_key()))  # the target's ETag style is learned
     key = _key()
     flipped: list[int] = []
     real_body = S3Uploader._body
@@ -238,9 +243,11 @@ def test_a_part_corrupted_on_its_way_is_caught_and_nothing_is_completed(
         return real_body(self, t, data)
 
     monkeypatch.setattr(S3Uploader, "_body", corrupting_body)
-    with pytest.raises(IntegrityError, match=r"BadDigest|InvalidDigest|is not the MD5 of what was sent"):
+    with pytest.raises(IntegrityError, match=r"BadDigest|InvalidDigest|is not the MD5 of what was sent|deleted") as err:
         up.send(Transfer(local=_pending(up, big), key=key))
     assert flipped
+    if learned and part_requests is None:  # rclone, its whole-MD5 ETag known: caught end to end
+        assert "does not match" in str(err.value)
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing published
 
     up.send(Transfer(local=_pending(up, big), key=key))  # the next attempt (the manager retries)
