@@ -65,41 +65,36 @@ botocore's own retries are off, ours apply.
 
 from __future__ import annotations
 
-import base64
 import collections
 import hashlib
-import re
 import threading
-from concurrent.futures import Future, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from daemon.config import UploadTarget
-from daemon.errors import TransientUploadError, UploadError
+from daemon.errors import UploadError
 from daemon.logging import get_logger, register_secret
 from daemon.upload.base import (
-    ContentChanged,
-    InputChanged,
     IntegrityError,
     Interrupted,
     LocalFile,
     PartReader,
     RemoteObject,
     Transfer,
-    Uploader,
     digest_file,
     file_stat,
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
 from daemon.upload.pool import DaemonPool
+from daemon.upload.stream import MD5_ETAG, StreamingUploader, b64
 from daemon.upload.throttle import BufferBody
 
 __all__ = ["S3Uploader"]
 
 log = get_logger("imageqc.upload.s3")
 
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
+_MD5_ETAG = MD5_ETAG
 _TRANSIENT_CODES = {
     "SlowDown",
     "RequestTimeout",
@@ -122,8 +117,7 @@ _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 _PERMS = "s3:PutObject, s3:GetObject, s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
 
 
-def _b64(hex_digest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+_b64 = b64
 
 
 def _plain(etag: str | None) -> str:
@@ -136,28 +130,10 @@ def composite_etag(part_md5: tuple[str, ...]) -> str:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5)}"
 
 
-def _precedence(e: BaseException) -> int:
-    """Which of several part failures a transfer reports: a stop, the file, the data, then the rest."""
-    for rank, kind in enumerate((Interrupted, InputChanged, _ReplaceRefused, IntegrityError)):
-        if isinstance(e, kind):
-            return rank
-    return 9
-
-
-class _ReplaceRefused(Exception):
-    """Resuming, a part the server holds is not the local bytes and the server refuses to replace it (rclone)."""
-
-    def __init__(self, part: int, error: UploadError) -> None:
-        super().__init__(f"part {part}: {error}")
-        self.part = part
-        self.error = error
-
-
-class S3Uploader(Uploader):
+class S3Uploader(StreamingUploader):
     """An ``[[upload]]`` target of type s3."""
 
     type = "s3"
-    streams = True
     #: Send Content-MD5 with every part even where the server's ETag is the whole file's MD5 (tests, benchmark).
     force_part_md5 = False
 
@@ -502,16 +478,6 @@ class S3Uploader(Uploader):
             kw["ChecksumSHA256"] = _b64(sha256)
         return kw
 
-    def _body(self, t: Transfer, data: bytes) -> BufferBody:
-        return BufferBody(data, self.throttle, check=t.check, wait=t.wait)
-
-    def _expected(self, t: Transfer, sha256: str) -> None:
-        """Raise unless the content read is what the transfer must carry (QC's content, or earlier digests)."""
-        if t.expect_sha256 is not None and sha256 != t.expect_sha256:
-            raise ContentChanged(t.local.path, "changed after QC (content differs, same size and time)")
-        if t.local.digested and sha256 != t.local.sha256:
-            raise InputChanged(t.local.path, "changed since it was digested (content differs)")
-
     def _put(self, t: Transfer) -> None:
         local = t.local
         t.between()
@@ -591,240 +557,46 @@ class S3Uploader(Uploader):
         if state.get("upload_id"):
             self._abort(key, state["upload_id"])
 
-    def _multipart(self, t: Transfer) -> None:
-        """Create or resume the multipart upload, stream the file through it once, complete it.
+    # -- the streaming engine's hooks (daemon/upload/stream.py) --------------------------
 
-        Resumable state (``transfer.state``): the upload id, the part size,
-        the file's ``[size, mtime_ns]`` and, for each part stored, its ETag,
-        size and the MD5 of the bytes sent. On resume the file is read from
-        the start as always (the whole-file digests need every byte); a part
-        the server lists is kept, not sent, when its ETag is the MD5 of the
-        local bytes just read (or its SHA-256 checksum is theirs, or, for
-        ETags that are no MD5, the recorded MD5 is theirs and the server still
-        lists the recorded ETag).
-        """
-        local, key, st = t.local, t.key, t.state
-        identity = [local.size, local.mtime_ns]
-        upload_id = st.get("upload_id")
-        same = st.get("part_size") == local.part_size and st.get("file", identity) == identity
-        if upload_id and not same:
-            self._abort(key, upload_id)  # planned with another part size, or the file changed since
-            upload_id = None
-        recorded: dict[str, dict[str, Any]] = dict(st.get("parts") or {}) if upload_id else {}
-        server: dict[int, tuple[str, int, str | None]] = {}
-        if upload_id:
-            listed = self._list_parts(key, upload_id)
-            if listed is None:
-                log.info(
-                    "multipart upload gone from the server; starting again",
-                    target=self.name,
-                    key=key,
-                    upload_id=upload_id,
-                )
-                upload_id = None
-                recorded = {}
-            else:
-                server = listed
-        self._abort_others(key, keep=upload_id)
-        if upload_id is None:
-            t.between()
-            kw: dict[str, Any] = {"Key": key, "Metadata": {"part-size": str(local.part_size)}}
-            if self.sha256_parts:
-                kw["ChecksumAlgorithm"] = "SHA256"
-            upload_id = self._call("create_multipart_upload", t, **kw)["UploadId"]
-        with t.lock:
-            st.clear()
-            st.update(upload_id=upload_id, part_size=local.part_size, file=identity, parts={})
-        t.persist(0)
-        if server:
-            log.debug("resuming", target=self.name, key=key, parts_on_server=len(server), of=local.parts)
-        try:
-            sha256, whole_md5, part_md5, part_sha = self._stream_parts(t, upload_id, server, recorded)
-            self._expected(t, sha256)
-        except (InputChanged, ContentChanged):
-            self._abort(key, upload_id)  # nothing of a file that is not what it must be is ever completed
-            with t.lock:
-                st.clear()
-            t.persist(0)
-            raise
-        except _ReplaceRefused as e:
-            if not server:
-                raise e.error from None
-            log.info(
-                "the server refuses to replace a stored part that differs from the file; starting the upload again",
-                target=self.name,
-                key=key,
-                part=e.part,
-                error=str(e.error),
-            )
-            self._abort(key, upload_id)
-            with t.lock:
-                st.clear()
-            t.persist(0)
-            self._multipart(t)  # a new upload: its own server parts are none, so this happens once
-            return
-        t.local = replace(local, sha256=sha256, part_md5=tuple(part_md5), part_sha256=tuple(part_sha), md5=whole_md5)
-        parts = []
-        for n in range(1, local.parts + 1):
-            p = {"PartNumber": n, "ETag": f'"{st["parts"][str(n)]["etag"]}"'}
-            if self.sha256_parts:
-                p["ChecksumSHA256"] = _b64(part_sha[n - 1])
-            parts.append(p)
-        try:
-            self._call("complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
-        except TransientUploadError:
-            if self._list_parts(key, upload_id) is None and self.probe(key) is None:
-                with t.lock:
-                    st.clear()
-                t.persist(0)
-                raise self.transient(
-                    f"multipart upload of {key} vanished before it was completed", "it starts again"
-                ) from None
-            raise
-        with t.lock:
-            st.clear()
-        t.persist(local.size)
-
-    def _stream_parts(
-        self,
-        t: Transfer,
-        upload_id: str,
-        server: dict[int, tuple[str, int, str | None]],
-        recorded: dict[str, dict[str, Any]],
-    ) -> tuple[str, str | None, list[str], list[str]]:
-        """Read every part once, in order; send those the server lacks, from the bytes read.
-
-        The reading thread (this one) feeds the whole-file digests; each part's
-        MD5 (and SHA-256) is computed in the part's pool thread from the bytes
-        it sends. A transfer holds at most ``concurrency`` parts, and the target's
-        transfers together :data:`~daemon.upload.base.PART_BUFFER_BUDGET` bytes.
-        Returns the file's SHA-256 and MD5 (None unless wanted) and the part
-        MD5s and SHA-256s in part order.
-        """
-        local, st = t.local, t.state
-        n_parts = local.parts
+    def _digests_wanted(self) -> tuple[bool, bool]:
         whole_md5 = self._wants_whole_md5()
-        # Part MD5s (Content-MD5, the composite ETag). A server whose ETag is the whole file's MD5 is checked
-        # end to end by that MD5 instead: its parts' MD5s are computed only to prove parts it already holds.
-        part_md5s = not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
-        part_md5: list[str] = [""] * n_parts
-        part_sha: list[str] = [""] * n_parts if self.sha256_parts else []
-        room = threading.Semaphore(self.concurrency)
-        halt = threading.Event()
+        # A server whose ETag is the whole file's MD5 is checked end to end by that MD5: its parts' MD5s
+        # are computed only to prove parts it already holds.
+        return whole_md5, not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
 
-        def one(n: int, data: bytes) -> None:
-            try:
-                if halt.is_set():
-                    return
-                md5 = hashlib.md5(data, usedforsecurity=False).hexdigest() if part_md5s or n in server else None
-                sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
-                etag = self._held(server.get(n), recorded.get(str(n)), len(data), md5, sha)
-                if etag is None:
-                    t.between()
-                    with self.slots:
-                        body = self._body(t, data)
-                        try:
-                            resp = self._call(
-                                "upload_part",
-                                t,
-                                Key=t.key,
-                                UploadId=upload_id,
-                                PartNumber=n,
-                                Body=body,
-                                ContentLength=len(data),
-                                **self._part_args(md5, sha),
-                            )
-                        except UploadError as e:
-                            if n in server:  # a stored part that is not the local bytes, and the server keeps it
-                                raise _ReplaceRefused(n, e) from e
-                            raise
-                        finally:
-                            body.close()
-                    etag = _plain(resp.get("ETag"))
-                    if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
-                        raise IntegrityError(
-                            self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
-                        )
-                if md5 is not None:
-                    part_md5[n - 1] = md5
-                if sha is not None:
-                    part_sha[n - 1] = sha
-                with t.lock:
-                    st["parts"][str(n)] = {"etag": etag, "size": len(data), **({"md5": md5} if md5 else {})}
-                    done = sum(p["size"] for p in st["parts"].values())
-                t.persist(done)
-            except BaseException:
-                halt.set()
-                raise
-            finally:
-                self.buffers.release(len(data))
-                room.release()
+    def _create(self, t: Transfer) -> str:
+        kw: dict[str, Any] = {"Key": t.key, "Metadata": {"part-size": str(t.local.part_size)}}
+        if self.sha256_parts:
+            kw["ChecksumAlgorithm"] = "SHA256"
+        return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
 
-        futures: list[Future[None]] = []
-        first: BaseException | None = None
-        whole: tuple[str, str | None] = ("", None)
-        try:
-            with PartReader(local, whole_md5=whole_md5, check=t.check) as reader:
-                for n in range(1, n_parts + 1):
-                    size = local.part_range(n)[1]
-                    if not self._room(room, halt, t, size):
-                        break
-                    try:
-                        futures.append(self.pool.submit(one, n, reader.read(n)))
-                    except BaseException:
-                        self.buffers.release(size)
-                        room.release()
-                        raise
-                wait(futures)
-                if not halt.is_set():
-                    whole = reader.finish()
-        except BaseException as e:
-            first = e
-            halt.set()
-        wait(futures)
-        errors = [e for e in [first, *(f.exception() for f in futures)] if e is not None]
-        if errors:
-            raise min(errors, key=_precedence)
-        return whole[0], whole[1], part_md5 if part_md5s else [], part_sha
+    def _send_part(
+        self, t: Transfer, upload_id: str, n: int, body: BufferBody, length: int, md5: str | None, sha256: str | None
+    ) -> dict[str, Any]:
+        resp = self._call(
+            "upload_part",
+            t,
+            Key=t.key,
+            UploadId=upload_id,
+            PartNumber=n,
+            Body=body,
+            ContentLength=length,
+            **self._part_args(md5, sha256),
+        )
+        etag = _plain(resp.get("ETag"))
+        if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
+            raise IntegrityError(self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent")
+        record: dict[str, Any] = {"etag": etag}
+        if sha256 is not None:
+            record["sha256"] = sha256
+        return record
 
-    def _room(self, room: threading.Semaphore, halt: threading.Event, t: Transfer, size: int) -> bool:
-        """Wait until one more part may be read: a request slot of this transfer's and ``size`` bytes of the
-        target's read-ahead budget. False when the transfer is failing."""
-        while not room.acquire(timeout=0.2):
-            t.check()
-            if halt.is_set():
-                return False
-        while not self.buffers.acquire(size, timeout=0.2):
-            if halt.is_set():
-                room.release()
-                return False
-            try:
-                t.check()
-            except BaseException:
-                room.release()
-                raise
-        if halt.is_set():
-            self.buffers.release(size)
-            room.release()
-            return False
-        return True
-
-    def _held(
-        self,
-        listed: tuple[str, int, str | None] | None,
-        recorded: dict[str, Any] | None,
-        size: int,
-        md5: str | None,
-        sha256: str | None,
-    ) -> str | None:
-        """The ETag of a part the server already holds with exactly these bytes, else None (send it)."""
-        if listed is None or listed[1] != size:
-            return None
-        etag, _, checksum = listed
-        if _MD5_ETAG.match(etag):
-            return etag if etag == md5 else None
-        if sha256 is not None and checksum is not None:
-            return etag if checksum == _b64(sha256) else None
-        if md5 is not None and recorded and recorded.get("etag") == etag and recorded.get("md5") == md5:
-            return etag
-        return None
+    def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        listed = []
+        for n, rec in enumerate(parts, 1):
+            p = {"PartNumber": n, "ETag": f'"{rec["etag"]}"'}
+            if self.sha256_parts:
+                p["ChecksumSHA256"] = _b64(t.local.part_sha256[n - 1])
+            listed.append(p)
+        self._call("complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed})
