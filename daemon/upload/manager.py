@@ -32,14 +32,18 @@ lost and QC runs on it); if the files come back as QC saw them, the upload
 proceeds at the next recheck. An input that disappeared fails the job.
 
 Size and mtime do not tell a file from a replacement that kept them, so each
-input is also hashed before it is sent (no digest saved by an earlier attempt
-is trusted for inputs) and its SHA-256 compared with the one QC recorded
-(``qc_results.inputs``, :mod:`daemon.inputs`). Content that differs with the
-same size and time sends the job back to QC (:meth:`Store.send_back_to_qc`):
-discovery would never see it as new. A file replaced while it is sent shows
-as an integrity error (a part digest or the stored object's checksum); the
-file is hashed again, and if it changed, the torn object (some servers store
-it) and the multipart upload are deleted and the job goes back to QC too.
+input's SHA-256 is computed again (no digest saved by an earlier attempt is
+trusted for inputs) and compared with the one QC recorded
+(``qc_results.inputs``, :mod:`daemon.inputs`). Streaming uploaders (S3, OSS)
+compute it while they read the file to send it, once, and compare it before
+anything is published (``Transfer.expect_sha256``: a single PUT is not sent,
+a multipart upload is aborted instead of completed); the others (HPC) hash
+the file before sending it. Content that differs with the same size and time
+sends the job back to QC (:meth:`Store.send_back_to_qc`): discovery would
+never see it as new. For a non-streaming target, a file replaced while it is
+sent shows as an integrity error (a part digest or the stored object's
+checksum); the file is hashed again, and if it changed, the torn object and
+the multipart upload are deleted and the job goes back to QC too.
 A job's outputs (the QC verdict) are sent to a target only after all its
 inputs are stored there, so a verdict is never published beside inputs that
 turned out to be other files.

@@ -340,8 +340,8 @@ class StreamingUploader(Uploader):
         if listed is None or listed[1] != len(data):
             return None
         etag, _, checksum = listed
-        if MD5_ETAG.match(etag):
-            same = etag == md5
+        if MD5_ETAG.match(etag.lower()):  # OSS: upper case
+            same = etag.lower() == md5
         elif sha256 is not None and checksum is not None:
             same = checksum == b64(sha256)
         else:
