@@ -43,7 +43,6 @@ from daemon.upload.base import (
     IntegrityError,
     Interrupted,
     LocalFile,
-    PartReader,
     RemoteObject,
     Transfer,
     digest_file,
@@ -260,13 +259,8 @@ class OSSUploader(StreamingUploader):
                     self.remove(t.key)  # just stored by this transfer: never left behind as if it were the file
             raise
 
-    def _put(self, t: Transfer) -> None:
+    def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
         local = t.local
-        t.between()
-        with PartReader(replace(local, part_size=max(1, local.size)), check=t.check) as reader:
-            data = reader.read(1)
-            sha256, _ = reader.finish()
-        self._expected(t, sha256)
         with self.slots:
             body = self._body(t, data)
             try:

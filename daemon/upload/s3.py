@@ -79,7 +79,6 @@ from daemon.upload.base import (
     IntegrityError,
     Interrupted,
     LocalFile,
-    PartReader,
     RemoteObject,
     Transfer,
     digest_file,
@@ -478,15 +477,10 @@ class S3Uploader(StreamingUploader):
             kw["ChecksumSHA256"] = _b64(sha256)
         return kw
 
-    def _put(self, t: Transfer) -> None:
+    def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
         local = t.local
-        t.between()
-        with PartReader(replace(local, part_size=max(1, local.size)), check=t.check) as reader:
-            data = reader.read(1)
-            sha256, _ = reader.finish()
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
-        self._expected(t, sha256)
         with self.slots:
             body = self._body(t, data)
             try:

@@ -113,6 +113,10 @@ class StreamingUploader(Uploader):
     def _abort(self, key: str, upload_id: str) -> None:
         """Abort a multipart upload (a gone one is no error)."""
 
+    @abstractmethod
+    def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
+        """Store the whole file (``data``, read once; ``sha256`` its digest, already checked) in one request."""
+
     def _abort_others(self, key: str, keep: str | None) -> None:
         """Abort this key's multipart uploads other than ``keep`` (orphans of a crash)."""
 
@@ -125,6 +129,21 @@ class StreamingUploader(Uploader):
         return {"etag": etag}
 
     # -- shared -------------------------------------------------------------------------
+
+    def _put(self, t: Transfer) -> None:
+        """A file up to one part: read once into memory (within the target's read-ahead budget), checked, sent."""
+        size = t.local.size
+        t.between()
+        while not self.buffers.acquire(size, timeout=0.2):
+            t.check()
+        try:
+            with PartReader(replace(t.local, part_size=max(1, size)), check=t.check) as reader:
+                data = reader.read(1)
+                sha256, _ = reader.finish()
+            self._expected(t, sha256)
+            self._put_bytes(t, data, sha256)
+        finally:
+            self.buffers.release(size)
 
     def _body(self, t: Transfer, data: bytes) -> BufferBody:
         return BufferBody(data, self.throttle, check=t.check, wait=t.wait)
