@@ -26,6 +26,7 @@ from daemon.errors import ConfigError
 from daemon.upload import base, make_uploader, oss, s3
 from daemon.upload.base import (
     AUTO_MIN_PART,
+    ByteBudget,
     ContentChanged,
     IntegrityError,
     Interrupted,
@@ -335,3 +336,16 @@ def test_automatic_sizes_are_the_default_and_explicit_ones_are_validated(tmp_pat
     cfg.write_text(target + "part_size_mb = 3\n")
     with pytest.raises(ConfigError, match="part_size_mb"):
         load_config(cfg)
+
+
+def test_the_parts_read_ahead_of_the_network_are_bounded_per_target() -> None:
+    budget = ByteBudget(10 * MiB)
+    assert budget.acquire(6 * MiB, timeout=0)
+    assert not budget.acquire(6 * MiB, timeout=0.01)  # would pass the limit: waits, then gives up
+    budget.release(6 * MiB)
+    assert budget.acquire(6 * MiB, timeout=0)
+    budget.release(6 * MiB)
+    assert budget.acquire(64 * MiB, timeout=0)  # a part larger than the budget goes, alone
+    assert not budget.acquire(1, timeout=0.01)
+    budget.release(64 * MiB)
+    assert budget.used == 0
