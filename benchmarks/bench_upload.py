@@ -1,6 +1,6 @@
 """Upload benchmark: one large file to local servers, imageqc's uploaders beside the SDKs' own, side by side.
 
-    python benchmarks/bench_upload.py [--quick] [--size-mb N] [--servers moto,rclone,oss] [--profile]
+    python benchmarks/bench_upload.py [--quick] [--size-mb N] [--servers moto,rclone,oss] [--repeat N] [--profile]
 
 Writes a file of random bytes (2 GiB; ``--quick``: 256 MiB) and uploads it,
 each run on a fresh server on 127.0.0.1 with its own process:
@@ -231,7 +231,7 @@ def plain_boto3(endpoint: str, bucket: str, path: Path, key: str) -> dict[str, f
 def plain_oss2(endpoint: str, bucket: str, path: Path, key: str, state: Path) -> dict[str, float]:
     import oss2
 
-    b = oss2.Bucket(oss2.Auth(*OSS_KEYS), endpoint, bucket, enable_crc=True)
+    b = oss2.Bucket(oss2.Auth(*OSS_KEYS), endpoint, bucket, enable_crc=True, connect_timeout=300)
     store = oss2.ResumableStore(root=str(state), dir="oss2-bench")
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="256 MiB instead of 2 GiB")
     ap.add_argument("--size-mb", type=int, help="file size in MiB (overrides --quick)")
     ap.add_argument("--servers", default="moto,rclone,oss", help="comma-separated: moto, rclone, oss")
+    ap.add_argument("--repeat", type=int, default=1, help="run each uploader N times in turn; the fastest is kept")
     ap.add_argument("--profile", action="store_true", help="cProfile each imageqc run (written to the work folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (profiles)")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -296,7 +297,7 @@ def main() -> None:
                     ("boto3 upload_file (defaults)", lambda ep, b, k: plain_boto3(ep, b, path, k)),
                     ("imageqc S3Uploader, defaults", imageqc),
                 ]
-            for label, run in runs:  # each on a fresh server
+            for label, run in runs * args.repeat:  # each on a fresh server, the SDK and imageqc in turn
                 server_data = data / f"{kind}-{len(rows)}"
                 server_data.mkdir()
                 load = os.getloadavg()[0]
@@ -312,7 +313,13 @@ def main() -> None:
                         proc.kill()
                         proc.wait()
                     shutil.rmtree(server_data, ignore_errors=True)
-                rows.append((kind, label, load, figures))
+                done = next((r for r in rows if r[0] == kind and r[1] == label), None)
+                if done is None:
+                    rows.append((kind, label, load, {**figures, "runs": 1, "worst": figures["total"]}))
+                else:  # keep the fastest run (the least disturbed by other work), count them, note the slowest
+                    best = done[3] if done[3]["total"] <= figures["total"] else {**figures}
+                    best.update(runs=done[3]["runs"] + 1, worst=max(done[3]["worst"], figures["total"]))
+                    rows[rows.index(done)] = (kind, label, max(done[2], load), best)
                 print(
                     f"{kind}: {label}: digest {figures['digest']:.1f} s, upload {figures['upload']:.1f} s, "
                     f"total {figures['total']:.1f} s = {size / MiB / figures['total']:.0f} MiB/s, client CPU {figures['cpu']:.1f} s (load {load:.1f})",
@@ -331,7 +338,7 @@ def main() -> None:
         "",
         "Machine: " + machine,
         "",
-        "| server | uploader | parts x MiB, threads | digest s | upload s | total s | MiB/s | vs SDK | client CPU s | load at start |",
+        "| server | uploader | parts x MiB, threads | digest s | upload s | total s (slowest of runs) | MiB/s | vs SDK | client CPU s | load at start (max) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base: dict[str, float] = {}
@@ -339,18 +346,20 @@ def main() -> None:
         base.setdefault(kind, f["total"])
         lines.append(
             f"| {kind} | {label} | {f['parts']:.0f} x {f['part_mb']:.0f}, {f['threads']:.0f} | {f['digest']:.1f} | "
-            f"{f['upload']:.1f} | {f['total']:.1f} | {size / MiB / f['total']:.0f} | {base[kind] / f['total']:.2f}x | {f['cpu']:.1f} | {load:.1f} |"
+            f"{f['upload']:.1f} | {f['total']:.1f} ({f['worst']:.1f} of {f['runs']:.0f}) | {size / MiB / f['total']:.0f} | {base[kind] / f['total']:.2f}x | {f['cpu']:.1f} | {load:.1f} |"
         )
     lines += [
         "",
-        "imageqc's S3 uploader reads the file once: the parts are read in order, the file's SHA-256 (and, for a "
-        "server whose multipart ETag is the whole file's MD5, that MD5) accumulated as they are read, each part's "
-        "MD5 computed from the bytes it sends (Content-MD5); the server checks every part, a HEAD compares the "
-        "ETag with the digests of the bytes sent, and the upload stays resumable (parts and their MD5s recorded). "
-        "boto3 sends with its default checksum and keeps no resumable state. The OSS uploader still digests the "
-        "file before oss2 sends it (two reads; the 'digest' column); oss2 checks each part's CRC-64. "
-        "'vs SDK': the SDK's total time over this row's (above 1 = faster than the SDK). Each run starts a fresh "
-        "server, which shares the 2 cores with the client. Random data in the page cache. "
+        "imageqc's uploaders read the file once: the parts are read in order, the file's SHA-256 (and, for a "
+        "server whose multipart ETag is the whole file's MD5, that MD5) accumulated as they are read, each in a "
+        "thread of its own; S3 parts carry Content-MD5 computed from the bytes sent (none once a server is known "
+        "to report the whole MD5, which then checks the object end to end), OSS parts the CRC-64 oss2 computes "
+        "and checks; a HEAD compares the object with the digests of the bytes sent, and the upload stays "
+        "resumable (parts and their digests recorded). boto3 sends with its default checksum (CRC32) and keeps "
+        "no resumable state. 'vs SDK': the SDK's total time over this row's (above 1 = faster than the SDK). "
+        "'client CPU': this process's CPU seconds (all threads) during the timed upload, which the load of "
+        "other work does not change much. Each run starts a fresh server, which shares the 2 cores with the "
+        "client and with whatever else runs (see the load). Random data in the page cache. "
         f"Setup (writing the file): {setup:.0f} s.",
     ]
     section = "\n".join(lines)
