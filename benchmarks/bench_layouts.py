@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,16 +104,20 @@ def _source(folder: Path, stain: str, n: int, threads: int) -> np.ndarray:
     return tifffile.memmap(path, mode="r")
 
 
-def _bands(src: np.ndarray, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
+def _bands(src: np.ndarray) -> Any:
     for y in range(0, src.shape[0], BAND):
-        band = np.asarray(src[y : y + BAND])
-        yield convert(band) if convert else band
+        yield np.asarray(src[y : y + BAND])
 
 
-def _strips(src: np.ndarray, rows: int, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
-    for band in _bands(src, convert):
-        for r in range(0, band.shape[0], rows):
-            yield band[r : r + rows]
+def _write_u16(path: Path, src: np.ndarray) -> None:
+    """The chip times 257 as uint16, uncompressed and contiguous (filled band by band)."""
+    import tifffile
+
+    mm = tifffile.memmap(path, shape=src.shape, dtype=np.uint16, photometric="minisblack", rowsperstrip=ROWS_PER_STRIP)
+    for y in range(0, src.shape[0], BAND):
+        mm[y : y + BAND] = np.asarray(src[y : y + BAND]).astype(np.uint16) * 257
+    mm.flush()
+    del mm
 
 
 def _tiles(src: np.ndarray) -> Any:
@@ -126,14 +129,13 @@ def _tiles(src: np.ndarray) -> Any:
 
 
 def _write_tiff(path: Path, src: np.ndarray, threads: int, *, tiled: bool, compression: str | None = None,
-                dtype: Any = None, convert: Callable[[np.ndarray], np.ndarray] | None = None,
                 bigtiff: bool = False, **kw: Any) -> None:  # fmt: skip
     import tifffile
 
     rgb = src.ndim == 3
-    data = _tiles(src) if tiled else _strips(src, ROWS_PER_STRIP, convert)
+    data = _tiles(src) if tiled else src  # tifffile cuts strips from an array (a memory map here) itself
     tifffile.imwrite(
-        path, data, shape=src.shape, dtype=dtype or src.dtype, photometric="rgb" if rgb else "minisblack",
+        path, data, shape=src.shape, dtype=src.dtype, photometric="rgb" if rgb else "minisblack",
         tile=TILE if tiled else None, rowsperstrip=None if tiled else ROWS_PER_STRIP, compression=compression,
         bigtiff=bigtiff, maxworkers=threads, **kw,
     )  # fmt: skip
@@ -195,9 +197,9 @@ def write_layout(name: str, folder: Path, n: int, threads: int) -> Path:
     elif name == "zstd-tiled":
         _write_tiff(tmp, src, threads, tiled=True, compression="zstd")
     elif name == "jpeg-he-tiled":
-        _write_tiff(tmp, src, threads, tiled=True, compression=("jpeg", 90))
+        _write_tiff(tmp, src, threads, tiled=True, compression="jpeg", compressionargs={"level": 90})
     elif name == "u16-striped":
-        _write_tiff(tmp, src, threads, tiled=False, dtype=np.uint16, convert=lambda b: b.astype(np.uint16) * 257)
+        _write_u16(tmp, src)
     elif name == "bigtiff-striped":
         _write_tiff(tmp, src, threads, tiled=False, bigtiff=True)
     elif name == "ome-pyramid":
