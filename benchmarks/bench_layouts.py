@@ -259,7 +259,11 @@ def measure(name: str, path: Path, runs: int, work: Path) -> dict[str, Any]:
     for _ in range(runs):
         floors.append(_run(floor_cmd, work))
         with tempfile.TemporaryDirectory(dir=work) as out:
-            wall, cpu, rss, text = _run([imageqc, "qc", str(path), "--out", out, "--json", "--no-cache"], work)
+            try:
+                wall, cpu, rss, text = _run([imageqc, "qc", str(path), "--out", out, "--json", "--no-cache"], work)
+            except RuntimeError as e:  # QC could not run at all: a row that says why
+                return {"layout": name, "size_mb": path.stat().st_size / 1e6, "floor": min(floors)[0],
+                        "floor_rss": min(floors)[2], "error": str(e).rsplit(": ", 1)[-1][:160]}  # fmt: skip
             qcs.append((wall, cpu, rss, text))
     floor = min(floors)
     qc = min(qcs)
@@ -285,6 +289,11 @@ def measure(name: str, path: Path, runs: int, work: Path) -> dict[str, Any]:
 
 
 def _row(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return (
+            f"| {r['layout']} | {r['size_mb']:.0f} | {r['floor']:.2f} | - | - | no | - | {r['floor_rss']:.0f} | - "
+            f"| QC refused: {r['error']} | - | - | - |"
+        )
     score = "-" if r["score"] is None else f"{r['score']:.0f}"
     err = "-" if r["angle_err"] is None else f"{r['angle_err']:.3f}"
     ratio = r["qc"] / r["floor"]
