@@ -244,7 +244,7 @@ def _run(cmd: list[str], cwd: Path) -> tuple[float, float, float, str]:
 
 def floor_command(path: Path) -> list[str]:
     if path.suffix == ".czi":
-        code = f"from pylibCZIrw import czi; czi.open_czi({str(path)!r}).__enter__().read()"
+        code = f"from pylibCZIrw import czi\nwith czi.open_czi({str(path)!r}) as r:\n    r.read()"
     else:
         code = f"import tifffile; tifffile.imread({str(path)!r})"
     return [sys.executable, "-c", code]
