@@ -263,7 +263,7 @@ def measure(name: str, path: Path, runs: int, work: Path) -> dict[str, Any]:
                 wall, cpu, rss, text = _run([imageqc, "qc", str(path), "--out", out, "--json", "--no-cache"], work)
             except RuntimeError as e:  # QC could not run at all: a row that says why
                 return {"layout": name, "size_mb": path.stat().st_size / 1e6, "floor": min(floors)[0],
-                        "floor_rss": min(floors)[2], "error": str(e).rsplit(": ", 1)[-1][:160]}  # fmt: skip
+                        "floor_cpu": min(floors)[1], "floor_rss": min(floors)[2], "error": str(e).rsplit(": ", 1)[-1][:160]}  # fmt: skip
             qcs.append((wall, cpu, rss, text))
     floor = min(floors)
     qc = min(qcs)
@@ -291,7 +291,8 @@ def measure(name: str, path: Path, runs: int, work: Path) -> dict[str, Any]:
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return (
-            f"| {r['layout']} | {r['size_mb']:.0f} | {r['floor']:.2f} | - | - | no | - | {r['floor_rss']:.0f} | - "
+            f"| {r['layout']} | {r['size_mb']:.0f} | {r['floor']:.2f} | - | - | no | {r['floor_cpu']:.1f} | - | "
+            f"{r['floor_rss']:.0f} | - "
             f"| QC refused: {r['error']} | - | - | - |"
         )
     score = "-" if r["score"] is None else f"{r['score']:.0f}"
@@ -300,7 +301,8 @@ def _row(r: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items() if v >= 0.05)
     return (
         f"| {r['layout']} | {r['size_mb']:.0f} | {r['floor']:.2f} | {r['qc']:.2f} | {ratio:.2f} | "
-        f"{'yes' if ratio <= 1.5 else 'no'} | {r['qc_cpu']:.1f} | {r['floor_rss']:.0f} | {r['qc_rss']:.0f} | "
+        f"{'yes' if ratio <= 1.5 else 'no'} | {r['floor_cpu']:.1f} | {r['qc_cpu']:.1f} | {r['floor_rss']:.0f} | "
+        f"{r['qc_rss']:.0f} | "
         f"{r['verdict']} | {score} | {err} | {stages} |"
     )
 
@@ -345,9 +347,9 @@ def main() -> None:
         "--out DIR --json --no-cache` (read, track, clarity, report, pictures; the SAW archive off). Peak RSS of "
         "each child from GNU time. Target: QC <= 1.5 x the floor, 20k^2 raw <= 5 s, <= 1.5 GB for 20k^2 8-bit.",
         "",
-        "| layout | file MB | floor s | QC s | QC / floor | <= 1.5x | QC CPU s | floor peak MB | QC peak MB "
-        "| verdict | track score | angle error deg | QC stages s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | file MB | floor s | QC s | QC / floor | <= 1.5x | floor CPU s | QC CPU s | floor peak MB "
+        "| QC peak MB | verdict | track score | angle error deg | QC stages s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(r) for r in rows),
         "",
         f"Machine: {info}; load average {load_end:.1f} at the end.",
