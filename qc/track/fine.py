@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from qc.track.coarse import to_grey
+from qc.track.coarse import single_threaded_cv2, to_grey
 from qc.track.grid import GridModel
 
 __all__ = ["Measurements", "fit_grid", "measure", "sample_crossings"]
@@ -169,7 +169,7 @@ def measure(
         read[2 * t : 2 * t + 2] = True
 
     if threads > 1 and n >= 16:
-        with ThreadPoolExecutor(max_workers=threads) as ex:
+        with single_threaded_cv2(), ThreadPoolExecutor(max_workers=threads) as ex:
             list(ex.map(one, range(n)))
     else:
         for t in range(n):
