@@ -4,12 +4,15 @@ Grey 8/16-bit (and float) or RGB 24/48-bit, striped or tiled, compressed or
 not, with pyramid levels (SubIFDs or reduced pages) when present.
 
 - :meth:`TiffImage.plane` memory-maps uncompressed contiguous data, else
-  decodes once into one array.
+  decodes once into one array, with tifffile's decoder on
+  :attr:`~qc.io.model.Image.threads` threads (as ``tifffile.imread`` does).
 - :meth:`TiffImage.read_region` decodes only the strips or tiles the window
   touches.
-- :meth:`TiffImage.downsampled` streams strip- or tile-rows through an
-  area-mean reducer, starting from the coarsest pyramid level that divides
-  the factor; the full-resolution plane is never held.
+- :meth:`TiffImage.downsampled` reduces the plane :meth:`plane` returned
+  while the caller still holds it (never decoding twice); otherwise it
+  streams strip- or tile-rows through an area-mean reducer, starting from
+  the coarsest pyramid level that divides the factor, and the
+  full-resolution plane is never held.
 """
 
 from __future__ import annotations
