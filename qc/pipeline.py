@@ -3,8 +3,9 @@
 The steps, with the stage names the progress callback receives:
 
 ``read``
-    Decide the stain; make a thumbnail of each image (streamed, never the
-    full resolution twice).
+    Decide the stain; decode the nuclear/H&E plane once when a metric needs
+    it (in parallel, ``settings.threads``) and reduce its thumbnail from it;
+    stream a thumbnail of every other image (never the full resolution twice).
 ``track``
     Track-line grid and chip template fit on the nuclear/H&E image, with the
     template chosen from the chip serial.
