@@ -125,12 +125,14 @@ def _run(
                     out["pairs_computed"] = st.get("pairs_computed")
                     out["fovs_cached"] = next(
                         (
-                            im.get("fovs", {}).get("fovs_cached")
+                            im["fov_checks"].get("fovs_cached")
                             for im in rep.get("images", [])
-                            if isinstance(im.get("fovs"), dict)
+                            if isinstance(im.get("fov_checks"), dict)
                         ),
                         None,
                     )
+                    out["qc_s"] = rep.get("duration_s")
+                    out["stage_s"] = rep.get("stage_s") or {}
                     out["verdict"] = rep.get("verdict") or j.state
                     break
                 time.sleep(0.2)
@@ -139,6 +141,10 @@ def _run(
     finally:
         d.stop()
     return out
+
+
+def _stages(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in (r.get("stage_s") or {}).items()) or "-"
 
 
 def main() -> int:
@@ -186,6 +192,7 @@ def main() -> int:
     live = on.get("live") or {}
     cores = os.cpu_count() or 1
     share = on.get("live_cpu_s", 0.0) / max(on["scan_s"], 1e-9)
+    per_tile = on.get("live_cpu_s", 0.0) / max(1, (live.get("fovs_computed") or n * n))
     lines = [
         "## Live QC (`benchmarks/bench_live.py`)",
         "",
@@ -205,6 +212,11 @@ def main() -> int:
         f"(computed {off.get('pairs_computed')} of {off.get('pairs_total')} pairs) |",
         f"| last tile written to verdict, on / off (includes the {args.settle:g} s settle time) | "
         f"{on.get('last_tile_to_verdict_s', float('nan')):.1f} s / {off.get('last_tile_to_verdict_s', float('nan')):.1f} s |",
+        f"| the final QC itself (report duration), on / off | {on.get('qc_s') or float('nan'):.1f} s / "
+        f"{off.get('qc_s') or float('nan'):.1f} s; stages on: {_stages(on)}; off: {_stages(off)} |",
+        f"| the issue's bound for on: QC of the last row (live CPU per tile x {n}) + the whole-chip track fit | "
+        f"{per_tile * n:.1f} s + {(on.get('stage_s') or {}).get('track', float('nan')):.1f} s = "
+        f"{per_tile * n + (on.get('stage_s') or {}).get('track', float('nan')):.1f} s |",
         f"| warning latency after the triggering tile (no track lines; warned at FOV {warn.get('fovs_checked')}) | "
         f"{warn.get('latency_s', float('nan')):.1f} s ({warn.get('warning')}) |",
         "",

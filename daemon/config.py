@@ -277,8 +277,21 @@ class UploadTarget:
         "",
         "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.",
     )
-    concurrency: int = _f(4, "Requests (parts or whole files) in flight at once for this target.", min=1, max=64)
-    part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
+    concurrency: int = _f(
+        0,
+        "Requests (parts or whole files) in flight at once for this target; 0 = automatic (10).",
+        min=1,
+        max=64,
+        zero_is_auto=True,
+    )
+    part_size_mb: int = _f(
+        0,
+        "Multipart part size, MiB; 0 = chosen from each file's size (8 MiB, larger so a file needs at most 2,000 "
+        "parts). Files up to one part are sent in a single PUT.",
+        min=5,
+        max=5120,
+        zero_is_auto=True,
+    )
     max_attempts: int = _f(
         8,
         "Attempts of each request for transient errors (network loss, 5xx, timeouts) before the file counts as failed; "
@@ -790,6 +803,8 @@ class _Loader:
 
     def _range(self, value: float, kp: str, meta: Mapping[str, Any]) -> None:
         lo, hi = meta.get("min"), meta.get("max")
+        if meta.get("zero_is_auto") and value == 0:
+            return
         if lo is not None and value < lo:
             raise self.error(kp, f"must be >= {lo} (got {value})")
         if hi is not None and value > hi:

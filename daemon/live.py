@@ -332,7 +332,7 @@ class LiveQC:
         if self._prepared is None:
             import cv2
 
-            from daemon.jobs import qc_settings
+            from daemon.qcsettings import qc_settings
             from daemon.paircache import StorePairCache
             from qc.clarity import load_clarity_model
             from qc.live import WarningRules

@@ -81,7 +81,7 @@ __all__ = [
 
 #: Version of :func:`check_fov`; bump it whenever it would answer differently for the same inputs
 #: (part of every cache key, so old entries are never read again).
-FOV_CHECK_VERSION = "fov-2"
+FOV_CHECK_VERSION = "fov-3"  # 3: model-free focus, bare-surface and clipped-signal measures
 
 #: Most FOV names a :class:`LiveProblem` lists.
 MAX_PROBLEM_FOVS = 20

@@ -3,8 +3,9 @@
 The steps, with the stage names the progress callback receives:
 
 ``read``
-    Decide the stain; make a thumbnail of each image (streamed, never the
-    full resolution twice).
+    Decide the stain; decode the nuclear/H&E plane once when a metric needs
+    it (in parallel, ``settings.threads``) and reduce its thumbnail from it;
+    stream a thumbnail of every other image (never the full resolution twice).
 ``track``
     Track-line grid and chip template fit on the nuclear/H&E image, with the
     template chosen from the chip serial.
@@ -244,7 +245,19 @@ def run_qc(
     art["stain"] = stain
     nuclear = scan_set.nuclear
 
+    tiled = any(img.tiles for img in scan_set.images)
+    wanted = metrics_for(stain, tiled=tiled)
+    needs_plane = any(m in wanted for m in ("track", "clarity")) or (stain == "DAPI+mIF" and "calibration" in wanted)
+    nuclear_plane: np.ndarray | None = None
+    plane_problem = ""
     for i, img in enumerate(scan_set.images):
+        img.threads = settings.threads
+        if img is nuclear and needs_plane:
+            # decoded once, first: the thumbnail below is reduced from it rather than decoded again
+            try:
+                nuclear_plane = nuclear.plane(0)
+            except QCError as e:
+                plane_problem = f"{nuclear.name}: cannot read the image: {e}"
         try:
             f = thumb_factor(img.width, img.height)
             art["thumbs"][img.name] = (img.downsampled(f), f)
@@ -257,16 +270,13 @@ def run_qc(
             f"no nuclear-stain or H&E image in the scan set of {scan_set.chip}; "
             f"QC needs {scan_set.chip}.tif (or .czi, or a tile folder) beside the IF images"
         )
-    tiled = any(img.tiles for img in scan_set.images)
-    wanted = metrics_for(stain, tiled=tiled)
-    nuclear_plane: np.ndarray | None = None
     loaded_model: Any = None  # the clarity model once loaded, for the per-FOV checks too
     if nuclear is not None and nuclear.name in art["thumbs"]:
         art["nuclear"] = nuclear.name
-        try:
-            nuclear_plane = nuclear.plane(0)
-        except QCError as e:
-            problems.append(f"{nuclear.name}: cannot read the image: {e}")
+        if plane_problem:
+            problems.append(plane_problem)
+    else:
+        nuclear_plane = None
 
     # -- track ----------------------------------------------------------------
     if nuclear is not None and nuclear_plane is not None and "track" in wanted:
@@ -528,12 +538,16 @@ def write_run_outputs(
     from qc.pictures import pictures_for_run, safe_name
     from qc.report import _writer_tag, write_outputs
     from qc.saw_archive import as_tiff, image_members, needs_tiff, walk
-    from qc.stitching import tile_configuration_text
 
-    extra = {
-        f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
-        for name, res in report.artifacts.get("stitching", {}).items()
-    }
+    extra = {}
+    stitched = report.artifacts.get("stitching", {})
+    if stitched:  # qc.stitching imports scipy: only when there is something to write
+        from qc.stitching import tile_configuration_text
+
+        extra = {
+            f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
+            for name, res in stitched.items()
+        }
     draw = pictures_for_run if pictures else None
 
     def ipr(path: Path, qc_result_file: str) -> None:

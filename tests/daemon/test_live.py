@@ -3,12 +3,15 @@
 One real service (discovery, live QC, the QC worker, notifications to a real HTTP endpoint) watches an
 inbox while four microscopes (qc.testing.scan.ScanWriter, one thread each) write a 10 x 10 grid of
 1024^2 tiles each, every tile in chunks, over about a minute: a good chip, one whose first three
-rows are out of focus, one without track lines, and one whose tile (1, 1) is acquired again in the
-middle of the scan. The scenario runs once for the module; each test checks one case.
+rows are out of focus, one without track lines (its technician stops the scan after the warning, at
+30 tiles, so it never completes), and one whose tile (1, 1) is acquired again in the middle of the
+scan. The scenario runs once for the module; each test checks one case.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from daemon.cli import main
 from daemon.config import load_config_text
 from daemon.service import Daemon, default_components
 from daemon.store import JobState, Store
@@ -34,6 +38,7 @@ TILE = 1024
 OVERLAP = 0.1
 SCAN_S = 60.0  #: how long each microscope takes for its 100 tiles
 GOOD, BLURRED, NO_LINES, REWRITTEN = "C02533C", "A02677B5", "C02531C", "D02070C3D3"
+NO_LINES_STOP = 30  #: the lineless scan is stopped after this many tiles (its warning comes by the 15th)
 REWRITE_AFTER = 45  #: tile (1, 1) is written again right after the 46th tile
 TOTAL_PAIRS = ROWS * (COLS - 1) + COLS * (ROWS - 1)
 LAST_ROW_PAIRS = (COLS - 1) + COLS  #: the pairs within the last row and those joining it to the row above
@@ -52,6 +57,7 @@ class Scenario:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     completed_at: dict[str, float] = field(default_factory=dict)
     verdict_at: dict[str, float] = field(default_factory=dict)
+    status_text: str = ""  #: `imageqc status` while the good chip was being scanned
 
 
 def _config(tmp: Path, hook_env: str) -> Any:
@@ -71,7 +77,7 @@ lease_seconds = 60
 console = "off"
 [qc]
 priority = "normal"
-threads = 1
+threads = 2
 [live]
 priority = "normal"
 tile_settle_s = 0.5
@@ -82,6 +88,7 @@ urls = ["env:{hook_env}"]
 events = ["early_warning", "qc_fail"]
 """
     (tmp / "inbox").mkdir()
+    (tmp / "imageqc.toml").write_text(text, encoding="utf-8")
     return load_config_text(text, file=str(tmp / "imageqc.toml"), base=tmp)
 
 
@@ -95,7 +102,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     plan = {  # each chip its own content: the service's pair cache must not answer for another chip
         GOOD: _tiles("good", 1),
         BLURRED: _tiles("blurred_rows", 2),
-        NO_LINES: _tiles("no_lines", 3),
+        NO_LINES: _tiles("no_lines", 3)[:NO_LINES_STOP],
         REWRITTEN: again,
     }
     info = {"rows": ROWS, "cols": COLS, "overlap": OVERLAP, "tile_width": TILE, "tile_height": TILE}
@@ -105,12 +112,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         chip: ScanWriter(
             tmp / "inbox" / chip,
             tiles,
-            scaled(SCAN_S),
+            scaled(SCAN_S) * len(tiles) / (ROWS * COLS),  # every microscope at the same pace
             info,
             rewrite={REWRITE_AFTER: reacquired} if chip == REWRITTEN else {},
         )
         for chip, tiles in plan.items()
     }
+    complete = [GOOD, BLURRED, REWRITTEN]  # the scans that finish (and get their final QC)
     d = Daemon(cfg, components=default_components(cfg))
     d.start()
     sc = Scenario(cfg, writers, hook.messages)
@@ -123,7 +131,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             while time.monotonic() < deadline:
                 for s in live.health()["sets"]:
                     sc.live[s["chip"]] = s
-                for chip in plan:
+                g = sc.live.get(GOOD) or {}
+                if not sc.status_text and g.get("fovs_checked", 0) >= 20 and g.get("finished_at") is None:
+                    out = io.StringIO()
+                    with contextlib.redirect_stdout(out):
+                        main(["status", "--config", str(tmp / "imageqc.toml")])
+                    sc.status_text = out.getvalue()
+                for chip in complete:
                     if chip in sc.reports:
                         continue
                     jobs = [j for j in store.list_jobs(chip=chip) if j.state not in ("superseded",)]
@@ -137,14 +151,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                     failed = [j for j in jobs if j.state == JobState.FAILED.value]
                     if failed:
                         pytest.fail(f"{chip}: QC job failed: {failed[0].error}")
-                if len(sc.reports) == len(plan):
+                if len(sc.reports) == len(complete):
                     break
                 time.sleep(0.3)
         for w in writers.values():
             w.join(scaled(30))
         for s in live.health()["sets"]:
             sc.live[s["chip"]] = s
-        assert len(sc.reports) == len(plan), (
+        assert len(sc.reports) == len(complete), (
             f"reports for {sorted(sc.reports)} only; live: {json.dumps(sc.live)[:2000]}"
         )
         yield sc
@@ -202,3 +216,9 @@ def test_a_tile_rewritten_mid_scan_recomputes_only_its_own_pairs(scenario):
     assert s["pairs_computed"] == TOTAL_PAIRS + 4, s
     st = _stitching(scenario.reports[REWRITTEN])
     assert st["pairs_computed"] <= LAST_ROW_PAIRS, st
+
+
+def test_status_shows_a_live_sets_progress_while_it_is_scanned(scenario):
+    text = " ".join(scenario.status_text.split())  # as wrapped for an 80-column terminal
+    assert "live QC" in text and GOOD in text, text
+    assert "scanning" in text and f"of {ROWS * COLS}" in text and "FOVs checked" in text, text
