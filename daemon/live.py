@@ -332,8 +332,8 @@ class LiveQC:
         if self._prepared is None:
             import cv2
 
-            from daemon.qcsettings import qc_settings
             from daemon.paircache import StorePairCache
+            from daemon.qcsettings import qc_settings
             from qc.clarity import load_clarity_model
             from qc.live import WarningRules
             from qc.stitching import StitchingParams
