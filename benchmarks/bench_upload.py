@@ -167,10 +167,12 @@ def ours(
 
     creds = Credentials(*(OSS_KEYS if kind == "oss" else KEYS))
     up = make_uploader(_target(kind, endpoint, bucket), state_dir=state, credentials=creds)
+    spent = completion_timer(up.client) if kind != "oss" else {"complete": float("nan")}
     try:
         warm = path.with_name("warm-up.bin")  # untimed: what the service's earlier uploads taught the target
         warm.write_bytes(os.urandom(16 * MiB))
         up.send(Transfer(local=_local(up, warm), key="warm-up.bin"))
+        spent["complete"] = 0.0
         warm.unlink()
         prof = cProfile.Profile() if profile is not None else None
         c0 = time.process_time()  # CPU of all this process's threads: the client's work, whatever the load
@@ -197,6 +199,7 @@ def ours(
         "parts": parts,
         "threads": up.concurrency,
         "cpu": cpu,
+        "complete": spent["complete"],
     }
 
 
@@ -210,8 +213,22 @@ def _local(up: Any, path: Path) -> Any:
     return up.digest(path)
 
 
+def completion_timer(s3_client: Any) -> dict[str, float]:
+    """Seconds the server took to answer CompleteMultipartUpload (it assembles the object), via botocore's events."""
+    spent = {"complete": 0.0}
+    started: list[float] = []
+    events = s3_client.meta.events
+    events.register("before-call.s3.CompleteMultipartUpload", lambda **kw: started.append(time.perf_counter()))
+    events.register(
+        "after-call.s3.CompleteMultipartUpload",
+        lambda **kw: spent.__setitem__("complete", spent["complete"] + time.perf_counter() - started.pop()),
+    )
+    return spent
+
+
 def plain_boto3(endpoint: str, bucket: str, path: Path, key: str) -> dict[str, float]:
     c = client(endpoint)
+    spent = completion_timer(c)
     t0 = time.perf_counter()
     c0 = time.process_time()
     c.upload_file(str(path), bucket, key)
@@ -225,6 +242,7 @@ def plain_boto3(endpoint: str, bucket: str, path: Path, key: str) -> dict[str, f
         "parts": -(-path.stat().st_size // (8 * MiB)),
         "threads": 10,
         "cpu": cpu,
+        "complete": spent["complete"],
     }
 
 
@@ -248,6 +266,7 @@ def plain_oss2(endpoint: str, bucket: str, path: Path, key: str, state: Path) ->
         "parts": -(-path.stat().st_size // (8 * MiB)),
         "threads": 10,
         "cpu": cpu,
+        "complete": float("nan"),
     }
 
 
@@ -338,7 +357,7 @@ def main() -> None:
         "",
         "Machine: " + machine,
         "",
-        "| server | uploader | parts x MiB, threads | digest s | upload s | total s (slowest of runs) | MiB/s | vs SDK | client CPU s | load at start (max) |",
+        "| server | uploader | parts x MiB, threads | digest s | upload s (of which the server's completion) | total s (slowest of runs) | MiB/s | vs SDK | client CPU s | load at start (max) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base: dict[str, float] = {}
@@ -346,7 +365,7 @@ def main() -> None:
         base.setdefault(kind, f["total"])
         lines.append(
             f"| {kind} | {label} | {f['parts']:.0f} x {f['part_mb']:.0f}, {f['threads']:.0f} | {f['digest']:.1f} | "
-            f"{f['upload']:.1f} | {f['total']:.1f} ({f['worst']:.1f} of {f['runs']:.0f}) | {size / MiB / f['total']:.0f} | {base[kind] / f['total']:.2f}x | {f['cpu']:.1f} | {load:.1f} |"
+            f"{f['upload']:.1f}{_of(f['complete'])} | {f['total']:.1f} ({f['worst']:.1f} of {f['runs']:.0f}) | {size / MiB / f['total']:.0f} | {base[kind] / f['total']:.2f}x | {f['cpu']:.1f} | {load:.1f} |"
         )
     lines += [
         "",
@@ -366,6 +385,10 @@ def main() -> None:
     print(section)
     if not args.no_write:
         record("bench_upload" + ("_quick" if args.quick else ""), section)
+
+
+def _of(seconds: float) -> str:
+    return "" if seconds != seconds else f" ({seconds:.1f})"  # NaN: not measured (OSS)
 
 
 def _prof(args: Any, work: Path, kind: str) -> Path | None:
