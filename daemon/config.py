@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "DiscoveryConfig",
     "FleetConfig",
+    "LiveConfig",
     "LoggingConfig",
     "NotifyConfig",
     "NotifyRule",
@@ -276,8 +277,21 @@ class UploadTarget:
         "",
         "Cap on this target's upload rate, shared by all its transfers, e.g. '20MB/s' or '100Mbit/s'; empty = unlimited.",
     )
-    concurrency: int = _f(4, "Requests (parts or whole files) in flight at once for this target.", min=1, max=64)
-    part_size_mb: int = _f(64, "Multipart part size, MiB.", min=5, max=5120)
+    concurrency: int = _f(
+        0,
+        "Requests (parts or whole files) in flight at once for this target; 0 = automatic (10).",
+        min=1,
+        max=64,
+        zero_is_auto=True,
+    )
+    part_size_mb: int = _f(
+        0,
+        "Multipart part size, MiB; 0 = chosen from each file's size (8 MiB, larger so a file needs at most 2,000 "
+        "parts). Files up to one part are sent in a single PUT.",
+        min=5,
+        max=5120,
+        zero_is_auto=True,
+    )
     max_attempts: int = _f(
         8,
         "Attempts of each request for transient errors (network loss, 5xx, timeouts) before the file counts as failed; "
@@ -341,7 +355,7 @@ class ServiceConfig:
 
 
 #: Events a notification rule can take (daemon/notify.py).
-NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest")
+NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest", "early_warning")
 
 
 @dataclass(frozen=True)
@@ -360,13 +374,17 @@ class NotifyRule:
         required=True,
         ref_path=True,
     )
-    events: tuple[str, ...] = _f(("qc_fail", "job_failed", "health"), "Events this rule sends.", choices=NOTIFY_EVENTS)
+    events: tuple[str, ...] = _f(
+        ("qc_fail", "job_failed", "health", "early_warning"), "Events this rule sends.", choices=NOTIFY_EVENTS
+    )
     quiet_hours: str = _f(
         "",
         "Daily window in the PC's local time, e.g. '22:00-07:00', during which events that are not urgent wait "
         "until it ends. Empty = none.",
     )
-    urgent: tuple[str, ...] = _f(("qc_fail",), "Events sent at once even in quiet hours.", choices=NOTIFY_EVENTS)
+    urgent: tuple[str, ...] = _f(
+        ("qc_fail", "early_warning"), "Events sent at once even in quiet hours.", choices=NOTIFY_EVENTS
+    )
 
 
 @dataclass(frozen=True)
@@ -415,6 +433,38 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class LiveConfig:
+    enabled: bool = _f(
+        True,
+        "Check a tile folder's FOVs while the microscope is still writing it (track lines, clarity, exposure, "
+        "neighbour registration) and warn early (event early_warning) when the scan so far would fail QC.",
+    )
+    start_share: float = _f(
+        0.15,
+        "Judge the scan once this share of the grid is checked (when the folder's metadata gives the grid) ...",
+        min=0.01,
+        max=1,
+    )
+    start_rows: int = _f(2, "... or once this many full rows are, whichever comes first.", min=1, max=10000)
+    tile_settle_s: float = _f(
+        2.0,
+        "A tile counts as written when its size and time stayed the same this long (and a TIFF is whole).",
+        min=0.1,
+        max=3600,
+    )
+    threads: int = _f(1, "Threads (cores) live QC may use for OpenCV and the clarity model.", min=1, max=64)
+    priority: str = _f(
+        "low",
+        "Priority of the live QC thread (CPU and, on Linux, I/O), so the microscope software is never starved.",
+        choices=("low", "below_normal", "normal"),
+    )
+    memory_mb: int = _f(
+        512, "Decoded tiles kept for their neighbours' registration, at most this many MiB.", min=16, max=1 << 20
+    )
+    poll_s: float = _f(1.0, "How often a growing tile folder is looked at, seconds.", min=0.1, max=600)
+
+
+@dataclass(frozen=True)
 class WebConfig:
     listen: str = _f(
         "",
@@ -460,6 +510,7 @@ class Config:
     notify: NotifyConfig = _sub(NotifyConfig, "Notifications (apprise): QC failures, failed jobs, health.")
     web: WebConfig = _sub(WebConfig, "The read-only status page and Prometheus metrics, on one local listener.")
     fleet: FleetConfig = _sub(FleetConfig, "This PC's status document in each upload target, for the facility's view.")
+    live: LiveConfig = _sub(LiveConfig, "Live QC of tile folders while the microscope is still writing them.")
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     # Derived paths -----------------------------------------------------
@@ -752,6 +803,8 @@ class _Loader:
 
     def _range(self, value: float, kp: str, meta: Mapping[str, Any]) -> None:
         lo, hi = meta.get("min"), meta.get("max")
+        if meta.get("zero_is_auto") and value == 0:
+            return
         if lo is not None and value < lo:
             raise self.error(kp, f"must be >= {lo} (got {value})")
         if hi is not None and value > hi:
@@ -1099,10 +1152,11 @@ _EXAMPLE_TARGETS = """\
 
 _EXAMPLE_NOTIFY = """\
 # Notification rules: one [[notify.rule]] table each; none = no notifications.
-# A rule sends its events (qc_fail, qc_pass, job_failed, health, digest) to
-# apprise URLs (https://github.com/caronc/apprise/wiki: mail, chat webhooks,
-# ...). The URLs hold tokens, so 'urls' names where they come from:
-# 'env:NAME' or 'file:PATH'. Check a rule with `imageqc notify test`.
+# A rule sends its events (qc_fail, qc_pass, job_failed, health, digest,
+# early_warning: live QC of a scan still running) to apprise URLs
+# (https://github.com/caronc/apprise/wiki: mail, chat webhooks, ...). The
+# URLs hold tokens, so 'urls' names where they come from: 'env:NAME' or
+# 'file:PATH'. Check a rule with `imageqc notify test`.
 """
 
 _EXAMPLE_RULES = """\
@@ -1204,6 +1258,7 @@ def example_toml() -> str:
         ("notify", NotifyConfig),
         ("web", WebConfig),
         ("fleet", FleetConfig),
+        ("live", LiveConfig),
     ):
         parts += [f"[{name}]"]
         # The example turns the local page on; the embedded default leaves it off.

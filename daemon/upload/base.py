@@ -10,6 +10,20 @@ persists new state. :meth:`Uploader.send` is the whole protocol:
 2. otherwise :meth:`~Uploader.upload` (resuming from ``transfer.state``),
    which ends with :meth:`~Uploader.verify` against the stored object.
 
+Streaming uploaders (``streams = True``, S3) take a :meth:`LocalFile.pending`
+file (size and mtime only) and read it once: :class:`PartReader` reads the
+parts in order and accumulates the whole-file digests while each part's own
+digests are computed from the very bytes sent; the finished
+:class:`LocalFile` comes back in :attr:`Outcome.local`. A transfer may name
+the SHA-256 its content must have (``expect_sha256``, QC's for an input):
+it is compared before anything is published (a single PUT, or
+CompleteMultipartUpload), so a file whose content is not what QC read is
+never stored. Others (OSS, HPC) are handed a file digested beforehand.
+
+Part size and concurrency: ``part_size_mb = 0`` and ``concurrency = 0`` (the
+defaults) choose them from the file size (:func:`choose_part_size`,
+:func:`choose_concurrency`); explicit settings win.
+
 Errors: :class:`~daemon.errors.PermanentUploadError` (the job fails at once,
 the message names the target and the fix), :class:`~daemon.errors.TransientUploadError`
 (retried with backoff; :class:`IntegrityError` is one), :class:`Interrupted`
@@ -18,8 +32,10 @@ the message names the target and the fix), :class:`~daemon.errors.TransientUploa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -33,16 +49,21 @@ from daemon.errors import PermanentUploadError, TransientUploadError
 from daemon.upload.throttle import Throttle
 
 __all__ = [
+    "AUTO_MIN_PART",
     "READ_CHUNK",
+    "ByteBudget",
     "ContentChanged",
     "InputChanged",
     "IntegrityError",
     "Interrupted",
     "LocalFile",
     "Outcome",
+    "PartReader",
     "RemoteObject",
     "Transfer",
     "Uploader",
+    "choose_concurrency",
+    "choose_part_size",
     "digest_file",
     "file_stat",
     "never",
@@ -51,6 +72,63 @@ __all__ = [
 READ_CHUNK = 8 << 20
 #: S3's and OSS's limit on parts per multipart upload.
 MAX_PARTS = 10_000
+#: Smallest part chosen automatically (s3transfer's default chunk, and its single-PUT threshold).
+AUTO_MIN_PART = 8 << 20
+#: Parts an automatically sized upload aims at, at most: far from the 10,000 limit, so a file of
+#: 5 TB still fits and a part lost to a kill costs little.
+AUTO_PARTS = 2_000
+#: Requests in flight when ``concurrency = 0`` (s3transfer's default thread count).
+AUTO_THREADS = 10
+#: Bytes of parts one streaming transfer holds in memory at once (read ahead of the sockets).
+PART_BUFFER_BUDGET = 256 << 20
+
+
+def choose_part_size(size: int, configured_mb: int) -> int:
+    """Part size in bytes for a file of ``size`` bytes.
+
+    ``configured_mb`` > 0 (an explicit ``part_size_mb``) is used as is, grown
+    in whole MiB only when the file would otherwise need more than 10,000
+    parts. 0 (automatic): 8 MiB, or larger (whole MiB) so that the file needs
+    at most :data:`AUTO_PARTS` parts. A file no larger than one part is sent
+    in a single PUT.
+    """
+    if configured_mb > 0:
+        need = -(-size // MAX_PARTS)
+        return max(configured_mb << 20, -(-need // (1 << 20)) << 20)
+    need = -(-size // AUTO_PARTS)
+    return max(AUTO_MIN_PART, -(-need // (1 << 20)) << 20)
+
+
+def choose_concurrency(configured: int) -> int:
+    """Requests in flight for a target: ``configured`` when set, else :data:`AUTO_THREADS`."""
+    return configured if configured > 0 else AUTO_THREADS
+
+
+class ByteBudget:
+    """Bytes of parts a target's streaming transfers hold in memory together, at most ``limit``.
+
+    One part is always admitted when nothing is held, so a part larger than
+    the budget (an explicit ``part_size_mb`` above it) still goes, alone.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, timeout: float) -> bool:
+        with self._cond:
+            if self.used and self.used + n > self.limit:
+                self._cond.wait(timeout)
+                if self.used and self.used + n > self.limit:
+                    return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class Interrupted(Exception):
@@ -103,6 +181,17 @@ class LocalFile:
     part_md5: tuple[str, ...] = ()
     crc64: int | None = None
     part_sha256: tuple[str, ...] = ()
+    #: MD5 of the whole file, when the target needs it (servers whose multipart ETag is that MD5).
+    md5: str | None = None
+
+    @classmethod
+    def pending(cls, path: Path, size: int, mtime_ns: int, part_size: int) -> LocalFile:
+        """A file not read yet: a streaming uploader computes its digests while sending it."""
+        return cls(path=Path(path), size=size, mtime_ns=mtime_ns, sha256="", part_size=part_size)
+
+    @property
+    def digested(self) -> bool:
+        return bool(self.sha256)
 
     @property
     def parts(self) -> int:
@@ -119,6 +208,7 @@ class LocalFile:
             "md5": list(self.part_md5),
             "crc64": self.crc64,
             "sha256": list(self.part_sha256),
+            "whole_md5": self.md5,
         }
 
     @classmethod
@@ -132,6 +222,7 @@ class LocalFile:
             part_md5=tuple(digests.get("md5") or ()),
             crc64=digests.get("crc64"),
             part_sha256=tuple(digests.get("sha256") or ()),
+            md5=digests.get("whole_md5"),
         )
 
 
@@ -147,10 +238,11 @@ def digest_file(
     md5_parts: bool = True,
     sha256_parts: bool = False,
     crc64: bool = False,
+    whole_md5: bool = False,
     check: Callable[[], None] = never,
     expect: tuple[int, int] | None = None,
 ) -> LocalFile:
-    """Read a file once: SHA-256, per-part MD5s (and SHA-256s), optionally CRC-64.
+    """Read a file once: SHA-256, per-part MD5s (and SHA-256s), optionally CRC-64 and the whole file's MD5.
 
     ``expect`` is the ``(size, mtime_ns)`` the file must still have; it is
     compared before and after the read, so a file written meanwhile raises
@@ -161,6 +253,7 @@ def digest_file(
         raise InputChanged(path, f"size/mtime {before} differ from {tuple(expect)} recorded after QC")
     sha = hashlib.sha256()
     crc = _crc64() if crc64 else None
+    md5_all = hashlib.md5(usedforsecurity=False) if whole_md5 else None
     kinds = [k for k, on in (("md5", md5_parts), ("sha256", sha256_parts)) if on]
     done: dict[str, list[str]] = {k: [] for k in kinds}
     current = {k: hashlib.new(k, usedforsecurity=k != "md5") for k in kinds}
@@ -192,6 +285,8 @@ def digest_file(
             sha.update(block)
             if crc is not None:
                 crc.update(block)
+            if md5_all is not None:
+                md5_all.update(block)
             if pending is not None:
                 pending.result()
     for k in kinds:
@@ -209,7 +304,135 @@ def digest_file(
         part_md5=tuple(done.get("md5", ())),
         crc64=crc.crc if crc is not None else None,
         part_sha256=tuple(done.get("sha256", ())),
+        md5=md5_all.hexdigest() if md5_all is not None else None,
     )
+
+
+class _Running:
+    """One whole-file digest fed in part order by its own thread, so the digests of a file run side by side
+    with each other, with the reading and with the part threads (hashlib releases the GIL)."""
+
+    def __init__(self, h: Any, name: str) -> None:
+        self.h = h
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=_HASH_QUEUE)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"digest-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (data := self._q.get()) is not None:
+                self.h.update(data)
+        finally:
+            self._done.set()
+
+    def update(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def result(self) -> Any:
+        """The digest object, once every part given before was added."""
+        self._q.put(None)
+        self._done.wait()
+        return self.h
+
+    def stop(self) -> None:
+        if not self._done.is_set():
+            with contextlib.suppress(queue.Empty):
+                while True:  # drop what waits: the result is not wanted any more
+                    self._q.get_nowait()
+            with contextlib.suppress(queue.Full):
+                self._q.put_nowait(None)
+
+
+#: Parts a whole-file digest may lag behind the reading (bounds the memory it holds).
+_HASH_QUEUE = 4
+
+
+class PartReader:
+    """One sequential read of a file, part by part, accumulating the whole-file digests.
+
+    ``read(n)`` returns part ``n``'s bytes (parts must be read in order,
+    1, 2, ...); each is handed, in order, to the file's SHA-256 (and MD5 or
+    CRC-64 when asked), each digest in a thread of its own, so the
+    whole-file digests are of exactly the bytes the parts carry. The file's
+    size and mtime are checked when it is opened, after every part and at
+    :meth:`finish`: a file written meanwhile raises :class:`InputChanged`.
+    """
+
+    def __init__(
+        self,
+        local: LocalFile,
+        *,
+        whole_md5: bool = False,
+        crc64: bool = False,
+        check: Callable[[], None] = never,
+    ) -> None:
+        self.local = local
+        self._check = check
+        try:
+            now = file_stat(local.path)
+        except FileNotFoundError:
+            raise InputChanged(local.path, "is gone") from None
+        if now != (local.size, local.mtime_ns):
+            raise InputChanged(local.path, f"size/mtime {now} differ from {(local.size, local.mtime_ns)}")
+        self._f = open(local.path, "rb")  # noqa: SIM115 - closed in close()
+        self._next = 1
+        self._sha256 = _Running(hashlib.sha256(), "sha256")
+        self._md5 = _Running(hashlib.md5(usedforsecurity=False), "md5") if whole_md5 else None
+        self._crc = _Running(_crc64(), "crc64") if crc64 else None
+        #: Bytes read so far (the tests count them: every byte once).
+        self.bytes_read = 0
+
+    def _running(self) -> list[_Running]:
+        return [r for r in (self._sha256, self._md5, self._crc) if r is not None]
+
+    def read(self, number: int) -> bytes:
+        if number != self._next:
+            raise ValueError(f"parts are read in order: {self._next} next, not {number}")
+        self._check()
+        _, length = self.local.part_range(number)
+        data = self._f.read(length)
+        if len(data) != length or self._stat() != (self.local.size, self.local.mtime_ns):
+            raise InputChanged(self.local.path, "changed while it was being read")
+        self.bytes_read += len(data)
+        for r in self._running():
+            r.update(data)
+        self._next += 1
+        return data
+
+    def _stat(self) -> tuple[int, int]:
+        st = os.fstat(self._f.fileno())
+        return st.st_size, st.st_mtime_ns
+
+    def finish(self) -> tuple[str, str | None]:
+        """``(sha256, md5)`` hex of the whole file, after every part was read; the file must be unchanged."""
+        if self._next != self.local.parts + 1:
+            raise ValueError(f"finish after part {self._next - 1} of {self.local.parts}")
+        try:
+            after = file_stat(self.local.path)
+        except FileNotFoundError:
+            raise InputChanged(self.local.path, "is gone") from None
+        if after != (self.local.size, self.local.mtime_ns):
+            raise InputChanged(self.local.path, "changed while it was being read")
+        sha = self._sha256.result().hexdigest()
+        md5 = self._md5.result().hexdigest() if self._md5 is not None else None
+        return sha, md5
+
+    @property
+    def crc64(self) -> int | None:
+        """The CRC-64 of the whole file (after :meth:`finish`), when asked for."""
+        return int(self._crc.result().crc) if self._crc is not None else None
+
+    def close(self) -> None:
+        for r in self._running():
+            r.stop()
+        self._f.close()
+
+    def __enter__(self) -> PartReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _crc64() -> Any:
@@ -248,6 +471,8 @@ class Transfer:
     between: Callable[[], None] = never
     wait: Callable[[float], Any] = lambda s: threading.Event().wait(s)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The SHA-256 the content must have (QC's, for an input); checked before anything is published.
+    expect_sha256: str | None = None
 
     def persist(self, done: int) -> None:
         with self.lock:
@@ -256,10 +481,15 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Outcome:
-    """``present``: the same object was already stored, nothing was sent."""
+    """``present``: the same object was already stored, nothing was sent.
+
+    ``local``: the file with the digests computed while it was sent (or read
+    to compare with a stored object), when the uploader computed them.
+    """
 
     present: bool
     checksum: str
+    local: LocalFile | None = None
 
 
 class Uploader(ABC):
@@ -272,14 +502,20 @@ class Uploader(ABC):
     """
 
     type: str = ""
+    #: Whether :meth:`upload` reads the file itself, once, computing the digests while sending
+    #: (the manager then hands it a :meth:`LocalFile.pending` file instead of digesting first).
+    streams: bool = False
 
     def __init__(self, target: UploadTarget, *, state_dir: Path) -> None:
         self.target = target
         self.name = target.name
         self.state_dir = Path(state_dir)
-        self.part_size = target.part_size_mb << 20
+        self.part_size = choose_part_size(0, target.part_size_mb)
+        self.concurrency = choose_concurrency(target.concurrency)
         self.throttle = Throttle(parse_bandwidth(target.bandwidth_limit))
-        self.slots = threading.BoundedSemaphore(target.concurrency)
+        self.slots = threading.BoundedSemaphore(self.concurrency)
+        #: Parts read ahead of the network by this target's streaming transfers.
+        self.buffers = ByteBudget(PART_BUFFER_BUDGET)
 
     # -- what each type implements ------------------------------------------------
 
@@ -300,9 +536,8 @@ class Uploader(ABC):
         """Drop what an unfinished upload left (multipart upload, checkpoint, temp file)."""
 
     def part_size_for(self, size: int) -> int:
-        """``part_size_mb``, grown in whole MiB when a file would need more than 10,000 parts."""
-        need = -(-size // MAX_PARTS)
-        return max(self.part_size, -(-need // (1 << 20)) << 20)
+        """The part size for a file of ``size`` bytes (:func:`choose_part_size` with this target's setting)."""
+        return choose_part_size(size, self.target.part_size_mb)
 
     def digest(
         self, path: Path, *, check: Callable[[], None] = never, expect: tuple[int, int] | None = None
@@ -341,11 +576,22 @@ class Uploader(ABC):
     # -- shared ------------------------------------------------------------------
 
     def send(self, transfer: Transfer) -> Outcome:
-        """Skip when already present, else upload and verify."""
-        remote = self.probe(transfer.key)
-        if remote is not None and self.matches(remote, transfer.local):
-            return Outcome(present=True, checksum=remote.checksum or transfer.local.sha256)
-        return Outcome(present=False, checksum=self.upload(transfer))
+        """Skip when already present, else upload and verify.
+
+        A file not digested yet (streaming uploaders) is read to compare it
+        only when an object of its size is stored at the key; otherwise the
+        upload reads it, once.
+        """
+        t = transfer
+        remote = self.probe(t.key)
+        if remote is not None and not t.local.digested and remote.size == t.local.size:
+            t.local = self.digest(t.local.path, check=t.check, expect=(t.local.size, t.local.mtime_ns))
+        if remote is not None and t.local.digested and self.matches(remote, t.local):
+            if t.expect_sha256 is not None and t.local.sha256 != t.expect_sha256:
+                raise ContentChanged(t.local.path, "changed after QC (content differs, same size and time)")
+            return Outcome(present=True, checksum=remote.checksum or t.local.sha256, local=t.local)
+        checksum = self.upload(t)
+        return Outcome(present=False, checksum=checksum, local=t.local)
 
     def verify(self, local: LocalFile, key: str) -> str:
         """Raise :class:`IntegrityError` unless the stored object is the local file."""

@@ -32,14 +32,18 @@ lost and QC runs on it); if the files come back as QC saw them, the upload
 proceeds at the next recheck. An input that disappeared fails the job.
 
 Size and mtime do not tell a file from a replacement that kept them, so each
-input is also hashed before it is sent (no digest saved by an earlier attempt
-is trusted for inputs) and its SHA-256 compared with the one QC recorded
-(``qc_results.inputs``, :mod:`daemon.inputs`). Content that differs with the
-same size and time sends the job back to QC (:meth:`Store.send_back_to_qc`):
-discovery would never see it as new. A file replaced while it is sent shows
-as an integrity error (a part digest or the stored object's checksum); the
-file is hashed again, and if it changed, the torn object (some servers store
-it) and the multipart upload are deleted and the job goes back to QC too.
+input's SHA-256 is computed again (no digest saved by an earlier attempt is
+trusted for inputs) and compared with the one QC recorded
+(``qc_results.inputs``, :mod:`daemon.inputs`). Streaming uploaders (S3, OSS)
+compute it while they read the file to send it, once, and compare it before
+anything is published (``Transfer.expect_sha256``: a single PUT is not sent,
+a multipart upload is aborted instead of completed); the others (HPC) hash
+the file before sending it. Content that differs with the same size and time
+sends the job back to QC (:meth:`Store.send_back_to_qc`): discovery would
+never see it as new. For a non-streaming target, a file replaced while it is
+sent shows as an integrity error (a part digest or the stored object's
+checksum); the file is hashed again, and if it changed, the torn object and
+the multipart upload are deleted and the job goes back to QC too.
 A job's outputs (the QC verdict) are sent to a target only after all its
 inputs are stored there, so a verdict is never published beside inputs that
 turned out to be other files.
@@ -79,6 +83,7 @@ from daemon.upload.base import (
     LocalFile,
     Transfer,
     Uploader,
+    choose_concurrency,
     file_stat,
 )
 from daemon.upload.plan import PlanError, check_inputs, ignore_patterns, plan_job, skipped_entries
@@ -190,7 +195,7 @@ class UploadManager:
         self._daemon = daemon
         if self._clock is None:
             self._clock = daemon.clock
-        self._pools = {n: DaemonPool(t.concurrency, f"upload-{n}") for n, t in self.targets.items()}
+        self._pools = {n: DaemonPool(choose_concurrency(t.concurrency), f"upload-{n}") for n, t in self.targets.items()}
         if self._pools:
             self._janitor = next(iter(self._pools.values())).submit(self._clean_up_stale)
 
@@ -412,6 +417,8 @@ class UploadManager:
             raise InputChanged(path, "is gone") from None
         if r.size is not None and current != (r.size, r.mtime_ns):
             raise InputChanged(path, f"size/mtime {current} differ from {(r.size, r.mtime_ns)} recorded after QC")
+        if up.streams:  # read once, while it is sent: the uploader computes the digests and compares QC's
+            return LocalFile.pending(path, current[0], current[1], up.part_size_for(current[0]))
         digests = (r.parts or {}).get("local")
         if (
             r.sha256 and digests and r.kind != "inputs"
@@ -432,6 +439,14 @@ class UploadManager:
             raise ContentChanged(path, "changed after QC (content differs, same size and time)")
         self.store.update_upload(r.id, sha256=local.sha256, parts={"local": local.digests(), "state": state})
         return local
+
+    @staticmethod
+    def _qc_sha256(a: _Active, r: UploadRow) -> str | None:
+        """The SHA-256 QC recorded for an input (its upload must carry exactly that content), else None."""
+        if r.kind != "inputs":
+            return None
+        entry = (a.qc_inputs or {}).get(str(Path(r.local_path)))
+        return str(entry["sha256"]) if entry and entry.get("sha256") else None
 
     def _check_sent(self, up: Uploader, transfer: Transfer, e: IntegrityError) -> None:
         """After an integrity error on an input: if the file changed while it was sent, remove what the
@@ -476,7 +491,7 @@ class UploadManager:
                 up = self.uploader(r.target)
                 store.update_upload(r.id, state=U.ACTIVE, attempts=r.attempts + 1, error=None)
                 local = self._local(a, r, up)
-                digests = local.digests()
+                digests = local.digests() if local.digested else {}
 
                 def save(state: dict[str, Any], done: int) -> None:
                     store.update_upload(
@@ -494,6 +509,7 @@ class UploadManager:
                     check=a.check,
                     between=a.between(r.target),
                     wait=a.wait,
+                    expect_sha256=self._qc_sha256(a, r) if up.streams else None,
                 )
 
                 def attempt() -> Any:
@@ -501,7 +517,7 @@ class UploadManager:
                     try:
                         return up.send(transfer)
                     except IntegrityError as e:
-                        if r.kind == "inputs":
+                        if r.kind == "inputs" and not up.streams:  # a streamed file's digests are of the bytes sent
                             self._check_sent(up, transfer, e)
                         raise
 
@@ -526,15 +542,18 @@ class UploadManager:
                 )
                 if r.kind == "inputs" and file_stat(local.path) != (local.size, local.mtime_ns):
                     raise InputChanged(local.path, "changed while it was uploaded")
+                sent = outcome.local if outcome.local is not None else local
                 store.update_upload(
                     r.id,
                     state=U.PRESENT if outcome.present else U.DONE,
                     checksum=outcome.checksum,
                     bytes_done=local.size,
                     upload_id=None,
-                    parts={"local": digests, "state": {}},
+                    parts={"local": sent.digests(), "state": {}},
                     error=None,
                 )
+                if sent.digested:
+                    store.update_upload(r.id, sha256=sent.sha256)
                 log.info(
                     "already present" if outcome.present else "uploaded",
                     target=r.target,

@@ -1,22 +1,23 @@
-"""Aliyun OSS through oss2: resumable multipart with its checkpoint under the state folder.
+"""Aliyun OSS through oss2: the file read once while it is sent, each part's CRC-64 checked by oss2.
 
-``oss2.resumable_upload`` does the multipart work: its checkpoint (upload id,
-part size, the file's size and mtime) lives in
-``<state_dir>/upload-checkpoints/oss-<target>/``, never in the user profile
-(a service account's profile may not even exist); on resume it asks the
-server for the parts it holds and sends only the rest. Files up to one part
-are a single PUT.
+The multipart work is the streaming engine S3 uses (:mod:`daemon.upload.stream`):
+the file is read once, part by part in order; its SHA-256 is accumulated as
+it is read, and each part goes from the bytes read. oss2 (``enable_crc``)
+computes the CRC-64 of every request body it sends and compares it with the
+server's ``x-oss-hash-crc64ecma``; the parts' CRC-64s combine into the
+object's, which oss2 compares again on completion and a HEAD compares once
+more. No part MD5s are computed (the CRC-64s do that work), except to prove
+the parts a resumed upload finds on the server (ListParts ETags are the part
+MD5s). Files up to one part are a single PUT, with the file's SHA-256 as
+``x-oss-meta-sha256``; a multipart object carries none (it is known only
+after the last part; the upload record keeps it, and an input's is compared
+with QC's before the upload is completed) and ``x-oss-meta-part-size``.
 
-Each transfer gets a thin :class:`oss2.Bucket` subclass whose ``put_object``
-and ``upload_part`` pass the body through the target's throttle, hold a
-concurrency slot, honour stop/pause and record each finished part in the
-store. oss2 checks the CRC-64 of every request it sends; after completion a
-HEAD compares the object's size, its ``x-oss-meta-sha256`` and its
-``x-oss-hash-crc64ecma`` with the local file's.
-
-Stale state: a checkpoint whose upload id differs from the one the store
-recorded, or that no unfinished upload uses any more (:meth:`OSSUploader.sweep`),
-has its multipart upload aborted and is deleted.
+Resumable state lives in the job database as for S3 (upload id, part size,
+the file's size and mtime, each part's ETag, size and CRC-64). Checkpoints
+that oss2's ``resumable_upload`` left under
+``<state_dir>/upload-checkpoints/oss-<target>/`` (earlier versions) are swept
+with their multipart uploads (:meth:`OSSUploader.sweep`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import oss2
 from oss2 import exceptions as ox
+from oss2.models import PartInfo
+from oss2.utils import Crc64, calc_obj_crc_from_parts
 
 from daemon.config import UploadTarget
 from daemon.errors import UploadError
@@ -41,12 +45,13 @@ from daemon.upload.base import (
     LocalFile,
     RemoteObject,
     Transfer,
-    Uploader,
     digest_file,
     file_stat,
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
-from daemon.upload.throttle import ThrottledStream
+from daemon.upload.pool import DaemonPool
+from daemon.upload.stream import Listed, StreamingUploader
+from daemon.upload.throttle import BufferBody
 
 __all__ = ["OSSUploader"]
 
@@ -69,47 +74,7 @@ _PERMANENT_CODES = {
 }
 
 
-class _TransferBucket(oss2.Bucket):  # type: ignore[misc]  # oss2 ships no types: Bucket is Any
-    """oss2.Bucket for one transfer: throttled, bounded, interruptible, recorded."""
-
-    def __init__(self, owner: OSSUploader, transfer: Transfer, **kw: Any) -> None:
-        super().__init__(**kw)
-        self._owner = owner
-        self._t = transfer
-
-    def put_object(self, key: Any, data: Any, headers: Any = None, progress_callback: Any = None) -> Any:
-        t, o = self._t, self._owner
-        t.between()
-        size = os.fstat(data.fileno()).st_size - data.tell() if hasattr(data, "fileno") else len(data)
-        with o.slots:
-            body = ThrottledStream(data, size, o.throttle, check=t.check, wait=t.wait)
-            return super().put_object(key, body, headers=headers, progress_callback=progress_callback)
-
-    def upload_part(
-        self, key: Any, upload_id: str, part_number: int, data: Any, progress_callback: Any = None, headers: Any = None
-    ) -> Any:
-        t, o = self._t, self._owner
-        t.between()
-        with t.lock:
-            if t.state.get("upload_id") != upload_id:
-                t.state.update(upload_id=upload_id, parts={})
-        with o.slots:
-            body = ThrottledStream(data, data.len, o.throttle, check=t.check, wait=t.wait)
-            result = super().upload_part(
-                key, upload_id, part_number, body, progress_callback=progress_callback, headers=headers
-            )
-        with t.lock:
-            t.state.setdefault("parts", {})[str(part_number)] = {
-                "etag": result.etag,
-                "size": data.len,
-                "crc64": result.crc,
-            }
-            done = sum(p["size"] for p in t.state["parts"].values())
-        t.persist(done)
-        return result
-
-
-class OSSUploader(Uploader):
+class OSSUploader(StreamingUploader):
     """An ``[[upload]]`` target of type oss."""
 
     type = "oss"
@@ -131,7 +96,8 @@ class OSSUploader(Uploader):
                 if version == "v4"
                 else oss2.Auth(creds.access_key_id, creds.secret)
             )
-        self.session = oss2.Session(pool_size=target.concurrency + 4)
+        self.session = oss2.Session(pool_size=self.concurrency + 4)
+        self.pool = DaemonPool(self.concurrency, f"upload-{target.name}-parts")
         self.session.session.verify = target.verify_tls
         self.checkpoints = self.state_dir / "upload-checkpoints" / f"oss-{target.name}"
         self.store = oss2.ResumableStore(root=str(self.checkpoints.parent), dir=self.checkpoints.name)
@@ -151,6 +117,7 @@ class OSSUploader(Uploader):
         return cls(*args, **kw)
 
     def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a part stuck in a request is abandoned, not joined
         self.session.session.close()
 
     def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
@@ -243,51 +210,109 @@ class OSSUploader(Uploader):
         )
 
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
-        if remote.size != local.size or (remote.sha256 or "").lower() != local.sha256:
+        if remote.size != local.size:
             return False
-        if remote.checksum is None or local.crc64 is None:
-            return remote.checksum is None
-        return int(remote.checksum) == local.crc64
+        if remote.sha256 is not None and remote.sha256.lower() != local.sha256:
+            return False
+        if remote.checksum is not None and local.crc64 is not None:
+            return int(remote.checksum) == local.crc64
+        return remote.sha256 is not None and remote.checksum is None  # no CRC-64 on the server: the SHA-256 vouches
 
     # -- upload -----------------------------------------------------------------
 
     def _store_key(self, key: str, path: Path) -> str:
         return str(oss2.ResumableStore.make_store_key(self.target.bucket, key, os.path.abspath(path)))
 
-    def upload(self, transfer: Transfer) -> str:
-        t, local = transfer, transfer.local
-        store_key = self._store_key(t.key, local.path)
-        checkpoint = self.store.get(store_key)
-        old = t.state.get("upload_id")
-        if old and (checkpoint is None or checkpoint.get("upload_id") != old):
-            self._abort(t.key, old)  # the store's upload is not the checkpoint's: an orphan
-            with t.lock:
-                t.state.clear()
-        with t.lock:
-            t.state["checkpoint"] = store_key
-        bucket = self._bucket(_TransferBucket, self, t)
+    def _oss(self, op: str, t: Transfer | None, *args: Any, **kw: Any) -> Any:
+        """``self.bucket.<op>(*args, **kw)`` with errors classified; a stop raised inside a body stays a stop."""
         try:
-            oss2.resumable_upload(
-                bucket,
-                t.key,
-                str(local.path),
-                store=self.store,
-                headers={"x-oss-meta-sha256": local.sha256},
-                multipart_threshold=local.part_size + 1,
-                part_size=local.part_size,
-                num_threads=self.target.concurrency,
-            )
+            return getattr(self.bucket, op)(*args, **kw)
         except (Interrupted, UploadError):
             raise
         except Exception as e:
-            t.check()
-            if isinstance(e, ox.NoSuchUpload):
-                self._drop_checkpoint(store_key)
-            raise self._classify(e, "upload") from None
-        with t.lock:
-            t.state.clear()
+            inner = getattr(e, "exception", None)
+            if isinstance(inner, Interrupted):
+                raise inner from None
+            if t is not None:
+                t.check()
+            raise self._classify(e, op) from None
+
+    def upload(self, transfer: Transfer) -> str:
+        t = transfer
+        if t.state.get("checkpoint"):  # left by oss2's resumable_upload (an earlier version): not resumed
+            self.discard(t.key, t.state)
+            with t.lock:
+                t.state.clear()
+        if t.local.size <= t.local.part_size:
+            self._put(t)
+        else:
+            self._multipart(t)
+        return self._verify_stored(t)
+
+    def _verify_stored(self, t: Transfer) -> str:
+        """HEAD the new object: size, and its CRC-64 against the one of the bytes sent; a mismatch is deleted."""
+        try:
+            return self.verify(t.local, t.key)
+        except IntegrityError:
+            with contextlib.suppress(UploadError):
+                if self.probe(t.key) is not None:
+                    self.remove(t.key)  # just stored by this transfer: never left behind as if it were the file
+            raise
+
+    def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
+        local = t.local
+        with self.slots:
+            body = self._body(t, data)
+            try:
+                result = self._oss("put_object", t, t.key, body, headers={"x-oss-meta-sha256": sha256})
+            finally:
+                body.close()
+        t.local = replace(local, sha256=sha256, crc64=int(result.crc) if result.crc is not None else None)
         t.persist(local.size)
-        return self.verify(local, t.key)
+
+    def _create(self, t: Transfer) -> str:
+        headers = {"x-oss-meta-part-size": str(t.local.part_size)}
+        return str(self._oss("init_multipart_upload", t, t.key, headers=headers).upload_id)
+
+    def _digests_wanted(self) -> tuple[bool, bool]:
+        return False, False  # oss2 checks each part's CRC-64; MD5s only to prove parts found on resume
+
+    def _send_part(
+        self, t: Transfer, upload_id: str, n: int, body: BufferBody, length: int, md5: str | None, sha256: str | None
+    ) -> dict[str, Any]:
+        result = self._oss("upload_part", t, t.key, upload_id, n, body)
+        return {"etag": result.etag, "crc64": int(result.crc)}
+
+    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
+        crc = Crc64(0)
+        crc.update(data)
+        return {"etag": etag, "crc64": int(crc.crc)}
+
+    def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        infos = [PartInfo(n, rec["etag"], size=rec["size"], part_crc=rec["crc64"]) for n, rec in enumerate(parts, 1)]
+        self._oss("complete_multipart_upload", t, t.key, upload_id, infos)  # oss2 compares the object's CRC-64
+        t.local = replace(t.local, crc64=int(calc_obj_crc_from_parts(infos)))
+
+    def _list_parts(self, key: str, upload_id: str) -> dict[int, Listed] | None:
+        try:
+            return {
+                int(p.part_number): (str(p.etag).strip('"'), int(p.size), None)
+                for p in oss2.PartIterator(self.bucket, key, upload_id)
+            }
+        except ox.NoSuchUpload:
+            return None
+        except Exception as e:
+            raise self._classify(e, "ListParts") from None
+
+    def _abort_others(self, key: str, keep: str | None) -> None:
+        try:
+            uploads = [u for u in oss2.MultipartUploadIterator(self.bucket, prefix=key) if u.key == key]
+        except Exception as e:
+            log.debug("cannot list multipart uploads", target=self.name, key=key, error=str(e))
+            return
+        for u in uploads:
+            if u.upload_id != keep:
+                self._abort(key, u.upload_id)
 
     def remove(self, key: str) -> None:
         try:

@@ -1,40 +1,79 @@
 """AWS S3 and S3-compatible stores (MinIO, Ceph, rclone...) through boto3.
 
-Files up to one part are a single PUT; larger ones a multipart upload whose
-id and part ETags are saved (``transfer.state``) after every part. A resumed
-upload asks the server which parts it holds (ListParts) and keeps those whose
-ETag equals the local part's MD5, so after a kill only the missing parts are
-sent. Other multipart uploads of the same key (left by a crash before the id
-was saved) are aborted.
+One read of the file (``streams = True``): the manager hands over the file
+undigested and the upload reads it once, part by part in order
+(:class:`~daemon.upload.base.PartReader`). The reading thread accumulates
+the file's SHA-256 (and, for servers whose multipart ETag is the whole
+file's MD5, that MD5); each part's MD5 (and SHA-256) is computed in the
+part's thread from the very bytes it sends. At most ``concurrency`` parts of
+a transfer, and 256 MiB of a target's transfers together, are in memory.
 
-Integrity: every part carries Content-MD5 (and, on AWS or with
-``checksum = "sha256"``, x-amz-checksum-sha256); the object carries the
-file's SHA-256 as metadata ``sha256``; after completion a HEAD compares
-size, that SHA-256 and the ETag (the multipart composite, or the whole-file
-MD5 some servers report).
+Files up to one part are a single PUT, from the bytes read: Content-MD5, and
+the file's SHA-256 as metadata ``sha256`` (known before the PUT). Larger
+files are a multipart upload; the whole file's SHA-256 is known only after
+its last part is read, too late for the object's metadata (set at
+CreateMultipartUpload), so multipart objects carry none. What replaces it:
+
+* the SHA-256 of the bytes sent is kept in the upload record (``sha256``)
+  and, for an input, compared with the one QC recorded *before*
+  CompleteMultipartUpload: content that is not what QC read is never
+  published (the multipart upload is aborted, the job goes back to QC);
+* the object is proved by its ETag: the composite of the part MD5s (AWS,
+  moto, MinIO, Ceph) or the whole file's MD5 (rclone), both computed from
+  the bytes sent; its metadata ``part-size`` says how to recompute the
+  composite when a later job finds the object already there (one read, no
+  send). FULL_OBJECT CRC64NVME checksums are not used: botocore computes
+  CRC64NVME only with awscrt (not a dependency here), and moto and rclone
+  would not check it.
+
+Integrity while sending: every part carries Content-MD5, which S3 and
+rclone enforce (BadDigest), and, on AWS or with ``checksum = "sha256"``,
+x-amz-checksum-sha256 (a composite SHA-256 checksum the server checks on
+completion); a part ETag that is an MD5 must be the part's MD5 (moto checks
+no Content-MD5). After completion a HEAD compares size and ETag; no second
+read; an object that does not match is deleted at once.
+
+Whether a server's multipart ETag is the whole file's MD5 is learned from
+the HEAD after its first multipart upload and kept in the state folder
+(``upload-checkpoints/s3-<target>.etag-style``); until then that MD5 is
+computed too. Once a target is known to report it, its parts are sent
+without Content-MD5: the whole-file MD5 of the bytes read, compared with the
+server's, checks the object end to end (MD5 is the costliest digest here,
+~620 MiB/s a core; two passes would make the upload CPU-bound on a small
+PC), and part MD5s are computed only to prove parts a resumed upload finds
+on the server. A part corrupted on its way is then caught at the end rather
+than at once: the object is deleted and sent again.
+
+Resuming: the state saved after every part (``transfer.state``) names the
+upload id, the part size, the file's size and mtime, and each stored part's
+ETag, size and MD5. A resumed upload whose file still has that size and
+mtime asks the server which parts it holds (ListParts) and reads the file
+from the start as always; a listed part is kept, not sent, only when its
+ETag is the MD5 of the local bytes just read (or its SHA-256 checksum is
+theirs, or, for ETags that are no MD5, the MD5 recorded when it was sent is
+theirs). A file changed since (size or mtime) starts a new upload. Other
+multipart uploads of the same key (left by a crash before the id was saved)
+are aborted.
 
 Checksum settings that keep non-AWS endpoints working: botocore's default
 CRC32 trailers (aws-chunked bodies) are switched off
 (``request_checksum_calculation="when_required"``,
 ``response_checksum_validation="when_required"``); payloads are not
-SHA-256-signed (``payload_signing_enabled=False``: Content-MD5 covers them
-and the body is read once, through the throttle); botocore's own retries are
-off, ours apply.
+SHA-256-signed (``payload_signing_enabled=False``: Content-MD5 covers them);
+botocore's own retries are off, ours apply.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
 import hashlib
-import re
 import threading
-from concurrent.futures import FIRST_EXCEPTION, Future, wait
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from daemon.config import UploadTarget
-from daemon.errors import TransientUploadError, UploadError
+from daemon.errors import UploadError
 from daemon.logging import get_logger, register_secret
 from daemon.upload.base import (
     IntegrityError,
@@ -42,19 +81,19 @@ from daemon.upload.base import (
     LocalFile,
     RemoteObject,
     Transfer,
-    Uploader,
     digest_file,
     file_stat,
 )
 from daemon.upload.credentials import Credentials, resolve_credentials
 from daemon.upload.pool import DaemonPool
-from daemon.upload.throttle import FileSlice
+from daemon.upload.stream import MD5_ETAG, StreamingUploader, b64
+from daemon.upload.throttle import BufferBody
 
 __all__ = ["S3Uploader"]
 
 log = get_logger("imageqc.upload.s3")
 
-_MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
+_MD5_ETAG = MD5_ETAG
 _TRANSIENT_CODES = {
     "SlowDown",
     "RequestTimeout",
@@ -70,14 +109,14 @@ _TRANSIENT_CODES = {
     "OperationAborted",
     "RequestTimeoutException",
     "IncompleteBody",
+    "NoSuchUpload",  # the multipart upload vanished (rclone drops it on a bad part): resumed, it starts again
 }
 #: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 _PERMS = "s3:PutObject, s3:GetObject, s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
 
 
-def _b64(hex_digest: str) -> str:
-    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+_b64 = b64
 
 
 def _plain(etag: str | None) -> str:
@@ -90,10 +129,12 @@ def composite_etag(part_md5: tuple[str, ...]) -> str:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5)}"
 
 
-class S3Uploader(Uploader):
+class S3Uploader(StreamingUploader):
     """An ``[[upload]]`` target of type s3."""
 
     type = "s3"
+    #: Send Content-MD5 with every part even where the server's ETag is the whole file's MD5 (tests, benchmark).
+    force_part_md5 = False
 
     def __init__(self, target: UploadTarget, *, state_dir: Path, credentials: Credentials | None = None) -> None:
         super().__init__(target, state_dir=state_dir)
@@ -129,24 +170,20 @@ class S3Uploader(Uploader):
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=target.timeout_s,
             read_timeout=target.timeout_s,
-            max_pool_connections=target.concurrency + 4,
+            max_pool_connections=self.concurrency + 4,
             user_agent_extra="imageqc",
         )
         self.client = session.client("s3", endpoint_url=target.endpoint or None, verify=target.verify_tls, config=cfg)
         self.bucket = target.bucket
-        self.pool = DaemonPool(target.concurrency, f"upload-{target.name}-parts")
+        self.pool = DaemonPool(self.concurrency, f"upload-{target.name}-parts")
+        self._etag_file = self.state_dir / "upload-checkpoints" / f"s3-{target.name}.etag-style"
+        self._etag_style: str | None = None
         self._md5_cache: collections.OrderedDict[tuple[str, int, int, str], str] = collections.OrderedDict()
         self._cache_lock = threading.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)  # a part stuck in a request is abandoned, not joined
         self.client.close()
-
-    def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
-        size = file_stat(path)[0]
-        return digest_file(
-            path, part_size=self.part_size_for(size), sha256_parts=self.sha256_parts, check=check, expect=expect
-        )
 
     def reusable(self, local: LocalFile) -> bool:
         return super().reusable(local) and (not self.sha256_parts or len(local.part_sha256) == local.parts)
@@ -300,26 +337,41 @@ class S3Uploader(Uploader):
         )
 
     def matches(self, remote: RemoteObject, local: LocalFile) -> bool:
-        if remote.size != local.size or (remote.sha256 or "").lower() != local.sha256:
+        """Whether a stored object is the (digested) local file.
+
+        Single-PUT objects carry the file's SHA-256 as metadata; multipart ones
+        cannot (it is known only after the last part is read) and are proved by
+        their ETag: the composite of the part MD5s, or the whole file's MD5
+        (rclone). An object with neither proof is not the file.
+        """
+        if remote.size != local.size:
+            return False
+        if remote.sha256 is not None and remote.sha256.lower() != local.sha256:
             return False
         etag = remote.checksum or ""
         if not _MD5_ETAG.match(etag):
-            return True  # e.g. SSE-KMS: the part checksums and the SHA-256 metadata stand
+            return remote.sha256 is not None  # e.g. SSE-KMS: only the SHA-256 metadata can vouch
         if len(local.part_md5) == 1 and etag == local.part_md5[0]:
             return True
         if len(local.part_md5) > 1 and etag == composite_etag(local.part_md5):
             return True
         if "-" in etag:
             return False
+        if local.md5 is not None:
+            return etag == local.md5
         return etag == self._whole_md5(local)  # servers that report the whole object's MD5 (rclone)
 
     def _whole_md5(self, local: LocalFile) -> str | None:
         """The MD5 of the local file, or None when the file is no longer the one ``local`` was digested from
-        (same size and mtime are not enough: a replaced file must never vouch for a stored object)."""
+        (same size and mtime are not enough: a replaced file must never vouch for a stored object).
+
+        Read again only when the MD5 was not computed with the other digests: a stored object digested
+        before this target's ETag style was known."""
         key = (str(local.path), local.size, local.mtime_ns, local.sha256)
         with self._cache_lock:
             if key in self._md5_cache:
                 return self._md5_cache[key]
+        log.info("hashing the file again for the server's whole-object ETag", target=self.name, path=str(local.path))
         md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
         with open(local.path, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
@@ -334,32 +386,103 @@ class S3Uploader(Uploader):
                 self._md5_cache.popitem(last=False)
         return value
 
+    # -- the server's ETag style (learned) -----------------------------------------
+
+    def _wants_whole_md5(self) -> bool:
+        """Whether to compute the whole file's MD5 while sending: the server's multipart ETag may be it.
+
+        AWS's never is (the composite of the part MD5s). For another endpoint
+        the answer is learned from the first multipart object it completes and
+        kept in the state folder; until then the MD5 is computed (cheaper than
+        reading the file again to verify)."""
+        if not self.target.endpoint:
+            return False
+        if self._etag_style is None:
+            try:
+                self._etag_style = self._etag_file.read_text(encoding="utf-8").strip() or None
+            except OSError:
+                self._etag_style = None
+        return self._etag_style != "composite"
+
+    def _learn_etag_style(self, etag: str) -> None:
+        style = "composite" if "-" in etag else "whole-md5" if _MD5_ETAG.match(etag) else "other"
+        if style == self._etag_style or not self.target.endpoint:
+            return
+        self._etag_style = style
+        try:
+            self._etag_file.parent.mkdir(parents=True, exist_ok=True)
+            self._etag_file.write_text(style + "\n", encoding="utf-8")
+        except OSError as e:
+            log.debug("cannot record the server's ETag style", target=self.name, error=str(e))
+
     def remove(self, key: str) -> None:
         self._call("delete_object", Key=key)
 
     # -- upload -----------------------------------------------------------------
+
+    def digest(self, path: Path, *, check: Any = lambda: None, expect: tuple[int, int] | None = None) -> LocalFile:
+        size = file_stat(path)[0]
+        return digest_file(
+            path,
+            part_size=self.part_size_for(size),
+            sha256_parts=self.sha256_parts,
+            whole_md5=self._wants_whole_md5() and size > self.part_size_for(size),
+            check=check,
+            expect=expect,
+        )
 
     def upload(self, transfer: Transfer) -> str:
         if transfer.local.size <= transfer.local.part_size:
             self._put(transfer)
         else:
             self._multipart(transfer)
-        return self.verify(transfer.local, transfer.key)
+        return self._verify_stored(transfer)
 
-    def _part_args(self, local: LocalFile, number: int) -> dict[str, Any]:
-        kw: dict[str, Any] = {"ContentMD5": _b64(local.part_md5[number - 1])}
-        if self.sha256_parts and local.part_sha256:
-            kw["ChecksumSHA256"] = _b64(local.part_sha256[number - 1])
+    def _verify_stored(self, t: Transfer) -> str:
+        """HEAD the new object: its size, and its ETag against the digests of the bytes sent.
+
+        Every part was already checked by the server (Content-MD5, and the
+        SHA-256 checksum where enabled) and the completion named each part's
+        ETag; an ETag that is not an MD5 (SSE-KMS) leaves those checks as the
+        proof.
+        """
+        local, key = t.local, t.key
+        remote = self.probe(key)
+        if remote is None:
+            raise IntegrityError(
+                self.name, f"{key} is missing right after it was uploaded", hint="it is uploaded again"
+            )
+        etag = remote.checksum or ""
+        if local.parts > 1:
+            self._learn_etag_style(etag)  # from the HEAD: rclone completes with a composite ETag, then reports the MD5
+        ok = remote.size == local.size and (remote.sha256 is None or remote.sha256.lower() == local.sha256)
+        if ok and _MD5_ETAG.match(etag):
+            ok = self.matches(remote, local)
+        if not ok:
+            try:
+                self.remove(key)  # just stored by this transfer: never left behind as if it were the file
+            except UploadError as e:
+                log.warning("could not delete an object that does not match its file", key=key, error=str(e))
+            raise IntegrityError(
+                self.name,
+                f"{key} does not match {local.path} (stored size {remote.size}, sha256 {remote.sha256}, "
+                f"checksum {remote.checksum}; local size {local.size}, sha256 {local.sha256}); deleted",
+                hint="it is uploaded again",
+            )
+        return etag or local.sha256
+
+    def _part_args(self, md5: str | None, sha256: str | None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"ContentMD5": _b64(md5)} if md5 is not None else {}
+        if sha256 is not None:
+            kw["ChecksumSHA256"] = _b64(sha256)
         return kw
 
-    def _body(self, t: Transfer, offset: int, length: int) -> FileSlice:
-        return FileSlice(t.local.path, offset, length, self.throttle, check=t.check, wait=t.wait)
-
-    def _put(self, t: Transfer) -> None:
+    def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
         local = t.local
-        t.between()
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
         with self.slots:
-            body = self._body(t, 0, local.size)
+            body = self._body(t, data)
             try:
                 resp = self._call(
                     "put_object",
@@ -367,23 +490,22 @@ class S3Uploader(Uploader):
                     Key=t.key,
                     Body=body,
                     ContentLength=local.size,
-                    Metadata={"sha256": local.sha256},
-                    **self._part_args(local, 1),
+                    Metadata={"sha256": sha256},
+                    **self._part_args(md5, part_sha),
                 )
             finally:
                 body.close()
         etag = _plain(resp.get("ETag"))
-        if _MD5_ETAG.match(etag) and etag != local.part_md5[0]:
-            raise IntegrityError(
-                self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {local.part_md5[0]} of what was sent"
-            )
+        if _MD5_ETAG.match(etag) and etag != md5:
+            raise IntegrityError(self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {md5} of what was sent")
+        t.local = replace(local, sha256=sha256, part_md5=(md5,), part_sha256=(part_sha,) if part_sha else (), md5=md5)
         t.persist(local.size)
 
-    def _list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
-        """Parts the server holds, or None when the upload is gone."""
+    def _list_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int, str | None]] | None:
+        """Parts the server holds (ETag, size, SHA-256 checksum if any), or None when the upload is gone."""
         from botocore.exceptions import ClientError
 
-        parts: dict[int, tuple[str, int]] = {}
+        parts: dict[int, tuple[str, int, str | None]] = {}
         marker = 0
         while True:
             try:
@@ -395,7 +517,7 @@ class S3Uploader(Uploader):
             except Exception as e:
                 raise self._classify(e, "ListParts") from None
             for p in resp.get("Parts", []):
-                parts[int(p["PartNumber"])] = (_plain(p["ETag"]), int(p["Size"]))
+                parts[int(p["PartNumber"])] = (_plain(p["ETag"]), int(p["Size"]), p.get("ChecksumSHA256"))
             if not resp.get("IsTruncated"):
                 return parts
             marker = int(resp["NextPartNumberMarker"])
@@ -429,105 +551,46 @@ class S3Uploader(Uploader):
         if state.get("upload_id"):
             self._abort(key, state["upload_id"])
 
-    def _multipart(self, t: Transfer) -> None:
-        local, key, st = t.local, t.key, t.state
-        upload_id = st.get("upload_id") if st.get("part_size") == local.part_size else None
-        if st.get("upload_id") and upload_id is None:
-            self._abort(key, st["upload_id"])  # planned with another part size
-        have: dict[str, dict[str, Any]] = {}
-        if upload_id:
-            server = self._list_parts(key, upload_id)
-            if server is None:
-                log.info(
-                    "multipart upload gone from the server; starting again",
-                    target=self.name,
-                    key=key,
-                    upload_id=upload_id,
-                )
-                upload_id = None
-            else:
-                for n, (etag, size) in server.items():
-                    if 1 <= n <= local.parts and size == local.part_range(n)[1] and etag == local.part_md5[n - 1]:
-                        have[str(n)] = {"etag": etag, "size": size}
-        self._abort_others(key, keep=upload_id)
-        if upload_id is None:
-            t.between()
-            kw: dict[str, Any] = {"Key": key, "Metadata": {"sha256": local.sha256}}
+    # -- the streaming engine's hooks (daemon/upload/stream.py) --------------------------
+
+    def _digests_wanted(self) -> tuple[bool, bool]:
+        whole_md5 = self._wants_whole_md5()
+        # A server whose ETag is the whole file's MD5 is checked end to end by that MD5: its parts' MD5s
+        # are computed only to prove parts it already holds.
+        return whole_md5, not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
+
+    def _create(self, t: Transfer) -> str:
+        kw: dict[str, Any] = {"Key": t.key, "Metadata": {"part-size": str(t.local.part_size)}}
+        if self.sha256_parts:
+            kw["ChecksumAlgorithm"] = "SHA256"
+        return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
+
+    def _send_part(
+        self, t: Transfer, upload_id: str, n: int, body: BufferBody, length: int, md5: str | None, sha256: str | None
+    ) -> dict[str, Any]:
+        resp = self._call(
+            "upload_part",
+            t,
+            Key=t.key,
+            UploadId=upload_id,
+            PartNumber=n,
+            Body=body,
+            ContentLength=length,
+            **self._part_args(md5, sha256),
+        )
+        etag = _plain(resp.get("ETag"))
+        if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
+            raise IntegrityError(self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent")
+        record: dict[str, Any] = {"etag": etag}
+        if sha256 is not None:
+            record["sha256"] = sha256
+        return record
+
+    def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
+        listed = []
+        for n, rec in enumerate(parts, 1):
+            p = {"PartNumber": n, "ETag": f'"{rec["etag"]}"'}
             if self.sha256_parts:
-                kw["ChecksumAlgorithm"] = "SHA256"
-            upload_id = self._call("create_multipart_upload", t, **kw)["UploadId"]
-        with t.lock:
-            st.clear()
-            st.update(upload_id=upload_id, part_size=local.part_size, parts=have)
-        t.persist(sum(p["size"] for p in have.values()))
-        todo = [n for n in range(1, local.parts + 1) if str(n) not in have]
-        if todo:
-            log.debug("sending parts", target=self.name, key=key, parts=len(todo), of=local.parts, resumed=bool(have))
-            self._send_parts(t, upload_id, todo)
-        parts = []
-        for n in range(1, local.parts + 1):
-            p = {"PartNumber": n, "ETag": f'"{st["parts"][str(n)]["etag"]}"'}
-            if self.sha256_parts and local.part_sha256:
-                p["ChecksumSHA256"] = _b64(local.part_sha256[n - 1])
-            parts.append(p)
-        try:
-            self._call("complete_multipart_upload", t, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
-        except TransientUploadError:
-            if self._list_parts(key, upload_id) is None and self.probe(key) is None:
-                with t.lock:
-                    st.clear()
-                t.persist(0)
-                raise self.transient(
-                    f"multipart upload of {key} vanished before it was completed", "it starts again"
-                ) from None
-            raise
-        with t.lock:
-            st.clear()
-        t.persist(local.size)
-
-    def _send_parts(self, t: Transfer, upload_id: str, todo: list[int]) -> None:
-        local, st = t.local, t.state
-        halt = threading.Event()
-
-        def one(n: int) -> None:
-            if halt.is_set():
-                return
-            t.between()
-            offset, length = local.part_range(n)
-            with self.slots:
-                body = self._body(t, offset, length)
-                try:
-                    resp = self._call(
-                        "upload_part",
-                        t,
-                        Key=t.key,
-                        UploadId=upload_id,
-                        PartNumber=n,
-                        Body=body,
-                        ContentLength=length,
-                        **self._part_args(local, n),
-                    )
-                finally:
-                    body.close()
-            etag = _plain(resp.get("ETag"))
-            if _MD5_ETAG.match(etag) and etag != local.part_md5[n - 1]:
-                raise IntegrityError(
-                    self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent"
-                )
-            with t.lock:
-                st["parts"][str(n)] = {"etag": etag, "size": length}
-                done = sum(p["size"] for p in st["parts"].values())
-            t.persist(done)
-
-        futures: list[Future[None]] = [self.pool.submit(one, n) for n in todo]
-        pending = set(futures)
-        first: BaseException | None = None
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for f in finished:
-                exc = f.exception()
-                if exc is not None and first is None:
-                    first = exc
-                    halt.set()
-        if first is not None:
-            raise first
+                p["ChecksumSHA256"] = _b64(t.local.part_sha256[n - 1])
+            listed.append(p)
+        self._call("complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed})

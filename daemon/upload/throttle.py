@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["FileSlice", "Throttle", "ThrottledStream"]
+__all__ = ["BufferBody", "FileSlice", "Throttle", "ThrottledStream"]
 
 _BUCKET_S = 0.1  # the rate meter adds up bytes per 100 ms
 
@@ -162,6 +162,70 @@ class FileSlice(io.RawIOBase):
         if not self.closed:
             self._f.close()
         super().close()
+
+
+class BufferBody(io.RawIOBase):
+    """Bytes already read (one part of a streaming upload) as a request body, sent through a throttle.
+
+    Seekable and sized like :class:`FileSlice` (botocore rewinds bodies), it
+    hands out views of the buffer without copying; ``check`` runs before
+    every read and may raise to abort the request.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        throttle: Throttle,
+        *,
+        check: Callable[[], None] = lambda: None,
+        wait: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+        self._throttle = throttle
+        self._check = check
+        self._wait = wait
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, min(len(self._view), base + pos))
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._check()
+        left = len(self._view) - self._pos
+        if size is None or size < 0 or size > left:
+            size = left
+        size = min(size, 1 << 20)
+        if size <= 0:
+            return b""
+        chunk = self._view[self._pos : self._pos + size]
+        self._pos += size
+        self._throttle.consume(size, self._wait)
+        return bytes(chunk)
+
+    def readinto(self, buf: Any) -> int:
+        self._check()
+        size = min(len(buf), len(self._view) - self._pos, 1 << 20)
+        if size <= 0:
+            return 0
+        buf[:size] = self._view[self._pos : self._pos + size]
+        self._pos += size
+        self._throttle.consume(size, self._wait)
+        return size
 
 
 class ThrottledStream:

@@ -64,6 +64,8 @@ class OSSProxy:
         self.backend = backend
         self.keys = dict(keys)
         self.log: list[dict[str, Any]] = []
+        #: Bodies of the next N UploadPart/PutObject requests get one byte flipped on arrival (fault tests).
+        self.flip_next = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -104,6 +106,11 @@ class OSSProxy:
             h.close_connection = True
             return
         op = _operation(h.command, query)
+        if op in ("UploadPart", "PutObject") and body:
+            with self._lock:
+                flip, self.flip_next = self.flip_next > 0, max(0, self.flip_next - 1)
+            if flip:  # a byte damaged on the way (the server receives and stores it so)
+                body = body[:100] + bytes([body[100] ^ 1]) + body[101:]
         with self._lock:
             self.log.append({"method": h.command, "path": unquote(url.path), "op": op, "part": query.get("partNumber")})
         denied = self._check_auth(h, unquote(url.path), query)

@@ -1,7 +1,8 @@
-"""Orphaned multipart uploads are aborted; stale OSS checkpoints and partial copies are removed."""
+"""Orphaned multipart uploads are aborted; OSS checkpoints of earlier versions and partial copies are removed."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -56,8 +57,11 @@ def test_s3_aborts_orphaned_multipart_uploads_of_the_key_it_uploads(tmp_path, s3
     assert left == {("k/another-file.tif", other)}
 
 
-def test_oss_stale_checkpoints_are_swept_with_their_uploads(tmp_path, s3_server, oss_proxy, big):
+def test_oss_keeps_its_resumable_state_in_the_store_and_sweeps_checkpoints_of_earlier_versions(
+    tmp_path, s3_server, oss_proxy, big
+):
     bucket = new_bucket(s3_server)
+    admin = s3_server.client()
     up = make_uploader(
         UploadTarget(name="oss", type="oss", endpoint=oss_proxy.endpoint, bucket=bucket, part_size_mb=5, concurrency=1),
         state_dir=tmp_path / "state",
@@ -68,18 +72,25 @@ def test_oss_stale_checkpoints_are_swept_with_their_uploads(tmp_path, s3_server,
         if up.throttle.total > 6 * MiB:
             raise Interrupted("stop")
 
+    folder = tmp_path / "state" / "upload-checkpoints" / "oss-oss"
     try:
         state: dict = {}
         with pytest.raises(Interrupted):
             up.send(Transfer(local=up.digest(big), key="k/big.tif", state=state, check=stop_after_one_part))
-        checkpoints = list((tmp_path / "state" / "upload-checkpoints" / "oss-oss").iterdir())
-        assert [p.name for p in checkpoints] == [state["checkpoint"]]  # under the state folder, not the profile
-        admin = s3_server.client()
-        assert len(admin.list_multipart_uploads(Bucket=bucket).get("Uploads", [])) == 1
-        assert up.sweep({state["checkpoint"]}) == []  # still in use: kept
+        assert state["upload_id"] and state["parts"]["1"]["crc64"]  # what the store records; no checkpoint file
+        assert not folder.exists() or not any(folder.iterdir())
+        up.discard("k/big.tif", state)
+        assert admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+        # a checkpoint oss2's resumable_upload left (an earlier version), with its multipart upload
+        orphan = admin.create_multipart_upload(Bucket=bucket, Key="k/old.tif")["UploadId"]
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint = folder / "0123abcd"
+        checkpoint.write_text(json.dumps({"upload_id": orphan, "key": "k/old.tif"}), encoding="utf-8")
+        assert up.sweep({checkpoint.name}) == []  # still in use: kept
         assert up.sweep(set(), older_than_s=3600) == []  # too recent to be stale
-        assert up.sweep(set()) == [state["checkpoint"]]
-        assert not checkpoints[0].exists()
+        assert up.sweep(set()) == [checkpoint.name]
+        assert not checkpoint.exists()
         assert admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     finally:
         up.close()
