@@ -202,6 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"rescanned {_ago(w.get('last_rescan'), now)}, {files} files, {w.get('pending', 0)} set(s) settling",
         )
     _print_waiting(con, st.get("waiting") or {}, now)
+    _print_live(con, st.get("live") or [], now)
     if not st["watchers"]:
         for w in st["disk"]["watch"]:
             mark = "" if w["exists"] else "  [red](missing)[/]"
@@ -264,6 +265,34 @@ def _print_waiting(con: Any, w: dict[str, Any], now: float) -> None:
         field(con, "ignored", f"{n['path']}: {n['reason']}", indent=2)
     if w.get("misnamed_total", 0) > len(names):
         field(con, "", f"... and {w['misnamed_total'] - len(names)} more ignored name(s)", indent=2)
+
+
+def _print_live(con: Any, sets: list[dict[str, Any]], now: float) -> None:
+    """Live QC of tile folders still being written: progress, warnings so far (daemon/live.py)."""
+    if not sets:
+        return
+    con.print("live QC")
+    for s in sets:
+        rows, cols = s.get("grid") or (0, 0)
+        grid = f"{rows * cols}" if s.get("grid_known") else f"? (so far {rows} x {cols})"
+        state = "scanning" if s.get("finished_at") is None else f"scan ended {_ago(s['finished_at'], now)}"
+        line = (
+            f"{state}: {s.get('tiles_seen', 0)} tiles of {grid}, {s.get('fovs_checked', 0)} FOVs checked "
+            f"({s.get('fovs_with_lines', 0)} with track lines), {s.get('pairs', 0)} pairs"
+        )
+        if s.get("skipped"):
+            line += f", {s['skipped']} skipped (fell behind)"
+        field(con, s.get("chip", "?"), f"{escape(line)} ({escape(str(s.get('folder')))})", markup=True, indent=2)
+        for w in s.get("warnings") or []:
+            fovs = ", ".join(w.get("fovs") or [])
+            text = f"[yellow]warning[/] {escape(w.get('code', ''))} {_ago(w.get('since'), now)}: {escape(w.get('reason', ''))}"
+            if fovs:
+                text += f" (FOVs {escape(fovs)})"
+            field(con, "", text, markup=True, indent=4)
+        for c in s.get("cleared") or []:
+            field(con, "", f"cleared {c.get('code')} {_ago(c.get('at'), now)}", indent=4)
+        if s.get("error"):
+            field(con, "", f"live QC error: {s['error']}", indent=4)
 
 
 def _print_notifications(con: Any, n: dict[str, Any]) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "DiscoveryConfig",
     "FleetConfig",
+    "LiveConfig",
     "LoggingConfig",
     "NotifyConfig",
     "NotifyRule",
@@ -355,7 +356,7 @@ class ServiceConfig:
 
 
 #: Events a notification rule can take (daemon/notify.py).
-NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest")
+NOTIFY_EVENTS = ("qc_fail", "qc_pass", "job_failed", "health", "digest", "early_warning")
 
 
 @dataclass(frozen=True)
@@ -374,13 +375,17 @@ class NotifyRule:
         required=True,
         ref_path=True,
     )
-    events: tuple[str, ...] = _f(("qc_fail", "job_failed", "health"), "Events this rule sends.", choices=NOTIFY_EVENTS)
+    events: tuple[str, ...] = _f(
+        ("qc_fail", "job_failed", "health", "early_warning"), "Events this rule sends.", choices=NOTIFY_EVENTS
+    )
     quiet_hours: str = _f(
         "",
         "Daily window in the PC's local time, e.g. '22:00-07:00', during which events that are not urgent wait "
         "until it ends. Empty = none.",
     )
-    urgent: tuple[str, ...] = _f(("qc_fail",), "Events sent at once even in quiet hours.", choices=NOTIFY_EVENTS)
+    urgent: tuple[str, ...] = _f(
+        ("qc_fail", "early_warning"), "Events sent at once even in quiet hours.", choices=NOTIFY_EVENTS
+    )
 
 
 @dataclass(frozen=True)
@@ -429,6 +434,38 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class LiveConfig:
+    enabled: bool = _f(
+        True,
+        "Check a tile folder's FOVs while the microscope is still writing it (track lines, clarity, exposure, "
+        "neighbour registration) and warn early (event early_warning) when the scan so far would fail QC.",
+    )
+    start_share: float = _f(
+        0.15,
+        "Judge the scan once this share of the grid is checked (when the folder's metadata gives the grid) ...",
+        min=0.01,
+        max=1,
+    )
+    start_rows: int = _f(2, "... or once this many full rows are, whichever comes first.", min=1, max=10000)
+    tile_settle_s: float = _f(
+        2.0,
+        "A tile counts as written when its size and time stayed the same this long (and a TIFF is whole).",
+        min=0.1,
+        max=3600,
+    )
+    threads: int = _f(1, "Threads (cores) live QC may use for OpenCV and the clarity model.", min=1, max=64)
+    priority: str = _f(
+        "low",
+        "Priority of the live QC thread (CPU and, on Linux, I/O), so the microscope software is never starved.",
+        choices=("low", "below_normal", "normal"),
+    )
+    memory_mb: int = _f(
+        512, "Decoded tiles kept for their neighbours' registration, at most this many MiB.", min=16, max=1 << 20
+    )
+    poll_s: float = _f(1.0, "How often a growing tile folder is looked at, seconds.", min=0.1, max=600)
+
+
+@dataclass(frozen=True)
 class WebConfig:
     listen: str = _f(
         "",
@@ -474,6 +511,7 @@ class Config:
     notify: NotifyConfig = _sub(NotifyConfig, "Notifications (apprise): QC failures, failed jobs, health.")
     web: WebConfig = _sub(WebConfig, "The read-only status page and Prometheus metrics, on one local listener.")
     fleet: FleetConfig = _sub(FleetConfig, "This PC's status document in each upload target, for the facility's view.")
+    live: LiveConfig = _sub(LiveConfig, "Live QC of tile folders while the microscope is still writing them.")
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     # Derived paths -----------------------------------------------------
@@ -1115,10 +1153,11 @@ _EXAMPLE_TARGETS = """\
 
 _EXAMPLE_NOTIFY = """\
 # Notification rules: one [[notify.rule]] table each; none = no notifications.
-# A rule sends its events (qc_fail, qc_pass, job_failed, health, digest) to
-# apprise URLs (https://github.com/caronc/apprise/wiki: mail, chat webhooks,
-# ...). The URLs hold tokens, so 'urls' names where they come from:
-# 'env:NAME' or 'file:PATH'. Check a rule with `imageqc notify test`.
+# A rule sends its events (qc_fail, qc_pass, job_failed, health, digest,
+# early_warning: live QC of a scan still running) to apprise URLs
+# (https://github.com/caronc/apprise/wiki: mail, chat webhooks, ...). The
+# URLs hold tokens, so 'urls' names where they come from: 'env:NAME' or
+# 'file:PATH'. Check a rule with `imageqc notify test`.
 """
 
 _EXAMPLE_RULES = """\
@@ -1220,6 +1259,7 @@ def example_toml() -> str:
         ("notify", NotifyConfig),
         ("web", WebConfig),
         ("fleet", FleetConfig),
+        ("live", LiveConfig),
     ):
         parts += [f"[{name}]"]
         # The example turns the local page on; the embedded default leaves it off.

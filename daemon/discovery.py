@@ -60,6 +60,7 @@ from daemon.config import Config, WatchRoot
 from daemon.errors import IllegalTransition
 from daemon.fsinfo import folder_problem, is_network_path
 from daemon.jobs import FILES_STAGE, unreachable
+from daemon.live import Growing
 from daemon.logging import bind_job, get_logger
 from daemon.naming import parse_name
 from daemon.snapshot import (
@@ -302,6 +303,25 @@ class Discovery:
             {"path": p, "root": root, "reason": why, "since": at} for p, why, at, root in names[: self.waiting_limit]
         ]
         return {"sets": rows, "sets_total": len(sets), "misnamed": misnamed, "misnamed_total": len(names)}
+
+    def growing_tile_folders(self) -> list[Growing]:
+        """Nuclear-stain and H&E tile folders of sets not queued yet (still being written or settling): what live QC
+        looks at (the final QC checks the FOVs of the nuclear image only).
+
+        Called from the service thread (the tick), like every other use of the sets.
+        """
+        out = []
+        for s in self._sets.values():
+            if s.state not in ("", _SETTLING):
+                continue
+            r = self._root_of(s.root)
+            if r is None:
+                continue
+            for p in sorted(s.members):
+                known = self._members.get(p)
+                if known is not None and known[0].format == "tiles" and known[0].role != "IF":  # the nuclear/H&E FOVs
+                    out.append(Growing(chip=s.chip, folder=p, watch=r.watch, since=s.settling_since))
+        return out
 
     # -- persistence -----------------------------------------------------------
 

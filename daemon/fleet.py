@@ -30,7 +30,6 @@ from typing import Any
 from daemon import __version__
 from daemon.config import Config, UploadTarget
 from daemon.errors import DaemonError, UploadError
-from daemon.logging import get_logger
 from daemon.views import human_age, human_bytes
 
 __all__ = [
@@ -46,7 +45,13 @@ __all__ = [
     "read_fleet",
 ]
 
-log = get_logger("imageqc.fleet")
+
+def _log() -> Any:
+    """The fleet's logger (structlog is imported on first use: `imageqc qc` builds this command's parser only)."""
+    from daemon.logging import get_logger
+
+    return get_logger("imageqc.fleet")
+
 
 FLEET_SCHEMA = "imageqc.fleet/1"
 #: A PC whose newest document is older than this many of its own intervals is stale.
@@ -176,7 +181,7 @@ class FleetReporter:
         if thread is not None:
             thread.join(max(0.0, self._final_deadline - time.monotonic()) + 0.5)
             if thread.is_alive():  # a request still hanging: abandoned with its daemon thread, uploaders left open
-                log.warning(
+                _log().warning(
                     "the last fleet status was not written before the stop deadline",
                     targets=[t.name for t in self.targets],
                 )
@@ -246,9 +251,11 @@ class FleetReporter:
             else:
                 self.errors[target] = error
         if error is None and before is not None:
-            log.info("fleet status written again", target=target, key=key)
+            _log().info("fleet status written again", target=target, key=key)
         elif error is not None and error != before:  # each distinct problem once, not every interval
-            log.warning("could not write the fleet status; retried next interval", target=target, key=key, error=error)
+            _log().warning(
+                "could not write the fleet status; retried next interval", target=target, key=key, error=error
+            )
 
 
 # ---------------------------------------------------------------------------

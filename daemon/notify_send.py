@@ -35,7 +35,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 from daemon.config import Config, NotifyRule
 from daemon.exitcodes import CONFIG_ENV, EXIT_FAILURE, EXIT_OK
-from daemon.logging import redact, register_secret
 
 __all__ = ["Endpoint", "add_notify_command", "resolve_endpoints", "send_message", "test_endpoints"]
 
@@ -61,6 +60,8 @@ class Endpoint:
 
 def _register_url(url: str) -> None:
     """Never log a URL, nor its password and token-like parts (hosts, path segments, query values)."""
+    from daemon.logging import register_secret  # structlog: not on every command's import path (imageqc qc)
+
     register_secret(url)
     try:
         parts = urlsplit(url)
@@ -196,6 +197,8 @@ def send_message(
     detail = (
         box.get("error") or "; ".join(dict.fromkeys(capture.since(mark))) or "the endpoint did not accept the message"
     )
+    from daemon.logging import redact
+
     return str(redact(detail))[:500]
 
 

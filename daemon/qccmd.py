@@ -112,7 +112,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
     import os
 
     from daemon.config import load_config, tile_pattern_problem
-    from daemon.jobs import qc_settings
+    from daemon.qcsettings import qc_settings
     from qc.errors import QCError
     from qc.io import open_scan_set
     from qc.pipeline import run_qc, write_run_outputs

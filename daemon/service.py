@@ -91,8 +91,9 @@ class Component(Protocol):
 
 
 def default_components(config: Config) -> list[Component]:
-    """The service's pluggable parts (discovery, uploads, notifications when rules are set, the status page when
-    web.listen is set, the fleet document when uploads are), as `imageqc run` and the services use them."""
+    """The service's pluggable parts (discovery, live QC of growing tile folders, uploads, notifications when rules
+    are set, the status page when web.listen is set, the fleet document when uploads are), as `imageqc run` and the
+    services use them."""
     comps: list[Component] = []
     try:
         from daemon.discovery import Discovery
@@ -100,6 +101,10 @@ def default_components(config: Config) -> list[Component]:
         pass
     else:
         comps.append(Discovery(config))
+        if config.live.enabled:
+            from daemon.live import LiveQC
+
+            comps.append(LiveQC(config))
     try:
         from daemon.upload.manager import UploadManager
     except ImportError:  # pragma: no cover - partial installs only

@@ -62,6 +62,7 @@ def collect_status(config: Config, *, now: float | None = None, error_limit: int
         "watchers": [],
         "waiting": {"sets": [], "sets_total": 0, "misnamed": [], "misnamed_total": 0},
         "uploads": {},
+        "live": [],
         "notifications": {
             "rules": [r.name for r in config.notify.rule],
             "waiting": 0,
@@ -129,6 +130,7 @@ def _read_state(report: dict[str, Any], store: Store, config: Config, now: float
     if comps.get("discovery", {}).get("waiting"):
         report["waiting"] = comps["discovery"]["waiting"]
     report["uploads"] = comps.get("uploads", {})
+    report["live"] = comps.get("live", {}).get("sets", [])
     if not report["service"].get("running") and any(t.mode != "none" for t in config.upload):
         backlog = store.upload_backlog()  # no live heartbeat: the backlog from the database, no rate
         report["uploads"] = {

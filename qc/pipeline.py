@@ -3,8 +3,9 @@
 The steps, with the stage names the progress callback receives:
 
 ``read``
-    Decide the stain; make a thumbnail of each image (streamed, never the
-    full resolution twice).
+    Decide the stain; decode the nuclear/H&E plane once when a metric needs
+    it (in parallel, ``settings.threads``) and reduce its thumbnail from it;
+    stream a thumbnail of every other image (never the full resolution twice).
 ``track``
     Track-line grid and chip template fit on the nuclear/H&E image, with the
     template chosen from the chip serial.
@@ -12,7 +13,9 @@ The steps, with the stage names the progress callback receives:
     The ONNX clarity classifier on the nuclear/H&E image.
 ``stitching``
     For each image that comes as tiles: FOV-pair registration through the
-    pair cache.
+    pair cache; for the nuclear image, each FOV checked on its own too
+    (:func:`qc.live.check_fovs`: track lines, clarity, exposure) through the
+    same cache, for the report's ``fov_checks`` and the per-FOV map.
 ``calibration``
     For DAPI+mIF: each IF image against the nuclear image.
 ``verdict``
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ from qc import __version__
 from qc.chip import ChipTemplate, parse_chip, template_for
 from qc.errors import QCError
 from qc.io import Image, ReadLimits, ScanSet
+from qc.live import FovParams
 from qc.pictures import take_calibration_crops, take_track_insets, thumb_factor
 from qc.report import ImageReport, QCReport
 from qc.rules import (
@@ -49,7 +53,16 @@ from qc.rules import (
     metrics_for,
 )
 
-__all__ = ["DEFAULT_TEMPLATE", "Progress", "QCSettings", "decide_stain", "run_qc", "write_run_outputs"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "Progress",
+    "QCSettings",
+    "chip_template",
+    "decide_stain",
+    "fov_params_for",
+    "run_qc",
+    "write_run_outputs",
+]
 
 #: Called with (stage, percent 0-100 of the whole run).
 Progress = Callable[[str, float], None]
@@ -88,6 +101,9 @@ class QCSettings:
         Image-size limits of the readers.
     clarity_model : object, optional
         A :class:`qc.clarity.model.ClarityModel` spec; default the shipped model.
+    fov_params : FovParams
+        The per-FOV checks of tiled images (:mod:`qc.live`); its ``um_per_px`` is the expected
+        pixel size, replaced by the image's own when its metadata declares one.
     site, operator : str
         Recorded in the report.
     """
@@ -99,6 +115,7 @@ class QCSettings:
     threads: int = 2
     limits: ReadLimits = field(default_factory=ReadLimits)
     clarity_model: Any = None
+    fov_params: FovParams = field(default_factory=FovParams)
     site: str = ""
     operator: str = ""
 
@@ -144,7 +161,8 @@ class _Stages:
         self.progress(stage, round(lo + (hi - lo) * min(max(fraction, 0.0), 1.0), 1))
 
 
-def _template(chip: str) -> tuple[ChipTemplate, str | None]:
+def chip_template(chip: str) -> tuple[ChipTemplate, str | None]:
+    """The chip's track-line template, and a note when ``chip`` is no serial (then the default template)."""
     serial = parse_chip(chip)
     if serial is None:
         return template_for(DEFAULT_TEMPLATE), f"{chip!r} is not a chip serial; assumed the {DEFAULT_TEMPLATE} template"
@@ -153,7 +171,7 @@ def _template(chip: str) -> tuple[ChipTemplate, str | None]:
 
 def _metric_blocks(found: dict[str, Any]) -> dict[str, Any]:
     """Each metric's block of an image report; None for a metric that was not run."""
-    return {m: found.get(m) for m in ("track", "clarity", "stitching", "calibration")}
+    return {m: found.get(m) for m in ("track", "clarity", "stitching", "calibration", "fov_checks")}
 
 
 def _facts(img: Image) -> dict[str, Any]:
@@ -219,6 +237,7 @@ def run_qc(
         "checks": {},
         "track_insets": {},
         "calibration_crops": {},
+        "fov_checks": {},
         "chip": scan_set.chip,
     }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
@@ -226,7 +245,19 @@ def run_qc(
     art["stain"] = stain
     nuclear = scan_set.nuclear
 
+    tiled = any(img.tiles for img in scan_set.images)
+    wanted = metrics_for(stain, tiled=tiled)
+    needs_plane = any(m in wanted for m in ("track", "clarity")) or (stain == "DAPI+mIF" and "calibration" in wanted)
+    nuclear_plane: np.ndarray | None = None
+    plane_problem = ""
     for i, img in enumerate(scan_set.images):
+        img.threads = settings.threads
+        if img is nuclear and needs_plane:
+            # decoded once, first: the thumbnail below is reduced from it rather than decoded again
+            try:
+                nuclear_plane = nuclear.plane(0)
+            except QCError as e:
+                plane_problem = f"{nuclear.name}: cannot read the image: {e}"
         try:
             f = thumb_factor(img.width, img.height)
             art["thumbs"][img.name] = (img.downsampled(f), f)
@@ -239,22 +270,20 @@ def run_qc(
             f"no nuclear-stain or H&E image in the scan set of {scan_set.chip}; "
             f"QC needs {scan_set.chip}.tif (or .czi, or a tile folder) beside the IF images"
         )
-    tiled = any(img.tiles for img in scan_set.images)
-    wanted = metrics_for(stain, tiled=tiled)
-    nuclear_plane: np.ndarray | None = None
+    loaded_model: Any = None  # the clarity model once loaded, for the per-FOV checks too
     if nuclear is not None and nuclear.name in art["thumbs"]:
         art["nuclear"] = nuclear.name
-        try:
-            nuclear_plane = nuclear.plane(0)
-        except QCError as e:
-            problems.append(f"{nuclear.name}: cannot read the image: {e}")
+        if plane_problem:
+            problems.append(plane_problem)
+    else:
+        nuclear_plane = None
 
     # -- track ----------------------------------------------------------------
     if nuclear is not None and nuclear_plane is not None and "track" in wanted:
         st.at("track")
         from qc.track import find_track_lines
 
-        template, note = _template(scan_set.chip)
+        template, note = chip_template(scan_set.chip)
         res = find_track_lines(nuclear_plane, template, max_threads=settings.threads)
         art["track"][nuclear.name] = res
         block = res.as_dict()
@@ -275,6 +304,7 @@ def run_qc(
         from qc.clarity import MAP_LABELS, evaluate_clarity, load_clarity_model
 
         model = clarity_model or load_clarity_model(settings.clarity_model, threads=settings.threads)
+        loaded_model = model
         if nuclear.is_rgb and not model.spec.supports_colour:
             blocks[nuclear.name]["clarity"] = None
         else:
@@ -299,6 +329,12 @@ def run_qc(
         required = stain == "DAPI+mIF" or settings.stitching_required
         for k, img in enumerate(tiled_images):
             tiles = list(img.tiles or ())
+            fovs_cached: int | None = None
+            if nuclear is not None and img is nuclear:
+                try:
+                    fovs_cached = _fov_checks(img, tiles, cache, scan_set.chip, settings, loaded_model, art, blocks)
+                except QCError as e:
+                    problems.append(f"{img.name}: the per-FOV checks could not run: {e}")
 
             def on_pairs(done: int, total: int, k: int = k) -> None:
                 st.at("stitching", (k + done / max(total, 1)) / len(tiled_images))
@@ -319,7 +355,11 @@ def run_qc(
             chk = check_stitching(img.name, sres, th, required=required, layout=_layout_note(img))
             art["passed"][("stitching", img.name)] = chk.passed
             art["checks"][("stitching", img.name)] = chk
-            block = dict(sres.summary())
+            block = {}
+            for key, value in sres.summary().items():
+                block[key] = value
+                if key == "pairs_cached" and fovs_cached is not None:
+                    block["fovs_cached"] = fovs_cached
             block.update(passed=chk.passed, required=required, outliers=list(sres.outliers))
             blocks[img.name]["stitching"] = block
             checks.append(chk)
@@ -400,6 +440,48 @@ def run_qc(
     return report
 
 
+def fov_params_for(base: FovParams, pixel_size_um: float | None) -> FovParams:
+    """The per-FOV check parameters for an image: ``base`` with the image's own pixel size when its metadata
+    declares a plausible one (live QC and the final QC must agree: the parameters are in the cache key)."""
+    if pixel_size_um is not None and 0.05 <= float(pixel_size_um) <= 5.0:
+        return replace(base, um_per_px=float(pixel_size_um))
+    return base
+
+
+def _fov_checks(
+    img: Image,
+    tiles: list[Any],
+    cache: Any,
+    chip: str,
+    settings: QCSettings,
+    model: Any,
+    art: dict[str, Any],
+    blocks: dict[str, dict[str, Any]],
+) -> int:
+    """Each FOV of a tiled nuclear image checked on its own through the cache; returns how many came from it."""
+    from qc.live import check_fovs, fov_summary
+
+    params = fov_params_for(settings.fov_params, img.pixel_size_um)
+    if model is not None and img.is_rgb and not model.spec.supports_colour:
+        model = None
+    cached = 0
+
+    def count(_check: Any, hit: bool) -> None:
+        nonlocal cached
+        cached += int(hit)
+
+    t0 = time.perf_counter()
+    checks = check_fovs(
+        tiles, cache=cache, template=chip_template(chip)[0], params=params, clarity_model=model, on_result=count
+    )
+    block = fov_summary(checks, cached=cached)
+    block["seconds"] = round(time.perf_counter() - t0, 3)
+    block["um_per_px"] = params.um_per_px
+    blocks[img.name]["fov_checks"] = block
+    art["fov_checks"][img.name] = (checks, img.fov_grid)
+    return cached
+
+
 def _layout_note(img: Any) -> str:
     """Where a tiled image's nominal tile positions came from, and what changes them (for the stitching advice)."""
     source = getattr(img, "position_source", None)
@@ -456,12 +538,16 @@ def write_run_outputs(
     from qc.pictures import pictures_for_run, safe_name
     from qc.report import _writer_tag, write_outputs
     from qc.saw_archive import as_tiff, image_members, needs_tiff, walk
-    from qc.stitching import tile_configuration_text
 
-    extra = {
-        f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
-        for name, res in report.artifacts.get("stitching", {}).items()
-    }
+    extra = {}
+    stitched = report.artifacts.get("stitching", {})
+    if stitched:  # qc.stitching imports scipy: only when there is something to write
+        from qc.stitching import tile_configuration_text
+
+        extra = {
+            f"stitching/{safe_name(name)}/TileConfiguration.registered.txt": tile_configuration_text(res)
+            for name, res in stitched.items()
+        }
     draw = pictures_for_run if pictures else None
 
     def ipr(path: Path, qc_result_file: str) -> None:

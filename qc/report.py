@@ -71,6 +71,8 @@ class ImageReport:
     clarity: Mapping[str, Any] | None = None
     stitching: Mapping[str, Any] | None = None
     calibration: Mapping[str, Any] | None = None
+    #: Tiled images: each FOV checked on its own (:func:`qc.live.fov_summary`): counts and one entry per FOV.
+    fov_checks: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +89,7 @@ class ImageReport:
             "clarity": _plain(self.clarity),
             "stitching": _plain(self.stitching),
             "calibration": _plain(self.calibration),
+            "fov_checks": _plain(self.fov_checks),
         }
 
 

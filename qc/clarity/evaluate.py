@@ -260,6 +260,7 @@ def evaluate_clarity(
     max_windows: int = DEFAULT_MAX_WINDOWS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     weights: Mapping[str, float] | None = None,
+    intensity: tuple[float, float] | None = None,
 ) -> ClarityResult:
     """Classify windows of an image and score its clarity.
 
@@ -277,6 +278,9 @@ def evaluate_clarity(
         (``batch_size * channels * window**2 * 4`` bytes).
     weights : mapping, optional
         Weight per category, 0-1; default :data:`DEFAULT_WEIGHTS`.
+    intensity : (float, float), optional
+        The grey values to map to 8-bit 0 and 255; default :func:`intensity_range` of the sampled
+        windows. A part of a larger image (one FOV) passes a map that suits the whole.
 
     Returns
     -------
@@ -313,7 +317,10 @@ def evaluate_clarity(
     for r, y in enumerate(grid.ys):  # one row band at a time: bounded reads of a memmap
         band = np.asarray(image[y : y + win])
         raw[r * len(grid.xs) : (r + 1) * len(grid.xs)] = _grey_windows(band, grid.xs, win, spec.rgb)
-    lo, hi = intensity_range(raw)
+    lo, hi = intensity_range(raw) if intensity is None else (float(intensity[0]), float(intensity[1]))
+    if not hi > lo:
+        msg = f"intensity must be (low, high) with low < high, got {intensity!r}"
+        raise ValueError(msg)
 
     probs = np.empty((grid.size, len(spec.classes)), np.float32)
     for start in range(0, grid.size, batch_size):

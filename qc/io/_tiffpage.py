@@ -49,6 +49,7 @@ class PageReader:
         path: Path,
     ) -> None:
         self.path = path
+        self.page = page
         self.key = keyframe
         self.fh = tif.filehandle
         self.lock = self.fh.lock
@@ -199,6 +200,29 @@ class PageReader:
             step = self.seg_h
         for y in range(0, self.height, step):
             yield self.rows(y, min(self.height, y + step))
+
+    def decode_all(self, threads: int = 1) -> np.ndarray:
+        """The whole page, decoded once: by tifffile's own decoder with ``threads`` threads when it can.
+
+        Its segments (tiles or strips) are decoded in parallel straight into the
+        result, as ``tifffile.imread`` does. Whatever tifffile refuses (or a
+        planar-separate page) is decoded band by band here, which names the
+        strip or tile at fault when the data is bad.
+        """
+        if not self.separate:
+            try:
+                arr = self.page.asarray(maxworkers=max(1, int(threads)))
+            except Exception:  # tifffile and imagecodecs raise many types for bad data: let bands() say which
+                arr = None
+            if arr is not None and arr.shape == self.shape:
+                native: np.ndarray = arr.astype(self.dtype, copy=False)
+                return native
+        out = self._empty(self.height, self.width)
+        y = 0
+        for band in self.bands():
+            out[y : y + band.shape[0]] = band
+            y += band.shape[0]
+        return out
 
     def memmap(self) -> np.ndarray:
         """The page as a read-only memory map (only when :attr:`memmappable` and read from a path)."""

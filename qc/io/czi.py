@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import weakref
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 
 from qc.errors import CorruptImageError, UnsupportedFormatError
 from qc.io._mosaic import grid_indices, reduce_tiles
-from qc.io._reduce import check_factor, reduced_shape
+from qc.io._reduce import check_factor, reduce_array, reduced_shape
 from qc.io.czidir import PIXEL_TYPES, CziDirectory, SubBlockEntry
 from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
@@ -171,6 +172,7 @@ class CziImage(Image):
             for i, (e, r, c) in enumerate(zip(ref, rows, cols, strict=True))
         }
         self._tile_cache: dict[int, list[Tile]] = {}
+        self._decoded: dict[int, weakref.ref[np.ndarray]] = {}
         st = self._file.stat()
         self._stat_id = f"{self._file}|{st.st_size}|{st.st_mtime_ns}"
 
@@ -248,7 +250,9 @@ class CziImage(Image):
         c = self.channel_index(channel)
         shape = (self.height, self.width) + ((3,) if self._samples else ())
         check_plane_bytes(self.path, shape, self.dtype, self.limits)
-        return self._composite(c, 0, 0, self.width, self.height)
+        out = self._composite(c, 0, 0, self.width, self.height)
+        self._decoded[c] = weakref.ref(out)  # downsampled() reduces it while the caller holds it
+        return out
 
     def read_region(self, x: int, y: int, width: int, height: int, channel: int | str = 0) -> np.ndarray:
         c = self.channel_index(channel)
@@ -260,6 +264,10 @@ class CziImage(Image):
         c = self.channel_index(channel)
         oh, ow = reduced_shape(self.height, self.width, factor)
         check_plane_bytes(self.path, (oh, ow) + ((3,) if self._samples else ()), self.dtype, self.limits)
+        held = self._decoded.get(c)
+        plane = held() if held is not None else None
+        if plane is not None:  # composited already: the same area mean without decoding again
+            return reduce_array(plane, factor, threads=self.threads)
         return reduce_tiles(self._all_tiles(c), self.width, self.height, factor, self.dtype, self._samples)
 
     def close(self) -> None:

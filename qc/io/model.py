@@ -106,6 +106,8 @@ class Image(ABC):
     """Channel names: ``("gray",)``, ``("R", "G", "B")``, or names from metadata."""
     pixel_size_um: float | None
     """Physical pixel size in micrometres when the file says so."""
+    threads: int = 1
+    """Threads a reader may use to decode (QC sets it to its own thread setting)."""
 
     @property
     def tiles(self) -> Sequence[Tile] | None:

@@ -4,17 +4,21 @@ Grey 8/16-bit (and float) or RGB 24/48-bit, striped or tiled, compressed or
 not, with pyramid levels (SubIFDs or reduced pages) when present.
 
 - :meth:`TiffImage.plane` memory-maps uncompressed contiguous data, else
-  decodes once into one array.
+  decodes once into one array, with tifffile's decoder on
+  :attr:`~qc.io.model.Image.threads` threads (as ``tifffile.imread`` does).
 - :meth:`TiffImage.read_region` decodes only the strips or tiles the window
   touches.
-- :meth:`TiffImage.downsampled` streams strip- or tile-rows through an
-  area-mean reducer, starting from the coarsest pyramid level that divides
-  the factor; the full-resolution plane is never held.
+- :meth:`TiffImage.downsampled` reduces the plane :meth:`plane` returned
+  while the caller still holds it (never decoding twice); otherwise it
+  streams strip- or tile-rows through an area-mean reducer, starting from
+  the coarsest pyramid level that divides the factor, and the
+  full-resolution plane is never held.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import BinaryIO
@@ -23,7 +27,7 @@ import numpy as np
 import tifffile
 
 from qc.errors import CorruptImageError, UnsupportedFormatError
-from qc.io._reduce import BandReducer, check_factor, reduced_shape
+from qc.io._reduce import BandReducer, check_factor, reduce_array, reduced_shape
 from qc.io._tiffpage import PageReader
 from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
@@ -113,7 +117,9 @@ class TiffImage(Image):
             problem = f"pixel type {key.bitspersample}-bit {key.sampleformat!r} is not supported (8/16-bit grey or RGB)"
             raise UnsupportedFormatError(self.path, problem)
         samples = int(key.samplesperpixel)
-        rgb = samples in (3, 4) and key.photometric == 2
+        # JPEG-compressed RGB is usually stored as YCbCr; the JPEG decoder hands back RGB
+        ycbcr_jpeg = samples == 3 and key.photometric == 6 and key.compression in (6, 7)
+        rgb = (samples in (3, 4) and key.photometric == 2) or ycbcr_jpeg
         if samples > 1 and not rgb:
             problem = f"{samples} samples per pixel with photometric {key.photometric!r} (expected grey or RGB)"
             raise UnsupportedFormatError(self.path, problem)
@@ -149,6 +155,7 @@ class TiffImage(Image):
         self.name = name or default_name(self.path)
         self.role = role or default_role(self.name, rgb=rgb)
         self._readers: dict[tuple[int, int], PageReader] = {}
+        self._decoded: dict[int, weakref.ref[np.ndarray]] = {}
 
     def _ome_info(self, nch: int) -> tuple[list[str], float | None]:
         if not self._tif.is_ome:
@@ -236,15 +243,14 @@ class TiffImage(Image):
     # ---- Image API --------------------------------------------------------------------------------
 
     def plane(self, channel: int | str = 0) -> np.ndarray:
-        reader = self._reader(self.channel_index(channel))
+        c = self.channel_index(channel)
+        reader = self._reader(c)
         if reader.memmappable and self._tif.filehandle.is_file:
-            return reader.memmap()
-        check_plane_bytes(self.path, reader.shape, self.dtype, self.limits)
-        out = np.empty(reader.shape, dtype=self.dtype)
-        y = 0
-        for band in reader.bands():
-            out[y : y + band.shape[0]] = band
-            y += band.shape[0]
+            out = reader.memmap()
+        else:
+            check_plane_bytes(self.path, reader.shape, self.dtype, self.limits)
+            out = reader.decode_all(self.threads)
+        self._decoded[c] = weakref.ref(out)  # downsampled() reduces it while the caller holds it
         return out
 
     def read_region(self, x: int, y: int, width: int, height: int, channel: int | str = 0) -> np.ndarray:
@@ -262,6 +268,10 @@ class TiffImage(Image):
             fits = abs(w - self.width / r) <= 1 and abs(h - self.height / r) <= 1
             if r > step and fits and factor % r == 0:
                 level, step = i, r
+        held = self._decoded.get(c)
+        plane = held() if held is not None and level == 0 else None
+        if plane is not None:  # decoded already: never decode twice
+            return _fix_shape(reduce_array(plane, factor, threads=self.threads), target)
         reader = self._reader(c, level)
         rest = factor // step
         samples = reader.samples if reader.samples > 1 else None
@@ -272,4 +282,5 @@ class TiffImage(Image):
 
     def close(self) -> None:
         self._readers.clear()
+        self._decoded.clear()
         self._tif.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -37,22 +38,28 @@ __all__ = ["DEFAULT_OVERLAP", "TileFolderImage", "read_tile_file"]
 DEFAULT_OVERLAP = 0.1
 
 
-def read_tile_file(path: Path, limits: ReadLimits = ReadLimits()) -> np.ndarray:  # noqa: B008
-    """Decode one tile file: 2-D grey or HxWx3 RGB (TIFF via tifffile, JPEG/PNG/BMP via OpenCV)."""
+def read_tile_file(path: Path, limits: ReadLimits = ReadLimits(), *, data: bytes | None = None) -> np.ndarray:  # noqa: B008
+    """Decode one tile file: 2-D grey or HxWx3 RGB (TIFF via tifffile, JPEG/PNG/BMP via OpenCV).
+
+    ``data``: the file's bytes when the caller has read them already (then the file is not opened).
+    """
     if path.suffix.lower() in (".tif", ".tiff"):
-        walk_tiff(path, limits=limits)
+        source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
+        walk_tiff(source, limits=limits, name=path)
         try:
-            arr = tifffile.imread(path, key=0)
+            arr = tifffile.imread(path if data is None else io.BytesIO(data), key=0)
         except Exception as exc:
             raise CorruptImageError(path, f"the tile cannot be decoded ({exc})") from exc
         if arr.ndim == 3 and arr.shape[-1] == 4:
             arr = arr[..., :3]
         return arr
     try:
-        data = np.fromfile(path, dtype=np.uint8)  # handles non-ASCII Windows paths, unlike cv2.imread
+        raw = (
+            np.fromfile(path, dtype=np.uint8) if data is None else np.frombuffer(data, np.uint8)
+        )  # fromfile handles non-ASCII Windows paths, unlike cv2.imread
     except OSError as exc:
         raise CorruptImageError(path, f"the tile cannot be read ({exc.strerror or exc})") from exc
-    decoded: np.ndarray | None = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    decoded: np.ndarray | None = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED) if raw.size else None
     if decoded is None:
         raise CorruptImageError(path, "the tile cannot be decoded (truncated or not an image)")
     if decoded.ndim == 3:

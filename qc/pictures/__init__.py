@@ -7,6 +7,7 @@ Modules (the public names are the ones below; the modules' other names are inter
 
 - :mod:`qc.pictures.draw`: one picture per metric (track, clarity, stitching, calibration), the
   full-resolution crops taken while an image is open, and a run's set of pictures;
+- :mod:`qc.pictures.fovs`: the per-FOV map of a tiled image (live QC's checks of each field of view);
 - :mod:`qc.pictures.parts`: what every picture is built of: header band, legend, text bands, layout;
 - :mod:`qc.pictures.summary`: the run's one-page summary sheet that notifications carry.
 """
@@ -28,6 +29,7 @@ from qc.pictures.draw import (
     to_display,
     write_png,
 )
+from qc.pictures.fovs import draw_fov_map
 from qc.pictures.parts import STRIPE_PX, VERDICT_COLOURS, Legend, Picture
 from qc.pictures.summary import SUMMARY_WIDTH, draw_summary
 
@@ -42,6 +44,7 @@ __all__ = [
     "Picture",
     "draw_calibration",
     "draw_clarity",
+    "draw_fov_map",
     "draw_stitching",
     "draw_summary",
     "draw_track",

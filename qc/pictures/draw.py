@@ -17,6 +17,8 @@ shown 1:1:
 - ``<image>_clarity.png``: each evaluated window tinted by its class;
 - ``<image>_stitching.png``: each field of view outlined at its registered
   position in the colour of its part in the stitching criterion;
+- ``<image>_fovs.png`` (:mod:`qc.pictures.fovs`): the grid of fields of view of a tiled image,
+  each coloured by its own checks (clarity, track lines found or not, over-exposed);
 - ``<IF>_calibration.png``: full-resolution crops of a region with
   features, DAPI green and IF magenta, before and after undoing the found
   offset, and the offset against the limit (a circle of that radius);
@@ -41,6 +43,7 @@ import cv2
 import numpy as np
 
 from qc.filenames import fit_name
+from qc.pictures.fovs import draw_fov_map
 from qc.pictures.parts import (
     BGR,
     INK,
@@ -783,6 +786,10 @@ def pictures_from_artifacts(
             **ctx,
         )
         emit(_picture_path(folder, name, "stitching"), pic)
+    for name, (fov_checks, grid) in artifacts.get("fov_checks", {}).items():
+        if fov_checks:
+            pic = draw_fov_map(fov_checks, grid, title=name, **ctx)
+            emit(_picture_path(folder, name, "fovs"), pic)
     nuclear = artifacts.get("nuclear")
     for name, res in artifacts.get("calibration", {}).items():
         if nuclear is None or name not in thumbs:

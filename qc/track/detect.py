@@ -306,7 +306,7 @@ def find_track_lines(
         raise ValueError(msg)
     f = int(downsample) if downsample else max(1, math.ceil(max(h, w) / _COARSE_SIZE))
     kernel = coarse.line_kernel(scale_range[1])
-    opts = dict(max_windows=max_windows, min_snr=min_snr, agree_px=agree_px, cells=cells)
+    opts = dict(max_windows=max_windows, min_snr=min_snr, agree_px=agree_px, cells=cells, threads=max_threads)
     pols = ("dark", "bright") if polarity == "auto" else (polarity,)
     base = dict(template=tmpl.name, image_size=(w, h), downsample=f)
     with _cv2_threads(max_threads):
@@ -388,7 +388,7 @@ def _fine(
     sign = 1.0 if c.polarity == "dark" else -1.0
     return _refine(
         image, grid0, dict(base, **c.facts()), (fx.explained, fy.explained), sign,
-        opts["max_windows"], opts["min_snr"], opts["agree_px"], opts["cells"], f,
+        opts["max_windows"], opts["min_snr"], opts["agree_px"], opts["cells"], f, opts["threads"],
     )  # fmt: skip
 
 
@@ -421,7 +421,7 @@ def _coarse_grid(tmpl: ChipTemplate, fx: coarse.AxisFit, fy: coarse.AxisFit, mat
 
 def _refine(
     image: np.ndarray, grid0: GridModel, base: dict[str, Any], explained: tuple[int, int], sign: float,
-    max_windows: int, min_snr: float, agree_px: float | None, cells: int, f: int,
+    max_windows: int, min_snr: float, agree_px: float | None, cells: int, f: int, threads: int = 1,
 ) -> TrackResult:  # fmt: skip
     h, w = image.shape[:2]
     tmpl = grid0.template
@@ -436,7 +436,17 @@ def _refine(
         return _empty(base, "grid found but too few line crossings inside the image to check it")
     search = min(0.6 * half, 3.0 + 2.0 * f)
     meas = fine.measure(
-        image, grid0, kx, ky, centres, half=half, along=along, search=search, min_snr=min_snr, polarity=sign
+        image,
+        grid0,
+        kx,
+        ky,
+        centres,
+        half=half,
+        along=along,
+        search=search,
+        min_snr=min_snr,
+        polarity=sign,
+        threads=threads,
     )
     fit = fine.fit_grid(meas, grid0, inlier_px=tol)
     if fit is None:
@@ -444,7 +454,17 @@ def _refine(
     # second pass: re-measure around the refined prediction with a tight search
     pred = fit.grid.chip_to_image(fit.grid.line_positions(kx), fit.grid.line_positions(ky))
     meas2 = fine.measure(
-        image, fit.grid, kx, ky, pred, half=half, along=along, search=tol + 2.0, min_snr=min_snr, polarity=sign
+        image,
+        fit.grid,
+        kx,
+        ky,
+        pred,
+        half=half,
+        along=along,
+        search=tol + 2.0,
+        min_snr=min_snr,
+        polarity=sign,
+        threads=threads,
     )
     fit2 = fine.fit_grid(meas2, fit.grid, inlier_px=tol)
     if fit2 is not None:

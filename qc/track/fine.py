@@ -11,12 +11,13 @@ by (robust) least squares from all measurements.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from qc.track.coarse import to_grey
+from qc.track.coarse import single_threaded_cv2, to_grey
 from qc.track.grid import GridModel
 
 __all__ = ["Measurements", "fit_grid", "measure", "sample_crossings"]
@@ -124,13 +125,15 @@ def measure(
     search: float,
     min_snr: float,
     polarity: float,
+    threads: int = 1,
 ) -> Measurements:
     """Locate the two lines through each sampled crossing.
 
     For each line the window is de-rotated into a ``(2*half+1)`` px wide
     strip across the line and ``(2*along+1)`` px along it; its mean along the
     line is a profile whose dip is the line. ``half`` must stay below the
-    spacing to the next parallel line.
+    spacing to the next parallel line. Windows are read and de-rotated on
+    ``threads`` threads (OpenCV and numpy release the GIL).
     """
     a = math.radians(grid.angle_deg)
     ca, sa = math.cos(a), math.sin(a)
@@ -140,23 +143,37 @@ def measure(
     prof = np.zeros((2 * n, 2 * half + 1), np.float32)
     read = np.zeros(2 * n, bool)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    for t, (cx, cy) in enumerate(centres):
+
+    def one(t: int) -> None:
+        cx, cy = centres[t]
         x0, y0 = round(cx) - reach, round(cy) - reach
         if x0 < 0 or y0 < 0 or x0 + 2 * reach + 1 > w or y0 + 2 * reach + 1 > h:
-            continue
-        win = to_grey(np.asarray(image[y0 : y0 + 2 * reach + 1, x0 : x0 + 2 * reach + 1])).astype(np.float32)
-        if polarity < 0:
-            win = -win
+            return
         px, py = cx - x0, cy - y0
         for fam, (bw, bh) in enumerate(((half, along), (along, half))):
-            # dst (i, j) -> src = (px, py) + R(a) @ (j - bw, i - bh): chip axes become array axes
-            m = np.array([[ca, -sa, px - ca * bw + sa * bh], [sa, ca, py - sa * bw - ca * bh]], np.float32)
+            # only the strip's bounding box (plus the interpolation's margin) is read and converted
+            ex, ey = abs(ca) * bw + abs(sa) * bh + 2, abs(sa) * bw + abs(ca) * bh + 2
+            sx0, sy0 = max(0, math.floor(px - ex)), max(0, math.floor(py - ey))
+            sx1, sy1 = min(2 * reach + 1, math.ceil(px + ex) + 1), min(2 * reach + 1, math.ceil(py + ey) + 1)
+            win = to_grey(np.asarray(image[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1])).astype(np.float32)
+            if polarity < 0:
+                np.negative(win, out=win)
+            qx, qy = px - sx0, py - sy0
+            # dst (i, j) -> src = (qx, qy) + R(a) @ (j - bw, i - bh): chip axes become array axes
+            m = np.array([[ca, -sa, qx - ca * bw + sa * bh], [sa, ca, qy - sa * bw - ca * bh]], np.float32)
             d = cv2.warpAffine(win, m, (2 * bw + 1, 2 * bh + 1), flags=flags, borderMode=cv2.BORDER_REFLECT)
             # lines are dark: capping bright structure (nuclei) at the mean removes most texture noise
             np.minimum(d, d.mean(), out=d)
             # x-family line: a column of the tall strip; y-family: a row of the wide one
             prof[2 * t + fam] = d.mean(axis=0) if fam == 0 else d.mean(axis=1)
         read[2 * t : 2 * t + 2] = True
+
+    if threads > 1 and n >= 16:
+        with single_threaded_cv2(), ThreadPoolExecutor(max_workers=threads) as ex:
+            list(ex.map(one, range(n)))
+    else:
+        for t in range(n):
+            one(t)
     if n:
         pos, snr, width = _dips(prof, half, search)
     else:

@@ -11,13 +11,11 @@ import base64
 import dataclasses
 import email
 import email.policy
-import http.server
 import json
 import os
 import socket
 import sys
 import textwrap
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +32,7 @@ from daemon.service import Daemon
 from daemon.store import JobState, Store
 from tests.daemon.test_config import _err
 from tests.helpers import run_child, scaled, wait_until
+from tests.webhook import TOKEN, Webhook
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
@@ -42,45 +41,11 @@ REASONS = [
     "track line score 12 < 60: no line grid found; check focus and exposure and that the chip serial is right",
     "clarity score 41 < 80: mostly severe blur; check the focus before the next scan",
 ]
-TOKEN = "Tok3nS3cr3tXYZ42"  # a token-like part of the webhook URL: must never be printed or logged
 
 
 # ---------------------------------------------------------------------------
 # Real endpoints on 127.0.0.1
 # ---------------------------------------------------------------------------
-
-
-class Webhook:
-    """An HTTP server that records the JSON bodies posted to it."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, dict]] = []
-        received = self.messages
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                n = int(self.headers.get("Content-Length", 0))
-                received.append((self.path, json.loads(self.rfile.read(n))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="webhook", daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"json://127.0.0.1:{self.port}/hook/{TOKEN}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(scaled(10))
 
 
 @pytest.fixture
@@ -651,4 +616,5 @@ def test_notify_config_defaults_and_file_references_relative_to_the_config(tmp_p
     out = capsys.readouterr().out
     assert "[[notify.rule]]" in out and f"file:{tmp_path / 'secrets' / 'notify.url'}" in out
     rule = load_config_text(f.read_text(), base=tmp_path).notify.rule[0]
-    assert rule.events == ("qc_fail", "job_failed", "health") and rule.urgent == ("qc_fail",) and rule.quiet_hours == ""
+    assert rule.events == ("qc_fail", "job_failed", "health", "early_warning")
+    assert rule.urgent == ("qc_fail", "early_warning") and rule.quiet_hours == ""

@@ -84,7 +84,8 @@ def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_w
 
 
 def test_qc_by_hand_shares_the_pair_cache_of_the_state_folder(shared_data, tmp_path, capsys, monkeypatch):
-    """#16 item 3: a re-run on the same tiles computes no pair; a folder that gained tiles computes only the new pairs."""
+    """#16 item 3: a re-run on the same tiles computes no pair; a folder that gained tiles computes only the new pairs.
+    #18: the per-FOV checks go through the same cache (``fovs_cached``)."""
     import numpy as np
 
     from qc.testing.tiles import make_tile_set, write_tile_folder
@@ -101,15 +102,17 @@ def test_qc_by_hand_shares_the_pair_cache_of_the_state_folder(shared_data, tmp_p
 
     write_tile_folder(make_tile_set(texture, rows=2, cols=2, tile_size=400, overlap=0.1, seed=1), folder)
     first = pairs()
-    assert (first["pairs_total"], first["pairs_computed"], first["pairs_cached"]) == (4, 4, 0)
+    assert (first["pairs_total"], first["pairs_computed"], first["pairs_cached"], first["fovs_cached"]) == (4, 4, 0, 0)
     assert (tmp_path / "state" / "imageqc.sqlite3").exists()  # the service's database, in the config's state folder
     again = pairs()
-    assert (again["pairs_computed"], again["pairs_cached"]) == (0, 4)
-    assert pairs("--no-cache")["pairs_computed"] == 4
+    assert (again["pairs_computed"], again["pairs_cached"], again["fovs_cached"]) == (0, 4, 4)
+    uncached = pairs("--no-cache")
+    assert (uncached["pairs_computed"], uncached["fovs_cached"]) == (4, 0)
     shutil.rmtree(folder)  # the same tiles and a third row: only the pairs that involve a new tile are computed
     write_tile_folder(make_tile_set(texture, rows=3, cols=2, tile_size=400, overlap=0.1, seed=1), folder)
     grown = pairs()
     assert grown["pairs_total"] == 7 and grown["pairs_cached"] == 4 and grown["pairs_computed"] == 3
+    assert grown["fovs_cached"] == 4  # the rewritten files hold the same pixels: their FOV checks are reused
 
 
 def test_the_watch_root_of_files_under_nested_roots_is_the_deepest_as_in_discovery(tmp_path):

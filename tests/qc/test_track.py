@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from qc.chip import TEMPLATES
-from qc.testing.chips import generate_chip, write_chip_tiff
+from qc.testing.chips import generate_chip, real_looking, write_chip_tiff
 from qc.track import PASS_SCORE, GridModel, TrackResult, find_track_lines
 
 # accuracy required on clean chips (issue: angle 0.05 deg, origin 2 px, scale 0.2 %)
@@ -262,3 +262,24 @@ def test_real_stain_crops_have_no_grid(shared_data):
         r = find_track_lines(tifffile.imread(f), "SS2")
         assert r.score < PASS_SCORE, f
         assert r.problem == "no line grid found", f
+
+
+@pytest.mark.parametrize("factor", [4, 5])
+def test_half_resolution_evidence_finds_faint_lines_exactly(factor):
+    """From a reduction factor of 4 the top-hat runs on 2 x 2 sums (issue #16): real-looking 3-level lines
+    are still found with the issue-#5 accuracy, at even factors (whole blocks) and odd ones (area resampling)."""
+    chip = generate_chip(width=4000, height=4000, seed=31 + factor, **real_looking(angle_deg=2.3))
+    r = find_track_lines(chip.image, "SS2", downsample=factor)
+    assert r.downsample == factor
+    _assert_accurate(r, chip.truth.grid)
+    assert r.score >= PASS_SCORE and r.polarity == "dark"
+
+
+def test_threads_do_not_change_the_result():
+    """Windows are measured on several threads (issue #16): the fit is the same as on one."""
+    chip = generate_chip(width=3000, height=3000, seed=5, angle_deg=1.1, tissue_fraction=0.3)
+    one = find_track_lines(chip.image, "SS2", max_threads=1)
+    two = find_track_lines(chip.image, "SS2", max_threads=2)
+    assert (one.score, one.angle_deg, one.scale, one.origin_px) == (two.score, two.angle_deg, two.scale, two.origin_px)
+    assert one.measurements_found == two.measurements_found
+    np.testing.assert_array_equal(one.crossings, two.crossings)

@@ -205,3 +205,21 @@ def test_corrupt_zstd_subblock_raises_on_read(tmp_path):
         img.tiles[0].read()
         with pytest.raises(CorruptImageError, match=r"subblock 1 .zstd0. cannot be decoded"):
             img.tiles[1].read()
+
+
+def test_held_plane_is_reduced_not_decoded_again(tmp_path, monkeypatch):
+    """While the caller holds the composited plane, downsampled() reduces it (issue #16: one decode per image)
+    and equals what reducing the subblocks gives."""
+    tiles = [rand((60, 80)) for _ in range(6)]
+    placed = [(t, (i % 3) * 70, (i // 3) * 52, 0, 0) for i, t in enumerate(tiles)]
+    path = write_czi(tmp_path / "chip.czi", placed, compression="zstd0:ExplicitLevel=2")
+    with open_image(path) as img:
+        streamed = img.downsampled(4)
+        plane = img.plane()
+
+        def no_decode(self, entry):
+            raise AssertionError("decoded a second time")
+
+        monkeypatch.setattr(CziDirectory, "decode", no_decode)
+        np.testing.assert_array_equal(img.downsampled(4), block_mean(plane, 4))
+        np.testing.assert_array_equal(img.downsampled(4), streamed)

@@ -268,3 +268,41 @@ def test_downsampled_streams_in_bounded_memory(tmp_path, monkeypatch, kwargs):
             tracemalloc.stop()
     np.testing.assert_array_equal(out, expected)
     assert peak < raw / 4, f"peak {peak} bytes for a {raw}-byte plane"
+
+
+def test_jpeg_ycbcr_rgb_reads_as_rgb(tmp_path):
+    """JPEG-compressed RGB is written as YCbCr (tifffile's and most scanners' default): it is RGB to QC."""
+    y, x = np.mgrid[0:256, 0:320]
+    arr = np.stack([(x * 0.7) % 256, (y * 0.9) % 256, ((x + y) * 0.4) % 256], axis=-1).astype(np.uint8)
+    path = write(tmp_path / "he.tif", arr, tile=(64, 64), compression="jpeg", compressionargs={"level": 95})
+    assert tifffile.TiffFile(path).pages[0].photometric == 6  # YCbCr
+    with open_image(path) as img:
+        assert img.is_rgb and img.role == "HE"
+        plane = img.plane()
+        assert plane.shape == arr.shape
+        assert np.abs(plane.astype(int) - arr).mean() < 4  # lossy, and chroma subsampled
+        np.testing.assert_array_equal(img.read_region(37, 21, 100, 90), plane[21:111, 37:137])
+        np.testing.assert_array_equal(img.downsampled(8), block_mean(plane, 8))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"tile": (32, 48), "compression": "zlib"}, {"rowsperstrip": 8, "compression": "lzw"}]
+)
+def test_held_plane_is_reduced_not_decoded_again(tmp_path, monkeypatch, kwargs):
+    """While the caller holds the decoded plane, downsampled() reduces it (issue #16: one decode per image)."""
+    arr = make(np.uint8, False, (300, 257))
+    path = write(tmp_path / "d.tif", arr, **kwargs)
+    with open_image(path) as img:
+        img.threads = 2
+        plane = img.plane()
+        np.testing.assert_array_equal(plane, arr)
+
+        def no_decode(self):
+            raise AssertionError("decoded a second time")
+
+        monkeypatch.setattr(_tiffpage.PageReader, "bands", no_decode)
+        for factor in (1, 7, 20):
+            np.testing.assert_array_equal(img.downsampled(factor), block_mean(arr, factor))
+        del plane
+        monkeypatch.undo()
+        np.testing.assert_array_equal(img.downsampled(7), block_mean(arr, 7))  # streamed again once released
