@@ -310,8 +310,9 @@ class UploadTarget:
     checksum: str = _f(
         "auto",
         "Part checksum sent with every part (s3): md5 (Content-MD5, understood by every S3-compatible server), "
-        "sha256 (also x-amz-checksum-sha256; AWS and servers that support it) or auto (sha256 on AWS, md5 with an endpoint).",
-        choices=("auto", "md5", "sha256"),
+        "sha256 (also x-amz-checksum-sha256; AWS and servers that support it), crc32 (also x-amz-checksum-crc32, "
+        "cheap to compute; AWS and MinIO check it) or auto (sha256 on AWS, md5 with an endpoint).",
+        choices=("auto", "md5", "sha256", "crc32"),
     )
     credentials: str = _f(
         "",

@@ -65,9 +65,11 @@ botocore's own retries are off, ours apply.
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import threading
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -129,6 +131,11 @@ def composite_etag(part_md5: tuple[str, ...]) -> str:
     return f"{hashlib.md5(joined, usedforsecurity=False).hexdigest()}-{len(part_md5)}"
 
 
+def _crc32(data: Any) -> str:
+    """x-amz-checksum-crc32 of ``data``: base64 of the big-endian CRC-32."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
 class S3Uploader(StreamingUploader):
     """An ``[[upload]]`` target of type s3."""
 
@@ -144,6 +151,7 @@ class S3Uploader(StreamingUploader):
 
         self.creds = credentials if credentials is not None else resolve_credentials(target)
         self.sha256_parts = target.checksum == "sha256" or (target.checksum == "auto" and not target.endpoint)
+        self.crc32_parts = target.checksum == "crc32"
         try:
             session = boto3.session.Session(
                 aws_access_key_id=self.creds.access_key_id,
@@ -471,16 +479,19 @@ class S3Uploader(StreamingUploader):
             )
         return etag or local.sha256
 
-    def _part_args(self, md5: str | None, sha256: str | None) -> dict[str, Any]:
+    def _part_args(self, md5: str | None, sha256: str | None, crc32: str | None = None) -> dict[str, Any]:
         kw: dict[str, Any] = {"ContentMD5": _b64(md5)} if md5 is not None else {}
         if sha256 is not None:
             kw["ChecksumSHA256"] = _b64(sha256)
+        if crc32 is not None:
+            kw["ChecksumCRC32"] = crc32
         return kw
 
     def _put_bytes(self, t: Transfer, data: bytes, sha256: str) -> None:
         local = t.local
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
+        crc = _crc32(data) if self.crc32_parts else None
         with self.slots:
             body = self._body(t, data)
             try:
@@ -491,7 +502,7 @@ class S3Uploader(StreamingUploader):
                     Body=body,
                     ContentLength=local.size,
                     Metadata={"sha256": sha256},
-                    **self._part_args(md5, part_sha),
+                    **self._part_args(md5, part_sha, crc),
                 )
             finally:
                 body.close()
@@ -563,6 +574,8 @@ class S3Uploader(StreamingUploader):
         kw: dict[str, Any] = {"Key": t.key, "Metadata": {"part-size": str(t.local.part_size)}}
         if self.sha256_parts:
             kw["ChecksumAlgorithm"] = "SHA256"
+        elif self.crc32_parts:
+            kw["ChecksumAlgorithm"] = "CRC32"
         return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
 
     def _send_part(
@@ -576,7 +589,7 @@ class S3Uploader(StreamingUploader):
             PartNumber=n,
             Body=body,
             ContentLength=length,
-            **self._part_args(md5, sha256),
+            **self._part_args(md5, sha256, _crc32(body.data) if self.crc32_parts else None),
         )
         etag = _plain(resp.get("ETag"))
         if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
@@ -584,7 +597,12 @@ class S3Uploader(StreamingUploader):
         record: dict[str, Any] = {"etag": etag}
         if sha256 is not None:
             record["sha256"] = sha256
+        if self.crc32_parts:
+            record["crc32"] = _crc32(body.data)
         return record
+
+    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
+        return {"etag": etag, **({"crc32": _crc32(data)} if self.crc32_parts else {})}
 
     def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
         listed = []
@@ -592,5 +610,7 @@ class S3Uploader(StreamingUploader):
             p = {"PartNumber": n, "ETag": f'"{rec["etag"]}"'}
             if self.sha256_parts:
                 p["ChecksumSHA256"] = _b64(t.local.part_sha256[n - 1])
+            elif self.crc32_parts:
+                p["ChecksumCRC32"] = rec["crc32"]
             listed.append(p)
         self._call("complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed})

@@ -187,6 +187,11 @@ class BufferBody(io.RawIOBase):
         self._check = check
         self._wait = wait
 
+    @property
+    def data(self) -> memoryview:
+        """The whole buffer (for digests of exactly what is sent)."""
+        return self._view
+
     def readable(self) -> bool:
         return True
 
