@@ -7,12 +7,14 @@ targets at ``{prefix}/_fleet/{site}/{host}.json``, with the target's own
 credentials: nothing beyond what uploads already need (PutObject on that
 prefix; reading them back needs ListObjects and GetObject). The document holds
 what ``imageqc status`` shows, in brief: host, site, version, heartbeat,
-counts, waiting sets, last verdicts, upload backlog, watchers and disk. A
-clean stop writes one last document saying so.
+counts, waiting sets, scans live QC follows (with their early warnings), last
+verdicts, upload backlog, watchers and disk. A clean stop writes one last
+document saying so.
 
 ``imageqc fleet [--target T] [--json]`` reads them all and prints a line per
 PC: stale ones first (no heartbeat for 3 of their intervals), then stopped,
-then failing (failed jobs, a watcher down, a tick error, a failed QC verdict),
+then failing (failed jobs, a watcher down, a tick error, a failed QC verdict,
+an early warning of a scan still on the stage),
 then the healthy ones.
 """
 
@@ -24,7 +26,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from daemon import __version__
@@ -94,6 +96,7 @@ def build_document(config: Config, status: Mapping[str, Any], *, now: float, sta
             {k: a.get(k) for k in ("job_id", "chip", "state", "stage", "progress")} for a in status.get("active", [])
         ],
         "waiting": _waiting(status.get("waiting") or {}),
+        "live": _live(status.get("live") or []),
         "last_verdicts": [
             {k: v.get(k) for k in ("job_id", "chip", "verdict", "reason", "at")}
             for v in status.get("recent_verdicts", [])
@@ -118,6 +121,22 @@ def _waiting(w: Mapping[str, Any]) -> dict[str, Any]:
         "misnamed": names[:10],
         "misnamed_total": w.get("misnamed_total", len(names)),
     }
+
+
+def _live(sets: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Scans live QC follows right now (at most 10): progress and their early warnings, from the status report."""
+    return [
+        {
+            "chip": s.get("chip"),
+            "folder": s.get("folder"),
+            "tiles_seen": s.get("tiles_seen"),
+            "grid": s.get("grid"),
+            "fovs_checked": s.get("fovs_checked"),
+            "warnings": [{k: w.get(k) for k in ("code", "reason", "since")} for w in s.get("warnings") or []],
+        }
+        for s in sets
+        if s.get("finished_at") is None
+    ][:10]
 
 
 class FleetReporter:
@@ -286,6 +305,9 @@ def judge(doc: Mapping[str, Any], now: float) -> tuple[str, list[str]]:
     last = (doc.get("last_verdicts") or [None])[0]
     if last and last.get("verdict") == "fail":
         problems.append(f"last QC FAIL: {last.get('chip')}" + (f" ({last['reason']})" if last.get("reason") else ""))
+    for live in doc.get("live") or []:  # a scan on the stage that would fail QC: fixable now
+        for w in live.get("warnings") or []:
+            problems.append(f"early warning {live.get('chip')}: {w.get('reason') or w.get('code')}")
     if age > STALE_INTERVALS * interval:
         return "stale", [f"no status for {_age(age)} (writes every {_age(interval)})", *problems]
     if doc.get("state") == "stopped":
@@ -381,6 +403,13 @@ def pc_line(entry: Mapping[str, Any]) -> str:
     for name, u in (doc.get("uploads") or {}).items():
         if u.get("files"):
             parts.append(f"{name}: {u.get('files')} files {_bytes(u.get('bytes'))} waiting")
+    for live in doc.get("live") or []:
+        rows, cols = live.get("grid") or (0, 0)
+        warned = ", ".join(str(w.get("code")) for w in live.get("warnings") or [])
+        parts.append(
+            f"scanning {live.get('chip')} {live.get('fovs_checked')}/{rows * cols} FOVs"
+            + (f" WARNING {warned}" if warned else "")
+        )
     free = ((doc.get("disk") or {}).get("state_dir") or {}).get("free_bytes")
     if free is not None:
         parts.append(f"{_bytes(free)} free")

@@ -121,6 +121,7 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
             )
         )
     parts += _waiting(st.get("waiting") or {}, now)
+    parts += _live(st.get("live") or [], now)
     if st.get("recent_verdicts"):
         parts.append("<h2>Recent QC</h2>")
         parts.append(
@@ -227,6 +228,28 @@ def status_page(st: Mapping[str, Any], *, refresh_s: int, now: float | None = No
         '<a href="/metrics">metrics</a></p>'
     )
     return _page("imageqc status", "".join(parts), refresh_s)
+
+
+def _live(sets: Sequence[Mapping[str, Any]], now: float) -> list[str]:
+    """Tile folders live QC follows: progress and early warnings (as `imageqc status` lists them)."""
+    if not sets:
+        return []
+    rows = []
+    for s in sets:
+        r, c = s.get("grid") or (0, 0)
+        warnings = "; ".join(f"{w.get('code')}: {w.get('reason')}" for w in s.get("warnings") or []) or "-"
+        state = "scanning" if s.get("finished_at") is None else f"ended {_ago(s.get('finished_at'), now)}"
+        rows.append(
+            [
+                _h(s.get("chip")),
+                _h(state),
+                _h(f"{s.get('tiles_seen', 0)} of {r * c if s.get('grid_known') else '?'}"),
+                _h(f"{s.get('fovs_checked', 0)} ({s.get('fovs_with_lines', 0)} with lines)"),
+                _h(warnings),
+                _h(s.get("folder")),
+            ]
+        )
+    return ["<h2>Live QC</h2>", _table(["chip", "scan", "tiles", "FOVs checked", "early warnings", "folder"], rows)]
 
 
 def _waiting(w: Mapping[str, Any], now: float) -> list[str]:

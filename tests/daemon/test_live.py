@@ -222,3 +222,21 @@ def test_status_shows_a_live_sets_progress_while_it_is_scanned(scenario):
     text = " ".join(scenario.status_text.split())  # as wrapped for an 80-column terminal
     assert "live QC" in text and GOOD in text, text
     assert "scanning" in text and f"of {ROWS * COLS}" in text and "FOVs checked" in text, text
+
+
+def test_the_status_page_and_the_fleet_document_show_a_scan_on_the_stage_and_its_warning(scenario):
+    from daemon.fleet import build_document, judge, pc_line
+    from daemon.web_pages import status_page
+
+    row = scenario.live[NO_LINES]  # stopped at 30 tiles: still followed, its warning standing
+    assert row["finished_at"] is None and row["warnings"], row
+    now = time.time()
+    page = status_page({"live": [row], "active": [], "counts": {}}, refresh_s=15, now=now)
+    assert "<h2>Live QC</h2>" in page and NO_LINES in page and "no_track_lines" in page, page
+    status = {"live": [row], "service": {}, "counts": {}, "disk": {}}
+    doc = build_document(scenario.cfg, status, now=now)
+    assert doc["live"][0]["chip"] == NO_LINES and doc["live"][0]["warnings"][0]["code"] == "no_track_lines"
+    kind, problems = judge(doc, now)
+    assert kind == "failing" and any(p.startswith(f"early warning {NO_LINES}") for p in problems), problems
+    line = pc_line({"kind": kind, "document": doc, "age_s": 0.0, "problems": problems})
+    assert f"scanning {NO_LINES} {row['fovs_checked']}/{ROWS * COLS} FOVs WARNING no_track_lines" in line, line
