@@ -93,7 +93,6 @@ class _LiveSet:
     cleared: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  #: raised/cleared, in order
     grid: tuple[int, int] | None = None  #: the expected grid (rows, cols), from the folder's metadata
-    grid_known: bool = False
     seen_grid: tuple[int, int] = (0, 0)
     fovs_computed: int = 0
     fovs_cached: int = 0
@@ -115,7 +114,7 @@ class _LiveSet:
             "finished_at": self.finished_at,
             "tiles_seen": len(self.tiles),
             "grid": [rows, cols],
-            "grid_known": self.grid_known,
+            "grid_known": self.grid is not None,
             "fovs_checked": len(self.checks),
             "fovs_with_lines": sum(1 for c in self.checks.values() if c.track_found),
             "fovs_computed": self.fovs_computed,
@@ -366,7 +365,6 @@ class LiveQC:
             return False
         meta = info.metadata
         with self._lock:
-            s.grid_known = bool(meta.rows and meta.cols)
             s.grid = (meta.rows, meta.cols) if meta.rows and meta.cols else None
             s.seen_grid = (info.rows, info.cols)
         now = self._clock()
