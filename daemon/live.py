@@ -102,8 +102,11 @@ class _LiveSet:
     rewritten: int = 0
     last_error: str | None = None
     finished_at: float | None = None
-    decoded: collections.OrderedDict[str, tuple[str, Any]] = field(default_factory=collections.OrderedDict)
-    decoded_bytes: int = 0
+    decoded: collections.OrderedDict[str, Any] = field(default_factory=collections.OrderedDict)  #: name -> pixels
+
+    @property
+    def decoded_bytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.decoded.values())
 
     def row(self) -> dict[str, Any]:
         rows, cols = self.grid if self.grid else self.seen_grid
@@ -297,7 +300,6 @@ class LiveQC:
                 if folder not in wanted and s.finished_at is None:
                     s.finished_at = now
                     s.decoded.clear()
-                    s.decoded_bytes = 0
                     log.info("live QC of a tile folder ended", **self._summary(s))
                 if s.finished_at is not None and now - s.finished_at > _KEEP_FINISHED_S and folder not in wanted:
                     del self._sets[folder]
@@ -459,22 +461,21 @@ class LiveQC:
             if tile.name in s.order:
                 s.order.remove(tile.name)
             s.order.append(tile.name)
-        self._remember(s, tile.name, digest, once.decoded)
+        self._remember(s, tile.name, once.decoded)
         self._pairs(s, one, tiles, prep)
         self._judge(s)
         if read_s > 2.0 * max(self.config.live.tile_settle_s, 0.5):  # a slow read: a busy disk, give way
             self._stop.wait(min(read_s, 10.0))
 
-    def _remember(self, s: _LiveSet, name: str, digest: str, pixels: Any) -> None:
+    def _remember(self, s: _LiveSet, name: str, pixels: Any) -> None:
+        """Keep a decoded tile for its neighbours still to come, the oldest dropped beyond ``live.memory_mb``."""
         if pixels is None:
             return
         cap = self.config.live.memory_mb * 1024 * 1024
         s.decoded.pop(name, None)
-        s.decoded[name] = (digest, pixels)
-        s.decoded_bytes = sum(int(p.nbytes) for _, p in s.decoded.values())
-        while s.decoded_bytes > cap and len(s.decoded) > 1:
-            _, (_, old) = s.decoded.popitem(last=False)
-            s.decoded_bytes -= int(old.nbytes)
+        s.decoded[name] = pixels
+        while len(s.decoded) > 1 and s.decoded_bytes > cap:
+            s.decoded.popitem(last=False)
 
     def _pairs(self, s: _LiveSet, tile: Any, tiles: dict[str, Any], prep: dict[str, Any]) -> None:
         """Register the new tile against each neighbour already checked, through the pair cache."""
@@ -485,15 +486,11 @@ class LiveQC:
         near = [
             t
             for n, t in tiles.items()
-            if n != tile.name
-            and n in s.checks
-            and s.tiles[n].checked is not None
-            and abs(t.x - tile.x) < tile.width
-            and abs(t.y - tile.y) < tile.height
+            if n != tile.name and n in s.checks and abs(t.x - tile.x) < tile.width and abs(t.y - tile.y) < tile.height
         ]  # footprints that overlap the new tile's; plan_pairs keeps the side contacts
         if not near:
             return
-        subset = [self._decoded_tile(s, t) for t in [*near, self._decoded_tile(s, tile)]]
+        subset = [*(self._decoded_tile(s, t) for t in near), tile]  # the new tile's loader already holds its pixels
         plans = [
             p
             for p in plan_pairs(
@@ -518,10 +515,9 @@ class LiveQC:
 
     def _decoded_tile(self, s: _LiveSet, tile: Any) -> Any:
         """The tile with a loader that serves its decoded pixels from memory when they are still there."""
-        kept = s.decoded.get(tile.name)
-        if kept is None:
+        pixels = s.decoded.get(tile.name)
+        if pixels is None:
             return tile
-        pixels = kept[1]
         return replace(tile, loader=lambda: pixels)
 
     def _judge(self, s: _LiveSet) -> None:
