@@ -480,7 +480,13 @@ def _fov_checks(
 
     t0 = time.perf_counter()
     checks = check_fovs(
-        tiles, cache=cache, template=chip_template(chip)[0], params=params, clarity_model=model, on_result=count
+        tiles,
+        cache=cache,
+        template=chip_template(chip)[0],
+        params=params,
+        clarity_model=model,
+        on_result=count,
+        threads=settings.threads,
     )
     block = fov_summary(checks, cached=cached)
     block["seconds"] = round(time.perf_counter() - t0, 3)
