@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,17 +81,25 @@ def sha256_file(path: Path, *, check: Callable[[], None] = lambda: None) -> str:
 
 
 def record_inputs(
-    before: dict[Path, Identity], *, check: Callable[[], None] = lambda: None
+    before: dict[Path, Identity],
+    *,
+    check: Callable[[], None] = lambda: None,
+    known: Mapping[Path, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``path -> {size, mtime_ns, sha256}`` for files whose identity ``before`` QC was taken.
+
+    ``known`` gives SHA-256s already taken of files as they are now (the tile
+    digests live QC and the stitching memoised under the file's size and
+    modification time); those files are not read again.
 
     Raises :class:`InputsChanged` when a file is gone or is not the one QC
     started on (its identity differs after the hash).
     """
     out: dict[str, dict[str, Any]] = {}
+    known = known or {}
     for path, was in before.items():
         try:
-            digest = sha256_file(path, check=check)
+            digest = known.get(path) or sha256_file(path, check=check)
             now = identity(path)
         except FileNotFoundError:
             raise InputsChanged(path, "vanished while QC ran") from None

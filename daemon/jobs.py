@@ -195,6 +195,15 @@ def _watch_root(config: Config, root: str) -> WatchRoot:
     return WatchRoot(path=Path(root))
 
 
+def _memoised_digests(cache: StorePairCache, scan_set: Any, before: dict[Path, Any]) -> dict[Path, str]:
+    """Tile files' SHA-256s that live QC or the stitching already took (a tile set is not hashed twice)."""
+    if not any(img.format == "tiles" for img in scan_set.images):
+        return {}
+    from qc.stitching import memoised_file_digests
+
+    return memoised_file_digests(cache, before)
+
+
 def run_qc_job(ctx: JobContext) -> JobOutcome:
     """The worker child's job function for QC."""
     from qc.errors import QCError
@@ -232,9 +241,10 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 tile_overlap=watch.tile_overlap_xy,
                 scratch_dir=config.output_dir,  # archive members spill here, never to the system's temp folder
             ) as scan_set:
-                report = run_qc(scan_set, settings, StorePairCache(store), progress=ctx.progress)
+                cache = StorePairCache(store)
+                report = run_qc(scan_set, settings, cache, progress=ctx.progress)
                 ctx.progress("digest", None)
-                inputs = record_inputs(before)
+                inputs = record_inputs(before, known=_memoised_digests(cache, scan_set, before))
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,

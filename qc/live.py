@@ -49,6 +49,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -711,6 +712,7 @@ def check_fovs(
     clarity_model: LoadedClarityModel | None,
     loader: Callable[[Tile], np.ndarray] | None = None,
     on_result: Callable[[FovCheck, bool], None] | None = None,
+    threads: int = 1,
 ) -> list[FovCheck]:
     """Every tile's :class:`FovCheck`, in the order given, through the cache.
 
@@ -724,7 +726,10 @@ def check_fovs(
     loader : callable, optional
         ``loader(tile) -> pixels``; default ``tile.read()``.
     on_result : callable, optional
-        ``on_result(check, cached)`` for each tile as it is done (cached: from the cache).
+        ``on_result(check, cached)`` for each tile as it is done (cached: from the cache), in the
+        order given.
+    threads : int
+        Tiles decoded and checked at once (each holds one decoded tile).
     """
     read = loader if loader is not None else (lambda t: t.read())
     model_id = clarity_model_id(clarity_model)
@@ -750,22 +755,33 @@ def check_fovs(
         cache_put_many(cache, fresh_digests)
     keys = {i: fov_key(digests[i], params, model_id, template) for i in range(len(tiles))}
     hits = cache_get_many(cache, keys.values()) if cache is not None else {}
+
+    def compute(i: int) -> FovCheck:
+        t = tiles[i]
+        arr = decoded.pop(i) if i in decoded else np.asarray(read(t))
+        check = check_fov(arr, t, digest=digests[i], template=template, params=params, clarity_model=clarity_model)
+        del arr
+        if cache is not None:
+            cache.put(keys[i], check.to_bytes())
+        return check
+
     out: list[FovCheck] = []
-    for i, t in enumerate(tiles):
-        value = hits.get(keys[i])
-        if value is not None:
-            check = FovCheck.from_bytes(value).renamed(t)
-            cached = True
-        else:
-            arr = decoded.pop(i) if i in decoded else np.asarray(read(t))
-            check = check_fov(arr, t, digest=digests[i], template=template, params=params, clarity_model=clarity_model)
-            del arr
-            if cache is not None:
-                cache.put(keys[i], check.to_bytes())
-            cached = False
-        out.append(check)
-        if on_result is not None:
-            on_result(check, cached)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fov-check") as pool:
+        misses = [i for i in range(len(tiles)) if keys[i] not in hits]
+        pending = {i: pool.submit(compute, i) for i in misses[: 2 * max(1, threads)]}
+        queue = iter(misses[len(pending) :])
+        for i, t in enumerate(tiles):
+            value = hits.get(keys[i])
+            if value is not None:
+                check, cached = FovCheck.from_bytes(value).renamed(t), True
+            else:
+                check, cached = pending.pop(i).result(), False
+                nxt = next(queue, None)  # keep the pool busy, a bounded number of tiles ahead
+                if nxt is not None:
+                    pending[nxt] = pool.submit(compute, nxt)
+            out.append(check)
+            if on_result is not None:
+                on_result(check, cached)
     return out
 
 

@@ -238,6 +238,7 @@ def run_qc(
         "track_insets": {},
         "calibration_crops": {},
         "fov_checks": {},
+        "fused_thumbs": {},
         "chip": scan_set.chip,
     }
     blocks: dict[str, dict[str, Any]] = {img.name: {} for img in scan_set.images}
@@ -252,6 +253,8 @@ def run_qc(
     plane_problem = ""
     for i, img in enumerate(scan_set.images):
         img.threads = settings.threads
+        if img.tiles:  # each tile kept at the thumbnail's scale as read: the stitching picture's fused view
+            img.tile_view_factor = thumb_factor(img.width, img.height)
         if img is nuclear and needs_plane:
             # decoded once, first: the thumbnail below is reduced from it rather than decoded again
             try:
@@ -324,7 +327,7 @@ def run_qc(
     # -- stitching ------------------------------------------------------------
     tiled_images = [img for img in scan_set.images if img.tiles]
     if tiled_images and "stitching" in wanted:
-        from qc.stitching import StitchingParams, evaluate_stitching
+        from qc.stitching import StitchingParams, evaluate_stitching, fused_preview
 
         required = stain == "DAPI+mIF" or settings.stitching_required
         for k, img in enumerate(tiled_images):
@@ -351,6 +354,11 @@ def run_qc(
                 problems.append(f"{img.name}: stitching could not run: {e}")
                 continue
             art["stitching"][img.name] = sres
+            if img.name in art["thumbs"]:
+                thumb, f = art["thumbs"][img.name]
+                fused = fused_preview(img.tile_views(), sres.registered_positions, f, thumb)
+                if fused is not None:
+                    art["fused_thumbs"][img.name] = (fused, f)
             art["tile_sizes"][img.name] = {t.name: (t.width, t.height) for t in tiles}
             chk = check_stitching(img.name, sres, th, required=required, layout=_layout_note(img))
             art["passed"][("stitching", img.name)] = chk.passed
@@ -472,7 +480,13 @@ def _fov_checks(
 
     t0 = time.perf_counter()
     checks = check_fovs(
-        tiles, cache=cache, template=chip_template(chip)[0], params=params, clarity_model=model, on_result=count
+        tiles,
+        cache=cache,
+        template=chip_template(chip)[0],
+        params=params,
+        clarity_model=model,
+        on_result=count,
+        threads=settings.threads,
     )
     block = fov_summary(checks, cached=cached)
     block["seconds"] = round(time.perf_counter() - t0, 3)

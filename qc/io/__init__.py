@@ -20,7 +20,7 @@ from qc.io.archive import check_archive_whole, read_archive
 from qc.io.czidir import check_czi_whole
 from qc.io.detect import default_name, detect_format
 from qc.io.limits import ReadLimits
-from qc.io.model import FORMATS, ROLES, Image, ScanSet, Tile, array_digest
+from qc.io.model import FORMATS, ROLES, Image, ScanSet, Tile, array_digest, file_identity
 from qc.io.tiffcheck import check_tiff_whole
 from qc.io.tilenames import TileFolderInfo, inspect_tile_folder
 
@@ -38,6 +38,7 @@ __all__ = [
     "check_tiff_whole",
     "default_name",
     "detect_format",
+    "file_identity",
     "inspect_tile_folder",
     "open_image",
     "open_scan_set",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from qc.io._reduce import block_mean, reduced_shape
 from qc.io.model import Tile
 
-__all__ = ["assemble", "grid_indices", "reduce_tiles"]
+__all__ = ["assemble", "grid_indices", "read_ahead", "reduce_tiles", "tile_view"]
+
+#: Called with each tile and its pixels as a mosaic is read (to keep a reduced view of every tile).
+TileHook = Callable[[Tile, np.ndarray], None]
 
 #: Bands of the mosaic are assembled in pieces of about this many bytes (at least one block row).
 _BAND_BYTES = 4 * 1024**2
@@ -19,19 +23,64 @@ def _shape(h: int, w: int, samples: int | None) -> tuple[int, ...]:
     return (h, w) if samples is None else (h, w, samples)
 
 
+def read_ahead(tiles: Sequence[Tile], threads: int = 1) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Each tile with its pixels, in the order given, decoded on up to ``threads`` threads.
+
+    At most ``2 * threads`` tiles are decoded ahead of the one the caller
+    holds, so memory stays at a few tiles whatever the count.
+    """
+    if threads <= 1 or len(tiles) <= 1:
+        for t in tiles:
+            yield t, t.read()
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-read") as ex:
+        pending: list[tuple[Tile, Future[np.ndarray]]] = []
+        queue = iter(tiles)
+        try:
+            for t in queue:
+                pending.append((t, ex.submit(t.read)))
+                if len(pending) > 2 * threads:
+                    done, fut = pending.pop(0)
+                    yield done, fut.result()
+            for done, fut in pending:
+                yield done, fut.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
 def assemble(
-    tiles: Sequence[Tile], x: int, y: int, width: int, height: int, dtype: np.dtype, samples: int | None
+    tiles: Sequence[Tile],
+    x: int,
+    y: int,
+    width: int,
+    height: int,
+    dtype: np.dtype,
+    samples: int | None,
+    threads: int = 1,
+    on_tile: TileHook | None = None,
 ) -> np.ndarray:
     """The window ``[y:y+height, x:x+width]`` of the mosaic; later tiles overwrite earlier ones.
 
-    Only the tiles that touch the window are read. Uncovered pixels are 0.
+    Only the tiles that touch the window are read (on up to ``threads``
+    threads, placed in order), and each is handed to ``on_tile`` as read.
+    Uncovered pixels are 0.
     """
     out = np.zeros(_shape(height, width, samples), dtype=dtype)
-    for t in tiles:
+    touching = [
+        t
+        for t in tiles
+        if not (
+            round(t.x) >= x + width
+            or round(t.y) >= y + height
+            or round(t.x) + t.width <= x
+            or round(t.y) + t.height <= y
+        )
+    ]
+    for t, pixels in read_ahead(touching, threads):
+        if on_tile is not None:
+            on_tile(t, pixels)
         tx, ty = round(t.x), round(t.y)
-        if tx >= x + width or ty >= y + height or tx + t.width <= x or ty + t.height <= y:
-            continue
-        pixels = t.read()
         x0, y0 = max(x, tx), max(y, ty)
         x1, y1 = min(x + width, tx + pixels.shape[1]), min(y + height, ty + pixels.shape[0])
         if x1 > x0 and y1 > y0:
@@ -39,14 +88,32 @@ def assemble(
     return out
 
 
+def tile_view(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """A tile reduced by ``factor`` for pictures: the area mean of an evenly spread subset of each block.
+
+    Each output pixel averages at least 16 of its block's pixels (every
+    ``step``-th row and column, ``step`` dividing ``factor``): a fraction of a
+    full :func:`block_mean`'s cost, and as smooth at a picture's scale.
+    """
+    step = max(d for d in range(1, factor + 1) if factor % d == 0 and 4 * d <= max(factor, 4))
+    return block_mean(pixels[::step, ::step], factor // step)
+
+
 def reduce_tiles(
-    tiles: Sequence[Tile], width: int, height: int, factor: int, dtype: np.dtype, samples: int | None
+    tiles: Sequence[Tile],
+    width: int,
+    height: int,
+    factor: int,
+    dtype: np.dtype,
+    samples: int | None,
+    on_tile: TileHook | None = None,
 ) -> np.ndarray:
     """Area-mean reduction of the composited mosaic, equal to ``block_mean(assemble(...), factor)``.
 
     Works in bands of whole output rows, each spanning only the columns its
-    tiles cover; a tile stays decoded while bands cross it and is read once.
-    Empty rows of a sparse mosaic cost nothing.
+    tiles cover; a tile stays decoded while bands cross it and is read once
+    (and handed to ``on_tile`` then). Empty rows of a sparse mosaic cost
+    nothing.
     """
     oh, ow = reduced_shape(height, width, factor)
     out = np.zeros(_shape(oh, ow, samples), dtype=dtype)
@@ -70,6 +137,8 @@ def reduce_tiles(
         for i, x, y, t in band_tiles:
             if i not in cache:
                 cache[i] = t.read()
+                if on_tile is not None:
+                    on_tile(t, cache[i])
             pixels = cache[i]
             px0, py0 = max(x, xa), max(y, y0)
             px1, py1 = min(x + pixels.shape[1], xb), min(y + pixels.shape[0], y1)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMATS", "ROLES", "Image", "ScanSet", "Tile", "array_digest"]
+__all__ = ["FORMATS", "ROLES", "Image", "ScanSet", "Tile", "array_digest", "file_identity"]
 
 #: Roles an image plays in a scan set.
 ROLES = ("nuclear", "IF", "HE")
@@ -35,6 +35,17 @@ def array_digest(arr: np.ndarray) -> str:
     h.update(repr((arr.shape, str(arr.dtype))).encode())
     h.update(np.ascontiguousarray(arr).data)
     return h.hexdigest()
+
+
+def file_identity(path: Path) -> str:
+    """A tile file's cheap identity (path, size, modification time in ns): what its digest is memoised under.
+
+    The tile folder reader gives each tile this :attr:`Tile.identity`, so a
+    digest the pair cache memoised (by live QC or the stitching) can be found
+    again from the file's path alone.
+    """
+    st = path.stat()
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +119,17 @@ class Image(ABC):
     """Physical pixel size in micrometres when the file says so."""
     threads: int = 1
     """Threads a reader may use to decode (QC sets it to its own thread setting)."""
+    tile_view_factor: int | None = None
+    """Set before reading a tiled image whole: each tile, as read, is kept reduced by this factor in
+    :meth:`tile_views` (what a low-resolution picture at registered positions is made of)."""
+
+    def tile_views(self) -> Mapping[str, np.ndarray]:
+        """Each tile's reduced view (by :attr:`tile_view_factor`) kept while the image was read, by tile name.
+
+        Empty for readers that do not keep them, and until the image was read
+        whole (:meth:`plane` or :meth:`downsampled`).
+        """
+        return {}
 
     @property
     def tiles(self) -> Sequence[Tile] | None:

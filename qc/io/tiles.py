@@ -16,7 +16,8 @@ import hashlib
 import io
 import math
 import re
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -24,11 +25,11 @@ import numpy as np
 import tifffile
 
 from qc.errors import CorruptImageError, UnsupportedFormatError
-from qc.io._mosaic import assemble, grid_indices, reduce_tiles
-from qc.io._reduce import check_factor, reduced_shape
+from qc.io._mosaic import assemble, grid_indices, reduce_tiles, tile_view
+from qc.io._reduce import check_factor, reduce_array, reduced_shape
 from qc.io.detect import default_name, default_role
 from qc.io.limits import ReadLimits, check_dimensions, check_plane_bytes
-from qc.io.model import Image, Tile
+from qc.io.model import Image, Tile, file_identity
 from qc.io.tiffcheck import walk_tiff
 from qc.io.tilenames import TILE_SUFFIXES, TileFolderInfo, inspect_tile_folder, read_tile_configuration
 
@@ -75,11 +76,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _identity(path: Path) -> str:
-    st = path.stat()
-    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
 
 class TileFolderImage(Image):
@@ -173,7 +169,7 @@ class TileFolderImage(Image):
                 height=th,
                 loader=self._loader(folder / t.file),
                 digest_fn=functools.partial(_file_digest, folder / t.file),
-                identity=_identity(folder / t.file),
+                identity=file_identity(folder / t.file),
             )
             for t in order
         ]
@@ -183,6 +179,8 @@ class TileFolderImage(Image):
         self.name = name or default_name(self.path)
         self.role = role or default_role(self.name, rgb=rgb)
         self.overlap = self._overlap_used
+        self._held: weakref.ref[np.ndarray] | None = None
+        self._views: dict[str, np.ndarray] = {}
 
     def _positions(
         self, info: TileFolderInfo, tw: int, th: int, overlap: float | tuple[float, float] | None
@@ -231,16 +229,37 @@ class TileFolderImage(Image):
         self.channel_index(channel)
         shape = (self.height, self.width) + ((3,) if self._samples else ())
         check_plane_bytes(self.path, shape, self.dtype, self.limits)
-        return assemble(self._tiles, 0, 0, self.width, self.height, self.dtype, self._samples)
+        out = assemble(
+            self._tiles, 0, 0, self.width, self.height, self.dtype, self._samples, self.threads, self._view_hook()
+        )
+        self._held = weakref.ref(out)  # downsampled() reduces it while the caller holds it
+        return out
 
     def read_region(self, x: int, y: int, width: int, height: int, channel: int | str = 0) -> np.ndarray:
         self.channel_index(channel)
         self._check_region(x, y, width, height)
-        return assemble(self._tiles, x, y, width, height, self.dtype, self._samples)
+        return assemble(self._tiles, x, y, width, height, self.dtype, self._samples, self.threads)
 
     def downsampled(self, factor: int, channel: int | str = 0) -> np.ndarray:
         factor = check_factor(factor)
         self.channel_index(channel)
         oh, ow = reduced_shape(self.height, self.width, factor)
         check_plane_bytes(self.path, (oh, ow) + ((3,) if self._samples else ()), self.dtype, self.limits)
-        return reduce_tiles(self._tiles, self.width, self.height, factor, self.dtype, self._samples)
+        held = self._held() if self._held is not None else None
+        if held is not None:  # assembled already: never read the tiles twice
+            return reduce_array(held, factor, threads=self.threads)
+        return reduce_tiles(self._tiles, self.width, self.height, factor, self.dtype, self._samples, self._view_hook())
+
+    def _view_hook(self) -> Callable[[Tile, np.ndarray], None] | None:
+        f = self.tile_view_factor
+        if not f:
+            return None
+        views = self._views
+
+        def keep(tile: Tile, pixels: np.ndarray) -> None:
+            views[tile.name] = tile_view(pixels, f)
+
+        return keep
+
+    def tile_views(self) -> Mapping[str, np.ndarray]:
+        return dict(self._views)

@@ -491,6 +491,7 @@ def draw_stitching(
     check: Any = None,
     chip: str = "",
     stain: str = "",
+    fused: bool = False,
 ) -> Picture:
     """Fields of view at their registered positions, each in the colour of its part in the score.
 
@@ -498,7 +499,9 @@ def draw_stitching(
     the score needs above 30 %), red ones out of place (the placement
     condition), so the colours agree with the score. ``sizes`` maps each
     tile's name to its ``(width, height)``; ``passed`` is the site's decision
-    (its configured threshold), default the result's own.
+    (its configured threshold), default the result's own. ``fused`` says
+    ``thumb`` is the fused view (:func:`qc.stitching.fused_preview`), not the
+    tiles at their nominal positions.
     """
     crit = result.criterion
     tol = float(getattr(crit, "max_deviation_tolerance_px", tolerance_px))
@@ -547,6 +550,8 @@ def draw_stitching(
         width,
     )
     notes = ["Each field of view is outlined at its registered position."]
+    if fused:
+        notes.append("The chip is shown fused: the tiles blended at their registered positions.")
     if misplaced:
         notes.append("Out of place: " + ", ".join(misplaced))
     return compose(header, body, legend.band(width, notes=notes), verdict, legend.entries)
@@ -774,7 +779,9 @@ def pictures_from_artifacts(
         pic = draw_clarity(thumb, f, res, labels, title=name, check=checks.get(("clarity", name)), **ctx)
         emit(_picture_path(folder, name, "clarity"), pic)
     for name, res in artifacts.get("stitching", {}).items():
-        thumb, f = thumbs[name]
+        # the tiles blended at their registered positions where QC kept them, else the nominal mosaic
+        fused = artifacts.get("fused_thumbs", {}).get(name)
+        thumb, f = fused or thumbs[name]
         pic = draw_stitching(
             thumb,
             f,
@@ -783,6 +790,7 @@ def pictures_from_artifacts(
             title=name,
             passed=decided.get(("stitching", name)),
             check=checks.get(("stitching", name)),
+            fused=fused is not None,
             **ctx,
         )
         emit(_picture_path(folder, name, "stitching"), pic)

@@ -11,7 +11,9 @@ Modules (the public names are the ones below; the modules' other names are inter
 - :mod:`qc.stitching.solve`: globally consistent tile positions from the pairwise offsets;
 - :mod:`qc.stitching.pair_cache`: the pair cache as an interface (:class:`PairCache`); the service backs
   it with its SQLite store, notebooks and tests use :class:`MemoryPairCache`;
-- :mod:`qc.stitching.fusion`: :func:`fuse_tiles`, the stitched image as a tiled pyramidal OME-TIFF.
+- :mod:`qc.stitching.fusion`: :func:`fuse_tiles`, the stitched image as a tiled pyramidal OME-TIFF;
+- :mod:`qc.stitching.preview`: :func:`fused_preview`, the fused view at a picture's scale from tiles
+  reduced while QC read them.
 
 The registration primitives (phase correlation, overlap NCC) are shared with calibration and live in
 :mod:`qc.registration`.
@@ -27,8 +29,9 @@ from qc.stitching.evaluate import (
     tile_configuration_text,
 )
 from qc.stitching.fusion import BLENDS, FusionResult, fuse_tiles
-from qc.stitching.pair_cache import MemoryPairCache, PairCache
+from qc.stitching.pair_cache import MemoryPairCache, PairCache, memoised_file_digests
 from qc.stitching.pairs import PAIR_ALGORITHM_VERSION
+from qc.stitching.preview import fused_preview
 
 __all__ = [
     "BLENDS",
@@ -43,5 +46,7 @@ __all__ = [
     "StitchingResult",
     "evaluate_stitching",
     "fuse_tiles",
+    "fused_preview",
+    "memoised_file_digests",
     "tile_configuration_text",
 ]

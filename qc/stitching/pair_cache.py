@@ -28,7 +28,10 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from qc.io.model import file_identity
 
 __all__ = [
     "MemoryPairCache",
@@ -36,6 +39,7 @@ __all__ = [
     "cache_get_many",
     "cache_put_many",
     "digest_key",
+    "memoised_file_digests",
     "pair_key",
 ]
 
@@ -141,6 +145,24 @@ def cache_put_many(cache: PairCache, items: Mapping[str, bytes]) -> None:
 def digest_key(identity: str) -> str:
     """Cache key under which a tile's content digest is memoised."""
     return "digest:" + hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+
+def memoised_file_digests(cache: PairCache, paths: Iterable[Path]) -> dict[Path, str]:
+    """The SHA-256 (hex) of each tile file whose digest the cache memoised under the file's identity now.
+
+    Live QC and the stitching memoise every tile file's digest under
+    :func:`qc.io.file_identity` (path, size, modification time); a file that
+    changed since has another identity and is left out, as are files never
+    read as tiles. One batch for all paths.
+    """
+    keys: dict[Path, str] = {}
+    for p in paths:
+        try:
+            keys[p] = digest_key(file_identity(p))
+        except OSError:
+            continue  # gone or unreadable: the caller's own hashing says so
+    found = cache_get_many(cache, keys.values())
+    return {p: found[k].decode("ascii") for p, k in keys.items() if k in found}
 
 
 def pair_key(

@@ -174,6 +174,22 @@ def test_check_fovs_computes_nothing_on_a_second_run(good, model):
     assert len(decoded) == 2
 
 
+def test_check_fovs_on_threads_gives_the_serial_results_in_order_and_mixes_in_cached_ones(good, model):
+    """The final QC checks the FOVs live QC did not on its QC threads (a CZI mosaic or a tile folder QC'd
+    after the scan); results, their order and the on_result calls are the serial ones."""
+    params = FovParams(um_per_px=good.um_per_px)
+    serial = check_fovs(good.tiles, cache=None, template=SS2, params=params, clarity_model=model)
+    cache = MemoryPairCache()
+    check_fovs(good.tiles[3:5], cache=cache, template=SS2, params=params, clarity_model=model)  # two live already
+    seen: list[tuple[str, bool]] = []
+    threaded = check_fovs(
+        good.tiles, cache=cache, template=SS2, params=params, clarity_model=model, threads=2,
+        on_result=lambda c, cached: seen.append((c.name, cached)),
+    )  # fmt: skip
+    assert [c.to_dict() for c in threaded] == [c.to_dict() for c in serial]
+    assert seen == [(t.name, i in (3, 4)) for i, t in enumerate(good.tiles)]
+
+
 def test_check_fovs_memoises_digests_by_identity_and_hashes_a_decode_once(good):
     cache = MemoryPairCache()
     reads: list[str] = []

@@ -178,3 +178,25 @@ def test_cached_results_are_identical_to_fresh_ones():
         assert a.status == b.status
         assert np.allclose(a.measured_offset, b.measured_offset, atol=1e-3)
         assert a.quality == pytest.approx(b.quality, abs=1e-4)
+
+
+def test_tile_file_digests_the_stitching_memoised_are_found_by_path_until_the_file_changes(tmp_path):
+    """What lets the service record a tile set's inputs without hashing every file again (issue #18)."""
+    import hashlib
+    import os
+
+    from qc.io import open_image
+    from qc.stitching import memoised_file_digests
+
+    folder = write_tile_folder(_tile_set(), tmp_path / "SS200000135TL_D1")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".tif")
+    cache = MemoryPairCache()
+    assert memoised_file_digests(cache, files) == {}
+    with open_image(folder) as img:
+        evaluate_stitching(list(img.tiles), cache=cache)
+    others = [folder / "info.json", folder / "gone.tif"]
+    found = memoised_file_digests(cache, files + others)
+    assert found == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    st = files[0].stat()
+    os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten: another identity
+    assert set(memoised_file_digests(cache, files)) == set(files[1:])

@@ -240,3 +240,38 @@ def test_pictures_follow_the_rules_decision_not_the_metrics_own_default(sets, tm
     # a stricter site threshold fails the same score: the picture says fail although the metric's own 60 passes
     stricter = {**report.artifacts, "passed": {("track", CHIP): False}}
     assert stripe(stricter, tmp_path / "stricter") == VERDICT_COLOURS["fail"]
+
+
+def test_a_warm_tile_folder_is_read_once_and_its_stitching_picture_shows_it_fused(sets, tmp_path, monkeypatch):
+    """With every pair cached (as after live QC), QC reads each tile file once: the plane, the thumbnail
+    and the fused view of the stitching picture all come from that read (issue #18)."""
+    import qc.io.tiles as tiles_mod
+
+    cache = MemoryPairCache()
+    paths = [sets["tiles"] / CHIP]
+    with open_scan_set(paths) as scan:
+        run_qc(scan, QCSettings(), cache)
+    reads: list[str] = []
+    real = tiles_mod.read_tile_file
+    monkeypatch.setattr(
+        tiles_mod, "read_tile_file", lambda path, *a, **k: reads.append(path.name) or real(path, *a, **k)
+    )
+    with open_scan_set(paths) as scan:
+        names = sorted(t.name for t in scan.images[0].tiles)
+        reads.clear()
+        rep = run_qc(scan, QCSettings(), cache)
+    assert sorted(reads) == names
+    fused, f = rep.artifacts["fused_thumbs"][CHIP]
+    thumb, f2 = rep.artifacts["thumbs"][CHIP]
+    assert f == f2 and fused.shape == thumb.shape and fused.dtype == thumb.dtype
+    # the same chip (its correctness against the generator's truth: tests/qc/test_stitching_preview.py); the
+    # registered positions keep the stitching's own frame, within a few pixels of the nominal one
+    inner = fused[4:-4, 4:-4].astype(float).ravel()
+    best = max(
+        np.corrcoef(inner, thumb[4 + dy : thumb.shape[0] - 4 + dy, 4 + dx : thumb.shape[1] - 4 + dx].ravel())[0, 1]
+        for dy in range(-2, 3)
+        for dx in range(-2, 3)
+    )
+    assert best > 0.6, best  # 0.74: tiles off their nominal place by up to a preview pixel; another chip ~0
+    out = write_run_outputs(rep, tmp_path, archive=False)
+    assert (out.folder / "pictures" / f"{CHIP}_stitching.png").exists()

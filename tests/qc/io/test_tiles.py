@@ -189,3 +189,40 @@ def test_an_empty_folder_is_called_empty_not_a_naming_problem(tmp_path):
     (folder / "notes.txt").write_text("scan started")
     with pytest.raises(UnsupportedFormatError, match=r"holds no image files .*notes.txt"):
         open_image(folder)
+
+
+def test_a_folder_read_whole_on_threads_is_the_serial_mosaic_and_its_thumbnail_reads_nothing_again(
+    tmp_path, monkeypatch
+):
+    """Tiles decode on the QC threads yet later tiles still win in overlaps; the thumbnail comes from the
+    plane held (each tile file read once, issue #18), and each tile's reduced view is kept when asked."""
+    import qc.io.tiles as tiles_mod
+
+    rng = np.random.default_rng(8)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for r in range(3):
+        for c in range(4):  # tiles that disagree in their overlaps: only the order decides those pixels
+            save(folder / f"t_{r:04d}_{c:04d}_.tif", rng.integers(0, 255, (TH, TW), dtype=np.uint8))
+    with open_image(folder) as img:
+        serial = img.plane()
+    reads: list[str] = []
+    real = tiles_mod.read_tile_file
+    monkeypatch.setattr(
+        tiles_mod, "read_tile_file", lambda path, *a, **k: reads.append(path.name) or real(path, *a, **k)
+    )
+    with open_image(folder) as img:
+        img.threads, img.tile_view_factor = 2, 4
+        reads.clear()
+        plane = img.plane()
+        np.testing.assert_array_equal(plane, serial)
+        np.testing.assert_array_equal(img.downsampled(4), block_mean(serial, 4))
+        assert sorted(reads) == sorted(t.name for t in img.tiles)  # once each, for both
+        views = img.tile_views()
+        assert set(views) == {t.name for t in img.tiles}
+        first = img.tiles[0]
+        assert views[first.name].shape == (TH // 4, -(-TW // 4))
+        assert abs(float(views[first.name].mean()) - float(first.read().mean())) < 3
+    with open_image(folder) as img:  # without a factor nothing is kept
+        img.downsampled(4)
+        assert img.tile_views() == {}
