@@ -276,10 +276,12 @@ def _print_live(con: Any, sets: list[dict[str, Any]], now: float) -> None:
         rows, cols = s.get("grid") or (0, 0)
         grid = f"{rows * cols}" if s.get("grid_known") else f"? (so far {rows} x {cols})"
         state = "scanning" if s.get("finished_at") is None else f"scan ended {_ago(s['finished_at'], now)}"
-        line = (
-            f"{state}: {s.get('tiles_seen', 0)} tiles of {grid}, {s.get('fovs_checked', 0)} FOVs checked "
-            f"({s.get('fovs_with_lines', 0)} with track lines), {s.get('pairs', 0)} pairs"
+        checked = (
+            f"{s.get('fovs_checked', 0)} FOVs checked ({s.get('fovs_with_lines', 0)} with track lines)"
+            if s.get("fov_checks", True)
+            else f"{s.get('fovs_checked', 0)} FOVs registered (an IF image: no per-FOV checks)"
         )
+        line = f"{state}: {s.get('tiles_seen', 0)} tiles of {grid}, {checked}, {s.get('pairs', 0)} pairs"
         if s.get("skipped"):
             line += f", {s['skipped']} skipped (fell behind)"
         field(con, s.get("chip", "?"), f"{escape(line)} ({escape(str(s.get('folder')))})", markup=True, indent=2)

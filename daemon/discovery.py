@@ -305,8 +305,8 @@ class Discovery:
         return {"sets": rows, "sets_total": len(sets), "misnamed": misnamed, "misnamed_total": len(names)}
 
     def growing_tile_folders(self) -> list[Growing]:
-        """Nuclear-stain and H&E tile folders of sets not queued yet (still being written or settling): what live QC
-        looks at (the final QC checks the FOVs of the nuclear image only).
+        """Tile folders of sets not queued yet (still being written or settling): what live QC looks at. An IF
+        image's folder gets its pairs only (``fov_checks`` False: the final QC checks the nuclear image's FOVs only).
 
         Called from the service thread (the tick), like every other use of the sets.
         """
@@ -319,8 +319,16 @@ class Discovery:
                 continue
             for p in sorted(s.members):
                 known = self._members.get(p)
-                if known is not None and known[0].format == "tiles" and known[0].role != "IF":  # the nuclear/H&E FOVs
-                    out.append(Growing(chip=s.chip, folder=p, watch=r.watch, since=s.settling_since))
+                if known is not None and known[0].format == "tiles":
+                    out.append(
+                        Growing(
+                            chip=s.chip,
+                            folder=p,
+                            watch=r.watch,
+                            since=s.settling_since,
+                            fov_checks=known[0].role != "IF",
+                        )
+                    )
         return out
 
     # -- persistence -----------------------------------------------------------

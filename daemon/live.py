@@ -13,6 +13,9 @@ and checks each tile once its own file is written:
   (:func:`qc.live.check_fov`: track lines, focus, exposure, clarity) and is
   registered against each neighbour already checked (stitching's own pair
   registration, under the same keys, through the service's pair cache);
+* an IF image's tile folder gets no per-FOV checks (the final QC checks the
+  nuclear image's FOVs only): its tiles are read once each and registered
+  against their neighbours, so the final QC finds its pairs cached too;
 * the FOVs so far are judged (:func:`qc.live.assess`) once the first share of
   the grid is in (``live.start_share`` of the tiles or ``live.start_rows``
   rows, whichever comes first) and after every tile since: a problem that
@@ -70,6 +73,9 @@ class Growing:
     folder: str  #: the tile folder
     watch: WatchRoot
     since: float  #: when the set started settling (its identity for warnings)
+    #: per-FOV checks and early warnings (the nuclear or H&E image); False for an IF image's folder, whose tiles
+    #: are only registered against their neighbours (the final QC checks the nuclear image's FOVs only)
+    fov_checks: bool = True
 
 
 @dataclass
@@ -87,6 +93,9 @@ class _LiveSet:
     tiles: dict[str, _Seen] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  #: checked FOVs in the order they were checked
     checks: dict[str, Any] = field(default_factory=dict)  #: name -> qc.live.FovCheck
+    done: dict[str, str] = field(
+        default_factory=dict
+    )  #: name -> digest of every tile read (checked or only registered)
     pairs: dict[tuple[str, str], Any] = field(default_factory=dict)  #: (a, b) -> qc.live.LivePair
     active: dict[str, Any] = field(default_factory=dict)  #: problem code -> qc.live.LiveProblem
     raised: dict[str, float] = field(default_factory=dict)  #: problem code -> when first raised
@@ -118,7 +127,8 @@ class _LiveSet:
             "tiles_seen": len(self.tiles),
             "grid": [rows, cols],
             "grid_known": self.grid is not None,
-            "fovs_checked": len(self.checks),
+            "fov_checks": self.g.fov_checks,
+            "fovs_checked": len(self.checks) if self.g.fov_checks else len(self.done),
             "fovs_with_lines": sum(1 for c in self.checks.values() if c.track_found),
             "fovs_computed": self.fovs_computed,
             "fovs_cached": self.fovs_cached,
@@ -432,20 +442,31 @@ class LiveQC:
         one = replace(tile, digest_fn=once.digest, loader=once.pixels)
         hits: list[bool] = []
         t0 = time.monotonic()
-        # the same parameters, template and model as the final QC's (qc.pipeline): the same cache keys
-        (check,) = check_fovs(
-            [one],
-            cache=prep["cache"],
-            template=chip_template(s.g.chip)[0],
-            params=fov_params_for(prep["settings"].fov_params, px),
-            clarity_model=prep["model"],
-            on_result=lambda _c, hit: hits.append(hit),
-        )
+        check = None
+        if s.g.fov_checks:
+            # the same parameters, template and model as the final QC's (qc.pipeline): the same cache keys
+            (check,) = check_fovs(
+                [one],
+                cache=prep["cache"],
+                template=chip_template(s.g.chip)[0],
+                params=fov_params_for(prep["settings"].fov_params, px),
+                clarity_model=prep["model"],
+                on_result=lambda _c, hit: hits.append(hit),
+            )
+            digest = check.digest
+        else:  # an IF folder: its pairs only; the digest memoised as the stitching would (check_fovs does it above)
+            from qc.stitching.pair_cache import digest_key
+
+            digest = once.digest()
+            if tile.identity:
+                prep["cache"].put(digest_key(tile.identity), digest.encode("ascii"))
+            one = replace(one, digest_fn=lambda: digest)
         read_s = time.monotonic() - t0
-        digest = check.digest
         rewritten = seen.digest is not None and seen.digest != digest
         with self._lock:
-            if hits and hits[0]:
+            if check is None:
+                pass
+            elif hits and hits[0]:
                 s.fovs_cached += 1
             else:
                 s.fovs_computed += 1
@@ -457,13 +478,16 @@ class LiveQC:
                     "live QC: a tile was rewritten; its checks and pairs are redone", folder=s.g.folder, tile=tile.name
                 )
             seen.checked, seen.digest = seen.sig, digest
-            s.checks[tile.name] = check
-            if tile.name in s.order:
-                s.order.remove(tile.name)
-            s.order.append(tile.name)
+            s.done[tile.name] = digest
+            if check is not None:
+                s.checks[tile.name] = check
+                if tile.name in s.order:
+                    s.order.remove(tile.name)
+                s.order.append(tile.name)
         self._remember(s, tile.name, once.decoded)
         self._pairs(s, one, tiles, prep)
-        self._judge(s)
+        if s.g.fov_checks:
+            self._judge(s)
         if read_s > 2.0 * max(self.config.live.tile_settle_s, 0.5):  # a slow read: a busy disk, give way
             self._stop.wait(min(read_s, 10.0))
 
@@ -486,7 +510,7 @@ class LiveQC:
         near = [
             t
             for n, t in tiles.items()
-            if n != tile.name and n in s.checks and abs(t.x - tile.x) < tile.width and abs(t.y - tile.y) < tile.height
+            if n != tile.name and n in s.done and abs(t.x - tile.x) < tile.width and abs(t.y - tile.y) < tile.height
         ]  # footprints that overlap the new tile's; plan_pairs keeps the side contacts
         if not near:
             return

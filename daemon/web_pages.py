@@ -244,7 +244,11 @@ def _live(sets: Sequence[Mapping[str, Any]], now: float) -> list[str]:
                 _h(s.get("chip")),
                 _h(state),
                 _h(f"{s.get('tiles_seen', 0)} of {r * c if s.get('grid_known') else '?'}"),
-                _h(f"{s.get('fovs_checked', 0)} ({s.get('fovs_with_lines', 0)} with lines)"),
+                _h(
+                    f"{s.get('fovs_checked', 0)} ({s.get('fovs_with_lines', 0)} with lines)"
+                    if s.get("fov_checks", True)
+                    else f"{s.get('fovs_checked', 0)} registered (IF: no per-FOV checks)"
+                ),
                 _h(warnings),
                 _h(s.get("folder")),
             ]

@@ -178,6 +178,27 @@ def test_nuclear_and_late_if_images_form_one_set_within_the_grouping_window(serv
     assert [m["role"] for m in _members(cfg, job)] == ["nuclear", "IF"]
 
 
+def test_growing_tile_folders_include_an_if_images_folder_for_its_pairs_only(service):
+    """Live QC is handed every tile folder of a set still settling; the IF image's without per-FOV checks."""
+    _d, disc, cfg = service("settle_seconds = 3600", runner=NullRunner())
+    inbox = _inbox(cfg)
+    for folder in ("C02533C", "C02533C_CD31_IF"):
+        for c in range(2):
+            _tif(inbox / folder / f"FOV_0000_{c:04d}_20261203120000.tif")
+
+    def growing():
+        try:  # read from the test's thread while the service's may be updating its sets
+            return sorted((Path(g.folder).name, g.fov_checks) for g in disc.growing_tile_folders())
+        except RuntimeError:
+            return None
+
+    wait_until(
+        lambda: growing() == [("C02533C", True), ("C02533C_CD31_IF", False)],
+        "both tile folders to be growing",
+        seen=growing,
+    )
+
+
 # -- restarts -----------------------------------------------------------------------
 
 

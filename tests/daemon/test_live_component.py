@@ -153,3 +153,33 @@ def test_a_folder_that_is_no_longer_growing_ends_its_live_set_and_frees_its_tile
     s = live.round_after(0)
     assert s["finished_at"] is not None and s["fovs_checked"] == 2
     assert not live._sets[str(live.folder)].decoded
+
+
+def test_an_if_folder_gets_its_pairs_registered_live_and_no_fov_checks(live, tiles):
+    """The final QC of a DAPI + IF tile set finds the IF image's pairs in the cache too, and its tile files'
+    digests (the inputs' record); an IF image has no track lines, so it gets no FOV checks or warnings."""
+    from daemon.paircache import StorePairCache
+    from qc.io import open_image
+    from qc.stitching import evaluate_stitching, memoised_file_digests
+
+    folder = live.folder.parent / "C02533C_CD31_IF"
+    folder.mkdir()
+    (folder / "info.json").write_text((live.folder / "info.json").read_text())
+    g = Growing(chip="C02533C", folder=str(folder), watch=live.config.watch[0], since=3.0, fov_checks=False)
+    live._growing = lambda: [g]
+    live.tick(live._clock())
+    for batch in (tiles[: 2 * COLS], tiles[2 * COLS :]):  # two rows at a time: never behind
+        for r, c, px in batch:
+            _write(folder, r, c, 255 - px)  # another picture of the same FOVs
+        live.round_after(0)
+        live.round_after(2)
+    s = next(x for x in live.health()["sets"] if x["folder"] == str(folder))
+    assert s["fov_checks"] is False and s["fovs_checked"] == ROWS * COLS, s
+    assert s["fovs_computed"] == 0 and s["fovs_with_lines"] == 0 and s["warnings"] == [], s
+    assert s["pairs"] == PAIRS and s["pairs_computed"] == PAIRS, s
+    cache = StorePairCache(live._store)
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".tif")
+    assert set(memoised_file_digests(cache, files)) == set(files)
+    with open_image(folder) as img:
+        res = evaluate_stitching(list(img.tiles), cache=cache)
+    assert res.pairs_computed == 0 and res.pairs_cached == PAIRS
