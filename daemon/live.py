@@ -504,7 +504,7 @@ class LiveQC:
     def _pairs(self, s: _LiveSet, tile: Any, tiles: dict[str, Any], prep: dict[str, Any]) -> None:
         """Register the new tile against each neighbour already checked, through the pair cache."""
         from qc.live import LivePair
-        from qc.stitching.pairs import plan_pairs, run_pairs
+        from qc.stitching.pairs import run_pairs
 
         params = prep["stitching"]
         near = [
@@ -515,16 +515,7 @@ class LiveQC:
         if not near:
             return
         subset = [*(self._decoded_tile(s, t) for t in near), tile]  # the new tile's loader already holds its pixels
-        plans = [
-            p
-            for p in plan_pairs(
-                subset,
-                min_overlap_px=params.min_overlap_px,
-                max_shift_px=params.max_shift_px,
-                max_shift_fraction=params.max_shift_fraction,
-            )
-            if tile.name in (subset[p.a].name, subset[p.b].name)
-        ]
+        plans = [p for p in params.plan(subset) if tile.name in (subset[p.a].name, subset[p.b].name)]
         if not plans:
             return
         meas, cached = run_pairs(subset, plans, params.pair_params(), cache=prep["cache"], pool=None, progress=None)

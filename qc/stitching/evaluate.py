@@ -202,6 +202,18 @@ class StitchingParams:
     min_clear_share: float = 0.30
     min_mean_quality: float = 0.70
 
+    def plan(self, tiles: Sequence[Tile]) -> list[PairPlan]:
+        """The neighbouring pairs of ``tiles`` these settings register (:func:`qc.stitching.pairs.plan_pairs`).
+
+        Live QC plans a new tile's pairs with it, so they are the final QC's own pairs, under the same keys.
+        """
+        return plan_pairs(
+            tiles,
+            min_overlap_px=self.min_overlap_px,
+            max_shift_px=self.max_shift_px,
+            max_shift_fraction=self.max_shift_fraction,
+        )
+
     def pair_params(self) -> dict[str, float]:
         """The parameters that change a pair's result (its cache key part)."""
         names = (
@@ -509,12 +521,7 @@ def evaluate_stitching(
     if len(tiles) < 2:
         msg = f"stitching needs at least two tiles, got {len(tiles)}"
         raise QCError(msg, hint="A single field of view has nothing to stitch; skip the stitching metric")
-    plans = plan_pairs(
-        tiles,
-        min_overlap_px=params.min_overlap_px,
-        max_shift_px=params.max_shift_px,
-        max_shift_fraction=params.max_shift_fraction,
-    )
+    plans = params.plan(tiles)
     pair_params = params.pair_params()
     if max_threads > 1:
         with ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="qc-stitch") as pool:
