@@ -24,6 +24,7 @@ from qc.chip import ChipTemplate
 
 __all__ = [
     "AxisFit",
+    "SpectrumBins",
     "estimate_angle",
     "find_dips",
     "fit_axis",
@@ -33,6 +34,7 @@ __all__ = [
     "profiles",
     "reduce_lines",
     "single_threaded_cv2",
+    "spectrum_bins",
 ]
 
 _LINE_STRIP_BYTES = 24 << 20  # bytes of a strip's grey copy while reducing line evidence
@@ -224,16 +226,60 @@ def normalise(g: np.ndarray, *, sigma: float = 12.0) -> tuple[np.ndarray, np.nda
     return n.astype(np.float32, copy=False), valid
 
 
-def estimate_angle(n: np.ndarray, *, peaks: int = 3) -> list[tuple[float, float]]:
+_RINGS = 256  # radius bins of the spectrum's whitening
+_ANGLE_BINS = 1800  # 0.05 degree bins of angle mod 90
+
+
+@dataclass(frozen=True)
+class SpectrumBins:
+    """Where the frequencies of an image's half spectrum fall, for :func:`estimate_angle`.
+
+    Depends only on the image's shape, so the polarities searched on the same
+    reduced evidence share one. ``band`` (h, w // 2 + 1) marks the frequencies
+    used; ``ring`` and ``angle`` are the radius and angle bin of each of them,
+    ``ring_count`` and ``angle_count`` how many fall in each bin.
+    """
+
+    shape: tuple[int, int]
+    band: np.ndarray
+    ring: np.ndarray
+    ring_count: np.ndarray
+    angle: np.ndarray
+    angle_count: np.ndarray
+
+
+def spectrum_bins(h: int, w: int) -> SpectrumBins:
+    """The :class:`SpectrumBins` of an ``h x w`` image."""
+    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
+    r = np.sqrt(fx * fx + fy * fy)
+    band = (r > 0.02) & (r < 0.45)
+    rbin = np.minimum((r / 0.5 * _RINGS).astype(np.int32), _RINGS - 1)[band]
+    ang = np.degrees(np.arctan2(np.broadcast_to(fy, r.shape)[band], np.broadcast_to(fx, r.shape)[band])) % 90.0
+    abin = np.minimum((ang * (_ANGLE_BINS / 90.0)).astype(np.int32), _ANGLE_BINS - 1)
+    return SpectrumBins(
+        (h, w),
+        band,
+        rbin,
+        np.bincount(rbin, minlength=_RINGS),
+        abin,
+        np.bincount(abin, minlength=_ANGLE_BINS),
+    )
+
+
+def estimate_angle(n: np.ndarray, *, peaks: int = 3, bins: SpectrumBins | None = None) -> list[tuple[float, float]]:
     """Candidate grid angles (deg, in (-45, 45]) from the power spectrum, best first.
 
     The spectrum is whitened ring by ring (each radius divided by its mean
     power), so isotropic texture is flat and the lines' rays stand out; the
     mean whitened power per 0.05 degree bin of ``angle mod 90`` peaks at the
     grid angle. Returns up to ``peaks`` (angle, prominence) pairs, prominence
-    in robust standard deviations of the angular histogram.
+    in robust standard deviations of the angular histogram. ``bins``: the
+    :func:`spectrum_bins` of ``n``'s shape, when the caller has them.
     """
     h, w = n.shape
+    if bins is None or bins.shape != (h, w):
+        bins = spectrum_bins(h, w)
     wy = np.hanning(h).astype(np.float32)
     wx = np.hanning(w).astype(np.float32)
     x = n - np.float32(n.mean())
@@ -246,19 +292,11 @@ def estimate_angle(n: np.ndarray, *, peaks: int = 3) -> list[tuple[float, float]
     power: np.ndarray = np.square(spec[..., 0])
     power += np.square(spec[..., 1])
     del spec
-    fy = np.fft.fftfreq(h).astype(np.float32)[:, None]
-    fx = np.fft.rfftfreq(w).astype(np.float32)[None, :]
-    r = np.sqrt(fx * fx + fy * fy)
-    band = (r > 0.02) & (r < 0.45)
-    nrad = 256
-    rbin = np.minimum((r / 0.5 * nrad).astype(np.int32), nrad - 1)[band]
-    pw = power[band]
-    ring = np.bincount(rbin, weights=pw, minlength=nrad) / np.maximum(np.bincount(rbin, minlength=nrad), 1)
-    white = np.minimum(pw / np.maximum(ring[rbin], 1e-20), 50.0)
-    ang = np.degrees(np.arctan2(np.broadcast_to(fy, r.shape)[band], np.broadcast_to(fx, r.shape)[band])) % 90.0
-    nb = 1800
-    abin = np.minimum((ang * (nb / 90.0)).astype(np.int32), nb - 1)
-    hist = np.bincount(abin, weights=white, minlength=nb) / np.maximum(np.bincount(abin, minlength=nb), 1)
+    pw = power[bins.band]
+    ring = np.bincount(bins.ring, weights=pw, minlength=_RINGS) / np.maximum(bins.ring_count, 1)
+    white = np.minimum(pw / np.maximum(ring[bins.ring], 1e-20), 50.0)
+    nb = _ANGLE_BINS
+    hist = np.bincount(bins.angle, weights=white, minlength=nb) / np.maximum(bins.angle_count, 1)
     # circular smoothing over ~0.15 degree
     k = np.exp(-0.5 * (np.arange(-6, 7) / 2.0) ** 2)
     k /= k.sum()

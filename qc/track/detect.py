@@ -312,15 +312,18 @@ def find_track_lines(
     with _cv2_threads(max_threads):
         # one read of the image gives the evidence of every polarity tried
         ev = coarse.reduce_lines(image, f, kernel=kernel, polarities=pols, threads=max_threads)
+        bins = coarse.spectrum_bins(*next(iter(ev.values())).shape)  # the polarities' evidence shares a shape
         found = []
         for pol in pols:
-            found.append(_coarse(ev.pop(pol), pol, tmpl, f, kernel, scale_range))  # frees each evidence after use
+            found.append(_coarse(ev.pop(pol), pol, tmpl, f, kernel, scale_range, bins))  # frees each evidence
         found.sort(key=lambda c: -c.total)
         best = found[0]
         if best.fits is None:
             # no thin lines: lines blurred broader than the kernel remain in the plain image
             mean = coarse.reduce_lines(image, f, kernel=kernel, polarities=("mean",), threads=max_threads)["mean"]
-            broad = [_coarse(mean * (1.0 if pol == "dark" else -1.0), pol, tmpl, f, 0, scale_range) for pol in pols]
+            broad = [
+                _coarse(mean * (1.0 if pol == "dark" else -1.0), pol, tmpl, f, 0, scale_range, bins) for pol in pols
+            ]
             broad.sort(key=lambda c: -c.total)
             if broad[0].fits is None:
                 return _empty(dict(base, **best.facts()), "no line grid found")
@@ -352,17 +355,19 @@ class _Coarse:
 
 
 def _coarse(
-    evidence: np.ndarray, polarity: str, tmpl: ChipTemplate, f: int, kernel: int, scale_range: tuple[float, float]
-) -> _Coarse:
+    evidence: np.ndarray, polarity: str, tmpl: ChipTemplate, f: int, kernel: int, scale_range: tuple[float, float],
+    bins: coarse.SpectrumBins | None = None,
+) -> _Coarse:  # fmt: skip
     """Angle and per-axis template fit on the reduced line evidence of one polarity.
 
-    ``kernel=0``: ``evidence`` is a reduced image whose lines are dark dips already.
+    ``kernel=0``: ``evidence`` is a reduced image whose lines are dark dips already. ``bins``: the
+    spectrum's bins for the evidence's shape (shared by the polarities).
     """
     n, valid = coarse.normalise(coarse.line_dips(evidence, f, kernel) if kernel else evidence)
     srange = (scale_range[0] / f, scale_range[1] / f)
     # the spectrum's strongest ray is almost always the grid; when other
     # directions compete (FOV seams, tissue edges) the template decides
-    cands = coarse.estimate_angle(n)
+    cands = coarse.estimate_angle(n, bins=bins)
     best: _Coarse | None = None
     for k, (angle, prominence) in enumerate(cands):
         if k and prominence < 0.3 * cands[0][1]:
