@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +39,6 @@ from qc import __version__
 from qc.chip import ChipTemplate, parse_chip, template_for
 from qc.errors import QCError
 from qc.io import Image, ReadLimits, ScanSet
-from qc.live import FovParams
 from qc.pictures import take_calibration_crops, take_track_insets, thumb_factor
 from qc.report import ImageReport, QCReport
 from qc.rules import (
@@ -52,6 +51,9 @@ from qc.rules import (
     decide,
     metrics_for,
 )
+
+if TYPE_CHECKING:  # qc.live imports qc.stitching (and scipy): half a second of imports a grey image never needs
+    from qc.live import FovParams
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -101,9 +103,10 @@ class QCSettings:
         Image-size limits of the readers.
     clarity_model : object, optional
         A :class:`qc.clarity.model.ClarityModel` spec; default the shipped model.
-    fov_params : FovParams
+    fov_params : FovParams, optional
         The per-FOV checks of tiled images (:mod:`qc.live`); its ``um_per_px`` is the expected
-        pixel size, replaced by the image's own when its metadata declares one.
+        pixel size, replaced by the image's own when its metadata declares one. Default
+        ``FovParams()``.
     site, operator : str
         Recorded in the report.
     """
@@ -115,7 +118,7 @@ class QCSettings:
     threads: int = 2
     limits: ReadLimits = field(default_factory=ReadLimits)
     clarity_model: Any = None
-    fov_params: FovParams = field(default_factory=FovParams)
+    fov_params: FovParams | None = None
     site: str = ""
     operator: str = ""
 
@@ -448,9 +451,14 @@ def run_qc(
     return report
 
 
-def fov_params_for(base: FovParams, pixel_size_um: float | None) -> FovParams:
-    """The per-FOV check parameters for an image: ``base`` with the image's own pixel size when its metadata
-    declares a plausible one (live QC and the final QC must agree: the parameters are in the cache key)."""
+def fov_params_for(base: FovParams | None, pixel_size_um: float | None) -> FovParams:
+    """The per-FOV check parameters for an image: ``base`` (None: the defaults) with the image's own pixel size
+    when its metadata declares a plausible one (live QC and the final QC must agree: the parameters are in the
+    cache key)."""
+    if base is None:
+        from qc.live import FovParams
+
+        base = FovParams()
     if pixel_size_um is not None and 0.05 <= float(pixel_size_um) <= 5.0:
         return replace(base, um_per_px=float(pixel_size_um))
     return base
