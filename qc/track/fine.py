@@ -138,6 +138,8 @@ def measure(
     a = math.radians(grid.angle_deg)
     ca, sa = math.cos(a), math.sin(a)
     reach = window_reach(half, along)
+    if isinstance(image, np.ndarray):  # a memory map as a plain view: no copy, and no np.memmap per window slice
+        image = image.view(np.ndarray)
     h, w = image.shape[:2]
     n = len(centres)
     prof = np.zeros((2 * n, 2 * half + 1), np.float32)
