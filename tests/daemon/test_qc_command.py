@@ -35,6 +35,20 @@ def test_qc_json_is_the_report_contract(qc_files, capsys):
     assert set(doc) >= {"chip", "stain", "verdict", "reasons", "images", "duration_s", "software"}
 
 
+def test_qc_of_one_grey_image_imports_no_stitching_and_no_scipy(qc_files, tmp_path):
+    """Half a second of imports in every fresh `imageqc qc` (issue #16): only tile sets need qc.stitching."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daemon.cli import main\n"
+        f"rc = main(['qc', {str(qc_files['nuclear'])!r}, '--json', '--no-cache', '--out', {str(tmp_path)!r}])\n"
+        "print(rc, sorted(m for m in ('qc.stitching', 'qc.live', 'scipy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.splitlines()[-1] == "0 []", done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def test_qc_fail_exits_3_with_reasons(qc_files, capsys):
     assert main(["qc", str(qc_files["fail"])]) == 3
     out = capsys.readouterr().out

@@ -283,3 +283,15 @@ def test_threads_do_not_change_the_result():
     assert (one.score, one.angle_deg, one.scale, one.origin_px) == (two.score, two.angle_deg, two.scale, two.origin_px)
     assert one.measurements_found == two.measurements_found
     np.testing.assert_array_equal(one.crossings, two.crossings)
+
+
+def test_shared_spectrum_bins_give_the_same_angles():
+    """The polarities share the spectrum's bins (issue #16): the same candidates as bins of their own."""
+    from qc.track import coarse
+
+    chip = generate_chip(width=1200, height=900, seed=6, angle_deg=3.3, tissue_fraction=0.3)
+    n, _ = coarse.normalise(chip.image.astype(np.float32))
+    own = coarse.estimate_angle(n)
+    assert coarse.estimate_angle(n, bins=coarse.spectrum_bins(*n.shape)) == own
+    assert coarse.estimate_angle(n, bins=coarse.spectrum_bins(64, 64)) == own  # bins of another shape are ignored
+    assert abs(own[0][0] - 3.3) < 0.1
