@@ -155,3 +155,28 @@ def test_a_tile_that_cannot_be_read_leaves_no_file_behind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ome.tif"]  # the partial file went, the old one stays
     assert (tmp_path / "m.ome.tif").read_bytes() == b"an older file"
 
+
+def test_a_run_whose_stitching_did_not_run_is_fused_at_the_nominal_positions(tmp_path):
+    """The QC output's fused image (issue #17 item 4) without a stitching result: where the microscope put each tile."""
+    from qc.io import open_scan_set
+    from qc.pipeline import fused_images
+    from qc.report import ImageReport, QCReport
+    from qc.testing.tiles import write_tile_folder
+
+    tex = np.random.default_rng(5).integers(0, 255, (1000, 1300), dtype=np.uint8)
+    ts = make_tile_set(tex, rows=2, cols=3, tile_size=400, overlap=0.1, jitter_px=5, seed=5)
+    folder = write_tile_folder(ts, tmp_path / "SS200000135TL_D1")
+    with open_scan_set([folder]) as scan:
+        img = scan.images[0]
+        facts = ImageReport(img.name, img.role, img.format, img.width, img.height, "uint8", img.fov_grid)
+        report = QCReport(scan.chip, "ssDNA", "fail", (), (facts,), 1.0, "0", 0.0)
+        listed, writers = fused_images(report, scan)
+        assert listed == [
+            {"image": img.name, "file": "ssDNA_fov_stitched.tif", "positions": "nominal", "blend": "linear"}
+        ]
+        writers["ssDNA_fov_stitched.tif"](tmp_path / "n.tif")
+    fused = tifffile.imread(tmp_path / "n.tif")
+    assert fused.shape == (360 + 400, 2 * 360 + 400)  # the nominal grid: a 360 px step
+    for t in ts.tiles:  # each tile's own part (no neighbour overlaps it) is its pixels, where the grid says
+        x, y = int(t.x), int(t.y)
+        np.testing.assert_array_equal(fused[y + 40 : y + 360, x + 40 : x + 360], t.read()[40:360, 40:360])
