@@ -23,9 +23,11 @@ kept. The pyramid's reduced levels (each half the size of the one above,
 area mean, down to one TIFF tile) are halved from each band as it passes and
 written as soon as a row of their tiles is complete
 (:class:`~qc.stitching.pyramid_tiff.PyramidTiffWriter`): no temporary file,
-every byte written once. With ``threads`` above 1 the bands are fused in
-column strips on that many threads while one more thread writes the
-previous band.
+every byte written once. Bands are fused straight into TIFF tile order (no
+regrouping before the write), into buffers reused for the whole mosaic, as
+are the tiles' pixels (fresh memory costs a page fault per page). With
+``threads`` above 1 the bands are fused in column strips on that many
+threads while one more thread writes the rows before them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -60,7 +62,9 @@ BLENDS = ("linear", "nearest")
 Rect = tuple[int, int, int, int]
 
 #: Rows of tiles (full-resolution bands or reduced-level rows) waiting for the writer thread at most.
-_PENDING_WRITES = 2
+_PENDING_WRITES = 4
+#: Tile sizes whose blending weights are kept (a 2048^2 tile's take 16 MiB); other sizes are computed each time.
+_WEIGHT_MAPS = 4
 
 
 @dataclass(frozen=True)
@@ -98,17 +102,22 @@ def _to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _halve(band: np.ndarray) -> np.ndarray:
+def _halve(band: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Area mean over 2 x 2 blocks, in the band's dtype; an odd last row or column is averaged on its own.
 
-    The even part goes through OpenCV's exact-halving path (several times
-    faster than a resize to an odd size).
+    Written into ``out`` (``((h + 1) // 2, (w + 1) // 2)``, may be a view with
+    a row stride) when given. The even part goes through OpenCV's
+    exact-halving path (several times faster than a resize to an odd size).
     """
     h, w = band.shape[:2]
     he, we = h - h % 2, w - w % 2
-    out = np.empty(((h + 1) // 2, (w + 1) // 2, *band.shape[2:]), band.dtype)
+    if out is None:
+        out = np.empty(((h + 1) // 2, (w + 1) // 2, *band.shape[2:]), band.dtype)
     if he and we:
-        out[: he // 2, : we // 2] = cv2.resize(band[:he, :we], (we // 2, he // 2), interpolation=cv2.INTER_AREA)
+        dst = out[: he // 2, : we // 2]
+        half = cv2.resize(band[:he, :we], (we // 2, he // 2), dst=dst, interpolation=cv2.INTER_AREA)
+        if half is not dst:  # OpenCV wrote elsewhere (it could not use the view)
+            dst[...] = half
     if w % 2 and he:
         col = band[:he, w - 1].astype(np.float32)
         out[: he // 2, -1] = _to_dtype(col.reshape(he // 2, 2, *band.shape[2:]).mean(axis=1), band.dtype)
@@ -131,19 +140,24 @@ def _levels(height: int, width: int, tile_px: int) -> list[tuple[int, int]]:
 
 
 class _Buffers:
-    """Zeroed row buffers, reused once the writer is done with them (no fresh pages per band)."""
+    """Arrays reused once their user is done with them: rows of tiles after the writer, tiles after the bands.
+
+    Fresh memory costs a page fault per page (and, in a virtual machine, often
+    a trip to the host); a few dozen arrays reused for the whole mosaic do not.
+    """
 
     def __init__(self) -> None:
         self._free: dict[tuple[Any, ...], list[np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    def get(self, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool = True) -> np.ndarray:
         with self._lock:
             free = self._free.get((shape, dtype.str))
             buf = free.pop() if free else None
         if buf is None:
-            return np.zeros(shape, dtype)
-        buf.fill(0)
+            return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+        if zero:
+            buf.fill(0)
         return buf
 
     def put(self, buf: np.ndarray) -> None:
@@ -152,30 +166,23 @@ class _Buffers:
 
 
 class _Rows:
-    """Hands rows of tiles to the writer: row-major buffers regrouped into TIFF tiles, on a thread of their own or not."""
+    """Hands rows of tiles to the writer, on a thread of its own or not."""
 
     def __init__(self, writer: PyramidTiffWriter, buffers: _Buffers, pool: ThreadPoolExecutor | None) -> None:
         self.writer, self.buffers, self.pool = writer, buffers, pool
         self.pending: deque[Future[None]] = deque()
-        self.regrouped: dict[int, np.ndarray] = {}  # per level, reused: rows are written one at a time
 
-    def __call__(self, level: int, row: int, buf: np.ndarray) -> None:
+    def __call__(self, level: int, row: int, tiles: np.ndarray) -> None:
         if self.pool is None:
-            self._write(level, row, buf)
+            self._write(level, row, tiles)
             return
-        self.pending.append(self.pool.submit(self._write, level, row, buf))
+        self.pending.append(self.pool.submit(self._write, level, row, tiles))
         while len(self.pending) > _PENDING_WRITES:
             self.pending.popleft().result()
 
-    def _write(self, level: int, row: int, buf: np.ndarray) -> None:
-        t = self.writer.tile_px
-        across = self.writer.across[level]
-        by_tile = buf.reshape(t, across, t, *buf.shape[2:]).swapaxes(0, 1)
-        if level not in self.regrouped:
-            self.regrouped[level] = np.empty(by_tile.shape, buf.dtype)
-        np.copyto(self.regrouped[level], by_tile)
-        self.buffers.put(buf)
-        self.writer.write_row(level, row, self.regrouped[level])
+    def _write(self, level: int, row: int, tiles: np.ndarray) -> None:
+        self.writer.write_row(level, row, tiles)
+        self.buffers.put(tiles)
 
     def drain(self) -> None:
         while self.pending:
@@ -183,7 +190,12 @@ class _Rows:
 
 
 class _Pyramid:
-    """Each full-resolution band written as a row of tiles and halved into every reduced level's current row."""
+    """Each full-resolution band written as a row of tiles and halved into every reduced level's current row.
+
+    Every row is kept as TIFF tiles, ``(across, tile_px, tile_px[, samples])``,
+    so it goes to the file as it is. Each tile halves on its own (it starts at
+    an even column) into one half of a tile of the next level.
+    """
 
     def __init__(self, levels: Sequence[tuple[int, int]], tile_px: int, dtype: np.dtype, extra: tuple[int, ...], rows: _Rows, buffers: _Buffers) -> None:  # fmt: skip
         self.levels, self.tile_px, self.dtype, self.extra = levels, tile_px, dtype, extra
@@ -194,29 +206,44 @@ class _Pyramid:
 
     def _buffer(self, level: int) -> np.ndarray:
         across = self.rows.writer.across[level]
-        return self.buffers.get((self.tile_px, across * self.tile_px, *self.extra), self.dtype)
+        return self.buffers.get((across, self.tile_px, self.tile_px, *self.extra), self.dtype)
 
     def band(self) -> np.ndarray:
-        """The buffer the next full-resolution band is fused into (zeroed, padded to whole tiles)."""
+        """The tiles the next full-resolution band is fused into (zeroed)."""
         return self.current[0]
 
     def add(self, rows: int, last: bool) -> None:
         """The band (``rows`` rows of :meth:`band`) is fused: halve it down the levels and write what is complete."""
-        src = self.current[0][:rows, : self.levels[0][1]]
+        t, half = self.tile_px, self.tile_px // 2
+        first, n, width = 0, rows, self.levels[0][1]  # the rows just added to the level above, its width
         done = [0]
         for k in range(1, len(self.levels)):
-            half = _halve(src)
-            f = self.filled[k]
-            self.current[k][f : f + half.shape[0], : half.shape[1]] = half
-            self.filled[k] += half.shape[0]
-            src = self.current[k][f : f + half.shape[0], : half.shape[1]]
-            if self.filled[k] == self.tile_px or last:
+            src, dst, g = self.current[k - 1], self.current[k], self.filled[k]
+            m = (n + 1) // 2
+            for tc in range(-(-width // t)):
+                cols = min(t, width - tc * t)
+                j, side = divmod(tc, 2)
+                _halve(
+                    src[tc, first : first + n, :cols], dst[j, g : g + m, side * half : side * half + (cols + 1) // 2]
+                )
+            self.filled[k] += m
+            first, n, width = g, m, self.levels[k][1]
+            if self.filled[k] == t or last:
                 done.append(k)
         for k in done:  # after the halving: a level's rows are read by the next level first
             self.rows(k, self.row[k], self.current[k])
             self.row[k] += 1
             self.filled[k] = 0
             self.current[k] = self._buffer(k)
+
+
+def _pieces(x0: int, x1: int, t: int) -> Iterator[tuple[int, int, int]]:
+    """Mosaic columns x0:x1 cut at TIFF tile edges: ``(tile column, first, end)`` each."""
+    tc = x0 // t
+    while x0 < x1:
+        end = min(x1, (tc + 1) * t)
+        yield tc, x0, end
+        x0, tc = end, tc + 1
 
 
 class _Tiles:
@@ -226,7 +253,7 @@ class _Tiles:
         self.tiles, self.place = tiles, place
         self.by_top = sorted(range(len(tiles)), key=lambda i: place[i][1])
         self.pixels: dict[int, np.ndarray] = {}
-        self.extra: tuple[int, ...] | None = None
+        self.held = _Buffers()  # decoded pixels are copied into these and the decoded array freed at once
 
     def crossing(self, y0: int, y1: int) -> list[int]:
         """The tiles whose rows cross mosaic rows y0:y1, top first."""
@@ -251,7 +278,9 @@ class _Tiles:
         if arr.shape[:2] != (t.height, t.width):
             msg = f"tile {t.name!r} decoded to {arr.shape[:2]} px but declares {t.height}x{t.width}"
             raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
-        return arr
+        held = self.held.get(arr.shape, arr.dtype, zero=False)
+        np.copyto(held, arr)
+        return held
 
     def check(self, i: int, dtype: np.dtype, extra: tuple[int, ...]) -> None:
         arr = self.pixels[i]
@@ -265,7 +294,7 @@ class _Tiles:
     def drop_above(self, y: int) -> None:
         """Forget the tiles that end at or above mosaic row ``y``."""
         for i in [i for i in self.pixels if self.place[i][1] + self.tiles[i].height <= y]:
-            del self.pixels[i]
+            self.held.put(self.pixels.pop(i))
 
 
 class _Blender:
@@ -273,54 +302,75 @@ class _Blender:
 
     def __init__(self, tiles: _Tiles, blend: str) -> None:
         self.tiles, self.blend = tiles, blend
-        self.ramps: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-        for t in tiles.tiles:
-            if (t.width, t.height) not in self.ramps:
-                self.ramps[(t.width, t.height)] = (_ramp(t.width), _ramp(t.height))
+        self.maps: dict[tuple[int, int], np.ndarray] = {}  # a tile size's weights, computed once (read-only)
+        self.lock = threading.Lock()
 
     def weights(self, i: int, rect: Rect) -> np.ndarray:
-        """Tile i's blending weights over the mosaic rectangle ``(x0, y0, x1, y1)``."""
+        """Tile i's blending weights over the mosaic rectangle ``(x0, y0, x1, y1)`` (a read-only view)."""
         t = self.tiles.tiles[i]
         x, y = self.tiles.place[i]
-        rx, ry = self.ramps[(t.width, t.height)]
-        out: np.ndarray = np.multiply.outer(ry[rect[1] - y : rect[3] - y], rx[rect[0] - x : rect[2] - x])
-        return out
+        size = (t.width, t.height)
+        full = self.maps.get(size)
+        if full is None:
+            full = np.multiply.outer(_ramp(t.height), _ramp(t.width))
+            full.setflags(write=False)
+            with self.lock:
+                if len(self.maps) < _WEIGHT_MAPS:
+                    self.maps.setdefault(size, full)
+        return full[rect[1] - y : rect[3] - y, rect[0] - x : rect[2] - x]
 
     def pixels(self, i: int, rect: Rect) -> np.ndarray:
         x, y = self.tiles.place[i]
         return self.tiles.pixels[i][rect[1] - y : rect[3] - y, rect[0] - x : rect[2] - x]
 
-    def fill(self, band: np.ndarray, y0: int, active: Sequence[int], x0: int, x1: int) -> None:
-        """Mosaic columns x0:x1 of the band whose first row is mosaic row y0."""
-        y1 = y0 + band.shape[0]
+    def fill(self, band: np.ndarray, y0: int, rows: int, active: Sequence[int], x0: int, x1: int) -> None:
+        """Mosaic columns x0:x1 of the band of ``rows`` rows from mosaic row y0, kept as TIFF tiles in ``band``."""
+        y1, t = y0 + rows, band.shape[1]
         cover: list[tuple[int, Rect]] = []
         for i in active:
             x, y = self.tiles.place[i]
-            t = self.tiles.tiles[i]
-            rect = (max(x, x0), max(y, y0), min(x + t.width, x1), min(y + t.height, y1))
+            tile = self.tiles.tiles[i]
+            rect = (max(x, x0), max(y, y0), min(x + tile.width, x1), min(y + tile.height, y1))
             if rect[0] >= rect[2] or rect[1] >= rect[3]:
                 continue
-            band[rect[1] - y0 : rect[3] - y0, rect[0] : rect[2]] = self.pixels(i, rect)
+            pixels = self.tiles.pixels[i][rect[1] - y : rect[3] - y]
+            for tc, a, b in _pieces(rect[0], rect[2], t):
+                band[tc, rect[1] - y0 : rect[3] - y0, a - tc * t : b - tc * t] = pixels[:, a - x : b - x]
             cover.append((i, rect))
-        for k, (_, a) in enumerate(cover):
-            for m in range(k + 1, len(cover)):
-                both = _meet(a, cover[m][1])
-                if both is not None:
-                    self._overlap(band, y0, both, k, m, cover)
+        if len(cover) < 2:
+            return
+        edges = np.array([c for _, c in cover])  # (n, 4): every pair's intersection at once
+        lo = np.maximum(edges[:, None, :2], edges[None, :, :2])
+        hi = np.minimum(edges[:, None, 2:], edges[None, :, 2:])
+        for k, m in zip(*np.nonzero(np.triu((lo < hi).all(axis=2), 1)), strict=True):
+            rect = (int(lo[k, m, 0]), int(lo[k, m, 1]), int(hi[k, m, 0]), int(hi[k, m, 1]))
+            self._overlap(band, y0, rect, int(k), int(m), cover, edges)
 
-    def _overlap(self, band: np.ndarray, y0: int, rect: Rect, k: int, m: int, cover: Sequence[tuple[int, Rect]]) -> None:  # fmt: skip
+    def _overlap(self, band: np.ndarray, y0: int, rect: Rect, k: int, m: int, cover: Sequence[tuple[int, Rect]], edges: np.ndarray) -> None:  # fmt: skip
         """Where tiles ``cover[k]`` and ``cover[m]`` overlap: cut at the edges of the other tiles over it into cells
         that one set of tiles covers, and blend each cell whose first two tiles (in ``cover``'s order) are these
         two, so every pixel is blended once, from every tile over it."""
-        parts = [(n, p) for n, (_, c) in enumerate(cover) if (p := _meet(rect, c)) is not None]
+        lo = np.maximum(edges[:, :2], rect[:2])
+        hi = np.minimum(edges[:, 2:], rect[2:])
+        over_rect = np.nonzero((lo < hi).all(axis=1))[0]
+        if len(over_rect) == 2:  # only these two: most of every overlap
+            self._cell(band, y0, rect, [cover[k][0], cover[m][0]])
+            return
+        parts = [(int(n), (int(lo[n, 0]), int(lo[n, 1]), int(hi[n, 0]), int(hi[n, 1]))) for n in over_rect]
         xs = sorted({e for _, p in parts for e in (p[0], p[2])})
         ys = sorted({e for _, p in parts for e in (p[1], p[3])})
         for ya, yb in pairwise(ys):
             for xa, xb in pairwise(xs):
                 over = [n for n, p in parts if p[0] <= xa and xb <= p[2] and p[1] <= ya and yb <= p[3]]
                 if over[:2] == [k, m]:
-                    cell = (xa, ya, xb, yb)
-                    self._blend(band[ya - y0 : yb - y0, xa:xb], cell, [cover[n][0] for n in over])
+                    self._cell(band, y0, (xa, ya, xb, yb), [cover[n][0] for n in over])
+
+    def _cell(self, band: np.ndarray, y0: int, cell: Rect, over: Sequence[int]) -> None:
+        """A cell blended into the band's tiles, a TIFF tile column at a time."""
+        t = band.shape[1]
+        for tc, a, b in _pieces(cell[0], cell[2], t):
+            out = band[tc, cell[1] - y0 : cell[3] - y0, a - tc * t : b - tc * t]
+            self._blend(out, (a, cell[1], b, cell[3]), over)
 
     def _blend(self, out: np.ndarray, cell: Rect, over: Sequence[int]) -> None:
         """One cell from every tile in ``over`` (each covers all of it; the first wins a tie)."""
@@ -338,10 +388,12 @@ class _Blender:
         if len(over) == 2:  # most of every overlap
             (wa, wb), (va, vb) = weights, values
             if out.dtype == np.uint8:  # OpenCV's one pass: (a * wa + b * wb) / (wa + wb + 1e-5), rounded
-                out[...] = cv2.blendLinear(va, vb, wa, wb)
+                mixed = cv2.blendLinear(va, vb, wa, wb, dst=out)
+                if mixed is not out:  # OpenCV wrote elsewhere (it could not use the view)
+                    out[...] = mixed
                 return
-            wb += wa
-            alpha = np.divide(wa, wb, out=wa)  # a's share; b + (a - b) * share is exact where a == b
+            total = wa + wb
+            alpha = np.divide(wa, total, out=total)  # a's share; b + (a - b) * share is exact where a == b
             mix = va.astype(np.float32)
             mix -= vb
             mix *= alpha[..., None] if rgb else alpha
@@ -355,12 +407,6 @@ class _Blender:
             total += w
         acc /= total[..., None] if rgb else total
         out[...] = _to_dtype(acc, out.dtype)
-
-
-def _meet(a: Rect, b: Rect) -> Rect | None:
-    """The intersection of two rectangles ``(x0, y0, x1, y1)``, or None when they do not overlap."""
-    r = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
-    return r if r[0] < r[2] and r[1] < r[3] else None
 
 
 def _strips(width: int, tile_px: int, n: int) -> list[tuple[int, int]]:
@@ -471,11 +517,11 @@ def fuse_tiles(
                 source.load(active, workers)
                 for i in active:
                     source.check(i, dtype, extra)
-                band = pyramid.band()[: y1 - y0]
+                band = pyramid.band()
                 if workers is None or len(strips) == 1:
-                    blender.fill(band, y0, active, 0, width)
+                    blender.fill(band, y0, y1 - y0, active, 0, width)
                 else:
-                    list(workers.map(partial(blender.fill, band, y0, active), *zip(*strips, strict=True)))
+                    list(workers.map(partial(blender.fill, band, y0, y1 - y0, active), *zip(*strips, strict=True)))
                 source.drop_above(y1)
                 pyramid.add(y1 - y0, last=y1 == height)
                 if progress is not None:
