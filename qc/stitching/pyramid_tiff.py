@@ -27,6 +27,10 @@ __all__ = ["COMPRESSIONS", "PyramidTiffWriter", "ome_description"]
 #: Compressions :class:`PyramidTiffWriter` knows: name -> TIFF Compression tag value.
 COMPRESSIONS = {"zlib": 8, "zstd": 50000}
 
+#: Largest single write, bytes. Measured on Linux 6.18 (ext4, a 2-core VM): 1.8 GB written into the page
+#: cache in writes of 256-768 KiB took 0.5-0.7 s, in writes of 1-32 MiB 0.9-8 s (system time).
+_WRITE_BYTES = 512 << 10
+
 _SHORT, _ASCII, _LONG, _LONG8, _IFD8 = 3, 2, 4, 16, 18
 _FORMAT = {_SHORT: "H", _LONG: "I", _LONG8: "Q", _IFD8: "Q"}
 _SAMPLE_FORMAT = {"u": 1, "i": 2, "f": 3}
@@ -103,7 +107,14 @@ class PyramidTiffWriter:
             raise ValueError(msg)
         first = row * n
         if self._encode is None:
-            self.fh.write(tiles.data.cast("B"))
+            flat = tiles.data.cast("B")
+            step = (
+                max(1, _WRITE_BYTES // self.tile_bytes) * self.tile_bytes
+                if self.tile_bytes <= _WRITE_BYTES
+                else _WRITE_BYTES
+            )
+            for k in range(0, len(flat), step):
+                self.fh.write(flat[k : k + step])
             self.offsets[level][first : first + n] = self.pos + np.arange(n, dtype=np.uint64) * self.tile_bytes
             self.counts[level][first : first + n] = self.tile_bytes
             self.pos += n * self.tile_bytes
