@@ -63,7 +63,7 @@ def add_fuse_command(sub: Any) -> None:
         "--threads",
         type=int,
         default=2,
-        help="threads registering tile pairs and fusing bands (default 2; the file is written on one more)",
+        help="threads registering tile pairs, then fusing and writing the image (default 2)",
     )
     sp.set_defaults(func=cmd_fuse)
 

@@ -26,8 +26,8 @@ written as soon as a row of their tiles is complete
 every byte written once. Bands are fused straight into TIFF tile order (no
 regrouping before the write), into buffers reused for the whole mosaic, as
 are the tiles' pixels (fresh memory costs a page fault per page). With
-``threads`` above 1 the bands are fused in column strips on that many
-threads while one more thread writes the rows before them.
+``threads`` above 1 one thread writes the rows already fused while the
+others fuse the next band in column strips.
 """
 
 from __future__ import annotations
@@ -449,8 +449,9 @@ def fuse_tiles(
     compression : {None, "zlib", "zstd"}
         TIFF compression of the tiles; default none (fastest).
     threads : int
-        Threads fusing each band (in column strips) and decoding tiles; with
-        more than one, one more thread writes the file meanwhile.
+        At most this many threads: with 1 the bands are fused and written in
+        turn; with more, one writes the file while the others fuse the next
+        band (in column strips) and decode its tiles.
     pixel_size_um : float, optional
         Recorded in the OME-XML (PhysicalSizeX/Y).
     progress : callable, optional
@@ -489,7 +490,7 @@ def fuse_tiles(
     dtype, extra = source.pixels[first].dtype, tuple(source.pixels[first].shape[2:])
     samples = extra[0] if extra else 1
     blender = _Blender(source, blend)
-    strips = _strips(width, tile_px, threads)
+    strips = _strips(width, tile_px, max(1, threads - 1))  # one thread of 'threads' writes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -499,7 +500,7 @@ def fuse_tiles(
             fh = stack.enter_context(part.open("wb"))
             workers = writes = None
             if threads > 1:  # shut down (queued work cancelled) before the file closes
-                workers = ThreadPoolExecutor(threads, thread_name_prefix="fuse")
+                workers = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="fuse")
                 writes = ThreadPoolExecutor(1, thread_name_prefix="fuse-write")
                 for pool in (workers, writes):
                     stack.callback(pool.shutdown, wait=True, cancel_futures=True)
