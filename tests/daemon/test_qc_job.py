@@ -227,7 +227,7 @@ def test_a_folder_named_by_the_roots_tile_pattern_is_qcd_with_it(make_config):
     assert stitching["pairs_total"] == 7 and stitching["passed"], stitching
 
 
-def test_the_fused_image_of_a_tile_set_is_written_listed_and_archived(make_config):
+def test_the_fused_image_of_a_tile_set_is_written_listed_and_archived(make_config, capsys):
     """Issue #17 item 4: ``[output] fused_image`` writes the stitched image beside the report, at the
     registered positions, and the stored report lists it; its pixels are the generator's mosaic."""
     import numpy as np
@@ -261,3 +261,8 @@ def test_the_fused_image_of_a_tile_set_is_written_listed_and_archived(make_confi
     with tarfile.open(result["archive"]) as tar:  # like the folder's other files, in the archive under imageqc/
         assert "imageqc/DAPI_fov_stitched.tif" in tar.getnames()
     assert [p.name for p in folder.iterdir() if "fov_stitched" in p.name] == []  # never into the watch root
+    from daemon.cli import main
+
+    assert main(["show", str(job.id), "--config", cfg.source]) == 0  # imageqc show names it whole, to copy
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fused image")]
+    assert line.split()[-1] == str(fused)
