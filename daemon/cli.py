@@ -414,6 +414,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             # whole: the path is what a person copies into `saw count --image-tar`
             whole(con, "archive", result["archive"])
             field(con, "", "for SAW: saw count ... --image-tar=<the archive above>")
+        for fused in (rep.get("outputs") or {}).get("fused_images", []):
+            whole(con, "fused image", str(Path(result["output_dir"] or "") / fused["file"]))
     for u in uploads:
         field(con, "upload", f"{u['target']}: {u['remote_key']} {u['state']}")
     con.print("history")

@@ -238,6 +238,10 @@ class OutputConfig:
         True,
         "Put the input images into the archive, as SAW needs them; false keeps only the IPR, report and pictures (small, but SAW cannot use it).",
     )
+    fused_image: bool = _f(
+        False,
+        "Also write the stitched image of each tile set (tile folder, CZI mosaic) into the run's output folder as <group>_fov_stitched.tif (SAW's name for a stitched image of FOVs: DAPI_fov_stitched.tif, ssDNA_, HE_, <name>_IF_): a tiled, pyramidal OME-TIFF with the tiles at the positions stitching registered (a tile it could not register, or every tile when stitching could not run, at its nominal position) and linear blending in the overlaps; report.json lists it under outputs. Like the folder's other files it goes into the archive under imageqc/, which grows by about the size of the tiles. Images that are one file already are not rewritten.",
+    )
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,12 @@ def add_fuse_command(sub: Any) -> None:
         default="none",
         help="TIFF compression (default none: fastest, as large as the tiles)",
     )
-    sp.add_argument("--threads", type=int, default=2, help="threads registering tile pairs (default 2)")
+    sp.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="threads registering tile pairs, then fusing and writing the image (default 2)",
+    )
     sp.set_defaults(func=cmd_fuse)
 
 
@@ -103,6 +108,8 @@ def cmd_fuse(args: Any) -> int:
                 positions=positions,
                 blend=args.blend,
                 compression=None if args.compression == "none" else args.compression,
+                threads=max(1, args.threads),
+                pixel_size_um=image.pixel_size_um,
             )
     except QCError as e:
         print(f"imageqc fuse: {e}", file=sys.stderr)

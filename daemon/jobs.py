@@ -248,7 +248,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
-                    level=config.output.archive_level,
+                    level=config.output.archive_level, fused_image=config.output.fused_image,
                 )  # fmt: skip
         except (InputsChanged, QCError, OSError) as e:
             problem = files_problem(store, scan.root, scan.members)  # the folder went away while QC read it
@@ -277,7 +277,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             job.id,
             owner=ctx.owner,
             verdict=report.verdict,
-            report=report.as_dict(),
+            report=dict(out.document),  # report.json as written (with the outputs it lists)
             output_dir=str(out.folder),
             archive=str(out.archive) if out.archive else None,
             inputs=inputs,

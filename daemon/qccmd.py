@@ -57,6 +57,14 @@ def add_qc_command(sub: Any) -> None:
         "reading (default: the system's temporary folder)",
     )
     sp.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --out, also write the stitched image of each tile set there as <group>_fov_stitched.tif "
+        "(a tiled, pyramidal OME-TIFF at the registered positions, as imageqc fuse writes it) "
+        "(default: the config's output.fused_image)",
+    )
+    sp.add_argument(
         "--config",
         "-c",
         metavar="FILE",
@@ -123,6 +131,9 @@ def cmd_qc(args: argparse.Namespace) -> int:
     if missing:
         print(f"imageqc qc: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.fused and not args.out:
+        print("imageqc qc: --fused writes into the output folder; give --out DIR too", file=sys.stderr)
+        return EXIT_USAGE
     watch = _watch_root_of(cfg, paths)
     problem = tile_pattern_problem(args.tile_pattern) if args.tile_pattern else None  # a root's was checked at load
     if problem:
@@ -154,6 +165,7 @@ def cmd_qc(args: argparse.Namespace) -> int:
                     report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive, scan_set=scan,
                     include_images=cfg.output.include_images, threads=settings.threads,
                     level=cfg.output.archive_level,
+                    fused_image=cfg.output.fused_image if args.fused is None else args.fused,
                 )  # fmt: skip
     except QCError as e:
         print(f"imageqc qc: {e}", file=sys.stderr)
@@ -165,9 +177,13 @@ def cmd_qc(args: argparse.Namespace) -> int:
         if store is not None:
             store.close()
     if args.json:
-        doc = report.as_dict()
+        doc = report.as_dict() if out is None else dict(out.document)
         if out is not None:
-            doc["outputs"] = {"folder": str(out.folder), "archive": str(out.archive) if out.archive else None}
+            doc["outputs"] = {
+                **doc.get("outputs", {}),
+                "folder": str(out.folder),
+                "archive": str(out.archive) if out.archive else None,
+            }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         _print_human(report, out)
@@ -207,6 +223,8 @@ def _print_human(report: Any, out: Any) -> None:
         field(con, "reason", r, indent=2)
     if out is not None:
         field(con, "outputs", out.folder)
+        for fused in out.document.get("outputs", {}).get("fused_images", []):
+            whole(con, "fused image", out.folder / fused["file"])  # whole, to copy; SAW's --image takes it
         if out.archive:
             whole(con, "archive", out.archive)  # whole, to copy; SAW takes it as saw count --image-tar
             field(con, "", "for SAW: saw count ... --image-tar=<the archive above>")

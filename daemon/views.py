@@ -62,7 +62,7 @@ def whole(con: Any, label: str, value: Any) -> None:
     """Print ``label`` and ``value`` on one line however long: a path to copy (the terminal wraps it, the copy stays whole)."""
     from rich.text import Text
 
-    con.print(Text(label.ljust(LABEL_WIDTH) + shown_name(str(value))), soft_wrap=True)
+    con.print(Text(label.ljust(max(LABEL_WIDTH, len(label) + 1)) + shown_name(str(value))), soft_wrap=True)
 
 
 def verdict_markup(verdict: str | None) -> str:

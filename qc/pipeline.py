@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,6 +63,7 @@ __all__ = [
     "chip_template",
     "decide_stain",
     "fov_params_for",
+    "fused_images",
     "run_qc",
     "write_run_outputs",
 ]
@@ -531,9 +533,11 @@ def write_run_outputs(
     include_images: bool = True,
     threads: int = 2,
     level: int = 0,
+    fused_image: bool = False,
 ) -> Any:
     """Write report.json, SAW's IPR, the pictures and each tiled image's
-    registered Fiji tile configuration; then the archive SAW takes.
+    registered Fiji tile configuration (and, with ``fused_image``, its
+    stitched image); then the archive SAW takes.
 
     Parameters
     ----------
@@ -549,12 +553,16 @@ def write_run_outputs(
         Compression threads.
     level : int
         The archive's gzip level, 0 (stored, as fast as a copy) to 3.
+    fused_image : bool
+        Also write each tiled image of ``scan_set`` fused at the positions
+        stitching registered (nominal where stitching did not run) as
+        ``<group>_fov_stitched.tif``, a tiled pyramidal OME-TIFF
+        (:func:`fused_images`); the report's ``outputs`` lists them.
 
     Returns :class:`qc.report.OutputPaths`.
     """
     import shutil
     import tempfile
-    from pathlib import Path
 
     from qc.ipr import write_ipr
     from qc.pictures import pictures_for_run, safe_name
@@ -571,6 +579,11 @@ def write_run_outputs(
             for name, res in stitched.items()
         }
     draw = pictures_for_run if pictures else None
+    writers: dict[str, Callable[[Path], object]] = {}
+    if fused_image and scan_set is not None:
+        listed, writers = fused_images(report, scan_set, threads=threads)
+        if listed:
+            report = replace(report, outputs={**report.outputs, "fused_images": listed})
 
     def ipr(path: Path, qc_result_file: str) -> None:
         write_ipr(report, scan_set, path, qc_result_file=qc_result_file)
@@ -593,6 +606,7 @@ def write_run_outputs(
             out_dir,
             pictures=draw,
             extra_files=extra,
+            files=writers,
             images=files,
             archive=archive,
             ipr=ipr,
@@ -602,3 +616,51 @@ def write_run_outputs(
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fused_images(
+    report: QCReport, scan_set: ScanSet, *, threads: int = 2, blend: str = "linear"
+) -> tuple[list[dict[str, str]], dict[str, Callable[[Path], object]]]:
+    """The stitched image of each tiled image of a QC run: its entry in the report's ``outputs`` and its writer.
+
+    Each is named as SAW names a stitched image of FOVs, ``<group>_fov_stitched.tif``
+    (``DAPI``, ``ssDNA``, ``HE`` or ``<name>_IF``, the image's IPR group): a tiled, pyramidal
+    OME-TIFF (:func:`qc.stitching.fuse_tiles`) at the positions stitching registered for it in
+    ``report`` (``registered``), or the nominal ones where stitching did not run (``nominal``).
+
+    Returns
+    -------
+    (list of dict, dict)
+        The entries (``image``, ``file``, ``positions``, ``blend``) and file name -> ``writer(path)``.
+    """
+    from qc.filenames import fit_name
+    from qc.ipr import ipr_group_name
+
+    facts = {im.name: im for im in report.images}
+    stitched = report.artifacts.get("stitching", {})
+    listed: list[dict[str, str]] = []
+    writers: dict[str, Callable[[Path], object]] = {}
+    for img in scan_set.images:
+        if not img.tiles or img.name not in facts:
+            continue
+        name = fit_name(f"{ipr_group_name(report.chip, facts[img.name], report.stain)}_fov_stitched", ".tif")
+        result = stitched.get(img.name)
+        positions = None if result is None else result.registered_positions
+
+        def write(
+            path: Path, tiles: Any = tuple(img.tiles), positions: Any = positions, px: Any = img.pixel_size_um
+        ) -> object:
+            from qc.stitching import fuse_tiles
+
+            return fuse_tiles(tiles, path, positions=positions, blend=blend, threads=threads, pixel_size_um=px)
+
+        writers[name] = write
+        listed.append(
+            {
+                "image": img.name,
+                "file": name,
+                "positions": "nominal" if result is None else "registered",
+                "blend": blend,
+            }
+        )
+    return listed, writers

@@ -7,6 +7,7 @@ An output folder per run holds::
     <stem>/pictures/*.png                   overlays a person would rather look at than read
     <stem>/pictures/<chip>_summary.png      one sheet: verdict, every metric, the reasons (a notification attaches it)
     <stem>/stitching/<image>/TileConfiguration.registered.txt
+    <stem>/<group>_fov_stitched.tif         a tile set's stitched image, when asked for (``outputs`` lists it)
 
 and ``<stem>.tar.gz`` beside it is the archive SAW takes (``saw count
 --image-tar``), laid out as StereoMap's: the IPR at its root, the input images
@@ -115,11 +116,16 @@ class QCReport:
     #: Seconds spent in each stage of :func:`qc.pipeline.run_qc` (read, track, clarity, stitching,
     #: calibration, verdict); only the stages that ran.
     stage_s: Mapping[str, float] = field(default_factory=dict)
+    #: Files of the output folder that a setting asked for besides report.json, the IPR and the
+    #: pictures: ``fused_images``, one entry per tiled image with ``image``, ``file`` (relative to the
+    #: folder), ``positions`` (``registered`` by stitching, or ``nominal``) and ``blend``. Serialised
+    #: as ``outputs`` only when there are any.
+    outputs: Mapping[str, Any] = field(default_factory=dict)
     #: Raw metric results and views kept for the pictures (not serialised).
     artifacts: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "schema": REPORT_SCHEMA,
             "chip": self.chip,
             "stain": self.stain,
@@ -135,6 +141,9 @@ class QCReport:
             "checks": [_plain(c) for c in self.checks],
             "stage_s": dict(self.stage_s),
         }
+        if self.outputs:
+            doc["outputs"] = _plain(self.outputs)
+        return doc
 
     def to_json(self) -> str:
         return json.dumps(self.as_dict(), indent=2, allow_nan=False)
@@ -142,10 +151,17 @@ class QCReport:
 
 @dataclass(frozen=True)
 class OutputPaths:
+    """What :func:`write_outputs` wrote: the folder, its report.json, pictures and ``files``, and the archive.
+
+    ``document`` is report.json's content (what a caller stores or prints as the report).
+    """
+
     folder: Path
     report: Path
     pictures: tuple[Path, ...]
     archive: Path | None
+    files: tuple[Path, ...] = ()
+    document: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _plain(value: Any) -> Any:
@@ -192,6 +208,7 @@ def write_outputs(
     *,
     pictures: Callable[[QCReport, Path], Sequence[Path]] | None = None,
     extra_files: Mapping[str, str] | None = None,
+    files: Mapping[str, Callable[[Path], object]] | None = None,
     images: Sequence[tuple[Path, str]] = (),
     archive: bool = True,
     ipr: Callable[[Path, str], Any] | None = None,
@@ -208,6 +225,9 @@ def write_outputs(
         ``pictures(report, folder)`` draws the pictures into ``folder``.
     extra_files : mapping, optional
         Relative path -> text, written into the folder.
+    files : mapping, optional
+        Relative path -> ``writer(path)``, called first to write a large file
+        (e.g. a fused image) straight into the folder.
     images : sequence of (path, archive name)
         Input image files to store in the archive under those names (never
         copied into the folder).
@@ -238,8 +258,13 @@ def write_outputs(
         final = out_dir / f"{stem}-{n}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{tag}.", dir=out_dir))
     ipr_name = f"{final.name}.ipr"
+    document = report.as_dict()
     try:
-        (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+        for rel, write in (files or {}).items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write(target)
+        (tmp / "report.json").write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
         pics: list[Path] = []
         if pictures is not None:
             (tmp / "pictures").mkdir()
@@ -265,7 +290,14 @@ def write_outputs(
         except BaseException:
             part.unlink(missing_ok=True)
             raise
-    return OutputPaths(folder=final, report=final / "report.json", pictures=tuple(pics), archive=arc)
+    return OutputPaths(
+        folder=final,
+        report=final / "report.json",
+        pictures=tuple(pics),
+        archive=arc,
+        files=tuple(final / rel for rel in files or {}),
+        document=document,
+    )
 
 
 class _StoredGzip:

@@ -5,7 +5,7 @@
 whole pixels, and writes the mosaic band by band: a band is one row of TIFF
 tiles (``tile_px`` rows of the mosaic); only the tiles that cross the band
 are decoded, each once, and dropped as soon as the bands have passed it, so
-memory is bounded by a few rows of tiles and one band, never the mosaic.
+memory is bounded by a few rows of tiles and a few bands, never the mosaic.
 
 Overlaps are blended:
 
@@ -20,30 +20,51 @@ Overlaps are blended:
 
 Pixels no tile covers are 0. The dtype (8 or 16 bit, float) and RGB are
 kept. The pyramid's reduced levels (each half the size of the one above,
-area mean, down to one TIFF tile) are built from the bands as they pass,
-into temporary memory-mapped files beside the output, and written as
-SubIFDs of the full-resolution page, which is what OME-TIFF readers (QuPath,
-Fiji/Bio-Formats, napari, tifffile) read as a pyramid.
+area mean, down to one TIFF tile) are halved from each band as it passes and
+written as soon as a row of their tiles is complete
+(:class:`~qc.stitching.pyramid_tiff.PyramidTiffWriter`): no temporary file,
+every byte written once. Bands are fused straight into TIFF tile order (no
+regrouping before the write), into buffers reused for the whole mosaic, as
+are the tiles' pixels (fresh memory costs a page fault per page). With
+``threads`` above 1 one thread writes the rows already fused while the
+others fuse the next band in column strips.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
+import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from qc.errors import QCError
+from qc.filenames import writer_tag
 from qc.io.model import Tile
+from qc.stitching.pyramid_tiff import COMPRESSIONS, PyramidTiffWriter, ome_description
 
 __all__ = ["BLENDS", "FusionResult", "fuse_tiles"]
 
 BLENDS = ("linear", "nearest")
+
+#: A mosaic rectangle ``(x0, y0, x1, y1)``, px, ends excluded.
+Rect = tuple[int, int, int, int]
+
+#: Rows of tiles (full-resolution bands or reduced-level rows) waiting for the writer thread at most.
+_PENDING_WRITES = 4
+#: Tile sizes whose blending weights are kept (a 2048^2 tile's take 16 MiB); other sizes are computed each time.
+_WEIGHT_MAPS = 4
 
 
 @dataclass(frozen=True)
@@ -81,17 +102,22 @@ def _to_dtype(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return arr.astype(dtype)
 
 
-def _halve(band: np.ndarray) -> np.ndarray:
+def _halve(band: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Area mean over 2 x 2 blocks, in the band's dtype; an odd last row or column is averaged on its own.
 
-    The even part goes through OpenCV's exact-halving path (several times
-    faster than a resize to an odd size).
+    Written into ``out`` (``((h + 1) // 2, (w + 1) // 2)``, may be a view with
+    a row stride) when given. The even part goes through OpenCV's
+    exact-halving path (several times faster than a resize to an odd size).
     """
     h, w = band.shape[:2]
     he, we = h - h % 2, w - w % 2
-    out = np.empty(((h + 1) // 2, (w + 1) // 2, *band.shape[2:]), band.dtype)
+    if out is None:
+        out = np.empty(((h + 1) // 2, (w + 1) // 2, *band.shape[2:]), band.dtype)
     if he and we:
-        out[: he // 2, : we // 2] = cv2.resize(band[:he, :we], (we // 2, he // 2), interpolation=cv2.INTER_AREA)
+        dst = out[: he // 2, : we // 2]
+        half = cv2.resize(band[:he, :we], (we // 2, he // 2), dst=dst, interpolation=cv2.INTER_AREA)
+        if half is not dst:  # OpenCV wrote elsewhere (it could not use the view)
+            dst[...] = half
     if w % 2 and he:
         col = band[:he, w - 1].astype(np.float32)
         out[: he // 2, -1] = _to_dtype(col.reshape(he // 2, 2, *band.shape[2:]).mean(axis=1), band.dtype)
@@ -104,21 +130,291 @@ def _halve(band: np.ndarray) -> np.ndarray:
     return out
 
 
-def _tiles_of(band: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
-    """The TIFF tiles of one band, left to right, the last ones padded to full size."""
-    for x0 in range(0, band.shape[1], tile_px):
-        t = band[:, x0 : x0 + tile_px]
-        if t.shape[0] != tile_px or t.shape[1] != tile_px:
-            pad = np.zeros((tile_px, tile_px, *band.shape[2:]), band.dtype)
-            pad[: t.shape[0], : t.shape[1]] = t
-            t = pad
-        yield np.ascontiguousarray(t)
+def _levels(height: int, width: int, tile_px: int) -> list[tuple[int, int]]:
+    """Full resolution, then halves down to one TIFF tile; a band halves to whole rows at every level."""
+    levels = [(height, width)]
+    while max(levels[-1]) > tile_px and 2 ** len(levels) <= tile_px:
+        h, w = levels[-1]
+        levels.append((max(1, math.ceil(h / 2)), max(1, math.ceil(w / 2))))
+    return levels
 
 
-def _level_tiles(level: np.ndarray, tile_px: int) -> Iterator[np.ndarray]:
-    """The TIFF tiles of a whole (memory-mapped) level, band by band."""
-    for y0 in range(0, level.shape[0], tile_px):
-        yield from _tiles_of(np.asarray(level[y0 : y0 + tile_px]), tile_px)
+class _Buffers:
+    """Arrays reused once their user is done with them: rows of tiles after the writer, tiles after the bands.
+
+    Fresh memory costs a page fault per page (and, in a virtual machine, often
+    a trip to the host); a few dozen arrays reused for the whole mosaic do not.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype, *, zero: bool = True) -> np.ndarray:
+        with self._lock:
+            free = self._free.get((shape, dtype.str))
+            buf = free.pop() if free else None
+        if buf is None:
+            return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
+        if zero:
+            buf.fill(0)
+        return buf
+
+    def put(self, buf: np.ndarray) -> None:
+        with self._lock:
+            self._free.setdefault((buf.shape, buf.dtype.str), []).append(buf)
+
+
+class _Rows:
+    """Hands rows of tiles to the writer, on a thread of its own or not."""
+
+    def __init__(self, writer: PyramidTiffWriter, buffers: _Buffers, pool: ThreadPoolExecutor | None) -> None:
+        self.writer, self.buffers, self.pool = writer, buffers, pool
+        self.pending: deque[Future[None]] = deque()
+
+    def __call__(self, level: int, row: int, tiles: np.ndarray) -> None:
+        if self.pool is None:
+            self._write(level, row, tiles)
+            return
+        self.pending.append(self.pool.submit(self._write, level, row, tiles))
+        while len(self.pending) > _PENDING_WRITES:
+            self.pending.popleft().result()
+
+    def _write(self, level: int, row: int, tiles: np.ndarray) -> None:
+        self.writer.write_row(level, row, tiles)
+        self.buffers.put(tiles)
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+
+class _Pyramid:
+    """Each full-resolution band written as a row of tiles and halved into every reduced level's current row.
+
+    Every row is kept as TIFF tiles, ``(across, tile_px, tile_px[, samples])``,
+    so it goes to the file as it is. Each tile halves on its own (it starts at
+    an even column) into one half of a tile of the next level.
+    """
+
+    def __init__(self, levels: Sequence[tuple[int, int]], tile_px: int, dtype: np.dtype, extra: tuple[int, ...], rows: _Rows, buffers: _Buffers) -> None:  # fmt: skip
+        self.levels, self.tile_px, self.dtype, self.extra = levels, tile_px, dtype, extra
+        self.rows, self.buffers = rows, buffers
+        self.current = [self._buffer(k) for k in range(len(levels))]
+        self.filled = [0] * len(levels)
+        self.row = [0] * len(levels)
+
+    def _buffer(self, level: int) -> np.ndarray:
+        across = self.rows.writer.across[level]
+        return self.buffers.get((across, self.tile_px, self.tile_px, *self.extra), self.dtype)
+
+    def band(self) -> np.ndarray:
+        """The tiles the next full-resolution band is fused into (zeroed)."""
+        return self.current[0]
+
+    def add(self, rows: int, last: bool) -> None:
+        """The band (``rows`` rows of :meth:`band`) is fused: halve it down the levels and write what is complete."""
+        t, half = self.tile_px, self.tile_px // 2
+        first, n, width = 0, rows, self.levels[0][1]  # the rows just added to the level above, its width
+        done = [0]
+        for k in range(1, len(self.levels)):
+            src, dst, g = self.current[k - 1], self.current[k], self.filled[k]
+            m = (n + 1) // 2
+            for tc in range(-(-width // t)):
+                cols = min(t, width - tc * t)
+                j, side = divmod(tc, 2)
+                _halve(
+                    src[tc, first : first + n, :cols], dst[j, g : g + m, side * half : side * half + (cols + 1) // 2]
+                )
+            self.filled[k] += m
+            first, n, width = g, m, self.levels[k][1]
+            if self.filled[k] == t or last:
+                done.append(k)
+        for k in done:  # after the halving: a level's rows are read by the next level first
+            self.rows(k, self.row[k], self.current[k])
+            self.row[k] += 1
+            self.filled[k] = 0
+            self.current[k] = self._buffer(k)
+
+
+def _pieces(x0: int, x1: int, t: int) -> Iterator[tuple[int, int, int]]:
+    """Mosaic columns x0:x1 cut at TIFF tile edges: ``(tile column, first, end)`` each."""
+    tc = x0 // t
+    while x0 < x1:
+        end = min(x1, (tc + 1) * t)
+        yield tc, x0, end
+        x0, tc = end, tc + 1
+
+
+class _Tiles:
+    """The tiles' pixels, decoded once when a band first needs them and dropped when the bands have passed them."""
+
+    def __init__(self, tiles: Sequence[Tile], place: Sequence[tuple[int, int]]) -> None:
+        self.tiles, self.place = tiles, place
+        self.by_top = sorted(range(len(tiles)), key=lambda i: place[i][1])
+        self.pixels: dict[int, np.ndarray] = {}
+        self.held = _Buffers()  # decoded pixels are copied into these and the decoded array freed at once
+
+    def crossing(self, y0: int, y1: int) -> list[int]:
+        """The tiles whose rows cross mosaic rows y0:y1, top first."""
+        out = []
+        for i in self.by_top:
+            y = self.place[i][1]
+            if y >= y1:
+                break
+            if y + self.tiles[i].height > y0:
+                out.append(i)
+        return out
+
+    def load(self, indices: Iterable[int], pool: ThreadPoolExecutor | None) -> None:
+        need = [i for i in indices if i not in self.pixels]
+        decoded = list(pool.map(self._decode, need)) if pool is not None and len(need) > 1 else map(self._decode, need)
+        for i, arr in zip(need, decoded, strict=True):
+            self.pixels[i] = arr
+
+    def _decode(self, i: int) -> np.ndarray:
+        t = self.tiles[i]
+        arr = np.asarray(t.read())
+        if arr.shape[:2] != (t.height, t.width):
+            msg = f"tile {t.name!r} decoded to {arr.shape[:2]} px but declares {t.height}x{t.width}"
+            raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
+        held = self.held.get(arr.shape, arr.dtype, zero=False)
+        np.copyto(held, arr)
+        return held
+
+    def check(self, i: int, dtype: np.dtype, extra: tuple[int, ...]) -> None:
+        arr = self.pixels[i]
+        if arr.shape[2:] != extra or arr.dtype != dtype:
+            msg = (
+                f"tile {self.tiles[i].name!r} is {arr.shape} {arr.dtype} but the first tile is "
+                f"{extra or 'one'} sample(s) of {dtype}"
+            )
+            raise QCError(msg, hint="All tiles of a set must match; re-export the scan")
+
+    def drop_above(self, y: int) -> None:
+        """Forget the tiles that end at or above mosaic row ``y``."""
+        for i in [i for i in self.pixels if self.place[i][1] + self.tiles[i].height <= y]:
+            self.held.put(self.pixels.pop(i))
+
+
+class _Blender:
+    """Fuses one column strip of one band: every tile copied in, then each overlap blended from the tiles covering it."""
+
+    def __init__(self, tiles: _Tiles, blend: str) -> None:
+        self.tiles, self.blend = tiles, blend
+        self.maps: dict[tuple[int, int], np.ndarray] = {}  # a tile size's weights, computed once (read-only)
+        self.lock = threading.Lock()
+
+    def weights(self, i: int, rect: Rect) -> np.ndarray:
+        """Tile i's blending weights over the mosaic rectangle ``(x0, y0, x1, y1)`` (a read-only view)."""
+        t = self.tiles.tiles[i]
+        x, y = self.tiles.place[i]
+        size = (t.width, t.height)
+        full = self.maps.get(size)
+        if full is None:
+            full = np.multiply.outer(_ramp(t.height), _ramp(t.width))
+            full.setflags(write=False)
+            with self.lock:
+                if len(self.maps) < _WEIGHT_MAPS:
+                    self.maps.setdefault(size, full)
+        return full[rect[1] - y : rect[3] - y, rect[0] - x : rect[2] - x]
+
+    def pixels(self, i: int, rect: Rect) -> np.ndarray:
+        x, y = self.tiles.place[i]
+        return self.tiles.pixels[i][rect[1] - y : rect[3] - y, rect[0] - x : rect[2] - x]
+
+    def fill(self, band: np.ndarray, y0: int, rows: int, active: Sequence[int], x0: int, x1: int) -> None:
+        """Mosaic columns x0:x1 of the band of ``rows`` rows from mosaic row y0, kept as TIFF tiles in ``band``."""
+        y1, t = y0 + rows, band.shape[1]
+        cover: list[tuple[int, Rect]] = []
+        for i in active:
+            x, y = self.tiles.place[i]
+            tile = self.tiles.tiles[i]
+            rect = (max(x, x0), max(y, y0), min(x + tile.width, x1), min(y + tile.height, y1))
+            if rect[0] >= rect[2] or rect[1] >= rect[3]:
+                continue
+            pixels = self.tiles.pixels[i][rect[1] - y : rect[3] - y]
+            for tc, a, b in _pieces(rect[0], rect[2], t):
+                band[tc, rect[1] - y0 : rect[3] - y0, a - tc * t : b - tc * t] = pixels[:, a - x : b - x]
+            cover.append((i, rect))
+        if len(cover) < 2:
+            return
+        edges = np.array([c for _, c in cover])  # (n, 4): every pair's intersection at once
+        lo = np.maximum(edges[:, None, :2], edges[None, :, :2])
+        hi = np.minimum(edges[:, None, 2:], edges[None, :, 2:])
+        for k, m in zip(*np.nonzero(np.triu((lo < hi).all(axis=2), 1)), strict=True):
+            rect = (int(lo[k, m, 0]), int(lo[k, m, 1]), int(hi[k, m, 0]), int(hi[k, m, 1]))
+            self._overlap(band, y0, rect, int(k), int(m), cover, edges)
+
+    def _overlap(self, band: np.ndarray, y0: int, rect: Rect, k: int, m: int, cover: Sequence[tuple[int, Rect]], edges: np.ndarray) -> None:  # fmt: skip
+        """Where tiles ``cover[k]`` and ``cover[m]`` overlap: cut at the edges of the other tiles over it into cells
+        that one set of tiles covers, and blend each cell whose first two tiles (in ``cover``'s order) are these
+        two, so every pixel is blended once, from every tile over it."""
+        lo = np.maximum(edges[:, :2], rect[:2])
+        hi = np.minimum(edges[:, 2:], rect[2:])
+        over_rect = np.nonzero((lo < hi).all(axis=1))[0]
+        if len(over_rect) == 2:  # only these two: most of every overlap
+            self._cell(band, y0, rect, [cover[k][0], cover[m][0]])
+            return
+        parts = [(int(n), (int(lo[n, 0]), int(lo[n, 1]), int(hi[n, 0]), int(hi[n, 1]))) for n in over_rect]
+        xs = sorted({e for _, p in parts for e in (p[0], p[2])})
+        ys = sorted({e for _, p in parts for e in (p[1], p[3])})
+        for ya, yb in pairwise(ys):
+            for xa, xb in pairwise(xs):
+                over = [n for n, p in parts if p[0] <= xa and xb <= p[2] and p[1] <= ya and yb <= p[3]]
+                if over[:2] == [k, m]:
+                    self._cell(band, y0, (xa, ya, xb, yb), [cover[n][0] for n in over])
+
+    def _cell(self, band: np.ndarray, y0: int, cell: Rect, over: Sequence[int]) -> None:
+        """A cell blended into the band's tiles, a TIFF tile column at a time."""
+        t = band.shape[1]
+        for tc, a, b in _pieces(cell[0], cell[2], t):
+            out = band[tc, cell[1] - y0 : cell[3] - y0, a - tc * t : b - tc * t]
+            self._blend(out, (a, cell[1], b, cell[3]), over)
+
+    def _blend(self, out: np.ndarray, cell: Rect, over: Sequence[int]) -> None:
+        """One cell from every tile in ``over`` (each covers all of it; the first wins a tie)."""
+        weights = [self.weights(i, cell) for i in over]
+        values = [self.pixels(i, cell) for i in over]
+        rgb = out.ndim == 3
+        if self.blend == "nearest":
+            out[...] = values[0]
+            best = weights[0]
+            for w, v in zip(weights[1:], values[1:], strict=True):
+                take = w > best
+                np.copyto(out, v, where=take[..., None] if rgb else take)
+                best = np.maximum(best, w)
+            return
+        if len(over) == 2:  # most of every overlap
+            (wa, wb), (va, vb) = weights, values
+            if out.dtype == np.uint8:  # OpenCV's one pass: (a * wa + b * wb) / (wa + wb + 1e-5), rounded
+                mixed = cv2.blendLinear(va, vb, wa, wb, dst=out)
+                if mixed is not out:  # OpenCV wrote elsewhere (it could not use the view)
+                    out[...] = mixed
+                return
+            total = wa + wb
+            alpha = np.divide(wa, total, out=total)  # a's share; b + (a - b) * share is exact where a == b
+            mix = va.astype(np.float32)
+            mix -= vb
+            mix *= alpha[..., None] if rgb else alpha
+            mix += vb
+            out[...] = np.rint(mix, out=mix) if np.issubdtype(out.dtype, np.integer) else mix
+            return
+        acc = np.zeros(out.shape, np.float32)
+        total = np.zeros(out.shape[:2], np.float32)
+        for w, v in zip(weights, values, strict=True):
+            acc += v.astype(np.float32) * (w[..., None] if rgb else w)
+            total += w
+        acc /= total[..., None] if rgb else total
+        out[...] = _to_dtype(acc, out.dtype)
+
+
+def _strips(width: int, tile_px: int, n: int) -> list[tuple[int, int]]:
+    """Up to ``n`` column ranges covering 0:width, split at whole TIFF tiles."""
+    across = -(-width // tile_px)
+    n = max(1, min(n, across))
+    cuts = [round(k * across / n) * tile_px for k in range(n + 1)]
+    return [(a, min(b, width)) for a, b in pairwise(cuts) if a < min(b, width)]
 
 
 def fuse_tiles(
@@ -129,6 +425,8 @@ def fuse_tiles(
     blend: str = "linear",
     tile_px: int = 512,
     compression: str | None = None,
+    threads: int = 2,
+    pixel_size_um: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> FusionResult:
     """Write the stitched image of ``tiles`` to ``out`` as a tiled, pyramidal OME-TIFF.
@@ -138,7 +436,8 @@ def fuse_tiles(
     tiles : sequence of Tile
         The fields of view (at least one), all of one dtype and sample count.
     out : str or Path
-        The ``.ome.tif`` to write (replaced when it exists).
+        The file to write (replaced when it exists; written under a hidden
+        temporary name beside it and renamed when whole).
     positions : mapping, optional
         Tile name -> top-left ``(x, y)`` px, e.g.
         :attr:`qc.stitching.StitchingResult.registered_positions`; default the
@@ -147,8 +446,14 @@ def fuse_tiles(
         How overlaps are combined (see the module docstring).
     tile_px : int
         TIFF tile side and band height, px (a power of two, 16 to 4096).
-    compression : str, optional
-        TIFF compression for tifffile (e.g. ``"zlib"``); default none (fastest).
+    compression : {None, "zlib", "zstd"}
+        TIFF compression of the tiles; default none (fastest).
+    threads : int
+        At most this many threads: with 1 the bands are fused and written in
+        turn; with more, one writes the file while the others fuse the next
+        band (in column strips) and decode its tiles.
+    pixel_size_um : float, optional
+        Recorded in the OME-XML (PhysicalSizeX/Y).
     progress : callable, optional
         Called as ``progress(rows_done, rows_total)`` after each band.
 
@@ -156,162 +461,78 @@ def fuse_tiles(
     -------
     FusionResult
     """
-    import tifffile
-
     if blend not in BLENDS:
         msg = f"unknown blend {blend!r}; use one of {', '.join(BLENDS)}"
         raise ValueError(msg)
     if not 16 <= tile_px <= 4096 or tile_px & (tile_px - 1):
         msg = f"tile_px must be a power of two from 16 to 4096, got {tile_px}"
         raise ValueError(msg)
+    if compression is not None and compression not in COMPRESSIONS:
+        msg = f"unknown compression {compression!r}; use None or one of {', '.join(COMPRESSIONS)}"
+        raise ValueError(msg)
     tiles = list(tiles)
     if not tiles:
         msg = "there are no tiles to fuse"
         raise QCError(msg, hint="Give a tile folder or a CZI mosaic")
     start = time.perf_counter()
+    threads = max(1, int(threads))
     pos = {t.name: (positions or {}).get(t.name, (t.x, t.y)) for t in tiles}
     x_min = min(p[0] for p in pos.values())
     y_min = min(p[1] for p in pos.values())
     place = [(round(pos[t.name][0] - x_min), round(pos[t.name][1] - y_min)) for t in tiles]
-    width = max(x + t.width for (x, _), t in zip(place, tiles, strict=False))
-    height = max(y + t.height for (_, y), t in zip(place, tiles, strict=False))
+    width = max(x + t.width for (x, _), t in zip(place, tiles, strict=True))
+    height = max(y + t.height for (_, y), t in zip(place, tiles, strict=True))
+    levels = _levels(height, width, tile_px)
 
-    cache: dict[int, np.ndarray] = {}
-
-    def tile_pixels(i: int) -> np.ndarray:
-        if i not in cache:
-            arr = np.asarray(tiles[i].read())
-            if arr.shape[:2] != (tiles[i].height, tiles[i].width):
-                msg = f"tile {tiles[i].name!r} decoded to {arr.shape[:2]} px but declares {tiles[i].height}x{tiles[i].width}"
-                raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
-            cache[i] = arr
-        return cache[i]
-
-    by_top = sorted(range(len(tiles)), key=lambda i: place[i][1])
-    first = tile_pixels(by_top[0])
-    dtype, extra = first.dtype, first.shape[2:]
+    source = _Tiles(tiles, place)
+    first = source.by_top[0]
+    source.load([first], None)
+    dtype, extra = source.pixels[first].dtype, tuple(source.pixels[first].shape[2:])
     samples = extra[0] if extra else 1
-    del first  # the cache holds it until the bands pass it
-
-    levels = [(height, width)]
-    while max(levels[-1]) > tile_px and 2 ** len(levels) <= tile_px:  # a band halves to whole rows
-        h, w = levels[-1]
-        levels.append((max(1, math.ceil(h / 2)), max(1, math.ceil(w / 2))))
-    ramps = {}
-
-    def weights(i: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Tile i's blending weights over its own rows r0:r1, columns c0:c1."""
-        key = (tiles[i].width, tiles[i].height)
-        if key not in ramps:
-            ramps[key] = (_ramp(key[0]), _ramp(key[1]))
-        rx, ry = ramps[key]
-        result: np.ndarray = ry[r0:r1, None] * rx[None, c0:c1]
-        return result
-
-    def fused_band(y0: int, y1: int) -> np.ndarray:
-        """Mosaic rows y0:y1: every tile copied in, then each overlap blended from all the tiles that cover it."""
-        band = np.zeros((y1 - y0, width, *extra), dtype)
-        active = []
-        for i in by_top:
-            x, y = place[i]
-            t = tiles[i]
-            if y >= y1:
-                break
-            if y + t.height <= y0:
-                continue
-            arr = tile_pixels(i)
-            if arr.shape[2:] != extra:
-                msg = f"tile {t.name!r} is {arr.shape} but the first tile has {extra or 'one'} sample(s)"
-                raise QCError(msg, hint="All tiles of a set must match; re-export the scan")
-            a0, a1 = max(y0, y) - y, min(y1, y + t.height) - y
-            band[y + a0 - y0 : y + a1 - y0, x : x + t.width] = arr[a0:a1]
-            active.append((i, x, max(y0, y), x + t.width, min(y1, y + t.height)))
-        done: set[tuple[int, int, int, int]] = set()
-        for k, (_, ax0, ay0, ax1, ay1) in enumerate(active):
-            for _, bx0, by0, bx1, by1 in active[k + 1 :]:
-                rect = (max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1))
-                if rect[0] >= rect[2] or rect[1] >= rect[3] or rect in done:
-                    continue
-                done.add(rect)
-                rx0, ry0, rx1, ry1 = rect
-                shape = (ry1 - ry0, rx1 - rx0)
-                acc = (
-                    np.zeros((*shape, *extra), np.float32)
-                    if blend == "linear"
-                    else band[ry0 - y0 : ry1 - y0, rx0:rx1].copy()
-                )
-                best = np.zeros(shape, np.float32)
-                for i, cx0, cy0, cx1, cy1 in active:  # every tile that covers part of the overlap
-                    px0, py0, px1, py1 = max(rx0, cx0), max(ry0, cy0), min(rx1, cx1), min(ry1, cy1)
-                    if px0 >= px1 or py0 >= py1:
-                        continue
-                    x, y = place[i]
-                    w = weights(i, py0 - y, py1 - y, px0 - x, px1 - x)
-                    sub = tile_pixels(i)[py0 - y : py1 - y, px0 - x : px1 - x]
-                    o = (slice(py0 - ry0, py1 - ry0), slice(px0 - rx0, px1 - rx0))
-                    if blend == "linear":
-                        acc[o] += sub.astype(np.float32) * (w[..., None] if extra else w)
-                        best[o] += w
-                    else:
-                        take = w > best[o]
-                        acc[o][take] = sub[take]
-                        best[o][take] = w[take]
-                if blend == "linear":
-                    acc /= best[..., None] if extra else best
-                    acc = _to_dtype(acc, dtype)
-                band[ry0 - y0 : ry1 - y0, rx0:rx1] = acc
-        return band
+    blender = _Blender(source, blend)
+    strips = _strips(width, tile_px, max(1, threads - 1))  # one thread of 'threads' writes
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    photometric = "rgb" if samples == 3 else "minisblack"
-    with tempfile.TemporaryDirectory(prefix=".fuse-", dir=out.parent, ignore_cleanup_errors=True) as tmp:
-        reduced = [
-            np.lib.format.open_memmap(Path(tmp) / f"level{k}.npy", mode="w+", dtype=dtype, shape=(h, w, *extra))
-            for k, (h, w) in enumerate(levels)
-            if k
-        ]
-
-        def base_tiles() -> Iterator[np.ndarray]:
+    part = out.with_name(f".{out.name}.partial-{writer_tag()}")
+    try:
+        with ExitStack() as stack:
+            fh = stack.enter_context(part.open("wb"))
+            workers = writes = None
+            if threads > 1:  # shut down (queued work cancelled) before the file closes
+                workers = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="fuse")
+                writes = ThreadPoolExecutor(1, thread_name_prefix="fuse-write")
+                for pool in (workers, writes):
+                    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            shape = (height, width, *extra)
+            description = ome_description(shape, dtype, pixel_size_um=pixel_size_um)
+            writer = PyramidTiffWriter(
+                fh, levels, dtype, samples, tile_px, compression=compression, description=description
+            )
+            buffers = _Buffers()
+            rows = _Rows(writer, buffers, writes)
+            pyramid = _Pyramid(levels, tile_px, dtype, extra, rows, buffers)
             for y0 in range(0, height, tile_px):
                 y1 = min(height, y0 + tile_px)
-                band = fused_band(y0, y1)
-                for i in [i for i in cache if place[i][1] + tiles[i].height <= y1]:
-                    del cache[i]  # the bands have passed it
-                # this band's share of every reduced level, each the area mean of the one above
-                down, top = band, y0
-                for lvl in reduced:
-                    top //= 2  # exact: bands start at multiples of tile_px, a power of two
-                    down = _halve(down)
-                    lvl[top : top + down.shape[0]] = down
-                yield from _tiles_of(band, tile_px)
+                active = source.crossing(y0, y1)
+                source.load(active, workers)
+                for i in active:
+                    source.check(i, dtype, extra)
+                band = pyramid.band()
+                if workers is None or len(strips) == 1:
+                    blender.fill(band, y0, y1 - y0, active, 0, width)
+                else:
+                    list(workers.map(partial(blender.fill, band, y0, y1 - y0, active), *zip(*strips, strict=True)))
+                source.drop_above(y1)
+                pyramid.add(y1 - y0, last=y1 == height)
                 if progress is not None:
                     progress(y1, height)
-
-        with tifffile.TiffWriter(out, bigtiff=True, ome=True) as tif:
-            meta = {"axes": "YXS" if extra else "YX"}
-            tif.write(
-                base_tiles(),
-                shape=(height, width, *extra),
-                dtype=dtype,
-                tile=(tile_px, tile_px),
-                photometric=photometric,
-                compression=compression,
-                subifds=len(reduced),
-                metadata=meta,
-            )
-            for k in range(len(reduced)):
-                tif.write(
-                    _level_tiles(reduced[k], tile_px),
-                    shape=reduced[k].shape,
-                    dtype=dtype,
-                    tile=(tile_px, tile_px),
-                    photometric=photometric,
-                    compression=compression,
-                    subfiletype=1,
-                    metadata=None,
-                )
-        reduced.clear()  # unmapped before the folder goes (Windows cannot delete mapped files)
+            rows.drain()
+            writer.finish()
+        os.replace(part, out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return FusionResult(
         path=out,
         width=width,

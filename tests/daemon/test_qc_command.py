@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 from daemon.cli import main
 from tests.daemon.conftest import CHIP
@@ -146,3 +147,31 @@ def test_the_watch_root_of_files_under_nested_roots_is_the_deepest_as_in_discove
     assert _watch_root_of(cfg, [inner / "C02533C"]).tile_overlap == (0.26, 0.1)
     assert _watch_root_of(cfg, [outer / "C02533D.tif"]).tile_overlap == (0.1,)
     assert _watch_root_of(cfg, [tmp_path / "elsewhere.tif"]) is None
+
+
+def test_qc_fused_writes_the_stitched_image_into_the_output_folder_and_names_it(tmp_path, capsys, monkeypatch):
+    """Issue #17 item 4: ``--fused`` (else the config's ``output.fused_image``) for the hand command."""
+    import numpy as np
+    import tifffile
+
+    from qc.testing.tiles import make_tile_set, write_tile_folder
+
+    monkeypatch.delenv("IMAGEQC_CONFIG", raising=False)
+    texture = np.random.default_rng(4).integers(0, 255, (1000, 1000), dtype=np.uint8)
+    folder = write_tile_folder(
+        make_tile_set(texture, rows=2, cols=2, tile_size=400, overlap=0.1, seed=4), tmp_path / CHIP
+    )
+    assert main(["qc", str(folder), "--fused", "--no-cache"]) == 2
+    assert "give --out DIR too" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["qc", str(folder), "--out", str(out), "--fused", "--no-cache", "--json"]) in (0, 3)
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    assert outputs["folder"] == str(run) and outputs["fused_images"][0]["file"] == "DAPI_fov_stitched.tif"
+    assert tifffile.imread(run / "DAPI_fov_stitched.tif").shape == (760, 760)  # 2 x 2 tiles of 400 at a 360 step
+    assert json.loads((run / "report.json").read_text())["outputs"]["fused_images"] == outputs["fused_images"]
+    assert main(["qc", str(folder), "--out", str(out), "--no-cache", "--fused"]) in (0, 3)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fused image")]
+    assert line.endswith("DAPI_fov_stitched.tif") and Path(line.split()[-1]).is_file()
+    assert main(["qc", str(folder), "--out", str(out), "--no-cache"]) in (0, 3)  # not asked for: not written
+    assert "fused image" not in capsys.readouterr().out and len(list(out.glob("*/DAPI_fov_stitched.tif"))) == 2

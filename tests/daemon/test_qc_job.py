@@ -225,3 +225,44 @@ def test_a_folder_named_by_the_roots_tile_pattern_is_qcd_with_it(make_config):
     assert job.state == "qc_done", job.error
     stitching = result["report"]["images"][0]["stitching"]
     assert stitching["pairs_total"] == 7 and stitching["passed"], stitching
+
+
+def test_the_fused_image_of_a_tile_set_is_written_listed_and_archived(make_config, capsys):
+    """Issue #17 item 4: ``[output] fused_image`` writes the stitched image beside the report, at the
+    registered positions, and the stored report lists it; its pixels are the generator's mosaic."""
+    import numpy as np
+    import tifffile
+
+    from qc.testing.tiles import blob_texture, make_tile_set, write_tile_folder
+
+    cfg = make_config("[output]\nfused_image = true\n")
+    texture = blob_texture((1100, 1500), seed=17)  # nuclei-like: registers to a fraction of a pixel
+    ts = make_tile_set(texture, rows=2, cols=3, tile_size=400, overlap=0.1, jitter_px=4, seed=17)
+    folder = write_tile_folder(ts, cfg.watch[0].path / CHIP)
+    job, result = _run(cfg, [member(folder, CHIP)])
+    assert job.state == "qc_done", job.error
+    listed = result["report"]["outputs"]["fused_images"]
+    assert listed == [{"image": CHIP, "file": "DAPI_fov_stitched.tif", "positions": "registered", "blend": "linear"}]
+    fused = Path(result["output_dir"], "DAPI_fov_stitched.tif")
+    with tifffile.TiffFile(fused) as tif:
+        assert tif.is_ome and tif.pages[0].is_tiled and len(tif.series[0].levels) >= 2
+        img = tif.asarray()
+    # the generator's mosaic in the fused frame: its top-left is the leftmost and topmost true position
+    x0 = int(min(p[0] for p in ts.true_positions.values()))
+    y0 = int(min(p[1] for p in ts.true_positions.values()))
+    margin = int(np.abs(np.array(list(ts.offsets.values()))).max()) + 1
+    truth = texture[y0 + margin : y0 + margin + img.shape[0], x0 + margin : x0 + margin + img.shape[1]]
+    covered = np.zeros(img.shape, bool)
+    for t in ts.tiles:
+        x, y = (int(v) - o for v, o in zip(ts.true_positions[t.name], (x0, y0), strict=True))
+        covered[y : y + t.height, x : x + t.width] = True
+    assert img.shape == truth.shape and not img[~covered].any()
+    assert (img[covered] == truth[covered]).mean() > 0.99  # registered within half a pixel: the same placement
+    with tarfile.open(result["archive"]) as tar:  # like the folder's other files, in the archive under imageqc/
+        assert "imageqc/DAPI_fov_stitched.tif" in tar.getnames()
+    assert [p.name for p in folder.iterdir() if "fov_stitched" in p.name] == []  # never into the watch root
+    from daemon.cli import main
+
+    assert main(["show", str(job.id), "--config", cfg.source]) == 0  # imageqc show names it whole, to copy
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fused image")]
+    assert line.split()[-1] == str(fused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import cv2
@@ -11,6 +12,7 @@ import tifffile
 
 from qc.io.model import Tile
 from qc.stitching import evaluate_stitching, fuse_tiles
+from qc.stitching.fusion import _halve
 from qc.testing.tiles import make_tile_set, write_tile_configuration_folder
 from tests.qc.stitching_helpers import stain_texture
 
@@ -99,3 +101,82 @@ def test_fuse_command_writes_a_tile_configuration_folder_and_refuses_what_it_can
     tifffile.imwrite(single, np.zeros((64, 64), np.uint8))
     assert main(["fuse", str(single), "--out", str(tmp_path / "x.ome.tif")]) == 2
     assert "is not a tile set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compression", [None, "zlib", "zstd"])
+def test_every_level_is_written_once_in_one_pass_and_reads_back_with_any_compression(tmp_path, compression):
+    """The levels are interleaved in the file (no temporary copy); tifffile reads the same pyramid whatever the codec."""
+    tex = stain_texture("DAPI", (1400, 1700), 21)
+    ts = make_tile_set(tex, jitter_px=3, seed=6, **GRID)
+    res = fuse_tiles(
+        ts.tiles, tmp_path / "z.ome.tif", positions=ts.true_positions, tile_px=64, compression=compression,
+        pixel_size_um=0.5,
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.ome.tif"]  # no partial or temporary file left
+    with tifffile.TiffFile(res.path) as tif:
+        page = tif.pages[0]
+        assert tif.is_ome and tif.is_bigtiff and page.is_tiled and len(page.pages) == len(res.levels) - 1
+        assert page.compression == {None: 1, "zlib": 8, "zstd": 50000}[compression]
+        assert 'PhysicalSizeX="0.5"' in page.description
+        levels = [lvl.asarray() for lvl in tif.series[0].levels]
+    truth, covered = _truth(tex, ts, res.width, res.height)
+    np.testing.assert_array_equal(levels[0][covered], truth[covered])
+    assert [lv.shape for lv in levels] == [tuple(s) for s in res.levels] and max(levels[-1].shape) <= 64
+    for upper, lower in itertools.pairwise(levels):  # halved band by band = halved whole
+        np.testing.assert_array_equal(lower, _halve(upper))
+
+
+@pytest.mark.parametrize("blend", ["linear", "nearest"])
+def test_threads_change_nothing_in_the_image(tmp_path, blend):
+    tex = stain_texture("HE", (1400, 1700), 23)
+    ts = make_tile_set(tex, jitter_px=6, seed=7, **GRID)
+    one = fuse_tiles(ts.tiles, tmp_path / "one.ome.tif", blend=blend, tile_px=64, threads=1)
+    four = fuse_tiles(ts.tiles, tmp_path / "four.ome.tif", blend=blend, tile_px=64, threads=4)
+    with tifffile.TiffFile(one.path) as a, tifffile.TiffFile(four.path) as b:
+        for la, lb in zip(a.series[0].levels, b.series[0].levels, strict=True):
+            np.testing.assert_array_equal(la.asarray(), lb.asarray())
+
+
+def test_a_tile_that_cannot_be_read_leaves_no_file_behind(tmp_path):
+    from qc.errors import QCError
+
+    tex = stain_texture("DAPI", (1400, 1700), 21)
+    ts = make_tile_set(tex, seed=8, **GRID)
+
+    def broken():
+        raise QCError("tile_0002_0001: the tile cannot be decoded")
+
+    t = ts.tile(2, 1)
+    bad = Tile(name=t.name, row=t.row, col=t.col, x=t.x, y=t.y, width=t.width, height=t.height, loader=broken)
+    tiles = [bad if x.name == t.name else x for x in ts.tiles]
+    (tmp_path / "m.ome.tif").write_bytes(b"an older file")
+    with pytest.raises(QCError, match="cannot be decoded"):
+        fuse_tiles(tiles, tmp_path / "m.ome.tif", tile_px=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ome.tif"]  # the partial file went, the old one stays
+    assert (tmp_path / "m.ome.tif").read_bytes() == b"an older file"
+
+
+def test_a_run_whose_stitching_did_not_run_is_fused_at_the_nominal_positions(tmp_path):
+    """The QC output's fused image (issue #17 item 4) without a stitching result: where the microscope put each tile."""
+    from qc.io import open_scan_set
+    from qc.pipeline import fused_images
+    from qc.report import ImageReport, QCReport
+    from qc.testing.tiles import write_tile_folder
+
+    tex = np.random.default_rng(5).integers(0, 255, (1000, 1300), dtype=np.uint8)
+    ts = make_tile_set(tex, rows=2, cols=3, tile_size=400, overlap=0.1, jitter_px=5, seed=5)
+    folder = write_tile_folder(ts, tmp_path / "SS200000135TL_D1")
+    with open_scan_set([folder]) as scan:
+        img = scan.images[0]
+        facts = ImageReport(img.name, img.role, img.format, img.width, img.height, "uint8", img.fov_grid)
+        report = QCReport(scan.chip, "ssDNA", "fail", (), (facts,), 1.0, "0", 0.0)
+        listed, writers = fused_images(report, scan)
+        assert listed == [
+            {"image": img.name, "file": "ssDNA_fov_stitched.tif", "positions": "nominal", "blend": "linear"}
+        ]
+        writers["ssDNA_fov_stitched.tif"](tmp_path / "n.tif")
+    fused = tifffile.imread(tmp_path / "n.tif")
+    assert fused.shape == (360 + 400, 2 * 360 + 400)  # the nominal grid: a 360 px step
+    for t in ts.tiles:  # each tile's own part (no neighbour overlaps it) is its pixels, where the grid says
+        x, y = int(t.x), int(t.y)
+        np.testing.assert_array_equal(fused[y + 40 : y + 360, x + 40 : x + 360], t.read()[40:360, 40:360])
