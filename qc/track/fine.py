@@ -101,7 +101,12 @@ def _dips(prof: np.ndarray, centre: int, search: float) -> tuple[np.ndarray, np.
     fwhm = (right - left - 1).astype(float)
     away = np.abs(idx - i[:, None]) > np.maximum(3, fwhm)[:, None]
     rest = np.where(away, hs, np.nan)
-    noise = 1.4826 * np.nanmedian(np.abs(rest - np.nanmedian(rest, axis=1)[:, None]), axis=1) + 1e-9
+    # a flat profile (a window of saturated tissue) has no sample away from its "dip": no noise, no dip
+    noise = np.full(len(hs), np.nan)
+    some = np.isfinite(rest).any(axis=1)
+    if some.any():
+        r = rest[some]
+        noise[some] = 1.4826 * np.nanmedian(np.abs(r - np.nanmedian(r, axis=1)[:, None]), axis=1) + 1e-9
     y0, y1, y2 = hs[rows, i - 1], hs[rows, i], hs[rows, i + 1]
     den = y0 - 2 * y1 + y2
     with np.errstate(divide="ignore", invalid="ignore"):
