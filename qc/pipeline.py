@@ -336,6 +336,7 @@ def run_qc(
 
         required = stain == "DAPI+mIF" or settings.stitching_required
         for k, img in enumerate(tiled_images):
+            st.at("stitching", k / len(tiled_images))  # the per-FOV checks below count as the tile set's stage
             tiles = list(img.tiles or ())
             fovs_cached: int | None = None
             if nuclear is not None and img is nuclear:
