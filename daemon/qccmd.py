@@ -120,11 +120,12 @@ def cmd_qc(args: argparse.Namespace) -> int:
     import os
 
     from daemon.config import load_config, tile_pattern_problem
-    from daemon.qcsettings import qc_settings
+    from daemon.qcsettings import no_huge_page_stalls, qc_settings
     from qc.errors import QCError
     from qc.io import open_scan_set
     from qc.pipeline import run_qc, write_run_outputs
 
+    no_huge_page_stalls()  # as in the service's QC worker
     cfg = load_config(args.config or os.environ.get("IMAGEQC_CONFIG") or None)
     paths = [Path(p) for p in args.paths]
     missing = [str(p) for p in paths if not p.exists()]

@@ -43,6 +43,7 @@ from daemon.clock import backoff
 from daemon.config import Config
 from daemon.errors import DaemonError, DatabaseUnavailable, IllegalTransition
 from daemon.logging import bind_job, configure_logging, get_logger
+from daemon.qcsettings import no_huge_page_stalls
 from daemon.store import Job, JobState, Store
 
 __all__ = [
@@ -153,6 +154,7 @@ def _child_setup(config: Config, parent_pid: int) -> None:
     for var in THREAD_ENV_VARS:
         os.environ[var] = threads
     apply_priority(config.qc.priority)
+    no_huge_page_stalls()
     configure_logging(
         level=config.logging.level,
         file=config.log_file,

@@ -164,6 +164,7 @@ def test_child_runs_at_low_priority_with_bounded_threads(env):
     ev = next(e for e in store.events(job_id) if e.to_state == "qc_done")
     assert ev.data is not None
     assert ev.data["nice"] >= 10 and ev.data["omp"] == "1"
+    assert ev.data["huge_pages"] is False  # numpy's huge-page advice is off: no compaction stalls (worker.py)
 
 
 def _pid_of_run(store, job_id):
