@@ -14,15 +14,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from qc.stitching.fusion import _ramp
+
 __all__ = ["fused_preview"]
-
-
-def _weights(h: int, w: int) -> np.ndarray:
-    """Each pixel's distance to the tile's nearest edge plus 1, as a product of two ramps."""
-    ry = np.minimum(np.arange(h, dtype=np.float32) + 1, np.arange(h, 0, -1, dtype=np.float32))
-    rx = np.minimum(np.arange(w, dtype=np.float32) + 1, np.arange(w, 0, -1, dtype=np.float32))
-    out: np.ndarray = np.outer(ry, rx)
-    return out
 
 
 def fused_preview(
@@ -57,7 +51,7 @@ def fused_preview(
             continue
         wts = ramps.get((vh, vw))
         if wts is None:
-            wts = ramps[(vh, vw)] = _weights(vh, vw)
+            wts = ramps[(vh, vw)] = np.multiply.outer(_ramp(vh), _ramp(vw))  # the fusion's own weights
         part = wts[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
         pix = view[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].astype(np.float32)
         acc[cy0:cy1, cx0:cx1] += pix * (part[..., None] if extra else part)
