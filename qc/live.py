@@ -44,12 +44,12 @@ Measured on real-looking and easy scans by ``benchmarks/bench_fov_rules.py``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -59,6 +59,7 @@ import numpy as np
 from qc.chip import ChipTemplate
 from qc.clarity.evaluate import evaluate_clarity
 from qc.clarity.model import CATEGORIES, LoadedClarityModel
+from qc.io._mosaic import ahead
 from qc.io.model import Tile, array_digest
 from qc.stitching.pair_cache import PairCache, cache_get_many, cache_put_many, digest_key
 from qc.track import coarse
@@ -766,19 +767,14 @@ def check_fovs(
         return check
 
     out: list[FovCheck] = []
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fov-check") as pool:
-        misses = [i for i in range(len(tiles)) if keys[i] not in hits]
-        pending = {i: pool.submit(compute, i) for i in misses[: 2 * max(1, threads)]}
-        queue = iter(misses[len(pending) :])
+    misses = [i for i in range(len(tiles)) if keys[i] not in hits]
+    with contextlib.closing(ahead(compute, misses, max(1, threads))) as computed:
         for i, t in enumerate(tiles):
             value = hits.get(keys[i])
             if value is not None:
                 check, cached = FovCheck.from_bytes(value).renamed(t), True
             else:
-                check, cached = pending.pop(i).result(), False
-                nxt = next(queue, None)  # keep the pool busy, a bounded number of tiles ahead
-                if nxt is not None:
-                    pending[nxt] = pool.submit(compute, nxt)
+                check, cached = next(computed), False  # the misses come in the order of the tiles
             out.append(check)
             if on_result is not None:
                 on_result(check, cached)

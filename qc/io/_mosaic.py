@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import collections
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
 from qc.io._reduce import block_mean, reduced_shape
 from qc.io.model import Tile
 
-__all__ = ["assemble", "grid_indices", "read_ahead", "reduce_tiles", "tile_view"]
+__all__ = ["ahead", "assemble", "grid_indices", "read_ahead", "reduce_tiles", "tile_view"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 #: Called with each tile and its pixels as a mosaic is read (to keep a reduced view of every tile).
 TileHook = Callable[[Tile, np.ndarray], None]
@@ -23,30 +28,34 @@ def _shape(h: int, w: int, samples: int | None) -> tuple[int, ...]:
     return (h, w) if samples is None else (h, w, samples)
 
 
-def read_ahead(tiles: Sequence[Tile], threads: int = 1) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Each tile with its pixels, in the order given, decoded on up to ``threads`` threads.
+def ahead(fn: Callable[[T], R], items: Sequence[T], threads: int = 1) -> Generator[R, None, None]:
+    """``fn`` of each item, in the order given, on up to ``threads`` threads.
 
-    At most ``2 * threads`` tiles are decoded ahead of the one the caller
-    holds, so memory stays at a few tiles whatever the count.
+    At most ``2 * threads`` items are worked on ahead of the result the caller
+    holds, so memory stays at a few results (decoded tiles) whatever the count.
+    Closing the iterator early cancels what has not started.
     """
-    if threads <= 1 or len(tiles) <= 1:
-        for t in tiles:
-            yield t, t.read()
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
         return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-read") as ex:
-        pending: list[tuple[Tile, Future[np.ndarray]]] = []
-        queue = iter(tiles)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qc-ahead") as ex:
+        pending: collections.deque[Future[R]] = collections.deque()
         try:
-            for t in queue:
-                pending.append((t, ex.submit(t.read)))
+            for item in items:
+                pending.append(ex.submit(fn, item))
                 if len(pending) > 2 * threads:
-                    done, fut = pending.pop(0)
-                    yield done, fut.result()
-            for done, fut in pending:
-                yield done, fut.result()
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
-            for _, fut in pending:
+            for fut in pending:
                 fut.cancel()
+
+
+def read_ahead(tiles: Sequence[Tile], threads: int = 1) -> Iterator[tuple[Tile, np.ndarray]]:
+    """Each tile with its pixels, in the order given, decoded on up to ``threads`` threads (:func:`ahead`)."""
+    return ahead(lambda t: (t, t.read()), tiles, threads)
 
 
 def assemble(
