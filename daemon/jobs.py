@@ -3,9 +3,10 @@
 ``run_qc_job(ctx)`` opens the scan set's files as recorded at discovery,
 checks they are still the files that were queued, runs :func:`qc.pipeline.run_qc`
 with the site's settings and the SQLite pair cache, writes the output folder
-and archive, stores the report with the SHA-256 of every input it read (the
-uploads check the files against them; :mod:`daemon.inputs`), and returns the
-job's next state. An input written or replaced while QC read it, even with its
+(report and pictures), then stores and announces the verdict with the SHA-256
+of every input it read (the uploads check the files against them;
+:mod:`daemon.inputs`) so notifications go out while it writes what SAW needs
+(IPR, fused image, archive), and returns the job's next state. An input written or replaced while QC read it, even with its
 size and mtime put back, fails the run transiently: QC runs again.
 
 A failed QC verdict is a successful job (``qc_done``: the outputs are uploaded
@@ -245,10 +246,22 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
                 report = run_qc(scan_set, settings, cache, progress=ctx.progress)
                 ctx.progress("digest", None)
                 inputs = record_inputs(before, known=_memoised_digests(cache, scan_set, before))
+
+                def announce(written: Any) -> None:
+                    """The verdict reaches people now; what SAW needs (IPR, fused image, archive) follows."""
+                    store.save_result(
+                        job.id, owner=ctx.owner, verdict=report.verdict, report=dict(written.document),
+                        output_dir=str(written.folder), inputs=inputs, announce=True,
+                    )  # fmt: skip
+                    log.info(
+                        "QC verdict", verdict=report.verdict, reasons=list(report.reasons), output=str(written.folder)
+                    )
+                    ctx.progress("archive", None)
+
                 out = write_run_outputs(
                     report, config.output_dir, pictures=config.output.pictures, archive=config.output.archive,
                     scan_set=scan_set, include_images=config.output.include_images, threads=settings.threads,
-                    level=config.output.archive_level, fused_image=config.output.fused_image,
+                    level=config.output.archive_level, fused_image=config.output.fused_image, on_verdict=announce,
                 )  # fmt: skip
         except (InputsChanged, QCError, OSError) as e:
             problem = files_problem(store, scan.root, scan.members)  # the folder went away while QC read it
@@ -273,15 +286,7 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
             return JobOutcome(state="failed", error=f"{type(e).__name__}: {what}", transient=transient)
         except MemoryError:
             return JobOutcome(state="failed", error="QC ran out of memory; raise qc.memory_limit_mb or free memory")
-        store.save_result(
-            job.id,
-            owner=ctx.owner,
-            verdict=report.verdict,
-            report=dict(out.document),  # report.json as written (with the outputs it lists)
-            output_dir=str(out.folder),
-            archive=str(out.archive) if out.archive else None,
-            inputs=inputs,
-        )
+        store.set_archive(job.id, str(out.archive) if out.archive else None, owner=ctx.owner)
     ctx.progress("done", 100.0)
     summary = f"QC {report.verdict}" + (f": {report.reasons[0]}" if report.reasons else "")
     log.info(

@@ -21,8 +21,10 @@ Events (``[[notify.rule]] events``):
     At ``notify.digest_at`` each day: the last 24 hours in a few lines.
 
 Enqueueing. Each tick :meth:`Notifier.enqueue` reads the job history (the
-append-only ``events`` table) after a cursor, turns the jobs that reached
-``qc_done`` or ``failed`` into messages, and inserts them together with the
+append-only ``events`` table) after a cursor, turns the jobs whose verdict was
+announced (the QC child records it as soon as the report and pictures are
+written, before the IPR and archive) or that reached ``qc_done`` or
+``failed`` into messages, and inserts them together with the
 new cursor in one transaction. A row is unique per (event, key), the key of a
 job event being ``job:<id>``, so a second enqueue, or a restart after kill -9
 anywhere in between, adds nothing and nothing is lost: an unread event stays
@@ -98,10 +100,17 @@ def _safe_name(name: str) -> str:
 
 
 def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None:
-    """The outbox row for a job that reached ``qc_done`` or ``failed`` (a :meth:`Store.finished_since` row), or None."""
+    """The outbox row for a job whose verdict was announced, or that reached ``qc_done`` or ``failed``
+    (a :meth:`Store.finished_since` row), or None.
+
+    A verdict is announced before the job writes what SAW needs (the IPR, a fused image, the archive), so its
+    message goes out then; the same job's ``qc_done`` makes the same row (event, ``job:<id>``), which the outbox
+    keeps once.
+    """
     chip, job_id = row["chip"], row["job_id"]
     where = f"site {config.site.name}, {socket.gethostname()}"
-    if row["kind"] == "state" and row["to_state"] == JobState.QC_DONE.value and row["verdict"]:
+    verdict_reached = row["kind"] == "verdict" or (row["kind"] == "state" and row["to_state"] == JobState.QC_DONE.value)
+    if verdict_reached and row["verdict"]:
         report = row["report"] or {}
         reasons = [str(r) for r in report.get("reasons") or []]
         stain = f", {report['stain']}" if report.get("stain") else ""

@@ -1143,21 +1143,25 @@ class Store:
         now: float | None = None,
         owner: str | None = None,
         inputs: dict[str, dict[str, Any]] | None = None,
+        announce: bool = False,
     ) -> None:
         """Store a job's QC report. With ``owner``, only while that owner holds the job running
         (a QC child orphaned by a killed service cannot overwrite a newer run's result).
 
         ``inputs``: what QC read, ``path -> {size, mtime_ns, sha256}``; the uploads check each
-        input's content against it.
+        input's content against it. ``announce``: also record a ``verdict`` event in the same
+        transaction, so the verdict reaches people (:meth:`finished_since`) while the job still runs
+        (writing what SAW needs, :meth:`set_archive`).
         """
         text = report if isinstance(report, str) else json.dumps(report)
         with self.db() as c:
             if owner is not None:
-                row = c.execute("SELECT state, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None:
-                    raise JobNotFound(job_id)
-                if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
-                    raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", "save QC result")
+                self._check_owner(c, job_id, owner, "save QC result")
+            if announce:
+                first = _first_reason(text)
+                self._event(
+                    c, job_id, "verdict", None, None, f"QC {verdict}" + (f": {first}" if first else ""), None, _now(now)
+                )
             c.execute(
                 "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
@@ -1173,6 +1177,22 @@ class Store:
                     None if inputs is None else json.dumps(inputs),
                 ),
             )
+
+    def set_archive(self, job_id: int, archive: str | None, *, owner: str | None = None) -> None:
+        """Record the archive of a job's stored result, written after its verdict (same ``owner`` rule as
+        :meth:`save_result`)."""
+        with self.db() as c:
+            if owner is not None:
+                self._check_owner(c, job_id, owner, "record the archive")
+            c.execute("UPDATE qc_results SET archive = ? WHERE job_id = ?", (_stored(archive), job_id))
+
+    @staticmethod
+    def _check_owner(c: sqlite3.Connection, job_id: int, owner: str, what: str) -> None:
+        row = c.execute("SELECT state, lease_owner FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(job_id)
+        if row["state"] != S.RUNNING.value or row["lease_owner"] != owner:
+            raise IllegalTransition(job_id, f"{row['state']} (not leased by {owner})", what)
 
     def get_result(self, job_id: int) -> dict[str, Any] | None:
         with self.db(commit=False) as c:
@@ -1448,7 +1468,8 @@ class Store:
     # -- notification outbox (daemon/notify.py) -------------------------------
 
     def finished_since(self, cursor: int, *, limit: int = 500) -> list[dict[str, Any]]:
-        """Jobs that reached ``qc_done`` or ``failed`` (or gave up retrying) in events after id ``cursor``.
+        """Jobs that reached ``qc_done`` or ``failed`` (or gave up retrying), or whose verdict was announced
+        (kind ``verdict``, :meth:`save_result`), in events after id ``cursor``.
 
         Each: ``event_id``, ``at``, ``kind``, ``to_state`` and the job's ``job_id``, ``chip``, ``state``,
         ``next_attempt_at``, ``error``, ``failed_stage``, ``attempts``, and its QC ``verdict``, ``report``
@@ -1459,7 +1480,7 @@ class Store:
                 "SELECT e.id AS event_id, e.at, e.kind, e.to_state, j.id AS job_id, j.chip, j.state, j.next_attempt_at,"
                 " j.error, j.failed_stage, j.attempts, r.verdict, r.report, r.output_dir"
                 " FROM events e JOIN jobs j ON j.id = e.job_id LEFT JOIN qc_results r ON r.job_id = j.id"
-                " WHERE e.id > ? AND ((e.kind = 'state' AND e.to_state IN (?, ?)) OR e.kind = 'gave_up')"
+                " WHERE e.id > ? AND ((e.kind = 'state' AND e.to_state IN (?, ?)) OR e.kind IN ('gave_up', 'verdict'))"
                 " ORDER BY e.id LIMIT ?",
                 (cursor, S.QC_DONE.value, S.FAILED.value, int(limit)),
             ).fetchall()

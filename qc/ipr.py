@@ -99,6 +99,7 @@ import numpy as np
 
 from qc.chip import parse_chip, template_for
 from qc.errors import QCError
+from qc.filenames import writer_tag
 from qc.io.model import Image, ScanSet, Tile
 from qc.io.tiffcheck import walk_tiff
 from qc.report import ImageReport, QCReport, run_stem
@@ -315,7 +316,7 @@ def write_ipr(
         **groups,
     }
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    part = target.with_name(f".{target.name}.partial-{writer_tag()}")
     try:
         with h5py.File(part, "w") as f:
             _write_tree(f, tree)

@@ -535,6 +535,7 @@ def write_run_outputs(
     threads: int = 2,
     level: int = 0,
     fused_image: bool = False,
+    on_verdict: Callable[[Any], object] | None = None,
 ) -> Any:
     """Write report.json, SAW's IPR, the pictures and each tiled image's
     registered Fiji tile configuration (and, with ``fused_image``, its
@@ -559,6 +560,11 @@ def write_run_outputs(
         stitching registered (nominal where stitching did not run) as
         ``<group>_fov_stitched.tif``, a tiled pyramidal OME-TIFF
         (:func:`fused_images`); the report's ``outputs`` lists them.
+    on_verdict : callable, optional
+        Called with the :class:`qc.report.OutputPaths` written so far once the
+        report and pictures are in place, before the fused images, the IPR,
+        the archive and any image converted for it (see
+        :func:`qc.report.write_outputs`).
 
     Returns :class:`qc.report.OutputPaths`.
     """
@@ -590,33 +596,41 @@ def write_run_outputs(
         write_ipr(report, scan_set, path, qc_result_file=qc_result_file)
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    scratch = None
-    try:
+    scratch: list[Path] = []
+
+    def images() -> list[tuple[Path, str]]:
+        """The archive's image members, converting to TIFF what SAW cannot read as it is (after the verdict)."""
         files: list[tuple[Path, str]] = []
-        if archive and include_images and scan_set is not None:
+        if include_images and scan_set is not None:
             converted = {}
             for img in scan_set.images:
                 if needs_tiff(img):
-                    if scratch is None:
-                        scratch = Path(tempfile.mkdtemp(prefix=f".imageqc-tiff.partial-{_writer_tag()}.", dir=out_dir))
-                    converted[img.name] = as_tiff(img, scratch)
+                    if not scratch:
+                        scratch.append(
+                            Path(tempfile.mkdtemp(prefix=f".imageqc-tiff.partial-{_writer_tag()}.", dir=out_dir))
+                        )
+                    converted[img.name] = as_tiff(img, scratch[0])
             for member in image_members(scan_set, report.stain, converted=converted):
                 files.extend(walk(member))
+        return files
+
+    try:
         return write_outputs(
             report,
             out_dir,
             pictures=draw,
             extra_files=extra,
             files=writers,
-            images=files,
+            images=images,
             archive=archive,
             ipr=ipr,
             threads=threads,
             level=level,
+            on_verdict=on_verdict,
         )
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def fused_images(

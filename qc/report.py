@@ -209,11 +209,12 @@ def write_outputs(
     pictures: Callable[[QCReport, Path], Sequence[Path]] | None = None,
     extra_files: Mapping[str, str] | None = None,
     files: Mapping[str, Callable[[Path], object]] | None = None,
-    images: Sequence[tuple[Path, str]] = (),
+    images: Sequence[tuple[Path, str]] | Callable[[], Sequence[tuple[Path, str]]] = (),
     archive: bool = True,
     ipr: Callable[[Path, str], Any] | None = None,
     threads: int = 1,
     level: int = ARCHIVE_LEVEL,
+    on_verdict: Callable[[OutputPaths], object] | None = None,
 ) -> OutputPaths:
     """Write the run's folder (and archive) under ``out_dir``; returns what was written.
 
@@ -226,26 +227,39 @@ def write_outputs(
     extra_files : mapping, optional
         Relative path -> text, written into the folder.
     files : mapping, optional
-        Relative path -> ``writer(path)``, called first to write a large file
-        (e.g. a fused image) straight into the folder.
-    images : sequence of (path, archive name)
+        Relative path -> ``writer(path)``, called to write a large file (e.g. a
+        fused image) straight into the folder; it must write atomically (a
+        hidden temporary name renamed to ``path``, as
+        :func:`qc.stitching.fuse_tiles` does).
+    images : sequence of (path, archive name), or a callable returning one
         Input image files to store in the archive under those names (never
-        copied into the folder).
+        copied into the folder); a callable is called only when the archive
+        is written, after the verdict.
     archive : bool
         Write ``<stem>.tar.gz``.
     ipr : callable, optional
         ``ipr(path, qc_result_file)`` writes SAW's IPR to ``path``
-        (``<stem>.ipr`` in the folder, the archive's root).
+        (``<stem>.ipr`` in the folder, the archive's root), atomically as
+        :func:`qc.ipr.write_ipr` does.
     threads : int
         Compression threads for the archive.
     level : int
         gzip level of the archive: 0 (stored, :data:`ARCHIVE_LEVEL`) to 3.
+    on_verdict : callable, optional
+        Called with what is written so far (``archive`` None, ``files`` empty)
+        as soon as the folder holds report.json, the pictures and
+        ``extra_files``: the verdict and what a person looks at, before the
+        slow part SAW needs (the ``files``, the IPR and the archive).
 
-    Written atomically: the folder is built under a hidden temporary name and
-    renamed into place, and the archive likewise, so a crash never leaves a
-    half-written output that looks finished. The temporary names carry the
-    writer's host and process id, so :func:`remove_abandoned_outputs` can tell
-    the leftovers of a killed writer from a write still under way.
+    Written in two steps, each atomic: the folder with report.json, the
+    pictures and ``extra_files`` is built under a hidden temporary name and
+    renamed into place; then each of ``files`` and the IPR is written into it
+    (each writer atomic), and the archive beside it under a hidden temporary
+    name, renamed into place. A crash never leaves a half-written file that looks
+    finished (a folder without its IPR is a run whose SAW part was not
+    written). The temporary names carry the writer's host and process id, so
+    :func:`remove_abandoned_outputs` can tell the leftovers of a killed writer
+    from a write still under way.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,10 +274,6 @@ def write_outputs(
     ipr_name = f"{final.name}.ipr"
     document = report.as_dict()
     try:
-        for rel, write in (files or {}).items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write(target)
         (tmp / "report.json").write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
         pics: list[Path] = []
         if pictures is not None:
@@ -273,19 +283,29 @@ def write_outputs(
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
-        if ipr is not None:
-            ipr(tmp / ipr_name, final.name)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pics = [final / "pictures" / p.name for p in pics]
+    if on_verdict is not None:
+        on_verdict(
+            OutputPaths(
+                folder=final, report=final / "report.json", pictures=tuple(pics), archive=None, document=document
+            )
+        )
+    for rel, write in (files or {}).items():
+        (final / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(final / rel)
+    if ipr is not None:
+        ipr(final / ipr_name, final.name)
     arc: Path | None = None
     if archive:
         arc = out_dir / f"{final.name}.tar.gz"
         part = out_dir / f".{arc.name}.partial-{tag}"
         try:
-            _write_archive(part, final, ipr_name, images, threads, level)
+            members = images() if callable(images) else images
+            _write_archive(part, final, ipr_name, members, threads, level)
             os.replace(part, arc)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -419,8 +439,10 @@ _writer_tag = writer_tag
 def abandoned_outputs(out_dir: str | Path) -> list[Path]:
     """The half-written outputs in ``out_dir`` whose writer, on this host, is no longer running.
 
-    Only the temporary names :func:`write_outputs` makes are considered; a
-    writer on another host (a shared output folder) or one still alive is left alone.
+    Only the temporary names :func:`write_outputs` makes are considered, in
+    ``out_dir`` and inside its finished run folders (a fused image or an IPR
+    being written after the verdict); a writer on another host (a shared
+    output folder) or one still alive is left alone.
     """
     import psutil
 
@@ -429,14 +451,19 @@ def abandoned_outputs(out_dir: str | Path) -> list[Path]:
         entries = list(out_dir.iterdir())
     except FileNotFoundError:
         return []
-    host, found = _host_tag(), []
-    for entry in entries:
+    host = _host_tag()
+
+    def dead(entry: Path) -> bool:
         m = _PARTIAL.match(entry.name)
-        if m is None or m["host"] != host:
-            continue
-        if not psutil.pid_exists(int(m["pid"])):
-            found.append(entry)
-    return sorted(found)
+        return m is not None and m["host"] == host and not psutil.pid_exists(int(m["pid"]))
+
+    candidates: list[Path] = []
+    for entry in entries:
+        if entry.name.startswith(".") or not (entry / "report.json").is_file():
+            candidates.append(entry)
+        else:  # a finished run folder
+            candidates += [p for p in entry.iterdir() if p.name.startswith(".")]
+    return sorted(e for e in candidates if dead(e))
 
 
 def remove_abandoned_outputs(out_dir: str | Path) -> list[Path]:

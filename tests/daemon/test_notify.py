@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from daemon.cli import main
 from daemon.config import load_config_text
+from daemon.errors import IllegalTransition
 from daemon.notify import Notifier, summary_picture
 from daemon.service import Daemon
 from daemon.store import JobState, Store
@@ -272,6 +273,36 @@ def test_enqueueing_twice_or_after_a_restart_sends_one_message(cfg_for, webhook,
         assert again.deliver(now=T0 + 5) == 1
         assert again.deliver(now=T0 + 6) == 0
     assert len(webhook.messages) == 1
+
+
+def test_a_verdict_announced_while_the_job_still_writes_the_archive_is_sent_then_and_once(cfg_for, webhook, tmp_path):
+    """The QC child announces the verdict (report and pictures written) before it writes the IPR and archive:
+    the message goes out while the job is still running, and its qc_done later adds nothing."""
+    cfg = cfg_for()
+    n, store = _notifier(cfg, webhook.url)
+    with store:
+        out = tmp_path / "out" / f"{CHIP}_run"
+        _picture(out / "pictures", f"{CHIP}_summary.png")
+        ssid, _ = store.add_scan_set(chip=CHIP, root="/scans", fingerprint="early", members=[], now=T0)
+        job_id = store.create_job(ssid, now=T0)
+        assert job_id is not None
+        store.claim("w", now=T0)
+        report = {"chip": CHIP, "stain": "DAPI", "verdict": "fail", "reasons": REASONS}
+        store.save_result(job_id, verdict="fail", report=report, output_dir=str(out), owner="w", announce=True, now=T0)
+        assert store.get_job(job_id).state == JobState.RUNNING
+        assert [e.message for e in store.events(job_id, kinds=["verdict"])] == [f"QC fail: {REASONS[0]}"]
+        assert n.enqueue(now=T0 + 1) == 1
+        assert n.deliver(now=T0 + 1) == 1
+        store.set_archive(job_id, str(out) + ".tar.gz", owner="w")
+        store.transition(job_id, JobState.QC_DONE, owner="w", now=T0 + 5, message="QC fail")
+        assert n.enqueue(now=T0 + 6) == 0
+        assert n.deliver(now=T0 + 6) == 0
+        assert store.get_result(job_id)["archive"] == str(out) + ".tar.gz"
+        with pytest.raises(IllegalTransition):  # only the job's owner, while it runs
+            store.set_archive(job_id, None, owner="w")
+    assert len(webhook.messages) == 1
+    title, body = webhook.messages[0][1]["title"], webhook.messages[0][1]["message"]
+    assert CHIP in title and "fail" in title and REASONS[0] in body
 
 
 _KILLED = textwrap.dedent(

@@ -52,6 +52,10 @@ def test_a_queued_scan_set_gets_its_report_archive_and_qc_done(make_config, scan
         assert any(n.endswith("/report.json") for n in tar.getnames())
     assert Path(result["output_dir"], "pictures", f"{CHIP}_track.png").exists()
     assert job.stage == "done" and job.progress == 100.0
+    with Store(cfg.database_path) as store:  # the verdict was announced before the job finished its archive
+        history = [(e.kind, e.to_state, e.message) for e in store.events(job.id)]
+    announced = history.index(("verdict", None, "QC pass"))
+    assert announced < history.index(("state", "qc_done", "QC pass"))
     # what QC read, for the uploads to check the files against (#20 case 3)
     assert result["inputs"] == {
         m["path"]: {"size": m["size"], "mtime_ns": m["mtime_ns"], "sha256": _sha256(Path(m["path"]))} for m in members

@@ -93,3 +93,19 @@ def test_only_dead_writers_on_this_host_count_as_abandoned(tmp_path):
 
 def test_a_missing_output_folder_has_nothing_abandoned(tmp_path):
     assert abandoned_outputs(tmp_path / "never-made") == []
+
+
+def test_a_dead_writers_partial_inside_a_finished_run_folder_is_abandoned(tmp_path):
+    """The IPR and a fused image are written into the run folder after the verdict; a killed writer's
+    temporary file there is removed, a live writer's and the run's own files are kept."""
+    out = tmp_path / "outputs"
+    run = write_outputs(_report(), out, archive=False).folder
+    host, dead = _host(), dead_pid()
+    dead_fused = run / f".C02533C_fov_stitched.tif.partial-{host}-{dead}"
+    dead_ipr = run / f".{run.name}.ipr.partial-{host}-{dead}"
+    alive = run / f".C02533C_CD31_fov_stitched.tif.partial-{host}-{os.getpid()}"
+    for f in (dead_fused, dead_ipr, alive):
+        f.write_bytes(b"half")
+    assert abandoned_outputs(out) == sorted([dead_fused, dead_ipr])
+    remove_abandoned_outputs(out)
+    assert sorted(p.name for p in run.iterdir()) == sorted([alive.name, "report.json"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -200,3 +201,25 @@ def test_every_archive_level_is_a_gzip_tar_with_the_images_unchanged(mif_set, tm
         assert tar.extractfile(f"DAPI/{CHIP}_DAPI.tif").read() == src.read_bytes()
     if level == 0:
         assert out.archive.stat().st_size > src.stat().st_size  # stored, not compressed
+
+
+def test_the_verdict_is_handed_over_before_what_saw_needs_is_written(mif_set, tmp_path):
+    """``on_verdict`` sees report.json and the pictures in place, and neither the IPR nor the archive yet."""
+    seen = {}
+
+    def verdict(written):
+        folder = written.folder
+        seen["report"] = json.loads((folder / "report.json").read_text(encoding="utf-8"))["verdict"]
+        seen["summary"] = (folder / "pictures" / f"{CHIP}_summary.png").is_file()
+        seen["in_folder"] = sorted(p.name for p in folder.iterdir())
+        seen["beside"] = sorted(p.name for p in folder.parent.iterdir())
+        seen["archive"] = written.archive
+
+    with open_scan_set(sorted(mif_set.iterdir())) as scan:
+        report = run_qc(scan, QCSettings())
+        out = write_run_outputs(report, tmp_path / "out", scan_set=scan, on_verdict=verdict)
+    stem = out.folder.name
+    assert seen["report"] == report.verdict and seen["summary"] and seen["archive"] is None
+    assert f"{stem}.ipr" not in seen["in_folder"] and seen["beside"] == [stem]
+    assert (out.folder / f"{stem}.ipr").is_file() and out.archive.is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [stem, f"{stem}.tar.gz"]
