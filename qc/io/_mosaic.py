@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -12,7 +12,7 @@ import numpy as np
 from qc.io._reduce import block_mean, reduced_shape
 from qc.io.model import Tile
 
-__all__ = ["ahead", "assemble", "grid_indices", "read_ahead", "reduce_tiles", "tile_view"]
+__all__ = ["ahead", "assemble", "grid_indices", "owned_rects", "reduce_tiles", "tile_view"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,9 +53,52 @@ def ahead(fn: Callable[[T], R], items: Sequence[T], threads: int = 1) -> Generat
                 fut.cancel()
 
 
-def read_ahead(tiles: Sequence[Tile], threads: int = 1) -> Iterator[tuple[Tile, np.ndarray]]:
-    """Each tile with its pixels, in the order given, decoded on up to ``threads`` threads (:func:`ahead`)."""
-    return ahead(lambda t: (t, t.read()), tiles, threads)
+#: ``(x0, y0, x1, y1)``, end-exclusive, in mosaic pixels.
+Rect = tuple[int, int, int, int]
+
+
+def _minus(r: Rect, b: Rect) -> list[Rect]:
+    """``r`` without ``b``: at most four rectangles (the bands above and below ``b``, left and right of it)."""
+    x0, y0, x1, y1 = r
+    bx0, by0, bx1, by1 = b
+    if bx0 >= x1 or bx1 <= x0 or by0 >= y1 or by1 <= y0:
+        return [r]
+    out = []
+    if by0 > y0:
+        out.append((x0, y0, x1, by0))
+    if by1 < y1:
+        out.append((x0, by1, x1, y1))
+    my0, my1 = max(y0, by0), min(y1, by1)
+    if bx0 > x0:
+        out.append((x0, my0, bx0, my1))
+    if bx1 < x1:
+        out.append((bx1, my0, x1, my1))
+    return out
+
+
+def owned_rects(boxes: Sequence[Rect], window: Rect) -> list[list[Rect]]:
+    """For each box, the parts of ``window`` it covers that no later box covers.
+
+    They are disjoint, so the boxes' pixels can be written in any order, or at
+    once, and the result is that of writing them in order with later ones
+    overwriting earlier ones.
+    """
+    b = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    wx0, wy0, wx1, wy1 = window
+    out: list[list[Rect]] = []
+    for i, (x0, y0, x1, y1) in enumerate(b.tolist()):
+        rects = [(max(x0, wx0), max(y0, wy0), min(x1, wx1), min(y1, wy1))]
+        if rects[0][0] >= rects[0][2] or rects[0][1] >= rects[0][3]:
+            out.append([])
+            continue
+        rest = b[i + 1 :]
+        later = np.nonzero((rest[:, 0] < x1) & (rest[:, 2] > x0) & (rest[:, 1] < y1) & (rest[:, 3] > y0))[0]
+        for j in later.tolist():
+            rects = [piece for r in rects for piece in _minus(r, tuple(rest[j].tolist()))]
+            if not rects:
+                break
+        out.append(rects)
+    return out
 
 
 def assemble(
@@ -71,9 +114,11 @@ def assemble(
 ) -> np.ndarray:
     """The window ``[y:y+height, x:x+width]`` of the mosaic; later tiles overwrite earlier ones.
 
-    Only the tiles that touch the window are read (on up to ``threads``
-    threads, placed in order), and each is handed to ``on_tile`` as read.
-    Uncovered pixels are 0.
+    Only the tiles that touch the window are read, on up to ``threads``
+    threads; each thread also places the tile it decoded, writing only the
+    pixels no later tile covers (:func:`owned_rects`), so the result is that of
+    placing them in order. Each tile is handed to ``on_tile`` in order as read.
+    Tiles must decode to their declared size. Uncovered pixels are 0.
     """
     out = np.zeros(_shape(height, width, samples), dtype=dtype)
     touching = [
@@ -86,14 +131,20 @@ def assemble(
             or round(t.y) + t.height <= y
         )
     ]
-    for t, pixels in read_ahead(touching, threads):
+    boxes = [(round(t.x), round(t.y), round(t.x) + t.width, round(t.y) + t.height) for t in touching]
+    owned = owned_rects(boxes, (x, y, x + width, y + height))
+
+    def place(k: int) -> tuple[Tile, np.ndarray]:
+        t = touching[k]
+        pixels = t.read()
+        tx, ty = boxes[k][:2]
+        for x0, y0, x1, y1 in owned[k]:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+        return t, pixels
+
+    for t, pixels in ahead(place, range(len(touching)), threads):
         if on_tile is not None:
             on_tile(t, pixels)
-        tx, ty = round(t.x), round(t.y)
-        x0, y0 = max(x, tx), max(y, ty)
-        x1, y1 = min(x + width, tx + pixels.shape[1]), min(y + height, ty + pixels.shape[0])
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
     return out
 
 

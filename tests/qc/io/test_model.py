@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qc.io._mosaic import assemble, reduce_tiles
+from qc.io._mosaic import assemble, owned_rects, reduce_tiles
 from qc.io._reduce import BandReducer, block_mean
 from qc.io.model import Image, Tile
 
@@ -94,3 +94,35 @@ def test_mosaic_reduction_equals_reducing_the_assembly(positions, factor, seed):
     h = max(y for _, y in positions) + 13
     full = assemble(tiles, 0, 0, w, h, np.uint8, None)
     np.testing.assert_array_equal(reduce_tiles(tiles, w, h, factor, np.uint8, None), block_mean(full, factor))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    boxes=st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=9
+    ),
+    window=st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(1, 60), st.integers(1, 60)),
+    seed=st.integers(0, 1000),
+)
+def test_tiles_placed_at_once_on_threads_are_the_mosaic_placed_in_order(boxes, window, seed):
+    """Each thread writes only what no later tile covers: any overlap, any window, the painter's result."""
+    rng = np.random.default_rng(seed)
+    tiles, painted = [], np.zeros((120, 120), np.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        arr = rng.integers(1, 255, (h, w), dtype=np.uint8)
+        tiles.append(Tile(str(i), 0, i, float(x), float(y), w, h, loader=lambda a=arr: a))
+        painted[y : y + h, x : x + w] = arr
+    wx, wy, ww, wh = window
+    seen = []
+    got = assemble(tiles, wx, wy, ww, wh, np.uint8, None, threads=3, on_tile=lambda t, px: seen.append(t.name))
+    np.testing.assert_array_equal(got, painted[wy : wy + wh, wx : wx + ww])
+    touching = [t.name for t in tiles if t.x < wx + ww and t.y < wy + wh and t.x + t.width > wx and t.y + t.height > wy]
+    assert seen == touching  # handed over in order, each once
+    # what each tile writes, written last tile first: still the painter's result (no thread timing involved)
+    owned = owned_rects([(x, y, x + w, y + h) for x, y, w, h in boxes], (wx, wy, wx + ww, wy + wh))
+    backwards = np.zeros((wh, ww), np.uint8)
+    for t, rects in reversed(list(zip(tiles, owned))):
+        px, tx, ty = t.read(), int(t.x), int(t.y)
+        for x0, y0, x1, y1 in rects:
+            backwards[y0 - wy : y1 - wy, x0 - wx : x1 - wx] = px[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
+    np.testing.assert_array_equal(backwards, painted[wy : wy + wh, wx : wx + ww])
