@@ -99,7 +99,9 @@ def test_mosaic_reduction_equals_reducing_the_assembly(positions, factor, seed):
 @settings(max_examples=60, deadline=None)
 @given(
     boxes=st.lists(
-        st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(1, 30), st.integers(1, 30)), min_size=1, max_size=9
+        st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(1, 30), st.integers(1, 30)),
+        min_size=1,
+        max_size=9,
     ),
     window=st.tuples(st.integers(0, 40), st.integers(0, 40), st.integers(1, 60), st.integers(1, 60)),
     seed=st.integers(0, 1000),
@@ -121,7 +123,7 @@ def test_tiles_placed_at_once_on_threads_are_the_mosaic_placed_in_order(boxes, w
     # what each tile writes, written last tile first: still the painter's result (no thread timing involved)
     owned = owned_rects([(x, y, x + w, y + h) for x, y, w, h in boxes], (wx, wy, wx + ww, wy + wh))
     backwards = np.zeros((wh, ww), np.uint8)
-    for t, rects in reversed(list(zip(tiles, owned))):
+    for t, rects in reversed(list(zip(tiles, owned, strict=True))):
         px, tx, ty = t.read(), int(t.x), int(t.y)
         for x0, y0, x1, y1 in rects:
             backwards[y0 - wy : y1 - wy, x0 - wx : x1 - wx] = px[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
