@@ -34,7 +34,8 @@ An image name too long for these file names is shortened with a hash
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -743,13 +744,25 @@ def pictures_from_artifacts(
     """Write every picture the artifacts of a QC run allow; returns the paths.
 
     ``keep``, when given, receives ``(file name, image)`` of each picture written.
+    Each picture is PNG-encoded on a thread of its own while the next is drawn.
     """
-    out: list[Path] = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="qc-png") as pool:
+        encoding = _pictures(artifacts, folder, keep, lambda path, pic: pool.submit(write_png, path, pic))
+        return [f.result() for f in encoding]
+
+
+def _pictures(
+    artifacts: Mapping[str, Any],
+    folder: Path,
+    keep: list[tuple[str, np.ndarray]] | None,
+    write: Callable[[Path, Picture], Future[Path]],
+) -> list[Future[Path]]:
+    out: list[Future[Path]] = []
 
     def emit(path: Path, pic: Picture) -> None:
-        out.append(write_png(path, pic))
+        out.append(write(path, pic))
         if keep is not None:
-            keep.append((out[-1].name, pic.image))
+            keep.append((path.name, pic.image))
 
     thumbs = artifacts.get("thumbs", {})
     labels = artifacts.get("clarity_labels", ())
