@@ -162,11 +162,13 @@ def cmd_qc(args: argparse.Namespace) -> int:
                 report = run_qc(scan, settings, cache)
             out = None
             if args.out:
+                # a person reads the verdict while the IPR, a fused image and the archive are written
+                shown = None if args.json else lambda written: _print_verdict(report, written.folder)
                 out = write_run_outputs(
                     report, args.out, pictures=cfg.output.pictures, archive=cfg.output.archive, scan_set=scan,
                     include_images=cfg.output.include_images, threads=settings.threads,
                     level=cfg.output.archive_level,
-                    fused_image=cfg.output.fused_image if args.fused is None else args.fused,
+                    fused_image=cfg.output.fused_image if args.fused is None else args.fused, on_verdict=shown,
                 )  # fmt: skip
     except QCError as e:
         print(f"imageqc qc: {e}", file=sys.stderr)
@@ -186,8 +188,10 @@ def cmd_qc(args: argparse.Namespace) -> int:
                 "archive": str(out.archive) if out.archive else None,
             }
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    elif out is None:
+        _print_verdict(report, None)
     else:
-        _print_human(report, out)
+        _print_outputs(out)
     return EXIT_OK if report.verdict == "pass" else EXIT_QC_FAIL
 
 
@@ -210,11 +214,12 @@ def _pair_cache(cfg: Any) -> tuple[Any, Any]:
     return StorePairCache(store), store
 
 
-def _print_human(report: Any, out: Any) -> None:
-    """The verdict, every judged metric and every reason, wrapped at the terminal's width, never cut."""
+def _print_verdict(report: Any, folder: Path | None) -> None:
+    """The verdict, every judged metric and every reason, wrapped at the terminal's width, never cut;
+    then the output folder (its report and pictures are written by now)."""
     from rich.markup import escape
 
-    from daemon.views import check_line, console, field, verdict_markup, whole
+    from daemon.views import check_line, console, field, verdict_markup
 
     con = console()
     con.print(f"{escape(report.chip)}  {report.stain}  {verdict_markup(report.verdict)}  ({report.duration_s:.1f} s)")
@@ -222,10 +227,16 @@ def _print_human(report: Any, out: Any) -> None:
         field(con, str(c.get("metric", "")), check_line(c), markup=True, indent=2)
     for r in report.reasons:
         field(con, "reason", r, indent=2)
-    if out is not None:
-        field(con, "outputs", out.folder)
-        for fused in out.document.get("outputs", {}).get("fused_images", []):
-            whole(con, "fused image", out.folder / fused["file"])  # whole, to copy; SAW's --image takes it
-        if out.archive:
-            whole(con, "archive", out.archive)  # whole, to copy; SAW takes it as saw count --image-tar
-            field(con, "", "for SAW: saw count ... --image-tar=<the archive above>")
+    if folder is not None:
+        field(con, "outputs", folder)
+
+
+def _print_outputs(out: Any) -> None:
+    """What was written after the verdict: each fused image and the archive, whole (to copy)."""
+    from daemon.views import console, whole
+
+    con = console()
+    for fused in out.document.get("outputs", {}).get("fused_images", []):
+        whole(con, "fused image", out.folder / fused["file"])  # SAW's --image takes it
+    if out.archive:
+        whole(con, "archive", out.archive)  # SAW takes it as saw count --image-tar

@@ -13,10 +13,22 @@ from tests.daemon.conftest import CHIP
 
 def test_qc_passes_prints_the_verdict_and_writes_outputs(qc_files, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("IMAGEQC_CONFIG", raising=False)
+    import qc.report
+
+    write_archive, before_archive = qc.report._write_archive, []
+
+    def archive_after_what_was_printed(*args, **kw):
+        before_archive.append(capsys.readouterr().out)
+        return write_archive(*args, **kw)
+
+    monkeypatch.setattr(qc.report, "_write_archive", archive_after_what_was_printed)
     code = main(["qc", str(qc_files["nuclear"]), str(qc_files["if"]), "--out", str(tmp_path / "out")])
-    out = capsys.readouterr().out
+    out = before_archive[0] + capsys.readouterr().out
     assert code == 0, out
     assert out.splitlines()[0].startswith(f"{CHIP}  DAPI+mIF  PASS")
+    # the verdict, its metrics and the output folder are on the screen before the archive is written
+    assert before_archive[0].splitlines()[0] == out.splitlines()[0] and "outputs" in before_archive[0]
+    assert "archive" not in before_archive[0]
     # text wraps at 80 columns; the archive's path is printed whole, to be copied into saw count --image-tar
     assert all(len(line) <= 80 for line in out.splitlines() if not line.startswith("archive "))
     archives = list((tmp_path / "out").glob(f"{CHIP}_*.tar.gz"))
