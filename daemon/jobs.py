@@ -21,6 +21,7 @@ a new scan set where it is now; its old job says where it went.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -203,6 +204,33 @@ def _memoised_digests(cache: StorePairCache, scan_set: Any, before: dict[Path, A
     from qc.stitching import memoised_file_digests
 
     return memoised_file_digests(cache, before)
+
+
+#: What a QC job imports lazily (with onnxruntime, scipy, h5py and ISA-L behind them): about 0.5 s.
+_QC_MODULES = (
+    "qc.io",
+    "qc.io.tiff",
+    "qc.io.tiles",
+    "qc.io.czi",
+    "qc.pipeline",
+    "qc.calibration",
+    "qc.track",
+    "qc.clarity",
+    "qc.live",
+    "qc.stitching",
+    "qc.ipr",
+    "qc.pictures",
+    "qc.saw_archive",
+    "onnxruntime",
+    "isal.igzip_threaded",
+)
+
+
+def warm(config: Config) -> None:
+    """Called once by a warm QC worker before its first job (:mod:`daemon.worker`): the imports every QC job
+    needs, so that the first job after the service starts is not the one that pays for them."""
+    for name in _QC_MODULES:
+        importlib.import_module(name)
 
 
 def run_qc_job(ctx: JobContext) -> JobOutcome:

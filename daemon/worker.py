@@ -142,6 +142,18 @@ def _resolve(target: str) -> Callable[[JobContext], JobOutcome]:
     return getattr(importlib.import_module(mod), fn)  # type: ignore[no-any-return]
 
 
+def _warm(target: str, config: Config) -> None:
+    """Call the job module's ``warm(config)`` when it has one: what every job needs (the QC modules it imports
+    lazily, their libraries), loaded once per worker before its first job rather than inside it."""
+    warm = getattr(importlib.import_module(target.partition(":")[0]), "warm", None)
+    if not callable(warm):
+        return
+    try:
+        warm(config)
+    except Exception:  # the first job then does the same work, and reports what fails
+        log.exception("QC worker could not warm up", target=target)
+
+
 def _watch_parent(parent_pid: int) -> None:
     while True:
         time.sleep(1.0)
@@ -205,6 +217,8 @@ def _warm_main(target: str, config: Config, db_path: str, jobs: Any, results: An
         _resolve(target)  # the imports (and what they load) happen once, before the first job
     except Exception:  # reported per job, by _run_one
         log.exception("QC worker could not import its job function", target=target)
+    else:
+        _warm(target, config)
     while True:
         item = jobs.get()
         if item is None:

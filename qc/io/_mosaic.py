@@ -17,7 +17,7 @@ __all__ = ["ahead", "assemble", "grid_indices", "owned_rects", "reduce_tiles", "
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Called with each tile and its pixels as a mosaic is read (to keep a reduced view of every tile).
+#: Called with each tile and its pixels as a mosaic is read (to keep a reduced view of every tile); thread-safe.
 TileHook = Callable[[Tile, np.ndarray], None]
 
 #: Bands of the mosaic are assembled in pieces of about this many bytes (at least one block row).
@@ -117,7 +117,8 @@ def assemble(
     Only the tiles that touch the window are read, on up to ``threads``
     threads; each thread also places the tile it decoded, writing only the
     pixels no later tile covers (:func:`owned_rects`), so the result is that of
-    placing them in order. Each tile is handed to ``on_tile`` in order as read.
+    placing them in order. Each tile is handed to ``on_tile`` once, on the
+    thread that decoded it (so in no set order: the hook must be thread-safe).
     Tiles must decode to their declared size. Uncovered pixels are 0.
     """
     out = np.zeros(_shape(height, width, samples), dtype=dtype)
@@ -134,17 +135,17 @@ def assemble(
     boxes = [(round(t.x), round(t.y), round(t.x) + t.width, round(t.y) + t.height) for t in touching]
     owned = owned_rects(boxes, (x, y, x + width, y + height))
 
-    def place(k: int) -> tuple[Tile, np.ndarray]:
+    def place(k: int) -> None:
         t = touching[k]
         pixels = t.read()
         tx, ty = boxes[k][:2]
         for x0, y0, x1, y1 in owned[k]:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0 - ty : y1 - ty, x0 - tx : x1 - tx]
-        return t, pixels
-
-    for t, pixels in ahead(place, range(len(touching)), threads):
         if on_tile is not None:
             on_tile(t, pixels)
+
+    for _ in ahead(place, range(len(touching)), threads):
+        pass
     return out
 
 

@@ -75,3 +75,16 @@ def environment_or_crash(ctx: JobContext) -> JobOutcome:
     if ctx.job.chip == "CRASH":
         os._exit(17)
     return report_environment(ctx)
+
+
+#: Set by :func:`warm` in the worker child, before its first job.
+WARMED: list[int] = []
+
+
+def warm(config) -> None:
+    """The worker calls a job module's ``warm(config)`` once, before its first job."""
+    WARMED.append(os.getpid())
+
+
+def report_warm(ctx: JobContext) -> JobOutcome:
+    return JobOutcome(state="qc_done", message="warm", data={"warmed": list(WARMED), "pid": os.getpid()})

@@ -270,3 +270,49 @@ def test_the_fused_image_of_a_tile_set_is_written_listed_and_archived(make_confi
     assert main(["show", str(job.id), "--config", cfg.source]) == 0  # imageqc show names it whole, to copy
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fused image")]
     assert line.split()[-1] == str(fused)
+
+
+_FIRST_JOB_IMPORTS = """
+import json, sys
+from pathlib import Path
+from daemon.config import load_config_text
+from daemon import jobs
+
+jobs.warm(load_config_text(""))
+before = set(sys.modules)
+from qc.io import open_scan_set
+from qc.pipeline import QCSettings, run_qc, write_run_outputs
+from qc.stitching import MemoryPairCache
+
+for i, paths in enumerate(json.loads(sys.argv[1])):
+    with open_scan_set([Path(p) for p in paths]) as scan:
+        report = run_qc(scan, QCSettings(), MemoryPairCache())
+        write_run_outputs(report, Path(sys.argv[2]) / str(i), scan_set=scan, fused_image=True)
+libs = ("qc", "onnxruntime", "scipy", "h5py", "isal", "cv2", "skimage", "tifffile", "imagecodecs")
+print(json.dumps(sorted(m for m in set(sys.modules) - before if m.split(".")[0] in libs)))
+"""
+
+
+def test_a_warm_worker_has_imported_what_a_qc_job_needs_before_its_first_job(qc_files, tmp_path):
+    """daemon.jobs.warm (called once per warm worker) imports every module QC, its outputs and a tile set's
+    stitching and fusion need: a DAPI + IF set and a tile folder then import nothing more."""
+    import json
+    import os
+    import sys
+
+    from qc.testing.tiles import blob_texture, make_tile_set, write_tile_folder
+    from tests.helpers import run_child
+
+    tiles = make_tile_set(blob_texture((900, 900), seed=3), rows=2, cols=2, tile_size=400, overlap=0.1, seed=3)
+    folder = write_tile_folder(tiles, tmp_path / "C02533C")
+    sets = [[str(qc_files["nuclear"]), str(qc_files["if"])], [str(folder)]]
+    repo = Path(__file__).resolve().parents[2]
+    proc = run_child(
+        [sys.executable, "-c", _FIRST_JOB_IMPORTS, json.dumps(sets), str(tmp_path / "out")],
+        timeout=scaled(240),
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert imported == [], f"imported by the first job, not by warm(): {imported}"

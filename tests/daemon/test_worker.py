@@ -198,3 +198,12 @@ def test_a_warm_worker_runs_job_after_job_and_a_crashed_or_used_up_one_is_replac
             worker.stop(10)
         assert not worker._idle
         assert not psutil.pid_exists(after) or psutil.Process(after).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_warm_worker_warms_up_once_before_its_first_job(env):
+    """The job module's warm(config) runs in the child before the first job, once (the QC imports, #16 item 2)."""
+    cfg, store, job_id = env()
+    job = _run(cfg, store, "report_warm")
+    assert job.state == "qc_done", job.error
+    data = store.events(job_id, kinds=["state"])[-1].data or {}
+    assert data.get("warmed") == [data.get("pid")]
