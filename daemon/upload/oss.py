@@ -283,7 +283,7 @@ class OSSUploader(StreamingUploader):
         result = self._oss("upload_part", t, t.key, upload_id, n, body)
         return {"etag": result.etag, "crc64": int(result.crc)}
 
-    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
+    def _held_record(self, t: Transfer, etag: str, data: bytes) -> dict[str, Any]:
         crc = Crc64(0)
         crc.update(data)
         return {"etag": etag, "crc64": int(crc.crc)}

@@ -27,11 +27,22 @@ CreateMultipartUpload), so multipart objects carry none. What replaces it:
   would not check it.
 
 Integrity while sending: every part carries Content-MD5, which S3 and
-rclone enforce (BadDigest), and, on AWS or with ``checksum = "sha256"``,
-x-amz-checksum-sha256 (a composite SHA-256 checksum the server checks on
-completion); a part ETag that is an MD5 must be the part's MD5 (moto checks
-no Content-MD5). After completion a HEAD compares size and ETag; no second
-read; an object that does not match is deleted at once.
+rclone enforce (BadDigest), and its CRC-32 (x-amz-checksum-crc32, declared
+at CreateMultipartUpload as boto3 does: ``checksum = "auto"`` or ``"crc32"``;
+``"sha256"`` sends x-amz-checksum-sha256 instead, ``"md5"`` neither); a part
+ETag that is an MD5 must be the part's MD5 (moto checks no Content-MD5).
+After completion a HEAD compares size and ETag; no second read; an object
+that does not match is deleted at once. Declaring a checksum also spares
+moto its whole-object CRC64NVME, computed in Python at completion for an
+upload that declares none.
+
+A server that refuses the x-amz-checksum-* headers (400 to a request that
+carries them, e.g. an older S3-compatible store) is learned with
+``checksum = "auto"``: the refused CreateMultipartUpload or PUT is sent again
+without them, an upload already declared with CRC-32 whose part is refused
+starts again, and the target sends Content-MD5 alone from then on
+(remembered for its endpoint in ``upload-checkpoints/s3-<target>.checksum``;
+delete the file to try again). An explicit setting is never overridden.
 
 Whether a server's multipart ETag is the whole file's MD5 is learned from
 the HEAD after its first multipart upload and kept in the state folder
@@ -68,6 +79,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import json
 import threading
 import zlib
 from dataclasses import replace
@@ -115,6 +127,21 @@ _TRANSIENT_CODES = {
 }
 #: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+#: 400s that are no refusal of the x-amz-checksum-* headers (the request is wrong in another way).
+_NOT_A_CHECKSUM_REFUSAL = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "AuthorizationHeaderMalformed",
+    "RequestTimeTooSkewed",
+    "EntityTooSmall",
+    "EntityTooLarge",
+    "InvalidBucketName",
+    "KeyTooLongError",
+    "MetadataTooLarge",
+    "TooManyParts",
+}
 _PERMS = "s3:PutObject, s3:GetObject, s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
 
 
@@ -136,6 +163,10 @@ def _crc32(data: Any) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
+class _ChecksumRefused(Exception):
+    """The server refused a request's x-amz-checksum-* headers; the target now sends Content-MD5 alone."""
+
+
 class S3Uploader(StreamingUploader):
     """An ``[[upload]]`` target of type s3."""
 
@@ -150,8 +181,8 @@ class S3Uploader(StreamingUploader):
         from botocore.exceptions import BotoCoreError
 
         self.creds = credentials if credentials is not None else resolve_credentials(target)
-        self.sha256_parts = target.checksum == "sha256" or (target.checksum == "auto" and not target.endpoint)
-        self.crc32_parts = target.checksum == "crc32"
+        self._checksum_file = self.state_dir / "upload-checkpoints" / f"s3-{target.name}.checksum"
+        self._set_checksum(self._resolve_checksum(target))
         try:
             session = boto3.session.Session(
                 aws_access_key_id=self.creds.access_key_id,
@@ -278,7 +309,10 @@ class S3Uploader(StreamingUploader):
             )
         return self.transient(f"{op} failed: {type(e).__name__}: {e}", hint=f"is {where} reachable?")
 
-    def _call(self, op: str, transfer: Transfer | None = None, **kw: Any) -> Any:
+    def _call(self, op: str, transfer: Transfer | None = None, *, refusable: bool = False, **kw: Any) -> Any:
+        """``self.client.<op>(Bucket=..., **kw)`` with errors classified. ``refusable``: the request carries
+        x-amz-checksum-* headers chosen automatically; a server refusing them raises :class:`_ChecksumRefused`
+        (the target has then fallen back to Content-MD5 alone)."""
         from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 
         try:
@@ -295,6 +329,8 @@ class S3Uploader(StreamingUploader):
         except (ClientError, BotoCoreError) as e:
             if transfer is not None:
                 transfer.check()
+            if refusable and self._refused(e, op):
+                raise _ChecksumRefused(op) from None
             raise self._classify(e, op) from None
 
     # -- small documents (fleet status) ---------------------------------------------
@@ -394,6 +430,59 @@ class S3Uploader(StreamingUploader):
                 self._md5_cache.popitem(last=False)
         return value
 
+    # -- the part checksum (auto: CRC-32, unless the server is known to refuse it) ------------
+
+    def _resolve_checksum(self, target: UploadTarget) -> str:
+        """The part checksum in force: the setting, or for ``auto`` CRC-32 unless this endpoint is known to
+        refuse x-amz-checksum-* headers (learned, kept in the state folder), then Content-MD5 alone."""
+        if target.checksum != "auto":
+            return target.checksum
+        try:
+            learned = json.loads(self._checksum_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "crc32"
+        if isinstance(learned, dict) and learned.get("endpoint") == target.endpoint and learned.get("refuses"):
+            return "md5"
+        return "crc32"
+
+    def _set_checksum(self, mode: str) -> None:
+        self.checksum = mode
+        self.sha256_parts = mode == "sha256"
+        self.crc32_parts = mode == "crc32"
+
+    def _refused(self, e: Exception, op: str) -> bool:
+        """Whether ``e`` is a server's refusal of the x-amz-checksum-* headers ``op`` carried, on a target whose
+        checksum was chosen automatically (an explicit setting is never overridden): then the target falls back
+        to Content-MD5 alone, remembered for this endpoint."""
+        from botocore.exceptions import ClientError
+
+        if self.target.checksum != "auto" or not isinstance(e, ClientError):
+            return False
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status not in (400, 501) or code in _TRANSIENT_CODES or code in _NOT_A_CHECKSUM_REFUSAL:
+            return False
+        with self._cache_lock:
+            if self.checksum == "md5":
+                return True  # another request of this target learned it first
+            self._set_checksum("md5")
+        log.warning(
+            "the server refuses x-amz-checksum headers; this target's parts carry Content-MD5 alone from now on",
+            target=self.name,
+            operation=op,
+            code=code or status,
+            message=str(err.get("Message") or ""),
+        )
+        try:
+            self._checksum_file.parent.mkdir(parents=True, exist_ok=True)
+            self._checksum_file.write_text(
+                json.dumps({"endpoint": self.target.endpoint, "refuses": True}) + "\n", encoding="utf-8"
+            )
+        except OSError as write_error:
+            log.debug("cannot record that the server refuses checksums", target=self.name, error=str(write_error))
+        return True
+
     # -- the server's ETag style (learned) -----------------------------------------
 
     def _wants_whole_md5(self) -> bool:
@@ -491,21 +580,26 @@ class S3Uploader(StreamingUploader):
         local = t.local
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
-        crc = _crc32(data) if self.crc32_parts else None
-        with self.slots:
-            body = self._body(t, data)
-            try:
-                resp = self._call(
-                    "put_object",
-                    t,
-                    Key=t.key,
-                    Body=body,
-                    ContentLength=local.size,
-                    Metadata={"sha256": sha256},
-                    **self._part_args(md5, part_sha, crc),
-                )
-            finally:
-                body.close()
+        while True:  # twice at most: a server that refuses the CRC-32 header gets the PUT again without it
+            crc = _crc32(data) if self.crc32_parts else None
+            with self.slots:
+                body = self._body(t, data)
+                try:
+                    resp = self._call(
+                        "put_object",
+                        t,
+                        refusable=crc is not None,
+                        Key=t.key,
+                        Body=body,
+                        ContentLength=local.size,
+                        Metadata={"sha256": sha256},
+                        **self._part_args(md5, part_sha, crc),
+                    )
+                    break
+                except _ChecksumRefused:
+                    continue
+                finally:
+                    body.close()
         etag = _plain(resp.get("ETag"))
         if _MD5_ETAG.match(etag) and etag != md5:
             raise IntegrityError(self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {md5} of what was sent")
@@ -570,47 +664,67 @@ class S3Uploader(StreamingUploader):
         # are computed only to prove parts it already holds.
         return whole_md5, not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
 
+    def _upload_tag(self) -> dict[str, Any]:
+        return {"checksum": self.checksum}
+
+    def _mode(self, t: Transfer) -> str:
+        """The part checksum of ``t``'s multipart upload (declared when it was created)."""
+        return str(t.state.get("checksum") or self.checksum)
+
     def _create(self, t: Transfer) -> str:
         kw: dict[str, Any] = {"Key": t.key, "Metadata": {"part-size": str(t.local.part_size)}}
         if self.sha256_parts:
             kw["ChecksumAlgorithm"] = "SHA256"
         elif self.crc32_parts:
             kw["ChecksumAlgorithm"] = "CRC32"
-        return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
+        try:
+            return str(self._call("create_multipart_upload", t, refusable="ChecksumAlgorithm" in kw, **kw)["UploadId"])
+        except _ChecksumRefused:
+            del kw["ChecksumAlgorithm"]  # now Content-MD5 alone (self.checksum == "md5")
+            return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
 
     def _send_part(
         self, t: Transfer, upload_id: str, n: int, body: BufferBody, length: int, md5: str | None, sha256: str | None
     ) -> dict[str, Any]:
-        resp = self._call(
-            "upload_part",
-            t,
-            Key=t.key,
-            UploadId=upload_id,
-            PartNumber=n,
-            Body=body,
-            ContentLength=length,
-            **self._part_args(md5, sha256, _crc32(body.data) if self.crc32_parts else None),
-        )
+        crc = _crc32(body.data) if self._mode(t) == "crc32" else None
+        try:
+            resp = self._call(
+                "upload_part",
+                t,
+                refusable=crc is not None,
+                Key=t.key,
+                UploadId=upload_id,
+                PartNumber=n,
+                Body=body,
+                ContentLength=length,
+                **self._part_args(md5, sha256, crc),
+            )
+        except _ChecksumRefused:
+            # the upload was declared with CRC-32: the next attempt aborts it and starts one without
+            raise self.transient(
+                f"part {n} of {t.key}: the server refuses x-amz-checksum-crc32",
+                "the upload starts again with Content-MD5 alone",
+            ) from None
         etag = _plain(resp.get("ETag"))
         if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
             raise IntegrityError(self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent")
         record: dict[str, Any] = {"etag": etag}
         if sha256 is not None:
             record["sha256"] = sha256
-        if self.crc32_parts:
-            record["crc32"] = _crc32(body.data)
+        if crc is not None:
+            record["crc32"] = crc
         return record
 
-    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
-        return {"etag": etag, **({"crc32": _crc32(data)} if self.crc32_parts else {})}
+    def _held_record(self, t: Transfer, etag: str, data: bytes) -> dict[str, Any]:
+        return {"etag": etag, **({"crc32": _crc32(data)} if self._mode(t) == "crc32" else {})}
 
     def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
         listed = []
         for n, rec in enumerate(parts, 1):
             p = {"PartNumber": n, "ETag": f'"{rec["etag"]}"'}
-            if self.sha256_parts:
+            if self._mode(t) == "sha256":
                 p["ChecksumSHA256"] = _b64(t.local.part_sha256[n - 1])
-            elif self.crc32_parts:
+            elif self._mode(t) == "crc32":
                 p["ChecksumCRC32"] = rec["crc32"]
             listed.append(p)
         self._call("complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed})
