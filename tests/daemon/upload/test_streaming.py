@@ -262,11 +262,9 @@ def test_a_resumed_upload_keeps_only_the_server_parts_that_are_the_local_bytes(
 def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch, learned: bool
 ) -> None:
-    """A byte flipped after the digests were taken (a faulty NIC, a proxy). With Content-MD5 (moto, any new
-    target) the server refuses the part (rclone) or its ETag is not the MD5 sent (moto accepts the body), and
-    the upload is not completed. A target known to report the whole file's MD5 (rclone) sends no part MD5s:
-    that ETag, compared with the MD5 of the bytes read, catches it and the object is deleted. The next attempt
-    stores the file."""
+    """A byte flipped after the digests were taken (a faulty NIC, a proxy). Every S3 part carries Content-MD5:
+    the server refuses the part (rclone, whether or not its ETag style is known) or its ETag is not the MD5
+    sent (moto accepts the body), and the upload is not completed. The next attempt stores the file."""
     admin, bucket = server.admin, server.bucket
     if learned and server.kind == "oss":
         pytest.skip("OSS has no ETag style to learn")
@@ -292,12 +290,43 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     with pytest.raises(IntegrityError, match=match) as err:
         up.send(Transfer(local=_pending(up, big), key=key))
     assert flipped
-    if learned and server.kind == "rclone":  # its whole-MD5 ETag known: caught end to end
-        assert "does not match" in str(err.value)
+    if server.kind == "rclone":  # Content-MD5 checked by the server, also once its whole-MD5 ETag is known
+        assert "BadDigest" in str(err.value)
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing published
 
     up.send(Transfer(local=_pending(up, big), key=key))  # the next attempt (the manager retries)
     assert admin.get_object(Bucket=bucket, Key=key)["Body"].read() == big.read_bytes()
+
+
+def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_without_a_head(
+    make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rclone hashes the whole object when it is first asked for it (a HEAD after the last part): once its
+    ETag style is known, the upload computes the part MD5s alone (Content-MD5, checked by the server), and the
+    completion's composite of them (the server refuses a listed ETag that is not its part's MD5) proves the
+    object; no whole-file MD5 is computed and no HEAD follows."""
+    if server.kind != "rclone":
+        pytest.skip("the server whose multipart ETag is the whole file's MD5")
+    up = make()
+    assert isinstance(up, S3Uploader)
+    up.send(Transfer(local=_pending(up, big), key=_key()))  # the first multipart upload: style learned (HEAD)
+    heads: list[str] = []
+    real_probe = S3Uploader.probe
+
+    def counting_probe(self: S3Uploader, key: str) -> Any:
+        heads.append(key)
+        return real_probe(self, key)
+
+    monkeypatch.setattr(S3Uploader, "probe", counting_probe)
+    key = _key()
+    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    data = big.read_bytes()
+    md5s = tuple(hashlib.md5(data[i : i + 5 * MiB]).hexdigest() for i in range(0, len(data), 5 * MiB))
+    assert outcome.local is not None and outcome.local.md5 is None and outcome.local.part_md5 == md5s
+    assert outcome.checksum == composite_etag(md5s)
+    assert heads == [key]  # the probe before sending (nothing there); none after the completion
+    assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
+    assert up.send(Transfer(local=_pending(up, big), key=key)).present  # a later job finds it: the whole MD5 then
 
 
 def test_content_that_is_not_what_qc_read_is_never_completed(
