@@ -329,6 +329,30 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
     assert up.send(Transfer(local=_pending(up, big), key=key)).present  # a later job finds it: the whole MD5 then
 
 
+def test_oss_part_bodies_are_sent_in_large_blocks_each_throttled_and_checked(
+    make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oss2 hands request bodies to urllib3, which reads them 16 KiB at a time by default: oss2's CRC-64 and
+    our part body (throttle, stop check) then ran their Python 64 times a MiB. Its pools read 1 MiB blocks."""
+    if server.kind != "oss":
+        pytest.skip("oss2's connection pools")
+    reads: list[int] = []
+    checks: list[int] = []
+    real_read = BufferBody.read
+
+    def read(self: BufferBody, size: int | None = -1) -> bytes:
+        chunk = real_read(self, size)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(BufferBody, "read", read)
+    up = make()
+    up.send(Transfer(local=_pending(up, big), key=_key(), check=lambda: checks.append(1)))
+    assert sum(reads) == big.stat().st_size
+    assert max(reads) == oss.SEND_BLOCK and len(reads) <= 20  # 16 MiB + 7 bytes in 1 MiB blocks (+ ends)
+    assert len(checks) >= len(reads)  # every block still checks for a stop before it is sent
+
+
 def test_content_that_is_not_what_qc_read_is_never_completed(
     make: Callable[..., StreamingUploader], server: Server, big: Path
 ) -> None:
