@@ -42,6 +42,7 @@ from daemon.upload.stream import StreamingUploader
 from daemon.upload.throttle import BufferBody
 
 from .conftest import OSS_KEYS, S3_KEYS, new_bucket
+from .oss_proxy import crc64
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -262,9 +263,10 @@ def test_a_resumed_upload_keeps_only_the_server_parts_that_are_the_local_bytes(
 def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch, learned: bool
 ) -> None:
-    """A byte flipped after the digests were taken (a faulty NIC, a proxy). Every S3 part carries Content-MD5:
-    the server refuses the part (rclone, whether or not its ETag style is known) or its ETag is not the MD5
-    sent (moto accepts the body), and the upload is not completed. The next attempt stores the file."""
+    """A byte flipped after the digests were taken (a faulty NIC, a proxy). With Content-MD5 (moto, any new
+    target) the server refuses the part (rclone) or its ETag is not the MD5 sent (moto accepts the body); a
+    target known to report the whole file's MD5 (rclone) gets no Content-MD5, and the part's ETag in its
+    answer is not the MD5 sent. The upload is not completed; the next attempt stores the file."""
     admin, bucket = server.admin, server.bucket
     if learned and server.kind == "oss":
         pytest.skip("OSS has no ETag style to learn")
@@ -290,8 +292,8 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     with pytest.raises(IntegrityError, match=match) as err:
         up.send(Transfer(local=_pending(up, big), key=key))
     assert flipped
-    if server.kind == "rclone":  # Content-MD5 checked by the server, also once its whole-MD5 ETag is known
-        assert "BadDigest" in str(err.value)
+    if server.kind == "rclone":  # Content-MD5 checked by the server; once its whole-MD5 ETag is known, the ETag
+        assert ("is not the MD5 of what was sent" if learned else "BadDigest") in str(err.value)
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing published
 
     up.send(Transfer(local=_pending(up, big), key=key))  # the next attempt (the manager retries)
@@ -301,10 +303,11 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
 def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_without_a_head(
     make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """rclone hashes the whole object when it is first asked for it (a HEAD after the last part): once its
-    ETag style is known, the upload computes the part MD5s alone (Content-MD5, checked by the server), and the
-    completion's composite of them (the server refuses a listed ETag that is not its part's MD5) proves the
-    object; no whole-file MD5 is computed and no HEAD follows."""
+    """rclone hashes the whole object when it is first asked for it (a HEAD after the last part), and each part
+    twice when it carries Content-MD5: once its ETag style is known, the upload computes the part MD5s alone,
+    sent as no Content-MD5 (each part's ETag must be its MD5), and the completion's composite of them (the
+    server refuses a listed ETag that is not its part's MD5) proves the object; no whole-file MD5 is computed
+    and no HEAD follows."""
     if server.kind != "rclone":
         pytest.skip("the server whose multipart ETag is the whole file's MD5")
     up = make()
@@ -317,9 +320,19 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
         heads.append(key)
         return real_probe(self, key)
 
+    sent: list[dict[str, Any]] = []
+    real_args = S3Uploader._part_args
+
+    def recorded_args(self: S3Uploader, *args: Any) -> dict[str, Any]:
+        kw = real_args(self, *args)
+        sent.append(kw)
+        return kw
+
     monkeypatch.setattr(S3Uploader, "probe", counting_probe)
+    monkeypatch.setattr(S3Uploader, "_part_args", recorded_args)
     key = _key()
     outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    assert len(sent) == 4 and not any("ContentMD5" in kw for kw in sent)  # rclone would hash each part twice
     data = big.read_bytes()
     md5s = tuple(hashlib.md5(data[i : i + 5 * MiB]).hexdigest() for i in range(0, len(data), 5 * MiB))
     assert outcome.local is not None and outcome.local.md5 is None and outcome.local.part_md5 == md5s
@@ -327,6 +340,24 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
     assert heads == [key]  # the probe before sending (nothing there); none after the completion
     assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
     assert up.send(Transfer(local=_pending(up, big), key=key)).present  # a later job finds it: the whole MD5 then
+
+
+def test_an_oss_multipart_upload_is_proved_by_the_crc64_its_completion_answers(
+    make: Callable[..., StreamingUploader], server: Server, big: Path
+) -> None:
+    """oss2 compares the object's CRC-64 the completion answers with the one the parts sent make: no HEAD
+    after it (the test proxy, like the benchmark's, reads the whole object back for a HEAD's CRC-64)."""
+    if server.kind != "oss":
+        pytest.skip("OSS's completion answers the object's CRC-64")
+    up = make()
+    key = _key()
+    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    heads = [e for e in server.proxy.requests("HeadObject") if e["path"].endswith(key)]
+    assert len(heads) == 1  # the probe before sending (nothing there)
+    assert server.proxy.requests("CompleteMultipartUpload")[-1]["path"].endswith(key)
+    data = big.read_bytes()
+    assert outcome.local is not None and outcome.checksum == str(outcome.local.crc64) == str(crc64(data))
+    assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
 
 
 def test_oss_part_bodies_are_sent_in_large_blocks_each_throttled_and_checked(
