@@ -5,8 +5,9 @@ the file is read once, part by part in order; its SHA-256 is accumulated as
 it is read, and each part goes from the bytes read. oss2 (``enable_crc``)
 computes the CRC-64 of every request body it sends and compares it with the
 server's ``x-oss-hash-crc64ecma``; the parts' CRC-64s combine into the
-object's, which oss2 compares again on completion and a HEAD compares once
-more. No part MD5s are computed (the CRC-64s do that work), except to prove
+object's, which oss2 compares with the one the completion answers: that
+proves the object (a HEAD compares it only when the completion named none,
+and after a single PUT). No part MD5s are computed (the CRC-64s do that work), except to prove
 the parts a resumed upload finds on the server (ListParts ETags are the part
 MD5s). Files up to one part are a single PUT, with the file's SHA-256 as
 ``x-oss-meta-sha256``; a multipart object carries none (it is known only
@@ -255,6 +256,7 @@ class OSSUploader(StreamingUploader):
 
     def upload(self, transfer: Transfer) -> str:
         t = transfer
+        t.proved = None
         if t.state.get("checkpoint"):  # left by oss2's resumable_upload (an earlier version): not resumed
             self.discard(t.key, t.state)
             with t.lock:
@@ -266,7 +268,11 @@ class OSSUploader(StreamingUploader):
         return self._verify_stored(t)
 
     def _verify_stored(self, t: Transfer) -> str:
-        """HEAD the new object: size, and its CRC-64 against the one of the bytes sent; a mismatch is deleted."""
+        """HEAD the new object: size, and its CRC-64 against the one of the bytes sent; a mismatch is deleted.
+
+        A multipart upload whose completion answered the object's CRC-64 was proved then (no HEAD)."""
+        if t.proved is not None:
+            return t.proved
         try:
             return self.verify(t.local, t.key)
         except IntegrityError:
@@ -306,8 +312,13 @@ class OSSUploader(StreamingUploader):
 
     def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
         infos = [PartInfo(n, rec["etag"], size=rec["size"], part_crc=rec["crc64"]) for n, rec in enumerate(parts, 1)]
-        self._oss("complete_multipart_upload", t, t.key, upload_id, infos)  # oss2 compares the object's CRC-64
-        t.local = replace(t.local, crc64=int(calc_obj_crc_from_parts(infos)))
+        result = self._oss("complete_multipart_upload", t, t.key, upload_id, infos)
+        crc = int(calc_obj_crc_from_parts(infos))
+        t.local = replace(t.local, crc64=crc)
+        if result.crc is not None and int(result.crc) == crc:
+            # the server's CRC-64 of the object it assembled is the one the parts sent make (oss2 raises
+            # InconsistentError otherwise): proved, no HEAD needed
+            t.proved = str(crc)
 
     def _list_parts(self, key: str, upload_id: str) -> dict[int, Listed] | None:
         try:
