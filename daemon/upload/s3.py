@@ -3,9 +3,9 @@
 One read of the file (``streams = True``): the manager hands over the file
 undigested and the upload reads it once, part by part in order
 (:class:`~daemon.upload.base.PartReader`). The reading thread accumulates
-the file's SHA-256 (and, for servers whose multipart ETag is the whole
-file's MD5, that MD5); each part's MD5 (and SHA-256) is computed in the
-part's thread from the very bytes it sends. At most ``concurrency`` parts of
+the file's SHA-256 (and, until a new endpoint's ETag style is known, the
+whole file's MD5); each part's MD5 and CRC-32 (or SHA-256) are computed in
+the part's thread from the very bytes it sends. At most ``concurrency`` parts of
 a transfer, and 256 MiB of a target's transfers together, are in memory.
 
 Files up to one part are a single PUT, from the bytes read: Content-MD5, and
@@ -18,9 +18,10 @@ CreateMultipartUpload), so multipart objects carry none. What replaces it:
   and, for an input, compared with the one QC recorded *before*
   CompleteMultipartUpload: content that is not what QC read is never
   published (the multipart upload is aborted, the job goes back to QC);
-* the object is proved by its ETag: the composite of the part MD5s (AWS,
-  moto, MinIO, Ceph) or the whole file's MD5 (rclone), both computed from
-  the bytes sent; its metadata ``part-size`` says how to recompute the
+* the object is proved by its ETag, the composite of the part MD5s computed
+  from the bytes sent (a HEAD on AWS, moto, MinIO, Ceph; the completion's
+  answer on a server whose HEAD reports the whole file's MD5, rclone); its
+  metadata ``part-size`` says how to recompute the
   composite when a later job finds the object already there (one read, no
   send). FULL_OBJECT CRC64NVME checksums are not used: botocore computes
   CRC64NVME only with awscrt (not a dependency here), and moto and rclone
@@ -32,8 +33,9 @@ MD5, below), and its CRC-32 (x-amz-checksum-crc32, declared
 at CreateMultipartUpload as boto3 does: ``checksum = "auto"`` or ``"crc32"``;
 ``"sha256"`` sends x-amz-checksum-sha256 instead, ``"md5"`` neither); a part
 ETag that is an MD5 must be the part's MD5 (moto checks no Content-MD5).
-After completion a HEAD compares size and ETag; no second read; an object
-that does not match is deleted at once. Declaring a checksum also spares
+After completion a HEAD compares size and ETag (or the completion's answer
+does, below); no second read; an object that does not match is deleted at
+once. Declaring a checksum also spares
 moto its whole-object CRC64NVME, computed in Python at completion for an
 upload that declares none.
 
