@@ -310,12 +310,6 @@ def main() -> None:
                     ("boto3 upload_file (defaults)", lambda ep, b, k: plain_boto3(ep, b, path, k)),
                     ("imageqc S3Uploader, defaults", imageqc),
                 ]
-                if kind == "moto":  # moto builds a whole-object CRC64NVME when an upload declares no checksum
-
-                    def crc32(ep: str, b: str, k: str, state: Path = state, prof: Any = prof) -> Any:
-                        return ours("moto", ep, b, path, k, state, prof, checksum="crc32")
-
-                    runs.append(('imageqc S3Uploader, checksum = "crc32"', crc32))
             for label, run in runs * args.repeat:  # each on a fresh server, the SDK and imageqc in turn
                 server_data = data / f"{kind}-{len(rows)}"
                 server_data.mkdir()
@@ -369,13 +363,17 @@ def main() -> None:
         )
     lines += [
         "",
-        "imageqc's uploaders read the file once: the parts are read in order, the file's SHA-256 (and, for a "
-        "server whose multipart ETag is the whole file's MD5, that MD5) accumulated as they are read, each in a "
-        "thread of its own; S3 parts carry Content-MD5 computed from the bytes sent (none once a server is known "
-        "to report the whole MD5, which then checks the object end to end), OSS parts the CRC-64 oss2 computes "
-        "and checks; a HEAD compares the object with the digests of the bytes sent, and the upload stays "
-        "resumable (parts and their digests recorded). boto3 sends with its default checksum (CRC32) and keeps "
-        "no resumable state. 'vs SDK': the SDK's total time over this row's (above 1 = faster than the SDK). "
+        "imageqc's uploaders read the file once: the parts are read in order and the file's SHA-256 accumulated "
+        "as they are read (in a thread of its own), to be compared with QC's before the upload is completed. "
+        "S3 parts carry a CRC-32 (x-amz-checksum-crc32, declared at CreateMultipartUpload as boto3 does) and "
+        "Content-MD5, computed in the part threads from the bytes sent; a HEAD then compares the object's ETag "
+        "with the composite of the part MD5s. On a server known to report the whole file's MD5 (rclone, learned "
+        "by the untimed warm-up) parts carry no Content-MD5 and no HEAD follows: each part's answered ETag must "
+        "be its MD5 and the completion's answer, that composite, proves the object. "
+        "OSS parts carry the CRC-64 oss2 computes and checks, sent in 1 MiB blocks; a HEAD compares the "
+        "object's. The uploads stay resumable (parts and their digests recorded). boto3 sends its default "
+        "checksum (CRC32) and keeps no resumable state; neither SDK compares the object with a digest of the "
+        "file. 'vs SDK': the SDK's total time over this row's (above 1 = faster than the SDK). "
         "'client CPU': this process's CPU seconds (all threads) during the timed upload, which the load of "
         "other work does not change much. Each run starts a fresh server, which shares the 2 cores with the "
         "client and with whatever else runs (see the load). Random data in the page cache. "

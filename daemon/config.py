@@ -313,9 +313,11 @@ class UploadTarget:
     timeout_s: float = _f(60.0, "Connect and read timeout of each request, seconds.", min=1, max=3600)
     checksum: str = _f(
         "auto",
-        "Part checksum sent with every part (s3): md5 (Content-MD5, understood by every S3-compatible server), "
-        "sha256 (also x-amz-checksum-sha256; AWS and servers that support it), crc32 (also x-amz-checksum-crc32, "
-        "cheap to compute; AWS and MinIO check it) or auto (sha256 on AWS, md5 with an endpoint).",
+        "Checksum each part carries (s3), declared when a multipart upload starts: crc32 (x-amz-checksum-crc32, "
+        "as boto3 sends; cheap to compute, AWS and MinIO check it), sha256 (x-amz-checksum-sha256; a second "
+        "SHA-256 pass), md5 (Content-MD5 alone, understood by every S3-compatible server) or auto (crc32; a "
+        "server that refuses x-amz-checksum headers gets md5 from then on, remembered for the target in the state "
+        "folder). Parts also carry Content-MD5 unless the server's ETag is the whole file's MD5 (rclone).",
         choices=("auto", "md5", "sha256", "crc32"),
     )
     credentials: str = _f(

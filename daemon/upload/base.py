@@ -473,6 +473,9 @@ class Transfer:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: The SHA-256 the content must have (QC's, for an input); checked before anything is published.
     expect_sha256: str | None = None
+    #: The stored object's checksum when the upload's completion already proved it against the digests of
+    #: the bytes sent (S3 on servers whose HEAD would hash the whole object again); set by the uploader.
+    proved: str | None = None
 
     def persist(self, done: int) -> None:
         with self.lock:

@@ -3,9 +3,9 @@
 One read of the file (``streams = True``): the manager hands over the file
 undigested and the upload reads it once, part by part in order
 (:class:`~daemon.upload.base.PartReader`). The reading thread accumulates
-the file's SHA-256 (and, for servers whose multipart ETag is the whole
-file's MD5, that MD5); each part's MD5 (and SHA-256) is computed in the
-part's thread from the very bytes it sends. At most ``concurrency`` parts of
+the file's SHA-256 (and, until a new endpoint's ETag style is known, the
+whole file's MD5); each part's MD5 and CRC-32 (or SHA-256) are computed in
+the part's thread from the very bytes it sends. At most ``concurrency`` parts of
 a transfer, and 256 MiB of a target's transfers together, are in memory.
 
 Files up to one part are a single PUT, from the bytes read: Content-MD5, and
@@ -18,31 +18,51 @@ CreateMultipartUpload), so multipart objects carry none. What replaces it:
   and, for an input, compared with the one QC recorded *before*
   CompleteMultipartUpload: content that is not what QC read is never
   published (the multipart upload is aborted, the job goes back to QC);
-* the object is proved by its ETag: the composite of the part MD5s (AWS,
-  moto, MinIO, Ceph) or the whole file's MD5 (rclone), both computed from
-  the bytes sent; its metadata ``part-size`` says how to recompute the
+* the object is proved by its ETag, the composite of the part MD5s computed
+  from the bytes sent (a HEAD on AWS, moto, MinIO, Ceph; the completion's
+  answer on a server whose HEAD reports the whole file's MD5, rclone); its
+  metadata ``part-size`` says how to recompute the
   composite when a later job finds the object already there (one read, no
   send). FULL_OBJECT CRC64NVME checksums are not used: botocore computes
   CRC64NVME only with awscrt (not a dependency here), and moto and rclone
   would not check it.
 
 Integrity while sending: every part carries Content-MD5, which S3 and
-rclone enforce (BadDigest), and, on AWS or with ``checksum = "sha256"``,
-x-amz-checksum-sha256 (a composite SHA-256 checksum the server checks on
-completion); a part ETag that is an MD5 must be the part's MD5 (moto checks
-no Content-MD5). After completion a HEAD compares size and ETag; no second
-read; an object that does not match is deleted at once.
+rclone enforce (BadDigest; not on a server known to report the whole file's
+MD5, below), and its CRC-32 (x-amz-checksum-crc32, declared
+at CreateMultipartUpload as boto3 does: ``checksum = "auto"`` or ``"crc32"``;
+``"sha256"`` sends x-amz-checksum-sha256 instead, ``"md5"`` neither); a part
+ETag that is an MD5 must be the part's MD5 (moto checks no Content-MD5).
+After completion a HEAD compares size and ETag (or the completion's answer
+does, below); no second read; an object that does not match is deleted at
+once. Declaring a checksum also spares
+moto its whole-object CRC64NVME, computed in Python at completion for an
+upload that declares none.
+
+A server that refuses the x-amz-checksum-* headers (400 to a request that
+carries them, e.g. an older S3-compatible store) is learned with
+``checksum = "auto"``: the refused CreateMultipartUpload or PUT is sent again
+without them, an upload already declared with CRC-32 whose part is refused
+starts again, and the target sends Content-MD5 alone from then on
+(remembered for its endpoint in ``upload-checkpoints/s3-<target>.checksum``;
+delete the file to try again). An explicit setting is never overridden.
 
 Whether a server's multipart ETag is the whole file's MD5 is learned from
 the HEAD after its first multipart upload and kept in the state folder
 (``upload-checkpoints/s3-<target>.etag-style``); until then that MD5 is
-computed too. Once a target is known to report it, its parts are sent
-without Content-MD5: the whole-file MD5 of the bytes read, compared with the
-server's, checks the object end to end (MD5 is the costliest digest here,
-~620 MiB/s a core; two passes would make the upload CPU-bound on a small
-PC), and part MD5s are computed only to prove parts a resumed upload finds
-on the server. A part corrupted on its way is then caught at the end rather
-than at once: the object is deleted and sent again.
+computed too. Once a target is known to report it, no whole-file MD5 is
+computed and no HEAD follows the completion: such a server (rclone) computes
+that MD5 when the object is first asked for, reading the whole object again
+(0.6 s for 256 MiB after the last part, measured with rclone 1.75), and one MD5
+pass in a single thread is the slowest digest here (~530 MiB/s a core). Its
+part MD5s are computed in the parts' threads and sent as no Content-MD5
+(rclone would hash each part twice: 8.2 against 6.4 s of its CPU for 1 GiB,
+measured): each part's ETag in the server's answer must be the MD5 of the
+bytes sent (a part damaged on its way is caught at once), the completion
+names each part's ETag (refused unless it is the MD5 the server computed of
+the part it holds: InvalidPart) and answers the composite of the part MD5s,
+which must be the composite of the MD5s of the bytes sent: that proves the
+object, as the composite ETag does on AWS.
 
 Resuming: the state saved after every part (``transfer.state``) names the
 upload id, the part size, the file's size and mtime, and each stored part's
@@ -67,7 +87,9 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
+import json
 import threading
 import zlib
 from dataclasses import replace
@@ -115,6 +137,21 @@ _TRANSIENT_CODES = {
 }
 #: The server saw a body that is not the one the digests were computed from (retried; the file is checked).
 _DIGEST_CODES = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+#: 400s that are no refusal of the x-amz-checksum-* headers (the request is wrong in another way).
+_NOT_A_CHECKSUM_REFUSAL = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "AuthorizationHeaderMalformed",
+    "RequestTimeTooSkewed",
+    "EntityTooSmall",
+    "EntityTooLarge",
+    "InvalidBucketName",
+    "KeyTooLongError",
+    "MetadataTooLarge",
+    "TooManyParts",
+}
 _PERMS = "s3:PutObject, s3:GetObject, s3:ListBucketMultipartUploads and s3:AbortMultipartUpload"
 
 
@@ -136,12 +173,14 @@ def _crc32(data: Any) -> str:
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
+class _ChecksumRefused(Exception):
+    """The server refused a request's x-amz-checksum-* headers; the target now sends Content-MD5 alone."""
+
+
 class S3Uploader(StreamingUploader):
     """An ``[[upload]]`` target of type s3."""
 
     type = "s3"
-    #: Send Content-MD5 with every part even where the server's ETag is the whole file's MD5 (tests, benchmark).
-    force_part_md5 = False
 
     def __init__(self, target: UploadTarget, *, state_dir: Path, credentials: Credentials | None = None) -> None:
         super().__init__(target, state_dir=state_dir)
@@ -150,8 +189,8 @@ class S3Uploader(StreamingUploader):
         from botocore.exceptions import BotoCoreError
 
         self.creds = credentials if credentials is not None else resolve_credentials(target)
-        self.sha256_parts = target.checksum == "sha256" or (target.checksum == "auto" and not target.endpoint)
-        self.crc32_parts = target.checksum == "crc32"
+        self._checksum_file = self.state_dir / "upload-checkpoints" / f"s3-{target.name}.checksum"
+        self._set_checksum(self._resolve_checksum(target))
         try:
             session = boto3.session.Session(
                 aws_access_key_id=self.creds.access_key_id,
@@ -278,7 +317,10 @@ class S3Uploader(StreamingUploader):
             )
         return self.transient(f"{op} failed: {type(e).__name__}: {e}", hint=f"is {where} reachable?")
 
-    def _call(self, op: str, transfer: Transfer | None = None, **kw: Any) -> Any:
+    def _call(self, op: str, transfer: Transfer | None = None, *, refusable: bool = False, **kw: Any) -> Any:
+        """``self.client.<op>(Bucket=..., **kw)`` with errors classified. ``refusable``: the request carries
+        x-amz-checksum-* headers chosen automatically; a server refusing them raises :class:`_ChecksumRefused`
+        (the target has then fallen back to Content-MD5 alone)."""
         from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 
         try:
@@ -295,6 +337,8 @@ class S3Uploader(StreamingUploader):
         except (ClientError, BotoCoreError) as e:
             if transfer is not None:
                 transfer.check()
+            if refusable and self._refused(e, op):
+                raise _ChecksumRefused(op) from None
             raise self._classify(e, op) from None
 
     # -- small documents (fleet status) ---------------------------------------------
@@ -394,6 +438,59 @@ class S3Uploader(StreamingUploader):
                 self._md5_cache.popitem(last=False)
         return value
 
+    # -- the part checksum (auto: CRC-32, unless the server is known to refuse it) ------------
+
+    def _resolve_checksum(self, target: UploadTarget) -> str:
+        """The part checksum in force: the setting, or for ``auto`` CRC-32 unless this endpoint is known to
+        refuse x-amz-checksum-* headers (learned, kept in the state folder), then Content-MD5 alone."""
+        if target.checksum != "auto":
+            return target.checksum
+        try:
+            learned = json.loads(self._checksum_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "crc32"
+        if isinstance(learned, dict) and learned.get("endpoint") == target.endpoint and learned.get("refuses"):
+            return "md5"
+        return "crc32"
+
+    def _set_checksum(self, mode: str) -> None:
+        self.checksum = mode
+        self.sha256_parts = mode == "sha256"
+        self.crc32_parts = mode == "crc32"
+
+    def _refused(self, e: Exception, op: str) -> bool:
+        """Whether ``e`` is a server's refusal of the x-amz-checksum-* headers ``op`` carried, on a target whose
+        checksum was chosen automatically (an explicit setting is never overridden): then the target falls back
+        to Content-MD5 alone, remembered for this endpoint."""
+        from botocore.exceptions import ClientError
+
+        if self.target.checksum != "auto" or not isinstance(e, ClientError):
+            return False
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if status not in (400, 501) or code in _TRANSIENT_CODES or code in _NOT_A_CHECKSUM_REFUSAL:
+            return False
+        with self._cache_lock:
+            if self.checksum == "md5":
+                return True  # another request of this target learned it first
+            self._set_checksum("md5")
+        log.warning(
+            "the server refuses x-amz-checksum headers; this target's parts carry Content-MD5 alone from now on",
+            target=self.name,
+            operation=op,
+            code=code or status,
+            message=str(err.get("Message") or ""),
+        )
+        try:
+            self._checksum_file.parent.mkdir(parents=True, exist_ok=True)
+            self._checksum_file.write_text(
+                json.dumps({"endpoint": self.target.endpoint, "refuses": True}) + "\n", encoding="utf-8"
+            )
+        except OSError as write_error:
+            log.debug("cannot record that the server refuses checksums", target=self.name, error=str(write_error))
+        return True
+
     # -- the server's ETag style (learned) -----------------------------------------
 
     def _wants_whole_md5(self) -> bool:
@@ -440,6 +537,7 @@ class S3Uploader(StreamingUploader):
         )
 
     def upload(self, transfer: Transfer) -> str:
+        transfer.proved = None
         if transfer.local.size <= transfer.local.part_size:
             self._put(transfer)
         else:
@@ -455,6 +553,8 @@ class S3Uploader(StreamingUploader):
         proof.
         """
         local, key = t.local, t.key
+        if t.proved is not None:
+            return t.proved  # a multipart upload the completion proved, on a server whose HEAD would hash it all
         remote = self.probe(key)
         if remote is None:
             raise IntegrityError(
@@ -491,21 +591,26 @@ class S3Uploader(StreamingUploader):
         local = t.local
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         part_sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
-        crc = _crc32(data) if self.crc32_parts else None
-        with self.slots:
-            body = self._body(t, data)
-            try:
-                resp = self._call(
-                    "put_object",
-                    t,
-                    Key=t.key,
-                    Body=body,
-                    ContentLength=local.size,
-                    Metadata={"sha256": sha256},
-                    **self._part_args(md5, part_sha, crc),
-                )
-            finally:
-                body.close()
+        while True:  # twice at most: a server that refuses the CRC-32 header gets the PUT again without it
+            crc = _crc32(data) if self.crc32_parts else None
+            with self.slots:
+                body = self._body(t, data)
+                try:
+                    resp = self._call(
+                        "put_object",
+                        t,
+                        refusable=crc is not None,
+                        Key=t.key,
+                        Body=body,
+                        ContentLength=local.size,
+                        Metadata={"sha256": sha256},
+                        **self._part_args(md5, part_sha, crc),
+                    )
+                    break
+                except _ChecksumRefused:
+                    continue
+                finally:
+                    body.close()
         etag = _plain(resp.get("ETag"))
         if _MD5_ETAG.match(etag) and etag != md5:
             raise IntegrityError(self.name, f"PUT {t.key}: server ETag {etag} is not the MD5 {md5} of what was sent")
@@ -565,10 +670,16 @@ class S3Uploader(StreamingUploader):
     # -- the streaming engine's hooks (daemon/upload/stream.py) --------------------------
 
     def _digests_wanted(self) -> tuple[bool, bool]:
-        whole_md5 = self._wants_whole_md5()
-        # A server whose ETag is the whole file's MD5 is checked end to end by that MD5: its parts' MD5s
-        # are computed only to prove parts it already holds.
-        return whole_md5, not (whole_md5 and self._etag_style == "whole-md5") or self.force_part_md5
+        # The whole file's MD5 only until the server's ETag style is known: a server known to report it is
+        # proved by its completion (the composite of the part MD5s), not by a HEAD that would hash the object.
+        return self._wants_whole_md5() and self._etag_style != "whole-md5", True
+
+    def _upload_tag(self) -> dict[str, Any]:
+        return {"checksum": self.checksum}
+
+    def _mode(self, t: Transfer) -> str:
+        """The part checksum of ``t``'s multipart upload (declared when it was created)."""
+        return str(t.state.get("checksum") or self.checksum)
 
     def _create(self, t: Transfer) -> str:
         kw: dict[str, Any] = {"Key": t.key, "Metadata": {"part-size": str(t.local.part_size)}}
@@ -576,41 +687,70 @@ class S3Uploader(StreamingUploader):
             kw["ChecksumAlgorithm"] = "SHA256"
         elif self.crc32_parts:
             kw["ChecksumAlgorithm"] = "CRC32"
-        return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
+        try:
+            return str(self._call("create_multipart_upload", t, refusable="ChecksumAlgorithm" in kw, **kw)["UploadId"])
+        except _ChecksumRefused:
+            del kw["ChecksumAlgorithm"]  # now Content-MD5 alone (self.checksum == "md5")
+            return str(self._call("create_multipart_upload", t, **kw)["UploadId"])
 
     def _send_part(
         self, t: Transfer, upload_id: str, n: int, body: BufferBody, length: int, md5: str | None, sha256: str | None
     ) -> dict[str, Any]:
-        resp = self._call(
-            "upload_part",
-            t,
-            Key=t.key,
-            UploadId=upload_id,
-            PartNumber=n,
-            Body=body,
-            ContentLength=length,
-            **self._part_args(md5, sha256, _crc32(body.data) if self.crc32_parts else None),
-        )
+        crc = _crc32(body.data) if self._mode(t) == "crc32" else None
+        # a server whose ETag is the whole file's MD5 would hash the part twice: its answer's ETag is checked
+        content_md5 = md5 if self._etag_style != "whole-md5" else None
+        try:
+            resp = self._call(
+                "upload_part",
+                t,
+                refusable=crc is not None,
+                Key=t.key,
+                UploadId=upload_id,
+                PartNumber=n,
+                Body=body,
+                ContentLength=length,
+                **self._part_args(content_md5, sha256, crc),
+            )
+        except _ChecksumRefused:
+            # the upload was declared with CRC-32: the next attempt aborts it and starts one without
+            raise self.transient(
+                f"part {n} of {t.key}: the server refuses x-amz-checksum-crc32",
+                "the upload starts again with Content-MD5 alone",
+            ) from None
         etag = _plain(resp.get("ETag"))
         if md5 is not None and _MD5_ETAG.match(etag) and etag != md5:
             raise IntegrityError(self.name, f"part {n} of {t.key}: server ETag {etag} is not the MD5 of what was sent")
         record: dict[str, Any] = {"etag": etag}
         if sha256 is not None:
             record["sha256"] = sha256
-        if self.crc32_parts:
-            record["crc32"] = _crc32(body.data)
+        if crc is not None:
+            record["crc32"] = crc
         return record
 
-    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
-        return {"etag": etag, **({"crc32": _crc32(data)} if self.crc32_parts else {})}
+    def _held_record(self, t: Transfer, etag: str, data: bytes) -> dict[str, Any]:
+        return {"etag": etag, **({"crc32": _crc32(data)} if self._mode(t) == "crc32" else {})}
 
     def _complete(self, t: Transfer, upload_id: str, parts: list[dict[str, Any]]) -> None:
         listed = []
         for n, rec in enumerate(parts, 1):
             p = {"PartNumber": n, "ETag": f'"{rec["etag"]}"'}
-            if self.sha256_parts:
+            if self._mode(t) == "sha256":
                 p["ChecksumSHA256"] = _b64(t.local.part_sha256[n - 1])
-            elif self.crc32_parts:
+            elif self._mode(t) == "crc32":
                 p["ChecksumCRC32"] = rec["crc32"]
             listed.append(p)
-        self._call("complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed})
+        resp = self._call(
+            "complete_multipart_upload", t, Key=t.key, UploadId=upload_id, MultipartUpload={"Parts": listed}
+        )
+        if t.local.md5 is None and self._etag_style == "whole-md5":  # no HEAD follows (see the module's docstring)
+            etag, want = _plain(resp.get("ETag")), composite_etag(t.local.part_md5)
+            if etag != want:
+                with contextlib.suppress(UploadError):
+                    self.remove(t.key)  # just stored by this transfer: never left behind as if it were the file
+                raise IntegrityError(
+                    self.name,
+                    f"{t.key}: the completion answered ETag {etag}, not {want}, the composite of the MD5s of the "
+                    "parts sent; deleted",
+                    hint="it is uploaded again",
+                )
+            t.proved = etag

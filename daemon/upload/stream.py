@@ -124,9 +124,13 @@ class StreamingUploader(Uploader):
         """``(whole-file MD5, part MD5s)`` this store needs while sending."""
         return False, True
 
-    def _held_record(self, etag: str, data: bytes) -> dict[str, Any]:
+    def _held_record(self, t: Transfer, etag: str, data: bytes) -> dict[str, Any]:
         """The record of a part kept from the server (the store may add what it needs of the bytes)."""
         return {"etag": etag}
+
+    def _upload_tag(self) -> dict[str, Any]:
+        """What else a multipart upload is started with and a resumed one must share (S3: the part checksum)."""
+        return {}
 
     # -- shared -------------------------------------------------------------------------
 
@@ -170,7 +174,12 @@ class StreamingUploader(Uploader):
         local, key, st = t.local, t.key, t.state
         identity = [local.size, local.mtime_ns]
         upload_id = st.get("upload_id")
-        same = st.get("part_size") == local.part_size and st.get("file", identity) == identity
+        tag = self._upload_tag()
+        same = (
+            st.get("part_size") == local.part_size
+            and st.get("file", identity) == identity
+            and all(st.get(k) == v for k, v in tag.items())
+        )
         if upload_id and not same:
             self._abort(key, upload_id)  # planned with another part size, or the file changed since
             upload_id = None
@@ -193,9 +202,10 @@ class StreamingUploader(Uploader):
         if upload_id is None:
             t.between()
             upload_id = self._create(t)
+            tag = self._upload_tag()  # what the upload was created with (a server may have refused a checksum)
         with t.lock:
             st.clear()
-            st.update(upload_id=upload_id, part_size=local.part_size, file=identity, parts={})
+            st.update(upload_id=upload_id, part_size=local.part_size, file=identity, parts={}, **tag)
         t.persist(0)
         if server:
             log.debug("resuming", target=self.name, key=key, parts_on_server=len(server), of=local.parts)
@@ -270,7 +280,7 @@ class StreamingUploader(Uploader):
                     return
                 md5 = hashlib.md5(data, usedforsecurity=False).hexdigest() if part_md5s or n in server else None
                 sha = hashlib.sha256(data).hexdigest() if self.sha256_parts else None
-                record = self._held(server.get(n), recorded.get(str(n)), data, md5, sha)
+                record = self._held(t, server.get(n), recorded.get(str(n)), data, md5, sha)
                 if record is None:
                     t.between()
                     with self.slots:
@@ -349,6 +359,7 @@ class StreamingUploader(Uploader):
 
     def _held(
         self,
+        t: Transfer,
         listed: Listed | None,
         recorded: dict[str, Any] | None,
         data: bytes,
@@ -366,4 +377,4 @@ class StreamingUploader(Uploader):
         else:
             rec = recorded or {}
             same = md5 is not None and rec.get("etag") == etag and rec.get("md5") == md5
-        return self._held_record(etag, data) if same else None
+        return self._held_record(t, etag, data) if same else None

@@ -42,6 +42,7 @@ from daemon.upload.stream import StreamingUploader
 from daemon.upload.throttle import BufferBody
 
 from .conftest import OSS_KEYS, S3_KEYS, new_bucket
+from .oss_proxy import crc64
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -263,10 +264,9 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch, learned: bool
 ) -> None:
     """A byte flipped after the digests were taken (a faulty NIC, a proxy). With Content-MD5 (moto, any new
-    target) the server refuses the part (rclone) or its ETag is not the MD5 sent (moto accepts the body), and
-    the upload is not completed. A target known to report the whole file's MD5 (rclone) sends no part MD5s:
-    that ETag, compared with the MD5 of the bytes read, catches it and the object is deleted. The next attempt
-    stores the file."""
+    target) the server refuses the part (rclone) or its ETag is not the MD5 sent (moto accepts the body); a
+    target known to report the whole file's MD5 (rclone) gets no Content-MD5, and the part's ETag in its
+    answer is not the MD5 sent. The upload is not completed; the next attempt stores the file."""
     admin, bucket = server.admin, server.bucket
     if learned and server.kind == "oss":
         pytest.skip("OSS has no ETag style to learn")
@@ -292,12 +292,96 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
     with pytest.raises(IntegrityError, match=match) as err:
         up.send(Transfer(local=_pending(up, big), key=key))
     assert flipped
-    if learned and server.kind == "rclone":  # its whole-MD5 ETag known: caught end to end
-        assert "does not match" in str(err.value)
+    if server.kind == "rclone":  # Content-MD5 checked by the server; once its whole-MD5 ETag is known, the ETag
+        assert ("is not the MD5 of what was sent" if learned else "BadDigest") in str(err.value)
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing published
 
     up.send(Transfer(local=_pending(up, big), key=key))  # the next attempt (the manager retries)
     assert admin.get_object(Bucket=bucket, Key=key)["Body"].read() == big.read_bytes()
+
+
+def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_without_a_head(
+    make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rclone hashes the whole object when it is first asked for it (a HEAD after the last part), and each part
+    twice when it carries Content-MD5: once its ETag style is known, the upload computes the part MD5s alone,
+    sent as no Content-MD5 (each part's ETag must be its MD5), and the completion's composite of them (the
+    server refuses a listed ETag that is not its part's MD5) proves the object; no whole-file MD5 is computed
+    and no HEAD follows."""
+    if server.kind != "rclone":
+        pytest.skip("the server whose multipart ETag is the whole file's MD5")
+    up = make()
+    assert isinstance(up, S3Uploader)
+    up.send(Transfer(local=_pending(up, big), key=_key()))  # the first multipart upload: style learned (HEAD)
+    heads: list[str] = []
+    real_probe = S3Uploader.probe
+
+    def counting_probe(self: S3Uploader, key: str) -> Any:
+        heads.append(key)
+        return real_probe(self, key)
+
+    sent: list[dict[str, Any]] = []
+    real_args = S3Uploader._part_args
+
+    def recorded_args(self: S3Uploader, *args: Any) -> dict[str, Any]:
+        kw = real_args(self, *args)
+        sent.append(kw)
+        return kw
+
+    monkeypatch.setattr(S3Uploader, "probe", counting_probe)
+    monkeypatch.setattr(S3Uploader, "_part_args", recorded_args)
+    key = _key()
+    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    assert len(sent) == 4 and not any("ContentMD5" in kw for kw in sent)  # rclone would hash each part twice
+    data = big.read_bytes()
+    md5s = tuple(hashlib.md5(data[i : i + 5 * MiB]).hexdigest() for i in range(0, len(data), 5 * MiB))
+    assert outcome.local is not None and outcome.local.md5 is None and outcome.local.part_md5 == md5s
+    assert outcome.checksum == composite_etag(md5s)
+    assert heads == [key]  # the probe before sending (nothing there); none after the completion
+    assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
+    assert up.send(Transfer(local=_pending(up, big), key=key)).present  # a later job finds it: the whole MD5 then
+
+
+def test_an_oss_multipart_upload_is_proved_by_the_crc64_its_completion_answers(
+    make: Callable[..., StreamingUploader], server: Server, big: Path
+) -> None:
+    """oss2 compares the object's CRC-64 the completion answers with the one the parts sent make: no HEAD
+    after it (the test proxy, like the benchmark's, reads the whole object back for a HEAD's CRC-64)."""
+    if server.kind != "oss":
+        pytest.skip("OSS's completion answers the object's CRC-64")
+    up = make()
+    key = _key()
+    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    heads = [e for e in server.proxy.requests("HeadObject") if e["path"].endswith(key)]
+    assert len(heads) == 1  # the probe before sending (nothing there)
+    assert server.proxy.requests("CompleteMultipartUpload")[-1]["path"].endswith(key)
+    data = big.read_bytes()
+    assert outcome.local is not None and outcome.checksum == str(outcome.local.crc64) == str(crc64(data))
+    assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
+
+
+def test_oss_part_bodies_are_sent_in_large_blocks_each_throttled_and_checked(
+    make: Callable[..., StreamingUploader], server: Server, big: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """oss2 hands request bodies to urllib3, which reads them 16 KiB at a time by default: oss2's CRC-64 and
+    our part body (throttle, stop check) then ran their Python 64 times a MiB. Its pools read 1 MiB blocks."""
+    if server.kind != "oss":
+        pytest.skip("oss2's connection pools")
+    reads: list[int] = []
+    checks: list[int] = []
+    real_read = BufferBody.read
+
+    def read(self: BufferBody, size: int | None = -1) -> bytes:
+        chunk = real_read(self, size)
+        reads.append(len(chunk))
+        return chunk
+
+    monkeypatch.setattr(BufferBody, "read", read)
+    up = make()
+    up.send(Transfer(local=_pending(up, big), key=_key(), check=lambda: checks.append(1)))
+    assert sum(reads) == big.stat().st_size
+    assert max(reads) == oss.SEND_BLOCK and len(reads) <= 20  # 16 MiB + 7 bytes in 1 MiB blocks (+ ends)
+    assert len(checks) >= len(reads)  # every block still checks for a stop before it is sent
 
 
 def test_content_that_is_not_what_qc_read_is_never_completed(
