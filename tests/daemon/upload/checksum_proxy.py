@@ -12,50 +12,23 @@ refuses the part headers). Every request is logged with whether it was refused.
 from __future__ import annotations
 
 import http.client
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
+from .local_proxy import LocalProxy
 from .s3_server import operation
 
 
-class ChecksumRefusingProxy:
+class ChecksumRefusingProxy(LocalProxy):
     """Serve on 127.0.0.1 (a free port) in front of the S3 server at ``backend`` (host:port)."""
 
+    thread_name = "checksum-proxy"
+
     def __init__(self, backend: str, refuse: set[str] | None = None) -> None:
-        self.backend = backend
         #: Operations whose checksum headers are refused (None: every operation).
         self.refuse = refuse
-        self.log: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def _any(self) -> None:
-                proxy.handle(self)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="checksum-proxy", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def requests(self, op: str | None = None) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.log if op is None or e["op"] == op]
+        super().__init__(backend)
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urlsplit(h.path)

@@ -25,13 +25,13 @@ import hashlib
 import hmac
 import http.client
 import re
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import crcmod
+
+from .local_proxy import LocalProxy
 
 # CRC-64/XZ (ECMA-182 polynomial, reflected, all-ones init/xor-out): the check
 # value of b"123456789" is 0x995DC9BBDF1939FA.
@@ -47,53 +47,16 @@ def _error(code: str, message: str) -> bytes:
     ).encode()
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):  # clients closing keep-alive sockets
-            super().handle_error(request, client_address)
-
-
-class OSSProxy:
+class OSSProxy(LocalProxy):
     """Serve on 127.0.0.1 (a free port) in front of the S3 server at ``backend`` (host:port)."""
 
+    thread_name = "oss-proxy"
+
     def __init__(self, backend: str, keys: dict[str, str]) -> None:
-        self.backend = backend
         self.keys = dict(keys)
-        self.log: list[dict[str, Any]] = []
         #: Bodies of the next N UploadPart/PutObject requests get one byte flipped on arrival (fault tests).
         self.flip_next = 0
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def _any(self) -> None:
-                proxy.handle(self)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
-
-        self.server = _Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="oss-proxy", daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def requests(self, op: str | None = None) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for e in self.log if op is None or e["op"] == op]
+        super().__init__(backend)
 
     # -- one request -----------------------------------------------------------
 
