@@ -264,3 +264,11 @@ def run_qc_again(
     )
     store.transition(job_id, JobState.QC_DONE, owner="qc-worker", message="QC pass")
     return QCJob(job_id, chip, inputs, archive, report_json, run)
+
+
+@pytest.fixture
+def big(tmp_path: Path) -> Path:
+    """A file of three 5 MiB parts and a short fourth (16 MiB + 7 bytes) of random bytes."""
+    path = tmp_path / "SS200000135TL_D1.tif"
+    path.write_bytes(os.urandom(16 * 2**20 + 7))
+    return path

@@ -43,13 +43,6 @@ def refusing(s3_server: S3Server) -> Iterator[ChecksumRefusingProxy]:
 
 
 @pytest.fixture
-def big(tmp_path: Path) -> Path:
-    path = tmp_path / "SS200000135TL_D1.tif"
-    path.write_bytes(os.urandom(16 * MiB + 7))  # three 5 MiB parts and a short fourth
-    return path
-
-
-@pytest.fixture
 def uploaders() -> Iterator[list[S3Uploader]]:
     made: list[S3Uploader] = []
     yield made

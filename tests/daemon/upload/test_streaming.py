@@ -112,13 +112,6 @@ def make(server: Server, tmp_path: Path) -> Iterator[Callable[..., StreamingUplo
 
 
 @pytest.fixture
-def big(tmp_path: Path) -> Path:
-    path = tmp_path / "SS200000135TL_D1.tif"
-    path.write_bytes(os.urandom(16 * MiB + 7))  # three 5 MiB parts and a short fourth
-    return path
-
-
-@pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Bytes read from each path through ``open`` in the upload modules."""
     counts: dict[str, int] = {}
