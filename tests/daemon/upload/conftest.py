@@ -272,3 +272,16 @@ def big(tmp_path: Path) -> Path:
     path = tmp_path / "SS200000135TL_D1.tif"
     path.write_bytes(os.urandom(16 * 2**20 + 7))
     return path
+
+
+def pending_file(up: Any, path: Path) -> Any:
+    """``path`` as a :class:`daemon.upload.base.LocalFile` not yet sent, in ``up``'s part size for its size."""
+    from daemon.upload.base import LocalFile, file_stat
+
+    size, mtime = file_stat(path)
+    return LocalFile.pending(path, size, mtime, up.part_size_for(size))
+
+
+def unique_key() -> str:
+    """An object key no other test uses."""
+    return f"site/{uuid.uuid4().hex[:8]}/chip/run/SS200000135TL_D1.tif"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +22,14 @@ import pytest
 from daemon.config import UploadTarget
 from daemon.errors import PermanentUploadError, TransientUploadError
 from daemon.upload import make_uploader
-from daemon.upload.base import IntegrityError, LocalFile, Transfer, file_stat
+from daemon.upload.base import IntegrityError, Transfer
 from daemon.upload.credentials import Credentials
 from daemon.upload.s3 import S3Uploader, composite_etag
 from daemon.upload.throttle import BufferBody
 from tests.moto_s3 import S3Server
 
 from .checksum_proxy import ChecksumRefusingProxy
-from .conftest import S3_KEYS, new_bucket
+from .conftest import S3_KEYS, new_bucket, pending_file, unique_key
 
 MiB = 1 << 20
 
@@ -69,15 +68,6 @@ def _uploader(made: list[S3Uploader], endpoint: str, bucket: str, state: Path, *
     return up
 
 
-def _pending(up: S3Uploader, path: Path) -> LocalFile:
-    size, mtime = file_stat(path)
-    return LocalFile.pending(path, size, mtime, up.part_size_for(size))
-
-
-def _key() -> str:
-    return f"site/{uuid.uuid4().hex[:8]}/chip/run/SS200000135TL_D1.tif"
-
-
 def _part_md5s(data: bytes) -> tuple[str, ...]:
     return tuple(hashlib.md5(data[i : i + 5 * MiB]).hexdigest() for i in range(0, len(data), 5 * MiB))
 
@@ -88,8 +78,8 @@ def test_auto_declares_crc32_parts_as_boto3_does(
     bucket = new_bucket(s3_server)
     up = _uploader(uploaders, s3_server.endpoint, bucket, tmp_path / "state")
     assert up.checksum == "crc32"
-    key = _key()
-    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    key = unique_key()
+    outcome = up.send(Transfer(local=pending_file(up, big), key=key))
     head = s3_server.client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
     data = big.read_bytes()
     crcs = b"".join(zlib.crc32(data[i : i + 5 * MiB]).to_bytes(4, "big") for i in range(0, len(data), 5 * MiB))
@@ -111,8 +101,8 @@ def test_a_server_refusing_checksum_headers_gets_content_md5_alone_learned_once_
     data = big.read_bytes()
     state = tmp_path / "state"
     up = _uploader(uploaders, refusing.endpoint, bucket, state)
-    key = _key()
-    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    key = unique_key()
+    outcome = up.send(Transfer(local=pending_file(up, big), key=key))
     assert [e["op"] for e in refusing.requests() if e["refused"]] == ["CreateMultipartUpload"]
     assert up.checksum == "md5"
     parts = refusing.requests("UploadPart")
@@ -127,8 +117,8 @@ def test_a_server_refusing_checksum_headers_gets_content_md5_alone_learned_once_
     before = len(refusing.requests())
     small = tmp_path / "report.json"
     small.write_bytes(os.urandom(MiB))
-    again.send(Transfer(local=_pending(again, small), key=_key()))
-    again.send(Transfer(local=_pending(again, big), key=_key()))
+    again.send(Transfer(local=pending_file(again, small), key=unique_key()))
+    again.send(Transfer(local=pending_file(again, big), key=unique_key()))
     assert all(not e["checksums"] for e in refusing.requests()[before:])
 
     # still verified: a part damaged after its MD5 was taken is caught, nothing is published
@@ -142,9 +132,9 @@ def test_a_server_refusing_checksum_headers_gets_content_md5_alone_learned_once_
         return real_body(self, t, chunk)
 
     monkeypatch.setattr(S3Uploader, "_body", corrupting_body)
-    torn = _key()
+    torn = unique_key()
     with pytest.raises(IntegrityError, match="is not the MD5 of what was sent"):
-        again.send(Transfer(local=_pending(again, big), key=torn))
+        again.send(Transfer(local=pending_file(again, big), key=torn))
     assert flipped and "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=torn)
 
     # the same target name on another endpoint tries CRC-32 again
@@ -159,8 +149,8 @@ def test_a_single_put_refused_for_its_checksum_is_sent_again_without_it(
     path = tmp_path / "report.json"
     path.write_bytes(os.urandom(3 * MiB))
     up = _uploader(uploaders, refusing.endpoint, bucket, tmp_path / "state", part_size_mb=0, concurrency=0)
-    key = _key()
-    up.send(Transfer(local=_pending(up, path), key=key))
+    key = unique_key()
+    up.send(Transfer(local=pending_file(up, path), key=key))
     puts = refusing.requests("PutObject")
     assert [p["refused"] for p in puts] == [True, False] and puts[0]["checksums"] == ["x-amz-checksum-crc32"]
     head = s3_server.client().head_object(Bucket=bucket, Key=key)
@@ -179,8 +169,8 @@ def test_parts_refused_after_the_upload_was_declared_with_crc32_start_the_upload
         bucket = new_bucket(s3_server)
         admin = s3_server.client()
         up = _uploader(uploaders, proxy.endpoint, bucket, tmp_path / "state", concurrency=1)
-        key = _key()
-        t = Transfer(local=_pending(up, big), key=key)
+        key = unique_key()
+        t = Transfer(local=pending_file(up, big), key=key)
         with pytest.raises(TransientUploadError, match="refuses x-amz-checksum-crc32"):
             up.send(t)
         first = t.state["upload_id"]
@@ -201,6 +191,6 @@ def test_an_explicit_checksum_setting_is_never_overridden(
     state = tmp_path / "state"
     up = _uploader(uploaders, refusing.endpoint, bucket, state, checksum="crc32")
     with pytest.raises(PermanentUploadError, match="InvalidArgument"):
-        up.send(Transfer(local=_pending(up, big), key=_key()))
+        up.send(Transfer(local=pending_file(up, big), key=unique_key()))
     assert up.checksum == "crc32"
     assert not list((state / "upload-checkpoints").glob("*.checksum"))

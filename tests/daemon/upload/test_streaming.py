@@ -30,7 +30,6 @@ from daemon.upload.base import (
     ContentChanged,
     IntegrityError,
     Interrupted,
-    LocalFile,
     Transfer,
     choose_concurrency,
     choose_part_size,
@@ -41,7 +40,7 @@ from daemon.upload.s3 import S3Uploader, composite_etag
 from daemon.upload.stream import StreamingUploader
 from daemon.upload.throttle import BufferBody
 
-from .conftest import OSS_KEYS, S3_KEYS, new_bucket
+from .conftest import OSS_KEYS, S3_KEYS, new_bucket, pending_file, unique_key
 from .oss_proxy import crc64
 
 MiB = 1 << 20
@@ -143,23 +142,14 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
-def _pending(up: StreamingUploader, path: Path) -> LocalFile:
-    size, mtime = file_stat(path)
-    return LocalFile.pending(path, size, mtime, up.part_size_for(size))
-
-
-def _key() -> str:
-    return f"site/{uuid.uuid4().hex[:8]}/chip/run/SS200000135TL_D1.tif"
-
-
 def test_an_upload_reads_the_file_once_and_is_verified_with_the_digests_of_the_bytes_sent(
     make: Callable[..., StreamingUploader], server: Server, big: Path, reads: dict[str, int]
 ) -> None:
     admin, bucket, part_requests = server.admin, server.bucket, server.part_requests
     data = big.read_bytes()
     up = make()
-    key = _key()
-    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    key = unique_key()
+    outcome = up.send(Transfer(local=pending_file(up, big), key=key))
     assert not outcome.present and outcome.local is not None
     assert reads == {str(big): len(data)}  # one read: no digest pass before, no re-read to verify
     assert up.throttle.total == len(data)
@@ -179,7 +169,7 @@ def test_an_upload_reads_the_file_once_and_is_verified_with_the_digests_of_the_b
 
     # the same file again: read once to compare with the stored object, nothing sent
     reads.clear()
-    again = up.send(Transfer(local=_pending(up, big), key=key))
+    again = up.send(Transfer(local=pending_file(up, big), key=key))
     assert again.present and reads == {str(big): len(data)} and up.throttle.total == len(data)
 
 
@@ -190,8 +180,8 @@ def test_a_small_file_is_one_put_read_once_with_its_sha256_as_metadata(
     path = tmp_path / "report.json"
     path.write_bytes(os.urandom(3 * MiB))
     up = make(part_size_mb=0, concurrency=0)  # automatic: 8 MiB parts, so one PUT
-    key = _key()
-    up.send(Transfer(local=_pending(up, path), key=key))
+    key = unique_key()
+    up.send(Transfer(local=pending_file(up, path), key=key))
     assert reads == {str(path): 3 * MiB}
     head = admin.head_object(Bucket=bucket, Key=key)
     assert head["ETag"].strip('"') == hashlib.md5(path.read_bytes()).hexdigest()
@@ -210,7 +200,9 @@ def _stopped_in_part_three(up: StreamingUploader, big: Path, key: str) -> tuple[
 
     with pytest.raises(Interrupted):
         up.send(
-            Transfer(local=_pending(up, big), key=key, save=lambda s, d: saves.append((s, d)), check=stop_in_part_three)
+            Transfer(
+                local=pending_file(up, big), key=key, save=lambda s, d: saves.append((s, d)), check=stop_in_part_three
+            )
         )
     return saves[-1]
 
@@ -220,7 +212,7 @@ def test_a_resumed_upload_keeps_only_the_server_parts_that_are_the_local_bytes(
 ) -> None:
     admin, bucket, part_requests = server.admin, server.bucket, server.part_requests
     up = make(concurrency=1)
-    key = _key()
+    key = unique_key()
     state, done = _stopped_in_part_three(up, big, key)
     assert done == 10 * MiB and sorted(state["parts"]) == ["1", "2"]
     assert state["file"] == list(file_stat(big))  # the file's identity, with each part's MD5 (OSS: CRC-64)
@@ -240,7 +232,7 @@ def test_a_resumed_upload_keeps_only_the_server_parts_that_are_the_local_bytes(
 
     reads.clear()
     again = make(concurrency=1)  # as after a restart
-    outcome = again.send(Transfer(local=_pending(again, big), key=key, state=dict(state)))
+    outcome = again.send(Transfer(local=pending_file(again, big), key=key, state=dict(state)))
     assert admin.get_object(Bucket=bucket, Key=key)["Body"].read() == data
     assert outcome.local is not None and outcome.local.sha256 == hashlib.sha256(data).hexdigest()
     if server.kind != "rclone":
@@ -265,8 +257,8 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
         pytest.skip("OSS has no ETag style to learn")
     up = make()
     if learned:
-        up.send(Transfer(local=_pending(up, big), key=_key()))  # the target's ETag style is learned
-    key = _key()
+        up.send(Transfer(local=pending_file(up, big), key=unique_key()))  # the target's ETag style is learned
+    key = unique_key()
     flipped: list[int] = []
     real_body = S3Uploader._body
 
@@ -283,13 +275,13 @@ def test_a_part_corrupted_on_its_way_is_caught_and_no_corrupt_object_is_left(
         monkeypatch.setattr(S3Uploader, "_body", corrupting_body)
     match = r"BadDigest|InvalidDigest|is not the MD5 of what was sent|does not match|CRC-64"
     with pytest.raises(IntegrityError, match=match) as err:
-        up.send(Transfer(local=_pending(up, big), key=key))
+        up.send(Transfer(local=pending_file(up, big), key=key))
     assert flipped
     if server.kind == "rclone":  # Content-MD5 checked by the server; once its whole-MD5 ETag is known, the ETag
         assert ("is not the MD5 of what was sent" if learned else "BadDigest") in str(err.value)
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)  # nothing published
 
-    up.send(Transfer(local=_pending(up, big), key=key))  # the next attempt (the manager retries)
+    up.send(Transfer(local=pending_file(up, big), key=key))  # the next attempt (the manager retries)
     assert admin.get_object(Bucket=bucket, Key=key)["Body"].read() == big.read_bytes()
 
 
@@ -305,7 +297,7 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
         pytest.skip("the server whose multipart ETag is the whole file's MD5")
     up = make()
     assert isinstance(up, S3Uploader)
-    up.send(Transfer(local=_pending(up, big), key=_key()))  # the first multipart upload: style learned (HEAD)
+    up.send(Transfer(local=pending_file(up, big), key=unique_key()))  # the first multipart upload: style learned (HEAD)
     heads: list[str] = []
     real_probe = S3Uploader.probe
 
@@ -323,8 +315,8 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
 
     monkeypatch.setattr(S3Uploader, "probe", counting_probe)
     monkeypatch.setattr(S3Uploader, "_part_args", recorded_args)
-    key = _key()
-    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    key = unique_key()
+    outcome = up.send(Transfer(local=pending_file(up, big), key=key))
     assert len(sent) == 4 and not any("ContentMD5" in kw for kw in sent)  # rclone would hash each part twice
     data = big.read_bytes()
     md5s = tuple(hashlib.md5(data[i : i + 5 * MiB]).hexdigest() for i in range(0, len(data), 5 * MiB))
@@ -332,7 +324,7 @@ def test_a_server_known_to_report_the_whole_md5_is_proved_by_its_completion_with
     assert outcome.checksum == composite_etag(md5s)
     assert heads == [key]  # the probe before sending (nothing there); none after the completion
     assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == data
-    assert up.send(Transfer(local=_pending(up, big), key=key)).present  # a later job finds it: the whole MD5 then
+    assert up.send(Transfer(local=pending_file(up, big), key=key)).present  # a later job finds it: the whole MD5 then
 
 
 def test_an_oss_multipart_upload_is_proved_by_the_crc64_its_completion_answers(
@@ -343,8 +335,8 @@ def test_an_oss_multipart_upload_is_proved_by_the_crc64_its_completion_answers(
     if server.kind != "oss":
         pytest.skip("OSS's completion answers the object's CRC-64")
     up = make()
-    key = _key()
-    outcome = up.send(Transfer(local=_pending(up, big), key=key))
+    key = unique_key()
+    outcome = up.send(Transfer(local=pending_file(up, big), key=key))
     heads = [e for e in server.proxy.requests("HeadObject") if e["path"].endswith(key)]
     assert len(heads) == 1  # the probe before sending (nothing there)
     assert server.proxy.requests("CompleteMultipartUpload")[-1]["path"].endswith(key)
@@ -371,7 +363,7 @@ def test_oss_part_bodies_are_sent_in_large_blocks_each_throttled_and_checked(
 
     monkeypatch.setattr(BufferBody, "read", read)
     up = make()
-    up.send(Transfer(local=_pending(up, big), key=_key(), check=lambda: checks.append(1)))
+    up.send(Transfer(local=pending_file(up, big), key=unique_key(), check=lambda: checks.append(1)))
     assert sum(reads) == big.stat().st_size
     assert max(reads) == oss.SEND_BLOCK and len(reads) <= 20  # 16 MiB + 7 bytes in 1 MiB blocks (+ ends)
     assert len(checks) >= len(reads)  # every block still checks for a stop before it is sent
@@ -382,9 +374,9 @@ def test_content_that_is_not_what_qc_read_is_never_completed(
 ) -> None:
     admin, bucket = server.admin, server.bucket
     up = make()
-    key = _key()
+    key = unique_key()
     with pytest.raises(ContentChanged):
-        up.send(Transfer(local=_pending(up, big), key=key, expect_sha256="0" * 64))
+        up.send(Transfer(local=pending_file(up, big), key=key, expect_sha256="0" * 64))
     assert "Contents" not in admin.list_objects_v2(Bucket=bucket, Prefix=key)
     assert admin.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []  # aborted, not left
 
@@ -441,11 +433,11 @@ def test_crc32_part_checksums_are_sent_checked_by_the_server_and_kept_on_resume(
     if server.kind != "moto":
         pytest.skip("moto keeps S3 checksums; rclone and the OSS proxy do not")
     up = make(checksum="crc32", concurrency=1)
-    key = _key()
+    key = unique_key()
     state, _ = _stopped_in_part_three(up, big, key)
     assert all(p["crc32"] for p in state["parts"].values())
     again = make(checksum="crc32")
-    again.send(Transfer(local=_pending(again, big), key=key, state=dict(state)))
+    again.send(Transfer(local=pending_file(again, big), key=key, state=dict(state)))
     head = server.admin.head_object(Bucket=server.bucket, Key=key, ChecksumMode="ENABLED")
     assert head["ChecksumCRC32"]  # built from the parts' CRC-32s
     assert server.admin.get_object(Bucket=server.bucket, Key=key)["Body"].read() == big.read_bytes()
