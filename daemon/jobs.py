@@ -6,8 +6,9 @@ with the site's settings and the SQLite pair cache, writes the output folder
 (report and pictures), then stores and announces the verdict with the SHA-256
 of every input it read (the uploads check the files against them;
 :mod:`daemon.inputs`) so notifications go out while it writes what SAW needs
-(IPR, fused image, archive), and returns the job's next state. An input written or replaced while QC read it, even with its
-size and mtime put back, fails the run transiently: QC runs again.
+(IPR, fused image, archive), and returns the job's next state. An input
+written or replaced while QC read it, even with its size and mtime put back,
+fails the run transiently: QC runs again.
 
 A failed QC verdict is a successful job (``qc_done``: the outputs are uploaded
 too). The job itself fails when QC cannot run: permanently for bad input (a
