@@ -71,6 +71,13 @@ class Tile:
         A cheap stat-based identity (path, size, mtime in ns, subblock
         offset...) that changes whenever the content may have changed. Callers
         may memoise :meth:`digest` under it to avoid re-hashing unchanged tiles.
+    loader_into : callable, optional
+        ``loader_into(out)`` decodes into ``out`` (an array of the tile's shape
+        and dtype) where the reader can and returns it, else a new array; see
+        :meth:`read`.
+    hint_fn : callable, optional
+        Asks the operating system to start reading the tile's bytes into its
+        cache; see :meth:`will_read`.
     """
 
     name: str
@@ -83,10 +90,27 @@ class Tile:
     loader: Callable[[], np.ndarray] = field(repr=False)
     digest_fn: Callable[[], str] | None = field(default=None, repr=False)
     identity: str | None = None
+    loader_into: Callable[[np.ndarray], np.ndarray] | None = field(default=None, repr=False)
+    hint_fn: Callable[[], None] | None = field(default=None, repr=False)
 
-    def read(self) -> np.ndarray:
-        """Decode and return the tile's pixels."""
+    def read(self, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode and return the tile's pixels.
+
+        ``out``: memory to reuse, of the tile's shape and dtype. Readers that can
+        decode into it return ``out`` itself (a tile read in turn into one buffer
+        costs no new memory); others return a new array: check ``result is out``.
+        """
+        if out is not None and self.loader_into is not None:
+            return self.loader_into(out)
         return self.loader()
+
+    def will_read(self) -> None:
+        """Tell the operating system this tile is read soon, so a cold file is fetched while other work runs.
+
+        Only a hint: nothing happens where the reader or the system cannot act on it.
+        """
+        if self.hint_fn is not None:
+            self.hint_fn()
 
     def digest(self) -> str:
         """A content digest: equal digests mean equal pixels."""

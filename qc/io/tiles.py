@@ -15,6 +15,7 @@ import functools
 import hashlib
 import io
 import math
+import os
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -39,16 +40,28 @@ __all__ = ["DEFAULT_OVERLAP", "TileFolderImage", "read_tile_file"]
 DEFAULT_OVERLAP = 0.1
 
 
-def read_tile_file(path: Path, limits: ReadLimits = ReadLimits(), *, data: bytes | None = None) -> np.ndarray:  # noqa: B008
+def read_tile_file(
+    path: Path,
+    limits: ReadLimits = ReadLimits(),  # noqa: B008
+    *,
+    data: bytes | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Decode one tile file: 2-D grey or HxWx3 RGB (TIFF via tifffile, JPEG/PNG/BMP via OpenCV).
 
     ``data``: the file's bytes when the caller has read them already (then the file is not opened).
+    ``out``: an array to decode into when the file's first page has exactly its shape and dtype (a TIFF:
+    an uncompressed one is then read straight into it, no new memory); the result is ``out`` then, else
+    a new array as without it.
     """
     if path.suffix.lower() in (".tif", ".tiff"):
         source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
         walk_tiff(source, limits=limits, name=path)
         try:
-            arr = tifffile.imread(path if data is None else io.BytesIO(data), key=0)
+            with tifffile.TiffFile(path if data is None else io.BytesIO(data)) as tif:
+                page = tif.pages.first
+                fits = out is not None and out.shape == page.shape and out.dtype == page.dtype
+                arr = page.asarray(out=out if fits else None)
         except Exception as exc:
             raise CorruptImageError(path, f"the tile cannot be decoded ({exc})") from exc
         if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -68,6 +81,23 @@ def read_tile_file(path: Path, limits: ReadLimits = ReadLimits(), *, data: bytes
             decoded = decoded[..., :3]
         decoded = np.ascontiguousarray(decoded[..., ::-1])  # OpenCV gives BGR
     return decoded
+
+
+def will_read_file(path: Path) -> None:
+    """Ask the OS to start reading ``path`` into its cache and return at once (POSIX ``posix_fadvise``
+    WILLNEED; nothing on systems without it, or when the file cannot be opened: the read itself reports that)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _file_digest(path: Path) -> str:
@@ -167,7 +197,9 @@ class TileFolderImage(Image):
                 y=positions[t.file][1],
                 width=tw,
                 height=th,
-                loader=self._loader(folder / t.file),
+                loader=(load := self._loader(folder / t.file)),
+                loader_into=load,
+                hint_fn=functools.partial(will_read_file, folder / t.file),
                 digest_fn=functools.partial(_file_digest, folder / t.file),
                 identity=file_identity(folder / t.file),
             )
@@ -209,11 +241,12 @@ class TileFolderImage(Image):
         self._overlap_used = (float(ox), float(oy))
         return {t.file: (t.col * tw * (1 - ox), t.row * th * (1 - oy)) for t in info.tiles}
 
-    def _loader(self, path: Path) -> Callable[[], np.ndarray]:
+    def _loader(self, path: Path) -> Callable[..., np.ndarray]:
+        """The tile's loader: ``load()`` decodes into new memory, ``load(out)`` into ``out`` where it can."""
         shape, dtype, limits = self._tile_shape, self.dtype, self.limits
 
-        def load() -> np.ndarray:
-            arr = read_tile_file(path, limits)
+        def load(out: np.ndarray | None = None) -> np.ndarray:
+            arr = read_tile_file(path, limits, out=out)
             if arr.shape != shape or arr.dtype != dtype:
                 problem = f"tile is {arr.shape} {arr.dtype} but the folder's first tile is {shape} {dtype}"
                 raise CorruptImageError(path, problem, hint="Re-export the tile folder; all tiles must match")

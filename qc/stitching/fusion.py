@@ -25,9 +25,11 @@ written as soon as a row of their tiles is complete
 (:class:`~qc.stitching.pyramid_tiff.PyramidTiffWriter`): no temporary file,
 every byte written once. Bands are fused straight into TIFF tile order (no
 regrouping before the write), into buffers reused for the whole mosaic, as
-are the tiles' pixels (fresh memory costs a page fault per page). With
-``threads`` above 1 one thread writes the rows already fused while the
-others fuse the next band in column strips.
+are the tiles' pixels (fresh memory costs a page fault per page; readers that
+can decode into a given array, such as an uncompressed TIFF's, read straight
+into them). With ``threads`` above 1 one thread does the file work, reading
+the tiles about one tile height ahead of the bands and writing the rows
+already fused, while the others fuse each band in column strips.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ Rect = tuple[int, int, int, int]
 
 #: Rows of tiles (full-resolution bands or reduced-level rows) waiting for the writer thread at most.
 _PENDING_WRITES = 4
+#: Column strips each band is cut into per thread (shared out as the threads come free).
+_STRIPS_PER_THREAD = 3
 #: Tile sizes whose blending weights are kept (a 2048^2 tile's take 16 MiB); other sizes are computed each time.
 _WEIGHT_MAPS = 4
 
@@ -205,29 +209,47 @@ class _Pyramid:
         self.row = [0] * len(levels)
 
     def _buffer(self, level: int) -> np.ndarray:
+        """A row of ``level``'s tiles: zeroed for the reduced levels, as it was for the full resolution (whose
+        band :meth:`_Blender.fill` writes whole)."""
         across = self.rows.writer.across[level]
-        return self.buffers.get((across, self.tile_px, self.tile_px, *self.extra), self.dtype)
+        return self.buffers.get((across, self.tile_px, self.tile_px, *self.extra), self.dtype, zero=level > 0)
 
     def band(self) -> np.ndarray:
-        """The tiles the next full-resolution band is fused into (zeroed)."""
+        """The tiles the next full-resolution band is fused into (not zeroed: the band is filled whole)."""
         return self.current[0]
 
+    def _halve_columns(self, k: int, first: int, n: int, columns: range) -> None:
+        """Rows first:first+n of level k-1's current row, TIFF tile columns ``columns``, halved into level k's."""
+        t, half, width = self.tile_px, self.tile_px // 2, self.levels[k - 1][1]
+        src, dst, g = self.current[k - 1], self.current[k], self.filled[k]
+        m = (n + 1) // 2
+        for tc in columns:
+            cols = min(t, width - tc * t)
+            j, side = divmod(tc, 2)
+            _halve(src[tc, first : first + n, :cols], dst[j, g : g + m, side * half : side * half + (cols + 1) // 2])
+
+    def halve_band(self, rows: int, x0: int, x1: int) -> None:
+        """Mosaic columns x0:x1 (whole TIFF tiles) of the band just fused, halved into the first reduced level.
+
+        Column strips of a band halve independently (each TIFF tile into its own half of a tile below), so the
+        threads that fused them do it; :meth:`add` then does the rest.
+        """
+        if len(self.levels) > 1:
+            t = self.tile_px
+            self._halve_columns(1, 0, rows, range(x0 // t, -(-x1 // t)))
+
     def add(self, rows: int, last: bool) -> None:
-        """The band (``rows`` rows of :meth:`band`) is fused: halve it down the levels and write what is complete."""
-        t, half = self.tile_px, self.tile_px // 2
-        first, n, width = 0, rows, self.levels[0][1]  # the rows just added to the level above, its width
+        """The band (``rows`` rows of :meth:`band`, halved into the first reduced level by :meth:`halve_band`) is
+        fused: halve it down the other levels and write what is complete."""
+        t = self.tile_px
+        first, n = 0, rows  # the rows just added to the level above
         done = [0]
         for k in range(1, len(self.levels)):
-            src, dst, g = self.current[k - 1], self.current[k], self.filled[k]
-            m = (n + 1) // 2
-            for tc in range(-(-width // t)):
-                cols = min(t, width - tc * t)
-                j, side = divmod(tc, 2)
-                _halve(
-                    src[tc, first : first + n, :cols], dst[j, g : g + m, side * half : side * half + (cols + 1) // 2]
-                )
+            g, m = self.filled[k], (n + 1) // 2
+            if k > 1:
+                self._halve_columns(k, first, n, range(-(-self.levels[k - 1][1] // t)))
             self.filled[k] += m
-            first, n, width = g, m, self.levels[k][1]
+            first, n = g, m
             if self.filled[k] == t or last:
                 done.append(k)
         for k in done:  # after the halving: a level's rows are read by the next level first
@@ -247,13 +269,21 @@ def _pieces(x0: int, x1: int, t: int) -> Iterator[tuple[int, int, int]]:
 
 
 class _Tiles:
-    """The tiles' pixels, decoded once when a band first needs them and dropped when the bands have passed them."""
+    """The tiles' pixels, decoded once when a band first needs them (or ahead of it) and dropped when the bands have
+    passed them.
+
+    Each tile is decoded into a buffer reused for the whole mosaic (a reader that can decode into it, such as an
+    uncompressed TIFF's, writes straight into it; others are copied in), so decoding costs no fresh memory.
+    """
 
     def __init__(self, tiles: Sequence[Tile], place: Sequence[tuple[int, int]]) -> None:
         self.tiles, self.place = tiles, place
         self.by_top = sorted(range(len(tiles)), key=lambda i: place[i][1])
         self.pixels: dict[int, np.ndarray] = {}
-        self.held = _Buffers()  # decoded pixels are copied into these and the decoded array freed at once
+        self.pending: dict[int, Future[np.ndarray]] = {}  # decoding ahead of the bands
+        self.held = _Buffers()
+        self.like: tuple[tuple[int, ...], np.dtype] | None = None  # the first tile's samples and dtype
+        self.hinted = 0  # tiles (in by_top order) whose reading the OS was asked to start
 
     def crossing(self, y0: int, y1: int) -> list[int]:
         """The tiles whose rows cross mosaic rows y0:y1, top first."""
@@ -266,15 +296,43 @@ class _Tiles:
                 out.append(i)
         return out
 
-    def load(self, indices: Iterable[int], pool: ThreadPoolExecutor | None) -> None:
-        need = [i for i in indices if i not in self.pixels]
-        decoded = list(pool.map(self._decode, need)) if pool is not None and len(need) > 1 else map(self._decode, need)
-        for i, arr in zip(need, decoded, strict=True):
-            self.pixels[i] = arr
+    def hint(self, y0: int, y1: int) -> None:
+        """Ask the OS to start fetching the tiles whose first rows lie in mosaic rows y0:y1 (each asked once)."""
+        for i in self.by_top[self.hinted :]:
+            if self.place[i][1] >= y1:
+                break
+            self.hinted += 1
+            if self.place[i][1] >= y0:
+                self.tiles[i].will_read()
+
+    def prefetch(self, indices: Iterable[int], pool: ThreadPoolExecutor) -> None:
+        """Start decoding these tiles on ``pool``; :meth:`load` waits for them."""
+        for i in indices:
+            if i not in self.pixels and i not in self.pending:
+                self.pending[i] = pool.submit(self._decode, i)
+
+    def load(self, indices: Sequence[int], pool: ThreadPoolExecutor | None) -> None:
+        """Have these tiles' pixels in :attr:`pixels` (decoded on ``pool`` when given, else here)."""
+        if pool is not None:
+            self.prefetch(indices, pool)
+        for i in indices:
+            fut = self.pending.pop(i, None)
+            if fut is not None:
+                self.pixels[i] = fut.result()
+            elif i not in self.pixels:
+                self.pixels[i] = self._decode(i)
 
     def _decode(self, i: int) -> np.ndarray:
         t = self.tiles[i]
-        arr = np.asarray(t.read())
+        buf = None
+        if self.like is not None:
+            extra, dtype = self.like
+            buf = self.held.get((t.height, t.width, *extra), dtype, zero=False)
+        arr = np.asarray(t.read(out=buf))
+        if arr is buf:
+            return arr
+        if buf is not None:
+            self.held.put(buf)
         if arr.shape[:2] != (t.height, t.width):
             msg = f"tile {t.name!r} decoded to {arr.shape[:2]} px but declares {t.height}x{t.width}"
             raise QCError(msg, hint="The tile file and the mosaic metadata disagree; re-export the scan")
@@ -295,6 +353,20 @@ class _Tiles:
         """Forget the tiles that end at or above mosaic row ``y``."""
         for i in [i for i in self.pixels if self.place[i][1] + self.tiles[i].height <= y]:
             self.held.put(self.pixels.pop(i))
+
+
+def _uncovered(area: Rect, rects: Sequence[Rect]) -> list[Rect]:
+    """The parts of ``area`` that none of ``rects`` (each inside it) covers: cells of the grid their edges cut."""
+    if not rects:
+        return [area]
+    r = np.array(rects)
+    xs = np.unique(np.concatenate(([area[0], area[2]], r[:, 0], r[:, 2])))
+    ys = np.unique(np.concatenate(([area[1], area[3]], r[:, 1], r[:, 3])))
+    x0, x1, y0, y1 = xs[:-1], xs[1:], ys[:-1], ys[1:]
+    inside_x = (r[:, 0, None] <= x0) & (x1 <= r[:, 2, None])  # (rects, columns of cells)
+    inside_y = (r[:, 1, None] <= y0) & (y1 <= r[:, 3, None])  # (rects, rows of cells)
+    covered = (inside_y[:, :, None] & inside_x[:, None, :]).any(axis=0)
+    return [(int(x0[c]), int(y0[k]), int(x1[c]), int(y1[k])) for k, c in zip(*np.nonzero(~covered), strict=True)]
 
 
 class _Blender:
@@ -324,19 +396,27 @@ class _Blender:
         return self.tiles.pixels[i][rect[1] - y : rect[3] - y, rect[0] - x : rect[2] - x]
 
     def fill(self, band: np.ndarray, y0: int, rows: int, active: Sequence[int], x0: int, x1: int) -> None:
-        """Mosaic columns x0:x1 of the band of ``rows`` rows from mosaic row y0, kept as TIFF tiles in ``band``."""
+        """Mosaic columns x0:x1 of the band of ``rows`` rows from mosaic row y0, kept as TIFF tiles in ``band``.
+
+        ``band`` holds whatever its buffer held before: what no tile covers (the TIFF tiles' padding past the
+        mosaic's last row and column included) is zeroed, the rest is written over.
+        """
         y1, t = y0 + rows, band.shape[1]
         cover: list[tuple[int, Rect]] = []
         for i in active:
             x, y = self.tiles.place[i]
             tile = self.tiles.tiles[i]
             rect = (max(x, x0), max(y, y0), min(x + tile.width, x1), min(y + tile.height, y1))
-            if rect[0] >= rect[2] or rect[1] >= rect[3]:
-                continue
+            if rect[0] < rect[2] and rect[1] < rect[3]:
+                cover.append((i, rect))
+        for gap in _uncovered((x0, y0, -(-x1 // t) * t, y0 + t), [c for _, c in cover]):
+            for tc, a, b in _pieces(gap[0], gap[2], t):
+                band[tc, gap[1] - y0 : gap[3] - y0, a - tc * t : b - tc * t] = 0
+        for i, rect in cover:
+            x, y = self.tiles.place[i]
             pixels = self.tiles.pixels[i][rect[1] - y : rect[3] - y]
             for tc, a, b in _pieces(rect[0], rect[2], t):
                 band[tc, rect[1] - y0 : rect[3] - y0, a - tc * t : b - tc * t] = pixels[:, a - x : b - x]
-            cover.append((i, rect))
         if len(cover) < 2:
             return
         edges = np.array([c for _, c in cover])  # (n, 4): every pair's intersection at once
@@ -409,12 +489,38 @@ class _Blender:
         out[...] = _to_dtype(acc, out.dtype)
 
 
+class _Shared:
+    """Column strips of one band, taken in turn by every thread that joins (:meth:`work`) until none is left.
+
+    The fusing thread works through them and the file thread joins when its reads and writes leave it time,
+    so the two share the fusion however busy the file work keeps one of them.
+    """
+
+    def __init__(self, strips: Sequence[tuple[int, int]], do: Callable[[int, int], None]) -> None:
+        self.left, self.do = deque(strips), do
+        self.lock = threading.Lock()
+
+    def work(self) -> None:
+        while True:
+            with self.lock:
+                if not self.left:
+                    return
+                a, b = self.left.popleft()
+            self.do(a, b)
+
+
 def _strips(width: int, tile_px: int, n: int) -> list[tuple[int, int]]:
     """Up to ``n`` column ranges covering 0:width, split at whole TIFF tiles."""
     across = -(-width // tile_px)
     n = max(1, min(n, across))
     cuts = [round(k * across / n) * tile_px for k in range(n + 1)]
     return [(a, min(b, width)) for a, b in pairwise(cuts) if a < min(b, width)]
+
+
+def _fuse_strip(blender: _Blender, pyramid: _Pyramid, y0: int, rows: int, active: Sequence[int], x0: int, x1: int) -> None:  # fmt: skip
+    """Columns x0:x1 of the band of ``rows`` rows from mosaic row y0: fused, then halved into the level below."""
+    blender.fill(pyramid.band(), y0, rows, active, x0, x1)
+    pyramid.halve_band(rows, x0, x1)
 
 
 def fuse_tiles(
@@ -449,9 +555,10 @@ def fuse_tiles(
     compression : {None, "zlib", "zstd"}
         TIFF compression of the tiles; default none (fastest).
     threads : int
-        At most this many threads: with 1 the bands are fused and written in
-        turn; with more, one writes the file while the others fuse the next
-        band (in column strips) and decode its tiles.
+        At most this many threads: with 1 the tiles are decoded and the bands
+        fused and written in turn; with more, one reads the tiles ahead of the
+        bands and writes the file while the others fuse each band (in column
+        strips).
     pixel_size_um : float, optional
         Recorded in the OME-XML (PhysicalSizeX/Y).
     progress : callable, optional
@@ -488,9 +595,12 @@ def fuse_tiles(
     first = source.by_top[0]
     source.load([first], None)
     dtype, extra = source.pixels[first].dtype, tuple(source.pixels[first].shape[2:])
+    source.like = (extra, dtype)
     samples = extra[0] if extra else 1
     blender = _Blender(source, blend)
-    strips = _strips(width, tile_px, max(1, threads - 1))  # one thread of 'threads' writes
+    # column strips of each band, shared by the threads: several per thread, so that the file thread can take some
+    strips = _strips(width, tile_px, 1 if threads == 1 else _STRIPS_PER_THREAD * threads)
+    ahead = max(t.height for t in tiles)  # tiles are decoded about one tile height before the bands need them
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -498,31 +608,36 @@ def fuse_tiles(
     try:
         with ExitStack() as stack:
             fh = stack.enter_context(part.open("wb"))
-            workers = writes = None
+            io = workers = None
             if threads > 1:  # shut down (queued work cancelled) before the file closes
-                workers = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="fuse")
-                writes = ThreadPoolExecutor(1, thread_name_prefix="fuse-write")
-                for pool in (workers, writes):
-                    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+                io = ThreadPoolExecutor(1, thread_name_prefix="fuse-io")
+                stack.callback(io.shutdown, wait=True, cancel_futures=True)
+            if threads > 2:
+                workers = ThreadPoolExecutor(threads - 2, thread_name_prefix="fuse")
+                stack.callback(workers.shutdown, wait=True, cancel_futures=True)
             shape = (height, width, *extra)
             description = ome_description(shape, dtype, pixel_size_um=pixel_size_um)
             writer = PyramidTiffWriter(
                 fh, levels, dtype, samples, tile_px, compression=compression, description=description
             )
             buffers = _Buffers()
-            rows = _Rows(writer, buffers, writes)
+            rows = _Rows(writer, buffers, io)
             pyramid = _Pyramid(levels, tile_px, dtype, extra, rows, buffers)
             for y0 in range(0, height, tile_px):
                 y1 = min(height, y0 + tile_px)
                 active = source.crossing(y0, y1)
-                source.load(active, workers)
+                source.load(active, io)
+                if io is not None:
+                    source.prefetch(source.crossing(y1, y1 + ahead), io)
+                source.hint(y1 + ahead, y1 + 2 * ahead)
                 for i in active:
                     source.check(i, dtype, extra)
-                band = pyramid.band()
-                if workers is None or len(strips) == 1:
-                    blender.fill(band, y0, y1 - y0, active, 0, width)
-                else:
-                    list(workers.map(partial(blender.fill, band, y0, y1 - y0, active), *zip(*strips, strict=True)))
+                shared = _Shared(strips, partial(_fuse_strip, blender, pyramid, y0, y1 - y0, active))
+                joined = [pool.submit(shared.work) for pool in (io, workers) if pool is not None]
+                joined += [workers.submit(shared.work) for _ in range(threads - 3)] if workers is not None else []
+                shared.work()
+                for f in joined:
+                    f.result()
                 source.drop_above(y1)
                 pyramid.add(y1 - y0, last=y1 == height)
                 if progress is not None:

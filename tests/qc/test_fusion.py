@@ -83,6 +83,27 @@ def test_fusion_decodes_each_tile_once_and_holds_only_the_rows_a_band_crosses(tm
     assert alive[1] <= 2 * 4  # never more than the two rows of tiles a band crosses
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_tile_folder_fuses_from_its_files_as_from_memory(tmp_path, threads):
+    """Tiles read from their files into reused buffers, ahead of the bands: the same image as the in-memory tiles'."""
+    from qc.io import open_image
+    from qc.testing.tiles import write_tile_folder
+
+    tex = stain_texture("DAPI", (1400, 1700), 24).astype(np.uint8)
+    ts = make_tile_set(tex, jitter_px=6, seed=9, **GRID)
+    folder = write_tile_folder(ts, tmp_path / "SS200000135TL_D1")
+    want = fuse_tiles(ts.tiles, tmp_path / "memory.ome.tif", positions=ts.true_positions, tile_px=64, threads=1)
+    with open_image(folder) as image:
+        tiles = list(image.tiles)
+        assert all(t.loader_into is not None for t in tiles)
+        positions = {t.name: ts.true_positions[ts.tile(t.row, t.col).name] for t in tiles}
+        got = fuse_tiles(tiles, tmp_path / "files.ome.tif", positions=positions, tile_px=64, threads=threads)
+    assert (got.width, got.height, got.levels) == (want.width, want.height, want.levels)
+    with tifffile.TiffFile(want.path) as a, tifffile.TiffFile(got.path) as b:
+        for la, lb in zip(a.series[0].levels, b.series[0].levels, strict=True):
+            np.testing.assert_array_equal(la.asarray(), lb.asarray())
+
+
 def test_fuse_command_writes_a_tile_configuration_folder_and_refuses_what_it_cannot(tmp_path, capsys):
     from daemon.cli import main
 

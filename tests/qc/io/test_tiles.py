@@ -160,6 +160,30 @@ def test_tile_digest_identity_and_errors(tmp_path):
         open_image(folder)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".png"])
+def test_a_tile_decodes_into_memory_it_is_given_when_it_can_and_into_new_memory_when_not(tmp_path, suffix):
+    tiles, _ = mosaic_tiles(1, 2)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for (r, c), arr in tiles.items():
+        save(folder / f"t_{r:04d}_{c:04d}_{suffix}", arr)
+    with open_image(folder) as img:
+        tile = img.tiles[1]
+        tile.will_read()  # a hint to the OS; nothing to see but that it does not fail
+        buf = np.full((TH, TW), 7, np.uint8)
+        got = tile.read(out=buf)
+        np.testing.assert_array_equal(got, tiles[(0, 1)])
+        assert (got is buf) == (suffix == ".tif")  # a TIFF's pixels go straight into buf; OpenCV's elsewhere
+        wrong = np.zeros((TH, TW), np.uint16)  # not the tile's dtype: left alone, a new array returned
+        got = tile.read(out=wrong)
+        assert got is not wrong and not wrong.any()
+        np.testing.assert_array_equal(got, tiles[(0, 1)])
+        (folder / f"t_0000_0001_{suffix}").unlink()
+        tile.will_read()  # a file gone: still only a hint, the read says what is wrong
+        with pytest.raises(CorruptImageError):
+            tile.read(out=buf)
+
+
 def test_truncated_jpeg_tile(tmp_path):
     folder = tmp_path / "j"
     folder.mkdir()
