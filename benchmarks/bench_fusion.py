@@ -23,7 +23,8 @@ process (its peak RSS is that process's own, imports included), after
   2 threads (the default) and with 1, tiles in the page cache, and with 2
   threads from cold tiles.
 
-Each row is the best of ``--repeat`` runs. The fused pixels are checked
+Each row is the best of ``--repeat`` rounds, each round running every row once
+(so that every row meets the machine's slow and fast minutes alike). The fused pixels are checked
 against the generator's mosaic on a sample of rows.
 
     python benchmarks/bench_fusion.py [--quick] [--repeat 2] [--no-record]
@@ -155,27 +156,34 @@ def _drop_cache(paths: list[Path]) -> bool:
     return True
 
 
-def _run(kind: str, folder: Path, out: Path, *, repeat: int, cold: bool = False, **extra: object) -> dict:
-    """Best of ``repeat`` fresh-process runs of ``kind`` (with the median wall time of them all as ``median``);
-    each starts after sync (and the tiles dropped when cold)."""
-    best: dict | None = None
-    times = []
-    for _ in range(repeat):
-        out.unlink(missing_ok=True)
-        if cold and not _drop_cache(sorted(folder.glob("*.tif"))):
-            return {"seconds": float("nan"), "median": float("nan"), "user": 0, "system": 0, "peak": 0, "anon": 0}
-        if hasattr(os, "sync"):
-            os.sync()
-        cmd = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--out", str(out)]
-        for k, v in extra.items():
-            cmd += [f"--{k}", str(v)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        got = json.loads(done.stdout.strip().splitlines()[-1])
-        times.append(got["seconds"])
-        if best is None or got["seconds"] < best["seconds"]:
-            best = got
-    assert best is not None
-    return {**best, "median": float(np.median(times))}
+def _once(kind: str, folder: Path, out: Path, *, cold: bool = False, **extra: object) -> dict | None:
+    """One fresh-process run of ``kind`` after sync, the tiles dropped from the page cache when ``cold`` (None where
+    the OS cannot) and read into it otherwise (a machine that reclaims idle pages may have dropped them)."""
+    out.unlink(missing_ok=True)
+    tiles = sorted(folder.glob("*.tif"))
+    if cold:
+        if not _drop_cache(tiles):
+            return None
+    else:
+        for t in tiles:
+            t.read_bytes()
+    if hasattr(os, "sync"):
+        os.sync()
+    cmd = [sys.executable, __file__, "--child", kind, "--folder", str(folder), "--out", str(out)]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    got: dict = json.loads(done.stdout.strip().splitlines()[-1])
+    return got
+
+
+def _best(runs: list[dict | None]) -> dict:
+    """The fastest run (with the median wall time of them all as ``median``)."""
+    done = [r for r in runs if r is not None]
+    if not done:
+        return {"seconds": float("nan"), "median": float("nan"), "user": 0, "system": 0, "peak": 0, "anon": 0}
+    best = min(done, key=lambda r: r["seconds"])
+    return {**best, "median": float(np.median([r["seconds"] for r in done]))}
 
 
 def _mib(b: float) -> str:
@@ -240,19 +248,30 @@ def main() -> None:
             p.read_bytes()
 
         out = tmp / "fused.ome.tif"
+        floor = tmp / "floor.bin"
         pos = {"positions": tmp / "positions.json"}
-        fuse2 = _run("fuse", folder, out, repeat=args.repeat, threads=2, **pos)
+        first = _once("fuse", folder, out, threads=2, **pos)  # its size sets the floors' (the run is kept)
         fused_bytes = out.stat().st_size
-        fuse1 = _run("fuse", folder, out, repeat=args.repeat, threads=1, **pos)
-        read = _run("read", folder, out, repeat=args.repeat)
-        write = _run("write", folder, tmp / "floor.bin", repeat=args.repeat, bytes=fused_bytes)
-        big = _run("write", folder, tmp / "floor.bin", repeat=args.repeat, bytes=fused_bytes, chunk=32 << 20)
-        copy = _run("copy", folder, tmp / "floor.bin", repeat=args.repeat, bytes=fused_bytes)
-        (tmp / "floor.bin").unlink(missing_ok=True)
-        cold = _run("read", folder, out, repeat=args.repeat, cold=True)
-        fuse_cold = _run("fuse", folder, out, repeat=args.repeat, cold=True, threads=2, **pos)
-        copy_cold = _run("copy", folder, tmp / "floor.bin", repeat=args.repeat, cold=True, bytes=fused_bytes)
-        (tmp / "floor.bin").unlink(missing_ok=True)
+        rows_run: dict[str, list[dict | None]] = {"fuse2": [first]}
+        # every row once per round, the rounds one after the other: each row meets the machine's moods alike
+        plan = {
+            "fuse2": lambda: _once("fuse", folder, out, threads=2, **pos),
+            "fuse1": lambda: _once("fuse", folder, out, threads=1, **pos),
+            "read": lambda: _once("read", folder, out),
+            "write": lambda: _once("write", folder, floor, bytes=fused_bytes),
+            "big": lambda: _once("write", folder, floor, bytes=fused_bytes, chunk=32 << 20),
+            "copy": lambda: _once("copy", folder, floor, bytes=fused_bytes),
+            "cold": lambda: _once("read", folder, out, cold=True),
+            "fuse_cold": lambda: _once("fuse", folder, out, cold=True, threads=2, **pos),
+            "copy_cold": lambda: _once("copy", folder, floor, cold=True, bytes=fused_bytes),
+        }
+        for k in range(args.repeat):
+            for name, run in plan.items():
+                if name == "fuse2" and k == 0:
+                    continue  # the first round's is the run above
+                rows_run.setdefault(name, []).append(run())
+                floor.unlink(missing_ok=True)
+        fuse2, fuse1, read, write, big, copy, cold, fuse_cold, copy_cold = (_best(rows_run[n]) for n in plan)
         load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
         import tifffile
@@ -289,7 +308,8 @@ def main() -> None:
         "",
         f"Machine: {machine}; load average {load1:.1f} at the end.",
         "",
-        f"Each row in a fresh process after `sync`, best of {args.repeat} (and the median wall time); CPU time and "
+        f"Each row in a fresh process after `sync`, best of {args.repeat} rounds that each run every row once, in the "
+        "order below the read rows (the warm rows re-read the tiles first; median wall time beside); CPU time and "
         "peak RSS are the best run's, peak RSS the process's own high-water mark (imports included), its anonymous "
         "part sampled every 20 ms. Tiles: "
         f"{tile_bytes / 2**20:.0f} MiB of uncompressed TIFFs; fused file: {fused_bytes / 2**20:.0f} MiB "
