@@ -318,11 +318,10 @@ def run_qc_job(ctx: JobContext) -> JobOutcome:
         store.set_archive(job.id, str(out.archive) if out.archive else None, owner=ctx.owner)
     ctx.progress("done", 100.0)
     summary = f"QC {report.verdict}" + (f": {report.reasons[0]}" if report.reasons else "")
-    log.info(
-        "QC finished",
-        verdict=report.verdict,
-        reasons=list(report.reasons),
+    log.info(  # the verdict and its reasons were logged with "QC verdict" when they were announced
+        "QC outputs written",
         output=str(out.folder),
-        duration_s=round(report.duration_s, 2),
+        archive=str(out.archive) if out.archive else None,
+        qc_s=round(report.duration_s, 2),
     )
     return JobOutcome(state="qc_done", message=summary, data={"verdict": report.verdict, "archive": str(out.archive)})
