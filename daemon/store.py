@@ -1025,7 +1025,12 @@ class Store:
         return fixed
 
     def requeue_due(self, *, now: float | None = None, max_attempts: int | None = None) -> list[int]:
-        """Failed jobs whose retry time has come go back to where they stopped."""
+        """Failed jobs whose retry time has come go back to where they stopped.
+
+        ``max_attempts`` caps a job's QC runs (``attempts``). Upload failures are not capped here: a
+        job's attempts do not count its uploads, whose attempts are counted per file by the uploads
+        component, which leaves no retry time when it gives up.
+        """
         now = _now(now)
         moved = []
         with self.db() as c:
@@ -1036,7 +1041,7 @@ class Store:
             for row in rows:
                 job = _job(row)
                 assert job is not None
-                if max_attempts is not None and job.attempts >= max_attempts:
+                if max_attempts is not None and job.failed_stage != "upload" and job.attempts >= max_attempts:
                     c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job.id,))
                     msg = f"no retry: {job.attempts} attempt(s) made, service.max_attempts = {max_attempts}"
                     self._event(c, job.id, "gave_up", None, None, msg, None, now)

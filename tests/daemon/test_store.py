@@ -144,6 +144,22 @@ def test_upload_failures_resume_at_qc_done(store):
     assert store.get_job(a).state == "qc_done"
 
 
+def test_an_upload_failure_is_retried_whatever_the_qc_runs_it_took(store):
+    """service.max_attempts caps QC runs; a job whose QC passed on its last allowed run still retries its upload
+    (the uploads component counts those attempts per file and gives up by itself)."""
+    a = _job(store)
+    store.claim("w", now=T0)
+    store.transition(a, S.FAILED, now=T0 + 1, owner="w", error="disk full", failed_stage="qc", next_attempt_at=T0 + 2)
+    assert store.requeue_due(now=T0 + 2, max_attempts=2) == [a]
+    store.claim("w", now=T0 + 3)
+    store.transition(a, S.QC_DONE, now=T0 + 4, owner="w")
+    store.claim("w", now=T0 + 5, from_state=S.QC_DONE, to_state=S.UPLOADING)
+    store.transition(a, S.FAILED, now=T0 + 6, owner="w", error="503", failed_stage="upload", next_attempt_at=T0 + 7)
+    assert store.get_job(a).attempts == 2
+    assert store.requeue_due(now=T0 + 8, max_attempts=2) == [a]
+    assert store.get_job(a).state == "qc_done"
+
+
 def test_expired_upload_lease_goes_back_to_qc_done(store):
     a = _job(store)
     store.claim("w", now=T0, lease_s=10)
