@@ -917,7 +917,8 @@ class Store:
                 error=_shown(error or message or "failed"), failed_stage=failed_stage, next_attempt_at=next_attempt_at
             )
         elif target in (S.QUEUED, S.QC_DONE) and JobState(job.state) is S.FAILED:
-            sets.update(next_attempt_at=None)
+            # back to work: the failure is history (its events), not what the job shows while it runs again
+            sets.update(next_attempt_at=None, error=None, failed_stage=None)
         if target is S.QUEUED:
             sets.update(queued_at=now, stage=None, progress=None)
         if target in (S.DONE, S.SKIPPED, S.SUPERSEDED, S.FAILED):

@@ -160,6 +160,32 @@ def test_an_upload_failure_is_retried_whatever_the_qc_runs_it_took(store):
     assert store.get_job(a).state == "qc_done"
 
 
+def test_a_job_leaving_failed_drops_its_error_and_its_history_keeps_it(store):
+    """Requeued by its retry time, by hand, or to its upload: queued, running or uploading again, it shows no
+    old failure; each failure stays in its events."""
+    a = _job(store)
+    store.claim("w", now=T0)
+    store.transition(a, S.FAILED, now=T0 + 1, owner="w", error="disk full", failed_stage="qc", next_attempt_at=T0 + 2)
+    assert store.requeue_due(now=T0 + 2) == [a]
+    job = store.get_job(a)
+    assert (job.state, job.error, job.failed_stage) == ("queued", None, None)
+    assert store.claim("w", now=T0 + 3).error is None  # type: ignore[union-attr]
+    store.transition(a, S.FAILED, now=T0 + 4, owner="w", error="share gone", failed_stage="files")
+    assert store.retry(a, now=T0 + 5).error is None
+    store.claim("w", now=T0 + 6)
+    store.transition(a, S.QC_DONE, now=T0 + 7, owner="w")
+    store.claim("w", now=T0 + 8, from_state=S.QC_DONE, to_state=S.UPLOADING)
+    store.transition(a, S.FAILED, now=T0 + 9, owner="w", error="503", failed_stage="upload", next_attempt_at=T0 + 10)
+    assert store.requeue_due(now=T0 + 10) == [a]
+    job = store.get_job(a)
+    assert (job.state, job.error, job.failed_stage) == ("qc_done", None, None)
+    assert store.claim("w", now=T0 + 11, from_state=S.QC_DONE, to_state=S.UPLOADING).error is None  # type: ignore[union-attr]
+    failures = [(e.message, e.at) for e in store.events(a) if e.to_state == "failed"]
+    assert failures == [("disk full", T0 + 1), ("share gone", T0 + 4), ("503", T0 + 9)]
+    requeues = [e.message for e in store.events(a) if e.from_state == "failed"]
+    assert requeues[:2] == ["retry 2 after: disk full", "retry requested"] and requeues[2].endswith(" after: 503")
+
+
 def test_expired_upload_lease_goes_back_to_qc_done(store):
     a = _job(store)
     store.claim("w", now=T0, lease_s=10)
