@@ -261,6 +261,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX IF NOT EXISTS qc_results_created ON qc_results(created_at);
     """,
+    # 7: since when a job's verdict stands: QC run again on the same inputs with the same verdict (say, after its
+    # archive failed) keeps it, so `follow` and the status do not show it as new
+    """
+    ALTER TABLE qc_results ADD COLUMN verdict_at REAL;
+    UPDATE qc_results SET verdict_at = created_at;
+    CREATE INDEX IF NOT EXISTS qc_results_verdict_at ON qc_results(verdict_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1158,29 +1165,46 @@ class Store:
         input's content against it. ``announce``: also record a ``verdict`` event in the same
         transaction, so the verdict reaches people (:meth:`finished_since`) while the job still runs
         (writing what SAW needs, :meth:`set_archive`).
+
+        A job's QC run again on the same inputs (``inputs`` equal, or either not recorded) with the
+        verdict it already has (say, after its archive could not be written) replaces the result but
+        keeps ``verdict_at``, the time that verdict was first stored, and records no second
+        ``verdict`` event: it was announced already.
         """
         text = report if isinstance(report, str) else json.dumps(report)
+        at = _now(now)
         with self.db() as c:
             if owner is not None:
                 self._check_owner(c, job_id, owner, "save QC result")
-            if announce:
+            before = c.execute(
+                "SELECT verdict, verdict_at, inputs FROM qc_results WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            same = (
+                before is not None
+                and before["verdict"] == verdict
+                and before["verdict_at"] is not None
+                and (before["inputs"] is None or inputs is None or json.loads(before["inputs"]) == inputs)
+            )
+            if announce and not same:
                 first = _first_reason(text)
                 self._event(
-                    c, job_id, "verdict", None, None, f"QC {verdict}" + (f": {first}" if first else ""), None, _now(now)
+                    c, job_id, "verdict", None, None, f"QC {verdict}" + (f": {first}" if first else ""), None, at
                 )
             c.execute(
-                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs, verdict_at)"
+                " VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
                 " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
-                " inputs=excluded.inputs",
+                " inputs=excluded.inputs, verdict_at=excluded.verdict_at",
                 (
                     job_id,
                     verdict,
                     text,
                     _stored(output_dir),
                     _stored(archive),
-                    _now(now),
+                    at,
                     None if inputs is None else json.dumps(inputs),
+                    before["verdict_at"] if same else at,
                 ),
             )
 
@@ -1226,11 +1250,12 @@ class Store:
         return out
 
     def recent_verdicts(self, limit: int = 5) -> list[dict[str, Any]]:
-        """The newest QC results: ``job_id``, ``chip``, ``verdict``, ``reason`` (the first, or ''), ``at``."""
+        """The newest QC verdicts: ``job_id``, ``chip``, ``verdict``, ``reason`` (the first, or ''), ``at`` (since
+        when the verdict stands: a rerun with the same verdict keeps it, :meth:`save_result`)."""
         with self.db(commit=False) as c:
             rows = c.execute(
-                "SELECT r.job_id, j.chip, r.verdict, r.report, r.created_at FROM qc_results r"
-                " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
+                "SELECT r.job_id, j.chip, r.verdict, r.report, r.verdict_at FROM qc_results r"
+                " JOIN jobs j ON j.id = r.job_id ORDER BY r.verdict_at DESC, r.job_id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
@@ -1239,7 +1264,7 @@ class Store:
                 "chip": loaded_name(r["chip"]),
                 "verdict": r["verdict"],
                 "reason": _first_reason(r["report"]),
-                "at": r["created_at"],
+                "at": r["verdict_at"],
             }
             for r in rows
         ]
