@@ -7,6 +7,9 @@ or at logon: ``imageqc service install --follow-at-logon``), reads the job
 database read-only and prints each new verdict; with ``--notify`` it also shows
 it as a desktop notification (through desktop-notifier: the freedesktop
 notification service on Linux, the Windows notification centre, macOS's).
+A verdict is new when the job's verdict changed (``qc_results.verdict_at``):
+a job whose QC runs again on the same files with the same verdict, say after
+its archive could not be written, is not shown again.
 
 Where no desktop exists (no D-Bus session bus, or Windows session 0) it says so
 and exits 2 instead of failing silently.

@@ -261,6 +261,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX IF NOT EXISTS qc_results_created ON qc_results(created_at);
     """,
+    # 7: since when a job's verdict stands: QC run again on the same inputs with the same verdict (say, after its
+    # archive failed) keeps it, so `follow` and the status do not show it as new
+    """
+    ALTER TABLE qc_results ADD COLUMN verdict_at REAL;
+    UPDATE qc_results SET verdict_at = created_at;
+    CREATE INDEX IF NOT EXISTS qc_results_verdict_at ON qc_results(verdict_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -917,7 +924,8 @@ class Store:
                 error=_shown(error or message or "failed"), failed_stage=failed_stage, next_attempt_at=next_attempt_at
             )
         elif target in (S.QUEUED, S.QC_DONE) and JobState(job.state) is S.FAILED:
-            sets.update(next_attempt_at=None)
+            # back to work: the failure is history (its events), not what the job shows while it runs again
+            sets.update(next_attempt_at=None, error=None, failed_stage=None)
         if target is S.QUEUED:
             sets.update(queued_at=now, stage=None, progress=None)
         if target in (S.DONE, S.SKIPPED, S.SUPERSEDED, S.FAILED):
@@ -1025,7 +1033,12 @@ class Store:
         return fixed
 
     def requeue_due(self, *, now: float | None = None, max_attempts: int | None = None) -> list[int]:
-        """Failed jobs whose retry time has come go back to where they stopped."""
+        """Failed jobs whose retry time has come go back to where they stopped.
+
+        ``max_attempts`` caps a job's QC runs (``attempts``). Upload failures are not capped here: a
+        job's attempts do not count its uploads, whose attempts are counted per file by the uploads
+        component, which leaves no retry time when it gives up.
+        """
         now = _now(now)
         moved = []
         with self.db() as c:
@@ -1036,7 +1049,7 @@ class Store:
             for row in rows:
                 job = _job(row)
                 assert job is not None
-                if max_attempts is not None and job.attempts >= max_attempts:
+                if max_attempts is not None and job.failed_stage != "upload" and job.attempts >= max_attempts:
                     c.execute("UPDATE jobs SET next_attempt_at = NULL WHERE id = ?", (job.id,))
                     msg = f"no retry: {job.attempts} attempt(s) made, service.max_attempts = {max_attempts}"
                     self._event(c, job.id, "gave_up", None, None, msg, None, now)
@@ -1152,29 +1165,46 @@ class Store:
         input's content against it. ``announce``: also record a ``verdict`` event in the same
         transaction, so the verdict reaches people (:meth:`finished_since`) while the job still runs
         (writing what SAW needs, :meth:`set_archive`).
+
+        A job's QC run again on the same inputs (``inputs`` equal, or either not recorded) with the
+        verdict it already has (say, after its archive could not be written) replaces the result but
+        keeps ``verdict_at``, the time that verdict was first stored, and records no second
+        ``verdict`` event: it was announced already.
         """
         text = report if isinstance(report, str) else json.dumps(report)
+        at = _now(now)
         with self.db() as c:
             if owner is not None:
                 self._check_owner(c, job_id, owner, "save QC result")
-            if announce:
+            before = c.execute(
+                "SELECT verdict, verdict_at, inputs FROM qc_results WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            same = (
+                before is not None
+                and before["verdict"] == verdict
+                and before["verdict_at"] is not None
+                and (before["inputs"] is None or inputs is None or json.loads(before["inputs"]) == inputs)
+            )
+            if announce and not same:
                 first = _first_reason(text)
                 self._event(
-                    c, job_id, "verdict", None, None, f"QC {verdict}" + (f": {first}" if first else ""), None, _now(now)
+                    c, job_id, "verdict", None, None, f"QC {verdict}" + (f": {first}" if first else ""), None, at
                 )
             c.execute(
-                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs) VALUES (?,?,?,?,?,?,?)"
+                "INSERT INTO qc_results (job_id, verdict, report, output_dir, archive, created_at, inputs, verdict_at)"
+                " VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(job_id) DO UPDATE SET verdict=excluded.verdict, report=excluded.report,"
                 " output_dir=excluded.output_dir, archive=excluded.archive, created_at=excluded.created_at,"
-                " inputs=excluded.inputs",
+                " inputs=excluded.inputs, verdict_at=excluded.verdict_at",
                 (
                     job_id,
                     verdict,
                     text,
                     _stored(output_dir),
                     _stored(archive),
-                    _now(now),
+                    at,
                     None if inputs is None else json.dumps(inputs),
+                    before["verdict_at"] if same else at,
                 ),
             )
 
@@ -1220,11 +1250,12 @@ class Store:
         return out
 
     def recent_verdicts(self, limit: int = 5) -> list[dict[str, Any]]:
-        """The newest QC results: ``job_id``, ``chip``, ``verdict``, ``reason`` (the first, or ''), ``at``."""
+        """The newest QC verdicts: ``job_id``, ``chip``, ``verdict``, ``reason`` (the first, or ''), ``at`` (since
+        when the verdict stands: a rerun with the same verdict keeps it, :meth:`save_result`)."""
         with self.db(commit=False) as c:
             rows = c.execute(
-                "SELECT r.job_id, j.chip, r.verdict, r.report, r.created_at FROM qc_results r"
-                " JOIN jobs j ON j.id = r.job_id ORDER BY r.created_at DESC, r.job_id DESC LIMIT ?",
+                "SELECT r.job_id, j.chip, r.verdict, r.report, r.verdict_at FROM qc_results r"
+                " JOIN jobs j ON j.id = r.job_id ORDER BY r.verdict_at DESC, r.job_id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
         return [
@@ -1233,7 +1264,7 @@ class Store:
                 "chip": loaded_name(r["chip"]),
                 "verdict": r["verdict"],
                 "reason": _first_reason(r["report"]),
-                "at": r["created_at"],
+                "at": r["verdict_at"],
             }
             for r in rows
         ]

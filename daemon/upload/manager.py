@@ -29,7 +29,15 @@ more of the job is uploaded: its input records become ``changed`` and the job
 waits in ``qc_done``. The new export has a new fingerprint, so discovery
 queues it as a new job, which supersedes this one (the newer data is never
 lost and QC runs on it); if the files come back as QC saw them, the upload
-proceeds at the next recheck. An input that disappeared fails the job.
+proceeds at the next recheck. An input deleted from a folder that is still
+there fails the job. Inputs missing because the watch root or a folder of
+the set is unavailable (a share unmounted, a folder renamed away or made
+unreadable: :func:`daemon.jobs.unreachable`, as QC decides it) fail it
+transiently, before or during the transfer: the job waits in ``failed``
+(stage ``upload``) with a retry time, backing off like other transient
+errors but never giving up, so the upload resumes once the folder is back;
+what was already stored stays, and the files caught by the outage keep their
+attempts.
 
 Size and mtime do not tell a file from a replacement that kept them, so each
 input's SHA-256 is computed again (no digest saved by an earlier attempt is
@@ -72,6 +80,7 @@ from daemon.errors import (
     UploadError,
 )
 from daemon.inputs import changed_content, sha256_file
+from daemon.jobs import unreachable
 from daemon.logging import bind_job, get_logger
 from daemon.store import UPLOAD_FINISHED, Job, JobState, Store, UploadRow, UploadState
 from daemon.upload import make_uploader
@@ -97,6 +106,10 @@ log = get_logger("imageqc.upload")
 U = UploadState
 
 
+class _Outage(Exception):
+    """An input's transfer failed while its watch root or folder is unavailable (``_Active.unreachable``)."""
+
+
 @dataclass
 class _Active:
     """A claimed job and the gate its transfers check."""
@@ -109,6 +122,8 @@ class _Active:
     permanent: str | None = None
     changed: str | None = None
     content_changed: str | None = None
+    #: Why the inputs cannot be reached now (watch root or a folder of the set unavailable): retried.
+    unreachable: str | None = None
     lost: bool = False
     #: What QC read (``qc_results.inputs``): path -> size, mtime_ns, sha256.
     qc_inputs: dict[str, Any] | None = None
@@ -340,7 +355,8 @@ class UploadManager:
                 self._plan(job, now)
             except (PlanError, OSError, ValueError) as e:
                 self._unplannable.discard(job.id)
-                a.permanent = f"cannot plan the upload: {e}"
+                if self._unreachable(a) is None:
+                    a.permanent = f"cannot plan the upload: {e}"
                 self._settle(a, now)
                 return
             records = [r for r in self.store.uploads(job.id) if self._required(r)]
@@ -371,6 +387,7 @@ class UploadManager:
             not a.held
             or a.changed
             or a.content_changed
+            or a.unreachable
             or a.permanent
             or a.cancelled.is_set()
             or self._stopping.is_set()
@@ -393,7 +410,16 @@ class UploadManager:
         if not inputs and (records or not wants_inputs):
             return True
         scan = self.store.get_scan_set(a.job.scan_set_id)
-        check = check_inputs(scan.members)
+        try:
+            check = check_inputs(scan.members)
+        except OSError:
+            if self._unreachable(a) is None:
+                raise
+            self._settle(a, now)
+            return False
+        if check.missing and self._unreachable(a) is not None:
+            self._settle(a, now)
+            return False
         if check.missing:
             a.permanent = f"input(s) gone before upload: {', '.join(check.missing[:3])}; nothing more of this scan set is uploaded"
             self._settle(a, now)
@@ -405,6 +431,41 @@ class UploadManager:
             self._settle(a, now)
             return False
         return True
+
+    def _unreachable(self, a: _Active) -> str | None:
+        """Why the job's inputs cannot be reached now for a reason that may pass, else None; kept on ``a``.
+
+        The watch root or a folder of the set unavailable (:func:`daemon.jobs.unreachable`); asked
+        when inputs are missing or cannot be read, never of a job that uploads no inputs.
+        """
+        assert self.store is not None
+        if not any("inputs" in kinds_for_mode(t.mode) for t in self.targets.values()):
+            return None
+        scan = self.store.get_scan_set(a.job.scan_set_id)
+        why = unreachable(scan.root, scan.members)
+        if why is not None:
+            a.unreachable = why
+        return why
+
+    def _paused_by_outage(self, a: _Active, r: UploadRow) -> bool:
+        """After an input failed: if its folder is unavailable, :meth:`_pause` it and True."""
+        if r.kind != "inputs" or self._unreachable(a) is None:
+            return False
+        self._pause(a, r)
+        return True
+
+    def _pause(self, a: _Active, r: UploadRow) -> None:
+        """An input whose folder is unavailable waits for the job's retry, its attempts kept (an outage does
+        not use them up); the job's other transfers stop."""
+        assert self.store is not None
+        self.store.update_upload(r.id, state=U.RETRY, attempts=r.attempts, error=a.unreachable)
+        a.cancel("cancel")
+        log.warning(
+            "the scan set's folder is unavailable; the upload resumes when it is back",
+            target=r.target,
+            path=r.local_path,
+            error=a.unreachable,
+        )
 
     # -- one file (runs in a target's thread pool) ------------------------------------
 
@@ -520,6 +581,10 @@ class UploadManager:
                         if r.kind == "inputs" and not up.streams:  # a streamed file's digests are of the bytes sent
                             self._check_sent(up, transfer, e)
                         raise
+                    except TransientUploadError:
+                        if r.kind == "inputs" and self._unreachable(a) is not None:
+                            raise _Outage from None  # not retried here: the job waits for the folder
+                        raise
 
                 def on_retry(n: int, delay: float, e: TransientUploadError) -> None:
                     log.warning(
@@ -560,6 +625,8 @@ class UploadManager:
                     key=r.remote_key,
                     bytes=local.size,
                 )
+            except _Outage:
+                self._pause(a, r)
             except Interrupted as e:
                 store.update_upload(r.id, state=U.PENDING)
                 log.info("upload interrupted", target=r.target, key=r.remote_key, reason=e.reason)
@@ -569,16 +636,22 @@ class UploadManager:
                 a.cancel("cancel")
                 log.warning("input content changed since QC; QC runs again", target=r.target, path=e.path, what=e.what)
             except InputChanged as e:
+                if self._paused_by_outage(a, r):
+                    return
                 store.update_upload(r.id, state=U.CHANGED, error=str(e))
                 a.changed = str(e)
                 a.cancel("cancel")
                 log.warning("input changed since QC; not uploaded", target=r.target, path=e.path, what=e.what)
             except PermanentUploadError as e:
+                if self._paused_by_outage(a, r):  # an input's folder gone or unreadable reads as refused
+                    return
                 store.update_upload(r.id, state=U.FAILED, error=str(e))
                 a.permanent = a.permanent or str(e)
                 a.cancel("cancel")
                 log.error("upload failed permanently", target=r.target, key=r.remote_key, error=str(e))
             except (TransientUploadError, OSError) as e:
+                if self._paused_by_outage(a, r):
+                    return
                 store.update_upload(r.id, state=U.RETRY, error=str(e))
                 log.warning("upload failed; the job is retried later", target=r.target, key=r.remote_key, error=str(e))
             except Exception as e:  # a bug must not kill the pool thread silently
@@ -633,6 +706,27 @@ class UploadManager:
                     error=a.content_changed,
                 )
                 return
+            if a.unreachable:
+                streak = self._outage_streak(job_id) + 1
+                delay = backoff(streak, base=svc.retry_base_s, cap=svc.retry_max_s, rng=self.rng)
+                self.store.transition(
+                    job_id,
+                    JobState.FAILED,
+                    owner=self.owner,
+                    now=now,
+                    error=(
+                        f"{a.unreachable}: the scan set's files cannot be read now, so its upload is paused. What is "
+                        "already uploaded stays; the upload is retried with backoff and resumes once the share or "
+                        "folder is back; check the share or the folder's permissions"
+                    ),
+                    failed_stage="upload",
+                    next_attempt_at=now + delay,
+                    data={"unreachable": streak},
+                )
+                log.warning(
+                    "scan set files unavailable; upload paused", error=a.unreachable, retry_in_s=round(delay, 1)
+                )
+                return
             if a.changed:
                 recheck = max(60.0, 2 * self.config.discovery.rescan_interval_s)
                 self._release(
@@ -680,6 +774,14 @@ class UploadManager:
             self._release(a, now, until=until, message=f"waiting for the upload window of {', '.join(waiting)}")
         except IllegalTransition as e:  # cancelled or superseded meanwhile
             log.info("job changed hands before its upload ended", error=str(e))
+
+    def _outage_streak(self, job_id: int) -> int:
+        """How many upload attempts in a row found the job's files unreachable (0 when its last failure was not that)."""
+        assert self.store is not None
+        for e in reversed(self.store.events(job_id, kinds=["state"])):
+            if e.to_state == JobState.FAILED.value:
+                return int((e.data or {}).get("unreachable") or 0)
+        return 0
 
     def _skipped_note(self, job: Job) -> str:
         """``"; not uploaded, ... never followed: <names>"`` for links and special files in the job's tile folders."""

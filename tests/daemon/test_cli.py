@@ -190,6 +190,29 @@ def test_retry_and_cancel(state, capsys):
     assert main(["cancel", "abc"]) == 2
 
 
+def test_a_retried_job_shows_no_old_error_in_show_jobs_or_status(state, capsys):
+    """The old failure is history once the job is queued again: `show` (both forms), `jobs --json` and
+    `status --json` stop showing it as the job's error; `show`'s history still has it."""
+    _cfg, ids = state
+    failed = ids["SS200000108BR_A3A4_CD31_IF_with_a_long_name"]
+    old = "CorruptImageError: the TIFF is truncated"
+    assert main(["retry", str(failed)]) == 0
+    _out(capsys)
+    assert main(["show", str(failed), "--json"]) == 0
+    data = json.loads(_out(capsys)[0])
+    assert data["job"]["state"] == "queued" and data["job"]["error"] is None and data["job"]["failed_stage"] is None
+    assert next(e["message"] for e in data["events"] if e["to_state"] == "failed").startswith(old)
+    assert main(["show", str(failed)]) == 0
+    text = _out(capsys)[0]
+    assert not any(line.startswith("error") for line in text.splitlines()), text
+    assert "failed  CorruptImageError:" in text  # in the history
+    assert main(["jobs", "--json"]) == 0
+    (job,) = [j for j in json.loads(_out(capsys)[0])["jobs"] if j["id"] == failed]
+    assert job["state"] == "queued" and job["error"] is None
+    assert main(["status", "--json"]) == 0
+    assert json.loads(_out(capsys)[0])["recent_errors"] == []
+
+
 def test_logs_filters_and_formats(state, capsys):
     _cfg, _ids = state
     assert main(["logs"]) == 0

@@ -7,17 +7,20 @@ desktop-notifier exactly as on a technician's Linux desktop.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import main
-from daemon.follow import AUTOSTART_NAME, desktop_problem
+from daemon.follow import AUTOSTART_NAME, desktop_problem, follow
 from daemon.store import JobState, Store
 from tests.helpers import scaled, wait_until
 
@@ -40,6 +43,65 @@ def _verdict(cfg, chip: str, verdict: str, reason: str = "") -> int:
         s.transition(job, JobState.QC_DONE, owner="w")
         s.transition(job, JobState.SKIPPED)
     return job
+
+
+def _announced(cfg, chip: str, verdict: str, reason: str = "") -> int:
+    """A job whose verdict was announced and whose archive then could not be written: failed, to be retried."""
+    with Store(cfg.database_path) as s:
+        ssid, _ = s.add_scan_set(
+            chip=chip,
+            root=str(cfg.watch[0].path),
+            fingerprint=f"fp-{chip}",
+            members=[{"name": chip, "path": f"{chip}.tif", "size": 1}],
+        )
+        job = s.create_job(ssid)
+        s.claim("w")
+        report = {"verdict": verdict, "reasons": [reason] if reason else []}
+        s.save_result(job, verdict=verdict, report=report, owner="w", announce=True)
+        s.transition(job, JobState.FAILED, owner="w", error="disk full writing the archive", failed_stage="qc")
+    return job
+
+
+def _run_again(cfg, job: int, verdict: str, reason: str = "") -> None:
+    """``imageqc retry`` of such a job: QC runs again, stores its verdict, writes the archive this time."""
+    with Store(cfg.database_path) as s:
+        s.retry(job)
+        assert s.claim("w").id == job  # type: ignore[union-attr]
+        report = {"verdict": verdict, "reasons": [reason] if reason else []}
+        s.save_result(job, verdict=verdict, report=report, owner="w", announce=True)
+        s.set_archive(job, f"/out/{job}.tar.gz", owner="w")
+        s.transition(job, JobState.QC_DONE, owner="w")
+        s.transition(job, JobState.SKIPPED)
+
+
+def test_follow_shows_a_verdict_once_when_qc_runs_again_after_the_archive_failed(make_config):
+    """The same verdict stored again by a rerun is not new; a verdict that changed is."""
+    cfg = make_config()
+    before = _announced(cfg, "C02533C", "pass")  # announced before follow starts
+    out, stop = io.StringIO(), threading.Event()
+    thread = threading.Thread(
+        target=follow, args=(cfg,), kwargs={"since": time.time(), "interval": 0.05, "stop": stop, "out": out}
+    )
+    thread.start()
+    try:
+        during = _announced(cfg, "SS200000135TL_D1", "fail", REASON)
+        changed = _announced(cfg, "A02677B5", "pass")
+        wait_until(lambda: f"#{changed} " in out.getvalue(), "the verdicts to be shown", seen=out.getvalue)
+        _run_again(cfg, before, "pass")
+        _run_again(cfg, during, "fail", REASON)
+        _run_again(cfg, changed, "fail", REASON)
+        later = _verdict(cfg, "D02070C3D3", "pass")  # shown: follow looked again after the reruns
+        wait_until(lambda: f"#{later} " in out.getvalue(), "the later verdict to be shown", seen=out.getvalue)
+    finally:
+        stop.set()
+        thread.join()
+    shown = [line.split("  ", 1)[1] for line in out.getvalue().splitlines()]
+    assert shown == [
+        f"#{during} SS200000135TL_D1  QC FAIL: {REASON}",
+        f"#{changed} A02677B5  QC pass",
+        f"#{changed} A02677B5  QC FAIL: {REASON}",
+        f"#{later} D02070C3D3  QC pass",
+    ], out.getvalue()
 
 
 @pytest.fixture

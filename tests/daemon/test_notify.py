@@ -305,6 +305,46 @@ def test_a_verdict_announced_while_the_job_still_writes_the_archive_is_sent_then
     assert CHIP in title and "fail" in title and REASONS[0] in body
 
 
+def test_qc_run_again_after_its_archive_failed_sends_its_verdict_once(cfg_for, webhook, tmp_path):
+    """Verdict announced, archive failed (disk full, retried), QC run again with the same verdict: one message.
+    A rerun whose verdict changed is a new event and sends its own."""
+    cfg = cfg_for(RULE + 'events = ["qc_fail", "qc_pass", "job_failed"]\n')
+    n, store = _notifier(cfg, webhook.url)
+    with store:
+        ssid, _ = store.add_scan_set(chip=CHIP, root="/scans", fingerprint="rerun", members=[], now=T0)
+        job_id = store.create_job(ssid, now=T0)
+        assert job_id is not None
+        report = {"chip": CHIP, "verdict": "fail", "reasons": REASONS}
+        for attempt in range(2):
+            t = T0 + 10 * attempt
+            store.claim("w", now=t)
+            store.save_result(job_id, verdict="fail", report=report, owner="w", announce=True, now=t)
+            n.enqueue(now=t + 1)
+            n.deliver(now=t + 1)
+            if attempt == 0:  # the archive: disk full, a transient failure, retried
+                store.transition(
+                    job_id, JobState.FAILED, owner="w", now=t + 2, error="disk full", next_attempt_at=t + 3
+                )
+                assert store.requeue_due(now=t + 3) == [job_id]
+        store.transition(job_id, JobState.QC_DONE, owner="w", now=T0 + 15)
+        assert n.enqueue(now=T0 + 16) == 0
+        assert len(webhook.messages) == 1 and len(store.events(job_id, kinds=["verdict"])) == 1
+        store.transition(job_id, JobState.SKIPPED, now=T0 + 20)
+        store.retry(job_id, qc=True, now=T0 + 21)  # thresholds changed: QC again, and now it passes
+        store.claim("w", now=T0 + 22)
+        store.save_result(
+            job_id,
+            verdict="pass",
+            report={**report, "verdict": "pass", "reasons": []},
+            owner="w",
+            announce=True,
+            now=T0 + 22,
+        )
+        assert n.enqueue(now=T0 + 23) == 1
+        n.deliver(now=T0 + 23)
+    assert [p["title"] for _, p in webhook.messages] == [f"imageqc: QC fail {CHIP}", f"imageqc: QC pass {CHIP}"]
+
+
 _KILLED = textwrap.dedent(
     """
     import os, signal, sys

@@ -144,6 +144,79 @@ def test_upload_failures_resume_at_qc_done(store):
     assert store.get_job(a).state == "qc_done"
 
 
+def test_an_upload_failure_is_retried_whatever_the_qc_runs_it_took(store):
+    """service.max_attempts caps QC runs; a job whose QC passed on its last allowed run still retries its upload
+    (the uploads component counts those attempts per file and gives up by itself)."""
+    a = _job(store)
+    store.claim("w", now=T0)
+    store.transition(a, S.FAILED, now=T0 + 1, owner="w", error="disk full", failed_stage="qc", next_attempt_at=T0 + 2)
+    assert store.requeue_due(now=T0 + 2, max_attempts=2) == [a]
+    store.claim("w", now=T0 + 3)
+    store.transition(a, S.QC_DONE, now=T0 + 4, owner="w")
+    store.claim("w", now=T0 + 5, from_state=S.QC_DONE, to_state=S.UPLOADING)
+    store.transition(a, S.FAILED, now=T0 + 6, owner="w", error="503", failed_stage="upload", next_attempt_at=T0 + 7)
+    assert store.get_job(a).attempts == 2
+    assert store.requeue_due(now=T0 + 8, max_attempts=2) == [a]
+    assert store.get_job(a).state == "qc_done"
+
+
+def test_a_job_leaving_failed_drops_its_error_and_its_history_keeps_it(store):
+    """Requeued by its retry time, by hand, or to its upload: queued, running or uploading again, it shows no
+    old failure; each failure stays in its events."""
+    a = _job(store)
+    store.claim("w", now=T0)
+    store.transition(a, S.FAILED, now=T0 + 1, owner="w", error="disk full", failed_stage="qc", next_attempt_at=T0 + 2)
+    assert store.requeue_due(now=T0 + 2) == [a]
+    job = store.get_job(a)
+    assert (job.state, job.error, job.failed_stage) == ("queued", None, None)
+    assert store.claim("w", now=T0 + 3).error is None  # type: ignore[union-attr]
+    store.transition(a, S.FAILED, now=T0 + 4, owner="w", error="share gone", failed_stage="files")
+    assert store.retry(a, now=T0 + 5).error is None
+    store.claim("w", now=T0 + 6)
+    store.transition(a, S.QC_DONE, now=T0 + 7, owner="w")
+    store.claim("w", now=T0 + 8, from_state=S.QC_DONE, to_state=S.UPLOADING)
+    store.transition(a, S.FAILED, now=T0 + 9, owner="w", error="503", failed_stage="upload", next_attempt_at=T0 + 10)
+    assert store.requeue_due(now=T0 + 10) == [a]
+    job = store.get_job(a)
+    assert (job.state, job.error, job.failed_stage) == ("qc_done", None, None)
+    assert store.claim("w", now=T0 + 11, from_state=S.QC_DONE, to_state=S.UPLOADING).error is None  # type: ignore[union-attr]
+    failures = [(e.message, e.at) for e in store.events(a) if e.to_state == "failed"]
+    assert failures == [("disk full", T0 + 1), ("share gone", T0 + 4), ("503", T0 + 9)]
+    requeues = [e.message for e in store.events(a) if e.from_state == "failed"]
+    assert requeues[:2] == ["retry 2 after: disk full", "retry requested"] and requeues[2].endswith(" after: 503")
+
+
+def test_qc_run_again_with_the_same_verdict_keeps_when_it_was_reached_and_is_not_announced_again(store):
+    """A job whose archive failed after its verdict was announced is run again: the result is replaced (new
+    created_at: the run's id for the upload keys) but the verdict stands since the first run; a changed
+    verdict is announced anew."""
+    a = _job(store)
+    store.claim("w", now=T0)
+    store.save_result(a, verdict="fail", report={"reasons": ["blur"]}, owner="w", announce=True, now=T0 + 1)
+    store.transition(a, S.FAILED, now=T0 + 2, owner="w", error="disk full", failed_stage="qc", next_attempt_at=T0 + 3)
+    store.requeue_due(now=T0 + 3)
+    store.claim("w", now=T0 + 4)
+    store.save_result(a, verdict="fail", report={"reasons": ["blur"]}, owner="w", announce=True, now=T0 + 5)
+    assert store.get_result(a)["created_at"] == T0 + 5  # type: ignore[index]
+    assert store.recent_verdicts() == [
+        {"job_id": a, "chip": "SS200000135TL_D1", "verdict": "fail", "reason": "blur", "at": T0 + 1}
+    ]
+    assert [(e.message, e.at) for e in store.events(a, kinds=["verdict"])] == [("QC fail: blur", T0 + 1)]
+    store.save_result(a, verdict="pass", report={"reasons": []}, owner="w", announce=True, now=T0 + 6)
+    assert store.recent_verdicts()[0]["at"] == T0 + 6
+    assert [(e.message, e.at) for e in store.events(a, kinds=["verdict"])][-1] == ("QC pass", T0 + 6)
+    # the same verdict for other inputs (a file replaced after QC, sent back to QC) is a new verdict
+    seen = {"/scans/a.tif": {"size": 1, "mtime_ns": 2, "sha256": "aa"}}
+    store.save_result(a, verdict="pass", report={"reasons": []}, owner="w", inputs=seen, announce=True, now=T0 + 7)
+    assert store.recent_verdicts()[0]["at"] == T0 + 6  # the first run recorded no inputs: not compared
+    store.save_result(a, verdict="pass", report={"reasons": []}, owner="w", inputs=seen, announce=True, now=T0 + 8)
+    assert store.recent_verdicts()[0]["at"] == T0 + 6
+    other = {"/scans/a.tif": {"size": 1, "mtime_ns": 2, "sha256": "bb"}}
+    store.save_result(a, verdict="pass", report={"reasons": []}, owner="w", inputs=other, announce=True, now=T0 + 9)
+    assert store.recent_verdicts()[0]["at"] == T0 + 9
+    assert len(store.events(a, kinds=["verdict"])) == 3
+
+
 def test_expired_upload_lease_goes_back_to_qc_done(store):
     a = _job(store)
     store.claim("w", now=T0, lease_s=10)

@@ -217,6 +217,7 @@ def make_qc_done_job(
     archive_payload: int = 0,
     stamp: str = "20240612_101500",
     shape: tuple[int, int] = (256, 256),
+    tile_shape: tuple[int, int] = (64, 64),
 ) -> QCJob:
     """A job in ``qc_done`` as the worker leaves it: scan set, QC result (with the inputs' digests), archive on disk."""
     inputs = [write_tiff(inbox / f"{chip}.tif", shape=shape, seed=zlib.crc32(chip.encode()) % 1000)]
@@ -225,7 +226,7 @@ def make_qc_done_job(
         folder = inbox / f"{chip}_CD31_IF"
         for r in range(2):
             for c in range(2):
-                write_tiff(folder / f"tile_{r}_{c}.tif", shape=(64, 64), seed=10 * r + c)
+                write_tiff(folder / f"tile_{r}_{c}.tif", shape=tile_shape, seed=10 * r + c)
         (folder / "~lock.tmp").write_bytes(b"temp")  # never uploaded
         inputs.append(folder)
         members.append(member(folder, f"{chip}_CD31_IF", role="IF"))

@@ -116,7 +116,7 @@ def setup(make_config, tmp_path):
         store.close()
 
 
-def hpc(name: str, mode: str = "all", *, root: Path, **extra: str) -> str:
+def hpc(name: str, mode: str = "all", *, root: Path, **extra: str | int) -> str:
     (root / f"{name}-share").mkdir(exist_ok=True)
     lines = [
         f'name = "{name}"',
@@ -414,6 +414,84 @@ def test_an_input_that_disappeared_fails_the_job(setup, tmp_path):
     job.inputs[0].unlink()
     failed = drive(mgr, store, job.id, {"failed"})
     assert "gone before upload" in failed.error and failed.next_attempt_at is None
+
+
+def _share_matches(share: Path, job) -> None:
+    """Every input of ``job`` (its TIFF and its tile folder's four tiles) stored on the share byte for byte."""
+    tif, folder = job.inputs
+    assert (share / tif.name).read_bytes() == tif.read_bytes()
+    for tile in sorted(folder.glob("tile_*.tif")):
+        assert (share / folder.name / tile.name).read_bytes() == tile.read_bytes()
+
+
+def _outage_failure(store: Store, job_id: int) -> tuple[float, dict]:
+    """The retry delay and event data of the job's latest failure."""
+    event = [e for e in store.events(job_id) if e.to_state == "failed"][-1]
+    return store.get_job(job_id).next_attempt_at - event.at, event.data
+
+
+def test_a_watch_root_gone_before_the_upload_fails_it_transiently_and_it_completes_when_the_root_is_back(
+    setup, tmp_path
+):
+    """An unmounted share (here: the watch root renamed away) is not a deleted input: the job waits, backing off,
+    and uploads everything once the root is back."""
+    _cfg, store, mgr = setup(hpc("hpc", "inputs", root=tmp_path))
+    inbox = tmp_path / "inbox"
+    job = make_qc_done_job(store, inbox, tmp_path / "out", tiles=True)
+    mgr._plan_waiting(time.time())  # records planned while the files were there
+    inbox.rename(tmp_path / "inbox-unmounted")
+    failed = drive(mgr, store, job.id, {"failed"})
+    assert failed.failed_stage == "upload" and failed.next_attempt_at is not None, failed
+    assert failed.error.startswith(f"the watch root {inbox} is unavailable (folder missing): "), failed.error
+    assert "upload is paused" in failed.error and "resumes once the share or folder is back" in failed.error
+    assert "gone before upload" not in failed.error
+    delay, data = _outage_failure(store, job.id)
+    assert data == {"unreachable": 1} and delay > 0
+    rows = [r for r in store.uploads(job.id) if r.kind == "inputs"]
+    assert len(rows) == 5 and {r.state for r in rows} == {"pending"} and {r.attempts for r in rows} == {0}
+    assert not any((tmp_path / "hpc-share").rglob("*.tif"))
+
+    # still gone at the retry: failed again, waiting longer (the service's backoff; retry_base_s is 1 s here)
+    assert store.requeue_due(now=failed.next_attempt_at) == [job.id]
+    again = drive(mgr, store, job.id, {"failed"})
+    delay, data = _outage_failure(store, job.id)
+    assert again.next_attempt_at is not None and data == {"unreachable": 2} and delay >= 1.0
+
+    (tmp_path / "inbox-unmounted").rename(inbox)
+    assert store.requeue_due(now=again.next_attempt_at) == [job.id]
+    done = drive(mgr, store, job.id, {"done"})
+    assert done.error is None
+    assert {r.state for r in store.uploads(job.id)} == {"done"}
+    _share_matches(tmp_path / "hpc-share" / "default" / job.chip / job.run, job)
+
+
+def test_a_watch_root_gone_mid_upload_pauses_it_keeping_what_was_sent(setup, tmp_path):
+    """The root goes away while the tiles are sent one at a time: the files already stored stay stored and are not
+    sent again, the others keep their attempts, and the retry after the root is back finishes the set."""
+    _cfg, store, mgr = setup(hpc("hpc", "inputs", root=tmp_path, bandwidth_limit="2MB/s", concurrency=1))
+    inbox = tmp_path / "inbox"
+    job = make_qc_done_job(store, inbox, tmp_path / "out", tiles=True, tile_shape=(1024, 1024))  # 1 MiB a tile
+
+    def inputs():
+        return [r for r in store.uploads(job.id) if r.kind == "inputs"]
+
+    tick_until(mgr, lambda: sum(r.state == "done" for r in inputs()) >= 2, "two inputs stored", seen=inputs)
+    inbox.rename(tmp_path / "inbox-unmounted")
+    failed = drive(mgr, store, job.id, {"failed"})
+    assert failed.failed_stage == "upload" and failed.next_attempt_at is not None, failed
+    assert failed.error.startswith(f"the watch root {inbox} is unavailable (folder missing): "), failed.error
+    stored = {r.id for r in inputs() if r.state == "done"}
+    assert 2 <= len(stored) < 5, inputs()  # the root went while tiles were still to send
+    assert all(r.attempts == 1 for r in inputs() if r.id in stored)
+    assert all(r.attempts == 0 and r.state in ("retry", "pending") for r in inputs() if r.id not in stored), inputs()
+
+    (tmp_path / "inbox-unmounted").rename(inbox)
+    assert store.requeue_due(now=failed.next_attempt_at) == [job.id]
+    drive(mgr, store, job.id, {"done"})
+    rows = inputs()
+    assert {r.state for r in rows} <= {"done", "present"}  # present: a copy finished as the root went
+    assert all(r.attempts == 1 for r in rows)  # what was stored before the outage is not sent again
+    _share_matches(tmp_path / "hpc-share" / "default" / job.chip / job.run, job)
 
 
 def test_a_stop_mid_file_and_a_new_manager_resume_from_the_records(setup, tmp_path):
