@@ -104,8 +104,12 @@ def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None
     (a :meth:`Store.finished_since` row), or None.
 
     A verdict is announced before the job writes what SAW needs (the IPR, a fused image, the archive), so its
-    message goes out then; the same job's ``qc_done`` makes the same row (event, ``job:<id>``), which the outbox
-    keeps once.
+    message goes out then; the same job's ``qc_done`` makes the same row (event, key), which the outbox keeps
+    once. The key names the job and since when its verdict stands (``job:<id>@<verdict_at>``): QC run again
+    with the same verdict keeps that time (nothing new to say), a verdict that changed (fail, pass, fail
+    again after a retry by hand) is a new message each time. A final failure's key names the job and when it
+    failed (``job:<id>!<finished_at>``): the failure and the service giving up on it are one message, a job
+    that fails again after a retry by hand is another.
     """
     chip, job_id = row["chip"], row["job_id"]
     where = f"site {config.site.name}, {socket.gethostname()}"
@@ -131,7 +135,7 @@ def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None
         pic = summary_picture(row["output_dir"], report) if config.notify.attach_pictures else None
         return {
             "event": event,
-            "key": f"job:{job_id}",
+            "key": f"job:{job_id}" + (f"@{row['verdict_at']:.6f}" if row.get("verdict_at") is not None else ""),
             "job_id": job_id,
             "title": title,
             "body": "\n".join(lines),
@@ -148,7 +152,7 @@ def job_message(row: Mapping[str, Any], config: Config) -> dict[str, Any] | None
         )
         return {
             "event": "job_failed",
-            "key": f"job:{job_id}",
+            "key": f"job:{job_id}" + (f"!{row['finished_at']:.6f}" if row.get("finished_at") is not None else ""),
             "job_id": job_id,
             "title": f"imageqc: job failed {chip}",
             "body": body,

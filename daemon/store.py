@@ -230,7 +230,7 @@ MIGRATIONS: tuple[str, ...] = (
         at   REAL NOT NULL
     );
     """,
-    # 4: the notification outbox (daemon/notify.py): one row per (event, key), key 'job:<id>' for job events
+    # 4: the notification outbox (daemon/notify.py): one row per (event, key), key 'job:<id>...' for job events
     """
     CREATE TABLE IF NOT EXISTS outbox (
         id              INTEGER PRIMARY KEY,
@@ -1503,13 +1503,13 @@ class Store:
         (kind ``verdict``, :meth:`save_result`), in events after id ``cursor``.
 
         Each: ``event_id``, ``at``, ``kind``, ``to_state`` and the job's ``job_id``, ``chip``, ``state``,
-        ``next_attempt_at``, ``error``, ``failed_stage``, ``attempts``, and its QC ``verdict``, ``report``
-        and ``output_dir`` (None without a result). Oldest first.
+        ``next_attempt_at``, ``error``, ``failed_stage``, ``attempts``, ``finished_at``, and its QC
+        ``verdict``, ``verdict_at``, ``report`` and ``output_dir`` (None without a result). Oldest first.
         """
         with self.db(commit=False) as c:
             rows = c.execute(
                 "SELECT e.id AS event_id, e.at, e.kind, e.to_state, j.id AS job_id, j.chip, j.state, j.next_attempt_at,"
-                " j.error, j.failed_stage, j.attempts, r.verdict, r.report, r.output_dir"
+                " j.error, j.failed_stage, j.attempts, j.finished_at, r.verdict, r.verdict_at, r.report, r.output_dir"
                 " FROM events e JOIN jobs j ON j.id = e.job_id LEFT JOIN qc_results r ON r.job_id = j.id"
                 " WHERE e.id > ? AND ((e.kind = 'state' AND e.to_state IN (?, ?)) OR e.kind IN ('gave_up', 'verdict'))"
                 " ORDER BY e.id LIMIT ?",

@@ -246,8 +246,15 @@ def test_job_failed_only_for_good(cfg_for, webhook):
         assert n.enqueue(now=T0 + 7) == 1
         assert [r.job_id for r in store.outbox()] == [final, gave_up]
         n.deliver(now=T0 + 8)
+        assert n.enqueue(now=T0 + 9) == 0  # nothing new: the final failure and its giving up were one message
+        store.retry(final, qc=True, now=T0 + 10)  # fixed by hand, and it fails again: a new message
+        store.claim("w", now=T0 + 11)
+        store.transition(final, JobState.FAILED, owner="w", now=T0 + 12, error="access denied again")
+        assert n.enqueue(now=T0 + 13) == 1
+        n.deliver(now=T0 + 14)
     bodies = [p["message"] for _, p in webhook.messages]
-    assert len(bodies) == 2 and "access denied" in bodies[0] and f"imageqc retry {final}" in bodies[0]
+    assert len(bodies) == 3 and "access denied" in bodies[0] and f"imageqc retry {final}" in bodies[0]
+    assert "access denied again" in bodies[2]
 
 
 # ---------------------------------------------------------------------------
@@ -342,7 +349,18 @@ def test_qc_run_again_after_its_archive_failed_sends_its_verdict_once(cfg_for, w
         )
         assert n.enqueue(now=T0 + 23) == 1
         n.deliver(now=T0 + 23)
-    assert [p["title"] for _, p in webhook.messages] == [f"imageqc: QC fail {CHIP}", f"imageqc: QC pass {CHIP}"]
+        store.transition(job_id, JobState.QC_DONE, owner="w", now=T0 + 24)
+        store.transition(job_id, JobState.SKIPPED, now=T0 + 25)
+        store.retry(job_id, qc=True, now=T0 + 26)  # changed back: it fails again, and people hear of it again
+        store.claim("w", now=T0 + 27)
+        store.save_result(job_id, verdict="fail", report=report, owner="w", announce=True, now=T0 + 27)
+        assert n.enqueue(now=T0 + 28) == 1
+        n.deliver(now=T0 + 28)
+    assert [p["title"] for _, p in webhook.messages] == [
+        f"imageqc: QC fail {CHIP}",
+        f"imageqc: QC pass {CHIP}",
+        f"imageqc: QC fail {CHIP}",
+    ]
 
 
 _KILLED = textwrap.dedent(
