@@ -29,16 +29,23 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a D-Bus session
 REASON = "SS200000135TL_D1.tif: track line score 12 < 60: no line grid found; check focus and exposure"
 
 
+def _running_job(s: Store, cfg, chip: str) -> int:
+    """A job of a one-file scan set of ``chip``, claimed by worker "w"."""
+    ssid, _ = s.add_scan_set(
+        chip=chip,
+        root=str(cfg.watch[0].path),
+        fingerprint=f"fp-{chip}",
+        members=[{"name": chip, "path": f"{chip}.tif", "size": 1}],
+    )
+    job = s.create_job(ssid)
+    assert job is not None
+    s.claim("w")
+    return job
+
+
 def _verdict(cfg, chip: str, verdict: str, reason: str = "") -> int:
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(
-            chip=chip,
-            root=str(cfg.watch[0].path),
-            fingerprint=f"fp-{chip}",
-            members=[{"name": chip, "path": f"{chip}.tif", "size": 1}],
-        )
-        job = s.create_job(ssid)
-        s.claim("w")
+        job = _running_job(s, cfg, chip)
         s.save_result(job, verdict=verdict, report={"verdict": verdict, "reasons": [reason] if reason else []})
         s.transition(job, JobState.QC_DONE, owner="w")
         s.transition(job, JobState.SKIPPED)
@@ -48,14 +55,7 @@ def _verdict(cfg, chip: str, verdict: str, reason: str = "") -> int:
 def _announced(cfg, chip: str, verdict: str, reason: str = "") -> int:
     """A job whose verdict was announced and whose archive then could not be written: failed, to be retried."""
     with Store(cfg.database_path) as s:
-        ssid, _ = s.add_scan_set(
-            chip=chip,
-            root=str(cfg.watch[0].path),
-            fingerprint=f"fp-{chip}",
-            members=[{"name": chip, "path": f"{chip}.tif", "size": 1}],
-        )
-        job = s.create_job(ssid)
-        s.claim("w")
+        job = _running_job(s, cfg, chip)
         report = {"verdict": verdict, "reasons": [reason] if reason else []}
         s.save_result(job, verdict=verdict, report=report, owner="w", announce=True)
         s.transition(job, JobState.FAILED, owner="w", error="disk full writing the archive", failed_stage="qc")

@@ -138,12 +138,17 @@ def test_stitch2d_real_folder(shared_data):
             assert abs(t.y - ey) <= 10 and abs(t.x - ex) <= 10
 
 
-def test_tile_digest_identity_and_errors(tmp_path):
-    tiles, _ = mosaic_tiles(1, 2)
-    folder = tmp_path / "f"
+def save_folder(folder, tiles, suffix=".tif"):
+    """``tiles`` ({(row, col): pixels}) written into a new ``folder`` as ``t_RRRR_CCCC_<suffix>`` files."""
     folder.mkdir()
     for (r, c), arr in tiles.items():
-        save(folder / f"t_{r:04d}_{c:04d}_.tif", arr)
+        save(folder / f"t_{r:04d}_{c:04d}_{suffix}", arr)
+    return folder
+
+
+def test_tile_digest_identity_and_errors(tmp_path):
+    tiles, _ = mosaic_tiles(1, 2)
+    folder = save_folder(tmp_path / "f", tiles)
     with open_image(folder) as img:
         a, b = img.tiles
         assert a.digest() != b.digest() and len(a.digest()) == 64
@@ -163,10 +168,7 @@ def test_tile_digest_identity_and_errors(tmp_path):
 @pytest.mark.parametrize("suffix", [".tif", ".png"])
 def test_a_tile_decodes_into_memory_it_is_given_when_it_can_and_into_new_memory_when_not(tmp_path, suffix):
     tiles, _ = mosaic_tiles(1, 2)
-    folder = tmp_path / "f"
-    folder.mkdir()
-    for (r, c), arr in tiles.items():
-        save(folder / f"t_{r:04d}_{c:04d}_{suffix}", arr)
+    folder = save_folder(tmp_path / "f", tiles, suffix)
     with open_image(folder) as img:
         tile = img.tiles[1]
         tile.will_read()  # a hint to the OS; nothing to see but that it does not fail
@@ -185,11 +187,8 @@ def test_a_tile_decodes_into_memory_it_is_given_when_it_can_and_into_new_memory_
 
 
 def test_truncated_jpeg_tile(tmp_path):
-    folder = tmp_path / "j"
-    folder.mkdir()
     tiles, _ = mosaic_tiles(1, 2)
-    for (r, c), arr in tiles.items():
-        save(folder / f"t_{r:04d}_{c:04d}_.jpg", arr)
+    folder = save_folder(tmp_path / "j", tiles, ".jpg")
     (folder / "t_0000_0001_.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     with open_image(folder) as img, pytest.raises(CorruptImageError, match="cannot be decoded"):
         img.tiles[1].read()
