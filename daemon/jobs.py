@@ -224,6 +224,7 @@ _QC_MODULES = (
     "qc.saw_archive",
     "onnxruntime",
     "isal.igzip_threaded",
+    "scipy.fft",  # qc.registration imports it when it first transforms
 )
 
 

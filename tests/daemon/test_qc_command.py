@@ -7,6 +7,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from daemon.cli import main
 from tests.daemon.conftest import CHIP
 
@@ -110,10 +112,53 @@ def test_tile_overlap_for_folders_without_positions_comes_from_the_flag_or_the_w
     assert "needs named groups (?P<row>...) and (?P<col>...)" in capsys.readouterr().err
 
 
+def _imports_fft(folder: Path, *extra: str) -> str:
+    """Whether `imageqc qc FOLDER --json` in a fresh process (the environment's config) imports scipy.fft."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from daemon.cli import main\n"
+        f"main(['qc', {str(folder)!r}, '--json', *{list(extra)!r}])\n"
+        "print('scipy.fft' in sys.modules, file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_hand_rerun_whose_pairs_are_all_cached_transforms_nothing_and_imports_no_fft(tmp_path, monkeypatch):
+    """scipy.fft costs 0.25 s in a fresh `imageqc qc`; it is imported only when a pair is registered."""
+    import subprocess
+    import sys
+
+    from qc.testing.tiles import blob_texture, make_tile_set, write_tile_folder
+
+    conf = tmp_path / "site.toml"
+    conf.write_text('state_dir = "state"\n[[watch]]\npath = "inbox"\n', encoding="utf-8")
+    monkeypatch.setenv("IMAGEQC_CONFIG", str(conf))
+    texture = blob_texture((1400, 1400), seed=5)  # structure to register
+    folder = write_tile_folder(
+        make_tile_set(texture, rows=2, cols=2, tile_size=400, overlap=0.1, seed=1), tmp_path / CHIP
+    )
+
+    def fresh(*extra: str) -> tuple[int, bool]:
+        code = (
+            "import json, sys; from daemon.cli import main\n"
+            f"main(['qc', {str(folder)!r}, '--json', *{list(extra)!r}])\n"
+            "print('scipy.fft' in sys.modules, file=sys.stderr)"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+        computed = json.loads(done.stdout)["images"][0]["stitching"]["pairs_computed"]
+        return computed, done.stderr.strip().splitlines()[-1] == "True"
+
+    assert fresh() == (4, True)  # registered: the transforms ran
+    assert fresh() == (0, False)  # every pair from the state folder's cache: nothing to transform
+    assert fresh("--no-cache") == (4, True)
+
+
 def test_qc_by_hand_shares_the_pair_cache_of_the_state_folder(shared_data, tmp_path, capsys, monkeypatch):
     """#16 item 3: a re-run on the same tiles computes no pair; a folder that gained tiles computes only the new pairs.
     #18: the per-FOV checks go through the same cache (``fovs_cached``)."""
-    import numpy as np
 
     from qc.testing.tiles import make_tile_set, write_tile_folder
 
@@ -163,7 +208,6 @@ def test_the_watch_root_of_files_under_nested_roots_is_the_deepest_as_in_discove
 
 def test_qc_fused_writes_the_stitched_image_into_the_output_folder_and_names_it(tmp_path, capsys, monkeypatch):
     """Issue #17 item 4: ``--fused`` (else the config's ``output.fused_image``) for the hand command."""
-    import numpy as np
     import tifffile
 
     from qc.testing.tiles import make_tile_set, write_tile_folder
